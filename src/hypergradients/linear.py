@@ -1,0 +1,295 @@
+"""Inverse-Hessian-vector solvers: ``p ≈ H⁻¹ v`` from Hessian-vector products only.
+
+Each solver takes ``matvec(x) = H x`` on trees (``dict[str, Tensor]``) and the right-hand side
+``v`` and returns a :class:`Solve` with the solution and what it cost. None of them forms
+``H`` except :func:`exact`, which refuses above a size limit.
+
+* :func:`identity` — ``p = s·v`` (T1−T2, Luketina et al. 2016): zero HVPs.
+* :func:`neumann` — ``p = α Σ_{j=0}^{K−1} (I − αH)^j v`` (Lorraine et al. 2020, Alg. 3), exactly
+  K terms with the ``α`` factor: ``K−1`` HVPs. Since ``αH Σ_{j<K} (I−αH)^j = I − (I−αH)^K``, the
+  residual is ``Hp − v = −(I−αH)^K v``: one more HVP gives it exactly.
+* :func:`cg` — conjugate gradient on ``(H + δI) p = v``; needs H positive definite and stops
+  with :class:`~hypergradients.errors.NegativeCurvatureError` when it meets ``dᵀHd ≤ 0``.
+* :func:`nystrom` — a rank-k randomized Nyström approximation ``Ĥ = U Λ Uᵀ`` from one batched
+  sketch ``Y = HΩ`` (k HVPs, Frangella, Tropp & Udell 2023; Hataya & Yamada 2023 use columns
+  of H), then ``p = (Ĥ + ρI)⁻¹ v`` in closed form by the Woodbury identity.
+* :func:`exact` — dense ``H`` from n batched HVPs and ``torch.linalg.solve``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import tree
+from .derivatives import power_iteration
+from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError, ProblemTooLargeError
+from .tree import Tree
+
+MatVec = Callable[[Tree], Tree]
+
+
+@dataclass
+class Solve:
+    """Result of an inverse-HVP solve.
+
+    ``residual`` is ``‖Hp − v‖/‖v‖`` (``None`` where it was not computed), ``converged`` whether
+    the solver met its own tolerance (``None`` for fixed-budget methods with no tolerance),
+    ``hvps`` the Hessian-vector products spent, ``extra`` method-specific facts (``alpha``,
+    ``lambda_max``, ``rho``).
+    """
+
+    p: Tree
+    iterations: int
+    hvps: int
+    residual: float | None
+    converged: bool | None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _rel(num: Tensor | float, den: float) -> float:
+    n = float(num)
+    return n / den if den > 0 else n
+
+
+def identity(v: Mapping[str, Tensor], *, scale: float = 1.0, matvec: MatVec | None = None) -> Solve:
+    """``p = scale · v``; with ``matvec`` given, one HVP reports the residual."""
+    p = tree.scale(v, scale)
+    if matvec is None:
+        return Solve(p, 0, 0, None, None)
+    vn = float(tree.norm(v))
+    r = tree.sub(matvec(p), v)
+    return Solve(p, 0, 1, _rel(tree.norm(r), vn), None)
+
+
+def estimate_lambda_max(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 20) -> float:
+    """``λ_max(H)`` by power iteration (``iters`` HVPs); see :func:`~.derivatives.power_iteration`."""
+    return power_iteration(matvec, like, iters=iters)
+
+
+def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float,
+            residual: bool = True, max_growth: float = 10.0) -> Solve:
+    """``p = α Σ_{j=0}^{K−1} (I − αH)^j v`` with ``K = iters`` (``K−1`` HVPs, one more for the residual).
+
+    The series converges for SPD ``H`` iff ``0 < α < 2/λ_max(H)``; then every term is no larger
+    than ``v``. A term that grows past ``max_growth·‖v‖`` (or becomes non-finite) means the
+    series diverges: a :class:`NeumannDivergenceError` names the estimated ``λ_max`` and a safe
+    ``α = 1/λ_max``.
+    """
+    if iters < 1:
+        raise HypergradientError(f"Neumann needs iters >= 1 (the number of series terms), got {iters}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise HypergradientError(f"Neumann needs a finite alpha > 0, got {alpha}; or use alpha='auto'")
+    vn = float(tree.norm(v))
+    term: Tree = dict(v)
+    acc: Tree = {k: t.clone() for k, t in v.items()}
+    hvps = 0
+
+    def check(t: Tree, j: int) -> None:
+        tn = float(tree.norm(t))
+        if math.isfinite(tn) and tn <= max_growth * max(vn, 1e-300):
+            return
+        lam = estimate_lambda_max(matvec, v)
+        safe = 1.0 / lam if lam > 0 else float("nan")
+        hint = ("" if alpha * lam < 2.0 else
+                f"; alpha·λ_max ≈ {alpha * lam:.3g} ≥ 2, so the series cannot converge")
+        raise NeumannDivergenceError(
+            f"Neumann series diverged at term {j}: ‖(I − αH)^{j} v‖ = {tn:.3g} vs ‖v‖ = {vn:.3g} with "
+            f"alpha={alpha:g}. Estimated λ_max(H) ≈ {lam:.4g}{hint}. Use alpha < 2/λ_max ≈ "
+            f"{2 * safe:.3g}, e.g. alpha={safe:.3g} or alpha='auto'. If alpha is already below that, H "
+            "has negative curvature here (the weights are not at a minimum): train the inner problem "
+            "longer or use a damped method such as hg.CG(damping=...).",
+            lambda_max=lam, safe_alpha=safe)
+
+    for j in range(1, iters):
+        term = tree.axpy(-alpha, matvec(term), term)
+        hvps += 1
+        check(term, j)
+        for k in acc:
+            acc[k].add_(term[k])
+    p = tree.scale(acc, alpha)
+    res: float | None = None
+    if residual:
+        # H p − v = −(I − αH)^K v: the next term of the series.
+        nxt = tree.axpy(-alpha, matvec(term), term)
+        hvps += 1
+        res = _rel(tree.norm(nxt), vn)
+    return Solve(p, iters, hvps, res, None, {"alpha": alpha})
+
+
+def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10, damping: float = 0.0,
+       x0: Mapping[str, Tensor] | None = None) -> Solve:
+    """Conjugate gradient on ``(H + δI) p = v``, at most ``iters`` HVPs.
+
+    Stops when ``‖r‖ ≤ tol·‖v‖`` (the recursively updated residual, so the check is free).
+    ``x0`` warm-starts (one extra HVP for the initial residual). A direction with
+    ``dᵀ(H + δI)d ≤ 0`` raises :class:`NegativeCurvatureError`: CG's answer would be meaningless.
+    """
+    if iters < 0:
+        raise HypergradientError(f"CG needs iters >= 0, got {iters}")
+    if tol < 0:
+        raise HypergradientError(f"CG needs tol >= 0, got {tol}")
+
+    def A(x: Tree) -> Tree:
+        hx = matvec(x)
+        return hx if damping == 0.0 else tree.axpy(damping, x, hx)
+
+    vn = float(tree.norm(v))
+    hvps = 0
+    if x0 is None:
+        x: Tree = tree.zeros_like(v)
+        r: Tree = {k: t.clone() for k, t in v.items()}
+    else:
+        x = {k: t.detach().clone() for k, t in x0.items()}
+        r = tree.sub(v, A(x))
+        hvps += 1
+    if vn == 0.0:
+        return Solve(tree.zeros_like(v), 0, hvps, 0.0, True)
+    d: Tree = {k: t.clone() for k, t in r.items()}
+    rs = float(tree.dot(r, r))
+    it = 0
+    while it < iters and math.sqrt(rs) > tol * vn:
+        ad = A(d)
+        hvps += 1
+        curv = float(tree.dot(d, ad))
+        dd = float(tree.dot(d, d))
+        if not curv > 0.0:
+            raise NegativeCurvatureError(
+                f"CG met non-positive curvature dᵀHd/dᵀd = {curv / dd:.3g} at iteration {it + 1}: the "
+                "Hessian is not positive definite at these weights (they may not be a minimum of the "
+                "inner loss). Train the inner problem closer to a minimum, add damping "
+                "(hg.CG(damping=...) larger than that magnitude), or use hg.Neumann with a small alpha.",
+                curvature=curv / dd if dd > 0 else curv, iteration=it + 1)
+        a = rs / curv
+        for k in x:
+            x[k].add_(d[k], alpha=a)
+            r[k].add_(ad[k], alpha=-a)
+        rs_new = float(tree.dot(r, r))
+        beta = rs_new / rs
+        d = tree.axpy(beta, d, r)
+        rs = rs_new
+        it += 1
+    res = math.sqrt(rs) / vn
+    return Solve(x, it, hvps, res, res <= tol, {"damping": damping})
+
+
+def _check_dense_size(n: int, max_size: int, what: str) -> None:
+    if n > max_size:
+        raise ProblemTooLargeError(
+            f"{what} would materialise a {n}×{n} Hessian ({n * n * 8 / 2**30:.2f} GiB in float64), above "
+            f"its max_size={max_size} weights. Use hg.CG, hg.Neumann or hg.Nystrom (matrix-free), or raise "
+            "max_size if you have the memory.")
+
+
+def dense_hessian(batched_matvec: MatVec, like: Mapping[str, Tensor], *, chunk: int = 256) -> Tensor:
+    """The n×n Hessian from batched HVPs with the identity's columns (``n`` HVPs)."""
+    flat = tree.flatten(like)
+    n = flat.numel()
+    cols = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        eye = torch.zeros(m, n, dtype=flat.dtype, device=flat.device)
+        eye[torch.arange(m), torch.arange(start, start + m)] = 1.0
+        hv = batched_matvec(_rows_to_tree(eye, like))
+        cols.append(torch.cat([hv[k].reshape(m, -1) for k in like], dim=1))
+    return torch.cat(cols, dim=0)
+
+
+def _rows_to_tree(rows: Tensor, like: Mapping[str, Tensor]) -> Tree:
+    """Split an ``m×n`` matrix into a tree whose leaves have a leading batch dimension ``m``."""
+    out: Tree = {}
+    i = 0
+    m = rows.shape[0]
+    for k, v in like.items():
+        out[k] = rows[:, i:i + v.numel()].reshape((m, *v.shape))
+        i += v.numel()
+    return out
+
+
+def exact(batched_matvec: MatVec, v: Mapping[str, Tensor], *, damping: float = 0.0,
+          max_size: int = 5000) -> Solve:
+    """Dense solve ``(H + δI) p = v`` (n HVPs to build ``H``); refuses above ``max_size`` weights."""
+    n = tree.numel(v)
+    _check_dense_size(n, max_size, "hg.Exact")
+    H = dense_hessian(batched_matvec, v)
+    H = 0.5 * (H + H.T)  # autograd's H is symmetric up to rounding
+    if damping:
+        H = H + damping * torch.eye(n, dtype=H.dtype, device=H.device)
+    b = tree.flatten(v)
+    try:
+        x = torch.linalg.solve(H, b)
+    except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
+        raise HypergradientError(
+            f"hg.Exact: the Hessian is singular at these weights ({e}). A weight the inner loss does not "
+            "depend on, or an unregularised flat direction, makes H singular: add damping "
+            "(hg.Exact(damping=...)) or regularise the inner loss.") from e
+    res = _rel(torch.linalg.vector_norm(H @ x - b), float(torch.linalg.vector_norm(b)))
+    if not math.isfinite(res):
+        raise HypergradientError("hg.Exact: the dense solve produced non-finite values; H is singular or "
+                                 "ill-conditioned here: add damping (hg.Exact(damping=...)).")
+    return Solve(tree.unflatten(x, v), 1, n, res, True, {"damping": damping})
+
+
+def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
+            seed: int = 0, matvec: MatVec | None = None) -> Solve:
+    """``p ≈ H⁻¹ v`` from ``Ĥ = U diag(Λ) Uᵀ``, the rank-``k`` randomized Nyström approximation of ``H``.
+
+    One batched sketch ``Y = HΩ`` with ``Ω`` an orthonormalised ``n×k`` Gaussian (k HVPs), then
+    the numerically stable construction of Tropp et al. (2017): shift ``ν``, Cholesky of
+    ``Ωᵀ(Y + νΩ)``, SVD. The inverse is closed form:
+
+    * ``rho`` given (Hataya & Yamada 2023): ``p = (Ĥ + ρI)⁻¹ v = U diag(1/(Λ+ρ)) Uᵀv + (v − UUᵀv)/ρ``
+      (Woodbury);
+    * ``rho=None``: the uncaptured spectrum is set to the smallest captured eigenvalue ``Λ_k``
+      (an upper estimate of it), ``p = U diag(1/Λ) Uᵀv + (v − UUᵀv)/Λ_k``: exact on the captured
+      subspace, never amplifying the rest by more than ``1/Λ_k``. When ``H`` is a rank-r term plus
+      a flat floor (over-parameterised models with L2) and ``k > r``, ``Λ_k`` is that floor.
+
+    ``matvec`` given: one more HVP reports the residual.
+    """
+    n = tree.numel(v)
+    if not 1 <= rank <= n:
+        raise HypergradientError(f"Nystrom rank must be in [1, {n}] (the number of weights), got {rank}")
+    if rho is not None and not rho > 0:
+        raise HypergradientError(f"Nystrom rho must be > 0 (or None for automatic), got {rho}")
+    b = tree.flatten(v)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, rank, generator=gen, dtype=b.dtype).to(b.device)
+    omega, _ = torch.linalg.qr(omega)
+    Y = torch.cat([t.reshape(rank, -1) for t in batched_matvec(_rows_to_tree(omega.T.contiguous(), v))
+                   .values()], dim=1).T  # n×k
+    eps = torch.finfo(b.dtype).eps
+    nu = math.sqrt(n) * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+    Ynu = Y + nu * omega
+    core = omega.T @ Ynu
+    core = 0.5 * (core + core.T)
+    try:
+        C = torch.linalg.cholesky(core)
+    except RuntimeError as e:
+        raise NegativeCurvatureError(
+            "hg.Nystrom: the sketched Hessian ΩᵀHΩ is not positive definite, so H has negative "
+            "curvature at these weights (they may not be a minimum). Train the inner problem closer to "
+            "a minimum or use a damped method (hg.CG(damping=...)).", curvature=float("nan"),
+            iteration=0) from e
+    B = torch.linalg.solve_triangular(C, Ynu.T, upper=False).T  # Ynu C⁻ᵀ
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    lam = torch.clamp(S * S - nu, min=0.0)
+    utb = U.T @ b
+    if rho is None:
+        floor = max(float(lam.min()), float(lam.max()) * eps * n, torch.finfo(b.dtype).tiny)
+        x = U @ (utb / torch.clamp(lam, min=floor)) + (b - U @ utb) / floor
+        rho_used = floor
+    else:
+        x = U @ (utb / (lam + rho)) + (b - U @ utb) / rho
+        rho_used = rho
+    p = tree.unflatten(x, v)
+    res: float | None = None
+    hvps = rank
+    if matvec is not None:
+        res = _rel(tree.norm(tree.sub(matvec(p), v)), float(torch.linalg.vector_norm(b)))
+        hvps += 1
+    return Solve(p, rank, hvps, res, None, {"rho": rho_used, "lambda_max": float(lam.max())})

@@ -1,0 +1,232 @@
+"""Shared problems with known answers, all float64.
+
+Each problem gives ``inner_loss``, ``outer_loss``, the trained weights ``w*`` (closed form or a
+Newton solve to gradient norm ~1e-14), hyperparameters, and a reference hypergradient:
+
+* :func:`ridge` — ridge regression with one L2 per feature. ``w*(λ) = A⁻¹Xᵀy/n`` with
+  ``A = XᵀX/n + diag(e^λ)``; the hypergradient is ``g_i = −e^{λ_i} w*_i (A⁻¹ ∇L_V)_i``.
+* :func:`logistic` — multiclass logistic regression with one L2 per weight; reference from the
+  dense Hessian and dense mixed partial (``torch.func.hessian``/``jacrev``), solved densely.
+* :func:`mlp` — a small tanh MLP with per-layer L2; reference by central finite differences of
+  ``L_V(w*(λ))`` with the inner problem re-solved by Newton for each perturbed ``λ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hypergradients import tree
+
+DT = torch.float64
+Tree = dict[str, Tensor]
+Loss = Callable[[Tree, Tree], Tensor]
+
+
+@dataclass
+class Problem:
+    name: str
+    inner_loss: Loss
+    outer_loss: Loss
+    params: Tree   # w*
+    hparams: Tree
+    reference: Tree   # the exact IFT hypergradient at (w*, λ)
+    hessian: Tensor   # dense H at w*, flattened in params' key order
+    mixed: Tensor     # dense ∂²L_T/∂w∂λᵀ (n_w × n_λ), flattened in key order
+    v: Tensor         # ∂L_V/∂w at w*, flattened
+    direct: Tensor    # ∂L_V/∂λ, flattened
+    quadratic: bool
+
+
+def _flat_fn(loss: Loss, params: Tree, hparams: Tree, *, of: str) -> Callable[[Tensor], Tensor]:
+    """``loss`` as a function of the flattened params (``of='w'``) or hparams (``of='l'``)."""
+    if of == "w":
+        return lambda x: loss(tree.unflatten(x, params), hparams)
+    return lambda x: loss(params, tree.unflatten(x, hparams))
+
+
+def dense_pieces(inner: Loss, outer: Loss, params: Tree, hparams: Tree) -> tuple[Tensor, Tensor, Tensor,
+                                                                                  Tensor]:
+    """``(H, M, v, direct)`` densely: ``M = ∂²L_T/∂w∂λᵀ`` by jacobian of the flat gradient."""
+    w = tree.flatten(params)
+    lam = tree.flatten(hparams)
+    H = torch.func.hessian(_flat_fn(inner, params, hparams, of="w"))(w)
+
+    def grad_w(lv: Tensor) -> Tensor:
+        hp = tree.unflatten(lv, hparams)
+        return torch.func.grad(lambda x: inner(tree.unflatten(x, params), hp))(w)
+
+    M = torch.func.jacrev(grad_w)(lam)
+    v = torch.func.grad(_flat_fn(outer, params, hparams, of="w"))(w)
+    direct = torch.func.grad(_flat_fn(outer, params, hparams, of="l"))(lam)
+    return H, M, v, direct
+
+
+def newton_solve(inner: Loss, params: Tree, hparams: Tree, *, tol: float = 1e-13, max_iter: int = 200) -> Tree:
+    """Minimise ``inner(·, hparams)`` by damped Newton with backtracking, to ‖∇‖ ≤ tol."""
+    f = _flat_fn(inner, params, hparams, of="w")
+    x = tree.flatten(params).clone()
+    for _ in range(max_iter):
+        g = torch.func.grad(f)(x)
+        if float(g.norm()) <= tol:
+            break
+        H = torch.func.hessian(f)(x)
+        mu = 0.0
+        evals = torch.linalg.eigvalsh(H)
+        if float(evals[0]) <= 0:
+            mu = -float(evals[0]) + 1e-3
+        step = torch.linalg.solve(H + mu * torch.eye(len(x), dtype=DT), g)
+        t = 1.0
+        fx = float(f(x))
+        while float(f(x - t * step)) > fx - 1e-4 * t * float(g @ step) and t > 1e-10:
+            t *= 0.5
+        x = x - t * step
+    g = torch.func.grad(f)(x)
+    assert float(g.norm()) <= 10 * tol, f"Newton did not converge: ‖∇‖ = {float(g.norm()):.3g}"
+    return tree.unflatten(x, params)
+
+
+def _finish(name: str, inner: Loss, outer: Loss, params: Tree, hparams: Tree, *, quadratic: bool,
+            reference: Tree | None = None) -> Problem:
+    H, M, v, direct = dense_pieces(inner, outer, params, hparams)
+    if reference is None:
+        reference = tree.unflatten(direct - M.T @ torch.linalg.solve(H, v), hparams)
+    return Problem(name, inner, outer, params, hparams, reference, H, M, v, direct, quadratic)
+
+
+def ridge(n: int = 40, d: int = 6, n_val: int = 30, seed: int = 0) -> Problem:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=DT)
+    w_true = torch.randn(d, generator=gen, dtype=DT)
+    y = X @ w_true + 0.5 * torch.randn(n, generator=gen, dtype=DT)
+    Xv = torch.randn(n_val, d, generator=gen, dtype=DT)
+    yv = Xv @ w_true + 0.5 * torch.randn(n_val, generator=gen, dtype=DT)
+    lam = {"log_l2": torch.linspace(-2.0, 0.5, d, dtype=DT)}
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        r = X @ p["w"] - y
+        return 0.5 * (r @ r) / n + 0.5 * torch.sum(torch.exp(h["log_l2"]) * p["w"] ** 2)
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        r = Xv @ p["w"] - yv
+        return 0.5 * (r @ r) / n_val
+
+    def w_star(log_l2: Tensor) -> Tensor:
+        A = X.T @ X / n + torch.diag(torch.exp(log_l2))
+        return torch.linalg.solve(A, X.T @ y / n)
+
+    ws = w_star(lam["log_l2"])
+    A = X.T @ X / n + torch.diag(torch.exp(lam["log_l2"]))
+    vv = Xv.T @ (Xv @ ws - yv) / n_val
+    closed = -torch.exp(lam["log_l2"]) * ws * torch.linalg.solve(A, vv)
+    prob = _finish("ridge", inner, outer, {"w": ws}, lam, quadratic=True, reference={"log_l2": closed})
+    prob.w_star_fn = w_star  # type: ignore[attr-defined]
+    return prob
+
+
+def logistic(n: int = 60, d: int = 5, c: int = 3, n_val: int = 40, seed: int = 1) -> Problem:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=DT)
+    W_true = torch.randn(d, c, generator=gen, dtype=DT)
+    y = torch.argmax(X @ W_true + torch.randn(n, c, generator=gen, dtype=DT), dim=1)
+    Xv = torch.randn(n_val, d, generator=gen, dtype=DT)
+    yv = torch.argmax(Xv @ W_true + torch.randn(n_val, c, generator=gen, dtype=DT), dim=1)
+    lam = {"log_l2": -1.0 + 0.3 * torch.randn(d, c, generator=gen, dtype=DT)}
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        ce = torch.nn.functional.cross_entropy(X @ p["W"] + p["b"], y)
+        return ce + 0.5 * torch.sum(torch.exp(h["log_l2"]) * p["W"] ** 2) + 0.5e-2 * torch.sum(p["b"] ** 2)
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return torch.nn.functional.cross_entropy(Xv @ p["W"] + p["b"], yv)
+
+    start = {"W": torch.zeros(d, c, dtype=DT), "b": torch.zeros(c, dtype=DT)}
+    ws = newton_solve(inner, start, lam)
+    return _finish("logistic", inner, outer, ws, lam, quadratic=False)
+
+
+def mlp_parts(n: int = 30, d: int = 3, h: int = 4, n_val: int = 20, seed: int = 2) -> tuple[Loss, Loss, Tree,
+                                                                                               Tree]:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=DT)
+    y = torch.sin(X.sum(1)) + 0.1 * torch.randn(n, generator=gen, dtype=DT)
+    Xv = torch.randn(n_val, d, generator=gen, dtype=DT)
+    yv = torch.sin(Xv.sum(1)) + 0.1 * torch.randn(n_val, generator=gen, dtype=DT)
+
+    def f(p: Tree, x: Tensor) -> Tensor:
+        return torch.tanh(x @ p["W1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    def inner(p: Tree, hp: Tree) -> Tensor:
+        r = f(p, X) - y
+        return (0.5 * torch.mean(r ** 2) + 0.5 * torch.exp(hp["log_l2_1"]) * torch.sum(p["W1"] ** 2)
+                + 0.5 * torch.exp(hp["log_l2_2"]) * torch.sum(p["w2"] ** 2)
+                + 0.5e-2 * (torch.sum(p["b1"] ** 2) + p["b2"] ** 2).sum())
+
+    def outer(p: Tree, hp: Tree) -> Tensor:
+        return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
+
+    start = {"W1": 0.5 * torch.randn(d, h, generator=gen, dtype=DT), "b1": torch.zeros(h, dtype=DT),
+             "w2": 0.5 * torch.randn(h, generator=gen, dtype=DT), "b2": torch.zeros(1, dtype=DT)}
+    lam = {"log_l2_1": torch.tensor(-3.0, dtype=DT), "log_l2_2": torch.tensor(-2.5, dtype=DT)}
+    return inner, outer, start, lam
+
+
+def mlp(fd_eps: float = 1e-5) -> Problem:
+    inner, outer, start, lam = mlp_parts()
+    ws = newton_solve(inner, start, lam)
+    # Central differences of λ ↦ L_V(w*(λ), λ), w*(λ) re-solved by Newton from w*.
+    flat = tree.flatten(lam)
+    fd = torch.zeros_like(flat)
+    for i in range(flat.numel()):
+        vals = []
+        for sgn in (1.0, -1.0):
+            lp = flat.clone()
+            lp[i] += sgn * fd_eps
+            hp = tree.unflatten(lp, lam)
+            vals.append(outer(newton_solve(inner, ws, hp), hp))
+        fd[i] = (vals[0] - vals[1]) / (2 * fd_eps)
+    prob = _finish("mlp", inner, outer, ws, lam, quadratic=False)
+    prob.fd_reference = tree.unflatten(fd, lam)  # type: ignore[attr-defined]
+    return prob
+
+
+def spd_quadratic(A: Tensor, B: Tensor, t: Tensor, lam: Tensor) -> Problem:
+    """``L_T = ½wᵀAw − wᵀBλ``, ``L_V = ½‖w − t‖²``: ``w* = A⁻¹Bλ``, ``dL_V/dλ = BᵀA⁻¹(w* − t)``."""
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        return 0.5 * p["w"] @ (A @ p["w"]) - p["w"] @ (B @ h["lam"])
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return 0.5 * torch.sum((p["w"] - t) ** 2)
+
+    ws = torch.linalg.solve(A, B @ lam)
+    ref = B.T @ torch.linalg.solve(A, ws - t)
+    return _finish("spd", inner, outer, {"w": ws}, {"lam": lam}, quadratic=True, reference={"lam": ref})
+
+
+def neumann_reference(prob: Problem, K: int, alpha: float) -> Tree:
+    """``∂L_V/∂λ − Mᵀ α Σ_{j<K} (I − αH)^j v`` with explicit matrix powers."""
+    n = prob.hessian.shape[0]
+    step = torch.eye(n, dtype=DT) - alpha * prob.hessian
+    S = torch.zeros(n, n, dtype=DT)
+    P = torch.eye(n, dtype=DT)
+    for _ in range(K):
+        S = S + P
+        P = P @ step
+    p = alpha * S @ prob.v
+    return tree.unflatten(prob.direct - prob.mixed.T @ p, prob.hparams)
+
+
+def rel_err(a: Tree, b: Tree) -> float:
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    return float(torch.linalg.vector_norm(fa - fb) / torch.linalg.vector_norm(fb))
+
+
+def lambda_max(prob: Problem) -> float:
+    return float(torch.linalg.eigvalsh(prob.hessian)[-1])
+
+
+ALL = {"ridge": ridge, "logistic": logistic, "mlp": mlp}
