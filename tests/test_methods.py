@@ -192,7 +192,7 @@ def test_forward_over_reverse_hvp_mode_agrees(problem: P.Problem) -> None:
 
 
 def test_info_fields(logistic: P.Problem) -> None:
-    g, info = hg_of(logistic, hg.CG(iters=3, tol=0.0))
+    _, info = hg_of(logistic, hg.CG(iters=3, tol=0.0))
     assert info.method == "CG" and info.iterations == 3 and info.hvps == 3
     assert info.converged is False and info.residual is not None and info.residual > 0
     assert info.final_params is None

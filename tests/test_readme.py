@@ -1,0 +1,22 @@
+"""The README's example runs as printed (the first ```python block)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_as_printed() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    assert blocks, "README.md has no python example"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], "README.md", "exec"), {})
+    # It prints the hypergradient's shape, the CG iterations and a tiny residual.
+    m = re.fullmatch(r"torch\.Size\(\[10\]\) (\d+) residual (\S+)\n", out.getvalue())
+    assert m is not None, out.getvalue()
+    assert int(m.group(1)) <= 20 and float(m.group(2)) < 1e-8
