@@ -1,0 +1,98 @@
+"""PNG figures for ``explain`` and ``compare`` (matplotlib's object API: no pyplot global state).
+
+Small on purpose (about 6×3.2 inches at 110 dpi): they are committed under ``docs/figures/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from .compare import CompareResult
+    from .explain import ExplainResult
+
+DPI = 100
+EPS64 = 2.220446049250313e-16
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
+    """``explain_cosine.png`` (cosine and distance to ``g*`` against K) and ``explain_theorem.png``."""
+    T = result.config.truncate
+    name = result.problem["name"]
+    curves = [
+        ("unrolled from $w^*$ = Neumann($K$)", result.theorem, "o-", "C0"),
+        ("unrolled from $w_0=0$", result.cold_start, "s-", "C1"),
+        (f"truncated ($T={T}$) from $w_0=0$", result.truncated, "^-", "C2"),
+        (r"mistaken: $-\alpha\,\Sigma_k M_k$ from $w_0=0$", result.mistaken, "x--", "C3"),
+    ]
+    fig = Figure(figsize=(8.4, 3.3))
+    ax1, ax2 = fig.subplots(1, 2)
+    for label, rows, style, color in curves:
+        ks = [r["K"] for r in rows]
+        ax1.plot(ks, [r["cosine"] for r in rows], style, color=color, label=label, ms=4)
+        ax2.plot(ks, [max(r["rel_dist"], EPS64) for r in rows], style, color=color, label=label, ms=4)
+    ax1.axhline(result.neumann_T_cosine, color="C2", ls=":", lw=1, label=f"Neumann($T={T}$)")
+    ax1.set(xscale="log", xlabel="steps $K$", ylabel="cosine to exact IFT hypergradient",
+            title=f"{name}: path vs implicit", ylim=(-0.05, 1.05))
+    ax2.set(xscale="log", yscale="log", xlabel="steps $K$", ylabel=r"$\|g - g^*\| / \|g^*\|$",
+            title=r"relative distance to $g^*$")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    paths = [_save(fig, out_dir / "explain_cosine.png")]
+
+    fig = Figure(figsize=(4.6, 3.2))
+    ax = fig.subplots()
+    ks = [r["K"] for r in result.theorem]
+    ax.plot(ks, [max(r["rel_diff"], EPS64 / 10) for r in result.theorem], "o-", color="C0",
+            label="unrolled from $w^*$ vs Neumann($K$)")
+    ax.plot(ks, [max(r["rel_dist"], EPS64 / 10) for r in result.theorem], "s--", color="C3",
+            label="Neumann($K$) vs exact IFT")
+    ax.axhline(EPS64, color="k", lw=0.8, ls=":", label="float64 eps")
+    ax.set(xscale="log", yscale="log", xlabel="steps / terms $K$", ylabel="relative difference",
+           title="the Neumann–SGD theorem in float64")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir / "explain_theorem.png"))
+    return paths
+
+
+def compare_figure(result: CompareResult, out_dir: Path) -> Path:
+    """``compare.png``: per problem, cosine (top) and relative distance (bottom) against HVPs."""
+    n = len(result.problems)
+    fig = Figure(figsize=(4.2 * n, 6.0))
+    axes = fig.subplots(2, n, squeeze=False)
+    styles = {"Neumann": "o-", "CG": "s-", "Identity": "k--", "Nystrom": "D-", "Unrolled": "^-"}
+    for j, pr in enumerate(result.problems):
+        top, bottom = axes[0][j], axes[1][j]
+        for method, pts in pr.curves.items():
+            xs = [p["hvps"] for p in pts]
+            style = styles.get(method, "-")
+            if method == "Identity":  # zero HVPs: a level, drawn across the budget
+                top.axhline(pts[0]["cosine"], color="k", ls="--", lw=1, label=method)
+                bottom.axhline(pts[0]["rel_dist"], color="k", ls="--", lw=1, label=method)
+                continue
+            top.plot(xs, [p["cosine"] for p in pts], style, ms=3, label=pr.labels.get(method, method))
+            bottom.plot(xs, [max(p["rel_dist"], EPS64) for p in pts], style, ms=3,
+                        label=pr.labels.get(method, method))
+        top.set(title=f"{pr.name} ({pr.summary['n_weights']} weights)", ylabel="cosine to exact",
+                ylim=(-0.05, 1.05))
+        bottom.set(xlabel="Hessian-vector products", ylabel="relative L2 distance", yscale="log")
+        for ax in (top, bottom):
+            ax.grid(True, alpha=0.3)
+        if j == 0:
+            top.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out_dir / "compare.png")
