@@ -8,7 +8,7 @@
 # Idempotent: an env whose stamp file benchmarks/.envs/<peer>/.installed exists is skipped.
 # A failed install does not abort the others: it is recorded in benchmarks/.envs/<peer>.failed
 # (the failing command and the tail of pip's output), and the script exits 0 once every peer
-# has been tried (non-zero only on a usage error). Summary lines go to stdout and to
+# has been tried (non-zero only on a usage error). A summary of all peers goes to stdout and to
 # benchmarks/.envs/STATUS.
 #
 # torch peers get torch==2.13.0 (the CPU wheel from the local find-links) FIRST, so that a peer's
@@ -53,7 +53,7 @@ check_for() {
     case "$1" in
         plain) echo "import torch, numpy; print('torch', torch.__version__)" ;;
         torchopt) echo "import torch, torchopt; print('torchopt', torchopt.__version__, 'torch', torch.__version__)" ;;
-        higher) echo "import torch, higher; print('higher', getattr(higher, '__version__', '?'), 'torch', torch.__version__)" ;;
+        higher) echo "import torch, higher, importlib.metadata as m; print('higher', m.version('higher'), 'torch', torch.__version__)" ;;
         betty) echo "import torch, betty; from betty.engine import Engine; from betty.problems import ImplicitProblem; import importlib.metadata as m; print('betty-ml', m.version('betty-ml'), 'torch', torch.__version__)" ;;
         jaxopt) echo "import jax, jaxopt, importlib.metadata as m; print('jaxopt', m.version('jaxopt'), 'jax', jax.__version__)" ;;
     esac
@@ -66,14 +66,12 @@ record_fail() { # peer, step, logfile
         tail -n 40 "$3"
     } >"$ENVS/$1.failed"
     echo "FAILED  $1 ($2): see $ENVS/$1.failed"
-    echo "$1 FAILED $2" >>"$ENVS/STATUS"
 }
 
 install_peer() {
     local peer="$1" env="$ENVS/$1" log="$ENVS/$1.log"
     if [ -f "$env/.installed" ] && [ -z "${FORCE:-}" ]; then
         echo "ok      $peer (already installed: $(cat "$env/.installed"))"
-        echo "$peer OK $(cat "$env/.installed")" >>"$ENVS/STATUS"
         return 0
     fi
     rm -rf "$env" "$ENVS/$peer.failed"
@@ -96,7 +94,7 @@ install_peer() {
     for step in "${step_list[@]}"; do
         # shellcheck disable=SC2086 # word splitting of the package list is intended
         if ! "${pip[@]}" $step >>"$log" 2>&1; then
-            record_fail "$peer" "pip install$step" "$log"
+            record_fail "$peer" "pip install ${step# }" "$log"
             return 0
         fi
     done
@@ -107,7 +105,6 @@ install_peer() {
     fi
     echo "$versions" >"$env/.installed"
     echo "ok      $peer ($versions)"
-    echo "$peer OK $versions" >>"$ENVS/STATUS"
 }
 
 if [ "$#" -gt 0 ]; then peers=("$@"); else peers=("${ALL_PEERS[@]}"); fi
@@ -117,6 +114,20 @@ for p in "${peers[@]}"; do
         exit 2
     fi
 done
-: >"$ENVS/STATUS"
 for p in "${peers[@]}"; do install_peer "$p"; done
-echo "hypertorch: not installed (not on PyPI; the PyPI package 'hypertorch' is an unrelated library)"
+
+# Summary of every peer's state (not only those handled by this run), also kept in .envs/STATUS.
+{
+    for p in "${ALL_PEERS[@]}"; do
+        if [ -f "$ENVS/$p/.installed" ]; then
+            echo "$p OK $(cat "$ENVS/$p/.installed")"
+        elif [ -f "$ENVS/$p.failed" ]; then
+            echo "$p FAILED $(head -n 1 "$ENVS/$p.failed") (details: $ENVS/$p.failed)"
+        else
+            echo "$p NOT-BUILT"
+        fi
+    done
+    echo "hypertorch UNAVAILABLE not on PyPI (the PyPI package 'hypertorch' is an unrelated library)"
+} >"$ENVS/STATUS"
+echo "--- status ($ENVS/STATUS) ---"
+cat "$ENVS/STATUS"

@@ -101,7 +101,14 @@ def neumann_solve(H: np.ndarray, b: np.ndarray, iters: int, alpha: float) -> np.
 
 
 def make(
-    d: int, n_train: int, n_val: int, seed: int, density: float, noise: float, tol: float, ref_iters: list[int]
+    d: int,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    density: float,
+    noise: float,
+    tol: float,
+    ref_iters: list[int],
 ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     n = n_train + n_val

@@ -48,18 +48,24 @@ def main() -> None:
     notes = ""
     if args.method == "cg":
         solve = torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0, atol=0.0)
-        notes = f"custom_root + linear_solve.solve_cg(maxiter={K}, rtol=0, atol=0): {K + 1} matvecs (A@x0 once)"
+        notes = (
+            f"custom_root + linear_solve.solve_cg(maxiter={K}, rtol=0, atol=0): {K + 1} matvecs (A@x0 once)"
+        )
     elif args.method == "neumann":
         solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=K - 1, alpha=alpha)
         notes = f"custom_root + linear_solve.solve_inv(ns=True, maxiter={K - 1}, alpha): {K} terms"
 
     if args.method in ("cg", "neumann"):
 
-        def optimality(w: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def optimality(
+            w: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
             return torch.func.grad(inner_loss, argnums=0)(w, log_lam, X, y)
 
         @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
-        def solver(w_init: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def solver(
+            w_init: torch.Tensor, log_lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+        ) -> torch.Tensor:
             return t["w_star"].clone()  # the inner problem is already solved: w_star is the root
 
         def hypergradient() -> torch.Tensor:
