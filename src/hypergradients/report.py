@@ -1,0 +1,112 @@
+"""Figures (matplotlib, Agg backend: no display needed) and the run's ``report.md``.
+
+Library functions here write files and return their paths; they never print.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")   # headless: figures go to PNG files only
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+
+def fmt(v: Any) -> str:
+    """A table cell: floats to 4 significant digits, ints with thousands separators."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (dicts) in the order of ``columns``."""
+    head = "| " + " | ".join(columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width plain-text table for the terminal."""
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for row in cells:
+        pairs = enumerate(zip(row, widths, strict=True))
+        out.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in pairs))
+    return "\n".join(out)
+
+
+def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *,
+                keys: Sequence[str] = ("val_loss", "test_loss"), x: str = "inner_steps",
+                title: str = "") -> Path:
+    """One panel per metric in ``keys``, one line per run, against ``x`` (records lacking a key skipped)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for name, hist in histories.items():
+            pts = [(r[x], r[key]) for r in hist if r.get(key) is not None and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=name, lw=1.6)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None = None,
+                trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> Path:
+    """Histogram of learned decays (log10), one per run; optionally their trajectories beside it.
+
+    ``values[name]`` holds all the learned decays of a run (one for a global decay, one per
+    weight for per-weight decay); a run with a single value is drawn as a vertical line.
+    """
+    ncols = 2 if trajectories else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for name, v in values.items():
+        logv = torch.log10(v.detach().double().reshape(-1).clamp_min(1e-30))
+        if logv.numel() == 1:
+            ax.axvline(float(logv[0]), ls="--", lw=1.8, label=f"{name} ({float(v.reshape(-1)[0]):.3g})",
+                       color="C1")
+        else:
+            ax.hist(logv.numpy(), bins=80, alpha=0.75, label=f"{name} ({logv.numel():,} values)", color="C2")
+    if init is not None:
+        ax.axvline(math.log10(init), color="k", lw=1, ls=":", label=f"initial ({init:g})")
+    ax.set_xlabel("log10 weight decay")
+    ax.set_ylabel("count")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("learned weight decay")
+    if trajectories:
+        ax2 = axes[0][1]
+        for name, pts in trajectories.items():
+            if pts:
+                ax2.plot(*zip(*pts, strict=True), label=name)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("inner steps")
+        ax2.set_ylabel("weight decay")
+        ax2.set_title("decay during training")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,143 @@
+"""``hypergradients run`` and ``hypergradients list``: every bad configuration is refused before
+any work (nothing is written), naming the key and what it accepts; a --smoke run writes the folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypergradients.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny models: one thread is fastest on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+BAD = [
+    (["--set", "trian.rounds=3"], r"unknown config key 'trian.rounds' \(--set\)\. Did you mean 'train.rounds'\?"),
+    (["--set", "train.rounds=abc"], r"config key 'train.rounds': got 'abc'; expected an integer >= 1"),
+    (["--set", "train.rounds=0"], r"config key 'train.rounds': got 0; expected an integer >= 1"),
+    (["--set", "train.rounds=2.5"], r"config key 'train.rounds': got 2.5; expected an integer >= 1"),
+    (["--set", "train.lr=-1e-3"], r"config key 'train.lr': got -0.001; expected a number > 0"),
+    (["--set", "train.optimizer=lbfgs"],
+     r"config key 'train.optimizer': got 'lbfgs'; expected one of 'adam', 'sgd', 'momentum'"),
+    (["--set", 'arms=["none","dropout"]'],
+     r"config key 'arms': got \['none', 'dropout'\] \(item 'dropout'\); expected a list of str from "
+     r"\{none, global, layer, weight\}"),
+    (["--set", "arms=[]"], r"config key 'arms': got \[\] \(empty\)"),
+    (["--set", "model.hidden=[64, 0]"], r"config key 'model.hidden': got \[64, 0\] \(item 0\); expected a list of int"),
+    (["--set", "hyper.alpha=-1"], r"config key 'hyper.alpha': got -1.0; expected a number > 0 or 'auto'"),
+    (["--set", "hyper.include_biases=yes"], r"config key 'hyper.include_biases': got 'yes'; expected true or false"),
+    (["--set", "data.dataset=imagenet"], r"config key 'data.dataset': got 'imagenet'; expected one of 'digits'"),
+    (["--set", "train.rounds"], r"--set expects key=value, got 'train.rounds'"),
+    (["--seed", "-1"], r"config key 'seed': got -1; expected an integer >= 0"),
+    (["--config", "missing.toml"], r"config file 'missing.toml' does not exist"),
+    (["--resume"], r"--resume needs --out DIR"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_settings_are_refused_before_any_work(extra: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "weight-decay", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hypergradients run: error: ")
+    assert re.search(message, err), err
+    assert list(tmp_path.iterdir()) == []   # no run folder, nothing written
+
+
+def test_bad_toml_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nroundz = 3\n")
+    assert main(["run", "weight-decay", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown config key 'train.roundz' (config file). Did you mean 'train.rounds'?" in capsys.readouterr().err
+    bad.write_text("[train\n")
+    assert main(["run", "weight-decay", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+    bad.write_text('[hyper]\nmethod = "unrolled"\n')
+    assert main(["run", "weight-decay", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert ("config key 'hyper.method': got 'unrolled'; expected one of 'neumann', 'cg', 'identity'"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_experiment_device_and_tensorboard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "weight-dacay", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown experiment 'weight-dacay'; registered: weight-decay" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", "weight-decay", "--smoke", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:
+        assert main(["run", "weight-decay", "--smoke", "--tensorboard", "--out", str(tmp_path / "o")]) == 2
+        assert "pip install 'hypergradients[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["run", "weight-decay", "--resume", "--out", str(tmp_path)]) == 2
+    assert "holds no run to continue" in capsys.readouterr().err
+
+
+def test_smoke_run_writes_the_folder_then_resume_and_refusals(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('arms = ["none", "global"]\n[train]\nrounds = 2\n')
+    assert main(["run", "weight-decay", "--smoke", "--config", str(cfg), "--set", "hyper.lr=0.05",
+                 "--seed", "3", "--out", str(out), "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["report"] == str(out / "report.md") and [r["method"] for r in res["rows"]] == [
+        "no weight decay", "global decay (tuned)"]
+    for f in ("config.toml", "metrics.jsonl", "report.md", "loss_curves.png", "weight_decay.png",
+              "global/checkpoint.pt", "global/metrics.jsonl", "none/checkpoint.pt"):
+        assert (out / f).is_file(), f
+    saved = (out / "config.toml").read_text()
+    assert "seed = 3" in saved and "rounds = 2" in saved and "lr = 0.05" in saved
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4   # 2 arms × 2 rounds
+    # The same folder again: refused without --resume; a finished run resumes to the same table.
+    assert main(["run", "weight-decay", "--smoke", "--out", str(out)]) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--json", "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["rows"] == res["rows"]
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--set", "train.rounds=5"]) == 2
+    assert ("these settings differ from" in (err := capsys.readouterr().err) and "train.rounds (2 -> 5)" in err)
+    # Human-readable output: the table, the notes and the report path.
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    assert main(["run", "weight-decay", "--out", str(out), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "test_loss" in text and "global decay (tuned)" in text and f"report: {out / 'report.md'}" in text
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    assert capsys.readouterr().out.startswith("weight-decay  ")
+    assert main(["list", "weight-decay"]) == 0
+    out = capsys.readouterr().out
+    assert "train.rounds" in out and "[--smoke: 3]" in out and "an integer >= 1" in out
+    assert main(["list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["name"] == "weight-decay"
+    assert main(["list", "weight-decay", "--json"]) == 0
+    keys = {s["key"] for s in json.loads(capsys.readouterr().out)["settings"]}
+    assert {"arms", "hyper.method", "train.rounds"} <= keys
+    assert main(["list", "nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_python_dash_m_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "hypergradients", "run", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--resume" in out and "--smoke" in out and "config.toml" in out

@@ -1,0 +1,122 @@
+"""The experiments registry: every experiment's --smoke configuration runs and writes its folder;
+the weight-decay notes say what the numbers show either way; the configuration layer's rules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypergradients.config import (
+    ConfigError,
+    Option,
+    flatten,
+    nest,
+    parse_set,
+    read_toml,
+    resolve,
+    write_toml,
+)
+from hypergradients.experiments import REGISTRY, RunContext, get
+from hypergradients.experiments.weight_decay import SCHEMA, interpret, paired_se
+from hypergradients.report import markdown_table, text_table
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny models: one thread is fastest on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_smoke_runs(name: str, tmp_path: Path) -> None:
+    exp = get(name)
+    cfg = resolve(exp.schema, smoke=exp.smoke)
+    res = exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
+    assert res.report == tmp_path / "report.md" and res.report.read_text().startswith("# ")
+    assert (tmp_path / "config.toml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    assert list(tmp_path.glob("*.png"))
+    assert res.rows and all(set(res.columns) <= set(r) for r in res.rows)
+    for r in res.rows:
+        for c in res.columns:
+            if isinstance(r[c], float) and c != "decay":
+                assert math.isfinite(r[c]), (c, r)
+    assert resolve(exp.schema, file=read_toml(tmp_path / "config.toml")) == cfg   # the resolved config round-trips
+
+
+def test_weight_decay_smoke_counts_and_arms(tmp_path: Path) -> None:
+    exp = get("weight-decay")
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=['arms=["none","layer","weight"]', "train.rounds=2"])
+    res = exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
+    counts = {r["method"]: r["hyperparameters"] for r in res.rows}
+    # smoke MLP 784 -> 16 -> 10: per-layer decay has one per weight matrix, per-weight one per entry.
+    assert counts == {"no weight decay": 0, "per-layer decay (tuned)": 2,
+                      "per-weight decay (tuned)": 784 * 16 + 16 * 10}
+    assert "learned weight decay" in res.report.read_text()
+
+
+def _row(test: float, val: float, n: int = 1, train: float = 0.1) -> dict:
+    return {"test_loss": test, "val_loss": val, "test_acc": 0.9, "train_loss": train, "hyperparameters": n,
+            "skipped": 0}
+
+
+def test_notes_say_when_per_weight_loses_and_show_the_validation_overfit() -> None:
+    notes = interpret({"none": _row(0.5, 0.5), "global": _row(0.25, 0.24),
+                       "weight": _row(0.27, 0.05, n=118016)}, n_val=1000)
+    text = " ".join(notes)
+    assert "does NOT match the tuned global decay on test loss: 0.27 vs 0.25, difference +0.02" in text
+    assert "test−validation loss gap is 0.22 against 0.01" in text and "118,016 hyperparameters" in text
+    assert "the test loss shows none" in text
+    assert "tuning a single global decay improves it to 0.25" in text
+
+
+def test_notes_say_when_per_weight_wins_without_overfitting() -> None:
+    notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000, se=0.01,
+                      moved=(0.25, 0.125))
+    assert notes[0].startswith("Per-weight decay beats the tuned global decay on test loss: 0.22 vs 0.25, "
+                               "difference -0.03 ± 0.01 (paired standard error")
+    assert "no sign here that the per-weight decays overfit" in notes[1]
+    assert "25.0% rose and 12.5% fell" in notes[2]
+    within = interpret({"global": _row(0.25, 0.24), "weight": _row(0.26, 0.255)}, n_val=1000, se=0.01)
+    assert within[0].startswith("Per-weight decay matches the tuned global decay on test loss (the difference "
+                                "is within noise): 0.26 vs 0.25, difference +0.01 ± 0.01")
+
+
+def test_paired_standard_error() -> None:
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # differences 0,1,2,3: sample std sqrt(5/3), over sqrt(4)
+    assert paired_se(a, b) == pytest.approx(math.sqrt(5 / 3) / 2)
+
+
+def test_resolve_order_and_parsing() -> None:
+    schema = {"a.n": Option(1, "n", int, low=0), "a.x": Option(0.5, "x", float, auto=True, positive=True),
+              "b": Option("p", "b", str, choices=("p", "q")), "l": Option([1], "l", list, item=int)}
+    cfg = resolve(schema, smoke={"a.n": 2}, file={"a.n": 3, "b": "q"}, sets=["a.n=4", "a.x=auto"],
+                  extra={"l": [2, 3]})
+    assert cfg == {"a.n": 4, "a.x": "auto", "b": "q", "l": [2, 3]}
+    assert resolve(schema, sets=["a.x=2"])["a.x"] == 2.0 and isinstance(resolve(schema, sets=["a.x=2"])["a.x"], float)
+    assert parse_set("b = q", schema) == ("b", "q")
+    assert parse_set("l=[4, 5]", schema) == ("l", [4, 5])
+    with pytest.raises(ConfigError, match=r"config key 'l': got \[1, 1\] \(repeated items\)"):
+        resolve(schema, sets=["l=[1, 1]"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'c' \(--smoke\)"):
+        resolve(schema, smoke={"c": 1})
+    assert flatten({"a": {"n": 1, "x": {"y": 2}}, "b": 3}) == {"a.n": 1, "a.x.y": 2, "b": 3}
+    assert nest({"a.n": 1, "a.x.y": 2, "b": 3}) == {"a": {"n": 1, "x": {"y": 2}}, "b": 3}
+
+
+def test_toml_round_trip_of_the_weight_decay_defaults(tmp_path: Path) -> None:
+    cfg = resolve(SCHEMA)
+    write_toml(cfg, tmp_path / "c.toml")
+    assert read_toml(tmp_path / "c.toml") == cfg
+
+
+def test_tables() -> None:
+    rows = [{"m": "a", "n": 118016, "x": 0.123456, "y": float("nan")}]
+    assert markdown_table(["m", "n", "x", "y"], rows).splitlines() == [
+        "| m | n | x | y |", "|---|---|---|---|", "| a | 118,016 | 0.1235 | n/a |"]
+    assert text_table(["m", "x"], rows).splitlines()[2] == "a  0.1235"
