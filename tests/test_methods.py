@@ -200,3 +200,79 @@ def test_info_fields(logistic: P.Problem) -> None:
     assert info.outer_loss == pytest.approx(float(logistic.outer_loss(logistic.params, logistic.hparams)))
     _, info2 = hg_of(logistic, hg.Neumann(iters=4, alpha=0.1), residual=False)
     assert info2.residual is None and info2.hvps == 3
+
+
+# ------------------------------------------------------------------ Auto and warm starts (issue 5)
+def cosine(a: dict, b: dict) -> float:
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    return float(fa @ fb / (fa.norm() * fb.norm()))
+
+
+def test_auto_meets_its_tolerance_and_the_default_is_accurate(problem: P.Problem) -> None:
+    # Default tol=1e-2 relative residual: on these problems (cond(H) ≤ 1e3) the hypergradient's
+    # cosine with the exact one is ≥ 0.999; a tight tol reproduces the dense reference like CG.
+    g, info = hg_of(problem, hg.Auto())
+    assert info.method == "Auto" and info.converged and info.residual is not None and info.residual <= 1e-2
+    assert cosine(g, problem.reference) >= 0.999
+    g_tight, _ = hg_of(problem, hg.Auto(tol=1e-12))
+    assert P.rel_err(g_tight, problem.reference) <= 1e-8
+
+
+def test_auto_is_the_better_choice_than_the_papers_default(logistic: P.Problem) -> None:
+    # At equal HVPs Auto (CG) is at least as accurate as Neumann with α = 1/λ_max.
+    g_auto, info = hg_of(logistic, hg.Auto())
+    g_neu, _ = hg_of(logistic, hg.Neumann(iters=info.hvps + 1, alpha=1.0 / P.lambda_max(logistic)))
+    assert P.rel_err(g_auto, logistic.reference) <= P.rel_err(g_neu, logistic.reference)
+
+
+def test_solver_state_warm_starts_consecutive_calls(logistic: P.Problem) -> None:
+    state = hg.SolverState()
+    g1, i1 = hg_of(logistic, hg.CG(tol=1e-10), state=state)
+    assert state.calls == 1 and state.p is not None and "warm_start" not in i1.extra
+    # Same point again: the stored p already solves H p = v; the initial residual (one HVP) shows it.
+    g2, i2 = hg_of(logistic, hg.CG(tol=1e-10), state=state)
+    assert i2.extra["warm_start"] == 1.0 and i2.hvps <= 2 and state.calls == 2
+    assert P.rel_err(g2, g1) <= 1e-9
+    # A nearby λ (one small hyper step): warm-started Auto needs fewer HVPs than a cold one and
+    # gives the same answer to its tolerance.
+    near = {k: v + 0.05 for k, v in logistic.hparams.items()}
+    cold, ic = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, near,
+                                method=hg.Auto(tol=1e-8), return_info=True)
+    warm, iw = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, near,
+                                method=hg.Auto(tol=1e-8), return_info=True, state=state)
+    assert iw.hvps < ic.hvps
+    assert P.rel_err(warm, cold) <= 1e-6
+
+
+def test_solver_state_ignores_a_mismatched_solution(ridge: P.Problem) -> None:
+    state = hg.SolverState(p={"w": torch.zeros(ridge.params["w"].numel() + 1, dtype=torch.float64)})
+    g, info = hg_of(ridge, hg.CG(), state=state)
+    assert "warm_start" not in info.extra
+    assert P.rel_err(g, ridge.reference) <= 1e-8
+    with pytest.raises(hg.HypergradientError, match=r"state must be a hg\.SolverState.*got dict"):
+        hg_of(ridge, hg.CG(), state={})  # type: ignore[arg-type]
+
+
+def test_auto_damps_negative_curvature_instead_of_failing() -> None:
+    # An indefinite inner Hessian (a saddle, eigenvalues 2, 1, −0.5): CG meets dᵀHd < 0; Auto reruns
+    # it on H + δI, δ > 0.5, and says so in info.extra, while plain CG raises.
+    A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
+    B = torch.eye(3, dtype=torch.float64)
+    prob = P.spd_quadratic(A, B, torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.2],
+                                                                                dtype=torch.float64))
+    with pytest.raises(hg.NegativeCurvatureError):
+        hg_of(prob, hg.CG())
+    g, info = hg_of(prob, hg.Auto())
+    d = info.extra["damping"]
+    assert d > 0.5
+    # With H + δI diagonal, the answer is the damped closed form direct − Mᵀ(H + δI)⁻¹v (to CG's tol).
+    eye = torch.eye(3, dtype=torch.float64)
+    damped = prob.direct - prob.mixed.T @ torch.linalg.solve(prob.hessian + d * eye, prob.v)
+    assert torch.allclose(tree.flatten(g), damped, rtol=1e-2, atol=0)
+
+
+def test_auto_validation() -> None:
+    with pytest.raises(hg.HypergradientError, match=r"Auto\.tol must be a finite number >= 0, got -1"):
+        hg.Auto(tol=-1.0)
+    with pytest.raises(hg.HypergradientError, match=r"Auto\.max_iters must be a positive integer, got 0"):
+        hg.Auto(max_iters=0)

@@ -2,7 +2,8 @@
 
 One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
-:class:`Nystrom`) or differentiation through the optimization path (:class:`Unrolled`).
+:class:`Nystrom`, :class:`Auto`) or differentiation through the optimization path (:class:`Unrolled`,
+reverse mode, optionally checkpointed; :class:`Forward`, forward mode).
 """
 
 from .errors import (
@@ -14,12 +15,15 @@ from .errors import (
 )
 from .methods import (
     CG,
+    Auto,
     Exact,
+    Forward,
     Identity,
     Info,
     Method,
     Neumann,
     Nystrom,
+    SolverState,
     Unrolled,
     UnusedHyperparameterWarning,
     hypergradient,
@@ -30,7 +34,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "Auto",
     "Exact",
+    "Forward",
     "HypergradientError",
     "Identity",
     "Info",
@@ -41,6 +47,7 @@ __all__ = [
     "Nystrom",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
+    "SolverState",
     "Unrolled",
     "UnusedHyperparameterWarning",
     "__version__",

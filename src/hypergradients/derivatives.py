@@ -88,6 +88,10 @@ class InnerDerivatives:
         # Entries of ∂L_T/∂w that depend on nothing (a param L_T does not use, or a purely linear
         # term) have no graph: their rows of H and of the mixed partial are zero.
         self._live = [k for k, g in self.grad.items() if g.requires_grad]
+        # Built once: every product reuses the same output/input lists (no per-call rebuilds).
+        self._outs = [self.grad[k] for k in self._live]
+        self._w_in = list(params.values())
+        self._keys = list(params)
 
     # ------------------------------------------------------------------ products
     def hvp(self, v: Mapping[str, Tensor]) -> Tree:
@@ -97,10 +101,10 @@ class InnerDerivatives:
             return self._hvp_forward(v)
         if not self._live:
             return tree.zeros_like(self.params)
-        out = torch.autograd.grad([self.grad[k] for k in self._live], list(self.params.values()),
-                                  grad_outputs=[v[k] for k in self._live], retain_graph=True,
-                                  allow_unused=True)
-        return tree.as_tree(out, self.params)
+        out = torch.autograd.grad(self._outs, self._w_in, grad_outputs=[v[k] for k in self._live],
+                                  retain_graph=True, allow_unused=True)
+        return {k: (torch.zeros_like(ref) if g is None else g)
+                for k, ref, g in zip(self._keys, self._w_in, out, strict=True)}
 
     def hvp_batched(self, vs: Mapping[str, Tensor]) -> Tree:
         """``H v_i`` for a batch: every leaf of ``vs`` has a leading batch dimension ``m``.
@@ -111,9 +115,8 @@ class InnerDerivatives:
         m = next(iter(vs.values())).shape[0]
         if self.hvp_mode == "reverse" and self._live:
             try:
-                out = torch.autograd.grad([self.grad[k] for k in self._live], list(self.params.values()),
-                                          grad_outputs=[vs[k] for k in self._live], retain_graph=True,
-                                          allow_unused=True, is_grads_batched=True)
+                out = torch.autograd.grad(self._outs, self._w_in, grad_outputs=[vs[k] for k in self._live],
+                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
                 self.hvp_count += m
                 return {k: (torch.zeros_like(vs[k]) if g is None else g)
                         for k, g in zip(self.params, out, strict=True)}
@@ -126,7 +129,7 @@ class InnerDerivatives:
         """``(∂²L_T/∂λ∂wᵀ) p`` over every hyperparameter, and the keys it actually depends on."""
         if not self._live:
             return tree.zeros_like(self.hparams), set()
-        out = torch.autograd.grad([self.grad[k] for k in self._live], list(self.hparams.values()),
+        out = torch.autograd.grad(self._outs, list(self.hparams.values()),
                                   grad_outputs=[p[k] for k in self._live], retain_graph=True,
                                   allow_unused=True)
         used = {k for k, g in zip(self.hparams, out, strict=True) if g is not None}

@@ -85,7 +85,7 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
     if not (alpha > 0 and math.isfinite(alpha)):
         raise HypergradientError(f"Neumann needs a finite alpha > 0, got {alpha}; or use alpha='auto'")
     vn = float(tree.norm(v))
-    term: Tree = dict(v)
+    term: Tree = {k: t.clone() for k, t in v.items()}  # private: updated in place below
     acc: Tree = {k: t.clone() for k, t in v.items()}
     hvps = 0
 
@@ -106,12 +106,14 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
             lambda_max=lam, safe_alpha=safe)
 
     for j in range(1, iters):
-        term = tree.axpy(-alpha, matvec(term), term)
+        hv = matvec(term)
+        for k in term:  # term ← (I − αH) term, in place: no new buffers per iteration
+            term[k].add_(hv[k], alpha=-alpha)
         hvps += 1
         check(term, j)
         for k in acc:
             acc[k].add_(term[k])
-    p = tree.scale(acc, alpha)
+    p = {k: t.mul_(alpha) for k, t in acc.items()}  # acc is private: scale it in place
     res: float | None = None
     if residual:
         # H p − v = −(I − αH)^K v: the next term of the series.
@@ -156,8 +158,8 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
         ad = A(d)
         hvps += 1
         curv = float(tree.dot(d, ad))
-        dd = float(tree.dot(d, d))
         if not curv > 0.0:
+            dd = float(tree.dot(d, d))  # only for the message: not computed on the fast path
             raise NegativeCurvatureError(
                 f"CG met non-positive curvature dᵀHd/dᵀd = {curv / dd:.3g} at iteration {it + 1}: the "
                 "Hessian is not positive definite at these weights (they may not be a minimum of the "
@@ -170,7 +172,8 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
             r[k].add_(ad[k], alpha=-a)
         rs_new = float(tree.dot(r, r))
         beta = rs_new / rs
-        d = tree.axpy(beta, d, r)
+        for k in d:  # d ← r + β d, in place (d is private)
+            d[k].mul_(beta).add_(r[k])
         rs = rs_new
         it += 1
     res = math.sqrt(rs) / vn

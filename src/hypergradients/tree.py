@@ -16,11 +16,22 @@ Tree = dict[str, Tensor]
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """``Σ_k ⟨a_k, b_k⟩`` as a 0-dim tensor."""
-    terms = [torch.sum(a[k] * b[k]) for k in a]
-    if not terms:
+    """``Σ_k ⟨a_k, b_k⟩`` as a 0-dim tensor.
+
+    ``torch.vdot`` on flat views reads each leaf once and allocates no product temporary (the
+    solvers call this on every iteration); the per-leaf scalars are summed without a ``stack``.
+    """
+    total: Tensor | None = None
+    for k in a:
+        x, y = a[k], b[k]
+        if x.is_complex() or y.is_complex() or x.dtype != y.dtype:
+            t = torch.sum(x * y)
+        else:
+            t = torch.vdot(x.reshape(-1), y.reshape(-1))
+        total = t if total is None else total + t
+    if total is None:
         raise ValueError("dot of two empty trees")
-    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+    return total
 
 
 def norm(a: Mapping[str, Tensor]) -> Tensor:
