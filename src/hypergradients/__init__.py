@@ -3,7 +3,8 @@
 One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`) or differentiation through the optimization path (:class:`Unrolled`,
-reverse mode, optionally checkpointed; :class:`Forward`, forward mode).
+reverse mode, optionally checkpointed; :class:`Forward`, forward mode). :func:`fit` runs the
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`.
 """
 
 from .errors import (
@@ -13,6 +14,7 @@ from .errors import (
     PathOnlyHyperparameterError,
     ProblemTooLargeError,
 )
+from .hparams import Family, WeightDecay
 from .methods import (
     CG,
     Auto,
@@ -29,6 +31,7 @@ from .methods import (
     hypergradient,
 )
 from .modules import functional_model, make_losses, module_params
+from .train import NonFiniteError, TrainResult, fit
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,7 @@ __all__ = [
     "CG",
     "Auto",
     "Exact",
+    "Family",
     "Forward",
     "HypergradientError",
     "Identity",
@@ -44,13 +48,17 @@ __all__ = [
     "NegativeCurvatureError",
     "Neumann",
     "NeumannDivergenceError",
+    "NonFiniteError",
     "Nystrom",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
     "SolverState",
+    "TrainResult",
     "Unrolled",
     "UnusedHyperparameterWarning",
+    "WeightDecay",
     "__version__",
+    "fit",
     "functional_model",
     "hypergradient",
     "make_losses",
