@@ -69,7 +69,7 @@ def test_bad_toml_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "is not valid TOML" in capsys.readouterr().err
     bad.write_text('[hyper]\nmethod = "unrolled"\n')
     assert main(["run", "weight-decay", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert ("config key 'hyper.method': got 'unrolled'; expected one of 'neumann', 'cg', 'identity'"
+    assert ("config key 'hyper.method': got 'unrolled'; expected one of 'neumann', 'cg', 'identity', 'auto', 'nystrom'"
             in capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
 

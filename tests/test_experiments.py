@@ -120,3 +120,15 @@ def test_tables() -> None:
     assert markdown_table(["m", "n", "x", "y"], rows).splitlines() == [
         "| m | n | x | y |", "|---|---|---|---|", "| a | 118,016 | 0.1235 | n/a |"]
     assert text_table(["m", "x"], rows).splitlines()[2] == "a  0.1235"
+
+
+@pytest.mark.parametrize("method", ["cg", "identity", "auto", "nystrom"])
+def test_weight_decay_smoke_with_every_method(method: str, tmp_path: Path) -> None:
+    # Every hyper.method choice builds a working method and tunes the decay (the decays move).
+    exp = get("weight-decay")
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=['arms=["global"]', "train.rounds=2",
+                                                      f"hyper.method={method!r}".replace("'", '"')])
+    res = exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
+    (row,) = res.rows
+    assert math.isfinite(row["test_loss"])
+    assert row["decay"] != pytest.approx(cfg["hyper.init"], rel=1e-9)

@@ -33,7 +33,7 @@ from .. import report
 from ..config import Config, Option, write_toml
 from ..data import DATASETS, load_dataset
 from ..hparams import WeightDecay
-from ..methods import CG, Identity, Method, Neumann
+from ..methods import CG, Auto, Identity, Method, Neumann, Nystrom
 from ..train import TensorBoardCallback, cross_entropy, fit
 from .base import Experiment, ExperimentResult, RunContext
 
@@ -63,7 +63,9 @@ SCHEMA: dict[str, Option] = {
     "hyper.optimizer": Option("adam", "optimizer of the (log) decays", str,
                               choices=("adam", "sgd", "rmsprop")),
     "hyper.lr": Option(0.03, "hyper learning rate (a step in log-decay)", float, positive=True),
-    "hyper.method": Option("neumann", "hypergradient method", str, choices=("neumann", "cg", "identity")),
+    "hyper.method": Option("neumann", "hypergradient method (auto: CG to a 1e-2 residual, damped on "
+                           "negative curvature, at most hyper.iters HVPs; nystrom: rank hyper.iters)", str,
+                           choices=("neumann", "cg", "identity", "auto", "nystrom")),
     "hyper.iters": Option(10, "Neumann terms / CG iterations", int, low=1),
     "hyper.alpha": Option("auto", "Neumann step α ('auto': 1/λ_max by power iteration)", float, auto=True,
                           positive=True),
@@ -100,6 +102,10 @@ def _method(cfg: Config) -> Method:
                        power_iters=cfg["hyper.power_iters"])
     if cfg["hyper.method"] == "cg":
         return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=cfg["hyper.damping"])
+    if cfg["hyper.method"] == "auto":
+        return Auto(max_iters=cfg["hyper.iters"])
+    if cfg["hyper.method"] == "nystrom":
+        return Nystrom(rank=cfg["hyper.iters"])
     return Identity()
 
 
