@@ -28,7 +28,10 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# Optional, not part of `make test`: one venv per peer library (idempotent; a peer that fails to
+# install is recorded in benchmarks/.envs/STATUS and skipped), then the side-by-side tables.
 bench: setup
+	bash benchmarks/envs.sh
 	$(PY) benchmarks/run.py
 
 clean:
