@@ -197,20 +197,9 @@ def dense_hessian(batched_matvec: MatVec, like: Mapping[str, Tensor], *, chunk: 
         m = min(chunk, n - start)
         eye = torch.zeros(m, n, dtype=flat.dtype, device=flat.device)
         eye[torch.arange(m), torch.arange(start, start + m)] = 1.0
-        hv = batched_matvec(_rows_to_tree(eye, like))
+        hv = batched_matvec(tree.unflatten_rows(eye, like))
         cols.append(torch.cat([hv[k].reshape(m, -1) for k in like], dim=1))
     return torch.cat(cols, dim=0)
-
-
-def _rows_to_tree(rows: Tensor, like: Mapping[str, Tensor]) -> Tree:
-    """Split an ``m×n`` matrix into a tree whose leaves have a leading batch dimension ``m``."""
-    out: Tree = {}
-    i = 0
-    m = rows.shape[0]
-    for k, v in like.items():
-        out[k] = rows[:, i:i + v.numel()].reshape((m, *v.shape))
-        i += v.numel()
-    return out
 
 
 def exact(batched_matvec: MatVec, v: Mapping[str, Tensor], *, damping: float = 0.0,
@@ -263,7 +252,7 @@ def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, rank, generator=gen, dtype=b.dtype).to(b.device)
     omega, _ = torch.linalg.qr(omega)
-    Y = torch.cat([t.reshape(rank, -1) for t in batched_matvec(_rows_to_tree(omega.T.contiguous(), v))
+    Y = torch.cat([t.reshape(rank, -1) for t in batched_matvec(tree.unflatten_rows(omega.T.contiguous(), v))
                    .values()], dim=1).T  # n×k
     eps = torch.finfo(b.dtype).eps
     nu = math.sqrt(n) * eps * float(torch.linalg.matrix_norm(Y, ord=2))

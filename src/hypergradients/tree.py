@@ -93,6 +93,22 @@ def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Tree:
     return out
 
 
+def unflatten_rows(rows: Tensor, like: Mapping[str, Tensor]) -> Tree:
+    """Split an ``m×n`` matrix into a tree whose leaves have a leading batch dimension ``m``.
+
+    Row ``i`` becomes the ``i``-th element of every leaf: the layout of batched HVPs (``vmap``).
+    """
+    out: Tree = {}
+    i = 0
+    m = rows.shape[0]
+    for k, v in like.items():
+        out[k] = rows[:, i:i + v.numel()].reshape((m, *v.shape))
+        i += v.numel()
+    if i != rows.shape[1]:
+        raise ValueError(f"rows of length {rows.shape[1]} do not match a tree of {i} elements")
+    return out
+
+
 def all_finite(a: Mapping[str, Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in a.values())
 

@@ -225,7 +225,7 @@ def forward(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor]
     vals: list[Tensor] = []
     for start in range(0, n, size):
         rows = dirs_all[start:start + size]
-        batch = _rows_to_tree(rows, lam0)
+        batch = tree.unflatten_rows(rows, lam0)
         try:
             dout = torch.func.vmap(run_path)(batch)
         except RuntimeError:
@@ -234,13 +234,3 @@ def forward(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor]
         vals.append(dout.reshape(-1))
     g = tree.unflatten(torch.cat(vals), lam0)
     return g, float(out), w_check, n * n_diff
-
-
-def _rows_to_tree(rows: Tensor, like: Mapping[str, Tensor]) -> Tree:
-    out: Tree = {}
-    i = 0
-    m = rows.shape[0]
-    for k, v in like.items():
-        out[k] = rows[:, i:i + v.numel()].reshape((m, *v.shape))
-        i += v.numel()
-    return out
