@@ -141,3 +141,15 @@ def test_python_dash_m_help() -> None:
     out = subprocess.run([sys.executable, "-m", "hypergradients", "run", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--resume" in out and "--smoke" in out and "config.toml" in out
+
+
+def test_tensorboard_writes_one_event_file_per_arm(tmp_path: Path) -> None:
+    # Runs only where the optional extra is installed (pip install 'hypergradients[tensorboard]').
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("torch.utils.tensorboard")
+    out = tmp_path / "tb"
+    assert main(["run", "weight-decay", "--smoke", "--quiet", "--tensorboard", "--out", str(out),
+                 "--set", 'arms=["none","global"]']) == 0
+    for arm in ("none", "global"):
+        files = list((out / "tensorboard" / arm).glob("events.out.tfevents.*"))
+        assert files and files[0].stat().st_size > 0, arm
