@@ -71,10 +71,10 @@ def _sgd_step(inner_loss: LossFn, w: Tree, lam: Tree, alpha: Tensor | float, *, 
     except HypergradientError as e:
         raise HypergradientError(f"unrolled step {step}: {e}") from e
     g = grad(loss, w, create_graph=create_graph)
-    if create_graph:
-        return {k: w[k] - alpha * g[k] for k in w}
-    with torch.no_grad():
-        return {k: (w[k] - alpha * g[k]).detach() for k in w}
+    with torch.set_grad_enabled(create_graph):
+        if isinstance(alpha, Tensor):  # a step-size hyperparameter
+            return {k: w[k] - alpha * g[k] for k in w}
+        return {k: torch.add(w[k], g[k], alpha=-alpha) for k in w}  # one autograd node, not two
 
 
 def _free_steps(inner_loss: LossFn, w: Tree, lam: Tree, alpha: Tensor | float, start: int, stop: int) -> Tree:
