@@ -23,13 +23,7 @@ from hypergradients.experiments import REGISTRY, RunContext, get
 from hypergradients.experiments.weight_decay import SCHEMA, interpret, paired_se
 from hypergradients.report import markdown_table, text_table
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
