@@ -48,6 +48,7 @@ import logging
 import warnings
 
 import _common
+import _torch_common
 import torch
 import torch.nn.functional as F
 from betty.configs import Config, EngineConfig
@@ -60,11 +61,9 @@ PEER = "betty"
 
 def main() -> None:
     args = _common.parse_args(PEER)
-    torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # Betty logs every initialisation at INFO level
     warnings.filterwarnings("ignore", category=FutureWarning)  # functorch deprecation notices
-    prob = _common.load_problem(args.problem, args.alpha)
-    t = {k: torch.from_numpy(prob[k]) for k in ("X_train", "y_train", "X_val", "y_val", "w_star", "log_lam")}
+    prob, t = _torch_common.load(args)
     Xt, yt, Xv, yv = t["X_train"], t["y_train"], t["X_val"], t["y_val"]
     alpha, K = prob["alpha"], args.iters
     unrolled = args.method == "unrolled"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import _common
+import _torch_common
 import torch
 import torch.nn.functional as F
 import torchopt
@@ -33,9 +34,7 @@ PEER = "torchopt"
 
 def main() -> None:
     args = _common.parse_args(PEER)
-    torch.set_num_threads(args.threads)
-    prob = _common.load_problem(args.problem, args.alpha)
-    t = {k: torch.from_numpy(prob[k]) for k in ("X_train", "y_train", "X_val", "y_val", "w_star", "log_lam")}
+    prob, t = _torch_common.load(args)
     Xt, yt, Xv, yv = t["X_train"], t["y_train"], t["X_val"], t["y_val"]
     alpha, K = prob["alpha"], args.iters
 
