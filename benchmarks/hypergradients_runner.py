@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 import _common
+import _torch_common
 
 import hypergradients as hg
+from hypergradients import bench
 
 PEER = "hypergradients"
 HYPER_STEP = 0.1  # max |Δ log λ| per hyper step
@@ -55,18 +56,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    torch.set_num_threads(args.threads)
-    prob = _common.load_problem(args.problem, args.alpha)
-    t = {k: torch.from_numpy(prob[k]) for k in ("X_train", "y_train", "X_val", "y_val", "w_star", "log_lam")}
+    prob, t = _torch_common.load(args)
     Xt, yt, Xv, yv = t["X_train"], t["y_train"], t["X_val"], t["y_val"]
     alpha, K = float(prob["alpha"]), args.iters
 
-    def inner(p: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:
-        decay = 0.5 * torch.sum(h["log_lam"].exp() * p["w"] ** 2)
-        return F.binary_cross_entropy_with_logits(Xt @ p["w"], yt) + decay
-
-    def outer(p: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(Xv @ p["w"], yv)
+    inner, outer = bench.logistic_losses(t)  # the same losses as `hypergradients bench`
 
     params, hparams = {"w": t["w_star"]}, {"log_lam": t["log_lam"]}
     extra: dict[str, object] = {"alpha": alpha}

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import hypergradients as hg
 from hypergradients import bench
@@ -40,15 +39,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     z = np.load(args.problem)
     t = {k: torch.from_numpy(z[k]) for k in ("X_train", "y_train", "X_val", "y_val", "w_star", "log_lam")}
-    Xt, yt, Xv, yv = t["X_train"], t["y_train"], t["X_val"], t["y_val"]
     alpha = float(z["alpha"])
 
-    def inner(p: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:
-        decay = 0.5 * torch.sum(h["log_lam"].exp() * p["w"] ** 2)
-        return F.binary_cross_entropy_with_logits(Xt @ p["w"], yt) + decay
-
-    def outer(p: dict[str, torch.Tensor], h: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(Xv @ p["w"], yv)
+    inner, outer = bench.logistic_losses(t)  # the same losses as `hypergradients bench`
 
     P, H = {"w": t["w_star"]}, {"log_lam": t["log_lam"]}
 
