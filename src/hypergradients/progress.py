@@ -69,8 +69,9 @@ class Progress:
     def _line(self) -> None:
         pct = 100.0 * self.n / self.total if self.total else 100.0
         post = "".join(f" {k}={v}" for k, v in self._fmt_post().items())
-        print(f"{self.desc}: {pct:3.0f}% ({self.n}/{self.total}) {time.perf_counter() - self._t0:.1f} s{post}",
-              file=self._stream, flush=True)
+        took = time.perf_counter() - self._t0
+        print(f"{self.desc}: {pct:3.0f}% ({self.n}/{self.total}) {took:.1f} s{post}", file=self._stream,
+              flush=True)
 
     def close(self) -> None:
         """End the display."""
