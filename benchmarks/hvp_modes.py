@@ -1,4 +1,4 @@
-"""Which Hessian-vector product is fastest, and does ``torch.compile`` pay off? (issue 5, measured)
+"""Which Hessian-vector product is fastest, and does ``torch.compile`` pay off? (measured)
 
     .venv/bin/python benchmarks/hvp_modes.py [--problem benchmarks/results/problem.npz]
 

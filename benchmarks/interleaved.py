@@ -1,4 +1,4 @@
-"""Ours against the plain autograd loop, interleaved in ONE process: the ≤ 1.05× target of issue 5.
+"""Ours against the plain autograd loop, interleaved in ONE process: the ≤ 1.05× overhead target.
 
     .venv/bin/python benchmarks/interleaved.py [--problem benchmarks/results/problem.npz] [--repeats 9]
 
