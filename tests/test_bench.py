@@ -16,6 +16,7 @@ import torch
 
 import hypergradients as hg
 from hypergradients import bench, cli, tree
+from hypergradients.files import UnreadableFileError
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_logistic_problem_is_at_optimum_and_exact_is_exact(small: dict[str, Path]) -> None:
-    data = torch.load(small["logistic"], weights_only=False)
+    data = torch.load(small["logistic"], weights_only=True)
     inner, outer = bench.logistic_losses(data)
     p, h = {"w": data["w_star"]}, {"log_lam": data["log_lam"]}
     w = tree.clone_leaves(p, requires_grad=True)
@@ -42,7 +43,7 @@ def test_logistic_problem_is_at_optimum_and_exact_is_exact(small: dict[str, Path
 # small alpha is what the benchmark times.
 @pytest.mark.parametrize(("problem", "method"), [("logistic", "cg"), ("logistic", "neumann"), ("mlp", "neumann")])
 def test_plain_loop_matches_ours(small: dict[str, Path], method: str, problem: str) -> None:
-    data = torch.load(small[problem], weights_only=False)
+    data = torch.load(small[problem], weights_only=True)
     if problem == "logistic":
         inner, outer = bench.logistic_losses(data)
         p, h, alpha = {"w": data["w_star"]}, {"log_lam": data["log_lam"]}, float(data["alpha"])
@@ -57,7 +58,7 @@ def test_plain_loop_matches_ours(small: dict[str, Path], method: str, problem: s
 
 
 def test_plain_unrolled_matches_ours(small: dict[str, Path]) -> None:
-    data = torch.load(small["logistic"], weights_only=False)
+    data = torch.load(small["logistic"], weights_only=True)
     inner, outer = bench.logistic_losses(data)
     w0, h = {"w": torch.zeros_like(data["w_star"])}, {"log_lam": data["log_lam"]}
     plain = bench.plain_unrolled(inner, outer, w0, h, steps=9, alpha=float(data["alpha"]))
@@ -78,6 +79,29 @@ def test_run_case_reports_time_memory_accuracy(small: dict[str, Path], problem: 
         # 10 CG steps / Auto on 30 weights: near exact; Neumann-10 converges like (1 − 1/cond)^10
         # and is measured at cosine 0.946 here.
         assert r.cosine > (0.9 if case == "plain-neumann" else 0.999)
+
+
+class _System:
+    """Pickles as ``os.system(command)``: what a crafted problem file would run on load."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import os
+
+        return (os.system, (self.command,))
+
+
+def test_problem_files_load_without_running_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "logistic.pt"
+    torch.save({"X_train": torch.zeros(2, 2), "payload": _System(f"touch {marker}")}, evil)
+    with pytest.raises(UnreadableFileError, match=r"bench problem file .*logistic\.pt.*refused for safety"):
+        bench.run_case({"problem": "logistic", "case": "cg", "data": str(evil), "repeats": 1, "threads": 1})
+    assert not marker.exists()
+    r = bench.run_isolated({"problem": "logistic", "case": "cg", "data": str(evil), "repeats": 1, "threads": 1})
+    assert r.status == "error" and "refused for safety" in r.note and not marker.exists()
 
 
 def test_run_isolated_in_a_subprocess(small: dict[str, Path]) -> None:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import methods, tree
+from .files import load_checkpoint
 from .tree import Tree
 
 
@@ -267,7 +268,9 @@ def run_case(spec: dict[str, Any]) -> Result:
     device = spec.get("device", "cpu")
     repeats = int(spec.get("repeats", 5))
     problem, case = spec["problem"], spec["case"]
-    data: dict[str, Any] = torch.load(spec["data"], weights_only=False)
+    # weights_only: a problem file holds tensors and plain values only, so loading it runs no code
+    data: dict[str, Any] = load_checkpoint(spec["data"], what="bench problem file",
+                                           fix="write it again with make_logistic / make_mlp and torch.save")
     hvps: int | None = None
 
     def to_dev(t: Tree) -> Tree:
