@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 import hypergradients as hg
+from hypergradients import files
+from hypergradients.files import UnreadableFileError, load_checkpoint
 from hypergradients.hparams import WeightDecay
 from hypergradients.train import (
     CHECKPOINT,
     METRICS,
     NonFiniteError,
+    SkippedHyperStepsWarning,
     TensorBoardCallback,
     evaluate,
     fit,
@@ -114,7 +117,7 @@ def test_nonfinite_loss_stops_with_round_name_and_keeps_last_good_checkpoint(tmp
             checkpoint_every=2, callbacks=[_Corrupt(model, 3)], method=hg.CG(iters=5))
     assert ei.value.round == 4 and ei.value.name == "inner_loss"
     assert ei.value.checkpoint == tmp_path / CHECKPOINT
-    st = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    st = load_checkpoint(tmp_path / CHECKPOINT)
     assert st["round"] == 2 and all(bool(torch.isfinite(t).all()) for t in st["model"].values())
     assert len((tmp_path / METRICS).read_text().splitlines()) == 3
 
@@ -123,12 +126,12 @@ def test_nonfinite_weight_is_never_checkpointed(tmp_path: Path) -> None:
     train, val = _overfit_problem()
     model = nn.Linear(40, 2).to(DT)
     fit(model, [], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path, checkpoint_every=2)
-    good = torch.load(tmp_path / CHECKPOINT, weights_only=False)["model"]
+    good = load_checkpoint(tmp_path / CHECKPOINT)["model"]
     model2 = nn.Linear(40, 2).to(DT)
     with pytest.raises(NonFiniteError, match=r"round 2: 'weight' is not finite; not saving over"):
         fit(model2, [], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path, checkpoint_every=2,
             callbacks=[_Corrupt(model2, 2)])
-    kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)["model"]
+    kept = load_checkpoint(tmp_path / CHECKPOINT)["model"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
     # A fresh (not resumed) run in the same folder starts a fresh metrics file: 2 lines, not 2 + 2.
     assert len((tmp_path / METRICS).read_text().splitlines()) == 2
@@ -154,18 +157,108 @@ def test_nonfinite_hyperparameter_stops_the_run() -> None:
             hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=float("inf")))
 
 
-def test_solver_failure_is_skipped_or_raised() -> None:
-    """A Neumann series that diverges (α far above 2/λ_max) skips that hyper step, or raises if asked."""
+def test_solver_failure_is_damped_skipped_with_a_warning_or_raised() -> None:
+    """A Neumann series that diverges (α far above 2/λ_max): by default the hyper step is retried with
+    the safe α the error carries (recorded per round); "skip" leaves λ alone and warns with the count
+    and the reasons; "raise" raises."""
     train, val = _overfit_problem()
     model = nn.Linear(40, 2).to(DT)
     fam = WeightDecay(model, init=1e-3)
     before = fam.tensors()["weight_decay"].detach().clone()
-    res = fit(model, [fam], train, val, rounds=2, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4))
-    assert res.skipped_hyper_steps == 2 and "Neumann series diverged" in res.metrics[0]["skip_reason"]
+    with pytest.warns(SkippedHyperStepsWarning, match=r"2 of 2 hyper steps were skipped.*Neumann series "
+                                                      r"diverged: 2"):
+        res = fit(model, [fam], train, val, rounds=2, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4),
+                  on_solver_error="skip")
+    assert res.skipped_hyper_steps == 2 and res.hyper_steps == 0
+    assert "Neumann series diverged" in res.metrics[0]["skip_reason"]
+    assert res.skip_reasons == {"Neumann series diverged": 2}
     assert torch.equal(fam.tensors()["weight_decay"].detach(), before)   # λ untouched by a skipped step
+    res = fit(model, [fam], train, val, rounds=2, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4))
+    assert res.skipped_hyper_steps == 0 and res.hyper_steps == 2 and res.retried_hyper_steps == 2
+    for r in res.metrics:
+        assert r["solver_retry"] == "alpha" and 0 < r["solver_alpha"] < 1.0 and "skip_reason" not in r
+    assert not torch.equal(fam.tensors()["weight_decay"].detach(), before)
     with pytest.raises(hg.NeumannDivergenceError, match="Neumann series diverged"):
         fit(model, [fam], train, val, rounds=1, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4),
             on_solver_error="raise")
+
+
+def _nonconvex() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    train, val = _overfit_problem()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 16), nn.Tanh(), nn.Linear(16, 2)).to(DT), train, val
+
+
+def test_negative_curvature_is_damped_by_default() -> None:
+    """CG on a small tanh network far from a minimum meets negative curvature at every hyper step:
+    skipping all of them would leave the decay untuned; the default retries with growing damping."""
+    model, train, val = _nonconvex()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fam = WeightDecay(model, init=1e-3)
+    kw = dict(rounds=4, inner_steps=1, method=hg.CG(iters=20, tol=1e-8), batch_size=30)
+    with pytest.warns(SkippedHyperStepsWarning, match=r"4 of 4 hyper steps were skipped.*negative curvature"):
+        skipped = fit(model, [fam], train, val, on_solver_error="skip", **kw)  # type: ignore[arg-type]
+    assert skipped.skipped_hyper_steps == 4
+    model.load_state_dict(state)
+    fam = WeightDecay(model, init=1e-3)
+    res = fit(model, [fam], train, val, **kw)  # type: ignore[arg-type]
+    assert res.skipped_hyper_steps == 0 and res.hyper_steps == 4 and res.retried_hyper_steps == 4
+    for r in res.metrics:
+        assert r["solver_retry"] == "damping" and r["solver_damping"] > 0 and r["hypergrad_norm"] > 0
+    assert float(res.natural["weight_decay"]) != pytest.approx(1e-3, rel=1e-6)
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
+    """Every checkpoint loads with weights_only=True (no code can run), RNG states included."""
+    import random
+
+    import numpy as np
+
+    train, val = _overfit_problem()
+    model = nn.Linear(40, 2).to(DT)
+    random.random()
+    np.random.rand()  # noqa: NPY002 - the legacy global state is what the trainer saves
+    fit(model, [WeightDecay(model)], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path,
+        method=hg.CG(iters=5))
+    st = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert st["round"] == 2 and st["version"] == 2
+    py, npy = random.getstate(), np.random.get_state()  # noqa: NPY002
+    random.random()
+    np.random.rand()  # noqa: NPY002
+    from hypergradients.train import _set_rng_state
+
+    _set_rng_state(st["rng"])   # the states saved at the end are the ones after the run
+    assert random.getstate() == py
+    got = np.random.get_state()  # noqa: NPY002
+    assert got[0] == npy[0] and np.array_equal(got[1], npy[1]) and got[2:] == npy[2:]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_unreadable_checkpoint_names_the_file_and_deletes_nothing(damage: str, tmp_path: Path) -> None:
+    train, val = _overfit_problem()
+    model = nn.Linear(40, 2).to(DT)
+    fit(model, [], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path)
+    ck = tmp_path / CHECKPOINT
+    raw = ck.read_bytes()
+    ck.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": b"\x00garbage" * 50}[damage])
+    with pytest.raises(UnreadableFileError, match=rf"cannot read the checkpoint '{ck}': it is truncated, empty "
+                                                  r"or not a checkpoint .*delete it") as ei:
+        fit(model, [], train, val, rounds=3, inner_steps=1, checkpoint_dir=tmp_path, resume=True)
+    assert ei.value.path == ck and ck.exists()
+
+
+def test_stale_temp_checkpoints_are_removed_at_start(tmp_path: Path) -> None:
+    train, val = _overfit_problem()
+    stale = [tmp_path / ".checkpoint.pt.tmp-4242", tmp_path / ".checkpoint.pt.tmp-4242-abcd"]
+    for s in stale:
+        s.write_bytes(b"half")
+    fit(nn.Linear(40, 2).to(DT), [], train, val, rounds=1, inner_steps=1, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, METRICS]
+
+
+def test_one_atomic_writer() -> None:
+    # train.save_atomic stays importable (users and older tests use it) and is the shared helper.
+    assert save_atomic is files.save_atomic
 
 
 def test_bad_arguments_are_refused() -> None:
@@ -173,7 +266,7 @@ def test_bad_arguments_are_refused() -> None:
     model = nn.Linear(40, 2).to(DT)
     with pytest.raises(ValueError, match="inner_steps must be an integer >= 1, got 0"):
         fit(model, [], train, val, rounds=1, inner_steps=0)
-    with pytest.raises(ValueError, match="on_solver_error must be 'raise' or 'skip', got 'ignore'"):
+    with pytest.raises(ValueError, match="on_solver_error must be 'damp', 'skip' or 'raise', got 'ignore'"):
         fit(model, [], train, val, rounds=1, inner_steps=1, on_solver_error="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hyperparameter key 'weight_decay' is used by two families"):
         fit(model, [WeightDecay(model), WeightDecay(model)], train, val, rounds=1, inner_steps=1)
@@ -277,8 +370,8 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path: Path) -> None:
     assert killed.returncode == -signal.SIGKILL and not (run_dir / "final.pt").exists()
     _finish(ref, tmp_path, "ref-0.err")
     _finish(_worker(tmp_path, run_dir, True, 0.0), tmp_path, "run-1.err")
-    a = torch.load(ref_dir / "final.pt", weights_only=False)
-    b = torch.load(run_dir / "final.pt", weights_only=False)
+    a = torch.load(ref_dir / "final.pt", weights_only=True)
+    b = torch.load(run_dir / "final.pt", weights_only=True)
     assert a["resumed_from"] is None and b["resumed_from"] >= 4
     assert _strip(a["metrics"]) == _strip(b["metrics"])   # exact float equality, every round
     for k in a["model"]:

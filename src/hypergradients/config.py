@@ -37,7 +37,9 @@ class Option:
 
     ``kind`` is ``int``, ``float``, ``str``, ``bool`` or ``list`` (of ``str`` or ``int`` per
     ``item``); ``choices`` restricts values (or list items); ``low``/``high`` bound numbers
-    (inclusive); ``auto=True`` also accepts the string ``"auto"`` for a number.
+    (inclusive); ``auto=True`` also accepts the string ``"auto"`` for a number. ``nonempty`` refuses
+    an empty list; ``unique`` refuses a list with repeated items (a list of arms to run, not one of
+    layer sizes, where ``[128, 128]`` is valid); ``positive`` refuses numbers ``<= 0``.
     """
 
     default: Any
@@ -49,14 +51,17 @@ class Option:
     item: type = str
     auto: bool = False
     nonempty: bool = False
+    unique: bool = False
     positive: bool = False
 
     def describe(self) -> str:
         """What the option accepts, in words (used in error messages and ``hypergradients list``)."""
         if self.kind is list:
-            what = f"a list of {self.item.__name__}"
+            what = f"a list of {'distinct ' if self.unique else ''}{self.item.__name__}"
             if self.choices:
                 what += f" from {{{', '.join(map(str, self.choices))}}}"
+            if self.low is not None:
+                what += f", each >= {self.low:g}"
             return what
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
@@ -88,7 +93,7 @@ class Option:
                 if wrong or (self.choices and v not in self.choices) or \
                         (isinstance(v, int) and self.low is not None and v < self.low):
                     raise bad(f" (item {v!r})")
-            if len(set(map(repr, value))) != len(value):
+            if self.unique and len(set(map(repr, value))) != len(value):
                 raise bad(" (repeated items)")
             return list(value)
         if self.kind is bool:

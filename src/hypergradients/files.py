@@ -32,11 +32,16 @@ _TMP_MARK = ".tmp-"
 
 
 class UnreadableFileError(RuntimeError):
-    """A file the library wrote cannot be read back (truncated, empty, garbage or refused)."""
+    """A file the library wrote cannot be read back (truncated, empty, garbage or refused).
 
-    def __init__(self, message: str, *, path: Path) -> None:
+    ``path`` is the file; ``why`` the reason alone (without the advice), for callers that rephrase
+    the advice, e.g. to name the part of a run that the file belongs to.
+    """
+
+    def __init__(self, message: str, *, path: Path, why: str = "") -> None:
         super().__init__(message)
         self.path = path
+        self.why = why or message
 
 
 class OutputPathError(ValueError):
@@ -102,12 +107,28 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint",
     """
     p = Path(path)
     try:
+        if p.is_file() and not zipfile.is_zipfile(p):
+            # torch.save writes a zip archive; anything else (empty, cut before the archive's directory,
+            # garbage) would reach torch's legacy pickle reader and fail with a misleading message.
+            raise EOFError("not a zip archive (a complete torch.save file is one)")
         return torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        why = "it does not exist"
     except pickle.UnpicklingError as e:   # weights_only refused a global: a crafted or foreign file
-        why = f"it holds objects other than tensors and plain values, refused for safety ({_first_line(e)})"
+        why = f"it holds objects other than tensors and plain values, refused for safety ({_refused(e)})"
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         why = f"it is truncated, empty or not a checkpoint ({type(e).__name__}: {_first_line(e)})"
-    raise UnreadableFileError(f"cannot read the {what} {str(p)!r}: {why}. To continue: {fix}.", path=p)
+    raise UnreadableFileError(f"cannot read the {what} {str(p)!r}: {why}. To continue: {fix}.", path=p,
+                              why=why)
+
+
+def _refused(e: BaseException) -> str:
+    # torch's message starts with advice to load the file with weights_only=False, the very thing that
+    # would run a crafted file's code: quote only the line that names what was refused.
+    for line in str(e).splitlines():
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line.strip()[:200]
+    return type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:
