@@ -13,6 +13,7 @@ Newton solve to gradient norm ~1e-14), hyperparameters, and a reference hypergra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -230,3 +231,61 @@ def lambda_max(prob: Problem) -> float:
 
 
 ALL = {"ridge": ridge, "logistic": logistic, "mlp": mlp}
+
+
+def conditioned_logistic(kappa: float, seed: int = 0, d: int = 60, n: int = 150, n_val: int = 100) -> Problem:
+    """Binary logistic regression with one L2 per weight whose Hessian at ``w*`` has condition ``≈ kappa``.
+
+    Feature scales fall geometrically from 1 to 1e-2, so the data term alone is badly
+    conditioned; a common L2 strength ``μ`` (times ``e^{0.3 z}``, ``z ~ N(0, 1)`` per weight) sets
+    ``λ_min(H)``, and ``μ`` is rescaled until ``cond(H)`` is within 1 % of ``kappa`` (``w*`` by
+    Newton in closed form each time). Reference: the dense IFT solve.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, d, dtype=DT)
+    X = torch.randn(n + n_val, d, generator=gen, dtype=DT) * scales
+    w_true = torch.randn(d, generator=gen, dtype=DT) * 3 / math.sqrt(d) / scales.clamp(min=0.3)
+    y = (torch.rand(n + n_val, generator=gen, dtype=DT) < torch.sigmoid(X @ w_true)).to(DT)
+    Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
+    z = 0.3 * torch.randn(d, generator=gen, dtype=DT)
+
+    def hessian(w: Tensor, lam: Tensor) -> Tensor:
+        s = torch.sigmoid(Xt @ w)
+        return (Xt * (s * (1 - s))[:, None]).T @ Xt / n + torch.diag(lam)
+
+    log_mu = 0.0
+    for _ in range(20):
+        lam = torch.exp(log_mu + z)
+        w = torch.zeros(d, dtype=DT)
+        for _ in range(100):  # Newton from 0: quadratic convergence, ~10 steps
+            g = Xt.T @ (torch.sigmoid(Xt @ w) - yt) / n + lam * w
+            if float(g.norm()) <= 1e-13:
+                break
+            w = w - torch.linalg.solve(hessian(w, lam), g)
+        ev = torch.linalg.eigvalsh(hessian(w, lam))
+        ratio = float(ev[-1] / ev[0]) / kappa
+        if abs(math.log(ratio)) < 0.01:
+            break
+        log_mu += math.log(ratio)  # μ ≈ λ_min: scale it by the miss
+    hp = {"log_l2": log_mu + z}
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(Xt @ p["w"], yt)
+        return bce + 0.5 * torch.sum(torch.exp(h["log_l2"]) * p["w"] ** 2)
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(Xv @ p["w"], yv)
+
+    return _finish(f"logistic-cond{kappa:g}", inner, outer, {"w": w}, hp, quadratic=False)
+
+
+def low_rank_plus_floor(n: int = 40, r: int = 5, floor: float = 2.0, seed: int = 0) -> Problem:
+    """``L_T = ½wᵀHw − wᵀBλ`` with ``H = Q diag(s) Qᵀ + floor·I`` exactly (``Q`` n×r orthonormal,
+    ``s`` from 1 to 1e3): weight decay ``floor`` on a rank-r data term; ``L_V = ½‖w − t‖²``."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=DT))
+    A = Q @ torch.diag(torch.logspace(0, 3, r, dtype=DT)) @ Q.T + floor * torch.eye(n, dtype=DT)
+    A = 0.5 * (A + A.T)
+    B = torch.randn(n, 3, generator=gen, dtype=DT)
+    t = torch.randn(n, generator=gen, dtype=DT)
+    return spd_quadratic(A, B, t, torch.randn(3, generator=gen, dtype=DT))

@@ -15,6 +15,7 @@ import torch
 import hypergradients as hg
 import problems as P
 from hypergradients import tree
+from hypergradients.derivatives import InnerDerivatives
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
@@ -200,6 +201,52 @@ def test_info_fields(logistic: P.Problem) -> None:
     assert info.outer_loss == pytest.approx(float(logistic.outer_loss(logistic.params, logistic.hparams)))
     _, info2 = hg_of(logistic, hg.Neumann(iters=4, alpha=0.1), residual=False)
     assert info2.residual is None and info2.hvps == 3
+
+
+@pytest.fixture
+def hvp_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every Hessian-vector product, batched ones column by column, whatever Info says."""
+    count = [0]
+    hvp, batched = InnerDerivatives.hvp, InnerDerivatives.hvp_batched
+
+    def counting_hvp(self: InnerDerivatives, v: dict) -> dict:
+        count[0] += 1
+        return hvp(self, v)
+
+    def counting_batched(self: InnerDerivatives, vs: dict) -> dict:
+        before = count[0]
+        out = batched(self, vs)
+        if count[0] == before:  # the vmapped path: no column went through hvp, count them here
+            count[0] += next(iter(vs.values())).shape[0]
+        return out
+
+    monkeypatch.setattr(InnerDerivatives, "hvp", counting_hvp)
+    monkeypatch.setattr(InnerDerivatives, "hvp_batched", counting_batched)
+    return count
+
+
+@pytest.mark.parametrize(("method", "plain", "with_residual"), [
+    (hg.Identity(), 0, 1),
+    (hg.Neumann(iters=20, alpha=0.1), 19, 20),
+    (hg.Nystrom(rank=4), 4, 5),
+    (hg.CG(iters=5, tol=0.0), 5, 5),  # CG's residual is a by-product: never an extra HVP
+], ids=["identity", "neumann", "nystrom", "cg"])
+def test_residual_costs_an_hvp_only_when_someone_sees_it(logistic: P.Problem, hvp_counter: list[int],
+                                                         method: hg.Method, plain: int,
+                                                         with_residual: int) -> None:
+    def run(**kw: object) -> object:
+        hvp_counter[0] = 0
+        return hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params,  # type: ignore[call-overload]
+                                logistic.hparams, method=method, **kw)
+
+    run()  # return_info=False: the residual would be thrown away, so it is not computed
+    assert hvp_counter[0] == plain
+    _, info = run(return_info=True)  # type: ignore[misc]
+    assert hvp_counter[0] == info.hvps == with_residual and info.residual is not None
+    _, info = run(return_info=True, residual=False)  # type: ignore[misc]
+    assert hvp_counter[0] == info.hvps == plain
+    run(residual=True)  # forced, even if unseen
+    assert hvp_counter[0] == with_residual
 
 
 # ------------------------------------------------------------------ Auto and warm starts (issue 5)

@@ -19,7 +19,7 @@ Each solver takes ``matvec(x) = H x`` on trees (``dict[str, Tensor]``) and the r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -129,18 +129,50 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
     return Solve(p, iters, hvps, res, None, {"alpha": alpha})
 
 
-def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10, damping: float = 0.0,
-       x0: Mapping[str, Tensor] | None = None) -> Solve:
-    """Conjugate gradient on ``(H + δI) p = v``, at most ``iters`` HVPs.
+def ritz_extremes(alphas: Sequence[float], betas: Sequence[float]) -> tuple[float, float]:
+    """Smallest and largest eigenvalue of CG's Lanczos tridiagonal ``T_k`` (Golub & Van Loan §11.3).
 
-    Stops when ``‖r‖ ≤ tol·‖v‖`` (the recursively updated residual, so the check is free).
+    After k CG steps with step sizes ``α_j`` and ratios ``β_j = ‖r_{j+1}‖²/‖r_j‖²``,
+    ``T_k[j, j] = 1/α_j + β_{j−1}/α_{j−1}`` and ``T_k[j, j+1] = √β_j/α_j``; its eigenvalues (Ritz
+    values) lie in ``[λ_min, λ_max]`` of the operator and approach the extremes first: ``θ_max``
+    from below, ``θ_min`` from above. A k×k eigenvalue problem, no HVP.
+    """
+    k = len(alphas)
+    a = torch.tensor(alphas, dtype=torch.float64)
+    b = torch.tensor(betas[:k], dtype=torch.float64)
+    diag = 1.0 / a
+    diag[1:] += b[:-1] / a[:-1]
+    off = torch.sqrt(b[:-1]) / a[:-1]
+    T = torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1)
+    th = torch.linalg.eigvalsh(T)
+    return float(th[0]), float(th[-1])
+
+
+def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10, damping: float = 0.0,
+       x0: Mapping[str, Tensor] | None = None, error_tol: float | None = None,
+       lambda_min: float | None = None) -> Solve:
+    """Conjugate gradient on ``A p = v``, ``A = H + δI``, at most ``iters`` HVPs.
+
+    Stops when ``‖r‖ ≤ tol·‖v‖`` (the recursively updated residual, so the check is free) and,
+    with ``error_tol`` given, also ``‖r‖ ≤ error_tol·θ_min·‖p‖``. Since ``p − A⁻¹v = −A⁻¹r``, the
+    relative error ``‖p − A⁻¹v‖/‖p‖`` is at most ``‖r‖/(λ_min(A)‖p‖)``; ``θ_min`` is the smallest
+    Ritz value (:func:`ritz_extremes`), or the smaller ``lambda_min`` passed in (an estimate kept
+    from a previous solve with a nearby operator). ``θ_min ≥ λ_min``, so it is an estimate, not a
+    bound, but a good one once CG has run long enough to meet the residual rule: the
+    residual rule alone allows an error up to ``cond(A)·tol``. The Ritz extremes, ``θ_min`` and
+    ``θ_max`` of ``A``, are reported as ``extra["lambda_min"]``/``["lambda_max"]`` and the estimate
+    as ``extra["error_estimate"]`` whenever ``error_tol`` is given.
+
     ``x0`` warm-starts (one extra HVP for the initial residual). A direction with
-    ``dᵀ(H + δI)d ≤ 0`` raises :class:`NegativeCurvatureError`: CG's answer would be meaningless.
+    ``dᵀ(H + δI)d ≤ 0`` raises :class:`NegativeCurvatureError` (no ``p`` is returned): CG's
+    answer would be meaningless.
     """
     if iters < 0:
         raise HypergradientError(f"CG needs iters >= 0, got {iters}")
     if tol < 0:
         raise HypergradientError(f"CG needs tol >= 0, got {tol}")
+    if error_tol is not None and not error_tol > 0:
+        raise HypergradientError(f"CG needs error_tol > 0 (or None), got {error_tol}")
 
     def A(x: Tree) -> Tree:
         hx = matvec(x)
@@ -159,8 +191,29 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
         return Solve(tree.zeros_like(v), 0, hvps, 0.0, True)
     d: Tree = {k: t.clone() for k, t in r.items()}
     rs = float(tree.dot(r, r))
+    alphas: list[float] = []
+    betas: list[float] = []
+    extra: dict[str, float] = {"damping": damping}
+
+    def error_met() -> bool:
+        # Only evaluated once the residual rule holds: a k×k eigenproblem and a norm, no HVP.
+        lo = lambda_min
+        if alphas:
+            t_lo, t_hi = ritz_extremes(alphas, betas)
+            lo = t_lo if lo is None else min(lo, t_lo)
+            extra["lambda_max"] = t_hi
+        if lo is None or not lo > 0:
+            return False
+        extra["lambda_min"] = lo
+        extra["error_estimate"] = _rel(math.sqrt(rs), lo * float(tree.norm(x)))
+        return extra["error_estimate"] <= error_tol  # type: ignore[operator]
+
     it = 0
-    while it < iters and math.sqrt(rs) > tol * vn:
+    met = False
+    while True:
+        met = math.sqrt(rs) <= tol * vn and (error_tol is None or error_met())
+        if met or it >= iters:
+            break
         ad = A(d)
         hvps += 1
         curv = float(tree.dot(d, ad))
@@ -178,12 +231,17 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
             r[k].add_(ad[k], alpha=-a)
         rs_new = float(tree.dot(r, r))
         beta = rs_new / rs
+        if error_tol is not None:
+            alphas.append(a)
+            betas.append(beta)
         for k in d:  # d ← r + β d, in place (d is private)
             d[k].mul_(beta).add_(r[k])
         rs = rs_new
         it += 1
+    if error_tol is not None and "error_estimate" not in extra:
+        error_met()  # out of iterations before the residual rule held: report the estimates anyway
     res = math.sqrt(rs) / vn
-    return Solve(x, it, hvps, res, res <= tol, {"damping": damping})
+    return Solve(x, it, hvps, res, met, extra)
 
 
 def _check_dense_size(n: int, max_size: int, what: str) -> None:

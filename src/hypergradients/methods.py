@@ -202,26 +202,44 @@ class Forward:
 
 @dataclass(frozen=True)
 class Auto:
-    """Let the library choose: conjugate gradient to a relative residual ``tol``, warm-started.
+    """Let the library choose: conjugate gradient until ``p`` is accurate, warm-started.
 
     CG is the fastest implicit solver per unit of accuracy on SPD Hessians (it is optimal over
-    the Krylov space that Neumann also searches), and unlike Neumann needs no step size. The
-    default ``tol=1e-2`` (relative residual ``‖Hp − v‖/‖v‖``) is what a hyper step needs: on the
-    d=1000 logistic benchmark it stops after 10 HVPs at cosine > 0.9999 with the exact
-    hypergradient (``docs/benchmarks.md``); pass a smaller ``tol`` for reference values. With a
-    :class:`SolverState` it starts from the previous solution, which after a small hyper step
-    usually meets ``tol`` in 2–4 HVPs. If CG meets negative curvature (weights not at a
-    minimum), it is rerun on ``H + δI`` with ``δ`` grown from ``2|dᵀHd|/dᵀd`` (the curvature
-    found) until CG runs through, reported as ``info.extra["damping"]``: a Levenberg-style answer
-    instead of an error.
+    the Krylov space that Neumann also searches), and unlike Neumann needs no step size. It stops
+    when both
+
+    * the relative residual ``‖Hp − v‖/‖v‖ ≤ tol`` (default 1e-2), and
+    * the estimated relative error ``‖r‖/(θ_min‖p‖) ≤ error_tol`` (default 1e-2), where ``θ_min``
+      is the smallest Ritz value of CG's own Lanczos tridiagonal (free: scalars CG computes
+      anyway; see :func:`hypergradients.linear.cg`).
+
+    The second rule is what keeps the default's promise, cosine ≥ 0.999 with the exact
+    hypergradient, on ill-conditioned Hessians: since ``p − H⁻¹v = −H⁻¹r``, a residual of ``tol``
+    allows a relative error up to ``cond(H)·tol``, and at ``cond(H) ≈ 1e3`` the residual rule
+    alone gives cosines down to 0.997 (``docs/benchmarks.md``, ``benchmarks/auto_tolerance.py``).
+    On well-conditioned problems the first rule binds and nothing changes. ``error_tol=None``
+    drops the second rule (CG to relative residual ``tol`` only); pass a smaller ``tol`` for
+    reference values. With a :class:`SolverState` it starts from the previous solution, which
+    after a small hyper step usually meets both rules in a few HVPs, and keeps the Ritz extremes
+    (``θ_min`` from a warm start's short run alone would be too large). If CG meets negative
+    curvature (weights not at a minimum), it is rerun on ``H + δI`` with ``δ`` grown from
+    ``2|dᵀHd|/dᵀd`` (the curvature found) until CG runs through, reported as
+    ``info.extra["damping"]``: a Levenberg-style answer instead of an error.
+    ``info.extra`` also has ``lambda_min``/``lambda_max`` (the Ritz extremes of ``H + δI``) and
+    ``error_estimate``.
     """
 
     tol: float = 1e-2
     max_iters: int = 200
+    error_tol: float | None = 1e-2
 
     def __post_init__(self) -> None:
         _nonneg_float("Auto.tol", self.tol)
         _positive_int("Auto.max_iters", self.max_iters)
+        if self.error_tol is not None and (isinstance(self.error_tol, bool) or not isinstance(
+                self.error_tol, (int, float)) or not (self.error_tol > 0 and math.isfinite(self.error_tol))):
+            raise HypergradientError(f"Auto.error_tol must be a finite number > 0 or None, "
+                                     f"got {self.error_tol!r}")
 
 
 @dataclass
@@ -229,11 +247,15 @@ class SolverState:
     """Carried between consecutive :func:`hypergradient` calls (``state=``) to warm-start the solve.
 
     ``p`` is the last ``H⁻¹ ∂L_V/∂w``; ``calls`` counts the calls that used this state. A ``p``
-    whose keys or shapes do not match the new weights is ignored (a cold start).
+    whose keys or shapes do not match the new weights is ignored (a cold start). ``lambda_min``
+    and ``lambda_max`` are the extreme Ritz values of ``H`` seen by :class:`Auto` so far (the
+    smallest and the largest): the curvature estimate behind its error rule.
     """
 
     p: Tree | None = None
     calls: int = 0
+    lambda_min: float | None = None
+    lambda_max: float | None = None
 
     def warm(self, like: Mapping[str, Tensor]) -> Tree | None:
         p = self.p
@@ -253,8 +275,8 @@ PATH_METHODS = (Unrolled, Forward)
 class Info:
     """What a hypergradient cost and how good it is.
 
-    ``residual`` is ``‖Hp − v‖/‖v‖`` for the implicit methods when computed (at most one extra
-    HVP); ``converged`` whether the solver met its tolerance (``None`` for fixed-budget methods);
+    ``residual`` is ``‖Hp − v‖/‖v‖`` for the implicit methods when computed (by default whenever
+    the Info is returned; at most one extra HVP, see ``hypergradient(residual=)``); ``converged`` whether the solver met its tolerance (``None`` for fixed-budget methods);
     ``final_params`` the weights after the unrolled steps (``Unrolled`` only); ``direct`` the
     term ``∂L_V/∂λ``; ``extra`` method facts such as the ``alpha`` and ``lambda_max`` used.
     """
@@ -316,9 +338,15 @@ def _report_unused(hparams: Mapping[str, Tensor], used: set[str], method: Method
                   f"zero.{hint}", UnusedHyperparameterWarning, stacklevel=3)
 
 
-def _auto(method: Auto, mv: linear.MatVec, v: Tree, x0: Tree | None) -> linear.Solve:
+def _auto(method: Auto, mv: linear.MatVec, v: Tree, x0: Tree | None,
+          lambda_min: float | None) -> linear.Solve:
+    def run(damping: float, start: Tree | None) -> linear.Solve:
+        hint = None if lambda_min is None else lambda_min + damping
+        return linear.cg(mv, v, iters=method.max_iters, tol=method.tol, damping=damping, x0=start,
+                         error_tol=method.error_tol, lambda_min=hint)
+
     try:
-        return linear.cg(mv, v, iters=method.max_iters, tol=method.tol, x0=x0)
+        return run(0.0, x0)
     except NegativeCurvatureError as e:
         curv = e.curvature
     # Rayleigh quotients under-estimate |λ_min|: grow δ until CG runs through (at most 40 doublings).
@@ -326,7 +354,7 @@ def _auto(method: Auto, mv: linear.MatVec, v: Tree, x0: Tree | None) -> linear.S
     for _ in range(40):
         damping = 2.0 * (damping + abs(curv)) or 1e-8
         try:
-            s = linear.cg(mv, v, iters=method.max_iters, tol=method.tol, damping=damping)
+            s = run(damping, None)
         except NegativeCurvatureError as e:
             curv = e.curvature
             continue
@@ -337,14 +365,14 @@ def _auto(method: Auto, mv: linear.MatVec, v: Tree, x0: Tree | None) -> linear.S
 
 
 def _solve(method: Method, D: InnerDerivatives, v: Tree, *, residual: bool,
-           x0: Tree | None = None) -> linear.Solve:
+           x0: Tree | None = None, lambda_min: float | None = None) -> linear.Solve:
     mv = D.hvp
     if isinstance(method, Exact):
         return linear.exact(D.hvp_batched, v, damping=method.damping, max_size=method.max_size)
     if isinstance(method, CG):
         return linear.cg(mv, v, iters=method.iters, tol=method.tol, damping=method.damping, x0=x0)
     if isinstance(method, Auto):
-        return _auto(method, mv, v, x0)
+        return _auto(method, mv, v, x0, lambda_min)
     if isinstance(method, Neumann):
         extra: dict[str, float] = {}
         alpha = method.alpha
@@ -370,6 +398,16 @@ def _solve(method: Method, D: InnerDerivatives, v: Tree, *, residual: bool,
     raise HypergradientError(f"unknown method {method!r}; use one of {_METHOD_NAMES}")
 
 
+def _remember_curvature(state: SolverState, extra: Mapping[str, float]) -> None:
+    """Keep the extreme Ritz values of ``H`` (those of ``H + δI`` less ``δ``) across calls."""
+    if "lambda_min" not in extra:
+        return
+    damping = extra.get("damping", 0.0)
+    lo, hi = extra["lambda_min"] - damping, extra.get("lambda_max", extra["lambda_min"]) - damping
+    state.lambda_min = lo if state.lambda_min is None else min(state.lambda_min, lo)
+    state.lambda_max = hi if state.lambda_max is None else max(state.lambda_max, hi)
+
+
 _METHOD_NAMES = "hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.Unrolled, hg.Forward"
 
 
@@ -391,20 +429,20 @@ def _path_used(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tens
 @overload
 def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
                   hparams: Mapping[str, Tensor], *, method: Method | None = ...,
-                  return_info: Literal[False] = ..., residual: bool = ...,
+                  return_info: Literal[False] = ..., residual: bool | None = ...,
                   hvp_mode: HvpMode = ..., state: SolverState | None = ...) -> Tree: ...
 
 
 @overload
 def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
                   hparams: Mapping[str, Tensor], *, method: Method | None = ...,
-                  return_info: Literal[True], residual: bool = ...,
+                  return_info: Literal[True], residual: bool | None = ...,
                   hvp_mode: HvpMode = ..., state: SolverState | None = ...) -> tuple[Tree, Info]: ...
 
 
 def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
                   hparams: Mapping[str, Tensor], *, method: Method | None = None,
-                  return_info: bool = False, residual: bool = True,
+                  return_info: bool = False, residual: bool | None = None,
                   hvp_mode: HvpMode = "reverse",
                   state: SolverState | None = None) -> Tree | tuple[Tree, Info]:
     """The hypergradient ``dL_V/dλ`` at weights ``params`` and hyperparameters ``hparams``.
@@ -418,8 +456,11 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
         method: :class:`Exact`, :class:`CG` (default ``CG()``), :class:`Neumann`,
             :class:`Identity`, :class:`Nystrom`, :class:`Auto`, :class:`Unrolled` or :class:`Forward`.
         return_info: also return an :class:`Info`.
-        residual: spend (at most) one extra HVP to report ``‖Hp − v‖/‖v‖`` (implicit methods;
-            CG reports it for free).
+        residual: whether to report ``‖Hp − v‖/‖v‖`` in ``info.residual`` (implicit methods).
+            ``None`` (default): only when ``return_info=True``, since nobody else sees it;
+            ``True``: always; ``False``: never. It costs one extra HVP for Neumann, Identity and
+            Nyström, none for CG, Auto and Exact (their solvers have it anyway). So with
+            ``return_info=False`` ``Identity`` spends 0 HVPs and ``Neumann(iters=K)`` ``K−1``.
         hvp_mode: ``"reverse"`` (double-backward through a gradient graph built once) or
             ``"forward"`` (forward-over-reverse with ``torch.func``).
         state: a :class:`SolverState` shared by consecutive calls: :class:`CG` and :class:`Auto`
@@ -471,13 +512,16 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
         direct = tree.as_tree(raw_all[len(w):], lam)
         direct_used = {k for k, gk in zip(lam, raw_all[len(w):], strict=True) if gk is not None}
         D = InnerDerivatives(inner_loss, w, lam, hvp_mode=hvp_mode)
+        want_residual = return_info if residual is None else bool(residual)
         x0 = state.warm(v) if state is not None and isinstance(method, (CG, Auto)) else None
-        solve = _solve(method, D, v, residual=residual, x0=x0)
+        hint = state.lambda_min if state is not None and x0 is not None else None
+        solve = _solve(method, D, v, residual=want_residual, x0=x0, lambda_min=hint)
         if x0 is not None:
             solve.extra["warm_start"] = 1.0
         if state is not None:
             state.p = tree.detach(solve.p)
             state.calls += 1
+            _remember_curvature(state, solve.extra)
         indirect, inner_used = D.mixed_vjp(solve.p)
         _report_unused(hparams, direct_used | inner_used, method)
         g = tree.sub(direct, indirect)
