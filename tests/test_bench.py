@@ -129,7 +129,7 @@ def test_ratios_pair_ours_with_the_plain_loop() -> None:
     assert "time logistic/neumann" not in got  # no pair, no ratio
 
 
-def test_command_prints_table_and_json(small: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+def test_command_prints_table_and_json(small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     # The suite itself runs in-process here (subprocess start-up is covered above).
     seen: list[bench.Suite] = []
@@ -140,13 +140,18 @@ def test_command_prints_table_and_json(small: dict[str, Path], monkeypatch: pyte
                                 "repeats": 1, "threads": 1, "iters": suite.iters}) for c in ("plain-cg", "cg")]
 
     monkeypatch.setattr(bench, "run_suite", fake_suite)
-    assert cli.main(["bench", "--quick", "--quiet", "--iters", "4"]) == 0
+    assert cli.main(["bench", "--smoke", "--iters", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "plain-cg" in out and "time logistic/cg" in out
-    assert seen[0].iters == 4 and seen[0].d == 50  # --quick sizes, --iters honoured
-    assert cli.main(["bench", "--quick", "--quiet", "--json"]) == 0
+    assert seen[0].iters == 4 and seen[0].d == 50  # --smoke sizes, --iters honoured
+    assert cli.main(["bench", "--smoke", "--quiet", "--json", "--out", str(tmp_path)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {r["case"] for r in data["results"]} == {"plain-cg", "cg"} and "time logistic/cg" in data["ratios"]
+    # the old name of --smoke still works (hidden, with a note on stderr)
+    assert cli.main(["bench", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert seen[-1].d == 50 and captured.out == f"{tmp_path / 'bench.json'}\n"
+    assert "--quick is deprecated; use --smoke" in captured.err
 
 
 def test_command_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -144,7 +144,7 @@ def test_method_subset_and_config_errors(diabetes: AP.BilevelProblem) -> None:
 def test_command_writes_table_json_and_png(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
     rc = cli_main(["compare", "--problems", "diabetes", "--budgets", "0,1,3,11", "--out", str(out), "--quiet"])
-    assert rc == 0 and capsys.readouterr().out == ""
+    assert rc == 0 and capsys.readouterr().out == f"{out / 'compare.json'}\n"   # --quiet: the path only
     d = json.loads((out / "compare.json").read_text())
     curves = d["problems"][0]["curves"]
     assert sorted(curves) == ["CG", "Identity", "Neumann", "Nystrom", "Unrolled"]

@@ -277,7 +277,7 @@ def test_command_writes_json_and_figures(tmp_path, capsys: pytest.CaptureFixture
 def test_command_prints_an_account(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
                    "--out", str(tmp_path), "--no-figures", "--quiet"])
-    assert rc == 0 and capsys.readouterr().out == ""  # --quiet: nothing on stdout
+    assert rc == 0 and capsys.readouterr().out == f"{tmp_path / 'explain.json'}\n"  # --quiet: the path only
     rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
                    "--out", str(tmp_path), "--no-figures"])
     text = capsys.readouterr().out
@@ -300,5 +300,8 @@ def test_command_restores_threads_and_reports_unwritable_out(tmp_path, capsys: p
     blocker.write_text("not a folder")
     rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1",
                    "--out", str(blocker / "sub"), "--quiet", "--no-figures", "--threads", "1"])
-    assert rc == 1 and "cannot write into --out" in capsys.readouterr().err
-    assert torch.get_num_threads() == before
+    # refused before any work (exit 2, a usage error), naming the file that is in the way
+    assert rc == 2 and f"{str(blocker)!r} is a file" in capsys.readouterr().err
+    rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1",
+                   "--out", str(tmp_path / "ok"), "--quiet", "--no-figures", "--threads", "1"])
+    assert rc == 0 and torch.get_num_threads() == before

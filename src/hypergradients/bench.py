@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,7 +380,7 @@ class Suite:
 
 
 def run_suite(suite: Suite, *, workdir: str | None = None,
-              progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> list[Result]:
+              progress: Callable[[Sequence[Any]], Iterable[Any]] | None = None) -> list[Result]:
     """Build the problems once, then every case of ``suite`` in its own subprocess."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         lp = Path(tmp) / "logistic.pt"

@@ -1,20 +1,16 @@
-"""Small helpers shared by the ``explain`` and ``compare`` commands (argument parsing, output)."""
+"""Small helpers shared by the ``explain``, ``compare`` and ``bench`` commands (arguments, output).
+
+Kept free of torch at import time: ``hypergradients --help`` builds every sub-command's parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
-from tqdm import tqdm
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -40,12 +36,40 @@ def str_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def add_common(parser: argparse.ArgumentParser, *, default_out: str) -> None:
+class _DeprecatedSmoke(argparse.Action):
+    """``--quick``: the old name of ``--smoke``, hidden from ``--help``, kept so old scripts run."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use --smoke (the same settings)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
+def add_smoke(parser: argparse.ArgumentParser, *, help: str) -> None:
+    """``--smoke`` (the project's name for the tiny configuration, as in ``run --smoke``) and ``--quick``."""
+    parser.add_argument("--smoke", action="store_true", help=help)
+    parser.add_argument("--quick", dest="smoke", action=_DeprecatedSmoke)
+
+
+def add_out(parser: argparse.ArgumentParser, *, default_out: str, what: str) -> None:
     parser.add_argument("--out", metavar="DIR", default=default_out,
-                        help=f"folder for the JSON, table and PNG figures (default: {default_out})")
-    parser.add_argument("--quick", action="store_true", help="small settings (seconds; what the tests run)")
-    parser.add_argument("--json", action="store_true", help="print the JSON summary on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no account on stdout")
+                        help=f"folder for {what} (default: {default_out}); checked before any work")
+
+
+def add_quiet_json(parser: argparse.ArgumentParser, *, result: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {result}'s content on stdout")
+    parser.add_argument("--quiet", action="store_true",
+                        help=f"no progress display and no account: stdout gets only the path of {result}")
+
+
+def add_common(parser: argparse.ArgumentParser, *, default_out: str, result: str) -> None:
+    add_out(parser, default_out=default_out, what="the JSON, table and PNG figures")
+    add_smoke(parser, help="small settings (seconds; what the tests run)")
+    add_quiet_json(parser, result=result)
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--seed", type=int, default=0, help="data split and weight-decay draw (default 0)")
     parser.add_argument("--threads", type=int, default=1,
@@ -53,9 +77,26 @@ def add_common(parser: argparse.ArgumentParser, *, default_out: str) -> None:
                              "from more, and extra threads only contend on a shared machine)")
 
 
+def check_out(command: str, out: str) -> Path | None:
+    """The ``--out`` folder if it can be written, else ``None`` after an error line on stderr.
+
+    Called before any work, so a bad path costs nothing (it used to fail only when writing, after
+    the whole computation).
+    """
+    from ..files import OutputPathError, check_output_dir
+
+    try:
+        return check_output_dir(out, option="--out")
+    except OutputPathError as e:
+        print(f"hypergradients {command}: error: {e}", file=sys.stderr)
+        return None
+
+
 @contextlib.contextmanager
 def threads(n: int) -> Iterator[None]:
     """Run with ``n`` torch intra-op threads, restoring the previous count (callers in-process, tests)."""
+    import torch
+
     if n < 1:
         raise ValueError(f"--threads must be >= 1, got {n}")
     before = torch.get_num_threads()
@@ -64,36 +105,3 @@ def threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def progress_bar(total: int, *, quiet: bool, desc: str) -> tqdm:
-    return tqdm(total=total, disable=quiet, file=sys.stderr, desc=desc, unit="step", leave=False)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no inf/nan: write them as strings rather than emit invalid JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(_finite(obj), indent=2, allow_nan=False)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically (temp file + rename), so an interrupted run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary output files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

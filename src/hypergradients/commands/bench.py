@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 DESCRIPTION = """\
@@ -18,25 +18,32 @@ a warm-up, peak extra memory and accuracy, for
   unrolled  reverse mode through K steps: plain loop, hg.Unrolled, hg.Unrolled(checkpoint=True)
 
 Each case runs in its own subprocess so its peak memory is its own. Ratios (ours / plain) come
-from the same run. The default takes about two minutes on 2 CPU cores; --quick takes seconds of
-compute (plus interpreter start-up per case).
+from the same run. The default takes about a minute on 2 idle CPU cores (longer on a busy
+machine); --smoke takes seconds of compute (plus interpreter start-up per case). Writes
+bench.json (settings, results, ratios) into --out.
 
 examples:
-  hypergradients bench --quick
+  hypergradients bench --smoke
+  hypergradients bench --steps 10,100,1000
   hypergradients bench --device cuda --json > bench.json
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny problems (a smoke test of the set-up)")
+    from ..analysis._cli import add_out, add_quiet_json, add_smoke, int_list
+
+    add_smoke(parser, help="tiny problems (a smoke test of the set-up; what the tests run)")
+    add_out(parser, default_out="runs/bench", what="bench.json")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per case (default 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; quick 2)")
-    parser.add_argument("--iters", type=int, default=None, help="CG iterations / Neumann terms (default 20)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="unrolled steps K, one or more (default 100)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per case (default 5; --smoke 2)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="CG iterations / Neumann terms (default 20; --smoke 5)")
+    # nargs="+" keeps the older space-separated form (--steps 10 100) working
+    parser.add_argument("--steps", type=int_list, nargs="+", default=None, metavar="K,K,...",
+                        help="unrolled steps K, comma-separated (default 100; --smoke 10)")
+    add_quiet_json(parser, result="bench.json")
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -70,6 +77,10 @@ def _table(results: list[Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     from hypergradients import bench
 
+    from ..analysis._cli import check_out
+    from ..files import json_dumps, write_atomic
+    from ..progress import Progress
+
     if args.device.startswith("cuda"):
         import torch
 
@@ -77,35 +88,48 @@ def main(args: argparse.Namespace) -> int:
             print(f"hypergradients bench: --device {args.device} asked for, but torch sees no CUDA device; "
                   "use --device cpu", file=sys.stderr)
             return 2
+    steps = tuple(k for group in args.steps for k in group) if args.steps else ()
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1) or \
-            (args.iters is not None and args.iters < 1) or (args.steps and min(args.steps) < 1):
+            (args.iters is not None and args.iters < 1) or (steps and min(steps) < 1):
         print("hypergradients bench: --threads, --repeats, --iters and --steps must be >= 1", file=sys.stderr)
+        return 2
+    out = check_out("bench", args.out)
+    if out is None:
         return 2
     kw: dict[str, Any] = {"threads": args.threads, "device": args.device}
     if args.repeats is not None:
         kw["repeats"] = args.repeats
     if args.iters is not None:
         kw["iters"] = args.iters
-    if args.steps:
-        kw["unrolled_steps"] = tuple(args.steps)
-    suite = bench.Suite.quick(**kw) if args.quick else bench.Suite(**kw)
+    if steps:
+        kw["unrolled_steps"] = steps
+    suite = bench.Suite.quick(**kw) if args.smoke else bench.Suite(**kw)
 
-    def progress(cases: Any) -> Any:
-        if args.quiet:
-            return cases
-        from tqdm import tqdm
-
-        return tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+    def progress(cases: Sequence[Any]) -> Iterator[Any]:
+        with Progress(len(cases), desc="bench", unit="case", enabled=not args.quiet) as bar:
+            for case in cases:
+                yield case
+                bar.update()
 
     results = bench.run_suite(suite, progress=progress)
     ratios = bench.ratios(results)
+    report = {"suite": bench.asdict(suite), "results": bench.as_json(results), "ratios": ratios}
+    main_file = out / "bench.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(main_file, json_dumps(report, indent=1) + "\n")
+    except OSError as e:   # checked before the work, but a disk can still fill up or a folder vanish
+        print(f"hypergradients bench: error: cannot write into --out {str(out)!r}: {e}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps({"suite": bench.asdict(suite), "results": bench.as_json(results), "ratios": ratios},
-                         indent=1))
+        print(json_dumps(report, indent=1))
+    elif args.quiet:
+        print(main_file)
     else:
         print(_table(results))
         if ratios:
             print("\nratios from this run (ours / plain autograd loop; < 1 is better):")
             for k, v in ratios.items():
                 print(f"  {k:45s} {v:6.3f}")
+        print(f"\nWrote {main_file}")
     return 0 if all(r.status == "ok" for r in results) else 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,13 +32,13 @@ and compare.png into --out.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..analysis._cli import add_common, int_list, str_list
 
-    add_common(parser, default_out="runs/compare")
+    add_common(parser, default_out="runs/compare", result="compare.json")
     parser.add_argument("--problems", type=str_list(PROBLEMS), metavar="P,P",
                         help="comma-separated, from diabetes, breast-cancer, digits "
-                             "(default diabetes,digits; --quick diabetes,breast-cancer)")
+                             "(default diabetes,digits; --smoke diabetes,breast-cancer)")
     parser.add_argument("--budgets", type=int_list, metavar="H,H,...",
                         help="HVP budgets (default 0,1,2,3,5,7,10,15,20,30,40,50,60,70,80,90,100; "
-                             "--quick 0,1,2,5,10,20)")
+                             "--smoke 0,1,2,5,10,20)")
     parser.add_argument("--methods", type=str_list(METHODS), metavar="M,M",
                         help=f"comma-separated subset of {','.join(METHODS)} (default all)")
 
@@ -51,41 +50,53 @@ def _config(args: argparse.Namespace) -> CompareConfig:
     for key in ("problems", "budgets", "methods"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
-    return CompareConfig.quick(**over) if args.quick else CompareConfig(**over)
+    return CompareConfig.quick(**over) if args.smoke else CompareConfig(**over)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis._cli import dumps, progress_bar, threads, write_text
+    from ..analysis._cli import check_out, threads
     from ..analysis.compare import compare
     from ..analysis.figures import compare_figure
     from ..errors import HypergradientError
+    from ..files import json_dumps, write_atomic
+    from ..progress import Progress
 
-    out = Path(args.out)
     try:
         cfg = _config(args)
         cfg.validate()
-        with threads(args.threads), progress_bar(cfg.cost(), quiet=args.quiet, desc="compare") as bar:
+    except (HypergradientError, ValueError) as e:
+        print(f"hypergradients compare: error: {e}", file=sys.stderr)
+        return 2
+    out = check_out("compare", args.out)
+    if out is None:
+        return 2
+    try:
+        with threads(args.threads), Progress(cfg.cost(), desc="compare", enabled=not args.quiet) as bar:
             result = compare(cfg, progress=bar.update)
     except (HypergradientError, ValueError) as e:
         print(f"hypergradients compare: error: {e}", file=sys.stderr)
         return 2
     summary = result.to_json()
     table = result.table()
+    main_file = out / "compare.json"
     try:
         figure = None if args.no_figures else compare_figure(result, out)
         summary["figures"] = [] if figure is None else [figure.name]
-        write_text(out / "compare.json", dumps(summary) + "\n")
-        write_text(out / "compare.md", table + "\n")
-    except OSError as e:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(main_file, json_dumps(summary, indent=2) + "\n")
+        write_atomic(out / "compare.md", table + "\n")
+    except OSError as e:   # checked before the work, but a disk can still fill up or a folder vanish
         print(f"hypergradients compare: error: cannot write into --out {str(out)!r}: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(dumps(summary))
-    elif not args.quiet:
+        print(json_dumps(summary, indent=2))
+    elif args.quiet:
+        print(main_file)
+    else:
         print("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
               "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
               "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
         print(table)
-        written = [out / "compare.json", out / "compare.md"] + ([] if figure is None else [figure])
+        written = [main_file, out / "compare.md"] + ([] if figure is None else [figure])
         print("Wrote " + ", ".join(str(p) for p in written))
     return 0

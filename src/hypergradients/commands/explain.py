@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,17 +31,18 @@ The derivation, step by step: docs/optimization-path.md.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..analysis._cli import add_common, int_list
 
-    add_common(parser, default_out="runs/explain")
+    add_common(parser, default_out="runs/explain", result="explain.json")
     parser.add_argument("--problem", choices=("breast-cancer", "digits"), default="breast-cancer",
                         help="bundled dataset (default breast-cancer: 30 features, binary)")
     parser.add_argument("--steps", type=int_list, metavar="K,K,...",
-                        help="K for the theorem check (default 1,3,10,30,100,300,1000; --quick 1,10,100)")
+                        help="K for the theorem check (default 1,3,10,30,100,300,1000; --smoke 1,10,100)")
     parser.add_argument("--cold-steps", type=int_list, metavar="K,K,...",
-                        help="K for cold-start and truncated unrolling (default 1,3,10,30,100,300,1000)")
+                        help="K for cold-start and truncated unrolling (default 1,3,10,30,100,300,1000; "
+                             "--smoke 1,10,100,300)")
     parser.add_argument("--truncate", type=int, metavar="T", help="steps differentiated by truncated "
                         "unrolling (default 10)")
     parser.add_argument("--lr-steps", type=int, metavar="K", help="unrolled steps for the learning-rate "
-                        "hypergradient (default 100; --quick 20)")
+                        "hypergradient (default 100; --smoke 20)")
     parser.add_argument("--alpha-scale", type=float, default=1.0, metavar="S",
                         help="step size α = S/λ_max(H), S in (0, 2) (default 1)")
 
@@ -55,7 +55,7 @@ def _config(args: argparse.Namespace) -> ExplainConfig:
                       ("lr_steps", "lr_steps")):
         if getattr(args, attr) is not None:
             over[key] = getattr(args, attr)
-    return ExplainConfig.quick(**over) if args.quick else ExplainConfig(**over)
+    return ExplainConfig.quick(**over) if args.smoke else ExplainConfig(**over)
 
 
 def account(summary: dict[str, Any]) -> str:
@@ -128,32 +128,44 @@ def account(summary: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis._cli import dumps, progress_bar, threads, write_text
+    from ..analysis._cli import check_out, threads
     from ..analysis.explain import explain
     from ..analysis.figures import explain_figures
     from ..errors import HypergradientError
+    from ..files import json_dumps, write_atomic
+    from ..progress import Progress
 
-    out = Path(args.out)
     try:
         cfg = _config(args)
         cfg.validate()
-        with threads(args.threads), progress_bar(cfg.cost(), quiet=args.quiet, desc="explain") as bar:
+    except (HypergradientError, ValueError) as e:
+        print(f"hypergradients explain: error: {e}", file=sys.stderr)
+        return 2
+    out = check_out("explain", args.out)
+    if out is None:
+        return 2
+    try:
+        with threads(args.threads), Progress(cfg.cost(), desc="explain", enabled=not args.quiet) as bar:
             result = explain(cfg, progress=bar.update)
     except (HypergradientError, ValueError) as e:
         print(f"hypergradients explain: error: {e}", file=sys.stderr)
         return 2
     summary = result.to_json()
+    main_file = out / "explain.json"
     try:
         figures = [] if args.no_figures else explain_figures(result, out)
         summary["figures"] = [f.name for f in figures]
-        write_text(out / "explain.json", dumps(summary) + "\n")
-    except OSError as e:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(main_file, json_dumps(summary, indent=2) + "\n")
+    except OSError as e:   # checked before the work, but a disk can still fill up or a folder vanish
         print(f"hypergradients explain: error: cannot write into --out {str(out)!r}: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(dumps(summary))
-    elif not args.quiet:
+        print(json_dumps(summary, indent=2))
+    elif args.quiet:
+        print(main_file)
+    else:
         print(account(summary))
-        print(f"\nWrote {out / 'explain.json'}" + "".join(f", {f}" for f in figures) +
+        print(f"\nWrote {main_file}" + "".join(f", {f}" for f in figures) +
               ".  Derivation: docs/optimization-path.md")
     return 0
