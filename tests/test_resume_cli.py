@@ -1,0 +1,172 @@
+"""``hypergradients run --resume`` on damaged or hostile run folders: a crafted checkpoint runs no
+code, a torn or truncated file is named with the choices (nothing deleted), a recomputable file is
+recomputed, the default configuration of every experiment resumes, and Ctrl-C prints the command
+that continues the run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hypergradients.cli import main
+from hypergradients.experiments import REGISTRY
+from hypergradients.experiments import weight_decay as wd
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
+SMOKE2 = ["--smoke", "--set", 'arms=["none","global"]', "--set", "train.rounds=2"]
+
+
+def _rows(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)["rows"]
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def _strip(lines: list[str]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in json.loads(s).items() if k != "time_s"} for s in lines]
+
+
+@pytest.fixture
+def finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path / "run"
+    assert main(["run", "weight-decay", *SMOKE2, "--out", str(out), "--json", "--quiet"]) == 0
+    return out, _rows(capsys)
+
+
+class _Evil:
+    """Unpickling it with weights_only=False calls ``open(marker, "w")``: it creates the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_runs_no_code(finished: tuple[Path, list[dict[str, Any]]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = finished
+    marker = tmp_path / "marker"
+    ck = out / "global" / "checkpoint.pt"
+    (out / "global" / "result.json").unlink()   # so that the resume reads the checkpoint
+    torch.save({"version": 1, "payload": _Evil(marker)}, ck)
+    with pytest.raises(pickle.UnpicklingError):   # the file really is hostile to a plain load
+        torch.load(ck, weights_only=True)
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the checkpoint '{ck}'" in err and "refused for safety" in err, err
+    assert "delete it to restart the arm 'global'" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert ck.exists()   # nothing deleted
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_unreadable_checkpoint_is_named_with_the_choices(damage: str, finished: tuple[Path, list[dict[str, Any]]],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = finished
+    ck = out / "global" / "checkpoint.pt"
+    (out / "global" / "result.json").unlink()
+    raw = ck.read_bytes()
+    ck.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": b"not a checkpoint\n" * 9}[damage])
+    before = ck.read_bytes()
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hypergradients run: error: cannot read the checkpoint '{ck}': it is truncated, "
+                          "empty or not a checkpoint"), err
+    assert "delete it to restart the arm 'global'" in err and "or restore it" in err
+    assert ck.read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["result.json", "decays.pt", "test_losses.pt", "metrics.jsonl"])
+def test_torn_recomputable_file_is_recomputed(damage: str, finished: tuple[Path, list[dict[str, Any]]],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out, rows = finished
+    top = (out / "metrics.jsonl").read_text().splitlines()
+    f = out / "global" / damage
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])   # as a kill mid-write (non-atomic) left it
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--json", "--quiet"]) == 0
+    assert _rows(capsys) == rows
+    assert f.stat().st_size > 0
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == _strip(top)
+
+
+def test_stale_temp_files_are_removed_at_the_next_start(finished: tuple[Path, list[dict[str, Any]]],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out, rows = finished
+    stale = [out / "global" / ".checkpoint.pt.tmp-123", out / "global" / ".checkpoint.pt.tmp-99-abc",
+             out / ".metrics.jsonl.tmp-7-x", out / "none" / ".result.json.tmp-5-y"]
+    for s in stale:
+        s.write_bytes(b"half a write")
+    (out / "global" / "result.json").unlink()
+    assert main(["run", "weight-decay", "--out", str(out), "--resume", "--json", "--quiet"]) == 0
+    assert _rows(capsys) == rows
+    assert not [s for s in stale if s.exists()]
+
+
+# A few rounds of each registered experiment, otherwise its defaults (not --smoke): a new experiment
+# must add itself here, so its default configuration is known to resume.
+FEW_ROUNDS = {"weight-decay": ["train.rounds=2"]}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_default_configuration_resumes(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert name in FEW_ROUNDS, f"add {name!r} to FEW_ROUNDS"
+    out = tmp_path / "run"
+    sets = [a for s in FEW_ROUNDS[name] for a in ("--set", s)]
+    assert main(["run", name, *sets, "--out", str(out), "--json", "--quiet"]) == 0
+    rows = _rows(capsys)
+    assert main(["run", name, "--out", str(out), "--resume", "--json", "--quiet"]) == 0, capsys.readouterr().err
+    assert _rows(capsys) == rows
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = tmp_path / "ref"
+    assert main(["run", "weight-decay", *SMOKE2, "--out", str(ref), "--json", "--quiet"]) == 0
+    rows = _rows(capsys)
+    real_fit = wd.fit
+
+    def interrupted(*args: Any, **kw: Any) -> Any:
+        def ctrl_c(rec: dict[str, Any]) -> None:
+            if rec["round"] == 1 and kw["checkpoint_dir"].name == "global":
+                raise KeyboardInterrupt
+        kw["callbacks"] = [*kw["callbacks"], ctrl_c]
+        return real_fit(*args, **kw)
+
+    out = tmp_path / "my run"   # a space: the printed command must quote it
+    monkeypatch.setattr(wd, "fit", interrupted)
+    assert main(["run", "weight-decay", *SMOKE2, "--set", "checkpoint_every=1", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    cmd = f"hypergradients run weight-decay --out {shlex.quote(str(out))} --resume"
+    assert "interrupted" in err and cmd in err, err
+    monkeypatch.setattr(wd, "fit", real_fit)
+    # Part of the top metrics.jsonl was written as rounds finished: the whole arm 'none', round 1 of 'global'.
+    assert [(r["arm"], r["round"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] \
+        == [("none", 1), ("none", 2), ("global", 1)]
+    argv = shlex.split(cmd)[1:]
+    assert main([*argv, "--json", "--quiet"]) == 0
+    assert _rows(capsys) == rows
+    assert _strip((out / "metrics.jsonl").read_text().splitlines()) == \
+        _strip((ref / "metrics.jsonl").read_text().splitlines())
+
+
+def test_top_metrics_grow_as_rounds_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    seen: list[int] = []
+    real_fit = wd.fit
+
+    def watched(*args: Any, **kw: Any) -> Any:
+        def count(rec: dict[str, Any]) -> None:
+            seen.append(len((out / "metrics.jsonl").read_text().splitlines()))
+        kw["callbacks"] = [*kw["callbacks"], count]
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(wd, "fit", watched)
+    assert main(["run", "weight-decay", *SMOKE2, "--out", str(out), "--quiet"]) == 0
+    assert seen == [1, 2, 3, 4]
