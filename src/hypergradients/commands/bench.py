@@ -18,9 +18,9 @@ a warm-up, peak extra memory and accuracy, for
   unrolled  reverse mode through K steps: plain loop, hg.Unrolled, hg.Unrolled(checkpoint=True)
 
 Each case runs in its own subprocess so its peak memory is its own. Ratios (ours / plain) come
-from the same run. The default takes about a minute on 2 idle CPU cores (longer on a busy
-machine); --smoke takes seconds of compute (plus interpreter start-up per case). Writes
-bench.json (settings, results, ratios) into --out.
+from the same run. The default takes about a minute on 2 idle CPU cores (three on a busy
+machine); --smoke runs tiny problems, about half a minute, nearly all of it the start-up of one
+interpreter per case. Writes bench.json (settings, results, ratios) into --out.
 
 examples:
   hypergradients bench --smoke
@@ -32,7 +32,8 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..analysis._cli import add_out, add_quiet_json, add_smoke, int_list
 
-    add_smoke(parser, help="tiny problems (a smoke test of the set-up; what the tests run)")
+    add_smoke(parser, help="tiny problems: a smoke test of the set-up (about half a minute, mostly "
+                           "interpreter start-up)")
     add_out(parser, default_out="runs/bench", what="bench.json")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per case (default 2)")
@@ -41,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="CG iterations / Neumann terms (default 20; --smoke 5)")
     # nargs="+" keeps the older space-separated form (--steps 10 100) working
-    parser.add_argument("--steps", type=int_list, nargs="+", default=None, metavar="K,K,...",
-                        help="unrolled steps K, comma-separated (default 100; --smoke 10)")
+    parser.add_argument("--steps", type=int_list, nargs="+", default=None, metavar="K",
+                        help="unrolled steps K, comma-separated like explain --steps (10,100,1000; spaces "
+                             "work too) (default 100; --smoke 10)")
     add_quiet_json(parser, result="bench.json")
 
 
