@@ -65,5 +65,11 @@ def test_neumann_and_unrolled_agree_with_matrix_powers(prob: P.Problem, K: int, 
 @given(quadratics())
 def test_full_rank_nystrom_solves_random_quadratics(prob: P.Problem) -> None:
     n = prob.hessian.shape[0]
-    # ρ = 1e-9 costs ≤ ρ/λ_min = 1e-8 relative; rounding amplified by eps/ρ·cond ≤ 2e-5 at worst.
-    assert _close(_hg(prob, hg.Nystrom(rank=n, rho=1e-9)), prob.reference, 1e-4)
+    # ρ = 1e-9 costs ≤ ρ/λ_min = 1e-8 relative in p; rounding amplified by eps/ρ·cond ≤ 2e-5 at
+    # worst. Those bound the error of p, so of Mᵀp relative to ‖M‖‖p‖: where the hypergradient
+    # itself is much smaller than that (cancellation in Mᵀp; hypothesis found m = 1 with
+    # ‖g‖ ≈ 2e-3·‖M‖‖p‖), it is the scale the tolerance applies to.
+    g = _hg(prob, hg.Nystrom(rank=n, rho=1e-9))
+    p = torch.linalg.solve(prob.hessian, prob.v)
+    scale = max(float(prob.reference["lam"].norm()), float(torch.linalg.matrix_norm(prob.mixed, 2) * p.norm()))
+    assert float((g["lam"] - prob.reference["lam"]).norm()) <= 1e-4 * scale

@@ -127,18 +127,34 @@ class Nystrom:
     After Hataya & Yamada (2023), with a Gaussian sketch instead of sampled columns (Frangella,
     Tropp & Udell 2023), which captures the top of the spectrum far better per HVP. ``rho`` damps
     as ``(Ĥ + ρI)⁻¹``; ``rho=None`` instead sets the uncaptured spectrum to the smallest captured
-    eigenvalue (see :func:`hypergradients.linear.nystrom`). Best where H is low rank plus a flat
-    floor (over-parameterised models with L2); on well-conditioned problems CG is better.
+    eigenvalue (see :func:`hypergradients.linear.nystrom`). Good where H is low rank plus a small
+    floor; on well-conditioned problems CG is better.
+
+    ``floor=μ`` is for a Hessian that is low rank plus a *large* flat floor, ``H = A + μI`` (weight
+    decay ``μ`` on an over-parameterised model): it sketches ``H − μI`` with the same HVPs and
+    inverts ``Â + μI`` exactly, which equals ``H⁻¹`` when ``rank ≥ rank(A)``; the plain sketch
+    would spend itself on ``μI``. ``μ`` must be at most ``λ_min(H)``. ``floor="auto"`` estimates
+    μ from the sketch itself, no HVP (the smallest Ritz value of ``ΩᵀHΩ`` less its residual norm:
+    the floor exactly when ``rank > rank(A)``), and falls back to the plain method where the
+    sketch shows no floor. ``floor=None`` (default) is the plain method. The floor used is
+    ``info.extra["floor"]`` (0 for a fallback). At equal HVPs CG is as accurate or better on a
+    single solve (``docs/benchmarks.md``); Nyström's edge is one batched HVP call.
     """
 
     rank: int = 20
     rho: float | None = None
     seed: int = 0
+    floor: float | Literal["auto"] | None = None
 
     def __post_init__(self) -> None:
         _positive_int("Nystrom.rank", self.rank)
         if self.rho is not None and not (isinstance(self.rho, (int, float)) and self.rho > 0):
             raise HypergradientError(f"Nystrom.rho must be > 0 or None (automatic), got {self.rho!r}")
+        if self.floor is not None and self.floor != "auto" and (
+                isinstance(self.floor, bool) or not isinstance(self.floor, (int, float))
+                or not (self.floor > 0 and math.isfinite(self.floor))):
+            raise HypergradientError(f"Nystrom.floor must be a finite number > 0, 'auto' or None, "
+                                     f"got {self.floor!r}")
 
 
 def _validate_path(name: str, steps: object, lr: object, truncate: object) -> None:
@@ -276,7 +292,8 @@ class Info:
     """What a hypergradient cost and how good it is.
 
     ``residual`` is ``‖Hp − v‖/‖v‖`` for the implicit methods when computed (by default whenever
-    the Info is returned; at most one extra HVP, see ``hypergradient(residual=)``); ``converged`` whether the solver met its tolerance (``None`` for fixed-budget methods);
+    the Info is returned; at most one extra HVP, see ``hypergradient(residual=)``);
+    ``converged`` whether the solver met its tolerance (``None`` for fixed-budget methods);
     ``final_params`` the weights after the unrolled steps (``Unrolled`` only); ``direct`` the
     term ``∂L_V/∂λ``; ``extra`` method facts such as the ``alpha`` and ``lambda_max`` used.
     """
@@ -394,7 +411,7 @@ def _solve(method: Method, D: InnerDerivatives, v: Tree, *, residual: bool,
         return linear.identity(v, scale=method.scale, matvec=mv if residual else None)
     if isinstance(method, Nystrom):
         return linear.nystrom(D.hvp_batched, v, rank=method.rank, rho=method.rho, seed=method.seed,
-                              matvec=mv if residual else None)
+                              matvec=mv if residual else None, floor=method.floor)
     raise HypergradientError(f"unknown method {method!r}; use one of {_METHOD_NAMES}")
 
 
