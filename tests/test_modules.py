@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -68,8 +71,8 @@ def test_batchnorm_buffers_are_used_but_never_modified() -> None:
         assert torch.equal(b, before[k]), k
     # Batch statistics, not running ones, enter the training loss: the same loss in eval mode
     # gives a different hypergradient.
-    model.eval()
-    inner_e, outer_e = hg.make_losses(model, nn.functional.cross_entropy, train, val, penalty=penalty)
+    inner_e, outer_e = hg.make_losses(model, nn.functional.cross_entropy, train, val, penalty=penalty,
+                                      modes=("eval", "eval"))
     ge = hg.hypergradient(outer_e, inner_e, params, hp, method=hg.Neumann(iters=5, alpha=0.05))
     assert not torch.allclose(ge["log_wd"], g["log_wd"])
     assert info.hvps == 5
@@ -81,3 +84,67 @@ def test_functional_model_uses_given_weights() -> None:
     w = {"weight": torch.ones(1, 3, dtype=DT), "bias": torch.zeros(1, dtype=DT)}
     x = torch.tensor([[1.0, 2.0, 3.0]], dtype=DT)
     assert float(apply(w, x)) == 6.0
+
+
+def _dropout_bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(6, 2)).to(DT)
+
+
+def _loss_in_mode(model: nn.Module, training: bool, params: dict, batch: tuple) -> torch.Tensor:
+    """The reference: a deep copy of the module with ``params`` loaded, run in the given mode."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            p.copy_(params[k])
+    ref.train(training)
+    return nn.functional.cross_entropy(ref(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("module_mode", [True, False], ids=["module-train", "module-eval"])
+def test_make_losses_trains_on_train_mode_and_validates_in_eval_mode(module_mode: bool) -> None:
+    # As the trainer does: L_T in training mode (dropout on, batch statistics), L_V in
+    # evaluation mode (no dropout, running statistics), whatever mode the module is in, which is
+    # restored afterwards. Dropout masks: the same seed before the loss and its reference.
+    model = _dropout_bn_model()
+    with torch.no_grad():  # running statistics that differ from any batch's
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    model.train(module_mode)
+    train, val = _data(32, 5), _data(16, 6)
+    params = hg.module_params(model)
+    inner, outer = hg.make_losses(model, nn.functional.cross_entropy, train, val)
+    torch.manual_seed(7)
+    lt = inner(params, {})
+    assert model.training is module_mode and all(m.training is module_mode for m in model.modules())
+    torch.manual_seed(7)
+    assert torch.equal(lt, _loss_in_mode(model, True, params, train))
+    lv = outer(params, {})
+    assert model.training is module_mode
+    assert torch.equal(lv, _loss_in_mode(model, False, params, val))
+    # Not the other mode's value (the test would be vacuous if the modes agreed).
+    torch.manual_seed(7)
+    assert not torch.allclose(lt, _loss_in_mode(model, False, params, train))
+    assert not torch.allclose(lv, _loss_in_mode(model, True, params, val))
+
+
+def test_make_losses_current_mode_and_per_submodule_flags() -> None:
+    model = _dropout_bn_model()
+    model.eval()
+    train, val = _data(32, 5), _data(16, 6)
+    params = hg.module_params(model)
+    inner, outer = hg.make_losses(model, nn.functional.cross_entropy, train, val, modes="current")
+    assert torch.equal(inner(params, {}), _loss_in_mode(model, False, params, train))
+    assert torch.equal(outer(params, {}), _loss_in_mode(model, False, params, val))
+    inner2, _ = hg.make_losses(model, nn.functional.cross_entropy, train, val, modes=("current", "train"))
+    assert torch.equal(inner2(params, {}), _loss_in_mode(model, False, params, train))
+    # A submodule kept in eval mode inside a training model keeps its own flag after a call.
+    model.train()
+    model[1].eval()
+    inner3, outer3 = hg.make_losses(model, nn.functional.cross_entropy, train, val)
+    inner3(params, {})
+    outer3(params, {})
+    assert model.training and model[3].training and not model[1].training
+    with pytest.raises(hg.HypergradientError, match=r"modes must be 'train', 'eval' or 'current'.*got 'test'"):
+        hg.make_losses(model, nn.functional.cross_entropy, train, val, modes="test")  # type: ignore[arg-type]
