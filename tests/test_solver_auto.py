@@ -38,7 +38,7 @@ def test_default_auto_keeps_cosine_0999_at_condition_1e3(cond1e3: P.Problem) -> 
     # The promise; the residual rule alone gives 0.99667 on seed 4 (measured).
     assert cosine(g, cond1e3.reference) >= 0.999
     assert info.converged and info.residual is not None and info.residual <= 1e-2
-    assert info.extra["error_estimate"] <= 1e-2
+    assert info.extra["error_estimate"] <= 3e-2
 
 
 def test_error_tol_none_is_the_residual_rule_alone(cond1e3: P.Problem) -> None:

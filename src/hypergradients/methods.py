@@ -225,15 +225,17 @@ class Auto:
     when both
 
     * the relative residual ``‖Hp − v‖/‖v‖ ≤ tol`` (default 1e-2), and
-    * the estimated relative error ``‖r‖/(θ_min‖p‖) ≤ error_tol`` (default 1e-2), where ``θ_min``
+    * the estimated relative error ``‖r‖/(θ_min‖p‖) ≤ error_tol`` (default 3e-2), where ``θ_min``
       is the smallest Ritz value of CG's own Lanczos tridiagonal (free: scalars CG computes
       anyway; see :func:`hypergradients.linear.cg`).
 
     The second rule is what keeps the default's promise, cosine ≥ 0.999 with the exact
     hypergradient, on ill-conditioned Hessians: since ``p − H⁻¹v = −H⁻¹r``, a residual of ``tol``
     allows a relative error up to ``cond(H)·tol``, and at ``cond(H) ≈ 1e3`` the residual rule
-    alone gives cosines down to 0.997 (``docs/benchmarks.md``, ``benchmarks/auto_tolerance.py``).
-    On well-conditioned problems the first rule binds and nothing changes. ``error_tol=None``
+    alone gives cosines down to 0.9967. ``error_tol=3e-2`` is the loosest of 1e-1, 3e-2, 1e-2
+    that kept every cosine ≥ 0.999 on logistic problems with ``cond(H)`` from 1e1 to 1e4 (worst
+    0.99995; 1e-1 gave 0.99899): ``docs/benchmarks.md``, ``benchmarks/auto_tolerance.py``. On
+    well-conditioned problems the first rule binds and nothing changes. ``error_tol=None``
     drops the second rule (CG to relative residual ``tol`` only); pass a smaller ``tol`` for
     reference values. With a :class:`SolverState` it starts from the previous solution, which
     after a small hyper step usually meets both rules in a few HVPs, and keeps the Ritz extremes
@@ -247,7 +249,7 @@ class Auto:
 
     tol: float = 1e-2
     max_iters: int = 200
-    error_tol: float | None = 1e-2
+    error_tol: float | None = 3e-2
 
     def __post_init__(self) -> None:
         _nonneg_float("Auto.tol", self.tol)
