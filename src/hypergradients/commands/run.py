@@ -154,9 +154,9 @@ def main(args: argparse.Namespace) -> int:
     except (DataUnavailableError, DataFormatError) as e:
         return _fail(str(e), 1)
     if args.json:
-        print(json_dumps({"experiment": exp.name, "out": str(res.out), "report": str(res.report),
-                          "columns": res.columns, "rows": res.rows, "notes": res.notes,
-                          "wall_s": res.wall_s}))
+        print(json_dumps({"experiment": exp.name, "title": res.title, "out": str(res.out),
+                          "report": str(res.report), "columns": res.columns, "rows": res.rows,
+                          "notes": res.notes, "wall_s": res.wall_s}))
     elif args.quiet:
         print(res.report)
     else:
