@@ -101,3 +101,21 @@ def test_warm_started_auto_reuses_the_curvature_estimate(cond1e3: P.Problem) -> 
                                     return_info=True, state=state)
         assert iw.extra["warm_start"] == 1.0 and iw.hvps < ic.hvps
         assert cosine(warm, ref) >= 0.999 and cosine(cold, ref) >= 0.999
+
+
+def test_a_damped_solve_leaves_no_unusable_curvature_estimate() -> None:
+    # A saddle (eigenvalues 2, 1, −0.5): Auto damps; θ_min − δ ≤ 0 must not be stored, or every
+    # later warm call would fail the error rule and run to max_iters.
+    A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
+    prob = P.spd_quadratic(A, torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                           torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+    state = hg.SolverState(lambda_min=0.5, lambda_max=2.0)
+    _, info = hg_of(prob, hg.Auto(), state=state)
+    assert info.extra["damping"] > 0.5 and info.converged
+    assert state.lambda_min is None or state.lambda_min > 0
+    _, info2 = hg_of(prob, hg.Auto(), state=state)
+    assert info2.hvps < 200
+    # A non-positive hint is ignored by CG itself too.
+    s = linear.cg(lambda x: {"x": 2.0 * x["x"]}, {"x": torch.ones(3, dtype=torch.float64)}, iters=10,
+                  tol=1e-2, error_tol=1e-2, lambda_min=-1.0)
+    assert s.converged and s.hvps == 1

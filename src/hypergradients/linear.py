@@ -200,7 +200,7 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
 
     def error_met() -> bool:
         # Only evaluated once the residual rule holds: a k×k eigenproblem and a norm, no HVP.
-        lo = lambda_min
+        lo = lambda_min if lambda_min is not None and lambda_min > 0 else None
         if alphas:
             t_lo, t_hi = ritz_extremes(alphas, betas)
             lo = t_lo if lo is None else min(lo, t_lo)

@@ -418,13 +418,19 @@ def _solve(method: Method, D: InnerDerivatives, v: Tree, *, residual: bool,
 
 
 def _remember_curvature(state: SolverState, extra: Mapping[str, float]) -> None:
-    """Keep the extreme Ritz values of ``H`` (those of ``H + δI`` less ``δ``) across calls."""
+    """Keep the last solve's extreme Ritz values of ``H`` (those of ``H + δI`` less ``δ``).
+
+    A warm-started solve already reports the smaller of its own ``θ_min`` and the one it was
+    given, so this carries the estimate forward. A non-positive ``θ_min − δ`` (H indefinite, the
+    solve was damped) is not kept: it would make the error rule unsatisfiable on later calls.
+    """
     if "lambda_min" not in extra:
         return
     damping = extra.get("damping", 0.0)
-    lo, hi = extra["lambda_min"] - damping, extra.get("lambda_max", extra["lambda_min"]) - damping
-    state.lambda_min = lo if state.lambda_min is None else min(state.lambda_min, lo)
-    state.lambda_max = hi if state.lambda_max is None else max(state.lambda_max, hi)
+    lo = extra["lambda_min"] - damping
+    if lo > 0:
+        state.lambda_min = lo
+        state.lambda_max = extra.get("lambda_max", extra["lambda_min"]) - damping
 
 
 _METHOD_NAMES = "hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.Unrolled, hg.Forward"
