@@ -518,9 +518,9 @@ def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[st
                               colors=colors) if tuned else None
     hidden = "-".join(str(h) for h in cfg["model.hidden"])
     tuned_arms = [a for a in cfg["arms"] if a != "none"]
-    hyper = (f"Tuned arms take one hyper step ({cfg['hyper.optimizer']}, lr {cfg['hyper.lr']:g} on "
-             f"log-decay) every {cfg['train.inner_steps']} inner steps with {method_settings(cfg)}, starting "
-             f"from decay {cfg['hyper.init']:g}." if tuned_arms else "")
+    hyper = (f"Tuned arms start from decay {cfg['hyper.init']:g} and take one hyper step "
+             f"({cfg['hyper.optimizer']}, lr {cfg['hyper.lr']:g} on log-decay) every "
+             f"{cfg['train.inner_steps']} inner steps with {method_settings(cfg)}." if tuned_arms else "")
     batches = cfg["train.rounds"] * cfg["train.inner_steps"] + cfg["train.warmup_steps"]
     lines = [
         f"# weight-decay: {title(cfg).split(': ', 1)[1]}",
