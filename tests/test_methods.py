@@ -256,8 +256,9 @@ def cosine(a: dict, b: dict) -> float:
 
 
 def test_auto_meets_its_tolerance_and_the_default_is_accurate(problem: P.Problem) -> None:
-    # Default tol=1e-2 relative residual: on these problems (cond(H) ≤ 1e3) the hypergradient's
-    # cosine with the exact one is ≥ 0.999; a tight tol reproduces the dense reference like CG.
+    # Default: relative residual ≤ 1e-2 and estimated relative error ≤ 3e-2; on these problems
+    # (cond(H) ≤ 1e3) the hypergradient's cosine with the exact one is ≥ 0.999 (for harder ones see
+    # test_solver_auto.py); a tight tol reproduces the dense reference like CG.
     g, info = hg_of(problem, hg.Auto())
     assert info.method == "Auto" and info.converged and info.residual is not None and info.residual <= 1e-2
     assert cosine(g, problem.reference) >= 0.999

@@ -68,8 +68,11 @@ class Exact:
 class CG:
     """Conjugate gradient on ``(H + δI) p = v``: at most ``iters`` HVPs, stops at ``‖r‖ ≤ tol‖v‖``.
 
-    Needs ``H + δI`` positive definite; negative curvature raises
-    :class:`~hypergradients.errors.NegativeCurvatureError` naming the curvature found.
+    Needs ``H + δI`` positive definite: a direction with ``dᵀ(H + δI)d ≤ 0`` raises
+    :class:`~hypergradients.errors.NegativeCurvatureError` (``.curvature``, the Rayleigh quotient
+    found, and ``.iteration``) and returns no hypergradient: a partial CG solution is not an
+    approximation of ``H⁻¹v`` once the curvature is not positive. :class:`Auto` instead retries
+    with damping; the trainer's ``on_solver_error`` decides there.
     """
 
     iters: int = 50
@@ -489,7 +492,8 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
         hvp_mode: ``"reverse"`` (double-backward through a gradient graph built once) or
             ``"forward"`` (forward-over-reverse with ``torch.func``).
         state: a :class:`SolverState` shared by consecutive calls: :class:`CG` and :class:`Auto`
-            start from its ``p`` and store the new one (``info.extra["warm_start"]`` is 1 when used).
+            start from its ``p`` and store the new one (``info.extra["warm_start"]`` is 1 when used);
+            :class:`Auto` also keeps its curvature estimate there.
 
     Returns:
         A dict with the keys, shapes, dtypes and devices of ``hparams`` (and the :class:`Info`).
