@@ -1,6 +1,6 @@
 """The method objects and :func:`hypergradient`, the one call behind every method.
 
-Conventions (``../shared/DESIGN.md`` §1). Weights ``w``, hyperparameters ``λ``, inner loss
+Conventions. Weights ``w``, hyperparameters ``λ``, inner loss
 ``L_T(w, λ)``, outer loss ``L_V(w, λ)``. The hypergradient, the direction to *descend*, is
 
     dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂λ∂wᵀ) p,     p ≈ H⁻¹ ∂L_V/∂w,   H = ∂²L_T/∂w∂wᵀ at (w, λ).
