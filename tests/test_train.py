@@ -208,6 +208,21 @@ def test_negative_curvature_is_damped_by_default() -> None:
     assert float(res.natural["weight_decay"]) != pytest.approx(1e-3, rel=1e-6)
 
 
+def test_neumann_with_negative_curvature_is_retried_with_a_smaller_alpha() -> None:
+    """With alpha='auto' (α = 1/λ_max) the series still diverges on an indefinite Hessian: the retry
+    halves α below the safe one (the growth (1 + α|λ_min|)^K shrinks with α)."""
+    method = hg.Neumann(iters=40, alpha="auto", power_iters=5)
+    model, train, val = _nonconvex()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(SkippedHyperStepsWarning, match=r"3 of 3 hyper steps were skipped \(Neumann series "):
+        fit(model, [WeightDecay(model)], train, val, rounds=3, inner_steps=1, method=method, batch_size=30,
+            on_solver_error="skip")
+    model.load_state_dict(state)
+    res = fit(model, [WeightDecay(model)], train, val, rounds=3, inner_steps=1, method=method, batch_size=30)
+    assert res.hyper_steps == 3 and res.retried_hyper_steps == 3
+    assert all(r["solver_retry"] == "alpha" and 0 < r["solver_alpha"] < 1 for r in res.metrics)
+
+
 def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
     """Every checkpoint loads with weights_only=True (no code can run), RNG states included."""
     import random

@@ -222,11 +222,13 @@ def _solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]]
                 math.isfinite(err.safe_alpha) and err.safe_alpha > 0:
             # The error's safe α = 1/λ_max first; if even that diverges (negative curvature), halve it:
             # the growth (1 + α|λ_min|)^K of the series shrinks with α.
-            tried = alpha if alpha is not None else (err.safe_alpha * 2 if method.alpha == "auto"
-                                                     else float(method.alpha) * 2)
-            if alpha is not None and alpha <= err.safe_alpha / 2 ** _MAX_ALPHA_RETRIES:
+            if alpha is None:
+                first = err.safe_alpha if method.alpha == "auto" else float(method.alpha)
+                alpha = err.safe_alpha if first > err.safe_alpha else first / 2
+            elif alpha <= err.safe_alpha / 2 ** _MAX_ALPHA_RETRIES:
                 raise err
-            alpha = min(err.safe_alpha, tried / 2)
+            else:
+                alpha = min(err.safe_alpha, alpha / 2)
             retry = Neumann(iters=method.iters, alpha=alpha, power_iters=method.power_iters,
                             max_growth=method.max_growth)
             used = {"solver_retry": "alpha", "solver_alpha": alpha}
