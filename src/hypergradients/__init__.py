@@ -14,6 +14,7 @@ from .errors import (
     PathOnlyHyperparameterError,
     ProblemTooLargeError,
 )
+from .files import OutputPathError, UnreadableFileError
 from .hparams import Family, WeightDecay
 from .methods import (
     CG,
@@ -31,7 +32,7 @@ from .methods import (
     hypergradient,
 )
 from .modules import functional_model, make_losses, module_params
-from .train import NonFiniteError, TrainResult, fit
+from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 
 __version__ = "0.1.0"
 
@@ -50,10 +51,13 @@ __all__ = [
     "NeumannDivergenceError",
     "NonFiniteError",
     "Nystrom",
+    "OutputPathError",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
+    "SkippedHyperStepsWarning",
     "SolverState",
     "TrainResult",
+    "UnreadableFileError",
     "Unrolled",
     "UnusedHyperparameterWarning",
     "WeightDecay",

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("hypergradients.commands.run", "run an experiment (Algorithm 1) and write its run folder"),
-    "list": ("hypergradients.commands.list", "list the registered experiments and their settings"),
+    "list": ("hypergradients.commands.list",
+             "list everything runnable: the experiments and the explain, compare and bench commands"),
     "explain": ("hypergradients.commands.explain",
                 "show, with numbers, how the optimization path fits into the implicit derivation"),
     "compare": ("hypergradients.commands.compare",

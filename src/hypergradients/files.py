@@ -15,6 +15,7 @@ this), so every ``.json``/``.jsonl`` file and ``--json`` output parses with any 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -177,8 +178,10 @@ def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> 
     try:   # the real test: make (and remove) an entry where the first new folder would go
         tempfile.TemporaryDirectory(dir=probe, prefix=".hypergradients-probe-").cleanup()
     except OSError as e:
+        # /proc and /sys answer "no such file" to a new entry: say what it means for the user.
+        why = "not writable" if e.errno == errno.ENOENT else (e.strerror or str(e))
         raise OutputPathError(f"{option} {str(p)!r}: cannot create anything in {str(probe)!r} "
-                              f"({e.strerror or e}); give a writable folder") from None
+                              f"({why}); give a writable folder") from None
     return p
 
 

@@ -4,7 +4,7 @@ A *family* owns a group of hyperparameter tensors and says how they enter traini
 (:mod:`hypergradients.train`) only talks to this interface, so a new family (dropout, an
 augmentation network, distilled data, per-example weights) plugs in without changing it.
 
-Conventions (DESIGN.md §4):
+Conventions:
 
 * :meth:`Family.tensors` are the *unconstrained* leaves the hyper-optimizer updates (a positive
   quantity is stored as its log, say); :meth:`Family.natural` maps them to the values a user reads.
