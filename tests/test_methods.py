@@ -292,11 +292,13 @@ def test_solver_state_warm_starts_consecutive_calls(logistic: P.Problem) -> None
     assert P.rel_err(warm, cold) <= 1e-6
 
 
-def test_solver_state_ignores_a_mismatched_solution(ridge: P.Problem) -> None:
-    state = hg.SolverState(p={"w": torch.zeros(ridge.params["w"].numel() + 1, dtype=torch.float64)})
-    g, info = hg_of(ridge, hg.CG(), state=state)
-    assert "warm_start" not in info.extra
-    assert P.rel_err(g, ridge.reference) <= 1e-8
+def test_solver_state_refuses_a_mismatched_solution(ridge: P.Problem) -> None:
+    # A p of another shape is another model's state: an error naming the key and both shapes,
+    # not a silent cold start.
+    n = ridge.params["w"].numel()
+    state = hg.SolverState(p={"w": torch.zeros(n + 1, dtype=torch.float64)})
+    with pytest.raises(hg.StateMismatchError, match=rf"p\['w'\] has shape \({n + 1},\).*weight 'w' has shape \({n},\)"):
+        hg_of(ridge, hg.CG(), state=state)
     with pytest.raises(hg.HypergradientError, match=r"state must be a hg\.SolverState.*got dict"):
         hg_of(ridge, hg.CG(), state={})  # type: ignore[arg-type]
 

@@ -32,6 +32,7 @@ from .methods import (
     hypergradient,
 )
 from .modules import functional_model, make_losses, module_params
+from .state import StateMismatchError
 from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "ProblemTooLargeError",
     "SkippedHyperStepsWarning",
     "SolverState",
+    "StateMismatchError",
     "TrainResult",
     "UnreadableFileError",
     "Unrolled",

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import linear, tree
 from .derivatives import HvpMode, InnerDerivatives, LossFn, grad, scalar_loss, used_keys
 from .errors import HypergradientError, NegativeCurvatureError, PathOnlyHyperparameterError
+from .state import SolverState, StateMismatchError
 from .tree import Tree
 from .unroll import checkpoint_interval
 from .unroll import forward as forward_path
@@ -263,30 +264,6 @@ class Auto:
                                      f"got {self.error_tol!r}")
 
 
-@dataclass
-class SolverState:
-    """Carried between consecutive :func:`hypergradient` calls (``state=``) to warm-start the solve.
-
-    ``p`` is the last ``H⁻¹ ∂L_V/∂w``; ``calls`` counts the calls that used this state. A ``p``
-    whose keys or shapes do not match the new weights is ignored (a cold start). ``lambda_min``
-    and ``lambda_max`` are the extreme Ritz values of ``H`` seen by :class:`Auto` so far (the
-    smallest and the largest): the curvature estimate behind its error rule.
-    """
-
-    p: Tree | None = None
-    calls: int = 0
-    lambda_min: float | None = None
-    lambda_max: float | None = None
-
-    def warm(self, like: Mapping[str, Tensor]) -> Tree | None:
-        p = self.p
-        if p is None or p.keys() != like.keys():
-            return None
-        if any(p[k].shape != like[k].shape or p[k].dtype != like[k].dtype for k in like):
-            return None
-        return p
-
-
 Method = Exact | CG | Neumann | Identity | Nystrom | Auto | Unrolled | Forward
 IMPLICIT_METHODS = (Exact, CG, Neumann, Identity, Nystrom, Auto)
 PATH_METHODS = (Unrolled, Forward)
@@ -313,6 +290,7 @@ class Info:
     outer_loss: float = float("nan")
     time_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    state: SolverState | None = None
 
 
 # Names that, unused by both losses, are almost surely step sizes or momenta.
@@ -420,7 +398,7 @@ def _solve(method: Method, D: InnerDerivatives, v: Tree, *, residual: bool,
     raise HypergradientError(f"unknown method {method!r}; use one of {_METHOD_NAMES}")
 
 
-def _remember_curvature(state: SolverState, extra: Mapping[str, float]) -> None:
+def _remember_curvature(state: SolverState, extra: Mapping[str, float]) -> SolverState:
     """Keep the last solve's extreme Ritz values of ``H`` (those of ``H + δI`` less ``δ``).
 
     A warm-started solve already reports the smaller of its own ``θ_min`` and the one it was
@@ -428,12 +406,25 @@ def _remember_curvature(state: SolverState, extra: Mapping[str, float]) -> None:
     solve was damped) is not kept: it would make the error rule unsatisfiable on later calls.
     """
     if "lambda_min" not in extra:
-        return
+        return state
     damping = extra.get("damping", 0.0)
     lo = extra["lambda_min"] - damping
     if lo > 0:
-        state.lambda_min = lo
-        state.lambda_max = extra.get("lambda_max", extra["lambda_min"]) - damping
+        return state.replace(lambda_min=lo, lambda_max=extra.get("lambda_max", extra["lambda_min"]) - damping)
+    return state
+
+
+# Methods whose states have the same content and meaning (p and the Ritz extremes of H).
+_SHARED_STATES = {"CG": ("CG", "Auto"), "Auto": ("CG", "Auto")}
+
+
+def _check_state_owner(state: SolverState, name: str) -> None:
+    ok = _SHARED_STATES.get(name, (name,))
+    if state.method is not None and state.method not in ok:
+        raise StateMismatchError(
+            f"state was made by hg.{state.method}, and hg.{name} cannot use it (it holds another "
+            f"method's quantities). Keep one state per method: pass hg.SolverState() (or "
+            f"method.init(params)) for hg.{name}.")
 
 
 _METHOD_NAMES = "hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.Unrolled, hg.Forward"
@@ -510,6 +501,10 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
     if not callable(outer_loss) or not callable(inner_loss):
         raise HypergradientError("outer_loss and inner_loss must be callables (params, hparams) -> scalar")
     lam = tree.clone_leaves(hparams, requires_grad=True)
+    name = type(method).__name__
+    prev = SolverState() if state is None else state
+    _check_state_owner(prev, name)
+    new_state = prev.replace(method=name, calls=prev.calls + 1)
 
     if isinstance(method, Unrolled):
         g, used, out, w_final = reverse_path(outer_loss, inner_loss, params, lam, steps=method.steps,
@@ -542,15 +537,14 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
         direct_used = {k for k, gk in zip(lam, raw_all[len(w):], strict=True) if gk is not None}
         D = InnerDerivatives(inner_loss, w, lam, hvp_mode=hvp_mode)
         want_residual = return_info if residual is None else bool(residual)
-        x0 = state.warm(v) if state is not None and isinstance(method, (CG, Auto)) else None
-        hint = state.lambda_min if state is not None and x0 is not None else None
+        warm = isinstance(method, (CG, Auto))
+        x0 = prev.warm(v, method=name) if warm else None
+        hint = prev.lambda_min if x0 is not None else None
         solve = _solve(method, D, v, residual=want_residual, x0=x0, lambda_min=hint)
         if x0 is not None:
             solve.extra["warm_start"] = 1.0
-        if state is not None:
-            state.p = tree.detach(solve.p)
-            state.calls += 1
-            _remember_curvature(state, solve.extra)
+        if warm:
+            new_state = _remember_curvature(new_state.replace(p=tree.detach(solve.p)), solve.extra)
         indirect, inner_used = D.mixed_vjp(solve.p)
         _report_unused(hparams, direct_used | inner_used, method)
         g = tree.sub(direct, indirect)
@@ -561,5 +555,8 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
     if bad is not None:
         raise HypergradientError(f"the hypergradient of {bad!r} is not finite ({type(method).__name__}); "
                                  "check the losses at these weights, or the method's settings")
+    info.state = new_state
+    if state is not None:
+        state.assign(new_state)  # the documented compatibility convenience: see SolverState
     info.time_s = time.perf_counter() - t0
     return (result, info) if return_info else result

@@ -1,0 +1,103 @@
+"""Solver state as a value: init, ``info.state``, the in-place compatibility update, round trips
+through ``state_dict``/``torch.save``/``torch.load(weights_only=True)``, and mismatch errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import hypergradients as hg
+import problems as P
+
+
+def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
+    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method,
+                            return_info=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def roundtrip(d: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # type: ignore[no-any-return]
+
+
+def test_info_state_is_the_next_value_and_the_passed_state_follows_it(logistic: P.Problem) -> None:
+    # Value style: info.state is a new object; the object passed in is updated to equal it
+    # (compatibility with callers that pass the same SolverState to successive calls).
+    s0 = hg.SolverState()
+    _, i1 = hg_of(logistic, hg.CG(tol=1e-10), state=s0)
+    assert i1.state is not None and i1.state is not s0
+    assert i1.state == s0 and s0.calls == 1 and s0.method == "CG" and s0.p is not None
+    # Without a state, the call still returns the next one: passing it on warm-starts.
+    _, j1 = hg_of(logistic, hg.CG(tol=1e-10))
+    assert j1.state is not None and j1.state.calls == 1 and "warm_start" not in j1.extra
+    _, j2 = hg_of(logistic, hg.CG(tol=1e-10), state=j1.state)
+    assert j2.extra["warm_start"] == 1.0 and j2.hvps <= 2
+    assert j2.state is not None and j2.state.calls == 2
+    # The value j1.state was updated in place by that call (the documented convenience).
+    assert j1.state.calls == 2
+
+
+@pytest.mark.parametrize("method", [hg.CG(tol=1e-10), hg.Auto(), hg.Neumann(iters=5), hg.Nystrom(rank=4),
+                                    hg.Exact(), hg.Identity(), hg.Unrolled(steps=2, lr=0.1)],
+                         ids=lambda m: type(m).__name__)
+def test_state_dict_round_trips_through_torch_save_weights_only(logistic: P.Problem,
+                                                                method: hg.Method) -> None:
+    _, info = hg_of(logistic, method, state=hg.SolverState())
+    assert info.state is not None
+    d = info.state.state_dict()
+    back = hg.SolverState.from_state_dict(roundtrip(d))
+    assert back.method == info.state.method == type(method).__name__ and back.calls == 1
+    for f in ("lambda_min", "lambda_max", "lambda_max_age"):
+        assert getattr(back, f) == getattr(info.state, f)
+    if info.state.p is None:
+        assert back.p is None
+    else:
+        assert back.p is not None and all(torch.equal(back.p[k], info.state.p[k]) for k in info.state.p)
+    loaded = hg.SolverState()
+    loaded.load_state_dict(roundtrip(d))
+    assert loaded.calls == 1 and loaded.method == back.method
+    # The loaded state continues exactly as the original would.
+    g1, a = hg_of(logistic, method, state=back)
+    g2, b = hg_of(logistic, method, state=info.state)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1) and a.hvps == b.hvps
+
+
+def test_from_state_dict_names_a_bad_entry() -> None:
+    d = hg.SolverState().state_dict()
+    with pytest.raises(hg.HypergradientError, match=r"'calls' must be an integer >= 0, got -1"):
+        hg.SolverState.from_state_dict({**d, "calls": -1})
+    with pytest.raises(hg.HypergradientError, match=r"'version' must be 1"):
+        hg.SolverState.from_state_dict({**d, "version": 7})
+    with pytest.raises(hg.HypergradientError, match=r"keys \['extra'\] are missing or unknown"):
+        hg.SolverState.from_state_dict({**d, "extra": 1})
+    with pytest.raises(hg.HypergradientError, match=r"'p' must be a dict of tensors or None"):
+        hg.SolverState.from_state_dict({**d, "p": [1, 2]})
+
+
+def test_another_methods_state_is_refused(logistic: P.Problem) -> None:
+    _, info = hg_of(logistic, hg.Neumann(iters=5))
+    with pytest.raises(hg.StateMismatchError, match=r"made by hg\.Neumann, and hg\.CG cannot use it"):
+        hg_of(logistic, hg.CG(), state=info.state)
+    _, info = hg_of(logistic, hg.CG())
+    with pytest.raises(hg.StateMismatchError, match=r"made by hg\.CG, and hg\.Nystrom cannot use it"):
+        hg_of(logistic, hg.Nystrom(rank=3), state=info.state)
+    # CG and Auto keep the same quantities with the same meaning: they share a state.
+    _, i2 = hg_of(logistic, hg.Auto(), state=info.state)
+    assert i2.extra["warm_start"] == 1.0
+
+
+def test_a_state_of_other_weights_is_refused(logistic: P.Problem) -> None:
+    _, info = hg_of(logistic, hg.CG())
+    assert info.state is not None and info.state.p is not None
+    k = next(iter(logistic.params))
+    p32 = {**info.state.p, k: info.state.p[k].float()}
+    with pytest.raises(hg.StateMismatchError, match=rf"p\['{k}'\] has shape .*torch\.float32.*but the "
+                                                    rf"weight '{k}' has .*torch\.float64"):
+        hg_of(logistic, hg.CG(), state=info.state.replace(p=p32))
+    renamed = {"other": next(iter(info.state.p.values()))}
+    with pytest.raises(hg.StateMismatchError, match=r"missing \[.*\], unexpected \['other'\]"):
+        hg_of(logistic, hg.CG(), state=info.state.replace(p=renamed))
