@@ -5,7 +5,8 @@ One *round* is
 1. ``inner_steps`` steps of any ``torch.optim`` optimizer on training batches of
    ``L_T(w, λ) = reduce(loss(model_w(x), y)) + Σ_families penalty(w, λ)`` with λ fixed
    (the optimizer and its state persist across rounds: warm-started, never reset);
-2. one hyper step: ``g = hypergradient(L_V, L_T, w, λ, method)`` — stochastic, as in the paper:
+2. one hyper step (:class:`~hypergradients.hyper.HyperOptimizer`, usable in any training loop):
+   ``g = hypergradient(L_V, L_T, w, λ, method)`` — stochastic, as in the paper:
    a fresh *training* batch defines ``L_T`` (so the Hessian-vector products), a *validation* batch
    defines ``L_V`` and ``∂L_V/∂w`` — then any ``torch.optim`` optimizer over the families'
    unconstrained tensors takes a step along ``g``.
@@ -35,55 +36,49 @@ was used. Hyper steps that are skipped all the same are counted, and :func:`fit`
 
 from __future__ import annotations
 
-import math
 import os
 import random
+import sys
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import tree
-from .data import BatchStream
-from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from .files import UnreadableFileError, json_dumps, load_checkpoint, remove_stale_temps, write_atomic
 from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
-from .hparams.base import Batch, Family, Forward
-from .methods import CG, Info, Method, Neumann, hypergradient
-from .modules import functional_model
+from .hparams.base import Batch, Family
+from .hyper import (
+    HyperOptimizer,
+    HyperStep,
+    NonFiniteError,
+    Objective,
+    SolverPolicy,
+    _mode,
+    collect_hparams,
+)
+from .methods import Method
+from .stream import BatchStream
 
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
-SolverPolicy = Literal["damp", "skip", "raise"]
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 2   # 2: RNG states as tensors and plain values (loadable with weights_only=True)
-_MAX_RETRIES = 30        # damped CG retries per hyper step (hg.Auto allows 40 doublings)
-_MAX_ALPHA_RETRIES = 8   # Neumann retries per hyper step, α halved each time
+
+__all__ = ["CHECKPOINT", "METRICS", "NonFiniteError", "SkippedHyperStepsWarning", "TensorBoardCallback",
+           "TrainResult", "cross_entropy", "evaluate", "fit", "save_atomic"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
     """Some hyper steps of :func:`fit` were skipped (the hyperparameters did not move in those rounds)."""
-
-
-class NonFiniteError(RuntimeError):
-    """A loss, weight or hypergradient became NaN/inf; the last good checkpoint is kept."""
-
-    def __init__(self, message: str, *, round: int, name: str, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.round = round
-        self.name = name
-        self.checkpoint = checkpoint
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -114,16 +109,6 @@ class TrainResult:
     skip_reasons: dict[str, int] = field(default_factory=dict)
 
 
-@contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    was = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,
              loss_fn: PerExampleLoss = cross_entropy, batch_size: int = 4096) -> dict[str, float]:
     """``{<set>_loss, <set>_acc}`` of the model in evaluation mode on each named ``(x, y)``."""
@@ -142,16 +127,20 @@ def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,
 
 
 def _rng_state() -> dict[str, Any]:
-    # numpy's legacy global state is saved too: user code (augmentations) may draw from it. Both the
-    # Python and the numpy state become tensors and plain values (numpy's holds a uint32 ndarray,
+    # numpy's legacy global state is saved too (user code, augmentations say, may draw from it), but
+    # only when numpy is already imported: the trainer needs only torch, and a process that never
+    # imported numpy has drawn nothing from it. (torch imports numpy itself when it is installed.)
+    # Python's and numpy's states become tensors and plain values (numpy's holds a uint32 ndarray,
     # which weights_only=True would refuse); every value survives the round trip exactly.
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     st: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        st["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -161,9 +150,15 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     py = st["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = st["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],  # noqa: NPY002
-                         npy["has_gauss"], npy["cached_gaussian"]))
+    if "numpy" in st:
+        try:
+            import numpy as np
+        except ImportError:   # saved where numpy was installed: here nothing can draw from it
+            pass
+        else:
+            npy = st["numpy"]
+            np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],  # noqa: NPY002
+                                 npy["has_gauss"], npy["cached_gaussian"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -189,104 +184,11 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return st
 
 
-def _skip_reason(e: HypergradientError, method: Method) -> str:
-    # A fixed phrase per cause (the messages carry numbers), so that skips can be counted by reason.
-    if isinstance(e, NeumannDivergenceError):
-        return "Neumann series diverged"
-    return f"{type(method).__name__} met negative curvature"
-
-
-def _solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]], method: Method,
-                        policy: SolverPolicy) -> tuple[dict[str, Tensor], Info, dict[str, Any]]:
-    """``call(method)``; on a solver failure with ``policy="damp"``, retries with a safer method.
-
-    Returns the hypergradient, its info and what the retry used (empty if none), or raises the
-    last failure (the caller skips that hyper step or re-raises it).
-    """
-    try:
-        return (*call(method), {})
-    except (NeumannDivergenceError, NegativeCurvatureError) as e:
-        if policy != "damp":
-            raise
-        err: HypergradientError = e
-    damping, alpha = 0.0, None
-    for _ in range(_MAX_RETRIES):
-        if isinstance(err, NegativeCurvatureError) and isinstance(method, CG):
-            # As hg.Auto does: δ from twice the curvature found, grown until CG runs through
-            # (a Rayleigh quotient under-estimates |λ_min|), a Levenberg-style step.
-            curv = abs(err.curvature) if math.isfinite(err.curvature) else 0.0
-            damping = 2.0 * (damping + curv) or 1e-8
-            retry: Method = CG(iters=method.iters, tol=method.tol, damping=method.damping + damping)
-            used: dict[str, Any] = {"solver_retry": "damping", "solver_damping": method.damping + damping}
-        elif isinstance(err, NeumannDivergenceError) and isinstance(method, Neumann) and \
-                math.isfinite(err.safe_alpha) and err.safe_alpha > 0:
-            # The error's safe α = 1/λ_max first; if even that diverges (negative curvature), halve it:
-            # the growth (1 + α|λ_min|)^K of the series shrinks with α.
-            if alpha is None:
-                first = err.safe_alpha if method.alpha == "auto" else float(method.alpha)
-                alpha = err.safe_alpha if first > err.safe_alpha else first / 2
-            elif alpha <= err.safe_alpha / 2 ** _MAX_ALPHA_RETRIES:
-                raise err
-            else:
-                alpha = min(err.safe_alpha, alpha / 2)
-            retry = Neumann(iters=method.iters, alpha=alpha, power_iters=method.power_iters,
-                            max_growth=method.max_growth)
-            used = {"solver_retry": "alpha", "solver_alpha": alpha}
-        else:
-            raise err   # no safer variant of this method: the caller skips the step
-        try:
-            return (*call(retry), used)
-        except (NeumannDivergenceError, NegativeCurvatureError) as e:
-            err = e
-    raise err
-
-
 def _first_nonfinite_param(model: nn.Module) -> str | None:
     for k, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             return k
     return None
-
-
-class _Losses:
-    """Builds ``L_T`` and ``L_V`` for one batch each, through the families' hooks."""
-
-    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: PerExampleLoss) -> None:
-        self.model = model
-        self.families = families
-        self.loss_fn = loss_fn
-        self.copy_buffers = functional_model(model)   # buffers copied per call: for the hypergradient
-
-        def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-            # Parameters substituted, buffers the module's own: batch norm's running statistics
-            # are updated by inner steps, as in ordinary training.
-            out: Tensor = torch.func.functional_call(model, dict(params), (x,))
-            return out
-
-        self.live: Forward = live
-
-    def train(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Batch, *,
-              forward: Forward) -> Tensor:
-        for fam in self.families:
-            batch = fam.batch(batch, hparams)
-            forward = fam.forward(forward, hparams)
-        with _mode(self.model, True):
-            losses = self.loss_fn(forward(params, batch.x), batch.y)
-        loss: Tensor | None = None
-        for fam in self.families:
-            r = fam.reduce(losses, batch, hparams)
-            if r is not None:
-                loss = r
-        loss = losses.mean() if loss is None else loss
-        for fam in self.families:
-            pen = fam.penalty(params, hparams)
-            if pen is not None:
-                loss = loss + pen
-        return loss
-
-    def val(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        with _mode(self.model, False):
-            return self.loss_fn(self.copy_buffers(params, batch.x), batch.y).mean()
 
 
 def _stream(n: int, batch_size: int, seed: int) -> BatchStream:
@@ -300,6 +202,148 @@ def _batch(stream: BatchStream, x: Tensor, y: Tensor) -> Batch:
     return Batch(x[i.to(x.device)], y[i.to(y.device)], i)
 
 
+@dataclass
+class _Run:
+    """The training state of :func:`fit`: what a checkpoint holds, and the counts of the run so far.
+
+    ``hyper`` (``None`` without hyperparameters) holds the hyperparameters, their optimizer and the
+    hyper-step counts; ``streams`` the positions in the data ("train" for inner steps, "hyper" for
+    the hyper steps' ``L_T``, "val" for their ``L_V``); ``history`` one metrics record per round.
+    """
+
+    model: nn.Module
+    objective: Objective
+    inner_opt: torch.optim.Optimizer
+    hyper: HyperOptimizer | None
+    streams: dict[str, BatchStream]
+    ck_path: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_round: int = 0
+    resumed_from: int | None = None
+    last_good: Path | None = None
+    elapsed0: float = 0.0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def hparams(self) -> dict[str, Tensor]:
+        return self.hyper.hparams if self.hyper is not None else {}
+
+    @property
+    def skipped(self) -> int:
+        return self.hyper.skipped if self.hyper is not None else 0
+
+    @property
+    def retried(self) -> int:
+        return self.hyper.retried if self.hyper is not None else 0
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def restore(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path`` (its metrics file is cut back to it)."""
+        st = _read_checkpoint(path)
+        self.model.load_state_dict(st["model"])
+        for k in self.hparams:
+            if k not in st["hparams"]:
+                raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
+                               "it was written by another setup")
+        self.inner_opt.load_state_dict(st["inner_opt"])
+        if self.hyper is not None:
+            self.hyper.load_state_dict({
+                "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"], "solver": None,
+                "steps": int(st["round"]), "skipped": int(st["skipped"]),
+                "retried": int(st.get("retried", 0)), "skip_reasons": st.get("skip_reasons", {})})
+        for k, s in self.streams.items():
+            s.load_state_dict(st["streams"][k])
+        _set_rng_state(st["rng"])
+        self.history, self.start_round = list(st["metrics"]), int(st["round"])
+        self.elapsed0, self.resumed_from, self.last_good = float(st["elapsed_s"]), self.start_round, path
+        _write_metrics(path.parent / METRICS, self.history)   # drop the lines written after that checkpoint
+
+    def save(self, r: int) -> None:
+        """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state."""
+        if self.ck_path is None:
+            return
+        hp = self.hparams
+        bad = _first_nonfinite_param(self.model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
+        if bad is not None:   # defensive: the checks of each round should have stopped the run already
+            raise NonFiniteError(f"round {r}: {bad!r} is not finite; not saving over {self.ck_path}",
+                                 round=r, name=bad, checkpoint=self.last_good)
+        hyper = self.hyper
+        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "skipped": self.skipped,
+                     "retried": self.retried,
+                     "skip_reasons": dict(hyper.skip_reasons) if hyper is not None else {},
+                     "model": self.model.state_dict(),
+                     "hparams": {k: t.detach().clone() for k, t in hp.items()},
+                     "inner_opt": self.inner_opt.state_dict(),
+                     "hyper_opt": hyper.optimizer.state_dict() if hyper is not None else None,
+                     "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
+                     "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
+        self.last_good = self.ck_path
+
+    def stop(self, r: int, name: str, what: str) -> NonFiniteError:
+        last = self.last_good
+        where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written"
+        return NonFiniteError(f"round {r}: {what} {name!r} is not finite (NaN or inf){where}. Lower the "
+                              "learning rates or the hyper learning rate, or check the data.",
+                              round=r, name=name, checkpoint=last, what=what)
+
+
+def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) -> float:
+    """``n_steps`` steps of the inner optimizer on ``L_T(w, λ)``, λ fixed; the mean loss."""
+    lam_fixed = tree.detach(run.hparams)
+    total = 0.0
+    for _ in range(n_steps):
+        b = _batch(run.streams["train"], *train)
+        run.inner_opt.zero_grad(set_to_none=True)
+        loss = run.objective.train(dict(run.model.named_parameters()), lam_fixed, b,
+                                   forward=run.objective.live)
+        if not bool(torch.isfinite(loss)):
+            raise run.stop(r, "inner_loss", "the training loss")
+        loss.backward()
+        run.inner_opt.step()
+        total += float(loss.detach())
+    bad = _first_nonfinite_param(run.model)
+    if bad is not None:
+        raise run.stop(r, bad, "the weight")
+    return total / n_steps
+
+
+def _hyper_step(run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor],
+                val: tuple[Tensor, Tensor], r: int) -> HyperStep:
+    """One hyper step on a fresh training batch (``L_T``) and a validation batch (``L_V``)."""
+    bt, bv = _batch(run.streams["hyper"], *train), _batch(run.streams["val"], *val)
+    try:
+        return hyper.step(bt, bv)
+    except NonFiniteError as e:
+        raise run.stop(r, e.name, e.what) from e
+
+
+def _log(rec: dict[str, Any], metrics_f: IO[str] | None, callbacks: Sequence[Callback]) -> None:
+    if metrics_f is not None:
+        metrics_f.write(json_dumps(rec) + "\n")
+        metrics_f.flush()
+    for cb in callbacks:
+        cb(rec)
+
+
+def _warn_skipped(run: _Run, planned: int, policy: SolverPolicy) -> None:
+    if not run.skipped or run.hyper is None:
+        return
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(run.hyper.skip_reasons.items()))
+    warnings.warn(f"{run.skipped} of {planned} hyper steps were skipped ({why}); the hyperparameters did not "
+                  "change in those rounds. The model is far from a minimum of the training loss there "
+                  "(indefinite Hessian): train longer between hyper steps (inner_steps, warmup_steps)"
+                  + ("" if policy == "damp" else ", or use on_solver_error='damp'") + ".",
+                  SkippedHyperStepsWarning, stacklevel=3)
+
+
+def _check_args(**ints_with_min: tuple[int, int]) -> None:
+    for nm, (v, lo) in ints_with_min.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{nm} must be an integer >= {lo}, got {v!r}")
+
+
 def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tensor],
         val: tuple[Tensor, Tensor], *, rounds: int, inner_steps: int, warmup_steps: int = 0,
         inner_optimizer: OptimizerFactory | None = None, hyper_optimizer: OptimizerFactory | None = None,
@@ -308,7 +352,10 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None = None, eval_every: int = 1,
         callbacks: Sequence[Callback] = (), checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 10, resume: bool = False,
-        on_solver_error: SolverPolicy = "damp") -> TrainResult:
+        on_solver_error: SolverPolicy = "damp",
+        project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
+        before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
+        after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = ()) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -337,192 +384,86 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             too; ``"skip"`` skips it; ``"raise"`` raises the solver's error. Skipped steps leave the
             hyperparameters unchanged, are counted (``skipped``, ``skip_reason`` per round) and end
             the run with a :class:`SkippedHyperStepsWarning`.
+        project: ``project(hparams)`` after every applied hyper step (clamp or project the
+            unconstrained tensors in place, or return new values), as in
+            :class:`~hypergradients.hyper.HyperOptimizer`.
+        before_hyper_step, after_hyper_step: hooks ``f(hyper)`` and ``f(hyper, result)`` around
+            every hyper step (e.g. re-initialise the weights); ``hyper`` is the
+            :class:`~hypergradients.hyper.HyperOptimizer` the trainer uses.
 
     Raises:
         NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
         UnreadableFileError: ``resume=True`` and the checkpoint cannot be read (names it; nothing deleted).
     """
-    for nm, v, lo in (("rounds", rounds, 0), ("inner_steps", inner_steps, 1),
-                      ("warmup_steps", warmup_steps, 0), ("batch_size", batch_size, 1),
-                      ("eval_every", eval_every, 1), ("checkpoint_every", checkpoint_every, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{nm} must be an integer >= {lo}, got {v!r}")
+    _check_args(rounds=(rounds, 0), inner_steps=(inner_steps, 1), warmup_steps=(warmup_steps, 0),
+                batch_size=(batch_size, 1), eval_every=(eval_every, 1),
+                checkpoint_every=(checkpoint_every, 1))
     if on_solver_error not in ("damp", "skip", "raise"):
         raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
     t_start = time.perf_counter()
-    method = Neumann(iters=20, alpha="auto") if method is None else method
-    weights: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
-    inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(weights)
-    hp: dict[str, Tensor] = {}
-    for fam in families:
-        for k, t in fam.tensors().items():
-            if k in hp:
-                raise ValueError(f"hyperparameter key {k!r} is used by two families: "
-                                 "give them distinct names")
-            hp[k] = t
-    hyper_factory = hyper_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-2))
-    hyper_opt = hyper_factory(list(hp.values())) if hp else None
-    losses = _Losses(model, families, loss_fn)
-    n_val = len(val[1])
-    streams = {"train": _stream(len(train[1]), batch_size, seed),
-               "hyper": _stream(len(train[1]), hyper_batch_size or batch_size, seed + 1),
-               "val": _stream(n_val, val_batch_size or n_val, seed + 2)}
+    inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
+        [p for p in model.parameters() if p.requires_grad])
+    batch_loss = _on_targets(loss_fn)
+    # No solver state across rounds (warm_start=False): the trainer's numbers stay those of
+    # independent hyper steps, as they always were (a warm start would change every run's results).
+    hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
+                           project=project, before_step=before_hyper_step, after_step=after_hyper_step,
+                           on_solver_error=on_solver_error, warm_start=False) \
+        if collect_hparams(families) else None
+    n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ck_path = ckdir / CHECKPOINT if ckdir is not None else None
-    history: list[dict[str, Any]] = []
-    start_round, skipped, retried, resumed_from, elapsed0 = 0, 0, 0, None, 0.0
-    reasons: Counter[str] = Counter()
-    last_good: Path | None = None
+    run = _Run(model, hyper.objective if hyper is not None else Objective(model, families, batch_loss),
+               inner_opt, hyper,
+               {"train": _stream(n_train, batch_size, seed),
+                "hyper": _stream(n_train, hyper_batch_size or batch_size, seed + 1),
+                "val": _stream(n_val, val_batch_size or n_val, seed + 2)},
+               ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start)
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
-    if resume and ck_path is not None and ck_path.exists():
-        st = _read_checkpoint(ck_path)
-        model.load_state_dict(st["model"])
-        with torch.no_grad():
-            for k, t in hp.items():
-                if k not in st["hparams"]:
-                    raise KeyError(f"checkpoint {ck_path} has no hyperparameter {k!r}: "
-                                   "it was written by another setup")
-                t.copy_(st["hparams"][k])
-        inner_opt.load_state_dict(st["inner_opt"])
-        if hyper_opt is not None:
-            hyper_opt.load_state_dict(st["hyper_opt"])
-        for k, s in streams.items():
-            s.load_state_dict(st["streams"][k])
-        _set_rng_state(st["rng"])
-        history, start_round, skipped = list(st["metrics"]), int(st["round"]), int(st["skipped"])
-        retried = int(st.get("retried", 0))
-        reasons.update({str(k): int(v) for k, v in st.get("skip_reasons", {}).items()})
-        elapsed0 = float(st["elapsed_s"])
-        resumed_from = start_round
-        last_good = ck_path
-        if ckdir is not None:
-            _write_metrics(ckdir / METRICS, history)   # drop the lines written after that checkpoint
-
-    def checkpoint(r: int) -> None:
-        nonlocal last_good
-        if ck_path is None:
-            return
-        bad = _first_nonfinite_param(model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
-        if bad is not None:   # defensive: the checks below should have stopped the run already
-            raise NonFiniteError(f"round {r}: {bad!r} is not finite; not saving over {ck_path}",
-                                 round=r, name=bad, checkpoint=last_good)
-        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "skipped": skipped, "retried": retried,
-                     "skip_reasons": dict(reasons), "model": model.state_dict(),
-                     "hparams": {k: t.detach().clone() for k, t in hp.items()},
-                     "inner_opt": inner_opt.state_dict(),
-                     "hyper_opt": hyper_opt.state_dict() if hyper_opt is not None else None,
-                     "streams": {k: s.state_dict() for k, s in streams.items()}, "rng": _rng_state(),
-                     "metrics": history, "elapsed_s": elapsed0 + time.perf_counter() - t_start}, ck_path)
-        last_good = ck_path
-
-    def stop(r: int, name: str, what: str) -> NonFiniteError:
-        where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written"
-        return NonFiniteError(f"round {r}: {what} {name!r} is not finite (NaN or inf){where}. Lower the "
-                              "learning rates or the hyper learning rate, or check the data.",
-                              round=r, name=name, checkpoint=last_good)
-
-    if ckdir is not None and resumed_from is None:
-        write_atomic(ckdir / METRICS, "")   # a fresh run starts a fresh metrics file
+        if resume and (ckdir / CHECKPOINT).exists():
+            run.restore(ckdir / CHECKPOINT)
+        else:
+            write_atomic(ckdir / METRICS, "")   # a fresh run starts a fresh metrics file
     metrics_f = open(ckdir / METRICS, "a") if ckdir is not None else None
     try:
-        for r in range(start_round, rounds):
-            rec: dict[str, Any] = {"round": r + 1}
-            lam_fixed = tree.detach(hp)
-            train_sum, n_steps = 0.0, inner_steps + (warmup_steps if r == 0 else 0)
-            for _ in range(n_steps):
-                b = _batch(streams["train"], *train)
-                inner_opt.zero_grad(set_to_none=True)
-                loss = losses.train(dict(model.named_parameters()), lam_fixed, b, forward=losses.live)
-                if not bool(torch.isfinite(loss)):
-                    raise stop(r + 1, "inner_loss", "the training loss")
-                loss.backward()
-                inner_opt.step()
-                train_sum += float(loss.detach())
-            bad = _first_nonfinite_param(model)
-            if bad is not None:
-                raise stop(r + 1, bad, "the weight")
-            rec["inner_loss"] = train_sum / n_steps   # mean over the round's batches, penalties included
-            rec["inner_steps"] = (r + 1) * inner_steps + warmup_steps
-            if hyper_opt is not None:
-                bt, bv = _batch(streams["hyper"], *train), _batch(streams["val"], *val)
-                w = tree.detach(dict(model.named_parameters()))
-
-                def call(m: Method, bt: Batch = bt, bv: Batch = bv, w: dict[str, Tensor] = w,
-                         lam: dict[str, Tensor] = lam_fixed) -> tuple[dict[str, Tensor], Info]:
-                    return hypergradient(
-                        lambda p, h: losses.val(p, bv),
-                        lambda p, h: losses.train(p, h, bt, forward=losses.copy_buffers),
-                        w, lam, method=m, return_info=True)
-
-                try:
-                    g, info, used = _solve_with_retries(call, method, on_solver_error)
-                except (NeumannDivergenceError, NegativeCurvatureError) as e:
-                    if on_solver_error == "raise":
-                        raise
-                    skipped += 1
-                    rec["skip_reason"] = _skip_reason(e, method)
-                    reasons[rec["skip_reason"]] += 1
-                except HypergradientError as e:
-                    msg = str(e)
-                    if "is not finite" in msg and "'" in msg:   # the hypergradient of one key
-                        raise stop(r + 1, msg.split("'")[1], "the hypergradient of") from e
-                    if "non-finite" in msg:   # a loss on the hyper step's batches
-                        raise stop(r + 1, "val_loss" if msg.startswith("outer_loss") else "inner_loss",
-                                   "on the hyper step's batch, the loss") from e
-                    raise
-                else:
-                    # Only now is any hyperparameter changed: a bad hypergradient leaves λ as it was.
-                    rec.update(hyper_val_loss=info.outer_loss, hypergrad_norm=float(tree.norm(g)),
-                               hvps=info.hvps,
-                               residual=info.residual if info.residual is not None else float("nan"))
-                    rec.update({f"solver_{k}": v for k, v in info.extra.items()})
-                    if used:
-                        retried += 1
-                        rec.update(used)
-                    hyper_opt.zero_grad(set_to_none=True)
-                    for k, t in hp.items():
-                        t.grad = g[k]
-                    hyper_opt.step()
-                    bad_h = tree.first_nonfinite(tree.detach(hp))
-                    if bad_h is not None:
-                        raise stop(r + 1, bad_h, "the hyperparameter")
+        for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
+            n_steps = inner_steps + (warmup_steps if r == 1 else 0)
+            rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
+                                   "inner_steps": r * inner_steps + warmup_steps}
+            if hyper is not None:
+                rec.update(_hyper_step(run, hyper, train, val, r).metrics())
             for fam in families:
                 rec.update(fam.summary())
-            if eval_sets and ((r + 1) % eval_every == 0 or r + 1 == rounds):
+            if eval_sets and (r % eval_every == 0 or r == rounds):
                 rec.update(evaluate(model, eval_sets, loss_fn=loss_fn))
-            rec["skipped"] = skipped
-            rec["retried"] = retried
-            rec["time_s"] = elapsed0 + time.perf_counter() - t_start
-            history.append(rec)
-            if metrics_f is not None:
-                metrics_f.write(json_dumps(rec) + "\n")
-                metrics_f.flush()
-            for cb in callbacks:
-                cb(rec)
-            if (r + 1) % checkpoint_every == 0 or r + 1 == rounds:
-                checkpoint(r + 1)
+            rec.update(skipped=run.skipped, retried=run.retried, time_s=run.elapsed())
+            run.history.append(rec)
+            _log(rec, metrics_f, callbacks)
+            if r % checkpoint_every == 0 or r == rounds:
+                run.save(r)
     finally:
         if metrics_f is not None:
             metrics_f.close()
-    final = dict(history[-1]) if history else {}
+    planned = len(run.history) if hyper is not None else 0
+    _warn_skipped(run, planned, on_solver_error)
     nat: dict[str, Tensor] = {}
     for fam in families:
         nat.update(fam.natural())
-    planned = len(history) if hyper_opt is not None else 0
-    if skipped:
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        warnings.warn(f"{skipped} of {planned} hyper steps were skipped ({why}); the hyperparameters did not "
-                      "change in those rounds. The model is far from a minimum of the training loss there "
-                      "(indefinite Hessian): train longer between hyper steps (inner_steps, warmup_steps)"
-                      + ("" if on_solver_error == "damp" else ", or use on_solver_error='damp'") + ".",
-                      SkippedHyperStepsWarning, stacklevel=2)
-    return TrainResult(metrics=history, final=final, rounds=rounds,
-                       hyperparameters=sum(t.numel() for t in hp.values()), skipped_hyper_steps=skipped,
-                       wall_s=elapsed0 + time.perf_counter() - t_start, resumed_from=resumed_from,
-                       checkpoint=ck_path if ck_path is not None and ck_path.exists() else None, natural=nat,
-                       hyper_steps=planned - skipped, retried_hyper_steps=retried, skip_reasons=dict(reasons))
+    ck = run.ck_path
+    return TrainResult(metrics=run.history, final=dict(run.history[-1]) if run.history else {}, rounds=rounds,
+                       hyperparameters=sum(t.numel() for t in run.hparams.values()),
+                       skipped_hyper_steps=run.skipped, wall_s=run.elapsed(), resumed_from=run.resumed_from,
+                       checkpoint=ck if ck is not None and ck.exists() else None, natural=nat,
+                       hyper_steps=planned - run.skipped, retried_hyper_steps=run.retried,
+                       skip_reasons=dict(hyper.skip_reasons) if hyper is not None else {})
+
+
+def _on_targets(loss_fn: PerExampleLoss) -> Callable[[Tensor, Batch], Tensor]:
+    """The trainer's ``loss_fn(predictions, y)`` as the hyper step's ``loss_fn(outputs, batch)``."""
+    def batch_loss(outputs: Tensor, batch: Batch) -> Tensor:
+        return loss_fn(outputs, batch.y)
+    return batch_loss
 
 
 class TensorBoardCallback:
