@@ -16,6 +16,7 @@ from .errors import (
 )
 from .files import OutputPathError, UnreadableFileError
 from .hparams import Family, WeightDecay
+from .hyper import HyperOptimizer, HyperStep
 from .methods import (
     CG,
     Auto,
@@ -43,6 +44,8 @@ __all__ = [
     "Exact",
     "Family",
     "Forward",
+    "HyperOptimizer",
+    "HyperStep",
     "HypergradientError",
     "Identity",
     "Info",
