@@ -395,3 +395,26 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(a["hp"][k], b["hp"][k]), k
     lines = [json.loads(s) for s in (run_dir / METRICS).read_text().splitlines()]
     assert [r["round"] for r in lines] == list(range(1, 13))   # rows after the checkpoint rewritten, not doubled
+
+
+def test_fit_projects_hyperparameters_and_runs_hooks_around_each_hyper_step() -> None:
+    """Unprojected, this run pushes the decay from 1e-4 above 5e-3 (see the first test); a clamp of
+    log d at log 1e-3 holds it there exactly, and the hooks see every hyper step in order."""
+    train, val = _overfit_problem()
+    torch.manual_seed(0)
+    model = nn.Linear(40, 2).to(DT)
+    seen: list[tuple[str, int]] = []
+    cap = math.log(1e-3)
+
+    def clamp(hp: dict[str, torch.Tensor]) -> None:
+        hp["weight_decay"].clamp_(max=cap)
+
+    res = fit(model, [WeightDecay(model, granularity="global", init=1e-4)], train, val, rounds=20, inner_steps=20,
+              inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+              hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3), method=hg.CG(iters=30, tol=1e-8),
+              batch_size=30, project=clamp,
+              before_hyper_step=[lambda h: seen.append(("before", h.steps))],
+              after_hyper_step=[lambda h, r: seen.append(("after", h.steps))])
+    assert float(res.natural["weight_decay"]) == pytest.approx(1e-3, rel=1e-12)
+    assert max(r["weight_decay"] for r in res.metrics) <= 1e-3 * (1 + 1e-12)
+    assert seen == [(w, i + (w == "after")) for i in range(20) for w in ("before", "after")]

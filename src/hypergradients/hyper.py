@@ -421,6 +421,9 @@ class HyperOptimizer:
             if self.project is not None:
                 with torch.no_grad():
                     new = self.project(dict(self.hparams))
+                    if new is not None and not isinstance(new, Mapping):
+                        raise TypeError("project must return None (after changing the tensors in place) or a "
+                                        f"dict of new values by key, got {type(new).__name__}")
                     if new is not None:
                         for k, v in new.items():
                             if k not in self.hparams:
