@@ -5,11 +5,12 @@ implicit differentiation (``hg.Neumann(iters=K)`` at w*, whose memory does not d
     .venv/bin/python benchmarks/memory_vs_k.py                 # writes docs/memory_vs_k.png + .json
     .venv/bin/python benchmarks/memory_vs_k.py --ks 10 30 100 --d 100
 
-Every point runs in its own subprocess (``hypergradients.bench.run_isolated``): the peak is that
-call's extra resident memory (VmHWM after a reset, see ``hypergradients/bench.py``), one warm-up
-and ``--repeats`` timed calls. Problem: the per-feature-L2 logistic regression of the benchmark at a
-smaller size (default d=200, 3000 training rows: per-step buffers of 24 KB, which the allocator
-maps and unmaps individually, so resident memory tracks them) so that K=1000 runs in reasonable time.
+Every point runs in its own subprocess (``hypergradients.experiments.bench.run_isolated``): the
+peak is that call's extra resident memory (VmHWM after a reset, see
+``hypergradients/experiments/bench.py``), one warm-up and ``--repeats`` timed calls. Problem: the
+per-feature-L2 logistic regression of the benchmark at a smaller size (default d=200, 3000
+training rows: per-step buffers of 24 KB, which the allocator maps and unmaps individually, so
+resident memory tracks them) so that K=1000 runs in reasonable time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hypergradients import bench
+from hypergradients.experiments import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {

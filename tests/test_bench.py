@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import hypergradients as hg
-from hypergradients import bench, cli, tree
+from hypergradients import cli, tree
+from hypergradients.experiments import bench
 from hypergradients.files import UnreadableFileError
 
 

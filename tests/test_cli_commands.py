@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from hypergradients import HypergradientError, bench, cli
-from hypergradients.analysis.compare import CompareConfig
-from hypergradients.analysis.explain import ExplainConfig
+from hypergradients import HypergradientError, cli
+from hypergradients.experiments import bench
+from hypergradients.experiments.compare import CompareConfig
+from hypergradients.experiments.explain import ExplainConfig
 
-# the modules (hypergradients.analysis re-exports functions of the same names)
-explain_mod = importlib.import_module("hypergradients.analysis.explain")
-compare_mod = importlib.import_module("hypergradients.analysis.compare")
+# the modules (whose functions explain and compare the experiments call)
+explain_mod = importlib.import_module("hypergradients.experiments.explain")
+compare_mod = importlib.import_module("hypergradients.experiments.compare")
 
 # explain and compare on settings small enough for a test (well under a second of compute)
 EXPLAIN_TINY = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3", "--no-figures"]
@@ -205,30 +206,39 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(command: str, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------------------------- list
-def test_list_shows_experiments_and_commands(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
+    # explain, compare and bench are experiments now (they were listed as "commands"): each line says
+    # what it does, its --smoke run, where its settings are, and the sub-command of its own name.
     assert cli.main(["list"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("weight-decay  ")
-    for command in ("explain", "compare", "bench"):
-        line = next(ln for ln in text.splitlines() if ln.startswith(command + " "))
+    for name in ("explain", "compare", "bench"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
         assert len(line.split()) > 3   # says what it does
-        assert f"hypergradients {command} --smoke" in text
+        assert f"hypergradients run {name} --smoke" in text and f"hypergradients list {name}" in text
+        assert f"also hypergradients {name} [flags]" in text
     assert "hypergradients run weight-decay --smoke" in text
     assert cli.main(["list", "--json"]) == 0
     items = json.loads(capsys.readouterr().out)
-    assert items[0]["name"] == "weight-decay" and items[0]["kind"] == "experiment"
+    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench"]
     by = {i["name"]: i for i in items}
-    for command in ("explain", "compare", "bench"):
-        assert by[command]["kind"] == "command" and by[command]["smoke"] == f"hypergradients {command} --smoke"
-        assert by[command]["summary"]
+    for name in ("explain", "compare", "bench"):
+        assert by[name]["kind"] == "experiment" and by[name]["smoke"] == f"hypergradients run {name} --smoke"
+        assert by[name]["command"] == f"hypergradients {name}" and by[name]["summary"]
+        assert by[name]["resumable"] is False
+    assert by["weight-decay"]["resumable"] is True and "command" not in by["weight-decay"]
 
 
-def test_list_one_command_and_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_one_experiment_shows_its_settings_and_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["list", "explain"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("explain: ") and "hypergradients explain --help" in text
+    assert "theorem.steps" in text and "[--smoke: [1, 10, 100]]" in text
     assert cli.main(["list", "bench", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == "bench"
+    item = json.loads(capsys.readouterr().out)
+    assert item["name"] == "bench"
+    iters = next(s for s in item["settings"] if s["key"] == "iters")
+    assert iters["default"] == 20 and iters["smoke"] == 5
     assert cli.main(["list", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "unknown experiment 'nope', nor a command" in err and "explain" in err and "weight-decay" in err
+    assert "unknown experiment 'nope'" in err and "explain" in err and "weight-decay" in err

@@ -26,7 +26,9 @@ from hypergradients.report import markdown_table, text_table
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+# The experiments that train (metrics.jsonl, checkpoints); explain, compare and bench are tested in
+# test_registry.py, test_explain.py, test_compare.py and test_bench.py.
+@pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.resumable))
 def test_smoke_runs(name: str, tmp_path: Path) -> None:
     exp = get(name)
     cfg = resolve(exp.schema, smoke=exp.smoke)

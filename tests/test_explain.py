@@ -1,4 +1,4 @@
-"""`hypergradients explain` and :mod:`hypergradients.analysis.explain`.
+"""`hypergradients explain` and :mod:`hypergradients.experiments.explain`.
 
 The numbers the command reports are re-derived here independently, in float64, from the dense
 closed forms: the Hessian against autograd, the exact hypergradient against finite differences
@@ -16,9 +16,9 @@ import torch
 
 import hypergradients as hg
 from hypergradients import tree
-from hypergradients.analysis import problems as AP
-from hypergradients.analysis.explain import ExplainConfig, ExplainResult, explain
 from hypergradients.cli import main as cli_main
+from hypergradients.experiments import problems as AP
+from hypergradients.experiments.explain import ExplainConfig, ExplainResult, explain
 
 DT = torch.float64
 CFG = ExplainConfig.quick(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
@@ -71,10 +71,6 @@ def _dense_truncated(prob: AP.BilevelProblem, alpha: float, K: int, T: int) -> t
         J = J - alpha * (prob.hessian_fn(w, prob.hparams) @ J + _mixed(prob, w))
         w = tree.unflatten(tree.flatten(w) - alpha * _flat_grad(prob.inner_loss, w, prob.hparams), w)
     return J.T @ _flat_grad(prob.outer_loss, w, prob.hparams)
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(a @ b / (a.norm() * b.norm()))
 
 
 # ---------------------------------------------------------------------------------- the problem
@@ -161,7 +157,7 @@ def test_theorem_holds_to_float64(result: ExplainResult, prob: AP.BilevelProblem
         for _ in range(K):
             p, term = p + term, term - alpha * (H @ term)
         g = -(M.T @ (alpha * p))
-        assert row["cosine"] == pytest.approx(_cos(g, exact), abs=1e-12)
+        assert row["cosine"] == pytest.approx(AP.cosine({"g": g}, {"g": exact}), abs=1e-12)
         assert row["rel_dist"] == pytest.approx(float((g - exact).norm() / exact.norm()), rel=1e-9)
         assert row["weight_drift"] <= 1e-13  # from w* the iterates do not move
         assert row["neumann_hvps"] == K - 1
@@ -178,7 +174,7 @@ def test_cold_start_matches_the_dense_recurrence(result: ExplainResult, prob: AP
     dense = _dense_unrolled(prob, result.alpha, (10, 100))
     for K, g in dense.items():
         # Reverse and forward mode through the same K steps: rounding only (1e-10 allows K=100).
-        assert rows[K]["cosine"] == pytest.approx(_cos(g, exact), abs=1e-10)
+        assert rows[K]["cosine"] == pytest.approx(AP.cosine({"g": g}, {"g": exact}), abs=1e-10)
         assert rows[K]["rel_dist"] == pytest.approx(float((g - exact).norm() / exact.norm()), rel=1e-9)
     # The path converges, and with it the hypergradient (measured 0.9995 at K = 300).
     assert rows[300]["cosine"] > 0.99 > rows[10]["cosine"]
@@ -191,7 +187,7 @@ def test_truncated_tends_to_neumann_T(result: ExplainResult, prob: AP.BilevelPro
     rows = {r["K"]: r for r in result.truncated}
     assert min(rows) >= T and rows[T]["cosine"] == result.cold_start[1]["cosine"]  # K = T: full
     g = _dense_truncated(prob, result.alpha, 100, T)
-    assert rows[100]["cosine"] == pytest.approx(_cos(g, exact), abs=1e-10)
+    assert rows[100]["cosine"] == pytest.approx(AP.cosine({"g": g}, {"g": exact}), abs=1e-10)
     # Approaches the T-term Neumann cosine (not 1): the gap shrinks as w_{K−T} → w*.
     gaps = [abs(rows[K]["cosine"] - result.neumann_T_cosine) for K in sorted(rows)]
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-3
@@ -199,7 +195,7 @@ def test_truncated_tends_to_neumann_T(result: ExplainResult, prob: AP.BilevelPro
 
 
 def test_mistaken_derivation(result: ExplainResult, prob: AP.BilevelProblem) -> None:
-    from hypergradients.analysis.explain import mistaken_hypergradient
+    from hypergradients.experiments.explain import mistaken_hypergradient
 
     alpha = result.alpha
     exact = tree.flatten(prob.exact)
@@ -217,7 +213,7 @@ def test_mistaken_derivation(result: ExplainResult, prob: AP.BilevelProblem) -> 
         w = tree.unflatten(tree.flatten(w) - alpha * _flat_grad(prob.inner_loss, w, prob.hparams), w)
     g = -alpha * Msum.T @ _flat_grad(prob.outer_loss, w, prob.hparams)
     row = next(r for r in result.mistaken if r["K"] == K)
-    assert row["cosine"] == pytest.approx(_cos(g, exact), abs=1e-10)
+    assert row["cosine"] == pytest.approx(AP.cosine({"g": g}, {"g": exact}), abs=1e-10)
     # It never converges: the direction heads for the one-term Neumann one, the length grows.
     dists = [r["rel_dist"] for r in result.mistaken]
     assert dists == sorted(dists) and dists[-1] > 10

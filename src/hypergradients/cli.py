@@ -2,6 +2,8 @@
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only wires them together, so the modules stay independent.
+``explain``, ``compare`` and ``bench`` are registered experiments like ``weight-decay``
+(``hypergradients run explain``); their sub-commands map their flags to its settings.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from collections.abc import Sequence
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("hypergradients.commands.run", "run an experiment (Algorithm 1) and write its run folder"),
+    "run": ("hypergradients.commands.run", "run a registered experiment and write its run folder"),
     "list": ("hypergradients.commands.list",
-             "list everything runnable: the experiments and the explain, compare and bench commands"),
+             "list the registered experiments (weight-decay, explain, compare, bench) and their settings"),
     "explain": ("hypergradients.commands.explain",
-                "show, with numbers, how the optimization path fits into the implicit derivation"),
+                "show, with numbers, how the optimization path fits into the implicit derivation "
+                "(= run explain)"),
     "compare": ("hypergradients.commands.compare",
-                "compare inverse-Hessian approximations against the exact hypergradient"),
-    "bench": ("hypergradients.commands.bench", "time our hypergradient methods on this machine"),
+                "compare inverse-Hessian approximations against the exact hypergradient (= run compare)"),
+    "bench": ("hypergradients.commands.bench",
+              "time our hypergradient methods on this machine (= run bench)"),
 }
 
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..analysis.compare import CompareConfig
+from typing import Any
 
 METHODS = ("Identity", "Neumann", "CG", "Nystrom", "Unrolled")
 PROBLEMS = ("diabetes", "breast-cancer", "digits")
@@ -24,15 +20,16 @@ hypergradient to the exact one (dense solve), against the number of Hessian-vect
   Unrolled   h steps of gradient descent from 0     ~h HVPs  (one backward per step)
 
 Problems: diabetes (sklearn, ridge regression), digits (softmax regression) by default;
-breast-cancer (binary logistic) also available. Writes compare.json, compare.md (the table)
-and compare.png into --out.
+breast-cancer (binary logistic) also available. Writes config.toml, compare.json, compare.md
+(the table), compare.png and report.md into --out. The same as `hypergradients run compare`
+(settings: `hypergradients list compare`): --budgets 0,1,2 is --set budgets=[0,1,2].
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..analysis._cli import add_common, int_list, str_list
+    from ._flags import add_common, int_list, str_list
 
-    add_common(parser, default_out="runs/compare", result="compare.json")
+    add_common(parser, name="compare", result="compare.json")
     parser.add_argument("--problems", type=str_list(PROBLEMS), metavar="P,P",
                         help="comma-separated, from diabetes, breast-cancer, digits "
                              "(default diabetes,digits; --smoke diabetes,breast-cancer)")
@@ -43,60 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(METHODS)} (default all)")
 
 
-def _config(args: argparse.Namespace) -> CompareConfig:
-    from ..analysis.compare import CompareConfig  # imported here: `--help` stays fast
-
-    over: dict[str, Any] = {"seed": args.seed}
-    for key in ("problems", "budgets", "methods"):
-        if getattr(args, key) is not None:
-            over[key] = getattr(args, key)
-    return CompareConfig.quick(**over) if args.smoke else CompareConfig(**over)
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as settings of the ``compare`` experiment (``None``: not given)."""
+    return {"seed": args.seed, "threads": args.threads, "figures": False if args.no_figures else None,
+            **{k: None if getattr(args, k) is None else list(getattr(args, k))
+               for k in ("problems", "budgets", "methods")}}
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis._cli import check_out, threads
-    from ..analysis.compare import compare
-    from ..analysis.figures import compare_figure
-    from ..errors import HypergradientError
-    from ..files import json_dumps, write_atomic
-    from ..progress import Progress
+    from ._flags import run_alias
 
-    try:
-        cfg = _config(args)
-        cfg.validate()
-    except (HypergradientError, ValueError) as e:
-        print(f"hypergradients compare: error: {e}", file=sys.stderr)
-        return 2
-    out = check_out("compare", args.out)
-    if out is None:
-        return 2
-    try:
-        with threads(args.threads), Progress(cfg.cost(), desc="compare", enabled=not args.quiet) as bar:
-            result = compare(cfg, progress=bar.update)
-    except (HypergradientError, ValueError) as e:
-        print(f"hypergradients compare: error: {e}", file=sys.stderr)
-        return 2
-    summary = result.to_json()
-    table = result.table()
-    main_file = out / "compare.json"
-    try:
-        figure = None if args.no_figures else compare_figure(result, out)
-        summary["figures"] = [] if figure is None else [figure.name]
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(main_file, json_dumps(summary, indent=2) + "\n")
-        write_atomic(out / "compare.md", table + "\n")
-    except OSError as e:   # checked before the work, but a disk can still fill up or a folder vanish
-        print(f"hypergradients compare: error: cannot write into --out {str(out)!r}: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json_dumps(summary, indent=2))
-    elif args.quiet:
-        print(main_file)
-    else:
-        print("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
-              "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
-              "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
-        print(table)
-        written = [main_file, out / "compare.md"] + ([] if figure is None else [figure])
-        print("Wrote " + ", ".join(str(p) for p in written))
-    return 0
+    return run_alias("compare", args, settings(args))

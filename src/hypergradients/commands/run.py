@@ -12,20 +12,26 @@ from typing import Any
 DESCRIPTION = """\
 Run a registered experiment (see `hypergradients list`) and write its run folder:
   config.toml     the resolved configuration
-  metrics.jsonl   one line per round (all arms, tagged); <arm>/metrics.jsonl per arm
-  <arm>/checkpoint.pt   model, hyperparameters, optimizer states, RNG and data position
-  *.png, report.md      figures and the report, whose path is printed at the end
+  report.md       the report, whose path is printed at the end; figures as *.png beside it
+  weight-decay:   metrics.jsonl (one line per round, all arms) and per arm <arm>/metrics.jsonl,
+                  <arm>/checkpoint.pt (model, hyperparameters, optimizer states, RNG, data position)
+  explain, compare, bench:  explain.json / compare.json (+ compare.md) / bench.json, the numbers
 
 Settings come from the experiment's defaults, then --smoke, then --config FILE.toml, then
 --set key=value (repeatable; values are TOML: 5, 1e-3, true, [64, 64], adam), then --seed and
 --threads. Every value, the data it asks for and the paths are checked before any work starts;
 a refusal exits with status 2 and writes nothing. Ctrl-C prints the command that resumes.
+explain, compare and bench keep no checkpoints (they recompute): --resume is refused for them,
+and running one again into the same --out replaces its files.
 
 examples:
   hypergradients run weight-decay
   hypergradients run weight-decay --smoke --out /tmp/wd
   hypergradients run weight-decay --set train.rounds=50 --set arms='["global","weight"]'
   hypergradients run weight-decay --out runs/wd --resume     # continue a killed run
+  hypergradients run explain --set theorem.steps=[1,10,100]
+  hypergradients run compare --smoke --set methods='["CG","Neumann"]'
+  hypergradients run bench --smoke --json
 """
 
 
@@ -39,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder (default: runs/<experiment>-<UTC timestamp>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoints, bit-for-bit")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="where to compute (default cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="where to compute (default cpu; bench: overrides its `device` setting)")
     parser.add_argument("--seed", type=int, help="overrides the `seed` setting")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="overrides the `threads` setting (torch's CPU threads)")
@@ -65,12 +71,17 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
 
     exp = get(args.experiment)
     extra = {k: v for k, v in (("seed", args.seed), ("threads", args.threads)) if v is not None}
+    if args.device is not None and "device" in exp.schema:
+        extra["device"] = args.device
     for k in extra:
         if k not in exp.schema:
             raise ConfigError(f"experiment {exp.name!r} has no {k} setting; drop --{k}")
     user_file = read_toml(check_input_file(args.config, option="--config")) if args.config else {}
     requested = resolve(exp.schema, smoke=exp.smoke if args.smoke else None, file=user_file, sets=args.sets,
                         extra=extra)
+    if args.resume and not exp.resumable:
+        raise ConfigError(f"experiment {exp.name!r} keeps no checkpoints to resume (it recomputes everything "
+                          "in one go); drop --resume and run it again")
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
@@ -92,20 +103,82 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
                                                                        for k in diff)
                                   + "; drop them, or start a new run with another --out")
         return exp, saved, out
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = Path(args.out) if args.out else Path("runs") / f"{exp.name}-{stamp}{'-smoke' if args.smoke else ''}"
-    if out.exists() and (out / "config.toml").exists():
+    out = Path(args.out) if args.out else default_out(exp.name, smoke=args.smoke)
+    # A run that keeps no checkpoints is simply recomputed: its files are replaced, as before.
+    if exp.resumable and out.exists() and (out / "config.toml").exists():
         raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume or choose "
                           "another --out")
     return exp, requested, out
 
 
+def default_out(name: str, *, smoke: bool = False) -> Path:
+    """``runs/<name>-<UTC timestamp>`` (``-smoke`` appended for the tiny configuration)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path("runs") / f"{name}-{stamp}{'-smoke' if smoke else ''}"
+
+
 def resume_command(args: argparse.Namespace, out: Path) -> str:
     """The shell command that continues this run (with ``--device``/``--tensorboard``: not settings)."""
     cmd = ["hypergradients", "run", args.experiment, "--out", str(out), "--resume"]
-    cmd += ["--device", args.device] if args.device != "cpu" else []
+    cmd += ["--device", args.device] if args.device not in (None, "cpu") else []
     cmd += ["--tensorboard"] if args.tensorboard else []
     return shlex.join(cmd)
+
+
+def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool = False,
+            progress: bool = True, device: str | None = None, tensorboard: bool = False,
+            resume_hint: str | None = None) -> Any:
+    """Run ``exp`` with the resolved ``cfg`` into ``out``: the shared path of ``run`` and its aliases.
+
+    Checks the world (``exp.check``: data, sizes, devices) before the folder is made, then runs.
+    Returns the :class:`~hypergradients.experiments.ExperimentResult`, or an exit status after an
+    error line ``prog: error: ...`` on stderr (2: refused before any work, or an unreadable
+    checkpoint; 1: the computation failed; 130: interrupted).
+    """
+    from ..config import ConfigError
+
+    def fail(msg: str, code: int = 2) -> int:
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return code
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    if tensorboard:
+        try:
+            import torch.utils.tensorboard
+        except ImportError:
+            return fail("--tensorboard needs the tensorboard package: "
+                        "pip install 'hypergradients[tensorboard]'")
+    from ..data import DataFormatError, DataUnavailableError
+    from ..errors import HypergradientError
+    from ..experiments import RunContext
+    from ..files import UnreadableFileError
+    from ..train import NonFiniteError
+
+    try:
+        # What the configuration asks of the world (the data and its sizes), still before any file.
+        data = exp.check(cfg) if exp.check is not None else None
+    except ConfigError as e:
+        return fail(str(e))
+    ctx = RunContext(config=cfg, out=out, device=torch.device(device or "cpu"), resume=resume,
+                     progress=progress, tensorboard=tensorboard, data=data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return exp.run(ctx)
+    except KeyboardInterrupt:
+        print("interrupted" + (f"; to continue this run: {resume_hint}" if resume_hint else ""),
+              file=sys.stderr)
+        return 130
+    except UnreadableFileError as e:   # nothing is deleted: the message gives the choices
+        return fail(str(e), 2)
+    except (NonFiniteError, HypergradientError) as e:
+        return fail(str(e), 1)
+    except (DataUnavailableError, DataFormatError) as e:
+        return fail(str(e), 1)
+    except OSError as e:   # --out was checked before the work, but a disk can fill up or a folder vanish
+        return fail(f"cannot write into --out {str(out)!r}: {e}", 1)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -117,53 +190,27 @@ def main(args: argparse.Namespace) -> int:
         check_output_dir(out)
     except (ConfigError, KeyError, OutputPathError) as e:
         return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda: no CUDA device is available to torch here; use --device cpu")
-    if args.tensorboard:
-        try:
-            import torch.utils.tensorboard
-        except ImportError:
-            return _fail("--tensorboard needs the tensorboard package: "
-                         "pip install 'hypergradients[tensorboard]'")
-    from ..data import DataFormatError, DataUnavailableError
-    from ..errors import HypergradientError
-    from ..experiments import RunContext
-    from ..files import UnreadableFileError, json_dumps
+    res = execute(exp, cfg, out, prog="hypergradients run", resume=args.resume, progress=not args.quiet,
+                  device=args.device, tensorboard=args.tensorboard,
+                  resume_hint=resume_command(args, out) if exp.resumable else None)
+    if isinstance(res, int):
+        return res
+    from ..files import json_dumps
     from ..report import text_table
-    from ..train import NonFiniteError
 
-    try:
-        # What the configuration asks of the world (the data and its sizes), still before any file.
-        data = exp.check(cfg) if exp.check is not None else None
-    except ConfigError as e:
-        return _fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(config=cfg, out=out, device=torch.device(args.device), resume=args.resume,
-                     progress=not args.quiet, tensorboard=args.tensorboard, data=data)
-    try:
-        res = exp.run(ctx)
-    except KeyboardInterrupt:
-        print(f"interrupted; to continue this run: {resume_command(args, out)}", file=sys.stderr)
-        return 130
-    except UnreadableFileError as e:   # nothing is deleted: the message gives the choices
-        return _fail(str(e), 2)
-    except (NonFiniteError, HypergradientError) as e:
-        return _fail(str(e), 1)
-    except (DataUnavailableError, DataFormatError) as e:
-        return _fail(str(e), 1)
     if args.json:
-        print(json_dumps({"experiment": exp.name, "title": res.title, "out": str(res.out),
-                          "report": str(res.report), "columns": res.columns, "rows": res.rows,
-                          "notes": res.notes, "wall_s": res.wall_s}))
+        doc = {"experiment": exp.name, "title": res.title, "out": str(res.out), "report": str(res.report),
+               "columns": res.columns, "rows": res.rows, "notes": res.notes, "wall_s": res.wall_s}
+        if res.result is not None:   # explain, compare, bench: the result file's content too
+            doc.update(result_file=str(res.result_file), result=res.result)
+        print(json_dumps(doc))
     elif args.quiet:
         print(res.report)
     else:
         print(res.title)
-        print(text_table(res.columns, res.rows))
+        print(res.text if res.text is not None else text_table(res.columns, res.rows))
         for n in res.notes:
             print(f"- {n}")
         print(f"total wall time: {res.wall_s:.1f} s")
         print(f"report: {res.report}")
-    return 0
+    return res.exit_code

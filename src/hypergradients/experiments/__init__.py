@@ -1,24 +1,55 @@
-"""Experiments, registered by name: ``hypergradients run <name>``, ``hypergradients list``.
+"""The application layer: everything runnable, registered by name (``hypergradients run <name>``,
+``hypergradients list``).
 
 Each module defines an :class:`~.base.Experiment` (name, configuration schema, ``--smoke``
-overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY` below.
+overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
+
+* ``weight-decay`` (:mod:`.weight_decay`) — the paper's per-weight weight-decay experiment;
+* ``explain`` (:mod:`.explain`) — the Neumann–SGD theorem and the optimization path, with numbers;
+* ``compare`` (:mod:`.compare`) — inverse-Hessian approximations per Hessian-vector product;
+* ``bench`` (:mod:`.bench`) — time, memory and accuracy of our methods against a plain loop.
+
+:mod:`.problems` holds the bilevel problems with known answers that explain, compare, the
+benchmarks and the tests share. The registry is built on first use, so that a subprocess that
+needs one module (the benchmark's case runner) does not import them all.
 """
 
 from __future__ import annotations
 
-from .base import Experiment, ExperimentResult, RunContext
-from .weight_decay import EXPERIMENT as _weight_decay
+import importlib
+from typing import Any
 
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (_weight_decay,)}
+from .base import Experiment, ExperimentResult, RunContext
+
+# name -> module defining EXPERIMENT, in the order `hypergradients list` shows them
+MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain", "compare": "compare",
+                           "bench": "bench"}
+_registry: dict[str, Experiment] = {}
+
+
+def registry() -> dict[str, Experiment]:
+    """Every registered experiment by name (imported on the first call)."""
+    if not _registry:
+        for name, module in MODULES.items():
+            exp: Experiment = importlib.import_module(f"{__name__}.{module}").EXPERIMENT
+            assert exp.name == name, (exp.name, name)
+            _registry[name] = exp
+    return _registry
+
+
+def __getattr__(name: str) -> Any:   # REGISTRY, built on first access
+    if name == "REGISTRY":
+        return registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get(name: str) -> Experiment:
     """The experiment called ``name`` (``KeyError`` listing the registered ones)."""
     try:
-        return REGISTRY[name]
+        return registry()[name]
     except KeyError:
-        raise KeyError(f"unknown experiment {name!r}; registered: {', '.join(REGISTRY)} "
+        raise KeyError(f"unknown experiment {name!r}; registered: {', '.join(MODULES)} "
                        "(see `hypergradients list`)") from None
 
 
-__all__ = ["REGISTRY", "Experiment", "ExperimentResult", "RunContext", "get"]
+__all__ = ["MODULES", "REGISTRY", "Experiment", "ExperimentResult", "RunContext", "get", "registry"]

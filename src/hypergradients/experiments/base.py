@@ -1,9 +1,15 @@
 """What an experiment is: a name, a configuration schema, a ``--smoke`` override, a ``run`` and an
-optional ``check`` of what the configuration asks of the world (data files, sizes) before any work."""
+optional ``check`` of what the configuration asks of the world (data files, sizes) before any work.
+
+Every runnable thing of the application layer (the paper's experiments, ``explain``, ``compare``,
+``bench``) is one, so all share one configuration system, one tiny configuration and one run folder:
+``config.toml`` (resolved), the result file (JSON), figures (PNG) and ``report.md``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,14 @@ class RunContext:
 
 @dataclass
 class ExperimentResult:
-    """A finished run: its summary table, the notes that interpret it, and where the report is."""
+    """A finished run: its summary table, the notes that interpret it, and where the report is.
+
+    ``result_file`` is the run's main result (JSON) and ``result`` its content, where the experiment
+    writes one (``explain.json``, ``compare.json``, ``bench.json``); ``text`` is a readable account
+    printed instead of the table when the table alone would not say enough; ``files`` are the files
+    written besides ``config.toml``; ``exit_code`` is nonzero when the run finished but part of it
+    failed (a benchmark case that crashed or timed out).
+    """
 
     title: str
     columns: list[str]
@@ -44,6 +57,11 @@ class ExperimentResult:
     out: Path
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    result: dict[str, Any] | None = None
+    result_file: Path | None = None
+    text: str | None = None
+    files: list[Path] = field(default_factory=list)
+    exit_code: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,10 @@ class Experiment:
     it raises :class:`~hypergradients.config.ConfigError` (naming the key) for values the schema
     cannot judge alone, such as a data size larger than the dataset, and returns what ``run`` may
     reuse as :attr:`RunContext.data`.
+
+    ``resumable=False`` marks an experiment that keeps no checkpoints (it recomputes in seconds or
+    minutes): ``--resume`` is refused with that reason, and running again into the same ``--out``
+    replaces its files instead of being refused.
     """
 
     name: str
@@ -62,3 +84,24 @@ class Experiment:
     smoke: Mapping[str, Any]
     run: Callable[[RunContext], ExperimentResult]
     check: Callable[[Config], Any] | None = None
+    resumable: bool = True
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads, restoring the previous count (callers in-process, tests)."""
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_report(out: Path, title: str, body: list[str]) -> Path:
+    """``out/report.md``: a ``# title`` line, then ``body`` (markdown lines), written atomically."""
+    from ..files import write_atomic
+
+    return write_atomic(out / "report.md", "\n".join([f"# {title}", "", *body, ""]))

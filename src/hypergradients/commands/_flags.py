@@ -1,4 +1,9 @@
-"""Small helpers shared by the ``explain``, ``compare`` and ``bench`` commands (arguments, output).
+"""The ``explain``, ``compare`` and ``bench`` sub-commands as aliases of registered experiments.
+
+``hypergradients explain --steps 1,10`` is ``hypergradients run explain --set theorem.steps=[1,10]``
+with the command's own output (the readable account, ``--json`` the result file's content,
+``--quiet`` its path): each command maps its flags to settings (:func:`run_alias`), and the run
+itself is :func:`hypergradients.commands.run.execute`, the same as ``run``'s.
 
 Kept free of torch at import time: ``hypergradients --help`` builds every sub-command's parser.
 """
@@ -6,9 +11,8 @@ Kept free of torch at import time: ``hypergradients --help`` builds every sub-co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +59,10 @@ def add_smoke(parser: argparse.ArgumentParser, *, help: str) -> None:
     parser.add_argument("--quick", dest="smoke", action=_DeprecatedSmoke)
 
 
-def add_out(parser: argparse.ArgumentParser, *, default_out: str, what: str) -> None:
-    parser.add_argument("--out", metavar="DIR", default=default_out,
-                        help=f"folder for {what} (default: {default_out}); checked before any work")
+def add_out(parser: argparse.ArgumentParser, *, name: str, what: str) -> None:
+    parser.add_argument("--out", metavar="DIR",
+                        help=f"run folder for config.toml, {what} and report.md (default: runs/{name}-<UTC "
+                             "timestamp>; written again if it holds an earlier run); checked before any work")
 
 
 def add_quiet_json(parser: argparse.ArgumentParser, *, result: str) -> None:
@@ -66,13 +71,14 @@ def add_quiet_json(parser: argparse.ArgumentParser, *, result: str) -> None:
                         help=f"no progress display and no account: stdout gets only the path of {result}")
 
 
-def add_common(parser: argparse.ArgumentParser, *, default_out: str, result: str) -> None:
-    add_out(parser, default_out=default_out, what="the JSON, table and PNG figures")
+def add_common(parser: argparse.ArgumentParser, *, name: str, result: str) -> None:
+    add_out(parser, name=name, what=f"{result}, the PNG figures")
     add_smoke(parser, help="small settings (seconds; what the tests run)")
     add_quiet_json(parser, result=result)
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--seed", type=int, default=0, help="data split and weight-decay draw (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--no-figures", action="store_true",
+                        help="skip the PNG figures (setting figures=false)")
+    parser.add_argument("--seed", type=int, help="data split and weight-decay draw (default 0)")
+    parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default 1: these problems are too small to gain "
                              "from more, and extra threads only contend on a shared machine)")
 
@@ -92,16 +98,37 @@ def check_out(command: str, out: str) -> Path | None:
         return None
 
 
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run with ``n`` torch intra-op threads, restoring the previous count (callers in-process, tests)."""
-    import torch
+def run_alias(name: str, args: argparse.Namespace, settings: Mapping[str, Any]) -> int:
+    """Run the registered experiment ``name`` with ``settings`` (flags mapped to its dotted keys).
 
-    if n < 1:
-        raise ValueError(f"--threads must be >= 1, got {n}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    Settings resolve as for ``run``: defaults, ``--smoke``, then ``settings``; ``--out`` defaults to
+    ``runs/<name>-<UTC timestamp>``. Prints the readable account (``account(result)``, else the
+    experiment's text) and the files written; ``--json`` the result file's content; ``--quiet`` its path.
+    """
+    from ..config import ConfigError, resolve
+    from ..experiments import get
+    from ..files import json_dumps
+    from .run import default_out, execute
+
+    prog = f"hypergradients {name}"
+    exp = get(name)
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        cfg = resolve(exp.schema, smoke=exp.smoke if args.smoke else None,
+                      extra={k: v for k, v in settings.items() if v is not None})
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    out = check_out(name, args.out if args.out else str(default_out(name, smoke=args.smoke)))
+    if out is None:
+        return 2
+    res = execute(exp, cfg, out, prog=prog, progress=not args.quiet)
+    if isinstance(res, int):
+        return res
+    if args.json:
+        print(json_dumps(res.result, indent=2))
+    elif args.quiet:
+        print(res.result_file)
+    else:
+        print(res.text)
+        print("\nWrote " + ", ".join(str(f) for f in res.files))
+    return int(res.exit_code)

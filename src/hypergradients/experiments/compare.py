@@ -25,11 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hypergradients as hg
 
-from .problems import BilevelProblem, cosine, load_problem, rel_dist
+from ..config import Config, ConfigError, Option
+from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
 
 Progress = Callable[[int], None]
 METHODS = ("Identity", "Neumann", "CG", "Nystrom", "Unrolled")
@@ -180,3 +183,96 @@ def compare(config: CompareConfig | None = None, *, progress: Progress | None = 
         timings[f"{name}_problem"] = t1 - t0
         timings[f"{name}_methods"] = time.perf_counter() - t1
     return CompareResult(cfg, out, timings)
+
+
+# ------------------------------------------------------------------------- the registered experiment
+SCHEMA: dict[str, Option] = {
+    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
+                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
+                       unique=True),
+    "budgets": Option(list(CompareConfig.budgets), "HVP budgets h", list, item=int, low=0, nonempty=True),
+    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
+                      nonempty=True, unique=True),
+    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
+                          positive=True),
+    "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
+    "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
+    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
+                      int, low=2, auto=True),
+    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
+                        positive=True),
+    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
+    "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
+    "threads": Option(1, "torch intra-op threads (1: these problems are too small to gain from more)", int,
+                      low=1),
+    "figures": Option(True, "write compare.png", bool),
+}
+# The same settings as CompareConfig.quick(): the two sklearn problems, budgets up to 20 (seconds).
+SMOKE: dict[str, Any] = {"problems": ["diabetes", "breast-cancer"], "budgets": [0, 1, 2, 5, 10, 20]}
+
+
+def compare_config(cfg: Config) -> CompareConfig:
+    """The :class:`CompareConfig` of a resolved configuration (dotted keys of :data:`SCHEMA`)."""
+    return CompareConfig(problems=tuple(cfg["problems"]), budgets=tuple(cfg["budgets"]),
+                         methods=tuple(cfg["methods"]), alpha_scale=cfg["alpha_scale"],
+                         identity_scale=cfg["identity_scale"], cg_tol=cfg["cg_tol"],
+                         n_train=None if cfg["n_train"] == "auto" else cfg["n_train"],
+                         decay=(cfg["decay.low"], cfg["decay.high"]), seed=cfg["seed"])
+
+
+def check(cfg: Config) -> CompareConfig:
+    """Values the schema cannot judge alone (α's range, the decay interval), before any work."""
+    if cfg["decay.low"] > cfg["decay.high"]:
+        raise ConfigError(f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
+                          f"({cfg['decay.high']:g}): low must not exceed high; swap them")
+    ccfg = compare_config(cfg)
+    try:
+        ccfg.validate()
+    except hg.HypergradientError as e:
+        raise ConfigError(str(e)) from None
+    return ccfg
+
+
+HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
+          "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
+          "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
+
+
+def run(ctx: RunContext) -> ExperimentResult:
+    """Measure, then write ``compare.json``, ``compare.md``, the figure and ``report.md`` into ``ctx.out``."""
+    from ..config import write_toml
+    from ..files import json_dumps, write_atomic
+    from ..progress import Progress
+
+    t0 = time.perf_counter()
+    cfg = ctx.config
+    ccfg = ctx.data if isinstance(ctx.data, CompareConfig) else check(cfg)
+    write_toml(cfg, ctx.out / "config.toml")
+    with threads(cfg["threads"]), Progress(ccfg.cost(), desc="compare", enabled=ctx.progress) as bar:
+        result = compare(ccfg, progress=bar.update)
+    summary = result.to_json()
+    table = result.table()
+    figures: list[Path] = []
+    if cfg["figures"]:
+        from .figures import compare_figure  # matplotlib: only when figures are drawn
+
+        figures = [compare_figure(result, ctx.out)]
+    summary["figures"] = [f.name for f in figures]
+    main_file = write_atomic(ctx.out / "compare.json", json_dumps(summary, indent=2) + "\n")
+    md = write_atomic(ctx.out / "compare.md", table + "\n")
+    title = "compare: inverse-Hessian approximations against the exact hypergradient, per HVP"
+    report = write_report(ctx.out, title, [HEADER.replace("\n", " ").strip(), "", table,
+                                           *[f"![{f.stem}]({f.name})" for f in figures]])
+    columns = ["problem", "method", "budget", "hvps", "cosine", "rel_dist"]
+    rows = [{"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
+            for pr in result.problems for m in pr.curves for h in result.table_budgets()
+            for p in [pr.at(m, h)] if p is not None and (m != "Identity" or h == 0)]
+    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out,
+                            wall_s=time.perf_counter() - t0, result=summary, result_file=main_file,
+                            text=HEADER + "\n" + table, files=[main_file, md, *figures, report])
+
+
+EXPERIMENT = Experiment(
+    name="compare",
+    summary="compare inverse-Hessian approximations against the exact hypergradient",
+    schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
