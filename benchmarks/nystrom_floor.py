@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from hypergradients import linear
+from hypergradients.operators import HessianOperator
 
 DT = torch.float64
 N = 400
@@ -63,13 +64,14 @@ def solve(name: str, H: torch.Tensor, v: dict[str, torch.Tensor], k: int, seed: 
         return {"w": xs["w"] @ H}  # rows are the vectors; H is symmetric
 
     lo, hi = lam
+    op = HessianOperator(mv, batched)
     run: dict[str, Callable[[], linear.Solve]] = {
-        "Nyström": lambda: linear.nystrom(batched, v, rank=k, seed=seed),
-        "Nyström floor=auto": lambda: linear.nystrom(batched, v, rank=k, seed=seed, floor="auto"),
-        "Nyström floor=λ_min": lambda: linear.nystrom(batched, v, rank=k, seed=seed, floor=lo),
-        "CG": lambda: linear.cg(mv, v, iters=k, tol=0.0),
-        "Neumann": lambda: linear.neumann(mv, v, iters=k + 1, alpha=1.0 / hi, residual=False),
-        "Identity": lambda: linear.identity(v, scale=1.0 / lo),
+        "Nyström": lambda: linear.nystrom(op, v, rank=k, seed=seed),
+        "Nyström floor=auto": lambda: linear.nystrom(op, v, rank=k, seed=seed, floor="auto"),
+        "Nyström floor=λ_min": lambda: linear.nystrom(op, v, rank=k, seed=seed, floor=lo),
+        "CG": lambda: linear.cg(op, v, iters=k, tol=0.0),
+        "Neumann": lambda: linear.neumann(op, v, iters=k + 1, alpha=1.0 / hi, residual=False),
+        "Identity": lambda: linear.identity(op, v, scale=1.0 / lo),
     }
     return run[name]().p
 

@@ -14,6 +14,7 @@ import torch
 import hypergradients as hg
 import problems as P
 from hypergradients import linear, tree
+from hypergradients.operators import HessianOperator
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
@@ -73,8 +74,8 @@ def test_cg_error_rule_on_a_diagonal_matrix() -> None:
     def err(s: linear.Solve) -> float:
         return float((s.p["x"] - 1.0).norm() / d.numel() ** 0.5)
 
-    plain = linear.cg(mv, v, iters=500, tol=1e-2)
-    ruled = linear.cg(mv, v, iters=500, tol=1e-2, error_tol=1e-2)
+    plain = linear.cg(HessianOperator(mv), v, iters=500, tol=1e-2)
+    ruled = linear.cg(HessianOperator(mv), v, iters=500, tol=1e-2, error_tol=1e-2)
     assert plain.converged and ruled.converged and ruled.hvps > plain.hvps
     assert err(ruled) <= 1e-2 < 0.1 < err(plain)
     # θ_min ≥ λ_min = 1, and once found to 15 %, the estimate bounds the error within that factor.
@@ -116,6 +117,6 @@ def test_a_damped_solve_leaves_no_unusable_curvature_estimate() -> None:
     _, info2 = hg_of(prob, hg.Auto(), state=state)
     assert info2.hvps < 200
     # A non-positive hint is ignored by CG itself too.
-    s = linear.cg(lambda x: {"x": 2.0 * x["x"]}, {"x": torch.ones(3, dtype=torch.float64)}, iters=10,
-                  tol=1e-2, error_tol=1e-2, lambda_min=-1.0)
+    s = linear.cg(HessianOperator(lambda x: {"x": 2.0 * x["x"]}), {"x": torch.ones(3, dtype=torch.float64)},
+                  iters=10, tol=1e-2, error_tol=1e-2, lambda_min=-1.0)
     assert s.converged and s.hvps == 1

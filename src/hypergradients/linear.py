@@ -1,16 +1,19 @@
 """Inverse-Hessian-vector solvers: ``p ≈ H⁻¹ v`` from Hessian-vector products only.
 
-Each solver takes ``matvec(x) = H x`` on trees (``dict[str, Tensor]``) and the right-hand side
-``v`` and returns a :class:`Solve` with the solution and what it cost. None of them forms
-``H`` except :func:`exact`, which refuses above a size limit.
+Every kernel has the signature ``kernel(op, v, *, options) -> Solve``: ``op`` a
+:class:`~hypergradients.operators.HessianOperator` (``op(x) = Hx`` on trees, ``op.mv_batched`` for
+a batch; damping is ``op.damped(δ)``, not a kernel option), ``v`` the right-hand side, and the
+:class:`Solve` holds the solution and what it cost. None of them forms ``H`` except :func:`exact`,
+which refuses above a size limit. The method objects (:mod:`hypergradients.solvers`) wrap these
+kernels in the one solver protocol ``solve(op, v, state) -> (p, state, stats)``.
 
 * :func:`identity` — ``p = s·v`` (T1−T2, Luketina et al. 2016): zero HVPs.
 * :func:`neumann` — ``p = α Σ_{j=0}^{K−1} (I − αH)^j v`` (Lorraine et al. 2020, Alg. 3), exactly
   K terms with the ``α`` factor: ``K−1`` HVPs. Since ``αH Σ_{j<K} (I−αH)^j = I − (I−αH)^K``, the
   residual is ``Hp − v = −(I−αH)^K v``: one more HVP gives it exactly.
-* :func:`cg` — conjugate gradient on ``(H + δI) p = v``; needs H positive definite and raises
-  :class:`~hypergradients.errors.NegativeCurvatureError` (returning no ``p``) when it meets
-  ``dᵀHd ≤ 0``. Optionally also stops on an error estimate from its Ritz values (``hg.Auto``).
+* :func:`cg` — conjugate gradient on ``A p = v`` (``A = op``, e.g. ``H + δI``); needs A positive
+  definite and raises :class:`~hypergradients.errors.NegativeCurvatureError` (returning no ``p``)
+  when it meets ``dᵀAd ≤ 0``. Optionally also stops on an error estimate from its Ritz values (``hg.Auto``).
 * :func:`nystrom` — a rank-k randomized Nyström approximation ``Ĥ = U Λ Uᵀ`` from one batched
   sketch ``Y = HΩ`` (k HVPs, Frangella, Tropp & Udell 2023; Hataya & Yamada 2023 use columns
   of H), then ``p = (Ĥ + ρI)⁻¹ v`` in closed form by the Woodbury identity; with ``floor=μ`` it
@@ -31,6 +34,7 @@ from torch import Tensor
 from . import tree
 from .derivatives import power_iteration
 from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError, ProblemTooLargeError
+from .operators import HessianOperator
 from .tree import Tree
 
 MatVec = Callable[[Tree], Tree]
@@ -59,32 +63,55 @@ def _rel(num: Tensor | float, den: float) -> float:
     return n / den if den > 0 else n
 
 
-def identity(v: Mapping[str, Tensor], *, scale: float = 1.0, matvec: MatVec | None = None) -> Solve:
-    """``p = scale · v``; with ``matvec`` given, one HVP reports the residual."""
+def relative_residual(op: HessianOperator, p: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> float:
+    """``‖op·p − v‖/‖v‖`` (one HVP); ``‖op·p‖`` when ``v = 0``."""
+    return _rel(tree.norm(tree.sub(op(p), v)), float(torch.linalg.vector_norm(tree.flatten(v))))
+
+
+def identity(op: HessianOperator, v: Mapping[str, Tensor], *, scale: float = 1.0,
+             residual: bool = False) -> Solve:
+    """``p = scale · v``: no HVP; ``residual=True``: one HVP reports ``‖Hp − v‖/‖v‖``."""
     p = tree.scale(v, scale)
-    if matvec is None:
+    if not residual:
         return Solve(p, 0, 0, None, None)
     vn = float(tree.norm(v))
-    r = tree.sub(matvec(p), v)
+    r = tree.sub(op(p), v)
     return Solve(p, 0, 1, _rel(tree.norm(r), vn), None)
 
 
-def estimate_lambda_max(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 20) -> float:
+def estimate_lambda_max(op: MatVec, like: Mapping[str, Tensor], *, iters: int = 20) -> float:
     """``λ_max(H)`` by power iteration (``iters`` HVPs); see :func:`~.derivatives.power_iteration`."""
-    return power_iteration(matvec, like, iters=iters)
+    return power_iteration(op, like, iters=iters)
+
+
+class SeriesGrewError(HypergradientError):
+    """A Neumann term outgrew ``stale_growth·‖v‖``: the ``α`` given is no longer safe for this H.
+
+    Raised only when :func:`neumann` is given ``stale_growth`` (a cached ``λ_max``): the caller
+    re-estimates ``λ_max`` and runs the series again. ``term`` is the index of the term.
+    """
+
+    def __init__(self, message: str, *, term: int) -> None:
+        super().__init__(message)
+        self.term = term
 
 
 _CHECK_EVERY = 4
 
 
-def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float,
-            residual: bool = True, max_growth: float = 10.0) -> Solve:
+def neumann(op: HessianOperator, v: Mapping[str, Tensor], *, iters: int, alpha: float,
+            residual: bool = True, max_growth: float = 10.0, stale_growth: float | None = None) -> Solve:
     """``p = α Σ_{j=0}^{K−1} (I − αH)^j v`` with ``K = iters`` (``K−1`` HVPs, one more for the residual).
 
     The series converges for SPD ``H`` iff ``0 < α < 2/λ_max(H)``; then every term is no larger
     than ``v``. A term that grows past ``max_growth·‖v‖`` (or becomes non-finite; checked every
     4th term and at the last) means the series diverges: a :class:`NeumannDivergenceError`
     names the estimated ``λ_max`` and a safe ``α = 1/λ_max``.
+
+    ``stale_growth=c`` (for an ``α`` from a cached ``λ_max``): a checked term above ``c·‖v‖`` raises
+    :class:`SeriesGrewError` first, so that the caller re-estimates ``λ_max``. With ``c = 1``
+    that is exact: for SPD ``H`` every eigenvalue of ``I − αH`` lies in ``(−1, 1)`` iff
+    ``α < 2/λ_max``, and then no term can exceed ``‖v‖``.
     """
     if iters < 1:
         raise HypergradientError(f"Neumann needs iters >= 1 (the number of series terms), got {iters}")
@@ -97,9 +124,12 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
 
     def check(t: Tree, j: int) -> None:
         tn = float(tree.norm(t))
+        if stale_growth is not None and not (tn <= stale_growth * max(vn, 1e-300)):
+            raise SeriesGrewError(f"Neumann term {j} grew to {tn:.3g} vs ‖v‖ = {vn:.3g} with alpha={alpha:g}",
+                                  term=j)
         if math.isfinite(tn) and tn <= max_growth * max(vn, 1e-300):
             return
-        lam = estimate_lambda_max(matvec, v)
+        lam = estimate_lambda_max(op, v)
         safe = 1.0 / lam if lam > 0 else float("nan")
         hint = ("" if alpha * lam < 2.0 else
                 f"; alpha·λ_max ≈ {alpha * lam:.3g} ≥ 2, so the series cannot converge")
@@ -112,7 +142,7 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
             lambda_max=lam, safe_alpha=safe)
 
     for j in range(1, iters):
-        hv = matvec(term)
+        hv = op(term)
         for k in term:  # term ← (I − αH) term, in place: no new buffers per iteration
             term[k].add_(hv[k], alpha=-alpha)
         hvps += 1
@@ -126,7 +156,7 @@ def neumann(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, alpha: float
     res: float | None = None
     if residual:
         # H p − v = −(I − αH)^K v: the next term of the series.
-        nxt = tree.axpy(-alpha, matvec(term), term)
+        nxt = tree.axpy(-alpha, op(term), term)
         hvps += 1
         res = _rel(tree.norm(nxt), vn)
     return Solve(p, iters, hvps, res, None, {"alpha": alpha})
@@ -151,10 +181,10 @@ def ritz_extremes(alphas: Sequence[float], betas: Sequence[float]) -> tuple[floa
     return float(th[0]), float(th[-1])
 
 
-def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10, damping: float = 0.0,
+def cg(op: HessianOperator, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10,
        x0: Mapping[str, Tensor] | None = None, error_tol: float | None = None,
        lambda_min: float | None = None) -> Solve:
-    """Conjugate gradient on ``A p = v``, ``A = H + δI``, at most ``iters`` HVPs.
+    """Conjugate gradient on ``A p = v`` with ``A = op`` (``H + δI`` for ``op.damped(δ)``): ≤ ``iters`` HVPs.
 
     Stops when ``‖r‖ ≤ tol·‖v‖`` (the recursively updated residual, so the check is free) and,
     with ``error_tol`` given, also ``‖r‖ ≤ error_tol·θ_min·‖p‖``. Since ``p − A⁻¹v = −A⁻¹r``, the
@@ -166,9 +196,9 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
     ``θ_max`` of ``A``, are reported as ``extra["lambda_min"]``/``["lambda_max"]`` and the estimate
     as ``extra["error_estimate"]`` whenever ``error_tol`` is given.
 
-    ``x0`` warm-starts (one extra HVP for the initial residual). A direction with
-    ``dᵀ(H + δI)d ≤ 0`` raises :class:`NegativeCurvatureError` (no ``p`` is returned): CG's
-    answer would be meaningless.
+    ``x0`` warm-starts (one extra HVP for the initial residual). ``extra["damping"]`` is the
+    operator's shift ``δ``. A direction with ``dᵀAd ≤ 0`` raises :class:`NegativeCurvatureError`
+    (no ``p`` is returned): CG's answer would be meaningless.
     """
     if iters < 0:
         raise HypergradientError(f"CG needs iters >= 0, got {iters}")
@@ -177,10 +207,7 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
     if error_tol is not None and not error_tol > 0:
         raise HypergradientError(f"CG needs error_tol > 0 (or None), got {error_tol}")
 
-    def A(x: Tree) -> Tree:
-        hx = matvec(x)
-        return hx if damping == 0.0 else tree.axpy(damping, x, hx)
-
+    A = op
     vn = float(tree.norm(v))
     hvps = 0
     if x0 is None:
@@ -196,7 +223,7 @@ def cg(matvec: MatVec, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-1
     rs = float(tree.dot(r, r))
     alphas: list[float] = []
     betas: list[float] = []
-    extra: dict[str, float] = {"damping": damping}
+    extra: dict[str, float] = {"damping": op.shift}
 
     def error_met() -> bool:
         # Only evaluated once the residual rule holds: a k×k eigenproblem and a norm, no HVP.
@@ -255,8 +282,8 @@ def _check_dense_size(n: int, max_size: int, what: str) -> None:
             "max_size if you have the memory.")
 
 
-def dense_hessian(batched_matvec: MatVec, like: Mapping[str, Tensor], *, chunk: int = 256) -> Tensor:
-    """The n×n Hessian from batched HVPs with the identity's columns (``n`` HVPs)."""
+def dense_hessian(op: HessianOperator, like: Mapping[str, Tensor], *, chunk: int = 256) -> Tensor:
+    """The n×n matrix of ``op`` from batched HVPs with the identity's columns (``n`` HVPs)."""
     flat = tree.flatten(like)
     n = flat.numel()
     cols = []
@@ -264,20 +291,21 @@ def dense_hessian(batched_matvec: MatVec, like: Mapping[str, Tensor], *, chunk: 
         m = min(chunk, n - start)
         eye = torch.zeros(m, n, dtype=flat.dtype, device=flat.device)
         eye[torch.arange(m), torch.arange(start, start + m)] = 1.0
-        hv = batched_matvec(tree.unflatten_rows(eye, like))
+        hv = op.mv_batched(tree.unflatten_rows(eye, like))
         cols.append(torch.cat([hv[k].reshape(m, -1) for k in like], dim=1))
     return torch.cat(cols, dim=0)
 
 
-def exact(batched_matvec: MatVec, v: Mapping[str, Tensor], *, damping: float = 0.0,
-          max_size: int = 5000) -> Solve:
-    """Dense solve ``(H + δI) p = v`` (n HVPs to build ``H``); refuses above ``max_size`` weights."""
+def exact(op: HessianOperator, v: Mapping[str, Tensor], *, max_size: int = 5000) -> Solve:
+    """Dense solve ``A p = v``, ``A = op`` (``H + δI`` for ``op.damped(δ)``; n HVPs to build it).
+
+    Refuses above ``max_size`` weights. ``extra["damping"]`` is the operator's shift.
+    """
     n = tree.numel(v)
     _check_dense_size(n, max_size, "hg.Exact")
-    H = dense_hessian(batched_matvec, v)
+    H = dense_hessian(op, v)  # the shift is on the diagonal already, exactly (σ·0 off it)
     H = 0.5 * (H + H.T)  # autograd's H is symmetric up to rounding
-    if damping:
-        H = H + damping * torch.eye(n, dtype=H.dtype, device=H.device)
+    damping = op.shift
     b = tree.flatten(v)
     try:
         x = torch.linalg.solve(H, b)
@@ -293,9 +321,28 @@ def exact(batched_matvec: MatVec, v: Mapping[str, Tensor], *, damping: float = 0
     return Solve(tree.unflatten(x, v), 1, n, res, True, {"damping": damping})
 
 
-def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
-            seed: int = 0, matvec: MatVec | None = None,
-            floor: float | Literal["auto"] | None = None) -> Solve:
+@dataclass
+class NystromFactor:
+    """A factored Nyström inverse: ``p = U diag(1/d) Uᵀv + (v − UUᵀv)/c`` (see :func:`nystrom`).
+
+    ``U`` (n×k) has orthonormal columns; ``d`` (k) and ``c`` are the inverse's eigenvalues on
+    ``span(U)`` and off it; ``extra`` the facts :func:`nystrom` reports (``rho``, ``floor``,
+    ``lambda_max``). Applying it costs no HVP: the factor can serve several right-hand sides.
+    """
+
+    U: Tensor
+    d: Tensor
+    c: float
+    extra: dict[str, float]
+
+    def apply(self, v: Mapping[str, Tensor]) -> Tree:
+        b = tree.flatten(v)
+        utb = self.U.T @ b
+        return tree.unflatten(self.U @ (utb / self.d) + (b - self.U @ utb) / self.c, v)
+
+
+def nystrom(op: HessianOperator, v: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
+            seed: int = 0, floor: float | Literal["auto"] | None = None, residual: bool = False) -> Solve:
     """``p ≈ H⁻¹ v`` from ``Ĥ = U diag(Λ) Uᵀ``, the rank-``k`` randomized Nyström approximation of ``H``.
 
     One batched sketch ``Y = HΩ`` with ``Ω`` an orthonormalised ``n×k`` Gaussian (k HVPs), then
@@ -325,8 +372,23 @@ def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: 
     sketch shows no floor (a spread-out spectrum): the plain ``rho``/``rho=None`` rule is used and
     ``extra["floor"]`` is 0.
 
-    ``matvec`` given: one more HVP reports the residual.
+    ``residual=True``: one more HVP reports the residual. The factor itself is
+    :func:`nystrom_factor`.
     """
+    factor = nystrom_factor(op, v, rank=rank, rho=rho, seed=seed, floor=floor)
+    p = factor.apply(v)
+    res: float | None = None
+    hvps = rank
+    if residual:
+        res = relative_residual(op, p, v)
+        hvps += 1
+    return Solve(p, rank, hvps, res, None, dict(factor.extra))
+
+
+def nystrom_factor(op: HessianOperator, like: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
+                   seed: int = 0, floor: float | Literal["auto"] | None = None) -> NystromFactor:
+    """The :class:`NystromFactor` of :func:`nystrom` (``rank`` HVPs in one batch), for ``like``'s shapes."""
+    v = like
     n = tree.numel(v)
     if not 1 <= rank <= n:
         raise HypergradientError(f"Nystrom rank must be in [1, {n}] (the number of weights), got {rank}")
@@ -338,7 +400,7 @@ def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, rank, generator=gen, dtype=b.dtype).to(b.device)
     omega, _ = torch.linalg.qr(omega)
-    Y = torch.cat([t.reshape(rank, -1) for t in batched_matvec(tree.unflatten_rows(omega.T.contiguous(), v))
+    Y = torch.cat([t.reshape(rank, -1) for t in op.mv_batched(tree.unflatten_rows(omega.T.contiguous(), v))
                    .values()], dim=1).T  # n×k
     mu = 0.0
     auto = floor == "auto"
@@ -384,25 +446,14 @@ def nystrom(batched_matvec: MatVec, v: Mapping[str, Tensor], *, rank: int, rho: 
     B = torch.linalg.solve_triangular(C, Ynu.T, upper=False).T  # Ynu C⁻ᵀ
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
     lam = torch.clamp(S * S - nu, min=0.0)
-    utb = U.T @ b
-    extra: dict[str, float] = {}
     if floor is not None:
         shift = mu + (rho or 0.0)
-        x = U @ (utb / (lam + shift)) + (b - U @ utb) / shift
-        extra = {"rho": rho or 0.0, "floor": mu, "lambda_max": float(lam.max()) + mu}
-    elif rho is None:
+        return NystromFactor(U, lam + shift, shift,
+                             {"rho": rho or 0.0, "floor": mu, "lambda_max": float(lam.max()) + mu})
+    if rho is None:
         low = max(float(lam.min()), float(lam.max()) * eps * n, torch.finfo(b.dtype).tiny)
-        x = U @ (utb / torch.clamp(lam, min=low)) + (b - U @ utb) / low
         extra = {"rho": low, "lambda_max": float(lam.max())}
         if auto:
             extra["floor"] = 0.0
-    else:
-        x = U @ (utb / (lam + rho)) + (b - U @ utb) / rho
-        extra = {"rho": rho, "lambda_max": float(lam.max())}
-    p = tree.unflatten(x, v)
-    res: float | None = None
-    hvps = rank
-    if matvec is not None:
-        res = _rel(tree.norm(tree.sub(matvec(p), v)), float(torch.linalg.vector_norm(b)))
-        hvps += 1
-    return Solve(p, rank, hvps, res, None, extra)
+        return NystromFactor(U, torch.clamp(lam, min=low), low, extra)
+    return NystromFactor(U, lam + rho, rho, {"rho": rho, "lambda_max": float(lam.max())})
