@@ -101,3 +101,78 @@ def test_a_state_of_other_weights_is_refused(logistic: P.Problem) -> None:
     renamed = {"other": next(iter(info.state.p.values()))}
     with pytest.raises(hg.StateMismatchError, match=r"missing \[.*\], unexpected \['other'\]"):
         hg_of(logistic, hg.CG(), state=info.state.replace(p=renamed))
+
+
+# ------------------------------------------------------------------ Neumann's cached λ_max
+def test_neumann_reuses_its_lambda_max_and_saves_the_power_iterations(logistic: P.Problem) -> None:
+    m = hg.Neumann(iters=20, power_iters=20)
+    g1, i1 = hg_of(logistic, m, state=m.init(logistic.params))
+    assert i1.hvps == 20 + 19 + 1 and i1.extra["lambda_max_age"] == 0  # power, series, residual
+    g2, i2 = hg_of(logistic, m, state=i1.state)
+    assert i2.hvps == 19 + 1 and i2.extra["lambda_max_age"] == 1
+    # The same point and the same λ_max: the same α, so the same series to the last bit.
+    assert i2.extra["lambda_max"] == i1.extra["lambda_max"] and i2.extra["alpha"] == i1.extra["alpha"]
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    # Without a state, as before: the power iterations at every call.
+    _, i0 = hg_of(logistic, m)
+    assert i0.hvps == 40
+
+
+def test_neumann_refreshes_lambda_max_every_n_calls(logistic: P.Problem) -> None:
+    m = hg.Neumann(iters=5, refresh_every=3)
+    state = hg.SolverState()
+    ages, hvps = [], []
+    for _ in range(7):
+        _, info = hg_of(logistic, m, state=state, residual=False)
+        ages.append(info.extra["lambda_max_age"])
+        hvps.append(info.hvps)
+    assert ages == [0, 1, 2, 0, 1, 2, 0]
+    assert hvps == [24, 4, 4, 24, 4, 4, 24]
+    with pytest.raises(hg.HypergradientError, match=r"Neumann\.refresh_every must be a positive integer, got 0"):
+        hg.Neumann(refresh_every=0)
+
+
+def test_neumann_refreshes_a_stale_lambda_max_when_the_series_grows(logistic: P.Problem) -> None:
+    # A cached λ_max a third of the true one gives α·λ_max ≈ 3 > 2: the series grows, the growth
+    # check (every 4th term, free) catches it at term 4, λ_max is re-estimated and the series
+    # rerun: the answer is the fresh one, bit for bit, at 4 wasted HVPs.
+    m = hg.Neumann(iters=20)
+    fresh, i0 = hg_of(logistic, m)
+    stale = hg.SolverState(method="Neumann", lambda_max=P.lambda_max(logistic) / 3)
+    g, info = hg_of(logistic, m, state=stale)
+    assert info.extra["refreshed_on_growth"] == 1.0 and info.extra["lambda_max_age"] == 0
+    assert all(torch.equal(g[k], fresh[k]) for k in g)
+    assert info.hvps == i0.hvps + 4
+    assert info.state is not None and info.state.lambda_max == i0.extra["lambda_max"]
+    # A cached λ_max that is merely a little off is kept: no growth, no refresh.
+    near = hg.SolverState(method="Neumann", lambda_max=1.2 * P.lambda_max(logistic))
+    _, info2 = hg_of(logistic, m, state=near)
+    assert "refreshed_on_growth" not in info2.extra and info2.hvps == 20
+
+
+# ------------------------------------------------------------------ Nyström's sketch
+def test_nystrom_reuses_its_sketch_while_it_stays_accurate(logistic: P.Problem) -> None:
+    m = hg.Nystrom(rank=6)
+    g1, i1 = hg_of(logistic, m, state=hg.SolverState(), residual=False)
+    # Fresh: rank HVPs, and one for the residual that later reuse is measured against.
+    assert i1.hvps == 6 + 1 and i1.residual is None and i1.state is not None
+    g2, i2 = hg_of(logistic, m, state=i1.state)
+    # Same point: the reused factor gives the same p (one HVP checks it), the same answer.
+    assert i2.hvps == 1 and i2.extra["sketch_reused"] == 1.0 and i2.iterations == 0
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    # A far point (λ moved by 3 in log space: H changes a lot): the check fails, it re-sketches.
+    far = {k: v + 3.0 for k, v in logistic.hparams.items()}
+    _, i3 = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, far, method=m,
+                             return_info=True, state=i2.state)
+    assert "sketch_reused" not in i3.extra and i3.hvps == 1 + 6 + 1
+    # reuse=None: a sketch at every call; other options: a new sketch, not an error.
+    _, i4 = hg_of(logistic, hg.Nystrom(rank=6, reuse=None), state=i1.state, residual=False)
+    assert i4.hvps == 6
+    _, i5 = hg_of(logistic, hg.Nystrom(rank=4), state=i1.state, residual=False)
+    assert i5.hvps == 4 + 1 and "sketch_reused" not in i5.extra
+
+
+def test_nystrom_refuses_a_sketch_of_other_weights(logistic: P.Problem, ridge: P.Problem) -> None:
+    _, info = hg_of(ridge, hg.Nystrom(rank=3), state=hg.SolverState())
+    with pytest.raises(hg.StateMismatchError, match=r"sketch U has \(6, 3\).*need \(18, 3\)"):
+        hg_of(logistic, hg.Nystrom(rank=3), state=info.state)
