@@ -1,0 +1,101 @@
+"""The Lightning callback on a real lightning.Trainer (CPU, a tiny model, a few steps): the
+hyperparameters move, and Lightning's checkpoint/resume restores them, their optimizer's state and
+the solver state (a resumed run ends bit for bit where an uninterrupted one does)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hypergradients as hg
+
+lightning = pytest.importorskip("lightning")   # a guard only: the dev extra installs it
+from hypergradients.lightning import HyperCallback  # noqa: E402
+
+DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
+
+def _data() -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, generator=g, dtype=DT)
+
+    def draw(n: int) -> TensorDataset:
+        X = torch.randn(n, 12, generator=g, dtype=DT)
+        return TensorDataset(X, (X @ w / math.sqrt(12) + 0.8 * torch.randn(n, generator=g, dtype=DT) > 0).long())
+
+    return draw(16), draw(64)
+
+
+class _Lit(lightning.LightningModule):
+    def __init__(self, net: nn.Module, hyper: hg.HyperOptimizer) -> None:
+        super().__init__()
+        self.net = net
+        self.hyper = hyper
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.hyper.train_loss(batch)   # L_T: cross-entropy plus the weight-decay penalty, λ fixed
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=0.5, momentum=0.5)
+
+
+def _run(train: TensorDataset, val: TensorDataset, epochs: int, *, ckpt: Path | None = None,
+         save: Path | None = None) -> tuple[hg.HyperOptimizer, HyperCallback]:
+    torch.manual_seed(0)
+    net = nn.Linear(12, 2).to(DT)
+    hyper = hg.HyperOptimizer(net, [hg.WeightDecay(net, init=1e-3)], method=hg.CG(iters=4),
+                              optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2))
+    cb = HyperCallback(hyper, DataLoader(val, batch_size=len(val)), every_n_steps=2)
+    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[cb], deterministic=True)
+    with warnings.catch_warnings():
+        # Lightning's advice for real runs (more DataLoader workers, a logger for self.log) is noise here.
+        warnings.simplefilter("ignore")
+        trainer.fit(_Lit(net, hyper), DataLoader(train, batch_size=4), ckpt_path=ckpt)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return hyper, cb
+
+
+def test_callback_tunes_and_lightning_resume_restores_the_hyperparameters(tmp_path: Path) -> None:
+    train, val = _data()
+    straight, cb = _run(train, val, epochs=6)   # 4 batches per epoch: 24 steps, 12 hyper steps
+    assert straight.steps == 12 and cb.last is not None and cb.last.applied
+    # The hyperparameter moves: 12 Adam steps of lr 0.2 on log d, from 1e-3 to 2.6e-4 (observed; after
+    # only 24 SGD steps the weights are far from fitting these 16 examples, and less decay helps L_V).
+    assert abs(math.log(float(straight.natural()["weight_decay"]) / 1e-3)) > 1.0
+
+    _run(train, val, epochs=3, save=tmp_path / "a.ckpt")
+    st = torch.load(tmp_path / "a.ckpt", weights_only=True)   # tensors and plain values only
+    saved = next(v for k, v in st["callbacks"].items() if k.startswith("HyperCallback"))
+    assert saved["steps"] == 6 and saved["solver"]["p"] is not None
+    resumed, _ = _run(train, val, epochs=6, ckpt=tmp_path / "a.ckpt")
+    assert resumed.steps == 12
+    # CG with 4 iterations warm-started from the saved p, Adam from its saved moments: any state not
+    # restored changes the result, so bitwise equality says all of it came back.
+    assert torch.equal(resumed.hparams["weight_decay"], straight.hparams["weight_decay"])
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 12
+
+
+def test_callback_arguments_are_checked() -> None:
+    net = nn.Linear(3, 2)
+    hyper = hg.HyperOptimizer(net, [hg.WeightDecay(net)])
+    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1, got 0"):
+        HyperCallback(hyper, [], every_n_steps=0)
+
+
+def test_hyperparameters_on_another_device_than_the_model_are_refused_at_fit_start() -> None:
+    net = nn.Linear(3, 2)
+    elsewhere = hg.WeightDecay(nn.Linear(3, 2, device="meta"))   # its tensors are on 'meta', the net's on the CPU
+    cb = HyperCallback(hg.HyperOptimizer(net, [elsewhere]), [])
+    with pytest.raises(ValueError, match=r"\['weight_decay'\] are on meta but the model trains on cpu: build the model"):
+        cb.on_fit_start(None, None)  # type: ignore[arg-type]  # neither is read
