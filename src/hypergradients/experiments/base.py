@@ -100,6 +100,35 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def check_settings(cfg: Config, make: Callable[[Config], Any]) -> Any:
+    """``make(cfg)`` (a settings object with ``validate()``) checked before any work: the bundled
+    problems' decay interval (``decay.low <= decay.high``), then ``validate()``, whose
+    :class:`~hypergradients.HypergradientError` becomes a :class:`~hypergradients.config.ConfigError`."""
+    from ..config import ConfigError
+    from ..errors import HypergradientError
+
+    if cfg["decay.low"] > cfg["decay.high"]:
+        raise ConfigError(f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
+                          f"({cfg['decay.high']:g}): low must not exceed high; swap them")
+    settings = make(cfg)
+    try:
+        settings.validate()
+    except HypergradientError as e:
+        raise ConfigError(str(e)) from None
+    return settings
+
+
+def compute(ctx: RunContext, settings: Any, fn: Callable[..., Any], *, desc: str) -> Any:
+    """``fn(settings, progress=...)`` after writing ``config.toml``: the first half of explain's and
+    compare's runs, with the ``threads`` setting and a progress display of ``settings.cost()`` units."""
+    from ..config import write_toml
+    from ..progress import Progress
+
+    write_toml(ctx.config, ctx.out / "config.toml")
+    with threads(ctx.config["threads"]), Progress(settings.cost(), desc=desc, enabled=ctx.progress) as bar:
+        return fn(settings, progress=bar.update)
+
+
 def write_report(out: Path, title: str, body: list[str]) -> Path:
     """``out/report.md``: a ``# title`` line, then ``body`` (markdown lines), written atomically."""
     from ..files import write_atomic

@@ -30,8 +30,8 @@ from typing import Any
 
 import hypergradients as hg
 
-from ..config import Config, ConfigError, Option
-from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from ..config import Config, Option
+from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
 from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
 
 Progress = Callable[[int], None]
@@ -222,15 +222,8 @@ def compare_config(cfg: Config) -> CompareConfig:
 
 def check(cfg: Config) -> CompareConfig:
     """Values the schema cannot judge alone (α's range, the decay interval), before any work."""
-    if cfg["decay.low"] > cfg["decay.high"]:
-        raise ConfigError(f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
-                          f"({cfg['decay.high']:g}): low must not exceed high; swap them")
-    ccfg = compare_config(cfg)
-    try:
-        ccfg.validate()
-    except hg.HypergradientError as e:
-        raise ConfigError(str(e)) from None
-    return ccfg
+    settings: CompareConfig = check_settings(cfg, compare_config)
+    return settings
 
 
 HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
@@ -240,16 +233,12 @@ HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, 
 
 def run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``compare.json``, ``compare.md``, the figure and ``report.md`` into ``ctx.out``."""
-    from ..config import write_toml
     from ..files import json_dumps, write_atomic
-    from ..progress import Progress
 
     t0 = time.perf_counter()
     cfg = ctx.config
-    ccfg = ctx.data if isinstance(ctx.data, CompareConfig) else check(cfg)
-    write_toml(cfg, ctx.out / "config.toml")
-    with threads(cfg["threads"]), Progress(ccfg.cost(), desc="compare", enabled=ctx.progress) as bar:
-        result = compare(ccfg, progress=bar.update)
+    settings = ctx.data if isinstance(ctx.data, CompareConfig) else check(cfg)
+    result = compute(ctx, settings, compare, desc="compare")
     summary = result.to_json()
     table = result.table()
     figures: list[Path] = []

@@ -41,9 +41,9 @@ import torch
 import hypergradients as hg
 
 from .. import tree
-from ..config import Config, ConfigError, Option
+from ..config import Config, Option
 from ..tree import Tree
-from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
 from .problems import BilevelProblem, cosine, load_problem, rel_dist
 
 Progress = Callable[[int], None]
@@ -345,15 +345,8 @@ def explain_config(cfg: Config) -> ExplainConfig:
 
 def check(cfg: Config) -> ExplainConfig:
     """Values the schema cannot judge alone (α's range, the decay interval), before any work."""
-    if cfg["decay.low"] > cfg["decay.high"]:
-        raise ConfigError(f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
-                          f"({cfg['decay.high']:g}): low must not exceed high; swap them")
-    ecfg = explain_config(cfg)
-    try:
-        ecfg.validate()
-    except hg.HypergradientError as e:
-        raise ConfigError(str(e)) from None
-    return ecfg
+    settings: ExplainConfig = check_settings(cfg, explain_config)
+    return settings
 
 
 def account(summary: dict[str, Any]) -> str:
@@ -427,16 +420,12 @@ def account(summary: dict[str, Any]) -> str:
 
 def run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``explain.json``, the figures and ``report.md`` into ``ctx.out``."""
-    from ..config import write_toml
     from ..files import json_dumps, write_atomic
-    from ..progress import Progress
 
     t0 = time.perf_counter()
     cfg = ctx.config
-    ecfg = ctx.data if isinstance(ctx.data, ExplainConfig) else check(cfg)
-    write_toml(cfg, ctx.out / "config.toml")
-    with threads(cfg["threads"]), Progress(ecfg.cost(), desc="explain", enabled=ctx.progress) as bar:
-        result = explain(ecfg, progress=bar.update)
+    settings = ctx.data if isinstance(ctx.data, ExplainConfig) else check(cfg)
+    result = compute(ctx, settings, explain, desc="explain")
     summary = result.to_json()
     figures: list[Path] = []
     if cfg["figures"]:
