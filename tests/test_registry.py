@@ -129,6 +129,14 @@ def test_resume_is_refused_with_the_reason(name: str, tmp_path: Path, capsys: py
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["explain", "compare", "bench"])
+def test_tensorboard_is_refused_where_nothing_is_logged(name: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", name, "--smoke", "--out", str(tmp_path / "r"), "--tensorboard"]) == 2
+    assert f"experiment {name!r} logs no per-round metrics" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     (["run", "explain", "--set", "alpha_scale=3"], "alpha_scale=3"),
     (["run", "explain", "--set", "decay.low=0.5"], "low must not exceed high"),

