@@ -434,13 +434,12 @@ def run(ctx: RunContext) -> ExperimentResult:
         figures = explain_figures(result, ctx.out)
     summary["figures"] = [f.name for f in figures]
     main_file = write_atomic(ctx.out / "explain.json", json_dumps(summary, indent=2) + "\n")
-    text = account(summary)
+    text = account(summary) + "\n\nThe derivation, step by step: docs/optimization-path.md"
     p = summary["problem"]
     title = (f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
              f"{p['n_hparams']} hyperparameters)")
     report = write_report(ctx.out, title, [
-        "The derivation, step by step: docs/optimization-path.md. Numbers of this run "
-        f"(all of them in `{main_file.name}`):", "", "```", text, "```", "",
+        f"Numbers of this run (all of them in `{main_file.name}`):", "", "```", text, "```", "",
         *[f"![{f.stem}]({f.name})" for f in figures]])
     columns = ["K", "rel_diff", "cosine", "rel_dist"]
     rows = [{c: r[c] for c in columns} for r in summary["theorem"]]
