@@ -33,6 +33,7 @@ from .methods import (
     hypergradient,
 )
 from .modules import functional_model, make_losses, module_params
+from .roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
 from .state import StateMismatchError
 from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 
@@ -40,7 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "GMRES",
     "Auto",
+    "BiCGStab",
     "Exact",
     "Family",
     "Forward",
@@ -54,10 +57,12 @@ __all__ = [
     "Neumann",
     "NeumannDivergenceError",
     "NonFiniteError",
+    "NormalCG",
     "Nystrom",
     "OutputPathError",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
+    "RootInfo",
     "SkippedHyperStepsWarning",
     "SolverState",
     "StateMismatchError",
@@ -72,4 +77,5 @@ __all__ = [
     "hypergradient",
     "make_losses",
     "module_params",
+    "root_hypergradient",
 ]
