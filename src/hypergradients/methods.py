@@ -99,8 +99,9 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
             Nyström, none for CG, Auto and Exact (their solvers have it anyway). So with
             ``return_info=False`` ``Identity`` spends 0 HVPs and ``Neumann(iters=K)`` ``K−1``.
         hvp_mode: ``"reverse"`` (double-backward through a gradient graph built once),
-            ``"forward"`` (forward-over-reverse with ``torch.func``), or another mode of
-            :mod:`hypergradients.derivatives`.
+            ``"forward"`` (forward-over-reverse with ``torch.func``), or ``"finite-difference"``
+            (first-order gradients only, for operations without double backward; see
+            :mod:`hypergradients.derivatives`).
         state: the previous call's :class:`SolverState` (``info.state``), or ``SolverState()`` /
             ``method.init(params)`` for the first call. :class:`CG` and :class:`Auto` start from
             its ``p`` (``info.extra["warm_start"]`` is 1 when used), Auto also keeps its curvature
