@@ -298,3 +298,18 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
         as_batch((torch.zeros(2),))
     b = as_batch((torch.zeros(4, 3), torch.zeros(4)))
     assert torch.equal(b.index, torch.arange(4))
+
+
+def test_nonfinite_hypergradient_with_finite_losses_names_its_key() -> None:
+    """Decay 1e10 and Identity(scale=1e308): p = 1e308·v, and d·wᵀp overflows float64, while both
+    losses stay finite. The key is found from the values, and the hyperparameter is left alone."""
+    train, val = _data()
+    model = nn.Linear(6, 1, bias=False).to(DT)
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1e10)], method=hg.Identity(scale=1e308),
+                              loss_fn=squared_error)
+    before = hyper.hparams["weight_decay"].detach().clone()
+    with pytest.raises(NonFiniteError, match=r"hyper step 1: the hypergradient of 'weight_decay' is not finite") as ei:
+        hyper.step(train, val)
+    assert (ei.value.name, ei.value.what) == ("weight_decay", "the hypergradient of")
+    assert isinstance(ei.value.__cause__, hg.HypergradientError)
+    assert torch.equal(hyper.hparams["weight_decay"].detach(), before)

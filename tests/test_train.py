@@ -418,3 +418,14 @@ def test_fit_projects_hyperparameters_and_runs_hooks_around_each_hyper_step() ->
     assert float(res.natural["weight_decay"]) == pytest.approx(1e-3, rel=1e-12)
     assert max(r["weight_decay"] for r in res.metrics) <= 1e-3 * (1 + 1e-12)
     assert seen == [(w, i + (w == "after")) for i in range(20) for w in ("before", "after")]
+
+
+def test_nonfinite_hypergradient_stops_the_run_naming_the_key() -> None:
+    """Finite losses, an overflowing hypergradient (decay 1e10, Identity(scale=1e308))."""
+    train, val = _overfit_problem()
+    model = nn.Linear(40, 2).to(DT)
+    with pytest.raises(NonFiniteError, match=r"round 1: the hypergradient of 'weight_decay' is not finite \(NaN "
+                                             "or inf\\); no checkpoint was written") as ei:
+        fit(model, [WeightDecay(model, init=1e10)], train, val, rounds=2, inner_steps=1,
+            method=hg.Identity(scale=1e308), inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    assert ei.value.name == "weight_decay" and ei.value.round == 1

@@ -29,8 +29,9 @@ it is: then no family may reduce). The default is the classification cross-entro
 through their hooks, in training mode on copies of the buffers; ``L_V`` is the plain loss in
 evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``.
 
-Failures are typed: a non-finite loss on the hyper step's batches or a non-finite hyperparameter
-after the step raises :class:`NonFiniteError` (``.name``, ``.round`` = the hyper step, 1-based);
+Failures are typed: a non-finite loss on the hyper step's batches, a non-finite hypergradient or a
+non-finite hyperparameter after the step raises :class:`NonFiniteError` (``.name``, ``.round`` =
+the hyper step, 1-based);
 a solver failure (CG's negative curvature, a diverging Neumann series) is retried with a damped
 solver, skipped (the result says why) or raised, as ``on_solver_error`` says.
 """
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import tree
+from .derivatives import LossFn
 from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from .hparams.base import Batch, Family, Forward
 from .methods import CG, Info, Method, Neumann, hypergradient
@@ -180,6 +182,17 @@ class Objective:
         with _mode(self.model, False):
             out = self.loss_fn(self.copy_buffers(params, batch.x), batch)
         return out if out.ndim == 0 else out.mean()
+
+
+def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
+                   state: SolverState | None) -> str | None:
+    """The first key of ``method``'s hypergradient that is not finite, or ``None`` (also if it fails)."""
+    try:
+        g, _ = method.compute(outer, inner, w, tree.clone_leaves(lam, requires_grad=True), state=state,
+                              residual=True, hvp_mode="reverse")
+    except HypergradientError:
+        return None
+    return tree.first_nonfinite(tree.detach(g))
 
 
 def _skip_reason(e: HypergradientError, method: Method) -> str:
@@ -357,7 +370,8 @@ class HyperOptimizer:
     def hypergradient(self, train_batch: BatchLike, val_batch: BatchLike, *,
                       method: Method | None = None) -> tuple[dict[str, Tensor], Info]:
         """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
-        state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``."""
+        state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
+        a non-finite hypergradient one naming its key."""
         bt, bv = as_batch(train_batch), as_batch(val_batch)
         obj = self.objective
         w = tree.detach({k: p for k, p in self.model.named_parameters() if p.requires_grad})
@@ -376,18 +390,25 @@ class HyperOptimizer:
                 bad.append("inner_loss")
             return out
 
+        m = method or self.method
         try:
-            g, info = hypergradient(outer, inner, w, lam, method=method or self.method, return_info=True,
-                                    state=self.solver_state)
+            g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=self.solver_state)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
             if bad:
-                what = "on the hyper step's batch, the loss"
-                raise NonFiniteError(f"hyper step {self.steps + 1}: {what} {bad[0]!r} is not finite (NaN or "
-                                     "inf): check the data and the weights", round=self.steps + 1,
-                                     name=bad[0], checkpoint=None, what=what) from e
-            raise
+                what, name = "on the hyper step's batch, the loss", bad[0]
+            else:
+                # hg.hypergradient's error for a non-finite result carries no key: find it from the
+                # values, by the same computation without the final check (its state is unchanged
+                # after a failed call, so this repeats it), only on this failure path.
+                found = _nonfinite_key(m, outer, inner, w, lam, self.solver_state)
+                if found is None:
+                    raise
+                what, name = "the hypergradient of", found
+            raise NonFiniteError(f"hyper step {self.steps + 1}: {what} {name!r} is not finite (NaN or inf): "
+                                 "check the data, the weights and the method's settings",
+                                 round=self.steps + 1, name=name, checkpoint=None, what=what) from e
         return g, info
 
     def step(self, train_batch: BatchLike, val_batch: BatchLike) -> HyperStep:
