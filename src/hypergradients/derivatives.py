@@ -235,7 +235,13 @@ class InnerDerivatives:
             x = tree.clone_leaves(w, requires_grad=of == "w")
             lam = tree.clone_leaves(self.hparams, requires_grad=of == "lam")
             wrt = x if of == "w" else lam
-            loss = scalar_loss(self.inner_loss, x, lam, name="inner_loss (at a finite-difference point)")
+            try:
+                loss = scalar_loss(self.inner_loss, x, lam, name="inner_loss")
+            except HypergradientError as e:
+                raise HypergradientError(
+                    f"{e} at a finite-difference point w ± εd (‖εd‖ = ∛eps·(1 + ‖w‖), see fd_step): the loss "
+                    "must be defined around the weights; use hvp_mode='reverse' or move away from the "
+                    "boundary of its domain") from e
             return grad(loss, wrt) if loss.requires_grad else tree.zeros_like(wrt)
 
     def _fd_central(self, d: Mapping[str, Tensor], *, of: Literal["w", "lam"]) -> Tree | None:
