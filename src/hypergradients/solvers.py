@@ -236,15 +236,16 @@ class Nystrom(ImplicitMethod):
                 or sk.get("residual") is None:
             return None  # nothing to reuse, or a sketch made with other options: sketch afresh
         U, like = sk["U"], tree.flatten(v)
-        if not isinstance(U, torch.Tensor) or U.shape != (like.numel(), self.rank) \
-                or U.dtype != like.dtype or U.device != like.device:
+        if not isinstance(U, torch.Tensor) or U.shape != (like.numel(), self.rank) or U.dtype != like.dtype:
             got = (f"{tuple(U.shape)}, {U.dtype}, {U.device}" if isinstance(U, torch.Tensor)
                    else type(U).__name__)
             raise StateMismatchError(
                 f"hg.Nystrom: the state's sketch U has {got}, but these weights need "
-                f"({like.numel()}, {self.rank}), {like.dtype}, {like.device}: it belongs to other weights. "
+                f"({like.numel()}, {self.rank}), {like.dtype}: it belongs to other weights. "
                 "Pass a fresh hg.SolverState() for these weights.")
-        return linear.NystromFactor(U, sk["d"], float(sk["c"]), dict(sk["extra"]))
+        # A state loaded on another device (CPU checkpoint, GPU weights): moved, not refused.
+        return linear.NystromFactor(U.to(like.device), sk["d"].to(like.device), float(sk["c"]),
+                                    dict(sk["extra"]))
 
     def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:

@@ -11,8 +11,9 @@ its next solve cheaper:
   the number of calls since it was estimated (``lambda_max_age``);
 * :class:`~hypergradients.Nystrom`: the factored sketch ``Ĥ = U diag(Λ) Uᵀ``.
 
-A state another method made, or one whose tensors do not fit the weights (keys, shapes, dtypes,
-devices), raises :class:`StateMismatchError` instead of silently starting cold. CG and Auto
+A state another method made, or one whose tensors do not fit the weights (keys, shapes, dtypes),
+raises :class:`StateMismatchError` instead of silently starting cold. Tensors on another device
+(a state loaded on the CPU for weights on a GPU) are moved to the weights' device. CG and Auto
 share their state (both keep ``p`` and the Ritz values, with the same meaning).
 
 :meth:`SolverState.state_dict` holds only tensors, numbers, strings, ``None``, lists and dicts,
@@ -43,8 +44,9 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
-def check_tree(what: str, tree: Mapping[str, Tensor], like: Mapping[str, Tensor], *, method: str) -> None:
-    """Raise :class:`StateMismatchError` unless ``tree`` has ``like``'s keys, shapes, dtypes, devices."""
+def check_tree(what: str, tree: Mapping[str, Tensor], like: Mapping[str, Tensor], *, method: str) -> Tree:
+    """``tree`` on ``like``'s devices; :class:`StateMismatchError` unless it has ``like``'s keys, shapes
+    and dtypes."""
     if tree.keys() != like.keys():
         missing, extra = sorted(like.keys() - tree.keys()), sorted(tree.keys() - like.keys())
         raise StateMismatchError(
@@ -53,11 +55,12 @@ def check_tree(what: str, tree: Mapping[str, Tensor], like: Mapping[str, Tensor]
             "hg.SolverState() for these weights.")
     for k, ref in like.items():
         t = tree[k]
-        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+        if t.shape != ref.shape or t.dtype != ref.dtype:
             raise StateMismatchError(
                 f"hg.{method}: the state's {what}[{k!r}] has {_describe(t)} but the weight {k!r} has "
                 f"{_describe(ref)}: it belongs to other weights. Pass a fresh hg.SolverState() for these "
                 "weights.")
+    return {k: t if t.device == like[k].device else t.to(like[k].device) for k, t in tree.items()}
 
 
 @dataclass
@@ -93,11 +96,11 @@ class SolverState:
     sketch: dict[str, Any] | None = None
 
     def warm(self, like: Mapping[str, Tensor], *, method: str = "CG") -> Tree | None:
-        """The stored ``p`` if there is one; :class:`StateMismatchError` if it does not fit ``like``."""
+        """The stored ``p`` (on ``like``'s devices) if there is one; :class:`StateMismatchError` if its
+        keys, shapes or dtypes are not ``like``'s."""
         if self.p is None:
             return None
-        check_tree("p", self.p, like, method=method)
-        return self.p
+        return check_tree("p", self.p, like, method=method)
 
     def replace(self, **changes: Any) -> SolverState:
         """A new state with ``changes`` (this one is left as it is)."""
