@@ -176,3 +176,22 @@ def test_nystrom_refuses_a_sketch_of_other_weights(logistic: P.Problem, ridge: P
     _, info = hg_of(ridge, hg.Nystrom(rank=3), state=hg.SolverState())
     with pytest.raises(hg.StateMismatchError, match=r"sketch U has \(6, 3\).*need \(18, 3\)"):
         hg_of(logistic, hg.Nystrom(rank=3), state=info.state)
+
+
+@pytest.mark.parametrize("method", [hg.CG(tol=1e-8), hg.Auto(), hg.Neumann(iters=10), hg.Nystrom(rank=5)],
+                         ids=lambda m: type(m).__name__)
+def test_value_style_and_one_shared_object_give_the_same_sequence(logistic: P.Problem,
+                                                                  method: hg.Method) -> None:
+    # Three calls along a drifting λ: passing info.state on, or one SolverState object to every
+    # call (the pre-existing style), must be the same computation, bit for bit and HVP for HVP.
+    shared = hg.SolverState()
+    value: hg.SolverState | None = method.init(logistic.params)
+    for step in range(3):
+        hp = {k: v + 0.02 * step for k, v in logistic.hparams.items()}
+        ga, ia = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, hp, method=method,
+                                  return_info=True, state=shared)
+        gb, ib = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, hp, method=method,
+                                  return_info=True, state=value)
+        assert all(torch.equal(ga[k], gb[k]) for k in ga) and ia.hvps == ib.hvps and ia.extra == ib.extra
+        value = ib.state
+    assert shared.calls == 3 and value is not None and value.calls == 3
