@@ -352,7 +352,8 @@ class HyperOptimizer:
         """``Σ_families penalty(w, λ)`` at the live weights, ``λ`` fixed: for a loop that computes its own
         data loss (then ``loss + hyper.penalty()`` is ``L_T`` for penalty-only families)."""
         params, lam = dict(self.model.named_parameters()), tree.detach(self.hparams)
-        total = torch.zeros((), dtype=next(iter(lam.values())).dtype)
+        ref = next(iter(lam.values()))
+        total = torch.zeros((), dtype=ref.dtype, device=ref.device)
         for fam in self.families:
             pen = fam.penalty(params, lam)
             if pen is not None:
