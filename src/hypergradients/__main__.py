@@ -1,7 +1,7 @@
-"""``python -m hypergradients`` is the ``hypergradients`` command."""
+"""``python -m hypergradients`` is the ``hypergradients`` command (with its check for the ``cli`` extra)."""
 
 import sys
 
-from .cli import main
+from ._entry import main
 
 sys.exit(main())
