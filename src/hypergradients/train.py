@@ -250,7 +250,8 @@ class _Run:
         self.inner_opt.load_state_dict(st["inner_opt"])
         if self.hyper is not None:
             self.hyper.load_state_dict({
-                "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"], "solver": None,
+                "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
+                "solver": st.get("solver"),
                 "steps": int(st["round"]), "skipped": int(st["skipped"]),
                 "retried": int(st.get("retried", 0)), "skip_reasons": st.get("skip_reasons", {})})
         for k, s in self.streams.items():
@@ -277,6 +278,10 @@ class _Run:
                      "hparams": {k: t.detach().clone() for k, t in hp.items()},
                      "inner_opt": self.inner_opt.state_dict(),
                      "hyper_opt": hyper.optimizer.state_dict() if hyper is not None else None,
+                     # the solver state carried across hyper steps (warm_start=True), so that a
+                     # resumed run continues bit for bit; None without one
+                     "solver": hyper.solver_state.state_dict()
+                     if hyper is not None and hyper.solver_state is not None else None,
                      "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
                      "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
         self.last_good = self.ck_path
@@ -355,7 +360,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         on_solver_error: SolverPolicy = "damp",
         project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
         before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
-        after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = ()) -> TrainResult:
+        after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
+        warm_start: bool = False) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -390,6 +396,10 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         before_hyper_step, after_hyper_step: hooks ``f(hyper)`` and ``f(hyper, result)`` around
             every hyper step (e.g. re-initialise the weights); ``hyper`` is the
             :class:`~hypergradients.hyper.HyperOptimizer` the trainer uses.
+        warm_start: carry the method's :class:`~hypergradients.SolverState` from one hyper step to
+            the next (CG/Auto start from the last solution, ``Neumann(alpha="auto")`` reuses its
+            ``λ_max``, Nyström its sketch), saved in the checkpoints. Off by default, so that each
+            hyper step is the independent computation it always was.
 
     Raises:
         NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
@@ -404,11 +414,9 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
         [p for p in model.parameters() if p.requires_grad])
     batch_loss = _on_targets(loss_fn)
-    # No solver state across rounds (warm_start=False): the trainer's numbers stay those of
-    # independent hyper steps, as they always were (a warm start would change every run's results).
     hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
                            project=project, before_step=before_hyper_step, after_step=after_hyper_step,
-                           on_solver_error=on_solver_error, warm_start=False) \
+                           on_solver_error=on_solver_error, warm_start=warm_start) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -93,6 +93,8 @@ SCHEMA: dict[str, Option] = {
                           positive=True),
     "hyper.power_iters": Option(10, "power iterations behind alpha='auto'", int, low=1),
     "hyper.damping": Option(1e-3, "CG damping (hyper.method='cg' only)", float, low=0.0),
+    "hyper.warm_start": Option(False, "carry the solver state across hyper steps (Neumann reuses λ_max, "
+                               "CG/auto start from the last solution, Nyström reuses its sketch)", bool),
     "hyper.on_solver_error": Option(
         "damp", "a hyper step whose solver fails (CG: negative curvature; Neumann: divergence): damp "
         "retries it (growing CG damping / a safe α), skip leaves the decays unchanged that round, raise "
@@ -312,7 +314,8 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                                          "test": (ds.x_test, ds.y_test)},
                               eval_every=cfg["eval_every"], callbacks=callbacks, checkpoint_dir=arm_dir,
                               checkpoint_every=cfg["checkpoint_every"], resume=ctx.resume,
-                              on_solver_error=cfg["hyper.on_solver_error"])
+                              on_solver_error=cfg["hyper.on_solver_error"],
+                              warm_start=cfg["hyper.warm_start"])
                 except UnreadableFileError as e:
                     raise UnreadableFileError(
                         f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete it to "
