@@ -11,6 +11,7 @@ inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v
 :class:`HessianOperator`).
 """
 
+from . import optim  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
 from .errors import (
     HypergradientError,
     NegativeCurvatureError,
@@ -87,5 +88,6 @@ __all__ = [
     "hypergradient",
     "make_losses",
     "module_params",
+    "optim",
     "root_hypergradient",
 ]
