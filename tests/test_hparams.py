@@ -155,3 +155,201 @@ def test_base_family_hooks_are_identity() -> None:
     assert fam.forward(f, {}) is f
     with pytest.raises(NotImplementedError):
         fam.tensors()
+
+
+# ---------------------------------------------------------------------- the interface: hooks, noise, composition
+class _GaussNoise(hg.hparams.Family):
+    """A toy stochastic family: hidden units times ``1 + exp(λ)·ε``, ``ε ~ N(0, 1)`` drawn from the sampler."""
+
+    stochastic = True
+    parametrisation = "scale = exp(λ)"
+
+    def __init__(self, module: str, name: str = "gauss") -> None:
+        self.module, self.name = module, name
+        self.lam = torch.full((), -1.0, dtype=DT, requires_grad=True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {self.name: self.lam}
+
+    def natural(self, hparams: dict | None = None) -> dict[str, torch.Tensor]:
+        return {self.name: (hparams or self.tensors())[self.name].detach().exp()}
+
+    def hooks(self, hparams: dict, noise: hg.hparams.Sampler) -> list[hg.hparams.Hook]:
+        def post(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            eps = noise.normal(out.shape, dtype=out.dtype, device=out.device)
+            return out * (1 + hparams[self.name].exp() * eps)
+        return [hg.hparams.Hook(self.module, post, "post")]
+
+
+class _Tag(hg.hparams.Family):
+    """Records the order in which its batch/forward hooks run (composition tests)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def natural(self, hparams: dict | None = None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def batch(self, batch: Batch, hparams: dict) -> Batch:
+        self.log.append(f"batch {self.name}")
+        return Batch(batch.x + 1, batch.y, batch.index)
+
+    def forward(self, forward: hg.hparams.Forward, hparams: dict) -> hg.hparams.Forward:
+        def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+            self.log.append(f"enter {self.name}")
+            out = forward(p, x)
+            self.log.append(f"leave {self.name}")
+            return out
+        return f
+
+
+class _Reducer(hg.hparams.Family):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def natural(self, hparams: dict | None = None) -> dict[str, torch.Tensor]:
+        return {}
+
+    def reduce(self, losses: torch.Tensor, batch: Batch, hparams: dict) -> torch.Tensor:
+        return losses.sum()
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+
+
+def _objective(model: nn.Module, families: list) -> hg.hyper.Objective:
+    return hg.hyper.Objective(model, families, hg.hyper.classification_loss)
+
+
+def _cls_batch(n: int = 12, seed: int = 1) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g), torch.arange(n))
+
+
+def test_submodule_hooks_reach_hidden_units_only_during_the_training_forward() -> None:
+    model = _mlp()
+    fam = _GaussNoise("0")
+    obj = _objective(model, [fam])
+    w, lam, b = tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors()), _cls_batch()
+    noisy = obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(3))
+    plain = _objective(model, []).train(w, {}, b, forward=obj.copy_buffers)
+    assert not torch.equal(noisy, plain)          # the hook changed the hidden layer
+    assert not model._forward_hooks and not model[0]._forward_hooks   # and is gone afterwards
+    assert torch.equal(obj.val(w, b), _objective(model, []).val(w, b))  # L_V: no hook
+    # with scale exp(λ) → 0 the hook is the identity: it acts on hidden unit values, nothing else
+    lam0 = {"gauss": torch.tensor(-80.0, dtype=DT)}
+    assert torch.allclose(obj.train(w, lam0, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(3)), plain,
+                          rtol=0, atol=1e-15)
+
+
+def test_hooks_are_removed_when_the_forward_raises_and_a_bad_module_name_is_named() -> None:
+    model = _mlp()
+    obj = _objective(model, [_GaussNoise("0")])
+    w = tree.detach(dict(model.named_parameters()))
+    bad = Batch(torch.zeros(2, 5, dtype=DT), torch.zeros(2, dtype=torch.long), torch.arange(2))
+    with pytest.raises(RuntimeError):
+        obj.train(w, {"gauss": torch.tensor(0.0, dtype=DT)}, bad, forward=obj.copy_buffers)
+    assert not model[0]._forward_hooks
+    obj2 = _objective(model, [_GaussNoise("fc9")])
+    with pytest.raises(ValueError, match=r"hooks the submodule 'fc9', which the model lacks; its submodules "
+                                         r"are \['0', '1', '2'\]"):
+        obj2.train(w, {"gauss": torch.tensor(0.0, dtype=DT)}, _cls_batch(), forward=obj.copy_buffers)
+
+
+def test_one_noise_gives_the_same_draws_at_every_evaluation_and_none_draws_a_fresh_one() -> None:
+    model = _mlp()
+    fam = _GaussNoise("0")
+    obj = _objective(model, [fam])
+    w, lam, b = tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors()), _cls_batch()
+    n = hg.hparams.Noise(7)
+    a = obj.train(w, lam, b, forward=obj.copy_buffers, noise=n)
+    assert torch.equal(a, obj.train(w, lam, b, forward=obj.copy_buffers, noise=n))
+    assert not torch.equal(a, obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(8)))
+    torch.manual_seed(5)
+    seed = hg.hparams.Noise.draw().seed
+    torch.manual_seed(5)
+    assert torch.equal(obj.train(w, lam, b, forward=obj.copy_buffers),
+                       obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(seed)))
+    # a deterministic setup draws nothing from the global generator
+    det = _objective(model, [WeightDecay(model)])
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    det.train(w, {"weight_decay": torch.tensor(0.0, dtype=DT)}, b, forward=det.copy_buffers)
+    assert det.draw_noise() is None and torch.equal(torch.get_rng_state(), before)
+
+
+def test_fixed_noise_makes_forward_and_reverse_mode_hypergradients_agree() -> None:
+    # Forward-mode HVPs re-run L_T for every product; reverse mode builds one graph. They agree
+    # (to rounding, float64) only if every evaluation sees the same noise.
+    model = _mlp()
+    fam = _GaussNoise("0")
+    obj = _objective(model, [fam])
+    w, lam = tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors())
+    bt, bv = _cls_batch(), _cls_batch(seed=2)
+    noise = hg.hparams.Noise(11)
+
+    def inner(p: dict, h: dict) -> torch.Tensor:
+        return obj.train(p, h, bt, forward=obj.copy_buffers, noise=noise)
+
+    def outer(p: dict, h: dict) -> torch.Tensor:
+        return obj.val(p, bv)
+
+    m = hg.Neumann(iters=5, alpha=0.1)
+    g_rev = hg.hypergradient(outer, inner, w, lam, method=m, hvp_mode="reverse")
+    g_fwd = hg.hypergradient(outer, inner, w, lam, method=m, hvp_mode="forward")
+    assert float(g_rev["gauss"].abs()) > 1e-6
+    torch.testing.assert_close(g_fwd, g_rev, rtol=1e-10, atol=1e-14)
+
+
+def test_hyper_step_uses_one_noise_sample_from_the_global_generator() -> None:
+    model = _mlp()
+    fam = _GaussNoise("0")
+    hyper = hg.HyperOptimizer(model, [fam], method=hg.Neumann(iters=3, alpha=0.1),
+                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    bt, bv = _cls_batch(), _cls_batch(seed=2)
+    torch.manual_seed(9)
+    seed = hg.hparams.Noise.draw().seed
+    g_ref, _ = hyper.hypergradient(bt, bv, noise=hg.hparams.Noise(seed))
+    torch.manual_seed(9)
+    res = hyper.step(bt, bv)
+    assert res.hypergradient is not None
+    assert torch.equal(res.hypergradient["gauss"], g_ref["gauss"])
+
+
+def test_composition_batch_hooks_chain_forwards_nest_and_two_reducers_are_refused() -> None:
+    model = _mlp()
+    log: list[str] = []
+    obj = _objective(model, [_Tag("a", log), _Tag("b", log)])
+    w = tree.detach(dict(model.named_parameters()))
+    b = _cls_batch()
+    loss = obj.train(w, {}, b, forward=obj.copy_buffers)
+    assert log == ["batch a", "batch b", "enter b", "enter a", "leave a", "leave b"]
+    shifted = Batch(b.x + 2, b.y, b.index)   # each batch hook added 1: they chained
+    torch.testing.assert_close(loss, _objective(model, []).train(w, {}, shifted, forward=obj.copy_buffers),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"the families \['r1', 'r2'\] all weight the examples"):
+        _objective(model, [_Reducer("r1"), WeightDecay(model), _Reducer("r2")])
+    one = _objective(model, [_Reducer("r1"), WeightDecay(model)])
+    lam = {"weight_decay": torch.tensor(-2.0, dtype=DT)}
+    pen = WeightDecay(model).penalty(w, lam)
+    ce = nn.functional.cross_entropy(model(b.x), b.y, reduction="sum")
+    torch.testing.assert_close(one.train(w, lam, b, forward=one.copy_buffers), ce + pen)   # penalties add
+
+
+def test_describe_counts_and_states_the_parametrisation() -> None:
+    model = _mlp()
+    wd = WeightDecay(model, granularity="weight")
+    d = wd.describe()
+    assert d.count == 4 * 6 + 6 * 3 == wd.count()
+    assert d.groups == {"0.weight": 24, "2.weight": 18} and "exp(λ)" in d.parametrisation
+    text = hg.hparams.describe([wd, WeightDecay(model, name="wd2")])
+    assert text.splitlines()[-1] == "total: 43 hyperparameters in 2 families"
+    assert "weight_decay (WeightDecay, weight): 42 hyperparameters; decay d = exp(λ)" in text

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from . import tree
 from .derivatives import LossFn
 from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
-from .hparams.base import Batch, Family, Forward
+from .hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
 from .methods import CG, Info, Method, Neumann, hypergradient
 from .modules import functional_model
 from .state import SolverState
@@ -130,19 +130,30 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
 class Objective:
     """``L_T`` and ``L_V`` of a model on one batch each, through the families' hooks.
 
-    ``train(w, λ, batch, forward=...)``: the families rewrite the batch and wrap the forward,
-    ``loss_fn`` gives per-example losses (or a scalar), a family's ``reduce`` or the mean makes one
-    number, the families' penalties are added; training mode. ``val(w, batch)``: the plain mean
-    loss in evaluation mode on copies of the buffers. ``live`` is the forward with the module's
-    own buffers (inner steps update batch norm's statistics, as ordinary training does);
-    ``copy_buffers`` the one with copies (the hypergradient's many forwards leave them alone).
+    ``train(w, λ, batch, forward=..., noise=...)`` is, in order (the composition rule of
+    :mod:`hypergradients.hparams.base`): the families' ``batch`` hooks chained in family order;
+    their ``model_weights`` hooks chained in family order; their submodule ``hooks`` registered on
+    the model for this one forward call (in family order); their ``forward`` wrappers nested (family 1
+    innermost); ``loss_fn`` for per-example losses (or a scalar); the one reducing family's
+    ``reduce`` or the mean; plus the sum of the penalties at the untouched ``w``; training mode.
+    ``noise`` (a :class:`~hypergradients.hparams.Noise`) fixes the random numbers of stochastic
+    families: every call with the same ``noise`` draws the same numbers; ``None`` draws a fresh
+    one from torch's global generator (only if a family is stochastic: otherwise the global
+    generator is left alone). ``val(w, batch)``: the plain mean loss in evaluation mode on copies
+    of the buffers, with no hook. ``live`` is the forward with the module's own buffers (inner
+    steps update batch norm's statistics, as ordinary training does); ``copy_buffers`` the one
+    with copies (the hypergradient's many forwards leave them alone).
+
+    Raises ``ValueError`` when more than one family reduces.
     """
 
     def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss) -> None:
+        check_composable(families)
         self.model = model
         self.families = list(families)
         self.loss_fn = loss_fn
         self.copy_buffers = functional_model(model)
+        self.stochastic = any(f.stochastic for f in self.families)
 
         def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
             out: Tensor = torch.func.functional_call(model, dict(params), (x,))
@@ -150,30 +161,46 @@ class Objective:
 
         self.live: Forward = live
 
-    def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor]) -> Tensor:
+    def draw_noise(self) -> Noise | None:
+        """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
+        return Noise.draw() if self.stochastic else None
+
+    def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor],
+                kw: Callable[[Family, str], dict[str, Any]]) -> Tensor:
+        reducing = [f for f in self.families if f.reduces]
         if losses.ndim == 0:
-            reducing = [f.name for f in self.families if type(f).reduce is not Family.reduce]
             if reducing:
-                raise ValueError(f"loss_fn returned a scalar, but the families {reducing} weight the "
-                                 "examples: return per-example losses of shape (B,) (e.g. reduction='none')")
+                raise ValueError(f"loss_fn returned a scalar, but the families {[f.name for f in reducing]} "
+                                 "weight the examples: return per-example losses of shape (B,) "
+                                 "(e.g. reduction='none')")
             return losses
-        loss: Tensor | None = None
-        for fam in self.families:
-            r = fam.reduce(losses, batch, hparams)
-            if r is not None:
-                loss = r
+        loss = reducing[0].reduce(losses, batch, hparams, **kw(reducing[0], "reduce")) if reducing else None
         return losses.mean() if loss is None else loss
 
     def train(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Batch, *,
-              forward: Forward) -> Tensor:
+              forward: Forward, noise: Noise | None = None) -> Tensor:
+        if noise is None:
+            noise = self.draw_noise()
+        sampler = (noise or Noise(0)).sampler()
+
+        def kw(fam: Family, hook: str) -> dict[str, Any]:
+            # batch/forward/reduce/penalty get the sampler only where a stochastic family overrides
+            # them (its override takes ``noise=``); a deterministic family keeps the plain signature.
+            own = getattr(type(fam), hook) is not getattr(Family, hook)
+            return {"noise": sampler} if fam.stochastic and own else {}
+
+        model_params: Mapping[str, Tensor] = params
+        hooks: list[Hook] = []
         for fam in self.families:
-            batch = fam.batch(batch, hparams)
-            forward = fam.forward(forward, hparams)
-        with _mode(self.model, True):
-            losses = self.loss_fn(forward(params, batch.x), batch)
-        loss = self._reduce(losses, batch, hparams)
+            batch = fam.batch(batch, hparams, **kw(fam, "batch"))
+            model_params = fam.model_weights(model_params, hparams, sampler)
+            hooks.extend(fam.hooks(hparams, sampler))
+            forward = fam.forward(forward, hparams, **kw(fam, "forward"))
+        with _mode(self.model, True), _hooked(self.model, hooks):
+            losses = self.loss_fn(forward(model_params, batch.x), batch)
+        loss = self._reduce(losses, batch, hparams, kw)
         for fam in self.families:
-            pen = fam.penalty(params, hparams)
+            pen = fam.penalty(params, hparams, **kw(fam, "penalty"))
             if pen is not None:
                 loss = loss + pen
         return loss
@@ -182,6 +209,28 @@ class Objective:
         with _mode(self.model, False):
             out = self.loss_fn(self.copy_buffers(params, batch.x), batch)
         return out if out.ndim == 0 else out.mean()
+
+
+@contextmanager
+def _hooked(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
+    """The families' submodule hooks, registered for the body only (removed even if it raises)."""
+    handles = []
+    try:
+        for h in hooks:
+            try:
+                sub = model.get_submodule(h.module)
+            except AttributeError as e:
+                names = [n for n, _ in model.named_modules() if n]
+                raise ValueError(f"a family hooks the submodule {h.module!r}, which the model lacks; its "
+                                 f"submodules are {names[:20]}") from e
+            if h.kind == "pre":
+                handles.append(sub.register_forward_pre_hook(h.fn))
+            else:
+                handles.append(sub.register_forward_hook(h.fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
@@ -369,12 +418,16 @@ class HyperOptimizer:
 
     # ------------------------------------------------------------------ the step
     def hypergradient(self, train_batch: BatchLike, val_batch: BatchLike, *,
-                      method: Method | None = None) -> tuple[dict[str, Tensor], Info]:
+                      method: Method | None = None,
+                      noise: Noise | None = None) -> tuple[dict[str, Tensor], Info]:
         """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
         state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
-        a non-finite hypergradient one naming its key."""
+        a non-finite hypergradient one naming its key. ``noise`` fixes the stochastic families' random
+        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw)."""
         bt, bv = as_batch(train_batch), as_batch(val_batch)
         obj = self.objective
+        if noise is None:
+            noise = obj.draw_noise()
         w = tree.detach({k: p for k, p in self.model.named_parameters() if p.requires_grad})
         lam = tree.detach(self.hparams)
         bad: list[str] = []   # the non-finite loss, seen from the values themselves (not the message)
@@ -386,7 +439,7 @@ class HyperOptimizer:
             return out
 
         def inner(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
-            out = obj.train(p, h, bt, forward=obj.copy_buffers)
+            out = obj.train(p, h, bt, forward=obj.copy_buffers, noise=noise)
             if out.numel() == 1 and not bool(torch.isfinite(out.detach()).all()):
                 bad.append("inner_loss")
             return out
@@ -423,9 +476,10 @@ class HyperOptimizer:
         """
         for hook in self.before_step:
             hook(self)
+        noise = self.objective.draw_noise()   # one noise sample for this step, retries included
         try:
             g, info, used = solve_with_retries(
-                lambda m: self.hypergradient(train_batch, val_batch, method=m), self.method,
+                lambda m: self.hypergradient(train_batch, val_batch, method=m, noise=noise), self.method,
                 self.on_solver_error)
         except (NeumannDivergenceError, NegativeCurvatureError) as e:
             if self.on_solver_error == "raise":

@@ -1,29 +1,71 @@
-"""The interface every hyperparameter family implements.
+"""The interface every hyperparameter family implements, and how families compose.
 
-A *family* owns a group of hyperparameter tensors and says how they enter training. The trainer
-(:mod:`hypergradients.train`) only talks to this interface, so a new family (dropout, an
-augmentation network, distilled data, per-example weights) plugs in without changing it.
+A *family* owns a group of hyperparameter tensors and says how they enter the training loss
+``L_T``. :class:`~hypergradients.hyper.Objective` (used by ``HyperOptimizer`` and ``fit``) only
+talks to this interface, so a new family (dropout, an augmentation network, distilled data,
+per-example weights) plugs in without changing the trainer.
 
-Conventions:
+**Tensors.** :meth:`Family.tensors` are the *unconstrained* leaves the hyper-optimizer updates
+(a positive quantity stored as its log, a probability as its logit); :meth:`Family.natural` maps
+them to the values a user reads, and :attr:`Family.parametrisation` says how in words. Keys are
+global across families, so each family prefixes them with its ``name``.
 
-* :meth:`Family.tensors` are the *unconstrained* leaves the hyper-optimizer updates (a positive
-  quantity is stored as its log, say); :meth:`Family.natural` maps them to the values a user reads.
-* A family enters the training loss ``L_T`` through any of four hooks, each a no-op by default:
+**Hooks.** A family enters ``L_T`` through any of six hooks, each a no-op by default. One
+evaluation of ``L_T(w, λ)`` on a training batch is, in this order:
 
-  ==========================  ===================================================================
-  :meth:`~Family.penalty`      a term added to ``L_T`` (weight decay)
-  :meth:`~Family.batch`        rewrites a *training* batch (augmentation, appended distilled data)
-  :meth:`~Family.forward`      wraps the model's forward on training batches (dropout)
-  :meth:`~Family.reduce`       turns per-example training losses into one number (example weights)
-  ==========================  ===================================================================
+===============================  ================================================================
+:meth:`~Family.batch`            rewrites the training batch (augmentation, appended distilled
+                                 data); chained in family order: family 2 sees family 1's batch
+:meth:`~Family.model_weights`    rewrites the weights the model is called with (DropConnect);
+                                 chained in family order; the penalties see the *untouched* ``w``
+:meth:`~Family.hooks`            forward pre/post hooks on named submodules, registered on the
+                                 model for the duration of this one forward call only (dropout
+                                 on hidden units); on one submodule they run in family order
+:meth:`~Family.forward`          wraps the whole functional forward; nested in family order
+                                 (family 1's wrapper is innermost)
+:meth:`~Family.reduce`           per-example losses ``(B,)`` → one number (example weights); **at
+                                 most one family may reduce**: two are refused when the
+                                 ``Objective`` is built (a product of weights is one family's job)
+:meth:`~Family.penalty`          a term added to ``L_T`` (weight decay); penalties add
+===============================  ================================================================
 
-  The validation loss ``L_V`` never goes through these hooks: it measures the plain model.
+The validation loss ``L_V`` never goes through these hooks: it measures the plain model in
+evaluation mode (no dropout, no reweighting, the real validation data).
+
+**Noise.** A family that draws random numbers sets ``stochastic = True``. One hypergradient
+evaluates ``L_T`` many times (every reverse-mode HVP re-runs the backward of one graph, but every
+forward-mode or finite-difference HVP and every unrolled step runs ``L_T`` again), and all those
+evaluations must see the *same* noise, or the Hessian, the mixed partials and ``∂L_V/∂w`` would
+belong to different functions. So the hyper step draws one :class:`Noise` (a seed, from torch's
+global generator, hence saved and restored with a checkpoint) and every evaluation of ``L_T``
+within that hypergradient starts a fresh :class:`Sampler` from it: the same seed, so the same
+draws in the same order. Each inner step draws its own :class:`Noise`. The sampler is passed to
+:meth:`~Family.model_weights` and :meth:`~Family.hooks` always, and as the keyword ``noise=`` to
+:meth:`~Family.batch`, :meth:`~Family.forward`, :meth:`~Family.reduce` and
+:meth:`~Family.penalty` of a stochastic family that overrides them (its override adds the
+parameter ``noise: Sampler | None = None``; a deterministic family keeps the plain signatures).
+Draw with the sampler only (``noise.uniform``, ``noise.normal``, ``noise.generator(device)``),
+never from torch's global generator, in an order that depends only on the shapes.
+
+What the hypergradient then is: with noise ``ε`` fixed, ``L_T(w, λ; ε)`` is a deterministic
+function, and the hyper step returns *its* hypergradient ``g_ε = ∂L_V/∂λ − ∂²L_T(ε)/∂λ∂wᵀ · p``,
+``p = H_ε⁻¹ ∂L_V/∂w``, at the current weights (taken as ``≈ w*``). It is an unbiased estimate of
+the hypergradient of the expected objective ``E_ε L_T`` only if (a) the weights minimise
+``E_ε L_T`` and (b) the Hessian ``H_ε`` does not depend on ``ε`` (noise entering ``L_T`` linearly
+in a quadratic model, e.g. random per-example weights of least squares): then ``g_ε`` is linear
+in ``L_T(ε)`` and ``E g_ε`` is the expected objective's hypergradient. Otherwise
+``E[H_ε⁻¹] ≠ (E H_ε)⁻¹`` and the estimate is biased, the bias shrinking with the noise's effect
+on ``H``; the spread over noise samples is measured in docs/families.md.
+
+**Counting.** :meth:`Family.describe` gives the count, the parametrisation and a breakdown by
+group, for printing before training; :func:`describe` does it for a list of families.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -31,6 +73,8 @@ from torch import Tensor
 Tree = dict[str, Tensor]
 # forward(params, x) -> logits: the model called functionally with the weights ``params``.
 Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+
+_SEED_RANGE = 2 ** 62
 
 
 @dataclass
@@ -42,14 +86,92 @@ class Batch:
     index: Tensor
 
 
+class Sampler:
+    """The random numbers of ONE evaluation of ``L_T``: generators seeded with the noise's seed.
+
+    A generator is made per device on first use, so the draws depend only on the seed, the order
+    of the calls and their shapes: an evaluation that makes the same calls gets the same numbers.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._gens: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """This evaluation's generator on ``device`` (seeded with :attr:`seed` when first asked)."""
+        key = str(torch.device(device))
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=key).manual_seed(self.seed)
+        return self._gens[key]
+
+    def uniform(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str,
+                eps: float = 0.0) -> Tensor:
+        """Uniform draws on ``[eps, 1 − eps]`` (``eps > 0`` keeps ``log u`` and ``log(1 − u)`` finite)."""
+        u = torch.rand(tuple(shape), generator=self.generator(device), dtype=dtype, device=device)
+        return u.clamp(eps, 1 - eps) if eps > 0 else u
+
+    def normal(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+        """Standard normal draws."""
+        return torch.randn(tuple(shape), generator=self.generator(device), dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One fixed noise sample: a seed. :meth:`sampler` starts an evaluation's draws from it."""
+
+    seed: int
+
+    @classmethod
+    def draw(cls) -> Noise:
+        """A fresh seed from torch's global generator (so a checkpoint's RNG state fixes it)."""
+        return cls(int(torch.randint(0, _SEED_RANGE, (1,)).item()))
+
+    def sampler(self) -> Sampler:
+        return Sampler(self.seed)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A forward hook on the submodule ``module`` (dotted name, ``""`` = the model itself).
+
+    ``kind="pre"``: ``fn(submodule, args) -> new args tuple or None`` (PyTorch's forward pre-hook);
+    ``kind="post"``: ``fn(submodule, args, output) -> new output or None`` (forward hook).
+    """
+
+    module: str
+    fn: Callable[..., Any]
+    kind: Literal["pre", "post"] = "post"
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a family tunes: ``count`` scalars, their ``parametrisation``, and ``groups`` (name → count)."""
+
+    name: str
+    kind: str
+    count: int
+    parametrisation: str
+    groups: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v:,}" for k, v in self.groups.items())
+        return (f"{self.name} ({self.kind}): {self.count:,} hyperparameters; {self.parametrisation}"
+                + (f" [{parts}]" if parts else ""))
+
+
 class Family:
     """Base class of hyperparameter families: override :meth:`tensors`, :meth:`natural` and the hooks used.
 
     Hyperparameter keys are global across families, so each family prefixes its keys with its
-    ``name`` (``"weight_decay"``, ``"weight_decay.fc1.weight"``, ...).
+    ``name`` (``"weight_decay"``, ``"weight_decay.fc1.weight"``, ...). The module docstring says
+    how the hooks compose and how noise is fixed within one hypergradient.
     """
 
     name: str = "family"
+    #: ``True`` if the hooks draw random numbers (then they get the ``noise`` sampler).
+    stochastic: bool = False
+    #: how the stored unconstrained values map to the natural ones, in words.
+    parametrisation: str = "unconstrained"
 
     def tensors(self) -> dict[str, Tensor]:
         """The unconstrained leaves (``requires_grad=True``) that the hyper-optimizer owns."""
@@ -67,6 +189,15 @@ class Family:
         """The training batch the model sees (default: unchanged)."""
         return batch
 
+    def model_weights(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
+                      noise: Sampler) -> Mapping[str, Tensor]:
+        """The weights the model is called with on training batches (default: ``params``)."""
+        return params
+
+    def hooks(self, hparams: Mapping[str, Tensor], noise: Sampler) -> Sequence[Hook]:
+        """Forward hooks on named submodules for one training forward (default: none)."""
+        return ()
+
     def forward(self, forward: Forward, hparams: Mapping[str, Tensor]) -> Forward:
         """The forward used on training batches (default: unchanged)."""
         return forward
@@ -75,9 +206,19 @@ class Family:
         """One training loss from per-example ``losses``, or ``None`` for the plain mean."""
         return None
 
+    @property
+    def reduces(self) -> bool:
+        """Whether this family overrides :meth:`reduce` (at most one family of a setup may)."""
+        return type(self).reduce is not Family.reduce
+
     def count(self) -> int:
         """The number of scalar hyperparameters."""
         return sum(t.numel() for t in self.tensors().values())
+
+    def describe(self) -> Description:
+        """The count, the parametrisation and the count per tensor (override for better groups)."""
+        groups = {k: t.numel() for k, t in self.tensors().items()}
+        return Description(self.name, type(self).__name__, self.count(), self.parametrisation, groups)
 
     def summary(self) -> dict[str, float]:
         """A few numbers that describe the natural values (logged with the metrics every hyper step)."""
@@ -101,3 +242,20 @@ class Family:
                 if values[k].shape != t.shape:
                     raise ValueError(f"{k}: saved shape {tuple(values[k].shape)} != {tuple(t.shape)}")
                 t.copy_(values[k])
+
+
+def check_composable(families: Sequence[Family]) -> None:
+    """Refuse a setup whose families cannot compose: two that reduce."""
+    reducing = [f.name for f in families if f.reduces]
+    if len(reducing) > 1:
+        raise ValueError(f"the families {reducing} all weight the examples (override reduce); at most one "
+                         "may: keep one, or write one family whose weights are the product of both")
+
+
+def describe(families: Sequence[Family]) -> str:
+    """One line per family (count, parametrisation, groups) and the total: print it before training."""
+    lines = [str(f.describe()) for f in families]
+    total = sum(f.count() for f in families)
+    lines.append(f"total: {total:,} hyperparameters in {len(families)} "
+                 f"famil{'y' if len(families) == 1 else 'ies'}")
+    return "\n".join(lines)

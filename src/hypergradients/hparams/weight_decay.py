@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Family, Tree
+from .base import Description, Family, Tree
 
 Granularity = Literal["global", "layer", "weight"]
 GRANULARITIES: tuple[str, ...] = ("global", "layer", "weight")
@@ -49,6 +49,8 @@ class WeightDecay(Family):
             :func:`weights_only`; pass ``lambda n, p: True`` to cover biases too).
         name: key prefix of this family's hyperparameters.
     """
+
+    parametrisation = "decay d = exp(λ) > 0 (λ stored, d reported)"
 
     def __init__(self, params: nn.Module | Mapping[str, Tensor], *, granularity: Granularity = "global",
                  init: float = 1e-4, include: Callable[[str, Tensor], bool] | None = None,
@@ -81,6 +83,13 @@ class WeightDecay(Family):
     def __repr__(self) -> str:
         return (f"WeightDecay(name={self.name!r}, granularity={self.granularity!r}, init={self.init:g}, "
                 f"covers={len(self.covered)} tensors, {self.count()} hyperparameters)")
+
+    def describe(self) -> Description:
+        """The count per covered parameter tensor (granularity ``weight``/``layer``) or in one group."""
+        groups = ({"all covered weights": 1} if self.granularity == "global"
+                  else {k: self._t[self.key_for(k)].numel() for k in self.covered})
+        return Description(self.name, f"WeightDecay, {self.granularity}", self.count(), self.parametrisation,
+                           groups)
 
     def key_for(self, param: str) -> str:
         """The hyperparameter key that governs parameter ``param``."""
