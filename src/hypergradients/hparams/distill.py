@@ -95,6 +95,10 @@ class DistilledData(Family):
         if lr is not None:
             self._t[f"{name}.lr"] = torch.tensor(float(lr), dtype=dtype, device=x0.device, requires_grad=True)
 
+    #: how the stored values map to the natural ones (read by ``Family.describe``).
+    parametrisation = ("the examples themselves; labels as logits Z, natural softmax(Z); the step size as "
+                       "itself (read by hg.Unrolled(lr=key))")
+
     def __repr__(self) -> str:
         return (f"DistilledData(name={self.name!r}, shape={self.shape}, classes={self.classes}, "
                 f"per_class={self.per_class}, soft_labels={self.soft_labels}, "
