@@ -3,11 +3,13 @@
 See :mod:`hypergradients.hparams.base` for the interface (unconstrained tensors, natural values,
 the hooks ``batch``, ``weights``, ``hooks``, ``forward``, ``reduce``, ``penalty``, how they
 compose, how noise is fixed within one hypergradient, and how a family counts and describes its
-hyperparameters) and :class:`WeightDecay` for weight decay, global, per layer or per weight.
+hyperparameters); :class:`WeightDecay` (global, per layer or per weight), :class:`Dropout`
+(per-unit concrete dropout) and :class:`DropConnect` (per-weight).
 """
 
 from .base import Batch, Description, Family, Forward, Hook, Noise, Sampler, check_composable, describe
+from .dropout import DropConnect, Dropout, Site
 from .weight_decay import GRANULARITIES, WeightDecay, weights_only
 
-__all__ = ["GRANULARITIES", "Batch", "Description", "Family", "Forward", "Hook", "Noise", "Sampler",
-           "WeightDecay", "check_composable", "describe", "weights_only"]
+__all__ = ["GRANULARITIES", "Batch", "Description", "DropConnect", "Dropout", "Family", "Forward", "Hook",
+           "Noise", "Sampler", "Site", "WeightDecay", "check_composable", "describe", "weights_only"]

@@ -1,0 +1,250 @@
+"""Per-unit concrete dropout and per-weight DropConnect: where the masks act (hidden units of MLPs,
+CNN channels, LSTM input/hidden/output/embedding units, LSTM recurrent weights), the relaxation,
+the hypergradient with the noise fixed against central finite differences, fit and an own loop
+with resume bit for bit, the hyperparameter count of the paper's LSTM language model, and the
+spread of the hypergradient over noise samples."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import hypergradients as hg
+from family_checks import fit_resume_is_bit_for_bit, hypergradient_vs_fd, own_loop_resume_is_bit_for_bit
+from hypergradients import tree
+from hypergradients.hparams import Batch, DropConnect, Dropout, Noise, WeightDecay, describe
+from hypergradients.hparams.dropout import relaxed_mask
+from hypergradients.hyper import Objective, classification_loss
+
+DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
+
+def _batch(n: int, d: int, c: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, c, (n,), generator=g), torch.arange(n))
+
+
+def _ratio(model: nn.Module, fam: Dropout, x: torch.Tensor, lam: dict | None = None) -> torch.Tensor:
+    """The output of the model with the family's hooks over the output without (the mask, when the
+    hooked module is the last one)."""
+    obj = Objective(model, [fam], classification_loss)
+    w = tree.detach(dict(model.named_parameters()))
+    out: list[torch.Tensor] = []
+    ident = obj.copy_buffers
+    obj2 = Objective(model, [fam], lambda o, b: out.append(o) or o.sum() * 0 + torch.zeros(o.shape[0], dtype=o.dtype))
+    obj2.train(w, lam or tree.detach(fam.tensors()), Batch(x, torch.zeros(len(x), dtype=torch.long),
+                                                            torch.arange(len(x))), forward=ident, noise=Noise(5))
+    with torch.no_grad():
+        plain = model(x)
+    del obj
+    return out[0].detach() / plain
+
+
+def test_relaxed_mask_tends_to_a_bernoulli_draw_of_the_keep_probability() -> None:
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(200_000, generator=g, dtype=DT).clamp(1e-6, 1 - 1e-6)
+    q = 0.7
+    theta = torch.tensor(math.log(q / (1 - q)), dtype=DT)
+    hard = relaxed_mask(theta, u, 1e-4) * q   # z itself
+    # τ → 0: z is 0 or 1, with P(z = 1) = q. z ∈ (0.01, 0.99) needs |logit| < 4.6τ: probability
+    # ≈ q(1−q)·9.2τ ≈ 2e-4. 200k draws: the std of the mean is sqrt(q(1−q)/n) ≈ 1e-3, 5e-3 is 5σ.
+    assert float(((hard > 0.01) & (hard < 0.99)).double().mean()) < 1e-3
+    assert abs(float((hard > 0.5).double().mean()) - q) < 5e-3
+
+
+def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_shape() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    fam = Dropout(mlp, ["0"], init=0.5, temperature=0.5)
+    assert fam.count() == 5 and list(fam.tensors()) == ["dropout.0.output"]
+    # per example and unit: hook the hidden layer of a 1-layer model to read the mask directly
+    lin = nn.Sequential(nn.Linear(3, 5)).to(DT)
+    r = _ratio(lin, Dropout(lin, ["0"], init=0.5, temperature=0.5), torch.randn(4, 3, dtype=DT))
+    assert r.shape == (4, 5) and len(set(r.reshape(-1).tolist())) == 20
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1)).to(DT)
+    cf = Dropout(conv, ["0"], init=0.5, temperature=0.5)
+    assert cf.count() == 3
+    r = _ratio(conv, cf, torch.randn(4, 2, 5, 5, dtype=DT))
+    # channel dropout: one mask value per (example, channel), the same at every pixel
+    torch.testing.assert_close(r, r[:, :, :1, :1].expand_as(r), rtol=1e-12, atol=0)
+    assert len(set(r[:, :, 0, 0].reshape(-1).tolist())) == 12
+    for batch_first in (True, False):
+        lstm = nn.LSTM(3, 4, batch_first=batch_first).to(DT)
+        model = _LSTMHead(lstm)
+        lf = Dropout(model, ["rnn:output"], init=0.5, temperature=0.5)
+        assert lf.count() == 4
+        x = torch.randn(2, 6, 3, dtype=DT) if batch_first else torch.randn(6, 2, 3, dtype=DT)
+        r = _ratio(model, lf, x)
+        t_axis = 1 if batch_first else 0
+        # variational: the same mask at every time step, different per example and unit
+        torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
+        assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 8
+    with pytest.raises(ValueError, match=r"cannot infer the units of a Tanh"):
+        Dropout(mlp, ["1"])
+    with pytest.raises(ValueError, match=r"no submodule 'fc'"):
+        Dropout(mlp, ["fc"])
+    with pytest.raises(ValueError, match=r"init \(the initial keep probability\) must be a number in \(0, 1\)"):
+        Dropout(mlp, ["0"], init=1.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        Dropout(mlp, ["0"], temperature=0)
+    with pytest.raises(ValueError, match=r"no parameter 'rnn.weight_hh_l1'; its recurrent weights are "
+                                         r"\['rnn.weight_hh_l0'\]"):
+        DropConnect(_LSTMHead(nn.LSTM(3, 4)), ["rnn.weight_hh_l1"])
+
+
+class _LSTMHead(nn.Module):
+    """An LSTM (possibly frozen) and a linear head on its last time step."""
+
+    def __init__(self, rnn: nn.LSTM, classes: int | None = None) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size, classes) if classes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        if self.head is None:
+            return out
+        return self.head(out[:, -1] if self.rnn.batch_first else out[-1])
+
+
+def test_dropout_hypergradient_matches_finite_differences_on_hidden_and_input_units() -> None:
+    # A frozen hidden layer and a trained softmax head (+ a fixed small L2): L_T is strictly convex
+    # in the head for every fixed mask, so Newton solves w*(θ) to ‖∇‖ ≤ 1e-12 and the IFT is exact.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    model[0].requires_grad_(False)
+    drop = Dropout(model, ["0:input", "0:output"], init=0.7, temperature=0.5)
+    wd = WeightDecay(model, init=1e-2, include=lambda n, p: n.startswith("2."))
+    bt, bv = _batch(40, 4, 3, 1), _batch(30, 4, 3, 2)
+    coords = [("dropout.0.input", (0,)), ("dropout.0.input", (3,)), ("dropout.0.output", (1,)),
+              ("dropout.0.output", (5,))]
+    pairs = hypergradient_vs_fd(model, [drop, wd], bt, bv, coords)
+    # Central differences with ε = 1e-4: the truncation error ε²·f'''/6 measured 4e-7 relative at
+    # ε = 1e-3, so ~4e-9 here; Newton leaves ‖∇‖ ~ 1e-16 (rounding). Measured: ≤ 5e-9 relative.
+    for (key, idx), (g, fd) in zip(coords, pairs, strict=True):
+        assert abs(g) > 1e-3, (key, idx, g)      # a non-trivial check
+        assert g == pytest.approx(fd, rel=5e-8, abs=0), (key, idx)
+
+
+def test_dropconnect_on_lstm_recurrent_weights_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    model = _LSTMHead(nn.LSTM(3, 4, batch_first=True), classes=2).to(DT)
+    model.rnn.requires_grad_(False)      # trained: the head (convex); dropped: weight_hh_l0
+    dc = DropConnect(model, ["rnn.weight_hh_l0"], init=0.8, temperature=0.5)
+    assert dc.count() == 16 * 4
+    wd = WeightDecay(model, init=1e-2, include=lambda n, p: n.startswith("head."))
+    g = torch.Generator().manual_seed(3)
+
+    def seq(n: int) -> Batch:
+        return Batch(torch.randn(n, 5, 3, generator=g, dtype=DT), torch.randint(0, 2, (n,), generator=g),
+                     torch.arange(n))
+
+    bt, bv = seq(30), seq(20)
+    coords = [("dropconnect.rnn.weight_hh_l0", (0, 0)), ("dropconnect.rnn.weight_hh_l0", (7, 2)),
+              ("dropconnect.rnn.weight_hh_l0", (13, 3))]
+    pairs = hypergradient_vs_fd(model, [dc, wd], bt, bv, coords)
+    # As in the dropout test, plus rounding: L_V ≈ 0.7 carries ~1e-16 absolute error, divided by
+    # 2ε = 2e-4 that is ~5e-13 in the difference quotient; these entries are 1.5e-7 to 4.4e-6.
+    for (key, idx), (gi, fd) in zip(coords, pairs, strict=True):
+        assert abs(gi) > 1e-7, (key, idx, gi)   # ≥ 5e4 × that rounding level
+        assert gi == pytest.approx(fd, rel=5e-8, abs=2e-12), (key, idx)
+
+
+def test_lstm_language_model_count_paper_setting() -> None:
+    # The paper's 2-layer, 650-unit LSTM LM (vocab 10,000, embedding 650), built on the meta device
+    # (no memory). Layers as two nn.LSTM so that the hidden units between them can be hooked.
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10_000, 650)
+            self.lstm1 = nn.LSTM(650, 650)
+            self.lstm2 = nn.LSTM(650, 650)
+            self.decoder = nn.Linear(650, 10_000)
+
+    with torch.device("meta"):
+        lm = LM()
+        units = Dropout(lm, ["embed:output", "lstm1:input", "lstm1:output", "lstm2:output"])
+        both = DropConnect(lm, ["lstm1.weight_hh_l0", "lstm2.weight_hh_l0"])
+        one = DropConnect(lm, ["lstm1.weight_hh_l0"], name="dc1")
+    assert units.count() == 4 * 650
+    assert both.count() == 2 * (4 * 650) * 650 == 3_380_000
+    assert units.count() + both.count() == 3_382_600
+    # The published figure 1,691,951 = 4·650·650 + 3·650 + 1: one recurrent matrix per weight, three
+    # per-unit groups and one scalar; our per-unit groups plus DropConnect on one layer:
+    assert one.count() + 3 * 650 + 1 == 1_691_951
+    text = describe([units, both])
+    print("\n" + text)
+    assert text.splitlines()[-1] == "total: 3,382,600 hyperparameters in 2 families"
+
+
+def _mlp_problem() -> tuple:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=DT)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long()
+    Xv = torch.randn(40, 5, generator=g, dtype=DT)
+    yv = (Xv[:, 0] + 0.5 * Xv[:, 1] > 0).long()
+    return (X, y), (Xv, yv)
+
+
+def _make_mlp() -> tuple[nn.Module, list]:
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
+    return model, [Dropout(model, ["0:output", "2:input"], init=0.8, temperature=0.3),
+                   WeightDecay(model, init=1e-3)]
+
+
+def test_dropout_through_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
+    train, val = _mlp_problem()
+    res = fit_resume_is_bit_for_bit(_make_mlp, train, val, tmp_path, inner_steps=5, batch_size=16,
+                                    inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                    hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+                                    method=hg.CG(iters=5), on_solver_error="damp")
+    assert res.final["dropout.mean"] != pytest.approx(0.8, abs=1e-6)   # the keep probabilities moved
+
+
+def test_dropconnect_lstm_through_own_loop_resumes_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(4)
+    data = [Batch(torch.randn(8, 4, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g),
+                  torch.arange(8)) for _ in range(18)]
+
+    def make() -> tuple[nn.Module, list]:
+        model = _LSTMHead(nn.LSTM(3, 4, batch_first=True), classes=2).to(DT)
+        return model, [DropConnect(model, ["rnn.weight_hh_l0"], temperature=0.3),
+                       Dropout(model, ["rnn:input", "rnn:output"], temperature=0.3)]
+
+    own_loop_resume_is_bit_for_bit(make, lambda i: (data[3 * i % 18], data[(3 * i + 1) % 18], data[(3 * i + 2) % 18]),
+                                   method=hg.CG(iters=5, damping=1e-2))
+
+
+def test_hypergradient_spread_over_noise_samples() -> None:
+    """The spread of the dropout hypergradient over 20 noise samples, at one trained MLP (the figures
+    in docs/families.md come from this test: pytest tests/test_family_dropout.py -k spread -s)."""
+    train, val = _mlp_problem()
+    torch.manual_seed(0)
+    model, fams = _make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    # damping 0.1: at weights trained with other noise samples, one sample's Hessian is indefinite
+    # (CG met curvature −0.011 here with damping 0.01)
+    hyper = hg.HyperOptimizer(model, fams, method=hg.CG(iters=20, damping=0.1))
+    bt = Batch(train[0], train[1], torch.arange(64))
+    bv = Batch(val[0], val[1], torch.arange(40))
+    for _ in range(300):   # near a minimum of L_T (each step with its own noise, as training does)
+        opt.zero_grad()
+        hyper.train_loss(bt).backward()
+        opt.step()
+    gs = []
+    for s in range(20):
+        g, _ = hyper.hypergradient(bt, bv, noise=Noise(s))
+        gs.append(torch.cat([g[k].reshape(-1) for k in g if k.startswith("dropout")]))
+    G = torch.stack(gs)
+    mean = G.mean(0)
+    rel_std = float(G.std(0).norm() / mean.norm())
+    cos = torch.nn.functional.cosine_similarity(G, mean[None], dim=1)
+    print(f"\ndropout hypergradient over 20 noise samples: ‖std‖/‖mean‖ = {rel_std:.3f}, "
+          f"cosine to the mean: median {float(cos.median()):.3f}, min {float(cos.min()):.3f}")
+    assert torch.isfinite(G).all() and float(mean.norm()) > 0
+    assert float(cos.median()) > 0     # the samples agree in direction more often than not
