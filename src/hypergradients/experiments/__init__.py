@@ -8,6 +8,8 @@ overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
 * ``explain`` (:mod:`.explain`) — the Neumann–SGD theorem and the optimization path, with numbers;
 * ``compare`` (:mod:`.compare`) — inverse-Hessian approximations per Hessian-vector product;
 * ``bench`` (:mod:`.bench`) — time, memory and accuracy of our methods against a plain loop.
+* ``families`` (:mod:`.families`) — one hyperparameter family tuned by IFT against the same model
+  without it.
 
 :mod:`.problems` holds the bilevel problems with known answers that explain, compare, the
 benchmarks and the tests share. The registry is built on first use, so that a subprocess that
@@ -23,7 +25,7 @@ from .base import Experiment, ExperimentResult, RunContext
 
 # name -> module defining EXPERIMENT, in the order `hypergradients list` shows them
 MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain", "compare": "compare",
-                           "bench": "bench"}
+                           "bench": "bench", "families": "families"}
 _registry: dict[str, Experiment] = {}
 
 
