@@ -21,6 +21,8 @@ from .errors import (
 )
 from .files import OutputPathError, UnreadableFileError
 from .hparams import Family, WeightDecay
+from .hparams.augment import AugmentNet
+from .hparams.distill import DistilledData
 from .hyper import HyperOptimizer, HyperStep
 from .methods import (
     CG,
@@ -49,8 +51,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CG",
     "GMRES",
+    "AugmentNet",
     "Auto",
     "BiCGStab",
+    "DistilledData",
     "Exact",
     "Family",
     "Forward",
