@@ -14,8 +14,9 @@ the inner loss is then called as ``inner_loss(params, hparams, batch)``; the out
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -172,3 +173,145 @@ class Forward(PathMethod):
                        final_params=tree.detach(w_final), outer_loss=out_f,
                        extra={"truncate": float(self.truncate or self.steps), "jvps": float(jvps)},
                        state=SolverState() if state is None else state)
+
+
+StepLoss = Callable[[Mapping[str, Tensor], bool], Tensor]
+"""One inner step's training loss ``loss(w, replay)``: its batch, random numbers and the implicit
+hyperparameters fixed; ``replay=True`` when the step is replayed for the hypergradient."""
+
+
+@dataclass
+class PathHyperparameters:
+    """Optimizer hyperparameters that :func:`hypergradients.fit` tunes through the training path.
+
+    ``values``: the hyperparameters as tensors (e.g. ``{"lr": torch.tensor(0.05), "momentum":
+    torch.tensor(0.9)}``, or a per-step schedule ``{"lr_schedule": torch.full((K,), 0.05)}`` indexed
+    by the global inner step, warm-up included); they are tuned in place. ``optimizer``: the
+    differentiable optimizer of :mod:`hypergradients.optim` that names them
+    (``hg.optim.heavy_ball(lr="lr", momentum="momentum")``): it IS the inner optimizer, so the
+    path that is differentiated is the path that is trained. ``steps``: T, how many of each round's
+    last inner steps are differentiated. ``hyper_optimizer``: ``factory(list_of_tensors)``
+    (default Adam, lr 1e-3) for their hyper step; ``project(values)`` after each (e.g. keep a
+    learning rate positive: ``lambda v: v["lr"].data.clamp_(min=1e-4)``).
+
+    Why a path method. The implicit (IFT) hypergradient differentiates the optimum ``w*(λ)``;
+    an optimizer hyperparameter changes how ``w*`` is reached, not ``w*`` itself, so its IFT
+    hypergradient is zero (undefined, really). Here it is the truncated unrolled hypergradient
+    (Shaban et al. 2019): after each round the last T inner steps are replayed from the saved
+    weights and optimizer state on the same batches (and the same random numbers), with a graph,
+    and ``d L_V(w_end)/d values`` is taken in reverse mode — the same derivative as
+    ``Unrolled(steps=T, optimizer=..., batches=...)`` from the weights T steps back. It is biased
+    (the steps before the window count as constant) and its cost is T replayed steps plus their
+    backward, memory ``O(T)``.
+    """
+
+    values: dict[str, Tensor]
+    optimizer: Optimizer
+    steps: int = 10
+    hyper_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None
+    project: Callable[[dict[str, Tensor]], object] | None = None
+
+    def __post_init__(self) -> None:
+        positive_int("PathHyperparameters.steps", self.steps)
+        if not isinstance(self.optimizer, Optimizer):
+            raise HypergradientError(f"PathHyperparameters.optimizer must be an optimizer of hg.optim, "
+                                     f"got {self.optimizer!r}")
+        missing = [k for k in self.optimizer.hparam_keys if k not in self.values]
+        unused = [k for k in self.values if k not in self.optimizer.hparam_keys]
+        if missing or unused or not self.values:
+            raise HypergradientError(
+                f"PathHyperparameters: the optimizer reads {list(self.optimizer.hparam_keys)}, the values "
+                f"have {sorted(self.values)}; give one tensor for each key the optimizer names "
+                "(e.g. hg.optim.sgd(lr='lr') with values={'lr': torch.tensor(0.1)})")
+
+
+class PathTuner:
+    """The trainer's side of :class:`PathHyperparameters`: inner steps with the differentiable
+    optimizer, the window of the last T steps, the truncated hypergradient and its hyper step.
+
+    Per round: :meth:`begin_round` (the number of inner steps), :meth:`step` for each inner step,
+    then :meth:`hyper_step` with the validation loss. :meth:`state_dict` holds the values, the
+    inner optimizer state and the hyper optimizer's state (tensors and plain values only).
+    """
+
+    def __init__(self, spec: PathHyperparameters, params: Mapping[str, Tensor]) -> None:
+        self.spec = spec
+        for k, v in spec.values.items():
+            if not v.is_leaf:
+                raise HypergradientError(f"PathHyperparameters.values[{k!r}] must be a leaf tensor "
+                                         "(create it with torch.tensor(...)), not a computed one")
+            v.requires_grad_(True)
+        self.values = spec.values
+        self.opt_state: Any = spec.optimizer.init(tree.detach(params))
+        factory = spec.hyper_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3))
+        self.hyper_opt = factory(list(self.values.values()))
+        self._n = 0
+        self._i = 0
+        self._start: tuple[Tree, Any] | None = None
+        self._window: list[StepLoss] = []
+
+    def begin_round(self, n_steps: int) -> None:
+        self._n, self._i, self._start, self._window = n_steps, 0, None, []
+
+    def step(self, params: Mapping[str, Tensor], loss: StepLoss) -> Tensor:
+        """One inner step: ``params`` (the model's parameters) are updated in place by the optimizer."""
+        if self._i == self._n - min(self.spec.steps, self._n):
+            # clones: the model's parameters are updated in place below
+            self._start = ({k: v.detach().clone() for k, v in params.items()}, self.opt_state)
+        if self._start is not None:
+            self._window.append(loss)
+        self._i += 1
+        w = dict(params)
+        val = loss(w, False)
+        g = tree.as_tree(torch.autograd.grad(val, list(w.values()), allow_unused=True), w)
+        with torch.no_grad():
+            new, self.opt_state = self.spec.optimizer.update(g, self.opt_state, tree.detach(w),
+                                                             tree.detach(self.values))
+            for k, p in params.items():
+                p.copy_(new[k])
+        return val.detach()
+
+    def hypergradient(self, outer: Callable[[Mapping[str, Tensor]], Tensor]) -> tuple[Tree, float]:
+        """``d L_V(w_end)/d values`` through the window (reverse mode); returns it and ``L_V``."""
+        if self._start is None:
+            raise HypergradientError("PathTuner.hypergradient before any inner step of the round")
+        w0, s0 = self._start
+        window = self._window
+
+        def inner(w: Mapping[str, Tensor], lam: Mapping[str, Tensor], step_loss: StepLoss) -> Tensor:
+            return step_loss(w, True)
+
+        g, _, out, _ = reverse_path(lambda w, lam: outer(w), inner, w0, self.values, steps=len(window),
+                                    optimizer=self.spec.optimizer, batches=window, opt_state=s0)
+        return g, float(out)
+
+    def apply(self, g: Mapping[str, Tensor]) -> None:
+        """One step of the hyper optimizer along ``g``, then the projection."""
+        self.hyper_opt.zero_grad(set_to_none=True)
+        for k, v in self.values.items():
+            v.grad = g[k].detach().clone()
+        self.hyper_opt.step()
+        if self.spec.project is not None:
+            with torch.no_grad():
+                self.spec.project(self.values)
+
+    def metrics(self, g: Mapping[str, Tensor], outer: float) -> dict[str, float]:
+        rec = {"path_outer_loss": outer, "path_hypergrad_norm": float(tree.norm(tree.detach(dict(g))))}
+        for k, v in self.values.items():
+            rec[f"path.{k}"] = float(v.detach()) if v.numel() == 1 else float(v.detach().mean())
+        return rec
+
+    def state_dict(self) -> dict[str, Any]:
+        st = self.opt_state
+        return {"values": {k: v.detach().clone() for k, v in self.values.items()},
+                "hyper_opt": self.hyper_opt.state_dict(),
+                "opt_state": {f: (dict(x) if isinstance(x, Mapping) else x) for f, x in st._asdict().items()}}
+
+    def load_state_dict(self, st: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in self.values.items():
+                if k not in st["values"]:
+                    raise KeyError(f"checkpoint has no path hyperparameter {k!r}: another setup wrote it")
+                v.copy_(st["values"][k])
+        self.hyper_opt.load_state_dict(st["hyper_opt"])
+        self.opt_state = self.opt_state._replace(**st["opt_state"])

@@ -64,6 +64,7 @@ from .hyper import (
     collect_hparams,
 )
 from .methods import Method
+from .paths import PathHyperparameters, PathTuner
 from .stream import BatchStream
 
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -213,7 +214,7 @@ class _Run:
 
     model: nn.Module
     objective: Objective
-    inner_opt: torch.optim.Optimizer
+    inner_opt: torch.optim.Optimizer | None   # None: the path tuner's differentiable optimizer trains
     hyper: HyperOptimizer | None
     streams: dict[str, BatchStream]
     ck_path: Path | None
@@ -223,6 +224,7 @@ class _Run:
     last_good: Path | None = None
     elapsed0: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
+    path: PathTuner | None = None   # fit(path_hparams=): optimizer hyperparameters tuned through the path
 
     @property
     def hparams(self) -> dict[str, Tensor]:
@@ -247,7 +249,12 @@ class _Run:
             if k not in st["hparams"]:
                 raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
                                "it was written by another setup")
-        self.inner_opt.load_state_dict(st["inner_opt"])
+        if self.inner_opt is not None:
+            self.inner_opt.load_state_dict(st["inner_opt"])
+        if self.path is not None:
+            if st.get("path") is None:
+                raise KeyError(f"checkpoint {path} has no path hyperparameters: another setup wrote it")
+            self.path.load_state_dict(st["path"])
         if self.hyper is not None:
             self.hyper.load_state_dict({
                 "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
@@ -276,7 +283,8 @@ class _Run:
                      "skip_reasons": dict(hyper.skip_reasons) if hyper is not None else {},
                      "model": self.model.state_dict(),
                      "hparams": {k: t.detach().clone() for k, t in hp.items()},
-                     "inner_opt": self.inner_opt.state_dict(),
+                     "inner_opt": self.inner_opt.state_dict() if self.inner_opt is not None else None,
+                     "path": self.path.state_dict() if self.path is not None else None,
                      "hyper_opt": hyper.optimizer.state_dict() if hyper is not None else None,
                      # the solver state carried across hyper steps (warm_start=True), so that a
                      # resumed run continues bit for bit; None without one
@@ -298,8 +306,17 @@ def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) 
     """``n_steps`` steps of the inner optimizer on ``L_T(w, λ)``, λ fixed; the mean loss."""
     lam_fixed = tree.detach(run.hparams)
     total = 0.0
+    if run.path is not None:
+        run.path.begin_round(n_steps)
     for _ in range(n_steps):
         b = _batch(run.streams["train"], *train)
+        if run.path is not None:   # the differentiable optimizer; the step's loss kept for the replay
+            loss = run.path.step(dict(run.model.named_parameters()), _step_loss(run, lam_fixed, b))
+            if not bool(torch.isfinite(loss)):
+                raise run.stop(r, "inner_loss", "the training loss")
+            total += float(loss)
+            continue
+        assert run.inner_opt is not None
         run.inner_opt.zero_grad(set_to_none=True)
         loss = run.objective.train(dict(run.model.named_parameters()), lam_fixed, b,
                                    forward=run.objective.live)
@@ -312,6 +329,31 @@ def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) 
     if bad is not None:
         raise run.stop(r, bad, "the weight")
     return total / n_steps
+
+
+def _step_loss(run: _Run, lam: dict[str, Tensor], b: Batch) -> Callable[[Mapping[str, Tensor], bool], Tensor]:
+    """``L_T`` of one inner step with its batch and random numbers fixed: the live step uses the
+    module's buffers, the replay (``replay=True``) copies of them."""
+    noise = run.objective.draw_noise()
+    obj = run.objective
+
+    def loss(w: Mapping[str, Tensor], replay: bool) -> Tensor:
+        return obj.train(w, lam, b, forward=obj.copy_buffers if replay else obj.live, noise=noise)
+    return loss
+
+
+def _path_step(run: _Run, tuner: PathTuner, val: tuple[Tensor, Tensor], r: int) -> dict[str, float]:
+    """The hyper step of the path hyperparameters: truncated unrolled hypergradient, then a step."""
+    bv = _batch(run.streams["path"], *val)
+    g, out = tuner.hypergradient(lambda w: run.objective.val(w, bv))
+    bad = tree.first_nonfinite(tree.detach(g))
+    if bad is not None:
+        raise run.stop(r, bad, "the path hypergradient of")
+    tuner.apply(g)
+    bad = tree.first_nonfinite(tree.detach(tuner.values))
+    if bad is not None:
+        raise run.stop(r, bad, "the path hyperparameter")
+    return tuner.metrics(g, out)
 
 
 def _hyper_step(run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor],
@@ -361,7 +403,7 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
         before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
         after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-        warm_start: bool = False) -> TrainResult:
+        warm_start: bool = False, path_hparams: PathHyperparameters | None = None) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -400,6 +442,19 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             the next (CG/Auto start from the last solution, ``Neumann(alpha="auto")`` reuses its
             ``λ_max``, Nyström its sketch), saved in the checkpoints. Off by default, so that each
             hyper step is the independent computation it always was.
+        path_hparams: optimizer hyperparameters (learning rate, momentum, betas, a learning-rate
+            schedule) tuned through the training path (:class:`~hypergradients.paths.PathHyperparameters`).
+            Their ``optimizer`` (:mod:`hypergradients.optim`) then trains the model instead of
+            ``inner_optimizer`` (give one or the other). After each round's inner steps, the last
+            ``T = path_hparams.steps`` of them are replayed differentiably from the saved weights and
+            optimizer state on the same batches, ``dL_V/d(values)`` (on a validation batch of its own
+            stream) is taken in reverse mode and a hyper step applied; then the families' hyper step
+            runs by ``method`` as usual. Two methods because the two kinds differ: the families'
+            hyperparameters shape ``w*`` (implicit differentiation at ``w ≈ w*`` is cheap and
+            horizon-free), the optimizer's only the path to it (their implicit hypergradient is
+            zero; the unrolled one over the last T steps is the truncated estimate, Shaban et al.
+            2019). Recorded per round as ``path.<key>`` (a schedule: its mean), ``path_outer_loss`` and
+            ``path_hypergrad_norm``; saved in the checkpoints (resumes bit for bit).
 
     Raises:
         NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
@@ -411,8 +466,11 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     if on_solver_error not in ("damp", "skip", "raise"):
         raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
     t_start = time.perf_counter()
+    if path_hparams is not None and inner_optimizer is not None:
+        raise ValueError("give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
+                         "(hg.optim) trains the model, so the path that is differentiated is the one trained")
     inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
-        [p for p in model.parameters() if p.requires_grad])
+        [p for p in model.parameters() if p.requires_grad]) if path_hparams is None else None
     batch_loss = _on_targets(loss_fn)
     hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
                            project=project, before_step=before_hyper_step, after_step=after_hyper_step,
@@ -426,6 +484,9 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
                 "hyper": _stream(n_train, hyper_batch_size or batch_size, seed + 1),
                 "val": _stream(n_val, val_batch_size or n_val, seed + 2)},
                ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start)
+    if path_hparams is not None:
+        run.path = PathTuner(path_hparams, dict(model.named_parameters()))
+        run.streams["path"] = _stream(n_val, val_batch_size or n_val, seed + 3)
     if ckdir is not None:
         ckdir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
@@ -439,6 +500,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             n_steps = inner_steps + (warmup_steps if r == 1 else 0)
             rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
                                    "inner_steps": r * inner_steps + warmup_steps}
+            if run.path is not None:   # first: its replay uses the families' λ of these inner steps
+                rec.update(_path_step(run, run.path, val, r))
             if hyper is not None:
                 rec.update(_hyper_step(run, hyper, train, val, r).metrics())
             for fam in families:

@@ -160,10 +160,11 @@ def _detach_state(s: Any) -> Any:
 
 
 def _start(path: Path, params: Mapping[str, Tensor], lam: Mapping[str, Tensor],
-           first: int) -> tuple[Tree, Any]:
-    """``(w, s)`` after the first ``first`` steps, without a graph."""
+           first: int, opt_state: Any = None) -> tuple[Tree, Any]:
+    """``(w, s)`` after the first ``first`` steps, without a graph (``s_0 = opt_state`` when given)."""
     w = tree.clone_leaves(params, requires_grad=False)
-    return path.free_steps(w, path.init(w), lam, 0, first)
+    s0 = path.init(w) if opt_state is None else _detach_state(opt_state)
+    return path.free_steps(w, s0, lam, 0, first)
 
 
 def _outer(outer_loss: LossFn, w: Tree, lam: Mapping[str, Tensor], steps: int) -> Tensor:
@@ -180,15 +181,16 @@ def _path(inner_loss: Callable[..., Tensor], lr: float | str | None, optimizer: 
 
 def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
            steps: int, lr: float | str | None = None, truncate: int | None = None,
-           optimizer: Optimizer | None = None,
-           batches: Sequence[object] | None = None) -> tuple[Tensor, Tree]:
+           optimizer: Optimizer | None = None, batches: Sequence[object] | None = None,
+           opt_state: Any = None) -> tuple[Tensor, Tree]:
     """Run the K steps and return ``(L_V(w_K, λ), w_K)`` with the graph to ``λ`` kept.
 
-    ``lam`` must be leaves that require grad; ``params`` are copied, never modified.
+    ``lam`` must be leaves that require grad; ``params`` are copied, never modified. ``opt_state``:
+    the optimizer state to start from (a constant; default ``optimizer.init(params)``).
     """
     path = _path(inner_loss, lr, optimizer, batches)
     n_diff = steps if truncate is None else truncate
-    w, s = _start(path, params, lam, steps - n_diff)
+    w, s = _start(path, params, lam, steps - n_diff, opt_state)
     # The start of the differentiated segment is a constant w.r.t. λ, as in the definition.
     w = tree.clone_leaves(w, requires_grad=True)
     for k in range(steps - n_diff, steps):
@@ -208,7 +210,8 @@ def checkpoint_interval(steps: int, checkpoint: bool | int | None) -> int | None
 def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
             steps: int, lr: float | str | None = None, truncate: int | None = None,
             checkpoint: bool | int | None = None, optimizer: Optimizer | None = None,
-            batches: Sequence[object] | None = None) -> tuple[Tree, set[str], Tensor, Tree]:
+            batches: Sequence[object] | None = None,
+            opt_state: Any = None) -> tuple[Tree, set[str], Tensor, Tree]:
     """Reverse-mode ``dL_V(w_K, λ)/dλ``; returns ``(gradient, used keys, L_V, w_K)``.
 
     ``checkpoint=None``: the whole differentiated path is one graph. ``checkpoint=s`` (or
@@ -224,14 +227,14 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     keys = list(lam)
     if s_len is None:
         out, w = unroll(outer_loss, inner_loss, params, lam, steps=steps, lr=lr, truncate=truncate,
-                        optimizer=optimizer, batches=batches)
+                        optimizer=optimizer, batches=batches, opt_state=opt_state)
         raw = torch.autograd.grad(out, [lam[k] for k in keys], allow_unused=True)
         used = {k for k, g in zip(keys, raw, strict=True) if g is not None}
         return tree.as_tree(raw, lam), used, out.detach(), tree.detach(w)
 
     path = _path(inner_loss, lr, optimizer, batches)
     first = steps - n_diff
-    w, st = _start(path, params, lam, first)
+    w, st = _start(path, params, lam, first, opt_state)
     # Forward sweep without a graph, keeping the start of every segment.
     starts = list(range(first, steps, s_len))
     stored: list[tuple[Tree, Any]] = []
