@@ -41,6 +41,7 @@ from .methods import (
 )
 from .modules import functional_model, make_losses, module_params
 from .operators import HessianOperator
+from .paths import PathHyperparameters
 from .protocol import ImplicitMethod, PathMethod, Stats
 from .roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
 from .state import StateMismatchError
@@ -73,6 +74,7 @@ __all__ = [
     "NormalCG",
     "Nystrom",
     "OutputPathError",
+    "PathHyperparameters",
     "PathMethod",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
