@@ -37,7 +37,6 @@ def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: i
         if float(g.norm()) <= tol:
             extra -= 1
             if extra < 0:
-                print("newton", float(g.norm()))
                 return tree.unflatten(x, w0)
         H = torch.autograd.functional.hessian(f, x)
         step = torch.linalg.solve(H, g)
@@ -47,7 +46,6 @@ def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: i
             t /= 2
         x = x - t * step
     g = torch.autograd.functional.jacobian(f, x)
-    print("newton", float(g.norm()))
     assert float(g.norm()) <= 10 * tol, f"Newton did not converge: ‖∇‖ = {float(g.norm()):.3g}"
     return tree.unflatten(x, w0)
 
