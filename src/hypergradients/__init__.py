@@ -20,7 +20,7 @@ from .errors import (
     ProblemTooLargeError,
 )
 from .files import OutputPathError, UnreadableFileError
-from .hparams import Family, WeightDecay
+from .hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, WeightDecay
 from .hparams.augment import AugmentNet
 from .hparams.distill import DistilledData
 from .hyper import HyperOptimizer, HyperStep
@@ -56,7 +56,10 @@ __all__ = [
     "Auto",
     "BiCGStab",
     "DistilledData",
+    "DropConnect",
+    "Dropout",
     "Exact",
+    "ExampleWeights",
     "Family",
     "Forward",
     "HessianOperator",
@@ -66,6 +69,7 @@ __all__ = [
     "Identity",
     "ImplicitMethod",
     "Info",
+    "LossReweighting",
     "Method",
     "NegativeCurvatureError",
     "Neumann",
