@@ -5,6 +5,7 @@ a cut run resumed ends as one never stopped, and bad settings name their key."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ import torch
 
 from hypergradients.config import ConfigError, read_toml, resolve
 from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.families import FAMILIES, check
+from hypergradients.experiments.families import FAMILIES, NOISY, check, flip_labels, flipped_auc
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
-FIGURES = {"augment": "augmented.png", "distill": "distilled.png"}
+FIGURES = {"augment": "augmented.png", "distill": "distilled.png"}   # besides loss_curves.png
 
 
 def _run(tmp: Path, *sets: str, resume: bool = False) -> dict:
@@ -38,13 +39,16 @@ def test_smoke_writes_the_run_folder(family: str, tmp_path: Path) -> None:
     assert tuned["hyperparameters"] == result["hyperparameters"] > 0 and tuned["hyper_steps"] == "3/3"
     assert all(0 <= r["test_acc"] <= 1 for r in result["rows"])
     for name in ("config.toml", "families.json", "report.md", "metrics.jsonl", "loss_curves.png",
-                 FIGURES[family]):
+                 FIGURES.get(family, "loss_curves.png")):
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "families.json").read_text()) == result
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["arm"] for r in lines} == set(arms) and len(lines) == 3 * len(arms)
     report = (tmp_path / "report.md").read_text()
-    assert report.startswith("# families: ") and FIGURES[family] in report and "hyperparameters" in report
+    assert report.startswith("# families: ") and FIGURES.get(family, "loss_curves") in report
+    assert ("flipped_auc" in report) == (family in NOISY)
+    if family in NOISY:   # 20% of the 120 smoke training labels flipped
+        assert 0 <= tuned["flipped_auc"] <= 1 and "24 training labels were flipped" in report
     assert read_toml(tmp_path / "config.toml")["family"] == family
 
 
@@ -82,3 +86,16 @@ def test_bad_sizes_name_their_key(tmp_path: Path) -> None:
                       (["family=augment", "augment.depth=5"], r"'augment\.depth': 5 needs image sides divisible")):
         with pytest.raises(ConfigError, match=msg):
             check(resolve(exp.schema, smoke=exp.smoke, sets=sets))
+
+
+def test_flipped_labels_and_their_auc() -> None:
+    y = torch.arange(50) % 5
+    out, mask = flip_labels(y, 5, 0.2, seed=0)
+    assert int(mask.sum()) == 10 and bool((out[mask] != y[mask]).all()) and torch.equal(out[~mask], y[~mask])
+    assert bool(((out >= 0) & (out < 5)).all())
+    flipped = torch.tensor([True, True, False, False, False])
+    assert flipped_auc(torch.tensor([0.1, 0.2, 1.0, 1.5, 0.9]), flipped) == 1.0     # all clean above
+    assert flipped_auc(torch.tensor([2.0, 2.0, 1.0, 1.5, 0.9]), flipped) == 0.0     # all clean below
+    # clean 1.0, 0.15, 0.9 against flipped 0.1, 0.9: pairs (>, >), (>, <), (>, =) -> (2 + 1 + 1.5)/6
+    assert flipped_auc(torch.tensor([0.1, 0.9, 1.0, 0.15, 0.9]), flipped) == pytest.approx(4.5 / 6)
+    assert math.isnan(flipped_auc(torch.ones(3), torch.zeros(3, dtype=torch.bool)))

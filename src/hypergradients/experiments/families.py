@@ -10,8 +10,16 @@ of inner steps:
   (Neumann series or CG, ``hyper.method``) on the validation set;
 * ``baseline`` — the same model without the family.
 
-Families:
+Families (:mod:`hypergradients.hparams`):
 
+* ``dropout``  — per-unit concrete dropout on the hidden units (the inputs of every ``nn.Linear``
+  after the first), one keep probability per unit;
+* ``dropconnect`` — per-weight concrete DropConnect on every weight matrix;
+* ``example-weights`` — one loss weight per training example; ``noise.flip`` (20%) of the training
+  labels are flipped (in both arms) and the result gives the AUC of the learned weights for telling
+  the flipped examples from the clean ones (``flipped_auc``: ``P(ω_clean > ω_flipped)``);
+* ``reweight-net`` — a loss → weight MLP (Meta-Weight-Net style), same flipped labels, the AUC of
+  ``ω(ℓ_i)`` at the final weights;
 * ``augment``  — a U-Net augmentation network (:class:`~hypergradients.hparams.augment.AugmentNet`,
   noise channel, identity residual; 6,659 weights on RGB, 6,497 on grey images); the classifier
   trains on original + augmented batches (``augment.with_original``);
@@ -44,7 +52,7 @@ from torch import Tensor, nn
 from ..config import Config, ConfigError, Option, write_toml
 from ..data import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
-from ..hparams import Family, describe
+from ..hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, describe
 from ..hparams.augment import AugmentNet
 from ..hparams.distill import DistilledData
 from ..methods import CG, Method, Neumann
@@ -52,12 +60,18 @@ from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
 from .base import Experiment, ExperimentResult, RunContext
 
-FAMILIES: tuple[str, ...] = ("augment", "distill")
-FAMILY_NAMES = {"augment": "augmentation network", "distill": "distilled data"}
+FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
+                             "reweight-net")
+FAMILY_NAMES = {"dropout": "per-unit dropout", "dropconnect": "per-weight DropConnect",
+                "augment": "augmentation network", "distill": "distilled data",
+                "example-weights": "per-example loss weights", "reweight-net": "loss-reweighting network"}
+# Families that clean labels: their runs flip `noise.flip` of the training labels (both arms).
+NOISY = ("example-weights", "reweight-net")
 # Wall time of the default configuration (family=<name>, everything else default), measured with
 # `hypergradients run families --set family=<name> --quiet` on the 2-core machine shared with
 # other work; the help and the module docstring quote it.
-DEFAULT_TIMES: dict[str, str] = {}
+DEFAULT_TIMES: dict[str, str] = {"dropout": "15 s", "dropconnect": "8 s", "augment": "12 s", "distill": "8 s",
+                                 "example-weights": "8 s", "reweight-net": "9 s"}
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(
@@ -104,6 +118,11 @@ SCHEMA: dict[str, Option] = {
     "augment.with_original": Option(True, "train on the original and the augmented batch together", bool),
     "distill.per_class": Option(1, "learnable examples per class", int, low=1),
     "distill.soft_labels": Option(False, "learn soft labels too", bool),
+    "dropout.init": Option(0.9, "initial keep probability (dropout, dropconnect)", float, low=0.01,
+                           high=0.99),
+    "reweight.hidden": Option(16, "hidden width of the loss-reweighting network", int, low=1),
+    "noise.flip": Option(0.2, "fraction of training labels flipped for example-weights and reweight-net",
+                         float, low=0.0, high=0.9),
     "eval_every": Option(10, "rounds between evaluations of train, validation and test loss", int, low=1),
     "checkpoint_every": Option(20, "rounds between checkpoints", int, low=1),
 }
@@ -210,6 +229,16 @@ def _families(cfg: Config, ds: Dataset, model: nn.Module, xtr: Tensor, ytr: Tens
                 device=xtr.device,
             )
         ]
+    if fam == "dropout":   # the hidden units: the inputs of every Linear after the first (after a ReLU)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return [Dropout(model, [f"{n}:input" for n in linears[1:]], init=cfg["dropout.init"])]
+    if fam == "dropconnect":
+        weights = [n for n, p in model.named_parameters() if p.ndim == 2]
+        return [DropConnect(model, weights, init=cfg["dropout.init"])]
+    if fam == "example-weights":
+        return [ExampleWeights(len(ytr), dtype=dtype, device=xtr.device)]
+    if fam == "reweight-net":
+        return [LossReweighting(cfg["reweight.hidden"], seed=cfg["seed"], dtype=dtype, device=xtr.device)]
     if fam == "distill":
         k = cfg["distill.per_class"]
         return [
@@ -296,6 +325,9 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
     xtr, ytr = _images(ds, ds.x_train), ds.y_train
+    flipped = torch.zeros(len(ytr), dtype=torch.bool)
+    if family in NOISY:
+        ytr, flipped = flip_labels(ytr, ds.num_classes, cfg["noise.flip"], seed=cfg["seed"])
     evals = {
         "train": (xtr, ytr),
         "val": (_images(ds, ds.x_val), ds.y_val),
@@ -350,6 +382,10 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 "train_loss": f["train_loss"],
                 "wall_s": res.wall_s,
             }
+            if family in NOISY:
+                results[arm]["flipped_auc"] = "-"   # set below for the tuned arm
+            if arm == "tuned" and family in NOISY:
+                results[arm]["flipped_auc"] = flipped_auc(_example_weights(fams[0], model, xtr, ytr), flipped)
             bar.set((i + 1) * rounds)
     finally:
         bar.close()
@@ -364,8 +400,8 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "val_loss",
         "train_loss",
         "wall_s",
-    ]
-    notes = _notes(family, results)
+    ] + (["flipped_auc"] if family in NOISY else [])
+    notes = _notes(family, results, int(flipped.sum()))
     figures = _figures(ctx.out, family, tuned_fams, histories, evals)
     result = {
         "family": family,
@@ -420,7 +456,7 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return markdown_table(columns, rows)
 
 
-def _notes(family: str, results: dict[str, dict[str, Any]]) -> list[str]:
+def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int) -> list[str]:
     t, b = results["tuned"], results["baseline"]
     d = t["test_acc"] - b["test_acc"]
     notes = [
@@ -435,7 +471,55 @@ def _notes(family: str, results: dict[str, dict[str, Any]]) -> list[str]:
             f"{t['test_acc'] - r['test_acc']:+.3f} against them, while the baseline trains on the whole "
             "training set."
         )
+    if family in NOISY:
+        auc = t["flipped_auc"]
+        notes.append(
+            f"{n_flipped} training labels were flipped (both arms train on them). The learned weights rank "
+            f"a clean example above a flipped one with probability {auc:.3f} (the AUC; 0.5 is chance, 1 "
+            "is a perfect separation)"
+            + (": the weights find the flipped labels." if auc > 0.6 else
+               ": the weights rank them the wrong way round, the flipped examples weighted MORE." if auc < 0.4
+               else ": the weights barely tell them apart in this run.")
+        )
     return notes
+
+
+def flip_labels(y: Tensor, classes: int, fraction: float, *, seed: int) -> tuple[Tensor, Tensor]:
+    """``y`` with ``round(fraction·n)`` labels (chosen by ``seed``) changed to another class, uniformly,
+    and the boolean mask of the flipped examples."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n = len(y)
+    idx = torch.randperm(n, generator=g)[: round(fraction * n)]
+    out = y.clone()
+    shift = torch.randint(1, classes, (len(idx),), generator=g).to(y.device)
+    out[idx.to(y.device)] = (y[idx.to(y.device)] + shift) % classes
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return out, mask
+
+
+def flipped_auc(weights: Tensor, flipped: Tensor) -> float:
+    """``P(ω_clean > ω_flipped) + ½ P(ω_clean = ω_flipped)`` over all clean/flipped pairs (the AUC of
+    "a low weight means flipped"); NaN without both kinds."""
+    w = weights.detach().double().cpu()
+    clean, bad = w[~flipped], w[flipped]
+    if not len(clean) or not len(bad):
+        return float("nan")
+    greater = (clean[:, None] > bad[None, :]).double().mean()
+    equal = (clean[:, None] == bad[None, :]).double().mean()
+    return float(greater + 0.5 * equal)
+
+
+def _example_weights(fam: Family, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Each training example's learned weight: its own (ExampleWeights) or ω(its loss at the final
+    weights) (LossReweighting)."""
+    if isinstance(fam, ExampleWeights):
+        return next(iter(fam.natural().values()))
+    assert isinstance(fam, LossReweighting)
+    with torch.no_grad():
+        model.eval()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        return fam.weight(losses, fam.tensors())
 
 
 def _figures(
@@ -505,4 +589,4 @@ def _summary() -> str:
 
 EXPERIMENT = Experiment(name="families", summary=_summary(), schema=SCHEMA, smoke=SMOKE, run=run, check=check)
 
-__all__ = ["EXPERIMENT", "FAMILIES", "SCHEMA", "SMOKE", "check", "mlp", "run"]
+__all__ = ["EXPERIMENT", "FAMILIES", "SCHEMA", "SMOKE", "check", "flip_labels", "flipped_auc", "mlp", "run"]
