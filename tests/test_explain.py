@@ -8,6 +8,7 @@ Jacobian recurrence ``J_{k+1} = (I − αH(w_k)) J_k − α M(w_k)``, ``g = J_K�
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -22,6 +23,9 @@ from hypergradients.experiments.explain import ExplainConfig, ExplainResult, exp
 
 DT = torch.float64
 CFG = ExplainConfig.quick(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
+# the parts beyond plain gradient descent on settings small enough for a command-line test
+SMALL = ["--momentum-steps", "1,3", "--adam-steps", "1,3", "--noise-orders", "2", "--noise-batch-sizes", "50",
+         "--noise-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -258,28 +262,30 @@ def test_unknown_problem_names_the_choices() -> None:
 def test_command_writes_json_and_figures(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ex"
     rc = cli_main(["explain", "--steps", "1,5,20", "--cold-steps", "1,5,20", "--truncate", "3",
-                   "--lr-steps", "5", "--out", str(out), "--json", "--quiet"])
+                   "--lr-steps", "5", *SMALL, "--out", str(out), "--json", "--quiet"])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     on_disk = json.loads((out / "explain.json").read_text())
     assert printed == on_disk
     assert on_disk["theorem_max_rel_diff"] <= 1e-12
     assert [k for k, _ in on_disk["cold_start_cosine"]] == [1, 5, 20]
-    for name in ("explain_cosine.png", "explain_theorem.png"):
+    names = ["explain_cosine.png", "explain_noise.png", "explain_optimizers.png", "explain_theorem.png"]
+    for name in names:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(on_disk["figures"]) == ["explain_cosine.png", "explain_theorem.png"]
+    assert sorted(on_disk["figures"]) == names
 
 
 def test_command_prints_an_account(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
-                   "--out", str(tmp_path), "--no-figures", "--quiet"])
+                   *SMALL, "--out", str(tmp_path), "--no-figures", "--quiet"])
     assert rc == 0 and capsys.readouterr().out == f"{tmp_path / 'explain.json'}\n"  # --quiet: the path only
     rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
-                   "--out", str(tmp_path), "--no-figures"])
+                   *SMALL, "--out", str(tmp_path), "--no-figures"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "theorem_max_rel_diff" in text and "PathOnlyHyperparameterError" in text
     assert "finite difference" in text
+    assert "6. Heavy-ball momentum" in text and "7. Adam from w*" in text and "8. Minibatch SGD" in text
 
 
 def test_command_rejects_bad_values(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -298,6 +304,192 @@ def test_command_restores_threads_and_reports_unwritable_out(tmp_path, capsys: p
                    "--out", str(blocker / "sub"), "--quiet", "--no-figures", "--threads", "1"])
     # refused before any work (exit 2, a usage error), naming the file that is in the way
     assert rc == 2 and f"{str(blocker)!r} is a file" in capsys.readouterr().err
-    rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1",
+    rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1", *SMALL,
                    "--out", str(tmp_path / "ok"), "--quiet", "--no-figures", "--threads", "1"])
     assert rc == 0 and torch.get_num_threads() == before
+
+
+# ------------------------------------------------------ beyond plain gradient descent (parts 6-8)
+def _dense_heavy_ball_P(H: torch.Tensor, K: int, alpha: float, beta: float) -> torch.Tensor:
+    """``P_K(H)`` by its matrix recurrence ``P_{k+1} = (1+β)P_k − βP_{k−1} − αHP_k + αI``, ``P_0 = P_{−1} = 0``:
+    independent of the eigendecomposition and of the closed form through the roots."""
+    eye = torch.eye(H.shape[0], dtype=DT)
+    prev, cur = torch.zeros_like(H), torch.zeros_like(H)
+    for _ in range(K):
+        prev, cur = cur, (1 + beta) * cur - beta * prev - alpha * H @ cur + alpha * eye
+    return cur
+
+
+@pytest.mark.parametrize("pair", ["beta=0.9", "optimal", "overdamped"])
+def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem, pair: str) -> None:
+    from hypergradients import optim
+    from hypergradients.experiments.explain import heavy_ball_polynomial, unroll_optimizer
+
+    H = prob.hessian
+    L, mu = prob.lambda_max, prob.lambda_min
+    kappa = L / mu
+    alpha, beta = {"beta=0.9": (1 / L, 0.9),
+                   "optimal": (4 / (math.sqrt(L) + math.sqrt(mu)) ** 2, ((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** 2),
+                   "overdamped": (0.5 / L, 0.05)}[pair]   # real roots for part of the spectrum
+    ev, Q = torch.linalg.eigh(H)
+    v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
+    M = _mixed(prob, prob.params)
+    opt = optim.heavy_ball(lr=alpha, momentum=beta)
+    gs, w_end = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, 50, record=(1, 5, 50))
+    for K in (1, 5, 50):
+        closed = -(M.T @ (Q @ (heavy_ball_polynomial(ev, K, alpha, beta) * (Q.T @ v))))
+        dense = -(M.T @ (_dense_heavy_ball_P(H, K, alpha, beta) @ v))
+        unrolled = tree.flatten(gs[K])
+        # Three evaluations of one polynomial (roots; matrix recurrence; autograd through 50
+        # torch.optim-style steps): rounding only, measured ≤ 3e-13 for K ≤ 50 (the optimal pair's
+        # α* = 12.6 amplifies it most). A wrong sign of β, a missing α or an off-by-one in K is ≥ 1e-2.
+        assert float((unrolled - closed).norm() / closed.norm()) <= 1e-10
+        assert float((dense - closed).norm() / closed.norm()) <= 1e-10
+    assert AP.rel_dist(w_end, prob.params) <= 1e-13   # from w* with zero velocity nothing moves
+
+
+def test_heavy_ball_with_beta_zero_is_neumann(prob: AP.BilevelProblem) -> None:
+    from hypergradients.experiments.explain import heavy_ball_polynomial
+
+    alpha = 1 / prob.lambda_max
+    ev, Q = torch.linalg.eigh(prob.hessian)
+    v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
+    for K in (1, 7, 40):
+        g = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
+                             method=hg.Neumann(iters=K, alpha=alpha), residual=False)
+        p = Q @ (heavy_ball_polynomial(ev, K, alpha, 0.0) * (Q.T @ v))
+        ref = -(_mixed(prob, prob.params).T @ p)
+        assert float((tree.flatten(g) - ref).norm() / ref.norm()) <= 1e-12   # rounding (measured ~1e-15)
+
+
+def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
+    from hypergradients.experiments.explain import heavy_ball_polynomial
+
+    m = result.momentum
+    assert [r["K"] for r in m["rows"]] == list(CFG.momentum_steps)
+    assert m["max_rel_diff"] <= 1e-10
+    # β = 0.9 with α = 1/λ_max: every root pair is complex, |r| = √β exactly.
+    assert m["rate_heavy_ball"] == pytest.approx(math.sqrt(0.9), rel=1e-12)
+    assert m["rate_neumann"] == pytest.approx(1 - 1 / m["kappa"], rel=1e-12)
+    # the optimal pair: double roots at both ends of the spectrum, |r| = √β* (the root's error
+    # there is √eps ≈ 1e-8 of a square root of a rounding-level discriminant).
+    assert m["rate_optimal"] == pytest.approx(m["rate_optimal_theory"], abs=1e-6)
+    # faster than Neumann at the same number of HVPs (measured at K = 50: 2.7e-3 and 0.10 vs 0.31)
+    row = next(r for r in m["rows"] if r["K"] == 50)
+    assert row["optimal_rel_dist"] < row["rel_dist"] < row["neumann_rel_dist"]
+    # ... and to the IFT hypergradient as K → ∞: the closed form at K = 300, 1000 (cheap, no unrolling).
+    ev, Q = torch.linalg.eigh(prob.hessian)
+    v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
+    exact_p = torch.linalg.solve(prob.hessian, v)
+    for K, bound in ((300, 1e-9), (1000, 1e-12)):
+        p = Q @ (heavy_ball_polynomial(ev, K, m["alpha_opt"], m["beta_opt"]) * (Q.T @ v))
+        # bound: K ρ^K with ρ = 0.8516 is 3e-19 at K = 300, far below; what is left is rounding.
+        assert float((p - exact_p).norm() / exact_p.norm()) <= bound
+    rate = m["rate_optimal_theory"]
+    c = m["curves"]
+    for K, e in zip(c["K"], c["heavy_ball_optimal"], strict=True):
+        # the error polynomial has double roots at the spectrum's ends: |e_K| ≤ (1 + K(1 − ρ)/ρ)... ≤ (K + 1) ρ^K
+        assert e <= (K + 1) * rate ** K * 1.01 + 1e-12
+
+
+def test_adam_from_the_optimum_with_a_trained_v(result: ExplainResult, prob: AP.BilevelProblem) -> None:
+    from hypergradients import optim
+    from hypergradients.experiments.explain import adam_reference, adam_warm_state
+
+    w = result.adam["warm_state"]
+    # the library's unrolled Adam equals the hand-derived tangent recurrence (rounding: measured ≤ 1e-14)
+    assert w["max_rel_diff"] <= 1e-10
+    assert w["weight_drift"] <= 1e-13   # m = 0 and a zero gradient: w* stays put
+    assert w["step_eta_max"] < w["stable_below"]
+    dists = [r["rel_dist"] for r in w["rows"]]
+    assert dists == sorted(dists, reverse=True) and dists[-1] < 0.05   # K = 100: 1.2e-2 measured
+    # and the limit is the IFT hypergradient: the recurrence (dense, cheap) out to K = 1000
+    opt = optim.adam(lr=CFG.adam_lr)
+    state, _ = adam_warm_state(prob, opt, CFG.adam_warm_steps)
+    ref = adam_reference(prob, state, (1000,), lr=CFG.adam_lr, b1=0.9, b2=0.999, eps=1e-8)
+    exact = tree.flatten(prob.exact)
+    # predicted rate 0.974 per step at the start (D grows slowly as v decays): 0.974^1000 ~ 4e-12
+    assert float((ref[1000] - exact).norm() / exact.norm()) <= 1e-8
+
+
+def test_adam_from_the_optimum_with_v_zero_diverges(result: ExplainResult) -> None:
+    z = result.adam["zero_state"]
+    lr, eps = result.adam["lr"], result.adam["eps"]
+    assert z["step_over_eps"] == pytest.approx(lr / eps) and not z["stable"]
+    assert z["lr_max_stable"] == pytest.approx(2 * 1.9 * eps / (0.1 * result.problem["lambda_max"]), rel=1e-12)
+    norms = [r["reference_norm_ratio"] for r in z["rows"]]
+    # each step multiplies the derivative by ~ the predicted growth (2.7e5; early bias corrections differ)
+    for a, b in itertools.pairwise(norms):
+        assert b / a > 1e4
+    assert z["rate"] > 1e4
+    drift = [r["weight_drift"] for r in z["rows"]]
+    assert drift[0] < 1e-8 and drift[-1] > 1e-3   # rounding-level gradients amplified: w leaves w*
+
+
+def test_noise_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
+    nz = result.noise
+    rows = {(r["batch_size"], r["K"]): r for r in nz["rows"]}
+    assert sorted(rows) == [(b, K) for b in CFG.noise_batch_sizes for K in CFG.noise_steps]
+    for (_, K), r in rows.items():
+        assert len(r["cosines"]) == len(r["rel_dists"]) == CFG.noise_orders
+        assert r["cosine_min"] <= r["cosine_mean"] <= r["cosine_max"] <= 1 + 1e-12
+        assert r["cosine_std"] > 0 and r["spread"] > 0   # different orders, different hypergradients
+        assert r["neumann_cosine"] == pytest.approx(
+            next(t["cosine"] for t in result.theorem if t["K"] == 10), abs=1e-12) if K == 10 else True
+    small, big = min(CFG.noise_batch_sizes), max(CFG.noise_batch_sizes)
+    for K in CFG.noise_steps:
+        # the spread shrinks with the batch size (measured 16 vs 0.14 at K = 10)
+        assert rows[(big, K)]["spread"] < rows[(small, K)]["spread"]
+        assert rows[(big, K)]["cosine_std"] < rows[(small, K)]["cosine_std"]
+        assert rows[(big, K)]["weight_drift_at_max_K"] < rows[(small, K)]["weight_drift_at_max_K"]
+
+
+def test_full_batch_orders_are_the_theorem(prob: AP.BilevelProblem) -> None:
+    from hypergradients.experiments.explain import noise_section
+
+    # One batch of all training rows: every order is the full-batch path from w*, i.e. Neumann(K);
+    # the permuted sums differ by rounding only (measured ~1e-16 relative).
+    cfg = ExplainConfig.quick(noise_orders=3, noise_batch_sizes=(prob.n_train,), noise_steps=(1, 6))
+    rows = noise_section(prob, 1 / prob.lambda_max, cfg)["rows"]
+    for r in rows:
+        assert r["spread"] <= 1e-12 and r["mean_vs_neumann"] <= 1e-10 and r["weight_drift_at_max_K"] <= 1e-13
+    with pytest.raises(hg.HypergradientError, match=r"noise batch sizes \[301\] exceed the 300 training"):
+        noise_section(prob, 1.0, ExplainConfig.quick(noise_batch_sizes=(301,)))
+
+
+def test_batch_order_is_epochs_of_permutations() -> None:
+    from hypergradients.experiments.explain import batch_order
+
+    bs = batch_order(10, 3, 7, torch.Generator().manual_seed(0))
+    assert [len(b) for b in bs] == [3] * 7
+    # three batches per epoch (one row dropped each epoch), no row twice within an epoch
+    for e in range(2):
+        rows = torch.cat(bs[3 * e:3 * e + 3])
+        assert len(set(rows.tolist())) == 9
+    again = batch_order(10, 3, 7, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(bs, again, strict=True))
+
+
+def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) -> None:
+    from hypergradients import optim
+    from hypergradients.experiments.explain import unroll_optimizer
+
+    # The same K steps as hg.Unrolled from w₀ = 0 (the path moves): same derivative to rounding.
+    alpha = 1 / prob.lambda_max
+    opt = optim.sgd(alpha)
+    gs, _ = unroll_optimizer(prob, opt, opt.init(prob.zeros()), prob.zeros(), 20, record=(20,))
+    g = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.zeros(), prob.hparams,
+                         method=hg.Unrolled(steps=20, lr=alpha))
+    assert AP.rel_dist(gs[20], g) <= 1e-12
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"momentum_beta": 1.0}, r"momentum_beta=1\.0 must be in \[0, 1\)"),
+    ({"adam_b2": 1.5}, r"adam_b2=1\.5 must be in \[0, 1\)"),
+    ({"noise_orders": 1}, r"noise_orders must be an integer >= 2 .*got 1"),
+    ({"noise_batch_sizes": ()}, r"noise_batch_sizes .*positive integers, got \(\)"),
+    ({"adam_eps": 0.0}, r"adam_eps=0\.0 must be a finite number > 0"),
+])
+def test_beyond_config_errors_name_the_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(hg.HypergradientError, match=match):
+        ExplainConfig(**kwargs).validate()

@@ -26,8 +26,12 @@ from hypergradients.experiments.compare import CompareConfig, compare_config
 from hypergradients.experiments.explain import ExplainConfig, explain_config
 
 # settings small enough for a test (well under a second of compute each), in both spellings
-EXPLAIN_FLAGS = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3"]
-EXPLAIN_SETS = ["theorem.steps=[1,3]", "cold.steps=[1,3]", "cold.truncate=2", "lr.steps=3"]
+EXPLAIN_FLAGS = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
+                 "--momentum-beta", "0.5", "--momentum-steps", "1,3", "--adam-lr", "0.05", "--adam-steps", "1,3",
+                 "--noise-orders", "2", "--noise-batch-sizes", "50", "--noise-steps", "2"]
+EXPLAIN_SETS = ["theorem.steps=[1,3]", "cold.steps=[1,3]", "cold.truncate=2", "lr.steps=3", "momentum.beta=0.5",
+                "momentum.steps=[1,3]", "adam.lr=0.05", "adam.steps=[1,3]", "noise.orders=2",
+                "noise.batch_sizes=[50]", "noise.steps=[2]"]
 COMPARE_FLAGS = ["--problems", "diabetes", "--budgets", "0,1,3", "--methods", "Neumann,CG,Unrolled"]
 COMPARE_SETS = ['problems=["diabetes"]', "budgets=[0,1,3]", 'methods=["Neumann","CG","Unrolled"]']
 
@@ -100,7 +104,8 @@ def test_smoke_is_the_old_tiny_configuration() -> None:
 
 
 @pytest.mark.parametrize(("name", "sets", "files"), [
-    ("explain", EXPLAIN_SETS, ["explain.json", "explain_cosine.png", "explain_theorem.png", "report.md"]),
+    ("explain", EXPLAIN_SETS, ["explain.json", "explain_cosine.png", "explain_theorem.png", "explain_optimizers.png",
+                               "explain_noise.png", "report.md"]),
     ("compare", COMPARE_SETS, ["compare.json", "compare.md", "compare.png", "report.md"])])
 def test_run_writes_the_one_run_folder(name: str, sets: list[str], files: list[str], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:

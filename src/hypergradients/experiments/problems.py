@@ -38,6 +38,7 @@ from ..tree import Tree
 DT = torch.float64
 Loss = Callable[[Tree, Tree], Tensor]
 HessianFn = Callable[[Tree, Tree], Tensor]  # (w, λ) -> dense ∂²L_T/∂w∂wᵀ, flattened in key order
+BatchLoss = Callable[[Tree, Tree, Tensor], Tensor]  # (w, λ, training row indices) -> minibatch L_T
 
 PROBLEMS = ("breast-cancer", "digits", "diabetes")
 BIAS_DECAY = 1e-2  # fixed, not a hyperparameter: only the softmax problem needs it (see below)
@@ -51,7 +52,9 @@ class BilevelProblem:
     ``H`` at ``w*`` (flattened in ``params``' key order), ``lambda_max`` / ``lambda_min`` its
     extreme eigenvalues, ``exact`` the IFT hypergradient
     ``−(∂²L_T/∂λ∂wᵀ) H⁻¹ ∂L_V/∂w`` by a dense solve (:class:`hypergradients.Exact`),
-    ``grad_norm`` the ``‖∇_w L_T(w*)‖`` reached by Newton.
+    ``grad_norm`` the ``‖∇_w L_T(w*)‖`` reached by Newton. ``batch_loss(w, λ, idx)`` is ``L_T`` with
+    the data term averaged over the training rows ``idx`` only (a minibatch; the penalty unchanged),
+    so that ``batch_loss(w, λ, arange(n_train))`` is ``inner_loss(w, λ)``.
     """
 
     name: str
@@ -69,6 +72,7 @@ class BilevelProblem:
     exact: Tree = field(repr=False)
     grad_norm: float
     newton_iters: int
+    batch_loss: BatchLoss | None = field(default=None, repr=False)
 
     @property
     def n_weights(self) -> int:
@@ -206,7 +210,7 @@ def newton_minimize(loss: Loss, hessian: HessianFn, params: Tree, hparams: Tree,
 
 
 def _finish(name: str, inner: Loss, outer: Loss, hessian: HessianFn, params0: Tree, hparams: Tree, *,
-            n_train: int, n_val: int, source: str) -> BilevelProblem:
+            n_train: int, n_val: int, source: str, batch_loss: BatchLoss | None = None) -> BilevelProblem:
     """Solve for ``w*`` and the exact hypergradient in closed form.
 
     With the mixed partial ``∂²L_T/∂W∂λ = diag(e^λ ⊙ W*)`` (and zero for the bias), the IFT gives
@@ -220,7 +224,7 @@ def _finish(name: str, inner: Loss, outer: Loss, hessian: HessianFn, params0: Tr
     p = tree.unflatten(torch.linalg.solve(H, v), w_star)
     exact = {"log_weight_decay": -torch.exp(hparams["log_weight_decay"]) * w_star["weight"] * p["weight"]}
     return BilevelProblem(name, inner, outer, w_star, hparams, n_train, n_val, source, hessian, H,
-                          float(ev[-1]), float(ev[0]), exact, gn, iters)
+                          float(ev[-1]), float(ev[0]), exact, gn, iters, batch_loss)
 
 
 def _augment(X: Tensor) -> Tensor:
@@ -253,6 +257,10 @@ def diabetes_ridge(*, n_train: int = 300, decay: tuple[float, float] = (1e-3, 1e
         r = Xv @ p["weight"] + p["bias"] - yv
         return 0.5 * (r @ r) / len(yv)
 
+    def batch(p: Tree, h: Tree, idx: Tensor) -> Tensor:
+        r = Xt[idx] @ p["weight"] + p["bias"] - yt[idx]
+        return 0.5 * (r @ r) / len(idx) + 0.5 * torch.sum(torch.exp(h["log_weight_decay"]) * p["weight"] ** 2)
+
     Xa = _augment(Xt)
 
     def hessian(w: Tree, h: Tree) -> Tensor:
@@ -262,7 +270,7 @@ def diabetes_ridge(*, n_train: int = 300, decay: tuple[float, float] = (1e-3, 1e
 
     params0 = {"weight": torch.zeros(d, dtype=DT), "bias": torch.zeros((), dtype=DT)}
     return _finish("diabetes", inner, outer, hessian, params0, hparams, n_train=len(tr), n_val=len(va),
-                   source="sklearn.datasets.load_diabetes (ridge regression)")
+                   source="sklearn.datasets.load_diabetes (ridge regression)", batch_loss=batch)
 
 
 def _breast_cancer(n_train: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
@@ -320,6 +328,10 @@ def logistic_problem(name: str = "breast-cancer", *, n_train: int = 300,
     def outer(p: Tree, h: Tree) -> Tensor:
         return data_loss(p, Xv, yv)
 
+    def batch(p: Tree, h: Tree, idx: Tensor) -> Tensor:
+        penalty = 0.5 * torch.sum(torch.exp(h["log_weight_decay"]) * p["weight"] ** 2)
+        return data_loss(p, Xt[idx], yt[idx]) + penalty + 0.5 * bias_decay * torch.sum(p["bias"] ** 2)
+
     def hessian(w: Tree, h: Tree) -> Tensor:
         decay = torch.cat([torch.exp(h["log_weight_decay"]).reshape(-1),
                            torch.full((1 if c == 2 else c,), bias_decay, dtype=DT)])
@@ -328,7 +340,7 @@ def logistic_problem(name: str = "breast-cancer", *, n_train: int = 300,
     params0 = {"weight": torch.zeros(shape, dtype=DT),
                "bias": torch.zeros(() if c == 2 else (c,), dtype=DT)}
     return _finish(name, inner, outer, hessian, params0, hparams, n_train=len(yt), n_val=len(yv),
-                   source=source)
+                   source=source, batch_loss=batch)
 
 
 def logistic_hessian(X: Tensor, weight: Tensor, bias: Tensor, decay: Tensor) -> Tensor:
