@@ -286,9 +286,11 @@ def test_one_noise_gives_the_same_draws_at_every_evaluation_and_none_draws_a_fre
     assert det.draw_noise() is None and torch.equal(torch.get_rng_state(), before)
 
 
-def test_fixed_noise_makes_forward_and_reverse_mode_hypergradients_agree() -> None:
-    # Forward-mode HVPs re-run L_T for every product; reverse mode builds one graph. They agree
-    # (to rounding, float64) only if every evaluation sees the same noise.
+@pytest.mark.parametrize("mode", ["forward", "finite-difference"])
+def test_fixed_noise_makes_forward_and_reverse_mode_hypergradients_agree(mode: str) -> None:
+    # Forward-mode and finite-difference HVPs re-run L_T for every product; reverse mode builds one
+    # graph. They agree only if every evaluation sees the same noise: to rounding (float64) for
+    # forward mode; finite-difference HVPs carry their O(h²) error (docs/finite-difference-hvp.md).
     model = _mlp()
     fam = _GaussNoise("0")
     obj = _objective(model, [fam])
@@ -304,7 +306,41 @@ def test_fixed_noise_makes_forward_and_reverse_mode_hypergradients_agree() -> No
 
     m = hg.Neumann(iters=5, alpha=0.1)
     g_rev = hg.hypergradient(outer, inner, w, lam, method=m, hvp_mode="reverse")
-    g_fwd = hg.hypergradient(outer, inner, w, lam, method=m, hvp_mode="forward")
+    g_other = hg.hypergradient(outer, inner, w, lam, method=m, hvp_mode=mode)  # type: ignore[arg-type]
+    assert float(g_rev["gauss"].abs()) > 1e-6
+    tol = 1e-10 if mode == "forward" else 1e-6
+    torch.testing.assert_close(g_other, g_rev, rtol=tol, atol=1e-14)
+    # with a fresh noise sample per evaluation the same computation is visibly different
+    draws = iter(range(1000))
+
+    def inner_fresh(p: dict, h: dict) -> torch.Tensor:
+        return obj.train(p, h, bt, forward=obj.copy_buffers, noise=hg.hparams.Noise(next(draws)))
+
+    try:
+        g_bad = hg.hypergradient(outer, inner_fresh, w, lam, method=m, hvp_mode=mode)  # type: ignore[arg-type]
+    except hg.HypergradientError:   # finite differences of gradients of two different functions:
+        return                      # the "Hessian" is garbage and the Neumann series diverges
+    assert not torch.allclose(g_bad["gauss"], g_rev["gauss"], rtol=1e-3, atol=0)
+
+
+def test_path_methods_see_one_noise_sample_along_the_path() -> None:
+    # Unrolled (reverse) and Forward (forward mode, which re-runs every step for every tangent)
+    # differentiate the same path only if each of its steps sees the same noise at every evaluation.
+    model = _mlp()
+    fam = _GaussNoise("0")
+    obj = _objective(model, [fam])
+    w, lam = tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors())
+    bt, bv = _cls_batch(), _cls_batch(seed=2)
+    noise = hg.hparams.Noise(12)
+
+    def inner(p: dict, h: dict) -> torch.Tensor:
+        return obj.train(p, h, bt, forward=obj.copy_buffers, noise=noise)
+
+    def outer(p: dict, h: dict) -> torch.Tensor:
+        return obj.val(p, bv)
+
+    g_rev = hg.hypergradient(outer, inner, w, lam, method=hg.Unrolled(steps=5, lr=0.1))
+    g_fwd = hg.hypergradient(outer, inner, w, lam, method=hg.Forward(steps=5, lr=0.1))
     assert float(g_rev["gauss"].abs()) > 1e-6
     torch.testing.assert_close(g_fwd, g_rev, rtol=1e-10, atol=1e-14)
 
