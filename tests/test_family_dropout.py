@@ -16,7 +16,7 @@ from torch import nn
 import hypergradients as hg
 from family_checks import fit_resume_is_bit_for_bit, hypergradient_vs_fd, own_loop_resume_is_bit_for_bit
 from hypergradients import tree
-from hypergradients.hparams import Batch, DropConnect, Dropout, Noise, WeightDecay, describe
+from hypergradients.hparams import Batch, DropConnect, Dropout, Noise, Site, WeightDecay, describe
 from hypergradients.hparams.dropout import relaxed_mask
 from hypergradients.hyper import Objective
 
@@ -257,3 +257,42 @@ def test_hypergradient_spread_over_noise_samples() -> None:
         print(f"  {tau:<4g} {rel_std:>13.2f}   {pair:>20.3f}   {float(loo.median()):>25.3f}, {float(loo.min()):.3f}")
         assert torch.isfinite(G).all() and float(mean.norm()) > 0
         assert rel_std > 0.05   # the noise matters: this is why it must be fixed within one hypergradient
+
+
+def test_a_small_lstm_language_model_with_every_site_tunes_all_its_keep_probabilities() -> None:
+    # The LM layout of the count test, tiny: embedding, input, hidden (between the layers) and
+    # output units, and DropConnect on both recurrent matrices, in one hyper step.
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(12, 5)
+            self.lstm1 = nn.LSTM(5, 6)
+            self.lstm2 = nn.LSTM(6, 6)
+            self.decoder = nn.Linear(6, 12)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:   # (T, B) -> (T·B, vocab)
+            h, _ = self.lstm1(self.embed(tokens))
+            h, _ = self.lstm2(h)
+            return self.decoder(h).reshape(-1, 12)
+
+    torch.manual_seed(0)
+    lm = LM().to(DT)
+    fams = [Dropout(lm, ["embed:output", "lstm1:input", "lstm1:output", "lstm2:output"], temperature=0.3),
+            DropConnect(lm, ["lstm1.weight_hh_l0", "lstm2.weight_hh_l0"], temperature=0.3)]
+    assert [f.count() for f in fams] == [5 + 5 + 6 + 6, 2 * 24 * 6]
+
+    def next_token_loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, batch.y.reshape(-1), reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 12, (7, 4), generator=g)
+    bt = Batch(tokens[:-1], tokens[1:], torch.arange(4))
+    hyper = hg.HyperOptimizer(lm, fams, method=hg.CG(iters=5, damping=1.0), loss_fn=next_token_loss)
+    res = hyper.step(bt, bt)
+    assert res.applied and res.hypergradient is not None
+    for k, v in res.hypergradient.items():   # every site is reached: every key gets a gradient
+        assert torch.isfinite(v).all() and float(v.abs().max()) > 0, k
+    with pytest.raises(ValueError, match=r"an nn.Embedding's input is token ids; drop its 'output' units"):
+        Dropout(lm, ["embed:input"])
+    explicit = Dropout(lm, [Site("decoder", "output", 12)])   # a Site given by hand
+    assert explicit.count() == 12
