@@ -47,6 +47,7 @@ def test_smoke_writes_the_run_folder(family: str, tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# families: ") and FIGURES.get(family, "loss_curves") in report
     assert ("flipped_auc" in report) == (family in NOISY)
+    assert ("changes a test image by" in report) == (family == "augment")
     if family in NOISY:   # 20% of the 120 smoke training labels flipped
         assert 0 <= tuned["flipped_auc"] <= 1 and "24 training labels were flipped" in report
     assert read_toml(tmp_path / "config.toml")["family"] == family

@@ -22,7 +22,8 @@ Families (:mod:`hypergradients.hparams`):
   ``ω(ℓ_i)`` at the final weights;
 * ``augment``  — a U-Net augmentation network (:class:`~hypergradients.hparams.augment.AugmentNet`,
   noise channel, identity residual; 6,659 weights on RGB, 6,497 on grey images); the classifier
-  trains on original + augmented batches (``augment.with_original``);
+  trains on augmented batches (``augment.with_original`` adds the originals), the figure shows
+  test images and one augmentation of each, and a note gives how much it changes an image;
 * ``distill``  — ``distill.per_class`` learnable examples per class
   (:class:`~hypergradients.hparams.distill.DistilledData`, started from real training examples):
   the tuned model trains on them *only*; a third arm, ``real-k``, trains on the real examples they
@@ -115,7 +116,12 @@ SCHEMA: dict[str, Option] = {
     ),
     "augment.depth": Option(2, "U-Net levels", int, low=1),
     "augment.wf": Option(3, "U-Net filters at the first level: 2^wf (the paper: 3, i.e. 8)", int, low=0),
-    "augment.with_original": Option(True, "train on the original and the augmented batch together", bool),
+    # Default off, measured on the default run: trained on augmented batches only, the network learns
+    # a mild augmentation (median change 0.19 of an image's norm; test accuracy 0.967 vs 0.961 without);
+    # with the originals beside them it drifts to a label-blind pattern 6.3 times an image's norm
+    # (0.964), which the originals make harmless and the hypergradient does not correct.
+    "augment.with_original": Option(False, "train on the original and the augmented batch together (default: "
+                                    "the augmented batch only)", bool),
     "distill.per_class": Option(1, "learnable examples per class", int, low=1),
     "distill.soft_labels": Option(False, "learn soft labels too", bool),
     "dropout.init": Option(0.9, "initial keep probability (dropout, dropconnect)", float, low=0.01,
@@ -417,6 +423,11 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "wall_s",
     ] + (["flipped_auc"] if family in NOISY else [])
     notes = _notes(family, results, int(flipped.sum()))
+    for fam in tuned_fams:
+        if isinstance(fam, AugmentNet):
+            change = augment_change(fam, evals["test"][0])
+            notes.append(f"The learned augmentation changes a test image by {change:.2f} of its norm (median "
+                         "‖a(x, ε) − x‖/‖x‖, one noise draw); the figure scales each image to its own range.")
     figures = _figures(ctx.out, family, tuned_fams, histories, evals)
     result = {
         "family": family,
@@ -567,6 +578,16 @@ def _figures(
         if isinstance(fam, AugmentNet):
             paths.append(_augment_figure(fam, evals["test"][0][:8], out / "augmented.png"))
     return paths
+
+
+def augment_change(fam: AugmentNet, x: Tensor) -> float:
+    """The median over images of ``‖a(x, ε) − x‖ / ‖x‖`` with one noise draw (``Noise(0)``)."""
+    from ..hparams import Noise
+
+    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        d = (fam.augment(x, fam.tensors(), eps) - x).flatten(1).norm(dim=1)
+    return float((d / x.flatten(1).norm(dim=1).clamp_min(1e-12)).median())
 
 
 def _augment_figure(fam: AugmentNet, x: Tensor, path: Path) -> Path:
