@@ -51,8 +51,8 @@ What the hypergradient then is: with noise ``ε`` fixed, ``L_T(w, λ; ε)`` is a
 function, and the hyper step returns *its* hypergradient ``g_ε = ∂L_V/∂λ − ∂²L_T(ε)/∂λ∂wᵀ · p``,
 ``p = H_ε⁻¹ ∂L_V/∂w``, at the current weights (taken as ``≈ w*``). It is an unbiased estimate of
 the hypergradient of the expected objective ``E_ε L_T`` only if (a) the weights minimise
-``E_ε L_T`` and (b) the Hessian ``H_ε`` does not depend on ``ε`` (noise entering ``L_T`` linearly
-in a quadratic model, e.g. random per-example weights of least squares): then ``g_ε`` is linear
+``E_ε L_T`` and (b) the Hessian ``H_ε`` does not depend on ``ε`` (noise entering ``L_T`` at most
+linearly in ``w``, e.g. noise added to the targets of least squares): then ``g_ε`` is linear
 in ``L_T(ε)`` and ``E g_ε`` is the expected objective's hypergradient. Otherwise
 ``E[H_ε⁻¹] ≠ (E H_ε)⁻¹`` and the estimate is biased, the bias shrinking with the noise's effect
 on ``H``; the spread over noise samples is measured in docs/families.md.
