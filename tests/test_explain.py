@@ -323,7 +323,7 @@ def _dense_heavy_ball_P(H: torch.Tensor, K: int, alpha: float, beta: float) -> t
 @pytest.mark.parametrize("pair", ["beta=0.9", "optimal", "overdamped"])
 def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem, pair: str) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import heavy_ball_polynomial, unroll_optimizer
+    from hypergradients.experiments.explain import heavy_ball_polynomial, library_unrolled, unroll_optimizer
 
     H = prob.hessian
     L, mu = prob.lambda_max, prob.lambda_min
@@ -340,11 +340,13 @@ def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem,
         closed = -(M.T @ (Q @ (heavy_ball_polynomial(ev, K, alpha, beta) * (Q.T @ v))))
         dense = -(M.T @ (_dense_heavy_ball_P(H, K, alpha, beta) @ v))
         unrolled = tree.flatten(gs[K])
-        # Three evaluations of one polynomial (roots; matrix recurrence; autograd through 50
-        # torch.optim-style steps): rounding only, measured ≤ 3e-13 for K ≤ 50 (the optimal pair's
-        # α* = 12.6 amplifies it most). A wrong sign of β, a missing α or an off-by-one in K is ≥ 1e-2.
-        assert float((unrolled - closed).norm() / closed.norm()) <= 1e-10
-        assert float((dense - closed).norm() / closed.norm()) <= 1e-10
+        public = tree.flatten(library_unrolled(prob, opt, K)[0])   # hg.Unrolled(optimizer=...)
+        # Four evaluations of one polynomial (roots; matrix recurrence; autograd through K
+        # torch.optim-style steps, by our loop and by hg.Unrolled): rounding only, measured ≤ 3e-13
+        # for K ≤ 50 (the optimal pair's α* = 12.6 amplifies it most). A wrong sign of β, a missing
+        # α or an off-by-one in K is ≥ 1e-2.
+        for g in (unrolled, public, dense):
+            assert float((g - closed).norm() / closed.norm()) <= 1e-10
     assert AP.rel_dist(w_end, prob.params) <= 1e-13   # from w* with zero velocity nothing moves
 
 
@@ -422,6 +424,9 @@ def test_adam_from_the_optimum_with_v_zero_diverges(result: ExplainResult) -> No
     for a, b in itertools.pairwise(norms):
         assert b / a > 1e4
     assert z["rate"] > 1e4
+    for r in z["rows"]:   # the public call refuses exactly the non-finite values, naming them
+        assert r["library_finite"] == (r["hypergradient_error"] is None)
+        assert r["hypergradient_error"] is None or "is not finite" in r["hypergradient_error"]
     drift = [r["weight_drift"] for r in z["rows"]]
     assert drift[0] < 1e-8 and drift[-1] > 1e-3   # rounding-level gradients amplified: w leaves w*
 
@@ -468,6 +473,20 @@ def test_batch_order_is_epochs_of_permutations() -> None:
         assert len(set(rows.tolist())) == 9
     again = batch_order(10, 3, 7, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(bs, again, strict=True))
+
+
+def test_unroll_optimizer_on_minibatches_is_unrolled_with_batches(prob: AP.BilevelProblem) -> None:
+    from hypergradients import optim
+    from hypergradients.experiments.explain import batch_order, library_unrolled, unroll_optimizer
+
+    # Our loop through (init, update) and hg.Unrolled(optimizer=, batches=) on the same 7 batches of
+    # 20 rows from w*: the same operations, so rounding only (measured ~1e-16).
+    batches = batch_order(prob.n_train, 20, 7, torch.Generator().manual_seed(3))
+    for opt in (optim.sgd(1 / prob.lambda_max), optim.adam(0.01)):
+        gs, w_ours = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, 7, batches=batches)
+        g, w_lib = library_unrolled(prob, opt, 7, batches=batches)
+        assert AP.rel_dist(gs[7], g) <= 1e-12 and AP.rel_dist(w_ours, w_lib) <= 1e-14
+        assert AP.rel_dist(w_lib, prob.params) > 1e-4   # minibatch gradients at w* are not zero
 
 
 def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) -> None:

@@ -337,6 +337,17 @@ def unroll_optimizer(prob: BilevelProblem, opt: optim.Optimizer, state: Any, w0:
     return out, tree.detach(w)
 
 
+def library_unrolled(prob: BilevelProblem, opt: optim.Optimizer, steps: int, *,
+                     batches: list[Tensor] | None = None) -> tuple[Tree, Tree]:
+    """``hg.hypergradient`` with ``hg.Unrolled(steps, optimizer=opt, batches=batches)`` from ``w*``:
+    ``(hypergradient, w_K)``. With ``batches`` the inner loss is ``prob.batch_loss(w, λ, rows)``."""
+    inner: Any = prob.inner_loss if batches is None else prob.batch_loss
+    g, info = hg.hypergradient(prob.outer_loss, inner, prob.params, prob.hparams, return_info=True,
+                               method=hg.Unrolled(steps=steps, optimizer=opt, batches=batches))
+    assert info.final_params is not None
+    return g, info.final_params
+
+
 def lucas_u(r1: Tensor, r2: Tensor, n: int) -> Tensor:
     """``U_n = Σ_{j<n} r1^j r2^{n−1−j}`` entrywise: ``(r1ⁿ − r2ⁿ)/(r1 − r2)``, ``n·r^{n−1}`` at a double root.
 
@@ -403,8 +414,8 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
                      progress: Progress | None = None) -> dict[str, Any]:
     """Part 6: heavy-ball momentum from ``w*`` with zero velocity, against its polynomial and ``g*``.
 
-    Library: ``hg.optim.heavy_ball(lr=α, momentum=β)`` unrolled (:func:`unroll_optimizer`), and the
-    same with the optimal pair for the spectrum ``α* = 4/(√L + √μ)²``, ``β* = ((√κ − 1)/(√κ + 1))²``.
+    Library: ``hg.Unrolled(optimizer=hg.optim.heavy_ball(lr=α, momentum=β))`` (:func:`library_unrolled`),
+    and the same with the optimal pair for the spectrum ``α* = 4/(√L + √μ)²``, ``β* = ((√κ − 1)/(√κ + 1))²``.
     Closed form: ``−Mᵀ P_K(H) v`` by :func:`heavy_ball_polynomial` on the eigenvalues of the dense H.
     """
     ev, Q, v, M = _at_optimum(prob)
@@ -420,11 +431,11 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
     def dist(g: Tensor) -> float:
         return float((g - exact).norm() / exact.norm())
 
-    unrolled = {}
+    unrolled: dict[str, dict[int, Tensor]] = {"beta": {}, "optimal": {}}
     for name, a, b in (("beta", alpha, beta), ("optimal", a_opt, b_opt)):
         opt = optim.heavy_ball(lr=a, momentum=b)
-        gs, _ = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, max(steps), record=steps)
-        unrolled[name] = {K: tree.flatten(g) for K, g in gs.items()}
+        for K in steps:
+            unrolled[name][K] = tree.flatten(library_unrolled(prob, opt, K)[0])
         if progress:
             progress(2 * max(steps))
     rows = []
@@ -514,19 +525,21 @@ def adam_section(prob: BilevelProblem, cfg: ExplainConfig, *,
     gnorm = float(exact.norm())
     # (a) a fresh state: v = 0, D = I/ε
     zero = []
-    fresh = opt.init(prob.params)
-    gs, _ = unroll_optimizer(prob, opt, fresh, prob.params, max(cfg.adam_zero_steps),
-                             record=cfg.adam_zero_steps)
-    ref0 = adam_reference(prob, fresh, cfg.adam_zero_steps, lr=lr, b1=b1, b2=b2, eps=eps)
+    ref0 = adam_reference(prob, opt.init(prob.params), cfg.adam_zero_steps, lr=lr, b1=b1, b2=b2, eps=eps)
     for K in cfg.adam_zero_steps:
-        _, wK = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, K)
+        gs, wK = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, K)
         g = tree.flatten(gs[K])
         finite = bool(torch.isfinite(g).all())
-        # The library's value: non-finite where a gradient entry at w* is exactly 0.0 (autograd's
-        # d√v at v = 0 is 0·∞), astronomically large otherwise; JSON gets null for the former.
+        error = None
+        try:
+            library_unrolled(prob, opt, K)
+        except hg.HypergradientError as e:   # the public call refuses a non-finite hypergradient
+            error = str(e)
+        # Non-finite where a gradient entry at w* is exactly 0.0 (autograd's d√v at v = 0 is 0·∞),
+        # astronomically large otherwise; JSON gets null for the former.
         zero.append({"K": K, "reference_norm_ratio": float(ref0[K].norm()) / gnorm,
                      "library_norm_ratio": float(g.norm()) / gnorm if finite else None,
-                     "library_finite": finite,
+                     "library_finite": finite, "hypergradient_error": error,
                      "weight_drift": rel_dist(wK, prob.params)})
     if progress:
         progress(2 * sum(cfg.adam_zero_steps))
@@ -576,7 +589,8 @@ def batch_order(n: int, batch_size: int, steps: int, gen: torch.Generator) -> li
 
 def noise_section(prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *,
                   progress: Progress | None = None) -> dict[str, Any]:
-    """Part 8: minibatch SGD from ``w*`` (``hg.optim.sgd(lr=α)``), unrolled, over ``noise_orders`` orders.
+    """Part 8: minibatch SGD from ``w*`` (``hg.Unrolled(optimizer=hg.optim.sgd(lr=α), batches=...)``), over
+    ``noise_orders`` random orders.
 
     A minibatch gradient at ``w*`` is not zero, so the iterates move and each order gives another
     hypergradient. Per batch size and K: the mean and spread of the cosine and relative distance
@@ -597,11 +611,11 @@ def noise_section(prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *,
         for o in range(cfg.noise_orders):
             gen = torch.Generator().manual_seed(1000 * cfg.seed + o)
             batches = batch_order(prob.n_train, bs, max(steps), gen)
-            gs, wK = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, max(steps),
-                                      batches=batches, record=steps)
             for K in steps:
-                per_k[K].append(tree.flatten(gs[K]))
-            drift.append(rel_dist(wK, prob.params))
+                g, wK = library_unrolled(prob, opt, K, batches=batches[:K])
+                per_k[K].append(tree.flatten(g))
+                if K == max(steps):
+                    drift.append(rel_dist(wK, prob.params))
             if progress:
                 progress(max(steps) + sum(steps))
         for K in steps:
