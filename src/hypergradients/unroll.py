@@ -296,10 +296,13 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
 
     # Non-finite values are checked once on the primal path (cheaper than inside the transforms);
     # the optimizer states met on the way are the templates of the tangent states (their step counts).
+    # Only their non-tensor leaves are kept (a shared empty marker stands for each tensor), so the
+    # memory stays independent of the number of steps.
     templates: list[Any] = []
     w_check, s_check = w, st
+    marker = torch.empty(0)
     for k in range(first, steps):
-        templates.append(s_check)
+        templates.append(with_tensors(s_check, [marker] * len(tensors_of(s_check))))
         w_check, s_check = path.step(w_check, s_check, lam0, k, create_graph=False)
     out = _outer(outer_loss, w_check, lam0, steps)
     s_tensors = tensors_of(st)
