@@ -107,7 +107,8 @@ def _unrolled_val(opt: optim.Optimizer, hp: Tree, w0: Tree, batches: list[tuple[
     w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
     state = opt.init(w)
     for b in batches:
-        g = torch.autograd.grad(_loss(w, b), list(w.values()), create_graph=create_graph)
+        g = torch.autograd.grad(_loss(w, b), list(w.values()), create_graph=create_graph, allow_unused=True)
+        g = tuple(torch.zeros_like(v) if gk is None else gk for v, gk in zip(w.values(), g, strict=True))
         w, state = opt.update(dict(zip(w, g, strict=True)), state, w, hp)
         if not create_graph:
             w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
@@ -172,3 +173,36 @@ def test_schedule_entry_per_step_and_errors() -> None:
         optim.sgd(0.1, nesterov=True)
     with pytest.raises(hg.HypergradientError, match="lr must be a number or a key"):
         optim.sgd(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [optim.adam, optim.adamw], ids=["adam", "adamw"])
+def test_adam_zero_input_feature_keeps_hypergradient_finite(make: Callable[..., optim.Optimizer]) -> None:
+    # An input feature that is 0 in every example (MNIST's border pixels): the first-layer weights
+    # reading it get the gradient 0·δ, exactly 0 but a function of the other weights, so v = 0
+    # with a graph. Plain v.sqrt() makes d/dlr NaN (its derivative 0.5/√0 times 0, then 0·NaN
+    # through the product with the input); the hypergradient must be finite and, as those
+    # weights never move and never matter, equal to that of the same data without the feature.
+    w0, batches, val = _mlp_problem(steps=4)
+
+    def zero_first(b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x = b[0].clone()
+        x[:, 0] = 0.0
+        return x, b[1]
+
+    batches = [zero_first(b) for b in batches]
+    val = zero_first(val)
+    small = {k: (v[1:] if k == "w1" else v) for k, v in w0.items()}
+
+    def drop(b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return b[0][:, 1:], b[1]
+
+    opt = make("lr")
+    hp = {"lr": torch.tensor(0.05, dtype=DT, requires_grad=True)}
+    a = torch.autograd.grad(_unrolled_val(opt, hp, w0, batches, val, create_graph=True), hp["lr"])[0]
+    b = torch.autograd.grad(_unrolled_val(opt, hp, small, [drop(x) for x in batches], drop(val),
+                                          create_graph=True), hp["lr"])[0]
+    assert bool(torch.isfinite(a)) and abs(float(a) - float(b)) <= 1e-12 * abs(float(b))
+    fwd = hg.hypergradient(lambda w, h: _loss(w, val), lambda w, h, bt: _loss(w, bt), w0,
+                           {"lr": torch.tensor(0.05, dtype=DT)},
+                           method=hg.Forward(steps=4, optimizer=opt, batches=batches))
+    assert abs(float(fwd["lr"]) - float(b)) <= 1e-10 * abs(float(b))

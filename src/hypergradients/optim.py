@@ -33,10 +33,11 @@ K steps of optimizer ``O`` from ``w0`` on batches ``b_0 … b_{K−1}``, differe
 and :class:`hypergradients.Forward` do exactly this with ``optimizer=`` and ``batches=``, in reverse
 mode (optionally truncated or checkpointed) or forward mode.
 
-Caveat: Adam divides by ``√v̂ + eps``; the derivative of ``√v`` is infinite at ``v = 0``, so a weight
-whose gradient is exactly zero at every step so far gives a non-finite hypergradient (as it
-would in any autograd-through-Adam library). Weights that never receive a gradient should not be
-handed to the optimizer.
+Adam divides by ``√v̂ + eps``; the derivative of ``√v`` is infinite at ``v = 0``, which plain
+autograd turns into NaN for a weight whose gradient has been exactly zero so far (the weights
+reading an input pixel that is 0 in every image, as MNIST's border; an embedding row no batch
+touched). Here ``√v`` has derivative 0 there, the true derivative along
+such a path (``v`` and its tangent are both 0), so the hypergradient stays finite.
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def _axpy(w: Tensor, g: Tensor, a: float | Tensor) -> Tensor:
     if isinstance(a, Tensor):
         return w + a * g
     return torch.add(w, g, alpha=a)
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``√v`` for ``v ≥ 0`` with derivative 0 (not ``∞·0 = NaN``) where ``v = 0``.
+
+    A weight whose gradient has been exactly zero so far has ``v = 0`` and ``dv = 0``; the true
+    derivative of ``√v`` along such a path is 0, but autograd's ``0.5/√v · dv`` gives NaN. The
+    double ``where`` evaluates the square root at 1 there (finite derivative, masked out) and
+    returns 0; elsewhere the value is ``v.sqrt()`` exactly (multiplied by 1.0)."""
+    pos = v > 0
+    return torch.where(pos, v, torch.ones_like(v)).sqrt() * pos
 
 
 def _scale(x: Tensor, a: float | Tensor) -> Tensor:
@@ -205,7 +217,7 @@ def _adam(name: str, lr: Hyper, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: 
         # torch.optim.Adam's arithmetic order: w − (lr/bc1)·m / (√v/√bc2 + eps).
         step = a / bc1
         sq = bc2 ** 0.5
-        new = {k: w[k] - step * mu[k] / (nu[k].sqrt() / sq + e) for k in w}
+        new = {k: w[k] - step * mu[k] / (_sqrt(nu[k]) / sq + e) for k in w}
         return new, AdamState(t, mu, nu)
 
     return Optimizer(init, update, _keys(lr, b1, b2, eps, weight_decay), name)
