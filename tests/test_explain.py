@@ -350,6 +350,32 @@ def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem,
     assert AP.rel_dist(w_end, prob.params) <= 1e-13   # from w* with zero velocity nothing moves
 
 
+def test_nesterov_polynomial_equals_unrolled_nesterov(prob: AP.BilevelProblem) -> None:
+    from hypergradients import optim
+    from hypergradients.experiments.explain import library_unrolled, nesterov_polynomial
+
+    H, L = prob.hessian, prob.lambda_max
+    alpha, beta = 1 / L, 0.8
+    ev, Q = torch.linalg.eigh(H)
+    v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
+    M = _mixed(prob, prob.params)
+    # independent: the tangent of torch's nesterov step, b ← βb + (HJ + M), J ← J − α((HJ + M) + βb)
+    J, B = torch.zeros_like(M), torch.zeros_like(M)
+    dense = {}
+    for k in range(1, 51):
+        G = H @ J + M
+        B = beta * B + G
+        J = J - alpha * (G + beta * B)
+        dense[k] = J.T @ v   # g_K = J_Kᵀ v (no direct term)
+    opt = optim.nesterov(lr=alpha, momentum=beta)
+    for K in (1, 2, 5, 50):
+        closed = -(M.T @ (Q @ (nesterov_polynomial(ev, K, alpha, beta) * (Q.T @ v))))
+        public = tree.flatten(library_unrolled(prob, opt, K)[0])
+        # rounding only (measured ~1e-14); P_1 = α(1+β) vs heavy-ball's α would be off by 80 %
+        for g in (public, dense[K]):
+            assert float((g - closed).norm() / closed.norm()) <= 1e-10
+
+
 def test_heavy_ball_with_beta_zero_is_neumann(prob: AP.BilevelProblem) -> None:
     from hypergradients.experiments.explain import heavy_ball_polynomial
 
@@ -376,9 +402,13 @@ def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> Non
     # the optimal pair: double roots at both ends of the spectrum, |r| = √β* (the root's error
     # there is √eps ≈ 1e-8 of a square root of a rounding-level discriminant).
     assert m["rate_optimal"] == pytest.approx(m["rate_optimal_theory"], abs=1e-6)
+    # Nesterov with α = 1/L, β = (√κ−1)/(√κ+1): a double root 1 − 1/√κ at λ_min, smaller moduli above
+    assert m["rate_nesterov"] == pytest.approx(m["rate_nesterov_theory"], abs=1e-6)
+    assert m["rate_optimal"] < m["rate_nesterov"] < m["rate_heavy_ball"] < m["rate_neumann"]
     # faster than Neumann at the same number of HVPs (measured at K = 50: 2.7e-3 and 0.10 vs 0.31)
     row = next(r for r in m["rows"] if r["K"] == 50)
     assert row["optimal_rel_dist"] < row["rel_dist"] < row["neumann_rel_dist"]
+    assert row["nesterov_rel_dist"] < row["neumann_rel_dist"] and row["nesterov_rel_diff"] <= 1e-10
     # ... and to the IFT hypergradient as K → ∞: the closed form at K = 300, 1000 (cheap, no unrolling).
     ev, Q = torch.linalg.eigh(prob.hessian)
     v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)

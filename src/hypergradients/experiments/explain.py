@@ -361,11 +361,37 @@ def lucas_u(r1: Tensor, r2: Tensor, n: int) -> Tensor:
     return (p1 * p2.flip(0)).sum(dim=0)
 
 
+def _roots(p: Tensor, q: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Roots of ``r² − p r + q = 0`` (complex128), entrywise."""
+    x = p.to(torch.complex128)
+    s = torch.sqrt(x * x - 4 * q)
+    return (x + s) / 2, (x - s) / 2
+
+
 def characteristic_roots(h: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
     """Roots of ``r² − (1 + β − αh) r + β = 0`` (complex128), one pair per entry of ``h``."""
-    x = (1 + beta - alpha * h).to(torch.complex128)
-    s = torch.sqrt(x * x - 4 * beta)
-    return (x + s) / 2, (x - s) / 2
+    return _roots(1 + beta - alpha * h, beta)
+
+
+def nesterov_roots(h: Tensor, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """Roots of ``r² − (1 + β)(1 − αh) r + β(1 − αh) = 0``: Nesterov's recurrence, per entry of ``h``."""
+    return _roots((1 + beta) * (1 - alpha * h), beta * (1 - alpha * h))
+
+
+def nesterov_polynomial(h: Tensor, steps: int, alpha: float, beta: float) -> Tensor:
+    """``P_K(h)`` of K Nesterov steps (``torch.optim.SGD(nesterov=True)``) from ``w*`` with zero velocity.
+
+    The step ``b ← βb + g``, ``w ← w − α(g + βb)`` from ``b₀ = 0`` is ``w_{k+1} = w_k + β(w_k − w_{k−1})
+    − α(1 + β)g_k + αβ g_{k−1}`` for k ≥ 1; its tangent from ``w*`` is ``J_K = −P_K(H) M`` with
+    ``P_1 = α(1 + β)``, ``P_0 = 0`` and ``P_{k+1} = (1 + β)(1 − αh)P_k − β(1 − αh)P_{k−1} + α``: fixed
+    point ``1/h``, characteristic roots :func:`nesterov_roots` (product ``q = β(1 − αh)``), so
+
+        P_K(h) = 1/h + (α(1 + β) − 1/h) U_K + q U_{K−1}/h.
+    """
+    r1, r2 = nesterov_roots(h, alpha, beta)
+    q = beta * (1 - alpha * h)
+    u_k, u_km1 = lucas_u(r1, r2, steps), lucas_u(r1, r2, steps - 1)
+    return (1 / h + (alpha * (1 + beta) - 1 / h) * u_k + q * u_km1 / h).real
 
 
 def heavy_ball_polynomial(h: Tensor, steps: int, alpha: float, beta: float) -> Tensor:
@@ -384,9 +410,9 @@ def heavy_ball_polynomial(h: Tensor, steps: int, alpha: float, beta: float) -> T
     return ((1 - lucas_u(r1, r2, steps + 1) + beta * lucas_u(r1, r2, steps)) / h).real
 
 
-def heavy_ball_rate(h: Tensor, alpha: float, beta: float) -> float:
+def heavy_ball_rate(h: Tensor, alpha: float, beta: float, *, nesterov: bool = False) -> float:
     """``max |r|`` over the characteristic roots: the error of ``P_K`` decays like this to the K."""
-    r1, r2 = characteristic_roots(h, alpha, beta)
+    r1, r2 = (nesterov_roots if nesterov else characteristic_roots)(h, alpha, beta)
     return float(torch.maximum(r1.abs(), r2.abs()).max())
 
 
@@ -431,38 +457,45 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
     def dist(g: Tensor) -> float:
         return float((g - exact).norm() / exact.norm())
 
-    unrolled: dict[str, dict[int, Tensor]] = {"beta": {}, "optimal": {}}
-    for name, a, b in (("beta", alpha, beta), ("optimal", a_opt, b_opt)):
-        opt = optim.heavy_ball(lr=a, momentum=b)
-        for K in steps:
-            unrolled[name][K] = tree.flatten(library_unrolled(prob, opt, K)[0])
-        if progress:
-            progress(2 * max(steps))
-    rows = []
-    for K in steps:
-        row: dict[str, float] = {"K": K}
-        for name, a, b in (("", alpha, beta), ("optimal_", a_opt, b_opt)):
-            g, ref = unrolled[name.rstrip("_") or "beta"][K], poly(K, a, b)
+    b_nes = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)   # Nesterov's pair for α = 1/L
+
+    def nes(K: int) -> Tensor:
+        return -(M.T @ (Q @ (nesterov_polynomial(ev, K, 1 / L, b_nes) * (Q.T @ v))))
+
+    cases = (("", optim.heavy_ball(lr=alpha, momentum=beta), lambda K: poly(K, alpha, beta)),
+             ("optimal_", optim.heavy_ball(lr=a_opt, momentum=b_opt), lambda K: poly(K, a_opt, b_opt)),
+             ("nesterov_", optim.nesterov(lr=1 / L, momentum=b_nes), nes))
+    rows: list[dict[str, float]] = [{"K": K} for K in steps]
+    for name, opt, closed in cases:
+        for row, K in zip(rows, steps, strict=True):
+            g, ref = tree.flatten(library_unrolled(prob, opt, K)[0]), closed(K)
             row[f"{name}rel_diff"] = float((g - ref).norm() / ref.norm())
             row[f"{name}rel_dist"] = dist(g)
             row[f"{name}cosine"] = cosine({"g": g}, {"g": exact})
+        if progress:
+            progress(4 * max(steps) // 3)
+    for row, K in zip(rows, steps, strict=True):
         row["neumann_rel_dist"] = dist(poly(K, alpha, 0.0))
-        rows.append(row)
     decades = math.ceil(math.log10(max(steps)))
     grid = sorted({max(1, round(10 ** (e / 10))) for e in range(0, 10 * decades + 1)} | set(steps))
     grid = [K for K in grid if K <= max(steps)]
     curves = {"K": grid,
               "neumann": [dist(poly(K, alpha, 0.0)) for K in grid],
               "heavy_ball": [dist(poly(K, alpha, beta)) for K in grid],
-              "heavy_ball_optimal": [dist(poly(K, a_opt, b_opt)) for K in grid]}
+              "heavy_ball_optimal": [dist(poly(K, a_opt, b_opt)) for K in grid],
+              "nesterov": [dist(nes(K)) for K in grid]}
     return {"alpha": alpha, "beta": beta, "alpha_opt": a_opt, "beta_opt": b_opt, "kappa": kappa,
             "rate_neumann": heavy_ball_rate(ev, alpha, 0.0),
             "rate_heavy_ball": heavy_ball_rate(ev, alpha, beta),
             "rate_optimal": heavy_ball_rate(ev, a_opt, b_opt),
             "rate_optimal_theory": (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1),
+            "nesterov_alpha": 1 / L, "nesterov_beta": b_nes,
+            "rate_nesterov": heavy_ball_rate(ev, 1 / L, b_nes, nesterov=True),
+            "rate_nesterov_theory": 1 - 1 / math.sqrt(kappa),
             "rate_neumann_theory": 1 - 1 / kappa,
             "stable": bool(0 <= beta < 1 and alpha * L < 2 * (1 + beta)),
-            "max_rel_diff": max(max(r["rel_diff"], r["optimal_rel_diff"]) for r in rows),
+            "max_rel_diff": max(max(r["rel_diff"], r["optimal_rel_diff"], r["nesterov_rel_diff"])
+                                for r in rows),
             "rows": rows, "curves": curves}
 
 
@@ -840,17 +873,24 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
         "   give -M^T P_K(H) v with P_K(h) = (1 - U_{K+1} + beta U_K)/h, U_n = (r1^n - r2^n)/(r1 - r2),",
         "   r1, r2 the roots of r^2 - (1 + beta - alpha h) r + beta.  Optimal pair for the spectrum:",
         f"   alpha* = {m['alpha_opt']:.4g}, beta* = {m['beta_opt']:.4f}.",
-        "       K   |unrolled - P_K|/|P_K|   |g - g*|/|g*| Neumann   heavy-ball   heavy-ball (alpha*, beta*)",
+        "   Nesterov (torch's nesterov=True) with alpha = 1/lambda_max, beta = (sqrt(kappa) - 1)/(sqrt(kappa)"
+        f" + 1) = {m['nesterov_beta']:.4f}:",
+        "   P_K = 1/h + (alpha (1 + beta) - 1/h) U_K + q U_{K-1}/h, roots of r^2 - (1 + beta)(1 - alpha h) r",
+        "   + q, q = beta (1 - alpha h).",
+        "       K   |unrolled - P_K|/|P_K|   |g - g*|/|g*|: Neumann   heavy-ball   (alpha*, beta*)"
+        "   Nesterov",
     ]
     for r in m["rows"]:
-        lines.append(f"   {r['K']:>5}   {max(r['rel_diff'], r['optimal_rel_diff']):>20.2e}   "
-                     f"{r['neumann_rel_dist']:>21.2e}   {r['rel_dist']:>10.2e}   "
-                     f"{r['optimal_rel_dist']:>26.2e}")
+        diff = max(r["rel_diff"], r["optimal_rel_diff"], r["nesterov_rel_diff"])
+        lines.append(f"   {r['K']:>5}   {diff:>20.2e}   {r['neumann_rel_dist']:>22.2e}   "
+                     f"{r['rel_dist']:>10.2e}   {r['optimal_rel_dist']:>15.2e}   "
+                     f"{r['nesterov_rel_dist']:>8.2e}")
     lines += [
         f"   Error per step (largest root modulus): Neumann {m['rate_neumann']:.4f} (= 1 - 1/kappa, "
         f"kappa = {m['kappa']:.1f}),",
         f"   heavy-ball {m['rate_heavy_ball']:.4f} (= sqrt(beta)), optimal {m['rate_optimal']:.4f}",
-        f"   (= (sqrt(kappa) - 1)/(sqrt(kappa) + 1) = {m['rate_optimal_theory']:.4f});",
+        f"   (= (sqrt(kappa) - 1)/(sqrt(kappa) + 1) = {m['rate_optimal_theory']:.4f}), Nesterov "
+        f"{m['rate_nesterov']:.4f} (= 1 - 1/sqrt(kappa));",
         "   one HVP per step for each.",
         "",
         f"7. Adam from w* (lr = {a['lr']:g}, betas = ({a['b1']:g}, {a['b2']:g}), eps = {a['eps']:g}). At w*",

@@ -80,7 +80,7 @@ def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
 
 def _optimizers_figure(result: ExplainResult, out_dir: Path) -> Path:
     """``explain_optimizers.png``: distance to ``g*`` against K from ``w*`` for Neumann (= GD), heavy-ball
-    (the configured β and the optimal pair) and Adam with a trained ``v``, with the predicted rates."""
+    (the configured β and the optimal pair), Nesterov and Adam with a trained ``v``, with predicted rates."""
     m, a = result.momentum, result.adam["warm_state"]
     c = m["curves"]
     fig = Figure(figsize=(6.0, 3.8))
@@ -92,11 +92,15 @@ def _optimizers_figure(result: ExplainResult, out_dir: Path) -> Path:
             label=rf"heavy-ball $\alpha={m['alpha']:.3g}, \beta={m['beta']:g}$")
     ax.plot(ks, [max(x, EPS64) for x in c["heavy_ball_optimal"]], "-", color="C2",
             label=rf"heavy-ball $\alpha^*={m['alpha_opt']:.3g}, \beta^*={m['beta_opt']:.3f}$")
+    ax.plot(ks, [max(x, EPS64) for x in c["nesterov"]], "-", color="C3",
+            label=rf"Nesterov $\alpha={m['nesterov_alpha']:.3g}, \beta={m['nesterov_beta']:.3f}$")
     rows = m["rows"]
     ax.plot([r["K"] for r in rows], [max(r["rel_dist"], EPS64) for r in rows], "o", color="C1", ms=4,
             label="unrolled hg.optim.heavy_ball")
     ax.plot([r["K"] for r in rows], [max(r["optimal_rel_dist"], EPS64) for r in rows], "s", color="C2", ms=4,
             mfc="none", label="unrolled, optimal pair")
+    ax.plot([r["K"] for r in rows], [max(r["nesterov_rel_dist"], EPS64) for r in rows], "^", color="C3", ms=4,
+            mfc="none", label="unrolled hg.optim.nesterov")
     ax.plot([r["K"] for r in a["rows"]], [max(r["rel_dist"], EPS64) for r in a["rows"]], "D--", color="C4",
             ms=4, label=f"unrolled hg.optim.adam, trained $v$ (lr={result.adam['lr']:g})")
     for rate, color in ((m["rate_neumann_theory"], "C0"), (m["rate_optimal_theory"], "C2")):
