@@ -84,7 +84,8 @@ def test_bad_sizes_name_their_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'data\.n_train'"):
         check(cfg)
     for sets, msg in ((["family=distill", "distill.per_class=50"], r"'distill\.per_class': 50 examples of"),
-                      (["family=augment", "augment.depth=5"], r"'augment\.depth': 5 needs image sides divisible")):
+                      (["family=augment", "augment.depth=5"], r"'augment\.depth': 5 needs image sides divisible"),
+                      (["family=dropout", "model.hidden=[]"], r"'model\.hidden': family=dropout drops hidden")):
         with pytest.raises(ConfigError, match=msg):
             check(resolve(exp.schema, smoke=exp.smoke, sets=sets))
 
