@@ -18,9 +18,10 @@ on a bundled dataset (w* solved by Newton to float64 precision, α = 1/λ_max(H)
   4. The common mistaken derivation (summing path gradients), with numbers.
   5. A learning-rate hyperparameter: refused by the implicit methods (w* does not depend on it),
      a real hypergradient from unrolling, checked by finite differences.
-  6. Heavy-ball momentum from w*: K unrolled steps equal a closed-form polynomial in H (through the
-     characteristic roots), which tends to H^-1 faster than Neumann: ((sqrt(k)-1)/(sqrt(k)+1))^K
-     for the optimal pair against (1 - 1/k)^K, k the condition number.
+  6. Heavy-ball and Nesterov momentum from w*: K unrolled steps equal a closed-form polynomial in H
+     (through the characteristic roots), which tends to H^-1 faster than Neumann:
+     ((sqrt(k)-1)/(sqrt(k)+1))^K for heavy-ball's optimal pair, (1 - 1/sqrt(k))^K for Nesterov,
+     against (1 - 1/k)^K, k the condition number.
   7. Adam from w*: heavy-ball on the preconditioned system; with v = 0 it explodes (step lr/eps),
      with the v of a real run it tends to the IFT hypergradient.
   8. Minibatch SGD from w*: mean and spread over random batch orders, per batch size.
