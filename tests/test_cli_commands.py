@@ -220,13 +220,14 @@ def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFix
     assert "hypergradients run weight-decay --smoke" in text
     assert cli.main(["list", "--json"]) == 0
     items = json.loads(capsys.readouterr().out)
-    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench"]
+    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench", "families"]
     by = {i["name"]: i for i in items}
     for name in ("explain", "compare", "bench"):
         assert by[name]["kind"] == "experiment" and by[name]["smoke"] == f"hypergradients run {name} --smoke"
         assert by[name]["command"] == f"hypergradients {name}" and by[name]["summary"]
         assert by[name]["resumable"] is False
     assert by["weight-decay"]["resumable"] is True and "command" not in by["weight-decay"]
+    assert by["families"]["resumable"] is True and "hypergradients run families --smoke" in text
 
 
 def test_list_one_experiment_shows_its_settings_and_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
