@@ -111,7 +111,7 @@ def test_stale_temp_files_are_removed_at_the_next_start(finished: tuple[Path, li
 
 # A few rounds of each registered experiment that keeps checkpoints, otherwise its defaults (not
 # --smoke): a new one must add itself here, so its default configuration is known to resume.
-FEW_ROUNDS = {"weight-decay": ["train.rounds=2"]}
+FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"]}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.resumable))
