@@ -542,3 +542,13 @@ def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) ->
 def test_beyond_config_errors_name_the_value(kwargs: dict, match: str) -> None:
     with pytest.raises(hg.HypergradientError, match=match):
         ExplainConfig(**kwargs).validate()
+
+
+def test_progress_units_add_up_to_the_cost() -> None:
+    # The progress display ends at exactly 100 % only if every part reports what cost() counts.
+    cfg = ExplainConfig.quick(theorem_steps=(1, 2), cold_steps=(1, 3), truncate=2, lr_steps=2,
+                              momentum_steps=(1, 4), adam_warm_steps=8, adam_steps=(1, 3), adam_zero_steps=(1, 2),
+                              noise_orders=2, noise_batch_sizes=(50,), noise_steps=(2, 3))
+    units: list[int] = []
+    explain(cfg, progress=units.append)
+    assert sum(units) == cfg.cost()

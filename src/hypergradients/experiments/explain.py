@@ -126,7 +126,7 @@ class ExplainConfig:
         cold = 2 * sum(self.cold_steps) + sum(k for k in self.cold_steps if k >= self.truncate)
         per_order = max(self.noise_steps) + sum(self.noise_steps)
         noise = self.noise_orders * len(self.noise_batch_sizes) * per_order
-        beyond = (4 * max(self.momentum_steps) + 2 * sum(self.adam_zero_steps) + self.adam_warm_steps // 4
+        beyond = (3 * sum(self.momentum_steps) + 2 * sum(self.adam_zero_steps) + self.adam_warm_steps // 4
                   + 2 * max(self.adam_steps) + noise)
         return theorem + cold + 5 * self.lr_steps + beyond
 
@@ -473,7 +473,7 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
             row[f"{name}rel_dist"] = dist(g)
             row[f"{name}cosine"] = cosine({"g": g}, {"g": exact})
         if progress:
-            progress(4 * max(steps) // 3)
+            progress(sum(steps))
     for row, K in zip(rows, steps, strict=True):
         row["neumann_rel_dist"] = dist(poly(K, alpha, 0.0))
     decades = math.ceil(math.log10(max(steps)))
