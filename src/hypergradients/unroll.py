@@ -111,18 +111,26 @@ class Path:
         return None if self.optimizer is None else self.optimizer.init(params)
 
     def apply(self, g: Mapping[str, Tensor], s: Any, w: Mapping[str, Tensor],
-              lam: Mapping[str, Tensor]) -> tuple[Tree, Any]:
-        """The update from gradient ``g``: ``O.update``, or ``w − α g`` for plain gradient descent."""
+              lam: Mapping[str, Tensor], *, fused: bool = True,
+              alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
+        """The update from gradient ``g``: ``O.update``, or ``w − α g`` for plain gradient descent
+        (``fused=False``: as a product and a difference, forward mode's rounding since it was written)."""
         if self.optimizer is not None:
             return self.optimizer.update(g, s, w, lam)
         assert self.lr is not None
-        alpha = step_size(self.lr, lam)
-        if isinstance(alpha, Tensor):  # a step-size hyperparameter
+        if alpha is None:
+            alpha = step_size(self.lr, lam)
+        if isinstance(alpha, Tensor) or not fused:  # a step-size hyperparameter
             return {k: w[k] - alpha * g[k] for k in w}, s
         return {k: torch.add(w[k], g[k], alpha=-alpha) for k in w}, s  # one autograd node, not two
 
+    def step_size(self, lam: Mapping[str, Tensor]) -> Tensor | float | None:
+        """Plain gradient descent's ``α`` from ``lam``, to share one node among the steps of one graph
+        (autograd then sums the steps' contributions to ``∂/∂α`` in one place, as it always did)."""
+        return step_size(self.lr, lam) if self.optimizer is None and self.lr is not None else None
+
     def step(self, w: Tree, s: Any, lam: Mapping[str, Tensor], k: int, *,
-             create_graph: bool) -> tuple[Tree, Any]:
+             create_graph: bool, alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
         """``Φ_k``; without ``create_graph`` nothing of the result keeps a graph."""
         if not create_graph:
             w = tree.clone_leaves(w, requires_grad=True)
@@ -132,7 +140,7 @@ class Path:
             raise HypergradientError(f"unrolled step {k}: {e}") from e
         g = grad(loss, w, create_graph=create_graph)
         with torch.set_grad_enabled(create_graph):
-            return self.apply(g, s, w, lam)
+            return self.apply(g, s, w, lam, alpha=alpha)
 
     def free_steps(self, w: Tree, s: Any, lam: Mapping[str, Tensor], start: int,
                    stop: int) -> tuple[Tree, Any]:
@@ -193,8 +201,9 @@ def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappin
     w, s = _start(path, params, lam, steps - n_diff, opt_state)
     # The start of the differentiated segment is a constant w.r.t. λ, as in the definition.
     w = tree.clone_leaves(w, requires_grad=True)
+    alpha = path.step_size(lam)
     for k in range(steps - n_diff, steps):
-        w, s = path.step(w, s, lam, k, create_graph=True)
+        w, s = path.step(w, s, lam, k, create_graph=True, alpha=alpha)
     return _outer(outer_loss, w, lam, steps), w
 
 
@@ -250,12 +259,13 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     used = {k for k, g in zip(keys, raw[len(wK):], strict=True) if g is not None}
     acc = tree.as_tree(raw[len(wK):], lam)
     # Backward sweep: one segment's graph at a time.
+    alpha = path.step_size(lam)
     for a, (w_a, s_a) in zip(reversed(starts), reversed(stored), strict=True):
         w0 = tree.clone_leaves(w_a, requires_grad=True)
         s0 = with_tensors(s_a, [t.detach().requires_grad_(True) for t in tensors_of(s_a)])
         wk, sk = w0, s0
         for step in range(a, min(a + s_len, steps)):
-            wk, sk = path.step(wk, sk, lam, step, create_graph=True)
+            wk, sk = path.step(wk, sk, lam, step, create_graph=True, alpha=alpha)
         ins = list(w0.values()) + tensors_of(s0)
         ends = list(wk.values()) + tensors_of(sk)
         pairs = [(e, g) for e, g in zip(ends, adj, strict=True) if e.requires_grad]
@@ -324,7 +334,7 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
                 k = first + j
 
                 def phi(x: Tree, ll: Tree, k: int = k, j: int = j) -> Tree:
-                    return path.apply(grad_at(k, x, ll), templates[j], x, ll)[0]
+                    return path.apply(grad_at(k, x, ll), templates[j], x, ll, fused=False)[0]
 
                 ww, dw = torch.func.jvp(phi, (ww, lam0), (dw, dl))[:2]
         else:
