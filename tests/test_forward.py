@@ -132,3 +132,31 @@ def test_forward_validation(ridge: P.Problem) -> None:
     with pytest.raises(hg.HypergradientError, match=r"names a hyperparameter that is not in hparams"):
         hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
                          method=hg.Forward(steps=2, lr="eta"))
+
+
+def test_forward_with_optimizer_state_keeps_no_state_per_step(ridge: P.Problem,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Memory independent of K: of the optimizer states met on the primal path, forward mode keeps
+    # only the step counts (each tensor replaced by one shared empty marker), not K copies of
+    # Adam's moments. Every state template it builds must hold nothing but empty tensors.
+    from hypergradients import unroll
+
+    built: list[object] = []
+    real = unroll.with_tensors
+
+    def spy(template: object, tensors: list[torch.Tensor]) -> object:
+        out = real(template, tensors)
+        built.append(out)
+        return out
+
+    monkeypatch.setattr(unroll, "with_tensors", spy)
+    K = 6
+    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, perturbed_start(ridge), ridge.hparams,
+                         method=hg.Forward(steps=K, optimizer=hg.optim.adam(lr=0.01)))
+    templates = [t for t in built if all(x.numel() == 0 for x in unroll.tensors_of(t))]
+    assert len(templates) == K and all(unroll.tensors_of(t) for t in templates)
+    steps = sorted(t.steps for t in templates if isinstance(t, hg.optim.AdamState))
+    assert steps == list(range(K))
+    ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, perturbed_start(ridge), ridge.hparams,
+                           method=hg.Unrolled(steps=K, optimizer=hg.optim.adam(lr=0.01)))
+    assert P.rel_err(g, ref) <= TOL
