@@ -26,7 +26,9 @@ explain_mod = importlib.import_module("hypergradients.experiments.explain")
 compare_mod = importlib.import_module("hypergradients.experiments.compare")
 
 # explain and compare on settings small enough for a test (well under a second of compute)
-EXPLAIN_TINY = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3", "--no-figures"]
+EXPLAIN_TINY = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3", "--no-figures",
+                "--momentum-steps", "1,3", "--adam-steps", "1,3", "--noise-orders", "2",
+                "--noise-batch-sizes", "50", "--noise-steps", "2"]
 COMPARE_TINY = ["--problems", "diabetes", "--budgets", "0,1,2", "--no-figures"]
 
 
