@@ -1,0 +1,122 @@
+"""A black-box tuner to compare the hypergradient arms with: Optuna's TPE sampler under a wall-clock budget.
+
+The experiments that offer an ``optuna`` arm (``weight-decay``, ``lstm-dropout``) give it the same
+model, data and number of inner steps per training run as their hypergradient arm, and the
+hypergradient arm's wall time as its budget. Each *trial* trains the model from scratch with
+hyperparameters the sampler proposes (held fixed during training) and reports the validation
+metric, which TPE minimises; the test metric is recorded but never shown to the sampler.
+
+What comes out (:class:`TunerResult`): every trial with the wall time at its end, the
+*incumbent* curve (after each trial: the test metric of the trial with the best validation metric
+so far, i.e. what a user of the tuner would deploy) and :func:`time_to_match`, the wall time at
+which the incumbent first reaches a target test metric (the hypergradient arm's).
+
+Budget rule: a trial is started while the elapsed time is below the budget, so the tuner
+overruns by at most one trial; at least ``min_trials`` are run whatever the budget. Optuna is an
+optional extra (``pip install 'hypergradients[optuna]'``); :func:`require_optuna` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Space", "Trial", "TunerResult", "incumbent", "require_optuna", "time_to_match", "tpe"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """One hyperparameter's search interval ``[low, high]``, sampled uniformly in log space if ``log``."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+@dataclass
+class Trial:
+    """One training run: the proposed values, its validation and test metric (lower is better) and
+    ``elapsed_s``, the tuner's wall time when it finished."""
+
+    number: int
+    params: dict[str, float]
+    val: float
+    test: float
+    elapsed_s: float
+
+
+@dataclass
+class TunerResult:
+    """Every trial in order, and the trial with the lowest validation metric."""
+
+    trials: list[Trial]
+    best: Trial
+    wall_s: float
+    budget_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def require_optuna() -> Any:
+    """The ``optuna`` module, or an ``ImportError`` saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("the optuna arm needs Optuna, an optional extra: pip install "
+                          "'hypergradients[optuna]' (or leave 'optuna' out of arms)") from None
+    return optuna
+
+
+def tpe(objective: Callable[[dict[str, float]], tuple[float, float]], space: Mapping[str, Space], *,
+        budget_s: float, seed: int = 0, min_trials: int = 1, max_trials: int = 1000,
+        on_trial: Callable[[Trial], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter) -> TunerResult:
+    """Minimise ``objective(params) -> (val, test)`` over ``space`` with Optuna's TPE sampler (seeded).
+
+    Trials start while the elapsed time is below ``budget_s`` (at least ``min_trials``, at most
+    ``max_trials``); ``on_trial`` is called after each (progress). Only ``val`` reaches the sampler.
+    """
+    if not space:
+        raise ValueError("space must name at least one hyperparameter")
+    for k, s in space.items():
+        if not s.low < s.high or (s.log and s.low <= 0):
+            raise ValueError(f"search interval of {k!r}: [{s.low:g}, {s.high:g}] must have low < high "
+                             "(and low > 0 on a log scale)")
+    if min_trials < 1 or max_trials < min_trials:
+        raise ValueError(f"need 1 <= min_trials <= max_trials, got {min_trials} and {max_trials}")
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    trials: list[Trial] = []
+    t0 = clock()
+    while len(trials) < max_trials and (len(trials) < min_trials or clock() - t0 < budget_s):
+        ot = study.ask()
+        params = {k: float(ot.suggest_float(k, s.low, s.high, log=s.log)) for k, s in space.items()}
+        val, test = objective(params)
+        study.tell(ot, val)
+        trials.append(Trial(len(trials), params, float(val), float(test), clock() - t0))
+        if on_trial is not None:
+            on_trial(trials[-1])
+    best = min(trials, key=lambda t: t.val)
+    return TunerResult(trials, best, clock() - t0, float(budget_s))
+
+
+def incumbent(trials: list[Trial]) -> list[tuple[float, float, float]]:
+    """After each trial, ``(elapsed_s, best val so far, test metric of that best-val trial)``."""
+    out: list[tuple[float, float, float]] = []
+    best: Trial | None = None
+    for t in trials:
+        if best is None or t.val < best.val:
+            best = t
+        out.append((t.elapsed_s, best.val, best.test))
+    return out
+
+
+def time_to_match(trials: list[Trial], target: float) -> float | None:
+    """The wall time at which the incumbent's test metric (lower is better) first reaches ``target``,
+    or ``None`` if it never does within these trials."""
+    for elapsed, _, test in incumbent(trials):
+        if test <= target:
+            return elapsed
+    return None
