@@ -10,6 +10,8 @@ overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
 * ``bench`` (:mod:`.bench`) — time, memory and accuracy of our methods against a plain loop.
 * ``families`` (:mod:`.families`) — one hyperparameter family tuned by IFT against the same model
   without it.
+* ``lstm-dropout`` (:mod:`.lstm_dropout`) — an LSTM language model's dropout and DropConnect tuned
+  by IFT against fixed dropout (and, optionally, Optuna; :mod:`.optuna_arm`).
 
 :mod:`.problems` holds the bilevel problems with known answers that explain, compare, the
 benchmarks and the tests share. The registry is built on first use, so that a subprocess that
@@ -25,7 +27,7 @@ from .base import Experiment, ExperimentResult, RunContext
 
 # name -> module defining EXPERIMENT, in the order `hypergradients list` shows them
 MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain", "compare": "compare",
-                           "bench": "bench", "families": "families"}
+                           "bench": "bench", "families": "families", "lstm-dropout": "lstm_dropout"}
 _registry: dict[str, Experiment] = {}
 
 
