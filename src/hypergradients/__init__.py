@@ -11,7 +11,10 @@ inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v
 :class:`HessianOperator`).
 """
 
-from . import optim  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
+from . import (
+    distributed,  # data-parallel hypergradients on torch.distributed: hg.distributed.data_parallel()
+    optim,  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
+)
 from .errors import (
     HypergradientError,
     NegativeCurvatureError,
@@ -93,6 +96,7 @@ __all__ = [
     "UnusedHyperparameterWarning",
     "WeightDecay",
     "__version__",
+    "distributed",
     "fit",
     "functional_model",
     "hypergradient",

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import tree
+from . import distributed, tree
 from .errors import HypergradientError
 from .tree import Tree
 
@@ -257,8 +257,12 @@ class InnerDerivatives:
 
     # ------------------------------------------------------------------ products
     def hvp(self, v: Mapping[str, Tensor]) -> Tree:
-        """``H v`` (one product)."""
+        """``H v`` (one product); inside :func:`~hypergradients.distributed.data_parallel` the
+        group mean ``(1/N) Σ_r H_r v`` (one all-reduce)."""
         self.hvp_count += 1
+        return distributed.average([self._hvp_local(v)])[0]
+
+    def _hvp_local(self, v: Mapping[str, Tensor]) -> Tree:
         if self.hvp_mode == "forward":
             return self._hvp_forward(v)
         if self.hvp_mode == "finite-difference":
@@ -282,12 +286,14 @@ class InnerDerivatives:
                 out = torch.autograd.grad(self._outs, self._w_in, grad_outputs=[vs[k] for k in self._live],
                                           retain_graph=True, allow_unused=True, is_grads_batched=True)
                 self.hvp_count += m
-                return {k: (torch.zeros_like(vs[k]) if g is None else g)
-                        for k, g in zip(self.params, out, strict=True)}
+                return distributed.average([{k: (torch.zeros_like(vs[k]) if g is None else g)
+                                             for k, g in zip(self.params, out, strict=True)}])[0]
             except RuntimeError:
                 pass  # an op without a vmap rule: do it column by column below
-        cols = [self.hvp({k: vs[k][i] for k in vs}) for i in range(m)]
-        return {k: torch.stack([c[k] for c in cols]) for k in self.params}
+        self.hvp_count += m
+        cols = [self._hvp_local({k: vs[k][i] for k in vs}) for i in range(m)]
+        # the whole batch in one all-reduce (data-parallel), not one per column
+        return distributed.average([{k: torch.stack([c[k] for c in cols]) for k in self.params}])[0]
 
     def mixed_vjp(self, p: Mapping[str, Tensor]) -> tuple[Tree, set[str]]:
         """``(∂²L_T/∂λ∂wᵀ) p`` over every hyperparameter, and the keys it actually depends on.
@@ -296,12 +302,14 @@ class InnerDerivatives:
         """
         if self.hvp_mode == "finite-difference":
             out_fd = self._fd_central(p, of="lam")
-            return (tree.zeros_like(self.hparams) if out_fd is None else out_fd), set(self._fd_used)
+            res = tree.zeros_like(self.hparams) if out_fd is None else out_fd
+            return distributed.average([res])[0], set(self._fd_used)
         if not self._live:
-            return tree.zeros_like(self.hparams), set()
+            return distributed.average([tree.zeros_like(self.hparams)])[0], set()
         out = _double_backward(self._outs, list(self.hparams.values()), [p[k] for k in self._live])
         used = {k for k, g in zip(self.hparams, out, strict=True) if g is not None}
-        return tree.as_tree(out, self.hparams), used
+        # data-parallel: the group mean (every rank calls the all-reduce, even with nothing live)
+        return distributed.average([tree.as_tree(out, self.hparams)])[0], used
 
     def _hvp_forward(self, v: Mapping[str, Tensor]) -> Tree:
         lam = tree.detach(self.hparams)

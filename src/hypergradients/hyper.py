@@ -38,6 +38,7 @@ solver, skipped (the result says why) or raised, as ``on_solver_error`` says.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import tree
+from . import distributed, tree
 from .derivatives import LossFn
 from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from .hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
@@ -349,6 +350,11 @@ class HyperOptimizer:
             fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
             from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+        data_parallel: under ``torch.distributed`` (torchrun), each rank passes its own shard's
+            batches and the hypergradient is that of the group-mean losses
+            (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
+            and the all-reduced hypergradients keep them identical on every rank. Pass the plain
+            module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
 
     ``state_dict()`` holds tensors and plain values only (``torch.load(weights_only=True)`` reads
     it): the hyperparameters, the optimizer's state, the solver state and the step counts.
@@ -360,7 +366,8 @@ class HyperOptimizer:
                  project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 on_solver_error: SolverPolicy = "damp", warm_start: bool = True) -> None:
+                 on_solver_error: SolverPolicy = "damp", warm_start: bool = True,
+                 data_parallel: bool = False, group: Any = None) -> None:
         if on_solver_error not in ("damp", "skip", "raise"):
             raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
         self.model = model
@@ -389,6 +396,12 @@ class HyperOptimizer:
         self.skipped = 0         # ... of which skipped (solver failures)
         self.retried = 0         # ... of which applied after a damped retry
         self.skip_reasons: Counter[str] = Counter()
+        self.data_parallel = data_parallel
+        self.group = group
+        if data_parallel:
+            with distributed.data_parallel(group):   # refuses without an initialised process group
+                pass
+            distributed.broadcast(self.hparams, src=0, group=group)
 
     # ------------------------------------------------------------------ the losses
     def train_loss(self, batch: BatchLike) -> Tensor:
@@ -445,8 +458,11 @@ class HyperOptimizer:
             return out
 
         m = method or self.method
+        dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
-            g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=self.solver_state)
+            with dp:
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True,
+                                        state=self.solver_state)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:

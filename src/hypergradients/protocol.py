@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from . import tree
+from . import distributed, tree
 from .derivatives import HvpMode, InnerDerivatives, LossFn, scalar_loss
 from .errors import HypergradientError, PathOnlyHyperparameterError
 from .operators import HessianOperator
@@ -196,7 +196,9 @@ def _partials(outer: Tensor, w: Tree, lam: Tree) -> tuple[Tree, Tree, set[str]]:
     both = list(w.values()) + list(lam.values())
     raw = torch.autograd.grad(outer, both, allow_unused=True) if outer.requires_grad else (None,) * len(both)
     used = {k for k, gk in zip(lam, raw[len(w):], strict=True) if gk is not None}
-    return tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam), used
+    # data-parallel (hg.distributed.data_parallel): both group means in one all-reduce
+    v, direct = distributed.average([tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam)])
+    return v, direct, used
 
 
 class PathMethod(Method):

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import tree
+from . import distributed, tree
 from .derivatives import LossFn, grad, scalar_loss
 from .errors import HypergradientError
 from .optim import Optimizer
@@ -139,6 +139,8 @@ class Path:
         except HypergradientError as e:
             raise HypergradientError(f"unrolled step {k}: {e}") from e
         g = grad(loss, w, create_graph=create_graph)
+        # data-parallel: every rank steps along the group-mean gradient (a differentiable all-reduce)
+        g = distributed.average_differentiable(g) if create_graph else distributed.average([g])[0]
         with torch.set_grad_enabled(create_graph):
             return self.apply(g, s, w, lam, alpha=alpha)
 
@@ -239,7 +241,9 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
                         optimizer=optimizer, batches=batches, opt_state=opt_state)
         raw = torch.autograd.grad(out, [lam[k] for k in keys], allow_unused=True)
         used = {k for k, g in zip(keys, raw, strict=True) if g is not None}
-        return tree.as_tree(raw, lam), used, out.detach(), tree.detach(w)
+        # data-parallel: the rank-local adjoints average to the single-process one (module docstring
+        # of hypergradients.distributed), so the λ-gradient is their group mean
+        return distributed.average([tree.as_tree(raw, lam)])[0], used, out.detach(), tree.detach(w)
 
     path = _path(inner_loss, lr, optimizer, batches)
     first = steps - n_diff
@@ -280,7 +284,7 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
                 acc[k] = acc[k] + g
                 used.add(k)
         del wk, sk, ends, pairs, back
-    return acc, used, out.detach(), w
+    return distributed.average([acc])[0], used, out.detach(), w   # group mean, as above
 
 
 def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor],
@@ -297,6 +301,11 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     ``dL_V/dλ · e_i = jvp(L_V, (w_K, λ), (ẇ_K, e_i))``. Up to ``chunk`` directions share one
     ``vmap``-ed pass (``chunk=None``: all of them); memory is ``O(chunk · |z|)``, independent of K.
     """
+    if distributed.current() is not None:
+        raise HypergradientError(
+            "forward-mode path hypergradients (hg.Forward) cannot run inside hg.distributed.data_parallel: "
+            "their tangents go through torch.func transforms, where a collective cannot run. Use "
+            "hg.Unrolled (reverse mode), which averages each step's gradient over the group")
     path = _path(inner_loss, lr, optimizer, batches)
     n_diff = steps if truncate is None else truncate
     first = steps - n_diff

@@ -1,0 +1,165 @@
+"""Data-parallel hypergradients (``hg.distributed``): two CPU processes on gloo over loopback.
+
+Each check starts two ranks of ``tests/dist_worker.py`` (torchrun, or two plain processes with
+torchrun's environment) and compares what they saved with the same computation in this process
+on the union of their shards. Equal-size shards and mean-reduced losses make the group-mean loss
+the loss on the union, so the results agree up to the rounding of a different summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import dist_worker as W
+import hypergradients as hg
+from hypergradients import distributed
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def _torchrun(mode: str, out: Path) -> list[dict[str, Any]]:
+    """The launch of docs/distributed.md (there with the example script), on gloo over loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), mode, str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def dp_hypergradients(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _torchrun("hypergradients", tmp_path_factory.mktemp("hg"))
+
+
+@pytest.fixture(scope="module")
+def single_hypergradients() -> dict[str, Any]:
+    return W.hypergradients(0, 1)
+
+
+@pytest.mark.parametrize("name", list(W.methods()))
+def test_each_method_equals_single_process_on_the_union(name: str, dp_hypergradients: list[dict[str, Any]],
+                                                        single_hypergradients: dict[str, Any]) -> None:
+    r0, r1 = (r[name] for r in dp_hypergradients)
+    ref = single_hypergradients[name]
+    # Both ranks hold the same result bit for bit: every vector a solver decides on was all-reduced.
+    assert torch.equal(r0["g"]["l2"], r1["g"]["l2"])
+    # ... and took the same decisions as the single process on the union (same iterations/HVPs).
+    assert (r0["iterations"], r0["hvps"]) == (ref["iterations"], ref["hvps"])
+    a, b = r0["g"]["l2"], ref["g"]["l2"]
+    # float64 with a different summation order (two half-means averaged vs one mean): rounding
+    # ~1e-16 per product, amplified by the solver's conditioning and Adam's √v to ≲1e-13 measured.
+    # The finite-difference mode divides the rank-local rounding of ∇L_T by 2ε ≈ 1e-5, so its
+    # difference is ~eps/ε ≈ 2e-11 (measured 2.6e-11): 1e-10 bounds both.
+    assert float((a - b).norm() / b.norm()) <= 1e-10
+
+
+def test_one_all_reduce_per_hvp(dp_hypergradients: list[dict[str, Any]]) -> None:
+    """Implicit methods: ∂L_V/∂w and ∂L_V/∂λ in one all-reduce, one per HVP (a batch of HVPs, as
+    Exact's dense build and Nyström's sketch, in one), one for the mixed product. Path methods:
+    each differentiated step's gradient all-reduced forward and its adjoint backward, each
+    undifferentiated step's gradient once, and the final λ-gradient once."""
+    r = dp_hypergradients[0]
+    n_w, n_l = W.D * W.C + W.C, W.D * W.C
+    for name in ("CG", "CG-forward-hvp", "CG-finite-difference", "Neumann", "Neumann-auto", "Auto"):
+        assert r[name]["all_reduces"] == r[name]["hvps"] + 2, name
+    assert r["Exact"]["all_reduces"] == 3          # v & direct, the batched dense build, mixed
+    assert r["Nystrom"]["all_reduces"] == 4        # v & direct, the sketch (batched), residual, mixed
+    assert r["Unrolled"]["all_reduces"] == 2 * 6 + 1
+    assert r["Unrolled-truncated"]["all_reduces"] == 3 + 2 * 3 + 1
+    assert r["Unrolled-checkpointed"]["all_reduces"] == 6 + 2 * 6 + 1   # sweep, recompute, backward
+    # Bytes: float64, (n_w + n_l) once, n_w per HVP, n_l for the mixed product.
+    assert r["CG"]["bytes"] == 8 * ((n_w + n_l) + n_w * r["CG"]["hvps"] + n_l)
+
+
+def test_forward_mode_is_refused_inside_data_parallel(dp_hypergradients: list[dict[str, Any]]) -> None:
+    for r in dp_hypergradients:
+        assert "hg.Unrolled" in r["forward_error"] and "data_parallel" in r["forward_error"]
+
+
+def test_training_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """DDP inner steps + HyperOptimizer(data_parallel=True): rank 1 starts from other weights and other
+    hyperparameters; DDP and the broadcast make them rank 0's, the all-reduced hypergradients keep
+    them identical bit for bit after every hyper step, and the run equals one process on the union."""
+    r0, r1 = _torchrun("train", tmp_path)
+    ref = W.train(0, 1)
+    assert len(r0["history"]) == len(ref["history"]) == 3
+    for a, b, c in zip(r0["history"], r1["history"], ref["history"], strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+            # DDP averages the weight gradients in its own buckets: rounding ~1e-16 per step.
+            assert float((a[k] - c[k]).norm() / c[k].norm()) <= 1e-10
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k])
+        assert torch.allclose(r0["weights"][k], ref["weights"][k], rtol=0, atol=1e-12)
+    # The hyper step's collectives: v & direct, one per HVP (CG's), the mixed product.
+    assert r0["all_reduces_last_step"] == r0["hvps_last_step"] + 2
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_dead_rank_ends_the_other_with_an_error_within_the_timeout(mode: str, tmp_path: Path) -> None:
+    """Two plain processes (torchrun's agent would kill the survivor itself): rank 1 exits after the
+    rendezvous (``die``: its socket closes, gloo raises at once) or stays alive and silent (``hang``:
+    only the timeout helps); rank 0 waits in an all-reduce and must raise, not hang, within its 5 s
+    timeout."""
+    port = str(_free_port())
+    logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(2)]   # closed in the finally below
+    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), mode, str(tmp_path)],
+                              env=_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                        "HG_TEST_TIMEOUT": "5"}),
+                              stdout=logs[r], stderr=subprocess.STDOUT) for r in range(2)]
+    t0 = time.monotonic()
+    try:
+        procs[0].wait(timeout=60)
+        procs[1].kill()   # the silent rank would sleep on
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    assert time.monotonic() - t0 < 60
+    res = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert res["error"], "rank 0's all-reduce returned although rank 1 was gone"
+    assert res["seconds"] < 5 + 10    # the timeout, plus slack for a busy machine
+    if mode == "hang":
+        assert res["seconds"] >= 4.5 and "timed out" in res["error"].lower(), res
+
+
+def test_data_parallel_needs_a_process_group() -> None:
+    with pytest.raises(hg.HypergradientError, match="init_process_group"):
+        with distributed.data_parallel():
+            pass
+
+
+def test_no_collectives_outside_data_parallel() -> None:
+    inner, outer, params, hparams = W.problem()
+    with distributed.counting() as c:
+        hg.hypergradient(outer, inner, params, hparams, method=hg.CG(iters=5))
+    assert (c.all_reduces, c.broadcasts) == (0, 0)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
