@@ -113,6 +113,8 @@ def test_stale_temp_files_are_removed_at_the_next_start(finished: tuple[Path, li
 # A few rounds of each registered experiment that keeps checkpoints, otherwise its defaults (not
 # --smoke): a new one must add itself here, so its default configuration is known to resume.
 FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"],
+              "overfit-validation": ["train.rounds=2"], "distill": ["train.rounds=2"],
+              "data-cleaning": ["train.rounds=2"],
               # its default corpus is Debian's bible-kjv (skipped below where it is not installed)
               "lstm-dropout": ["train.rounds=2", "data.train_tokens=3000", "data.eval_tokens=700"]}
 

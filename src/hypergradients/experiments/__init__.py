@@ -10,8 +10,13 @@ overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
 * ``bench`` (:mod:`.bench`) — time, memory and accuracy of our methods against a plain loop.
 * ``families`` (:mod:`.families`) — one hyperparameter family tuned by IFT against the same model
   without it.
+* ``overfit-validation``, ``distill``, ``data-cleaning`` (:mod:`.overfit_validation`,
+  :mod:`.distill_mnist`, :mod:`.data_cleaning`) — the paper's experiments: one decay per weight
+  fitting 50 validation images, dataset distillation, per-example weights on corrupted labels.
 * ``lstm-dropout`` (:mod:`.lstm_dropout`) — an LSTM language model's dropout and DropConnect tuned
   by IFT against fixed dropout (and, optionally, Optuna; :mod:`.optuna_arm`).
+* ``augment`` (:mod:`.augment_mnist`) — a learned augmentation network against none and a hand-made
+  one (shifts and rotations), a small CNN on MNIST, several seeds.
 
 :mod:`.problems` holds the bilevel problems with known answers that explain, compare, the
 benchmarks and the tests share. The registry is built on first use, so that a subprocess that
@@ -27,7 +32,10 @@ from .base import Experiment, ExperimentResult, RunContext
 
 # name -> module defining EXPERIMENT, in the order `hypergradients list` shows them
 MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain", "compare": "compare",
-                           "bench": "bench", "families": "families", "lstm-dropout": "lstm_dropout"}
+                           "bench": "bench", "families": "families",
+                           "overfit-validation": "overfit_validation", "distill": "distill_mnist",
+                           "data-cleaning": "data_cleaning", "lstm-dropout": "lstm_dropout",
+                           "augment": "augment_mnist"}
 _registry: dict[str, Experiment] = {}
 
 
