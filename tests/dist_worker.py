@@ -5,7 +5,8 @@
 * ``hypergradients``: every method's hypergradient on this rank's shard inside
   ``hg.distributed.data_parallel()``, with its collective counts; saved to ``OUT_DIR/rank{r}.pt``.
 * ``train``: a tiny training run (DDP model, SGD inner steps, ``HyperOptimizer(data_parallel=True)``
-  hyper steps); the hyperparameter trajectory saved to ``OUT_DIR/rank{r}.pt``.
+  hyper steps), then ``hg.fit(data_parallel=True)`` in one go and with a resume (run folders
+  ``OUT_DIR/a``, ``OUT_DIR/b``); the results saved to ``OUT_DIR/rank{r}.pt``.
 * ``die``: rank 1 exits at once (``hang``: sleeps); rank 0 waits in an all-reduce and must fail
   within the timeout (``HG_TEST_TIMEOUT`` seconds).
 
@@ -135,6 +136,28 @@ def train(rank: int = 0, world: int = 1, *, rounds: int = 3, inner_steps: int = 
             "all_reduces_last_step": c.all_reduces, "hvps_last_step": st.info.hvps}
 
 
+def fit_runs(out_dir: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """``hg.fit(data_parallel=...)`` full-batch: 3 rounds in one go (folder ``a``), and 2 rounds then a
+    resume to 3 (folder ``b``); the final hyperparameters and weights of both."""
+    xt, yt, xv, yv = data()
+    xt, yt, xv, yv = (shard(t, rank, world) for t in (xt, yt, xv, yv))
+    res: dict[str, Any] = {}
+    for tag, plan in (("a", ((3, False),)), ("b", ((2, False), (3, True)))):
+        for rounds, resume in plan:
+            torch.manual_seed(rank)   # different initial weights per rank: fit broadcasts rank 0's
+            model = nn.Linear(D, C).to(DT)
+            wd = hg.WeightDecay(model, granularity="weight", init=0.05)
+            out = hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=rounds, inner_steps=3,
+                         batch_size=len(yt), method=hg.CG(iters=20, tol=1e-12),
+                         inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+                         checkpoint_dir=os.path.join(out_dir, tag), checkpoint_every=1, resume=resume,
+                         data_parallel=world > 1)
+        res[tag] = {"hparams": {k: v.detach().clone() for k, v in wd.tensors().items()},
+                    "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "resumed_from": out.resumed_from}
+    return res
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     timeout = float(os.environ.get("HG_TEST_TIMEOUT", "60"))
@@ -152,6 +175,7 @@ def main() -> None:
                 res["forward_error"] = str(e)
     elif mode == "train":
         res = train(rank, world)
+        res["fit"] = fit_runs(out_dir, rank, world)
     elif mode in ("die", "hang"):
         if rank == 1:
             if mode == "hang":
@@ -168,6 +192,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.barrier()   # neither rank tears the group down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

@@ -8,6 +8,7 @@ the loss on the union, so the results agree up to the rounding of a different su
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -56,6 +57,15 @@ def dp_hypergradients(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str
 
 
 @pytest.fixture(scope="module")
+def train_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("train")
+    res = _torchrun("train", out)
+    for r in res:
+        r["out_dir"] = str(out)
+    return res
+
+
+@pytest.fixture(scope="module")
 def single_hypergradients() -> dict[str, Any]:
     return W.hypergradients(0, 1)
 
@@ -100,11 +110,11 @@ def test_forward_mode_is_refused_inside_data_parallel(dp_hypergradients: list[di
         assert "hg.Unrolled" in r["forward_error"] and "data_parallel" in r["forward_error"]
 
 
-def test_training_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+def test_training_under_torchrun_matches_one_process(train_runs: list[dict[str, Any]]) -> None:
     """DDP inner steps + HyperOptimizer(data_parallel=True): rank 1 starts from other weights and other
     hyperparameters; DDP and the broadcast make them rank 0's, the all-reduced hypergradients keep
     them identical bit for bit after every hyper step, and the run equals one process on the union."""
-    r0, r1 = _torchrun("train", tmp_path)
+    r0, r1 = train_runs
     ref = W.train(0, 1)
     assert len(r0["history"]) == len(ref["history"]) == 3
     for a, b, c in zip(r0["history"], r1["history"], ref["history"], strict=True):
@@ -117,6 +127,33 @@ def test_training_under_torchrun_matches_one_process(tmp_path: Path) -> None:
         assert torch.allclose(r0["weights"][k], ref["weights"][k], rtol=0, atol=1e-12)
     # The hyper step's collectives: v & direct, one per HVP (CG's), the mixed product.
     assert r0["all_reduces_last_step"] == r0["hvps_last_step"] + 2
+
+
+def test_fit_under_torchrun_resumes_and_matches_one_process(train_runs: list[dict[str, Any]],
+                                                           tmp_path: Path) -> None:
+    """``hg.fit(data_parallel=True)``: both ranks end with the same weights and hyperparameters
+    (rank 1 started from other weights), only rank 0 wrote the run folder (one metrics line per
+    round, not two), 2 rounds + a resume to 3 equal 3 rounds bit for bit, and the run equals one
+    process on the union of the shards."""
+    r0, r1 = train_runs
+    run_dir = r0["out_dir"]
+    f0, f1 = r0["fit"], r1["fit"]
+    ref = W.fit_runs(str(tmp_path / "single"), 0, 1)["a"]
+    for k in f0["a"]["hparams"]:
+        a = f0["a"]["hparams"][k]
+        assert torch.equal(a, f1["a"]["hparams"][k])
+        assert torch.equal(a, f0["b"]["hparams"][k])             # resumed with the same N: bit for bit
+        c = ref["hparams"][k]
+        assert float((a - c).norm() / c.norm()) <= 1e-10          # summation order only, as above
+    for k in f0["a"]["weights"]:
+        assert torch.equal(f0["a"]["weights"][k], f1["a"]["weights"][k])
+        assert torch.equal(f0["a"]["weights"][k], f0["b"]["weights"][k])
+        assert torch.allclose(f0["a"]["weights"][k], ref["weights"][k], rtol=0, atol=1e-12)
+    assert (f0["b"]["resumed_from"], f1["b"]["resumed_from"]) == (2, 2)
+    lines = (Path(run_dir) / "a" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+    lines = (Path(run_dir) / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])

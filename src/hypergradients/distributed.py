@@ -46,7 +46,8 @@ from torch import Tensor
 from .errors import HypergradientError
 from .tree import Tree
 
-__all__ = ["CommCount", "DataParallel", "average", "average_differentiable", "broadcast", "counting",
+__all__ = ["CommCount", "DataParallel", "average", "average_differentiable", "barrier", "broadcast",
+           "counting",
            "current", "data_parallel", "init_process_group", "is_main", "rank", "world_size"]
 
 
@@ -208,6 +209,13 @@ def average_differentiable(t: Mapping[str, Tensor]) -> Tree:
         return dict(t)
     out = _Average.apply(dp, *t.values())
     return dict(zip(t, out, strict=True))
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of ``group`` (no-op without ``torch.distributed``): e.g. until rank 0 has
+    written a checkpoint that the others will read."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
 
 
 def broadcast(t: Mapping[str, Tensor], *, src: int = 0, group: Any = None) -> None:

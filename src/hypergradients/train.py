@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import tree
+from . import distributed, tree
 from .files import UnreadableFileError, json_dumps, load_checkpoint, remove_stale_temps, write_atomic
 from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
 from .hparams.base import Batch, Family
@@ -225,6 +225,8 @@ class _Run:
     elapsed0: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
     path: PathTuner | None = None   # fit(path_hparams=): optimizer hyperparameters tuned through the path
+    data_parallel: bool = False     # fit(data_parallel=True): average the inner gradients over the ranks
+    writes: bool = True             # False on the ranks other than 0 under data_parallel
 
     @property
     def hparams(self) -> dict[str, Tensor]:
@@ -266,11 +268,12 @@ class _Run:
         _set_rng_state(st["rng"])
         self.history, self.start_round = list(st["metrics"]), int(st["round"])
         self.elapsed0, self.resumed_from, self.last_good = float(st["elapsed_s"]), self.start_round, path
-        _write_metrics(path.parent / METRICS, self.history)   # drop the lines written after that checkpoint
+        if self.writes:
+            _write_metrics(path.parent / METRICS, self.history)   # drop the lines after that checkpoint
 
     def save(self, r: int) -> None:
         """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state."""
-        if self.ck_path is None:
+        if self.ck_path is None or not self.writes:   # data-parallel: rank 0 writes, the others agree
             return
         hp = self.hparams
         bad = _first_nonfinite_param(self.model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
@@ -323,6 +326,12 @@ def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) 
         if not bool(torch.isfinite(loss)):
             raise run.stop(r, "inner_loss", "the training loss")
         loss.backward()
+        if run.data_parallel:   # DDP's gradient average: all the weights' gradients in one all-reduce
+            ps = {k: p for k, p in run.model.named_parameters() if p.grad is not None}
+            grads = {k: p.grad for k, p in ps.items() if p.grad is not None}
+            with distributed.data_parallel():
+                for k, g in distributed.average([grads])[0].items():
+                    ps[k].grad = g
         run.inner_opt.step()
         total += float(loss.detach())
     bad = _first_nonfinite_param(run.model)
@@ -403,7 +412,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
         before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
         after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-        warm_start: bool = False, path_hparams: PathHyperparameters | None = None) -> TrainResult:
+        warm_start: bool = False, path_hparams: PathHyperparameters | None = None,
+        data_parallel: bool = False) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -455,6 +465,14 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             zero; the unrolled one over the last T steps is the truncated estimate, Shaban et al.
             2019). Recorded per round as ``path.<key>`` (a schedule: its mean), ``path_outer_loss`` and
             ``path_hypergrad_norm``; saved in the checkpoints (resumes bit for bit).
+        data_parallel: under ``torch.distributed`` (torchrun, :mod:`hypergradients.distributed`):
+            each rank passes its own equal-size shard of ``train`` and ``val``; the weights and
+            hyperparameters are broadcast from rank 0 at the start, each inner step's gradient is
+            averaged over the ranks (one all-reduce, DDP's average), each hyper step is the group-mean
+            hypergradient, so every rank holds the same weights and hyperparameters. Only rank 0
+            writes ``checkpoint_dir``; a resume reads it on every rank (a shared folder across
+            machines) and needs the same number of ranks. The metrics are rank 0's (its shard's
+            losses). Not with ``path_hparams``.
 
     Raises:
         NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
@@ -469,12 +487,20 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     if path_hparams is not None and inner_optimizer is not None:
         raise ValueError("give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
                          "(hg.optim) trains the model, so the path that is differentiated is the one trained")
+    if data_parallel and path_hparams is not None:
+        raise ValueError("fit(data_parallel=True) does not support path_hparams yet (the replayed path would "
+                         "need the averaged step gradients): tune them in one process, or drop data_parallel")
+    if data_parallel:   # every rank starts from rank 0's weights (as DDP does)
+        with distributed.data_parallel():   # refuses without an initialised process group
+            pass
+        distributed.broadcast({k: t for k, t in model.state_dict().items() if t.is_floating_point()})
     inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
         [p for p in model.parameters() if p.requires_grad]) if path_hparams is None else None
     batch_loss = _on_targets(loss_fn)
     hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
                            project=project, before_step=before_hyper_step, after_step=after_hyper_step,
-                           on_solver_error=on_solver_error, warm_start=warm_start) \
+                           on_solver_error=on_solver_error, warm_start=warm_start,
+                           data_parallel=data_parallel) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -483,18 +509,20 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
                {"train": _stream(n_train, batch_size, seed),
                 "hyper": _stream(n_train, hyper_batch_size or batch_size, seed + 1),
                 "val": _stream(n_val, val_batch_size or n_val, seed + 2)},
-               ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start)
+               ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start,
+               data_parallel=data_parallel, writes=not data_parallel or distributed.is_main())
     if path_hparams is not None:
         run.path = PathTuner(path_hparams, dict(model.named_parameters()))
         run.streams["path"] = _stream(n_val, val_batch_size or n_val, seed + 3)
     if ckdir is not None:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
+        if run.writes:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
         if resume and (ckdir / CHECKPOINT).exists():
             run.restore(ckdir / CHECKPOINT)
-        else:
+        elif run.writes:
             write_atomic(ckdir / METRICS, "")   # a fresh run starts a fresh metrics file
-    metrics_f = open(ckdir / METRICS, "a") if ckdir is not None else None
+    metrics_f = open(ckdir / METRICS, "a") if ckdir is not None and run.writes else None
     try:
         for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
             n_steps = inner_steps + (warmup_steps if r == 1 else 0)
@@ -516,6 +544,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     finally:
         if metrics_f is not None:
             metrics_f.close()
+    if data_parallel:   # no rank returns before rank 0's last checkpoint is on disk (a resume reads it)
+        distributed.barrier()
     planned = len(run.history) if hyper is not None else 0
     _warn_skipped(run, planned, on_solver_error)
     nat: dict[str, Tensor] = {}
