@@ -1,8 +1,10 @@
 """``data-cleaning``: one weight per training example finds corrupted labels (the setting of
 benchopt's bilevel benchmark, "data cleaning" on MNIST).
 
-A fraction ``noise.p`` of the training examples (chosen by the seed) get a label drawn uniformly
-from the 10 classes (benchopt's benchmark uses p ∈ {0.5, 0.7, 0.9}); the validation set is clean.
+A fraction ``noise.p`` of the training examples (``round(p·n)`` of them, chosen by the seed) get a
+label drawn uniformly from the 10 classes; the validation set is clean. benchopt's benchmark uses
+p ∈ {0.5, 0.7, 0.9} and replaces each label with probability p (a Bernoulli draw per example, so the
+count varies around p·n) and standardises the pixels; we keep the pixels in [0, 1].
 An example counts as *corrupted* where the drawn label differs from the true one (about 9 in 10 of
 the replaced ones). The model is multinomial logistic regression with a fixed L2 penalty
 ``γ/2 ‖w‖²`` (``inner.l2``), and the hyperparameters are one weight per training example
