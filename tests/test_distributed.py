@@ -156,6 +156,25 @@ def test_fit_under_torchrun_resumes_and_matches_one_process(train_runs: list[dic
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
 
 
+def test_the_docs_single_machine_command_runs_as_printed(tmp_path: Path) -> None:
+    """docs/distributed.md's example, saved as dp_example.py, under its torchrun command (gloo on CPU):
+    the table it prints has every method and the collectives the doc states for it."""
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    code = doc.split("save it as `dp_example.py`", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "dp_example.py").write_text(code)
+    command = "torchrun --standalone --nproc-per-node 2 dp_example.py"
+    assert f"\n{command}\n" in doc
+    env = _env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run(command.split(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout.strip()
+    assert printed.startswith("2 ranks, backend gloo")
+    for line in printed.splitlines()[2:]:   # the doc's table holds these lines, as measured
+        assert line in doc, line
+    assert len(printed.splitlines()) == 2 + 9
+
+
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_dead_rank_ends_the_other_with_an_error_within_the_timeout(mode: str, tmp_path: Path) -> None:
     """Two plain processes (torchrun's agent would kill the survivor itself): rank 1 exits after the
