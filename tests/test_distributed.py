@@ -219,3 +219,16 @@ def test_no_collectives_outside_data_parallel() -> None:
         hg.hypergradient(outer, inner, params, hparams, method=hg.CG(iters=5))
     assert (c.all_reduces, c.broadcasts) == (0, 0)
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+
+
+def test_hyperoptimizer_and_fit_refuse_data_parallel_without_a_process_group() -> None:
+    xt, yt, xv, yv = W.data()
+    model = torch.nn.Linear(W.D, W.C).to(W.DT)
+    wd = hg.WeightDecay(model)
+    with pytest.raises(hg.HypergradientError, match="init_process_group"):
+        hg.HyperOptimizer(model, [wd], data_parallel=True)
+    with pytest.raises(hg.HypergradientError, match="init_process_group"):
+        hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=1, inner_steps=1, data_parallel=True)
+    path = hg.PathHyperparameters({"lr": torch.tensor(0.1, dtype=W.DT)}, hg.optim.sgd(lr="lr"), steps=1)
+    with pytest.raises(ValueError, match="path_hparams"):
+        hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=1, inner_steps=1, data_parallel=True, path_hparams=path)
