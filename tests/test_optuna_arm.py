@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from hypergradients.experiments.optuna_arm import Space, Trial, incumbent, require_optuna, time_to_match, tpe
 
@@ -43,9 +44,12 @@ def test_trials_start_while_under_budget_and_tpe_finds_the_minimum():
 
 
 def test_same_seed_same_trials():
-    a = tpe(_objective(FakeClock()), {"decay": Space(1e-5, 1.0)}, budget_s=5.0, seed=3, clock=FakeClock())
-    b = tpe(_objective(FakeClock()), {"decay": Space(1e-5, 1.0)}, budget_s=5.0, seed=3, clock=FakeClock())
-    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    runs = []
+    for _ in range(2):
+        clock = FakeClock()
+        runs.append(tpe(_objective(clock), {"decay": Space(1e-5, 1.0)}, budget_s=5.0, seed=3, clock=clock))
+    assert len(runs[0].trials) == 5
+    assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
 
 
 def test_min_trials_run_even_without_budget():
@@ -72,3 +76,56 @@ def test_missing_optuna_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ImportError, match=r"hypergradients\[optuna\]"):
         require_optuna()
+
+
+# --- the weight-decay experiment's optuna arm ------------------------------------------------------
+
+def _wd_run(tmp_path, *sets, resume=False):
+    from hypergradients.config import resolve
+    from hypergradients.experiments import RunContext, get
+
+    exp = get("weight-decay")
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=list(sets))
+    data = exp.check(cfg) if exp.check else None
+    return exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False,
+                              resume=resume, data=data))
+
+
+def test_fixed_decay_in_the_optimizer_is_the_families_penalty():
+    # The optuna arm gives the decay to the optimizer as weight_decay=d (adds d·w to the gradient);
+    # the tuned arms add WeightDecay's ½ d Σ w² over the matrices: the same gradient, exactly.
+    from hypergradients.hparams import WeightDecay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+    fam = WeightDecay(model, granularity="global", init=0.3)
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    grads = torch.autograd.grad(fam.penalty(params, fam.tensors()), list(params.values()), allow_unused=True)
+    for (k, p), g in zip(params.items(), grads, strict=True):
+        expected = 0.3 * p if p.ndim >= 2 else torch.zeros_like(p)
+        got = torch.zeros_like(p) if g is None else g
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15), k   # exp(log 0.3) rounding only
+
+
+def test_weight_decay_optuna_arm_gets_the_global_budget_and_resumes(tmp_path):
+    res = _wd_run(tmp_path, "arms=['global','optuna']")
+    glob, opt = res.rows
+    assert opt["method"] == "global decay (Optuna TPE)" and opt["hyperparameters"] == 1
+    assert math.isclose(opt["budget_s"], glob["wall_s"]) and opt["trials"] >= 1
+    assert len(opt["incumbent"]) == opt["trials"] and 1e-6 <= opt["decay"] <= 1.0
+    for name in ("result.json", "metrics.jsonl", "decays.pt", "test_losses.pt"):
+        assert (tmp_path / "optuna" / name).is_file(), name
+    assert "Optuna (TPE" in (tmp_path / "report.md").read_text()
+    again = _wd_run(tmp_path, "arms=['global','optuna']", resume=True)   # both arms read back, not rerun
+    assert [r["test_loss"] for r in again.rows] == [glob["test_loss"], opt["test_loss"]]
+    assert again.rows[1]["trials"] == opt["trials"]
+
+
+def test_weight_decay_optuna_refusals(tmp_path):
+    from hypergradients.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optuna\.budget_s.*no 'global'"):
+        _wd_run(tmp_path / "a", "arms=['optuna']")
+    with pytest.raises(ConfigError, match=r"optuna\.low"):
+        _wd_run(tmp_path / "b", "arms=['global','optuna']", "optuna.low=2.0")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

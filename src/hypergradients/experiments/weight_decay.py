@@ -52,14 +52,14 @@ from ..progress import Progress
 from ..train import METRICS, SkippedHyperStepsWarning, TensorBoardCallback, cross_entropy, fit
 from .base import Experiment, ExperimentResult, RunContext
 
-ARMS = ("none", "global", "layer", "weight")
+ARMS = ("none", "global", "layer", "weight", "optuna")
 ARM_NAMES = {"none": "no weight decay", "global": "global decay", "layer": "per-layer decay",
-             "weight": "per-weight decay"}
+             "weight": "per-weight decay", "optuna": "global decay by Optuna"}
 LABELS = {"none": "no weight decay", "global": "global decay (tuned)", "layer": "per-layer decay (tuned)",
-          "weight": "per-weight decay (tuned)"}
+          "weight": "per-weight decay (tuned)", "optuna": "global decay (Optuna TPE)"}
 # One colour per arm in every figure of every run (the first three are matplotlib's default order,
 # so the default run's figures look as before).
-COLORS = {"none": "C0", "global": "C1", "weight": "C2", "layer": "C3"}
+COLORS = {"none": "C0", "global": "C1", "weight": "C2", "layer": "C3", "optuna": "C4"}
 METHOD_NAMES = {"neumann": "IFT-Neumann", "cg": "IFT-CG", "auto": "IFT-Auto (damped CG)",
                 "nystrom": "IFT-Nyström", "identity": "T1-T2 (identity)"}
 
@@ -104,6 +104,12 @@ SCHEMA: dict[str, Option] = {
                                    low=0),
     "hyper.init": Option(1e-3, "initial weight decay of the tuned arms", float, positive=True),
     "hyper.include_biases": Option(False, "decay biases too (default: weight matrices only)", bool),
+    # The optuna arm (off by default; needs the optuna extra): black-box search of one global decay.
+    "optuna.budget_s": Option("auto", "wall-clock budget of the optuna arm (auto: the global arm's wall "
+                              "time)", float, auto=True, positive=True),
+    "optuna.low": Option(1e-6, "lower end of the optuna arm's decay interval (log scale)", float,
+                         positive=True),
+    "optuna.high": Option(1.0, "upper end of the optuna arm's decay interval", float, positive=True),
     "eval_every": Option(10, "rounds between evaluations of validation and test loss", int, low=1),
     "checkpoint_every": Option(20, "rounds between checkpoints", int, low=1),
 }
@@ -165,6 +171,8 @@ def check(cfg: Config) -> Dataset:
     Returns the dataset, which :func:`run` then uses (so it is loaded once); a request the data
     cannot satisfy raises :class:`ConfigError` naming the key.
     """
+    if "optuna" in cfg["arms"]:
+        _check_optuna(cfg)
     try:
         return _load(cfg)
     except DataUnavailableError as e:
@@ -179,6 +187,44 @@ def check(cfg: Config) -> Dataset:
         most = re.search(r"maximum \w+=(\d+)", msg)
         expected = f"expected at most {most[1]} (0: all of them)" if most else "expected another value"
         raise ConfigError(f"config key {key!r}: got {cfg[key]!r}; {expected}: {msg}") from None
+
+
+def _check_optuna(cfg: Config) -> None:
+    from .optuna_arm import require_optuna
+
+    try:
+        require_optuna()
+    except ImportError as e:
+        raise ConfigError(f"config key 'arms': {e}") from None
+    if cfg["optuna.budget_s"] == "auto" and "global" not in cfg["arms"]:
+        raise ConfigError("config key 'optuna.budget_s': 'auto' takes the global arm's wall time, and arms "
+                          "has no 'global': add it, or give a number of seconds")
+    if cfg["optuna.low"] >= cfg["optuna.high"]:
+        raise ConfigError(f"config keys 'optuna.low' ({cfg['optuna.low']:g}) and 'optuna.high' "
+                          f"({cfg['optuna.high']:g}): low must be below high; swap them")
+
+
+def _optuna_arm(ctx: RunContext, cfg: Config, ds: Dataset, results: dict[str, dict[str, Any]], arm_dir: Path,
+                bar: Progress, base: int) -> tuple[dict[str, Any], list[dict[str, Any]], Tensor, Tensor]:
+    """The optuna arm (see :func:`.optuna_arm.weight_decay_arm`), its files written like a tuned arm's."""
+    from .optuna_arm import weight_decay_arm
+
+    budget = cfg["optuna.budget_s"]
+    budget = results["global"]["wall_s"] if budget == "auto" else float(budget)
+    target = results["global"]["test_loss"] if "global" in results else None
+    rounds = cfg["train.rounds"]
+
+    def on_trial(t: Any) -> None:
+        bar.postfix({"arm": "optuna", "trial": t.number, "val": t.val})
+        bar.set(base + min(int(rounds * t.elapsed_s / max(budget, 1e-9)), rounds))
+
+    out = weight_decay_arm(cfg, ds, ctx.device, budget_s=budget, target_test_loss=target, on_trial=on_trial)
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(arm_dir / METRICS, "".join(json_dumps(r, indent=None) + "\n" for r in out["history"]))
+    save_atomic(out["decay"], arm_dir / "decays.pt")
+    save_atomic(out["test_losses"], arm_dir / "test_losses.pt")
+    write_atomic(arm_dir / "result.json", json_dumps(out["row"]))   # last: marks the arm done
+    return out["row"], out["history"], out["decay"], out["test_losses"]
 
 
 def _warm_up(cfg: Config) -> None:
@@ -278,11 +324,18 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     top = _TopMetrics(ctx.out / METRICS)
     bar = Progress(rounds * len(arms), desc="weight-decay", enabled=ctx.progress, unit="round")
     try:
-        for i, arm in enumerate(arms):
+        # the optuna arm last: its budget is the global arm's wall time
+        for i, arm in enumerate([a for a in arms if a != "optuna"] + [a for a in arms if a == "optuna"]):
             arm_dir = ctx.out / arm
             done = _finished(arm_dir, rounds) if ctx.resume else None
             if done is not None:
                 results[arm], histories[arm], decays[arm], test_losses[arm] = done
+                top.add(arm, histories[arm])
+                bar.set((i + 1) * rounds)
+                continue
+            if arm == "optuna":
+                results[arm], histories[arm], decays[arm], test_losses[arm] = _optuna_arm(
+                    ctx, cfg, ds, results, arm_dir, bar, i * rounds)
                 top.add(arm, histories[arm])
                 bar.set((i + 1) * rounds)
                 continue
@@ -353,6 +406,10 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     if "global" in arms and "none" in arms:
         se_global = paired_se(test_losses["global"], test_losses["none"])
     notes = interpret(results, n_val=len(ds.y_val), se=se, moved=moved, se_global=se_global)
+    if "optuna" in results:
+        from .optuna_arm import note
+
+        notes.append(note(results["optuna"], "tuned global-decay (IFT)"))
     path = _write_report(ctx.out, cfg, columns, rows, notes, histories, decays, ds.source)
     return ExperimentResult(title=title(cfg), columns=columns, rows=rows, report=path, out=ctx.out,
                             notes=notes, wall_s=time.perf_counter() - t0)
@@ -380,7 +437,8 @@ def _result(arm: str, res: Any, rounds: int, vals: Tensor) -> dict[str, Any]:
 
 def title(cfg: Config) -> str:
     """The run's title, from its configuration: the dataset, the arms and the method actually used."""
-    short = {"none": "none", "global": "global", "layer": "per-layer", "weight": "per-weight"}
+    short = {"none": "none", "global": "global", "layer": "per-layer", "weight": "per-weight",
+             "optuna": "Optuna"}
     return (f"weight decay on {cfg['data.dataset']}: {' vs '.join(short[a] for a in cfg['arms'])} "
             f"({METHOD_NAMES[cfg['hyper.method']]})")
 
