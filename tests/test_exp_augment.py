@@ -90,8 +90,14 @@ def test_too_deep_unet_is_refused_naming_the_key() -> None:
 
 
 def test_full_is_resnet18_on_cifar10():
-    cfg = resolve(SCHEMA, sets=[f"{k}={json.dumps(v)}" for k, v in FULL.items()])
-    assert cfg["model.name"] == "resnet18" and cfg["data.dataset"] == "cifar10"
+    from hypergradients.experiments.augment_mnist import with_preset
+
+    cfg = with_preset(resolve(SCHEMA, sets=["config=full", "seeds=[4]"]))
+    assert cfg["model.name"] == "resnet18" and cfg["data.dataset"] == "cifar10" and cfg["seeds"] == [4]
+    assert all(cfg[k] == v for k, v in FULL.items())
+    # without data.root, CIFAR-10 is refused naming the key, before any file
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        EXPERIMENT.check(resolve(SCHEMA, sets=["config=full"])) if EXPERIMENT.check else None
     net = resnet18(3, 10)
     # ResNet-18 for CIFAR (3×3 stem): 11,173,962 weights
     assert sum(p.numel() for p in net.parameters()) == 11_173_962

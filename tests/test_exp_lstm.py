@@ -108,8 +108,14 @@ def test_sequence_too_long_for_the_data_names_the_key(tmp_path: Path) -> None:
         exp.check(cfg) if exp.check else None
 
 
-def test_full_configuration_is_valid_and_is_the_papers_model():
-    cfg = resolve(SCHEMA, sets=[f"{k}={json.dumps(v)}" for k, v in FULL.items()])
-    assert cfg["model.hidden"] == 650 and cfg["data.vocab"] == 10_000
+def test_full_configuration_is_the_papers_model():
+    from hypergradients.experiments.lstm_dropout import with_preset
+
+    cfg = with_preset(resolve(SCHEMA, sets=["config=full", "train.rounds=7"]))
+    assert cfg["model.hidden"] == cfg["model.embed"] == 650 and cfg["data.vocab"] == 10_000
+    assert cfg["train.rounds"] == 7   # a key the user set keeps the user's value
+    assert {k: v for k, v in cfg.items() if k in FULL and k != "train.rounds"} == {
+        k: v for k, v in FULL.items() if k != "train.rounds"}
+    assert with_preset(resolve(SCHEMA))["model.hidden"] == 64   # config=cpu: the defaults
     m = LSTMLanguageModel(100, 650, 650)
     assert m.rnn0.hidden_size == m.rnn1.hidden_size == 650

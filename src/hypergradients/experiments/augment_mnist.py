@@ -59,6 +59,13 @@ SCHEMA: dict[str, Option] = {
         unique=True,
     ),
     "threads": Option(1, "CPU threads for torch", int, low=1),
+    "config": Option(
+        "cpu",
+        "cpu: the defaults below; full: ResNet-18 on CIFAR-10 from data.root, for a GPU "
+        "(the keys of FULL still at their defaults)",
+        str,
+        choices=("cpu", "full"),
+    ),
     "arms": Option(
         list(ARMS), "which runs to train side by side", list, choices=ARMS, nonempty=True, unique=True
     ),
@@ -76,7 +83,7 @@ SCHEMA: dict[str, Option] = {
     "model.width": Option(
         8, "channels of the CNN's first convolution (the second has twice as many)", int, low=1
     ),
-    "train.rounds": Option(100, "rounds of Algorithm 1 (each: inner steps, then one hyper step)", int, low=1),
+    "train.rounds": Option(60, "rounds of Algorithm 1 (each: inner steps, then one hyper step)", int, low=1),
     "train.inner_steps": Option(10, "inner Adam steps per round", int, low=1),
     "train.batch_size": Option(64, "training batch size", int, low=1),
     "train.lr": Option(2e-3, "inner Adam learning rate", float, positive=True),
@@ -124,6 +131,14 @@ FULL: dict[str, Any] = {
     "eval_every": 100,
     "checkpoint_every": 100,
 }
+
+
+def with_preset(cfg: Config) -> Config:
+    """``cfg`` with ``config=full`` applied: each key of :data:`FULL` that still has its default takes
+    the full value (a key the user set keeps the user's value)."""
+    if cfg["config"] != "full":
+        return cfg
+    return {**cfg, **{k: v for k, v in FULL.items() if cfg[k] == SCHEMA[k].default}}
 
 
 class RandomShiftRotate(nn.Module):
@@ -192,6 +207,7 @@ def resnet18(channels: int, classes: int) -> nn.Sequential:
 
 def check(cfg: Config) -> Dataset:
     """Load the data (mnist-5k: about a second) and check the U-Net depth against the image size."""
+    cfg = with_preset(cfg)
     try:
         ds = load_dataset(
             cfg["data.dataset"],
@@ -281,7 +297,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def run(ctx: RunContext) -> ExperimentResult:
     """Train every arm for every seed; write config.toml, augment.json, metrics.jsonl, figure and report."""
-    cfg = ctx.config
+    cfg = with_preset(ctx.config)
     before = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
@@ -337,7 +353,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                     "skipped": res.skipped_hyper_steps,
                 }
             )
-            wall[arm] += res.wall_s   # not per seed: a resumed run's rows equal the first's
+            wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
             bar.set((i + 1) * rounds)
     finally:
         bar.close()

@@ -58,6 +58,13 @@ RECURRENT = ("rnn0.weight_hh_l0", "rnn1.weight_hh_l0")
 SCHEMA: dict[str, Option] = {
     "seed": Option(0, "seed of the initial weights, the data order and the noise", int, low=0),
     "threads": Option(1, "CPU threads for torch", int, low=1),
+    "config": Option(
+        "cpu",
+        "cpu: the defaults below; full: the paper's 650-unit model on PTB from data.root, for a GPU "
+        "(the keys of FULL still at their defaults)",
+        str,
+        choices=("cpu", "full"),
+    ),
     "arms": Option(
         ["ift", "fixed"],
         "which runs to train side by side (optuna needs the optuna extra)",
@@ -138,6 +145,14 @@ FULL: dict[str, Any] = {
 }
 
 
+def with_preset(cfg: Config) -> Config:
+    """``cfg`` with ``config=full`` applied: each key of :data:`FULL` that still has its default takes
+    the full value (a key the user set keeps the user's value)."""
+    if cfg["config"] != "full":
+        return cfg
+    return {**cfg, **{k: v for k, v in FULL.items() if cfg[k] == SCHEMA[k].default}}
+
+
 class LSTMLanguageModel(nn.Module):
     """``embed → dropout → LSTM → dropout → LSTM → dropout → linear``: logits ``(B, T, V)`` of the next
     token. The ``nn.Dropout`` rates ``drop`` (embedding, between the layers, before the decoder) are the
@@ -167,6 +182,7 @@ def sequence_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 def check(cfg: Config) -> Corpus:
     """Load the corpus (PTB from data.root, else the KJV Bible; about a second) before any file is written."""
+    cfg = with_preset(cfg)
     if "optuna" in cfg["arms"]:
         try:
             require_optuna()
@@ -248,7 +264,7 @@ def _ppl(loss: float) -> float:
 
 def run(ctx: RunContext) -> ExperimentResult:
     """Train the arms; write config.toml, lstm_dropout.json, metrics.jsonl, the figure and the report."""
-    cfg = ctx.config
+    cfg = with_preset(ctx.config)
     before = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
@@ -397,7 +413,7 @@ def _optuna(
     """TPE over the fixed model's three dropout rates within the budget; kept in ``optuna.json`` (a
     resumed run reuses a finished search instead of repeating it)."""
     done = arm_dir / "optuna.json"
-    prev = read_json(done) if ctx.resume else None   # None also when torn: search again
+    prev = read_json(done) if ctx.resume else None  # None also when torn: search again
     if isinstance(prev, dict):
         return prev
     budget = cfg["optuna.budget_s"]
