@@ -336,6 +336,8 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
             if fams:
                 nat = {fam.name: torch.cat([v.reshape(-1) for v in fam.natural().values()]) for fam in fams}
                 row["keep"] = {k: float(v.mean()) for k, v in nat.items()}
+                # how far the tuning moved any keep probability from its start (the notes judge it)
+                row["keep_moved"] = max(float((v - cfg["dropout.init"]).abs().max()) for v in nat.values())
             results[arm] = row
             bar.set((i + 1) * rounds)
     finally:
@@ -481,6 +483,13 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None) ->
             + ", ".join(f"{k} {v:.3f}" for k, v in keep.items())
             + f" after {ift['hyper_steps']} hyper steps."
         )
+        if ift.get("keep_moved", 1.0) < 0.02:  # 0.02: a keep probability moved less than that is not tuned
+            notes.append(
+                f"No keep probability moved more than {ift['keep_moved']:.3f} from its start: the tuning "
+                "barely acted in this run, so the IFT arm's row is mostly that of its starting dropout and "
+                "DropConnect, not evidence for the hypergradient. More rounds or a larger hyper.lr would "
+                "let it act."
+            )
     for other in (fixed, none):
         if ift and other:
             d = ift["test_ppl"] - other["test_ppl"]
@@ -502,7 +511,8 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None) ->
         if opt.get("target_test_ppl") is not None:
             t = opt["time_to_match_s"]
             s += (
-                f" It matched the IFT arm's test perplexity {opt['target_test_ppl']:.2f} after {t:.0f} s."
+                f" It matched the IFT arm's test perplexity {opt['target_test_ppl']:.2f} after {t:.0f} s"
+                + (" (beyond the budget: the last trial overran it)." if t > opt["budget_s"] else ".")
                 if t is not None
                 else f" It did NOT reach the IFT arm's test perplexity {opt['target_test_ppl']:.2f} within "
                 "the budget: here the hypergradient arm wins at equal wall time."
