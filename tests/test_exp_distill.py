@@ -29,9 +29,11 @@ def _run(tmp: Path, *sets: str, resume: bool = False) -> dict[str, Any]:
 def test_smoke_writes_the_run_folder(tmp_path: Path) -> None:
     result = _run(tmp_path)
     assert result["hyperparameters"] == 784 * 10
-    assert [r["arm"] for r in result["rows"]] == ["distilled", "real-1", "all"]
-    assert [r["train_images"] for r in result["rows"]] == [10, 10, 200]
-    real = result["rows"][1]
+    assert [r["arm"] for r in result["rows"]] == ["distilled", "co-trained", "real-1", "all"]
+    assert [r["train_images"] for r in result["rows"]] == [10, 10, 10, 200]
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["rows"][1]["test_acc"] == last["test_acc"]   # the co-trained model's final evaluation
+    real = result["rows"][2]
     assert real["draws"] == 2 == len(result["real_draws"])
     assert real["test_acc"] == pytest.approx(sum(result["real_draws"]) / 2, abs=1e-12)
     assert result["eval_steps"] == 3 * 2   # as many steps as the tuned arm took
