@@ -171,7 +171,14 @@ def _all_reduce_mean(tensors: Sequence[Tensor], dp: DataParallel) -> list[Tensor
         parts = [tensors[i].detach().reshape(-1) for i in idx]
         buf = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         _count("all_reduce", buf.numel() * buf.element_size())
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=dp.group)
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=dp.group)
+        except RuntimeError as e:   # gloo/NCCL report a lost peer or a timeout as RuntimeError
+            raise HypergradientError(
+                f"rank {dist.get_rank()}: a data-parallel all-reduce of {buf.numel()} values failed, so "
+                "another rank died or stopped answering (its log says why; a silent rank is detected "
+                "after init_process_group's timeout_s). The run cannot go on with a rank missing: "
+                f"restart it (resume=True continues from the last checkpoint). The error: {e}") from e
         buf = buf / dp.size
         for i, piece in zip(idx, torch.split(buf, [p.numel() for p in parts]), strict=True):
             out[i] = piece.view(tensors[i].shape)
