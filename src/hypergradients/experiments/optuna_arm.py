@@ -184,14 +184,22 @@ def weight_decay_arm(cfg: Mapping[str, Any], ds: Any, device: Any, *, budget_s: 
             "decay": torch.tensor([tr.best.params["decay"]], dtype=torch.float64)}
 
 
-def note(row: Mapping[str, Any], what: str) -> str:
-    """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it)."""
+def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
+    """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it).
+
+    ``se`` is the paired standard error of the test-loss difference (same test examples): a
+    difference within two of them is called noise, whichever side it falls."""
     s = (f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
          f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
          f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}.")
     if row.get("target_test_loss") is None:
         return s
     t = row["time_to_match_s"]
+    d = row["test_loss"] - row["target_test_loss"]
+    if se is not None and abs(d) <= 2 * se:
+        return s + (f" Against the {what} arm's {row['target_test_loss']:.4g} the difference is {d:+.3g} ± "
+                    f"{se:.2g} (paired standard error): within noise, so at equal wall time the two tie here"
+                    + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else "."))
     if t is not None:
         return s + (f" It matched the {what} arm's test loss {row['target_test_loss']:.4g} after {t:.0f} s: "
                     "on one hyperparameter a black-box search is competitive.")

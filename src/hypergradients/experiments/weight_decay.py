@@ -409,7 +409,8 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     if "optuna" in results:
         from .optuna_arm import note
 
-        notes.append(note(results["optuna"], "tuned global-decay (IFT)"))
+        se_opt = paired_se(test_losses["optuna"], test_losses["global"]) if "global" in results else None
+        notes.append(note(results["optuna"], "tuned global-decay (IFT)", se=se_opt))
     path = _write_report(ctx.out, cfg, columns, rows, notes, histories, decays, ds.source)
     return ExperimentResult(title=title(cfg), columns=columns, rows=rows, report=path, out=ctx.out,
                             notes=notes, wall_s=time.perf_counter() - t0)
