@@ -351,6 +351,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                     "val_loss": res.final["val_loss"],
                     "hyper_steps": res.hyper_steps,
                     "skipped": res.skipped_hyper_steps,
+                    "inner_loss": res.final["inner_loss"],
                 }
             )
             wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
@@ -462,6 +463,15 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
             f"Test accuracy, learned augmentation {net['test_acc_mean']:.4f} vs {o['arm']} "
             f"{o['test_acc_mean']:.4f} ({d:+.4f}; {verdict})."
         )
+    if net and rows.get("none"):
+        # The same seed's last training loss with and without the network: equal to 1% means the
+        # classifier saw (nearly) the original images, i.e. the network stayed at its identity start.
+        pairs = zip(net["runs"], rows["none"]["runs"], strict=True)
+        rel = max(abs(a["inner_loss"] - b["inner_loss"]) / max(abs(b["inner_loss"]), 1e-12) for a, b in pairs)
+        if rel < 0.01:
+            notes.append(f"The augmentation network stayed near the identity: the classifier's last training "
+                         f"loss differs from the unaugmented arm's by at most {rel:.1%} per seed, so this run "
+                         "shows no learned augmentation (more rounds or a larger hyper.lr let it move).")
     return notes
 
 
