@@ -173,6 +173,12 @@ def main() -> None:
                 res["forward_error"] = ""
             except hg.HypergradientError as e:
                 res["forward_error"] = str(e)
+            try:   # not data-parallel: must refuse rather than return this rank's local answer
+                hg.root_hypergradient(outer, lambda p, h: dict(zip(p, torch.autograd.grad(
+                    inner(p, h), list(p.values()), create_graph=True), strict=True)), params, hparams)
+                res["root_error"] = ""
+            except hg.HypergradientError as e:
+                res["root_error"] = str(e)
     elif mode == "train":
         res = train(rank, world)
         res["fit"] = fit_runs(out_dir, rank, world)

@@ -108,6 +108,7 @@ def test_one_all_reduce_per_hvp(dp_hypergradients: list[dict[str, Any]]) -> None
 def test_forward_mode_is_refused_inside_data_parallel(dp_hypergradients: list[dict[str, Any]]) -> None:
     for r in dp_hypergradients:
         assert "hg.Unrolled" in r["forward_error"] and "data_parallel" in r["forward_error"]
+        assert "not data-parallel" in r["root_error"]
 
 
 def test_training_under_torchrun_matches_one_process(train_runs: list[dict[str, Any]]) -> None:

@@ -54,7 +54,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from . import krylov, tree
+from . import distributed, krylov, tree
 from .derivatives import LossFn, power_iteration, scalar_loss
 from .errors import HypergradientError, NeumannDivergenceError, ProblemTooLargeError
 from .methods import Exact, Neumann, UnusedHyperparameterWarning
@@ -373,6 +373,12 @@ def root_hypergradient(outer_loss: LossFn, condition: Condition, params: Mapping
         Inputs are never modified.
     """
     t0 = time.perf_counter()
+    if distributed.current() is not None:
+        # Its VJPs of F are not averaged over the group: refuse rather than return one rank's answer.
+        raise HypergradientError(
+            "hg.root_hypergradient is not data-parallel: inside hg.distributed.data_parallel it would "
+            "return each rank's local answer. Call it outside data_parallel on the whole data, or use "
+            "hg.hypergradient (F = ∂L_T/∂w), which averages every product over the group")
     method = GMRES() if method is None else method
     if not isinstance(method, _ROOT_METHODS):
         hint = (" CG and Auto need a symmetric positive-definite Jacobian; the condition's need not be: "
