@@ -467,11 +467,12 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
         # The same seed's last training loss with and without the network: equal to 1% means the
         # classifier saw (nearly) the original images, i.e. the network stayed at its identity start.
         pairs = zip(net["runs"], rows["none"]["runs"], strict=True)
-        rel = max(abs(a["inner_loss"] - b["inner_loss"]) / max(abs(b["inner_loss"]), 1e-12) for a, b in pairs)
+        rel = max(abs(a["inner_loss"] - b["inner_loss"]) / max(abs(b["inner_loss"]), 1e-12)
+                  for a, b in pairs)
         if rel < 0.01:
-            notes.append(f"The augmentation network stayed near the identity: the classifier's last training "
-                         f"loss differs from the unaugmented arm's by at most {rel:.1%} per seed, so this run "
-                         "shows no learned augmentation (more rounds or a larger hyper.lr let it move).")
+            notes.append(f"The augmentation network stayed near the identity: the classifier's last "
+                         f"training loss differs from the unaugmented arm's by at most {rel:.1%} per seed, "
+                         "so this run shows no learned augmentation (more rounds or a larger hyper.lr let it move).")
     return notes
 
 
