@@ -472,7 +472,8 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
         if rel < 0.01:
             notes.append(f"The augmentation network stayed near the identity: the classifier's last "
                          f"training loss differs from the unaugmented arm's by at most {rel:.1%} per seed, "
-                         "so this run shows no learned augmentation (more rounds or a larger hyper.lr let it move).")
+                         "so this run shows no learned augmentation (more rounds or a larger hyper.lr let "
+                         "it move).")
     return notes
 
 
