@@ -69,7 +69,8 @@ def test_learned_images_beat_the_real_ones_they_started_from(tmp_path: Path) -> 
     # Started from the first real image of each class, 60 hyper steps on 1000 real images (about 3 s):
     # the co-trained model's outer loss on the real images is lower than with the images frozen
     # (hyper.lr tiny), and a fresh model trained on the learned images beats one trained on the
-    # images before any hyper step. Measured: test accuracy 0.643 vs 0.463 on 300 test images.
+    # images before any hyper step. Measured: test accuracy 0.707 vs 0.463 on 300 test images, outer
+    # loss 0.587 vs 1.720.
     sets = ("distill.init=real", "data.n_train=1000", "data.n_test=300", "train.rounds=60", "train.inner_steps=10",
             "hyper.iters=20", "eval.draws=1", "eval_every=60", "checkpoint_every=60")
     tuned = _run(tmp_path / "a", *sets)["rows"][0]["test_acc"]
