@@ -28,7 +28,7 @@ BAD = [
      r"config key 'train.optimizer': got 'lbfgs'; expected one of 'adam', 'sgd', 'momentum'"),
     (["--set", 'arms=["none","dropout"]'],
      r"config key 'arms': got \['none', 'dropout'\] \(item 'dropout'\); expected a list of distinct str from "
-     r"\{none, global, layer, weight\}"),
+     r"\{none, global, layer, weight, optuna\}"),
     (["--set", "arms=[]"], r"config key 'arms': got \[\] \(empty\)"),
     (["--set", "model.hidden=[64, 0]"], r"config key 'model.hidden': got \[64, 0\] \(item 0\); expected a list of int"),
     (["--set", "hyper.alpha=-1"], r"config key 'hyper.alpha': got -1.0; expected a number > 0 or 'auto'"),
