@@ -39,7 +39,7 @@ from ..hparams.augment import AugmentNet
 from ..methods import Neumann
 from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from .base import Experiment, ExperimentResult, RunContext, threads, write_report
 
 ARMS = ("none", "handmade", "augnet")
 ARM_NAMES = {
@@ -298,12 +298,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def run(ctx: RunContext) -> ExperimentResult:
     """Train every arm for every seed; write config.toml, augment.json, metrics.jsonl, figure and report."""
     cfg = with_preset(ctx.config)
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
+    with threads(cfg["threads"]):
         return _run(ctx, cfg, time.perf_counter())
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:

@@ -102,6 +102,16 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def with_threads(fn: Callable[[RunContext], ExperimentResult]) -> Callable[[RunContext], ExperimentResult]:
+    """``fn`` run with ``threads`` torch threads, the caller's count restored after."""
+
+    def run(ctx: RunContext) -> ExperimentResult:
+        with threads(ctx.config["threads"]):
+            return fn(ctx)
+
+    return run
+
+
 def check_settings(cfg: Config, make: Callable[[Config], Any]) -> Any:
     """``make(cfg)`` (a settings object with ``validate()``) checked before any work: the bundled
     problems' decay interval (``decay.low <= decay.high``), then ``validate()``, whose

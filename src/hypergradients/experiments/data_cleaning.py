@@ -42,10 +42,10 @@ from ..data import Dataset
 from ..files import json_dumps, write_atomic
 from ..hparams import ExampleWeights, Family
 from ..progress import Progress
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
 from .distill_mnist import FixedL2
 from .families import flipped_auc
-from .overfit_validation import fit_arm, linear_or_mlp, load, rounds, with_threads
+from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
 
 # `hypergradients run data-cleaning --quiet` on the shared 2-core machine (threads=1), quiet and
 # under the other engineers' load (docs/results.md).

@@ -40,8 +40,8 @@ from ..files import json_dumps, write_atomic
 from ..hparams import Family
 from ..hparams.distill import DistilledData, save_distilled_figure
 from ..progress import Progress
-from .base import Experiment, ExperimentResult, RunContext, write_report
-from .overfit_validation import fit_arm, linear_or_mlp, load, rounds, with_threads
+from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
+from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
 
 # `hypergradients run distill --quiet` on the shared 2-core machine (threads=1), quieter and under the
 # other engineers' load (seeds 0-2, docs/results.md).

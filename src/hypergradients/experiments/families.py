@@ -59,7 +59,7 @@ from ..hparams.distill import DistilledData
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
-from .base import Experiment, ExperimentResult, RunContext
+from .base import Experiment, ExperimentResult, RunContext, threads
 
 FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
                              "reweight-net")
@@ -294,12 +294,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     """Train the tuned and the baseline arm (and ``real-k`` for distill); write the run folder."""
     cfg = ctx.config
     t0 = time.perf_counter()
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
+    with threads(cfg["threads"]):  # the caller's thread count is its own (tests, notebooks)
         return _run(ctx, cfg, t0)
-    finally:
-        torch.set_num_threads(before)  # the caller's thread count is its own (tests, notebooks)
 
 
 def _fit(

@@ -42,7 +42,7 @@ from ..hparams import DropConnect, Dropout, Family, describe
 from ..methods import Neumann
 from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from .base import Experiment, ExperimentResult, RunContext, threads, write_report
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
 
 ARMS = ("ift", "fixed", "none", "optuna")
@@ -265,12 +265,8 @@ def _ppl(loss: float) -> float:
 def run(ctx: RunContext) -> ExperimentResult:
     """Train the arms; write config.toml, lstm_dropout.json, metrics.jsonl, the figure and the report."""
     cfg = with_preset(ctx.config)
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
+    with threads(cfg["threads"]):
         return _run(ctx, cfg, time.perf_counter())
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:

@@ -42,7 +42,7 @@ from ..hparams import Family, WeightDecay
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
 # under the other engineers' load (seeds 0-2).
@@ -187,20 +187,6 @@ def fit_arm(
                 path=e.path,
                 why=e.why,
             ) from None
-
-
-def with_threads(fn: Callable[[RunContext], ExperimentResult]) -> Callable[[RunContext], ExperimentResult]:
-    """``fn`` run with ``threads`` torch threads, the caller's count restored after."""
-
-    def run(ctx: RunContext) -> ExperimentResult:
-        before = torch.get_num_threads()
-        torch.set_num_threads(ctx.config["threads"])
-        try:
-            return fn(ctx)
-        finally:
-            torch.set_num_threads(before)
-
-    return run
 
 
 # ---- overfit-validation ----
