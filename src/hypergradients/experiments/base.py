@@ -102,6 +102,14 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def with_preset(cfg: Config, full: Mapping[str, Any], schema: Schema) -> Config:
+    """``cfg`` with ``config=full`` applied: each key of ``full`` that still has its ``schema`` default
+    takes the full value (a key the user set keeps the user's value)."""
+    if cfg["config"] != "full":
+        return cfg
+    return {**cfg, **{k: v for k, v in full.items() if cfg[k] == schema[k].default}}
+
+
 def with_threads(fn: Callable[[RunContext], ExperimentResult]) -> Callable[[RunContext], ExperimentResult]:
     """``fn`` run with ``threads`` torch threads, the caller's count restored after."""
 

@@ -43,6 +43,7 @@ from ..methods import Neumann
 from ..progress import Progress
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
 from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from .base import with_preset as _with_preset
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
 
 ARMS = ("ift", "fixed", "none", "optuna")
@@ -148,9 +149,7 @@ FULL: dict[str, Any] = {
 def with_preset(cfg: Config) -> Config:
     """``cfg`` with ``config=full`` applied: each key of :data:`FULL` that still has its default takes
     the full value (a key the user set keeps the user's value)."""
-    if cfg["config"] != "full":
-        return cfg
-    return {**cfg, **{k: v for k, v in FULL.items() if cfg[k] == SCHEMA[k].default}}
+    return _with_preset(cfg, FULL, SCHEMA)
 
 
 class LSTMLanguageModel(nn.Module):
