@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,13 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, Option, write_toml
 from ..data import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
+from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import Family, describe
 from ..hparams.augment import AugmentNet
 from ..methods import Neumann
 from ..progress import Progress
-from ..train import SkippedHyperStepsWarning, TrainResult, fit
+from ..train import TrainResult
+from ._common import fit_checkpointed
 from .base import Experiment, ExperimentResult, RunContext, threads, write_report
 from .base import with_preset as _with_preset
 
@@ -257,36 +257,27 @@ def _fit(
     resume: bool,
     callbacks: list[Any],
 ) -> TrainResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)  # counted in the table
-        try:
-            return fit(
-                model,
-                fams,
-                (ds.x_train, ds.y_train),
-                (ds.x_val, ds.y_val),
-                rounds=cfg["train.rounds"],
-                inner_steps=cfg["train.inner_steps"],
-                inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-                hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-                method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
-                batch_size=cfg["train.batch_size"],
-                val_batch_size=cfg["hyper.val_batch_size"] or None,
-                seed=seed,
-                eval_sets={"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)},
-                eval_every=cfg["eval_every"],
-                callbacks=callbacks,
-                checkpoint_dir=out,
-                checkpoint_every=cfg["checkpoint_every"],
-                resume=resume,
-            )
-        except UnreadableFileError as e:
-            raise UnreadableFileError(
-                f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: "
-                f"delete the folder {str(out)!r} to restart that run, or restore it.",
-                path=e.path,
-                why=e.why,
-            ) from None
+    return fit_checkpointed(
+        model,
+        fams,
+        (ds.x_train, ds.y_train),
+        (ds.x_val, ds.y_val),
+        rounds=cfg["train.rounds"],
+        inner_steps=cfg["train.inner_steps"],
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
+        method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
+        batch_size=cfg["train.batch_size"],
+        val_batch_size=cfg["hyper.val_batch_size"] or None,
+        seed=seed,
+        eval_sets={"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)},
+        eval_every=cfg["eval_every"],
+        callbacks=callbacks,
+        checkpoint_dir=out,
+        restart="run",
+        checkpoint_every=cfg["checkpoint_every"],
+        resume=resume,
+    )
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

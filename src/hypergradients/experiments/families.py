@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,13 +51,14 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, Option, write_toml
 from ..data import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
+from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, describe
 from ..hparams.augment import AugmentNet
 from ..hparams.distill import DistilledData
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
-from ..train import SkippedHyperStepsWarning, TrainResult, fit
+from ..train import TrainResult
+from ._common import fit_checkpointed
 from .base import Experiment, ExperimentResult, RunContext, threads
 
 FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
@@ -310,36 +310,26 @@ def _fit(
     callbacks: list[Callable[[dict[str, Any]], None]],
     batch_size: int,
 ) -> TrainResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)  # counted in the table
-        try:
-            return fit(
-                model,
-                fams,
-                train,
-                val,
-                rounds=cfg["train.rounds"],
-                inner_steps=cfg["train.inner_steps"],
-                inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-                hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=_hyper_lr(cfg)),
-                method=_method(cfg),
-                batch_size=batch_size,
-                val_batch_size=cfg["hyper.val_batch_size"] or None,
-                seed=cfg["seed"],
-                eval_sets=evals,
-                eval_every=cfg["eval_every"],
-                callbacks=callbacks,
-                checkpoint_dir=out,
-                checkpoint_every=cfg["checkpoint_every"],
-                resume=ctx.resume,
-            )
-        except UnreadableFileError as e:
-            raise UnreadableFileError(
-                f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: "
-                f"delete the folder {str(out)!r} to restart that arm, or restore it.",
-                path=e.path,
-                why=e.why,
-            ) from None
+    return fit_checkpointed(
+        model,
+        fams,
+        train,
+        val,
+        rounds=cfg["train.rounds"],
+        inner_steps=cfg["train.inner_steps"],
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=_hyper_lr(cfg)),
+        method=_method(cfg),
+        batch_size=batch_size,
+        val_batch_size=cfg["hyper.val_batch_size"] or None,
+        seed=cfg["seed"],
+        eval_sets=evals,
+        eval_every=cfg["eval_every"],
+        callbacks=callbacks,
+        checkpoint_dir=out,
+        checkpoint_every=cfg["checkpoint_every"],
+        resume=ctx.resume,
+    )
 
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,12 @@ from torch import Tensor, nn
 from ..config import Config, ConfigError, Option, write_toml
 from ..corpus import Corpus, batchify, load_corpus
 from ..datasets import DataFormatError, DataUnavailableError
-from ..files import UnreadableFileError, json_dumps, read_json, remove_stale_temps, write_atomic
+from ..files import json_dumps, read_json, remove_stale_temps, write_atomic
 from ..hparams import DropConnect, Dropout, Family, describe
 from ..methods import Neumann
 from ..progress import Progress
-from ..train import SkippedHyperStepsWarning, TrainResult, fit
+from ..train import TrainResult
+from ._common import fit_checkpointed
 from .base import Experiment, ExperimentResult, RunContext, threads, write_report
 from .base import with_preset as _with_preset
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
@@ -224,37 +224,27 @@ def _fit(
     resume: bool,
     callbacks: list[Any],
 ) -> TrainResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)  # counted in the table
-        try:
-            return fit(
-                model,
-                fams,
-                data["train"],
-                data["val"],
-                rounds=cfg["train.rounds"],
-                inner_steps=cfg["train.inner_steps"],
-                loss_fn=sequence_loss,
-                inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-                hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-                method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
-                batch_size=cfg["train.batch_size"],
-                val_batch_size=cfg["hyper.val_batch_size"] or None,
-                seed=cfg["seed"],
-                eval_sets={"val": data["val"], "test": data["test"]},
-                eval_every=cfg["eval_every"],
-                callbacks=callbacks,
-                checkpoint_dir=out,
-                checkpoint_every=cfg["checkpoint_every"],
-                resume=resume,
-            )
-        except UnreadableFileError as e:
-            raise UnreadableFileError(
-                f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: "
-                f"delete the folder {str(out)!r} to restart that arm, or restore it.",
-                path=e.path,
-                why=e.why,
-            ) from None
+    return fit_checkpointed(
+        model,
+        fams,
+        data["train"],
+        data["val"],
+        rounds=cfg["train.rounds"],
+        inner_steps=cfg["train.inner_steps"],
+        loss_fn=sequence_loss,
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
+        method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
+        batch_size=cfg["train.batch_size"],
+        val_batch_size=cfg["hyper.val_batch_size"] or None,
+        seed=cfg["seed"],
+        eval_sets={"val": data["val"], "test": data["test"]},
+        eval_every=cfg["eval_every"],
+        callbacks=callbacks,
+        checkpoint_dir=out,
+        checkpoint_every=cfg["checkpoint_every"],
+        resume=resume,
+    )
 
 
 def _ppl(loss: float) -> float:

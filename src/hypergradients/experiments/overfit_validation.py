@@ -27,7 +27,6 @@ data loading with the key named on failure, one Algorithm 1 arm with its checkpo
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,12 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError, Option, write_toml
 from ..data import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
+from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import Family, WeightDecay
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
-from ..train import SkippedHyperStepsWarning, TrainResult, fit
+from ..train import TrainResult
+from ._common import fit_checkpointed
 from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
@@ -157,36 +157,26 @@ def fit_arm(
     cfg = ctx.config
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)
-        try:
-            return fit(
-                model,
-                fams,
-                train,
-                val,
-                rounds=rounds,
-                inner_steps=cfg["train.inner_steps"],
-                inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-                hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-                method=method(cfg),
-                batch_size=batch_size,
-                val_batch_size=val_batch_size,
-                seed=cfg["seed"],
-                eval_sets=evals,
-                eval_every=cfg["eval_every"],
-                callbacks=list(callbacks),
-                checkpoint_dir=out,
-                checkpoint_every=cfg["checkpoint_every"],
-                resume=ctx.resume,
-            )
-        except UnreadableFileError as e:
-            raise UnreadableFileError(
-                f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: "
-                f"delete the folder {str(out)!r} to restart that arm, or restore it.",
-                path=e.path,
-                why=e.why,
-            ) from None
+    return fit_checkpointed(
+        model,
+        fams,
+        train,
+        val,
+        rounds=rounds,
+        inner_steps=cfg["train.inner_steps"],
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
+        method=method(cfg),
+        batch_size=batch_size,
+        val_batch_size=val_batch_size,
+        seed=cfg["seed"],
+        eval_sets=evals,
+        eval_every=cfg["eval_every"],
+        callbacks=list(callbacks),
+        checkpoint_dir=out,
+        checkpoint_every=cfg["checkpoint_every"],
+        resume=ctx.resume,
+    )
 
 
 # ---- overfit-validation ----
