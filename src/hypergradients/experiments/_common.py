@@ -1,17 +1,21 @@
 """Pieces the paper's experiment modules share (overfit-validation, distill, data-cleaning, augment,
-lstm-dropout, families): training one arm in its checkpoint folder."""
+lstm-dropout, families): training one arm in its checkpoint folder, and writing the result file and the
+report at the end of a run."""
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from ..files import UnreadableFileError
+from ..files import UnreadableFileError, json_dumps, write_atomic
 from ..hparams import Family
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
+from .base import ExperimentResult, RunContext, write_report
 
 
 def fit_checkpointed(
@@ -38,3 +42,42 @@ def fit_checkpointed(
                 path=e.path,
                 why=e.why,
             ) from None
+
+
+def what_it_shows(notes: list[str]) -> list[str]:
+    """The report's ``## What it shows`` section: one bullet per note, then a blank line."""
+    return ["## What it shows", "", *[f"- {n}" for n in notes], ""]
+
+
+def finish(
+    ctx: RunContext,
+    t0: float,
+    *,
+    title: str,
+    columns: list[str],
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    result: dict[str, Any],
+    result_name: str,
+    body: list[str],
+    figures: Sequence[Path] = (),
+    also: Sequence[Path] = (),
+) -> ExperimentResult:
+    """The end of a run: ``result`` written to ``out/result_name`` (JSON), then ``report.md`` (``# title``
+    and ``body``); the :class:`ExperimentResult` lists ``figures``, the result file and ``also`` as its
+    files, and the wall time since ``t0``."""
+    result_file = ctx.out / result_name
+    write_atomic(result_file, json_dumps(result))
+    path = write_report(ctx.out, title, body)
+    return ExperimentResult(
+        title=title,
+        columns=columns,
+        rows=rows,
+        report=path,
+        out=ctx.out,
+        notes=notes,
+        wall_s=time.perf_counter() - t0,
+        result=result,
+        result_file=result_file,
+        files=[*figures, result_file, *also],
+    )

@@ -42,7 +42,8 @@ from ..data import Dataset
 from ..files import json_dumps, write_atomic
 from ..hparams import ExampleWeights, Family
 from ..progress import Progress
-from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
+from ._common import finish, what_it_shows
+from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .distill_mnist import FixedL2
 from .families import flipped_auc
 from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
@@ -205,9 +206,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
     finally:
         bar.close()
     write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + "\n")
-    files = [ctx.out / "data_cleaning.json"]
+    figures = []
     if weights is not None:
-        files.insert(0, _histogram(weights, bad, ctx.out / "weights.png", cfg["clean.threshold"]))
+        figures.append(_histogram(weights, bad, ctx.out / "weights.png", cfg["clean.threshold"]))
     by = {r["arm"]: r for r in rows}
     notes = [
         f"{int(bad.sum())} of {len(ytr)} training labels corrupted (p = {cfg['noise.p']:g} replaced "
@@ -244,16 +245,21 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "rows": rows,
         "notes": notes,
     }
-    write_atomic(ctx.out / "data_cleaning.json", json_dumps(result))
     from ..report import markdown_table
 
     title = (
         f"data-cleaning: one weight per example, p = {cfg['noise.p']:g} of {len(ytr)} MNIST labels replaced"
     )
-    path = write_report(
-        ctx.out,
-        title,
-        [
+    return finish(
+        ctx,
+        t0,
+        title=title,
+        columns=columns,
+        rows=rows,
+        notes=notes,
+        result=result,
+        result_name="data_cleaning.json",
+        body=[
             f"Data: {ds.source}; multinomial logistic regression, fixed L2 γ = {cfg['inner.l2']:g}; "
             f"{n_rounds} rounds of {cfg['train.inner_steps']} Adam steps (lr {cfg['train.lr']:g}); the "
             f"weighted arm takes a hyper step (Adam, lr {cfg['hyper.lr']:g}, {cfg['hyper.method']} "
@@ -261,24 +267,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
             "",
             markdown_table(columns, rows),
             "",
-            "## What it shows",
-            "",
-            *[f"- {n}" for n in notes],
-            "",
-            *([f"![weights]({files[0].name})", ""] if weights is not None else []),
+            *what_it_shows(notes),
+            *([f"![weights]({figures[0].name})", ""] if weights is not None else []),
         ],
-    )
-    return ExperimentResult(
-        title=title,
-        columns=columns,
-        rows=rows,
-        report=path,
-        out=ctx.out,
-        notes=notes,
-        wall_s=time.perf_counter() - t0,
-        result=result,
-        result_file=ctx.out / "data_cleaning.json",
-        files=files,
+        figures=figures,
     )
 
 

@@ -40,7 +40,8 @@ from ..files import json_dumps, write_atomic
 from ..hparams import Family
 from ..hparams.distill import DistilledData, save_distilled_figure
 from ..progress import Progress
-from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
+from ._common import finish, what_it_shows
+from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
 
 # `hypergradients run distill --quiet` on the shared 2-core machine (threads=1), quieter and under the
@@ -297,40 +298,31 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "rows": rows,
         "notes": notes,
     }
-    write_atomic(ctx.out / "distill.json", json_dumps(result))
     from ..report import markdown_table
 
     title = (
         f"distill: {C * k} learned images for logistic regression on {ds.name} "
         f"({res.hyperparameters:,} hyperparameters)"
     )
-    path = write_report(
-        ctx.out,
-        title,
-        [
+    return finish(
+        ctx,
+        t0,
+        title=title,
+        columns=columns,
+        rows=rows,
+        notes=notes,
+        result=result,
+        result_name="distill.json",
+        body=[
             f"Data: {ds.source}; outer loss on {len(ytr)} real training images, test on {len(ds.y_test)}.",
             "",
             markdown_table(columns, rows),
             "",
-            "## What it shows",
-            "",
-            *[f"- {n}" for n in notes],
-            "",
+            *what_it_shows(notes),
             f"![distilled]({fig.name})",
             "",
         ],
-    )
-    return ExperimentResult(
-        title=title,
-        columns=columns,
-        rows=rows,
-        report=path,
-        out=ctx.out,
-        notes=notes,
-        wall_s=time.perf_counter() - t0,
-        result=result,
-        result_file=ctx.out / "distill.json",
-        files=[fig, ctx.out / "distill.json"],
+        figures=[fig],
     )
 
 

@@ -41,8 +41,8 @@ from ..hparams import Family, WeightDecay
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import fit_checkpointed
-from .base import Experiment, ExperimentResult, RunContext, with_threads, write_report
+from ._common import finish, fit_checkpointed, what_it_shows
+from .base import Experiment, ExperimentResult, RunContext, with_threads
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
 # under the other engineers' load (seeds 0-2).
@@ -282,42 +282,33 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "rows": rows,
         "notes": notes,
     }
-    write_atomic(ctx.out / "overfit_validation.json", json_dumps(result))
     from ..report import markdown_table
 
     title = (
         f"overfit-validation: one decay per weight on {len(ds.y_train)} training / {len(ds.y_val)} "
         "validation MNIST images"
     )
-    path = write_report(
-        ctx.out,
-        title,
-        [
+    return finish(
+        ctx,
+        t0,
+        title=title,
+        columns=columns,
+        rows=rows,
+        notes=notes,
+        result=result,
+        result_name="overfit_validation.json",
+        body=[
             f"Data: {ds.source}; {len(ds.y_test)} test images, never used for tuning. Each round: "
             f"{cfg['train.inner_steps']} full-batch Adam steps (lr {cfg['train.lr']:g}), then one hyper step "
             f"(Adam, lr {cfg['hyper.lr']:g}, {cfg['hyper.method']} {cfg['hyper.iters']}).",
             "",
             markdown_table(columns, rows),
             "",
-            "## What it shows",
-            "",
-            *[f"- {n}" for n in notes],
-            "",
+            *what_it_shows(notes),
             f"![accuracy]({fig.name})",
             "",
         ],
-    )
-    return ExperimentResult(
-        title=title,
-        columns=columns,
-        rows=rows,
-        report=path,
-        out=ctx.out,
-        notes=notes,
-        wall_s=time.perf_counter() - t0,
-        result=result,
-        result_file=ctx.out / "overfit_validation.json",
-        files=[fig, ctx.out / "overfit_validation.json"],
+        figures=[fig],
     )
 
 
