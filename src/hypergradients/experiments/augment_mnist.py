@@ -38,8 +38,8 @@ from ..hparams.augment import AugmentNet
 from ..methods import Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import fit_checkpointed
-from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from ._common import finish, fit_checkpointed, what_it_shows
+from .base import Experiment, ExperimentResult, RunContext, threads
 from .base import with_preset as _with_preset
 
 ARMS = ("none", "handmade", "augnet")
@@ -383,7 +383,6 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "rows": rows,
         "notes": notes,
     }
-    write_atomic(ctx.out / "augment.json", json_dumps(result))
     title = (
         f"augment: {' vs '.join(ARM_NAMES[a] for a in arms)} ({cfg['model.name']} on {cfg['data.dataset']}, "
         f"{len(seeds)} seeds)"
@@ -404,24 +403,21 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "Mean ± sample standard deviation over the seeds; `wall_s` sums the seeds. The test set is never "
         "used for tuning.",
         "",
-        "## What it shows",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
+        *what_it_shows(notes),
         *([f"![original and augmented test images]({p.name})" for p in files]),
     ]
-    path = write_report(ctx.out, title, body)
-    return ExperimentResult(
+    return finish(
+        ctx,
+        t0,
         title=title,
         columns=columns,
         rows=rows,
-        report=path,
-        out=ctx.out,
         notes=notes,
-        wall_s=time.perf_counter() - t0,
         result=result,
-        result_file=ctx.out / "augment.json",
-        files=[*files, ctx.out / "augment.json", ctx.out / "metrics.jsonl"],
+        result_name="augment.json",
+        body=body,
+        figures=files,
+        also=[ctx.out / "metrics.jsonl"],
     )
 
 

@@ -58,7 +58,7 @@ from ..hparams.distill import DistilledData
 from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import fit_checkpointed
+from ._common import finish, fit_checkpointed, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, threads
 
 FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
@@ -432,7 +432,6 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     if family in NOISY:
         result["flipped"] = int(flipped.sum())
         result["normalise"] = _normalise(cfg)
-    write_atomic(ctx.out / "families.json", json_dumps(result))
     title = f"families: {FAMILY_NAMES[family]} on {cfg['data.dataset']} ({count:,} hyperparameters, IFT)"
     lines = [
         f"Data: {ds.source}; a ReLU MLP (hidden {'-'.join(map(str, cfg['model.hidden']))}); every arm "
@@ -446,28 +445,22 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "",
         _table(columns, rows),
         "",
-        "## What it shows",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
+        *what_it_shows(notes),
         "## Figures",
         "",
         *[f"![{p.stem}]({p.name})\n" for p in figures],
     ]
-    from .base import write_report
-
-    path = write_report(ctx.out, title, lines)
-    return ExperimentResult(
+    return finish(
+        ctx,
+        t0,
         title=title,
         columns=columns,
         rows=rows,
-        report=path,
-        out=ctx.out,
         notes=notes,
-        wall_s=time.perf_counter() - t0,
         result=result,
-        result_file=ctx.out / "families.json",
-        files=[*figures, ctx.out / "families.json"],
+        result_name="families.json",
+        body=lines,
+        figures=figures,
     )
 
 

@@ -41,8 +41,8 @@ from ..hparams import DropConnect, Dropout, Family, describe
 from ..methods import Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import fit_checkpointed
-from .base import Experiment, ExperimentResult, RunContext, threads, write_report
+from ._common import finish, fit_checkpointed, what_it_shows
+from .base import Experiment, ExperimentResult, RunContext, threads
 from .base import with_preset as _with_preset
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
 
@@ -340,7 +340,6 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "notes": notes,
         "optuna": optuna_res,
     }
-    write_atomic(ctx.out / "lstm_dropout.json", json_dumps(result))
     title = (
         f"lstm-dropout: {' vs '.join(ARM_NAMES[a] for a in arms)} ({corpus.name}, "
         f"{cfg['model.hidden']} units)"
@@ -363,27 +362,24 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "",
         "Perplexity = exp(mean cross-entropy per token); the test text is never used for tuning.",
         "",
-        "## What it shows",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
+        *what_it_shows(notes),
         "## Figures",
         "",
         f"![test perplexity against wall time]({figure.name})",
         "",
     ]
-    path = write_report(ctx.out, title, body)
-    return ExperimentResult(
+    return finish(
+        ctx,
+        t0,
         title=title,
         columns=columns,
         rows=rows,
-        report=path,
-        out=ctx.out,
         notes=notes,
-        wall_s=time.perf_counter() - t0,
         result=result,
-        result_file=ctx.out / "lstm_dropout.json",
-        files=[figure, ctx.out / "lstm_dropout.json", ctx.out / "metrics.jsonl"],
+        result_name="lstm_dropout.json",
+        body=body,
+        figures=[figure],
+        also=[ctx.out / "metrics.jsonl"],
     )
 
 
