@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, Description, Family, Noise, Sampler, Tree
+from .base import Batch, Description, Family, Noise, Sampler, Tree, natural_leaves
 
 
 def _shapes(channels: int, depth: int, wf: int, noise: bool) -> dict[str, tuple[int, ...]]:
@@ -150,8 +150,7 @@ class AugmentNet(Family):
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The network's weights themselves (unconstrained: nothing to map), detached."""
-        src = self._t if hparams is None else hparams
-        return {k: src[k].detach() for k in self._t}
+        return natural_leaves(self._t, hparams)
 
     def summary(self) -> dict[str, float]:
         last = self._t[f"{self.name}.last.weight"].detach().double()

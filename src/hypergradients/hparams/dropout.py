@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Description, Family, Hook, Sampler, Tree
+from .base import Description, Family, Hook, Sampler, Tree, natural_leaves
 
 Where = Literal["input", "output"]
 _EPS = 1e-6   # u ∈ [ε, 1−ε]: log u and log(1−u) stay finite (|logit| ≤ 13.8)
@@ -178,8 +178,7 @@ class Dropout(Family):
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The keep probabilities ``σ(θ)`` (detached), keyed like :meth:`tensors`."""
-        src = self._t if hparams is None else hparams
-        return {k: torch.sigmoid(src[k].detach()) for k in self._t}
+        return natural_leaves(self._t, hparams, torch.sigmoid)
 
     def describe(self) -> Description:
         groups = {f"{s.module}:{s.where}": s.units for s in self.sites.values()}
@@ -257,8 +256,7 @@ class DropConnect(Family):
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The keep probabilities ``σ(θ)`` (detached), keyed like :meth:`tensors`."""
-        src = self._t if hparams is None else hparams
-        return {k: torch.sigmoid(src[k].detach()) for k in self._t}
+        return natural_leaves(self._t, hparams, torch.sigmoid)
 
     def describe(self) -> Description:
         groups = {k: self._t[f"{self.name}.{k}"].numel() for k in self.params}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, Description, Family, Tree
+from .base import Batch, Description, Family, Tree, natural_leaves
 
 Normalise = Literal["mean", "weights"]
 Parametrisation = Literal["sigmoid", "softplus"]
@@ -166,8 +166,7 @@ class LossReweighting(Family):
         return dict(self._t)
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
-        src = self._t if hparams is None else hparams
-        return {k: src[k].detach() for k in self._t}
+        return natural_leaves(self._t, hparams)
 
     def summary(self) -> dict[str, float]:
         """The weight the network gives to losses 0.1, 1 and 3 (the network's weights mean little)."""

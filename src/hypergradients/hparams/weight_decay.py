@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Description, Family, Tree
+from .base import Description, Family, Tree, natural_leaves
 
 Granularity = Literal["global", "layer", "weight"]
 GRANULARITIES: tuple[str, ...] = ("global", "layer", "weight")
@@ -100,8 +100,7 @@ class WeightDecay(Family):
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The decays ``d = exp(λ)`` (detached), keyed like :meth:`tensors`."""
-        src = self._t if hparams is None else hparams
-        return {k: src[k].detach().exp() for k in self._t}
+        return natural_leaves(self._t, hparams, torch.exp)
 
     def penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor:
         """``½ Σ_i exp(λ_i) w_i²`` over the covered parameters."""
