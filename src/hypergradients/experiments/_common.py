@@ -1,6 +1,6 @@
 """Pieces the paper's experiment modules share (overfit-validation, distill, data-cleaning, augment,
-lstm-dropout, families): training one arm in its checkpoint folder, and writing the result file and the
-report at the end of a run."""
+lstm-dropout, families): the MLP and the hypergradient method, training one arm in its checkpoint
+folder, and writing the result file and the report at the end of a run."""
 
 from __future__ import annotations
 
@@ -12,10 +12,29 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..config import Config
 from ..files import UnreadableFileError, json_dumps, write_atomic
 from ..hparams import Family
+from ..methods import CG, Method, Neumann
 from ..train import SkippedHyperStepsWarning, TrainResult, fit
 from .base import ExperimentResult, RunContext, write_report
+
+
+def linear_or_mlp(inputs: int, hidden: Sequence[int], outputs: int) -> nn.Sequential:
+    """``Flatten`` then ``inputs → hidden… → outputs`` with ReLUs (no hidden layer: logistic regression)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for h in hidden:
+        layers += [nn.Linear(inputs, h), nn.ReLU()]
+        inputs = h
+    layers.append(nn.Linear(inputs, outputs))
+    return nn.Sequential(*layers)
+
+
+def method(cfg: Config) -> Method:
+    """CG with a small damping (a tiny training set leaves H near-singular) or Neumann, ``hyper.iters``."""
+    if cfg["hyper.method"] == "cg":
+        return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=1e-3)
+    return Neumann(iters=cfg["hyper.iters"], alpha="auto")
 
 
 def fit_checkpointed(

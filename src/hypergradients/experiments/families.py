@@ -55,10 +55,10 @@ from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, describe
 from ..hparams.augment import AugmentNet
 from ..hparams.distill import DistilledData
-from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import finish, fit_checkpointed, what_it_shows
+from ._common import finish, fit_checkpointed, method, what_it_shows
+from ._common import linear_or_mlp as mlp
 from .base import Experiment, ExperimentResult, RunContext, threads
 
 FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
@@ -151,22 +151,6 @@ SMOKE: dict[str, Any] = {
     "eval_every": 1,
     "checkpoint_every": 2,
 }
-
-
-def mlp(inputs: int, hidden: list[int], outputs: int) -> nn.Sequential:
-    """``Flatten`` then a ReLU MLP ``inputs → hidden… → outputs`` (images in, logits out)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    for h in hidden:
-        layers += [nn.Linear(inputs, h), nn.ReLU()]
-        inputs = h
-    layers.append(nn.Linear(inputs, outputs))
-    return nn.Sequential(*layers)
-
-
-def _method(cfg: Config) -> Method:
-    if cfg["hyper.method"] == "cg":
-        return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=1e-3)
-    return Neumann(iters=cfg["hyper.iters"], alpha="auto")
 
 
 def _hyper_lr(cfg: Config) -> float:
@@ -319,7 +303,7 @@ def _fit(
         inner_steps=cfg["train.inner_steps"],
         inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
         hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=_hyper_lr(cfg)),
-        method=_method(cfg),
+        method=method(cfg),
         batch_size=batch_size,
         val_batch_size=cfg["hyper.val_batch_size"] or None,
         seed=cfg["seed"],

@@ -38,10 +38,9 @@ from ..config import Config, ConfigError, Option, write_toml
 from ..data import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import Family, WeightDecay
-from ..methods import CG, Method, Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import finish, fit_checkpointed, what_it_shows
+from ._common import finish, fit_checkpointed, linear_or_mlp, method, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
@@ -119,23 +118,6 @@ def load(
     except ValueError as e:
         key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in str(e)), "data.root")
         raise ConfigError(f"config key {key!r}: {e}") from None
-
-
-def linear_or_mlp(inputs: int, hidden: Sequence[int], outputs: int) -> nn.Sequential:
-    """``Flatten`` then ``inputs → hidden… → outputs`` with ReLUs (no hidden layer: logistic regression)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    for h in hidden:
-        layers += [nn.Linear(inputs, h), nn.ReLU()]
-        inputs = h
-    layers.append(nn.Linear(inputs, outputs))
-    return nn.Sequential(*layers)
-
-
-def method(cfg: Config) -> Method:
-    """CG with a small damping (a tiny training set leaves H near-singular) or Neumann, ``hyper.iters``."""
-    if cfg["hyper.method"] == "cg":
-        return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=1e-3)
-    return Neumann(iters=cfg["hyper.iters"], alpha="auto")
 
 
 def fit_arm(
