@@ -63,6 +63,11 @@ def fit_checkpointed(
             ) from None
 
 
+def hyper_steps(res: TrainResult) -> str:
+    """The table's ``hyper_steps`` cell: the hyper steps taken out of those planned (``taken/planned``)."""
+    return f"{res.hyper_steps}/{res.hyper_steps + res.skipped_hyper_steps}"
+
+
 def what_it_shows(notes: list[str]) -> list[str]:
     """The report's ``## What it shows`` section: one bullet per note, then a blank line."""
     return ["## What it shows", "", *[f"- {n}" for n in notes], ""]

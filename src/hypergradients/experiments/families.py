@@ -57,7 +57,7 @@ from ..hparams.augment import AugmentNet
 from ..hparams.distill import DistilledData
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import finish, fit_checkpointed, method, what_it_shows
+from ._common import finish, fit_checkpointed, hyper_steps, method, what_it_shows
 from ._common import linear_or_mlp as mlp
 from .base import Experiment, ExperimentResult, RunContext, threads
 
@@ -370,7 +370,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
             results[arm] = {
                 "arm": arm,
                 "hyperparameters": res.hyperparameters,
-                "hyper_steps": f"{res.hyper_steps}/{res.hyper_steps + res.skipped_hyper_steps}"
+                "hyper_steps": hyper_steps(res)
                 if fams
                 else "-",
                 "test_acc": f["test_acc"],

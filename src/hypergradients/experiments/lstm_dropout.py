@@ -41,7 +41,7 @@ from ..hparams import DropConnect, Dropout, Family, describe
 from ..methods import Neumann
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import finish, fit_checkpointed, what_it_shows
+from ._common import finish, fit_checkpointed, hyper_steps, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, threads
 from .base import with_preset as _with_preset
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
@@ -309,7 +309,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
             row: dict[str, Any] = {
                 "arm": ARM_NAMES[arm],
                 "hyperparameters": res.hyperparameters,
-                "hyper_steps": f"{res.hyper_steps}/{res.hyper_steps + res.skipped_hyper_steps}"
+                "hyper_steps": hyper_steps(res)
                 if fams
                 else "-",
                 "val_ppl": _ppl(f["val_loss"]),

@@ -40,7 +40,7 @@ from ..files import json_dumps, remove_stale_temps, write_atomic
 from ..hparams import Family, WeightDecay
 from ..progress import Progress
 from ..train import TrainResult
-from ._common import finish, fit_checkpointed, linear_or_mlp, method, what_it_shows
+from ._common import finish, fit_checkpointed, hyper_steps, linear_or_mlp, method, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
@@ -217,7 +217,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 {
                     "model": name,
                     "hyperparameters": res.hyperparameters,
-                    "hyper_steps": f"{res.hyper_steps}/{res.hyper_steps + res.skipped_hyper_steps}",
+                    "hyper_steps": hyper_steps(res),
                     "val_acc_first": first["val_acc"],
                     "val_acc": f["val_acc"],
                     "test_acc_first": first["test_acc"],
