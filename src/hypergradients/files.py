@@ -124,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint",
 
 
 def _refused(e: BaseException) -> str:
-    # torch's message starts with advice to load the file with weights_only=False, the very thing that
+    # torch's message starts with advice to turn the weights-only safety off, the very thing that
     # would run a crafted file's code: quote only the line that names what was refused.
     for line in str(e).splitlines():
         if "Unsupported global" in line or "WeightsUnpickler error" in line:
