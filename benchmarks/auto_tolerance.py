@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import hypergradients as hg
-from hypergradients import tree
+from hypergradients.core import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -33,7 +33,7 @@ import _common
 import _torch_common
 
 import hypergradients as hg
-from hypergradients.experiments import bench
+from hypergradients.app.experiments import bench
 
 PEER = "hypergradients"
 HYPER_STEP = 0.1  # max |Δ log λ| per hyper step

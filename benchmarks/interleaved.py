@@ -7,7 +7,7 @@ shared machine (±15–25 % between two runs of one case). Here both sides run i
 the same tensors, alternating call by call after one warm-up each, so a load change hits both
 equally; the ratio of the medians is the overhead of the library over the bare loop:
 
-* plain: ``hypergradients.experiments.bench.plain_implicit`` / ``plain_unrolled`` (the loop of
+* plain: ``hypergradients.app.experiments.bench.plain_implicit`` / ``plain_unrolled`` (the loop of
   ``benchmarks/peers/plain_peer.py``: the ``∂L_T/∂w`` graph built once, textbook CG/Neumann);
 * ours: ``hg.hypergradient`` with ``hg.CG(iters=20, tol=0)``, ``hg.Neumann(iters=20, alpha)``,
   ``hg.Unrolled(steps=100, lr=alpha)``, ``residual=False`` (the plain loop computes none either).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import hypergradients as hg
-from hypergradients.experiments import bench
+from hypergradients.app.experiments import bench
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,7 @@ Adam carries two moments per weight, so each stored point is 3× the weights. Pr
 64→128→10 (9,610 weights, float64: 75 KiB per copy), batches of 64 random inputs with random
 labels, a fresh batch per step. Every case runs in its own interpreter (``--case``), warmed up by a
 2-step call; the peak is the first T-step call's extra resident memory (VmHWM after a reset, read as
-``hypergradients.experiments.bench`` does), the time the second call's.
+``hypergradients.app.experiments.bench`` does), the time the second call's.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MODES = ("reverse", "checkpoint", "forward")
 
 def _case(mode: str, T: int, threads: int) -> dict[str, object]:
     import hypergradients as hg
-    from hypergradients.experiments import bench
+    from hypergradients.app.experiments import bench
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

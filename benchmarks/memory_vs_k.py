@@ -5,7 +5,7 @@ implicit differentiation (``hg.Neumann(iters=K)`` at w*, whose memory does not d
     .venv/bin/python benchmarks/memory_vs_k.py                 # writes docs/memory_vs_k.png + .json
     .venv/bin/python benchmarks/memory_vs_k.py --ks 10 30 100 --d 100
 
-Every point runs in its own subprocess (``hypergradients.experiments.bench.run_isolated``): the
+Every point runs in its own subprocess (``hypergradients.app.experiments.bench.run_isolated``): the
 peak is that call's extra resident memory (VmHWM after a reset, see
 ``hypergradients/experiments/bench.py``), one warm-up and ``--repeats`` timed calls. Problem: the
 per-feature-L2 logistic regression of the benchmark at a smaller size (default d=200, 3000
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hypergradients.experiments import bench
+from hypergradients.app.experiments import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SERIES = {

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from hypergradients import linear
-from hypergradients.operators import HessianOperator
+from hypergradients.core.kernels import symmetric as linear
+from hypergradients.core.operators import HessianOperator
 
 DT = torch.float64
 N = 400

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 import hypergradients as hg
-from hypergradients import tree
+from hypergradients.core import tree
 from hypergradients.hparams import Batch, Family, Noise
-from hypergradients.hyper import Objective, classification_loss
+from hypergradients.training import hyper
+from hypergradients.training.hyper import Objective, classification_loss
 
 Tree = dict[str, Tensor]
 
@@ -62,7 +63,7 @@ def hypergradient_vs_fd(model: nn.Module, families: Sequence[Family], bt: Batch,
     the same deterministic ``L_T(·; ε)``)."""
     noise = Noise(1234) if noise is None else noise
     obj = Objective(model, families, loss_fn)
-    lam = tree.detach(hg.hyper.collect_hparams(families))
+    lam = tree.detach(hyper.collect_hparams(families))
     w0 = tree.detach({k: p for k, p in model.named_parameters() if p.requires_grad})
 
     def inner(w: Tree, h: Tree) -> Tensor:
@@ -90,7 +91,7 @@ def _strip(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]], train: tuple[Tensor, Tensor],
-                              val: tuple[Tensor, Tensor], tmp_path: Path, **kw: Any) -> hg.train.TrainResult:
+                              val: tuple[Tensor, Tensor], tmp_path: Path, **kw: Any) -> hg.TrainResult:
     """``fit`` for 4 rounds straight, and for 2 rounds then resumed to 4 from the checkpoint (a new
     model and new families, as a new process would build them): the same metrics, weights and
     hyperparameters, bit for bit. Returns the straight run's result."""
@@ -108,7 +109,7 @@ def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]]
     assert _strip(ref.metrics) == _strip(res.metrics)
     for (k, a), b in zip(model.state_dict().items(), m3.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    ha, hb = hg.hyper.collect_hparams(fams), hg.hyper.collect_hparams(f3)
+    ha, hb = hyper.collect_hparams(fams), hyper.collect_hparams(f3)
     for k in ha:
         assert torch.equal(ha[k], hb[k]), k
     return ref
@@ -154,5 +155,5 @@ def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Fami
     for k in h_ref.hparams:
         assert torch.equal(h_ref.hparams[k], h_res.hparams[k]), k
     assert h_ref.steps == h_res.steps == steps // every
-    moved = any(not torch.equal(h_ref.hparams[k], t) for k, t in hg.hyper.collect_hparams(make()[1]).items())
+    moved = any(not torch.equal(h_ref.hparams[k], t) for k, t in hyper.collect_hparams(make()[1]).items())
     assert moved, "the hyper steps did not move the hyperparameters: the check would prove nothing"

@@ -11,7 +11,7 @@ Newton solve to gradient norm ~1e-14), hyperparameters, and a reference hypergra
   ``L_V(w*(λ))`` with the inner problem re-solved by Newton for each perturbed ``λ``.
 
 The Newton solve, ``cosine`` and ``rel_dist`` are the application layer's
-(:mod:`hypergradients.experiments.problems`), shared with ``explain``, ``compare`` and ``bench``.
+(:mod:`hypergradients.app.experiments.problems`), shared with ``explain``, ``compare`` and ``bench``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hypergradients import tree
-from hypergradients.experiments.problems import cosine, newton, rel_dist
+from hypergradients.app.experiments.problems import cosine, newton, rel_dist
+from hypergradients.core import tree
 
 DT = torch.float64
 Tree = dict[str, Tensor]

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import hypergradients as hg
-from hypergradients import cli, tree
-from hypergradients.experiments import bench
-from hypergradients.files import UnreadableFileError
+from hypergradients.app import cli
+from hypergradients.app.experiments import bench
+from hypergradients.core import tree
+from hypergradients.training.files import UnreadableFileError
 
 
 @pytest.fixture(scope="module")

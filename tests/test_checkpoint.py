@@ -15,8 +15,8 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
-from hypergradients.unroll import checkpoint_interval
+from hypergradients.core import tree
+from hypergradients.paths.unroll import checkpoint_interval
 
 TOL = 1e-12
 

@@ -16,14 +16,15 @@ from typing import Any
 
 import pytest
 
-from hypergradients import HypergradientError, cli
-from hypergradients.experiments import bench
-from hypergradients.experiments.compare import CompareConfig
-from hypergradients.experiments.explain import ExplainConfig
+from hypergradients import HypergradientError
+from hypergradients.app import cli
+from hypergradients.app.experiments import bench
+from hypergradients.app.experiments.compare import CompareConfig
+from hypergradients.app.experiments.explain import ExplainConfig
 
 # the modules (whose functions explain and compare the experiments call)
-explain_mod = importlib.import_module("hypergradients.experiments.explain")
-compare_mod = importlib.import_module("hypergradients.experiments.compare")
+explain_mod = importlib.import_module("hypergradients.app.experiments.explain")
+compare_mod = importlib.import_module("hypergradients.app.experiments.compare")
 
 # explain and compare on settings small enough for a test (well under a second of compute)
 EXPLAIN_TINY = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3", "--no-figures",

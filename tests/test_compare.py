@@ -1,4 +1,4 @@
-"""`hypergradients compare` and :mod:`hypergradients.experiments.compare`.
+"""`hypergradients compare` and :mod:`hypergradients.app.experiments.compare`.
 
 Every point is re-derived from dense float64 closed forms of the same approximation (the exact
 hypergradient, the Neumann partial sum, Identity), and the HVP counts are checked against the
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import hypergradients as hg
-from hypergradients import tree
-from hypergradients.cli import main as cli_main
-from hypergradients.experiments import problems as AP
-from hypergradients.experiments.compare import CompareConfig, CompareResult, compare, compare_problem
+from hypergradients.app.cli import main as cli_main
+from hypergradients.app.experiments import problems as AP
+from hypergradients.app.experiments.compare import CompareConfig, CompareResult, compare, compare_problem
+from hypergradients.core import tree
 
 DT = torch.float64
 CFG = CompareConfig.quick(budgets=(0, 1, 2, 5, 11, 20))

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from hypergradients import _entry
+from hypergradients.app import entry as _entry
 
 # The `cli` extra's import names (and two heavy libraries nobody should pull in by accident).
 EXTRA = ("numpy", "matplotlib", "sklearn", "mlxtend", "tqdm", "tomli", "tomli_w", "scipy", "pandas")
@@ -64,7 +64,7 @@ def test_core_imports_nothing_from_the_cli_extra(block: bool) -> None:
 
 def test_console_script_without_the_extra_prints_one_line_and_exits_2() -> None:
     code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['mlxtend'] = None\n"
-            "from hypergradients._entry import main\nsys.exit(main(['list']))")
+            "from hypergradients.app.entry import main\nsys.exit(main(['list']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("hypergradients: the command line needs the 'cli' extra (missing: matplotlib, "

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from hypergradients.corpus import EOS, UNK, batchify, build_vocab, load_corpus, tokenize
-from hypergradients.datasets import DataUnavailableError
+from hypergradients.app.corpus import EOS, UNK, batchify, build_vocab, load_corpus, tokenize
+from hypergradients.app.datasets import DataUnavailableError
 
 
 def _write_ptb(tmp_path, train="a b c a\nb a <unk>\n", valid="a c\n", test="d a\n"):

@@ -1,4 +1,4 @@
-"""Tests for :mod:`hypergradients.datasets` and :mod:`hypergradients.stream` (through the `data` re-export): real offline datasets, splits, file parsers, BatchStream."""
+"""Tests for :mod:`hypergradients.app.datasets` and :mod:`hypergradients.training.stream`: real offline datasets, splits, file parsers, BatchStream."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypergradients.data import (
+from hypergradients.app.datasets import (
     CIFAR10_FILES,
     DATASETS,
     MNIST_FILES,
-    BatchStream,
     DataFormatError,
     Dataset,
     DataUnavailableError,
@@ -29,6 +28,7 @@ from hypergradients.data import (
     read_idx,
     standardize,
 )
+from hypergradients.training.stream import BatchStream
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -696,22 +696,14 @@ def test_batchstream_over_a_dataset(digits: Dataset) -> None:
     assert seen == row_counts(digits.x_train)
 
 
-def test_data_is_a_compatibility_module_over_datasets_and_stream() -> None:
-    """`hypergradients.data` re-exports the same objects; the stream module needs only torch."""
+def test_the_stream_needs_only_torch() -> None:
+    """The trainer's batches come from the stream module, which imports without numpy."""
     import subprocess
     import sys
 
-    import hypergradients.data as data
-    import hypergradients.datasets as datasets
-    import hypergradients.stream as stream
-
-    assert data.BatchStream is stream.BatchStream
-    for name in datasets.__all__:
-        assert getattr(data, name) is getattr(datasets, name), name
-    assert sorted(data.__all__) == sorted([*datasets.__all__, "BatchStream"])
     # With numpy unimportable, the stream still imports and runs (the trainer's batches come from it).
     code = ("import sys; sys.modules['numpy'] = None\nimport torch\n"
-            "from hypergradients.stream import BatchStream\n"
+            "from hypergradients.training.stream import BatchStream\n"
             "s = BatchStream(torch.arange(10), torch.arange(10), 4, seed=0)\n"
             "print(sum(len(next(s)[0]) for _ in range(3)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The product layer (:mod:`hypergradients.derivatives`) directly: finite-difference products,
+"""The product layer (:mod:`hypergradients.core.derivatives`) directly: finite-difference products,
 their edge cases, and the errors for operations without double backward."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from torch import Tensor
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
-from hypergradients.derivatives import InnerDerivatives
+from hypergradients.core import tree
+from hypergradients.core.derivatives import InnerDerivatives
 
 Tree = dict[str, Tensor]
 

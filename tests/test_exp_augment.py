@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, resolve
-from hypergradients.experiments import RunContext
-from hypergradients.experiments.augment_mnist import (
+from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.experiments import RunContext
+from hypergradients.app.experiments.augment_mnist import (
     EXPERIMENT,
     FULL,
     SCHEMA,
@@ -93,7 +93,7 @@ def test_too_deep_unet_is_refused_naming_the_key() -> None:
 
 
 def test_full_is_resnet18_on_cifar10():
-    from hypergradients.experiments.augment_mnist import with_preset
+    from hypergradients.app.experiments.augment_mnist import with_preset
 
     cfg = with_preset(resolve(SCHEMA, sets=["config=full", "seeds=[4]"]))
     assert cfg["model.name"] == "resnet18" and cfg["data.dataset"] == "cifar10" and cfg["seeds"] == [4]

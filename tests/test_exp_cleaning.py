@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, resolve
-from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.data_cleaning import check, corrupt, precision_recall
+from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.experiments import RunContext, get
+from hypergradients.app.experiments.data_cleaning import check, corrupt, precision_recall
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

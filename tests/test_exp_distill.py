@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, resolve
-from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.distill_mnist import FixedL2, check, pick_per_class
+from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.experiments import RunContext, get
+from hypergradients.app.experiments.distill_mnist import FixedL2, check, pick_per_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, resolve
-from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.lstm_dropout import FULL, SCHEMA, LSTMLanguageModel, sequence_loss
+from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.experiments import RunContext, get
+from hypergradients.app.experiments.lstm_dropout import FULL, SCHEMA, LSTMLanguageModel, sequence_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,7 +97,7 @@ def test_optuna_auto_budget_without_ift_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_corpus_names_the_key(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("hypergradients.corpus.BIBLE_PROGRAM", "no-such-bible-program")
+    monkeypatch.setattr("hypergradients.app.corpus.BIBLE_PROGRAM", "no-such-bible-program")
     exp = get("lstm-dropout")
     cfg = resolve(exp.schema, smoke=exp.smoke, sets=[f"data.root='{tmp_path}'"])
     with pytest.raises(ConfigError, match=r"(?s)data\.root.*apt-get install bible-kjv"):
@@ -112,7 +112,7 @@ def test_sequence_too_long_for_the_data_names_the_key(tmp_path: Path) -> None:
 
 
 def test_full_configuration_is_the_papers_model():
-    from hypergradients.experiments.lstm_dropout import with_preset
+    from hypergradients.app.experiments.lstm_dropout import with_preset
 
     cfg = with_preset(resolve(SCHEMA, sets=["config=full", "train.rounds=7"]))
     assert cfg["model.hidden"] == cfg["model.embed"] == 650 and cfg["data.vocab"] == 10_000

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, resolve
-from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.overfit_validation import check
+from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.experiments import RunContext, get
+from hypergradients.app.experiments.overfit_validation import check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

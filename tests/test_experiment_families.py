@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypergradients.config import ConfigError, read_toml, resolve
-from hypergradients.experiments import RunContext, get
-from hypergradients.experiments.families import FAMILIES, NOISY, check, flip_labels, flipped_auc
+from hypergradients.app.config import ConfigError, read_toml, resolve
+from hypergradients.app.experiments import RunContext, get
+from hypergradients.app.experiments.families import FAMILIES, NOISY, check, flip_labels, flipped_auc
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypergradients.config import (
+from hypergradients.app.config import (
     ConfigError,
     Option,
     flatten,
@@ -19,9 +19,9 @@ from hypergradients.config import (
     resolve,
     write_toml,
 )
-from hypergradients.experiments import REGISTRY, RunContext, get
-from hypergradients.experiments.weight_decay import SCHEMA, interpret, paired_se
-from hypergradients.report import markdown_table, text_table
+from hypergradients.app.experiments import REGISTRY, RunContext, get
+from hypergradients.app.experiments.weight_decay import SCHEMA, interpret, paired_se
+from hypergradients.app.report import markdown_table, text_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
@@ -177,7 +177,7 @@ def test_every_arm_has_one_colour_in_every_figure(tmp_path: Path, monkeypatch: p
     import matplotlib.colors as mcolors
     from matplotlib.figure import Figure
 
-    from hypergradients.experiments import weight_decay as wd
+    from hypergradients.app.experiments import weight_decay as wd
 
     figs: list[Figure] = []
     real = Figure.savefig

@@ -1,4 +1,4 @@
-"""`hypergradients explain` and :mod:`hypergradients.experiments.explain`.
+"""`hypergradients explain` and :mod:`hypergradients.app.experiments.explain`.
 
 The numbers the command reports are re-derived here independently, in float64, from the dense
 closed forms: the Hessian against autograd, the exact hypergradient against finite differences
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import hypergradients as hg
-from hypergradients import tree
-from hypergradients.cli import main as cli_main
-from hypergradients.experiments import problems as AP
-from hypergradients.experiments.explain import ExplainConfig, ExplainResult, explain
+from hypergradients.app.cli import main as cli_main
+from hypergradients.app.experiments import problems as AP
+from hypergradients.app.experiments.explain import ExplainConfig, ExplainResult, explain
+from hypergradients.core import tree
 
 DT = torch.float64
 CFG = ExplainConfig.quick(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
@@ -199,7 +199,7 @@ def test_truncated_tends_to_neumann_T(result: ExplainResult, prob: AP.BilevelPro
 
 
 def test_mistaken_derivation(result: ExplainResult, prob: AP.BilevelProblem) -> None:
-    from hypergradients.experiments.explain import mistaken_hypergradient
+    from hypergradients.app.experiments.explain import mistaken_hypergradient
 
     alpha = result.alpha
     exact = tree.flatten(prob.exact)
@@ -323,7 +323,11 @@ def _dense_heavy_ball_P(H: torch.Tensor, K: int, alpha: float, beta: float) -> t
 @pytest.mark.parametrize("pair", ["beta=0.9", "optimal", "overdamped"])
 def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem, pair: str) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import heavy_ball_polynomial, library_unrolled, unroll_optimizer
+    from hypergradients.app.experiments.explain import (
+        heavy_ball_polynomial,
+        library_unrolled,
+        unroll_optimizer,
+    )
 
     H = prob.hessian
     L, mu = prob.lambda_max, prob.lambda_min
@@ -352,7 +356,7 @@ def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem,
 
 def test_nesterov_polynomial_equals_unrolled_nesterov(prob: AP.BilevelProblem) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import library_unrolled, nesterov_polynomial
+    from hypergradients.app.experiments.explain import library_unrolled, nesterov_polynomial
 
     H, L = prob.hessian, prob.lambda_max
     alpha, beta = 1 / L, 0.8
@@ -377,7 +381,7 @@ def test_nesterov_polynomial_equals_unrolled_nesterov(prob: AP.BilevelProblem) -
 
 
 def test_heavy_ball_with_beta_zero_is_neumann(prob: AP.BilevelProblem) -> None:
-    from hypergradients.experiments.explain import heavy_ball_polynomial
+    from hypergradients.app.experiments.explain import heavy_ball_polynomial
 
     alpha = 1 / prob.lambda_max
     ev, Q = torch.linalg.eigh(prob.hessian)
@@ -391,7 +395,7 @@ def test_heavy_ball_with_beta_zero_is_neumann(prob: AP.BilevelProblem) -> None:
 
 
 def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
-    from hypergradients.experiments.explain import heavy_ball_polynomial
+    from hypergradients.app.experiments.explain import heavy_ball_polynomial
 
     m = result.momentum
     assert [r["K"] for r in m["rows"]] == list(CFG.momentum_steps)
@@ -426,7 +430,7 @@ def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> Non
 
 def test_adam_from_the_optimum_with_a_trained_v(result: ExplainResult, prob: AP.BilevelProblem) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import adam_reference, adam_warm_state
+    from hypergradients.app.experiments.explain import adam_reference, adam_warm_state
 
     w = result.adam["warm_state"]
     # the library's unrolled Adam equals the hand-derived tangent recurrence (rounding: measured ≤ 1e-14)
@@ -480,7 +484,7 @@ def test_noise_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
 
 
 def test_full_batch_orders_are_the_theorem(prob: AP.BilevelProblem) -> None:
-    from hypergradients.experiments.explain import noise_section
+    from hypergradients.app.experiments.explain import noise_section
 
     # One batch of all training rows: every order is the full-batch path from w*, i.e. Neumann(K);
     # the permuted sums differ by rounding only (measured ~1e-16 relative).
@@ -493,7 +497,7 @@ def test_full_batch_orders_are_the_theorem(prob: AP.BilevelProblem) -> None:
 
 
 def test_batch_order_is_epochs_of_permutations() -> None:
-    from hypergradients.experiments.explain import batch_order
+    from hypergradients.app.experiments.explain import batch_order
 
     bs = batch_order(10, 3, 7, torch.Generator().manual_seed(0))
     assert [len(b) for b in bs] == [3] * 7
@@ -507,7 +511,7 @@ def test_batch_order_is_epochs_of_permutations() -> None:
 
 def test_unroll_optimizer_on_minibatches_is_unrolled_with_batches(prob: AP.BilevelProblem) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import batch_order, library_unrolled, unroll_optimizer
+    from hypergradients.app.experiments.explain import batch_order, library_unrolled, unroll_optimizer
 
     # Our loop through (init, update) and hg.Unrolled(optimizer=, batches=) on the same 7 batches of
     # 20 rows from w*: the same operations, so rounding only (measured ~1e-16).
@@ -521,7 +525,7 @@ def test_unroll_optimizer_on_minibatches_is_unrolled_with_batches(prob: AP.Bilev
 
 def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) -> None:
     from hypergradients import optim
-    from hypergradients.experiments.explain import unroll_optimizer
+    from hypergradients.app.experiments.explain import unroll_optimizer
 
     # The same K steps as hg.Unrolled from w₀ = 0 (the path moves): same derivative to rounding.
     alpha = 1 / prob.lambda_max

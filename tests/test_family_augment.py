@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import hypergradients as hg
-from hypergradients import tree
+from hypergradients.core import tree
 from hypergradients.hparams import Batch, Noise, WeightDecay
 from hypergradients.hparams.augment import AugmentNet, unet_count
-from hypergradients.hyper import Objective, classification_loss
+from hypergradients.training.hyper import Objective, classification_loss
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 import hypergradients as hg
-from hypergradients import tree
+from hypergradients.core import tree
 from hypergradients.hparams import Batch, WeightDecay
 from hypergradients.hparams.distill import DistilledData, save_distilled_figure
-from hypergradients.hyper import Objective, classification_loss
+from hypergradients.training.hyper import Objective, classification_loss
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

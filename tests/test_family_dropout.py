@@ -15,10 +15,10 @@ from torch import nn
 
 import hypergradients as hg
 from family_checks import fit_resume_is_bit_for_bit, hypergradient_vs_fd, own_loop_resume_is_bit_for_bit
-from hypergradients import tree
+from hypergradients.core import tree
 from hypergradients.hparams import Batch, DropConnect, Dropout, Noise, Site, WeightDecay, describe
 from hypergradients.hparams.dropout import relaxed_mask
-from hypergradients.hyper import Objective
+from hypergradients.training.hyper import Objective
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

@@ -14,7 +14,7 @@ from torch import nn
 import hypergradients as hg
 from family_checks import fit_resume_is_bit_for_bit, hypergradient_vs_fd, own_loop_resume_is_bit_for_bit
 from hypergradients.hparams import Batch, ExampleWeights, LossReweighting, WeightDecay
-from hypergradients.hyper import Objective, classification_loss
+from hypergradients.training.hyper import Objective, classification_loss
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -143,7 +143,7 @@ def test_data_cleaning_on_digits_finds_the_flipped_labels() -> None:
     (this test, 2 threads): AUC 0.966 (flipped examples' weights below the clean ones'), test accuracy
     0.972 against 0.936 for plain training with the same 300 steps; about 4 s."""
     pytest.importorskip("sklearn")
-    from hypergradients.datasets import load_dataset
+    from hypergradients.app.datasets import load_dataset
 
     ds = load_dataset("digits", seed=0)
     X, y = ds.x_train.double(), ds.y_train.clone()

@@ -21,8 +21,8 @@ from torch.autograd.function import once_differentiable
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
-from hypergradients.derivatives import InnerDerivatives, fd_step
+from hypergradients.core import tree
+from hypergradients.core.derivatives import InnerDerivatives, fd_step
 
 Tree = dict[str, Tensor]
 FD = "finite-difference"

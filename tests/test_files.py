@@ -1,4 +1,4 @@
-"""``hypergradients.files``: the one atomic writer, checkpoint loading that runs no code and names
+"""``hypergradients.training.files``: the one atomic writer, checkpoint loading that runs no code and names
 the file it cannot read, JSON without NaN, and the checks of command-line paths."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from hypergradients.files import (
+from hypergradients.training.files import (
     OutputPathError,
     UnreadableFileError,
     check_input_file,

@@ -13,7 +13,7 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
+from hypergradients.core import tree
 
 TOL = 1e-12
 
@@ -139,7 +139,7 @@ def test_forward_with_optimizer_state_keeps_no_state_per_step(ridge: P.Problem,
     # Memory independent of K: of the optimizer states met on the primal path, forward mode keeps
     # only the step counts (each tensor replaced by one shared empty marker), not K copies of
     # Adam's moments. Every state template it builds must hold nothing but empty tensors.
-    from hypergradients import unroll
+    from hypergradients.paths import unroll
 
     built: list[object] = []
     real = unroll.with_tensors

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import hypergradients as hg
-from hypergradients import tree
+from hypergradients.core import tree
 from hypergradients.hparams import Batch, Family, WeightDecay, weights_only
+from hypergradients.training import hyper
 
 DT = torch.float64
 
@@ -225,8 +226,8 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
 
 
-def _objective(model: nn.Module, families: list) -> hg.hyper.Objective:
-    return hg.hyper.Objective(model, families, hg.hyper.classification_loss)
+def _objective(model: nn.Module, families: list) -> hyper.Objective:
+    return hyper.Objective(model, families, hyper.classification_loss)
 
 
 def _cls_batch(n: int = 12, seed: int = 1) -> Batch:

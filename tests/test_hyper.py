@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import hypergradients as hg
 from hypergradients.hparams import Batch, Family
-from hypergradients.hyper import NonFiniteError, as_batch
+from hypergradients.training.hyper import NonFiniteError, as_batch
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

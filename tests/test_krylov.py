@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from hypergradients import krylov, tree
+from hypergradients.core import tree
+from hypergradients.core.kernels import krylov
 
 DT = torch.float64
 Tree = dict[str, Tensor]

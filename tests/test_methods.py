@@ -14,8 +14,8 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
-from hypergradients.derivatives import InnerDerivatives
+from hypergradients.core import tree
+from hypergradients.core.derivatives import InnerDerivatives
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:

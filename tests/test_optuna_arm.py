@@ -8,7 +8,14 @@ import sys
 import pytest
 import torch
 
-from hypergradients.experiments.optuna_arm import Space, Trial, incumbent, require_optuna, time_to_match, tpe
+from hypergradients.app.experiments.optuna_arm import (
+    Space,
+    Trial,
+    incumbent,
+    require_optuna,
+    time_to_match,
+    tpe,
+)
 
 pytest.importorskip("optuna")
 
@@ -81,8 +88,8 @@ def test_missing_optuna_names_the_extra(monkeypatch):
 # --- the weight-decay experiment's optuna arm ------------------------------------------------------
 
 def _wd_run(tmp_path, *sets, resume=False):
-    from hypergradients.config import resolve
-    from hypergradients.experiments import RunContext, get
+    from hypergradients.app.config import resolve
+    from hypergradients.app.experiments import RunContext, get
 
     exp = get("weight-decay")
     cfg = resolve(exp.schema, smoke=exp.smoke, sets=list(sets))
@@ -122,7 +129,7 @@ def test_weight_decay_optuna_arm_gets_the_global_budget_and_resumes(tmp_path):
 
 
 def test_weight_decay_optuna_refusals(tmp_path):
-    from hypergradients.config import ConfigError
+    from hypergradients.app.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"optuna\.budget_s.*no 'global'"):
         _wd_run(tmp_path / "a", "arms=['optuna']")
@@ -132,7 +139,7 @@ def test_weight_decay_optuna_refusals(tmp_path):
 
 
 def test_note_calls_a_difference_within_two_standard_errors_noise():
-    from hypergradients.experiments.optuna_arm import note
+    from hypergradients.app.experiments.optuna_arm import note
 
     row = {"trials": 5, "wall_s": 57.0, "budget_s": 53.0, "decay": 4e-3, "test_loss": 0.2295,
            "target_test_loss": 0.2265, "time_to_match_s": None}

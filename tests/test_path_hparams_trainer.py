@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 import hypergradients as hg
-from hypergradients import optim, tree
+from hypergradients import optim
+from hypergradients.core import tree
 from hypergradients.hparams import WeightDecay
-from hypergradients.paths import PathHyperparameters, PathTuner
-from hypergradients.unroll import reverse
+from hypergradients.paths.methods import PathHyperparameters, PathTuner
+from hypergradients.paths.unroll import reverse
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

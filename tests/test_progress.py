@@ -1,11 +1,11 @@
-"""``hypergradients.progress.Progress``: a bar on a terminal; off a terminal, a bounded number of
+"""``hypergradients.app.progress.Progress``: a bar on a terminal; off a terminal, a bounded number of
 plain lines and no carriage returns; nothing at all when disabled."""
 
 from __future__ import annotations
 
 import io
 
-from hypergradients.progress import Progress
+from hypergradients.app.progress import Progress
 
 
 class _Tty(io.StringIO):

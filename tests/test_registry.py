@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from hypergradients import cli
-from hypergradients.config import read_toml, resolve
-from hypergradients.experiments import REGISTRY, bench, get
-from hypergradients.experiments.compare import CompareConfig, compare_config
-from hypergradients.experiments.explain import ExplainConfig, explain_config
+from hypergradients.app import cli
+from hypergradients.app.config import read_toml, resolve
+from hypergradients.app.experiments import REGISTRY, bench, get
+from hypergradients.app.experiments.compare import CompareConfig, compare_config
+from hypergradients.app.experiments.explain import ExplainConfig, explain_config
 
 # settings small enough for a test (well under a second of compute each), in both spellings
 EXPLAIN_FLAGS = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
@@ -170,8 +170,8 @@ def test_bench_device_without_cuda_is_refused(tmp_path: Path, capsys: pytest.Cap
 def test_the_core_does_not_import_the_application_layer() -> None:
     # In a fresh interpreter: the library, its trainer and methods load neither the experiments nor
     # the command line, nor matplotlib/sklearn (tqdm is not checked: torch itself imports it).
-    code = ("import sys, hypergradients, hypergradients.train, hypergradients.methods, hypergradients.hparams; "
+    code = ("import sys, hypergradients, hypergradients.training.fit, hypergradients.core.hypergradient, hypergradients.hparams; "
             "print([m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'sklearn', 'tomli_w') or "
-            "m.startswith(('hypergradients.experiments', 'hypergradients.commands', 'hypergradients.cli'))])")
+            "m.startswith(('hypergradients.app.experiments', 'hypergradients.app.commands', 'hypergradients.app.cli'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from hypergradients.cli import main
-from hypergradients.experiments import REGISTRY
-from hypergradients.experiments import weight_decay as wd
+from hypergradients.app.cli import main
+from hypergradients.app.experiments import REGISTRY
+from hypergradients.app.experiments import weight_decay as wd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 

@@ -17,8 +17,8 @@ ARGS = ["weight-decay", "--smoke", "--set", "train.rounds=6", "--set", "checkpoi
 
 _WORKER = textwrap.dedent("""
     import sys, time
-    from hypergradients.cli import main
-    from hypergradients.experiments import weight_decay as wd
+    from hypergradients.app.cli import main
+    from hypergradients.app.experiments import weight_decay as wd
 
     pause = float(sys.argv[1])
     real_fit = wd.fit

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
+from hypergradients.core import tree
 
 DT = torch.float64
 Tree = dict[str, Tensor]

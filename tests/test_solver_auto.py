@@ -13,8 +13,9 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import linear, tree
-from hypergradients.operators import HessianOperator
+from hypergradients.core import tree
+from hypergradients.core.kernels import symmetric as linear
+from hypergradients.core.operators import HessianOperator
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:

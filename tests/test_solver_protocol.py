@@ -18,10 +18,10 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
-from hypergradients.derivatives import InnerDerivatives
-from hypergradients.operators import HessianOperator
-from hypergradients.protocol import ImplicitMethod, Stats
+from hypergradients.core import tree
+from hypergradients.core.derivatives import InnerDerivatives
+from hypergradients.core.method import ImplicitMethod, Stats
+from hypergradients.core.operators import HessianOperator
 
 DT = torch.float64
 
@@ -97,7 +97,7 @@ class DenseEig(ImplicitMethod):
 
     def solve(self, op: HessianOperator, v: dict, state: hg.SolverState | None, *,
               residual: bool = False) -> tuple[dict, hg.SolverState, Stats]:
-        from hypergradients.linear import dense_hessian, relative_residual
+        from hypergradients.core.kernels.symmetric import dense_hessian, relative_residual
 
         A = op.damped(self.damping)
         H = dense_hessian(A, v)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 import hypergradients as hg
-from hypergradients import files
-from hypergradients.files import UnreadableFileError, load_checkpoint
 from hypergradients.hparams import WeightDecay
-from hypergradients.train import (
+from hypergradients.training import files
+from hypergradients.training.files import UnreadableFileError, load_checkpoint
+from hypergradients.training.fit import (
     CHECKPOINT,
     METRICS,
     NonFiniteError,
@@ -240,7 +240,7 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
     py, npy = random.getstate(), np.random.get_state()  # noqa: NPY002
     random.random()
     np.random.rand()  # noqa: NPY002
-    from hypergradients.train import _set_rng_state
+    from hypergradients.training.fit import _set_rng_state
 
     _set_rng_state(st["rng"])   # the states saved at the end are the ones after the run
     assert random.getstate() == py
@@ -324,7 +324,7 @@ _WORKER = textwrap.dedent("""
     from torch import nn
     import hypergradients as hg
     from hypergradients.hparams import WeightDecay
-    from hypergradients.train import fit
+    from hypergradients.training.fit import fit
 
     out, resume, pause = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[3])
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypergradients import tree
+from hypergradients.core import tree
 
 
 def test_algebra_matches_flat_vectors() -> None:

@@ -15,7 +15,7 @@ import torch
 
 import hypergradients as hg
 import problems as P
-from hypergradients import tree
+from hypergradients.core import tree
 
 
 @pytest.mark.parametrize("K", [1, 5, 50])

@@ -11,46 +11,40 @@ inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v
 :class:`HessianOperator`).
 """
 
-from . import (
-    distributed,  # data-parallel hypergradients on torch.distributed: hg.distributed.data_parallel()
-    optim,  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
-)
-from .errors import (
+import sys as _sys
+
+from .core import distributed  # data-parallel hypergradients: hg.distributed.data_parallel()
+from .core.errors import (
     HypergradientError,
     NegativeCurvatureError,
     NeumannDivergenceError,
     PathOnlyHyperparameterError,
     ProblemTooLargeError,
 )
-from .files import OutputPathError, UnreadableFileError
+from .core.hypergradient import hypergradient
+from .core.method import ImplicitMethod, Info, Method, PathMethod, Stats, UnusedHyperparameterWarning
+from .core.modules import functional_model, make_losses, module_params
+from .core.operators import HessianOperator
+from .core.roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
+from .core.solvers import CG, Auto, Exact, Identity, Neumann, Nystrom
+from .core.state import SolverState, StateMismatchError
 from .hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, WeightDecay
 from .hparams.augment import AugmentNet
 from .hparams.distill import DistilledData
-from .hyper import HyperOptimizer, HyperStep
-from .methods import (
-    CG,
-    Auto,
-    Exact,
-    Forward,
-    Identity,
-    Info,
-    Method,
-    Neumann,
-    Nystrom,
-    SolverState,
-    Unrolled,
-    UnusedHyperparameterWarning,
-    hypergradient,
+from .paths import (
+    optim,  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
 )
-from .modules import functional_model, make_losses, module_params
-from .operators import HessianOperator
-from .paths import PathHyperparameters
-from .protocol import ImplicitMethod, PathMethod, Stats
-from .roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
-from .state import StateMismatchError
-from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
+from .paths.methods import Forward, PathHyperparameters, Unrolled
+from .training.files import OutputPathError, UnreadableFileError
+from .training.fit import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
+from .training.hyper import HyperOptimizer, HyperStep
 
 __version__ = "0.1.0"
+
+# `hg.distributed` and `hg.optim` are public modules: `import hypergradients.optim` and
+# `from hypergradients.distributed import data_parallel` name them where users read them.
+_sys.modules[f"{__name__}.distributed"] = distributed
+_sys.modules[f"{__name__}.optim"] = optim
 
 __all__ = [
     "CG",

@@ -1,7 +1,7 @@
 """The interface every hyperparameter family implements, and how families compose.
 
 A *family* owns a group of hyperparameter tensors and says how they enter the training loss
-``L_T``. :class:`~hypergradients.hyper.Objective` (used by ``HyperOptimizer`` and ``fit``) only
+``L_T``. :class:`~hypergradients.training.hyper.Objective` (used by ``HyperOptimizer`` and ``fit``) only
 talks to this interface, so a new family (dropout, an augmentation network, distilled data,
 per-example weights) plugs in without changing the trainer.
 

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hypergradients`` CLI: one module each, see :mod:`hypergradients.app.cli`."""

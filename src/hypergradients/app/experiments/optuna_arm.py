@@ -1,0 +1,207 @@
+"""A black-box tuner to compare the hypergradient arms with: Optuna's TPE sampler under a wall-clock budget.
+
+The experiments that offer an ``optuna`` arm (``weight-decay``, ``lstm-dropout``) give it the same
+model, data and number of inner steps per training run as their hypergradient arm, and the
+hypergradient arm's wall time as its budget. Each *trial* trains the model from scratch with
+hyperparameters the sampler proposes (held fixed during training) and reports the validation
+metric, which TPE minimises; the test metric is recorded but never shown to the sampler.
+
+What comes out (:class:`TunerResult`): every trial with the wall time at its end, the
+*incumbent* curve (after each trial: the test metric of the trial with the best validation metric
+so far, i.e. what a user of the tuner would deploy) and :func:`time_to_match`, the wall time at
+which the incumbent first reaches a target test metric (the hypergradient arm's).
+
+Budget rule: a trial is started while the elapsed time is below the budget, so the tuner
+overruns by at most one trial; at least ``min_trials`` are run whatever the budget. Optuna is an
+optional extra (``pip install 'hypergradients[optuna]'``); :func:`require_optuna` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Space", "Trial", "TunerResult", "incumbent", "note", "require_optuna", "time_to_match", "tpe",
+           "weight_decay_arm"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """One hyperparameter's search interval ``[low, high]``, sampled uniformly in log space if ``log``."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+@dataclass
+class Trial:
+    """One training run: the proposed values, its validation and test metric (lower is better) and
+    ``elapsed_s``, the tuner's wall time when it finished."""
+
+    number: int
+    params: dict[str, float]
+    val: float
+    test: float
+    elapsed_s: float
+
+
+@dataclass
+class TunerResult:
+    """Every trial in order, and the trial with the lowest validation metric."""
+
+    trials: list[Trial]
+    best: Trial
+    wall_s: float
+    budget_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def require_optuna() -> Any:
+    """The ``optuna`` module, or an ``ImportError`` saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("the optuna arm needs Optuna, an optional extra: pip install "
+                          "'hypergradients[optuna]' (or leave 'optuna' out of arms)") from None
+    return optuna
+
+
+def tpe(objective: Callable[[dict[str, float]], tuple[float, float]], space: Mapping[str, Space], *,
+        budget_s: float, seed: int = 0, min_trials: int = 1, max_trials: int = 1000,
+        on_trial: Callable[[Trial], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter) -> TunerResult:
+    """Minimise ``objective(params) -> (val, test)`` over ``space`` with Optuna's TPE sampler (seeded).
+
+    Trials start while the elapsed time is below ``budget_s`` (at least ``min_trials``, at most
+    ``max_trials``); ``on_trial`` is called after each (progress). Only ``val`` reaches the sampler.
+    """
+    if not space:
+        raise ValueError("space must name at least one hyperparameter")
+    for k, s in space.items():
+        if not s.low < s.high or (s.log and s.low <= 0):
+            raise ValueError(f"search interval of {k!r}: [{s.low:g}, {s.high:g}] must have low < high "
+                             "(and low > 0 on a log scale)")
+    if min_trials < 1 or max_trials < min_trials:
+        raise ValueError(f"need 1 <= min_trials <= max_trials, got {min_trials} and {max_trials}")
+    optuna = require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    trials: list[Trial] = []
+    t0 = clock()
+    while len(trials) < max_trials and (len(trials) < min_trials or clock() - t0 < budget_s):
+        ot = study.ask()
+        params = {k: float(ot.suggest_float(k, s.low, s.high, log=s.log)) for k, s in space.items()}
+        val, test = objective(params)
+        study.tell(ot, val)
+        trials.append(Trial(len(trials), params, float(val), float(test), clock() - t0))
+        if on_trial is not None:
+            on_trial(trials[-1])
+    best = min(trials, key=lambda t: t.val)
+    return TunerResult(trials, best, clock() - t0, float(budget_s))
+
+
+def incumbent(trials: list[Trial]) -> list[tuple[float, float, float]]:
+    """After each trial, ``(elapsed_s, best val so far, test metric of that best-val trial)``."""
+    out: list[tuple[float, float, float]] = []
+    best: Trial | None = None
+    for t in trials:
+        if best is None or t.val < best.val:
+            best = t
+        out.append((t.elapsed_s, best.val, best.test))
+    return out
+
+
+def time_to_match(trials: list[Trial], target: float) -> float | None:
+    """The wall time at which the incumbent's test metric (lower is better) first reaches ``target``,
+    or ``None`` if it never does within these trials."""
+    for elapsed, _, test in incumbent(trials):
+        if test <= target:
+            return elapsed
+    return None
+
+
+def weight_decay_arm(cfg: Mapping[str, Any], ds: Any, device: Any, *, budget_s: float,
+                     target_test_loss: float | None, on_trial: Callable[[Trial], None] | None = None
+                     ) -> dict[str, Any]:
+    """The ``weight-decay`` experiment's ``optuna`` arm: TPE over one global decay ``d`` in
+    ``[optuna.low, optuna.high]`` (log scale), each trial training the experiment's MLP from the same
+    initial weights on the same batches as the other arms, with ``d`` fixed.
+
+    A fixed decay is the same penalty ``½ d Σ w²`` over the weight matrices (biases too with
+    ``hyper.include_biases``) as :class:`~hypergradients.hparams.WeightDecay`, given as the inner
+    optimizer's ``weight_decay`` (which adds ``d·w`` to the gradient, the penalty's gradient), so no
+    hypergradient is computed. Returns the arm's ``row``, the best trial's round records
+    (``history``), its per-example test losses, the decay and the tuner's summary.
+    """
+    import torch
+
+    from ...training.fit import cross_entropy, fit
+    from .weight_decay import mlp
+
+    name, lr = cfg["train.optimizer"], cfg["train.lr"]
+    keep: dict[int, tuple[list[dict[str, Any]], Any, dict[str, Any]]] = {}
+
+    def optimizer(d: float) -> Callable[[list[Any]], torch.optim.Optimizer]:
+        def make(ps: list[Any]) -> torch.optim.Optimizer:
+            decayed = [p for p in ps if cfg["hyper.include_biases"] or p.ndim >= 2]
+            plain = [p for p in ps if not any(p is q for q in decayed)]
+            groups = [{"params": decayed, "weight_decay": d}] + ([{"params": plain, "weight_decay": 0.0}]
+                                                                  if plain else [])
+            if name == "adam":
+                return torch.optim.Adam(groups, lr=lr)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
+        return make
+
+    def objective(p: dict[str, float]) -> tuple[float, float]:
+        torch.manual_seed(cfg["seed"])   # the same initial weights as the other arms
+        model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
+        res = fit(model, [], (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=cfg["train.rounds"],
+                  inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
+                  inner_optimizer=optimizer(p["decay"]), batch_size=cfg["train.batch_size"], seed=cfg["seed"],
+                  eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
+                             "test": (ds.x_test, ds.y_test)}, eval_every=cfg["eval_every"])
+        with torch.no_grad():
+            model.eval()
+            losses = cross_entropy(model(ds.x_test), ds.y_test).cpu()
+        keep[len(keep)] = (res.metrics, losses, res.final)
+        return res.final["val_loss"], res.final["test_loss"]
+
+    tr = tpe(objective, {"decay": Space(cfg["optuna.low"], cfg["optuna.high"])}, budget_s=budget_s,
+             seed=cfg["seed"], on_trial=on_trial)
+    history, losses, final = keep[tr.best.number]
+    match = time_to_match(tr.trials, target_test_loss) if target_test_loss is not None else None
+    row = {"method": "global decay (Optuna TPE)", "hyperparameters": 1,
+           "hyper_steps": f"{len(tr.trials)} trials",
+           "test_acc": final["test_acc"], "test_loss": final["test_loss"], "val_loss": final["val_loss"],
+           "train_loss": final["train_loss"], "decay": tr.best.params["decay"], "wall_s": tr.wall_s,
+           "trials": len(tr.trials), "budget_s": budget_s, "time_to_match_s": match,
+           "target_test_loss": target_test_loss,
+           "incumbent": [{"elapsed_s": e, "val_loss": v, "test_loss": t} for e, v, t in incumbent(tr.trials)]}
+    return {"row": row, "history": history, "test_losses": losses,
+            "decay": torch.tensor([tr.best.params["decay"]], dtype=torch.float64)}
+
+
+def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
+    """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it).
+
+    ``se`` is the paired standard error of the test-loss difference (same test examples): a
+    difference within two of them is called noise, whichever side it falls."""
+    s = (f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
+         f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
+         f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}.")
+    if row.get("target_test_loss") is None:
+        return s
+    t = row["time_to_match_s"]
+    d = row["test_loss"] - row["target_test_loss"]
+    if se is not None and abs(d) <= 2 * se:
+        return s + (f" Against the {what} arm's {row['target_test_loss']:.4g} the difference is {d:+.3g} ± "
+                    f"{se:.2g} (paired standard error): within noise, so at equal wall time the two tie here"
+                    + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else "."))
+    if t is not None:
+        return s + (f" It matched the {what} arm's test loss {row['target_test_loss']:.4g} after {t:.0f} s: "
+                    "on one hyperparameter a black-box search is competitive.")
+    return s + (f" It did NOT reach the {what} arm's test loss {row['target_test_loss']:.4g} within the "
+                "budget: at equal wall time the hypergradient arm wins here.")

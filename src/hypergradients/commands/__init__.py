@@ -1,1 +1,0 @@
-"""Sub-commands of the ``hypergradients`` CLI: one module each, see :mod:`hypergradients.cli`."""

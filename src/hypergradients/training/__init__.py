@@ -1,0 +1,6 @@
+"""Training with hyperparameters tuned on the way: the hyper step of Algorithm 1 for any loop
+(:class:`~.hyper.HyperOptimizer`), the closed loop with checkpoints (:func:`~.fit.fit`), atomic
+files and safe loads (:mod:`.files`), minibatch streams (:mod:`.stream`) and the PyTorch Lightning
+callback (:mod:`.lightning`, the ``lightning`` extra). Torch only; built on the families
+(:mod:`hypergradients.hparams`) and the core.
+"""

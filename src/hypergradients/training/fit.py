@@ -1,0 +1,590 @@
+"""Algorithm 1 of Lorraine, Vicol & Duvenaud (2020): alternate inner steps and hyper steps.
+
+One *round* is
+
+1. ``inner_steps`` steps of any ``torch.optim`` optimizer on training batches of
+   ``L_T(w, λ) = reduce(loss(model_w(x), y)) + Σ_families penalty(w, λ)`` with λ fixed
+   (the optimizer and its state persist across rounds: warm-started, never reset);
+2. one hyper step (:class:`~hypergradients.HyperOptimizer`, usable in any training loop):
+   ``g = hypergradient(L_V, L_T, w, λ, method)`` — stochastic, as in the paper:
+   a fresh *training* batch defines ``L_T`` (so the Hessian-vector products), a *validation* batch
+   defines ``L_V`` and ``∂L_V/∂w`` — then any ``torch.optim`` optimizer over the families'
+   unconstrained tensors takes a step along ``g``.
+
+Round 0 first runs ``warmup_steps`` extra inner steps (the implicit methods assume ``w ≈ w*``).
+
+Models with buffers (batch norm) work: inner steps update the running statistics; the
+hypergradient evaluates ``L_T`` in training mode on copies of the buffers (so its many forward
+passes leave them alone) and ``L_V`` in evaluation mode.
+
+Checkpoints (``checkpoint.pt``, written atomically by :func:`hypergradients.training.files.save_atomic`)
+hold the model (parameters and buffers), the hyperparameters, both optimizer states, every RNG
+state, the positions of the data streams and the metrics so far, as tensors and plain Python
+values only: they are read back with ``weights_only=True``, so a crafted file cannot run code, and
+an unreadable one raises :class:`~hypergradients.UnreadableFileError` naming it. :func:`fit`
+with ``resume=True`` continues bit-for-bit. A non-finite loss, weight, hypergradient or
+hyperparameter stops the run with :class:`NonFiniteError` (the round, the tensor's name and the
+last good checkpoint, which is never overwritten by a non-finite state).
+
+Away from a minimum the Hessian of a non-convex model can be indefinite: CG then meets negative
+curvature, a Neumann series diverges. By default (``on_solver_error="damp"``) that hyper step is
+retried, CG on ``H + δI`` with ``δ`` grown as :class:`~hypergradients.Auto` grows it, Neumann
+with the safe ``α`` the error carries (halved while it still diverges); each round records what
+was used. Hyper steps that are skipped all the same are counted, and :func:`fit` ends with a
+:class:`SkippedHyperStepsWarning` giving the count and the reasons.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import distributed, tree
+from ..core.method import Method
+from ..hparams.base import Batch, Family
+from ..paths.methods import PathHyperparameters, PathTuner
+from .files import UnreadableFileError, json_dumps, load_checkpoint, remove_stale_temps, write_atomic
+from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
+from .hyper import (
+    HyperOptimizer,
+    HyperStep,
+    NonFiniteError,
+    Objective,
+    SolverPolicy,
+    _mode,
+    collect_hparams,
+)
+from .stream import BatchStream
+
+OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[dict[str, Any]], None]
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_VERSION = 2   # 2: RNG states as tensors and plain values (loadable with weights_only=True)
+
+__all__ = ["CHECKPOINT", "METRICS", "NonFiniteError", "SkippedHyperStepsWarning", "TensorBoardCallback",
+           "TrainResult", "cross_entropy", "evaluate", "fit", "save_atomic"]
+
+
+class SkippedHyperStepsWarning(UserWarning):
+    """Some hyper steps of :func:`fit` were skipped (the hyperparameters did not move in those rounds)."""
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example cross-entropy (the default loss): ``−log softmax(logits)[y]``."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: one metrics record per round, the final one, and run facts.
+
+    ``hyper_steps`` counts the hyper steps that changed the hyperparameters, ``skipped_hyper_steps``
+    those that did not (``skip_reasons``: how many for each reason), ``retried_hyper_steps`` those
+    that took effect only after a damped retry (``on_solver_error="damp"``).
+    """
+
+    metrics: list[dict[str, Any]]
+    final: dict[str, Any]
+    rounds: int
+    hyperparameters: int
+    skipped_hyper_steps: int
+    wall_s: float
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
+    natural: dict[str, Tensor] = field(default_factory=dict)
+    hyper_steps: int = 0
+    retried_hyper_steps: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,
+             loss_fn: PerExampleLoss = cross_entropy, batch_size: int = 4096) -> dict[str, float]:
+    """``{<set>_loss, <set>_acc}`` of the model in evaluation mode on each named ``(x, y)``."""
+    out: dict[str, float] = {}
+    with _mode(model, False), torch.no_grad():
+        for name, (x, y) in sets.items():
+            total, correct = 0.0, 0
+            for s in range(0, len(y), batch_size):
+                logits = model(x[s:s + batch_size])
+                total += float(loss_fn(logits, y[s:s + batch_size]).sum())
+                if logits.ndim == 2 and y.dtype == torch.int64:
+                    correct += int((logits.argmax(1) == y[s:s + batch_size]).sum())
+            out[f"{name}_loss"] = total / len(y)
+            out[f"{name}_acc"] = correct / len(y)
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's legacy global state is saved too (user code, augmentations say, may draw from it), but
+    # only when numpy is already imported: the trainer needs only torch, and a process that never
+    # imported numpy has drawn nothing from it. (torch imports numpy itself when it is installed.)
+    # Python's and numpy's states become tensors and plain values (numpy's holds a uint32 ndarray,
+    # which weights_only=True would refuse); every value survives the round trip exactly.
+    version, internal, gauss = random.getstate()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        st["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "numpy" in st:
+        try:
+            import numpy as np
+        except ImportError:   # saved where numpy was installed: here nothing can draw from it
+            pass
+        else:
+            npy = st["numpy"]
+            np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],  # noqa: NPY002
+                                 npy["has_gauss"], npy["cached_gaussian"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _write_metrics(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    write_atomic(path, "".join(json_dumps(r) + "\n" for r in records))
+
+
+_CHECKPOINT_KEYS = ("round", "skipped", "model", "hparams", "inner_opt", "hyper_opt", "streams", "rng",
+                    "metrics", "elapsed_s")
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    fix = "delete it to start this training over from round 0, or restore it from a copy"
+    st = load_checkpoint(path, fix=fix)
+    if not isinstance(st, dict) or st.get("version") != CHECKPOINT_VERSION or \
+            any(k not in st for k in _CHECKPOINT_KEYS):
+        found = st.get("version") if isinstance(st, dict) else type(st).__name__
+        why = (f"it is not a version-{CHECKPOINT_VERSION} checkpoint of hypergradients.fit "
+               f"(version {found!r})")
+        raise UnreadableFileError(f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.",
+                                  path=path, why=why)
+    return st
+
+
+def _first_nonfinite_param(model: nn.Module) -> str | None:
+    for k, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            return k
+    return None
+
+
+def _stream(n: int, batch_size: int, seed: int) -> BatchStream:
+    # A stream of example indices: batches carry their indices (for per-example families).
+    idx = torch.arange(n)
+    return BatchStream(idx, idx, batch_size, seed=seed)
+
+
+def _batch(stream: BatchStream, x: Tensor, y: Tensor) -> Batch:
+    i, _ = next(stream)
+    return Batch(x[i.to(x.device)], y[i.to(y.device)], i)
+
+
+@dataclass
+class _Run:
+    """The training state of :func:`fit`: what a checkpoint holds, and the counts of the run so far.
+
+    ``hyper`` (``None`` without hyperparameters) holds the hyperparameters, their optimizer and the
+    hyper-step counts; ``streams`` the positions in the data ("train" for inner steps, "hyper" for
+    the hyper steps' ``L_T``, "val" for their ``L_V``); ``history`` one metrics record per round.
+    """
+
+    model: nn.Module
+    objective: Objective
+    inner_opt: torch.optim.Optimizer | None   # None: the path tuner's differentiable optimizer trains
+    hyper: HyperOptimizer | None
+    streams: dict[str, BatchStream]
+    ck_path: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_round: int = 0
+    resumed_from: int | None = None
+    last_good: Path | None = None
+    elapsed0: float = 0.0
+    t_start: float = field(default_factory=time.perf_counter)
+    path: PathTuner | None = None   # fit(path_hparams=): optimizer hyperparameters tuned through the path
+    data_parallel: bool = False     # fit(data_parallel=True): average the inner gradients over the ranks
+    writes: bool = True             # False on the ranks other than 0 under data_parallel
+
+    @property
+    def hparams(self) -> dict[str, Tensor]:
+        return self.hyper.hparams if self.hyper is not None else {}
+
+    @property
+    def skipped(self) -> int:
+        return self.hyper.skipped if self.hyper is not None else 0
+
+    @property
+    def retried(self) -> int:
+        return self.hyper.retried if self.hyper is not None else 0
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def restore(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path`` (its metrics file is cut back to it)."""
+        st = _read_checkpoint(path)
+        self.model.load_state_dict(st["model"])
+        for k in self.hparams:
+            if k not in st["hparams"]:
+                raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
+                               "it was written by another setup")
+        if self.inner_opt is not None:
+            self.inner_opt.load_state_dict(st["inner_opt"])
+        if self.path is not None:
+            if st.get("path") is None:
+                raise KeyError(f"checkpoint {path} has no path hyperparameters: another setup wrote it")
+            self.path.load_state_dict(st["path"])
+        if self.hyper is not None:
+            self.hyper.load_state_dict({
+                "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
+                "solver": st.get("solver"),
+                "steps": int(st["round"]), "skipped": int(st["skipped"]),
+                "retried": int(st.get("retried", 0)), "skip_reasons": st.get("skip_reasons", {})})
+        for k, s in self.streams.items():
+            s.load_state_dict(st["streams"][k])
+        _set_rng_state(st["rng"])
+        self.history, self.start_round = list(st["metrics"]), int(st["round"])
+        self.elapsed0, self.resumed_from, self.last_good = float(st["elapsed_s"]), self.start_round, path
+        if self.writes:
+            _write_metrics(path.parent / METRICS, self.history)   # drop the lines after that checkpoint
+
+    def save(self, r: int) -> None:
+        """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state."""
+        if self.ck_path is None or not self.writes:   # data-parallel: rank 0 writes, the others agree
+            return
+        hp = self.hparams
+        bad = _first_nonfinite_param(self.model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
+        if bad is not None:   # defensive: the checks of each round should have stopped the run already
+            raise NonFiniteError(f"round {r}: {bad!r} is not finite; not saving over {self.ck_path}",
+                                 round=r, name=bad, checkpoint=self.last_good)
+        hyper = self.hyper
+        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "skipped": self.skipped,
+                     "retried": self.retried,
+                     "skip_reasons": dict(hyper.skip_reasons) if hyper is not None else {},
+                     "model": self.model.state_dict(),
+                     "hparams": {k: t.detach().clone() for k, t in hp.items()},
+                     "inner_opt": self.inner_opt.state_dict() if self.inner_opt is not None else None,
+                     "path": self.path.state_dict() if self.path is not None else None,
+                     "hyper_opt": hyper.optimizer.state_dict() if hyper is not None else None,
+                     # the solver state carried across hyper steps (warm_start=True), so that a
+                     # resumed run continues bit for bit; None without one
+                     "solver": hyper.solver_state.state_dict()
+                     if hyper is not None and hyper.solver_state is not None else None,
+                     "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
+                     "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
+        self.last_good = self.ck_path
+
+    def stop(self, r: int, name: str, what: str) -> NonFiniteError:
+        last = self.last_good
+        where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written"
+        return NonFiniteError(f"round {r}: {what} {name!r} is not finite (NaN or inf){where}. Lower the "
+                              "learning rates or the hyper learning rate, or check the data.",
+                              round=r, name=name, checkpoint=last, what=what)
+
+
+def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) -> float:
+    """``n_steps`` steps of the inner optimizer on ``L_T(w, λ)``, λ fixed; the mean loss."""
+    lam_fixed = tree.detach(run.hparams)
+    total = 0.0
+    if run.path is not None:
+        run.path.begin_round(n_steps)
+    for _ in range(n_steps):
+        b = _batch(run.streams["train"], *train)
+        if run.path is not None:   # the differentiable optimizer; the step's loss kept for the replay
+            loss = run.path.step(dict(run.model.named_parameters()), _step_loss(run, lam_fixed, b))
+            if not bool(torch.isfinite(loss)):
+                raise run.stop(r, "inner_loss", "the training loss")
+            total += float(loss)
+            continue
+        assert run.inner_opt is not None
+        run.inner_opt.zero_grad(set_to_none=True)
+        loss = run.objective.train(dict(run.model.named_parameters()), lam_fixed, b,
+                                   forward=run.objective.live)
+        if not bool(torch.isfinite(loss)):
+            raise run.stop(r, "inner_loss", "the training loss")
+        loss.backward()
+        if run.data_parallel:   # DDP's gradient average: all the weights' gradients in one all-reduce
+            ps = {k: p for k, p in run.model.named_parameters() if p.grad is not None}
+            grads = {k: p.grad for k, p in ps.items() if p.grad is not None}
+            with distributed.data_parallel():
+                for k, g in distributed.average([grads])[0].items():
+                    ps[k].grad = g
+        run.inner_opt.step()
+        total += float(loss.detach())
+    bad = _first_nonfinite_param(run.model)
+    if bad is not None:
+        raise run.stop(r, bad, "the weight")
+    return total / n_steps
+
+
+def _step_loss(run: _Run, lam: dict[str, Tensor], b: Batch) -> Callable[[Mapping[str, Tensor], bool], Tensor]:
+    """``L_T`` of one inner step with its batch and random numbers fixed: the live step uses the
+    module's buffers, the replay (``replay=True``) copies of them."""
+    noise = run.objective.draw_noise()
+    obj = run.objective
+
+    def loss(w: Mapping[str, Tensor], replay: bool) -> Tensor:
+        return obj.train(w, lam, b, forward=obj.copy_buffers if replay else obj.live, noise=noise)
+    return loss
+
+
+def _path_step(run: _Run, tuner: PathTuner, val: tuple[Tensor, Tensor], r: int) -> dict[str, float]:
+    """The hyper step of the path hyperparameters: truncated unrolled hypergradient, then a step."""
+    bv = _batch(run.streams["path"], *val)
+    g, out = tuner.hypergradient(lambda w: run.objective.val(w, bv))
+    bad = tree.first_nonfinite(tree.detach(g))
+    if bad is not None:
+        raise run.stop(r, bad, "the path hypergradient of")
+    tuner.apply(g)
+    bad = tree.first_nonfinite(tree.detach(tuner.values))
+    if bad is not None:
+        raise run.stop(r, bad, "the path hyperparameter")
+    return tuner.metrics(g, out)
+
+
+def _hyper_step(run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor],
+                val: tuple[Tensor, Tensor], r: int) -> HyperStep:
+    """One hyper step on a fresh training batch (``L_T``) and a validation batch (``L_V``)."""
+    bt, bv = _batch(run.streams["hyper"], *train), _batch(run.streams["val"], *val)
+    try:
+        return hyper.step(bt, bv)
+    except NonFiniteError as e:
+        raise run.stop(r, e.name, e.what) from e
+
+
+def _log(rec: dict[str, Any], metrics_f: IO[str] | None, callbacks: Sequence[Callback]) -> None:
+    if metrics_f is not None:
+        metrics_f.write(json_dumps(rec) + "\n")
+        metrics_f.flush()
+    for cb in callbacks:
+        cb(rec)
+
+
+def _warn_skipped(run: _Run, planned: int, policy: SolverPolicy) -> None:
+    if not run.skipped or run.hyper is None:
+        return
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(run.hyper.skip_reasons.items()))
+    warnings.warn(f"{run.skipped} of {planned} hyper steps were skipped ({why}); the hyperparameters did not "
+                  "change in those rounds. The model is far from a minimum of the training loss there "
+                  "(indefinite Hessian): train longer between hyper steps (inner_steps, warmup_steps)"
+                  + ("" if policy == "damp" else ", or use on_solver_error='damp'") + ".",
+                  SkippedHyperStepsWarning, stacklevel=3)
+
+
+def _check_args(**ints_with_min: tuple[int, int]) -> None:
+    for nm, (v, lo) in ints_with_min.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{nm} must be an integer >= {lo}, got {v!r}")
+
+
+def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor], *, rounds: int, inner_steps: int, warmup_steps: int = 0,
+        inner_optimizer: OptimizerFactory | None = None, hyper_optimizer: OptimizerFactory | None = None,
+        method: Method | None = None, loss_fn: PerExampleLoss = cross_entropy, batch_size: int = 128,
+        val_batch_size: int | None = None, hyper_batch_size: int | None = None, seed: int = 0,
+        eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None = None, eval_every: int = 1,
+        callbacks: Sequence[Callback] = (), checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 10, resume: bool = False,
+        on_solver_error: SolverPolicy = "damp",
+        project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
+        before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
+        after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
+        warm_start: bool = False, path_hparams: PathHyperparameters | None = None,
+        data_parallel: bool = False) -> TrainResult:
+    """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of inputs to per-example predictions.
+        families: hyperparameter families (:mod:`hypergradients.hparams`); empty = plain training.
+        train, val: ``(x, y)`` tensors; ``L_T`` uses the first, ``L_V`` the second.
+        rounds: number of rounds (each ``inner_steps`` inner steps then one hyper step).
+        inner_steps: inner optimizer steps per round; ``warmup_steps`` more before the first round.
+        inner_optimizer: ``factory(list_of_weights) -> torch.optim.Optimizer`` (default Adam, 1e-3).
+        hyper_optimizer: ``factory(list_of_hyperparameters) -> Optimizer`` (default Adam, 1e-2).
+        method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``).
+        loss_fn: per-example loss ``(predictions, y) -> (B,)`` (default cross-entropy).
+        batch_size: training batch size (inner steps and the hypergradient's HVPs unless
+            ``hyper_batch_size``); ``val_batch_size`` the validation batch (default: all of ``val``).
+        seed: seeds the data order of the three streams (train, hyper-train, validation).
+        eval_sets: named ``(x, y)`` evaluated (loss, accuracy) every ``eval_every`` rounds and at the end.
+        callbacks: called with each round's metrics record (a dict).
+        checkpoint_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: nowhere); temp
+            files that a killed write left there are removed at the start.
+        checkpoint_every: rounds between checkpoints (and after the last round).
+        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists.
+        on_solver_error: what a Neumann divergence or CG negative curvature (a non-convex model
+            far from a minimum) does: ``"damp"`` retries that hyper step with CG on ``H + δI`` (δ grown
+            until CG runs through) or Neumann with a safe ``α`` (recorded per round as
+            ``solver_retry`` and ``solver_damping``/``solver_alpha``) and skips it only if that fails
+            too; ``"skip"`` skips it; ``"raise"`` raises the solver's error. Skipped steps leave the
+            hyperparameters unchanged, are counted (``skipped``, ``skip_reason`` per round) and end
+            the run with a :class:`SkippedHyperStepsWarning`.
+        project: ``project(hparams)`` after every applied hyper step (clamp or project the
+            unconstrained tensors in place, or return new values), as in
+            :class:`~hypergradients.HyperOptimizer`.
+        before_hyper_step, after_hyper_step: hooks ``f(hyper)`` and ``f(hyper, result)`` around
+            every hyper step (e.g. re-initialise the weights); ``hyper`` is the
+            :class:`~hypergradients.HyperOptimizer` the trainer uses.
+        warm_start: carry the method's :class:`~hypergradients.SolverState` from one hyper step to
+            the next (CG/Auto start from the last solution, ``Neumann(alpha="auto")`` reuses its
+            ``λ_max``, Nyström its sketch), saved in the checkpoints. Off by default, so that each
+            hyper step is the independent computation it always was.
+        path_hparams: optimizer hyperparameters (learning rate, momentum, betas, a learning-rate
+            schedule) tuned through the training path (:class:`~hypergradients.PathHyperparameters`).
+            Their ``optimizer`` (:mod:`hypergradients.optim`) then trains the model instead of
+            ``inner_optimizer`` (give one or the other). After each round's inner steps, the last
+            ``T = path_hparams.steps`` of them are replayed differentiably from the saved weights and
+            optimizer state on the same batches, ``dL_V/d(values)`` (on a validation batch of its own
+            stream) is taken in reverse mode and a hyper step applied; then the families' hyper step
+            runs by ``method`` as usual. Two methods because the two kinds differ: the families'
+            hyperparameters shape ``w*`` (implicit differentiation at ``w ≈ w*`` is cheap and
+            horizon-free), the optimizer's only the path to it (their implicit hypergradient is
+            zero; the unrolled one over the last T steps is the truncated estimate, Shaban et al.
+            2019). Recorded per round as ``path.<key>`` (a schedule: its mean), ``path_outer_loss`` and
+            ``path_hypergrad_norm``; saved in the checkpoints (resumes bit for bit).
+        data_parallel: under ``torch.distributed`` (torchrun, :mod:`hypergradients.distributed`):
+            each rank passes its own equal-size shard of ``train`` and ``val``; the weights and
+            hyperparameters are broadcast from rank 0 at the start, each inner step's gradient is
+            averaged over the ranks (one all-reduce, DDP's average), each hyper step is the group-mean
+            hypergradient, so every rank holds the same weights and hyperparameters. Only rank 0
+            writes ``checkpoint_dir``; a resume reads it on every rank (a shared folder across
+            machines) and needs the same number of ranks. The metrics are rank 0's (its shard's
+            losses). Not with ``path_hparams``.
+
+    Raises:
+        NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
+        UnreadableFileError: ``resume=True`` and the checkpoint cannot be read (names it; nothing deleted).
+    """
+    _check_args(rounds=(rounds, 0), inner_steps=(inner_steps, 1), warmup_steps=(warmup_steps, 0),
+                batch_size=(batch_size, 1), eval_every=(eval_every, 1),
+                checkpoint_every=(checkpoint_every, 1))
+    if on_solver_error not in ("damp", "skip", "raise"):
+        raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
+    t_start = time.perf_counter()
+    if path_hparams is not None and inner_optimizer is not None:
+        raise ValueError("give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
+                         "(hg.optim) trains the model, so the path that is differentiated is the one trained")
+    if data_parallel and path_hparams is not None:
+        raise ValueError("fit(data_parallel=True) does not support path_hparams yet (the replayed path would "
+                         "need the averaged step gradients): tune them in one process, or drop data_parallel")
+    if data_parallel:   # every rank starts from rank 0's weights (as DDP does)
+        with distributed.data_parallel():   # refuses without an initialised process group
+            pass
+        distributed.broadcast({k: t for k, t in model.state_dict().items() if t.is_floating_point()})
+    inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
+        [p for p in model.parameters() if p.requires_grad]) if path_hparams is None else None
+    batch_loss = _on_targets(loss_fn)
+    hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
+                           project=project, before_step=before_hyper_step, after_step=after_hyper_step,
+                           on_solver_error=on_solver_error, warm_start=warm_start,
+                           data_parallel=data_parallel) \
+        if collect_hparams(families) else None
+    n_train, n_val = len(train[1]), len(val[1])
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run = _Run(model, hyper.objective if hyper is not None else Objective(model, families, batch_loss),
+               inner_opt, hyper,
+               {"train": _stream(n_train, batch_size, seed),
+                "hyper": _stream(n_train, hyper_batch_size or batch_size, seed + 1),
+                "val": _stream(n_val, val_batch_size or n_val, seed + 2)},
+               ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start,
+               data_parallel=data_parallel, writes=not data_parallel or distributed.is_main())
+    if path_hparams is not None:
+        run.path = PathTuner(path_hparams, dict(model.named_parameters()))
+        run.streams["path"] = _stream(n_val, val_batch_size or n_val, seed + 3)
+    if ckdir is not None:
+        if run.writes:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
+        if resume and (ckdir / CHECKPOINT).exists():
+            run.restore(ckdir / CHECKPOINT)
+        elif run.writes:
+            write_atomic(ckdir / METRICS, "")   # a fresh run starts a fresh metrics file
+    metrics_f = open(ckdir / METRICS, "a") if ckdir is not None and run.writes else None
+    try:
+        for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
+            n_steps = inner_steps + (warmup_steps if r == 1 else 0)
+            rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
+                                   "inner_steps": r * inner_steps + warmup_steps}
+            if run.path is not None:   # first: its replay uses the families' λ of these inner steps
+                rec.update(_path_step(run, run.path, val, r))
+            if hyper is not None:
+                rec.update(_hyper_step(run, hyper, train, val, r).metrics())
+            for fam in families:
+                rec.update(fam.summary())
+            if eval_sets and (r % eval_every == 0 or r == rounds):
+                rec.update(evaluate(model, eval_sets, loss_fn=loss_fn))
+            rec.update(skipped=run.skipped, retried=run.retried, time_s=run.elapsed())
+            run.history.append(rec)
+            _log(rec, metrics_f, callbacks)
+            if r % checkpoint_every == 0 or r == rounds:
+                run.save(r)
+    finally:
+        if metrics_f is not None:
+            metrics_f.close()
+    if data_parallel:   # no rank returns before rank 0's last checkpoint is on disk (a resume reads it)
+        distributed.barrier()
+    planned = len(run.history) if hyper is not None else 0
+    _warn_skipped(run, planned, on_solver_error)
+    nat: dict[str, Tensor] = {}
+    for fam in families:
+        nat.update(fam.natural())
+    ck = run.ck_path
+    return TrainResult(metrics=run.history, final=dict(run.history[-1]) if run.history else {}, rounds=rounds,
+                       hyperparameters=sum(t.numel() for t in run.hparams.values()),
+                       skipped_hyper_steps=run.skipped, wall_s=run.elapsed(), resumed_from=run.resumed_from,
+                       checkpoint=ck if ck is not None and ck.exists() else None, natural=nat,
+                       hyper_steps=planned - run.skipped, retried_hyper_steps=run.retried,
+                       skip_reasons=dict(hyper.skip_reasons) if hyper is not None else {})
+
+
+def _on_targets(loss_fn: PerExampleLoss) -> Callable[[Tensor, Batch], Tensor]:
+    """The trainer's ``loss_fn(predictions, y)`` as the hyper step's ``loss_fn(outputs, batch)``."""
+    def batch_loss(outputs: Tensor, batch: Batch) -> Tensor:
+        return loss_fn(outputs, batch.y)
+    return batch_loss
+
+
+class TensorBoardCallback:
+    """Writes each round's numeric metrics to TensorBoard (``pip install 'hypergradients[tensorboard]'``)."""
+
+    def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "") -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # tensorboard is an optional extra
+            raise ImportError("TensorBoard logging needs the tensorboard package: "
+                              "pip install 'hypergradients[tensorboard]' (or drop --tensorboard)") from e
+        self.writer = SummaryWriter(str(logdir))
+        self.prefix = prefix
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        step = int(rec["round"])
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+                self.writer.add_scalar(f"{self.prefix}{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

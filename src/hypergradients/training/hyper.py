@@ -1,0 +1,578 @@
+"""The hyper step of Algorithm 1 (Lorraine, Vicol & Duvenaud 2020) for any training loop.
+
+Create one :class:`HyperOptimizer` next to the model's own optimizer and call
+:meth:`HyperOptimizer.step` every ``N`` inner steps::
+
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model)])
+    for i, batch in enumerate(train_batches):
+        opt.zero_grad()
+        hyper.train_loss(batch).backward()     # L_T(w, λ): the loss plus the families' terms, λ fixed
+        opt.step()
+        if i % 10 == 9:
+            hyper.step(next(hyper_batches), next(val_batches))
+
+One hyper step is
+
+    g = dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂λ∂wᵀ) p,     p ≈ H⁻¹ ∂L_V/∂w,   H = ∂²L_T/∂w∂wᵀ,
+
+computed by :func:`~hypergradients.hypergradient` at the model's current weights ``w`` (taken as
+``≈ w*``) with ``L_T`` on the training batch and ``L_V`` on the validation batch, then one step of
+the hyperparameters' own ``torch.optim`` optimizer along ``g``, then the optional projection
+``project(hparams)``. The model's weights and the model's optimizer are never touched (only the
+``before_step``/``after_step`` hooks may do that, e.g. to re-initialise the weights).
+
+The loss contract: ``loss_fn(outputs, batch)`` with ``outputs = model(batch.x)`` and ``batch`` a
+:class:`~hypergradients.hparams.Batch` (``x``, ``y``, ``index``) returns per-example losses of
+shape ``(B,)`` (reduced by the families' ``reduce`` hook, else by the mean) or one scalar (used as
+it is: then no family may reduce). The default is the classification cross-entropy
+``−log softmax(outputs)[y]``. ``L_T`` adds the families' penalties and sees the batch and forward
+through their hooks, in training mode on copies of the buffers; ``L_V`` is the plain loss in
+evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``.
+
+Failures are typed: a non-finite loss on the hyper step's batches, a non-finite hypergradient or a
+non-finite hyperparameter after the step raises :class:`NonFiniteError` (``.name``, ``.round`` =
+the hyper step, 1-based);
+a solver failure (CG's negative curvature, a diverging Neumann series) is retried with a damped
+solver, skipped (the result says why) or raised, as ``on_solver_error`` says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import distributed, tree
+from ..core.derivatives import LossFn
+from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
+from ..core.hypergradient import hypergradient
+from ..core.method import Info, Method
+from ..core.modules import functional_model
+from ..core.solvers import CG, Neumann
+from ..core.state import SolverState
+from ..hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
+
+OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+BatchLoss = Callable[[Any, Batch], Tensor]
+SolverPolicy = Literal["damp", "skip", "raise"]
+BatchLike = Batch | tuple[Any, ...] | list[Any]
+STATE_VERSION = 1
+_MAX_RETRIES = 30        # damped CG retries per hyper step (hg.Auto allows 40 doublings)
+_MAX_ALPHA_RETRIES = 8   # Neumann retries per hyper step, α halved each time
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, weight, hypergradient or hyperparameter became NaN/inf.
+
+    ``name`` is the offending tensor or loss (``"inner_loss"``, ``"val_loss"``, a weight's or a
+    hyperparameter's key), ``what`` what it is in words, ``round`` the round of :func:`fit` (for
+    :class:`HyperOptimizer`: the hyper step, counted from 1), ``checkpoint`` the last good
+    checkpoint (``None`` if none).
+    """
+
+    def __init__(self, message: str, *, round: int, name: str, checkpoint: Path | None,
+                 what: str = "") -> None:
+        super().__init__(message)
+        self.round = round
+        self.name = name
+        self.checkpoint = checkpoint
+        self.what = what
+
+
+def classification_loss(outputs: Tensor, batch: Batch) -> Tensor:
+    """Per-example cross-entropy ``−log softmax(outputs)[y]`` (the default ``loss_fn``)."""
+    return F.cross_entropy(outputs, batch.y, reduction="none")
+
+
+def as_batch(batch: BatchLike) -> Batch:
+    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)`` or a ``Batch`` (``index``: ``arange(B)``)."""
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        x, y = batch[0], batch[1]
+        if len(batch) == 3:
+            return Batch(x, y, batch[2])
+        n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
+        return Batch(x, y, torch.arange(n))
+    size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch, got "
+                    f"{type(batch).__name__}{size}")
+
+
+def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
+    """The families' unconstrained tensors under their keys; a key used twice is refused."""
+    hp: dict[str, Tensor] = {}
+    for fam in families:
+        for k, t in fam.tensors().items():
+            if k in hp:
+                raise ValueError(f"hyperparameter key {k!r} is used by two families: "
+                                 "give them distinct names")
+            hp[k] = t
+    return hp
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class Objective:
+    """``L_T`` and ``L_V`` of a model on one batch each, through the families' hooks.
+
+    ``train(w, λ, batch, forward=..., noise=...)`` is, in order (the composition rule of
+    :mod:`hypergradients.hparams.base`): the families' ``batch`` hooks chained in family order;
+    their ``model_weights`` hooks chained in family order; their submodule ``hooks`` registered on
+    the model for this one forward call (in family order); their ``forward`` wrappers nested (family 1
+    innermost); ``loss_fn`` for per-example losses (or a scalar); the one reducing family's
+    ``reduce`` or the mean; plus the sum of the penalties at the untouched ``w``; training mode.
+    ``noise`` (a :class:`~hypergradients.hparams.Noise`) fixes the random numbers of stochastic
+    families: every call with the same ``noise`` draws the same numbers; ``None`` draws a fresh
+    one from torch's global generator (only if a family is stochastic: otherwise the global
+    generator is left alone). ``val(w, batch)``: the plain mean loss in evaluation mode on copies
+    of the buffers, with no hook. ``live`` is the forward with the module's own buffers (inner
+    steps update batch norm's statistics, as ordinary training does); ``copy_buffers`` the one
+    with copies (the hypergradient's many forwards leave them alone).
+
+    Raises ``ValueError`` when more than one family reduces.
+    """
+
+    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss) -> None:
+        check_composable(families)
+        self.model = model
+        self.families = list(families)
+        self.loss_fn = loss_fn
+        self.copy_buffers = functional_model(model)
+        self.stochastic = any(f.stochastic for f in self.families)
+
+        def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            out: Tensor = torch.func.functional_call(model, dict(params), (x,))
+            return out
+
+        self.live: Forward = live
+
+    def draw_noise(self) -> Noise | None:
+        """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
+        return Noise.draw() if self.stochastic else None
+
+    def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor],
+                kw: Callable[[Family, str], dict[str, Any]]) -> Tensor:
+        reducing = [f for f in self.families if f.reduces]
+        if losses.ndim == 0:
+            if reducing:
+                raise ValueError(f"loss_fn returned a scalar, but the families {[f.name for f in reducing]} "
+                                 "weight the examples: return per-example losses of shape (B,) "
+                                 "(e.g. reduction='none')")
+            return losses
+        loss = reducing[0].reduce(losses, batch, hparams, **kw(reducing[0], "reduce")) if reducing else None
+        return losses.mean() if loss is None else loss
+
+    def train(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Batch, *,
+              forward: Forward, noise: Noise | None = None) -> Tensor:
+        if noise is None:
+            noise = self.draw_noise()
+        sampler = (noise or Noise(0)).sampler()
+
+        def kw(fam: Family, hook: str) -> dict[str, Any]:
+            # batch/forward/reduce/penalty get the sampler only where a stochastic family overrides
+            # them (its override takes ``noise=``); a deterministic family keeps the plain signature.
+            own = getattr(type(fam), hook) is not getattr(Family, hook)
+            return {"noise": sampler} if fam.stochastic and own else {}
+
+        model_params: Mapping[str, Tensor] = params
+        hooks: list[Hook] = []
+        for fam in self.families:
+            batch = fam.batch(batch, hparams, **kw(fam, "batch"))
+            model_params = fam.model_weights(model_params, hparams, sampler)
+            hooks.extend(fam.hooks(hparams, sampler))
+            forward = fam.forward(forward, hparams, **kw(fam, "forward"))
+        with _mode(self.model, True), _hooked(self.model, hooks):
+            losses = self.loss_fn(forward(model_params, batch.x), batch)
+        loss = self._reduce(losses, batch, hparams, kw)
+        for fam in self.families:
+            pen = fam.penalty(params, hparams, **kw(fam, "penalty"))
+            if pen is not None:
+                loss = loss + pen
+        return loss
+
+    def val(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        with _mode(self.model, False):
+            out = self.loss_fn(self.copy_buffers(params, batch.x), batch)
+        return out if out.ndim == 0 else out.mean()
+
+
+@contextmanager
+def _hooked(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
+    """The families' submodule hooks, registered for the body only (removed even if it raises)."""
+    handles = []
+    try:
+        for h in hooks:
+            try:
+                sub = model.get_submodule(h.module)
+            except AttributeError as e:
+                names = [n for n, _ in model.named_modules() if n]
+                raise ValueError(f"a family hooks the submodule {h.module!r}, which the model lacks; its "
+                                 f"submodules are {names[:20]}") from e
+            if h.kind == "pre":
+                handles.append(sub.register_forward_pre_hook(h.fn))
+            else:
+                handles.append(sub.register_forward_hook(h.fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
+                   state: SolverState | None) -> str | None:
+    """The first key of ``method``'s hypergradient that is not finite, or ``None`` (also if it fails)."""
+    try:
+        g, _ = method.compute(outer, inner, w, tree.clone_leaves(lam, requires_grad=True), state=state,
+                              residual=True, hvp_mode="reverse")
+    except HypergradientError:
+        return None
+    return tree.first_nonfinite(tree.detach(g))
+
+
+def _skip_reason(e: HypergradientError, method: Method) -> str:
+    # A fixed phrase per cause (the messages carry numbers), so that skips can be counted by reason.
+    if isinstance(e, NeumannDivergenceError):
+        return "Neumann series diverged"
+    return f"{type(method).__name__} met negative curvature"
+
+
+def solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]], method: Method,
+                       policy: SolverPolicy) -> tuple[dict[str, Tensor], Info, dict[str, Any]]:
+    """``call(method)``; on a solver failure with ``policy="damp"``, retries with a safer method.
+
+    Returns the hypergradient, its info and what the retry used (empty if none), or raises the
+    last failure (the caller skips that hyper step or re-raises it).
+    """
+    try:
+        return (*call(method), {})
+    except (NeumannDivergenceError, NegativeCurvatureError) as e:
+        if policy != "damp":
+            raise
+        err: HypergradientError = e
+    damping, alpha = 0.0, None
+    for _ in range(_MAX_RETRIES):
+        if isinstance(err, NegativeCurvatureError) and isinstance(method, CG):
+            # As hg.Auto does: δ from twice the curvature found, grown until CG runs through
+            # (a Rayleigh quotient under-estimates |λ_min|), a Levenberg-style step.
+            curv = abs(err.curvature) if math.isfinite(err.curvature) else 0.0
+            damping = 2.0 * (damping + curv) or 1e-8
+            retry: Method = CG(iters=method.iters, tol=method.tol, damping=method.damping + damping)
+            used: dict[str, Any] = {"solver_retry": "damping", "solver_damping": method.damping + damping}
+        elif isinstance(err, NeumannDivergenceError) and isinstance(method, Neumann) and \
+                math.isfinite(err.safe_alpha) and err.safe_alpha > 0:
+            # The error's safe α = 1/λ_max first; if even that diverges (negative curvature), halve it:
+            # the growth (1 + α|λ_min|)^K of the series shrinks with α.
+            if alpha is None:
+                first = err.safe_alpha if method.alpha == "auto" else float(method.alpha)
+                alpha = err.safe_alpha if first > err.safe_alpha else first / 2
+            elif alpha <= err.safe_alpha / 2 ** _MAX_ALPHA_RETRIES:
+                raise err
+            else:
+                alpha = min(err.safe_alpha, alpha / 2)
+            retry = Neumann(iters=method.iters, alpha=alpha, power_iters=method.power_iters,
+                            max_growth=method.max_growth)
+            used = {"solver_retry": "alpha", "solver_alpha": alpha}
+        else:
+            raise err   # no safer variant of this method: the caller skips the step
+        try:
+            return (*call(retry), used)
+        except (NeumannDivergenceError, NegativeCurvatureError) as e:
+            err = e
+    raise err
+
+
+@dataclass
+class HyperStep:
+    """What one :meth:`HyperOptimizer.step` did.
+
+    ``applied``: the hyperparameters moved. Then ``hypergradient`` is ``g`` (keys of the
+    hyperparameters), ``info`` the :class:`~hypergradients.Info` of its computation and ``retry``
+    what a damped retry used (``{}`` if none: ``solver_retry``, ``solver_damping`` or
+    ``solver_alpha``). Otherwise the step was skipped: ``skip_reason`` says why and ``error`` is
+    the solver's exception.
+    """
+
+    applied: bool
+    hypergradient: dict[str, Tensor] | None = None
+    info: Info | None = None
+    retry: dict[str, Any] = field(default_factory=dict)
+    skip_reason: str | None = None
+    error: HypergradientError | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """Plain numbers for a log: ``hyper_val_loss`` (``L_V`` on the validation batch),
+        ``hypergrad_norm``, ``hvps``, ``residual`` (NaN when not computed), ``solver_*`` facts and
+        the retry; or ``skip_reason``."""
+        if not self.applied or self.hypergradient is None or self.info is None:
+            return {"skip_reason": self.skip_reason}
+        info = self.info
+        rec: dict[str, Any] = {"hyper_val_loss": info.outer_loss,
+                               "hypergrad_norm": float(tree.norm(self.hypergradient)), "hvps": info.hvps,
+                               "residual": info.residual if info.residual is not None else float("nan")}
+        rec.update({f"solver_{k}": v for k, v in info.extra.items()})
+        rec.update(self.retry)
+        return rec
+
+
+class HyperOptimizer:
+    """The hyper step of Algorithm 1 for any training loop: ``step(train_batch, val_batch)``.
+
+    Args:
+        model: the ``nn.Module`` being trained (by any optimizer; this object never touches it).
+        families: hyperparameter families (:mod:`hypergradients.hparams`), at least one tensor.
+        method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``).
+        optimizer: ``factory(list_of_hyperparameter_tensors) -> torch.optim.Optimizer`` (default
+            Adam, lr 1e-2) or an optimizer built over exactly the families' tensors.
+        loss_fn: ``loss_fn(outputs, batch)`` → per-example ``(B,)`` or scalar (module docstring);
+            default: cross-entropy.
+        project: ``project(hparams)`` after every applied step, under ``torch.no_grad()``, with the
+            families' unconstrained tensors by key: modify them in place (``t.clamp_(-10, 0)``) or
+            return a dict of new values, which are copied in.
+        before_step, after_step: hooks ``f(hyper)`` and ``f(hyper, result)`` run at the start and
+            the end of every step (e.g. re-initialise the weights).
+        on_solver_error: ``"damp"`` (retry CG on ``H + δI``, Neumann with a safe ``α``; skip if that
+            fails too), ``"skip"`` or ``"raise"``.
+        warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
+            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+        data_parallel: under ``torch.distributed`` (torchrun), each rank passes its own shard's
+            batches and the hypergradient is that of the group-mean losses
+            (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
+            and the all-reduced hypergradients keep them identical on every rank. Pass the plain
+            module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
+
+    ``state_dict()`` holds tensors and plain values only (``torch.load(weights_only=True)`` reads
+    it): the hyperparameters, the optimizer's state, the solver state and the step counts.
+    """
+
+    def __init__(self, model: nn.Module, families: Sequence[Family], *, method: Method | None = None,
+                 optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
+                 loss_fn: BatchLoss = classification_loss,
+                 project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
+                 before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
+                 after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
+                 on_solver_error: SolverPolicy = "damp", warm_start: bool = True,
+                 data_parallel: bool = False, group: Any = None) -> None:
+        if on_solver_error not in ("damp", "skip", "raise"):
+            raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
+        self.model = model
+        self.families = list(families)
+        self.hparams = collect_hparams(self.families)
+        if not self.hparams:
+            raise ValueError("HyperOptimizer needs at least one hyperparameter: pass a family such as "
+                             "hg.WeightDecay(model)")
+        self.method: Method = Neumann(iters=20, alpha="auto") if method is None else method
+        if isinstance(optimizer, torch.optim.Optimizer):
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if owned != {id(t) for t in self.hparams.values()}:
+                raise ValueError("the optimizer must be built over exactly the families' tensors "
+                                 "(list(hyper.hparams.values())); pass a factory lambda ps: ... instead")
+            self.optimizer = optimizer
+        else:
+            factory = optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-2))
+            self.optimizer = factory(list(self.hparams.values()))
+        self.objective = Objective(model, self.families, loss_fn)
+        self.project = project
+        self.before_step = list(before_step)
+        self.after_step = list(after_step)
+        self.on_solver_error: SolverPolicy = on_solver_error
+        self.solver_state: SolverState | None = SolverState() if warm_start else None
+        self.steps = 0           # hyper steps attempted
+        self.skipped = 0         # ... of which skipped (solver failures)
+        self.retried = 0         # ... of which applied after a damped retry
+        self.skip_reasons: Counter[str] = Counter()
+        self.data_parallel = data_parallel
+        self.group = group
+        if data_parallel:
+            with distributed.data_parallel(group):   # refuses without an initialised process group
+                pass
+            distributed.broadcast(self.hparams, src=0, group=group)
+
+    # ------------------------------------------------------------------ the losses
+    def train_loss(self, batch: BatchLike) -> Tensor:
+        """``L_T(w, λ)`` on ``batch`` with the model's live weights and ``λ`` fixed (detached): what the
+        inner optimizer should minimise (the loss plus the families' terms)."""
+        return self.objective.train(dict(self.model.named_parameters()), tree.detach(self.hparams),
+                                    as_batch(batch), forward=self.objective.live)
+
+    def penalty(self) -> Tensor:
+        """``Σ_families penalty(w, λ)`` at the live weights, ``λ`` fixed: for a loop that computes its own
+        data loss (then ``loss + hyper.penalty()`` is ``L_T`` for penalty-only families)."""
+        params, lam = dict(self.model.named_parameters()), tree.detach(self.hparams)
+        ref = next(iter(lam.values()))
+        total = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        for fam in self.families:
+            pen = fam.penalty(params, lam)
+            if pen is not None:
+                total = total + pen
+        return total
+
+    def natural(self) -> dict[str, Tensor]:
+        """The families' natural (constrained) values, e.g. the decays ``exp(λ)``."""
+        out: dict[str, Tensor] = {}
+        for fam in self.families:
+            out.update(fam.natural())
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def hypergradient(self, train_batch: BatchLike, val_batch: BatchLike, *,
+                      method: Method | None = None,
+                      noise: Noise | None = None) -> tuple[dict[str, Tensor], Info]:
+        """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
+        state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
+        a non-finite hypergradient one naming its key. ``noise`` fixes the stochastic families' random
+        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw)."""
+        bt, bv = as_batch(train_batch), as_batch(val_batch)
+        obj = self.objective
+        if noise is None:
+            noise = obj.draw_noise()
+        w = tree.detach({k: p for k, p in self.model.named_parameters() if p.requires_grad})
+        lam = tree.detach(self.hparams)
+        bad: list[str] = []   # the non-finite loss, seen from the values themselves (not the message)
+
+        def outer(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
+            out = obj.val(p, bv)
+            if out.numel() == 1 and not bool(torch.isfinite(out.detach()).all()):
+                bad.append("val_loss")
+            return out
+
+        def inner(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
+            out = obj.train(p, h, bt, forward=obj.copy_buffers, noise=noise)
+            if out.numel() == 1 and not bool(torch.isfinite(out.detach()).all()):
+                bad.append("inner_loss")
+            return out
+
+        m = method or self.method
+        dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
+        try:
+            with dp:
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True,
+                                        state=self.solver_state)
+        except (NeumannDivergenceError, NegativeCurvatureError):
+            raise
+        except HypergradientError as e:
+            if bad:
+                what, name = "on the hyper step's batch, the loss", bad[0]
+            else:
+                # hg.hypergradient's error for a non-finite result carries no key: find it from the
+                # values, by the same computation without the final check (its state is unchanged
+                # after a failed call, so this repeats it), only on this failure path.
+                found = _nonfinite_key(m, outer, inner, w, lam, self.solver_state)
+                if found is None:
+                    raise
+                what, name = "the hypergradient of", found
+            raise NonFiniteError(f"hyper step {self.steps + 1}: {what} {name!r} is not finite (NaN or inf): "
+                                 "check the data, the weights and the method's settings",
+                                 round=self.steps + 1, name=name, checkpoint=None, what=what) from e
+        return g, info
+
+    def step(self, train_batch: BatchLike, val_batch: BatchLike) -> HyperStep:
+        """One hyper step: hooks, ``g`` on the two batches, the optimizer step, the projection, hooks.
+
+        ``train_batch`` defines ``L_T`` (the Hessian-vector products: a fresh training batch, as in
+        the paper), ``val_batch`` defines ``L_V``. Returns a :class:`HyperStep`; raises
+        :class:`NonFiniteError` for a non-finite loss or hyperparameter (the hyperparameters are then
+        as the failed step left them: restore a :meth:`state_dict`), and the solver's error with
+        ``on_solver_error="raise"``.
+        """
+        for hook in self.before_step:
+            hook(self)
+        noise = self.objective.draw_noise()   # one noise sample for this step, retries included
+        try:
+            g, info, used = solve_with_retries(
+                lambda m: self.hypergradient(train_batch, val_batch, method=m, noise=noise), self.method,
+                self.on_solver_error)
+        except (NeumannDivergenceError, NegativeCurvatureError) as e:
+            if self.on_solver_error == "raise":
+                self.steps += 1
+                raise
+            result = HyperStep(applied=False, skip_reason=_skip_reason(e, self.method), error=e)
+            self.skipped += 1
+            self.skip_reasons[result.skip_reason or ""] += 1
+        else:
+            # Only now is any hyperparameter changed: a failed hypergradient leaves λ as it was.
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, t in self.hparams.items():
+                t.grad = g[k]
+            self.optimizer.step()
+            if self.project is not None:
+                with torch.no_grad():
+                    new = self.project(dict(self.hparams))
+                    if new is not None and not isinstance(new, Mapping):
+                        raise TypeError("project must return None (after changing the tensors in place) or a "
+                                        f"dict of new values by key, got {type(new).__name__}")
+                    if new is not None:
+                        for k, v in new.items():
+                            if k not in self.hparams:
+                                raise KeyError(f"project returned the key {k!r}, which is no hyperparameter; "
+                                               f"the keys are {sorted(self.hparams)}")
+                            self.hparams[k].copy_(v)
+            bad = tree.first_nonfinite(tree.detach(self.hparams))
+            if bad is not None:
+                self.steps += 1
+                what = "the hyperparameter"
+                raise NonFiniteError(f"hyper step {self.steps}: {what} {bad!r} is not finite (NaN or inf): "
+                                     "lower the hyper learning rate", round=self.steps, name=bad,
+                                     checkpoint=None, what=what)
+            if used:
+                self.retried += 1
+            result = HyperStep(applied=True, hypergradient=g, info=info, retry=used)
+        self.steps += 1
+        for after in self.after_step:
+            after(self, result)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, optimizer state, solver state and counts, as tensors and plain values."""
+        return {"version": STATE_VERSION,
+                "hparams": {k: t.detach().clone() for k, t in self.hparams.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "solver": self.solver_state.state_dict() if self.solver_state is not None else None,
+                "steps": self.steps, "skipped": self.skipped, "retried": self.retried,
+                "skip_reasons": dict(self.skip_reasons)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (the hyperparameters are copied into the families' tensors)."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a HyperOptimizer state (version {found!r}, expected {STATE_VERSION}): "
+                             "pass the dict that HyperOptimizer.state_dict() returned")
+        saved = state["hparams"]
+        missing = sorted(set(self.hparams) - set(saved))
+        if missing:
+            raise KeyError(f"the saved state has no hyperparameter {missing[0]!r} (it has {sorted(saved)}): "
+                           "it was written for other families")
+        with torch.no_grad():
+            for k, t in self.hparams.items():
+                if saved[k].shape != t.shape:
+                    raise ValueError(f"hyperparameter {k!r}: saved shape {tuple(saved[k].shape)}, this one "
+                                     f"{tuple(t.shape)}: it was written for another model")
+                t.copy_(saved[k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.solver_state is not None and state.get("solver") is not None:
+            self.solver_state.load_state_dict(state["solver"])
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+        self.retried = int(state["retried"])
+        self.skip_reasons = Counter({str(k): int(v) for k, v in state["skip_reasons"].items()})
+
+
+__all__ = ["HyperOptimizer", "HyperStep", "NonFiniteError", "Objective", "as_batch", "classification_loss",
+           "collect_hparams", "solve_with_retries"]
