@@ -163,7 +163,7 @@ def test_schedule_entry_per_step_and_errors() -> None:
     w2, st = opt.update(g, st, w1, hp)
     assert torch.equal(w1["x"], torch.full((2,), 0.5, dtype=DT))
     assert torch.equal(w2["x"], torch.full((2,), 0.25, dtype=DT))
-    with pytest.raises(hg.HypergradientError, match=r"schedule 's' has 2 entries but step 2"):
+    with pytest.raises(hg.HypergradientError, match=r"schedule 's' has 2 entries, one per step, and has run out at step 2"):
         opt.update(g, st, w2, hp)
     with pytest.raises(hg.HypergradientError, match=r"'nope'.*not in hparams"):
         optim.adam("nope").update(g, optim.adam("nope").init(w), w, hp)

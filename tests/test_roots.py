@@ -135,12 +135,10 @@ def test_deq_as_a_root_in_either_sign_and_without_double_backward(deq: tuple[DEQ
 
     for cond in (F, G):
         assert P.rel_err(hg.root_hypergradient(m.outer, cond, z, m.hparams), fd) <= 1e-7
-    # The map through an op whose backward is first-order only (tests/test_fd_hvp.py): GMRES needs
+    # The map through an op whose backward is first-order only (tests/problems.py): GMRES needs
     # one VJP of T per product, never a second derivative.
-    from test_fd_hvp import OnceTanh
-
     def T_once(p: Tree, h: Tree) -> Tree:
-        return m.T(p, h, act=OnceTanh.apply)
+        return m.T(p, h, act=P.OnceTanh.apply)
 
     assert P.rel_err(hg.root_hypergradient(m.outer, T_once, z, m.hparams, fixed_point=True), fd) <= 1e-7
 

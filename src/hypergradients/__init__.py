@@ -45,7 +45,7 @@ from .methods import (
 from .modules import functional_model, make_losses, module_params
 from .operators import HessianOperator
 from .paths import PathHyperparameters
-from .protocol import ImplicitMethod, PathMethod, Stats
+from .protocol import ImplicitMethod, IndefiniteHessianWarning, PathMethod, Stats
 from .roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
 from .state import StateMismatchError
 from .train import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
@@ -71,6 +71,7 @@ __all__ = [
     "HypergradientError",
     "Identity",
     "ImplicitMethod",
+    "IndefiniteHessianWarning",
     "Info",
     "LossReweighting",
     "Method",

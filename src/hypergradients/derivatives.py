@@ -42,6 +42,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import distributed, tree
 from .errors import HypergradientError
@@ -56,6 +57,27 @@ _NO_DOUBLE_BACKWARD = (
     "double backward (fused attention kernels such as scaled_dot_product_attention, custom "
     "autograd.Functions with a @once_differentiable backward, many custom CUDA ops): pass "
     'hvp_mode="finite-difference" to hg.hypergradient, which needs first-order gradients only.')
+
+
+def forward_mode_error(err: BaseException, *, what: str, fix: str) -> HypergradientError:
+    """The library's error for a failure inside forward-mode AD (``torch.func.jvp``, ``forward_ad``).
+
+    Names the cause torch's message leaves implicit and ends with ``fix`` (what to use instead).
+    "ZeroTensors are immutable" is a PyTorch bug, not the user's: the forward-mode derivative of
+    some backward formulas (``F.mse_loss`` with ``reduction="mean"``) writes into torch's
+    immutable zero tensor; the same loss written out, ``((a - b) ** 2).mean()``, avoids it.
+    """
+    msg = str(err).rstrip(". ")
+    if "ZeroTensors are immutable" in msg:
+        cause = ("This is a known PyTorch bug in forward-mode AD, not an error in the losses: the "
+                 "forward-mode derivative of some backward formulas writes into an immutable zero tensor "
+                 "(F.mse_loss with reduction='mean' is one; write it out as ((a - b) ** 2).mean(), which "
+                 "computes the same loss without that formula)")
+    else:
+        cause = ("An operation has no forward-mode derivative here (fused kernels such as "
+                 "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom autograd.Functions "
+                 "without setup_context and jvp)")
+    return HypergradientError(f"{what} failed in forward-mode AD: {msg}. {cause}. {fix}")
 
 
 def fd_step(x: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> float:
@@ -109,23 +131,52 @@ class _RngReplay:
             yield
 
 
-def _once_differentiable_node(outputs: Sequence[Tensor]) -> str | None:
-    """Name of an autograd ``Error`` node (a ``@once_differentiable`` backward) in the outputs' graph.
-
-    Such a node stands for a backward that ran without building a graph; autograd does not link it
-    to its inputs, so a second backward skips it without raising and drops its contribution.
-    """
-    seen: set[object] = set()
+def _graph(outputs: Sequence[Tensor], seen: set[object] | None = None) -> Iterator[object]:
+    """The autograd nodes of the outputs' graph, each once (``seen``: nodes to skip, updated)."""
+    seen = set() if seen is None else seen
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "Error":
-            return str(node.name())
+        yield node
         stack.extend(f for f, _ in node.next_functions if f is not None)
+
+
+def _once_differentiable_node(outputs: Sequence[Tensor], seen: set[object] | None = None) -> str | None:
+    """Name of an autograd ``Error`` node (a ``@once_differentiable`` backward) in the outputs' graph.
+
+    Such a node stands for a backward that ran without building a graph; autograd does not link it
+    to its inputs, so a second backward skips it without raising and drops its contribution.
+    ``seen``: the nodes already walked (updated), so that successive calls over graphs that share
+    their earlier parts (the steps of an unrolled path) walk every node once in all.
+    """
+    for node in _graph(outputs, seen):
+        if type(node).__name__ == "Error":
+            return str(node.name())  # type: ignore[attr-defined]
     return None
+
+
+# Every backward wrapped by @once_differentiable shares the code object of its wrapper.
+_ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_culprits(outputs: Sequence[Tensor], node: str) -> str:
+    """What to call the once-differentiable operation(s) of the outputs' graph in a message.
+
+    An ``Error`` node does not say which operation made it; the custom ``autograd.Function`` classes
+    whose backward is ``@once_differentiable`` are found in the forward part of the graph (the
+    loss, or the tensors a gradient's graph saved), by their backward's code object. ``node``:
+    the name of the ``Error`` node, for the message when no such Function is found.
+    """
+    names = sorted({cls.__name__ for node in _graph(outputs)
+                    if (cls := getattr(node, "_forward_cls", None)) is not None
+                    and getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE_CODE})
+    if names:
+        return f"the custom autograd.Function {', '.join(names)} (its backward is @once_differentiable)"
+    return (f"an operation whose backward is once-differentiable ({node} in the gradient's graph: a custom "
+            "autograd.Function with a @once_differentiable backward, or an extension op's)")
 
 
 def _double_backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
@@ -211,8 +262,9 @@ class InnerDerivatives:
             bad = _once_differentiable_node(self._outs)
             if bad is not None:
                 raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
-                    err=f"inner_loss's backward contains a once-differentiable node ({bad}), whose "
-                        "second derivative autograd would silently drop"))
+                    err=f"the gradient of inner_loss was built through "
+                        f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
+                        "derivative autograd would silently drop"))
 
     def _init_fd(self) -> None:
         # The RNG state before the first call of L_T: every later evaluation replays it.
@@ -318,7 +370,15 @@ class InnerDerivatives:
         def loss_of_w(ww: Tree) -> Tensor:
             return self.inner_loss(ww, lam).reshape(())
 
-        out = torch.func.jvp(torch.func.grad(loss_of_w), (w,), (dict(v),))
+        try:
+            out = torch.func.jvp(torch.func.grad(loss_of_w), (w,), (dict(v),))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # NotImplementedError included
+            raise forward_mode_error(
+                e, what='a Hessian-vector product of inner_loss with hvp_mode="forward"',
+                fix='Use hvp_mode="reverse" (the default, double backward), or "finite-difference" for '
+                    "operations without a double backward") from e
         return dict(out[1])
 
 

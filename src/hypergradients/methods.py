@@ -34,12 +34,21 @@ from . import tree
 from .derivatives import HvpMode, LossFn
 from .errors import HypergradientError
 from .paths import Forward, Unrolled
-from .protocol import ImplicitMethod, Info, Method, PathMethod, Stats, UnusedHyperparameterWarning
+from .protocol import (
+    ImplicitMethod,
+    IndefiniteHessianWarning,
+    Info,
+    Method,
+    PathMethod,
+    Stats,
+    UnusedHyperparameterWarning,
+)
 from .solvers import CG, Auto, Exact, Identity, Neumann, Nystrom
 from .state import SolverState, StateMismatchError
 from .tree import Tree
 
-__all__ = ["CG", "Auto", "Exact", "Forward", "HvpMode", "Identity", "ImplicitMethod", "Info", "LossFn",
+__all__ = ["CG", "Auto", "Exact", "Forward", "HvpMode", "Identity", "ImplicitMethod", "IndefiniteHessianWarning",
+           "Info", "LossFn",
            "Method", "Neumann", "Nystrom", "PathMethod", "SolverState", "StateMismatchError", "Stats",
            "Unrolled", "UnusedHyperparameterWarning", "hypergradient"]
 
