@@ -39,7 +39,7 @@ Loss = Callable[[Tree, Tree], Tensor]
 
 __all__ = ["ALL", "OnceTanh", "Problem", "attention", "conditioned_logistic", "cosine", "dense_pieces",
            "lambda_max", "logistic", "low_rank_plus_floor", "mlp", "mlp_parts", "neumann_reference", "newton_solve",
-           "regression", "rel_dist", "rel_err", "ridge", "spd_quadratic"]
+           "regression", "regression_point", "rel_dist", "rel_err", "ridge", "spd_quadratic"]
 
 
 @dataclass
@@ -348,3 +348,11 @@ def attention(fused: bool) -> tuple[Loss, Loss]:
         return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
 
     return inner, outer
+
+
+def regression_point(seed: int = 7) -> tuple[Tree, Tree]:
+    """Random weights (not a minimum) and hyperparameters for :func:`regression`."""
+    gen = torch.Generator().manual_seed(seed)
+    w = {"W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=DT), "b1": torch.zeros(4, dtype=DT),
+         "w2": 0.5 * torch.randn(4, generator=gen, dtype=DT)}
+    return w, {"log_l2": torch.tensor([-3.0, -2.5], dtype=DT)}

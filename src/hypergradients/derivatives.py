@@ -75,8 +75,8 @@ def forward_mode_error(err: BaseException, *, what: str, fix: str) -> Hypergradi
                  "computes the same loss without that formula)")
     else:
         cause = ("An operation has no forward-mode derivative here (fused kernels such as "
-                 "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom autograd.Functions "
-                 "without setup_context and jvp)")
+                 "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom "
+                 "autograd.Functions without setup_context and jvp)")
     return HypergradientError(f"{what} failed in forward-mode AD: {msg}. {cause}. {fix}")
 
 
@@ -172,7 +172,7 @@ def once_differentiable_culprits(outputs: Sequence[Tensor], node: str) -> str:
     """
     names = sorted({cls.__name__ for node in _graph(outputs)
                     if (cls := getattr(node, "_forward_cls", None)) is not None
-                    and getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE_CODE})
+                    and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE})
     if names:
         return f"the custom autograd.Function {', '.join(names)} (its backward is @once_differentiable)"
     return (f"an operation whose backward is once-differentiable ({node} in the gradient's graph: a custom "

@@ -47,8 +47,8 @@ from .solvers import CG, Auto, Exact, Identity, Neumann, Nystrom
 from .state import SolverState, StateMismatchError
 from .tree import Tree
 
-__all__ = ["CG", "Auto", "Exact", "Forward", "HvpMode", "Identity", "ImplicitMethod", "IndefiniteHessianWarning",
-           "Info", "LossFn",
+__all__ = ["CG", "Auto", "Exact", "Forward", "HvpMode", "Identity", "ImplicitMethod",
+           "IndefiniteHessianWarning", "Info", "LossFn",
            "Method", "Neumann", "Nystrom", "PathMethod", "SolverState", "StateMismatchError", "Stats",
            "Unrolled", "UnusedHyperparameterWarning", "hypergradient"]
 

@@ -97,8 +97,9 @@ def value(h: Hyper, hparams: Mapping[str, Tensor], count: int, *, what: str) -> 
     if t.numel() == 1:
         return t.reshape(())
     if t.dim() != 1:
-        raise HypergradientError(f"the optimizer's {what} hyperparameter {h!r} must be a scalar (any tensor "
-                                 f"with one element) or a per-step schedule of shape (K,), got shape {tuple(t.shape)}")
+        raise HypergradientError(f"the optimizer's {what} hyperparameter {h!r} must be a scalar or a "
+                                 "per-step schedule of shape (K,) (a tensor with one element is a scalar), "
+                                 f"got shape {tuple(t.shape)}")
     if count >= t.shape[0]:
         raise HypergradientError(
             f"the {what} schedule {h!r} has {t.shape[0]} entries, one per step, and has run out at step "

@@ -279,7 +279,8 @@ class PathTuner:
         # A schedule is indexed by the global inner step: this round ends at step K = done + n_steps.
         done = getattr(self.opt_state, "steps", 0)
         check_schedules(self.spec.optimizer, self.values, int(done) + n_steps,
-                        who="PathHyperparameters (a schedule is indexed by the global inner step, warm-up included)")
+                        who="PathHyperparameters (a schedule is indexed by the global inner step, warm-up "
+                            "included)")
         self._n, self._i, self._start, self._window = n_steps, 0, None, []
 
     def step(self, params: Mapping[str, Tensor], loss: StepLoss) -> Tensor:

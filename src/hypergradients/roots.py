@@ -210,8 +210,9 @@ class _Jacobian:
         self.live = [k for k, t in self.F.items() if t.requires_grad]
         bad = _once_differentiable_node([self.F[k] for k in self.live])
         if bad is not None:
+            what = once_differentiable_culprits(list(self.F.values()), bad)
             raise HypergradientError(
-                f"the condition was computed through {once_differentiable_culprits(list(self.F.values()), bad)}: "
+                f"the condition was computed through {what}: "
                 "a backward run without a graph (F = ∂L_T/∂w built with create_graph=True through such an "
                 "operation, say), so every product with ∂F/∂w would silently lose that operation's part and "
                 "the hypergradient would be wrong. For F = ∂L_T/∂w use hg.hypergradient(outer_loss, "
@@ -270,12 +271,13 @@ class _Jacobian:
                 raise
             except RuntimeError as e:
                 raise self._no_jvp(e) from e
-            self._Atu = [(k, t) for k, t in zip(self.w, Atu, strict=True) if t is not None and t.requires_grad]
+            self._Atu = [(k, t) for k, t in zip(self.w, Atu, strict=True)
+                         if t is not None and t.requires_grad]
             bad = _once_differentiable_node([t for _, t in self._Atu])
             if bad is not None:
-                raise self._no_jvp(RuntimeError(
-                    f"the VJP of the condition runs through {once_differentiable_culprits(list(self.F.values()), bad)}, "
-                    "whose derivative autograd would silently drop"))
+                what = once_differentiable_culprits(list(self.F.values()), bad)
+                raise self._no_jvp(RuntimeError(f"the VJP of the condition runs through {what}, whose "
+                                                "derivative autograd would silently drop"))
         zeros = {k: torch.zeros_like(t) for k, t in self.F.items()}
         if not self._Atu:
             return zeros
@@ -292,9 +294,10 @@ class _Jacobian:
     def _no_jvp(self, err: RuntimeError) -> HypergradientError:
         assert self._fwd_error is not None
         fwd = forward_mode_error(self._fwd_error, what="NormalCG's product (∂F/∂w)x",
-                                 fix="The reverse-mode alternative, a VJP of a VJP, needs a second derivative "
-                                     f"of the condition and failed too: {err}")
-        return HypergradientError(f"{fwd}. Use hg.GMRES or hg.BiCGStab, which need only VJPs of the condition")
+                                 fix="The reverse-mode alternative, a VJP of a VJP, needs a second "
+                                     f"derivative of the condition and failed too: {err}")
+        return HypergradientError(f"{fwd}. Use hg.GMRES or hg.BiCGStab, which need only VJPs of the "
+                                  "condition")
 
     def mixed(self, u: Tree) -> tuple[Tree, set[str]]:
         """``Bᵀ u = (∂F/∂λ)ᵀ u`` and the hyperparameters ``F`` depends on."""

@@ -61,11 +61,11 @@ class Exact(ImplicitMethod):
             lo = s.extra["lambda_min"]
             # stacklevel 4: warn → solve → compute → hypergradient → the user's call.
             warnings.warn(
-                f"hg.Exact: H + δI (δ = {self.damping:g}) is not positive definite at these weights (smallest "
-                f"eigenvalue {lo:.3g}): they are not a minimum of inner_loss, which the implicit hypergradient "
-                "assumes (info.grad_norm is ‖∂L_T/∂w‖ there; info.converged is False). Train the inner problem "
-                f"further, or damp: hg.Exact(damping=...) above {max(0.0, self.damping - lo):.3g}.",
-                IndefiniteHessianWarning, stacklevel=4)
+                f"hg.Exact: H + δI (δ = {self.damping:g}) is not positive definite at these weights "
+                f"(smallest eigenvalue {lo:.3g}): they are not a minimum of inner_loss, which the implicit "
+                "hypergradient assumes (info.grad_norm is ‖∂L_T/∂w‖ there; info.converged is False). Train "
+                f"the inner problem further, or damp: hg.Exact(damping=...) above "
+                f"{max(0.0, self.damping - lo):.3g}.", IndefiniteHessianWarning, stacklevel=4)
         return s.p, _carry(state), _stats(s)
 
 
