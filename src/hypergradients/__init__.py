@@ -13,7 +13,7 @@ inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v
 
 from . import (
     distributed,  # data-parallel hypergradients on torch.distributed: hg.distributed.data_parallel()
-    optim,  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
+    optim,  # differentiable inner optimizers: hg.optim.gd / sgd / heavy_ball / nesterov / adam / adamw
 )
 from .errors import (
     HypergradientError,

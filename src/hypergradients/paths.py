@@ -143,7 +143,7 @@ def _path_used(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tens
     first = inner_loss if batches is None else (lambda p, h: inner_loss(p, h, batches[0]))  # type: ignore[call-arg]
     inner = scalar_loss(first, w, lam, name="inner_loss")
     gw = grad(inner, w, create_graph=True)
-    refuse_once_differentiable(inner, [t for t in gw.values() if t.requires_grad], step=0)
+    refuse_once_differentiable(inner, [t for t in gw.values() if t.requires_grad], w, step=0)
     probe = scalar_loss(outer_loss, w, lam, name="outer_loss") + sum(
         (gk.sum() for gk in gw.values() if gk.requires_grad), torch.zeros((), dtype=inner.dtype))
     used = used_keys(probe, lam)

@@ -107,15 +107,18 @@ _NEEDS_SECOND_DERIVATIVE = (
     "first-order gradients only")
 
 
-def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], seen: set[object] | None = None, *,
+def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping[str, Tensor], *,
                                step: int) -> None:
-    """Raise if a step's gradient ``grads`` of ``loss`` was built through a ``@once_differentiable`` backward.
+    """Raise if a step's gradient ``grads`` of ``loss`` at ``w`` was built through a ``@once_differentiable``
+    backward.
 
     Such a backward leaves an autograd ``Error`` node that is not linked to the weights: the
     backward pass through the path skips it without raising, and the hypergradient silently
-    loses that operation's second derivative (a wrong answer, not an error).
+    loses that operation's second derivative (a wrong answer, not an error). The walk stops at
+    the graph of ``w`` (the earlier steps, each checked when it was taken), so every step costs one
+    walk over its own gradient's graph, whatever the number of steps and the optimizer.
     """
-    bad = _once_differentiable_node(grads, seen)
+    bad = _once_differentiable_node(grads, {t.grad_fn for t in w.values() if t.grad_fn is not None})
     if bad is not None:
         raise HypergradientError(
             f"unrolled step {step}: the gradient of inner_loss was built through "
@@ -172,13 +175,11 @@ class Path:
         return step_size(self.lr, lam) if self.optimizer is None and self.lr is not None else None
 
     def step(self, w: Tree, s: Any, lam: Mapping[str, Tensor], k: int, *,
-             create_graph: bool, alpha: Tensor | float | None = None,
-             seen: set[object] | None = None) -> tuple[Tree, Any]:
+             create_graph: bool, alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
         """``Φ_k``; without ``create_graph`` nothing of the result keeps a graph.
 
         With ``create_graph`` the gradient's graph is checked for once-differentiable nodes
-        (:func:`refuse_once_differentiable`); ``seen``, shared by the steps of one graph, makes that
-        one walk over the whole graph. ``stats["grad_norm"]``: ``‖∂L_T/∂w‖`` at step 0.
+        (:func:`refuse_once_differentiable`). ``stats["grad_norm"]``: ``‖∂L_T/∂w‖`` at step 0.
         """
         if not create_graph:
             w = tree.clone_leaves(w, requires_grad=True)
@@ -188,7 +189,7 @@ class Path:
             raise HypergradientError(f"unrolled step {k}: {e}") from e
         g = grad(loss, w, create_graph=create_graph)
         if create_graph:
-            refuse_once_differentiable(loss, [t for t in g.values() if t.requires_grad], seen, step=k)
+            refuse_once_differentiable(loss, [t for t in g.values() if t.requires_grad], w, step=k)
         # data-parallel: every rank steps along the group-mean gradient (a differentiable all-reduce)
         g = distributed.average_differentiable(g) if create_graph else distributed.average([g])[0]
         if k == 0 and self.stats is not None and "grad_norm" not in self.stats:
@@ -269,9 +270,8 @@ def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappin
     # The start of the differentiated segment is a constant w.r.t. λ, as in the definition.
     w = tree.clone_leaves(w, requires_grad=True)
     alpha = path.step_size(lam)
-    seen: set[object] = set()
     for k in range(steps - n_diff, steps):
-        w, s = path.step(w, s, lam, k, create_graph=True, alpha=alpha, seen=seen)
+        w, s = path.step(w, s, lam, k, create_graph=True, alpha=alpha)
     return _outer(outer_loss, w, lam, steps), w
 
 
@@ -340,9 +340,8 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
         w0 = tree.clone_leaves(w_a, requires_grad=True)
         s0 = with_tensors(s_a, [t.detach().requires_grad_(True) for t in tensors_of(s_a)])
         wk, sk = w0, s0
-        seen: set[object] = set()  # one segment's graph (a set over all would keep every segment alive)
         for step in range(a, min(a + s_len, steps)):
-            wk, sk = path.step(wk, sk, lam, step, create_graph=True, alpha=alpha, seen=seen)
+            wk, sk = path.step(wk, sk, lam, step, create_graph=True, alpha=alpha)
         ins = list(w0.values()) + tensors_of(s0)
         ends = list(wk.values()) + tensors_of(sk)
         pairs = [(e, g) for e, g in zip(ends, adj, strict=True) if e.requires_grad]
@@ -355,7 +354,7 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
             if g is not None:
                 acc[k] = acc[k] + g
                 used.add(k)
-        del wk, sk, ends, pairs, back, seen
+        del wk, sk, ends, pairs, back
     return distributed.average([acc])[0], used, out.detach(), w   # group mean, as above
 
 
