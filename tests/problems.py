@@ -37,7 +37,7 @@ DT = torch.float64
 Tree = dict[str, Tensor]
 Loss = Callable[[Tree, Tree], Tensor]
 
-__all__ = ["ALL", "OnceTanh", "Problem", "attention", "conditioned_logistic", "cosine", "dense_pieces",
+__all__ = ["ALL", "OnceTanh", "OnceTanhJvp", "Problem", "attention", "conditioned_logistic", "cosine", "dense_pieces",
            "lambda_max", "logistic", "low_rank_plus_floor", "mlp", "mlp_parts", "neumann_reference", "newton_solve",
            "regression", "regression_point", "rel_dist", "rel_err", "ridge", "spd_quadratic"]
 
@@ -303,6 +303,31 @@ class OnceTanh(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         return g * (1 - y * y)
+
+
+class OnceTanhJvp(torch.autograd.Function):
+    """:class:`OnceTanh` in the ``torch.func`` style (``setup_context`` and a forward-mode ``jvp``):
+    ``torch.func`` runs it, and differentiates its graph-free backward to a wrong second derivative."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx: Any, t: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
 
 
 def regression(act: Callable[[Tensor], Tensor]) -> tuple[Loss, Loss]:

@@ -168,6 +168,18 @@ def test_no_double_backward_refused_by_default_and_finite_differences_match_the_
         assert P.rel_err(got, ref) <= 1e-8, (method, P.rel_err(got, ref))
 
 
+@pytest.mark.parametrize("fn", [P.OnceTanh, P.OnceTanhJvp], ids=["Function", "func-style Function"])
+def test_forward_hvp_mode_refuses_a_once_differentiable_backward(fn: type[torch.autograd.Function]) -> None:
+    """hvp_mode="forward" differentiates the graph-free backward of a torch.func-style Function
+    to a wrong Hessian (1.4 relative off the tanh twin's Exact hypergradient, silently, without the
+    check) and fails inside torch.func on the other: both are refused with the fix named."""
+    (inner, outer), (inner_twin, _) = P.regression(fn.apply), P.regression(torch.tanh)
+    w0, lam = P.regression_point()
+    w = P.newton_solve(inner_twin, w0, lam)
+    with pytest.raises(hg.HypergradientError, match=fn.__name__ + r".*once_differentiable.*finite-difference"):
+        hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode="forward")
+
+
 def test_dropout_sees_one_mask_and_the_rng_advances_as_in_reverse_mode() -> None:
     gen = torch.Generator().manual_seed(8)
     X, y = torch.randn(40, 6, generator=gen, dtype=P.DT), torch.randn(40, generator=gen, dtype=P.DT)

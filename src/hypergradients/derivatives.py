@@ -25,9 +25,10 @@ operations that have no double backward (fused attention kernels such as
 each two gradient evaluations, with ``ε`` from :func:`fd_step`. Central differences are exact
 for quadratic losses up to rounding. Every evaluation replays the random-number state of the
 first call of ``L_T``, so a loss with dropout sees one mask, as the reverse mode's single graph
-does. In the reverse mode a once-differentiable backward would silently drop its part of the
-second derivative (autograd prunes the node that would raise): :class:`InnerDerivatives` looks
-for such nodes in the gradient's graph and refuses, naming the finite-difference mode.
+does. In the reverse and forward modes a once-differentiable backward would silently drop its
+part of the second derivative (autograd prunes the node that would raise; ``torch.func``
+differentiates a backward that was computed without a graph): :class:`InnerDerivatives` looks for
+such nodes in the gradient's graph and refuses, naming the finite-difference mode.
 
 Nothing else in the package calls ``torch.autograd.grad`` with ``create_graph=True``, except
 the path-based methods in :mod:`hypergradients.unroll`, which differentiate through training.
@@ -260,13 +261,15 @@ class InnerDerivatives:
         self._live = [k for k, g in self.grad.items() if g.requires_grad]
         # Built once: every product reuses the same output/input lists (no per-call rebuilds).
         self._outs = [self.grad[k] for k in self._live]
-        if hvp_mode == "reverse":
-            bad = _once_differentiable_node(self._outs)
-            if bad is not None:
-                raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
-                    err=f"the gradient of inner_loss was built through "
-                        f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
-                        "derivative autograd would silently drop"))
+        # A @once_differentiable backward leaves an Error node here. Double backward skips it and
+        # forward-over-reverse differentiates a backward computed without a graph: both would lose
+        # its second derivative silently, so both modes refuse.
+        bad = _once_differentiable_node(self._outs)
+        if bad is not None:
+            raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
+                err=f"the gradient of inner_loss was built through "
+                    f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
+                    "derivative autograd would silently drop"))
 
     def _init_fd(self) -> None:
         # The RNG state before the first call of L_T: every later evaluation replays it.
