@@ -75,7 +75,7 @@ def forward_mode_error(err: BaseException, *, what: str, fix: str) -> Hypergradi
                  "(F.mse_loss with reduction='mean' is one; write it out as ((a - b) ** 2).mean(), which "
                  "computes the same loss without that formula)")
     else:
-        cause = ("An operation has no forward-mode derivative here (fused kernels such as "
+        cause = ("The usual cause: an operation without a forward-mode derivative (fused kernels such as "
                  "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom "
                  "autograd.Functions without setup_context and jvp)")
     return HypergradientError(f"{what} failed in forward-mode AD: {msg}. {cause}. {fix}")

@@ -224,7 +224,7 @@ class _Jacobian:
         self.double_vjp = False   # A x by a VJP of a VJP (forward mode failed)
         self._fwd_error: RuntimeError | None = None
         self._u: Tree = {}
-        self._Atu: list[tuple[str, Tensor]] = []
+        self._Atu: list[tuple[str, Tensor]] | None = None   # (key, (Aᵀu)_key), built at the first use
 
     def _vjp(self, x: Mapping[str, Tensor], inputs: Tree) -> tuple[Tree, set[str]]:
         if not self.live:
@@ -261,23 +261,8 @@ class _Jacobian:
     def _matvec_reverse(self, x: Tree) -> Tree:
         """``A x = ∂/∂u ⟨Aᵀu, x⟩``: ``Aᵀu`` is linear in ``u``, so its graph (built at the first call,
         ``u = 0``) serves every product, one backward pass each."""
-        if not self._Atu and self.live:
-            self._u = {k: torch.zeros_like(self.F[k], requires_grad=True) for k in self.live}
-            try:
-                Atu = torch.autograd.grad([self.F[k] for k in self.live], list(self.w.values()),
-                                          grad_outputs=[self._u[k] for k in self.live], retain_graph=True,
-                                          create_graph=True, allow_unused=True)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError as e:
-                raise self._no_jvp(e) from e
-            self._Atu = [(k, t) for k, t in zip(self.w, Atu, strict=True)
-                         if t is not None and t.requires_grad]
-            bad = _once_differentiable_node([t for _, t in self._Atu])
-            if bad is not None:
-                what = once_differentiable_culprits(list(self.F.values()), bad)
-                raise self._no_jvp(RuntimeError(f"the VJP of the condition runs through {what}, whose "
-                                                "derivative autograd would silently drop"))
+        if self._Atu is None:
+            self._Atu = self._transpose_graph() if self.live else []
         zeros = {k: torch.zeros_like(t) for k, t in self.F.items()}
         if not self._Atu:
             return zeros
@@ -290,6 +275,25 @@ class _Jacobian:
         except RuntimeError as e:
             raise self._no_jvp(e) from e
         return {**zeros, **{k: b for k, b in zip(self.live, back, strict=True) if b is not None}}
+
+    def _transpose_graph(self) -> list[tuple[str, Tensor]]:
+        """``Aᵀu`` with its graph to ``u`` (leaves, zero), the pieces that depend on ``u``."""
+        self._u = {k: torch.zeros_like(self.F[k], requires_grad=True) for k in self.live}
+        try:
+            Atu = torch.autograd.grad([self.F[k] for k in self.live], list(self.w.values()),
+                                      grad_outputs=[self._u[k] for k in self.live], retain_graph=True,
+                                      create_graph=True, allow_unused=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise self._no_jvp(e) from e
+        pieces = [(k, t) for k, t in zip(self.w, Atu, strict=True) if t is not None and t.requires_grad]
+        bad = _once_differentiable_node([t for _, t in pieces])
+        if bad is not None:
+            what = once_differentiable_culprits(list(self.F.values()), bad)
+            raise self._no_jvp(RuntimeError(f"the VJP of the condition runs through {what}, whose "
+                                            "derivative autograd would silently drop"))
+        return pieces
 
     def _no_jvp(self, err: RuntimeError) -> HypergradientError:
         assert self._fwd_error is not None

@@ -126,10 +126,10 @@ def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping
             f"silently drop: the hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
 
 
-def _backward_error(err: RuntimeError) -> HypergradientError:
-    """A failed backward pass through the unrolled steps (an operation without a double backward)."""
-    return HypergradientError(f"differentiating through the unrolled steps failed: {str(err).rstrip('. ')}. "
-                              f"{_NEEDS_SECOND_DERIVATIVE}.")
+def _missing_derivative(err: RuntimeError) -> bool:
+    """Whether a failed backward pass names a derivative that torch does not implement."""
+    msg = str(err).lower()
+    return "derivative" in msg and "not implemented" in msg
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,8 @@ class Path:
     """The step maps ``Φ_k``: ``optimizer`` (or plain gradient descent with ``lr``) on batch ``k``.
 
     ``batches`` (already taken, one per step index) make the inner loss ``inner_loss(w, λ, b_k)``.
+    ``stats``: a dict :meth:`step` fills with ``grad_norm``, ``‖∂L_T/∂w‖`` at step 0 (``None``: not
+    recorded).
     """
 
     inner_loss: Callable[..., Tensor]
@@ -248,10 +250,11 @@ def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Seq
     try:
         return torch.autograd.grad(list(outputs), list(inputs), allow_unused=True,
                                    grad_outputs=None if grad_outputs is None else list(grad_outputs))
-    except torch.cuda.OutOfMemoryError:
-        raise
     except RuntimeError as e:
-        raise _backward_error(e) from e
+        if not _missing_derivative(e):
+            raise
+        raise HypergradientError(f"differentiating through the unrolled steps failed: {str(e).rstrip('. ')}. "
+                                 f"{_NEEDS_SECOND_DERIVATIVE}.") from e
 
 
 def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
@@ -301,9 +304,9 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
 
     Every differentiated step's gradient graph is checked for once-differentiable nodes, whose
     second derivative autograd would silently drop (:func:`refuse_once_differentiable`), and a
-    backward pass that fails (an operation without a double backward) raises
-    :class:`~hypergradients.errors.HypergradientError` naming the alternatives. ``stats``: as in
-    :func:`unroll`.
+    backward pass that fails on a derivative torch does not implement (an operation without a
+    double backward) raises :class:`~hypergradients.errors.HypergradientError` naming the
+    alternatives. ``stats``: as in :func:`unroll`.
     """
     n_diff = steps if truncate is None else truncate
     s_len = checkpoint_interval(n_diff, checkpoint)
