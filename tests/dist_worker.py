@@ -94,7 +94,7 @@ def hypergradients(rank: int = 0, world: int = 1) -> dict[str, Any]:
         with distributed.counting() as c:
             g, info = hg.hypergradient(outer, inner, params, hparams, method=m, hvp_mode=mode,  # type: ignore[call-overload]
                                        return_info=True)
-        out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations,
+        out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations, "grad_norm": info.grad_norm,
                      "all_reduces": c.all_reduces, "bytes": c.all_reduce_bytes}
     return out
 

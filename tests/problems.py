@@ -10,6 +10,10 @@ Newton solve to gradient norm ~1e-14), hyperparameters, and a reference hypergra
 * :func:`mlp` — a small tanh MLP with per-layer L2; reference by central finite differences of
   ``L_V(w*(λ))`` with the inner problem re-solved by Newton for each perturbed ``λ``.
 
+Operations without a double backward, each with a twin that has one: :class:`OnceTanh` (a tanh
+whose backward is ``@once_differentiable``) in :func:`regression`, and the fused
+``scaled_dot_product_attention`` in :func:`attention`.
+
 The Newton solve, ``cosine`` and ``rel_dist`` are the application layer's
 (:mod:`hypergradients.app.experiments.problems`), shared with ``explain``, ``compare`` and ``bench``.
 """
@@ -19,9 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from hypergradients.app.experiments.problems import cosine, newton, rel_dist
 from hypergradients.core import tree
@@ -30,9 +37,9 @@ DT = torch.float64
 Tree = dict[str, Tensor]
 Loss = Callable[[Tree, Tree], Tensor]
 
-__all__ = ["ALL", "Problem", "conditioned_logistic", "cosine", "dense_pieces", "lambda_max", "logistic",
-           "low_rank_plus_floor", "mlp", "mlp_parts", "neumann_reference", "newton_solve", "rel_dist", "rel_err",
-           "ridge", "spd_quadratic"]
+__all__ = ["ALL", "OnceTanh", "OnceTanhJvp", "Problem", "attention", "conditioned_logistic", "cosine", "dense_pieces",
+           "lambda_max", "logistic", "low_rank_plus_floor", "mlp", "mlp_parts", "neumann_reference", "newton_solve",
+           "regression", "regression_point", "rel_dist", "rel_err", "ridge", "spd_quadratic"]
 
 
 @dataclass
@@ -279,3 +286,98 @@ def low_rank_plus_floor(n: int = 40, r: int = 5, floor: float = 2.0, seed: int =
     B = torch.randn(n, 3, generator=gen, dtype=DT)
     t = torch.randn(n, generator=gen, dtype=DT)
     return spd_quadratic(A, B, t, torch.randn(3, generator=gen, dtype=DT))
+
+
+# ---------------------------------------------------------------- operations without double backward
+class OnceTanh(torch.autograd.Function):
+    """tanh whose backward is first-order only (as in many custom CUDA kernels)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class OnceTanhJvp(torch.autograd.Function):
+    """:class:`OnceTanh` in the ``torch.func`` style (``setup_context`` and a forward-mode ``jvp``):
+    ``torch.func`` runs it, and differentiates its graph-free backward to a wrong second derivative."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx: Any, t: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+def regression(act: Callable[[Tensor], Tensor]) -> tuple[Loss, Loss]:
+    """A one-hidden-layer regression ``(inner, outer)`` with activation ``act`` (``OnceTanh.apply``
+    or its twin ``torch.tanh``) and ``hparams = {"log_l2": (2,) tensor}``."""
+    gen = torch.Generator().manual_seed(5)
+    X, Xv = torch.randn(30, 3, generator=gen, dtype=DT), torch.randn(20, 3, generator=gen, dtype=DT)
+    y, yv = torch.sin(X.sum(1)), torch.sin(Xv.sum(1))
+
+    def f(p: Tree, x: Tensor) -> Tensor:
+        return act(x @ p["W1"] + p["b1"]) @ p["w2"]
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        return (0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"][0]) * torch.sum(p["W1"] ** 2)
+                + 0.5 * torch.exp(h["log_l2"][1]) * (torch.sum(p["w2"] ** 2) + torch.sum(p["b1"] ** 2)))
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
+
+    return inner, outer
+
+
+def attention(fused: bool) -> tuple[Loss, Loss]:
+    """One attention layer and a linear head; ``fused`` uses ``F.scaled_dot_product_attention``, whose
+    CPU kernel has no double backward, else the same maths written out (the twin)."""
+    gen = torch.Generator().manual_seed(6)
+    X, Xv = torch.randn(8, 4, 3, generator=gen, dtype=DT), torch.randn(6, 4, 3, generator=gen, dtype=DT)
+    y, yv = X.sum((1, 2)).sin(), Xv.sum((1, 2)).sin()
+
+    def f(p: Tree, x: Tensor) -> Tensor:
+        q, k, v = x @ p["Wq"], x @ p["Wk"], x @ p["Wv"]
+        if fused:  # (batch, heads, tokens, features): the layout that selects the fused kernel
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+        return a.mean(1) @ p["wo"]
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        l2 = sum(torch.sum(t ** 2) for t in p.values())
+        return 0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"]) * l2
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
+
+    return inner, outer
+
+
+def regression_point(seed: int = 7) -> tuple[Tree, Tree]:
+    """Random weights (not a minimum) and hyperparameters for :func:`regression`."""
+    gen = torch.Generator().manual_seed(seed)
+    w = {"W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=DT), "b1": torch.zeros(4, dtype=DT),
+         "w2": 0.5 * torch.randn(4, generator=gen, dtype=DT)}
+    return w, {"log_l2": torch.tensor([-3.0, -2.5], dtype=DT)}

@@ -85,10 +85,12 @@ def test_each_method_equals_single_process_on_the_union(name: str, dp_hypergradi
     # The finite-difference mode divides the rank-local rounding of ∇L_T by 2ε ≈ 1e-5, so its
     # difference is ~eps/ε ≈ 2e-11 (measured 2.6e-11): 1e-10 bounds both.
     assert float((a - b).norm() / b.norm()) <= 1e-10
+    # info.grad_norm is ‖∂L_T/∂w‖ of the group-mean gradient, the single process's (same rounding as above)
+    assert r0["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-10)
 
 
 def test_one_all_reduce_per_hvp(dp_hypergradients: list[dict[str, Any]]) -> None:
-    """Implicit methods: ∂L_V/∂w and ∂L_V/∂λ in one all-reduce, one per HVP (a batch of HVPs, as
+    """Implicit methods: ∂L_V/∂w, ∂L_V/∂λ and ∂L_T/∂w (for info.grad_norm) in one all-reduce, one per HVP (a batch of HVPs, as
     Exact's dense build and Nyström's sketch, in one), one for the mixed product. Path methods:
     each differentiated step's gradient all-reduced forward and its adjoint backward, each
     undifferentiated step's gradient once, and the final λ-gradient once."""
@@ -96,13 +98,13 @@ def test_one_all_reduce_per_hvp(dp_hypergradients: list[dict[str, Any]]) -> None
     n_w, n_l = W.D * W.C + W.C, W.D * W.C
     for name in ("CG", "CG-forward-hvp", "CG-finite-difference", "Neumann", "Neumann-auto", "Auto"):
         assert r[name]["all_reduces"] == r[name]["hvps"] + 2, name
-    assert r["Exact"]["all_reduces"] == 3          # v & direct, the batched dense build, mixed
-    assert r["Nystrom"]["all_reduces"] == 4        # v & direct, the sketch (batched), residual, mixed
+    assert r["Exact"]["all_reduces"] == 3          # v, direct & ∇L_T, the batched dense build, mixed
+    assert r["Nystrom"]["all_reduces"] == 4        # v, direct & ∇L_T, the sketch (batched), residual, mixed
     assert r["Unrolled"]["all_reduces"] == 2 * 6 + 1
     assert r["Unrolled-truncated"]["all_reduces"] == 3 + 2 * 3 + 1
     assert r["Unrolled-checkpointed"]["all_reduces"] == 6 + 2 * 6 + 1   # sweep, recompute, backward
-    # Bytes: float64, (n_w + n_l) once, n_w per HVP, n_l for the mixed product.
-    assert r["CG"]["bytes"] == 8 * ((n_w + n_l) + n_w * r["CG"]["hvps"] + n_l)
+    # Bytes: float64, (2·n_w + n_l) once, n_w per HVP, n_l for the mixed product.
+    assert r["CG"]["bytes"] == 8 * ((2 * n_w + n_l) + n_w * r["CG"]["hvps"] + n_l)
 
 
 def test_forward_mode_is_refused_inside_data_parallel(dp_hypergradients: list[dict[str, Any]]) -> None:

@@ -8,7 +8,6 @@ float32 and float64.
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 import hypergradients as hg
 import problems as P
@@ -147,75 +145,16 @@ def test_fd_step_formula() -> None:
 
 
 # ---------------------------------------------------------------- operations without double backward
-class OnceTanh(torch.autograd.Function):
-    """tanh whose backward is first-order only (as in many custom CUDA kernels)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-def _regression(act: Callable[[Tensor], Tensor]) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    gen = torch.Generator().manual_seed(5)
-    X, Xv = torch.randn(30, 3, generator=gen, dtype=P.DT), torch.randn(20, 3, generator=gen, dtype=P.DT)
-    y, yv = torch.sin(X.sum(1)), torch.sin(Xv.sum(1))
-
-    def f(p: Tree, x: Tensor) -> Tensor:
-        return act(x @ p["W1"] + p["b1"]) @ p["w2"]
-
-    def inner(p: Tree, h: Tree) -> Tensor:
-        return (0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"][0]) * torch.sum(p["W1"] ** 2)
-                + 0.5 * torch.exp(h["log_l2"][1]) * (torch.sum(p["w2"] ** 2) + torch.sum(p["b1"] ** 2)))
-
-    def outer(p: Tree, h: Tree) -> Tensor:
-        return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
-
-    return inner, outer
-
-
-def _attention(fused: bool) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """One attention layer and a linear head; ``fused`` uses ``F.scaled_dot_product_attention``, whose
-    CPU kernel has no double backward, else the same maths written out (the twin)."""
-    gen = torch.Generator().manual_seed(6)
-    X, Xv = torch.randn(8, 4, 3, generator=gen, dtype=P.DT), torch.randn(6, 4, 3, generator=gen, dtype=P.DT)
-    y, yv = X.sum((1, 2)).sin(), Xv.sum((1, 2)).sin()
-
-    def f(p: Tree, x: Tensor) -> Tensor:
-        q, k, v = x @ p["Wq"], x @ p["Wk"], x @ p["Wv"]
-        if fused:  # (batch, heads, tokens, features): the layout that selects the fused kernel
-            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        else:
-            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
-        return a.mean(1) @ p["wo"]
-
-    def inner(p: Tree, h: Tree) -> Tensor:
-        l2 = sum(torch.sum(t ** 2) for t in p.values())
-        return 0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"]) * l2
-
-    def outer(p: Tree, h: Tree) -> Tensor:
-        return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
-
-    return inner, outer
-
-
 @pytest.mark.parametrize("case", ["once_differentiable", "scaled_dot_product_attention"])
 def test_no_double_backward_refused_by_default_and_finite_differences_match_the_twin(case: str) -> None:
     gen = torch.Generator().manual_seed(7)
     if case == "once_differentiable":
-        (inner, outer), (inner_twin, outer_twin) = _regression(OnceTanh.apply), _regression(torch.tanh)
+        (inner, outer), (inner_twin, outer_twin) = P.regression(P.OnceTanh.apply), P.regression(torch.tanh)
         start = {"W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=P.DT), "b1": torch.zeros(4, dtype=P.DT),
                  "w2": 0.5 * torch.randn(4, generator=gen, dtype=P.DT)}
         lam = {"log_l2": torch.tensor([-3.0, -2.5], dtype=P.DT)}
     else:
-        (inner, outer), (inner_twin, outer_twin) = _attention(True), _attention(False)
+        (inner, outer), (inner_twin, outer_twin) = P.attention(True), P.attention(False)
         start = {k: 0.5 * torch.randn(3, 3, generator=gen, dtype=P.DT) for k in ("Wq", "Wk", "Wv")}
         start["wo"] = 0.5 * torch.randn(3, generator=gen, dtype=P.DT)
         lam = {"log_l2": torch.tensor(-3.0, dtype=P.DT)}
@@ -227,6 +166,18 @@ def test_no_double_backward_refused_by_default_and_finite_differences_match_the_
         got = hg.hypergradient(outer, inner, w, lam, method=method, hvp_mode=FD)
         # float64, cond(H) ≲ 1e3 here: the HVP error ~1e-11 becomes ≲ 1e-8 in the solve.
         assert P.rel_err(got, ref) <= 1e-8, (method, P.rel_err(got, ref))
+
+
+@pytest.mark.parametrize("fn", [P.OnceTanh, P.OnceTanhJvp], ids=["Function", "func-style Function"])
+def test_forward_hvp_mode_refuses_a_once_differentiable_backward(fn: type[torch.autograd.Function]) -> None:
+    """hvp_mode="forward" differentiates the graph-free backward of a torch.func-style Function
+    to a wrong Hessian (1.4 relative off the tanh twin's Exact hypergradient, silently, without the
+    check) and fails inside torch.func on the other: both are refused with the fix named."""
+    (inner, outer), (inner_twin, _) = P.regression(fn.apply), P.regression(torch.tanh)
+    w0, lam = P.regression_point()
+    w = P.newton_solve(inner_twin, w0, lam)
+    with pytest.raises(hg.HypergradientError, match=fn.__name__ + r".*once_differentiable.*finite-difference"):
+        hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode="forward")
 
 
 def test_dropout_sees_one_mask_and_the_rng_advances_as_in_reverse_mode() -> None:
@@ -246,7 +197,9 @@ def test_dropout_sees_one_mask_and_the_rng_advances_as_in_reverse_mode() -> None
     out = {}
     for mode in ("reverse", FD):
         torch.manual_seed(0)
-        out[mode] = (hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode=mode), torch.rand(3))
+        with pytest.warns(hg.IndefiniteHessianWarning):  # random weights: H is indefinite here
+            g = hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode=mode)
+        out[mode] = (g, torch.rand(3))
     # Same mask in all 2n + 2 gradient evaluations: measured 4.7e-9, above the 1e-9 of BOUND since
     # these weights are not a minimum (‖∇L_T‖ = O(1) enters the rounding error eps·‖∇L_T‖/ε); a new
     # mask per evaluation is off by O(1) (measured 1.0).

@@ -160,3 +160,38 @@ def test_forward_with_optimizer_state_keeps_no_state_per_step(ridge: P.Problem,
     ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, perturbed_start(ridge), ridge.hparams,
                            method=hg.Unrolled(steps=K, optimizer=hg.optim.adam(lr=0.01)))
     assert P.rel_err(g, ref) <= TOL
+
+
+# ---------------------------------------------------------------- forward-mode AD failures are named
+def _mse_problem(written_out: bool) -> tuple[P.Loss, P.Loss, P.Tree, P.Tree]:
+    gen = torch.Generator().manual_seed(4)
+    X, y = torch.randn(20, 3, generator=gen, dtype=P.DT), torch.randn(20, generator=gen, dtype=P.DT)
+    Xv, yv = torch.randn(10, 3, generator=gen, dtype=P.DT), torch.randn(10, generator=gen, dtype=P.DT)
+
+    def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((a - b) ** 2).mean() if written_out else torch.nn.functional.mse_loss(a, b)
+
+    def inner(p: P.Tree, h: P.Tree) -> torch.Tensor:
+        return mse(torch.tanh(X @ p["w"]), y) + torch.exp(h["l"]) * torch.sum(p["w"] ** 2)
+
+    def outer(p: P.Tree, h: P.Tree) -> torch.Tensor:
+        return mse(torch.tanh(Xv @ p["w"]), yv)
+
+    return inner, outer, {"w": torch.randn(3, generator=gen, dtype=P.DT)}, {"l": torch.tensor(-1.0, dtype=P.DT)}
+
+
+@pytest.mark.parametrize("route", ["Forward", "hvp_mode=forward"])
+def test_mse_loss_forward_mode_bug_is_named_with_its_workaround(route: str) -> None:
+    """F.mse_loss with reduction="mean" makes torch's forward-over-reverse raise "ZeroTensors are
+    immutable" (a PyTorch bug): the error says so and gives the written-out loss, which works and,
+    in the same arithmetic, gives reverse mode's answer (1e-12 as in the rest of this file)."""
+    kw: dict = ({"method": hg.Forward(steps=3, lr=0.1)} if route == "Forward"
+                else {"method": hg.CG(tol=1e-14), "hvp_mode": "forward"})
+    inner, outer, w, lam = _mse_problem(written_out=False)
+    with pytest.raises(hg.HypergradientError, match=r"ZeroTensors are immutable.*known PyTorch bug.*F\.mse_loss"
+                                                     r".*\(\(a - b\) \*\* 2\)\.mean\(\)"):
+        hg.hypergradient(outer, inner, w, lam, **kw)
+    inner2, outer2, _, _ = _mse_problem(written_out=True)
+    got = hg.hypergradient(outer2, inner2, w, lam, **kw)
+    reverse = {"method": hg.Unrolled(steps=3, lr=0.1)} if route == "Forward" else {"method": hg.CG(tol=1e-14)}
+    assert P.rel_err(got, hg.hypergradient(outer, inner, w, lam, **reverse)) <= TOL

@@ -326,3 +326,37 @@ def test_auto_validation() -> None:
         hg.Auto(tol=-1.0)
     with pytest.raises(hg.HypergradientError, match=r"Auto\.max_iters must be a positive integer, got 0"):
         hg.Auto(max_iters=0)
+
+
+# ---------------------------------------------------------------- weights that are not a minimum
+def test_info_reports_the_gradient_norm_and_exact_an_indefinite_hessian(mlp: P.Problem) -> None:
+    """At an untrained tanh MLP (not a minimum: λ_min(H) < 0, ‖∇L_T‖ = O(1)) every method reports
+    ‖∂L_T/∂w‖ in info.grad_norm, and Exact, whose Cholesky factorisation fails there, reports
+    converged=False, the smallest eigenvalue and a warning. float64: the gradient norms are the same
+    autograd gradient (1e-12), λ_min comes from the same dense H (1e-10 of its scale)."""
+    inner, outer, start, lam = P.mlp_parts()
+    H, _, _, _ = P.dense_pieces(inner, outer, start, lam)
+    ev = torch.linalg.eigvalsh(H)
+    assert float(ev[0]) < -0.1  # a saddle, well beyond rounding
+    gnorm = float(torch.linalg.vector_norm(torch.func.grad(lambda x: inner(tree.unflatten(x, start), lam))(
+        tree.flatten(start))))
+    assert gnorm > 0.1
+    with pytest.warns(hg.IndefiniteHessianWarning, match=r"not positive definite.*not a minimum.*damping"):
+        _, info = hg.hypergradient(outer, inner, start, lam, method=hg.Exact(), return_info=True)
+    assert info.converged is False and info.extra["positive_definite"] == 0.0
+    assert abs(info.extra["lambda_min"] - float(ev[0])) <= 1e-10 * float(ev.abs().max())
+    assert info.grad_norm == pytest.approx(gnorm, rel=1e-12)
+    # Damped past −λ_min, H + δI is positive definite: Cholesky succeeds, no warning.
+    _, info = hg.hypergradient(outer, inner, start, lam, method=hg.Exact(damping=0.1 - float(ev[0])),
+                               return_info=True)
+    assert info.converged is True and info.extra["positive_definite"] == 1.0 and "lambda_min" not in info.extra
+    for method, mode in [(hg.Identity(), "reverse"), (hg.Identity(), "finite-difference"),
+                         (hg.Neumann(iters=3, alpha=0.01), "forward"), (hg.Unrolled(steps=2, lr=0.01), "reverse"),
+                         (hg.Unrolled(steps=3, lr=0.01, truncate=1), "reverse"), (hg.Forward(steps=2, lr=0.01), "reverse")]:
+        _, info = hg.hypergradient(outer, inner, start, lam, method=method, hvp_mode=mode,  # type: ignore[arg-type]
+                                   return_info=True)
+        assert info.grad_norm == pytest.approx(gnorm, rel=1e-12), (method, mode)
+    # At w* (Newton to ‖∇L_T‖ ~1e-13) Exact finds H positive definite and the gradient norm is tiny.
+    _, info = hg_of(mlp, hg.Exact())
+    assert info.converged is True and info.extra["positive_definite"] == 1.0
+    assert info.grad_norm is not None and info.grad_norm <= 1e-12

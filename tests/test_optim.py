@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 import hypergradients as hg
+import problems as P
 from hypergradients import optim
+from hypergradients.core import tree
 
 DT = torch.float64
 Tree = dict[str, Tensor]
@@ -163,7 +165,7 @@ def test_schedule_entry_per_step_and_errors() -> None:
     w2, st = opt.update(g, st, w1, hp)
     assert torch.equal(w1["x"], torch.full((2,), 0.5, dtype=DT))
     assert torch.equal(w2["x"], torch.full((2,), 0.25, dtype=DT))
-    with pytest.raises(hg.HypergradientError, match=r"schedule 's' has 2 entries but step 2"):
+    with pytest.raises(hg.HypergradientError, match=r"schedule 's' has 2 entries, one per step, and has run out at step 2"):
         opt.update(g, st, w2, hp)
     with pytest.raises(hg.HypergradientError, match=r"'nope'.*not in hparams"):
         optim.adam("nope").update(g, optim.adam("nope").init(w), w, hp)
@@ -206,3 +208,34 @@ def test_adam_zero_input_feature_keeps_hypergradient_finite(make: Callable[..., 
                            {"lr": torch.tensor(0.05, dtype=DT)},
                            method=hg.Forward(steps=4, optimizer=opt, batches=batches))
     assert abs(float(fwd["lr"]) - float(b)) <= 1e-10 * abs(float(b))
+
+
+# ---------------------------------------------------------------- one shape rule for Unrolled(lr=) and hg.optim
+def test_a_one_element_hyperparameter_is_a_scalar_for_unrolled_and_optim(ridge: P.Problem) -> None:
+    """``(1,)`` and ``()`` are both a scalar, for ``Unrolled(lr="lr")`` and for ``hg.optim``: the same
+    K = 6 gradient-descent steps, so the same hypergradient (float64; the products are the same, the
+    λ-gradient's summation order differs: 1e-12)."""
+    outs = []
+    for shape in [(), (1,)]:
+        hp = {**ridge.hparams, "lr": torch.full(shape, 0.3, dtype=DT)}
+        for method in (hg.Unrolled(steps=6, lr="lr"), hg.Unrolled(steps=6, optimizer=optim.sgd(lr="lr")),
+                       hg.Unrolled(steps=6, optimizer=optim.gd(lr="lr"))):
+            g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=method)
+            assert g["lr"].shape == shape
+            outs.append(tree.flatten(g))
+    for o in outs[1:]:
+        assert float(torch.linalg.vector_norm(o - outs[0]) / torch.linalg.vector_norm(outs[0])) <= 1e-12
+
+
+def test_a_short_schedule_is_refused_naming_the_steps_needed(ridge: P.Problem) -> None:
+    hp = {**ridge.hparams, "s": torch.full((3,), 0.3, dtype=DT)}
+    for method in (hg.Unrolled(steps=5, optimizer=optim.sgd(lr="s")), hg.Forward(steps=5, optimizer=optim.adam(lr="s")),
+                   hg.Unrolled(steps=5, truncate=2, optimizer=optim.gd(lr="s"))):
+        with pytest.raises(hg.HypergradientError, match=r"hparams\['s'\].*3 entries.*K = 5 steps.*shape \(5,\)"):
+            hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=method)
+    # Unrolled(lr=) takes a scalar only; a schedule is hg.optim.gd's, with the same steps.
+    with pytest.raises(hg.HypergradientError, match=r"one element.*optimizer=hg\.optim\.gd\(lr='s'\)"):
+        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=hg.Unrolled(steps=3, lr="s"))
+    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp,
+                         method=hg.Unrolled(steps=3, optimizer=optim.gd(lr="s")))
+    assert g["s"].shape == (3,) and bool((g["s"] != 0).all())

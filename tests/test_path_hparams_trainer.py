@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypergradients.paths.methods import PathHyperparameters, PathTuner
+from hypergradients.paths.unroll import reverse
 from torch import Tensor, nn
 
 import hypergradients as hg
+import problems as P
 from hypergradients import optim
 from hypergradients.core import tree
 from hypergradients.hparams import WeightDecay
-from hypergradients.paths.methods import PathHyperparameters, PathTuner
-from hypergradients.paths.unroll import reverse
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -167,3 +168,40 @@ def test_resume_with_path_hyperparameters_is_bit_for_bit(tmp_path: Path) -> None
     assert f_full.tensors()
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in full.metrics]
     assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in part.metrics]
+
+
+class _OnceTanh(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return P.OnceTanh.apply(x)  # type: ignore[no-any-return]
+
+
+def test_tuner_refuses_an_op_without_second_derivative() -> None:
+    """fit(path_hparams=) replays the window through the same reverse sweep as hg.Unrolled: a
+    @once_differentiable backward in the model is refused there too, not silently dropped."""
+    (Xt, yt), (Xv, yv) = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), _OnceTanh(), nn.Linear(8, 3)).to(DT)
+    tuner = PathTuner(PathHyperparameters({"lr": torch.tensor(0.2, dtype=DT)}, optim.sgd("lr"), steps=2),
+                      dict(model.named_parameters()))
+    tuner.begin_round(3)
+    for i in range(3):
+        b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])
+        tuner.step(dict(model.named_parameters()), lambda w, replay, b=b: _ce(model, w, b))
+    with pytest.raises(hg.HypergradientError, match=r"OnceTanh.*once_differentiable.*fit\(path_hparams="):
+        tuner.hypergradient(lambda w: _ce(model, w, (Xv, yv)))
+
+
+def test_tuner_refuses_a_schedule_shorter_than_the_steps_it_will_take() -> None:
+    """A schedule is indexed by the global inner step: the round that would need entry 4 of a
+    4-entry schedule is refused when it begins, naming K = 5, not midway at its first missing step."""
+    (Xt, yt), _ = _data()
+    model = _model()
+    tuner = PathTuner(PathHyperparameters({"lr": torch.full((4,), 0.1, dtype=DT)}, optim.sgd("lr"), steps=2),
+                      dict(model.named_parameters()))
+    tuner.begin_round(3)  # steps 0..2
+    for i in range(3):
+        b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])
+        tuner.step(dict(model.named_parameters()), lambda w, replay, b=b: _ce(model, w, b))
+    tuner.begin_round(1)  # step 3: the last entry
+    with pytest.raises(hg.HypergradientError, match=r"'lr'.*4 entries.*K = 5 steps.*shape \(5,\)"):
+        tuner.begin_round(2)  # steps 3..4

@@ -135,12 +135,10 @@ def test_deq_as_a_root_in_either_sign_and_without_double_backward(deq: tuple[DEQ
 
     for cond in (F, G):
         assert P.rel_err(hg.root_hypergradient(m.outer, cond, z, m.hparams), fd) <= 1e-7
-    # The map through an op whose backward is first-order only (tests/test_fd_hvp.py): GMRES needs
+    # The map through an op whose backward is first-order only (tests/problems.py): GMRES needs
     # one VJP of T per product, never a second derivative.
-    from test_fd_hvp import OnceTanh
-
     def T_once(p: Tree, h: Tree) -> Tree:
-        return m.T(p, h, act=OnceTanh.apply)
+        return m.T(p, h, act=P.OnceTanh.apply)
 
     assert P.rel_err(hg.root_hypergradient(m.outer, T_once, z, m.hparams, fixed_point=True), fd) <= 1e-7
 
@@ -282,3 +280,62 @@ def test_implicit_layers_doc_example_runs() -> None:
     m = re.fullmatch(r"GMRES relative error vs finite differences: (\S+)\n", out.getvalue())
     assert m is not None, out.getvalue()
     assert float(m.group(1)) < 1e-6
+
+
+# ---------------------------------------------------------------- operations without a second derivative
+def _gradient_condition(inner: P.Loss) -> Callable[[Tree, Tree], Tree]:
+    """``F = ∂L_T/∂w`` built with ``create_graph=True``, the way users write a stationarity condition."""
+    def F(p: Tree, h: Tree) -> Tree:
+        return dict(zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True))
+    return F
+
+
+@pytest.mark.parametrize("name", [*ALL_METHODS, "neumann"])
+def test_a_gradient_condition_through_a_once_differentiable_op_is_refused(name: str) -> None:
+    """Every product with ∂F/∂w skips the op's once-differentiable backward: without the check the
+    answer was 0.77 relative off the tanh twin's, silently. Each method refuses, naming the op and
+    hvp_mode="finite-difference"."""
+    (inner, outer), (inner_twin, outer_twin) = P.regression(P.OnceTanh.apply), P.regression(torch.tanh)
+    w0, lam = P.regression_point()
+    w = P.newton_solve(inner_twin, w0, lam)
+    method = hg.Neumann(iters=60) if name == "neumann" else ALL_METHODS[name]
+    ref = hg.hypergradient(outer_twin, inner_twin, w, lam, method=hg.Exact())
+    assert P.rel_err(hg.root_hypergradient(outer_twin, _gradient_condition(inner_twin), w, lam,
+                                           method=hg.GMRES(tol=1e-13)), ref) <= 1e-8   # the twin is fine
+    with pytest.raises(hg.HypergradientError, match=r"OnceTanh.*once_differentiable.*finite-difference"):
+        hg.root_hypergradient(outer, _gradient_condition(inner), w, lam, method=method)
+
+
+def test_normal_cg_routes_around_forward_mode_failures_by_a_vjp_of_a_vjp() -> None:
+    """F.mse_loss (mean) hits PyTorch's forward-mode "ZeroTensors are immutable" bug: NormalCG's
+    products (∂F/∂w)x then come from a VJP of a VJP, and agree with GMRES (both to tol 1e-13 in
+    float64, cond(∂F/∂w) ≲ 1e3: 1e-8 leaves margin for NormalCG's squared conditioning)."""
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.randn(30, 4, generator=gen, dtype=DT), torch.randn(30, generator=gen, dtype=DT)
+    Xv, yv = torch.randn(20, 4, generator=gen, dtype=DT), torch.randn(20, generator=gen, dtype=DT)
+
+    def inner(p: Tree, h: Tree) -> Tensor:
+        return torch.nn.functional.mse_loss(torch.tanh(X @ p["w"]), y) + torch.sum(torch.exp(h["l"]) * p["w"] ** 2)
+
+    def outer(p: Tree, h: Tree) -> Tensor:
+        return torch.nn.functional.mse_loss(torch.tanh(Xv @ p["w"]), yv)
+
+    lam = {"l": torch.full((4,), -2.0, dtype=DT)}
+    w = P.newton_solve(inner, {"w": torch.zeros(4, dtype=DT)}, lam)
+    F = _gradient_condition(inner)
+    ref = hg.root_hypergradient(outer, F, w, lam, method=hg.GMRES(tol=1e-13))
+    g, info = hg.root_hypergradient(outer, F, w, lam, method=hg.NormalCG(tol=1e-13, iters=500), return_info=True)
+    assert info.extra["double_vjp"] == 1.0 and info.jvps > 0
+    assert P.rel_err(g, ref) <= 1e-8, P.rel_err(g, ref)
+
+
+def test_normal_cg_names_both_failures_when_neither_product_works(deq: tuple[DEQ, Tree, Tree]) -> None:
+    """A map through OnceTanh has no forward-mode formula (no jvp) and its VJP has no derivative:
+    NormalCG cannot form (∂F/∂w)x at all and says so, pointing to GMRES (which needs VJPs only)."""
+    m, z, _ = deq
+
+    def T_once(p: Tree, h: Tree) -> Tree:
+        return m.T(p, h, act=P.OnceTanh.apply)
+
+    with pytest.raises(hg.HypergradientError, match=r"forward-mode.*jvp.*VJP of a VJP.*OnceTanh.*hg\.GMRES"):
+        hg.root_hypergradient(m.outer, T_once, z, m.hparams, fixed_point=True, method=hg.NormalCG())

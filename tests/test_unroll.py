@@ -118,3 +118,43 @@ def test_unrolled_nonfinite_loss_names_the_step(ridge: P.Problem) -> None:
     with pytest.raises(hg.HypergradientError, match=r"unrolled step \d+: inner_loss.*non-finite"):
         hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
                          method=hg.Unrolled(steps=2000, lr=50.0))
+
+
+# ---------------------------------------------------------------- operations without a second derivative
+PATH_METHODS = {
+    "gd": hg.Unrolled(steps=4, lr=0.05),
+    "adam": hg.Unrolled(steps=4, optimizer=hg.optim.adam(lr=0.01)),
+    "checkpointed": hg.Unrolled(steps=4, lr=0.05, checkpoint=2),
+    "truncated": hg.Unrolled(steps=4, lr=0.05, truncate=2),
+    "forward": hg.Forward(steps=4, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("fn", [P.OnceTanh, P.OnceTanhJvp], ids=["Function", "func-style Function"])
+@pytest.mark.parametrize("name", list(PATH_METHODS))
+def test_path_methods_refuse_an_op_without_second_derivative(name: str, fn: type[torch.autograd.Function]) -> None:
+    """A @once_differentiable backward is skipped by the backward pass through the steps: the
+    answer would silently lose that op's curvature (without the check: 1.8e-2 relative off the tanh
+    twin with lr=0.05 and 0.26 with Adam, K = 4; hg.Forward ran a torch.func-style Function to a wrong
+    answer too and raised torch's error on the other), so every route refuses, naming the op and the
+    alternatives."""
+    (inner, outer), (inner_twin, outer_twin) = P.regression(fn.apply), P.regression(torch.tanh)
+    w, lam = P.regression_point()
+    method = PATH_METHODS[name]
+    hg.hypergradient(outer_twin, inner_twin, w, lam, method=method)  # the twin runs through
+    with pytest.raises(hg.HypergradientError, match=fn.__name__ + r" \(its backward is @once_differentiable\).*"
+                                                     r"second derivative.*finite-difference"):
+        hg.hypergradient(outer, inner, w, lam, method=method)
+
+
+@pytest.mark.parametrize("method", [hg.Unrolled(steps=2, lr=0.05), hg.Unrolled(steps=2, lr=0.05, checkpoint=1),
+                                    hg.Forward(steps=2, lr=0.05)], ids=["unrolled", "checkpointed", "forward"])
+def test_path_methods_name_a_kernel_without_double_backward(method: hg.Method) -> None:
+    """The fused CPU attention kernel's double backward (and forward-mode derivative) raise inside
+    torch: the library's error names the cause and the twin that works (the MATH backend)."""
+    inner, outer = P.attention(True)
+    gen = torch.Generator().manual_seed(7)
+    w = {k: 0.5 * torch.randn(3, 3, generator=gen, dtype=P.DT) for k in ("Wq", "Wk", "Wv")}
+    w["wo"] = 0.5 * torch.randn(3, generator=gen, dtype=P.DT)
+    with pytest.raises(hg.HypergradientError, match=r"scaled_dot_product.*(hg\.Unrolled|SDPBackend\.MATH)"):
+        hg.hypergradient(outer, inner, w, {"log_l2": torch.tensor(-3.0, dtype=P.DT)}, method=method)

@@ -22,7 +22,15 @@ from .core.errors import (
     ProblemTooLargeError,
 )
 from .core.hypergradient import hypergradient
-from .core.method import ImplicitMethod, Info, Method, PathMethod, Stats, UnusedHyperparameterWarning
+from .core.method import (
+    ImplicitMethod,
+    IndefiniteHessianWarning,
+    Info,
+    Method,
+    PathMethod,
+    Stats,
+    UnusedHyperparameterWarning,
+)
 from .core.modules import functional_model, make_losses, module_params
 from .core.operators import HessianOperator
 from .core.roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
@@ -65,6 +73,7 @@ __all__ = [
     "HypergradientError",
     "Identity",
     "ImplicitMethod",
+    "IndefiniteHessianWarning",
     "Info",
     "LossReweighting",
     "Method",

@@ -25,9 +25,10 @@ operations that have no double backward (fused attention kernels such as
 each two gradient evaluations, with ``ε`` from :func:`fd_step`. Central differences are exact
 for quadratic losses up to rounding. Every evaluation replays the random-number state of the
 first call of ``L_T``, so a loss with dropout sees one mask, as the reverse mode's single graph
-does. In the reverse mode a once-differentiable backward would silently drop its part of the
-second derivative (autograd prunes the node that would raise): :class:`InnerDerivatives` looks
-for such nodes in the gradient's graph and refuses, naming the finite-difference mode.
+does. In the reverse and forward modes a once-differentiable backward would silently drop its
+part of the second derivative (autograd prunes the node that would raise; ``torch.func``
+differentiates a backward that was computed without a graph): :class:`InnerDerivatives` looks for
+such nodes in the gradient's graph and refuses, naming the finite-difference mode.
 
 Nothing else in the package calls ``torch.autograd.grad`` with ``create_graph=True``, except
 the path-based methods in :mod:`hypergradients.paths.unroll`, which differentiate through training.
@@ -42,6 +43,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import distributed, tree
 from .errors import HypergradientError
@@ -58,6 +60,27 @@ _NO_DOUBLE_BACKWARD = (
     'hvp_mode="finite-difference" to hg.hypergradient, which needs first-order gradients only.')
 
 
+def forward_mode_error(err: BaseException, *, what: str, fix: str) -> HypergradientError:
+    """The library's error for a failure inside forward-mode AD (``torch.func.jvp``, ``forward_ad``).
+
+    Names the cause torch's message leaves implicit and ends with ``fix`` (what to use instead).
+    "ZeroTensors are immutable" is a PyTorch bug, not the user's: the forward-mode derivative of
+    some backward formulas (``F.mse_loss`` with ``reduction="mean"``) writes into torch's
+    immutable zero tensor; the same loss written out, ``((a - b) ** 2).mean()``, avoids it.
+    """
+    msg = str(err).rstrip(". ")
+    if "ZeroTensors are immutable" in msg:
+        cause = ("This is a known PyTorch bug in forward-mode AD, not an error in the losses: the "
+                 "forward-mode derivative of some backward formulas writes into an immutable zero tensor "
+                 "(F.mse_loss with reduction='mean' is one; write it out as ((a - b) ** 2).mean(), which "
+                 "computes the same loss without that formula)")
+    else:
+        cause = ("The usual cause: an operation without a forward-mode derivative (fused kernels such as "
+                 "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom "
+                 "autograd.Functions without setup_context and jvp)")
+    return HypergradientError(f"{what} failed in forward-mode AD: {msg}. {cause}. {fix}")
+
+
 def fd_step(x: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> float:
     """The central-difference step ``ε = ∛eps · (1 + ‖x‖) / ‖d‖`` along direction ``d`` at ``x``.
 
@@ -65,7 +88,9 @@ def fd_step(x: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> float:
     central difference ``(g(x + εd) − g(x − εd)) / 2ε`` of a gradient ``g`` has truncation error
     ``O(ε²‖d‖³ ‖∇³L‖)`` and rounding error ``O(eps · ‖g‖ / ε)`` (each gradient is off by about
     ``eps`` relative); their sum is smallest for ``ε‖d‖ ∝ ∛eps`` times the scale of ``x``, with a
-    relative error ``O(eps^{2/3})``: about 2e-5 in float32 and 4e-11 in float64. ``1 + ‖x‖``
+    relative error ``O(eps^{2/3})``: about 2e-5 in float32 and 4e-11 in float64 along directions of
+    curvature near ``‖H‖``, up to cond(H) times more along the flattest ones (the rounding error
+    does not shrink with ``‖Hd‖``; measured in ``benchmarks/fd_hvp_accuracy.py``). ``1 + ‖x‖``
     makes the step relative for large weights and absolute (``∛eps``) near zero. Returns 0 for a
     zero direction.
     """
@@ -109,23 +134,52 @@ class _RngReplay:
             yield
 
 
-def _once_differentiable_node(outputs: Sequence[Tensor]) -> str | None:
-    """Name of an autograd ``Error`` node (a ``@once_differentiable`` backward) in the outputs' graph.
-
-    Such a node stands for a backward that ran without building a graph; autograd does not link it
-    to its inputs, so a second backward skips it without raising and drops its contribution.
-    """
-    seen: set[object] = set()
+def _graph(outputs: Sequence[Tensor], seen: set[object] | None = None) -> Iterator[object]:
+    """The autograd nodes of the outputs' graph, each once (``seen``: nodes to skip, updated)."""
+    seen = set() if seen is None else seen
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "Error":
-            return str(node.name())
+        yield node
         stack.extend(f for f, _ in node.next_functions if f is not None)
+
+
+def _once_differentiable_node(outputs: Sequence[Tensor], seen: set[object] | None = None) -> str | None:
+    """Name of an autograd ``Error`` node (a ``@once_differentiable`` backward) in the outputs' graph.
+
+    Such a node stands for a backward that ran without building a graph; autograd does not link it
+    to its inputs, so a second backward skips it without raising and drops its contribution.
+    ``seen``: nodes not to walk (updated), e.g. the graph of the weights an unrolled step starts
+    from, checked with the steps before.
+    """
+    for node in _graph(outputs, seen):
+        if type(node).__name__ == "Error":
+            return str(node.name())  # type: ignore[attr-defined]
     return None
+
+
+# Every backward wrapped by @once_differentiable shares the code object of its wrapper.
+_ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_culprits(outputs: Sequence[Tensor], node: str) -> str:
+    """What to call the once-differentiable operation(s) of the outputs' graph in a message.
+
+    An ``Error`` node does not say which operation made it; the custom ``autograd.Function`` classes
+    whose backward is ``@once_differentiable`` are found in the forward part of the graph (the
+    loss, or the tensors a gradient's graph saved), by their backward's code object. ``node``:
+    the name of the ``Error`` node, for the message when no such Function is found.
+    """
+    names = sorted({cls.__name__ for node in _graph(outputs)
+                    if (cls := getattr(node, "_forward_cls", None)) is not None
+                    and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE})
+    if names:
+        return f"the custom autograd.Function {', '.join(names)} (its backward is @once_differentiable)"
+    return (f"an operation whose backward is once-differentiable ({node} in the gradient's graph: a custom "
+            "autograd.Function with a @once_differentiable backward, or an extension op's)")
 
 
 def _double_backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
@@ -207,12 +261,15 @@ class InnerDerivatives:
         self._live = [k for k, g in self.grad.items() if g.requires_grad]
         # Built once: every product reuses the same output/input lists (no per-call rebuilds).
         self._outs = [self.grad[k] for k in self._live]
-        if hvp_mode == "reverse":
-            bad = _once_differentiable_node(self._outs)
-            if bad is not None:
-                raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
-                    err=f"inner_loss's backward contains a once-differentiable node ({bad}), whose "
-                        "second derivative autograd would silently drop"))
+        # A @once_differentiable backward leaves an Error node here. Double backward skips it and
+        # forward-over-reverse differentiates a backward computed without a graph: both would lose
+        # its second derivative silently, so both modes refuse.
+        bad = _once_differentiable_node(self._outs)
+        if bad is not None:
+            raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
+                err=f"the gradient of inner_loss was built through "
+                    f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
+                    "derivative autograd would silently drop"))
 
     def _init_fd(self) -> None:
         # The RNG state before the first call of L_T: every later evaluation replays it.
@@ -318,7 +375,15 @@ class InnerDerivatives:
         def loss_of_w(ww: Tree) -> Tensor:
             return self.inner_loss(ww, lam).reshape(())
 
-        out = torch.func.jvp(torch.func.grad(loss_of_w), (w,), (dict(v),))
+        try:
+            out = torch.func.jvp(torch.func.grad(loss_of_w), (w,), (dict(v),))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # NotImplementedError included
+            raise forward_mode_error(
+                e, what='a Hessian-vector product of inner_loss with hvp_mode="forward"',
+                fix='Use hvp_mode="reverse" (the default, double backward), or "finite-difference" for '
+                    "operations without a double backward") from e
         return dict(out[1])
 
 

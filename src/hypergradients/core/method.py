@@ -45,6 +45,10 @@ class UnusedHyperparameterWarning(UserWarning):
     """A hyperparameter affects neither ``∂L_T/∂w`` nor ``L_V``: its hypergradient is zero."""
 
 
+class IndefiniteHessianWarning(UserWarning):
+    """``H`` (plus any damping) is not positive definite at the given weights: they are not a minimum."""
+
+
 @dataclass
 class Info:
     """What a hypergradient cost and how good it is.
@@ -55,6 +59,16 @@ class Info:
     ``final_params`` the weights after the unrolled steps (``Unrolled`` only); ``direct`` the
     term ``∂L_V/∂λ``; ``extra`` method facts such as the ``alpha`` and ``lambda_max`` used;
     ``state`` the :class:`~hypergradients.SolverState` to pass to the next call.
+
+    ``grad_norm`` is ``‖∂L_T/∂w‖`` at the given weights (every method; data-parallel: of the
+    group-mean gradient), free where the gradient is computed anyway. The implicit methods take
+    the weights as a minimum ``w*``; a gradient norm that is not small next to the gradient norms
+    seen during training says they are not, and their hypergradient is then not the derivative of
+    ``L_V(w*(λ))``. Whether ``H`` is positive definite shows where a method finds out: ``CG``
+    raises :class:`~hypergradients.NegativeCurvatureError`, ``Auto`` damps (``extra["damping"]``),
+    ``Neumann`` raises on divergence, and ``Exact`` (which factorises the dense ``H``) reports
+    ``converged=False``, ``extra["positive_definite"] = 0`` and ``extra["lambda_min"]`` (the
+    smallest eigenvalue of ``H + δI``), with an :class:`IndefiniteHessianWarning`.
     """
 
     method: str
@@ -68,6 +82,7 @@ class Info:
     time_s: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
     state: SolverState | None = None
+    grad_norm: float | None = None
 
 
 @dataclass
@@ -179,8 +194,8 @@ class ImplicitMethod(Method):
                 state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
         w = tree.clone_leaves(params, requires_grad=True)
         outer = scalar_loss(outer_loss, w, lam, name="outer_loss")
-        v, direct, direct_used = _partials(outer, w, lam)           # ∂L_V/∂w, ∂L_V/∂λ
         D = InnerDerivatives(inner_loss, w, lam, hvp_mode=hvp_mode)
+        v, direct, direct_used, gw = _partials(outer, w, lam, D.grad)   # ∂L_V/∂w, ∂L_V/∂λ, ∂L_T/∂w
         op = HessianOperator.of(D)                                   # H = ∂²L_T/∂w∂wᵀ
         p, new_state, stats = self.solve(op, v, state, residual=residual)   # p ≈ H⁻¹ v
         indirect, inner_used = D.mixed_vjp(p)                       # (∂²L_T/∂λ∂wᵀ) p
@@ -188,17 +203,19 @@ class ImplicitMethod(Method):
         g = tree.sub(direct, indirect)
         return g, Info(type(self).__name__, stats.iterations, op.hvps, stats.residual, stats.converged,
                        direct=tree.detach(direct), outer_loss=float(outer.detach()), extra=dict(stats.extra),
-                       state=new_state)
+                       state=new_state, grad_norm=float(tree.norm(gw)))
 
 
-def _partials(outer: Tensor, w: Tree, lam: Tree) -> tuple[Tree, Tree, set[str]]:
-    """``∂L_V/∂w``, ``∂L_V/∂λ`` (zeros where unused) in one backward pass, and the λ keys used."""
+def _partials(outer: Tensor, w: Tree, lam: Tree, inner_grad: Tree) -> tuple[Tree, Tree, set[str], Tree]:
+    """``∂L_V/∂w``, ``∂L_V/∂λ`` (zeros where unused) in one backward pass, the λ keys used, and
+    ``inner_grad`` (``∂L_T/∂w``, detached), each the group mean in data-parallel runs."""
     both = list(w.values()) + list(lam.values())
     raw = torch.autograd.grad(outer, both, allow_unused=True) if outer.requires_grad else (None,) * len(both)
     used = {k for k, gk in zip(lam, raw[len(w):], strict=True) if gk is not None}
-    # data-parallel (hg.distributed.data_parallel): both group means in one all-reduce
-    v, direct = distributed.average([tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam)])
-    return v, direct, used
+    # data-parallel (hg.distributed.data_parallel): the three group means in one all-reduce
+    v, direct, gw = distributed.average([tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam),
+                                         tree.detach(inner_grad)])
+    return v, direct, used, gw
 
 
 class PathMethod(Method):

@@ -55,7 +55,14 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import distributed, tree
-from .derivatives import LossFn, power_iteration, scalar_loss
+from .derivatives import (
+    LossFn,
+    _once_differentiable_node,
+    forward_mode_error,
+    once_differentiable_culprits,
+    power_iteration,
+    scalar_loss,
+)
 from .errors import HypergradientError, NeumannDivergenceError, ProblemTooLargeError
 from .kernels import krylov
 from .method import UnusedHyperparameterWarning
@@ -117,8 +124,12 @@ class NormalCG:
 
     Minimises the residual monotonically for any Jacobian, singular included, but converges at
     the rate of CG on ``cond(∂F/∂w)²``: the fallback where GMRES stagnates. The JVPs use forward
-    mode (``torch.autograd.forward_ad``): every operation in the condition needs a forward-mode
-    formula. See :func:`hypergradients.core.kernels.krylov.cgls`.
+    mode (``torch.autograd.forward_ad``). Where forward mode fails (an operation without a
+    forward-mode formula; PyTorch's "ZeroTensors are immutable" bug in ``F.mse_loss``'s mean
+    reduction) they are computed in reverse mode instead, as ``(∂F/∂w)x = ∂/∂u ⟨(∂F/∂w)ᵀu, x⟩``
+    (a VJP of a VJP, one backward pass each after a graph built once), which needs a second
+    derivative of the condition; ``info.extra["double_vjp"]`` is then 1. See
+    :func:`.kernels.krylov.cgls`.
     """
 
     iters: int = 200
@@ -144,7 +155,7 @@ class RootInfo:
     whether the solver met its tolerance (``None`` for Neumann's fixed budget); ``direct`` the
     term ``∂L_V/∂λ``; ``condition_norm`` ``‖F(w, λ)‖`` at the given weights (for a fixed point
     ``‖w − T(w, λ)‖``): the derivative is that of the root, so it should be small; ``extra``
-    method facts (``alpha``, ``lambda_max``, ``damping``).
+    method facts (``alpha``, ``lambda_max``, ``damping``, ``double_vjp``).
     """
 
     method: str
@@ -199,8 +210,23 @@ class _Jacobian:
             raise HypergradientError(f"the condition is not finite at these weights (leaf "
                                      f"{tree.first_nonfinite(self.F)!r}); pass the root or fixed point")
         self.live = [k for k, t in self.F.items() if t.requires_grad]
+        bad = _once_differentiable_node([self.F[k] for k in self.live])
+        if bad is not None:
+            what = once_differentiable_culprits(list(self.F.values()), bad)
+            raise HypergradientError(
+                f"the condition was computed through {what}: "
+                "a backward run without a graph (F = ∂L_T/∂w built with create_graph=True through such an "
+                "operation, say), so every product with ∂F/∂w would silently lose that operation's part and "
+                "the hypergradient would be wrong. For F = ∂L_T/∂w use hg.hypergradient(outer_loss, "
+                'inner_loss, params, hparams, hvp_mode="finite-difference"), which needs first-order '
+                "gradients only; otherwise write the condition with operations that have a derivative (a "
+                "custom autograd.Function whose backward is itself differentiable, plain torch ops)")
         self.vjps = 0
         self.jvps = 0
+        self.double_vjp = False   # A x by a VJP of a VJP (forward mode failed)
+        self._fwd_error: RuntimeError | None = None
+        self._u: Tree = {}
+        self._Atu: list[tuple[str, Tensor]] | None = None   # (key, (Aᵀu)_key), built at the first use
 
     def _vjp(self, x: Mapping[str, Tensor], inputs: Tree) -> tuple[Tree, set[str]]:
         if not self.live:
@@ -216,14 +242,68 @@ class _Jacobian:
         return self._vjp(x, self.w)[0]
 
     def matvec(self, x: Tree) -> Tree:
-        """``A x``, one forward-mode JVP of the condition."""
+        """``A x``, one forward-mode JVP of the condition (or a VJP of a VJP, where forward mode fails)."""
         self.jvps += 1
-        with fwAD.dual_level():
-            # The weights stay leaves that require grad: a condition may call torch.autograd.grad.
-            wd = {k: fwAD.make_dual(t.detach().requires_grad_(True), x[k]) for k, t in self.w.items()}
-            out = _call_condition(self.condition, wd, tree.detach(self.lam), fixed_point=self.fixed_point)
-            tangents = {k: fwAD.unpack_dual(t).tangent for k, t in out.items()}
+        if self.double_vjp:
+            return self._matvec_reverse(x)
+        try:
+            with fwAD.dual_level():
+                # The weights stay leaves that require grad: a condition may call torch.autograd.grad.
+                wd = {k: fwAD.make_dual(t.detach().requires_grad_(True), x[k]) for k, t in self.w.items()}
+                out = _call_condition(self.condition, wd, tree.detach(self.lam), fixed_point=self.fixed_point)
+                tangents = {k: fwAD.unpack_dual(t).tangent for k, t in out.items()}
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # NotImplementedError included
+            self._fwd_error = e
+            self.double_vjp = True
+            return self._matvec_reverse(x)
         return {k: (torch.zeros_like(self.w[k]) if t is None else t.detach()) for k, t in tangents.items()}
+
+    def _matvec_reverse(self, x: Tree) -> Tree:
+        """``A x = ∂/∂u ⟨Aᵀu, x⟩``: ``Aᵀu`` is linear in ``u``, so its graph (built at the first call,
+        ``u = 0``) serves every product, one backward pass each."""
+        if self._Atu is None:
+            self._Atu = self._transpose_graph() if self.live else []
+        zeros = {k: torch.zeros_like(t) for k, t in self.F.items()}
+        if not self._Atu:
+            return zeros
+        try:
+            back = torch.autograd.grad([t for _, t in self._Atu], [self._u[k] for k in self.live],
+                                       grad_outputs=[x[k] for k, _ in self._Atu], retain_graph=True,
+                                       allow_unused=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise self._no_jvp(e) from e
+        return {**zeros, **{k: b for k, b in zip(self.live, back, strict=True) if b is not None}}
+
+    def _transpose_graph(self) -> list[tuple[str, Tensor]]:
+        """``Aᵀu`` with its graph to ``u`` (leaves, zero), the pieces that depend on ``u``."""
+        self._u = {k: torch.zeros_like(self.F[k], requires_grad=True) for k in self.live}
+        try:
+            Atu = torch.autograd.grad([self.F[k] for k in self.live], list(self.w.values()),
+                                      grad_outputs=[self._u[k] for k in self.live], retain_graph=True,
+                                      create_graph=True, allow_unused=True)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise self._no_jvp(e) from e
+        pieces = [(k, t) for k, t in zip(self.w, Atu, strict=True) if t is not None and t.requires_grad]
+        bad = _once_differentiable_node([t for _, t in pieces])
+        if bad is not None:
+            what = once_differentiable_culprits(list(self.F.values()), bad)
+            raise self._no_jvp(RuntimeError(f"the VJP of the condition runs through {what}, whose "
+                                            "derivative autograd would silently drop"))
+        return pieces
+
+    def _no_jvp(self, err: RuntimeError) -> HypergradientError:
+        assert self._fwd_error is not None
+        fwd = forward_mode_error(self._fwd_error, what="NormalCG's product (∂F/∂w)x",
+                                 fix="The reverse-mode alternative, a VJP of a VJP, needs a second "
+                                     f"derivative of the condition and failed too: {err}")
+        return HypergradientError(f"{fwd}. Use hg.GMRES or hg.BiCGStab, which need only VJPs of the "
+                                  "condition")
 
     def mixed(self, u: Tree) -> tuple[Tree, set[str]]:
         """``Bᵀ u = (∂F/∂λ)ᵀ u`` and the hyperparameters ``F`` depends on."""
@@ -407,6 +487,8 @@ def root_hypergradient(outer_loss: LossFn, condition: Condition, params: Mapping
         sol = _Solution(tree.zeros_like(v), 0, 0.0, True)
     else:
         sol = _solve(J, v, method, residual=want_residual)
+    if J.double_vjp:
+        sol.extra["double_vjp"] = 1.0
     indirect, used = J.mixed(sol.u)
     unused = [k for k in hparams if k not in used | direct_used]
     if unused:

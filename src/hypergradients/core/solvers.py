@@ -14,6 +14,7 @@ Each class is a frozen record of its options plus :meth:`solve` (the protocol of
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -22,7 +23,7 @@ import torch
 from . import tree
 from .errors import HypergradientError, NegativeCurvatureError
 from .kernels import symmetric as linear
-from .method import ImplicitMethod, Stats, nonneg_float, positive_int
+from .method import ImplicitMethod, IndefiniteHessianWarning, Stats, nonneg_float, positive_int
 from .operators import HessianOperator
 from .state import SolverState, StateMismatchError
 from .tree import Tree
@@ -38,7 +39,14 @@ def _carry(state: SolverState | None) -> SolverState:
 
 @dataclass(frozen=True)
 class Exact(ImplicitMethod):
-    """``p = (H + δI)⁻¹ v`` by a dense solve; ``H`` built from n HVPs. Refuses above ``max_size`` weights."""
+    """``p = (H + δI)⁻¹ v`` by a dense solve; ``H`` built from n HVPs. Refuses above ``max_size`` weights.
+
+    The solve is a Cholesky factorisation, which also tells whether ``H + δI`` is positive definite
+    (the weights a minimum) at no extra cost. Where it is not, ``p`` comes from an LU solve (the
+    derivative of a stationary point that is not a minimum), ``info.converged`` is False,
+    ``info.extra`` has ``positive_definite = 0`` and ``lambda_min`` (its smallest eigenvalue), and an
+    :class:`~hypergradients.IndefiniteHessianWarning` names the damping that would make it definite.
+    """
 
     damping: float = 0.0
     max_size: int = 5000
@@ -50,6 +58,15 @@ class Exact(ImplicitMethod):
     def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
         s = linear.exact(op.damped(self.damping), v, max_size=self.max_size)
+        if not s.converged:
+            lo = s.extra["lambda_min"]
+            # stacklevel 4: warn → solve → compute → hypergradient → the user's call.
+            warnings.warn(
+                f"hg.Exact: H + δI (δ = {self.damping:g}) is not positive definite at these weights "
+                f"(smallest eigenvalue {lo:.3g}): they are not a minimum of inner_loss, which the implicit "
+                "hypergradient assumes (info.grad_norm is ‖∂L_T/∂w‖ there; info.converged is False). Train "
+                f"the inner problem further, or damp: hg.Exact(damping=...) above "
+                f"{max(0.0, self.damping - lo):.3g}.", IndefiniteHessianWarning, stacklevel=4)
         return s.p, _carry(state), _stats(s)
 
 

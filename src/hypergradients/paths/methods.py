@@ -27,8 +27,8 @@ from ..core.errors import HypergradientError
 from ..core.method import Info, PathMethod, positive_int, report_unused
 from ..core.state import SolverState
 from ..core.tree import Tree
-from .optim import Optimizer
-from .unroll import checkpoint_interval, take_batches
+from .optim import Optimizer, check_schedules
+from .unroll import checkpoint_interval, refuse_once_differentiable, take_batches
 from .unroll import forward as forward_path
 from .unroll import reverse as reverse_path
 
@@ -58,8 +58,10 @@ class Unrolled(PathMethod):
     """Reverse-mode through ``steps`` steps of ``w ← w − lr·∂L_T/∂w`` from the given weights.
 
     ``truncate=T`` differentiates only the last T steps. ``lr`` is a number (0.1 when neither
-    ``lr`` nor ``optimizer`` is given), or the name of a scalar entry of ``hparams`` whose
-    hypergradient is then returned too.
+    ``lr`` nor ``optimizer`` is given), or the name of an entry of ``hparams`` with one element
+    (shape ``()`` or ``(1,)``: a scalar, the rule of :mod:`hypergradients.optim` too) whose
+    hypergradient is then returned too. A per-step learning-rate schedule (a ``(K,)`` tensor) is
+    ``optimizer=hg.optim.gd(lr="key")``, the same plain gradient descent.
 
     ``optimizer``: any differentiable optimizer of :mod:`hypergradients.optim` instead of plain
     gradient descent (``hg.optim.adam(lr="lr", b1="b1")``, ``hg.optim.nesterov(lr="lr_schedule",
@@ -76,6 +78,11 @@ class Unrolled(PathMethod):
     (memory ``O(T)``); ``True`` stores only every ``⌈√T⌉``-th iterate and recomputes one segment
     at a time in the backward sweep (memory ``O(√T)``, one extra forward pass); an int ``s``
     stores every s-th. The result is the same derivative (equal to float64 rounding).
+
+    Every operation of ``inner_loss`` needs a second derivative (each step's gradient is
+    differentiated): a ``@once_differentiable`` backward or a kernel without a double backward
+    raises :class:`~hypergradients.HypergradientError` rather than dropping its part of the
+    derivative. ``info.grad_norm`` is ``‖∂L_T/∂w‖`` at the given weights (the first step's).
     """
 
     steps: int = 100
@@ -94,9 +101,11 @@ class Unrolled(PathMethod):
     def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
                 state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
         batches = _batches(self, "Unrolled")
+        _check_schedules(self, lam, "Unrolled")
+        stats: dict[str, float] = {}
         g, used, out, w_final = reverse_path(outer_loss, inner_loss, params, lam, steps=self.steps,
                                              lr=self.lr, truncate=self.truncate, checkpoint=self.checkpoint,
-                                             optimizer=self.optimizer, batches=batches)
+                                             optimizer=self.optimizer, batches=batches, stats=stats)
         report_unused(lam, used, self)
         extra = {"truncate": float(self.truncate or self.steps)}
         if self.checkpoint:
@@ -104,13 +113,18 @@ class Unrolled(PathMethod):
             extra["checkpoint"] = float(every or 0)
         return g, Info(type(self).__name__, self.steps, self.steps, None, None, direct=tree.zeros_like(lam),
                        final_params=tree.detach(w_final), outer_loss=float(out), extra=extra,
-                       state=SolverState() if state is None else state)
+                       state=SolverState() if state is None else state, grad_norm=stats.get("grad_norm"))
 
 
 def _default_lr(method: Unrolled | Forward) -> None:
     """Plain gradient descent's step size defaults to 0.1; with an optimizer, the optimizer has it."""
     if method.lr is None and method.optimizer is None:
         object.__setattr__(method, "lr", 0.1)
+
+
+def _check_schedules(method: Unrolled | Forward, lam: Mapping[str, Tensor], who: str) -> None:
+    if method.optimizer is not None:
+        check_schedules(method.optimizer, lam, method.steps, who=f"{who}(steps={method.steps})")
 
 
 def _batches(method: Unrolled | Forward, who: str) -> Sequence[object] | None:
@@ -121,11 +135,15 @@ def _path_used(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tens
                lr: float | str | None, optimizer: Optimizer | None = None,
                batches: Sequence[object] | None = None) -> set[str]:
     """Hyperparameters the path can depend on: those in ``∂L_T/∂w`` (on the first batch) or ``L_V``
-    (by autograd's graph, not by value), the step size when it is one, and the optimizer's."""
+    (by autograd's graph, not by value), the step size when it is one, and the optimizer's.
+
+    The graph of ``∂L_T/∂w`` built here is also checked for once-differentiable nodes: forward
+    mode needs the same second derivative that reverse mode would silently lose there."""
     w = tree.clone_leaves(params, requires_grad=True)
     first = inner_loss if batches is None else (lambda p, h: inner_loss(p, h, batches[0]))  # type: ignore[call-arg]
     inner = scalar_loss(first, w, lam, name="inner_loss")
     gw = grad(inner, w, create_graph=True)
+    refuse_once_differentiable(inner, [t for t in gw.values() if t.requires_grad], w, step=0)
     probe = scalar_loss(outer_loss, w, lam, name="outer_loss") + sum(
         (gk.sum() for gk in gw.values() if gk.requires_grad), torch.zeros((), dtype=inner.dtype))
     used = used_keys(probe, lam)
@@ -144,8 +162,13 @@ class Forward(PathMethod):
     hyperparameter (``chunk`` of them batched with ``vmap``): memory independent of ``steps``,
     cost ``∝`` the number of hyperparameters. The natural choice for a few hyperparameters, such
     as a learning rate (``lr="<key>"``). The losses must be ``torch.func``-compatible (no
-    ``.item()``, no in-place updates of their inputs). ``optimizer`` and ``batches`` as in
-    :class:`Unrolled`: the tangent of the optimizer state is carried along with the weights'.
+    ``.item()``, no in-place updates of their inputs) and every operation of ``inner_loss`` needs a
+    forward-mode derivative of its backward: where one is missing (fused kernels, custom
+    ``autograd.Function`` classes, PyTorch's "ZeroTensors are immutable" bug in ``F.mse_loss``'s mean
+    reduction) it raises :class:`~hypergradients.HypergradientError` naming the cause, and
+    :class:`Unrolled` computes the same derivative in reverse mode. ``optimizer`` and ``batches`` as
+    in :class:`Unrolled`: the tangent of the optimizer state is carried along with the weights'.
+    ``info.grad_norm`` as in :class:`Unrolled`.
     """
 
     steps: int = 100
@@ -164,15 +187,17 @@ class Forward(PathMethod):
     def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
                 state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
         batches = _batches(self, "Forward")
+        _check_schedules(self, lam, "Forward")
         used = _path_used(outer_loss, inner_loss, params, lam, self.lr, self.optimizer, batches)
         report_unused(lam, used, self)
+        stats: dict[str, float] = {}
         g, out_f, w_final, jvps = forward_path(outer_loss, inner_loss, params, lam, steps=self.steps,
                                                lr=self.lr, truncate=self.truncate, chunk=self.chunk,
-                                               optimizer=self.optimizer, batches=batches)
+                                               optimizer=self.optimizer, batches=batches, stats=stats)
         return g, Info(type(self).__name__, self.steps, jvps, None, None, direct=tree.zeros_like(lam),
                        final_params=tree.detach(w_final), outer_loss=out_f,
                        extra={"truncate": float(self.truncate or self.steps), "jvps": float(jvps)},
-                       state=SolverState() if state is None else state)
+                       state=SolverState() if state is None else state, grad_norm=stats.get("grad_norm"))
 
 
 StepLoss = Callable[[Mapping[str, Tensor], bool], Tensor]
@@ -251,6 +276,11 @@ class PathTuner:
         self._window: list[StepLoss] = []
 
     def begin_round(self, n_steps: int) -> None:
+        # A schedule is indexed by the global inner step: this round ends at step K = done + n_steps.
+        done = getattr(self.opt_state, "steps", 0)
+        check_schedules(self.spec.optimizer, self.values, int(done) + n_steps,
+                        who="PathHyperparameters (a schedule is indexed by the global inner step, warm-up "
+                            "included)")
         self._n, self._i, self._start, self._window = n_steps, 0, None, []
 
     def step(self, params: Mapping[str, Tensor], loss: StepLoss) -> Tensor:

@@ -9,9 +9,12 @@ An optimizer here is a pair of pure functions (as in optax), bundled in :class:`
 
 Every optimizer hyperparameter (learning rate, momentum, betas, eps, weight decay) is either a
 number or the NAME of a key of ``hparams``. A named one is read from ``hparams`` at each step, so the
-step is differentiable with respect to it: a scalar tensor is used at every step, a tensor of shape
-``(K,)`` is a per-step schedule whose entry ``k`` is used at step ``k`` (``lr="lr_schedule"``; ``k``
-counts from 0 at :meth:`Optimizer.init`). ``opt.hparam_keys`` lists the names an optimizer reads.
+step is differentiable with respect to it. The rule for its shape, the same as for
+``hg.Unrolled(lr="key")``: a tensor with one element (shape ``()``, ``(1,)``, ...) is a scalar, used
+at every step; a 1-D tensor of ``K ≥ 2`` entries is a per-step schedule whose entry ``k`` is used at
+step ``k`` (``lr="lr_schedule"``; ``k`` counts from 0 at :meth:`Optimizer.init`), so a path of K
+steps needs ``K`` entries (:func:`check_schedules` says so before the first step).
+``opt.hparam_keys`` lists the names an optimizer reads.
 
 The updates are those of ``torch.optim`` (``SGD`` with ``momentum``, ``nesterov``, ``weight_decay``
 and ``dampening=0``; ``Adam``; ``AdamW``), written without in-place operations so autograd and
@@ -52,7 +55,7 @@ from ..core.errors import HypergradientError
 from ..core.tree import Tree
 
 Hyper = float | str
-"""A number, or the name of a key of ``hparams`` (a scalar or a per-step ``(K,)`` tensor)."""
+"""A number, or the name of a key of ``hparams`` (a one-element tensor, or a per-step ``(K,)`` schedule)."""
 
 
 class Optimizer(NamedTuple):
@@ -83,22 +86,38 @@ class AdamState(NamedTuple):
 
 def value(h: Hyper, hparams: Mapping[str, Tensor], count: int, *, what: str) -> float | Tensor:
     """The value of hyperparameter ``h`` at step ``count`` (0-based): a number, ``hparams[h]`` when it
-    is a scalar, or ``hparams[h][count]`` when it is a ``(K,)`` schedule."""
+    has one element (any shape, returned as a 0-d tensor), or ``hparams[h][count]`` when it is a
+    ``(K,)`` schedule with ``K ≥ 2``."""
     if not isinstance(h, str):
         return float(h)
     if h not in hparams:
         raise HypergradientError(f"the optimizer's {what}={h!r} names a hyperparameter that is not in "
                                  f"hparams (keys: {sorted(hparams)}); pass a number or one of those keys")
     t = hparams[h]
-    if t.dim() == 0:
-        return t
+    if t.numel() == 1:
+        return t.reshape(())
     if t.dim() != 1:
         raise HypergradientError(f"the optimizer's {what} hyperparameter {h!r} must be a scalar or a "
-                                 f"per-step schedule of shape (K,), got shape {tuple(t.shape)}")
+                                 "per-step schedule of shape (K,) (a tensor with one element is a scalar), "
+                                 f"got shape {tuple(t.shape)}")
     if count >= t.shape[0]:
-        raise HypergradientError(f"the {what} schedule {h!r} has {t.shape[0]} entries but step {count} was "
-                                 f"asked for; give one entry per step (shape ({count + 1},) at least)")
+        raise HypergradientError(
+            f"the {what} schedule {h!r} has {t.shape[0]} entries, one per step, and has run out at step "
+            f"{count} (0-based, counted from the optimizer's init): K steps need a (K,) schedule, here at "
+            f"least ({count + 1},); or give a one-element tensor for a constant {what}")
     return t[count]
+
+
+def check_schedules(opt: Optimizer, hparams: Mapping[str, Tensor], steps: int, *, who: str) -> None:
+    """Refuse, before the first step, a per-step schedule of ``opt`` shorter than the ``steps`` (K)
+    steps a path takes from the optimizer's init; the error names K and the length given."""
+    for k in opt.hparam_keys:
+        t = hparams.get(k)
+        if t is not None and t.numel() > 1 and t.dim() == 1 and t.shape[0] < steps:
+            raise HypergradientError(
+                f"{who}: hparams[{k!r}] is a per-step schedule of hg.optim.{opt.name} with {t.shape[0]} "
+                f"entries, but the path takes K = {steps} steps: give one entry per step, shape ({steps},), "
+                "or a one-element tensor for a constant value")
 
 
 def _keys(*hs: Hyper) -> tuple[str, ...]:
@@ -140,7 +159,8 @@ def sgd(lr: Hyper, momentum: Hyper = 0.0, *, nesterov: bool = False, weight_deca
 
     (without momentum, ``d = g``). ``momentum`` is the heavy-ball coefficient μ; ``nesterov=True``
     is Nesterov's (Sutskever et al. 2013, as in PyTorch). Every hyperparameter may name a key of
-    ``hparams`` (a scalar, or a ``(K,)`` per-step schedule).
+    ``hparams``: a one-element tensor (shape ``()`` or ``(1,)``) is a scalar used at every step, a
+    ``(K,)`` tensor with ``K ≥ 2`` a per-step schedule (the rule of ``hg.Unrolled(lr="key")`` too).
     """
     _check("sgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     use_momentum = isinstance(momentum, str) or momentum != 0.0
@@ -244,9 +264,15 @@ def adamw(lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-
 
 
 def gd(lr: Hyper) -> Optimizer:
-    """Plain gradient descent ``w ← w − lr·g`` (the same as :func:`sgd` without momentum)."""
+    """Plain gradient descent ``w ← w − lr·g``: :func:`sgd` without momentum or weight decay.
+
+    ``hg.Unrolled(steps=K, optimizer=hg.optim.gd(lr="lr_schedule"))`` is the path of
+    ``hg.Unrolled(steps=K, lr=...)`` with a per-step learning-rate schedule (a ``(K,)`` tensor in
+    ``hparams``), which ``Unrolled(lr=)`` itself does not take; with a one-element ``lr`` the two
+    are the same path.
+    """
     return sgd(lr)
 
 
-__all__ = ["AdamState", "Hyper", "Optimizer", "SgdState", "adam", "adamw", "gd", "heavy_ball", "nesterov",
-           "sgd", "value"]
+__all__ = ["AdamState", "Hyper", "Optimizer", "SgdState", "adam", "adamw", "check_schedules", "gd",
+           "heavy_ball", "nesterov", "sgd", "value"]

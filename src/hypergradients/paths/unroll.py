@@ -57,14 +57,22 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ..core import distributed, tree
-from ..core.derivatives import LossFn, grad, scalar_loss
+from ..core.derivatives import (
+    LossFn,
+    _once_differentiable_node,
+    forward_mode_error,
+    grad,
+    once_differentiable_culprits,
+    scalar_loss,
+)
 from ..core.errors import HypergradientError
 from ..core.tree import Tree
 from .optim import Optimizer
 
 
 def step_size(lr: float | str, hparams: Mapping[str, Tensor]) -> Tensor | float:
-    """The step size ``α``: a number, or the hyperparameter ``hparams[lr]`` (a scalar tensor)."""
+    """The step size ``α``: a number, or the hyperparameter ``hparams[lr]`` (a tensor with one element,
+    shape ``()`` or ``(1,)``: a scalar, as in :mod:`hypergradients.optim`)."""
     if isinstance(lr, str):
         if lr not in hparams:
             raise HypergradientError(
@@ -72,8 +80,10 @@ def step_size(lr: float | str, hparams: Mapping[str, Tensor]) -> Tensor | float:
                 f"(keys: {sorted(hparams)}); pass a number or one of those keys")
         a = hparams[lr]
         if a.numel() != 1:
-            raise HypergradientError(f"the step-size hyperparameter {lr!r} must be a scalar, "
-                                     f"got shape {tuple(a.shape)}")
+            raise HypergradientError(
+                f"the step-size hyperparameter {lr!r} must have one element (a scalar), got shape "
+                f"{tuple(a.shape)}; for a per-step schedule of shape (K,) use "
+                f"optimizer=hg.optim.gd(lr={lr!r}) instead of lr={lr!r}")
         return a.reshape(())
     return float(lr)
 
@@ -88,17 +98,54 @@ def take_batches(batches: Iterable[object], steps: int, *, who: str) -> list[obj
     return taken
 
 
+_NEEDS_SECOND_DERIVATIVE = (
+    "Path methods (hg.Unrolled, hg.Forward, fit(path_hparams=)) differentiate every step's gradient, so "
+    "every operation of inner_loss needs a second derivative. Write that operation with one (plain torch "
+    "ops such as torch.tanh; a custom autograd.Function whose backward is itself differentiable; attention "
+    "under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), or, for hyperparameters of the losses (not "
+    "the optimizer's), use an implicit method with hvp_mode=\"finite-difference\", which needs "
+    "first-order gradients only")
+
+
+def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping[str, Tensor], *,
+                               step: int) -> None:
+    """Raise if a step's gradient ``grads`` of ``loss`` at ``w`` was built through a ``@once_differentiable``
+    backward.
+
+    Such a backward leaves an autograd ``Error`` node that is not linked to the weights: the
+    backward pass through the path skips it without raising, and the hypergradient silently
+    loses that operation's second derivative (a wrong answer, not an error). The walk stops at
+    the graph of ``w`` (the earlier steps, each checked when it was taken), so every step costs one
+    walk over its own gradient's graph, whatever the number of steps and the optimizer.
+    """
+    bad = _once_differentiable_node(grads, {t.grad_fn for t in w.values() if t.grad_fn is not None})
+    if bad is not None:
+        raise HypergradientError(
+            f"unrolled step {step}: the gradient of inner_loss was built through "
+            f"{once_differentiable_culprits([loss, *grads], bad)}, whose second derivative autograd would "
+            f"silently drop: the hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
+
+
+def _missing_derivative(err: RuntimeError) -> bool:
+    """Whether a failed backward pass names a derivative that torch does not implement."""
+    msg = str(err).lower()
+    return "derivative" in msg and "not implemented" in msg
+
+
 @dataclass(frozen=True)
 class Path:
     """The step maps ``Φ_k``: ``optimizer`` (or plain gradient descent with ``lr``) on batch ``k``.
 
     ``batches`` (already taken, one per step index) make the inner loss ``inner_loss(w, λ, b_k)``.
+    ``stats``: a dict :meth:`step` fills with ``grad_norm``, ``‖∂L_T/∂w‖`` at step 0 (``None``: not
+    recorded).
     """
 
     inner_loss: Callable[..., Tensor]
     lr: float | str | None = None
     optimizer: Optimizer | None = None
     batches: Sequence[object] | None = None
+    stats: dict[str, float] | None = None
 
     def loss_at(self, k: int) -> LossFn:
         if self.batches is None:
@@ -131,7 +178,11 @@ class Path:
 
     def step(self, w: Tree, s: Any, lam: Mapping[str, Tensor], k: int, *,
              create_graph: bool, alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
-        """``Φ_k``; without ``create_graph`` nothing of the result keeps a graph."""
+        """``Φ_k``; without ``create_graph`` nothing of the result keeps a graph.
+
+        With ``create_graph`` the gradient's graph is checked for once-differentiable nodes
+        (:func:`refuse_once_differentiable`). ``stats["grad_norm"]``: ``‖∂L_T/∂w‖`` at step 0.
+        """
         if not create_graph:
             w = tree.clone_leaves(w, requires_grad=True)
         try:
@@ -139,8 +190,12 @@ class Path:
         except HypergradientError as e:
             raise HypergradientError(f"unrolled step {k}: {e}") from e
         g = grad(loss, w, create_graph=create_graph)
+        if create_graph:
+            refuse_once_differentiable(loss, [t for t in g.values() if t.requires_grad], w, step=k)
         # data-parallel: every rank steps along the group-mean gradient (a differentiable all-reduce)
         g = distributed.average_differentiable(g) if create_graph else distributed.average([g])[0]
+        if k == 0 and self.stats is not None and "grad_norm" not in self.stats:
+            self.stats["grad_norm"] = float(tree.norm(tree.detach(g)))
         with torch.set_grad_enabled(create_graph):
             return self.apply(g, s, w, lam, alpha=alpha)
 
@@ -185,20 +240,34 @@ def _outer(outer_loss: LossFn, w: Tree, lam: Mapping[str, Tensor], steps: int) -
 
 
 def _path(inner_loss: Callable[..., Tensor], lr: float | str | None, optimizer: Optimizer | None,
-          batches: Sequence[object] | None) -> Path:
-    return Path(inner_loss, lr=lr, optimizer=optimizer, batches=batches)
+          batches: Sequence[object] | None, stats: dict[str, float] | None = None) -> Path:
+    return Path(inner_loss, lr=lr, optimizer=optimizer, batches=batches, stats=stats)
+
+
+def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor] | None = None,
+          ) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` back through unrolled steps; a missing double backward names the fix."""
+    try:
+        return torch.autograd.grad(list(outputs), list(inputs), allow_unused=True,
+                                   grad_outputs=None if grad_outputs is None else list(grad_outputs))
+    except RuntimeError as e:
+        if not _missing_derivative(e):
+            raise
+        raise HypergradientError(f"differentiating through the unrolled steps failed: {str(e).rstrip('. ')}. "
+                                 f"{_NEEDS_SECOND_DERIVATIVE}.") from e
 
 
 def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
            steps: int, lr: float | str | None = None, truncate: int | None = None,
            optimizer: Optimizer | None = None, batches: Sequence[object] | None = None,
-           opt_state: Any = None) -> tuple[Tensor, Tree]:
+           opt_state: Any = None, stats: dict[str, float] | None = None) -> tuple[Tensor, Tree]:
     """Run the K steps and return ``(L_V(w_K, λ), w_K)`` with the graph to ``λ`` kept.
 
     ``lam`` must be leaves that require grad; ``params`` are copied, never modified. ``opt_state``:
     the optimizer state to start from (a constant; default ``optimizer.init(params)``).
+    ``stats``: filled with ``grad_norm``, ``‖∂L_T/∂w‖`` at ``params``.
     """
-    path = _path(inner_loss, lr, optimizer, batches)
+    path = _path(inner_loss, lr, optimizer, batches, stats)
     n_diff = steps if truncate is None else truncate
     w, s = _start(path, params, lam, steps - n_diff, opt_state)
     # The start of the differentiated segment is a constant w.r.t. λ, as in the definition.
@@ -221,8 +290,8 @@ def checkpoint_interval(steps: int, checkpoint: bool | int | None) -> int | None
 def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
             steps: int, lr: float | str | None = None, truncate: int | None = None,
             checkpoint: bool | int | None = None, optimizer: Optimizer | None = None,
-            batches: Sequence[object] | None = None,
-            opt_state: Any = None) -> tuple[Tree, set[str], Tensor, Tree]:
+            batches: Sequence[object] | None = None, opt_state: Any = None,
+            stats: dict[str, float] | None = None) -> tuple[Tree, set[str], Tensor, Tree]:
     """Reverse-mode ``dL_V(w_K, λ)/dλ``; returns ``(gradient, used keys, L_V, w_K)``.
 
     ``checkpoint=None``: the whole differentiated path is one graph. ``checkpoint=s`` (or
@@ -232,20 +301,26 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     ``a_start = (∂z_end/∂z_start)ᵀ a_end`` and ``(∂z_end/∂λ)ᵀ a_end`` come from one backward pass
     (the adjoint of the final optimizer state is zero: ``L_V`` reads only ``w_K``).
     Peak memory: ``⌈T/s⌉`` stored ``z`` plus one segment's graph, ``O(√T)`` for ``s = ⌈√T⌉``.
+
+    Every differentiated step's gradient graph is checked for once-differentiable nodes, whose
+    second derivative autograd would silently drop (:func:`refuse_once_differentiable`), and a
+    backward pass that fails on a derivative torch does not implement (an operation without a
+    double backward) raises :class:`~hypergradients.core.errors.HypergradientError` naming the
+    alternatives. ``stats``: as in :func:`unroll`.
     """
     n_diff = steps if truncate is None else truncate
     s_len = checkpoint_interval(n_diff, checkpoint)
     keys = list(lam)
     if s_len is None:
         out, w = unroll(outer_loss, inner_loss, params, lam, steps=steps, lr=lr, truncate=truncate,
-                        optimizer=optimizer, batches=batches, opt_state=opt_state)
-        raw = torch.autograd.grad(out, [lam[k] for k in keys], allow_unused=True)
+                        optimizer=optimizer, batches=batches, opt_state=opt_state, stats=stats)
+        raw = _grad([out], [lam[k] for k in keys])
         used = {k for k, g in zip(keys, raw, strict=True) if g is not None}
         # data-parallel: the rank-local adjoints average to the single-process one (module docstring
         # of hypergradients.distributed), so the λ-gradient is their group mean
         return distributed.average([tree.as_tree(raw, lam)])[0], used, out.detach(), tree.detach(w)
 
-    path = _path(inner_loss, lr, optimizer, batches)
+    path = _path(inner_loss, lr, optimizer, batches, stats)
     first = steps - n_diff
     w, st = _start(path, params, lam, first, opt_state)
     # Forward sweep without a graph, keeping the start of every segment.
@@ -276,8 +351,7 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
         if not pairs:  # the path does not depend on w or λ at all
             adj = [torch.zeros_like(t) for t in adj]
             continue
-        back = torch.autograd.grad([e for e, _ in pairs], ins + [lam[k] for k in keys],
-                                   grad_outputs=[g for _, g in pairs], allow_unused=True)
+        back = _grad([e for e, _ in pairs], ins + [lam[k] for k in keys], [g for _, g in pairs])
         adj = [torch.zeros_like(x) if b is None else b for x, b in zip(ins, back[:len(ins)], strict=True)]
         for k, g in zip(keys, back[len(ins):], strict=True):
             if g is not None:
@@ -290,7 +364,8 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
 def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor],
             lam: Mapping[str, Tensor], *, steps: int, lr: float | str | None = None,
             truncate: int | None = None, chunk: int | None = 64, optimizer: Optimizer | None = None,
-            batches: Sequence[object] | None = None) -> tuple[Tree, float, Tree, int]:
+            batches: Sequence[object] | None = None,
+            stats: dict[str, float] | None = None) -> tuple[Tree, float, Tree, int]:
     """Forward-mode ``dL_V(w_K, λ)/dλ``; returns ``(gradient, L_V, w_K, jvps)``.
 
     For each unit direction ``e_i`` of the flattened hyperparameters the tangent
@@ -300,13 +375,17 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     ``torch.func.grad``: forward-over-reverse), starting from ``ż_{K−T} = 0``; then
     ``dL_V/dλ · e_i = jvp(L_V, (w_K, λ), (ẇ_K, e_i))``. Up to ``chunk`` directions share one
     ``vmap``-ed pass (``chunk=None``: all of them); memory is ``O(chunk · |z|)``, independent of K.
+    A failure inside the transforms (an operation without a forward-mode derivative of its
+    backward, PyTorch's "ZeroTensors are immutable") raises
+    :class:`~hypergradients.core.errors.HypergradientError` naming the cause and hg.Unrolled.
+    ``stats``: as in :func:`unroll`.
     """
     if distributed.current() is not None:
         raise HypergradientError(
             "forward-mode path hypergradients (hg.Forward) cannot run inside hg.distributed.data_parallel: "
             "their tangents go through torch.func transforms, where a collective cannot run. Use "
             "hg.Unrolled (reverse mode), which averages each step's gradient over the group")
-    path = _path(inner_loss, lr, optimizer, batches)
+    path = _path(inner_loss, lr, optimizer, batches, stats)
     n_diff = steps if truncate is None else truncate
     first = steps - n_diff
     lam0 = tree.detach(lam)
@@ -372,7 +451,15 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
             dout = torch.func.vmap(run_path)(batch)
         except RuntimeError:
             # An operator without a batching rule: one direction at a time.
-            dout = torch.stack([run_path({k: batch[k][i] for k in batch}) for i in range(rows.shape[0])])
+            try:
+                dout = torch.stack([run_path({k: batch[k][i] for k in batch}) for i in range(rows.shape[0])])
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # NotImplementedError included
+                raise forward_mode_error(
+                    e, what="hg.Forward's tangent pass through the unrolled steps",
+                    fix="hg.Unrolled computes the same derivative in reverse mode (every operation then "
+                        "needs a double backward instead)") from e
         vals.append(dout.reshape(-1))
     g = tree.unflatten(torch.cat(vals), lam0)
     return g, float(out), w_check, n * n_diff

@@ -299,7 +299,14 @@ def dense_hessian(op: HessianOperator, like: Mapping[str, Tensor], *, chunk: int
 def exact(op: HessianOperator, v: Mapping[str, Tensor], *, max_size: int = 5000) -> Solve:
     """Dense solve ``A p = v``, ``A = op`` (``H + δI`` for ``op.damped(δ)``; n HVPs to build it).
 
-    Refuses above ``max_size`` weights. ``extra["damping"]`` is the operator's shift.
+    Refuses above ``max_size`` weights. ``extra["damping"]`` is the operator's shift. The solve is
+    a Cholesky factorisation, which succeeds exactly when ``A`` is (numerically) positive definite:
+    then ``extra["positive_definite"] = 1``. Otherwise ``A`` is solved by LU,
+    ``extra["positive_definite"] = 0`` and ``extra["lambda_min"]`` is ``A``'s smallest eigenvalue
+    (one symmetric eigendecomposition, spent only in that case). ``converged`` is False when ``A``
+    is indefinite, ``λ_min < −√eps·max|λ|`` (the weights are not a minimum); a smallest eigenvalue
+    within that rounding margin of zero is a flat direction of a minimum (a symmetry of the
+    model), which keeps ``converged=True``.
     """
     n = tree.numel(v)
     _check_dense_size(n, max_size, "hg.Exact")
@@ -307,8 +314,11 @@ def exact(op: HessianOperator, v: Mapping[str, Tensor], *, max_size: int = 5000)
     H = 0.5 * (H + H.T)  # autograd's H is symmetric up to rounding
     damping = op.shift
     b = tree.flatten(v)
+    extra = {"damping": damping}
+    L, info = torch.linalg.cholesky_ex(H)
+    pd = int(info) == 0
     try:
-        x = torch.linalg.solve(H, b)
+        x = torch.cholesky_solve(b[:, None], L)[:, 0] if pd else torch.linalg.solve(H, b)
     except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
         raise HypergradientError(
             f"hg.Exact: the Hessian is singular at these weights ({e}). A weight the inner loss does not "
@@ -318,7 +328,15 @@ def exact(op: HessianOperator, v: Mapping[str, Tensor], *, max_size: int = 5000)
     if not math.isfinite(res):
         raise HypergradientError("hg.Exact: the dense solve produced non-finite values; H is singular or "
                                  "ill-conditioned here: add damping (hg.Exact(damping=...)).")
-    return Solve(tree.unflatten(x, v), 1, n, res, True, {"damping": damping})
+    extra["positive_definite"] = float(pd)
+    indefinite = False
+    if not pd:
+        ev = torch.linalg.eigvalsh(H)
+        extra["lambda_min"] = float(ev[0])
+        # An eigenvalue is known to about √eps of the largest one here: H is assembled from n HVPs,
+        # each rounded relative to the terms it sums, which may cancel.
+        indefinite = float(ev[0]) < -math.sqrt(torch.finfo(H.dtype).eps) * float(ev.abs().max())
+    return Solve(tree.unflatten(x, v), 1, n, res, not indefinite, extra)
 
 
 @dataclass
