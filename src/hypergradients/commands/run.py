@@ -166,7 +166,8 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
             resume_hint: str | None = None) -> Any:
     """Run ``exp`` with the resolved ``cfg`` into ``out``: the shared path of ``run`` and its aliases.
 
-    Checks the world (``exp.check``: data, sizes, devices) before the folder is made, then runs.
+    Checks ``out`` (:func:`check_out_folder`, for a new run) and the world (``exp.check``: data,
+    sizes, devices) before the folder is made, then runs.
     Returns the :class:`~hypergradients.experiments.ExperimentResult`, or an exit status after an
     error line ``prog: error: ...`` on stderr (2: refused before any work, or an unreadable
     checkpoint; 1: the computation failed; 130: interrupted).
