@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ lint: setup
 bench: setup
 	bash benchmarks/envs.sh
 	$(PY) benchmarks/run.py
+
+# Optional, not part of `make test` (its CPU dry run is): every hypergradient method, an LSTM through
+# cuDNN, the main job and one round of each experiment's config=full on CUDA against the CPU, under
+# 10 minutes on one GPU; a table on stdout and runs/gpu_check.json. Without CUDA it says so and exits 0.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache runs

@@ -12,11 +12,11 @@ import weakref
 
 import pytest
 import torch
-from hypergradients.paths.unroll import checkpoint_interval
 
 import hypergradients as hg
 import problems as P
 from hypergradients.core import tree
+from hypergradients.paths.unroll import checkpoint_interval
 
 TOL = 1e-12
 

@@ -231,3 +231,47 @@ def test_threads_quiet_and_plain_progress(tmp_path: Path, capsys: pytest.Capture
     assert main(["run", "weight-decay", "--smoke", "--quiet", "--out", str(tmp_path / "q")]) == 0
     got = capsys.readouterr()
     assert got.out == f"{tmp_path / 'q' / 'report.md'}\n" and got.err == ""
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[object, ...]]:
+    return {str(p.relative_to(folder)): ("dir",) if p.is_dir() else (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("theirs", ["report.md", "metrics.jsonl"])
+@pytest.mark.parametrize("command", [["run", "weight-decay", "--smoke"], ["run", "explain", "--smoke"],
+                                     ["explain", "--smoke"]], ids=" ".join)
+def test_a_users_file_in_a_folder_that_holds_no_run_is_not_overwritten(
+        theirs: str, command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / theirs).write_text("my own notes\n")
+    (out / "data.csv").write_text("1,2\n")
+    before = _snapshot(out)
+    assert main([*command, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out '{out}' holds '{out / theirs}' but no config.toml" in err, err
+    assert "move the file away, or give another --out" in err
+    assert _snapshot(out) == before
+
+
+def test_a_folder_with_other_files_takes_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    assert main(["run", "weight-decay", "--smoke", "--set", 'arms=["none"]', "--set", "train.rounds=1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me\n" and (out / "report.md").is_file()
+
+
+def test_a_recomputing_experiment_refuses_another_experiments_run(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "wd"
+    assert main(["run", "weight-decay", "--smoke", "--set", 'arms=["none"]', "--set", "train.rounds=1",
+                 "--out", str(out), "--quiet"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["run", "compare", "--smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}' holds a config.toml that is not a configuration of 'compare'" in err, err
+    assert _snapshot(out) == before

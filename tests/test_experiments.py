@@ -64,22 +64,23 @@ def test_notes_say_when_per_weight_loses_and_show_the_validation_overfit() -> No
     notes = interpret({"none": _row(0.5, 0.5), "global": _row(0.25, 0.24),
                        "weight": _row(0.27, 0.05, n=118016)}, n_val=1000, se=0.005, se_global=0.01)
     text = " ".join(notes)
-    assert "does NOT match the tuned global decay on test loss: 0.27 vs 0.25, difference +0.02" in text
+    assert "Per-weight decay is worse than the tuned global decay on test loss: 0.27 vs 0.25 (difference +0.02" \
+        in text
     assert "test−validation loss gap is 0.22 against 0.01" in text and "118,016 hyperparameters" in text
     assert "the test loss shows none" in text
-    assert "tuning a single global decay improves it to 0.25" in text
+    assert "A tuned global decay beats no weight decay on test loss: 0.25 vs 0.5" in text
 
 
 def test_notes_say_when_per_weight_wins_without_overfitting() -> None:
     notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000, se=0.01,
                       moved=(0.25, 0.125))
-    assert notes[0].startswith("Per-weight decay beats the tuned global decay on test loss: 0.22 vs 0.25, "
-                               "difference -0.03 ± 0.01 (paired standard error")
+    assert notes[0].startswith("Per-weight decay beats the tuned global decay on test loss: 0.22 vs 0.25 "
+                               "(difference -0.03 ± 0.01, paired standard error")
     assert "no sign here that the per-weight decays overfit" in notes[1]
     assert "25.0% rose and 12.5% fell" in notes[2]
     within = interpret({"global": _row(0.25, 0.24), "weight": _row(0.26, 0.255)}, n_val=1000, se=0.01)
-    assert within[0].startswith("Per-weight decay matches the tuned global decay on test loss (the difference "
-                                "is within noise): 0.26 vs 0.25, difference +0.01 ± 0.01")
+    assert within[0].startswith("Per-weight decay is within noise of the tuned global decay on test loss: "
+                                "0.26 vs 0.25 (difference +0.01 ± 0.01")
 
 
 def test_paired_standard_error() -> None:
@@ -142,24 +143,26 @@ def test_list_items_repeat_unless_the_option_says_unique() -> None:
 
 def test_notes_follow_the_numbers_for_global_vs_none() -> None:
     better = interpret({"none": _row(0.5, 0.5), "global": _row(0.25, 0.24)}, n_val=1000, se_global=0.01)
-    assert "tuning a single global decay improves it to 0.25 (difference -0.25 ± 0.01" in " ".join(better)
+    assert "A tuned global decay beats no weight decay on test loss: 0.25 vs 0.5 (difference -0.25 ± 0.01" \
+        in " ".join(better)
     worse = " ".join(interpret({"none": _row(0.25, 0.25), "global": _row(0.5, 0.24)}, n_val=1000,
                                se_global=0.01))
-    assert "improve" not in worse and "tuning a single global decay makes it worse: 0.5" in worse
+    assert "beats" not in worse and "A tuned global decay is worse than no weight decay on test loss: 0.5" in worse
     noise = " ".join(interpret({"none": _row(0.26, 0.25), "global": _row(0.25, 0.24)}, n_val=1000,
                                se_global=0.02))
-    assert "improve" not in noise and "does not change it beyond noise (0.25, difference -0.01 ± 0.02" in noise
+    assert "beats" not in noise and "is within noise of no weight decay on test loss: 0.25 vs 0.26 (difference " \
+        "-0.01 ± 0.02" in noise
     unknown = " ".join(interpret({"none": _row(0.26, 0.25), "global": _row(0.25, 0.24)}, n_val=1000))
-    assert "improve" not in unknown and "no standard error" in unknown
+    assert "beats" not in unknown and "noise of" not in unknown and "no standard error: no noise estimate" in unknown
 
 
 def test_notes_never_say_beats_without_a_noise_estimate() -> None:
     notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000)
     assert "beats" not in notes[0] and notes[0].startswith(
-        "Per-weight decay has a lower test loss than the tuned global decay (no standard error, so "
-        "whether this is beyond noise is unknown)")
-    assert "does NOT match" not in " ".join(interpret({"global": _row(0.25, 0.24), "weight": _row(0.26, 0.25)},
-                                                      n_val=1000, se=0.01))
+        "Per-weight decay vs the tuned global decay on test loss: 0.22 vs 0.25 (difference -0.03; no standard "
+        "error: no noise estimate)")
+    assert "worse" not in " ".join(interpret({"global": _row(0.25, 0.24), "weight": _row(0.26, 0.25)},
+                                             n_val=1000, se=0.01))
 
 
 def test_notes_say_which_arms_were_not_tuned() -> None:

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypergradients.paths.methods import PathHyperparameters, PathTuner
-from hypergradients.paths.unroll import reverse
 from torch import Tensor, nn
 
 import hypergradients as hg
@@ -25,6 +23,8 @@ import problems as P
 from hypergradients import optim
 from hypergradients.core import tree
 from hypergradients.hparams import WeightDecay
+from hypergradients.paths.methods import PathHyperparameters, PathTuner
+from hypergradients.paths.unroll import reverse
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

@@ -178,3 +178,45 @@ def test_top_metrics_grow_as_rounds_finish(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(wd, "fit", watched)
     assert main(["run", "weight-decay", *SMOKE2, "--out", str(out), "--quiet"]) == 0
     assert seen == [1, 2, 3, 4]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``folder``: a file's bytes, modification time and inode (an atomic rewrite of
+    the same bytes is a new inode), a folder's presence."""
+    snap: dict[str, tuple[Any, ...]] = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.stat()
+        snap[str(p.relative_to(folder))] = ("dir",) if p.is_dir() else (p.read_bytes(), st.st_mtime_ns, st.st_ino)
+    return snap
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.resumable))
+def test_refused_resume_changes_no_file(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", name, "--smoke", "--out", str(out), "--quiet"]) == 0
+    for done in out.glob("*/result.json"):   # weight-decay: a finished arm never reads its checkpoint again
+        done.unlink()
+    # The checkpoint written last (the last arm's): every arm before it would resume first.
+    ck = max(out.rglob("checkpoint.pt"), key=lambda p: p.stat().st_mtime_ns)
+    ck.write_bytes(b"not a checkpoint\n")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["run", name, "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hypergradients run: error: cannot read the checkpoint '{ck}'"), err
+    assert "To continue: delete" in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+def test_resumed_table_prints_what_the_fresh_one_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "weight-decay", *SMOKE2, "--out", str(out)]) == 0
+    fresh = capsys.readouterr().out
+    assert main(["run", "weight-decay", "--out", str(out), "--resume"]) == 0
+    again = capsys.readouterr().out
+
+    def table(s: str) -> list[str]:
+        return [line for line in s.splitlines() if not line.startswith(("total wall time", "report:"))]
+
+    assert "n/a" in fresh   # the arm without decay has none to show
+    assert "None" not in again and table(again) == table(fresh)

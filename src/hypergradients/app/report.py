@@ -19,8 +19,11 @@ from torch import Tensor
 
 
 def fmt(v: Any) -> str:
-    """A table cell: floats to 4 significant digits, ints with thousands separators."""
-    if isinstance(v, bool) or v is None:
+    """A table cell: floats to 4 significant digits, ints with thousands separators; a missing value
+    (``None``, as a NaN reads back from a JSON file: JSON has no NaN) and a non-finite one as ``n/a``."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
         return str(v)
     if isinstance(v, int):
         return f"{v:,}"

@@ -75,7 +75,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 2   # 2: RNG states as tensors and plain values (loadable with weights_only=True)
 
 __all__ = ["CHECKPOINT", "METRICS", "NonFiniteError", "SkippedHyperStepsWarning", "TensorBoardCallback",
-           "TrainResult", "cross_entropy", "evaluate", "fit", "save_atomic"]
+           "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit", "save_atomic"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
@@ -183,6 +183,16 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise UnreadableFileError(f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.",
                                   path=path, why=why)
     return st
+
+
+def check_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Raise the :class:`~hypergradients.UnreadableFileError` that :func:`fit` with ``resume=True``
+    would raise for ``checkpoint_dir``'s checkpoint, reading only (nothing written or removed); nothing
+    when it reads back or there is none (then :func:`fit` starts afresh). A caller that resumes several
+    trainings checks them all first, so that a refusal changes no file."""
+    path = Path(checkpoint_dir) / CHECKPOINT
+    if path.exists():
+        _read_checkpoint(path)
 
 
 def _first_nonfinite_param(model: nn.Module) -> str | None:

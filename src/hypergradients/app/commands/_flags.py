@@ -62,7 +62,9 @@ def add_smoke(parser: argparse.ArgumentParser, *, help: str) -> None:
 def add_out(parser: argparse.ArgumentParser, *, name: str, what: str) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help=f"run folder for config.toml, {what} and report.md (default: runs/{name}-<UTC "
-                             "timestamp>; written again if it holds an earlier run); checked before any work")
+                             "timestamp>; written again if it holds an earlier run of it, refused if it "
+                             "holds another run or a report.md/metrics.jsonl of your own); checked before "
+                             "any work")
 
 
 def add_quiet_json(parser: argparse.ArgumentParser, *, result: str) -> None:

@@ -20,9 +20,11 @@ Run a registered experiment (see `hypergradients list`) and write its run folder
 Settings come from the experiment's defaults, then --smoke, then --config FILE.toml, then
 --set key=value (repeatable; values are TOML: 5, 1e-3, true, [64, 64], adam), then --seed and
 --threads. Every value, the data it asks for and the paths are checked before any work starts;
-a refusal exits with status 2 and writes nothing. Ctrl-C prints the command that resumes.
-explain, compare and bench keep no checkpoints (they recompute): --resume is refused for them,
-and running one again into the same --out replaces its files.
+a refusal exits with status 2 and writes nothing (a --resume whose checkpoint cannot be read
+included). Ctrl-C prints the command that resumes. explain, compare and bench keep no checkpoints
+(they recompute): --resume is refused for them, and running one again into the same --out
+replaces its files. An --out that holds report.md or metrics.jsonl but no config.toml (not a run
+folder: your files), or another experiment's run, is refused.
 
 examples:
   hypergradients run weight-decay
@@ -114,6 +116,37 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
     return exp, requested, out
 
 
+# Files that runs write at the top of their folder. In a folder holding no config.toml (no run of
+# ours) they are the user's own, and a run would overwrite them.
+RUN_FILES = ("report.md", "metrics.jsonl")
+
+
+def check_out_folder(exp: Any, out: Path) -> None:
+    """Refuse (:class:`~hypergradients.app.config.ConfigError`), before anything is written, an existing
+    ``out`` that a new run of ``exp`` would damage: one with no ``config.toml`` that holds a file runs
+    write (:data:`RUN_FILES`), or one whose ``config.toml`` is not a configuration of ``exp`` (another
+    experiment's run, or the user's own TOML file), which an experiment that recomputes into the same
+    folder would overwrite along with the rest of that run."""
+    from ..config import ConfigError, read_toml, resolve
+
+    if not out.is_dir():
+        return
+    saved = out / "config.toml"
+    if not saved.exists():
+        theirs = [out / n for n in RUN_FILES if (out / n).exists()]
+        if theirs:
+            raise ConfigError(f"--out {str(out)!r} holds {str(theirs[0])!r} but no config.toml, so it is not "
+                              f"the folder of a run, and this run would overwrite that file: move the file "
+                              "away, or give another --out (a new folder)")
+        return
+    try:
+        resolve(exp.schema, file=read_toml(saved))
+    except ConfigError as e:
+        raise ConfigError(f"--out {str(out)!r} holds a config.toml that is not a configuration of "
+                          f"{exp.name!r} ({e}), so this run would overwrite another run's or your own files "
+                          "there: give another --out") from None
+
+
 def default_out(name: str, *, smoke: bool = False) -> Path:
     """``runs/<name>-<UTC timestamp>`` (``-smoke`` appended for the tiny configuration)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -133,7 +166,8 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
             resume_hint: str | None = None) -> Any:
     """Run ``exp`` with the resolved ``cfg`` into ``out``: the shared path of ``run`` and its aliases.
 
-    Checks the world (``exp.check``: data, sizes, devices) before the folder is made, then runs.
+    Checks ``out`` (:func:`check_out_folder`, for a new run) and the world (``exp.check``: data,
+    sizes, devices) before the folder is made, then runs.
     Returns the :class:`~hypergradients.app.experiments.ExperimentResult`, or an exit status after an
     error line ``prog: error: ...`` on stderr (2: refused before any work, or an unreadable
     checkpoint; 1: the computation failed; 130: interrupted).
@@ -161,6 +195,8 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
     from ..experiments import RunContext
 
     try:
+        if not resume:   # a resume continues the run in out, checked by the caller
+            check_out_folder(exp, out)
         # What the configuration asks of the world (the data and its sizes), still before any file.
         data = exp.check(cfg) if exp.check is not None else None
     except ConfigError as e:

@@ -38,7 +38,7 @@ from ...training.fit import TrainResult
 from ..config import Config, ConfigError, Option, write_toml
 from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..progress import Progress
-from ._common import finish, fit_checkpointed, what_it_shows
+from ._common import check_checkpoints, finish, fit_checkpointed, versus, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, threads
 from .base import with_preset as _with_preset
 
@@ -293,6 +293,8 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
+    check_checkpoints(ctx, [ctx.out / f"{a}-seed{s}" for s in cfg["seeds"] for a in cfg["arms"]],
+                      restart="run")
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
@@ -422,29 +424,23 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
 
 
 def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """Notes comparing the learned augmentation with the others: a difference of means is called real
-    only when it exceeds the two standard deviations added (a rough, stated rule for a few seeds)."""
+    """Notes comparing the learned augmentation with the others, seed by seed: every arm of a seed
+    starts from the same weights, so the standard error is that of the mean paired difference over
+    the seeds, and the verdict :func:`._common.versus`'s (one seed: no noise estimate)."""
     notes: list[str] = []
     net = rows.get("augnet")
     for other in ("none", "handmade"):
         o = rows.get(other)
         if not net or not o:
             continue
-        d = net["test_acc_mean"] - o["test_acc_mean"]
-        spread = net["test_acc_std"] + o["test_acc_std"]
-        n = net["seeds"]
-        if n < 2:
-            verdict = "one seed, so whether this is beyond noise is unknown"
-        elif abs(d) <= spread:
-            verdict = "within the seeds' spread: no difference shown"
-        else:
-            verdict = "beyond the seeds' spread: " + (
-                "the learned augmentation is better" if d > 0 else "the learned augmentation is WORSE"
-            )
-        notes.append(
-            f"Test accuracy, learned augmentation {net['test_acc_mean']:.4f} vs {o['arm']} "
-            f"{o['test_acc_mean']:.4f} ({d:+.4f}; {verdict})."
-        )
+        theirs = {r["seed"]: r["test_acc"] for r in o["runs"]}
+        diffs = [r["test_acc"] - theirs[r["seed"]] for r in net["runs"] if r["seed"] in theirs]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        v = versus("The learned augmentation", o["arm"], net["test_acc_mean"], o["test_acc_mean"], se,
+                   metric="test accuracy", higher_is_better=True,
+                   se_what=f"standard error of the mean paired difference over {len(diffs)} seeds",
+                   no_se="one seed: no noise estimate", digits=".4f")
+        notes.append(f"{v.text}.")
     if net and rows.get("none"):
         # The same seed's last training loss with and without the network: equal to 1% means the
         # classifier saw (nearly) the original images, i.e. the network stayed at its identity start.

@@ -42,7 +42,7 @@ from ...training.files import json_dumps, write_atomic
 from ..config import Config, Option, write_toml
 from ..datasets import Dataset
 from ..progress import Progress
-from ._common import finish, what_it_shows
+from ._common import check_checkpoints, finish, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .distill_mnist import FixedL2
 from .families import flipped_auc
@@ -145,6 +145,7 @@ def precision_recall(weights: Tensor, corrupted: Tensor, threshold: float) -> tu
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
+    check_checkpoints(ctx, [ctx.out / arm for arm in cfg["arms"]])
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)

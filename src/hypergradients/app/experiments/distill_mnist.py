@@ -40,7 +40,7 @@ from ...training.files import json_dumps, write_atomic
 from ..config import Config, ConfigError, Option, write_toml
 from ..datasets import Dataset
 from ..progress import Progress
-from ._common import finish, what_it_shows
+from ._common import check_checkpoints, finish, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
 
@@ -187,6 +187,7 @@ def train_fresh(ds: Dataset, x: Tensor, y: Tensor, *, seed: int, steps: int, lr:
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
+    check_checkpoints(ctx, [ctx.out / "distilled"])
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)

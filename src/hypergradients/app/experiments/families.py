@@ -57,7 +57,18 @@ from ...training.fit import TrainResult
 from ..config import Config, ConfigError, Option, write_toml
 from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..progress import Progress
-from ._common import finish, fit_checkpointed, hyper_steps, method, what_it_shows
+from ._common import (
+    check_checkpoints,
+    correct,
+    finish,
+    fit_checkpointed,
+    hyper_steps,
+    method,
+    paired_se,
+    per_example,
+    versus,
+    what_it_shows,
+)
 from ._common import linear_or_mlp as mlp
 from .base import Experiment, ExperimentResult, RunContext, threads
 
@@ -318,6 +329,8 @@ def _fit(
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     family = cfg["family"]
+    arms = ["tuned", "baseline"] + (["real-k"] if family == "distill" else [])
+    check_checkpoints(ctx, [ctx.out / arm for arm in arms])
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
@@ -330,10 +343,10 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "val": (_images(ds, ds.x_val), ds.y_val),
         "test": (_images(ds, ds.x_test), ds.y_test),
     }
-    arms = ["tuned", "baseline"] + (["real-k"] if family == "distill" else [])
     rounds = cfg["train.rounds"]
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
+    test_correct: dict[str, Tensor] = {}   # per test example, for the paired standard errors of the notes
     top = _Metrics()
     tuned_fams: list[Family] = []
     count = 0
@@ -365,6 +378,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
 
             res = _fit(cfg, ctx, model, fams, train, evals["val"], evals, arm_dir, [progress], batch_size)
             histories[arm] = res.metrics
+            test_correct[arm] = per_example(model, *evals["test"], correct)
             top.add(arm, res.metrics)
             f = res.final
             results[arm] = {
@@ -398,7 +412,8 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "train_loss",
         "wall_s",
     ] + (["flipped_auc"] if family in NOISY else [])
-    notes = _notes(family, results, int(flipped.sum()))
+    ses = {a: paired_se(test_correct["tuned"], test_correct[a]) for a in arms if a != "tuned"}
+    notes = _notes(family, results, int(flipped.sum()), se=ses, n_test=len(evals["test"][1]))
     for fam in tuned_fams:
         if isinstance(fam, AugmentNet):
             change = augment_change(fam, evals["test"][0])
@@ -454,21 +469,25 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return markdown_table(columns, rows)
 
 
-def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int) -> list[str]:
+def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int, *,
+           se: dict[str, float] | None = None, n_test: int = 0) -> list[str]:
+    """The report's notes. ``se[arm]``: the paired standard error (over the same test examples) of the
+    tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`._common.versus`'s."""
+    se = se or {}
     t, b = results["tuned"], results["baseline"]
-    d = t["test_acc"] - b["test_acc"]
-    notes = [
-        f"Test accuracy with the tuned {FAMILY_NAMES[family]}: {t['test_acc']:.3f}, without it: "
-        f"{b['test_acc']:.3f} ({d:+.3f}; one seed, so a difference of a few test examples is noise)."
-    ]
+    paired = f"paired standard error over the {n_test:,} test examples, one training seed"
+    no_se = "no standard error: no noise estimate"
+    v = versus(f"The model with the tuned {FAMILY_NAMES[family]}", "the one without it", t["test_acc"],
+               b["test_acc"], se.get("baseline"), metric="test accuracy", higher_is_better=True,
+               se_what=paired, no_se=no_se, digits=".3f")
+    notes = [f"{v.text}."]
     if family == "distill":
         r = results["real-k"]
-        notes.append(
-            f"The tuned arm trains on the distilled examples only; the real examples they started from "
-            f"give {r['test_acc']:.3f}: distillation changed test accuracy by "
-            f"{t['test_acc'] - r['test_acc']:+.3f} against them, while the baseline trains on the whole "
-            "training set."
-        )
+        v = versus("Training on the distilled examples", "training on the real examples they started from",
+                   t["test_acc"], r["test_acc"], se.get("real-k"), metric="test accuracy",
+                   higher_is_better=True, se_what=paired, no_se=no_se, digits=".3f")
+        notes.append(f"The tuned arm trains on the distilled examples only, the baseline on the whole "
+                     f"training set. {v.text}.")
     if family in NOISY:
         auc = t["flipped_auc"]
         notes.append(

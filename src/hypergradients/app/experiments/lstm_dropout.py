@@ -41,7 +41,16 @@ from ..config import Config, ConfigError, Option, write_toml
 from ..corpus import Corpus, batchify, load_corpus
 from ..datasets import DataFormatError, DataUnavailableError
 from ..progress import Progress
-from ._common import finish, fit_checkpointed, hyper_steps, what_it_shows
+from ._common import (
+    check_checkpoints,
+    finish,
+    fit_checkpointed,
+    hyper_steps,
+    paired_se,
+    per_example,
+    versus,
+    what_it_shows,
+)
 from .base import Experiment, ExperimentResult, RunContext, threads
 from .base import with_preset as _with_preset
 from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
@@ -259,6 +268,7 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
+    check_checkpoints(ctx, [ctx.out / arm for arm in cfg["arms"] if arm != "optuna"])
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     corpus = ctx.data if isinstance(ctx.data, Corpus) else check(cfg)
@@ -276,6 +286,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
     lines: list[str] = []
+    test_losses: dict[str, Tensor] = {}   # per test sequence, for the paired standard errors of the notes
     tuned: list[Family] = []
     optuna_res: dict[str, Any] | None = None
     bar = Progress(rounds * len(order), desc="lstm-dropout", enabled=ctx.progress, unit="round")
@@ -303,6 +314,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 bar.set(base + int(rec["round"]))
 
             res = _fit(cfg, model, fams, data, arm_dir, ctx.resume, [progress])
+            test_losses[arm] = per_example(model, *data["test"], sequence_loss, batch_size=256)
             histories[arm] = res.metrics
             lines += [json_dumps({"arm": arm, **r}, indent=None) for r in res.metrics]
             f = res.final
@@ -330,7 +342,9 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     rows = [results[a] for a in arms]
     columns = ["arm", "hyperparameters", "hyper_steps", "val_ppl", "test_ppl", "wall_s"]
-    notes = interpret(results, optuna_res)
+    ses: dict[str, float] = {a: paired_se(test_losses["ift"], test_losses[a]) for a in ("fixed", "none")
+                             if "ift" in test_losses and a in test_losses}
+    notes = interpret(results, optuna_res, se=ses, n_test=len(data["test"][1]))
     figure = _figure(ctx.out / "ppl_vs_time.png", histories, optuna_res)
     result = {
         "dataset": corpus.source,
@@ -453,8 +467,15 @@ def _optuna(
     return out
 
 
-def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None) -> list[str]:
-    """Plain-language notes on the table, whichever way it came out (one seed: no error bars)."""
+def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None, *,
+              se: dict[str, float] | None = None, n_test: int = 0) -> list[str]:
+    """Plain-language notes on the table, whichever way it came out.
+
+    ``se[arm]`` is the paired standard error (over the same ``n_test`` test sequences) of the IFT
+    arm's test loss minus ``arm``'s; the verdicts are :func:`._common.versus`'s, on the test loss
+    (the log of the perplexity). The Optuna arm keeps no per-sequence losses: no noise estimate.
+    """
+    se = se or {}
     notes: list[str] = []
     ift, fixed, none = results.get("ift"), results.get("fixed"), results.get("none")
     if ift:
@@ -471,14 +492,16 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None) ->
                 "DropConnect, not evidence for the hypergradient. More rounds or a larger hyper.lr would "
                 "let it act."
             )
-    for other in (fixed, none):
+    for key, other in (("fixed", fixed), ("none", none)):
         if ift and other:
-            d = ift["test_ppl"] - other["test_ppl"]
+            v = versus("The IFT arm (tuned dropout and DropConnect)", other["arm"], ift["test_loss"],
+                       other["test_loss"], se.get(key), metric="test loss (log perplexity)",
+                       higher_is_better=False,
+                       se_what=f"paired standard error over the {n_test:,} test sequences, one training seed",
+                       no_se="one seed, no per-sequence losses: no noise estimate")
             notes.append(
-                f"Test perplexity with IFT-tuned dropout and DropConnect: {ift['test_ppl']:.2f}, with "
-                f"{other['arm']}: {other['test_ppl']:.2f} ({d:+.2f}; one seed, so a difference of a "
-                f"perplexity point or so is within the run-to-run spread). The IFT arm took "
-                f"{ift['wall_s']:.0f} s against {other['wall_s']:.0f} s."
+                f"{v.text}; test perplexity {ift['test_ppl']:.2f} vs {other['test_ppl']:.2f}. The IFT arm "
+                f"took {ift['wall_s']:.0f} s against {other['wall_s']:.0f} s."
             )
     if opt:
         row = opt["row"]
@@ -496,8 +519,14 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None) ->
                 + (" (beyond the budget: the last trial overran it)." if t > opt["budget_s"] else ".")
                 if t is not None
                 else f" It did NOT reach the IFT arm's test perplexity {opt['target_test_ppl']:.2f} within "
-                "the budget: here the hypergradient arm wins at equal wall time."
+                "the budget."
             )
+            if ift:
+                v = versus("Its best trial", "the IFT arm", row["test_loss"], ift["test_loss"], None,
+                           metric="test loss (log perplexity)", higher_is_better=False, se_what="",
+                           no_se="one seed each and no per-sequence losses for the trials: no noise "
+                           "estimate, so neither is shown to be better")
+                s += f" {v.text}."
         notes.append(s)
     return notes
 

@@ -187,21 +187,28 @@ def weight_decay_arm(cfg: Mapping[str, Any], ds: Any, device: Any, *, budget_s: 
 def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
     """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it).
 
-    ``se`` is the paired standard error of the test-loss difference (same test examples): a
-    difference within two of them is called noise, whichever side it falls."""
+    ``se`` is the paired standard error of the test-loss difference (same test examples); the verdict
+    is :func:`._common.versus`'s: a tie within two of them, a win for either side only beyond them,
+    and none without a standard error."""
+    from ._common import versus
+
     s = (f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
          f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
          f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}.")
     if row.get("target_test_loss") is None:
         return s
     t = row["time_to_match_s"]
-    d = row["test_loss"] - row["target_test_loss"]
-    if se is not None and abs(d) <= 2 * se:
-        return s + (f" Against the {what} arm's {row['target_test_loss']:.4g} the difference is {d:+.3g} ± "
-                    f"{se:.2g} (paired standard error): within noise, so at equal wall time the two tie here"
+    v = versus("Its best trial", f"the {what} arm", row["test_loss"], row["target_test_loss"], se,
+               metric="test loss", higher_is_better=False,
+               se_what="paired standard error over the test examples",
+               no_se="no standard error: no noise estimate")
+    s += f" {v.text}"
+    if v.kind in ("within noise", "negligible"):
+        return s + (": at equal wall time the two tie here"
                     + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else "."))
+    target = f"the {what} arm's test loss {row['target_test_loss']:.4g}"
     if t is not None:
-        return s + (f" It matched the {what} arm's test loss {row['target_test_loss']:.4g} after {t:.0f} s: "
-                    "on one hyperparameter a black-box search is competitive.")
-    return s + (f" It did NOT reach the {what} arm's test loss {row['target_test_loss']:.4g} within the "
-                "budget: at equal wall time the hypergradient arm wins here.")
+        competitive = ": on one hyperparameter a black-box search is competitive."
+        return s + f". It matched {target} after {t:.0f} s" + (competitive if v.kind != "worse" else ".")
+    return s + (f". It did NOT reach {target} within the budget"
+                + (": at equal wall time the hypergradient arm wins here." if v.kind == "worse" else "."))

@@ -40,7 +40,15 @@ from ...training.fit import TrainResult
 from ..config import Config, ConfigError, Option, write_toml
 from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..progress import Progress
-from ._common import finish, fit_checkpointed, hyper_steps, linear_or_mlp, method, what_it_shows
+from ._common import (
+    check_checkpoints,
+    finish,
+    fit_checkpointed,
+    hyper_steps,
+    linear_or_mlp,
+    method,
+    what_it_shows,
+)
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 
 # `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
@@ -174,6 +182,7 @@ def check(cfg: Config) -> Dataset:
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
+    check_checkpoints(ctx, [ctx.out / name for name in cfg["models"]])
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_toml(cfg, ctx.out / "config.toml")
     ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)

@@ -50,11 +50,19 @@ from ...training.files import (
     save_atomic,
     write_atomic,
 )
-from ...training.fit import METRICS, SkippedHyperStepsWarning, TensorBoardCallback, cross_entropy, fit
+from ...training.fit import (
+    METRICS,
+    SkippedHyperStepsWarning,
+    TensorBoardCallback,
+    check_checkpoint,
+    cross_entropy,
+    fit,
+)
 from .. import report
 from ..config import Config, ConfigError, Option, write_toml
 from ..datasets import DATASETS, DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..progress import Progress
+from ._common import paired_se, versus
 from .base import Experiment, ExperimentResult, RunContext
 
 ARMS = ("none", "global", "layer", "weight", "optuna")
@@ -312,8 +320,29 @@ def run(ctx: RunContext) -> ExperimentResult:
         restore_threads()   # the caller's thread count is its own (tests, notebooks)
 
 
+def _unreadable(e: UnreadableFileError, arm: str) -> UnreadableFileError:
+    return UnreadableFileError(
+        f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete it to "
+        f"restart the arm {arm!r} (the other arms are kept), or restore it from a copy.",
+        path=e.path, why=e.why)
+
+
+def _check_resume(ctx: RunContext, arms: list[str], rounds: int) -> None:
+    """On --resume, before anything is written: every arm that will continue from its checkpoint (not
+    finished, not optuna, which keeps none) can read it, so that a refusal changes no file of the run."""
+    if not ctx.resume:
+        return
+    for arm in arms:
+        if arm != "optuna" and _finished(ctx.out / arm, rounds) is None:
+            try:
+                check_checkpoint(ctx.out / arm)
+            except UnreadableFileError as e:
+                raise _unreadable(e, arm) from None
+
+
 def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     arms: list[str] = cfg["arms"]
+    _check_resume(ctx, arms, cfg["train.rounds"])
     ctx.out.mkdir(parents=True, exist_ok=True)
     for d in (ctx.out, *(ctx.out / a for a in arms)):
         remove_stale_temps(d)   # a kill during an atomic write leaves its temp file behind
@@ -375,10 +404,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                               on_solver_error=cfg["hyper.on_solver_error"],
                               warm_start=cfg["hyper.warm_start"])
                 except UnreadableFileError as e:
-                    raise UnreadableFileError(
-                        f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete it to "
-                        f"restart the arm {arm!r} (the other arms are kept), or restore it from a copy.",
-                        path=e.path, why=e.why) from None
+                    raise _unreadable(e, arm) from None
                 finally:
                     if tb is not None:
                         tb.close()
@@ -473,16 +499,8 @@ def method_settings(cfg: Config) -> str:
                  "raise": "; a solver failure stops the run"}[cfg["hyper.on_solver_error"]]
     return what
 
-def paired_se(a: Tensor, b: Tensor) -> float:
-    """Standard error of ``mean(a) − mean(b)`` for per-example losses on the same examples."""
-    d = (a - b).double()
-    return float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-
-
-def _vs(d: float, se: float | None) -> str:
-    # "difference +0.02 ± 0.01 (paired standard error over the test examples)"
-    return f"difference {d:+.3g}" + (f" ± {se:.2g} (paired standard error over the test examples)"
-                                     if se is not None else "")
+PAIRED = "paired standard error over the test examples"
+NO_SE = "no standard error: no noise estimate"
 
 
 def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | None = None,
@@ -490,8 +508,8 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
     """Plain-language notes that say what the table shows, whichever way it came out.
 
     ``se`` is the paired standard error of the per-weight − global test-loss difference (same test
-    examples), ``se_global`` that of global − none: a difference within two standard errors is
-    called noise, and without a standard error no difference is called a win or a loss. ``moved``
+    examples), ``se_global`` that of global − none; the words are :func:`._common.versus`'s (a win or
+    a loss only beyond two standard errors, never without one). ``moved``
     holds the fractions of per-weight decays that rose and fell by more than 1% from their initial
     value. Arms whose hyper steps were mostly skipped are named as not tuned.
     """
@@ -499,19 +517,10 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
     pw, gl, no = results.get("weight"), results.get("global"), results.get("none")
     if pw and gl:
         d = pw["test_loss"] - gl["test_loss"]
-        within = se is not None and abs(d) <= 2 * se
-        if se is None:
-            verdict = ("matches the tuned global decay on test loss" if d == 0 else
-                       f"has a {'lower' if d < 0 else 'higher'} test loss than the tuned global decay (no "
-                       "standard error, so whether this is beyond noise is unknown)")
-        elif within:
-            verdict = "matches the tuned global decay on test loss (the difference is within noise)"
-        elif d < 0:
-            verdict = "beats the tuned global decay on test loss"
-        else:
-            verdict = "does NOT match the tuned global decay on test loss"
-        notes.append(f"Per-weight decay {verdict}: {pw['test_loss']:.4g} vs {gl['test_loss']:.4g}, "
-                     f"{_vs(d, se)}; test accuracy {pw['test_acc']:.3f} vs {gl['test_acc']:.3f}.")
+        v = versus("Per-weight decay", "the tuned global decay", pw["test_loss"], gl["test_loss"], se,
+                   metric="test loss", higher_is_better=False, se_what=PAIRED, no_se=NO_SE)
+        within = v.kind in ("within noise", "negligible")
+        notes.append(f"{v.text}; test accuracy {pw['test_acc']:.3f} vs {gl['test_acc']:.3f}.")
         gap_pw, gap_gl = pw["test_loss"] - pw["val_loss"], gl["test_loss"] - gl["val_loss"]
         if gap_pw > gap_gl + 0.01:   # 0.01 nats: below that the gaps are the same for practical purposes
             notes.append(
@@ -522,8 +531,10 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
                 f"point: per-weight decay can overfit the validation set). Its validation loss "
                 f"({pw['val_loss']:.4g} vs {gl['val_loss']:.4g}) overstates the advantage"
                 + (", and the test loss shows none." if d > 0 else
-                   ", and on the test loss what remains is within noise." if within else
-                   "; the test loss shows what remains."))
+                   ", and on the test loss what remains is within noise or too small to matter."
+                   if within else
+                   "; the test loss shows what remains." if v.kind == "beats" else
+                   "; without a standard error the test loss does not say what remains."))
         else:
             notes.append(f"The test−validation gap is {gap_pw:.3g} for per-weight and {gap_gl:.3g} for "
                          "global decay: no sign here that the per-weight decays overfit the validation set.")
@@ -531,19 +542,9 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
             notes.append(f"Of the per-weight decays, {moved[0]:.1%} rose and {moved[1]:.1%} fell by more "
                          "than 1% from their initial value; the rest stayed there (see the histogram).")
     if no and gl:
-        d = gl["test_loss"] - no["test_loss"]
-        start = (f"Without weight decay the test loss is {no['test_loss']:.4g} (train loss "
-                 f"{no['train_loss']:.3g}): tuning a single global decay ")
-        if se_global is None:
-            notes.append(start + f"gives {gl['test_loss']:.4g} ({_vs(d, None)}; no standard error, so "
-                         "whether this is beyond noise is unknown).")
-        elif abs(d) <= 2 * se_global:
-            notes.append(start + f"does not change it beyond noise ({gl['test_loss']:.4g}, "
-                         f"{_vs(d, se_global)}).")
-        elif d < 0:
-            notes.append(start + f"improves it to {gl['test_loss']:.4g} ({_vs(d, se_global)}).")
-        else:
-            notes.append(start + f"makes it worse: {gl['test_loss']:.4g} ({_vs(d, se_global)}).")
+        v = versus("A tuned global decay", "no weight decay", gl["test_loss"], no["test_loss"], se_global,
+                   metric="test loss", higher_is_better=False, se_what=PAIRED, no_se=NO_SE)
+        notes.append(f"{v.text}; without weight decay the train loss is {no['train_loss']:.3g}.")
     for arm, r in results.items():
         planned, skipped = r.get("hyper_steps_planned"), r.get("skipped", 0)
         name = ARM_NAMES.get(arm, arm)
