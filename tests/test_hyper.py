@@ -313,3 +313,25 @@ def test_nonfinite_hypergradient_with_finite_losses_names_its_key() -> None:
     assert (ei.value.name, ei.value.what) == ("weight_decay", "the hypergradient of")
     assert isinstance(ei.value.__cause__, hg.HypergradientError)
     assert torch.equal(hyper.hparams["weight_decay"].detach(), before)
+
+
+def test_every_submodule_keeps_its_own_mode_after_train_loss_step_and_hypergradient() -> None:
+    # Fine-tuning often keeps a batch norm in eval mode inside a model that trains: the temporary
+    # switches of L_T (training mode) and L_V (evaluation mode) must give every submodule its own
+    # flag back, not the root's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[1].eval()
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model)], method=hg.CG(iters=2))
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
+    flags = [m.training for m in model.modules()]
+    assert flags == [True, True, False, True, True]
+    hyper.train_loss(b)
+    assert [m.training for m in model.modules()] == flags
+    hyper.step(b, b)
+    assert [m.training for m in model.modules()] == flags
+    hyper.hypergradient(b, b, method=hg.CG(iters=2, damping=1.0))
+    assert [m.training for m in model.modules()] == flags
+    hg.train.evaluate(model, {"val": b})
+    assert [m.training for m in model.modules()] == flags

@@ -56,7 +56,7 @@ from .derivatives import LossFn
 from .errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from .hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
 from .methods import CG, Info, Method, Neumann, hypergradient
-from .modules import functional_model
+from .modules import functional_model, in_mode
 from .state import SolverState
 
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -118,14 +118,8 @@ def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
     return hp
 
 
-@contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    was = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was)
+# Every submodule's own flag is restored afterwards (a batch norm the user froze in eval mode stays so).
+_mode = in_mode
 
 
 class Objective:
