@@ -335,3 +335,36 @@ def test_every_submodule_keeps_its_own_mode_after_train_loss_step_and_hypergradi
     assert [m.training for m in model.modules()] == flags
     hg.train.evaluate(model, {"val": b})
     assert [m.training for m in model.modules()] == flags
+
+
+def test_frozen_layers_are_constants_and_weight_decay_leaves_them_out() -> None:
+    # Fine-tuning: a frozen layer is no weight of the bilevel problem. WeightDecay(model) covers only
+    # the trainable parameters; the hyper step works and its hypergradient is the one with the frozen
+    # layer folded into the data (a model without it, fed that layer's outputs).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[0].requires_grad_(False)
+    fam = hg.WeightDecay(model, granularity="layer", init=0.1)
+    g = torch.Generator().manual_seed(1)
+    bt = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
+    bv = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
+    hyper = hg.HyperOptimizer(model, [fam], method=hg.Exact(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    res = hyper.step(bt, bv)
+    assert res.applied and res.hypergradient is not None and fam.covered == ["2.weight"]
+    head = nn.Sequential(nn.Linear(4, 2)).to(DT)
+    head.load_state_dict({f"0.{k}": v for k, v in model[2].state_dict().items()})
+    with torch.no_grad():
+        feats = [(model[1](model[0](b[0])), b[1]) for b in (bt, bv)]
+    ref = hg.HyperOptimizer(head, [hg.WeightDecay(head, granularity="layer", init=0.1)], method=hg.Exact())
+    g_ref, _ = ref.hypergradient(*feats)
+    # the same computation on the same numbers, up to the order of float64 operations
+    torch.testing.assert_close(res.hypergradient["weight_decay.2.weight"], g_ref["weight_decay.0.weight"],
+                               rtol=1e-12, atol=1e-15)
+    # frozen after the family was built: refused by name, with the fix
+    model[2].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"decays '2.weight', which is not among the weights given .* Build the "
+                                         r"family after freezing"):
+        hyper.step(bt, bv)
+    with pytest.raises(ValueError, match=r"covers no parameter .* \(frozen, left out: \['0.bias', '0.weight', '2.weight'\]\)"):
+        hg.WeightDecay(model)
