@@ -368,3 +368,31 @@ def test_frozen_layers_are_constants_and_weight_decay_leaves_them_out() -> None:
         hyper.step(bt, bv)
     with pytest.raises(ValueError, match=r"covers no parameter .* \(frozen, left out: \['0.bias', '0.weight', '2.weight'\]\)"):
         hg.WeightDecay(model)
+
+
+def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_keeps_the_carried_state() -> None:
+    train, val = _data(4)
+    lam = math.log(0.3)
+    w, exact = _ridge(train, val, lam)
+    model = _model_at(w)
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], loss_fn=squared_error,
+                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))   # default Neumann, warm
+    hyper.step(train, val)
+    carried = hyper.state_dict()["solver"]
+    assert carried["method"] == "Neumann"
+    g, info = hyper.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
+    # w is w* (closed form), CG converges on this 6-dimensional SPD system: the exact value, to
+    # the closed form's rounding
+    assert float(g["weight_decay"]) == pytest.approx(exact, rel=1e-9)
+    assert info.state is not None and info.state.method == "CG" and "warm_start" not in info.extra
+    after = hyper.state_dict()["solver"]   # the Neumann state is untouched ...
+    assert after["method"] == "Neumann" and after["calls"] == carried["calls"]
+    assert after["lambda_max"] == carried["lambda_max"]
+    hyper.step(train, val)                 # ... and the next step uses it
+    assert hyper.state_dict()["solver"]["calls"] == carried["calls"] + 1
+    # a method of the own class reads and updates the carried state
+    cg = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.CG(iters=3),
+                           loss_fn=squared_error, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    cg.step(train, val)
+    _, info = cg.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
+    assert info.extra.get("warm_start") == 1.0 and cg.state_dict()["solver"]["calls"] == 2

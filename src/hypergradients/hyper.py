@@ -343,7 +343,8 @@ class HyperOptimizer:
         on_solver_error: ``"damp"`` (retry CG on ``H + δI``, Neumann with a safe ``α``; skip if that
             fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
-            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch); it belongs to
+            ``method``'s class (:meth:`hypergradient` with another class solves from scratch).
         data_parallel: under ``torch.distributed`` (torchrun), each rank passes its own shard's
             batches and the hypergradient is that of the group-mean losses
             (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
@@ -430,7 +431,13 @@ class HyperOptimizer:
         """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
         state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
         a non-finite hypergradient one naming its key. ``noise`` fixes the stochastic families' random
-        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw)."""
+        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw).
+
+        ``method``: default this object's own method. The carried solver state (``warm_start``)
+        belongs to that method's kind: a method of the same class (``hg.CG(iters=50)`` beside an own
+        ``hg.CG()``) uses and updates it; a method of another class is a one-off computation from
+        scratch, which neither reads nor changes it (the next :meth:`step` continues as if the call
+        had not happened)."""
         bt, bv = as_batch(train_batch), as_batch(val_batch)
         obj = self.objective
         if noise is None:
@@ -452,11 +459,13 @@ class HyperOptimizer:
             return out
 
         m = method or self.method
+        # The carried state holds the own method's quantities (another class would refuse it with a
+        # StateMismatchError); the damped retries of step() are of the same class and keep it.
+        state = self.solver_state if type(m) is type(self.method) else None
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
-                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True,
-                                        state=self.solver_state)
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -466,7 +475,7 @@ class HyperOptimizer:
                 # hg.hypergradient's error for a non-finite result carries no key: find it from the
                 # values, by the same computation without the final check (its state is unchanged
                 # after a failed call, so this repeats it), only on this failure path.
-                found = _nonfinite_key(m, outer, inner, w, lam, self.solver_state)
+                found = _nonfinite_key(m, outer, inner, w, lam, state)
                 if found is None:
                     raise
                 what, name = "the hypergradient of", found
