@@ -99,6 +99,60 @@ def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_sh
         DropConnect(_LSTMHead(nn.LSTM(3, 4)), ["rnn.weight_hh_l1"])
 
 
+class _EmbedBeside(nn.Module):
+    """An embedding beside an LSTM of a given layout (whose ``batch_first`` the family reads); the
+    forward returns the embedding's output, so :func:`_ratio` reads the mask itself."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 3, batch_first=batch_first)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_embedding_and_linear_masks_are_per_example_in_both_sequence_layouts(batch_first: bool) -> None:
+    # One mask per example and unit, shared by the time steps (variational): time first (T, B) is
+    # nn.LSTM's default layout, and the family follows the model's recurrent layers.
+    torch.manual_seed(0)
+    model = _EmbedBeside(batch_first).to(DT)
+    ids = torch.randint(0, 10, (3, 7) if batch_first else (7, 3))   # B = 3 examples, T = 7 steps
+    t_axis = 1 if batch_first else 0
+    for fam in (Dropout(model, ["embed"], init=0.5, temperature=0.5),
+                Dropout(model, ["embed"], init=0.5, temperature=0.5, batch_first=batch_first)):
+        r = _ratio(model, fam, ids)
+        torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
+        assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 12   # 3 examples × 4 units
+    # a Linear applied per time step (a decoder): the same rule; a 2-D (B, F) keeps one mask per row
+    lin = nn.Sequential(nn.Linear(4, 5)).to(DT)
+    fam = Dropout(lin, ["0"], init=0.5, temperature=0.5, batch_first=batch_first)
+    x = torch.randn((3, 7, 4) if batch_first else (7, 3, 4), dtype=DT)
+    r = _ratio(lin, fam, x)
+    torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
+    assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 15
+    r2 = _ratio(lin, fam, torch.randn(3, 4, dtype=DT))
+    assert len(set(r2.reshape(-1).tolist())) == 15
+
+
+def test_a_model_whose_recurrent_layers_disagree_on_the_layout_must_say_it() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.a, self.b = nn.LSTM(4, 4, batch_first=True), nn.LSTM(4, 4)
+
+    model = Two()
+    with pytest.raises(ValueError, match=r"disagree on batch_first \(\{'a': True, 'b': False\}\).*pass "
+                                         r"batch_first=True"):
+        Dropout(model, ["embed"])
+    assert Dropout(model, ["a:output", "b:input"]).count() == 8   # recurrent sites know their own layout
+    assert Dropout(model, ["embed"], batch_first=False).sites["dropout.embed.output"].batch_axis == -2
+    with pytest.raises(ValueError, match="batch_first must be True, False or None"):
+        Dropout(model, ["embed"], batch_first=1)  # type: ignore[arg-type]
+
+
 class _LSTMHead(nn.Module):
     """An LSTM (possibly frozen) and a linear head on its last time step."""
 
