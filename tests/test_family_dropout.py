@@ -276,6 +276,14 @@ def test_dropconnect_lstm_through_own_loop_resumes_bit_for_bit() -> None:
                                    method=hg.CG(iters=5, damping=1e-2))
 
 
+def test_dropout_own_loop_resumes_bit_for_bit_from_the_hyper_state_alone() -> None:
+    # hyper.state_dict() carries the noise generator: an own loop that saves no RNG state resumes
+    # with the masks of the uninterrupted run (its data here is indexed, so nothing else is random)
+    data = [_batch(16, 5, 2, 100 + i) for i in range(6)]
+    own_loop_resume_is_bit_for_bit(_make_mlp, lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
+                                   method=hg.CG(iters=5, damping=1e-2), save_rng=False)
+
+
 def test_hypergradient_spread_over_noise_samples() -> None:
     """The spread of the dropout hypergradient over 20 noise samples at one trained MLP, for three
     temperatures (the table in docs/families.md comes from this test:

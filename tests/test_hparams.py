@@ -345,19 +345,35 @@ def test_path_methods_see_one_noise_sample_along_the_path() -> None:
     torch.testing.assert_close(g_fwd, g_rev, rtol=1e-10, atol=1e-14)
 
 
-def test_hyper_step_uses_one_noise_sample_from_the_global_generator() -> None:
+def test_hyper_step_uses_one_noise_sample_from_the_hyper_optimizers_own_generator() -> None:
     model = _mlp()
     fam = _GaussNoise("0")
+    torch.manual_seed(9)
     hyper = hg.HyperOptimizer(model, [fam], method=hg.Neumann(iters=3, alpha=0.1),
                               optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    assert hyper.noise_generator is not None
+    # seeded once from the global generator when built: torch.manual_seed before building fixes it
+    torch.manual_seed(9)
+    assert torch.equal(hyper.noise_generator.get_state(),
+                       torch.Generator().manual_seed(hg.hparams.Noise.draw().seed).get_state())
     bt, bv = _cls_batch(), _cls_batch(seed=2)
-    torch.manual_seed(9)
-    seed = hg.hparams.Noise.draw().seed
+    twin = torch.Generator()
+    twin.set_state(hyper.noise_generator.get_state())
+    seed = hg.hparams.Noise.draw(twin).seed
     g_ref, _ = hyper.hypergradient(bt, bv, noise=hg.hparams.Noise(seed))
-    torch.manual_seed(9)
+    before = torch.get_rng_state()
     res = hyper.step(bt, bv)
     assert res.hypergradient is not None
     assert torch.equal(res.hypergradient["gauss"], g_ref["gauss"])
+    # one draw per step, none from torch's global generator
+    assert torch.equal(hyper.noise_generator.get_state(), twin.get_state())
+    assert torch.equal(torch.get_rng_state(), before)
+    # a setup without stochastic families has no noise generator and draws nothing when built
+    torch.manual_seed(9)
+    before = torch.get_rng_state()
+    det = hg.HyperOptimizer(model, [WeightDecay(model)])
+    assert det.noise_generator is None and det.state_dict()["noise"] is None
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_composition_batch_hooks_chain_forwards_nest_and_two_reducers_are_refused() -> None:

@@ -396,3 +396,50 @@ def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_kee
     cg.step(train, val)
     _, info = cg.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
     assert info.extra.get("warm_start") == 1.0 and cg.state_dict()["solver"]["calls"] == 2
+
+
+def _same(a: object, b: object) -> bool:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None:
+    # All or nothing: each foreign state below used to raise only after some parts were assigned.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
+
+    def build() -> hg.HyperOptimizer:
+        fams = [hg.WeightDecay(model, granularity="weight", init=0.1),
+                hg.Dropout(model, ["0"], init=0.8, temperature=0.3)]
+        return hg.HyperOptimizer(model, fams, method=hg.CG(iters=3, damping=0.1))
+
+    src, dst = build(), build()
+    src.step(b, b)
+    dst.step(b, b)
+    dst.step(b, b)
+    good = src.state_dict()
+    before = dst.state_dict()
+    foreign = {
+        # the second hyperparameter's shape is another model's (the first one fits)
+        "shape": {**good, "hparams": {**good["hparams"], "weight_decay.2.weight": torch.zeros(3, 4, dtype=DT)}},
+        # every hyperparameter fits, the optimizer has another number of groups
+        "optimizer": {**good, "optimizer": {"state": {}, "param_groups": []}},
+        # a solver state that is not one
+        "solver": {**good, "solver": {"version": 1, "method": "CG"}},
+        "noise": {**good, "noise": torch.zeros(3, dtype=torch.uint8)},
+        "counts": {**good, "steps": "many"},
+    }
+    for what, st in foreign.items():
+        with pytest.raises((ValueError, KeyError, hg.HypergradientError)):
+            dst.load_state_dict(st)
+        assert _same(dst.state_dict(), before), what
+    dst.load_state_dict(good)   # and the real one loads whole
+    assert _same(dst.state_dict(), good)

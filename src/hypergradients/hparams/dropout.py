@@ -130,7 +130,8 @@ def _infer(model: nn.Module, module: str, where: Where, batch_first: bool | None
         if where == "input":
             raise ValueError(f"Dropout site {module!r}: an nn.Embedding's input is token ids; drop its "
                              "'output' units instead")
-        return Site(module, where, sub.embedding_dim, batch_axis=0 if _batch_first(model, batch_first) else -2)
+        return Site(module, where, sub.embedding_dim,
+                    batch_axis=0 if _batch_first(model, batch_first) else -2)
     if isinstance(sub, nn.RNNBase):
         out = (sub.proj_size or sub.hidden_size) * (2 if sub.bidirectional else 1)
         return Site(module, where, sub.input_size if where == "input" else out, -1,
