@@ -59,6 +59,25 @@ def test_relaxed_mask_tends_to_a_bernoulli_draw_of_the_keep_probability() -> Non
     assert abs(float((hard > 0.5).double().mean()) - q) < 5e-3
 
 
+def test_the_mask_is_the_documented_function_of_the_noise_seed() -> None:
+    # docs/families.md: u = clamp(torch.rand(mask shape, generator seeded with the noise's seed, dtype
+    # of the masked tensor), ε, 1 − ε), ε = 1e-6, and the unit is scaled by σ((θ + log u − log(1−u))/τ)/σ(θ).
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(3, 1000)).to(DT)
+    fam = Dropout(lin, ["0"], init=0.7, temperature=0.4)
+    r = _ratio(lin, fam, torch.randn(1000, 3, dtype=DT))        # the hook's mask, noise = Noise(5)
+    raw = torch.rand((1000, 1000), generator=torch.Generator().manual_seed(5), dtype=DT)
+    assert int((raw < 1e-6).sum()) == 1   # this seed draws one u below ε: the clamp shows
+    theta = fam.tensors()["dropout.0.output"].detach()
+
+    def mask(u: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((theta + torch.log(u) - torch.log(1 - u)) / 0.4) / torch.sigmoid(theta)
+
+    # r = (x·m)/x: a few roundings in float64, relative
+    torch.testing.assert_close(r, mask(raw.clamp(1e-6, 1 - 1e-6)), rtol=1e-13, atol=0)
+    assert not torch.allclose(r, mask(raw), rtol=1e-3, atol=0)   # unclamped: that entry differs
+
+
 def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_shape() -> None:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)

@@ -354,6 +354,12 @@ class HyperOptimizer:
             and the all-reduced hypergradients keep them identical on every rank. Pass the plain
             module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
 
+    ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
+    ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
+    constrained values. Set a hyperparameter by writing its unconstrained value in place, e.g.
+    ``with torch.no_grad(): hyper.hparams["weight_decay"].fill_(math.log(1e-3))``; rebinding a
+    dict entry reaches neither the families nor the optimizer.
+
     Noise: with a stochastic family (dropout), every fresh noise sample (one per :meth:`train_loss`
     call, one per :meth:`step`) is a seed drawn from ``noise_generator``, a CPU ``torch.Generator``
     of this object, seeded once from torch's global generator when the object is built (so

@@ -12,6 +12,9 @@ which tends to a Bernoulli(``q_i``) draw as the temperature ``τ → 0``; the un
 evaluation needs no rescaling). ``u`` comes from the hypergradient's fixed noise
 (:class:`~hypergradients.hparams.Noise`), so within one hypergradient the mask is a fixed smooth
 function of ``θ`` and ``dL_T/dθ`` is exact for that sample. The validation loss has no dropout.
+Exactly: ``u = clamp(torch.rand(mask shape, generator=g, dtype=dt), ε, 1 − ε)``, ``ε = 1e-6``
+(``_EPS``), ``g`` the evaluation's generator on the tensor's device (seeded with the noise's
+seed), ``dt`` the masked tensor's dtype; the clamp keeps ``|log u − log(1 − u)| ≤ 13.8``.
 
 :class:`Dropout` drops *units*: a forward hook on a named submodule masks its input (pre-hook) or
 its output (post-hook) along the unit axis, one mask entry per example per unit, shared across
