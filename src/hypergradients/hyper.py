@@ -582,11 +582,11 @@ class HyperOptimizer:
         another setup raises and leaves this object as it was. A state without ``"noise"`` (written
         before it was saved) keeps this object's noise generator as it is.
         """
+        fix = "pass the dict that HyperOptimizer.state_dict() returned"
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a HyperOptimizer state (version {found!r}, expected {STATE_VERSION}): "
-                             "pass the dict that HyperOptimizer.state_dict() returned")
-        fix = "pass the dict that HyperOptimizer.state_dict() returned"
+                             f"{fix}")
         lacks = [k for k in ("hparams", "optimizer", "steps", "skipped", "retried", "skip_reasons")
                  if k not in state]
         if lacks:
@@ -637,7 +637,7 @@ class HyperOptimizer:
             assert self.solver_state is not None
             self.solver_state.assign(solver)
         if noise is not None and self.noise_generator is not None:
-            self.noise_generator.set_state(noise)
+            self.noise_generator.set_state(noise.cpu())
         self.steps, self.skipped, self.retried = counts
         self.skip_reasons = reasons
 
