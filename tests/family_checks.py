@@ -117,10 +117,12 @@ def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]]
 
 def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]],
                                    batches: Callable[[int], tuple[Batch, Batch, Batch]], *,
-                                   method: hg.Method, steps: int = 6, every: int = 2, lr: float = 0.05) -> None:
+                                   method: hg.Method, steps: int = 6, every: int = 2, lr: float = 0.05,
+                                   save_rng: bool = True) -> None:
     """A plain PyTorch loop with ``HyperOptimizer.step`` every ``every`` steps: run ``steps`` straight,
     and again with everything saved at half-way (model, both optimizers' states via
-    ``hyper.state_dict()``, torch's RNG) and restored into new objects: bit for bit."""
+    ``hyper.state_dict()``, torch's RNG unless ``save_rng=False``: then the resumed half runs from
+    another global RNG state) and restored into new objects: bit for bit."""
     def run(stop_at: int | None, state: dict[str, Any] | None) -> tuple[nn.Module, hg.HyperOptimizer, Any]:
         torch.manual_seed(0)
         model, fams = make()
@@ -131,7 +133,10 @@ def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Fami
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             hyper.load_state_dict(state["hyper"])
-            torch.set_rng_state(state["rng"])
+            if save_rng:
+                torch.set_rng_state(state["rng"])
+            else:
+                torch.manual_seed(99)
             start = state["i"]
         for i in range(start, steps):
             if stop_at is not None and i == stop_at:
@@ -140,7 +145,7 @@ def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Fami
                                       "rng": torch.get_rng_state(), "i": i}
             b, bh, bv = batches(i)
             opt.zero_grad()
-            hyper.train_loss(b).backward()   # L_T with fresh noise from the global generator
+            hyper.train_loss(b).backward()   # L_T with fresh noise from hyper.noise_generator
             opt.step()
             if i % every == every - 1:
                 res = hyper.step(bh, bv)

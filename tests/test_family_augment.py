@@ -156,7 +156,7 @@ def test_own_loop_hyper_optimizer_resumes_bit_for_bit() -> None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             hyper.load_state_dict(state["hyper"])
-            torch.set_rng_state(state["rng"])   # the noise comes from torch's global generator
+            torch.set_rng_state(state["rng"])   # (the noise itself comes back with hyper's state)
             first = state["i"]
         for i in range(first, 5):
             if stop is not None and i == stop:

@@ -59,6 +59,25 @@ def test_relaxed_mask_tends_to_a_bernoulli_draw_of_the_keep_probability() -> Non
     assert abs(float((hard > 0.5).double().mean()) - q) < 5e-3
 
 
+def test_the_mask_is_the_documented_function_of_the_noise_seed() -> None:
+    # docs/families.md: u = clamp(torch.rand(mask shape, generator seeded with the noise's seed, dtype
+    # of the masked tensor), ε, 1 − ε), ε = 1e-6, and the unit is scaled by σ((θ + log u − log(1−u))/τ)/σ(θ).
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(3, 1000)).to(DT)
+    fam = Dropout(lin, ["0"], init=0.7, temperature=0.4)
+    r = _ratio(lin, fam, torch.randn(1000, 3, dtype=DT))        # the hook's mask, noise = Noise(5)
+    raw = torch.rand((1000, 1000), generator=torch.Generator().manual_seed(5), dtype=DT)
+    assert int((raw < 1e-6).sum()) == 1   # this seed draws one u below ε: the clamp shows
+    theta = fam.tensors()["dropout.0.output"].detach()
+
+    def mask(u: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((theta + torch.log(u) - torch.log(1 - u)) / 0.4) / torch.sigmoid(theta)
+
+    # r = (x·m)/x: a few roundings in float64, relative
+    torch.testing.assert_close(r, mask(raw.clamp(1e-6, 1 - 1e-6)), rtol=1e-13, atol=0)
+    assert not torch.allclose(r, mask(raw), rtol=1e-3, atol=0)   # unclamped: that entry differs
+
+
 def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_shape() -> None:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
@@ -97,6 +116,60 @@ def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_sh
     with pytest.raises(ValueError, match=r"no parameter 'rnn.weight_hh_l1'; its recurrent weights are "
                                          r"\['rnn.weight_hh_l0'\]"):
         DropConnect(_LSTMHead(nn.LSTM(3, 4)), ["rnn.weight_hh_l1"])
+
+
+class _EmbedBeside(nn.Module):
+    """An embedding beside an LSTM of a given layout (whose ``batch_first`` the family reads); the
+    forward returns the embedding's output, so :func:`_ratio` reads the mask itself."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 3, batch_first=batch_first)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_embedding_and_linear_masks_are_per_example_in_both_sequence_layouts(batch_first: bool) -> None:
+    # One mask per example and unit, shared by the time steps (variational): time first (T, B) is
+    # nn.LSTM's default layout, and the family follows the model's recurrent layers.
+    torch.manual_seed(0)
+    model = _EmbedBeside(batch_first).to(DT)
+    ids = torch.randint(0, 10, (3, 7) if batch_first else (7, 3))   # B = 3 examples, T = 7 steps
+    t_axis = 1 if batch_first else 0
+    for fam in (Dropout(model, ["embed"], init=0.5, temperature=0.5),
+                Dropout(model, ["embed"], init=0.5, temperature=0.5, batch_first=batch_first)):
+        r = _ratio(model, fam, ids)
+        torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
+        assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 12   # 3 examples × 4 units
+    # a Linear applied per time step (a decoder): the same rule; a 2-D (B, F) keeps one mask per row
+    lin = nn.Sequential(nn.Linear(4, 5)).to(DT)
+    fam = Dropout(lin, ["0"], init=0.5, temperature=0.5, batch_first=batch_first)
+    x = torch.randn((3, 7, 4) if batch_first else (7, 3, 4), dtype=DT)
+    r = _ratio(lin, fam, x)
+    torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
+    assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 15
+    r2 = _ratio(lin, fam, torch.randn(3, 4, dtype=DT))
+    assert len(set(r2.reshape(-1).tolist())) == 15
+
+
+def test_a_model_whose_recurrent_layers_disagree_on_the_layout_must_say_it() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.a, self.b = nn.LSTM(4, 4, batch_first=True), nn.LSTM(4, 4)
+
+    model = Two()
+    with pytest.raises(ValueError, match=r"disagree on batch_first \(\{'a': True, 'b': False\}\).*pass "
+                                         r"batch_first=True"):
+        Dropout(model, ["embed"])
+    assert Dropout(model, ["a:output", "b:input"]).count() == 8   # recurrent sites know their own layout
+    assert Dropout(model, ["embed"], batch_first=False).sites["dropout.embed.output"].batch_axis == -2
+    with pytest.raises(ValueError, match="batch_first must be True, False or None"):
+        Dropout(model, ["embed"], batch_first=1)  # type: ignore[arg-type]
 
 
 class _LSTMHead(nn.Module):
@@ -222,6 +295,14 @@ def test_dropconnect_lstm_through_own_loop_resumes_bit_for_bit() -> None:
                                    method=hg.CG(iters=5, damping=1e-2))
 
 
+def test_dropout_own_loop_resumes_bit_for_bit_from_the_hyper_state_alone() -> None:
+    # hyper.state_dict() carries the noise generator: an own loop that saves no RNG state resumes
+    # with the masks of the uninterrupted run (its data here is indexed, so nothing else is random)
+    data = [_batch(16, 5, 2, 100 + i) for i in range(6)]
+    own_loop_resume_is_bit_for_bit(_make_mlp, lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
+                                   method=hg.CG(iters=5, damping=1e-2), save_rng=False)
+
+
 def test_hypergradient_spread_over_noise_samples() -> None:
     """The spread of the dropout hypergradient over 20 noise samples at one trained MLP, for three
     temperatures (the table in docs/families.md comes from this test:
@@ -236,7 +317,7 @@ def test_hypergradient_spread_over_noise_samples() -> None:
         fams = [Dropout(model, ["0:output", "2:input"], init=0.8, temperature=tau), WeightDecay(model, init=1e-3)]
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         # damping 0.1: at weights trained with other noise samples, one sample's Hessian is indefinite
-        # (CG met curvature −0.011 with damping 0.01)
+        # (with damping 0.01 CG meets negative curvature, about −1e-3, on these samples)
         hyper = hg.HyperOptimizer(model, fams, method=hg.CG(iters=20, damping=0.1))
         for _ in range(300):   # near a minimum of L_T (each step with its own noise, as training does)
             opt.zero_grad()

@@ -346,19 +346,35 @@ def test_path_methods_see_one_noise_sample_along_the_path() -> None:
     torch.testing.assert_close(g_fwd, g_rev, rtol=1e-10, atol=1e-14)
 
 
-def test_hyper_step_uses_one_noise_sample_from_the_global_generator() -> None:
+def test_hyper_step_uses_one_noise_sample_from_the_hyper_optimizers_own_generator() -> None:
     model = _mlp()
     fam = _GaussNoise("0")
+    torch.manual_seed(9)
     hyper = hg.HyperOptimizer(model, [fam], method=hg.Neumann(iters=3, alpha=0.1),
                               optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    assert hyper.noise_generator is not None
+    # seeded once from the global generator when built: torch.manual_seed before building fixes it
+    torch.manual_seed(9)
+    assert torch.equal(hyper.noise_generator.get_state(),
+                       torch.Generator().manual_seed(hg.hparams.Noise.draw().seed).get_state())
     bt, bv = _cls_batch(), _cls_batch(seed=2)
-    torch.manual_seed(9)
-    seed = hg.hparams.Noise.draw().seed
+    twin = torch.Generator()
+    twin.set_state(hyper.noise_generator.get_state())
+    seed = hg.hparams.Noise.draw(twin).seed
     g_ref, _ = hyper.hypergradient(bt, bv, noise=hg.hparams.Noise(seed))
-    torch.manual_seed(9)
+    before = torch.get_rng_state()
     res = hyper.step(bt, bv)
     assert res.hypergradient is not None
     assert torch.equal(res.hypergradient["gauss"], g_ref["gauss"])
+    # one draw per step, none from torch's global generator
+    assert torch.equal(hyper.noise_generator.get_state(), twin.get_state())
+    assert torch.equal(torch.get_rng_state(), before)
+    # a setup without stochastic families has no noise generator and draws nothing when built
+    torch.manual_seed(9)
+    before = torch.get_rng_state()
+    det = hg.HyperOptimizer(model, [WeightDecay(model)])
+    assert det.noise_generator is None and det.state_dict()["noise"] is None
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_composition_batch_hooks_chain_forwards_nest_and_two_reducers_are_refused() -> None:
@@ -390,3 +406,51 @@ def test_describe_counts_and_states_the_parametrisation() -> None:
     text = hg.hparams.describe([wd, WeightDecay(model, name="wd2")])
     assert text.splitlines()[-1] == "total: 43 hyperparameters in 2 families"
     assert "weight_decay (WeightDecay, weight): 42 hyperparameters; decay d = exp(λ)" in text
+
+
+def test_which_families_follow_the_models_dtype() -> None:
+    # A float64 model under torch's default dtype: the families built from the model's parameters
+    # take their dtypes; the others take their own dtype= (defaults as documented in docs/families.md).
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    default = torch.get_default_dtype()
+    assert default != DT   # otherwise this test could not tell the two apart
+
+    def dtypes(fam: Family) -> set[torch.dtype]:
+        return {t.dtype for t in fam.tensors().values()}
+
+    for g in ("global", "layer", "weight"):
+        assert dtypes(WeightDecay(model, granularity=g)) == {DT}
+    assert dtypes(hg.Dropout(model, ["0", "2:input"])) == {DT}
+    assert dtypes(hg.Dropout(model, ["0"], dtype=torch.float32)) == {torch.float32}
+    assert dtypes(hg.DropConnect(model, ["2.weight"])) == {DT}
+    assert dtypes(hg.ExampleWeights(5)) == {default}
+    assert dtypes(hg.ExampleWeights(5, dtype=DT)) == {DT}
+    assert dtypes(hg.LossReweighting(hidden=3)) == {default}
+    assert dtypes(hg.AugmentNet(1, wf=1)) == {torch.float32}
+    assert dtypes(hg.DistilledData((3,), 2)) == {torch.float32}
+    assert dtypes(hg.DistilledData((3,), 2, init=torch.zeros(2, 3, dtype=DT))) == {DT}
+
+
+def test_hyperparameters_are_read_and_set_in_place_through_hyper_hparams() -> None:
+    # hyper.hparams holds the families' own unconstrained tensors (those the hyper optimizer
+    # updates): setting one in place sets the hyperparameter everywhere it is read.
+    model = _mlp()
+    fam = WeightDecay(model, granularity="layer", init=1e-3)
+    hyper = hg.HyperOptimizer(model, [fam], method=hg.CG(iters=3, damping=0.1),
+                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    key = "weight_decay.2.weight"
+    assert hyper.hparams[key] is fam.tensors()[key]
+    assert any(hyper.hparams[key] is p for p in hyper.optimizer.param_groups[0]["params"])
+    with torch.no_grad():
+        hyper.hparams[key].fill_(math.log(0.25))   # stored: log d
+    assert float(hyper.natural()[key]) == pytest.approx(0.25, rel=1e-12)
+    w = dict(model.named_parameters())
+    # the penalty the training loss adds uses it: ½ (0.25 ‖W₂‖² + 1e-3 ‖W₀‖²)
+    expect = 0.5 * (0.25 * w["2.weight"].pow(2).sum() + 1e-3 * w["0.weight"].pow(2).sum())
+    torch.testing.assert_close(hyper.penalty(), expect.detach(), rtol=1e-12, atol=0)
+    # and the next hyper step moves it from there: λ ← λ − 0.5 g
+    b = _cls_batch()
+    res = hyper.step(b, _cls_batch(seed=2))
+    assert res.hypergradient is not None
+    torch.testing.assert_close(hyper.hparams[key].detach(), math.log(0.25) - 0.5 * res.hypergradient[key],
+                               rtol=1e-12, atol=1e-15)

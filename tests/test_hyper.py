@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import hypergradients as hg
 from hypergradients.hparams import Batch, Family
+from hypergradients.training.fit import evaluate
 from hypergradients.training.hyper import NonFiniteError, as_batch
 
 DT = torch.float64
@@ -313,3 +314,133 @@ def test_nonfinite_hypergradient_with_finite_losses_names_its_key() -> None:
     assert (ei.value.name, ei.value.what) == ("weight_decay", "the hypergradient of")
     assert isinstance(ei.value.__cause__, hg.HypergradientError)
     assert torch.equal(hyper.hparams["weight_decay"].detach(), before)
+
+
+def test_every_submodule_keeps_its_own_mode_after_train_loss_step_and_hypergradient() -> None:
+    # Fine-tuning often keeps a batch norm in eval mode inside a model that trains: the temporary
+    # switches of L_T (training mode) and L_V (evaluation mode) must give every submodule its own
+    # flag back, not the root's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[1].eval()
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model)], method=hg.CG(iters=2))
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
+    flags = [m.training for m in model.modules()]
+    assert flags == [True, True, False, True, True]
+    hyper.train_loss(b)
+    assert [m.training for m in model.modules()] == flags
+    hyper.step(b, b)
+    assert [m.training for m in model.modules()] == flags
+    hyper.hypergradient(b, b, method=hg.CG(iters=2, damping=1.0))
+    assert [m.training for m in model.modules()] == flags
+    evaluate(model, {"val": b})
+    assert [m.training for m in model.modules()] == flags
+
+
+def test_frozen_layers_are_constants_and_weight_decay_leaves_them_out() -> None:
+    # Fine-tuning: a frozen layer is no weight of the bilevel problem. WeightDecay(model) covers only
+    # the trainable parameters; the hyper step works and its hypergradient is the one with the frozen
+    # layer folded into the data (a model without it, fed that layer's outputs).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    model[0].requires_grad_(False)
+    fam = hg.WeightDecay(model, granularity="layer", init=0.1)
+    g = torch.Generator().manual_seed(1)
+    bt = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
+    bv = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
+    hyper = hg.HyperOptimizer(model, [fam], method=hg.Exact(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    res = hyper.step(bt, bv)
+    assert res.applied and res.hypergradient is not None and fam.covered == ["2.weight"]
+    head = nn.Sequential(nn.Linear(4, 2)).to(DT)
+    head.load_state_dict({f"0.{k}": v for k, v in model[2].state_dict().items()})
+    with torch.no_grad():
+        feats = [(model[1](model[0](b[0])), b[1]) for b in (bt, bv)]
+    ref = hg.HyperOptimizer(head, [hg.WeightDecay(head, granularity="layer", init=0.1)], method=hg.Exact())
+    g_ref, _ = ref.hypergradient(*feats)
+    # the same computation on the same numbers, up to the order of float64 operations
+    torch.testing.assert_close(res.hypergradient["weight_decay.2.weight"], g_ref["weight_decay.0.weight"],
+                               rtol=1e-12, atol=1e-15)
+    # frozen after the family was built: refused by name, with the fix
+    model[2].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"decays '2.weight', which is not among the weights given .* Build the "
+                                         r"family after freezing"):
+        hyper.step(bt, bv)
+    with pytest.raises(ValueError, match=r"covers no parameter .* \(frozen, left out: \['0.bias', '0.weight', '2.weight'\]\)"):
+        hg.WeightDecay(model)
+
+
+def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_keeps_the_carried_state() -> None:
+    train, val = _data(4)
+    lam = math.log(0.3)
+    w, exact = _ridge(train, val, lam)
+    model = _model_at(w)
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], loss_fn=squared_error,
+                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))   # default Neumann, warm
+    hyper.step(train, val)
+    carried = hyper.state_dict()["solver"]
+    assert carried["method"] == "Neumann"
+    g, info = hyper.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
+    # w is w* (closed form), CG converges on this 6-dimensional SPD system: the exact value, to
+    # the closed form's rounding
+    assert float(g["weight_decay"]) == pytest.approx(exact, rel=1e-9)
+    assert info.state is not None and info.state.method == "CG" and "warm_start" not in info.extra
+    after = hyper.state_dict()["solver"]   # the Neumann state is untouched ...
+    assert after["method"] == "Neumann" and after["calls"] == carried["calls"]
+    assert after["lambda_max"] == carried["lambda_max"]
+    hyper.step(train, val)                 # ... and the next step uses it
+    assert hyper.state_dict()["solver"]["calls"] == carried["calls"] + 1
+    # a method of the own class reads and updates the carried state
+    cg = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.CG(iters=3),
+                           loss_fn=squared_error, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    cg.step(train, val)
+    _, info = cg.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
+    assert info.extra.get("warm_start") == 1.0 and cg.state_dict()["solver"]["calls"] == 2
+
+
+def _same(a: object, b: object) -> bool:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None:
+    # All or nothing: each foreign state below used to raise only after some parts were assigned.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
+
+    def build() -> hg.HyperOptimizer:
+        fams = [hg.WeightDecay(model, granularity="weight", init=0.1),
+                hg.Dropout(model, ["0"], init=0.8, temperature=0.3)]
+        return hg.HyperOptimizer(model, fams, method=hg.CG(iters=3, damping=0.1))
+
+    src, dst = build(), build()
+    src.step(b, b)
+    dst.step(b, b)
+    dst.step(b, b)
+    good = src.state_dict()
+    before = dst.state_dict()
+    foreign = {
+        # the second hyperparameter's shape is another model's (the first one fits)
+        "shape": {**good, "hparams": {**good["hparams"], "weight_decay.2.weight": torch.zeros(3, 4, dtype=DT)}},
+        # every hyperparameter fits, the optimizer has another number of groups
+        "optimizer": {**good, "optimizer": {"state": {}, "param_groups": []}},
+        # a solver state that is not one
+        "solver": {**good, "solver": {"version": 1, "method": "CG"}},
+        "noise": {**good, "noise": torch.zeros(3, dtype=torch.uint8)},
+        "counts": {**good, "steps": "many"},
+    }
+    for what, st in foreign.items():
+        with pytest.raises((ValueError, KeyError, hg.HypergradientError)):
+            dst.load_state_dict(st)
+        assert _same(dst.state_dict(), before), what
+    dst.load_state_dict(good)   # and the real one loads whole
+    assert _same(dst.state_dict(), good)

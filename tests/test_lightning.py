@@ -47,11 +47,16 @@ class _Lit(lightning.LightningModule):
         return torch.optim.SGD(self.net.parameters(), lr=0.5, momentum=0.5)
 
 
-def _run(train: TensorDataset, val: TensorDataset, epochs: int, *, ckpt: Path | None = None,
-         save: Path | None = None) -> tuple[hg.HyperOptimizer, HyperCallback]:
-    torch.manual_seed(0)
+def _linear() -> tuple[nn.Module, list[hg.hparams.Family]]:
     net = nn.Linear(12, 2).to(DT)
-    hyper = hg.HyperOptimizer(net, [hg.WeightDecay(net, init=1e-3)], method=hg.CG(iters=4),
+    return net, [hg.WeightDecay(net, init=1e-3)]
+
+
+def _run(train: TensorDataset, val: TensorDataset, epochs: int, *, ckpt: Path | None = None,
+         save: Path | None = None, make: Any = _linear, seed: int = 0) -> tuple[hg.HyperOptimizer, HyperCallback]:
+    torch.manual_seed(seed)
+    net, families = make()
+    hyper = hg.HyperOptimizer(net, families, method=hg.CG(iters=4),
                               optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2))
     cb = HyperCallback(hyper, DataLoader(val, batch_size=len(val)), every_n_steps=2)
     trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
@@ -84,6 +89,41 @@ def test_callback_tunes_and_lightning_resume_restores_the_hyperparameters(tmp_pa
     # restored changes the result, so bitwise equality says all of it came back.
     assert torch.equal(resumed.hparams["weight_decay"], straight.hparams["weight_decay"])
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 12
+
+
+def _mlp_with_dropout() -> tuple[nn.Module, list[hg.hparams.Family]]:
+    net = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 2)).to(DT)
+    return net, [hg.Dropout(net, ["0", "2:input"], init=0.8, temperature=0.3), hg.WeightDecay(net, init=1e-3)]
+
+
+def test_lightning_resume_with_dropout_is_bit_for_bit(tmp_path: Path) -> None:
+    # The noise of the inner steps (hyper.train_loss) and of the hyper steps comes from the
+    # HyperOptimizer's own generator, whose state the callback saves: the resumed run draws the
+    # numbers the uninterrupted one drew, whatever state torch's global generator is in.
+    train, val = _data()
+    straight, _ = _run(train, val, epochs=6, make=_mlp_with_dropout)
+    _run(train, val, epochs=3, save=tmp_path / "d.ckpt", make=_mlp_with_dropout)
+    resumed, _ = _run(train, val, epochs=6, ckpt=tmp_path / "d.ckpt", make=_mlp_with_dropout, seed=99)
+    assert resumed.steps == straight.steps == 12
+    for k, t in straight.hparams.items():
+        assert torch.equal(resumed.hparams[k], t), k
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    moved = float(straight.natural()["dropout.0.output"].mean())
+    assert moved != pytest.approx(0.8, abs=1e-6)   # the keep probabilities moved: the check has teeth
+
+
+def test_callback_load_of_another_setups_state_raises_and_changes_nothing() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    hyper = hg.HyperOptimizer(net, [hg.WeightDecay(net, granularity="weight")])
+    other = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)   # another head
+    foreign = hg.HyperOptimizer(other, [hg.WeightDecay(other, granularity="weight", init=0.5)]).state_dict()
+    cb = HyperCallback(hyper, [])
+    before = {k: t.clone() for k, t in hyper.hparams.items()}
+    with pytest.raises(ValueError, match=r"'weight_decay.2.weight': saved shape \(3, 4\), this one \(2, 4\)"):
+        cb.load_state_dict(foreign)
+    # the first key fitted, yet nothing was copied
+    assert all(torch.equal(hyper.hparams[k], t) for k, t in before.items())
 
 
 def test_callback_arguments_are_checked() -> None:

@@ -46,6 +46,45 @@ def _ce(model: nn.Module, w: Mapping[str, Tensor], b: tuple[Tensor, Tensor]) -> 
     return torch.nn.functional.cross_entropy(torch.func.functional_call(model, dict(w), (b[0],)), b[1])
 
 
+def test_tuner_load_state_dict_of_another_setup_raises_and_changes_nothing() -> None:
+    # All or nothing: each state below used to raise only after some parts were assigned.
+    (Xt, yt), _ = _data()
+    model = _model()
+
+    def tuner(opt: optim.Optimizer, values: dict[str, Tensor]) -> PathTuner:
+        t = PathTuner(PathHyperparameters(values, opt, steps=2), dict(model.named_parameters()))
+        t.begin_round(2)
+        for i in range(2):
+            t.step(dict(model.named_parameters()), lambda w, replay, i=i: _ce(model, w, (Xt[8 * i:8 * i + 8],
+                                                                                      yt[8 * i:8 * i + 8])))
+        g, _ = t.hypergradient(lambda w: _ce(model, w, (Xt, yt)))
+        t.apply(g)
+        return t
+
+    def snapshot(t: PathTuner) -> list[object]:
+        st = t.state_dict()
+        return [{k: v.clone() for k, v in st["values"].items()}, str(st["hyper_opt"]), str(st["opt_state"])]
+
+    hb = lambda: optim.heavy_ball("lr", "mom")  # noqa: E731
+    dst = tuner(hb(), {"lr": torch.tensor(0.2, dtype=DT), "mom": torch.tensor(0.7, dtype=DT)})
+    # a state of the same setup but another run: loading any part of it would show
+    good = tuner(hb(), {"lr": torch.tensor(0.3, dtype=DT), "mom": torch.tensor(0.5, dtype=DT)}).state_dict()
+    before = snapshot(dst)
+    adam = tuner(optim.adam("lr"), {"lr": torch.tensor(0.01, dtype=DT)}).state_dict()
+    foreign = {
+        "opt_state": {**good, "opt_state": adam["opt_state"]},                # Adam's moments for heavy ball
+        "hyper_opt": {**good, "hyper_opt": adam["hyper_opt"]},                 # one value's optimizer for two
+        "values": {**good, "values": {"lr": torch.tensor(5.0, dtype=DT)}},   # 'mom' missing
+    }
+    for what, st in foreign.items():
+        with pytest.raises((ValueError, KeyError)):
+            dst.load_state_dict(st)
+        after = snapshot(dst)
+        assert all(torch.equal(after[0][k], v) for k, v in before[0].items()) and after[1:] == before[1:], what
+    dst.load_state_dict(good)   # and the real one loads whole
+    assert all(torch.equal(dst.values[k], v) for k, v in good["values"].items())
+
+
 def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_differences() -> None:
     (Xt, yt), (Xv, yv) = _data()
     model = _model()

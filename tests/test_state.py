@@ -78,6 +78,16 @@ def test_from_state_dict_names_a_bad_entry() -> None:
         hg.SolverState.from_state_dict({**d, "p": [1, 2]})
 
 
+def test_load_state_dict_of_a_bad_dict_changes_nothing() -> None:
+    # All or nothing: from_state_dict checks every entry before load_state_dict assigns any.
+    s = hg.SolverState(p={"w": torch.ones(3)}, calls=4, lambda_max=2.0, method="CG")
+    for bad in ({**s.state_dict(), "calls": -1}, {**s.state_dict(), "p": [1]}, {"version": 1}):
+        with pytest.raises(hg.HypergradientError):
+            s.load_state_dict(bad)
+        assert s.calls == 4 and s.lambda_max == 2.0 and s.method == "CG" and s.p is not None
+        assert torch.equal(s.p["w"], torch.ones(3))
+
+
 def test_another_methods_state_is_refused(logistic: P.Problem) -> None:
     _, info = hg_of(logistic, hg.Neumann(iters=5))
     with pytest.raises(hg.StateMismatchError, match=r"made by hg\.Neumann, and hg\.CG cannot use it"):

@@ -429,3 +429,31 @@ def test_nonfinite_hypergradient_stops_the_run_naming_the_key() -> None:
         fit(model, [WeightDecay(model, init=1e10)], train, val, rounds=2, inner_steps=1,
             method=hg.Identity(scale=1e308), inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
     assert ei.value.name == "weight_decay" and ei.value.round == 1
+
+
+def test_fit_with_a_frozen_layer_tunes_the_decay_of_the_others_and_leaves_it_alone() -> None:
+    (X, y), (Xv, yv) = _overfit_problem()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(X.shape[1], 6), nn.Tanh(), nn.Linear(6, 2)).to(DT)
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.clone()
+    fam = WeightDecay(model, granularity="layer", init=1e-2)
+    res = fit(model, [fam], (X, y), (Xv, yv), rounds=3, inner_steps=5, batch_size=16,
+              hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), method=hg.CG(iters=5))
+    assert res.hyper_steps == 3 and torch.equal(model[0].weight, frozen) and fam.covered == ["2.weight"]
+    assert float(res.natural["weight_decay.2.weight"]) != pytest.approx(1e-2, rel=1e-6)   # it moved
+
+
+def test_resume_from_another_setups_checkpoint_raises_before_touching_the_model(tmp_path: Path) -> None:
+    (X, y), (Xv, yv) = _overfit_problem()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(X.shape[1], 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    fit(model, [WeightDecay(model, init=1e-2)], (X, y), (Xv, yv), rounds=1, inner_steps=2, batch_size=16,
+        checkpoint_dir=tmp_path, method=hg.CG(iters=2))
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(X.shape[1], 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(KeyError, match="has no hyperparameter 'l2'"):
+        fit(fresh, [WeightDecay(fresh, name="l2")], (X, y), (Xv, yv), rounds=2, inner_steps=2, batch_size=16,
+            checkpoint_dir=tmp_path, resume=True, method=hg.CG(iters=2))
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

@@ -50,22 +50,31 @@ Mode = Literal["train", "eval", "current"]
 
 
 @contextmanager
-def _in_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
-    """Run with every submodule in ``mode``; restore each submodule's own flag afterwards.
+def in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Run with every submodule in training (``True``) or evaluation mode; restore each submodule's
+    own flag afterwards (also when the body raises).
 
     Flags are saved per submodule, not just the root's: a user may keep, say, a frozen batch norm
-    in eval mode inside a model that trains, and ``module.train(was)`` would overwrite that.
+    in eval mode inside a model that trains, and ``module.train(was)`` would overwrite that. Every
+    temporary mode switch of the library goes through here.
     """
-    if mode == "current":
-        yield
-        return
     flags = [(m, m.training) for m in module.modules()]
-    module.train(mode == "train")
+    module.train(training)
     try:
         yield
     finally:
         for m, was in flags:
             m.training = was
+
+
+@contextmanager
+def _in_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
+    """:func:`in_mode` by name; ``"current"`` leaves every flag as it is."""
+    if mode == "current":
+        yield
+        return
+    with in_mode(module, mode == "train"):
+        yield
 
 
 def make_losses(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], train: Batch, val: Batch,

@@ -36,10 +36,11 @@ evaluation mode (no dropout, no reweighting, the real validation data).
 evaluates ``L_T`` many times (every reverse-mode HVP re-runs the backward of one graph, but every
 forward-mode or finite-difference HVP and every unrolled step runs ``L_T`` again), and all those
 evaluations must see the *same* noise, or the Hessian, the mixed partials and ``∂L_V/∂w`` would
-belong to different functions. So the hyper step draws one :class:`Noise` (a seed, from torch's
-global generator, hence saved and restored with a checkpoint) and every evaluation of ``L_T``
-within that hypergradient starts a fresh :class:`Sampler` from it: the same seed, so the same
-draws in the same order. Each inner step draws its own :class:`Noise`. The sampler is passed to
+belong to different functions. So the hyper step draws one :class:`Noise` (a seed, from the
+``HyperOptimizer``'s own generator, whose state its ``state_dict`` holds, so a resumed run draws
+the seeds an uninterrupted one would) and every evaluation of ``L_T`` within that hypergradient
+starts a fresh :class:`Sampler` from it: the same seed, so the same draws in the same order. Each
+inner step draws its own :class:`Noise` from the same generator. The sampler is passed to
 :meth:`~Family.model_weights` and :meth:`~Family.hooks` always, and as the keyword ``noise=`` to
 :meth:`~Family.batch`, :meth:`~Family.forward`, :meth:`~Family.reduce` and
 :meth:`~Family.penalty` of a stochastic family that overrides them (its override adds the
@@ -122,9 +123,9 @@ class Noise:
     seed: int
 
     @classmethod
-    def draw(cls) -> Noise:
-        """A fresh seed from torch's global generator (so a checkpoint's RNG state fixes it)."""
-        return cls(int(torch.randint(0, _SEED_RANGE, (1,)).item()))
+    def draw(cls, generator: torch.Generator | None = None) -> Noise:
+        """A fresh seed, uniform in ``[0, 2⁶²)``, from the CPU ``generator`` (default: torch's global one)."""
+        return cls(int(torch.randint(0, _SEED_RANGE, (1,), generator=generator).item()))
 
     def sampler(self) -> Sampler:
         return Sampler(self.seed)

@@ -12,6 +12,9 @@ which tends to a Bernoulli(``q_i``) draw as the temperature ``τ → 0``; the un
 evaluation needs no rescaling). ``u`` comes from the hypergradient's fixed noise
 (:class:`~hypergradients.hparams.Noise`), so within one hypergradient the mask is a fixed smooth
 function of ``θ`` and ``dL_T/dθ`` is exact for that sample. The validation loss has no dropout.
+Exactly: ``u = clamp(torch.rand(mask shape, generator=g, dtype=dt), ε, 1 − ε)``, ``ε = 1e-6``
+(``_EPS``), ``g`` the evaluation's generator on the tensor's device (seeded with the noise's
+seed), ``dt`` the masked tensor's dtype; the clamp keeps ``|log u − log(1 − u)| ≤ 13.8``.
 
 :class:`Dropout` drops *units*: a forward hook on a named submodule masks its input (pre-hook) or
 its output (post-hook) along the unit axis, one mask entry per example per unit, shared across
@@ -21,13 +24,23 @@ channel dropout for convolutions). Units, unit axis and batch axis are read from
 ================  ==========================  ====================  ==========================
 submodule         ``"input"`` units           ``"output"`` units    mask shape
 ================  ==========================  ====================  ==========================
-``nn.Linear``     ``in_features``             ``out_features``      ``(B, …1, units)``
+``nn.Linear``     ``in_features``             ``out_features``      ``(B, …1, units)`` or
+                                                                    ``(…1, B, units)``
 ``nn.ConvNd``     ``in_channels``             ``out_channels``      ``(B, units, 1, …)``
-``nn.Embedding``  (ids: refused)              ``embedding_dim``     ``(B, …1, units)``
+``nn.Embedding``  (ids: refused)              ``embedding_dim``     ``(B, …1, units)`` or
+                                                                    ``(…1, B, units)``
 ``nn.LSTM/GRU``   ``input_size``              hidden (×2 if bidir)  ``(B, 1, units)`` or
                                                                     ``(1, B, units)`` (time
                                                                     first); output = ``out[0]``
 ================  ==========================  ====================  ==========================
+
+Where the examples are: a recurrent layer says so itself (its ``batch_first``). For ``nn.Linear``
+and ``nn.Embedding`` sites the :class:`Dropout` argument ``batch_first`` says it: ``True``, the
+examples are on the first axis (``(B, T, units)``, ``(B, units)``); ``False``, time first
+(``(T, B, units)``, ``nn.LSTM``'s default layout), the examples are on the axis before the units
+(a 2-D ``(B, units)`` still gets one mask per row). Its default, ``None``, follows the model's
+recurrent layers: ``False`` if all of them are time first, ``True`` if they are batch first or
+there are none; a model whose recurrent layers disagree must say which.
 
 LSTM units: *input* = the pre-hook on the first LSTM layer (the embedding's output as the LSTM
 sees it), *hidden* = the output of layer ``l`` on its way to layer ``l+1`` (use one ``nn.LSTM``
@@ -85,7 +98,22 @@ class Site:
     batched_ndim: int = 2
 
 
-def _infer(model: nn.Module, module: str, where: Where) -> Site:
+def _batch_first(model: nn.Module, batch_first: bool | None) -> bool:
+    """The layout of the Linear and Embedding sites: ``batch_first``, or the recurrent layers' own."""
+    if batch_first is not None:
+        if not isinstance(batch_first, bool):
+            raise ValueError(f"batch_first must be True, False or None (follow the model's recurrent "
+                             f"layers), got {batch_first!r}")
+        return batch_first
+    rnns = {n: m.batch_first for n, m in model.named_modules() if isinstance(m, nn.RNNBase)}
+    if len(set(rnns.values())) > 1:
+        raise ValueError(f"Dropout: the model's recurrent layers disagree on batch_first ({rnns}), so the "
+                         "examples' axis of its Linear and Embedding sites is not known: pass "
+                         "batch_first=True (B, T, ...) or batch_first=False (T, B, ...)")
+    return all(rnns.values())   # no recurrent layer: batch first
+
+
+def _infer(model: nn.Module, module: str, where: Where, batch_first: bool | None = None) -> Site:
     try:
         sub = model.get_submodule(module)
     except AttributeError as e:
@@ -93,8 +121,11 @@ def _infer(model: nn.Module, module: str, where: Where) -> Site:
         raise ValueError(f"Dropout: the model has no submodule {module!r}; it has {names[:20]}") from e
     if where not in ("input", "output"):
         raise ValueError(f"Dropout site {module!r}: where must be 'input' or 'output', got {where!r}")
+    # Time first: the examples are on the axis before the units, (T, B, units), and a 2-D
+    # (B, units) keeps one mask per row; batch first: on axis 0.
     if isinstance(sub, nn.Linear):
-        return Site(module, where, sub.in_features if where == "input" else sub.out_features)
+        return Site(module, where, sub.in_features if where == "input" else sub.out_features,
+                    batch_axis=0 if _batch_first(model, batch_first) else -2)
     if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Site(module, where, sub.in_channels if where == "input" else sub.out_channels, 1, 0,
                     len(sub.kernel_size) + 2)
@@ -102,7 +133,8 @@ def _infer(model: nn.Module, module: str, where: Where) -> Site:
         if where == "input":
             raise ValueError(f"Dropout site {module!r}: an nn.Embedding's input is token ids; drop its "
                              "'output' units instead")
-        return Site(module, where, sub.embedding_dim)
+        return Site(module, where, sub.embedding_dim,
+                    batch_axis=0 if _batch_first(model, batch_first) else -2)
     if isinstance(sub, nn.RNNBase):
         out = (sub.proj_size or sub.hidden_size) * (2 if sub.bidirectional else 1)
         return Site(module, where, sub.input_size if where == "input" else out, -1,
@@ -138,13 +170,20 @@ class Dropout(Family):
         temperature: ``τ`` of the relaxed Bernoulli mask (smaller = closer to hard dropout, with
             larger gradients' variance).
         name: key prefix; the keys are ``"<name>.<module>.<where>"``, one logit per unit.
+        batch_first: where the examples are at ``nn.Linear`` and ``nn.Embedding`` sites: ``True``
+            on the first axis, ``False`` time first (``(T, B, units)``); ``None`` (default) follows
+            the model's recurrent layers (time first only if all of them are). Recurrent sites
+            follow their own module's ``batch_first``; :class:`Site` objects are used as given.
+        dtype: of the logits; default the model's first parameter's (floating) dtype, else torch's
+            default dtype. They live on that parameter's device.
     """
 
     stochastic = True
     parametrisation = "keep probability q = σ(θ) per unit (logit θ stored); relaxed Bernoulli mask z/q"
 
     def __init__(self, model: nn.Module, sites: Sequence[str | Site], *, init: float = 0.9,
-                 temperature: float = 0.1, name: str = "dropout", dtype: torch.dtype | None = None) -> None:
+                 temperature: float = 0.1, name: str = "dropout", dtype: torch.dtype | None = None,
+                 batch_first: bool | None = None) -> None:
         _check_prob(init, "init")
         _check_temperature(temperature)
         if isinstance(sites, str) or not sites:
@@ -159,7 +198,7 @@ class Dropout(Family):
         for s in sites:
             if isinstance(s, str):
                 mod, _, where = s.partition(":")
-                s = _infer(model, mod, where or "output")  # type: ignore[arg-type]
+                s = _infer(model, mod, where or "output", batch_first)  # type: ignore[arg-type]
             key = f"{name}.{s.module}.{s.where}"
             if key in self.sites:
                 raise ValueError(f"Dropout {name!r}: the site {s.module}:{s.where} is listed twice")

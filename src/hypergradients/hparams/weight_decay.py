@@ -15,6 +15,12 @@ changes of ``d`` are equal steps in ``λ``) and reports ``d``. Granularity:
 
 The hypergradient of each needs only ``∂²Ω/∂w∂λ``, which the core computes by one VJP: for the
 per-weight family that mixed partial is diagonal, ``∂²Ω/∂w_i∂λ_i = d_i w_i``.
+
+Frozen parameters (an ``nn.Parameter`` with ``requires_grad=False`` when the family is built, as
+in fine-tuning) are never covered: they are constants of ``L_T``, not weights the hypergradient
+differentiates, and a decay on them would change neither the training nor the hypergradient.
+A parameter frozen *after* the family was built is refused by name when the hypergradient's
+``L_T`` (which sees only the trainable weights) needs it: build the family after freezing.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class WeightDecay(Family):
         granularity: ``"global"``, ``"layer"`` or ``"weight"``.
         init: the initial decay ``d > 0`` (natural value; stored as ``log d``).
         include: ``include(name, tensor) -> bool`` picks the covered parameters (default:
-            :func:`weights_only`; pass ``lambda n, p: True`` to cover biases too).
+            :func:`weights_only`; pass ``lambda n, p: True`` to cover biases too). Frozen
+            parameters (``nn.Parameter`` with ``requires_grad=False``) are left out whatever it says.
         name: key prefix of this family's hyperparameters.
     """
 
@@ -62,9 +69,14 @@ class WeightDecay(Family):
             raise ValueError(f"init (the initial decay) must be a finite number > 0, got {init!r}")
         named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
         pick = include or weights_only
-        self.covered = [k for k, p in named.items() if pick(k, p)]
+        # A frozen parameter is a constant of L_T (module_params' detached copies are plain tensors,
+        # not Parameters, and stay covered).
+        frozen = {k for k, p in named.items() if isinstance(p, nn.Parameter) and not p.requires_grad}
+        self.covered = [k for k, p in named.items() if k not in frozen and pick(k, p)]
         if not self.covered:
-            raise ValueError(f"WeightDecay {name!r} covers no parameter of {sorted(named)}: check `include`")
+            why = f" (frozen, left out: {sorted(frozen)})" if frozen else ""
+            raise ValueError(f"WeightDecay {name!r} covers no parameter of {sorted(named)}{why}: check "
+                             "`include`, or unfreeze the weights to decay")
         self.name = name
         self.granularity = granularity
         self.init = float(init)
@@ -104,6 +116,13 @@ class WeightDecay(Family):
 
     def penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor:
         """``½ Σ_i exp(λ_i) w_i²`` over the covered parameters."""
+        missing = [k for k in self.covered if k not in params]
+        if missing:
+            raise ValueError(
+                f"WeightDecay {self.name!r} decays {missing[0]!r}, which is not among the weights given "
+                f"({len(params)} of them): a parameter frozen (requires_grad=False) after the family was "
+                "built is not differentiated. Build the family after freezing (frozen parameters are left "
+                f"out), or leave {missing[0]!r} out with include=...")
         if self.granularity == "global":
             sq = params[self.covered[0]].pow(2).sum()
             for k in self.covered[1:]:

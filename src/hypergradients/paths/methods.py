@@ -13,6 +13,7 @@ the inner loss is then called as ``inner_loss(params, hparams, batch)``; the out
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -338,10 +339,43 @@ class PathTuner:
                 "opt_state": {f: (dict(x) if isinstance(x, Mapping) else x) for f, x in st._asdict().items()}}
 
     def load_state_dict(self, st: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, all or nothing: the values' keys and shapes, the inner
+        optimizer state's fields (and its tensors' keys and shapes) and the hyper optimizer's groups
+        are checked first; a state of another setup raises and leaves this tuner as it was."""
+        fix = "another setup wrote it; pass the dict that PathTuner.state_dict() returned"
+        if not isinstance(st, Mapping) or any(k not in st for k in ("values", "hyper_opt", "opt_state")):
+            has = sorted(st) if isinstance(st, Mapping) else type(st).__name__
+            raise ValueError(f"not a PathTuner state (it has {has}, expected 'values', 'hyper_opt' and "
+                             f"'opt_state'): {fix}")
+        values = st["values"]
+        for k, v in self.values.items():
+            if k not in values:
+                raise KeyError(f"checkpoint has no path hyperparameter {k!r}: another setup wrote it")
+            if not isinstance(values[k], Tensor) or values[k].shape != v.shape:
+                got = (f"shape {tuple(values[k].shape)}" if isinstance(values[k], Tensor)
+                       else type(values[k]).__name__)
+                raise ValueError(f"path hyperparameter {k!r}: saved {got}, this one {tuple(v.shape)}: {fix}")
+        saved, own = st["opt_state"], self.opt_state._asdict()
+        if not isinstance(saved, Mapping) or set(saved) != set(own):
+            fields = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise ValueError(f"the inner optimizer state has the fields {fields}, this optimizer's "
+                             f"{self.spec.optimizer.name} has {sorted(own)}: {fix}")
+        for f, mine in own.items():
+            x = saved[f]
+            if isinstance(mine, Mapping):
+                ok = isinstance(x, Mapping) and set(x) == set(mine) and all(
+                    isinstance(x[k], Tensor) and x[k].shape == t.shape for k, t in mine.items())
+            else:
+                ok = isinstance(x, type(mine))
+            if not ok:
+                raise ValueError(f"the inner optimizer state's {f!r} does not fit these weights: {fix}")
+        before = copy.deepcopy(self.hyper_opt.state_dict())
+        try:
+            self.hyper_opt.load_state_dict(st["hyper_opt"])
+        except Exception:
+            self.hyper_opt.load_state_dict(before)
+            raise
         with torch.no_grad():
             for k, v in self.values.items():
-                if k not in st["values"]:
-                    raise KeyError(f"checkpoint has no path hyperparameter {k!r}: another setup wrote it")
-                v.copy_(st["values"][k])
-        self.hyper_opt.load_state_dict(st["hyper_opt"])
-        self.opt_state = self.opt_state._replace(**st["opt_state"])
+                v.copy_(values[k])
+        self.opt_state = self.opt_state._replace(**saved)

@@ -19,12 +19,13 @@ passes leave them alone) and ``L_V`` in evaluation mode.
 
 Checkpoints (``checkpoint.pt``, written atomically by :func:`hypergradients.training.files.save_atomic`)
 hold the model (parameters and buffers), the hyperparameters, both optimizer states, every RNG
-state, the positions of the data streams and the metrics so far, as tensors and plain Python
-values only: they are read back with ``weights_only=True``, so a crafted file cannot run code, and
-an unreadable one raises :class:`~hypergradients.UnreadableFileError` naming it. :func:`fit`
-with ``resume=True`` continues bit-for-bit. A non-finite loss, weight, hypergradient or
-hyperparameter stops the run with :class:`NonFiniteError` (the round, the tensor's name and the
-last good checkpoint, which is never overwritten by a non-finite state).
+state (the stochastic families' noise generator included), the positions of the data streams and
+the metrics so far, as tensors and plain Python values only: they are read back with
+``weights_only=True``, so a crafted file cannot run code, and an unreadable one raises
+:class:`~hypergradients.UnreadableFileError` naming it. :func:`fit` with ``resume=True``
+continues bit-for-bit. A non-finite loss, weight, hypergradient or hyperparameter stops the run
+with :class:`NonFiniteError` (the round, the tensor's name and the last good checkpoint, which is
+never overwritten by a non-finite state).
 
 Away from a minimum the Hessian of a non-convex model can be indefinite: CG then meets negative
 curvature, a Neumann series diverges. By default (``on_solver_error="damp"``) that hyper step is
@@ -256,21 +257,22 @@ class _Run:
     def restore(self, path: Path) -> None:
         """Continue from the checkpoint at ``path`` (its metrics file is cut back to it)."""
         st = _read_checkpoint(path)
-        self.model.load_state_dict(st["model"])
+        # the checks that need no loading first, so that another setup's checkpoint changes nothing
         for k in self.hparams:
             if k not in st["hparams"]:
                 raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
                                "it was written by another setup")
+        if self.path is not None and st.get("path") is None:
+            raise KeyError(f"checkpoint {path} has no path hyperparameters: another setup wrote it")
+        self.model.load_state_dict(st["model"])
         if self.inner_opt is not None:
             self.inner_opt.load_state_dict(st["inner_opt"])
         if self.path is not None:
-            if st.get("path") is None:
-                raise KeyError(f"checkpoint {path} has no path hyperparameters: another setup wrote it")
             self.path.load_state_dict(st["path"])
         if self.hyper is not None:
             self.hyper.load_state_dict({
                 "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
-                "solver": st.get("solver"),
+                "solver": st.get("solver"), "noise": st.get("noise"),
                 "steps": int(st["round"]), "skipped": int(st["skipped"]),
                 "retried": int(st.get("retried", 0)), "skip_reasons": st.get("skip_reasons", {})})
         for k, s in self.streams.items():
@@ -303,6 +305,9 @@ class _Run:
                      # resumed run continues bit for bit; None without one
                      "solver": hyper.solver_state.state_dict()
                      if hyper is not None and hyper.solver_state is not None else None,
+                     # the stochastic families' noise generator (HyperOptimizer.noise_generator)
+                     "noise": hyper.noise_generator.get_state()
+                     if hyper is not None and hyper.noise_generator is not None else None,
                      "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
                      "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
         self.last_good = self.ck_path

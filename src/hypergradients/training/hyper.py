@@ -39,6 +39,7 @@ solver, skipped (the result says why) or raised, as ``on_solver_error`` says.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +57,7 @@ from ..core.derivatives import LossFn
 from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from ..core.hypergradient import hypergradient
 from ..core.method import Info, Method
-from ..core.modules import functional_model
+from ..core.modules import functional_model, in_mode
 from ..core.solvers import CG, Neumann
 from ..core.state import SolverState
 from ..hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
@@ -120,14 +121,8 @@ def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
     return hp
 
 
-@contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    was = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was)
+# Every submodule's own flag is restored afterwards (a batch norm the user froze in eval mode stays so).
+_mode = in_mode
 
 
 class Objective:
@@ -141,17 +136,19 @@ class Objective:
     ``reduce`` or the mean; plus the sum of the penalties at the untouched ``w``; training mode.
     ``noise`` (a :class:`~hypergradients.hparams.Noise`) fixes the random numbers of stochastic
     families: every call with the same ``noise`` draws the same numbers; ``None`` draws a fresh
-    one from torch's global generator (only if a family is stochastic: otherwise the global
-    generator is left alone). ``val(w, batch)``: the plain mean loss in evaluation mode on copies
-    of the buffers, with no hook. ``live`` is the forward with the module's own buffers (inner
-    steps update batch norm's statistics, as ordinary training does); ``copy_buffers`` the one
-    with copies (the hypergradient's many forwards leave them alone).
+    one from ``generator`` (a CPU ``torch.Generator``; ``None``: torch's global one), only if a
+    family is stochastic: otherwise no generator is touched. ``val(w, batch)``: the plain mean
+    loss in evaluation mode on copies of the buffers, with no hook. ``live`` is the forward with
+    the module's own buffers (inner steps update batch norm's statistics, as ordinary training
+    does); ``copy_buffers`` the one with copies (the hypergradient's many forwards leave them alone).
 
     Raises ``ValueError`` when more than one family reduces.
     """
 
-    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss) -> None:
+    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss, *,
+                 generator: torch.Generator | None = None) -> None:
         check_composable(families)
+        self.generator = generator
         self.model = model
         self.families = list(families)
         self.loss_fn = loss_fn
@@ -166,7 +163,7 @@ class Objective:
 
     def draw_noise(self) -> Noise | None:
         """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
-        return Noise.draw() if self.stochastic else None
+        return Noise.draw(self.generator) if self.stochastic else None
 
     def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor],
                 kw: Callable[[Family, str], dict[str, Any]]) -> Tensor:
@@ -351,15 +348,29 @@ class HyperOptimizer:
         on_solver_error: ``"damp"`` (retry CG on ``H + δI``, Neumann with a safe ``α``; skip if that
             fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
-            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch); it belongs to
+            ``method``'s class (:meth:`hypergradient` with another class solves from scratch).
         data_parallel: under ``torch.distributed`` (torchrun), each rank passes its own shard's
             batches and the hypergradient is that of the group-mean losses
             (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
             and the all-reduced hypergradients keep them identical on every rank. Pass the plain
             module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
 
+    ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
+    ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
+    constrained values. Set a hyperparameter by writing its unconstrained value in place, e.g.
+    ``with torch.no_grad(): hyper.hparams["weight_decay"].fill_(math.log(1e-3))``; rebinding a
+    dict entry reaches neither the families nor the optimizer.
+
+    Noise: with a stochastic family (dropout), every fresh noise sample (one per :meth:`train_loss`
+    call, one per :meth:`step`) is a seed drawn from ``noise_generator``, a CPU ``torch.Generator``
+    of this object, seeded once from torch's global generator when the object is built (so
+    ``torch.manual_seed`` before building fixes every draw); torch's global generator is not used
+    after that. ``noise_generator`` is ``None`` without a stochastic family.
+
     ``state_dict()`` holds tensors and plain values only (``torch.load(weights_only=True)`` reads
-    it): the hyperparameters, the optimizer's state, the solver state and the step counts.
+    it): the hyperparameters, the optimizer's state, the solver state, the noise generator's state
+    and the step counts.
     """
 
     def __init__(self, model: nn.Module, families: Sequence[Family], *, method: Method | None = None,
@@ -388,7 +399,12 @@ class HyperOptimizer:
         else:
             factory = optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-2))
             self.optimizer = factory(list(self.hparams.values()))
-        self.objective = Objective(model, self.families, loss_fn)
+        # The noise's own generator: its state goes into state_dict, so a resumed run (Lightning,
+        # an own loop) draws the noise an uninterrupted one would without restoring torch's global one.
+        self.noise_generator: torch.Generator | None = None
+        if any(f.stochastic for f in self.families):
+            self.noise_generator = torch.Generator().manual_seed(Noise.draw().seed)
+        self.objective = Objective(model, self.families, loss_fn, generator=self.noise_generator)
         self.project = project
         self.before_step = list(before_step)
         self.after_step = list(after_step)
@@ -438,7 +454,13 @@ class HyperOptimizer:
         """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
         state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
         a non-finite hypergradient one naming its key. ``noise`` fixes the stochastic families' random
-        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw)."""
+        numbers for every evaluation of ``L_T`` in this hypergradient (``None``: one fresh draw).
+
+        ``method``: default this object's own method. The carried solver state (``warm_start``)
+        belongs to that method's kind: a method of the same class (``hg.CG(iters=50)`` beside an own
+        ``hg.CG()``) uses and updates it; a method of another class is a one-off computation from
+        scratch, which neither reads nor changes it (the next :meth:`step` continues as if the call
+        had not happened)."""
         bt, bv = as_batch(train_batch), as_batch(val_batch)
         obj = self.objective
         if noise is None:
@@ -460,11 +482,13 @@ class HyperOptimizer:
             return out
 
         m = method or self.method
+        # The carried state holds the own method's quantities (another class would refuse it with a
+        # StateMismatchError); the damped retries of step() are of the same class and keep it.
+        state = self.solver_state if type(m) is type(self.method) else None
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
-                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True,
-                                        state=self.solver_state)
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -474,7 +498,7 @@ class HyperOptimizer:
                 # hg.hypergradient's error for a non-finite result carries no key: find it from the
                 # values, by the same computation without the final check (its state is unchanged
                 # after a failed call, so this repeats it), only on this failure path.
-                found = _nonfinite_key(m, outer, inner, w, lam, self.solver_state)
+                found = _nonfinite_key(m, outer, inner, w, lam, state)
                 if found is None:
                     raise
                 what, name = "the hypergradient of", found
@@ -541,37 +565,83 @@ class HyperOptimizer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Hyperparameters, optimizer state, solver state and counts, as tensors and plain values."""
+        """Hyperparameters, optimizer state, solver state, noise generator state and counts, as tensors
+        and plain values (``"noise"``: ``None`` without a stochastic family)."""
         return {"version": STATE_VERSION,
                 "hparams": {k: t.detach().clone() for k, t in self.hparams.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "solver": self.solver_state.state_dict() if self.solver_state is not None else None,
+                "noise": self.noise_generator.get_state() if self.noise_generator is not None else None,
                 "steps": self.steps, "skipped": self.skipped, "retried": self.retried,
                 "skip_reasons": dict(self.skip_reasons)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (the hyperparameters are copied into the families' tensors)."""
+        """Restore :meth:`state_dict`'s output (the hyperparameters are copied into the families' tensors).
+
+        All or nothing: every part is checked against this object first (the hyperparameters' keys
+        and shapes, the solver state, the noise generator's state, the counts; the optimizer's
+        groups by ``torch.optim``), and only then is anything assigned, so a state written for
+        another setup raises and leaves this object as it was. A state without ``"noise"`` (written
+        before it was saved) keeps this object's noise generator as it is.
+        """
+        fix = "pass the dict that HyperOptimizer.state_dict() returned"
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a HyperOptimizer state (version {found!r}, expected {STATE_VERSION}): "
-                             "pass the dict that HyperOptimizer.state_dict() returned")
+                             f"{fix}")
+        lacks = [k for k in ("hparams", "optimizer", "steps", "skipped", "retried", "skip_reasons")
+                 if k not in state]
+        if lacks:
+            raise ValueError(f"the HyperOptimizer state lacks {lacks}: {fix}")
         saved = state["hparams"]
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"the HyperOptimizer state's 'hparams' is a {type(saved).__name__}, not a "
+                             f"dict of tensors: {fix}")
         missing = sorted(set(self.hparams) - set(saved))
         if missing:
             raise KeyError(f"the saved state has no hyperparameter {missing[0]!r} (it has {sorted(saved)}): "
                            "it was written for other families")
+        for k, t in self.hparams.items():
+            v = saved[k]
+            if not isinstance(v, Tensor) or v.shape != t.shape:
+                got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
+                raise ValueError(f"hyperparameter {k!r}: saved {got}, this one {tuple(t.shape)}: it was "
+                                 "written for another model")
+        solver = None
+        if self.solver_state is not None and state.get("solver") is not None:
+            solver = SolverState.from_state_dict(state["solver"])
+        noise = state.get("noise")
+        if noise is not None and self.noise_generator is not None:
+            own = self.noise_generator.get_state()
+            if not isinstance(noise, Tensor) or noise.dtype != own.dtype or noise.shape != own.shape:
+                got = (f"{noise.dtype} of shape {tuple(noise.shape)}" if isinstance(noise, Tensor)
+                       else type(noise).__name__)
+                raise ValueError(f"the saved noise generator state is {got}, not a CPU generator's "
+                                 f"({own.dtype} of shape {tuple(own.shape)}): {fix}")
+        try:
+            counts = [int(state[k]) for k in ("steps", "skipped", "retried")]
+            reasons = Counter({str(k): int(v) for k, v in state["skip_reasons"].items()})
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"the HyperOptimizer state's counts are malformed ({e}): {fix}") from e
+        # torch checks the groups before it changes anything; the copy puts back whatever a later
+        # failure inside it would leave.
+        before = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception:
+            self.optimizer.load_state_dict(before)
+            raise
+        # Everything fits: assign (nothing below can fail).
         with torch.no_grad():
             for k, t in self.hparams.items():
-                if saved[k].shape != t.shape:
-                    raise ValueError(f"hyperparameter {k!r}: saved shape {tuple(saved[k].shape)}, this one "
-                                     f"{tuple(t.shape)}: it was written for another model")
                 t.copy_(saved[k])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.solver_state is not None and state.get("solver") is not None:
-            self.solver_state.load_state_dict(state["solver"])
-        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
-        self.retried = int(state["retried"])
-        self.skip_reasons = Counter({str(k): int(v) for k, v in state["skip_reasons"].items()})
+        if solver is not None:
+            assert self.solver_state is not None
+            self.solver_state.assign(solver)
+        if noise is not None and self.noise_generator is not None:
+            self.noise_generator.set_state(noise.cpu())
+        self.steps, self.skipped, self.retried = counts
+        self.skip_reasons = reasons
 
 
 __all__ = ["HyperOptimizer", "HyperStep", "NonFiniteError", "Objective", "as_batch", "classification_loss",

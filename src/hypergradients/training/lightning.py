@@ -13,8 +13,11 @@ used (or on a batch of ``train_batches``) for ``L_T`` and the next validation ba
     trainer = lightning.Trainer(callbacks=[HyperCallback(hyper, val_loader, every_n_steps=10)])
 
 Lightning's own checkpoints carry the callback's :meth:`~HyperCallback.state_dict` (the
-hyperparameters, their optimizer's state, the solver state and the step counts: tensors and plain
-values only), and ``trainer.fit(..., ckpt_path=...)`` restores them. The validation iterator's
+hyperparameters, their optimizer's state, the solver state, the noise generator of stochastic
+families such as dropout, and the step counts: tensors and plain values only), and
+``trainer.fit(..., ckpt_path=...)`` restores them; with the noise generator restored, a resumed
+run with dropout draws the masks an uninterrupted one would (Lightning does not save torch's
+global RNG, which the noise does not come from). The validation iterator's
 position is not saved: after a resume it starts again from the first batch. The hyperparameters
 live where the families created them: build the families on the device the model trains on.
 """
@@ -109,6 +112,7 @@ class HyperCallback(pl.Callback):
         return self.hyper.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore it (Lightning calls this on ``trainer.fit(..., ckpt_path=...)``)."""
+        """Restore it (Lightning calls this on ``trainer.fit(..., ckpt_path=...)``): all or nothing, as
+        :meth:`HyperOptimizer.load_state_dict <hypergradients.hyper.HyperOptimizer.load_state_dict>`."""
         with torch.no_grad():
             self.hyper.load_state_dict(state_dict)
