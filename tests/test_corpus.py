@@ -1,15 +1,38 @@
-"""The text-corpus loader: PTB files from a folder (a tiny corpus written here), the King James Bible
-through Debian's `bible` program when installed, and the error naming both options."""
+"""The text-corpus loader: PTB files from a folder (a tiny corpus written here); the King James Bible
+shipped with the package, its splits and tokens pinned (counts and hashes), read without Debian's
+`bible` program, identical to that program's text where it is installed; the errors."""
 
 from __future__ import annotations
 
+import fnmatch
+import gzip
+import hashlib
 import shutil
+import sys
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
 
-from hypergradients.app.corpus import EOS, UNK, batchify, build_vocab, load_corpus, tokenize
-from hypergradients.app.datasets import DataUnavailableError
+from hypergradients.app.corpus import (
+    EOS,
+    KJV_FILE,
+    UNK,
+    batchify,
+    build_vocab,
+    kjv_lines,
+    load_corpus,
+    tokenize,
+)
+from hypergradients.app.datasets import DataFormatError, DataUnavailableError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_ptb(tmp_path, train="a b c a\nb a <unk>\n", valid="a c\n", test="d a\n"):
@@ -45,9 +68,10 @@ def test_partial_ptb_folder_is_refused_naming_the_missing_file(tmp_path):
         load_corpus(tmp_path)
 
 
-def test_nothing_found_names_both_options(tmp_path):
-    with pytest.raises(DataUnavailableError, match=r"(?s)PTB files.*apt-get install bible-kjv"):
-        load_corpus(tmp_path, bible_program="/nonexistent/bible")
+def test_folder_without_ptb_files_is_refused_not_replaced_by_the_default(tmp_path):
+    # a folder the user named holds no PTB: an error naming the files and the default, never the Bible
+    with pytest.raises(DataUnavailableError, match=r"(?s)none of the PTB files.*ptb\.train\.txt.*data\.root=''"):
+        load_corpus(tmp_path)
 
 
 def test_batchify_targets_are_the_next_tokens():
@@ -66,13 +90,71 @@ def test_build_vocab_refuses_a_vocabulary_without_words():
         build_vocab([["a", EOS]], 2)
 
 
-@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
-def test_kjv_through_the_bible_program():
+# The shipped text (kjv.txt.gz): 31 102 verses, ASCII; its SHA-256 is stated in corpora/README.md.
+KJV_TEXT_SHA256 = "b5c4940bcfeee072c0935b5200d0f9d88a00a0199cb0961d16133458fcdfae5d"
+# What load_corpus() gives (90/5/5 by position): verses and tokens per split (<eos> included), and
+# the SHA-256 of each split's token ids (int64, little-endian) at lstm-dropout's default vocabulary 2000.
+KJV_VERSES = (27_991, 1_555, 1_556)
+KJV_TOKENS = (859_618, 40_502, 44_690)
+KJV_IDS_2000 = ("d16f57667839c831", "ae24051263986d07", "773663976ae706dc")
+
+
+def _sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+
+
+def test_shipped_kjv_is_the_declared_text():
+    raw = resources.files("hypergradients.app").joinpath(KJV_FILE).read_bytes()
+    text = gzip.decompress(raw).decode("ascii")
+    assert hashlib.sha256(text.encode("ascii")).hexdigest() == KJV_TEXT_SHA256
+    assert KJV_TEXT_SHA256 in (ROOT / "src/hypergradients/app/corpora/README.md").read_text()
+    lines = kjv_lines()
+    assert len(lines) == sum(KJV_VERSES) and len(text.split()) == 789_634
+    assert lines[0] == "In the beginning God created the heaven and the earth."
+    assert lines[-1] == "The grace of our Lord Jesus Christ be with you all. Amen."
+
+
+def test_default_corpus_is_the_shipped_kjv_without_the_bible_program(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))   # no `bible` (nor anything else) on PATH
+    assert shutil.which("bible") is None
     c = load_corpus(None, vocab_size=2000)
-    assert c.name == "kjv" and c.vocab_size == 2000
-    # 31 102 verses, about 820 000 words plus punctuation and one <eos> a verse; 90/5/5 by position
-    total = len(c.train) + len(c.valid) + len(c.test)
-    assert 900_000 < total < 1_200_000
-    assert abs(len(c.train) / total - 0.9) < 0.02
-    assert c.vocab[2:5] == [",", "the", "and"]   # the most frequent tokens of the KJV
-    assert int((c.train == 1).sum()) == int(0.9 * 31102)   # one <eos> per training verse
+    assert c.name == "kjv" and c.vocab_size == 2000 and "shipped with hypergradients" in c.source
+    splits = (c.train, c.valid, c.test)
+    assert tuple(len(s) for s in splits) == KJV_TOKENS
+    assert tuple(int((s == 1).sum()) for s in splits) == KJV_VERSES   # one <eos> per verse
+    assert tuple(_sha(s) for s in splits) == KJV_IDS_2000
+    assert c.vocab[:6] == [UNK, EOS, ",", "the", "and", "of"]   # the most frequent tokens of the KJV
+    assert c.train.dtype == torch.int64 and int(c.train.max()) == 1999
+    # "" (the command line's empty data.root) is the default too
+    assert torch.equal(load_corpus("", vocab_size=2000).test, c.test)
+
+
+def test_shipped_kjv_missing_or_corrupt_says_reinstall(monkeypatch):
+    monkeypatch.setattr("hypergradients.app.corpus.KJV_FILE", "corpora/no-such-file.txt.gz")
+    with pytest.raises(DataUnavailableError, match=r"(?s)missing from this installation.*force-reinstall"):
+        load_corpus()
+    monkeypatch.setattr("hypergradients.app.corpus.KJV_FILE", "corpora/README.md")   # not gzip
+    with pytest.raises(DataFormatError, match=r"(?s)corrupt.*force-reinstall"):
+        load_corpus()
+
+
+def test_a_missing_bible_program_names_its_package():
+    with pytest.raises(DataUnavailableError, match=r"(?s)'/nonexistent/bible'.*apt-get install bible-kjv"):
+        load_corpus(None, bible_program="/nonexistent/bible")
+
+
+def test_package_data_declares_the_shipped_files():
+    # `pip install .` (not only an editable install) must carry the text and its notice
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = cfg["tool"]["setuptools"]["package-data"]["hypergradients.app"]
+    for name in (KJV_FILE, "corpora/README.md"):
+        assert (ROOT / "src/hypergradients/app" / name).is_file(), name
+        assert any(fnmatch.fnmatch(name, g) for g in globs), (name, globs)
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+def test_debian_bible_program_gives_the_same_tokens():
+    assert kjv_lines("bible") == kjv_lines()
+    c = load_corpus(None, vocab_size=2000, bible_program="bible")
+    assert c.name == "kjv" and "Debian bible-kjv" in c.source
+    assert tuple(_sha(s) for s in (c.train, c.valid, c.test)) == KJV_IDS_2000

@@ -96,12 +96,18 @@ def test_optuna_auto_budget_without_ift_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused by check, before any file
 
 
-def test_missing_corpus_names_the_key(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("hypergradients.app.corpus.BIBLE_PROGRAM", "no-such-bible-program")
+def test_missing_corpus_names_the_key(tmp_path: Path) -> None:
     exp = get("lstm-dropout")
-    cfg = resolve(exp.schema, smoke=exp.smoke, sets=[f"data.root='{tmp_path}'"])
-    with pytest.raises(ConfigError, match=r"(?s)data\.root.*apt-get install bible-kjv"):
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=[f"data.root='{tmp_path}'"])   # a folder without PTB
+    with pytest.raises(ConfigError, match=r"(?s)data\.root.*none of the PTB files.*King James Bible shipped"):
         exp.check(cfg) if exp.check else None
+
+
+def test_default_corpus_needs_no_bible_program(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))   # Debian's `bible` hidden, as on a machine without it
+    exp = get("lstm-dropout")
+    corpus = exp.check(resolve(exp.schema, smoke=exp.smoke)) if exp.check else None
+    assert corpus is not None and corpus.name == "kjv" and corpus.vocab_size == exp.smoke["data.vocab"]
 
 
 def test_sequence_too_long_for_the_data_names_the_key(tmp_path: Path) -> None:

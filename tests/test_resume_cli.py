@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import pickle
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,6 @@ def test_stale_temp_files_are_removed_at_the_next_start(finished: tuple[Path, li
 FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"],
               "overfit-validation": ["train.rounds=2"], "distill": ["train.rounds=2"],
               "data-cleaning": ["train.rounds=2"],
-              # its default corpus is Debian's bible-kjv (skipped below where it is not installed)
               "lstm-dropout": ["train.rounds=2", "data.train_tokens=3000", "data.eval_tokens=700"],
               "augment": ["train.rounds=2", "seeds=[0]"]}
 
@@ -123,8 +121,6 @@ FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"]
 @pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.resumable))
 def test_default_configuration_resumes(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert name in FEW_ROUNDS, f"add {name!r} to FEW_ROUNDS"
-    if name == "lstm-dropout" and shutil.which("bible") is None:
-        pytest.skip("lstm-dropout's default corpus needs Debian's bible-kjv (apt-get install bible-kjv)")
     out = tmp_path / "run"
     sets = [a for s in FEW_ROUNDS[name] for a in ("--set", s)]
     assert main(["run", name, *sets, "--out", str(out), "--json", "--quiet"]) == 0

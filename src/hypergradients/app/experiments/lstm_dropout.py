@@ -2,8 +2,8 @@
 against fixed dropout and (optionally) Optuna tuning the fixed dropout rates (the paper's §5.3 setting).
 
 The model: embedding → LSTM → LSTM → linear decoder, word level, on a text corpus
-(:mod:`hypergradients.app.corpus`: the PTB files in ``data.root``, else the King James Bible of
-Debian's ``bible-kjv``). Arms, each from the same initial weights on the same batches:
+(:mod:`hypergradients.app.corpus`: the PTB files in ``data.root``, else the King James Bible shipped
+with the package). Arms, each from the same initial weights on the same batches:
 
 * ``ift``    — per-unit concrete dropout (:class:`~hypergradients.hparams.Dropout`, one keep
   probability per unit, the same mask at every time step) on the inputs of both LSTMs and of the
@@ -85,7 +85,8 @@ SCHEMA: dict[str, Option] = {
     ),
     "data.root": Option(
         "",
-        "folder with ptb.train.txt/ptb.valid.txt/ptb.test.txt (empty: the KJV Bible of Debian's bible-kjv)",
+        "folder with ptb.train.txt/ptb.valid.txt/ptb.test.txt (empty: the King James Bible shipped with "
+        "the package)",
         str,
     ),
     "data.vocab": Option(2000, "vocabulary size (<unk> and <eos> included)", int, low=3),
@@ -189,7 +190,7 @@ def sequence_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def check(cfg: Config) -> Corpus:
-    """Load the corpus (PTB from data.root, else the KJV Bible; about a second) before any file is written."""
+    """Load the corpus (PTB from data.root, else the King James Bible) before any file is written."""
     cfg = with_preset(cfg)
     if "optuna" in cfg["arms"]:
         try:
