@@ -28,8 +28,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> _Any:
-    # ``hparams.Forward`` was the model-forward type; ``hg.Forward`` is the forward-mode path method.
-    # The old name still resolves for families written against it, with a warning naming the new one.
+    # ``hg.Forward`` is the forward-mode path method, so the model-forward type is ``ModelForward``;
+    # families annotated with ``hparams.Forward`` keep importing, with a warning that names it.
     if name == "Forward":
         _warnings.warn("hypergradients.hparams.Forward is now hypergradients.hparams.ModelForward (the type "
                        "of forward(params, x)); hg.Forward is the forward-mode path method",

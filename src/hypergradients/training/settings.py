@@ -22,11 +22,12 @@ negative curvature there and must be damped. It is the estimator of the paper's 
 :func:`hypergradients.hypergradient` itself, a single computation at given weights, defaults to
 ``CG()`` instead (decided in :mod:`hypergradients.core.hypergradient`): there the answer should be
 accurate to a tolerance. ``warm_start=True`` carries ``λ_max`` (and CG's last solution, Nyström's
-sketch) from one hyper step to the next: with the default method a run of ``fit`` spends about a
-third fewer HVPs at the same hyperparameters (docs/benchmarks.md, ``benchmarks/fit_warm_start.py``).
+sketch) from one hyper step to the next, so the power iterations run once in ``refresh_every``
+hyper steps instead of at each: with the default method a run of ``fit`` spends fewer HVPs for the
+same hyperparameters (measured in docs/benchmarks.md, ``benchmarks/fit_warm_start.py``).
 
-The groups are plain frozen dataclasses; ``fit``'s older flat keywords are each one field of one
-group (``batch_size=64`` is ``batches=Batches(size=64)``): see :func:`~hypergradients.fit`.
+The groups are plain frozen dataclasses; each of ``fit``'s flat keywords is one field of one group
+(``batch_size=64`` is ``batches=Batches(size=64)``): see :func:`~hypergradients.fit`.
 """
 
 from __future__ import annotations
