@@ -14,8 +14,8 @@ from torch import Tensor, nn
 import hypergradients as hg
 from hypergradients.core import tree
 from hypergradients.hparams import Batch, Family, Noise
+from hypergradients.hparams.objective import Objective, cross_entropy
 from hypergradients.training import hyper
-from hypergradients.training.hyper import Objective, classification_loss
 
 Tree = dict[str, Tensor]
 
@@ -54,7 +54,7 @@ def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: i
 def hypergradient_vs_fd(model: nn.Module, families: Sequence[Family], bt: Batch, bv: Batch,
                         coords: Sequence[tuple[str, tuple[int, ...]]], *, eps: float = 1e-4,
                         noise: Noise | None = None,
-                        loss_fn: Any = classification_loss) -> list[tuple[float, float]]:
+                        loss_fn: Any = cross_entropy) -> list[tuple[float, float]]:
     """``[(implicit, finite difference)]`` for each ``(key, index)`` in ``coords``.
 
     ``w*`` by Newton from the model's weights (only ``requires_grad`` parameters are trained); the

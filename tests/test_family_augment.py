@@ -15,7 +15,7 @@ import hypergradients as hg
 from hypergradients.core import tree
 from hypergradients.hparams import Batch, Noise, WeightDecay
 from hypergradients.hparams.augment import AugmentNet, unet_count
-from hypergradients.training.hyper import Objective, classification_loss
+from hypergradients.hparams.objective import Objective, cross_entropy
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -69,7 +69,7 @@ def test_the_papers_network_has_6659_weights_and_starts_as_the_identity() -> Non
 def test_noise_is_fixed_by_the_noise_sample_and_with_original_doubles_the_batch() -> None:
     model = _model()
     fam = AugmentNet(1, wf=1, identity_init=False, with_original=True, dtype=DT)
-    obj = Objective(model, [fam], classification_loss)
+    obj = Objective(model, [fam], cross_entropy)
     x, y = _data(6, 0)
     batch = Batch(x, y, torch.arange(6))
     w, h = dict(model.named_parameters()), fam.tensors()
@@ -90,7 +90,7 @@ def test_hypergradient_with_fixed_noise_matches_finite_differences(with_original
     # wf=1: 2 and 4 filters (206 weights); random start so every weight carries a gradient.
     fam = AugmentNet(1, wf=1, identity_init=False, with_original=with_original, dtype=DT, seed=2)
     wd = WeightDecay(model, init=0.1, include=lambda n, p: True)   # a unique minimiser w*
-    obj = Objective(model, [fam, wd], classification_loss)
+    obj = Objective(model, [fam, wd], cross_entropy)
     x, y = _data(12, 1)
     xv, yv = _data(20, 2)
     bt, bv = Batch(x, y, torch.arange(12)), Batch(xv, yv, torch.arange(20))

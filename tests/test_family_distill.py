@@ -17,7 +17,7 @@ import hypergradients as hg
 from hypergradients.core import tree
 from hypergradients.hparams import Batch, WeightDecay
 from hypergradients.hparams.distill import DistilledData, save_distilled_figure
-from hypergradients.training.hyper import Objective, classification_loss
+from hypergradients.hparams.objective import Objective, cross_entropy
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -37,7 +37,7 @@ def _val(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _losses(model: nn.Module, fams: list, val: tuple[torch.Tensor, torch.Tensor]):  # type: ignore[no-untyped-def]
-    obj = Objective(model, fams, classification_loss)
+    obj = Objective(model, fams, cross_entropy)
     dummy = Batch(val[0][:1], val[1][:1], torch.arange(1))   # replaced by the distilled set
     vb = Batch(val[0], val[1], torch.arange(len(val[1])))
 

@@ -14,7 +14,7 @@ from torch import nn
 import hypergradients as hg
 from family_checks import fit_resume_is_bit_for_bit, hypergradient_vs_fd, own_loop_resume_is_bit_for_bit
 from hypergradients.hparams import Batch, ExampleWeights, LossReweighting, WeightDecay
-from hypergradients.training.hyper import Objective, classification_loss
+from hypergradients.hparams.objective import Objective, cross_entropy
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -62,7 +62,7 @@ def test_reduce_weights_the_batch_by_index_with_each_normalisation_and_parametri
 def test_two_reducing_families_are_refused() -> None:
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"the families \['example_weights', 'loss_reweighting'\] all weight"):
-        Objective(model, [ExampleWeights(10), LossReweighting()], classification_loss)
+        Objective(model, [ExampleWeights(10), LossReweighting()], cross_entropy)
 
 
 @pytest.mark.parametrize(("normalise", "kind"), [("mean", "sigmoid"), ("weights", "sigmoid"), ("mean", "softplus")])

@@ -12,7 +12,7 @@ from torch import nn
 import hypergradients as hg
 from hypergradients.core import tree
 from hypergradients.hparams import Batch, Family, WeightDecay, weights_only
-from hypergradients.training import hyper
+from hypergradients.hparams.objective import Objective, cross_entropy
 
 DT = torch.float64
 
@@ -198,7 +198,7 @@ class _Tag(hg.hparams.Family):
         self.log.append(f"batch {self.name}")
         return Batch(batch.x + 1, batch.y, batch.index)
 
-    def forward(self, forward: hg.hparams.Forward, hparams: dict) -> hg.hparams.Forward:
+    def forward(self, forward: hg.hparams.ModelForward, hparams: dict) -> hg.hparams.ModelForward:
         def f(p: dict, x: torch.Tensor) -> torch.Tensor:
             self.log.append(f"enter {self.name}")
             out = forward(p, x)
@@ -226,8 +226,8 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
 
 
-def _objective(model: nn.Module, families: list) -> hyper.Objective:
-    return hyper.Objective(model, families, hyper.classification_loss)
+def _objective(model: nn.Module, families: list) -> Objective:
+    return Objective(model, families, cross_entropy)
 
 
 def _cls_batch(n: int = 12, seed: int = 1) -> Batch:

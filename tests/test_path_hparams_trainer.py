@@ -23,8 +23,9 @@ import problems as P
 from hypergradients import optim
 from hypergradients.core import tree
 from hypergradients.hparams import WeightDecay
-from hypergradients.paths.methods import PathHyperparameters, PathTuner
+from hypergradients.paths.tuner import PathHyperparameters, PathTuner
 from hypergradients.paths.unroll import reverse
+from hypergradients.training.settings import PATH_HYPER_OPTIMIZER as _ADAM
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -52,7 +53,7 @@ def test_tuner_load_state_dict_of_another_setup_raises_and_changes_nothing() -> 
     model = _model()
 
     def tuner(opt: optim.Optimizer, values: dict[str, Tensor]) -> PathTuner:
-        t = PathTuner(PathHyperparameters(values, opt, steps=2), dict(model.named_parameters()))
+        t = PathTuner(PathHyperparameters(values, opt, steps=2), dict(model.named_parameters()), hyper_optimizer=_ADAM)
         t.begin_round(2)
         for i in range(2):
             t.step(dict(model.named_parameters()), lambda w, replay, i=i: _ce(model, w, (Xt[8 * i:8 * i + 8],
@@ -92,7 +93,7 @@ def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_difference
     T, n = 5, 8
     opt = optim.heavy_ball("lr", "mom")
     values = {"lr": torch.tensor(0.2, dtype=DT), "mom": torch.tensor(0.7, dtype=DT)}
-    tuner = PathTuner(PathHyperparameters(values, opt, steps=T), dict(model.named_parameters()))
+    tuner = PathTuner(PathHyperparameters(values, opt, steps=T), dict(model.named_parameters()), hyper_optimizer=_ADAM)
     w_init = {k: v.detach().clone() for k, v in model.named_parameters()}  # the model changes in place
     tuner.begin_round(n)
     for b in batches:
@@ -221,7 +222,7 @@ def test_tuner_refuses_an_op_without_second_derivative() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), _OnceTanh(), nn.Linear(8, 3)).to(DT)
     tuner = PathTuner(PathHyperparameters({"lr": torch.tensor(0.2, dtype=DT)}, optim.sgd("lr"), steps=2),
-                      dict(model.named_parameters()))
+                      dict(model.named_parameters()), hyper_optimizer=_ADAM)
     tuner.begin_round(3)
     for i in range(3):
         b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])
@@ -236,7 +237,7 @@ def test_tuner_refuses_a_schedule_shorter_than_the_steps_it_will_take() -> None:
     (Xt, yt), _ = _data()
     model = _model()
     tuner = PathTuner(PathHyperparameters({"lr": torch.full((4,), 0.1, dtype=DT)}, optim.sgd("lr"), steps=2),
-                      dict(model.named_parameters()))
+                      dict(model.named_parameters()), hyper_optimizer=_ADAM)
     tuner.begin_round(3)  # steps 0..2
     for i in range(3):
         b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])

@@ -236,7 +236,7 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
     fit(model, [WeightDecay(model)], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path,
         method=hg.CG(iters=5))
     st = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    assert st["round"] == 2 and st["version"] == 2
+    assert st["round"] == 2 and st["version"] == 3
     py, npy = random.getstate(), np.random.get_state()  # noqa: NPY002
     random.random()
     np.random.rand()  # noqa: NPY002

@@ -4,8 +4,10 @@ One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit d
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`) or differentiation through the optimization path (:class:`Unrolled`,
 reverse mode, optionally checkpointed; :class:`Forward`, forward mode). :func:`fit` runs the
-paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`;
-:class:`HyperOptimizer` is its hyper step for a training loop of your own. :func:`root_hypergradient`
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`
+(its settings grouped as :class:`HyperSettings`, :class:`Batches`, :class:`Evaluation` and
+:class:`Checkpoints`, its callbacks subclasses of :class:`Callback`); :class:`HyperOptimizer` is its
+hyper step for a training loop of your own. :func:`root_hypergradient`
 differentiates any optimality condition ``F(w, λ) = 0`` or fixed point ``w = T(w, λ)``. A new
 inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v, state)`` on a
 :class:`HessianOperator`).
@@ -42,10 +44,13 @@ from .hparams.distill import DistilledData
 from .paths import (
     optim,  # differentiable inner optimizers: hg.optim.sgd / heavy_ball / nesterov / adam / adamw
 )
-from .paths.methods import Forward, PathHyperparameters, Unrolled
+from .paths.methods import Forward, Unrolled
+from .paths.tuner import PathHyperparameters
+from .training.callbacks import Callback
 from .training.files import OutputPathError, UnreadableFileError
 from .training.fit import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 from .training.hyper import HyperOptimizer, HyperStep
+from .training.settings import Batches, Checkpoints, Evaluation, HyperSettings
 
 __version__ = "0.1.0"
 
@@ -59,16 +64,21 @@ __all__ = [
     "GMRES",
     "AugmentNet",
     "Auto",
+    "Batches",
     "BiCGStab",
+    "Callback",
+    "Checkpoints",
     "DistilledData",
     "DropConnect",
     "Dropout",
+    "Evaluation",
     "Exact",
     "ExampleWeights",
     "Family",
     "Forward",
     "HessianOperator",
     "HyperOptimizer",
+    "HyperSettings",
     "HyperStep",
     "HypergradientError",
     "Identity",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .errors import HypergradientError
 from .tree import Tree
 
-Batch = tuple[Tensor, Tensor]
+XY = tuple[Tensor, Tensor]   # (inputs, targets)
 Penalty = Callable[[Tree, Tree], Tensor]
 
 
@@ -77,7 +77,7 @@ def _in_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
         yield
 
 
-def make_losses(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], train: Batch, val: Batch,
+def make_losses(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], train: XY, val: XY,
                 *, penalty: Penalty | None = None,
                 modes: tuple[Mode, Mode] | Literal["current"] = ("train", "eval"),
                 ) -> tuple[Callable[[Tree, Tree], Tensor], Callable[[Tree, Tree], Tensor]]:

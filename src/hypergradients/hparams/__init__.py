@@ -3,18 +3,36 @@
 See :mod:`hypergradients.hparams.base` for the interface (unconstrained tensors, natural values,
 the hooks ``batch``, ``weights``, ``hooks``, ``forward``, ``reduce``, ``penalty``, how they
 compose, how noise is fixed within one hypergradient, and how a family counts and describes its
-hyperparameters); :class:`WeightDecay` (global, per layer or per weight), :class:`Dropout`
-(per-unit concrete dropout), :class:`DropConnect` (per-weight), :class:`ExampleWeights` (one
-loss weight per training example) and :class:`LossReweighting` (a loss → weight network).
+hyperparameters), and :mod:`hypergradients.hparams.objective` for the rule that composes them into
+``L_T`` and ``L_V`` (:class:`Objective`) and the loss contract; :class:`WeightDecay` (global, per
+layer or per weight), :class:`Dropout` (per-unit concrete dropout), :class:`DropConnect`
+(per-weight), :class:`ExampleWeights` (one loss weight per training example) and
+:class:`LossReweighting` (a loss → weight network).
 """
 
-from .base import Batch, Description, Family, Forward, Hook, Noise, Sampler, check_composable, describe
+import warnings as _warnings
+from typing import Any as _Any
+
+from .base import Batch, Description, Family, Hook, ModelForward, Noise, Sampler, check_composable, describe
 from .dropout import DropConnect, Dropout, Site
 from .example_weights import ExampleWeights, LossReweighting
+from .objective import BatchLoss, Objective, as_batch, collect_hparams, cross_entropy, on_targets
 from .weight_decay import GRANULARITIES, WeightDecay, weights_only
 
 __all__ = [
-    "GRANULARITIES", "Batch", "Description", "DropConnect", "Dropout", "ExampleWeights", "Family", "Forward",
-    "Hook", "LossReweighting", "Noise", "Sampler", "Site", "WeightDecay", "check_composable", "describe",
-    "weights_only",
+    "GRANULARITIES", "Batch", "BatchLoss", "Description", "DropConnect", "Dropout", "ExampleWeights",
+    "Family", "Hook", "LossReweighting", "ModelForward", "Noise", "Objective", "Sampler", "Site",
+    "WeightDecay", "as_batch", "check_composable", "collect_hparams", "cross_entropy", "describe",
+    "on_targets", "weights_only",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    # ``hg.Forward`` is the forward-mode path method, so the model-forward type is ``ModelForward``;
+    # families annotated with ``hparams.Forward`` keep importing, with a warning that names it.
+    if name == "Forward":
+        _warnings.warn("hypergradients.hparams.Forward is now hypergradients.hparams.ModelForward (the type "
+                       "of forward(params, x)); hg.Forward is the forward-mode path method",
+                       DeprecationWarning, stacklevel=2)
+        return ModelForward
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

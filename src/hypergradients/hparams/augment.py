@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, Description, Family, Noise, Sampler, Tree, natural_leaves
+from ..core.tree import Tree
+from .base import Batch, Description, Family, Noise, Sampler, natural_leaves
 
 
 def _shapes(channels: int, depth: int, wf: int, noise: bool) -> dict[str, tuple[int, ...]]:

@@ -1,8 +1,8 @@
 """The interface every hyperparameter family implements, and how families compose.
 
 A *family* owns a group of hyperparameter tensors and says how they enter the training loss
-``L_T``. :class:`~hypergradients.training.hyper.Objective` (used by ``HyperOptimizer`` and ``fit``) only
-talks to this interface, so a new family (dropout, an augmentation network, distilled data,
+``L_T``. :class:`~hypergradients.hparams.objective.Objective` (used by ``HyperOptimizer`` and ``fit``)
+only talks to this interface, so a new family (dropout, an augmentation network, distilled data,
 per-example weights) plugs in without changing the trainer.
 
 **Tensors.** :meth:`Family.tensors` are the *unconstrained* leaves the hyper-optimizer updates
@@ -71,9 +71,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-Tree = dict[str, Tensor]
-# forward(params, x) -> logits: the model called functionally with the weights ``params``.
-Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+from ..core.tree import Tree
+
+ModelForward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+"""``forward(params, x) -> outputs``: the model called functionally with the weights ``params`` (what
+:meth:`Family.forward` wraps; not the path method :class:`hypergradients.Forward`)."""
 
 _SEED_RANGE = 2 ** 62
 
@@ -208,7 +210,7 @@ class Family:
         """Forward hooks on named submodules for one training forward (default: none)."""
         return ()
 
-    def forward(self, forward: Forward, hparams: Mapping[str, Tensor]) -> Forward:
+    def forward(self, forward: ModelForward, hparams: Mapping[str, Tensor]) -> ModelForward:
         """The forward used on training batches (default: unchanged)."""
         return forward
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, Family, Tree
+from ..core.tree import Tree
+from .base import Batch, Family
 
 
 class DistilledData(Family):

@@ -62,7 +62,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Description, Family, Hook, Sampler, Tree, natural_leaves
+from ..core.tree import Tree
+from .base import Description, Family, Hook, Sampler, natural_leaves
 
 Where = Literal["input", "output"]
 _EPS = 1e-6   # u ∈ [ε, 1−ε]: log u and log(1−u) stay finite (|logit| ≤ 13.8)

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Batch, Description, Family, Tree, natural_leaves
+from ..core.tree import Tree
+from .base import Batch, Description, Family, natural_leaves
 
 Normalise = Literal["mean", "weights"]
 Parametrisation = Literal["sigmoid", "softplus"]

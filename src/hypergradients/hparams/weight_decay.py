@@ -32,7 +32,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import Description, Family, Tree, natural_leaves
+from ..core.tree import Tree
+from .base import Description, Family, natural_leaves
 
 Granularity = Literal["global", "layer", "weight"]
 GRANULARITIES: tuple[str, ...] = ("global", "layer", "weight")

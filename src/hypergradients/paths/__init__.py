@@ -2,8 +2,8 @@
 and forward-mode differentiation of K inner optimizer steps.
 
 :mod:`.optim` holds the differentiable inner optimizers as ``(init, update)`` pairs (``hg.optim``),
-:mod:`.unroll` the two differentiation modes, and :mod:`.methods` the method objects
-:class:`~.methods.Unrolled` and :class:`~.methods.Forward` and the truncated hypergradient of an
-optimizer's own hyperparameters while training (``fit(path_hparams=...)``).
+:mod:`.unroll` the two differentiation modes, :mod:`.methods` the method objects
+:class:`~.methods.Unrolled` and :class:`~.methods.Forward`, and :mod:`.tuner` the truncated
+hypergradient of an optimizer's own hyperparameters while training (``fit(path_hparams=...)``).
 Built on :mod:`hypergradients.core`.
 """

@@ -161,7 +161,8 @@ class Path:
               lam: Mapping[str, Tensor], *, fused: bool = True,
               alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
         """The update from gradient ``g``: ``O.update``, or ``w − α g`` for plain gradient descent
-        (``fused=False``: as a product and a difference, forward mode's rounding since it was written)."""
+        (``fused=False``: as a product and a difference, the form forward mode uses: it keeps no graph,
+        so the one-node form would save it nothing)."""
         if self.optimizer is not None:
             return self.optimizer.update(g, s, w, lam)
         assert self.lr is not None
@@ -173,7 +174,7 @@ class Path:
 
     def step_size(self, lam: Mapping[str, Tensor]) -> Tensor | float | None:
         """Plain gradient descent's ``α`` from ``lam``, to share one node among the steps of one graph
-        (autograd then sums the steps' contributions to ``∂/∂α`` in one place, as it always did)."""
+        (autograd then sums the steps' contributions to ``∂/∂α`` in one place)."""
         return step_size(self.lr, lam) if self.optimizer is None and self.lr is not None else None
 
     def step(self, w: Tree, s: Any, lam: Mapping[str, Tensor], k: int, *,

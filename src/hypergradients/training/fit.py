@@ -17,10 +17,16 @@ Models with buffers (batch norm) work: inner steps update the running statistics
 hypergradient evaluates ``L_T`` in training mode on copies of the buffers (so its many forward
 passes leave them alone) and ``L_V`` in evaluation mode.
 
+The settings come in small groups (:mod:`hypergradients.training.settings`: the hyper step, the
+batches, the evaluation, the checkpoints), and everything that is called back during a run is a
+:class:`~hypergradients.training.callbacks.Callback`.
+
 Checkpoints (``checkpoint.pt``, written atomically by :func:`hypergradients.training.files.save_atomic`)
-hold the model (parameters and buffers), the hyperparameters, both optimizer states, every RNG
-state (the stochastic families' noise generator included), the positions of the data streams and
-the metrics so far, as tensors and plain Python values only: they are read back with
+hold the model (parameters and buffers), the inner optimizer's state, the
+:meth:`HyperOptimizer.state_dict <hypergradients.HyperOptimizer.state_dict>` (hyperparameters, their
+optimizer, the solver state, the stochastic families' noise generator, the hyper-step counts) as it
+is, every global RNG state, the positions of the data streams, the callbacks' states and the
+metrics so far, as tensors and plain Python values only: they are read back with
 ``weights_only=True``, so a crafted file cannot run code, and an unreadable one raises
 :class:`~hypergradients.UnreadableFileError` naming it. :func:`fit` with ``resume=True``
 continues bit-for-bit. A non-finite loss, weight, hypergradient or hyperparameter stops the run
@@ -45,47 +51,52 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TypedDict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import distributed, tree
 from ..core.method import Method
 from ..hparams.base import Batch, Family
-from ..paths.methods import PathHyperparameters, PathTuner
-from .files import UnreadableFileError, json_dumps, load_checkpoint, remove_stale_temps, write_atomic
+from ..hparams.objective import Objective, TargetLoss, collect_hparams, cross_entropy, on_targets
+from ..paths.tuner import PathHyperparameters, PathTuner
+from .callbacks import Callback, MetricsWriter, TensorBoardCallback, _AroundHyperStep, as_callback, has_state
+from .files import UnreadableFileError, load_checkpoint, remove_stale_temps
 from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
-from .hyper import (
-    HyperOptimizer,
-    HyperStep,
-    NonFiniteError,
-    Objective,
+from .hyper import STATE_VERSION as HYPER_STATE_VERSION
+from .hyper import HyperOptimizer, HyperStep, NonFiniteError, _mode
+from .settings import (
+    INNER_OPTIMIZER,
+    PATH_HYPER_OPTIMIZER,
+    Batches,
+    Checkpoints,
+    Evaluation,
+    HyperSettings,
+    OptimizerFactory,
+    Projection,
     SolverPolicy,
-    _mode,
-    collect_hparams,
 )
 from .stream import BatchStream
 
-OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
-PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[dict[str, Any]], None]
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
+
+PerExampleLoss = TargetLoss
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-CHECKPOINT_VERSION = 2   # 2: RNG states as tensors and plain values (loadable with weights_only=True)
+CHECKPOINT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)   # 2: the hyper step's state copied field by field; upgraded when read
 
-__all__ = ["CHECKPOINT", "METRICS", "NonFiniteError", "SkippedHyperStepsWarning", "TensorBoardCallback",
-           "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit", "save_atomic"]
+__all__ = ["CHECKPOINT", "METRICS", "Callback", "FitKeywords", "NonFiniteError", "SkippedHyperStepsWarning",
+           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit",
+           "save_atomic"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
     """Some hyper steps of :func:`fit` were skipped (the hyperparameters did not move in those rounds)."""
-
-
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-example cross-entropy (the default loss): ``−log softmax(logits)[y]``."""
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 @dataclass
@@ -112,7 +123,7 @@ class TrainResult:
 
 
 def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,
-             loss_fn: PerExampleLoss = cross_entropy, batch_size: int = 4096) -> dict[str, float]:
+             loss_fn: TargetLoss = cross_entropy, batch_size: int = 4096) -> dict[str, float]:
     """``{<set>_loss, <set>_acc}`` of the model in evaluation mode on each named ``(x, y)``."""
     out: dict[str, float] = {}
     with _mode(model, False), torch.no_grad():
@@ -165,25 +176,39 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _write_metrics(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    write_atomic(path, "".join(json_dumps(r) + "\n" for r in records))
+_KEYS = {2: ("round", "skipped", "model", "hparams", "inner_opt", "hyper_opt", "streams", "rng", "metrics",
+             "elapsed_s"),
+         3: ("round", "model", "inner_opt", "hyper", "streams", "rng", "metrics", "elapsed_s")}
 
 
-_CHECKPOINT_KEYS = ("round", "skipped", "model", "hparams", "inner_opt", "hyper_opt", "streams", "rng",
-                    "metrics", "elapsed_s")
+def _upgrade_v2(st: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 checkpoint in version 3's layout: its hyper-step fields as one HyperOptimizer state."""
+    hyper = None
+    if st["hyper_opt"] is not None:
+        hyper = {"version": HYPER_STATE_VERSION, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
+                 "solver": st.get("solver"), "noise": st.get("noise"), "steps": int(st["round"]),
+                 "skipped": int(st["skipped"]), "retried": int(st.get("retried", 0)),
+                 "skip_reasons": st.get("skip_reasons", {})}
+    return {**{k: st[k] for k in _KEYS[3] if k != "hyper"}, "version": CHECKPOINT_VERSION, "hyper": hyper,
+            "path": st.get("path"), "callbacks": {}}
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` in the current layout (an older readable version is upgraded)."""
     fix = "delete it to start this training over from round 0, or restore it from a copy"
     st = load_checkpoint(path, fix=fix)
-    if not isinstance(st, dict) or st.get("version") != CHECKPOINT_VERSION or \
-            any(k not in st for k in _CHECKPOINT_KEYS):
-        found = st.get("version") if isinstance(st, dict) else type(st).__name__
-        why = (f"it is not a version-{CHECKPOINT_VERSION} checkpoint of hypergradients.fit "
-               f"(version {found!r})")
-        raise UnreadableFileError(f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.",
-                                  path=path, why=why)
-    return st
+    found = st.get("version") if isinstance(st, dict) else type(st).__name__
+    if found not in _READABLE_VERSIONS:
+        versions = " or ".join(str(v) for v in _READABLE_VERSIONS)
+        why = f"it is not a checkpoint of hypergradients.fit of version {versions} (version {found!r})"
+    else:
+        assert isinstance(st, dict)
+        lacks = [k for k in _KEYS[int(found)] if k not in st]
+        if not lacks:
+            return _upgrade_v2(st) if found == 2 else st
+        why = f"it lacks {lacks}, which a version-{found} checkpoint of hypergradients.fit has"
+    raise UnreadableFileError(f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.",
+                              path=path, why=why)
 
 
 def check_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> None:
@@ -220,7 +245,8 @@ class _Run:
 
     ``hyper`` (``None`` without hyperparameters) holds the hyperparameters, their optimizer and the
     hyper-step counts; ``streams`` the positions in the data ("train" for inner steps, "hyper" for
-    the hyper steps' ``L_T``, "val" for their ``L_V``); ``history`` one metrics record per round.
+    the hyper steps' ``L_T``, "val" for their ``L_V``); ``history`` one metrics record per round;
+    ``callbacks`` everything called back, the metrics file first.
     """
 
     model: nn.Module
@@ -229,6 +255,7 @@ class _Run:
     hyper: HyperOptimizer | None
     streams: dict[str, BatchStream]
     ck_path: Path | None
+    callbacks: list[Callback] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     start_round: int = 0
     resumed_from: int | None = None
@@ -254,12 +281,24 @@ class _Run:
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t_start
 
+    def stateful(self) -> dict[str, Callback]:
+        """The callbacks whose state the checkpoints hold, by key (two with one key are refused)."""
+        out: dict[str, Callback] = {}
+        for cb in self.callbacks:
+            if has_state(cb):
+                if cb.state_key in out:
+                    raise ValueError(f"two callbacks with state have the key {cb.state_key!r}: give one of "
+                                     "them its own state_key (override the property)")
+                out[cb.state_key] = cb
+        return out
+
     def restore(self, path: Path) -> None:
-        """Continue from the checkpoint at ``path`` (its metrics file is cut back to it)."""
+        """Continue from the checkpoint at ``path``."""
         st = _read_checkpoint(path)
         # the checks that need no loading first, so that another setup's checkpoint changes nothing
+        saved_hp = st["hyper"]["hparams"] if st["hyper"] is not None else {}
         for k in self.hparams:
-            if k not in st["hparams"]:
+            if k not in saved_hp:
                 raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
                                "it was written by another setup")
         if self.path is not None and st.get("path") is None:
@@ -270,47 +309,36 @@ class _Run:
         if self.path is not None:
             self.path.load_state_dict(st["path"])
         if self.hyper is not None:
-            self.hyper.load_state_dict({
-                "version": 1, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
-                "solver": st.get("solver"), "noise": st.get("noise"),
-                "steps": int(st["round"]), "skipped": int(st["skipped"]),
-                "retried": int(st.get("retried", 0)), "skip_reasons": st.get("skip_reasons", {})})
+            self.hyper.load_state_dict(st["hyper"])
         for k, s in self.streams.items():
             s.load_state_dict(st["streams"][k])
         _set_rng_state(st["rng"])
+        saved_cb = st.get("callbacks") or {}
+        for key, cb in self.stateful().items():
+            if key in saved_cb:   # a callback the checkpoint does not know keeps the state it was built with
+                cb.load_state_dict(saved_cb[key])
         self.history, self.start_round = list(st["metrics"]), int(st["round"])
         self.elapsed0, self.resumed_from, self.last_good = float(st["elapsed_s"]), self.start_round, path
-        if self.writes:
-            _write_metrics(path.parent / METRICS, self.history)   # drop the lines after that checkpoint
 
-    def save(self, r: int) -> None:
-        """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state."""
+    def save(self, r: int) -> bool:
+        """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state;
+        ``False`` when this run writes none."""
         if self.ck_path is None or not self.writes:   # data-parallel: rank 0 writes, the others agree
-            return
+            return False
         hp = self.hparams
         bad = _first_nonfinite_param(self.model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
         if bad is not None:   # defensive: the checks of each round should have stopped the run already
             raise NonFiniteError(f"round {r}: {bad!r} is not finite; not saving over {self.ck_path}",
                                  round=r, name=bad, checkpoint=self.last_good)
-        hyper = self.hyper
-        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "skipped": self.skipped,
-                     "retried": self.retried,
-                     "skip_reasons": dict(hyper.skip_reasons) if hyper is not None else {},
-                     "model": self.model.state_dict(),
-                     "hparams": {k: t.detach().clone() for k, t in hp.items()},
+        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "model": self.model.state_dict(),
                      "inner_opt": self.inner_opt.state_dict() if self.inner_opt is not None else None,
                      "path": self.path.state_dict() if self.path is not None else None,
-                     "hyper_opt": hyper.optimizer.state_dict() if hyper is not None else None,
-                     # the solver state carried across hyper steps (warm_start=True), so that a
-                     # resumed run continues bit for bit; None without one
-                     "solver": hyper.solver_state.state_dict()
-                     if hyper is not None and hyper.solver_state is not None else None,
-                     # the stochastic families' noise generator (HyperOptimizer.noise_generator)
-                     "noise": hyper.noise_generator.get_state()
-                     if hyper is not None and hyper.noise_generator is not None else None,
+                     "hyper": self.hyper.state_dict() if self.hyper is not None else None,
                      "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
+                     "callbacks": {k: cb.state_dict() for k, cb in self.stateful().items()},
                      "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
         self.last_good = self.ck_path
+        return True
 
     def stop(self, r: int, name: str, what: str) -> NonFiniteError:
         last = self.last_good
@@ -390,14 +418,6 @@ def _hyper_step(run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor],
         raise run.stop(r, e.name, e.what) from e
 
 
-def _log(rec: dict[str, Any], metrics_f: IO[str] | None, callbacks: Sequence[Callback]) -> None:
-    if metrics_f is not None:
-        metrics_f.write(json_dumps(rec) + "\n")
-        metrics_f.flush()
-    for cb in callbacks:
-        cb(rec)
-
-
 def _warn_skipped(run: _Run, planned: int, policy: SolverPolicy) -> None:
     if not run.skipped or run.hyper is None:
         return
@@ -415,20 +435,65 @@ def _check_args(**ints_with_min: tuple[int, int]) -> None:
             raise ValueError(f"{nm} must be an integer >= {lo}, got {v!r}")
 
 
+class FitKeywords(TypedDict, total=False):
+    """:func:`fit`'s keywords that give one setting of a group each (or, the last two, callbacks)."""
+
+    method: Method | None
+    hyper_optimizer: OptimizerFactory | None
+    project: Projection | None
+    on_solver_error: SolverPolicy
+    warm_start: bool
+    batch_size: int
+    val_batch_size: int | None
+    hyper_batch_size: int | None
+    seed: int
+    eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None
+    eval_every: int
+    checkpoint_dir: str | os.PathLike[str] | None
+    checkpoint_every: int
+    resume: bool
+    before_hyper_step: Sequence[Callable[[HyperOptimizer], None]]
+    after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]]
+
+
+# keyword -> (the group's argument of fit, its field)
+_GROUPED: dict[str, tuple[str, str]] = {
+    "method": ("hyper", "method"), "hyper_optimizer": ("hyper", "optimizer"), "project": ("hyper", "project"),
+    "on_solver_error": ("hyper", "on_solver_error"), "warm_start": ("hyper", "warm_start"),
+    "batch_size": ("batches", "size"), "val_batch_size": ("batches", "val_size"),
+    "hyper_batch_size": ("batches", "hyper_size"), "seed": ("batches", "seed"),
+    "eval_sets": ("evaluation", "sets"), "eval_every": ("evaluation", "every"),
+    "checkpoint_dir": ("checkpoints", "dir"), "checkpoint_every": ("checkpoints", "every"),
+    "resume": ("checkpoints", "resume")}
+_GROUP_TYPES: dict[str, type] = {"hyper": HyperSettings, "batches": Batches, "evaluation": Evaluation,
+                                 "checkpoints": Checkpoints}
+
+
+def _grouped(keywords: Mapping[str, Any], groups: Mapping[str, Any]) -> dict[str, Any]:
+    """Each group of ``groups`` (``None``: not given) built from the keywords that set its fields."""
+    unknown = sorted(set(keywords) - set(_GROUPED) - {"before_hyper_step", "after_hyper_step"})
+    if unknown:
+        raise TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
+    fields: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    for kw, v in keywords.items():
+        if kw not in _GROUPED or v is None:   # None: that field's default, as it always was
+            continue
+        g, f = _GROUPED[kw]
+        if groups[g] is not None:
+            raise ValueError(f"give {kw} inside {g}=hg.{_GROUP_TYPES[g].__name__}(..., {f}=...) or as "
+                             f"{kw}=, not both")
+        fields[g][f] = v
+    return {g: given if given is not None else _GROUP_TYPES[g](**fields[g]) for g, given in groups.items()}
+
+
 def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tensor],
         val: tuple[Tensor, Tensor], *, rounds: int, inner_steps: int, warmup_steps: int = 0,
-        inner_optimizer: OptimizerFactory | None = None, hyper_optimizer: OptimizerFactory | None = None,
-        method: Method | None = None, loss_fn: PerExampleLoss = cross_entropy, batch_size: int = 128,
-        val_batch_size: int | None = None, hyper_batch_size: int | None = None, seed: int = 0,
-        eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None = None, eval_every: int = 1,
-        callbacks: Sequence[Callback] = (), checkpoint_dir: str | os.PathLike[str] | None = None,
-        checkpoint_every: int = 10, resume: bool = False,
-        on_solver_error: SolverPolicy = "damp",
-        project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
-        before_hyper_step: Sequence[Callable[[HyperOptimizer], None]] = (),
-        after_hyper_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-        warm_start: bool = False, path_hparams: PathHyperparameters | None = None,
-        data_parallel: bool = False) -> TrainResult:
+        inner_optimizer: OptimizerFactory | None = None, loss_fn: TargetLoss = cross_entropy,
+        hyper: HyperSettings | None = None, batches: Batches | None = None,
+        evaluation: Evaluation | None = None, checkpoints: Checkpoints | None = None,
+        callbacks: Sequence[Callback | Callable[[dict[str, Any]], None]] = (),
+        path_hparams: PathHyperparameters | None = None, data_parallel: bool = False,
+        **keywords: Unpack[FitKeywords]) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -438,66 +503,83 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         rounds: number of rounds (each ``inner_steps`` inner steps then one hyper step).
         inner_steps: inner optimizer steps per round; ``warmup_steps`` more before the first round.
         inner_optimizer: ``factory(list_of_weights) -> torch.optim.Optimizer`` (default Adam, 1e-3).
-        hyper_optimizer: ``factory(list_of_hyperparameters) -> Optimizer`` (default Adam, 1e-2).
-        method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``).
-        loss_fn: per-example loss ``(predictions, y) -> (B,)`` (default cross-entropy).
-        batch_size: training batch size (inner steps and the hypergradient's HVPs unless
-            ``hyper_batch_size``); ``val_batch_size`` the validation batch (default: all of ``val``).
-        seed: seeds the data order of the three streams (train, hyper-train, validation).
-        eval_sets: named ``(x, y)`` evaluated (loss, accuracy) every ``eval_every`` rounds and at the end.
-        callbacks: called with each round's metrics record (a dict).
-        checkpoint_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: nowhere); temp
-            files that a killed write left there are removed at the start.
-        checkpoint_every: rounds between checkpoints (and after the last round).
-        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists.
-        on_solver_error: what a Neumann divergence or CG negative curvature (a non-convex model
-            far from a minimum) does: ``"damp"`` retries that hyper step with CG on ``H + δI`` (δ grown
-            until CG runs through) or Neumann with a safe ``α`` (recorded per round as
-            ``solver_retry`` and ``solver_damping``/``solver_alpha``) and skips it only if that fails
-            too; ``"skip"`` skips it; ``"raise"`` raises the solver's error. Skipped steps leave the
-            hyperparameters unchanged, are counted (``skipped``, ``skip_reason`` per round) and end
-            the run with a :class:`SkippedHyperStepsWarning`.
-        project: ``project(hparams)`` after every applied hyper step (clamp or project the
-            unconstrained tensors in place, or return new values), as in
-            :class:`~hypergradients.HyperOptimizer`.
-        before_hyper_step, after_hyper_step: hooks ``f(hyper)`` and ``f(hyper, result)`` around
-            every hyper step (e.g. re-initialise the weights); ``hyper`` is the
-            :class:`~hypergradients.HyperOptimizer` the trainer uses.
-        warm_start: carry the method's :class:`~hypergradients.SolverState` from one hyper step to
-            the next (CG/Auto start from the last solution, ``Neumann(alpha="auto")`` reuses its
-            ``λ_max``, Nyström its sketch), saved in the checkpoints. Off by default, so that each
-            hyper step is the independent computation it always was.
+        loss_fn: per-example loss ``(predictions, y) -> (B,)`` (default cross-entropy): the loss
+            contract's form that reads only the targets (:mod:`hypergradients.hparams.objective`).
+        hyper: the hyper step, a :class:`~hypergradients.HyperSettings`: ``method`` (default
+            ``Neumann(iters=20, alpha="auto")``), ``optimizer`` (default Adam, 1e-2), ``project``,
+            ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``): as in
+            :class:`~hypergradients.HyperOptimizer`, which ``fit`` builds with them. Why these
+            defaults: :mod:`hypergradients.training.settings`.
+        batches: a :class:`~hypergradients.Batches`: ``size`` (default 128) for the inner steps and
+            the hypergradient's HVPs unless ``hyper_size``; ``val_size`` the validation batch
+            (default: all of ``val``); ``seed`` (default 0) the data order of the three streams
+            (train, hyper-train, validation).
+        evaluation: an :class:`~hypergradients.Evaluation`: named ``(x, y)`` ``sets`` evaluated
+            (loss, accuracy) every ``every`` rounds (default 1) and at the end.
+        checkpoints: a :class:`~hypergradients.Checkpoints`: ``dir``, where ``checkpoint.pt`` and
+            ``metrics.jsonl`` go (default ``None``: nowhere; temp files that a killed write left
+            there are removed at the start), every ``every`` rounds (default 10) and after the last;
+            ``resume`` (default ``False``): continue from ``dir/checkpoint.pt`` when it exists.
+        callbacks: :class:`~hypergradients.Callback` objects (their hooks run in the order of
+            :mod:`hypergradients.training.callbacks`; their states are saved in the checkpoints), or
+            plain functions called with each round's metrics record (a dict).
         path_hparams: optimizer hyperparameters (learning rate, momentum, betas, a learning-rate
             schedule) tuned through the training path (:class:`~hypergradients.PathHyperparameters`).
             Their ``optimizer`` (:mod:`hypergradients.optim`) then trains the model instead of
             ``inner_optimizer`` (give one or the other). After each round's inner steps, the last
             ``T = path_hparams.steps`` of them are replayed differentiably from the saved weights and
             optimizer state on the same batches, ``dL_V/d(values)`` (on a validation batch of its own
-            stream) is taken in reverse mode and a hyper step applied; then the families' hyper step
-            runs by ``method`` as usual. Two methods because the two kinds differ: the families'
-            hyperparameters shape ``w*`` (implicit differentiation at ``w ≈ w*`` is cheap and
-            horizon-free), the optimizer's only the path to it (their implicit hypergradient is
-            zero; the unrolled one over the last T steps is the truncated estimate, Shaban et al.
-            2019). Recorded per round as ``path.<key>`` (a schedule: its mean), ``path_outer_loss`` and
-            ``path_hypergrad_norm``; saved in the checkpoints (resumes bit for bit).
+            stream) is taken in reverse mode and a hyper step applied (default optimizer Adam, 1e-3);
+            then the families' hyper step runs by ``method`` as usual. Two methods because the two
+            kinds differ: the families' hyperparameters shape ``w*`` (implicit differentiation at
+            ``w ≈ w*`` is cheap and horizon-free), the optimizer's only the path to it (their
+            implicit hypergradient is zero; the unrolled one over the last T steps is the truncated
+            estimate, Shaban et al. 2019). Recorded per round as ``path.<key>`` (a schedule: its
+            mean), ``path_outer_loss`` and ``path_hypergrad_norm``; saved in the checkpoints
+            (resumes bit for bit).
         data_parallel: under ``torch.distributed`` (torchrun, :mod:`hypergradients.distributed`):
             each rank passes its own equal-size shard of ``train`` and ``val``; the weights and
             hyperparameters are broadcast from rank 0 at the start, each inner step's gradient is
             averaged over the ranks (one all-reduce, DDP's average), each hyper step is the group-mean
             hypergradient, so every rank holds the same weights and hyperparameters. Only rank 0
-            writes ``checkpoint_dir``; a resume reads it on every rank (a shared folder across
+            writes the checkpoints; a resume reads them on every rank (a shared folder across
             machines) and needs the same number of ranks. The metrics are rank 0's (its shard's
             losses). Not with ``path_hparams``.
+        **keywords: each one field of one group, equivalent to giving the group
+            (:class:`FitKeywords`; one or the other for a group, not both):
+
+            =========================================  =========================================
+            keyword                                    is
+            =========================================  =========================================
+            ``method``, ``hyper_optimizer``,           ``hyper=HyperSettings(method=...,
+            ``project``, ``on_solver_error``,          optimizer=..., project=...,
+            ``warm_start``                             on_solver_error=..., warm_start=...)``
+            ``batch_size``, ``val_batch_size``,        ``batches=Batches(size=..., val_size=...,
+            ``hyper_batch_size``, ``seed``             hyper_size=..., seed=...)``
+            ``eval_sets``, ``eval_every``              ``evaluation=Evaluation(sets=..., every=...)``
+            ``checkpoint_dir``, ``checkpoint_every``,  ``checkpoints=Checkpoints(dir=...,
+            ``resume``                                 every=..., resume=...)``
+            ``before_hyper_step=[f(hyper)]``,          a callback whose ``on_before_hyper_step``
+            ``after_hyper_step=[f(hyper, result)]``    and ``on_hyper_step`` call them
+            =========================================  =========================================
+
+            A keyword given as ``None`` means that field's default.
 
     Raises:
         NonFiniteError: a non-finite loss, weight, hypergradient or hyperparameter (names it).
         UnreadableFileError: ``resume=True`` and the checkpoint cannot be read (names it; nothing deleted).
     """
-    _check_args(rounds=(rounds, 0), inner_steps=(inner_steps, 1), warmup_steps=(warmup_steps, 0),
-                batch_size=(batch_size, 1), eval_every=(eval_every, 1),
-                checkpoint_every=(checkpoint_every, 1))
-    if on_solver_error not in ("damp", "skip", "raise"):
-        raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
+    _check_args(rounds=(rounds, 0), inner_steps=(inner_steps, 1), warmup_steps=(warmup_steps, 0))
+    g = _grouped(keywords, {"hyper": hyper, "batches": batches, "evaluation": evaluation,
+                            "checkpoints": checkpoints})
+    hs: HyperSettings = g["hyper"]
+    bs: Batches = g["batches"]
+    ev: Evaluation = g["evaluation"]
+    cks: Checkpoints = g["checkpoints"]
+    cbs = [as_callback(cb) for cb in callbacks]
+    before, after = keywords.get("before_hyper_step", ()), keywords.get("after_hyper_step", ())
+    if before or after:
+        cbs.append(_AroundHyperStep(before, after))
     t_start = time.perf_counter()
     if path_hparams is not None and inner_optimizer is not None:
         raise ValueError("give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
@@ -509,97 +591,72 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         with distributed.data_parallel():   # refuses without an initialised process group
             pass
         distributed.broadcast({k: t for k, t in model.state_dict().items() if t.is_floating_point()})
-    inner_opt = (inner_optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(
+    inner_opt = (inner_optimizer or INNER_OPTIMIZER)(
         [p for p in model.parameters() if p.requires_grad]) if path_hparams is None else None
-    batch_loss = _on_targets(loss_fn)
-    hyper = HyperOptimizer(model, families, method=method, optimizer=hyper_optimizer, loss_fn=batch_loss,
-                           project=project, before_step=before_hyper_step, after_step=after_hyper_step,
-                           on_solver_error=on_solver_error, warm_start=warm_start,
-                           data_parallel=data_parallel) \
+    batch_loss = on_targets(loss_fn)
+    hyper_opt = HyperOptimizer(model, families, settings=hs, loss_fn=batch_loss,
+                               before_step=[cb.on_before_hyper_step for cb in cbs],
+                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    run = _Run(model, hyper.objective if hyper is not None else Objective(model, families, batch_loss),
-               inner_opt, hyper,
-               {"train": _stream(n_train, batch_size, seed),
-                "hyper": _stream(n_train, hyper_batch_size or batch_size, seed + 1),
-                "val": _stream(n_val, val_batch_size or n_val, seed + 2)},
-               ckdir / CHECKPOINT if ckdir is not None else None, t_start=t_start,
-               data_parallel=data_parallel, writes=not data_parallel or distributed.is_main())
+    ckdir = Path(cks.dir) if cks.dir is not None else None
+    writes = not data_parallel or distributed.is_main()
+    if ckdir is not None and writes:
+        cbs.insert(0, MetricsWriter(ckdir / METRICS))   # the file is written before the others see a round
+    objective = hyper_opt.objective if hyper_opt is not None else Objective(model, families, batch_loss)
+    run = _Run(model, objective, inner_opt, hyper_opt,
+               {"train": _stream(n_train, bs.size, bs.seed),
+                "hyper": _stream(n_train, bs.hyper_size or bs.size, bs.seed + 1),
+                "val": _stream(n_val, bs.val_size or n_val, bs.seed + 2)},
+               ckdir / CHECKPOINT if ckdir is not None else None, callbacks=cbs, t_start=t_start,
+               data_parallel=data_parallel, writes=writes)
+    run.stateful()   # two callbacks with state under one key are refused before anything is written
     if path_hparams is not None:
-        run.path = PathTuner(path_hparams, dict(model.named_parameters()))
-        run.streams["path"] = _stream(n_val, val_batch_size or n_val, seed + 3)
+        run.path = PathTuner(path_hparams, dict(model.named_parameters()),
+                             hyper_optimizer=PATH_HYPER_OPTIMIZER)
+        run.streams["path"] = _stream(n_val, bs.val_size or n_val, bs.seed + 3)
     if ckdir is not None:
         if run.writes:
             ckdir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
-        if resume and (ckdir / CHECKPOINT).exists():
+        if cks.resume and (ckdir / CHECKPOINT).exists():
             run.restore(ckdir / CHECKPOINT)
-        elif run.writes:
-            write_atomic(ckdir / METRICS, "")   # a fresh run starts a fresh metrics file
-    metrics_f = open(ckdir / METRICS, "a") if ckdir is not None and run.writes else None
-    try:
-        for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
-            n_steps = inner_steps + (warmup_steps if r == 1 else 0)
-            rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
-                                   "inner_steps": r * inner_steps + warmup_steps}
-            if run.path is not None:   # first: its replay uses the families' λ of these inner steps
-                rec.update(_path_step(run, run.path, val, r))
-            if hyper is not None:
-                rec.update(_hyper_step(run, hyper, train, val, r).metrics())
-            for fam in families:
-                rec.update(fam.summary())
-            if eval_sets and (r % eval_every == 0 or r == rounds):
-                rec.update(evaluate(model, eval_sets, loss_fn=loss_fn))
-            rec.update(skipped=run.skipped, retried=run.retried, time_s=run.elapsed())
-            run.history.append(rec)
-            _log(rec, metrics_f, callbacks)
-            if r % checkpoint_every == 0 or r == rounds:
-                run.save(r)
-    finally:
-        if metrics_f is not None:
-            metrics_f.close()
+    for cb in cbs:
+        cb.on_fit_start(run.history)
+    for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
+        n_steps = inner_steps + (warmup_steps if r == 1 else 0)
+        rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
+                               "inner_steps": r * inner_steps + warmup_steps}
+        if run.path is not None:   # first: its replay uses the families' λ of these inner steps
+            rec.update(_path_step(run, run.path, val, r))
+        if hyper_opt is not None:
+            rec.update(_hyper_step(run, hyper_opt, train, val, r).metrics())
+        for fam in families:
+            rec.update(fam.summary())
+        if ev.sets and (r % ev.every == 0 or r == rounds):
+            rec.update(evaluate(model, ev.sets, loss_fn=loss_fn))
+        rec.update(skipped=run.skipped, retried=run.retried, time_s=run.elapsed())
+        run.history.append(rec)
+        for cb in cbs:
+            cb.on_round_end(rec)
+        if (r % cks.every == 0 or r == rounds) and run.save(r):
+            assert run.ck_path is not None
+            for cb in cbs:
+                cb.on_checkpoint(run.ck_path, r)
     if data_parallel:   # no rank returns before rank 0's last checkpoint is on disk (a resume reads it)
         distributed.barrier()
-    planned = len(run.history) if hyper is not None else 0
-    _warn_skipped(run, planned, on_solver_error)
+    planned = len(run.history) if hyper_opt is not None else 0
+    _warn_skipped(run, planned, hs.on_solver_error)
     nat: dict[str, Tensor] = {}
     for fam in families:
         nat.update(fam.natural())
     ck = run.ck_path
-    return TrainResult(metrics=run.history, final=dict(run.history[-1]) if run.history else {}, rounds=rounds,
-                       hyperparameters=sum(t.numel() for t in run.hparams.values()),
-                       skipped_hyper_steps=run.skipped, wall_s=run.elapsed(), resumed_from=run.resumed_from,
-                       checkpoint=ck if ck is not None and ck.exists() else None, natural=nat,
-                       hyper_steps=planned - run.skipped, retried_hyper_steps=run.retried,
-                       skip_reasons=dict(hyper.skip_reasons) if hyper is not None else {})
-
-
-def _on_targets(loss_fn: PerExampleLoss) -> Callable[[Tensor, Batch], Tensor]:
-    """The trainer's ``loss_fn(predictions, y)`` as the hyper step's ``loss_fn(outputs, batch)``."""
-    def batch_loss(outputs: Tensor, batch: Batch) -> Tensor:
-        return loss_fn(outputs, batch.y)
-    return batch_loss
-
-
-class TensorBoardCallback:
-    """Writes each round's numeric metrics to TensorBoard (``pip install 'hypergradients[tensorboard]'``)."""
-
-    def __init__(self, logdir: str | os.PathLike[str], *, prefix: str = "") -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # tensorboard is an optional extra
-            raise ImportError("TensorBoard logging needs the tensorboard package: "
-                              "pip install 'hypergradients[tensorboard]' (or drop --tensorboard)") from e
-        self.writer = SummaryWriter(str(logdir))
-        self.prefix = prefix
-
-    def __call__(self, rec: dict[str, Any]) -> None:
-        step = int(rec["round"])
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
-                self.writer.add_scalar(f"{self.prefix}{k}", v, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
+    result = TrainResult(metrics=run.history, final=dict(run.history[-1]) if run.history else {},
+                         rounds=rounds, hyperparameters=sum(t.numel() for t in run.hparams.values()),
+                         skipped_hyper_steps=run.skipped, wall_s=run.elapsed(), resumed_from=run.resumed_from,
+                         checkpoint=ck if ck is not None and ck.exists() else None, natural=nat,
+                         hyper_steps=planned - run.skipped, retried_hyper_steps=run.retried,
+                         skip_reasons=dict(hyper_opt.skip_reasons) if hyper_opt is not None else {})
+    for cb in cbs:
+        cb.on_fit_end(result)
+    return result

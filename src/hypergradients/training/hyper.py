@@ -21,13 +21,13 @@ the hyperparameters' own ``torch.optim`` optimizer along ``g``, then the optiona
 ``project(hparams)``. The model's weights and the model's optimizer are never touched (only the
 ``before_step``/``after_step`` hooks may do that, e.g. to re-initialise the weights).
 
-The loss contract: ``loss_fn(outputs, batch)`` with ``outputs = model(batch.x)`` and ``batch`` a
-:class:`~hypergradients.hparams.Batch` (``x``, ``y``, ``index``) returns per-example losses of
-shape ``(B,)`` (reduced by the families' ``reduce`` hook, else by the mean) or one scalar (used as
-it is: then no family may reduce). The default is the classification cross-entropy
-``−log softmax(outputs)[y]``. ``L_T`` adds the families' penalties and sees the batch and forward
+The losses are composed by :class:`~hypergradients.hparams.objective.Objective` from the loss
+contract ``loss_fn(outputs, batch)`` (per-example ``(B,)`` or a scalar; default the cross-entropy
+``−log softmax(outputs)[y]``): ``L_T`` adds the families' penalties and sees the batch and forward
 through their hooks, in training mode on copies of the buffers; ``L_V`` is the plain loss in
-evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``.
+evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``. The
+defaults (the method, ``warm_start``, the optimizer) are those of
+:mod:`hypergradients.training.settings`, which says why.
 
 Failures are typed: a non-finite loss on the hyper step's batches, a non-finite hypergradient or a
 non-finite hyperparameter after the step raises :class:`NonFiniteError` (``.name``, ``.round`` =
@@ -42,14 +42,12 @@ import contextlib
 import copy
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import distributed, tree
@@ -57,15 +55,13 @@ from ..core.derivatives import LossFn
 from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from ..core.hypergradient import hypergradient
 from ..core.method import Info, Method
-from ..core.modules import functional_model, in_mode
+from ..core.modules import in_mode
 from ..core.solvers import CG, Neumann
 from ..core.state import SolverState
-from ..hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
+from ..hparams.base import Family, Noise
+from ..hparams.objective import BatchLike, BatchLoss, Objective, as_batch, collect_hparams, cross_entropy
+from .settings import HyperSettings, OptimizerFactory, Projection, SolverPolicy
 
-OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
-BatchLoss = Callable[[Any, Batch], Tensor]
-SolverPolicy = Literal["damp", "skip", "raise"]
-BatchLike = Batch | tuple[Any, ...] | list[Any]
 STATE_VERSION = 1
 _MAX_RETRIES = 30        # damped CG retries per hyper step (hg.Auto allows 40 doublings)
 _MAX_ALPHA_RETRIES = 8   # Neumann retries per hyper step, α halved each time
@@ -87,150 +83,6 @@ class NonFiniteError(RuntimeError):
         self.name = name
         self.checkpoint = checkpoint
         self.what = what
-
-
-def classification_loss(outputs: Tensor, batch: Batch) -> Tensor:
-    """Per-example cross-entropy ``−log softmax(outputs)[y]`` (the default ``loss_fn``)."""
-    return F.cross_entropy(outputs, batch.y, reduction="none")
-
-
-def as_batch(batch: BatchLike) -> Batch:
-    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)`` or a ``Batch`` (``index``: ``arange(B)``)."""
-    if isinstance(batch, Batch):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        x, y = batch[0], batch[1]
-        if len(batch) == 3:
-            return Batch(x, y, batch[2])
-        n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
-        return Batch(x, y, torch.arange(n))
-    size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch, got "
-                    f"{type(batch).__name__}{size}")
-
-
-def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
-    """The families' unconstrained tensors under their keys; a key used twice is refused."""
-    hp: dict[str, Tensor] = {}
-    for fam in families:
-        for k, t in fam.tensors().items():
-            if k in hp:
-                raise ValueError(f"hyperparameter key {k!r} is used by two families: "
-                                 "give them distinct names")
-            hp[k] = t
-    return hp
-
-
-# Every submodule's own flag is restored afterwards (a batch norm the user froze in eval mode stays so).
-_mode = in_mode
-
-
-class Objective:
-    """``L_T`` and ``L_V`` of a model on one batch each, through the families' hooks.
-
-    ``train(w, λ, batch, forward=..., noise=...)`` is, in order (the composition rule of
-    :mod:`hypergradients.hparams.base`): the families' ``batch`` hooks chained in family order;
-    their ``model_weights`` hooks chained in family order; their submodule ``hooks`` registered on
-    the model for this one forward call (in family order); their ``forward`` wrappers nested (family 1
-    innermost); ``loss_fn`` for per-example losses (or a scalar); the one reducing family's
-    ``reduce`` or the mean; plus the sum of the penalties at the untouched ``w``; training mode.
-    ``noise`` (a :class:`~hypergradients.hparams.Noise`) fixes the random numbers of stochastic
-    families: every call with the same ``noise`` draws the same numbers; ``None`` draws a fresh
-    one from ``generator`` (a CPU ``torch.Generator``; ``None``: torch's global one), only if a
-    family is stochastic: otherwise no generator is touched. ``val(w, batch)``: the plain mean
-    loss in evaluation mode on copies of the buffers, with no hook. ``live`` is the forward with
-    the module's own buffers (inner steps update batch norm's statistics, as ordinary training
-    does); ``copy_buffers`` the one with copies (the hypergradient's many forwards leave them alone).
-
-    Raises ``ValueError`` when more than one family reduces.
-    """
-
-    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss, *,
-                 generator: torch.Generator | None = None) -> None:
-        check_composable(families)
-        self.generator = generator
-        self.model = model
-        self.families = list(families)
-        self.loss_fn = loss_fn
-        self.copy_buffers = functional_model(model)
-        self.stochastic = any(f.stochastic for f in self.families)
-
-        def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-            out: Tensor = torch.func.functional_call(model, dict(params), (x,))
-            return out
-
-        self.live: Forward = live
-
-    def draw_noise(self) -> Noise | None:
-        """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
-        return Noise.draw(self.generator) if self.stochastic else None
-
-    def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor],
-                kw: Callable[[Family, str], dict[str, Any]]) -> Tensor:
-        reducing = [f for f in self.families if f.reduces]
-        if losses.ndim == 0:
-            if reducing:
-                raise ValueError(f"loss_fn returned a scalar, but the families {[f.name for f in reducing]} "
-                                 "weight the examples: return per-example losses of shape (B,) "
-                                 "(e.g. reduction='none')")
-            return losses
-        loss = reducing[0].reduce(losses, batch, hparams, **kw(reducing[0], "reduce")) if reducing else None
-        return losses.mean() if loss is None else loss
-
-    def train(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Batch, *,
-              forward: Forward, noise: Noise | None = None) -> Tensor:
-        if noise is None:
-            noise = self.draw_noise()
-        sampler = (noise or Noise(0)).sampler()
-
-        def kw(fam: Family, hook: str) -> dict[str, Any]:
-            # batch/forward/reduce/penalty get the sampler only where a stochastic family overrides
-            # them (its override takes ``noise=``); a deterministic family keeps the plain signature.
-            own = getattr(type(fam), hook) is not getattr(Family, hook)
-            return {"noise": sampler} if fam.stochastic and own else {}
-
-        model_params: Mapping[str, Tensor] = params
-        hooks: list[Hook] = []
-        for fam in self.families:
-            batch = fam.batch(batch, hparams, **kw(fam, "batch"))
-            model_params = fam.model_weights(model_params, hparams, sampler)
-            hooks.extend(fam.hooks(hparams, sampler))
-            forward = fam.forward(forward, hparams, **kw(fam, "forward"))
-        with _mode(self.model, True), _hooked(self.model, hooks):
-            losses = self.loss_fn(forward(model_params, batch.x), batch)
-        loss = self._reduce(losses, batch, hparams, kw)
-        for fam in self.families:
-            pen = fam.penalty(params, hparams, **kw(fam, "penalty"))
-            if pen is not None:
-                loss = loss + pen
-        return loss
-
-    def val(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        with _mode(self.model, False):
-            out = self.loss_fn(self.copy_buffers(params, batch.x), batch)
-        return out if out.ndim == 0 else out.mean()
-
-
-@contextmanager
-def _hooked(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
-    """The families' submodule hooks, registered for the body only (removed even if it raises)."""
-    handles = []
-    try:
-        for h in hooks:
-            try:
-                sub = model.get_submodule(h.module)
-            except AttributeError as e:
-                names = [n for n, _ in model.named_modules() if n]
-                raise ValueError(f"a family hooks the submodule {h.module!r}, which the model lacks; its "
-                                 f"submodules are {names[:20]}") from e
-            if h.kind == "pre":
-                handles.append(sub.register_forward_pre_hook(h.fn))
-            else:
-                handles.append(sub.register_forward_hook(h.fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
@@ -335,21 +187,25 @@ class HyperOptimizer:
     Args:
         model: the ``nn.Module`` being trained (by any optimizer; this object never touches it).
         families: hyperparameter families (:mod:`hypergradients.hparams`), at least one tensor.
-        method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``).
+        settings: how the step is taken, as one :class:`~hypergradients.HyperSettings` (its fields
+            are the next five keywords, which give them one by one instead; not both).
+        method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``; why:
+            :mod:`hypergradients.training.settings`).
         optimizer: ``factory(list_of_hyperparameter_tensors) -> torch.optim.Optimizer`` (default
             Adam, lr 1e-2) or an optimizer built over exactly the families' tensors.
-        loss_fn: ``loss_fn(outputs, batch)`` → per-example ``(B,)`` or scalar (module docstring);
-            default: cross-entropy.
         project: ``project(hparams)`` after every applied step, under ``torch.no_grad()``, with the
             families' unconstrained tensors by key: modify them in place (``t.clamp_(-10, 0)``) or
             return a dict of new values, which are copied in.
+        on_solver_error: ``"damp"`` (default: retry CG on ``H + δI``, Neumann with a safe ``α``;
+            skip if that fails too), ``"skip"`` or ``"raise"``.
+        warm_start: carry a :class:`~hypergradients.SolverState` from step to step (default
+            ``True``: CG/Auto start from the last ``p``, Neumann keeps its ``λ_max``, Nyström its
+            sketch); it belongs to ``method``'s class (:meth:`hypergradient` with another class
+            solves from scratch).
+        loss_fn: ``loss_fn(outputs, batch)`` → per-example ``(B,)`` or scalar, the contract of
+            :mod:`hypergradients.hparams.objective`; default: cross-entropy.
         before_step, after_step: hooks ``f(hyper)`` and ``f(hyper, result)`` run at the start and
             the end of every step (e.g. re-initialise the weights).
-        on_solver_error: ``"damp"`` (retry CG on ``H + δI``, Neumann with a safe ``α``; skip if that
-            fails too), ``"skip"`` or ``"raise"``.
-        warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
-            from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch); it belongs to
-            ``method``'s class (:meth:`hypergradient` with another class solves from scratch).
         data_parallel: under ``torch.distributed`` (torchrun), each rank passes its own shard's
             batches and the hypergradient is that of the group-mean losses
             (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
@@ -373,23 +229,29 @@ class HyperOptimizer:
     and the step counts.
     """
 
-    def __init__(self, model: nn.Module, families: Sequence[Family], *, method: Method | None = None,
+    def __init__(self, model: nn.Module, families: Sequence[Family], *, settings: HyperSettings | None = None,
+                 method: Method | None = None,
                  optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
-                 loss_fn: BatchLoss = classification_loss,
-                 project: Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None] | None = None,
+                 project: Projection | None = None, on_solver_error: SolverPolicy | None = None,
+                 warm_start: bool | None = None, loss_fn: BatchLoss = cross_entropy,
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 on_solver_error: SolverPolicy = "damp", warm_start: bool = True,
                  data_parallel: bool = False, group: Any = None) -> None:
-        if on_solver_error not in ("damp", "skip", "raise"):
-            raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
+        given: dict[str, Any] = {k: v for k, v in (("method", method), ("optimizer", optimizer),
+                                                   ("project", project), ("on_solver_error", on_solver_error),
+                                                   ("warm_start", warm_start)) if v is not None}
+        if settings is not None and given:
+            k = next(iter(given))
+            raise ValueError(f"give {k} inside settings=hg.HyperSettings(..., {k}=...) or as {k}=, not both")
+        self.settings: HyperSettings = settings if settings is not None else HyperSettings(**given)
         self.model = model
         self.families = list(families)
         self.hparams = collect_hparams(self.families)
         if not self.hparams:
             raise ValueError("HyperOptimizer needs at least one hyperparameter: pass a family such as "
                              "hg.WeightDecay(model)")
-        self.method: Method = Neumann(iters=20, alpha="auto") if method is None else method
+        self.method: Method = self.settings.method
+        optimizer = self.settings.optimizer
         if isinstance(optimizer, torch.optim.Optimizer):
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if owned != {id(t) for t in self.hparams.values()}:
@@ -397,19 +259,18 @@ class HyperOptimizer:
                                  "(list(hyper.hparams.values())); pass a factory lambda ps: ... instead")
             self.optimizer = optimizer
         else:
-            factory = optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-2))
-            self.optimizer = factory(list(self.hparams.values()))
+            self.optimizer = optimizer(list(self.hparams.values()))
         # The noise's own generator: its state goes into state_dict, so a resumed run (Lightning,
         # an own loop) draws the noise an uninterrupted one would without restoring torch's global one.
         self.noise_generator: torch.Generator | None = None
         if any(f.stochastic for f in self.families):
             self.noise_generator = torch.Generator().manual_seed(Noise.draw().seed)
         self.objective = Objective(model, self.families, loss_fn, generator=self.noise_generator)
-        self.project = project
+        self.project = self.settings.project
         self.before_step = list(before_step)
         self.after_step = list(after_step)
-        self.on_solver_error: SolverPolicy = on_solver_error
-        self.solver_state: SolverState | None = SolverState() if warm_start else None
+        self.on_solver_error: SolverPolicy = self.settings.on_solver_error
+        self.solver_state: SolverState | None = SolverState() if self.settings.warm_start else None
         self.steps = 0           # hyper steps attempted
         self.skipped = 0         # ... of which skipped (solver failures)
         self.retried = 0         # ... of which applied after a damped retry
@@ -646,3 +507,7 @@ class HyperOptimizer:
 
 __all__ = ["HyperOptimizer", "HyperStep", "NonFiniteError", "Objective", "as_batch", "classification_loss",
            "collect_hparams", "solve_with_retries"]
+
+# Kept importable from here: the application's experiments import these names from this module.
+classification_loss = cross_entropy
+_mode = in_mode
