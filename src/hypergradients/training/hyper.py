@@ -27,7 +27,11 @@ shape ``(B,)`` (reduced by the families' ``reduce`` hook, else by the mean) or o
 it is: then no family may reduce). The default is the classification cross-entropy
 ``−log softmax(outputs)[y]``. ``L_T`` adds the families' penalties and sees the batch and forward
 through their hooks, in training mode on copies of the buffers; ``L_V`` is the plain loss in
-evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``.
+evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``, or as a dict
+of a model's keyword inputs (a Hugging Face batch: ``input_ids``, ``attention_mask``, ``labels``,
+...): then ``x`` is that dict without ``"index"``, the model is called as ``model(**x)``, ``y`` is
+``x["labels"]`` and ``index`` is ``batch["index"]`` (default ``arange(B)``); ``outputs`` is then
+whatever the model returns (a ``ModelOutput``: see :mod:`hypergradients.hf` for its losses).
 
 Failures are typed: a non-finite loss on the hyper step's batches, a non-finite hypergradient or a
 non-finite hyperparameter after the step raises :class:`NonFiniteError` (``.name``, ``.round`` =
@@ -46,14 +50,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import distributed, tree
-from ..core.derivatives import LossFn
+from ..core.derivatives import HVP_MODES, HvpMode, LossFn
 from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from ..core.hypergradient import hypergradient
 from ..core.method import Info, Method
@@ -65,7 +69,7 @@ from ..hparams.base import Batch, Family, Forward, Hook, Noise, check_composable
 OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 BatchLoss = Callable[[Any, Batch], Tensor]
 SolverPolicy = Literal["damp", "skip", "raise"]
-BatchLike = Batch | tuple[Any, ...] | list[Any]
+BatchLike = Batch | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 STATE_VERSION = 1
 _MAX_RETRIES = 30        # damped CG retries per hyper step (hg.Auto allows 40 doublings)
 _MAX_ALPHA_RETRIES = 8   # Neumann retries per hyper step, α halved each time
@@ -95,9 +99,21 @@ def classification_loss(outputs: Tensor, batch: Batch) -> Tensor:
 
 
 def as_batch(batch: BatchLike) -> Batch:
-    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)`` or a ``Batch`` (``index``: ``arange(B)``)."""
+    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)``, a ``Batch`` or a dict of keyword inputs
+    with ``"labels"`` (module docstring; ``index``: ``batch["index"]``, else ``arange(B)``)."""
     if isinstance(batch, Batch):
         return batch
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        if "labels" not in inputs:
+            raise ValueError(f"a dict batch must hold the targets under 'labels' (the key a Hugging Face "
+                             f"model's loss reads); it has {sorted(batch)}")
+        y = inputs["labels"]
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1)
+        # x is the dict of keyword inputs (Objective calls model(**x)), not a tensor.
+        return Batch(cast(Tensor, inputs), y, index)
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         x, y = batch[0], batch[1]
         if len(batch) == 3:
@@ -105,7 +121,8 @@ def as_batch(batch: BatchLike) -> Batch:
         n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
         return Batch(x, y, torch.arange(n))
     size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch, got "
+    raise TypeError(f"a batch must be (x, y), (x, y, index), a dict of keyword inputs with 'labels' or a "
+                    f"hypergradients.hparams.Batch, got "
                     f"{type(batch).__name__}{size}")
 
 
@@ -152,14 +169,21 @@ class Objective:
         self.model = model
         self.families = list(families)
         self.loss_fn = loss_fn
-        self.copy_buffers = functional_model(model)
+        apply = functional_model(model)
         self.stochastic = any(f.stochastic for f in self.families)
 
+        # A dict batch's x holds the model's keyword inputs (a Hugging Face batch): model(**x).
         def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-            out: Tensor = torch.func.functional_call(model, dict(params), (x,))
+            args: tuple[Any, ...] = () if isinstance(x, Mapping) else (x,)
+            kwargs: dict[str, Any] = dict(x) if isinstance(x, Mapping) else {}
+            out: Tensor = torch.func.functional_call(model, dict(params), args, kwargs)
             return out
 
+        def copy_buffers(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            return apply(params, **x) if isinstance(x, Mapping) else apply(params, x)
+
         self.live: Forward = live
+        self.copy_buffers: Forward = copy_buffers
 
     def draw_noise(self) -> Noise | None:
         """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
@@ -234,11 +258,11 @@ def _hooked(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
 
 
 def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
-                   state: SolverState | None) -> str | None:
+                   state: SolverState | None, hvp_mode: HvpMode = "reverse") -> str | None:
     """The first key of ``method``'s hypergradient that is not finite, or ``None`` (also if it fails)."""
     try:
         g, _ = method.compute(outer, inner, w, tree.clone_leaves(lam, requires_grad=True), state=state,
-                              residual=True, hvp_mode="reverse")
+                              residual=True, hvp_mode=hvp_mode)
     except HypergradientError:
         return None
     return tree.first_nonfinite(tree.detach(g))
@@ -355,6 +379,11 @@ class HyperOptimizer:
             (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
             and the all-reduced hypergradients keep them identical on every rank. Pass the plain
             module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
+        hvp_mode: how the hypergradient's Hessian-vector products are computed, as
+            :func:`~hypergradients.hypergradient`'s argument: ``"reverse"`` (double backward, the
+            default), ``"forward"`` or ``"finite-difference"`` (first-order gradients only: for models
+            built from operations without a double backward, such as ``scaled_dot_product_attention``
+            on the CPU).
 
     ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
     ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
@@ -380,9 +409,12 @@ class HyperOptimizer:
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
                  on_solver_error: SolverPolicy = "damp", warm_start: bool = True,
-                 data_parallel: bool = False, group: Any = None) -> None:
+                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode = "reverse") -> None:
         if on_solver_error not in ("damp", "skip", "raise"):
             raise ValueError(f"on_solver_error must be 'damp', 'skip' or 'raise', got {on_solver_error!r}")
+        if hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got {hvp_mode!r}")
+        self.hvp_mode: HvpMode = hvp_mode
         self.model = model
         self.families = list(families)
         self.hparams = collect_hparams(self.families)
@@ -488,7 +520,8 @@ class HyperOptimizer:
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
-                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state)
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state,
+                                        hvp_mode=self.hvp_mode)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -498,7 +531,7 @@ class HyperOptimizer:
                 # hg.hypergradient's error for a non-finite result carries no key: find it from the
                 # values, by the same computation without the final check (its state is unchanged
                 # after a failed call, so this repeats it), only on this failure path.
-                found = _nonfinite_key(m, outer, inner, w, lam, state)
+                found = _nonfinite_key(m, outer, inner, w, lam, state, self.hvp_mode)
                 if found is None:
                     raise
                 what, name = "the hypergradient of", found
