@@ -94,11 +94,12 @@ def model_loss(outputs: Any, batch: Batch) -> Tensor:
 
 
 def _logits(outputs: Any) -> Tensor:
+    """``outputs.logits``, half precision (float16, bfloat16) upcast to float32 for the softmax."""
     logits = getattr(outputs, "logits", None)
     if not isinstance(logits, Tensor):
         raise ValueError(f"the model's output ({type(outputs).__name__}) has no tensor 'logits': pass "
                          "loss_fn=hypergradients.hf.model_loss to use the model's own loss")
-    return logits
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def causal_lm_loss(outputs: Any, batch: Batch) -> Tensor:
@@ -109,7 +110,7 @@ def causal_lm_loss(outputs: Any, batch: Batch) -> Tensor:
     batch mean equals ``outputs.loss``. A sequence with no labelled token gets 0.
     """
     logits, labels = _logits(outputs)[:, :-1], batch.y[:, 1:]
-    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=-100, reduction="none").view(labels.shape)
     count = (labels != -100).sum(dim=1).clamp(min=1)
     return tok.sum(dim=1) / count
@@ -118,7 +119,7 @@ def causal_lm_loss(outputs: Any, batch: Batch) -> Tensor:
 def sequence_classification_loss(outputs: Any, batch: Batch) -> Tensor:
     """Per-example cross-entropy ``(B,)`` of ``outputs.logits`` ``(B, C)`` against ``labels`` ``(B,)``
     (single-label classification)."""
-    return F.cross_entropy(_logits(outputs).float(), batch.y, reduction="none")
+    return F.cross_entropy(_logits(outputs), batch.y, reduction="none")
 
 
 # ---------------------------------------------------------------------- the callback
