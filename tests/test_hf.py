@@ -9,16 +9,15 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"   # a test must never reach a hub: tiny models are built from configs
 
-import logging  # noqa: E402
-import math  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import math
+import warnings
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import hypergradients as hg  # noqa: E402
+import hypergradients as hg
 
 transformers = pytest.importorskip("transformers")   # a guard only: the dev extra installs it
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
@@ -135,7 +134,7 @@ def _assert_same_run(a: tuple[Any, hg.HyperOptimizer, HyperCallback],
 
 def test_weight_decay_per_layer_tunes_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     straight = _lm_run(tmp_path / "a")
-    model, hyper, cb = straight
+    _, hyper, cb = straight
     assert hyper.steps == 4 and cb.last is not None and cb.last.applied
     # one decay per weight matrix (ndim >= 2): wte, wpe, attention and MLP projections of the block
     assert len(hyper.hparams) == 6
@@ -323,7 +322,7 @@ def test_wiring_mistakes_are_refused_with_the_fix(tmp_path: Path) -> None:
     batch = _stack(_cls_data(4, seed=0))
     with pytest.raises(ValueError, match=r"'example_weights' weights examples by batch\['index'\].*remove_unused_columns=False"):
         cb.train_loss(batch)
-    with pytest.raises(ValueError, match="exactly one hypergradients.hf.HyperCallback in callbacks"):
+    with pytest.raises(ValueError, match=r"exactly one hypergradients\.hf\.HyperCallback in callbacks"):
         HyperTrainer(model=model, args=_args(tmp_path))
     other, _ = _small()
     with pytest.raises(ValueError, match="built on another model than the Trainer's model="):
@@ -335,7 +334,7 @@ def test_wiring_mistakes_are_refused_with_the_fix(tmp_path: Path) -> None:
     plain = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1), callbacks=[cb],
                                  train_dataset=[{k: v for k, v in e.items() if k != "index"}
                                                 for e in _cls_data(4, seed=0)])
-    with pytest.raises(RuntimeError, match="step 1: the Trainer's loss did not go through HyperCallback.train_loss"):
+    with pytest.raises(RuntimeError, match=r"step 1: the Trainer's loss did not go through HyperCallback\.train_loss"):
         _train(plain)
 
 
@@ -356,6 +355,6 @@ def test_the_callback_refuses_what_it_cannot_resume_or_run(tmp_path: Path) -> No
     cb.resume_from(tmp_path / "checkpoint-2")
     with pytest.raises(ValueError, match="the Trainer starts from step 0"):
         cb.on_train_begin(args, SimpleNamespace(global_step=0), None)
-    with pytest.raises(ValueError, match="world_size 2, n_gpu 1.*one device"):
+    with pytest.raises(ValueError, match=r"world_size 2, n_gpu 1.*one device"):
         cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path), world_size=2, n_gpu=1),
                           SimpleNamespace(global_step=0), None)

@@ -300,10 +300,13 @@ class HyperTrainer(Trainer):
     Everything else is the Trainer's.
     """
 
-    loss_is_scaled_for_ga = False   # L_T is a mean over the micro-batch
+    # L_T is a mean over the micro-batch: the Trainer must divide it by the accumulation steps. It reads
+    # the first flag (transformers 5), or else divides when the second is False (transformers 4.46-4.57).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
         found = [c for c in self.callback_handler.callbacks if isinstance(c, HyperCallback)]
         if len(found) != 1:
             raise ValueError(f"HyperTrainer needs exactly one hypergradients.hf.HyperCallback in "
