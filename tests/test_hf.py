@@ -358,3 +358,22 @@ def test_the_callback_refuses_what_it_cannot_resume_or_run(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"world_size 2, n_gpu 1.*one device"):
         cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path), world_size=2, n_gpu=1),
                           SimpleNamespace(global_step=0), None)
+
+
+def test_load_state_dict_is_all_or_nothing() -> None:
+    _, hyper = _small()
+    cb = HyperCallback(hyper, [])
+    before = {k: t.clone() for k, t in hyper.hparams.items()}
+    _, other = _small()
+    with torch.no_grad():
+        other.hparams["example_weights"].fill_(0.5)
+    state = HyperCallback(other, [_stack(_cls_data(4, seed=1))]).state_dict()
+    # the hyper state fits, but the validation batches to skip are not there: nothing changes
+    state["val_drawn"] = 1
+    with pytest.raises(ValueError, match="the validation batches are empty"):
+        cb.load_state_dict(state)
+    assert all(torch.equal(hyper.hparams[k], t) for k, t in before.items()) and cb.val_drawn == 0
+    with pytest.raises(ValueError, match=r"the HyperCallback state's val_drawn is -1, not a count"):
+        cb.load_state_dict({**state, "val_drawn": -1})
+    with pytest.raises(ValueError, match=r"not a HyperCallback state \(version 1, keys \['hparams', .*goes to hyper\.load_state_dict"):
+        cb.load_state_dict(other.state_dict())   # the HyperOptimizer's own state, not the callback's

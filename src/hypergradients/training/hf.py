@@ -12,7 +12,8 @@ hyperparameters fixed)::
     trainer.train()                      # resume_from_checkpoint=... restores the hyper state too
 
 The Trainer's model, batches, optimizer and learning-rate schedule are its own: the hyper step
-works on copies of the weights and changes only the hyperparameters. With a Trainer subclass of
+works on copies of the weights and changes only the hyperparameters (its forwards in training mode
+draw the model's dropout masks from torch's global generator, as the Trainer's do). With a Trainer subclass of
 your own, return ``callback.train_loss(inputs)`` from its ``compute_loss`` in training (what
 :class:`HyperTrainer` does); the callback refuses to step if the Trainer's loss did not go
 through it, since the weights would then be trained on another objective than ``L_T``.
@@ -49,7 +50,9 @@ repeats exactly). :class:`HyperTrainer` knows the folder it resumes from; under 
 layout) unless :meth:`HyperCallback.resume_from` named the folder.
 
 One process on one device: under ``torchrun`` or with several GPUs in one process the Trainer
-wraps the model, which the hyper step's forward would bypass; the callback refuses both.
+wraps the model, which the hyper step's forward would bypass; the callback refuses both. The
+hyperparameters live where the families created them: put the model on the Trainer's device
+(``model.to(args.device)``) before building them.
 """
 
 from __future__ import annotations
@@ -203,8 +206,8 @@ class HyperCallback(TrainerCallback):
             wrong = [k for k, t in self.hyper.hparams.items() if t.device != device]
             if wrong:
                 raise ValueError(f"the hyperparameters {wrong} are on {self.hyper.hparams[wrong[0]].device} "
-                                 f"but the model trains on {device}: move the model to its device "
-                                 "before building the families")
+                                 f"but the Trainer put the model on {device}: move the model there first "
+                                 "(model.to(args.device)), then build the families")
         folder, self._resume = self._resume, None
         if state.global_step == 0:
             if folder is not None:
@@ -249,19 +252,27 @@ class HyperCallback(TrainerCallback):
         """Restore :meth:`state_dict`'s output, all or nothing (as :meth:`HyperOptimizer.load_state_dict
         <hypergradients.HyperOptimizer.load_state_dict>`); the validation batches continue after the
         ``val_drawn`` already used (read again from the start of ``val_batches`` and dropped)."""
-        if not isinstance(state, Mapping) or state.get("version") != _VERSION:
-            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"not a HyperCallback state (version {found!r}, expected {_VERSION}): pass "
-                             "the dict that HyperCallback.state_dict() returned")
+        if not isinstance(state, Mapping) or state.get("version") != _VERSION or "hyper" not in state:
+            found = (f"version {state.get('version')!r}, keys {sorted(map(str, state))}"
+                     if isinstance(state, Mapping) else f"a {type(state).__name__}")
+            raise ValueError(f"not a HyperCallback state ({found}; expected version {_VERSION} with 'hyper' "
+                             "and 'val_drawn'): pass the dict that HyperCallback.state_dict() returned (a "
+                             "HyperOptimizer's own state goes to hyper.load_state_dict)")
         drawn = state.get("val_drawn")
         if isinstance(drawn, bool) or not isinstance(drawn, int) or drawn < 0:
             raise ValueError(f"the HyperCallback state's val_drawn is {drawn!r}, not a count")
+        before = self.hyper.state_dict()
         with torch.no_grad():
-            self.hyper.load_state_dict(state["hyper"])
-        self._val = _cycle(self._val_batches)
-        for _ in range(drawn):
-            next(self._val)
-        self.val_drawn = drawn
+            self.hyper.load_state_dict(state["hyper"])   # all or nothing by itself
+        val = _cycle(self._val_batches)
+        try:
+            for _ in range(drawn):
+                next(val)
+        except BaseException:
+            with torch.no_grad():
+                self.hyper.load_state_dict(before)
+            raise
+        self._val, self.val_drawn = val, drawn
 
     def resume_from(self, folder: str | os.PathLike[str]) -> None:
         """Name the checkpoint folder the next ``trainer.train(resume_from_checkpoint=folder)`` resumes
@@ -284,9 +295,9 @@ class HyperCallback(TrainerCallback):
                              f"{global_step}: it belongs to another checkpoint")
         # read onto the CPU; the warm-start vector belongs beside the weights (the optimizer's state is
         # placed by torch.optim, the noise generator's stays on the CPU)
-        solver = state.get("hyper", {}).get("solver") if isinstance(state.get("hyper"), Mapping) else None
-        if solver is not None:
-            state["hyper"]["solver"] = _to_device(solver, next(iter(self.hyper.hparams.values())).device)
+        hyper = state.get("hyper")
+        if isinstance(hyper, dict) and hyper.get("solver") is not None:
+            hyper["solver"] = _to_device(hyper["solver"], next(iter(self.hyper.hparams.values())).device)
         self.load_state_dict(state)
 
 
@@ -301,7 +312,7 @@ class HyperTrainer(Trainer):
     """
 
     # L_T is a mean over the micro-batch: the Trainer must divide it by the accumulation steps. It reads
-    # the first flag (transformers 5), or else divides when the second is False (transformers 4.46-4.57).
+    # the first flag (transformers 5), or else divides when the second is False (transformers 4.52-4.57).
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
