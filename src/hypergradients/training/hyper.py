@@ -121,8 +121,8 @@ def as_batch(batch: BatchLike) -> Batch:
         n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
         return Batch(x, y, torch.arange(n))
     size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise TypeError(f"a batch must be (x, y), (x, y, index), a dict of keyword inputs with 'labels' or a "
-                    f"hypergradients.hparams.Batch, got "
+    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch (or a dict of "
+                    f"keyword inputs with 'labels'), got "
                     f"{type(batch).__name__}{size}")
 
 
