@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import hypergradients as hg
 from hypergradients.hparams import Batch, Family
@@ -444,3 +446,85 @@ def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None
         assert _same(dst.state_dict(), before), what
     dst.load_state_dict(good)   # and the real one loads whole
     assert _same(dst.state_dict(), good)
+
+
+class _KeywordModel(nn.Module):
+    """Called with keyword inputs, as a Hugging Face model is: ``model(features=..., labels=...)``."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.lin = _model_at(w)
+
+    def forward(self, features: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        pred = self.lin(features).squeeze(-1)
+        return {"pred": pred, "loss": ((pred - labels) ** 2).mean() if labels is not None else pred.sum()}
+
+
+def test_dict_batches_call_the_model_with_keywords_and_carry_the_index() -> None:
+    train, val = _data()
+    lam0 = math.log(0.3)
+    w_star, g_exact = _ridge(train, val, lam0)
+    model = _KeywordModel(w_star)
+
+    def per_example(out: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        return (out["pred"] - batch.y) ** 2
+
+    def as_dict(b: tuple[Tensor, Tensor], **extra: Tensor) -> dict[str, Tensor]:
+        return {"features": b[0], "labels": b[1], **extra}
+
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(), loss_fn=per_example)
+    # "index" is the examples' positions, never a model input (this forward would refuse it)
+    g, _ = hyper.hypergradient(as_dict(train, index=torch.arange(20)), as_dict(val))
+    # the closed form of the tuple-batch test, to the same 1e-10
+    assert float(g["weight_decay"]) == pytest.approx(g_exact, rel=1e-10, abs=1e-12)
+    b = as_batch(as_dict(train, index=torch.arange(20, 40)))
+    assert sorted(b.x) == ["features", "labels"] and torch.equal(b.index, torch.arange(20, 40))   # type: ignore[call-overload]
+    assert torch.equal(as_batch(as_dict(train)).index, torch.arange(20))
+
+    # per-example weights read the dict's "index": only the named examples' weights get a hypergradient
+    weights = hg.ExampleWeights(40, dtype=DT)
+    hyper = hg.HyperOptimizer(model, [weights], method=hg.Exact(), loss_fn=per_example)
+    g, _ = hyper.hypergradient(as_dict(train, index=torch.arange(20, 40)), as_dict(val))
+    assert bool((g["example_weights"][:20] == 0).all()) and bool((g["example_weights"][20:] != 0).all())
+
+    def model_loss(out: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        return out["loss"]   # the model's own scalar loss, from the "labels" it was given
+
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(), loss_fn=model_loss)
+    g, _ = hyper.hypergradient(as_dict(train), as_dict(val))
+    assert float(g["weight_decay"]) == pytest.approx(g_exact, rel=1e-10, abs=1e-12)
+
+
+class _Same(torch.autograd.Function):
+    """The identity with a first-order-only backward (as fused attention kernels have)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g
+
+
+def test_hvp_mode_reaches_the_hypergradient() -> None:
+    train, val = _data()
+    lam0 = math.log(0.3)
+    w_star, g_exact = _ridge(train, val, lam0)
+    model = _model_at(w_star)
+
+    def once_differentiable_error(out: Tensor, batch: Batch) -> Tensor:
+        return (_Same.apply(out.squeeze(-1)) - batch.y) ** 2  # type: ignore[no-any-return]
+
+    def hyper(**kw: Any) -> hg.HyperOptimizer:
+        return hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(),
+                                 loss_fn=once_differentiable_error, **kw)
+
+    with pytest.raises(hg.HypergradientError, match=r'hvp_mode="finite-difference" to hg\.hypergradient or hg\.HyperOptimizer'):
+        hyper().hypergradient(train, val)
+    g, _ = hyper(hvp_mode="finite-difference").hypergradient(train, val)
+    # a quadratic L_T: central differences are exact up to rounding (eps/ε ~ 1e-11 relative)
+    assert float(g["weight_decay"]) == pytest.approx(g_exact, rel=1e-8)
+    with pytest.raises(ValueError, match="hvp_mode must be one of 'reverse', 'forward', 'finite-difference', got 'fd'"):
+        hg.HyperOptimizer(model, [hg.WeightDecay(model)], hvp_mode="fd")  # type: ignore[arg-type]

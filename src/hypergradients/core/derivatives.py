@@ -57,7 +57,8 @@ _NO_DOUBLE_BACKWARD = (
     "a second-order product of inner_loss (double backward) failed: {err}. Some operations have no "
     "double backward (fused attention kernels such as scaled_dot_product_attention, custom "
     "autograd.Functions with a @once_differentiable backward, many custom CUDA ops): pass "
-    'hvp_mode="finite-difference" to hg.hypergradient, which needs first-order gradients only.')
+    'hvp_mode="finite-difference" to hg.hypergradient or hg.HyperOptimizer, which needs first-order '
+    'gradients only.')
 
 
 def forward_mode_error(err: BaseException, *, what: str, fix: str) -> HypergradientError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ BatchLoss = Callable[[Any, Batch], Tensor]
 """The loss contract: ``loss_fn(outputs, batch) -> (B,)`` per-example losses, or a scalar."""
 TargetLoss = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(predictions, y) -> (B,)``: a loss that reads only the targets (``fit``'s ``loss_fn``)."""
-BatchLike = Batch | tuple[Any, ...] | list[Any]
+BatchLike = Batch | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
 __all__ = ["BatchLike", "BatchLoss", "Objective", "TargetLoss", "as_batch", "collect_hparams",
            "cross_entropy", "on_targets"]
@@ -59,9 +59,23 @@ def on_targets(loss_fn: TargetLoss) -> BatchLoss:
 
 
 def as_batch(batch: BatchLike) -> Batch:
-    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)`` or a ``Batch`` (``index``: ``arange(B)``)."""
+    """A :class:`Batch` from ``(x, y)``, ``(x, y, index)``, a ``Batch`` or a dict of keyword inputs
+    with ``"labels"`` (a Hugging Face batch: ``x`` is the dict without ``"index"``, the model is
+    called as ``model(**x)``, ``y`` is ``x["labels"]``; ``index``: ``batch["index"]``, else
+    ``arange(B)``)."""
     if isinstance(batch, Batch):
         return batch
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        if "labels" not in inputs:
+            raise ValueError(f"a dict batch must hold the targets under 'labels' (the key a Hugging Face "
+                             f"model's loss reads); it has {sorted(batch)}")
+        y = inputs["labels"]
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1)
+        # x is the dict of keyword inputs (Objective calls model(**x)), not a tensor.
+        return Batch(cast(Tensor, inputs), y, index)
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         x, y = batch[0], batch[1]
         if len(batch) == 3:
@@ -69,7 +83,8 @@ def as_batch(batch: BatchLike) -> Batch:
         n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
         return Batch(x, y, torch.arange(n))
     size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch, got "
+    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch (or a dict of "
+                    f"keyword inputs with 'labels'), got "
                     f"{type(batch).__name__}{size}")
 
 
@@ -114,14 +129,21 @@ class Objective:
         self.model = model
         self.families = list(families)
         self.loss_fn = loss_fn
-        self.copy_buffers = functional_model(model)
+        apply = functional_model(model)
         self.stochastic = any(f.stochastic for f in self.families)
 
+        # A dict batch's x holds the model's keyword inputs (a Hugging Face batch): model(**x).
         def live(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-            out: Tensor = torch.func.functional_call(model, dict(params), (x,))
+            args: tuple[Any, ...] = () if isinstance(x, Mapping) else (x,)
+            kwargs: dict[str, Any] = dict(x) if isinstance(x, Mapping) else {}
+            out: Tensor = torch.func.functional_call(model, dict(params), args, kwargs)
             return out
 
+        def copy_buffers(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            return apply(params, **x) if isinstance(x, Mapping) else apply(params, x)
+
         self.live: ModelForward = live
+        self.copy_buffers: ModelForward = copy_buffers
 
     def draw_noise(self) -> Noise | None:
         """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""

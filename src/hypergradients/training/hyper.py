@@ -25,7 +25,11 @@ The losses are composed by :class:`~hypergradients.hparams.objective.Objective` 
 contract ``loss_fn(outputs, batch)`` (per-example ``(B,)`` or a scalar; default the cross-entropy
 ``−log softmax(outputs)[y]``): ``L_T`` adds the families' penalties and sees the batch and forward
 through their hooks, in training mode on copies of the buffers; ``L_V`` is the plain loss in
-evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``. The
+evaluation mode. Batches may be given as ``(x, y)``, ``(x, y, index)`` or a ``Batch``, or as a dict
+of a model's keyword inputs (a Hugging Face batch: ``input_ids``, ``attention_mask``, ``labels``,
+...): then ``x`` is that dict without ``"index"``, the model is called as ``model(**x)``, ``y`` is
+``x["labels"]`` and ``index`` is ``batch["index"]`` (default ``arange(B)``); ``outputs`` is then
+whatever the model returns (a ``ModelOutput``: see :mod:`hypergradients.hf` for its losses). The
 defaults (the method, ``warm_start``, the optimizer) are those of
 :mod:`hypergradients.training.settings`, which says why.
 
@@ -51,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import distributed, tree
-from ..core.derivatives import LossFn
+from ..core.derivatives import HvpMode, LossFn
 from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
 from ..core.hypergradient import hypergradient
 from ..core.method import Info, Method
@@ -86,11 +90,11 @@ class NonFiniteError(RuntimeError):
 
 
 def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
-                   state: SolverState | None) -> str | None:
+                   state: SolverState | None, hvp_mode: HvpMode = "reverse") -> str | None:
     """The first key of ``method``'s hypergradient that is not finite, or ``None`` (also if it fails)."""
     try:
         g, _ = method.compute(outer, inner, w, tree.clone_leaves(lam, requires_grad=True), state=state,
-                              residual=True, hvp_mode="reverse")
+                              residual=True, hvp_mode=hvp_mode)
     except HypergradientError:
         return None
     return tree.first_nonfinite(tree.detach(g))
@@ -211,6 +215,11 @@ class HyperOptimizer:
             (:mod:`hypergradients.distributed`); the hyperparameters are broadcast from rank 0 here,
             and the all-reduced hypergradients keep them identical on every rank. Pass the plain
             module (``ddp.module``), not the DDP wrapper. ``group``: the process group (default: all).
+        hvp_mode: how the hypergradient's Hessian-vector products are computed, as
+            :func:`~hypergradients.hypergradient`'s argument: ``"reverse"`` (double backward, the
+            default), ``"forward"`` or ``"finite-difference"`` (first-order gradients only: for models
+            built from operations without a double backward, such as ``scaled_dot_product_attention``
+            on the CPU).
 
     ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
     ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
@@ -236,10 +245,11 @@ class HyperOptimizer:
                  warm_start: bool | None = None, loss_fn: BatchLoss = cross_entropy,
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 data_parallel: bool = False, group: Any = None) -> None:
+                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None) -> None:
         given: dict[str, Any] = {k: v for k, v in (("method", method), ("optimizer", optimizer),
                                                    ("project", project), ("on_solver_error", on_solver_error),
-                                                   ("warm_start", warm_start)) if v is not None}
+                                                   ("warm_start", warm_start), ("hvp_mode", hvp_mode))
+                                 if v is not None}
         if settings is not None and given:
             k = next(iter(given))
             raise ValueError(f"give {k} inside settings=hg.HyperSettings(..., {k}=...) or as {k}=, not both")
@@ -251,6 +261,7 @@ class HyperOptimizer:
             raise ValueError("HyperOptimizer needs at least one hyperparameter: pass a family such as "
                              "hg.WeightDecay(model)")
         self.method: Method = self.settings.method
+        self.hvp_mode: HvpMode = self.settings.hvp_mode
         optimizer = self.settings.optimizer
         if isinstance(optimizer, torch.optim.Optimizer):
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -349,7 +360,8 @@ class HyperOptimizer:
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
-                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state)
+                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state,
+                                        hvp_mode=self.hvp_mode)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -359,7 +371,7 @@ class HyperOptimizer:
                 # hg.hypergradient's error for a non-finite result carries no key: find it from the
                 # values, by the same computation without the final check (its state is unchanged
                 # after a failed call, so this repeats it), only on this failure path.
-                found = _nonfinite_key(m, outer, inner, w, lam, state)
+                found = _nonfinite_key(m, outer, inner, w, lam, state, self.hvp_mode)
                 if found is None:
                     raise
                 what, name = "the hypergradient of", found

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..core.derivatives import HVP_MODES, HvpMode
 from ..core.method import Method
 from ..core.solvers import Neumann
 from ..paths.tuner import OptimizerFactory
@@ -93,6 +94,10 @@ class HyperSettings:
             that fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
             from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+        hvp_mode: how the Hessian-vector products are computed, as
+            :func:`~hypergradients.hypergradient`'s argument: ``"reverse"`` (double backward),
+            ``"forward"`` or ``"finite-difference"`` (first-order gradients only, for models with
+            operations that have no double backward, such as fused attention kernels).
     """
 
     method: Method = field(default_factory=default_method)
@@ -100,11 +105,15 @@ class HyperSettings:
     project: Projection | None = None
     on_solver_error: SolverPolicy = "damp"
     warm_start: bool = True
+    hvp_mode: HvpMode = "reverse"
 
     def __post_init__(self) -> None:
         if self.on_solver_error not in ("damp", "skip", "raise"):
             raise ValueError("on_solver_error must be 'damp', 'skip' or 'raise', got "
                              f"{self.on_solver_error!r}")
+        if self.hvp_mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got "
+                             f"{self.hvp_mode!r}")
 
 
 @dataclass(frozen=True)
