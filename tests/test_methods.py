@@ -403,3 +403,16 @@ def test_minres_refuses_what_is_not_symmetric_and_matches_cg_where_cg_works(logi
     assert P.rel_err(g, logistic.reference) <= 1e-9 and info.converged
     with pytest.raises(hg.HypergradientError, match=r"MINRES\.iters must be a positive integer, got 0"):
         hg.MINRES(iters=0)
+
+
+def test_an_outer_loss_without_the_weights_needs_no_solve(ridge: P.Problem) -> None:
+    # ∂L_V/∂w = 0: p = 0 for any operator, so no method spends a product on it, and the
+    # hypergradient is the direct term ∂L_V/∂λ exactly.
+    def outer(p: dict, h: dict) -> torch.Tensor:
+        return torch.sum(h["log_l2"] ** 2)
+
+    for method in (hg.Neumann(iters=5), hg.Exact(), hg.Nystrom(rank=3), hg.GMRES(), hg.CG()):
+        g, info = hg.hypergradient(outer, ridge.inner_loss, ridge.params, ridge.hparams, method=method,
+                                   return_info=True)
+        assert info.hvps == 0 and info.iterations == 0 and info.residual == 0.0, method
+        assert torch.equal(g["log_l2"], 2 * ridge.hparams["log_l2"])

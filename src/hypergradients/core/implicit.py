@@ -93,8 +93,7 @@ def implicit(outer: Tensor, cond: Condition, w: Tree, lam: Tree, method: Implici
     v, direct, used, F = partials(outer, w, lam, cond.value())
     op = cond.operator()
     if float(tree.norm(v)) == 0.0:  # L_V does not depend on w: p = 0 whatever the operator
-        p, stats = tree.zeros_like(v), Stats(0, 0.0, True)
-        next_state = SolverState() if state is None else state
+        p, next_state, stats = tree.zeros_like(v), method.own_state(state), Stats(0, 0.0, True)
     else:
         p, next_state, stats = method.solve(op, v, state, residual=residual)
     indirect, used_by_condition = cond.mixed_vjp(p)

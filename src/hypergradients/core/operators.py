@@ -86,6 +86,11 @@ class LinearOperator:
         return self._counter.products
 
     @property
+    def hvps(self) -> int:
+        """:attr:`products` (for a Hessian, the Hessian-vector products)."""
+        return self._counter.products
+
+    @property
     def transposed(self) -> int:
         """Of :attr:`products`, those with ``Mᵀ`` (:meth:`rmv` of a non-symmetric operator)."""
         return self._counter.transposed
@@ -149,7 +154,7 @@ class HessianOperator(LinearOperator):
             (one ``vmap``-ed backward pass); ``None``: a loop over ``matvec``.
         shift: ``σ``, added as ``σx`` (0 by default).
 
-    ``hvps`` counts the Hessian-vector products spent so far (``products``).
+    ``hvps`` (``products``) counts the Hessian-vector products spent so far.
     """
 
     def __init__(self, matvec: MatVec, batched_matvec: MatVec | None = None, *, shift: float = 0.0,
@@ -161,7 +166,3 @@ class HessianOperator(LinearOperator):
     def of(cls, derivatives: InnerDerivatives) -> HessianOperator:
         """The Hessian of ``L_T`` at the point of ``derivatives`` (its products and batched products)."""
         return cls(derivatives.hvp, derivatives.hvp_batched)
-
-    @property
-    def hvps(self) -> int:
-        return self.products

@@ -469,7 +469,7 @@ class HyperOptimizer:
 
         m = method or self.method
         # The carried state holds the own method's quantities (another class would refuse it with a
-        # StateMismatchError); the safer retries of step() are of the same class and continue it.
+        # StateMismatchError); a safer retry of the same class (CG's, Neumann's) continues from it.
         state = self.solver_state if type(m) is type(self.method) else None
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
