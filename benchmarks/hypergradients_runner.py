@@ -122,7 +122,7 @@ def hyperloop(inner, outer, params, hparams, steps, alpha, Xt, yt, Xv, yv):  # t
     def run(check: bool = False) -> tuple[np.ndarray, float, list[float], list[int], list[int]]:
         import time
 
-        state = hg.SolverState()
+        state: hg.SolverState | None = hg.SolverState()
         w, lam = params["w"].clone(), hparams["log_lam"].clone()
         total, coss, kst, hvps = 0.0, [], [], []
         g = None
@@ -131,6 +131,7 @@ def hyperloop(inner, outer, params, hparams, steps, alpha, Xt, yt, Xv, yv):  # t
             g, info = hg.hypergradient(outer, inner, {"w": w}, {"log_lam": lam}, method=hg.Auto(),
                                        state=state, return_info=True, residual=False)
             total += time.perf_counter() - t0
+            state = info.state
             hvps.append(info.hvps)
             gl = g["log_lam"]
             if check:

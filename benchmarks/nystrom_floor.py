@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from hypergradients.core.kernels import symmetric as linear
+from hypergradients.core.kernels import krylov, nystrom, series
+from hypergradients.core.kernels.solve import Solve
 from hypergradients.core.operators import HessianOperator
 
 DT = torch.float64
@@ -65,13 +66,13 @@ def solve(name: str, H: torch.Tensor, v: dict[str, torch.Tensor], k: int, seed: 
 
     lo, hi = lam
     op = HessianOperator(mv, batched)
-    run: dict[str, Callable[[], linear.Solve]] = {
-        "Nyström": lambda: linear.nystrom(op, v, rank=k, seed=seed),
-        "Nyström floor=auto": lambda: linear.nystrom(op, v, rank=k, seed=seed, floor="auto"),
-        "Nyström floor=λ_min": lambda: linear.nystrom(op, v, rank=k, seed=seed, floor=lo),
-        "CG": lambda: linear.cg(op, v, iters=k, tol=0.0),
-        "Neumann": lambda: linear.neumann(op, v, iters=k + 1, alpha=1.0 / hi, residual=False),
-        "Identity": lambda: linear.identity(op, v, scale=1.0 / lo),
+    run: dict[str, Callable[[], Solve]] = {
+        "Nyström": lambda: nystrom.nystrom(op, v, rank=k, seed=seed),
+        "Nyström floor=auto": lambda: nystrom.nystrom(op, v, rank=k, seed=seed, floor="auto"),
+        "Nyström floor=λ_min": lambda: nystrom.nystrom(op, v, rank=k, seed=seed, floor=lo),
+        "CG": lambda: krylov.cg(op, v, iters=k, tol=0.0),
+        "Neumann": lambda: series.neumann(op, v, iters=k + 1, alpha=1.0 / hi, residual=False),
+        "Identity": lambda: series.identity(op, v, scale=1.0 / lo),
     }
     return run[name]().p
 

@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py MODE OUT_DIR``
 
 * ``hypergradients``: every method's hypergradient on this rank's shard inside
-  ``hg.distributed.data_parallel()``, with its collective counts; saved to ``OUT_DIR/rank{r}.pt``.
+  ``hg.distributed.data_parallel()``, with its collective counts, and every root method's
+  (``root_hypergradient`` on the same problem's conditions); saved to ``OUT_DIR/rank{r}.pt``.
 * ``train``: a tiny training run (DDP model, SGD inner steps, ``HyperOptimizer(data_parallel=True)``
   hyper steps), then ``hg.fit(data_parallel=True)`` in one go and with a resume (run folders
   ``OUT_DIR/a``, ``OUT_DIR/b``); the results saved to ``OUT_DIR/rank{r}.pt``.
@@ -11,7 +12,7 @@
   within the timeout (``HG_TEST_TIMEOUT`` seconds).
 
 The problem and the single-process references come from the same functions (:func:`problem`,
-:func:`methods`, :func:`train`), which the test calls on the union of the shards.
+:func:`methods`, :func:`roots`, :func:`train`), which the test calls on the union of the shards.
 """
 
 from __future__ import annotations
@@ -85,6 +86,40 @@ def methods() -> dict[str, tuple[hg.Method, str]]:
         "Unrolled-checkpointed": (hg.Unrolled(steps=6, lr=0.5, checkpoint=2), "reverse"),
         "Unrolled-adam": (hg.Unrolled(steps=6, optimizer=hg.optim.adam(lr=0.05)), "reverse"),
     }
+
+
+def root_methods() -> dict[str, tuple[hg.ImplicitMethod, dict[str, Any]]]:
+    """name → (method, root_hypergradient's keywords), on the conditions of :func:`roots`."""
+    return {
+        "GMRES": (hg.GMRES(tol=1e-12), {}),
+        "Exact": (hg.Exact(), {}),
+        "NormalCG": (hg.NormalCG(tol=1e-12, iters=300), {}),
+        "Neumann": (hg.Neumann(iters=15, alpha=0.5), {}),
+        "MINRES-symmetric": (hg.MINRES(tol=1e-12), {"symmetric": True}),
+        "CG-finite-difference": (hg.CG(iters=30, tol=1e-12), {"symmetric": True, "hvp_mode": "finite-difference"}),
+        "fixed-point-GMRES": (hg.GMRES(tol=1e-12), {"fixed_point": True}),
+    }
+
+
+def roots(rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Every root method's hypergradient on this rank's shard: the stationarity condition
+    ``F = ∂L_T/∂w`` as a function, or the fixed point of a gradient step ``T = w − ½∂L_T/∂w``."""
+    inner, outer, params, hparams = problem(rank, world)
+
+    def F(p: dict[str, Tensor], h: dict[str, Tensor]) -> dict[str, Tensor]:
+        return dict(zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True))
+
+    def T(p: dict[str, Tensor], h: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: p[k] - 0.5 * g for k, g in F(p, h).items()}
+
+    out: dict[str, Any] = {}
+    for name, (m, kw) in root_methods().items():
+        with distributed.counting() as c:
+            g, info = hg.root_hypergradient(outer, T if kw.get("fixed_point") else F, params, hparams,  # type: ignore[call-overload]
+                                            method=m, return_info=True, **kw)
+        out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations,
+                     "condition_norm": info.condition_norm, "all_reduces": c.all_reduces}
+    return out
 
 
 def hypergradients(rank: int = 0, world: int = 1) -> dict[str, Any]:
@@ -173,12 +208,7 @@ def main() -> None:
                 res["forward_error"] = ""
             except hg.HypergradientError as e:
                 res["forward_error"] = str(e)
-            try:   # not data-parallel: must refuse rather than return this rank's local answer
-                hg.root_hypergradient(outer, lambda p, h: dict(zip(p, torch.autograd.grad(
-                    inner(p, h), list(p.values()), create_graph=True), strict=True)), params, hparams)
-                res["root_error"] = ""
-            except hg.HypergradientError as e:
-                res["root_error"] = str(e)
+            res["roots"] = roots(rank, world)
     elif mode == "train":
         res = train(rank, world)
         res["fit"] = fit_runs(out_dir, rank, world)

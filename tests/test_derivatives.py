@@ -31,13 +31,14 @@ def test_zero_direction_costs_nothing(ridge: P.Problem) -> None:
 
 def test_batched_products_are_the_columns_and_the_dense_hessian(ridge: P.Problem) -> None:
     D = derivatives(ridge, "finite-difference")
+    op = hg.HessianOperator.of(D)
     n = tree.numel(ridge.params)
     eye = tree.unflatten_rows(torch.eye(n, dtype=P.DT), ridge.params)
-    H = torch.cat([t.reshape(n, -1) for t in D.hvp_batched(eye).values()], 1)
+    H = torch.cat([t.reshape(n, -1) for t in op.mv_batched(eye).values()], 1)
     # Ridge is quadratic: central differences have no truncation error, only rounding
     # (eps·‖∇L‖/ε ≈ 1e-16/6e-6 per entry, measured 7e-12 on a random v).
     assert float(torch.linalg.matrix_norm(H - ridge.hessian) / torch.linalg.matrix_norm(ridge.hessian)) <= 1e-9
-    assert D.hvp_count == n and D.gradient_evals == 2 * n
+    assert op.hvps == n and D.gradient_evals == 2 * n
 
 
 def test_reverse_mode_mixed_product_without_double_backward_names_the_fix() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -305,17 +306,70 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
 
 def test_nonfinite_hypergradient_with_finite_losses_names_its_key() -> None:
     """Decay 1e10 and Identity(scale=1e308): p = 1e308·v, and d·wᵀp overflows float64, while both
-    losses stay finite. The key is found from the values, and the hyperparameter is left alone."""
+    losses stay finite. The key comes with the library's typed error, from the one computation (the
+    losses are evaluated once each, not again to look for the key), and the hyperparameter is left
+    alone."""
     train, val = _data()
     model = nn.Linear(6, 1, bias=False).to(DT)
+    calls = [0]
+
+    def counted(out: Tensor, batch: Batch) -> Tensor:
+        calls[0] += 1
+        return squared_error(out, batch)
+
     hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1e10)], method=hg.Identity(scale=1e308),
-                              loss_fn=squared_error)
+                              loss_fn=counted)
     before = hyper.hparams["weight_decay"].detach().clone()
     with pytest.raises(NonFiniteError, match=r"hyper step 1: the hypergradient of 'weight_decay' is not finite") as ei:
         hyper.step(train, val)
     assert (ei.value.name, ei.value.what) == ("weight_decay", "the hypergradient of")
-    assert isinstance(ei.value.__cause__, hg.HypergradientError)
+    assert isinstance(ei.value.__cause__, hg.NonFiniteHypergradientError)
+    assert ei.value.__cause__.key == "weight_decay" and ei.value.__cause__.method == "Identity"
+    assert calls[0] == 2   # L_V once, L_T once: one hypergradient
     assert torch.equal(hyper.hparams["weight_decay"].detach(), before)
+
+
+def test_each_method_offers_its_own_safer_variant() -> None:
+    # CG: damping beyond the curvature found, 2(δ + |c|); Neumann: half the α, never above the safe
+    # 1/λ_max, and none once α is far below it; methods with no safer variant: None.
+    curv = hg.NegativeCurvatureError("", curvature=-0.3, iteration=2)
+    div = hg.NeumannDivergenceError("", lambda_max=5.0, safe_alpha=0.2)
+    assert hg.CG(iters=7, damping=0.1).safer(curv) == hg.CG(iters=7, damping=2 * (0.1 + 0.3))
+    assert hg.CG().safer(div) is None and hg.Exact().safer(curv) is None and hg.GMRES().safer(div) is None
+    assert hg.Neumann(iters=9, alpha=10.0).safer(div) == hg.Neumann(iters=9, alpha=0.2)
+    assert hg.Neumann(iters=9, alpha=0.3).safer(div) == hg.Neumann(iters=9, alpha=0.15)
+    assert hg.Neumann(iters=9).safer(div) == hg.Neumann(iters=9, alpha=0.1)
+    assert hg.Neumann(alpha=0.2 / 300).safer(div) is None and hg.Neumann().safer(curv) is None
+    assert hg.Unrolled(steps=2).safer(curv) is None
+
+
+@dataclass(frozen=True)
+class _Fragile(hg.ImplicitMethod):
+    """A method of one's own that fails above a scale and offers a smaller one."""
+
+    scale: float = 1.0
+
+    def solve(self, op: hg.LinearOperator, v: dict, state: hg.SolverState | None, *,
+              residual: bool = False) -> tuple[dict, hg.SolverState, hg.Stats]:
+        if self.scale > 0.5:
+            raise hg.NegativeCurvatureError("too large a scale", curvature=-1.0, iteration=1)
+        return {k: self.scale * t for k, t in v.items()}, self.own_state(state), hg.Stats(0, None, None)
+
+    def safer(self, error: hg.HypergradientError) -> _Fragile | None:
+        return _Fragile(scale=self.scale / 4) if isinstance(error, hg.NegativeCurvatureError) else None
+
+
+def test_the_hyper_step_retries_with_any_methods_own_safer_variant() -> None:
+    train, val = _data()
+    model = _model_at(_ridge(train, val, 0.0)[0])
+    ref, _ = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error,
+                               method=hg.Identity(scale=0.5)).hypergradient(train, val)
+    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error,
+                              method=_Fragile(scale=2.0))
+    res = hyper.step(train, val)
+    # Scale 2 fails; its safer variant, scale 0.5, is p = 0.5·v (Identity's); the retry names what changed.
+    assert res.applied and res.retry == {"solver_retry": "scale", "solver_scale": 0.5} and hyper.retried == 1
+    assert res.hypergradient is not None and torch.equal(res.hypergradient["weight_decay"], ref["weight_decay"])
 
 
 def test_every_submodule_keeps_its_own_mode_after_train_loss_step_and_hypergradient() -> None:

@@ -274,12 +274,13 @@ def test_auto_is_the_better_choice_than_the_papers_default(logistic: P.Problem) 
 
 
 def test_solver_state_warm_starts_consecutive_calls(logistic: P.Problem) -> None:
-    state = hg.SolverState()
-    g1, i1 = hg_of(logistic, hg.CG(tol=1e-10), state=state)
-    assert state.calls == 1 and state.p is not None and "warm_start" not in i1.extra
+    g1, i1 = hg_of(logistic, hg.CG(tol=1e-10), state=hg.SolverState())
+    state = i1.state
+    assert isinstance(state, hg.CGState) and state.calls == 1 and state.p is not None
+    assert "warm_start" not in i1.extra
     # Same point again: the stored p already solves H p = v; the initial residual (one HVP) shows it.
     g2, i2 = hg_of(logistic, hg.CG(tol=1e-10), state=state)
-    assert i2.extra["warm_start"] == 1.0 and i2.hvps <= 2 and state.calls == 2
+    assert i2.extra["warm_start"] == 1.0 and i2.hvps <= 2 and i2.state is not None and i2.state.calls == 2
     assert P.rel_err(g2, g1) <= 1e-9
     # A nearby λ (one small hyper step): warm-started Auto needs fewer HVPs than a cold one and
     # gives the same answer to its tolerance.
@@ -296,7 +297,7 @@ def test_solver_state_refuses_a_mismatched_solution(ridge: P.Problem) -> None:
     # A p of another shape is another model's state: an error naming the key and both shapes,
     # not a silent cold start.
     n = ridge.params["w"].numel()
-    state = hg.SolverState(p={"w": torch.zeros(n + 1, dtype=torch.float64)})
+    state = hg.CGState(p={"w": torch.zeros(n + 1, dtype=torch.float64)})
     with pytest.raises(hg.StateMismatchError, match=rf"p\['w'\] has shape \({n + 1},\).*weight 'w' has shape \({n},\)"):
         hg_of(ridge, hg.CG(), state=state)
     with pytest.raises(hg.HypergradientError, match=r"state must be a hg\.SolverState.*got dict"):
@@ -360,3 +361,58 @@ def test_info_reports_the_gradient_norm_and_exact_an_indefinite_hessian(mlp: P.P
     _, info = hg_of(mlp, hg.Exact())
     assert info.converged is True and info.extra["positive_definite"] == 1.0
     assert info.grad_norm is not None and info.grad_norm <= 1e-12
+
+
+# ---------------------------------------------------------------- an indefinite Hessian without damping
+def _dense_ift(inner: P.Loss, outer: P.Loss, w: dict, lam: dict) -> tuple[dict, torch.Tensor]:
+    """``direct − Mᵀ H⁻¹ v`` from the dense pieces (LU: H need not be definite), and H's eigenvalues."""
+    H, M, v, direct = P.dense_pieces(inner, outer, w, lam)
+    return tree.unflatten(direct - M.T @ torch.linalg.solve(H, v), lam), torch.linalg.eigvalsh(H)
+
+
+def test_gmres_and_minres_solve_an_indefinite_hessian_as_the_dense_solve() -> None:
+    """At weights that are not a minimum (the untrained tanh MLP: λ_min(H) < −0.1, a saddle), CG meets
+    negative curvature and refuses, Auto damps (another answer); GMRES and MINRES solve H p = v as it
+    is, which the dense LU solve does too. float64, |λ| of H between 8e-3 and 2.2 (cond ≈ 270): both
+    to tol 1e-12, so the error is ≲ cond·1e-12 ≈ 3e-10 relative (measured ≤ 1e-13); 1e-8 leaves
+    margin."""
+    inner, outer, start, lam = P.mlp_parts()
+    ref, ev = _dense_ift(inner, outer, start, lam)
+    assert float(ev[0]) < -0.1 < 0.1 < float(ev[-1])
+    for method in (hg.GMRES(tol=1e-12, restart=50), hg.MINRES(tol=1e-12)):
+        g, info = hg.hypergradient(outer, inner, start, lam, method=method, return_info=True)
+        assert info.converged and info.residual is not None and info.residual <= 1e-12, method
+        assert P.rel_err(g, ref) <= 1e-8, (method, P.rel_err(g, ref))
+    with pytest.warns(hg.IndefiniteHessianWarning):
+        g_exact = hg.hypergradient(outer, inner, start, lam, method=hg.Exact())
+    assert P.rel_err(g_exact, ref) <= 1e-10   # the same LU solve of the same dense H, to rounding
+    with pytest.raises(hg.NegativeCurvatureError):
+        hg.hypergradient(outer, inner, start, lam, method=hg.CG(iters=200))
+    # A saddle of a quadratic (eigenvalues 2, 1, −0.5): MINRES is exact in 3 iterations.
+    A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
+    prob = P.spd_quadratic(A, torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                           torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+    g, info = hg_of(prob, hg.MINRES(tol=1e-14))
+    assert P.rel_err(g, prob.reference) <= 1e-13 and info.iterations <= 3
+
+
+def test_minres_refuses_what_is_not_symmetric_and_matches_cg_where_cg_works(logistic: P.Problem) -> None:
+    # On an SPD Hessian MINRES and CG search the same Krylov space: both to 1e-13 agree with the
+    # dense reference (cond ≤ 1e3) to 1e-9.
+    g, info = hg_of(logistic, hg.MINRES(tol=1e-13))
+    assert P.rel_err(g, logistic.reference) <= 1e-9 and info.converged
+    with pytest.raises(hg.HypergradientError, match=r"MINRES\.iters must be a positive integer, got 0"):
+        hg.MINRES(iters=0)
+
+
+def test_an_outer_loss_without_the_weights_needs_no_solve(ridge: P.Problem) -> None:
+    # ∂L_V/∂w = 0: p = 0 for any operator, so no method spends a product on it, and the
+    # hypergradient is the direct term ∂L_V/∂λ exactly.
+    def outer(p: dict, h: dict) -> torch.Tensor:
+        return torch.sum(h["log_l2"] ** 2)
+
+    for method in (hg.Neumann(iters=5), hg.Exact(), hg.Nystrom(rank=3), hg.GMRES(), hg.CG()):
+        g, info = hg.hypergradient(outer, ridge.inner_loss, ridge.params, ridge.hparams, method=method,
+                                   return_info=True)
+        assert info.hvps == 0 and info.iterations == 0 and info.residual == 0.0, method
+        assert torch.equal(g["log_l2"], 2 * ridge.hparams["log_l2"])

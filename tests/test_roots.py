@@ -339,3 +339,81 @@ def test_normal_cg_names_both_failures_when_neither_product_works(deq: tuple[DEQ
 
     with pytest.raises(hg.HypergradientError, match=r"forward-mode.*jvp.*VJP of a VJP.*OnceTanh.*hg\.GMRES"):
         hg.root_hypergradient(m.outer, T_once, z, m.hparams, fixed_point=True, method=hg.NormalCG())
+
+
+# ---------------------------------------------------------------- what stationarity has, for roots too
+def test_every_implicit_method_serves_the_root_door_and_symmetric_ones_need_the_declaration(ridge: P.Problem
+                                                                                           ) -> None:
+    """F = ∂L_T/∂w is symmetric: declared so, MINRES, CG, Auto and Nyström are admitted and agree with
+    hypergradient's (each the same solver on the same matrix, built by VJPs of F instead of HVPs:
+    rounding only, cond(H) ≤ 1e3; 1e-10). Undeclared, they are refused with the fix; Identity needs
+    nothing."""
+    F = gradient_condition(ridge.inner_loss)
+    args = (ridge.outer_loss, F, ridge.params, ridge.hparams)
+    for method in (hg.MINRES(tol=1e-13), hg.CG(tol=1e-13), hg.Auto(tol=1e-13), hg.Nystrom(rank=6, rho=1e-3)):
+        ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=method)
+        assert P.rel_err(hg.root_hypergradient(*args, symmetric=True, method=method), ref) <= 1e-10, method
+        with pytest.raises(hg.HypergradientError, match=rf"hg\.{type(method).__name__} needs a symmetric.*"
+                                                        r"hg\.GMRES.*symmetric=True"):
+            hg.root_hypergradient(*args, method=method)
+    g, info = hg.root_hypergradient(*args, method=hg.Identity(scale=0.5), return_info=True)
+    ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
+                           method=hg.Identity(scale=0.5))
+    assert P.rel_err(g, ref) <= 1e-12 and info.vjps == 1   # the residual only
+    with pytest.raises(hg.HypergradientError, match=r"method must be an implicit method.*got Unrolled"):
+        hg.root_hypergradient(*args, method=hg.Unrolled(steps=2))  # type: ignore[arg-type]
+
+
+def test_root_warm_start_carries_the_solution(deq: tuple[DEQ, Tree, Tree]) -> None:
+    """state= as for hypergradient: GMRES's next solve starts from the last u (one VJP for the initial
+    residual at the same point), Neumann keeps its λ_max; the state passed is not changed."""
+    m, z, _ = deq
+    g1, i1 = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=hg.GMRES(tol=1e-12),
+                                   return_info=True, state=hg.SolverState())
+    assert isinstance(i1.state, hg.KrylovState) and i1.state.p is not None and i1.state.calls == 1
+    g2, i2 = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=hg.GMRES(tol=1e-12),
+                                   return_info=True, state=i1.state)
+    assert i2.extra["warm_start"] == 1.0 and i2.vjps == 1 and i1.vjps > 10
+    assert P.rel_err(g2, g1) <= 1e-11 and i1.state.calls == 1 and i2.state is not None and i2.state.calls == 2
+    # A root (not a fixed point) with alpha="auto": λ_max estimated once, then reused.
+    F = gradient_condition(P.ridge().inner_loss)
+    r = P.ridge()
+    _, j1 = hg.root_hypergradient(r.outer_loss, F, r.params, r.hparams, method=hg.Neumann(iters=10),
+                                  return_info=True, state=hg.SolverState(), residual=False)
+    _, j2 = hg.root_hypergradient(r.outer_loss, F, r.params, r.hparams, method=hg.Neumann(iters=10),
+                                  return_info=True, state=j1.state, residual=False)
+    assert j1.vjps == 20 + 9 and j2.vjps == 9 and j2.extra["lambda_max_age"] == 1
+
+
+def test_a_symmetric_condition_without_a_second_derivative_by_finite_differences() -> None:
+    """F = ∂L_T/∂w through OnceTanh (no second derivative: reverse mode refuses, see above) with
+    symmetric=True and hvp_mode="finite-difference": products by central differences of F, the mixed
+    product column by column (2 evaluations of F per scalar hyperparameter). Against the tanh twin's
+    exact hypergradient: each difference is off by O(eps^{2/3}) ≈ 4e-11 relative, amplified by
+    cond(H) ≈ 84 in the solve (measured ≤ 8.2e-10; hypergradient's own finite-difference mode: 4.8e-10);
+    1e-7 leaves margin. The iterative solvers stop at tol 1e-9: products that are differences of F
+    are linear only to that noise, so a tighter residual is not reachable."""
+    (inner, outer), (inner_twin, outer_twin) = P.regression(P.OnceTanh.apply), P.regression(torch.tanh)
+    w0, lam = P.regression_point()
+    w = P.newton_solve(inner_twin, w0, lam)
+    ref = hg.hypergradient(outer_twin, inner_twin, w, lam, method=hg.Exact())
+    F = _gradient_condition(inner)
+    for method in (hg.GMRES(tol=1e-9), hg.CG(iters=100, tol=1e-9), hg.MINRES(tol=1e-9), hg.Exact()):
+        g, info = hg.root_hypergradient(outer, F, w, lam, symmetric=True, hvp_mode="finite-difference",
+                                        method=method, return_info=True)
+        assert P.rel_err(g, ref) <= 1e-7, (method, P.rel_err(g, ref))
+        n_lam = 2
+        assert info.extra["condition_evals"] == 1 + 2 * info.vjps + 2 * n_lam, method
+    # Without the declaration: refused, saying why and what to do.
+    with pytest.raises(hg.HypergradientError, match=r"finite-difference.*needs symmetric=True.*\(∂F/∂w\)x.*"
+                                                    r"transpose.*hvp_mode='reverse'"):
+        hg.root_hypergradient(outer, F, w, lam, hvp_mode="finite-difference")
+    with pytest.raises(hg.HypergradientError, match=r"hvp_mode for a root condition must be 'reverse'.*'forward'"):
+        hg.root_hypergradient(outer, F, w, lam, symmetric=True, hvp_mode="forward")  # type: ignore[arg-type]
+
+
+def test_a_nonfinite_root_hypergradient_is_a_typed_error_with_its_key() -> None:
+    T, outer, w, lam, _ = linear_fixed_point(norm=0.5)
+    with pytest.raises(hg.NonFiniteHypergradientError, match=r"hypergradient of 'lam' is not finite") as e:
+        hg.root_hypergradient(outer, T, w, lam, fixed_point=True, method=hg.Identity(scale=1e308))
+    assert e.value.key == "lam" and e.value.method == "Identity"

@@ -14,7 +14,8 @@ import torch
 import hypergradients as hg
 import problems as P
 from hypergradients.core import tree
-from hypergradients.core.kernels import symmetric as linear
+from hypergradients.core.kernels import krylov
+from hypergradients.core.kernels.solve import Solve
 from hypergradients.core.operators import HessianOperator
 
 
@@ -72,12 +73,13 @@ def test_cg_error_rule_on_a_diagonal_matrix() -> None:
     def mv(x: dict) -> dict:
         return {"x": d * x["x"]}
 
-    def err(s: linear.Solve) -> float:
+    def err(s: Solve) -> float:
         return float((s.p["x"] - 1.0).norm() / d.numel() ** 0.5)
 
-    plain = linear.cg(HessianOperator(mv), v, iters=500, tol=1e-2)
-    ruled = linear.cg(HessianOperator(mv), v, iters=500, tol=1e-2, error_tol=1e-2)
-    assert plain.converged and ruled.converged and ruled.hvps > plain.hvps
+    op_plain, op_ruled = HessianOperator(mv), HessianOperator(mv)
+    plain = krylov.cg(op_plain, v, iters=500, tol=1e-2)
+    ruled = krylov.cg(op_ruled, v, iters=500, tol=1e-2, error_tol=1e-2)
+    assert plain.converged and ruled.converged and op_ruled.hvps > op_plain.hvps
     assert err(ruled) <= 1e-2 < 0.1 < err(plain)
     # θ_min ≥ λ_min = 1, and once found to 15 %, the estimate bounds the error within that factor.
     assert 1.0 <= ruled.extra["lambda_min"] <= 1.15
@@ -88,9 +90,9 @@ def test_cg_error_rule_on_a_diagonal_matrix() -> None:
 def test_warm_started_auto_reuses_the_curvature_estimate(cond1e3: P.Problem) -> None:
     # Consecutive hyper steps: the state keeps p and the Ritz extremes; warm calls meet both rules
     # in fewer HVPs than a cold call, and still keep the cosine promise.
-    state = hg.SolverState()
-    _, i0 = hg_of(cond1e3, hg.Auto(), state=state)
-    assert state.lambda_min == pytest.approx(i0.extra["lambda_min"])
+    _, i0 = hg_of(cond1e3, hg.Auto(), state=hg.SolverState())
+    state = i0.state
+    assert isinstance(state, hg.CGState) and state.lambda_min == pytest.approx(i0.extra["lambda_min"])
     lam = cond1e3.hparams["log_l2"]
     for step in range(1, 4):
         hp = {"log_l2": lam + 0.02 * step}
@@ -101,6 +103,7 @@ def test_warm_started_auto_reuses_the_curvature_estimate(cond1e3: P.Problem) -> 
                                     return_info=True)
         warm, iw = hg.hypergradient(cond1e3.outer_loss, cond1e3.inner_loss, ws, hp, method=hg.Auto(),
                                     return_info=True, state=state)
+        state = iw.state
         assert iw.extra["warm_start"] == 1.0 and iw.hvps < ic.hvps
         assert cosine(warm, ref) >= 0.999 and cosine(cold, ref) >= 0.999
 
@@ -111,13 +114,14 @@ def test_a_damped_solve_leaves_no_unusable_curvature_estimate() -> None:
     A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
     prob = P.spd_quadratic(A, torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                            torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
-    state = hg.SolverState(lambda_min=0.5, lambda_max=2.0)
-    _, info = hg_of(prob, hg.Auto(), state=state)
+    _, info = hg_of(prob, hg.Auto(), state=hg.CGState(lambda_min=0.5, lambda_max=2.0))
+    state = info.state
     assert info.extra["damping"] > 0.5 and info.converged
-    assert state.lambda_min is None or state.lambda_min > 0
+    assert isinstance(state, hg.CGState) and (state.lambda_min is None or state.lambda_min > 0)
     _, info2 = hg_of(prob, hg.Auto(), state=state)
     assert info2.hvps < 200
     # A non-positive hint is ignored by CG itself too.
-    s = linear.cg(HessianOperator(lambda x: {"x": 2.0 * x["x"]}), {"x": torch.ones(3, dtype=torch.float64)},
-                  iters=10, tol=1e-2, error_tol=1e-2, lambda_min=-1.0)
-    assert s.converged and s.hvps == 1
+    op = HessianOperator(lambda x: {"x": 2.0 * x["x"]})
+    s = krylov.cg(op, {"x": torch.ones(3, dtype=torch.float64)}, iters=10, tol=1e-2, error_tol=1e-2,
+                  lambda_min=-1.0)
+    assert s.converged and op.hvps == 1

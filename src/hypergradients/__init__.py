@@ -2,15 +2,16 @@
 
 One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
-:class:`Nystrom`, :class:`Auto`) or differentiation through the optimization path (:class:`Unrolled`,
-reverse mode, optionally checkpointed; :class:`Forward`, forward mode). :func:`fit` runs the
-paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`
-(its settings grouped as :class:`HyperSettings`, :class:`Batches`, :class:`Evaluation` and
-:class:`Checkpoints`, its callbacks subclasses of :class:`Callback`); :class:`HyperOptimizer` is its
-hyper step for a training loop of your own. :func:`root_hypergradient`
-differentiates any optimality condition ``F(w, λ) = 0`` or fixed point ``w = T(w, λ)``. A new
-inverse-Hessian solver is one subclass of :class:`ImplicitMethod` (``solve(op, v, state)`` on a
-:class:`HessianOperator`).
+:class:`Nystrom`, :class:`Auto`, and :class:`MINRES`, :class:`GMRES`, :class:`BiCGStab`,
+:class:`NormalCG`, which also solve an indefinite Hessian) or differentiation through the
+optimization path (:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`,
+forward mode). :func:`fit` runs the paper's Algorithm 1 on an ``nn.Module`` with hyperparameter
+families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSettings`,
+:class:`Batches`, :class:`Evaluation` and :class:`Checkpoints`, its callbacks subclasses of
+:class:`Callback`); :class:`HyperOptimizer` is its hyper step for a training loop of your own.
+:func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
+``w = T(w, λ)``, by the same implicit methods. A new solver is one subclass of
+:class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by both.
 """
 
 import sys as _sys
@@ -18,26 +19,22 @@ import sys as _sys
 from .core import distributed  # data-parallel hypergradients: hg.distributed.data_parallel()
 from .core.errors import (
     HypergradientError,
+    IndefiniteHessianWarning,
     NegativeCurvatureError,
     NeumannDivergenceError,
+    NonFiniteHypergradientError,
     PathOnlyHyperparameterError,
     ProblemTooLargeError,
-)
-from .core.hypergradient import hypergradient
-from .core.method import (
-    ImplicitMethod,
-    IndefiniteHessianWarning,
-    Info,
-    Method,
-    PathMethod,
-    Stats,
     UnusedHyperparameterWarning,
 )
+from .core.hypergradient import hypergradient
+from .core.info import Info, RootInfo, Stats
+from .core.method import ImplicitMethod, Method, PathMethod
 from .core.modules import functional_model, make_losses, module_params
-from .core.operators import HessianOperator
-from .core.roots import GMRES, BiCGStab, NormalCG, RootInfo, root_hypergradient
-from .core.solvers import CG, Auto, Exact, Identity, Neumann, Nystrom
-from .core.state import SolverState, StateMismatchError
+from .core.operators import HessianOperator, LinearOperator
+from .core.roots import root_hypergradient
+from .core.solvers import CG, GMRES, MINRES, Auto, BiCGStab, Exact, Identity, Neumann, NormalCG, Nystrom
+from .core.state import CGState, KrylovState, NeumannState, NystromState, SolverState, StateMismatchError
 from .hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, WeightDecay
 from .hparams.augment import AugmentNet
 from .hparams.distill import DistilledData
@@ -62,10 +59,12 @@ _sys.modules[f"{__name__}.optim"] = optim
 __all__ = [
     "CG",
     "GMRES",
+    "MINRES",
     "AugmentNet",
     "Auto",
     "Batches",
     "BiCGStab",
+    "CGState",
     "Callback",
     "Checkpoints",
     "DistilledData",
@@ -85,14 +84,19 @@ __all__ = [
     "ImplicitMethod",
     "IndefiniteHessianWarning",
     "Info",
+    "KrylovState",
+    "LinearOperator",
     "LossReweighting",
     "Method",
     "NegativeCurvatureError",
     "Neumann",
     "NeumannDivergenceError",
+    "NeumannState",
     "NonFiniteError",
+    "NonFiniteHypergradientError",
     "NormalCG",
     "Nystrom",
+    "NystromState",
     "OutputPathError",
     "PathHyperparameters",
     "PathMethod",

@@ -31,7 +31,9 @@ differentiates a backward that was computed without a graph): :class:`InnerDeriv
 such nodes in the gradient's graph and refuses, naming the finite-difference mode.
 
 Nothing else in the package calls ``torch.autograd.grad`` with ``create_graph=True``, except
-the path-based methods in :mod:`hypergradients.paths.unroll`, which differentiate through training.
+the path-based methods in :mod:`hypergradients.paths.unroll`, which differentiate through training,
+and the transpose product of a root condition (:class:`~hypergradients.core.conditions.Root`),
+a VJP of a VJP where forward mode fails.
 """
 
 from __future__ import annotations
@@ -232,10 +234,11 @@ class InnerDerivatives:
     """Gradient, HVPs and mixed VJPs of ``L_T`` at fixed ``(w, λ)``, sharing one graph.
 
     ``params`` and ``hparams`` must be leaf tensors that require grad (the caller's private
-    copies). ``hvp_count`` counts Hessian-vector products, batched ones column by column;
-    ``gradient_evals`` counts the extra first-order gradients of the finite-difference mode (two
-    per product). With ``hvp_mode="finite-difference"`` no graph is kept: :attr:`grad` is the
-    plain first-order gradient.
+    copies). The products are counted by the operator that uses them
+    (:class:`~hypergradients.HessianOperator`); ``gradient_evals`` counts the extra first-order
+    gradients of the finite-difference mode (two per product), its cost in passes over the data.
+    With ``hvp_mode="finite-difference"`` no graph is kept: :attr:`grad` is the plain first-order
+    gradient.
     """
 
     def __init__(self, inner_loss: LossFn, params: Tree, hparams: Tree, *,
@@ -247,7 +250,6 @@ class InnerDerivatives:
         self.params = params
         self.hparams = hparams
         self.hvp_mode: HvpMode = hvp_mode
-        self.hvp_count = 0
         self.gradient_evals = 0
         self._w_in = list(params.values())
         self._keys = list(params)
@@ -317,7 +319,6 @@ class InnerDerivatives:
     def hvp(self, v: Mapping[str, Tensor]) -> Tree:
         """``H v`` (one product); inside :func:`~hypergradients.distributed.data_parallel` the
         group mean ``(1/N) Σ_r H_r v`` (one all-reduce)."""
-        self.hvp_count += 1
         return distributed.average([self._hvp_local(v)])[0]
 
     def _hvp_local(self, v: Mapping[str, Tensor]) -> Tree:
@@ -343,12 +344,10 @@ class InnerDerivatives:
             try:
                 out = torch.autograd.grad(self._outs, self._w_in, grad_outputs=[vs[k] for k in self._live],
                                           retain_graph=True, allow_unused=True, is_grads_batched=True)
-                self.hvp_count += m
                 return distributed.average([{k: (torch.zeros_like(vs[k]) if g is None else g)
                                              for k, g in zip(self.params, out, strict=True)}])[0]
             except RuntimeError:
                 pass  # an op without a vmap rule: do it column by column below
-        self.hvp_count += m
         cols = [self._hvp_local({k: vs[k][i] for k in vs}) for i in range(m)]
         # the whole batch in one all-reduce (data-parallel), not one per column
         return distributed.average([{k: torch.stack([c[k] for c in cols]) for k in self.params}])[0]
@@ -386,25 +385,3 @@ class InnerDerivatives:
                 fix='Use hvp_mode="reverse" (the default, double backward), or "finite-difference" for '
                     "operations without a double backward") from e
         return dict(out[1])
-
-
-def power_iteration(matvec: Callable[[Tree], Tree], like: Mapping[str, Tensor], *, iters: int = 20,
-                    seed: int = 0) -> float:
-    """Estimate the largest-magnitude eigenvalue of a symmetric operator (Rayleigh quotient).
-
-    A random start (fixed seed, so results are reproducible) and ``iters`` products. The
-    estimate approaches ``max |λ_i|`` from below.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in like.items()}
-    nv = tree.norm(v)
-    v = tree.scale(v, 1.0 / nv)
-    est = 0.0
-    for _ in range(max(1, iters)):
-        hv = matvec(v)
-        est = float(tree.dot(v, hv))
-        nh = float(tree.norm(hv))
-        if nh == 0.0 or not torch.isfinite(torch.tensor(nh)):
-            break
-        v = tree.scale(hv, 1.0 / nh)
-    return abs(est)

@@ -1,100 +1,52 @@
-"""The method protocol: what a method object must do, and the implicit function theorem once.
+"""The method protocol: what a method object must do.
 
 Every method is a strategy object (after optimistix's ``adjoint=ImplicitAdjoint(linear_solver=...)``
-and lineax's solvers) that owns its computation, so :func:`~hypergradients.hypergradient` holds no
-list of methods:
+and lineax's solvers) that owns its computation, so neither door holds a list of methods:
 
-* :class:`ImplicitMethod` (Exact, CG, Neumann, Identity, Nystrom, Auto, ...): one solver protocol,
+* :class:`ImplicitMethod` (Exact, CG, Neumann, Identity, Nystrom, Auto, GMRES, BiCGStab, NormalCG,
+  MINRES, or one of your own): a linear solver,
 
-      init(params) -> SolverState
+      init(params) -> state
       solve(op, v, state, *, residual=False) -> (p, state, Stats)
 
-  with ``op`` a :class:`~hypergradients.HessianOperator` (``H``; damping is
-  ``op.damped(δ)``), ``v = ∂L_V/∂w`` and ``p ≈ H⁻¹v``. The hypergradient is then the implicit
-  function theorem, :meth:`ImplicitMethod.compute`, the same ~10 lines for every solver (as
-  jaxopt's ``root_vjp``). A new solver is one class with a ``solve``.
+  with ``op`` a :class:`~hypergradients.LinearOperator` (``(∂F/∂w)ᵀ`` of the optimality condition;
+  for a minimum the Hessian ``H``; damping is ``op.damped(δ)``), ``v = ∂L_V/∂w`` and
+  ``p ≈ op⁻¹ v``. The hypergradient is then the implicit function theorem,
+  :func:`~hypergradients.core.implicit.implicit`, the same few lines for every solver and every
+  condition (as jaxopt's ``root_vjp``): a new solver is one class with a ``solve``, usable by
+  :func:`~hypergradients.hypergradient` and :func:`~hypergradients.root_hypergradient` alike.
 * :class:`PathMethod` (Unrolled, Forward): differentiate the training path; ``compute`` calls
   :mod:`hypergradients.paths.unroll`.
 
 ``state`` is ``None`` when nobody carries state between calls (``hypergradient(state=None)``):
-a solver then skips any work done only for a later call (Nyström's baseline residual). It
-never modifies the state it is given; it returns the next one.
+a solver then skips any work done only for a later call (Nyström's baseline residual). It never
+modifies the state it is given (states are frozen); it returns the next one, of its own type
+(``state_type``). A failed solve may offer a safer variant of the method (:meth:`Method.safer`),
+which a training loop retries with.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from . import distributed, tree
-from .derivatives import HvpMode, InnerDerivatives, LossFn, scalar_loss
-from .errors import HypergradientError, PathOnlyHyperparameterError
-from .operators import HessianOperator
-from .state import SolverState, StateMismatchError
+from . import tree
+from .conditions import Condition, Stationarity
+from .derivatives import HvpMode, LossFn, scalar_loss
+from .errors import HypergradientError, IndefiniteHessianWarning, UnusedHyperparameterWarning
+from .implicit import implicit
+from .implicit import report_unused as _report_unused
+from .info import Info, Stats
+from .operators import LinearOperator
+from .state import SolverState, StateMismatchError, register
 from .tree import Tree
 
-
-class UnusedHyperparameterWarning(UserWarning):
-    """A hyperparameter affects neither ``∂L_T/∂w`` nor ``L_V``: its hypergradient is zero."""
-
-
-class IndefiniteHessianWarning(UserWarning):
-    """``H`` (plus any damping) is not positive definite at the given weights: they are not a minimum."""
-
-
-@dataclass
-class Info:
-    """What a hypergradient cost and how good it is.
-
-    ``residual`` is ``‖Hp − v‖/‖v‖`` for the implicit methods when computed (by default whenever
-    the Info is returned; at most one extra HVP, see ``hypergradient(residual=)``);
-    ``converged`` whether the solver met its tolerance (``None`` for fixed-budget methods);
-    ``final_params`` the weights after the unrolled steps (``Unrolled`` only); ``direct`` the
-    term ``∂L_V/∂λ``; ``extra`` method facts such as the ``alpha`` and ``lambda_max`` used;
-    ``state`` the :class:`~hypergradients.SolverState` to pass to the next call.
-
-    ``grad_norm`` is ``‖∂L_T/∂w‖`` at the given weights (every method; data-parallel: of the
-    group-mean gradient), free where the gradient is computed anyway. The implicit methods take
-    the weights as a minimum ``w*``; a gradient norm that is not small next to the gradient norms
-    seen during training says they are not, and their hypergradient is then not the derivative of
-    ``L_V(w*(λ))``. Whether ``H`` is positive definite shows where a method finds out: ``CG``
-    raises :class:`~hypergradients.NegativeCurvatureError`, ``Auto`` damps (``extra["damping"]``),
-    ``Neumann`` raises on divergence, and ``Exact`` (which factorises the dense ``H``) reports
-    ``converged=False``, ``extra["positive_definite"] = 0`` and ``extra["lambda_min"]`` (the
-    smallest eigenvalue of ``H + δI``), with an :class:`IndefiniteHessianWarning`.
-    """
-
-    method: str
-    iterations: int
-    hvps: int
-    residual: float | None
-    converged: bool | None
-    direct: Tree
-    final_params: Tree | None = None
-    outer_loss: float = float("nan")
-    time_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-    state: SolverState | None = None
-    grad_norm: float | None = None
-
-
-@dataclass
-class Stats:
-    """What one ``solve`` did: ``iterations``, ``residual`` ``‖Hp − v‖/‖v‖`` (``None`` if not computed),
-    ``converged`` (``None`` for fixed budgets) and ``extra`` facts (``alpha``, ``lambda_max``, ...).
-    The HVPs are counted by the operator (``op.hvps``)."""
-
-    iterations: int
-    residual: float | None
-    converged: bool | None
-    extra: dict[str, float] = field(default_factory=dict)
+__all__ = ["ImplicitMethod", "IndefiniteHessianWarning", "Info", "Method", "PathMethod", "Stats",
+           "UnusedHyperparameterWarning", "nonneg_float", "positive_int", "report_unused"]
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -109,59 +61,63 @@ def nonneg_float(name: str, value: object) -> None:
         raise HypergradientError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-# Names that, unused by both losses, are almost surely step sizes or momenta.
-_PATH_NAMES = ("lr", "learning_rate", "step_size", "stepsize", "momentum", "beta1", "beta2")
-
-
-def _looks_path_only(key: str) -> bool:
-    last = key.lower().replace("-", "_").split(".")[-1]
-    return last in _PATH_NAMES or last.endswith("_lr") or last.endswith("_learning_rate")
-
-
 def report_unused(hparams: Mapping[str, Tensor], used: set[str], method: Method) -> None:
     """Warn about hyperparameters no loss uses; refuse path-only ones for implicit methods."""
-    unused = [k for k in hparams if k not in used]
-    if not unused:
-        return
-    implicit = isinstance(method, ImplicitMethod)
-    path_like = [k for k in unused if _looks_path_only(k)]
-    if implicit and path_like:
-        raise PathOnlyHyperparameterError(
-            f"hyperparameter(s) {path_like} appear in neither inner_loss nor outer_loss: they look like "
-            "step sizes or momenta, which only change the optimisation path. Implicit methods "
-            f"({type(method).__name__}) differentiate the optimum, which does not depend on them, so their "
-            "hypergradient would be a silent zero. Use hg.Unrolled(steps=..., lr=<key>) to differentiate "
-            "through the training path instead.")
-    hint = (" If it only changes the optimisation path (a step size, momentum), implicit methods cannot "
-            "see it: use hg.Unrolled.") if implicit else ""
-    # stacklevel 4: warn → report_unused → compute → hypergradient → the user's call.
-    warnings.warn(f"hyperparameter(s) {unused} affect neither ∂L_T/∂w nor L_V: their hypergradient is "
-                  f"zero.{hint}", UnusedHyperparameterWarning, stacklevel=4)
+    _report_unused(hparams, used, method=type(method).__name__,
+                   implicit_minimum=isinstance(method, ImplicitMethod))
 
 
 # ---------------------------------------------------------------------------------- the protocol
 class Method(abc.ABC):
     """A way to compute the hypergradient: :class:`ImplicitMethod` or :class:`PathMethod`.
 
-    ``shares_state_with`` names the other methods whose :class:`~hypergradients.SolverState` this
-    one accepts (same quantities, same meaning); any other method's state is refused.
+    ``state_type`` is the type of state the method keeps (:mod:`hypergradients.core.state`);
+    ``shares_state_with`` names the other methods whose state this one accepts (same quantities,
+    same meaning); any other method's state is refused.
     """
 
+    state_type: ClassVar[type[SolverState]] = SolverState
     shares_state_with: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        register(cls.__name__, cls.state_type)   # from_state_dict rebuilds this method's own type
 
     def init(self, params: Mapping[str, Tensor]) -> SolverState:
         """The empty state for this method (optax's ``init``); ``SolverState()`` works as well."""
         del params  # no method pre-allocates: an empty state means "no previous call"
-        return SolverState(method=type(self).__name__)
+        return self.state_type(method=type(self).__name__)
+
+    def own_state(self, state: SolverState | None) -> SolverState:
+        """The state to continue from, of this method's type: ``state`` itself, or the empty one for
+        ``None`` and for ``SolverState()`` ("no previous call")."""
+        if isinstance(state, self.state_type):
+            return state
+        return self.state_type(method=None if state is None else state.method,
+                               calls=0 if state is None else state.calls)
 
     def check_state(self, state: SolverState) -> None:
-        """Refuse another method's state (:class:`~hypergradients.StateMismatchError`)."""
+        """Refuse another method's state, or one of another type (``StateMismatchError``)."""
         name = type(self).__name__
         if state.method is not None and state.method != name and state.method not in self.shares_state_with:
             raise StateMismatchError(
                 f"state was made by hg.{state.method}, and hg.{name} cannot use it (it holds another "
                 f"method's quantities). Keep one state per method: pass hg.SolverState() (or "
                 f"method.init(params)) for hg.{name}.")
+        if type(state) is not SolverState and not isinstance(state, self.state_type):
+            raise StateMismatchError(
+                f"state is a hg.{type(state).__name__}, and hg.{name} keeps a hg.{self.state_type.__name__}: "
+                f"pass hg.SolverState() (or method.init(params)) for hg.{name}.")
+
+    def safer(self, error: HypergradientError) -> Method | None:
+        """A variant of this method that may succeed where this one failed with ``error``, or ``None``.
+
+        ``CG`` damps on negative curvature, ``Neumann`` lowers ``α`` on divergence; a training loop
+        (``HyperOptimizer(on_solver_error="damp")``) retries with the variant, and asks it again if
+        that fails too.
+        """
+        del error
+        return None
 
     @abc.abstractmethod
     def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
@@ -171,51 +127,48 @@ class Method(abc.ABC):
 
 
 class ImplicitMethod(Method):
-    """An inverse-HVP solver; the hypergradient follows from the implicit function theorem.
+    """A linear solver of ``(∂F/∂w)ᵀ p = ∂L_V/∂w``; the hypergradient follows from the implicit
+    function theorem (:mod:`hypergradients.core.implicit`).
 
-    At ``w ≈ w*(λ)`` (``∂L_T/∂w = 0``), differentiating the optimality condition gives
-    ``dw*/dλ = −H⁻¹ ∂²L_T/∂w∂λᵀ``, so
+    For a minimum of the training loss (``F = ∂L_T/∂w``, :func:`~hypergradients.hypergradient`)
+    the operator is the Hessian ``H``:
 
-        dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂λ∂wᵀ) p,      H p = v = ∂L_V/∂w.
+        dL_V/dλ = ∂L_V/∂λ − (∂²L_T/∂λ∂wᵀ) p,      H p = v = ∂L_V/∂w;
 
-    Subclasses implement :meth:`solve` only.
+    for any other condition (:func:`~hypergradients.root_hypergradient`) it is ``(∂F/∂w)ᵀ``.
+    Subclasses implement :meth:`solve` only. ``requires`` (e.g. ``"symmetric positive-definite"``)
+    makes the method refuse a condition whose Jacobian is not symmetric; ``None`` (default): any.
     """
 
+    requires: ClassVar[str | None] = None
+
     @abc.abstractmethod
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
         """``p ≈ op⁻¹ v``, the next state, and :class:`Stats`.
 
-        ``residual``: also report ``‖op·p − v‖/‖v‖`` (an HVP, where the solver does not have it).
-        ``state``: the previous call's state (``None``: not carried); never modified.
+        ``residual``: also report ``‖op·p − v‖/‖v‖`` (a product, where the solver does not have it).
+        ``state``: the previous call's state (``None``: not carried; ``SolverState()``: carried, no
+        previous call); never modified.
         """
+
+    def check_condition(self, cond: Condition) -> None:
+        """Refuse a condition whose Jacobian lacks what the method needs (``requires``)."""
+        if self.requires is not None and not cond.symmetric:
+            name = type(self).__name__
+            raise HypergradientError(
+                f"hg.{name} needs a {self.requires} Jacobian; the condition's need not be symmetric: use "
+                "hg.GMRES (any non-singular Jacobian) or hg.BiCGStab; pass symmetric=True if ∂F/∂w is "
+                "symmetric (F the gradient of a loss); or use hg.hypergradient for F = ∂L_T/∂w.")
 
     def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
                 state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
         w = tree.clone_leaves(params, requires_grad=True)
         outer = scalar_loss(outer_loss, w, lam, name="outer_loss")
-        D = InnerDerivatives(inner_loss, w, lam, hvp_mode=hvp_mode)
-        v, direct, direct_used, gw = _partials(outer, w, lam, D.grad)   # ∂L_V/∂w, ∂L_V/∂λ, ∂L_T/∂w
-        op = HessianOperator.of(D)                                   # H = ∂²L_T/∂w∂wᵀ
-        p, new_state, stats = self.solve(op, v, state, residual=residual)   # p ≈ H⁻¹ v
-        indirect, inner_used = D.mixed_vjp(p)                       # (∂²L_T/∂λ∂wᵀ) p
-        report_unused(lam, direct_used | inner_used, self)
-        g = tree.sub(direct, indirect)
-        return g, Info(type(self).__name__, stats.iterations, op.hvps, stats.residual, stats.converged,
-                       direct=tree.detach(direct), outer_loss=float(outer.detach()), extra=dict(stats.extra),
-                       state=new_state, grad_norm=float(tree.norm(gw)))
-
-
-def _partials(outer: Tensor, w: Tree, lam: Tree, inner_grad: Tree) -> tuple[Tree, Tree, set[str], Tree]:
-    """``∂L_V/∂w``, ``∂L_V/∂λ`` (zeros where unused) in one backward pass, the λ keys used, and
-    ``inner_grad`` (``∂L_T/∂w``, detached), each the group mean in data-parallel runs."""
-    both = list(w.values()) + list(lam.values())
-    raw = torch.autograd.grad(outer, both, allow_unused=True) if outer.requires_grad else (None,) * len(both)
-    used = {k for k, gk in zip(lam, raw[len(w):], strict=True) if gk is not None}
-    # data-parallel (hg.distributed.data_parallel): the three group means in one all-reduce
-    v, direct, gw = distributed.average([tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam),
-                                         tree.detach(inner_grad)])
-    return v, direct, used, gw
+        cond = Stationarity(inner_loss, w, lam, hvp_mode=hvp_mode)   # F = ∂L_T/∂w: the minimum
+        g, info = implicit(outer, cond, w, lam, self, state, residual=residual)
+        info.grad_norm = info.condition_norm
+        return g, info
 
 
 class PathMethod(Method):

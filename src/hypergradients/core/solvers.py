@@ -1,51 +1,75 @@
-"""The implicit methods: one class per inverse-HVP solver, each a ``solve(op, v, state)``.
+"""The implicit methods: one class per linear solver, each a ``solve(op, v, state)``.
 
 Each class is a frozen record of its options plus :meth:`solve` (the protocol of
 :class:`~hypergradients.ImplicitMethod`); the numerical kernels are in
-:mod:`hypergradients.core.kernels.symmetric`. What each one keeps in its :class:`~hypergradients.SolverState`:
+:mod:`hypergradients.core.kernels`. Every method serves both doors: ``hypergradient`` (``op`` the
+Hessian ``H``) and ``root_hypergradient`` (``op = (∂F/∂w)ᵀ``), except that CG, Auto and Nyström need a
+symmetric positive (semi-)definite operator and MINRES a symmetric one (``requires``).
 
-* :class:`CG`, :class:`Auto` — the last ``p`` (warm start) and Auto's Ritz extremes of ``H``;
-* :class:`Neumann` (``alpha="auto"``) — the power-iteration ``λ_max``, re-estimated every
-  ``refresh_every`` calls or as soon as the series grows;
-* :class:`Nystrom` — the factored sketch, re-sketched once its residual has grown;
-* :class:`Exact`, :class:`Identity` — nothing (a call count).
+| method | solves | needs | state |
+|---|---|---|---|
+| :class:`Exact` | dense ``(M + δI)p = v`` | ``n ≤ max_size`` | none |
+| :class:`CG` | conjugate gradient on ``(M + δI)p = v`` | symmetric positive definite | ``CGState`` |
+| :class:`Auto` | CG to an accuracy it picks, damped where ``M`` is indefinite | symmetric | ``CGState`` |
+| :class:`Neumann` | ``α Σ_{j<K} (I − αM)^j v`` | spectral radius of ``I − αM`` below 1 | ``NeumannState`` |
+| :class:`Identity` | ``p = s·v`` | nothing | none |
+| :class:`Nystrom` | low-rank ``(M̂ + ρI)⁻¹v`` | symmetric positive semi-definite | ``NystromState`` |
+| :class:`MINRES` | minimal residual, Lanczos | symmetric (indefinite allowed) | ``KrylovState`` |
+| :class:`GMRES` | minimal residual, Arnoldi, restarted | non-singular | ``KrylovState`` |
+| :class:`BiCGStab` | BiCGStab | non-singular | ``KrylovState`` |
+| :class:`NormalCG` | CG on the normal equations (CGLS) | the transpose product too | ``KrylovState`` |
+
+(the states are in :mod:`hypergradients.core.state`)
+
+A state carries what makes the next, nearby solve cheaper: the last ``p`` (a warm start for the
+Krylov methods), Auto's Ritz extremes of ``H``, Neumann's power-iteration ``λ_max`` (re-estimated
+every ``refresh_every`` calls or as soon as the series grows), Nyström's sketch (re-sketched once
+its residual has grown).
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
 from . import tree
-from .errors import HypergradientError, NegativeCurvatureError
-from .kernels import symmetric as linear
-from .method import ImplicitMethod, IndefiniteHessianWarning, Stats, nonneg_float, positive_int
-from .operators import HessianOperator
-from .state import SolverState, StateMismatchError
+from .errors import (
+    HypergradientError,
+    IndefiniteHessianWarning,
+    NegativeCurvatureError,
+    NeumannDivergenceError,
+    warn_user,
+)
+from .info import Stats
+from .kernels import dense, krylov, nystrom, series
+from .kernels.solve import Solve, relative_residual
+from .method import ImplicitMethod, nonneg_float, positive_int
+from .operators import LinearOperator
+from .state import CGState, KrylovState, NeumannState, NystromState, SolverState, StateMismatchError
 from .tree import Tree
 
+__all__ = ["CG", "GMRES", "MINRES", "Auto", "BiCGStab", "Exact", "Identity", "Neumann", "NormalCG", "Nystrom"]
 
-def _stats(s: linear.Solve) -> Stats:
+
+def _stats(s: Solve) -> Stats:
     return Stats(s.iterations, s.residual, s.converged, s.extra)
-
-
-def _carry(state: SolverState | None) -> SolverState:
-    return SolverState() if state is None else state
 
 
 @dataclass(frozen=True)
 class Exact(ImplicitMethod):
-    """``p = (H + δI)⁻¹ v`` by a dense solve; ``H`` built from n HVPs. Refuses above ``max_size`` weights.
+    """``p = (M + δI)⁻¹ v`` by a dense solve; ``M`` built from n products. Refuses above ``max_size`` weights.
 
-    The solve is a Cholesky factorisation, which also tells whether ``H + δI`` is positive definite
-    (the weights a minimum) at no extra cost. Where it is not, ``p`` comes from an LU solve (the
-    derivative of a stationary point that is not a minimum), ``info.converged`` is False,
-    ``info.extra`` has ``positive_definite = 0`` and ``lambda_min`` (its smallest eigenvalue), and an
-    :class:`~hypergradients.IndefiniteHessianWarning` names the damping that would make it definite.
+    For a Hessian the solve is a Cholesky factorisation, which also tells whether ``H + δI`` is
+    positive definite (the weights a minimum) at no extra cost. Where it is not, ``p`` comes from an
+    LU solve (the derivative of a stationary point that is not a minimum), ``info.converged`` is
+    False, ``info.extra`` has ``positive_definite = 0`` and ``lambda_min`` (its smallest eigenvalue),
+    and an :class:`~hypergradients.IndefiniteHessianWarning` names the damping that would make it
+    definite. A non-symmetric ``(∂F/∂w)ᵀ`` (``root_hypergradient``) is solved by LU.
     """
 
     damping: float = 0.0
@@ -55,73 +79,86 @@ class Exact(ImplicitMethod):
         nonneg_float("Exact.damping", self.damping)
         positive_int("Exact.max_size", self.max_size)
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        s = linear.exact(op.damped(self.damping), v, max_size=self.max_size)
-        if not s.converged:
+        s = dense.exact(op.damped(self.damping), v, max_size=self.max_size)
+        if s.converged is False:
             lo = s.extra["lambda_min"]
-            # stacklevel 4: warn → solve → compute → hypergradient → the user's call.
-            warnings.warn(
+            warn_user(
                 f"hg.Exact: H + δI (δ = {self.damping:g}) is not positive definite at these weights "
                 f"(smallest eigenvalue {lo:.3g}): they are not a minimum of inner_loss, which the implicit "
                 "hypergradient assumes (info.grad_norm is ‖∂L_T/∂w‖ there; info.converged is False). Train "
                 f"the inner problem further, or damp: hg.Exact(damping=...) above "
-                f"{max(0.0, self.damping - lo):.3g}.", IndefiniteHessianWarning, stacklevel=4)
-        return s.p, _carry(state), _stats(s)
+                f"{max(0.0, self.damping - lo):.3g}.", IndefiniteHessianWarning)
+        return s.p, self.own_state(state), _stats(s)
 
 
 @dataclass(frozen=True)
 class CG(ImplicitMethod):
-    """Conjugate gradient on ``(H + δI) p = v``: at most ``iters`` HVPs, stops at ``‖r‖ ≤ tol‖v‖``.
+    """Conjugate gradient on ``(H + δI) p = v``: at most ``iters`` products, stops at ``‖r‖ ≤ tol‖v‖``.
 
     Needs ``H + δI`` positive definite: a direction with ``dᵀ(H + δI)d ≤ 0`` raises
     :class:`~hypergradients.NegativeCurvatureError` (``.curvature``, the Rayleigh quotient
     found, and ``.iteration``) and returns no hypergradient: a partial CG solution is not an
-    approximation of ``H⁻¹v`` once the curvature is not positive. :class:`Auto` instead retries
-    with damping; the trainer's ``on_solver_error`` decides there. With a state it starts from the
-    previous ``p`` (one HVP for the initial residual; ``info.extra["warm_start"] = 1``). Shares
-    its state with :class:`Auto`.
+    approximation of ``H⁻¹v`` once the curvature is not positive. :meth:`safer` is then CG with
+    the damping of :meth:`~hypergradients.NegativeCurvatureError.damping_beyond`; :class:`Auto`
+    retries so by itself, :class:`MINRES` solves the indefinite system undamped. With a state it
+    starts from the previous ``p`` (one product for the initial residual;
+    ``info.extra["warm_start"] = 1``). Shares its state with :class:`Auto`.
     """
 
     iters: int = 50
     tol: float = 1e-10
     damping: float = 0.0
 
+    state_type: ClassVar[type[SolverState]] = CGState
     shares_state_with: ClassVar[tuple[str, ...]] = ("Auto",)
+    requires: ClassVar[str | None] = "symmetric positive-definite"
 
     def __post_init__(self) -> None:
         positive_int("CG.iters", self.iters)
         nonneg_float("CG.tol", self.tol)
         nonneg_float("CG.damping", self.damping)
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        st = _carry(state)
-        x0 = st.warm(v, method="CG")
-        s = linear.cg(op.damped(self.damping), v, iters=self.iters, tol=self.tol, x0=x0)
+        st = self.own_state(state)
+        assert isinstance(st, CGState)
+        x0 = st.warm_start(v, method="CG")
+        s = krylov.cg(op.damped(self.damping), v, iters=self.iters, tol=self.tol, x0=x0)
         if x0 is not None:
             s.extra["warm_start"] = 1.0
         return s.p, st.replace(p=tree.detach(s.p)), _stats(s)
 
+    def safer(self, error: HypergradientError) -> CG | None:
+        """CG on ``H + δ'I`` with ``δ'`` beyond the negative curvature ``error`` found; ``None`` for
+        other failures."""
+        if not isinstance(error, NegativeCurvatureError):
+            return None
+        return dataclasses.replace(self, damping=error.damping_beyond(self.damping))
+
 
 @dataclass(frozen=True)
 class Neumann(ImplicitMethod):
-    """``p = α Σ_{j=0}^{K−1} (I − αH)^j v`` with ``K = iters`` (Lorraine et al. 2020, Algorithm 3).
+    """``p = α Σ_{j=0}^{K−1} (I − αM)^j v`` with ``K = iters`` (Lorraine et al. 2020, Algorithm 3).
 
-    Exactly K terms, the factor ``α`` included (``K−1`` HVPs). ``alpha="auto"`` estimates
+    Exactly K terms, the factor ``α`` included (``K−1`` products). ``alpha="auto"`` estimates
     ``λ_max(H)`` by ``power_iters`` power iterations and uses ``α = 1/λ_max``, safely inside the
-    convergence region ``0 < α < 2/λ_max``. A diverging series raises
-    :class:`~hypergradients.NeumannDivergenceError` with the estimated ``λ_max`` and a safe α.
+    convergence region ``0 < α < 2/λ_max``; for a fixed point ``w = T(w, λ)``
+    (``root_hypergradient(fixed_point=True)``) it is ``α = 1``, the classic series
+    ``Σ_j (∂T/∂w)ᵀʲ v``, convergent when ``T`` is a contraction. A diverging series raises
+    :class:`~hypergradients.NeumannDivergenceError` with the estimated ``λ_max`` and a safe α;
+    :meth:`safer` halves α (never above that safe one).
 
     With a state (consecutive calls, e.g. the hyper steps of a training run), ``alpha="auto"``
-    keeps ``λ_max`` there and reuses it, saving the ``power_iters`` HVPs, until either
+    keeps ``λ_max`` there and reuses it, saving the ``power_iters`` products, until either
 
     * ``refresh_every`` calls have used it (default 10; 1 estimates at every call, as without a
       state), or
     * the series grows: a checked term ``(I − αH)^j v`` longer than ``v``. For SPD ``H`` that
       happens exactly when ``α = 1/λ_cached ≥ 2/λ_max(H)`` (the Hessian's top has more than
       doubled), so the cached α would diverge; ``λ_max`` is then re-estimated and the series
-      rerun (the HVPs of the failed one are spent; ``info.extra["refreshed_on_growth"] = 1``).
+      rerun (the products of the failed one are spent; ``info.extra["refreshed_on_growth"] = 1``).
 
     A growing ``λ_max`` that stays below twice the cached one keeps the series convergent, just
     slower on the top directions, until the next refresh. ``info.extra["lambda_max_age"]`` is the
@@ -133,6 +170,8 @@ class Neumann(ImplicitMethod):
     power_iters: int = 20
     max_growth: float = 10.0
     refresh_every: int = 10
+
+    state_type: ClassVar[type[SolverState]] = NeumannState
 
     def __post_init__(self) -> None:
         positive_int("Neumann.iters", self.iters)
@@ -146,43 +185,60 @@ class Neumann(ImplicitMethod):
         if not self.max_growth > 1:
             raise HypergradientError(f"Neumann.max_growth must be > 1, got {self.max_growth!r}")
 
-    def _estimate(self, op: HessianOperator, v: Tree) -> float:
-        lam_max = linear.estimate_lambda_max(op, v, iters=self.power_iters)
+    def _estimate(self, op: LinearOperator, v: Tree) -> float:
+        lam_max = series.power_iteration(op, v, iters=self.power_iters)
         if not lam_max > 0:
-            raise HypergradientError("Neumann(alpha='auto'): the estimated λ_max(H) is "
-                                     f"{lam_max:g}; the Hessian is zero or not positive here. "
-                                     "Pass an explicit alpha or use hg.CG.")
+            if op.symmetric:
+                raise HypergradientError(f"Neumann(alpha='auto'): the estimated λ_max({op.name}) is "
+                                         f"{lam_max:g}; the Hessian is zero or not positive here. "
+                                         "Pass an explicit alpha or use hg.CG.")
+            raise HypergradientError("Neumann(alpha='auto'): the dominant eigenvalue of ∂F/∂w is estimated "
+                                     f"as {lam_max:g}; pass an explicit alpha or use hg.GMRES")
         return lam_max
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        st = _carry(state)
-        if self.alpha != "auto":
-            s = linear.neumann(op, v, iters=self.iters, alpha=float(self.alpha), residual=residual,
+        st = self.own_state(state)
+        assert isinstance(st, NeumannState)
+        if self.alpha != "auto" or op.fixed_point:
+            alpha = 1.0 if self.alpha == "auto" else float(self.alpha)
+            s = series.neumann(op, v, iters=self.iters, alpha=alpha, residual=residual,
                                max_growth=self.max_growth)
             return s.p, st, _stats(s)
-        cached = st.lambda_max if (state is not None and state.method == "Neumann"
-                                   and st.lambda_max is not None and st.lambda_max > 0
+        cached = st.lambda_max if (state is not None and st.lambda_max is not None and st.lambda_max > 0
                                    and st.lambda_max_age + 1 < self.refresh_every) else None
         extra: dict[str, float] = {}
         if cached is not None:
             try:
-                s = linear.neumann(op, v, iters=self.iters, alpha=1.0 / cached, residual=residual,
+                s = series.neumann(op, v, iters=self.iters, alpha=1.0 / cached, residual=residual,
                                    max_growth=self.max_growth, stale_growth=1.0)
                 s.extra.update({"lambda_max": cached, "lambda_max_age": float(st.lambda_max_age + 1)})
                 return s.p, st.replace(lambda_max_age=st.lambda_max_age + 1), _stats(s)
-            except linear.SeriesGrewError:
+            except series.SeriesGrewError:
                 extra["refreshed_on_growth"] = 1.0
         lam_max = self._estimate(op, v)
-        s = linear.neumann(op, v, iters=self.iters, alpha=1.0 / lam_max, residual=residual,
+        s = series.neumann(op, v, iters=self.iters, alpha=1.0 / lam_max, residual=residual,
                            max_growth=self.max_growth)
         s.extra.update({"lambda_max": lam_max, "lambda_max_age": 0.0, **extra})
         return s.p, st.replace(lambda_max=lam_max, lambda_max_age=0), _stats(s)
 
+    def safer(self, error: HypergradientError) -> Neumann | None:
+        """The same series with half the ``α`` (the estimated safe ``1/λ_max`` at most), after a
+        divergence; ``None`` once ``α`` is far below the safe one (the operator is indefinite and no
+        ``α`` makes the series converge) or for other failures."""
+        if not (isinstance(error, NeumannDivergenceError) and math.isfinite(error.safe_alpha)
+                and error.safe_alpha > 0):
+            return None
+        safe = error.safe_alpha
+        alpha = safe if self.alpha == "auto" else float(self.alpha)
+        if alpha <= safe / 2 ** 8:
+            return None
+        return dataclasses.replace(self, alpha=min(safe, alpha / 2))
+
 
 @dataclass(frozen=True)
 class Identity(ImplicitMethod):
-    """``p = scale · v``: ``H`` approximated by ``I/scale`` (T1−T2, Luketina et al. 2016). No HVPs."""
+    """``p = scale · v``: ``M`` approximated by ``I/scale`` (T1−T2, Luketina et al. 2016). No products."""
 
     scale: float = 1.0
 
@@ -190,39 +246,40 @@ class Identity(ImplicitMethod):
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise HypergradientError(f"Identity.scale must be a finite number, got {self.scale!r}")
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        s = linear.identity(op, v, scale=self.scale, residual=residual)
-        return s.p, _carry(state), _stats(s)
+        s = series.identity(op, v, scale=self.scale, residual=residual)
+        return s.p, self.own_state(state), _stats(s)
 
 
 @dataclass(frozen=True)
 class Nystrom(ImplicitMethod):
-    """``p = (Ĥ + ρI)⁻¹ v`` with a rank-``rank`` randomized Nyström ``Ĥ`` (``rank`` HVPs, one batch).
+    """``p = (Ĥ + ρI)⁻¹ v`` with a rank-``rank`` randomized Nyström ``Ĥ`` (``rank`` products, one batch).
 
     After Hataya & Yamada (2023), with a Gaussian sketch instead of sampled columns (Frangella,
-    Tropp & Udell 2023), which captures the top of the spectrum far better per HVP. ``rho`` damps
-    as ``(Ĥ + ρI)⁻¹``; ``rho=None`` instead sets the uncaptured spectrum to the smallest captured
-    eigenvalue (see :func:`.kernels.symmetric.nystrom`). Good where H is low rank plus a small
+    Tropp & Udell 2023), which captures the top of the spectrum far better per product. ``rho``
+    damps as ``(Ĥ + ρI)⁻¹``; ``rho=None`` instead sets the uncaptured spectrum to the smallest
+    captured eigenvalue (see :func:`.kernels.nystrom.nystrom`). Good where H is low rank plus a small
     floor; on well-conditioned problems CG is better.
 
     ``floor=μ`` is for a Hessian that is low rank plus a *large* flat floor, ``H = A + μI`` (weight
-    decay ``μ`` on an over-parameterised model): it sketches ``H − μI`` with the same HVPs and
+    decay ``μ`` on an over-parameterised model): it sketches ``H − μI`` with the same products and
     inverts ``Â + μI`` exactly, which equals ``H⁻¹`` when ``rank ≥ rank(A)``; the plain sketch
     would spend itself on ``μI``. ``μ`` must be at most ``λ_min(H)``. ``floor="auto"`` estimates
-    μ from the sketch itself, no HVP (the smallest Ritz value of ``ΩᵀHΩ`` less its residual norm:
-    the floor exactly when ``rank > rank(A)``), and falls back to the plain method where the
+    μ from the sketch itself, no product (the smallest Ritz value of ``ΩᵀHΩ`` less its residual
+    norm: the floor exactly when ``rank > rank(A)``), and falls back to the plain method where the
     sketch shows no floor. ``floor=None`` (default) is the plain method. The floor used is
-    ``info.extra["floor"]`` (0 for a fallback). At equal HVPs CG is as accurate or better on a
-    single solve (``docs/benchmarks.md``); Nyström's edge is one batched HVP call.
+    ``info.extra["floor"]`` (0 for a fallback). How it compares with CG at equal products is
+    measured in ``docs/benchmarks.md``; Nyström's edge is one batched product call.
 
     With a state, the factored sketch is kept and reused by the next calls while it stays
-    accurate. The check costs one HVP: the reused ``p`` gives the residual ``‖Hp − v‖/‖v‖``
+    accurate. The check costs one product: the reused ``p`` gives the residual ``‖Hp − v‖/‖v‖``
     under the *current* H and v, which is compared with the residual the sketch had when fresh
-    (measured then, one HVP, only when a state is carried); within ``reuse`` times that (default
-    1.5) the reused ``p`` is returned (``rank`` HVPs saved, ``info.extra["sketch_reused"] = 1``,
-    ``info.iterations = 0``), otherwise the call sketches afresh. ``reuse=None`` sketches at every
-    call. Options that change the sketch (``rank``, ``rho``, ``seed``, ``floor``) also re-sketch.
+    (measured then, one product, only when a state is carried); within ``reuse`` times that
+    (default 1.5) the reused ``p`` is returned (``rank`` products saved,
+    ``info.extra["sketch_reused"] = 1``, ``info.iterations = 0``), otherwise the call sketches afresh.
+    ``reuse=None`` sketches at every call. Options that change the sketch (``rank``, ``rho``,
+    ``seed``, ``floor``) also re-sketch.
     """
 
     rank: int = 20
@@ -230,6 +287,9 @@ class Nystrom(ImplicitMethod):
     seed: int = 0
     floor: float | Literal["auto"] | None = None
     reuse: float | None = 1.5
+
+    state_type: ClassVar[type[SolverState]] = NystromState
+    requires: ClassVar[str | None] = "symmetric positive semi-definite"
 
     def __post_init__(self) -> None:
         positive_int("Nystrom.rank", self.rank)
@@ -248,7 +308,7 @@ class Nystrom(ImplicitMethod):
     def _config(self) -> list[object]:
         return [self.rank, self.rho, self.seed, self.floor]
 
-    def _reusable(self, st: SolverState, v: Tree) -> linear.NystromFactor | None:
+    def _reusable(self, st: NystromState, v: Tree) -> nystrom.NystromFactor | None:
         sk = st.sketch
         if self.reuse is None or sk is None or sk.get("config") != self._config() \
                 or sk.get("residual") is None:
@@ -262,24 +322,25 @@ class Nystrom(ImplicitMethod):
                 f"({like.numel()}, {self.rank}), {like.dtype}: it belongs to other weights. "
                 "Pass a fresh hg.SolverState() for these weights.")
         # A state loaded on another device (CPU checkpoint, GPU weights): moved, not refused.
-        return linear.NystromFactor(U.to(like.device), sk["d"].to(like.device), float(sk["c"]),
-                                    dict(sk["extra"]))
+        return nystrom.NystromFactor(U.to(like.device), sk["d"].to(like.device), float(sk["c"]),
+                                     dict(sk["extra"]))
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        st = _carry(state)
+        st = self.own_state(state)
+        assert isinstance(st, NystromState)
         old = self._reusable(st, v) if state is not None else None
         if old is not None:
             p = old.apply(v)
-            res = linear.relative_residual(op, p, v)
+            res = relative_residual(op, p, v)
             if res <= self.reuse * st.sketch["residual"]:  # type: ignore[index]
                 return p, st, Stats(0, res, None, {**old.extra, "sketch_reused": 1.0})
-        f = linear.nystrom_factor(op, v, rank=self.rank, rho=self.rho, seed=self.seed, floor=self.floor)
+        f = nystrom.nystrom_factor(op, v, rank=self.rank, rho=self.rho, seed=self.seed, floor=self.floor)
         p = f.apply(v)
         res_fresh: float | None = None
         if residual or (state is not None and self.reuse is not None):
             # A carried state needs the fresh residual as the yardstick of later reuse.
-            res_fresh = linear.relative_residual(op, p, v)
+            res_fresh = relative_residual(op, p, v)
         sketch = {"U": f.U, "d": f.d, "c": f.c, "extra": dict(f.extra), "config": self._config(),
                   "residual": res_fresh}
         return p, st.replace(sketch=sketch), Stats(self.rank, res_fresh if residual else None, None,
@@ -297,22 +358,21 @@ class Auto(ImplicitMethod):
     * the relative residual ``‖Hp − v‖/‖v‖ ≤ tol`` (default 1e-2), and
     * the estimated relative error ``‖r‖/(θ_min‖p‖) ≤ error_tol`` (default 3e-2), where ``θ_min``
       is the smallest Ritz value of CG's own Lanczos tridiagonal (free: scalars CG computes
-      anyway; see :func:`hypergradients.core.kernels.symmetric.cg`).
+      anyway; see :func:`hypergradients.core.kernels.krylov.cg`).
 
     The second rule is what keeps the default's promise, cosine ≥ 0.999 with the exact
     hypergradient, on ill-conditioned Hessians: since ``p − H⁻¹v = −H⁻¹r``, a residual of ``tol``
-    allows a relative error up to ``cond(H)·tol``, and at ``cond(H) ≈ 1e3`` the residual rule
-    alone gives cosines down to 0.9967. ``error_tol=3e-2`` is the loosest of 1e-1, 3e-2, 1e-2
-    that kept every cosine ≥ 0.999 on logistic problems with ``cond(H)`` from 1e1 to 1e4 (worst
-    0.99995; 1e-1 gave 0.99899): ``docs/benchmarks.md``, ``benchmarks/auto_tolerance.py``. On
+    allows a relative error up to ``cond(H)·tol``. ``error_tol=3e-2`` is the loosest setting that
+    kept the promise on logistic problems with ``cond(H)`` from 1e1 to 1e4
+    (``benchmarks/auto_tolerance.py``; the figures are in ``docs/benchmarks.md``). On
     well-conditioned problems the first rule binds and nothing changes. ``error_tol=None``
     drops the second rule (CG to relative residual ``tol`` only); pass a smaller ``tol`` for
-    reference values. With a :class:`~hypergradients.SolverState` it starts from the previous
-    solution, which after a small hyper step usually meets both rules in a few HVPs, and keeps the
-    Ritz extremes (``θ_min`` from a warm start's short run alone would be too large). If CG meets
-    negative curvature (weights not at a minimum), it is rerun on ``H + δI`` with ``δ`` grown from
-    ``2|dᵀHd|/dᵀd`` (the curvature found) until CG runs through, reported as
-    ``info.extra["damping"]``: a Levenberg-style answer instead of an error.
+    reference values. With a state it starts from the previous solution, which after a small hyper
+    step usually meets both rules in a few products, and keeps the Ritz extremes (``θ_min`` from a
+    warm start's short run alone would be too large). If CG meets negative curvature (weights not
+    at a minimum), it is rerun on ``H + δI`` with ``δ`` from
+    :meth:`~hypergradients.NegativeCurvatureError.damping_beyond`, grown until CG runs through,
+    reported as ``info.extra["damping"]``: a Levenberg-style answer instead of an error.
     ``info.extra`` also has ``lambda_min``/``lambda_max`` (the Ritz extremes of ``H + δI``) and
     ``error_estimate``. Shares its state with :class:`CG`.
     """
@@ -321,7 +381,9 @@ class Auto(ImplicitMethod):
     max_iters: int = 200
     error_tol: float | None = 3e-2
 
+    state_type: ClassVar[type[SolverState]] = CGState
     shares_state_with: ClassVar[tuple[str, ...]] = ("CG",)
+    requires: ClassVar[str | None] = "symmetric positive-definite"
 
     def __post_init__(self) -> None:
         nonneg_float("Auto.tol", self.tol)
@@ -331,34 +393,34 @@ class Auto(ImplicitMethod):
             raise HypergradientError(f"Auto.error_tol must be a finite number > 0 or None, "
                                      f"got {self.error_tol!r}")
 
-    def _cg(self, op: HessianOperator, v: Tree, x0: Tree | None, lambda_min: float | None) -> linear.Solve:
-        def run(damping: float, start: Tree | None) -> linear.Solve:
+    def _cg(self, op: LinearOperator, v: Tree, x0: Tree | None, lambda_min: float | None) -> Solve:
+        def run(damping: float, start: Tree | None) -> Solve:
             hint = None if lambda_min is None else lambda_min + damping
-            return linear.cg(op.damped(damping), v, iters=self.max_iters, tol=self.tol, x0=start,
+            return krylov.cg(op.damped(damping), v, iters=self.max_iters, tol=self.tol, x0=start,
                              error_tol=self.error_tol, lambda_min=hint)
 
         try:
             return run(0.0, x0)
         except NegativeCurvatureError as e:
-            curv = e.curvature
-        # Rayleigh quotients under-estimate |λ_min|: grow δ until CG runs through (at most 40 doublings).
+            err = e
         damping = 0.0
         for _ in range(40):
-            damping = 2.0 * (damping + abs(curv)) or 1e-8
+            damping = err.damping_beyond(damping)
             try:
                 s = run(damping, None)
             except NegativeCurvatureError as e:
-                curv = e.curvature
+                err = e
                 continue
             s.extra["damping"] = damping
             return s
         raise HypergradientError(f"hg.Auto: the Hessian stays indefinite after damping {damping:.3g}; the "
                                  "weights are far from a minimum: train the inner problem further")
 
-    def solve(self, op: HessianOperator, v: Tree, state: SolverState | None, *,
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        st = _carry(state)
-        x0 = st.warm(v, method="Auto")
+        st = self.own_state(state)
+        assert isinstance(st, CGState)
+        x0 = st.warm_start(v, method="Auto")
         s = self._cg(op, v, x0, st.lambda_min if x0 is not None else None)
         if x0 is not None:
             s.extra["warm_start"] = 1.0
@@ -379,3 +441,120 @@ def _remember_curvature(state: SolverState, extra: dict[str, float]) -> SolverSt
     if lo > 0:
         return state.replace(lambda_min=lo, lambda_max=extra.get("lambda_max", extra["lambda_min"]) - damping)
     return state
+
+
+class _Krylov(ImplicitMethod):
+    """The solvers that keep only a warm start: MINRES, GMRES, BiCGStab, NormalCG."""
+
+    state_type: ClassVar[type[SolverState]] = KrylovState
+
+    @abc.abstractmethod
+    def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
+        """The kernel's solve of ``op p = v`` from ``x0`` (``None``: from zero)."""
+
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
+              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+        st = self.own_state(state)
+        assert isinstance(st, KrylovState)
+        x0 = st.warm_start(v, method=type(self).__name__)
+        s = self._kernel(op, v, x0)
+        if x0 is not None:
+            s.extra["warm_start"] = 1.0
+        return s.p, st.replace(p=tree.detach(s.p)), _stats(s)
+
+
+@dataclass(frozen=True)
+class MINRES(_Krylov):
+    """MINRES on a symmetric ``M p = v``, indefinite allowed: at most ``iters`` products (plus one per
+    pass for the true residual), stopping at ``‖r‖ ≤ tol·‖v‖``.
+
+    The method for a Hessian that is not positive definite: weights at a saddle, or not yet at a
+    minimum. CG breaks down there and damping changes the answer; MINRES (Paige & Saunders 1975)
+    minimises the residual over the same Krylov space as CG without needing definiteness, so it
+    returns the derivative of the stationary point as it is (what :class:`Exact` computes densely).
+    One product per iteration and constant memory (seven trees). A singular ``H`` (a flat
+    direction) gives a minimal-residual answer. Needs a symmetric operator: for
+    ``root_hypergradient`` a condition declared ``symmetric=True``. See
+    :func:`hypergradients.core.kernels.krylov.minres`.
+    """
+
+    iters: int = 200
+    tol: float = 1e-10
+
+    requires: ClassVar[str | None] = "symmetric"
+
+    def __post_init__(self) -> None:
+        positive_int("MINRES.iters", self.iters)
+        nonneg_float("MINRES.tol", self.tol)
+
+    def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
+        return krylov.minres(op, v, iters=self.iters, tol=self.tol, x0=x0)
+
+
+@dataclass(frozen=True)
+class GMRES(_Krylov):
+    """Restarted GMRES on ``M p = v``: at most ``iters`` products (plus one per restart for the true
+    residual), restarting every ``restart``, stopping at ``‖r‖ ≤ tol·‖v‖``.
+
+    Any non-singular ``M``, symmetric or not, definite or not; the residual falls monotonically.
+    The default of ``root_hypergradient`` (``M = (∂F/∂w)ᵀ``); on a Hessian at a saddle it solves the
+    indefinite system as :class:`MINRES` does, at more memory: ``restart + 1`` trees the size of the
+    weights. See :func:`hypergradients.core.kernels.krylov.gmres`.
+    """
+
+    iters: int = 200
+    tol: float = 1e-10
+    restart: int = 30
+
+    def __post_init__(self) -> None:
+        positive_int("GMRES.iters", self.iters)
+        nonneg_float("GMRES.tol", self.tol)
+        positive_int("GMRES.restart", self.restart)
+
+    def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
+        return krylov.gmres(op, v, iters=self.iters, tol=self.tol, restart=self.restart, x0=x0)
+
+
+@dataclass(frozen=True)
+class BiCGStab(_Krylov):
+    """BiCGStab on ``M p = v``: at most ``iters`` iterations of two products each.
+
+    Constant memory (seven trees); the residual is not monotone and the method can break down
+    (it then restarts from the true residual). See :func:`hypergradients.core.kernels.krylov.bicgstab`.
+    """
+
+    iters: int = 100
+    tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        positive_int("BiCGStab.iters", self.iters)
+        nonneg_float("BiCGStab.tol", self.tol)
+
+    def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
+        return krylov.bicgstab(op, v, iters=self.iters, tol=self.tol, x0=x0)
+
+
+@dataclass(frozen=True)
+class NormalCG(_Krylov):
+    """CG on the normal equations of ``M p = v`` (CGLS): a product with ``M`` and one with ``Mᵀ`` per
+    iteration.
+
+    Minimises the residual monotonically for any ``M``, singular included, but converges at the
+    rate of CG on ``cond(M)²``: the fallback where GMRES stagnates. On a Hessian both products are
+    Hessian-vector products. On a root condition ``M = (∂F/∂w)ᵀ`` and ``Mᵀx = (∂F/∂w)x`` is a
+    forward-mode JVP (``torch.autograd.forward_ad``); where forward mode fails (an operation without
+    a forward-mode formula; PyTorch's "ZeroTensors are immutable" bug in ``F.mse_loss``'s mean
+    reduction) it is computed in reverse mode instead, as ``(∂F/∂w)x = ∂/∂u ⟨(∂F/∂w)ᵀu, x⟩`` (a VJP
+    of a VJP, one backward pass each after a graph built once), which needs a second derivative of
+    the condition; ``info.extra["double_vjp"]`` is then 1. See :func:`.kernels.krylov.cgls`.
+    """
+
+    iters: int = 200
+    tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        positive_int("NormalCG.iters", self.iters)
+        nonneg_float("NormalCG.tol", self.tol)
+
+    def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
+        return krylov.cgls(op, v, iters=self.iters, tol=self.tol, x0=x0)

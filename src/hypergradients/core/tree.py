@@ -1,6 +1,6 @@
 """Algebra on ``dict[str, Tensor]`` trees: the shape of ``module.named_parameters()``.
 
-Every solver in :mod:`hypergradients.core.kernels.symmetric` works on trees directly, so no per-iteration
+Every solver in :mod:`hypergradients.core.kernels` works on trees directly, so no per-iteration
 flatten/unflatten copy is made; :func:`flatten` and :func:`unflatten` exist for the dense
 methods (``Exact``) and for tests.
 """

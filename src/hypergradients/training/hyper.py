@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,20 +55,23 @@ import torch
 from torch import Tensor, nn
 
 from ..core import distributed, tree
-from ..core.derivatives import HvpMode, LossFn
-from ..core.errors import HypergradientError, NegativeCurvatureError, NeumannDivergenceError
+from ..core.derivatives import HvpMode
+from ..core.errors import (
+    HypergradientError,
+    NegativeCurvatureError,
+    NeumannDivergenceError,
+    NonFiniteHypergradientError,
+)
 from ..core.hypergradient import hypergradient
 from ..core.method import Info, Method
 from ..core.modules import in_mode
-from ..core.solvers import CG, Neumann
 from ..core.state import SolverState
 from ..hparams.base import Family, Noise
 from ..hparams.objective import BatchLike, BatchLoss, Objective, as_batch, collect_hparams, cross_entropy
 from .settings import HyperSettings, OptimizerFactory, Projection, SolverPolicy
 
 STATE_VERSION = 1
-_MAX_RETRIES = 30        # damped CG retries per hyper step (hg.Auto allows 40 doublings)
-_MAX_ALPHA_RETRIES = 8   # Neumann retries per hyper step, α halved each time
+_MAX_RETRIES = 30        # safer variants tried per hyper step (each damped CG at least doubles δ)
 
 
 class NonFiniteError(RuntimeError):
@@ -89,15 +92,6 @@ class NonFiniteError(RuntimeError):
         self.what = what
 
 
-def _nonfinite_key(method: Method, outer: LossFn, inner: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
-                   state: SolverState | None, hvp_mode: HvpMode = "reverse") -> str | None:
-    """The first key of ``method``'s hypergradient that is not finite, or ``None`` (also if it fails)."""
-    try:
-        g, _ = method.compute(outer, inner, w, tree.clone_leaves(lam, requires_grad=True), state=state,
-                              residual=True, hvp_mode=hvp_mode)
-    except HypergradientError:
-        return None
-    return tree.first_nonfinite(tree.detach(g))
 
 
 def _skip_reason(e: HypergradientError, method: Method) -> str:
@@ -109,10 +103,13 @@ def _skip_reason(e: HypergradientError, method: Method) -> str:
 
 def solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]], method: Method,
                        policy: SolverPolicy) -> tuple[dict[str, Tensor], Info, dict[str, Any]]:
-    """``call(method)``; on a solver failure with ``policy="damp"``, retries with a safer method.
+    """``call(method)``; on a solver failure with ``policy="damp"``, retries with the method's own safer
+    variant (:meth:`~hypergradients.Method.safer`: CG damped, Neumann with a smaller α), asking the
+    variant again when it fails too, at most ``_MAX_RETRIES`` times.
 
-    Returns the hypergradient, its info and what the retry used (empty if none), or raises the
-    last failure (the caller skips that hyper step or re-raises it).
+    Returns the hypergradient, its info and what the retry changed (empty if none:
+    ``solver_retry`` names the options, ``solver_<option>`` their new values), or raises the last
+    failure (the caller skips that hyper step or re-raises it).
     """
     try:
         return (*call(method), {})
@@ -120,36 +117,27 @@ def solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]],
         if policy != "damp":
             raise
         err: HypergradientError = e
-    damping, alpha = 0.0, None
+    current = method
     for _ in range(_MAX_RETRIES):
-        if isinstance(err, NegativeCurvatureError) and isinstance(method, CG):
-            # As hg.Auto does: δ from twice the curvature found, grown until CG runs through
-            # (a Rayleigh quotient under-estimates |λ_min|), a Levenberg-style step.
-            curv = abs(err.curvature) if math.isfinite(err.curvature) else 0.0
-            damping = 2.0 * (damping + curv) or 1e-8
-            retry: Method = CG(iters=method.iters, tol=method.tol, damping=method.damping + damping)
-            used: dict[str, Any] = {"solver_retry": "damping", "solver_damping": method.damping + damping}
-        elif isinstance(err, NeumannDivergenceError) and isinstance(method, Neumann) and \
-                math.isfinite(err.safe_alpha) and err.safe_alpha > 0:
-            # The error's safe α = 1/λ_max first; if even that diverges (negative curvature), halve it:
-            # the growth (1 + α|λ_min|)^K of the series shrinks with α.
-            if alpha is None:
-                first = err.safe_alpha if method.alpha == "auto" else float(method.alpha)
-                alpha = err.safe_alpha if first > err.safe_alpha else first / 2
-            elif alpha <= err.safe_alpha / 2 ** _MAX_ALPHA_RETRIES:
-                raise err
-            else:
-                alpha = min(err.safe_alpha, alpha / 2)
-            retry = Neumann(iters=method.iters, alpha=alpha, power_iters=method.power_iters,
-                            max_growth=method.max_growth)
-            used = {"solver_retry": "alpha", "solver_alpha": alpha}
-        else:
+        retry = current.safer(err)
+        if retry is None:
             raise err   # no safer variant of this method: the caller skips the step
+        changed = _changed_options(method, retry)
+        used: dict[str, Any] = {"solver_retry": "+".join(changed),
+                                **{f"solver_{k}": v for k, v in changed.items()}}
         try:
             return (*call(retry), used)
         except (NeumannDivergenceError, NegativeCurvatureError) as e:
-            err = e
+            err, current = e, retry
     raise err
+
+
+def _changed_options(method: Method, retry: Method) -> dict[str, Any]:
+    """The options of ``retry`` that differ from ``method``'s (both dataclasses), by name."""
+    if not (dataclasses.is_dataclass(method) and dataclasses.is_dataclass(retry)):
+        return {"method": repr(retry)}
+    return {f.name: getattr(retry, f.name) for f in dataclasses.fields(retry)
+            if getattr(retry, f.name) != getattr(method, f.name, None)}
 
 
 @dataclass
@@ -355,7 +343,7 @@ class HyperOptimizer:
 
         m = method or self.method
         # The carried state holds the own method's quantities (another class would refuse it with a
-        # StateMismatchError); the damped retries of step() are of the same class and keep it.
+        # StateMismatchError); a safer retry of the same class (CG's, Neumann's) continues from it.
         state = self.solver_state if type(m) is type(self.method) else None
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
@@ -367,17 +355,15 @@ class HyperOptimizer:
         except HypergradientError as e:
             if bad:
                 what, name = "on the hyper step's batch, the loss", bad[0]
+            elif isinstance(e, NonFiniteHypergradientError):
+                what, name = "the hypergradient of", e.key
             else:
-                # hg.hypergradient's error for a non-finite result carries no key: find it from the
-                # values, by the same computation without the final check (its state is unchanged
-                # after a failed call, so this repeats it), only on this failure path.
-                found = _nonfinite_key(m, outer, inner, w, lam, state, self.hvp_mode)
-                if found is None:
-                    raise
-                what, name = "the hypergradient of", found
+                raise
             raise NonFiniteError(f"hyper step {self.steps + 1}: {what} {name!r} is not finite (NaN or inf): "
                                  "check the data, the weights and the method's settings",
                                  round=self.steps + 1, name=name, checkpoint=None, what=what) from e
+        if state is not None:
+            self.solver_state = info.state   # states are values: the next step continues from this one
         return g, info
 
     def step(self, train_batch: BatchLike, val_batch: BatchLike) -> HyperStep:
@@ -509,8 +495,7 @@ class HyperOptimizer:
             for k, t in self.hparams.items():
                 t.copy_(saved[k])
         if solver is not None:
-            assert self.solver_state is not None
-            self.solver_state.assign(solver)
+            self.solver_state = solver
         if noise is not None and self.noise_generator is not None:
             self.noise_generator.set_state(noise.cpu())
         self.steps, self.skipped, self.retried = counts
