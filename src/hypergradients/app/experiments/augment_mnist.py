@@ -240,7 +240,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
     arms, seeds, rounds = list(cfg["arms"]), list(cfg["seeds"]), cfg["train.rounds"]
     runs = [(a, s) for s in seeds for a in arms]
-    ds: Dataset = begin(ctx, check, checkpoints=[ctx.out / f"{a}-seed{s}" for a, s in runs],
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / f"{a}-seed{s}" for a, s in runs],
                         restart="run").to(ctx.device)
     per: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     wall = dict.fromkeys(arms, 0.0)
@@ -362,7 +362,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
 def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Notes comparing the learned augmentation with the others, seed by seed: every arm of a seed
     starts from the same weights, so the standard error is that of the mean paired difference over
-    the seeds, and the verdict :func:`._common.versus`'s (one seed: no noise estimate)."""
+    the seeds, and the verdict :func:`.shared.versus`'s (one seed: no noise estimate)."""
     notes: list[str] = []
     net = rows.get("augnet")
     for other in ("none", "handmade"):

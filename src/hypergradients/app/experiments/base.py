@@ -153,4 +153,5 @@ def write_report(out: Path, title: str, body: list[str]) -> Path:
     """``out/report.md``: a ``# title`` line, then ``body`` (markdown lines), written atomically."""
     from ...training.files import write_atomic
 
-    return write_atomic(out / "report.md", "\n".join([f"# {title}", "", *body, ""]))
+    text = "\n".join([f"# {title}", "", *body]).rstrip("\n")
+    return write_atomic(out / "report.md", text + "\n")

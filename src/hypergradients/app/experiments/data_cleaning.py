@@ -148,7 +148,7 @@ def precision_recall(weights: Tensor, corrupted: Tensor, threshold: float) -> tu
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
     arms = list(cfg["arms"])
-    ds: Dataset = begin(ctx, check, checkpoints=[ctx.out / arm for arm in arms]).to(ctx.device)
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / arm for arm in arms]).to(ctx.device)
     full = cfg["config"] == "full"
     n_rounds = rounds(cfg, 300, 1000)
     ytr, bad = corrupt(ds.y_train, ds.num_classes, cfg["noise.p"], seed=cfg["seed"])

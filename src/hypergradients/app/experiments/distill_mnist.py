@@ -160,7 +160,7 @@ def train_fresh(ds: Dataset, x: Tensor, y: Tensor, *, seed: int, steps: int, lr:
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
     out = ctx.out / "distilled"
-    ds: Dataset = begin(ctx, check, checkpoints=[out]).to(ctx.device)
+    ds: Dataset = begin(ctx, check, arms=[out]).to(ctx.device)
     full = cfg["config"] == "full"
     n_rounds, k, C = rounds(cfg, 500, 2000), cfg["distill.per_class"], ds.num_classes
     vbs = cfg["hyper.val_batch_size"]

@@ -256,7 +256,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
     family = cfg["family"]
     arms = ["tuned", "baseline"] + (["real-k"] if family == "distill" else [])
-    ds: Dataset = begin(ctx, check, checkpoints=[ctx.out / arm for arm in arms]).to(ctx.device)
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / arm for arm in arms]).to(ctx.device)
     xtr, ytr = _images(ds, ds.x_train), ds.y_train
     flipped = torch.zeros(len(ytr), dtype=torch.bool)
     if family in NOISY:
@@ -385,7 +385,7 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
 def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int, *,
            se: dict[str, float] | None = None, n_test: int = 0) -> list[str]:
     """The report's notes. ``se[arm]``: the paired standard error (over the same test examples) of the
-    tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`._common.versus`'s."""
+    tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`.shared.versus`'s."""
     se = se or {}
     t, b = results["tuned"], results["baseline"]
     paired = f"paired standard error over the {n_test:,} test examples, one training seed"

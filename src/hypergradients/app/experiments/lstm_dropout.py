@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...hparams import DropConnect, Dropout, Family, describe
-from ...training.files import json_dumps, read_json, remove_stale_temps, write_atomic
+from ...training.files import json_dumps, read_json, write_atomic
 from ..config import Config, ConfigError, Option
 from ..corpus import Corpus, batchify, load_corpus
 from ..datasets import DataFormatError, DataUnavailableError
@@ -234,7 +234,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
     ctx = replace(ctx, config=with_preset(ctx.config))   # what the run uses, and its config.toml
     cfg, t0 = ctx.config, time.perf_counter()
     arms: list[str] = list(cfg["arms"])
-    corpus: Corpus = begin(ctx, check, checkpoints=[ctx.out / arm for arm in arms if arm != "optuna"])
+    corpus: Corpus = begin(ctx, check, arms=[ctx.out / arm for arm in arms],
+                           resumed=[ctx.out / arm for arm in arms if arm != "optuna"])   # optuna keeps none
     seq = cfg["data.seq_len"]
     data = {
         "train": batchify(corpus.train, seq, max_tokens=cfg["data.train_tokens"]),
@@ -256,7 +257,6 @@ def _run(ctx: RunContext) -> ExperimentResult:
             arm_dir = ctx.out / arm
             if arm == "optuna":
                 arm_dir.mkdir(exist_ok=True)
-                remove_stale_temps(arm_dir)
                 optuna_res = _optuna(ctx, corpus, data, results, arm_dir, bar.bar, i * rounds)
                 results[arm] = optuna_res["row"]
                 continue
@@ -431,7 +431,7 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None, *,
     """Plain-language notes on the table, whichever way it came out.
 
     ``se[arm]`` is the paired standard error (over the same ``n_test`` test sequences) of the IFT
-    arm's test loss minus ``arm``'s; the verdicts are :func:`._common.versus`'s, on the test loss
+    arm's test loss minus ``arm``'s; the verdicts are :func:`.shared.versus`'s, on the test loss
     (the log of the perplexity). The Optuna arm keeps no per-sequence losses: no noise estimate.
     """
     se = se or {}

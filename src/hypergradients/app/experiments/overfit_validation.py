@@ -96,7 +96,7 @@ def check(cfg: Config) -> Dataset:
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
     models = cfg["models"]
-    ds: Dataset = begin(ctx, check, checkpoints=[ctx.out / name for name in models]).to(ctx.device)
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / name for name in models]).to(ctx.device)
     n_rounds = rounds(cfg, 200, 2000)
     train, val = (ds.x_train, ds.y_train), (ds.x_val, ds.y_val)
     evals = {"train": train, "val": val, "test": (ds.x_test, ds.y_test)}

@@ -3,7 +3,7 @@ and its report.
 
 A run goes the same way in every experiment::
 
-    data = begin(ctx, check, checkpoints=[ctx.out / arm for arm in arms])   # config.toml, the data
+    data = begin(ctx, check, arms=[ctx.out / arm for arm in arms])   # config.toml, the data
     metrics = RunMetrics(ctx.out / "metrics.jsonl")                         # every arm's rounds
     with ArmsProgress(ctx, "name", len(arms), rounds) as bar:
         for i, arm in enumerate(arms):
@@ -156,18 +156,19 @@ def optimizer(name: str, lr: float) -> Callable[[list[Tensor]], torch.optim.Opti
 
 
 # ------------------------------------------------------------------------------------ the run
-def begin(ctx: RunContext, check: Callable[[Config], Any], *, checkpoints: Iterable[Path] = (),
-          restart: str = "arm") -> Any:
-    """The start of a run, before its first arm: on ``--resume`` each checkpoint folder in
-    ``checkpoints`` reads back (:func:`check_checkpoints`: a refused resume changes no file), then the
-    run folder, without the temp files a killed write left, and its ``config.toml``. Returns the
-    data: what ``check`` returned before the run (:attr:`RunContext.data`), else ``check`` again."""
-    cfg = ctx.config
-    check_checkpoints(ctx, checkpoints, restart=restart)
+def begin(ctx: RunContext, check: Callable[[Config], Any], *, arms: Sequence[Path] = (),
+          resumed: Sequence[Path] | None = None, restart: str = "arm") -> Any:
+    """The start of a run, before its first arm: on ``--resume`` the checkpoint in each folder of
+    ``resumed`` (default: every folder of ``arms``) reads back (:func:`check_checkpoints`: a refused
+    resume changes no file); then the run folder and its ``arms``' folders lose the temp files a killed
+    write left, and ``config.toml`` is written. Returns the data: what ``check`` returned before the
+    run (:attr:`RunContext.data`), else ``check`` again."""
+    check_checkpoints(ctx, arms if resumed is None else resumed, restart=restart)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(ctx.out)
-    write_toml(cfg, ctx.out / "config.toml")
-    return ctx.data if ctx.data is not None else check(cfg)
+    for d in (ctx.out, *arms):
+        remove_stale_temps(d)
+    write_toml(ctx.config, ctx.out / "config.toml")
+    return ctx.data if ctx.data is not None else check(ctx.config)
 
 
 def unreadable(e: UnreadableFileError, folder: Path | None, what: str) -> UnreadableFileError:
