@@ -19,7 +19,7 @@ from hypergradients.app.experiments.compare import CompareConfig, CompareResult,
 from hypergradients.core import tree
 
 DT = torch.float64
-CFG = CompareConfig.quick(budgets=(0, 1, 2, 5, 11, 20))
+CFG = CompareConfig.smoke(budgets=(0, 1, 2, 5, 11, 20))
 
 
 @pytest.fixture(scope="module")

@@ -87,16 +87,16 @@ def test_bench_run_and_subcommand_resolve_the_same_suite(tmp_path: Path, monkeyp
     assert cli.main(["run", "bench", "--smoke", "--set", "iters=4", "--set", "unrolled.steps=[3,7]",
                      "--threads", "1", "--out", str(tmp_path / "run"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert seen[0] == seen[1] == bench.Suite.quick(iters=4, unrolled_steps=(3, 7), threads=1)
+    assert seen[0] == seen[1] == bench.Suite.smoke(iters=4, unrolled_steps=(3, 7), threads=1)
     assert doc["result"] == alias and {"suite", "results", "ratios"} <= set(alias)
     assert [r["case"] for r in doc["rows"]] == ["plain-cg", "cg"]
 
 
 def test_smoke_is_the_old_tiny_configuration() -> None:
-    # The experiments' smoke overrides resolve to what ExplainConfig.quick() etc. always meant.
-    assert explain_config(resolve(get("explain").schema, smoke=get("explain").smoke)) == ExplainConfig.quick()
-    assert compare_config(resolve(get("compare").schema, smoke=get("compare").smoke)) == CompareConfig.quick()
-    assert bench.suite_of(resolve(bench.SCHEMA, smoke=bench.SMOKE)) == bench.Suite.quick()
+    # The experiments' smoke overrides resolve to what ExplainConfig.smoke() etc. always meant.
+    assert explain_config(resolve(get("explain").schema, smoke=get("explain").smoke)) == ExplainConfig.smoke()
+    assert compare_config(resolve(get("compare").schema, smoke=get("compare").smoke)) == CompareConfig.smoke()
+    assert bench.suite_of(resolve(bench.SCHEMA, smoke=bench.SMOKE)) == bench.Suite.smoke()
     # ... and the defaults what the config objects' defaults are
     assert explain_config(resolve(get("explain").schema)) == ExplainConfig()
     assert compare_config(resolve(get("compare").schema)) == CompareConfig()

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from hypergradients.app.cli import main
-from hypergradients.app.experiments import REGISTRY
-from hypergradients.app.experiments import shared
+from hypergradients.app.experiments import REGISTRY, shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 

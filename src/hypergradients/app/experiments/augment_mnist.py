@@ -37,7 +37,17 @@ from ..config import Config, ConfigError, Option
 from ..datasets import Dataset
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .base import with_preset as _with_preset
-from .shared import ArmsProgress, RunMetrics, augment_change, begin, finish, load_data, train_arm, versus, what_it_shows
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    augment_change,
+    begin,
+    finish,
+    load_data,
+    train_arm,
+    versus,
+    what_it_shows,
+)
 
 ARMS = ("none", "handmade", "augnet")
 ARM_NAMES = {
@@ -246,7 +256,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
     wall = dict.fromkeys(arms, 0.0)
     last_net: AugmentNet | None = None
     count = 0
-    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, ArmsProgress(ctx, "augment", len(runs), rounds) as bar:
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "augment", len(runs), rounds) as bar:
         for i, (arm, seed) in enumerate(runs):
             out = ctx.out / f"{arm}-seed{seed}"
             model = _model(cfg, ds, arm, seed, ctx.device)
@@ -267,8 +278,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
             res = train_arm(ctx, model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), out=out,
                             evals={"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, seed=seed,
                             restart="run",
-                            callbacks=[metrics.callback(tag, out),
-                                       bar.tick(i, lambda rec, arm=arm: {"arm": arm, "val": rec.get("val_loss")})])
+                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
             metrics.finish_arm(tag, res.metrics)
             per[arm].append(
                 {

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hypergradients as hg
 
-from ..config import Config, Option
+from ..config import Config, Option, resolve, setting, settings
 from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
 from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
 
@@ -40,26 +40,50 @@ LABELS = {"Neumann": "Neumann (= unrolled from $w^*$)", "Unrolled": "Unrolled fr
           "Nystrom": "Nyström", "CG": "CG", "Identity": "Identity"}
 
 
+# ------------------------------------------------------------------------------- the settings
+SCHEMA: dict[str, Option] = {
+    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
+                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
+                       unique=True),
+    "budgets": Option([0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100], "HVP budgets h", list,
+                      item=int, low=0, nonempty=True),
+    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
+                      nonempty=True, unique=True),
+    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
+                          positive=True),
+    "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
+    "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
+    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
+                      int, low=2, auto=True),
+    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
+                        positive=True),
+    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
+    "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
+    "threads": Option(1, "torch's CPU threads (these problems are too small to gain from more)", int, low=1),
+    "figures": Option(True, "write compare.png", bool),
+}
+# The two sklearn problems, budgets up to 20: seconds (--smoke; CompareConfig.smoke()).
+SMOKE: dict[str, Any] = {"problems": ["diabetes", "breast-cancer"], "budgets": [0, 1, 2, 5, 10, 20]}
+
+
 @dataclass(frozen=True)
 class CompareConfig:
-    """Settings of :func:`compare`. ``budgets``: the HVP counts ``h`` (0…100 by default)."""
+    """Settings of :func:`compare`, each read from :data:`SCHEMA`. ``budgets``: the HVP counts ``h``."""
 
-    problems: tuple[str, ...] = ("diabetes", "digits")
-    budgets: tuple[int, ...] = (0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)
-    methods: tuple[str, ...] = METHODS
-    alpha_scale: float = 1.0
-    identity_scale: float = 1.0
-    cg_tol: float = 1e-12
-    n_train: int | None = None
-    decay: tuple[float, float] = (1e-3, 1e-1)
-    seed: int = 0
+    problems: tuple[str, ...] = setting(SCHEMA, "problems")
+    budgets: tuple[int, ...] = setting(SCHEMA, "budgets")
+    methods: tuple[str, ...] = setting(SCHEMA, "methods")
+    alpha_scale: float = setting(SCHEMA, "alpha_scale")
+    identity_scale: float = setting(SCHEMA, "identity_scale")
+    cg_tol: float = setting(SCHEMA, "cg_tol")
+    n_train: int | None = setting(SCHEMA, "n_train")
+    decay: tuple[float, float] = setting(SCHEMA, "decay.low", "decay.high")
+    seed: int = setting(SCHEMA, "seed")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> CompareConfig:
-        """A small configuration (seconds): the two sklearn problems, budgets up to 20."""
-        base: dict[str, Any] = dict(problems=("diabetes", "breast-cancer"), budgets=(0, 1, 2, 5, 10, 20))
-        base.update(overrides)
-        return cls(**base)
+    def smoke(cls, **overrides: Any) -> CompareConfig:
+        """The ``--smoke`` configuration (:data:`SMOKE`), with ``overrides``."""
+        return settings(cls, SCHEMA, resolve(SCHEMA, smoke=SMOKE), **overrides)
 
     def validate(self) -> None:
         hs = self.budgets
@@ -90,7 +114,6 @@ class ProblemCurves:
     summary: dict[str, object]
     alpha: float
     curves: dict[str, list[dict[str, float]]]
-    labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
 
     def at(self, method: str, budget: int) -> dict[str, float] | None:
         """The point computed with that budget (Identity: its one point), or None if unavailable."""
@@ -185,39 +208,9 @@ def compare(config: CompareConfig | None = None, *, progress: Progress | None = 
     return CompareResult(cfg, out, timings)
 
 
-# ------------------------------------------------------------------------- the registered experiment
-SCHEMA: dict[str, Option] = {
-    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
-                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
-                       unique=True),
-    "budgets": Option(list(CompareConfig.budgets), "HVP budgets h", list, item=int, low=0, nonempty=True),
-    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
-                      nonempty=True, unique=True),
-    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
-                          positive=True),
-    "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
-    "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
-    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
-                      int, low=2, auto=True),
-    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
-                        positive=True),
-    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
-    "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
-    "threads": Option(1, "torch intra-op threads (1: these problems are too small to gain from more)", int,
-                      low=1),
-    "figures": Option(True, "write compare.png", bool),
-}
-# The same settings as CompareConfig.quick(): the two sklearn problems, budgets up to 20 (seconds).
-SMOKE: dict[str, Any] = {"problems": ["diabetes", "breast-cancer"], "budgets": [0, 1, 2, 5, 10, 20]}
-
-
 def compare_config(cfg: Config) -> CompareConfig:
     """The :class:`CompareConfig` of a resolved configuration (dotted keys of :data:`SCHEMA`)."""
-    return CompareConfig(problems=tuple(cfg["problems"]), budgets=tuple(cfg["budgets"]),
-                         methods=tuple(cfg["methods"]), alpha_scale=cfg["alpha_scale"],
-                         identity_scale=cfg["identity_scale"], cg_tol=cfg["cg_tol"],
-                         n_train=None if cfg["n_train"] == "auto" else cfg["n_train"],
-                         decay=(cfg["decay.low"], cfg["decay.high"]), seed=cfg["seed"])
+    return settings(CompareConfig, SCHEMA, cfg)
 
 
 def check(cfg: Config) -> CompareConfig:
@@ -245,7 +238,7 @@ def run(ctx: RunContext) -> ExperimentResult:
     if cfg["figures"]:
         from .figures import compare_figure  # matplotlib: only when figures are drawn
 
-        figures = [compare_figure(result, ctx.out)]
+        figures = [compare_figure(summary, ctx.out, labels=LABELS)]
     summary["figures"] = [f.name for f in figures]
     main_file = write_atomic(ctx.out / "compare.json", json_dumps(summary, indent=2) + "\n")
     md = write_atomic(ctx.out / "compare.md", table + "\n")

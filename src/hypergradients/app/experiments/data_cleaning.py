@@ -173,8 +173,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
             res = train_arm(
                 ctx, model, fams, train, val, out=out, evals=evals, rounds=n_rounds,
                 batch_size=min(bs, len(train[1])),
-                callbacks=[metrics.callback(tag, out),
-                           bar.tick(i, lambda rec, arm=arm: {"arm": arm, "val": rec.get("val_loss")})],
+                callbacks=[metrics.callback(tag, out), bar.tick(i, arm)],
             )
             metrics.finish_arm(tag, res.metrics)
             row: dict[str, Any] = {

@@ -292,9 +292,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 train = (xk, torch.arange(ds.num_classes, device=xk.device).repeat_interleave(k))
                 batch_size = len(xk)  # the distilled arm also sees its whole set at every step
             tag, out = {"arm": arm}, ctx.out / arm
-            show = (lambda rec, arm=arm: {"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss"))})
-            res = train_arm(ctx, model, fams, train, evals["val"], out=out, evals=evals, batch_size=batch_size,
-                            hyper_lr=_hyper_lr(cfg), callbacks=[metrics.callback(tag, out), bar.tick(i, show)])
+            res = train_arm(ctx, model, fams, train, evals["val"], out=out, evals=evals,
+                            batch_size=batch_size, hyper_lr=_hyper_lr(cfg),
+                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
             metrics.finish_arm(tag, res.metrics)
             histories[arm] = res.metrics
             test_correct[arm] = per_example(model, *evals["test"], correct)

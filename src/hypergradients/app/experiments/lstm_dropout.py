@@ -270,13 +270,13 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 ]
                 tuned = fams
 
-            def show(rec: dict[str, Any], arm: str = arm) -> dict[str, Any]:
-                return {"arm": arm, "val_ppl": _ppl(rec["val_loss"]) if "val_loss" in rec else None}
+            def show(rec: dict[str, Any]) -> dict[str, Any]:
+                return {"val_ppl": _ppl(rec["val_loss"]) if "val_loss" in rec else None}
 
             tag = {"arm": arm}
             res = train_arm(ctx, model, fams, data["train"], data["val"], out=arm_dir,
                             evals={"val": data["val"], "test": data["test"]}, loss_fn=sequence_loss,
-                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, show)])
+                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, arm, show)])
             metrics.finish_arm(tag, res.metrics)
             test_losses[arm] = per_example(model, *data["test"], sequence_loss, batch_size=256)
             histories[arm] = res.metrics

@@ -106,7 +106,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
         for i, name in enumerate(models):
             torch.manual_seed(cfg["seed"])
             hidden = [cfg["model.hidden"]] if name == "mlp" else []
-            model = mlp(ds.num_features, hidden, ds.num_classes, flatten=True).to(ctx.device, ds.x_train.dtype)
+            model = mlp(ds.num_features, hidden, ds.num_classes, flatten=True).to(ctx.device,
+                                                                                  ds.x_train.dtype)
             fam = WeightDecay(
                 model, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True
             )  # biases too: one decay per weight, all of them
@@ -115,7 +116,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 ctx, model, [fam], train, val, out=out, evals=evals, rounds=n_rounds,
                 batch_size=len(train[1]),
                 callbacks=[metrics.callback(tag, out),
-                           bar.tick(i, lambda rec, name=name: {"model": name, "val_acc": rec.get("val_acc")})],
+                           bar.tick(i, name, lambda rec: {"val_acc": rec.get("val_acc")})],
             )
             metrics.finish_arm(tag, res.metrics)
             histories[name] = [{**r, "hyper_steps": r["round"]} for r in res.metrics]

@@ -8,7 +8,7 @@ A run goes the same way in every experiment::
     with ArmsProgress(ctx, "name", len(arms), rounds) as bar:
         for i, arm in enumerate(arms):
             res = train_arm(ctx, model, fams, train, val, out=ctx.out / arm, evals=...,
-                            callbacks=[metrics.callback({"arm": arm}, ctx.out / arm), bar.tick(i, show)])
+                            callbacks=[metrics.callback({"arm": arm}, ctx.out / arm), bar.tick(i, arm)])
             metrics.finish_arm({"arm": arm}, res.metrics)
     return finish(ctx, t0, title=..., rows=..., result=..., body=...)      # the result file, report.md
 
@@ -197,7 +197,7 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
 def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
               val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
               callbacks: Sequence[Callback] = (), rounds: int | None = None, batch_size: int | None = None,
-              val_batch_size: int | None | Literal["config"] = "config", hyper_lr: float | None = None,
+              val_batch_size: int | Literal["config"] | None = "config", hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
               resume: bool | None = None, restart: str = "arm") -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
@@ -225,7 +225,7 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
         kwargs["loss_fn"] = loss_fn
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    tb = TensorBoardCallback(ctx.out / "tensorboard" / out.name) if ctx.tensorboard and out is not None else None
+    tb = TensorBoardCallback(ctx.out / "tensorboard" / out.name) if ctx.tensorboard and out else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)  # counted in the table
         try:
@@ -267,10 +267,13 @@ class ArmsProgress:
         self.rounds = rounds
         self.bar = Progress(rounds * arms, desc=desc, enabled=ctx.progress, unit="round")
 
-    def tick(self, i: int, show: Callable[[dict[str, Any]], Mapping[str, Any]]) -> Callback:
-        """The callback of arm ``i``: its round, and ``show(record)`` beside the bar."""
+    def tick(self, i: int, arm: str,
+             show: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> Callback:
+        """The callback of arm ``i`` (called ``arm``): its round, and beside the bar the arm and
+        ``show(record)`` (default: the validation loss)."""
         def tick(rec: dict[str, Any]) -> None:
-            self.bar.postfix(show(rec))
+            shown = show(rec) if show else {"val": rec.get("hyper_val_loss", rec.get("val_loss"))}
+            self.bar.postfix({"arm": arm, **shown})
             self.bar.set(i * self.rounds + int(rec["round"]))
         return tick
 

@@ -37,7 +37,14 @@ import torch
 from torch import Tensor
 
 from ...hparams import WeightDecay
-from ...training.files import UnreadableFileError, json_dumps, load_checkpoint, read_json, save_atomic, write_atomic
+from ...training.files import (
+    UnreadableFileError,
+    json_dumps,
+    load_checkpoint,
+    read_json,
+    save_atomic,
+    write_atomic,
+)
 from ...training.fit import METRICS, cross_entropy, fit
 from .. import report
 from ..config import Config, ConfigError, Option
@@ -285,7 +292,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
     test_losses: dict[str, Tensor] = {}
     # the optuna arm last: its budget is the global arm's wall time
     order = [a for a in arms if a != "optuna"] + [a for a in arms if a == "optuna"]
-    with RunMetrics(ctx.out / METRICS) as metrics, ArmsProgress(ctx, "weight-decay", len(order), rounds) as bar:
+    with RunMetrics(ctx.out / METRICS) as metrics, \
+            ArmsProgress(ctx, "weight-decay", len(order), rounds) as bar:
         for i, arm in enumerate(order):
             arm_dir, tag = ctx.out / arm, {"arm": arm}
             done = _finished(arm_dir, rounds) if ctx.resume else None
@@ -301,14 +309,14 @@ def _run(ctx: RunContext) -> ExperimentResult:
             fams = [] if arm == "none" else [WeightDecay(model, granularity=arm,  # type: ignore[arg-type]
                                                          init=cfg["hyper.init"], include=include)]
 
-            def show(rec: dict[str, Any], arm: str = arm) -> dict[str, Any]:
-                return {"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss")),
+            def show(rec: dict[str, Any]) -> dict[str, Any]:
+                return {"val": rec.get("hyper_val_loss", rec.get("val_loss")),
                         "|g|": rec.get("hypergrad_norm")}
 
             res = train_arm(ctx, model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), out=arm_dir,
                             evals={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
                                    "test": (ds.x_test, ds.y_test)},
-                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, show)])
+                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, arm, show)])
             metrics.finish_arm(tag, res.metrics)
             vals = torch.cat([v.reshape(-1) for v in res.natural.values()]) if res.natural else torch.zeros(0)
             decays[arm] = vals.detach().cpu()
@@ -480,8 +488,8 @@ def _figures(out: Path, cfg: Config, histories: dict[str, list[dict[str, Any]]],
     tuned = {ARM_NAMES[a]: v for a, v in decays.items() if v.numel()}
     if not tuned:
         return [curves]
-    return [curves, report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"], trajectories=traj,
-                                       colors=colors)]
+    return [curves, report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"],
+                                       trajectories=traj, colors=colors)]
 
 
 def _body(cfg: Config, columns: list[str], rows: list[dict[str, Any]], notes: list[str], figures: list[Path],
