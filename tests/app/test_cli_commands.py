@@ -208,7 +208,7 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(command: str, tmp_path: Pa
 
 # --------------------------------------------------------------------------------------------- list
 def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
-    # explain, compare and bench are experiments now (they were listed as "commands"): each line says
+    # explain, compare and bench are experiments like the others: each line says
     # what it does, its --smoke run, where its settings are, and the sub-command of its own name.
     assert cli.main(["list"]) == 0
     text = capsys.readouterr().out

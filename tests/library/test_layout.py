@@ -7,6 +7,8 @@
   the package outside itself and no third-party package but torch; only the application layer (and
   the package's own entry points) may import the public face (``hypergradients``,
   ``hypergradients.lightning``).
+* Only a package's ``__init__.py`` re-exports names: no module imports ``x as x`` (the spelling of a
+  re-export kept for an old import path).
 * The library's tests (this folder and ``tests/conftest.py``) import nothing from the application
   layer or the ``cli`` extra, so that they run with torch, pytest and hypothesis alone.
 """
@@ -140,6 +142,18 @@ def test_layers_import_only_downward() -> None:
     allowed = set(sys.stdlib_module_names) | {"torch"}
     core_outside = {m: sorted(ext - allowed) for m, ext in external.items() if _layer(m) == "core"}
     assert {m: e for m, e in core_outside.items() if e} == {}
+
+
+def test_only_the_public_faces_re_export() -> None:
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found += [f"{_module_name(path)}: {a.name} as {a.asname}" for a in node.names
+                          if a.asname is not None and a.asname == a.name.split(".")[-1]]
+    assert found == []
 
 
 def _application_imports(source: str, forbidden: set[str]) -> list[str]:

@@ -19,8 +19,7 @@ from torch import nn
 
 import hypergradients as hg
 from hypergradients.hparams import WeightDecay
-from hypergradients.training import files
-from hypergradients.training.files import UnreadableFileError, load_checkpoint
+from hypergradients.training.files import UnreadableFileError, load_checkpoint, save_atomic
 from hypergradients.training.fit import (
     CHECKPOINT,
     METRICS,
@@ -29,7 +28,6 @@ from hypergradients.training.fit import (
     TensorBoardCallback,
     evaluate,
     fit,
-    save_atomic,
 )
 
 DT = torch.float64
@@ -268,11 +266,6 @@ def test_stale_temp_checkpoints_are_removed_at_start(tmp_path: Path) -> None:
         s.write_bytes(b"half")
     fit(nn.Linear(40, 2).to(DT), [], train, val, rounds=1, inner_steps=1, checkpoint_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, METRICS]
-
-
-def test_one_atomic_writer() -> None:
-    # train.save_atomic stays importable (users and older tests use it) and is the shared helper.
-    assert save_atomic is files.save_atomic
 
 
 def test_bad_arguments_are_refused() -> None:

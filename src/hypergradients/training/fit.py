@@ -55,8 +55,14 @@ from ..core import distributed, tree
 from ..core.method import Method
 from ..hparams.base import Batch, Family
 from ..paths.methods import PathHyperparameters, PathTuner
-from .files import UnreadableFileError, json_dumps, load_checkpoint, remove_stale_temps, write_atomic
-from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
+from .files import (
+    UnreadableFileError,
+    json_dumps,
+    load_checkpoint,
+    remove_stale_temps,
+    save_atomic,
+    write_atomic,
+)
 from .hyper import (
     HyperOptimizer,
     HyperStep,
@@ -76,7 +82,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 2   # 2: RNG states as tensors and plain values (loadable with weights_only=True)
 
 __all__ = ["CHECKPOINT", "METRICS", "NonFiniteError", "SkippedHyperStepsWarning", "TensorBoardCallback",
-           "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit", "save_atomic"]
+           "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit"]
 
 
 class SkippedHyperStepsWarning(UserWarning):

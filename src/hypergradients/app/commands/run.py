@@ -109,7 +109,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
                                   + "; drop them, or start a new run with another --out")
         return exp, saved, out
     out = Path(args.out) if args.out else default_out(exp.name, smoke=args.smoke)
-    # A run that keeps no checkpoints is simply recomputed: its files are replaced, as before.
+    # A run that keeps no checkpoints is recomputed in full, so running it again replaces its files.
     if exp.resumable and out.exists() and (out / "config.toml").exists():
         raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume or choose "
                           "another --out")

@@ -83,8 +83,7 @@ SCHEMA: dict[str, Option] = {
     ),
     "train.inner_steps": Option(10, "Adam steps on the learned images per round", int, low=1),
     "train.lr": Option(1e-2, "inner (Adam) learning rate, also of the evaluation runs", float, positive=True),
-    # 0.05 measured unstable: seed 2's outer loss rose from 0.66 to 1.58 over its last 50 rounds and
-    # its images trained a fresh model to 0.177 test accuracy; 0.02 gave 0.821 there (0.766 on seed 0).
+    # 0.05 was unstable on one seed of three (docs/results.md, distill); 0.02 is stable on all three.
     "hyper.lr": Option(0.02, "hyper learning rate (Adam on the pixels)", float, positive=True),
     "hyper.method": Option(
         "cg", "IFT method: cg (damped) or neumann (α = 1/λ_max)", str, choices=("cg", "neumann")

@@ -117,10 +117,8 @@ SCHEMA: dict[str, Option] = {
     ),
     "augment.depth": Option(2, "U-Net levels", int, low=1),
     "augment.wf": Option(3, "U-Net filters at the first level: 2^wf (the paper: 3, i.e. 8)", int, low=0),
-    # Default off, measured on the default run: trained on augmented batches only, the network learns
-    # a mild augmentation (median change 0.18 of an image's norm; test accuracy 0.961 vs 0.961 without);
-    # with the originals beside them it drifts to a label-blind pattern 11.9 times an image's norm
-    # (0.955), which the originals keep from doing more harm and the hypergradient does not correct.
+    # Off by default: beside the originals the network drifts to a label-blind pattern that the
+    # hypergradient does not correct; alone it learns a mild augmentation (docs/families.md).
     "augment.with_original": Option(False, "train on the original and the augmented batch together (default: "
                                     "the augmented batch only)", bool),
     "distill.per_class": Option(1, "learnable examples per class", int, low=1),
@@ -155,19 +153,17 @@ SMOKE: dict[str, Any] = {
 
 def _hyper_lr(cfg: Config) -> float:
     # Adam moves every hyperparameter by about lr per step: 1e-2 a hundred times over destroys a U-Net
-    # whose weights are ~0.1 (measured on the default run with augment.with_original=true: test
-    # accuracy 0.794 with 1e-2, 0.955 with 1e-3; 0.961 without the family).
+    # whose weights are ~0.1 (docs/families.md has the run that showed it).
     if cfg["hyper.lr"] == "auto":
         return 1e-3 if cfg["family"] == "augment" else 1e-2
     return float(cfg["hyper.lr"])
 
 
 def _normalise(cfg: Config) -> Any:
-    # Measured on the default run (digits, 20% flipped): with "mean" the network's overall scale is a
-    # free direction that the hyper steps push up (ω towards 2, increasing with the loss) and its
-    # ranking comes out inverted (flipped-label AUC 0.004); with "weights" only relative weights
-    # count (AUC 0.995).
-    # One weight per example separates the flipped labels with either (AUC 0.977 mean, 0.959 weights).
+    # With "mean" the network's overall scale is a free direction that the hyper steps push up (ω
+    # towards 2, increasing with the loss), and its ranking comes out inverted; "weights" counts only
+    # relative weights. One weight per example separates the flipped labels with either
+    # (docs/families.md).
     if cfg["weights.normalise"] == "auto":
         return "weights" if cfg["family"] == "reweight-net" else "mean"
     return cfg["weights.normalise"]
