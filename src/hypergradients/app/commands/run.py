@@ -12,10 +12,11 @@ from typing import Any
 DESCRIPTION = """\
 Run a registered experiment (see `hypergradients list`) and write its run folder:
   config.toml     the resolved configuration
+  <name>.json     the numbers (weight_decay.json, explain.json, compare.json with compare.md, ...)
   report.md       the report, whose path is printed at the end; figures as *.png beside it
-  weight-decay:   metrics.jsonl (one line per round, all arms) and per arm <arm>/metrics.jsonl,
-                  <arm>/checkpoint.pt (model, hyperparameters, optimizer states, RNG, data position)
-  explain, compare, bench:  explain.json / compare.json (+ compare.md) / bench.json, the numbers
+  metrics.jsonl   (the experiments that train) one line per round of every arm, and per arm
+                  <arm>/metrics.jsonl and <arm>/checkpoint.pt (model, hyperparameters, optimizer
+                  states, RNG, data position)
 
 Settings come from the experiment's defaults, then --smoke, then --config FILE.toml, then
 --set key=value (repeatable; values are TOML: 5, 1e-3, true, [64, 64], adam), then --seed and

@@ -1,4 +1,4 @@
-"""Measure hypergradient cost on this machine: time, peak memory and accuracy, each case isolated.
+"""What a hypergradient costs where it runs: time, peak memory and accuracy, each case isolated.
 
 Used by ``hypergradients bench`` and ``benchmarks/run.py``. Every case runs in its own
 subprocess (``python -m hypergradients.app.experiments.bench CASE_JSON``) so that its peak memory is its own.
@@ -531,7 +531,8 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 EXPERIMENT = Experiment(
     name="bench",
-    summary="time our hypergradient methods on this machine (each case in its own subprocess)",
+    summary="time, memory and accuracy of our hypergradient methods against a plain autograd loop (each "
+    "case in its own subprocess)",
     schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
 
 
