@@ -74,6 +74,33 @@ def test_unusable_out_is_refused_before_any_work(command: str, where: str, tmp_p
     assert blocker.read_text() == "{}"
 
 
+# ------------------------------------------------------------------------------- flags from the schema
+@pytest.mark.parametrize("command", ["explain", "compare", "bench"])
+def test_each_flag_is_one_setting_described_by_the_schema(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from hypergradients.app.commands._flags import shown
+    from hypergradients.app.experiments import get
+
+    flags = importlib.import_module(f"hypergradients.app.commands.{command}").FLAGS
+    exp = get(command)
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps the help: compare it unwrapped
+    for flag, (key, _) in flags.items():
+        opt = exp.schema[key]
+        name = flag if opt.kind is not bool else f"--no-{flag[2:]}"
+        assert name in text and f"{key}: {' '.join(opt.help.split())}" in text, flag
+        if opt.kind is not bool:
+            smoke = f"; --smoke {shown(exp.smoke[key])}" if key in exp.smoke else ""
+            assert f"(default {shown(opt.default)}{smoke})" in text, flag
+    # a flag sets its setting and nothing else
+    parser = cli.build_parser()
+    for flag, (key, _) in flags.items():
+        if exp.schema[key].kind is not bool:
+            continue
+        args = parser.parse_args([command, f"--no-{flag[2:]}"])
+        assert {k: getattr(args, k) for _, (k, _) in flags.items() if getattr(args, k) is not None} == {key: False}
+
+
 # ------------------------------------------------------------------------------- JSON: null, not "nan"
 def test_explain_and_compare_write_null_for_non_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

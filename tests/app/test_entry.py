@@ -18,6 +18,9 @@ def test_console_script_without_the_extra_prints_one_line_and_exits_2() -> None:
                            "mlxtend); install it with: pip install 'hypergradients[cli]'\n")
 
 
-def test_this_environment_has_the_cli_extra() -> None:
+def test_this_environment_has_the_cli_extra(cli_extra: tuple[str, ...]) -> None:
     # `make test` installs '.[dev,cli]': the CLI tests run against the real packages.
     assert _entry.missing_cli_modules() == []
+    # and the tests' list of the extra (tests/conftest.py, which decides whether tests/app runs) is the
+    # console script's
+    assert cli_extra == _entry.CLI_MODULES

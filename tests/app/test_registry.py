@@ -183,3 +183,24 @@ def test_the_core_does_not_import_the_application_layer() -> None:
             "m.startswith(('hypergradients.app.experiments', 'hypergradients.app.commands', 'hypergradients.app.cli'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_experiment_imports_another() -> None:
+    # What two experiments share lives in the shared modules (shared, base, problems, optuna_arm, figures),
+    # so that an experiment's module can change without changing another's.
+    import ast
+    import importlib
+
+    from hypergradients.app.experiments import MODULES
+
+    package = importlib.import_module("hypergradients.app.experiments")
+    folder = Path(package.__file__).parent
+    experiments = set(MODULES.values())
+    found = []
+    for module in sorted(experiments):
+        tree = ast.parse((folder / f"{module}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                found += [f"{module} imports {n}" for n in names if n in experiments and n != module]
+    assert found == []

@@ -53,7 +53,7 @@ from ...core.derivatives import LossFn
 from ...core.tree import Tree
 from ...training.files import load_checkpoint
 from ..config import Config, ConfigError, Option, resolve, setting, settings
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from .base import Experiment, ExperimentResult, RunContext
 from .problems import cosine, newton, rel_dist
 
 
@@ -492,14 +492,13 @@ def _table(results: list[Any]) -> str:
 
 
 def run(ctx: RunContext) -> ExperimentResult:
-    """Every case of the suite, each in its own subprocess; writes ``bench.json`` and ``report.md``."""
-    from ...training.files import json_dumps, write_atomic
-    from ..config import write_toml
-    from ..progress import Progress
+    """Every case of the suite, each in its own subprocess (with the ``threads`` setting); writes
+    ``bench.json`` and ``report.md``."""
+    from ..progress import Progress  # the case runner's subprocess imports this module: kept light
+    from .shared import begin, finish
 
     t0 = time.perf_counter()
-    suite = ctx.data if isinstance(ctx.data, Suite) else check(ctx.config)
-    write_toml(ctx.config, ctx.out / "config.toml")
+    suite: Suite = begin(ctx, check)
 
     def progress(cases: Sequence[Any]) -> Iterable[Any]:
         with Progress(len(cases), desc="bench", unit="case", enabled=ctx.progress) as bar:
@@ -509,24 +508,21 @@ def run(ctx: RunContext) -> ExperimentResult:
 
     results = run_suite(suite, progress=progress)
     found = ratios(results)
-    summary = {"suite": asdict(suite), "results": as_json(results), "ratios": found}
-    main_file = write_atomic(ctx.out / "bench.json", json_dumps(summary, indent=1) + "\n")
     text = _table(results)
     if found:
         text += "\n\nratios from this run (ours / plain autograd loop; < 1 is better):\n" + "\n".join(
             f"  {k:45s} {v:6.3f}" for k, v in found.items())
-    title = f"bench: what a hypergradient costs on {suite.device} ({suite.threads} threads per case)"
-    report = write_report(ctx.out, title, [
-        f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
-        f"extra memory of one call; cosine to the exact hypergradient. All numbers in `{main_file.name}`.",
-        "", "```", text, "```"])
     failed = [f"{r.problem}/{r.case}: {r.status} ({r.note})" for r in results if r.status != "ok"]
     columns = ["problem", "case", "median_s", "peak_mem_bytes", "cosine", "hvps", "status"]
+    body = [f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
+            "extra memory of one call; cosine to the exact hypergradient. All numbers in `bench.json`.", "",
+            "```", text, "```"]
     rows = [{c: getattr(r, c) for c in columns} for r in results]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out,
-                            notes=[f"failed: {f}" for f in failed], wall_s=time.perf_counter() - t0,
-                            result=summary, result_file=main_file, text=text, files=[main_file, report],
-                            exit_code=1 if failed else 0)
+    return finish(ctx, t0, title=f"bench: what a hypergradient costs on {suite.device} ({suite.threads} "
+                  "threads per case)", columns=columns, rows=rows,
+                  notes=[f"failed: {f}" for f in failed],
+                  result={"suite": asdict(suite), "results": as_json(results), "ratios": found},
+                  result_name="bench.json", body=body, text=text, exit_code=1 if failed else 0)
 
 
 EXPERIMENT = Experiment(

@@ -31,8 +31,10 @@ from typing import Any
 import hypergradients as hg
 
 from ..config import Config, Option, resolve, setting, settings
-from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
+from ..progress import Progress as ProgressBar
+from .base import Experiment, ExperimentResult, RunContext, check_settings, with_threads
 from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
+from .shared import begin, finish
 
 Progress = Callable[[int], None]
 METHODS = ("Identity", "Neumann", "CG", "Nystrom", "Unrolled")
@@ -224,14 +226,14 @@ HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, 
           "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``compare.json``, ``compare.md``, the figure and ``report.md`` into ``ctx.out``."""
-    from ...training.files import json_dumps, write_atomic
+    from ...training.files import write_atomic
 
-    t0 = time.perf_counter()
-    cfg = ctx.config
-    settings = ctx.data if isinstance(ctx.data, CompareConfig) else check(cfg)
-    result = compute(ctx, settings, compare, desc="compare")
+    cfg, t0 = ctx.config, time.perf_counter()
+    settings: CompareConfig = begin(ctx, check)
+    with ProgressBar(settings.cost(), desc="compare", enabled=ctx.progress) as bar:
+        result = compare(settings, progress=bar.update)
     summary = result.to_json()
     table = result.table()
     figures: list[Path] = []
@@ -240,19 +242,18 @@ def run(ctx: RunContext) -> ExperimentResult:
 
         figures = [compare_figure(summary, ctx.out, labels=LABELS)]
     summary["figures"] = [f.name for f in figures]
-    main_file = write_atomic(ctx.out / "compare.json", json_dumps(summary, indent=2) + "\n")
     md = write_atomic(ctx.out / "compare.md", table + "\n")
-    title = "compare: inverse-Hessian approximations against the exact hypergradient, per HVP"
-    report = write_report(ctx.out, title, [HEADER.replace("\n", " ").strip(), "", table,
-                                           *[f"![{f.stem}]({f.name})" for f in figures]])
     columns = ["problem", "method", "budget", "hvps", "cosine", "rel_dist"]
     rows = [{"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
             for pr in result.problems for m in pr.curves for h in result.table_budgets()
             for p in [pr.at(m, h)] if p is not None and (m != "Identity" or h == 0)]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out,
-                            wall_s=time.perf_counter() - t0, result=summary, result_file=main_file,
-                            text=HEADER + "\n" + table, files=[main_file, md, *figures, report])
+    body = [HEADER.replace("\n", " ").strip(), "", table, *[f"![{f.stem}]({f.name})" for f in figures]]
+    return finish(ctx, t0, title="compare: inverse-Hessian approximations against the exact hypergradient, "
+                  "per HVP", columns=columns, rows=rows, result=summary, result_name="compare.json",
+                  body=body, figures=figures, also=[md], text=HEADER + "\n" + table)
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="compare",

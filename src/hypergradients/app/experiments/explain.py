@@ -45,8 +45,10 @@ from ...core import tree
 from ...core.tree import Tree
 from ...paths import optim
 from ..config import Config, Option, resolve, setting, settings
-from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
+from ..progress import Progress as ProgressBar
+from .base import Experiment, ExperimentResult, RunContext, check_settings, with_threads
 from .problems import BilevelProblem, cosine, load_problem, rel_dist
+from .shared import begin, finish
 
 Progress = Callable[[int], None]
 
@@ -924,14 +926,12 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``explain.json``, the figures and ``report.md`` into ``ctx.out``."""
-    from ...training.files import json_dumps, write_atomic
-
-    t0 = time.perf_counter()
-    cfg = ctx.config
-    settings = ctx.data if isinstance(ctx.data, ExplainConfig) else check(cfg)
-    result = compute(ctx, settings, explain, desc="explain")
+    cfg, t0 = ctx.config, time.perf_counter()
+    settings: ExplainConfig = begin(ctx, check)
+    with ProgressBar(settings.cost(), desc="explain", enabled=ctx.progress) as bar:
+        result = explain(settings, progress=bar.update)
     summary = result.to_json()
     figures: list[Path] = []
     if cfg["figures"]:
@@ -939,23 +939,22 @@ def run(ctx: RunContext) -> ExperimentResult:
 
         figures = explain_figures(summary, ctx.out)
     summary["figures"] = [f.name for f in figures]
-    main_file = write_atomic(ctx.out / "explain.json", json_dumps(summary, indent=2) + "\n")
     text = account(summary) + "\n\nThe derivation, step by step: docs/optimization-path.md"
     p = summary["problem"]
-    title = (f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
-             f"{p['n_hparams']} hyperparameters)")
-    report = write_report(ctx.out, title, [
-        f"Numbers of this run (all of them in `{main_file.name}`):", "", "```", text, "```", "",
-        *[f"![{f.stem}]({f.name})" for f in figures]])
     columns = ["K", "rel_diff", "cosine", "rel_dist"]
-    rows = [{c: r[c] for c in columns} for r in summary["theorem"]]
     notes = [f"theorem_max_rel_diff = {summary['theorem_max_rel_diff']:.2e}: K unrolled steps from w* equal "
              "the K-term Neumann hypergradient to float64 rounding (rel_diff); cosine and rel_dist compare "
              "them with the exact IFT hypergradient."]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out, notes=notes,
-                            wall_s=time.perf_counter() - t0, result=summary, result_file=main_file, text=text,
-                            files=[main_file, *figures, report])
+    return finish(ctx, t0, title=f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
+                                 f"{p['n_hparams']} hyperparameters)",
+                  columns=columns, rows=[{c: r[c] for c in columns} for r in summary["theorem"]], notes=notes,
+                  result=summary, result_name="explain.json",
+                  body=["Numbers of this run (all of them in `explain.json`):", "", "```", text, "```", "",
+                        *[f"![{f.stem}]({f.name})" for f in figures]],
+                  figures=figures, text=text)
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="explain",

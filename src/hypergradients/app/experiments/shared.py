@@ -347,18 +347,21 @@ def finish(
     title: str,
     columns: list[str],
     rows: list[dict[str, Any]],
-    notes: list[str],
     result: dict[str, Any],
     result_name: str,
     body: list[str],
+    notes: Sequence[str] = (),
     figures: Sequence[Path] = (),
     also: Sequence[Path] = (),
+    text: str | None = None,
+    exit_code: int = 0,
 ) -> ExperimentResult:
-    """The end of a run: ``result`` written to ``out/result_name`` (JSON), then ``report.md`` (``# title``
-    and ``body``); the :class:`ExperimentResult` lists ``figures``, the result file and ``also`` as its
-    files, and the wall time since ``t0``."""
-    result_file = ctx.out / result_name
-    write_atomic(result_file, json_dumps(result))
+    """The end of every run: ``result`` written to ``out/result_name`` (JSON), then ``report.md``
+    (``# title`` and ``body``). The :class:`ExperimentResult` holds the table (``columns``, ``rows``),
+    the ``notes``, the readable account ``text`` where the table alone would not say enough, the files
+    (the result file, ``also``, the ``figures``, the report), the wall time since ``t0`` and
+    ``exit_code`` (nonzero where the run finished but part of it failed)."""
+    result_file = write_atomic(ctx.out / result_name, json_dumps(result, indent=1) + "\n")
     path = write_report(ctx.out, title, body)
     return ExperimentResult(
         title=title,
@@ -366,11 +369,13 @@ def finish(
         rows=rows,
         report=path,
         out=ctx.out,
-        notes=notes,
+        notes=list(notes),
         wall_s=time.perf_counter() - t0,
         result=result,
         result_file=result_file,
-        files=[*figures, result_file, *also],
+        text=text,
+        files=[result_file, *also, *figures, path],
+        exit_code=exit_code,
     )
 
 
