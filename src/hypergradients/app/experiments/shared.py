@@ -1,22 +1,24 @@
-"""What the training experiments share, so that each one is its schema, its model and data, its arms
-and its report.
+"""What the experiments share, so that each one is its schema, its model and data, its arms and its
+report.
 
-A run goes the same way in every experiment::
+A run that trains goes the same way in every experiment (``run = with_threads(_run)``)::
 
-    data = begin(ctx, check, arms=[ctx.out / arm for arm in arms])   # config.toml, the data
-    metrics = RunMetrics(ctx.out / "metrics.jsonl")                         # every arm's rounds
-    with ArmsProgress(ctx, "name", len(arms), rounds) as bar:
+    data = begin(ctx, check, arms=[ctx.out / arm for arm in arms])      # config.toml; the data
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "name", len(arms), rounds) as bar:
         for i, arm in enumerate(arms):
-            res = train_arm(ctx, model, fams, train, val, out=ctx.out / arm, evals=...,
-                            callbacks=[metrics.callback({"arm": arm}, ctx.out / arm), bar.tick(i, arm)])
-            metrics.finish_arm({"arm": arm}, res.metrics)
-    return finish(ctx, t0, title=..., rows=..., result=..., body=...)      # the result file, report.md
+            tag, out = {"arm": arm}, ctx.out / arm
+            res = train_arm(ctx, model, fams, train, val, out=out, evals=...,
+                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
+            metrics.finish_arm(tag, res.metrics)
+    return finish(ctx, t0, title=..., rows=..., result=..., body=...)  # the result file, report.md
 
 :func:`train_arm` is one arm of Algorithm 1 (:func:`~hypergradients.fit`) with the settings every
 schema spells the same way (``train.*``, ``hyper.*``, ``eval_every``, ``checkpoint_every``; a key an
-experiment does not have keeps ``fit``'s default), in the arm's checkpoint folder. The run is wrapped
-in :func:`~.base.with_threads`. Also here: the models and data loading several experiments use, and
-the statistics behind the reports' words (:func:`paired_se`, :func:`versus`, :func:`flipped_auc`).
+experiment does not have keeps ``fit``'s default), in the arm's checkpoint folder. ``explain``,
+``compare`` and ``bench`` train nothing, but start with :func:`begin` and end with :func:`finish` too.
+Also here: the models and data loading several experiments use, and the statistics behind the
+reports' words (:func:`paired_se`, :func:`versus`, :func:`flipped_auc`).
 """
 
 from __future__ import annotations
