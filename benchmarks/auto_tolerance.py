@@ -1,6 +1,6 @@
 """``hg.Auto()``'s stopping rule against the condition number of H: cosine with the exact hypergradient.
 
-Problems: ``tests/problems.py::conditioned_logistic`` (binary logistic regression, one L2 per
+Problems: ``tests/library/problems.py::conditioned_logistic`` (binary logistic regression, one L2 per
 weight, d weights and d hyperparameters, feature scales from 1 to 1e-2, the L2 strength tuned
 until cond(H) at ``w*`` is within 1 % of κ), float64, ``w*`` by Newton to ‖∇‖ ≤ 1e-13, the exact
 hypergradient by a dense solve. For each κ, 8 seeds; cold calls (no warm start).
@@ -29,7 +29,7 @@ import hypergradients as hg
 from hypergradients.core import tree
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "library"))
 import problems as P  # noqa: E402  (the shared problems with known answers live with the tests)
 
 KAPPAS = (1e1, 1e2, 1e3, 1e4)

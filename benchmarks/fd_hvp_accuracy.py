@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/fd_hvp_accuracy.py   # one thread; the table of docs/finite-difference-hvp.md
 
-Problems: ``tests/problems.py``'s ``conditioned_logistic(κ)`` (binary logistic regression, 60
+Problems: ``tests/library/problems.py``'s ``conditioned_logistic(κ)`` (binary logistic regression, 60
 weights, one L2 per weight, cond(H) at ``w*`` within 1 % of κ) for κ = 1e1 … 1e4, and the tests'
 ``ridge``, ``logistic`` and ``mlp``; ``w*`` by Newton in float64, the float32 rows the same data
 and weights cast to float32. Columns:
@@ -31,7 +31,7 @@ from hypergradients.core import tree
 from hypergradients.core.derivatives import InnerDerivatives
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "library"))
 import problems as P  # noqa: E402  (the shared problems with known answers live with the tests)
 from test_fd_hvp import hvp_error, in_dtype  # noqa: E402  (the same measurement as the tests')
 

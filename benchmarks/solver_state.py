@@ -1,7 +1,7 @@
 """HVPs per hyper step with and without a carried ``hg.SolverState``, on a slowly changing problem.
 
 Algorithm 1 in miniature: multiclass logistic regression with one L2 per weight
-(``tests/problems.py::logistic`` with n = 300 rows, d = 30 features, c = 5 classes: 155 weights,
+(``tests/library/problems.py::logistic`` with n = 300 rows, d = 30 features, c = 5 classes: 155 weights,
 150 hyperparameters), float64, ``w`` at ``w*`` to start. 20 hyper steps; between two of them a
 hyper step ``λ ← λ − 0.5·g`` and 10 steps of gradient descent on ``L_T`` (step 1/λ_max), so
 ``w`` and ``H`` drift slowly as in training. At every step each method is called twice on the
@@ -27,7 +27,7 @@ import hypergradients as hg
 from hypergradients.core import tree
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "library"))
 import problems as P  # noqa: E402  (the shared problems with known answers live with the tests)
 
 STEPS = 20

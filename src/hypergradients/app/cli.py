@@ -16,15 +16,15 @@ from collections.abc import Sequence
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("hypergradients.app.commands.run", "run a registered experiment and write its run folder"),
-    "list": ("hypergradients.app.commands.list",
-             "list the registered experiments (weight-decay, explain, compare, bench) and their settings"),
+    "list": ("hypergradients.app.commands.list", "list the registered experiments and their settings"),
     "explain": ("hypergradients.app.commands.explain",
                 "show, with numbers, how the optimization path fits into the implicit derivation "
                 "(= run explain)"),
     "compare": ("hypergradients.app.commands.compare",
                 "compare inverse-Hessian approximations against the exact hypergradient (= run compare)"),
     "bench": ("hypergradients.app.commands.bench",
-              "time our hypergradient methods on this machine (= run bench)"),
+              "time, memory and accuracy of our hypergradient methods against a plain autograd loop "
+              "(= run bench)"),
 }
 
 

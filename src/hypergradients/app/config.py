@@ -9,13 +9,14 @@ naming the key and what it accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 import tomli_w
 
 Config = dict[str, Any]
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -206,3 +208,31 @@ def write_toml(cfg: Mapping[str, Any], path: str | Path) -> None:
     from ..training.files import write_atomic  # imports torch: only when a file is written
 
     write_atomic(path, tomli_w.dumps(nest(cfg)))
+
+
+# ---------------------------------------------------------------- settings objects (dataclasses)
+def _value(schema: Schema, keys: tuple[str, ...], cfg: Mapping[str, Any]) -> Any:
+    """The field value of ``keys`` in ``cfg``: a list as a tuple, ``'auto'`` as ``None``; several keys
+    give the tuple of their values (e.g. an interval)."""
+    def one(key: str) -> Any:
+        v = cfg[key]
+        if isinstance(v, list):
+            return tuple(v)
+        return None if schema[key].auto and v == "auto" else v
+    return one(keys[0]) if len(keys) == 1 else tuple(one(k) for k in keys)
+
+
+def setting(schema: Schema, *keys: str) -> Any:
+    """A dataclass field read from ``schema``: its default is the keys' default (see :func:`settings`),
+    so that a settings object states no default of its own."""
+    if not keys or any(k not in schema for k in keys):
+        raise KeyError(f"setting: {keys!r} names no key of the schema")
+    return dataclasses.field(default=_value(schema, keys, defaults(schema)), metadata={"keys": keys})
+
+
+def settings(cls: type[T], schema: Schema, cfg: Mapping[str, Any], **overrides: Any) -> T:
+    r"""The dataclass ``cls``, whose fields are :func:`setting`\ s of ``schema``, of the resolved ``cfg``
+    (with ``overrides`` by field name)."""
+    values = {f.name: _value(schema, f.metadata["keys"], cfg) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+              if "keys" in f.metadata}
+    return cls(**{**values, **overrides})

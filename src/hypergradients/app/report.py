@@ -17,6 +17,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from ..hparams import Noise
+from ..hparams.augment import AugmentNet
+
 
 def fmt(v: Any) -> str:
     """A table cell: floats to 4 significant digits, ints with thousands separators; a missing value
@@ -123,5 +126,29 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
         ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_augmented(fam: AugmentNet, x: Tensor, path: Path) -> Path:
+    """Eight test images (top) and one augmentation of each (bottom), each scaled to its own range."""
+    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        xa = fam.augment(x, fam.tensors(), eps)
+    fig, axes = plt.subplots(2, len(x), figsize=(1.1 * len(x), 2.6), squeeze=False)
+    for row, imgs in enumerate((x, xa)):
+        for j in range(len(x)):
+            img = imgs[j].double().cpu()
+            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+            lo, hi = float(img.min()), float(img.max())
+            axes[row][j].imshow(
+                ((img - lo) / (hi - lo) if hi > lo else img * 0).numpy(),
+                cmap="gray" if img.ndim == 2 else None,
+            )
+            axes[row][j].set_xticks([])
+            axes[row][j].set_yticks([])
+        axes[row][0].set_ylabel("original" if row == 0 else "augmented", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -18,7 +18,7 @@ mixed product, the method (:class:`~hypergradients.ImplicitMethod`) solves. Both
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,11 +27,21 @@ from . import distributed, tree
 from .conditions import Condition, Stationarity
 from .errors import PathOnlyHyperparameterError, UnusedHyperparameterWarning, warn_user
 from .info import Info, Stats
+from .operators import LinearOperator
 from .state import SolverState
 from .tree import Tree
 
-if TYPE_CHECKING:
-    from .method import ImplicitMethod
+
+class Solver(Protocol):
+    """What :func:`implicit` needs of a method (:class:`~hypergradients.ImplicitMethod` is one): check
+    that it can solve with the condition's operator, give its state for a skipped solve, and solve."""
+
+    def check_condition(self, cond: Condition) -> None: ...
+
+    def own_state(self, state: SolverState | None) -> SolverState: ...
+
+    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
+              residual: bool = False) -> tuple[Tree, SolverState, Stats]: ...
 
 
 def partials(outer: Tensor, w: Tree, lam: Tree, value: Tree) -> tuple[Tree, Tree, set[str], Tree]:
@@ -80,7 +90,7 @@ def report_unused(hparams: Mapping[str, Tensor], used: set[str], *, method: str,
               f"zero.{hint}", UnusedHyperparameterWarning)
 
 
-def implicit(outer: Tensor, cond: Condition, w: Tree, lam: Tree, method: ImplicitMethod,
+def implicit(outer: Tensor, cond: Condition, w: Tree, lam: Tree, method: Solver,
              state: SolverState | None, *, residual: bool, info_type: type[Info] = Info) -> tuple[Tree, Info]:
     """``dL_V/dλ`` at ``(w, λ)``, a solution of ``cond``, and its :class:`Info` (``info.state``: the next
     state).

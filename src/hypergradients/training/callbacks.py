@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .files import json_dumps, write_atomic
+from .result import TrainResult
 
 if TYPE_CHECKING:
-    from .fit import TrainResult
     from .hyper import HyperOptimizer, HyperStep
 
 __all__ = ["Callback", "MetricsWriter", "TensorBoardCallback", "as_callback"]

@@ -62,10 +62,10 @@ from ..hparams.base import Batch, Family
 from ..hparams.objective import Objective, TargetLoss, collect_hparams, cross_entropy, on_targets
 from ..paths.tuner import PathHyperparameters, PathTuner
 from .callbacks import Callback, MetricsWriter, TensorBoardCallback, _AroundHyperStep, as_callback, has_state
-from .files import UnreadableFileError, load_checkpoint, remove_stale_temps
-from .files import save_atomic as save_atomic  # re-exported: users and older code import it from here
+from .files import UnreadableFileError, load_checkpoint, remove_stale_temps, save_atomic
 from .hyper import STATE_VERSION as HYPER_STATE_VERSION
 from .hyper import HyperOptimizer, HyperStep, NonFiniteError, _mode
+from .result import TrainResult
 from .settings import (
     INNER_OPTIMIZER,
     PATH_HYPER_OPTIMIZER,
@@ -91,35 +91,11 @@ CHECKPOINT_VERSION = 3
 _READABLE_VERSIONS = (2, 3)   # 2: the hyper step's state copied field by field; upgraded when read
 
 __all__ = ["CHECKPOINT", "METRICS", "Callback", "FitKeywords", "NonFiniteError", "SkippedHyperStepsWarning",
-           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit",
-           "save_atomic"]
+           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
     """Some hyper steps of :func:`fit` were skipped (the hyperparameters did not move in those rounds)."""
-
-
-@dataclass
-class TrainResult:
-    """What :func:`fit` returns: one metrics record per round, the final one, and run facts.
-
-    ``hyper_steps`` counts the hyper steps that changed the hyperparameters, ``skipped_hyper_steps``
-    those that did not (``skip_reasons``: how many for each reason), ``retried_hyper_steps`` those
-    that took effect only after a damped retry (``on_solver_error="damp"``).
-    """
-
-    metrics: list[dict[str, Any]]
-    final: dict[str, Any]
-    rounds: int
-    hyperparameters: int
-    skipped_hyper_steps: int
-    wall_s: float
-    resumed_from: int | None = None
-    checkpoint: Path | None = None
-    natural: dict[str, Tensor] = field(default_factory=dict)
-    hyper_steps: int = 0
-    retried_hyper_steps: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,

@@ -12,10 +12,11 @@ from typing import Any
 DESCRIPTION = """\
 Run a registered experiment (see `hypergradients list`) and write its run folder:
   config.toml     the resolved configuration
+  <name>.json     the numbers (weight_decay.json, explain.json, compare.json with compare.md, ...)
   report.md       the report, whose path is printed at the end; figures as *.png beside it
-  weight-decay:   metrics.jsonl (one line per round, all arms) and per arm <arm>/metrics.jsonl,
-                  <arm>/checkpoint.pt (model, hyperparameters, optimizer states, RNG, data position)
-  explain, compare, bench:  explain.json / compare.json (+ compare.md) / bench.json, the numbers
+  metrics.jsonl   (the experiments that train) one line per round of every arm, and per arm
+                  <arm>/metrics.jsonl and <arm>/checkpoint.pt (model, hyperparameters, optimizer
+                  states, RNG, data position)
 
 Settings come from the experiment's defaults, then --smoke, then --config FILE.toml, then
 --set key=value (repeatable; values are TOML: 5, 1e-3, true, [64, 64], adam), then --seed and
@@ -109,7 +110,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
                                   + "; drop them, or start a new run with another --out")
         return exp, saved, out
     out = Path(args.out) if args.out else default_out(exp.name, smoke=args.smoke)
-    # A run that keeps no checkpoints is simply recomputed: its files are replaced, as before.
+    # A run that keeps no checkpoints is recomputed in full, so running it again replaces its files.
     if exp.resumable and out.exists() and (out / "config.toml").exists():
         raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume or choose "
                           "another --out")

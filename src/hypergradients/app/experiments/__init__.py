@@ -18,8 +18,11 @@ overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
 * ``augment`` (:mod:`.augment_mnist`) — a learned augmentation network against none and a hand-made
   one (shifts and rotations), a small CNN on MNIST, several seeds.
 
-:mod:`.problems` holds the bilevel problems with known answers that explain, compare, the
-benchmarks and the tests share. The registry is built on first use, so that a subprocess that
+No experiment imports another: what they share is in :mod:`.base` (what an experiment is),
+:mod:`.shared` (the start and the end of a run, one arm of training, the models, data loading and the
+statistics of the reports), :mod:`.problems` (the bilevel problems with known answers that explain,
+compare and the benchmarks use), :mod:`.optuna_arm` (the black-box tuner) and :mod:`.figures`
+(explain's and compare's figures). The registry is built on first use, so that a subprocess that
 needs one module (the benchmark's case runner) does not import them all.
 """
 

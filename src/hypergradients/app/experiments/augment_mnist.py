@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.solvers import Neumann
 from ...hparams import Family, describe
 from ...hparams.augment import AugmentNet
-from ...training.files import json_dumps, remove_stale_temps, write_atomic
-from ...training.fit import TrainResult
-from ..config import Config, ConfigError, Option, write_toml
-from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..progress import Progress
-from ._common import check_checkpoints, finish, fit_checkpointed, versus, what_it_shows
-from .base import Experiment, ExperimentResult, RunContext, threads
+from ..config import Config, ConfigError, Option
+from ..datasets import Dataset
+from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .base import with_preset as _with_preset
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    augment_change,
+    begin,
+    finish,
+    load_data,
+    train_arm,
+    versus,
+    what_it_shows,
+)
 
 ARMS = ("none", "handmade", "augnet")
 ARM_NAMES = {
@@ -207,24 +214,9 @@ def resnet18(channels: int, classes: int) -> nn.Sequential:
 def check(cfg: Config) -> Dataset:
     """Load the data (mnist-5k: about a second) and check the U-Net depth against the image size."""
     cfg = with_preset(cfg)
-    try:
-        ds = load_dataset(
-            cfg["data.dataset"],
-            root=cfg["data.root"] or None,
-            seed=0,
-            flatten=False,
-            n_train=cfg["data.n_train"] or None,
-            n_val=cfg["data.n_val"] or None,
-            n_test=cfg["data.n_test"] or None,
-        )
-    except (DataUnavailableError, DataFormatError) as e:
-        raise ConfigError(
-            f"config key 'data.root': got {cfg['data.root']!r}, but {cfg['data.dataset']!r} "
-            f"cannot be loaded: {e}"
-        ) from None
-    except ValueError as e:
-        key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in str(e)), "data.dataset")
-        raise ConfigError(f"config key {key!r}: got {cfg[key]!r}: {e}") from None
+    # one split for every seed: the seeds vary the weights, the data order and the noise
+    ds = load_data(cfg, cfg["data.dataset"], seed=0, flatten=False, n_train=cfg["data.n_train"] or None,
+                   n_val=cfg["data.n_val"] or None, n_test=cfg["data.n_test"] or None)
     side = 2 ** (cfg["augment.depth"] - 1)
     if "augnet" in cfg["arms"] and any(s % side for s in ds.input_shape[1:]):
         raise ConfigError(
@@ -247,70 +239,27 @@ def _model(cfg: Config, ds: Dataset, arm: str, seed: int, device: torch.device) 
     return net.to(device)
 
 
-def _fit(
-    cfg: Config,
-    model: nn.Module,
-    fams: list[Family],
-    ds: Dataset,
-    seed: int,
-    out: Path,
-    resume: bool,
-    callbacks: list[Any],
-) -> TrainResult:
-    return fit_checkpointed(
-        model,
-        fams,
-        (ds.x_train, ds.y_train),
-        (ds.x_val, ds.y_val),
-        rounds=cfg["train.rounds"],
-        inner_steps=cfg["train.inner_steps"],
-        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-        method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
-        batch_size=cfg["train.batch_size"],
-        val_batch_size=cfg["hyper.val_batch_size"] or None,
-        seed=seed,
-        eval_sets={"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)},
-        eval_every=cfg["eval_every"],
-        callbacks=callbacks,
-        checkpoint_dir=out,
-        restart="run",
-        checkpoint_every=cfg["checkpoint_every"],
-        resume=resume,
-    )
-
-
 def mean_std(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Train every arm for every seed; write config.toml, augment.json, metrics.jsonl, figure and report."""
-    cfg = with_preset(ctx.config)
-    with threads(cfg["threads"]):
-        return _run(ctx, cfg, time.perf_counter())
-
-
-def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
-    check_checkpoints(ctx, [ctx.out / f"{a}-seed{s}" for s in cfg["seeds"] for a in cfg["arms"]],
-                      restart="run")
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    ctx = replace(ctx, config=with_preset(ctx.config))   # what the run uses, and its config.toml
+    cfg, t0 = ctx.config, time.perf_counter()
     arms, seeds, rounds = list(cfg["arms"]), list(cfg["seeds"]), cfg["train.rounds"]
+    runs = [(a, s) for s in seeds for a in arms]
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / f"{a}-seed{s}" for a, s in runs],
+                        restart="run").to(ctx.device)
     per: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     wall = dict.fromkeys(arms, 0.0)
-    lines: list[str] = []
     last_net: AugmentNet | None = None
     count = 0
-    runs = [(a, s) for s in seeds for a in arms]
-    bar = Progress(rounds * len(runs), desc="augment", enabled=ctx.progress, unit="round")
-    try:
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "augment", len(runs), rounds) as bar:
         for i, (arm, seed) in enumerate(runs):
             out = ctx.out / f"{arm}-seed{seed}"
-            out.mkdir(exist_ok=True)
-            remove_stale_temps(out)
             model = _model(cfg, ds, arm, seed, ctx.device)
             fams: list[Family] = []
             if arm == "augnet":
@@ -325,12 +274,12 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 fams = [last_net]
                 count = last_net.count()
 
-            def progress(rec: dict[str, Any], base: int = i * rounds, arm: str = arm) -> None:
-                bar.postfix({"arm": arm, "val": rec.get("val_loss")})
-                bar.set(base + int(rec["round"]))
-
-            res = _fit(cfg, model, fams, ds, seed, out, ctx.resume, [progress])
-            lines += [json_dumps({"arm": arm, "seed": seed, **r}, indent=None) for r in res.metrics]
+            tag = {"arm": arm, "seed": seed}
+            res = train_arm(ctx, model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), out=out,
+                            evals={"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, seed=seed,
+                            restart="run",
+                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
+            metrics.finish_arm(tag, res.metrics)
             per[arm].append(
                 {
                     "seed": seed,
@@ -343,10 +292,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 }
             )
             wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
-            bar.set((i + 1) * rounds)
-    finally:
-        bar.close()
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + "\n")
+            bar.done(i)
     rows = []
     for a in arms:
         acc, acc_sd = mean_std([r["test_acc"] for r in per[a]])
@@ -369,14 +315,14 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     notes = interpret({a: r for a, r in zip(arms, rows, strict=True)})
     files: list[Path] = []
     if last_net is not None:
-        from .families import _augment_figure, augment_change
+        from ..report import plot_augmented
 
         x_test = ds.x_test
         notes.append(
             f"The learned augmentation (last seed) changes a test image by "
             f"{augment_change(last_net, x_test):.2f} of its norm (median ‖a(x, ε) − x‖/‖x‖)."
         )
-        files.append(_augment_figure(last_net, x_test[:8], ctx.out / "augmented.png"))
+        files.append(plot_augmented(last_net, x_test[:8], ctx.out / "augmented.png"))
     result = {
         "dataset": ds.source,
         "model": cfg["model.name"],
@@ -426,7 +372,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
 def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
     """Notes comparing the learned augmentation with the others, seed by seed: every arm of a seed
     starts from the same weights, so the standard error is that of the mean paired difference over
-    the seeds, and the verdict :func:`._common.versus`'s (one seed: no noise estimate)."""
+    the seeds, and the verdict :func:`.shared.versus`'s (one seed: no noise estimate)."""
     notes: list[str] = []
     net = rows.get("augnet")
     for other in ("none", "handmade"):
@@ -454,6 +400,8 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
                          "it move).")
     return notes
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="augment",

@@ -3,7 +3,8 @@ optional ``check`` of what the configuration asks of the world (data files, size
 
 Every runnable thing of the application layer (the paper's experiments, ``explain``, ``compare``,
 ``bench``) is one, so all share one configuration system, one tiny configuration and one run folder:
-``config.toml`` (resolved), the result file (JSON), figures (PNG) and ``report.md``.
+``config.toml`` (resolved), the result file (JSON), figures (PNG) and ``report.md``. Every run starts
+with :func:`.shared.begin` and ends with :func:`.shared.finish`.
 """
 
 from __future__ import annotations
@@ -138,19 +139,9 @@ def check_settings(cfg: Config, make: Callable[[Config], Any]) -> Any:
     return settings
 
 
-def compute(ctx: RunContext, settings: Any, fn: Callable[..., Any], *, desc: str) -> Any:
-    """``fn(settings, progress=...)`` after writing ``config.toml``: the first half of explain's and
-    compare's runs, with the ``threads`` setting and a progress display of ``settings.cost()`` units."""
-    from ..config import write_toml
-    from ..progress import Progress
-
-    write_toml(ctx.config, ctx.out / "config.toml")
-    with threads(ctx.config["threads"]), Progress(settings.cost(), desc=desc, enabled=ctx.progress) as bar:
-        return fn(settings, progress=bar.update)
-
-
 def write_report(out: Path, title: str, body: list[str]) -> Path:
     """``out/report.md``: a ``# title`` line, then ``body`` (markdown lines), written atomically."""
     from ...training.files import write_atomic
 
-    return write_atomic(out / "report.md", "\n".join([f"# {title}", "", *body, ""]))
+    text = "\n".join([f"# {title}", "", *body]).rstrip("\n")
+    return write_atomic(out / "report.md", text + "\n")

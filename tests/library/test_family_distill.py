@@ -199,6 +199,7 @@ def test_own_loop_hyper_optimizer_with_the_step_size_and_state_dict_resume() -> 
 
 
 def test_figure_is_written_and_the_family_does_not_import_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")   # the figure needs it; the family does not
     fam = DistilledData((1, 4, 4), 3, per_class=2, soft_labels=True, dtype=DT)
     out = save_distilled_figure(fam, tmp_path / "distilled.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

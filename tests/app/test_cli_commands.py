@@ -74,6 +74,33 @@ def test_unusable_out_is_refused_before_any_work(command: str, where: str, tmp_p
     assert blocker.read_text() == "{}"
 
 
+# ------------------------------------------------------------------------------- flags from the schema
+@pytest.mark.parametrize("command", ["explain", "compare", "bench"])
+def test_each_flag_is_one_setting_described_by_the_schema(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from hypergradients.app.commands._flags import shown
+    from hypergradients.app.experiments import get
+
+    flags = importlib.import_module(f"hypergradients.app.commands.{command}").FLAGS
+    exp = get(command)
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps the help: compare it unwrapped
+    for flag, (key, _) in flags.items():
+        opt = exp.schema[key]
+        name = flag if opt.kind is not bool else f"--no-{flag[2:]}"
+        assert name in text and f"{key}: {' '.join(opt.help.split())}" in text, flag
+        if opt.kind is not bool:
+            smoke = f"; --smoke {shown(exp.smoke[key])}" if key in exp.smoke else ""
+            assert f"(default {shown(opt.default)}{smoke})" in text, flag
+    # a flag sets its setting and nothing else
+    parser = cli.build_parser()
+    for flag, (key, _) in flags.items():
+        if exp.schema[key].kind is not bool:
+            continue
+        args = parser.parse_args([command, f"--no-{flag[2:]}"])
+        assert {k: getattr(args, k) for _, (k, _) in flags.items() if getattr(args, k) is not None} == {key: False}
+
+
 # ------------------------------------------------------------------------------- JSON: null, not "nan"
 def test_explain_and_compare_write_null_for_non_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,9 +159,9 @@ def test_quick_still_selects_the_smoke_settings(flag: str, tmp_path: Path, monke
     for command in ("explain", "compare", "bench"):
         cli.main([command, flag, "--out", str(tmp_path / command), "--quiet"])
     err = capsys.readouterr().err
-    assert seen["explain"] == ExplainConfig.quick()
-    assert seen["compare"] == CompareConfig.quick()
-    assert seen["bench"] == bench.Suite.quick()
+    assert seen["explain"] == ExplainConfig.smoke()
+    assert seen["compare"] == CompareConfig.smoke()
+    assert seen["bench"] == bench.Suite.smoke()
     notes = [ln for ln in err.splitlines() if "deprecated" in ln]
     if flag == "--quick":
         assert notes == [f"hypergradients {c}: --quick is deprecated; use --smoke (the same settings)"
@@ -168,11 +195,9 @@ def test_bench_writes_bench_json_and_prints_the_table(tmp_path: Path, monkeypatc
 
 
 # -------------------------------------------------------------------------------------- bench --steps
-@pytest.mark.parametrize(("given", "steps"), [(["5,10"], (5, 10)), (["5", "10"], (5, 10)), (["7"], (7,)),
-                                              (["5,10", "20"], (5, 10, 20))])
-def test_bench_steps_take_comma_and_space_separated_lists(given: list[str], steps: tuple[int, ...],
-                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("given", "steps"), [(["5,10"], (5, 10)), (["7"], (7,))])
+def test_bench_steps_take_a_comma_separated_list(given: list[str], steps: tuple[int, ...], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bench.Suite] = []
 
     def fake(suite: bench.Suite, **kw: Any) -> list[bench.Result]:
@@ -210,7 +235,7 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(command: str, tmp_path: Pa
 
 # --------------------------------------------------------------------------------------------- list
 def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
-    # explain, compare and bench are experiments now (they were listed as "commands"): each line says
+    # explain, compare and bench are experiments like the others: each line says
     # what it does, its --smoke run, where its settings are, and the sub-command of its own name.
     assert cli.main(["list"]) == 0
     text = capsys.readouterr().out

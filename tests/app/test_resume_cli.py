@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from hypergradients.app.cli import main
-from hypergradients.app.experiments import REGISTRY
-from hypergradients.app.experiments import weight_decay as wd
+from hypergradients.app.experiments import REGISTRY, shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
@@ -61,7 +60,7 @@ def test_crafted_checkpoint_runs_no_code(finished: tuple[Path, list[dict[str, An
     assert main(["run", "weight-decay", "--out", str(out), "--resume", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"cannot read the checkpoint '{ck}'" in err and "refused for safety" in err, err
-    assert "delete it to restart the arm 'global'" in err and "Traceback" not in err
+    assert f"delete the folder '{out / 'global'}' to restart the arm 'global'" in err and "Traceback" not in err
     assert not marker.exists()
     assert ck.exists()   # nothing deleted
 
@@ -79,7 +78,7 @@ def test_unreadable_checkpoint_is_named_with_the_choices(damage: str, finished: 
     err = capsys.readouterr().err
     assert err.startswith(f"hypergradients run: error: cannot read the checkpoint '{ck}': it is truncated, "
                           "empty or not a checkpoint"), err
-    assert "delete it to restart the arm 'global'" in err and "or restore it" in err
+    assert f"delete the folder '{out / 'global'}' to restart the arm 'global'" in err and "or restore it" in err
     assert ck.read_bytes() == before
 
 
@@ -134,7 +133,7 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path: Path, capsys: pytest.C
     ref = tmp_path / "ref"
     assert main(["run", "weight-decay", *SMOKE2, "--out", str(ref), "--json", "--quiet"]) == 0
     rows = _rows(capsys)
-    real_fit = wd.fit
+    real_fit = shared.fit
 
     def interrupted(*args: Any, **kw: Any) -> Any:
         def ctrl_c(rec: dict[str, Any]) -> None:
@@ -144,12 +143,12 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path: Path, capsys: pytest.C
         return real_fit(*args, **kw)
 
     out = tmp_path / "my run"   # a space: the printed command must quote it
-    monkeypatch.setattr(wd, "fit", interrupted)
+    monkeypatch.setattr(shared, "fit", interrupted)
     assert main(["run", "weight-decay", *SMOKE2, "--set", "checkpoint_every=1", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     cmd = f"hypergradients run weight-decay --out {shlex.quote(str(out))} --resume"
     assert "interrupted" in err and cmd in err, err
-    monkeypatch.setattr(wd, "fit", real_fit)
+    monkeypatch.setattr(shared, "fit", real_fit)
     # Part of the top metrics.jsonl was written as rounds finished: the whole arm 'none', round 1 of 'global'.
     assert [(r["arm"], r["round"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] \
         == [("none", 1), ("none", 2), ("global", 1)]
@@ -163,7 +162,7 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path: Path, capsys: pytest.C
 def test_top_metrics_grow_as_rounds_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     seen: list[int] = []
-    real_fit = wd.fit
+    real_fit = shared.fit
 
     def watched(*args: Any, **kw: Any) -> Any:
         def count(rec: dict[str, Any]) -> None:
@@ -171,7 +170,7 @@ def test_top_metrics_grow_as_rounds_finish(tmp_path: Path, monkeypatch: pytest.M
         kw["callbacks"] = [*kw["callbacks"], count]
         return real_fit(*args, **kw)
 
-    monkeypatch.setattr(wd, "fit", watched)
+    monkeypatch.setattr(shared, "fit", watched)
     assert main(["run", "weight-decay", *SMOKE2, "--out", str(out), "--quiet"]) == 0
     assert seen == [1, 2, 3, 4]
 

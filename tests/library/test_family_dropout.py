@@ -306,7 +306,7 @@ def test_dropout_own_loop_resumes_bit_for_bit_from_the_hyper_state_alone() -> No
 def test_hypergradient_spread_over_noise_samples() -> None:
     """The spread of the dropout hypergradient over 20 noise samples at one trained MLP, for three
     temperatures (the table in docs/families.md comes from this test:
-    pytest tests/test_family_dropout.py -k spread -s)."""
+    pytest tests/library/test_family_dropout.py -k spread -s)."""
     train, val = _mlp_problem()
     bt = Batch(train[0], train[1], torch.arange(64))
     bv = Batch(val[0], val[1], torch.arange(40))

@@ -19,7 +19,7 @@ from hypergradients.app.experiments.compare import CompareConfig, CompareResult,
 from hypergradients.core import tree
 
 DT = torch.float64
-CFG = CompareConfig.quick(budgets=(0, 1, 2, 5, 11, 20))
+CFG = CompareConfig.smoke(budgets=(0, 1, 2, 5, 11, 20))
 
 
 @pytest.fixture(scope="module")
@@ -162,4 +162,4 @@ def test_command_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 2 and "unknown ['LBFGS']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main(["compare", "--problems", "iris"])
-    assert e.value.code == 2 and "diabetes, breast-cancer, digits" in capsys.readouterr().err
+    assert e.value.code == 2 and "unknown ['iris']; choose from breast-cancer, digits, diabetes" in capsys.readouterr().err

@@ -14,8 +14,8 @@ Operations without a double backward, each with a twin that has one: :class:`Onc
 whose backward is ``@once_differentiable``) in :func:`regression`, and the fused
 ``scaled_dot_product_attention`` in :func:`attention`.
 
-The Newton solve, ``cosine`` and ``rel_dist`` are the application layer's
-(:mod:`hypergradients.app.experiments.problems`), shared with ``explain``, ``compare`` and ``bench``.
+The Newton solve, ``cosine`` and ``rel_dist`` are the tests' own: the library's tests import
+nothing from the application layer (``test_layout.py``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from hypergradients.app.experiments.problems import cosine, newton, rel_dist
 from hypergradients.core import tree
 
 DT = torch.float64
@@ -81,8 +80,61 @@ def dense_pieces(inner: Loss, outer: Loss, params: Tree, hparams: Tree) -> tuple
     return H, M, v, direct
 
 
+class NewtonResult(NamedTuple):
+    x: Tensor
+    grad_norm: float
+    iters: int
+
+
+def newton(grad: Callable[[Tensor], Tensor], hessian: Callable[[Tensor], Tensor], x0: Tensor, *, tol: float,
+           max_iter: int = 100, f: Callable[[Tensor], Tensor] | None = None,
+           shift_indefinite: bool = False) -> NewtonResult:
+    """Newton's method on a flat vector: ``x ← x − t·(H + μI)⁻¹∇f(x)`` until ``‖∇f(x)‖ ≤ tol``.
+
+    ``t = 1`` without ``f``; with ``f``, ``t`` halves from 1 until the Armijo condition
+    ``f(x − t·step) ≤ f(x) − 1e-4·t·∇fᵀstep`` holds (or ``t ≤ 1e-10``). ``μ = 0``, unless
+    ``shift_indefinite`` and ``λ_min(H) ≤ 0``: then ``μ = −λ_min + 1e-3``, so that the step descends
+    on a non-convex ``f``.
+    """
+    x = x0.detach().clone()
+    g = grad(x)
+    gn = float(g.norm())
+    it = 0
+    while gn > tol and it < max_iter:
+        H = hessian(x)
+        if shift_indefinite:
+            lam_min = float(torch.linalg.eigvalsh(H)[0])
+            if lam_min <= 0:
+                H = H + (-lam_min + 1e-3) * torch.eye(len(x), dtype=H.dtype)
+        step = torch.linalg.solve(H, g)
+        t = 1.0
+        if f is not None:
+            with torch.no_grad():
+                fx, slope = float(f(x)), float(g @ step)
+                while float(f(x - t * step)) > fx - 1e-4 * t * slope and t > 1e-10:
+                    t *= 0.5
+        x = x - t * step
+        g = grad(x)
+        gn = float(g.norm())
+        it += 1
+    return NewtonResult(x, gn, it)
+
+
+def cosine(a: Tree, b: Tree) -> float:
+    """Cosine similarity ``⟨a, b⟩/(‖a‖‖b‖)``, 0 when either is zero (no direction)."""
+    na, nb = float(tree.norm(a)), float(tree.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(tree.dot(a, b)) / (na * nb)
+
+
+def rel_dist(a: Tree, ref: Tree) -> float:
+    """Relative L2 distance ``‖a − ref‖/‖ref‖``."""
+    return float(tree.norm(tree.sub(a, ref))) / float(tree.norm(ref))
+
+
 def newton_solve(inner: Loss, params: Tree, hparams: Tree, *, tol: float = 1e-13, max_iter: int = 200) -> Tree:
-    """Minimise ``inner(·, hparams)`` to ‖∇‖ ≤ tol by the shared :func:`newton` (Armijo backtracking,
+    """Minimise ``inner(·, hparams)`` to ‖∇‖ ≤ tol by :func:`newton` (Armijo backtracking,
     the Hessian shifted where it is indefinite: the MLP's inner problem is not convex)."""
     f = _flat_fn(inner, params, hparams, of="w")
     res = newton(torch.func.grad(f), torch.func.hessian(f), tree.flatten(params), tol=tol, max_iter=max_iter, f=f,

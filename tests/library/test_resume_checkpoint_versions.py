@@ -2,7 +2,7 @@
 checkpoint (the hyper state's parts copied field by field beside the rest) still resumes, bit for
 bit; anything older is refused with the message that says to delete it.
 
-``tests/data/fit_checkpoint_v2.pt`` was written by the version-2 code (the commit before version 3)
+``tests/library/data/fit_checkpoint_v2.pt`` was written by the version-2 code (the commit before version 3)
 with :func:`setup`'s run, 2 rounds, checkpointed after round 2::
 
     model, fams, train, val, kw = setup()

@@ -22,7 +22,7 @@ from hypergradients.app.experiments.explain import ExplainConfig, ExplainResult,
 from hypergradients.core import tree
 
 DT = torch.float64
-CFG = ExplainConfig.quick(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
+CFG = ExplainConfig.smoke(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
 # the parts beyond plain gradient descent on settings small enough for a command-line test
 SMALL = ["--momentum-steps", "1,3", "--adam-steps", "1,3", "--noise-orders", "2", "--noise-batch-sizes", "50",
          "--noise-steps", "2"]
@@ -488,12 +488,12 @@ def test_full_batch_orders_are_the_theorem(prob: AP.BilevelProblem) -> None:
 
     # One batch of all training rows: every order is the full-batch path from w*, i.e. Neumann(K);
     # the permuted sums differ by rounding only (measured ~1e-16 relative).
-    cfg = ExplainConfig.quick(noise_orders=3, noise_batch_sizes=(prob.n_train,), noise_steps=(1, 6))
+    cfg = ExplainConfig.smoke(noise_orders=3, noise_batch_sizes=(prob.n_train,), noise_steps=(1, 6))
     rows = noise_section(prob, 1 / prob.lambda_max, cfg)["rows"]
     for r in rows:
         assert r["spread"] <= 1e-12 and r["mean_vs_neumann"] <= 1e-10 and r["weight_drift_at_max_K"] <= 1e-13
     with pytest.raises(hg.HypergradientError, match=r"noise batch sizes \[301\] exceed the 300 training"):
-        noise_section(prob, 1.0, ExplainConfig.quick(noise_batch_sizes=(301,)))
+        noise_section(prob, 1.0, ExplainConfig.smoke(noise_batch_sizes=(301,)))
 
 
 def test_batch_order_is_epochs_of_permutations() -> None:
@@ -550,7 +550,7 @@ def test_beyond_config_errors_name_the_value(kwargs: dict, match: str) -> None:
 
 def test_progress_units_add_up_to_the_cost() -> None:
     # The progress display ends at exactly 100 % only if every part reports what cost() counts.
-    cfg = ExplainConfig.quick(theorem_steps=(1, 2), cold_steps=(1, 3), truncate=2, lr_steps=2,
+    cfg = ExplainConfig.smoke(theorem_steps=(1, 2), cold_steps=(1, 3), truncate=2, lr_steps=2,
                               momentum_steps=(1, 4), adam_warm_steps=8, adam_steps=(1, 3), adam_zero_steps=(1, 2),
                               noise_orders=2, noise_batch_sizes=(50,), noise_steps=(2, 3))
     units: list[int] = []

@@ -18,10 +18,10 @@ ARGS = ["weight-decay", "--smoke", "--set", "train.rounds=6", "--set", "checkpoi
 _WORKER = textwrap.dedent("""
     import sys, time
     from hypergradients.app.cli import main
-    from hypergradients.app.experiments import weight_decay as wd
+    from hypergradients.app.experiments import shared
 
     pause = float(sys.argv[1])
-    real_fit = wd.fit
+    real_fit = shared.fit
 
     def slow_fit(*args, **kw):
         def tick(rec):
@@ -30,7 +30,7 @@ _WORKER = textwrap.dedent("""
         kw["callbacks"] = [*kw["callbacks"], tick]
         return real_fit(*args, **kw)
 
-    wd.fit = slow_fit
+    shared.fit = slow_fit
     sys.exit(main(["run", *sys.argv[2:]]))
 """)
 

@@ -1,8 +1,8 @@
 """``hvp_mode="finite-difference"``: HVPs and mixed products from first-order gradients only.
 
-Run as a script (``python tests/test_fd_hvp.py``) it prints the table of
+Run as a script (``python tests/library/test_fd_hvp.py``) it prints the table of
 ``docs/finite-difference-hvp.md``: the finite-difference hypergradient's error against the same
-method with exact (double-backward) HVPs, for every implicit method on ``tests/problems.py``, in
+method with exact (double-backward) HVPs, for every implicit method on ``tests/library/problems.py``, in
 float32 and float64.
 """
 
@@ -30,7 +30,7 @@ FD = "finite-difference"
 def _recast(fn: Any, dtype: torch.dtype) -> Any:
     """A copy of closure ``fn`` whose captured floating tensors (data, targets) are cast to ``dtype``.
 
-    The problems of ``tests/problems.py`` are built in float64; this gives the same losses in
+    The problems of ``tests/library/problems.py`` are built in float64; this gives the same losses in
     float32 without a second copy of their code. Nested closures are recast too.
     """
     if not isinstance(fn, types.FunctionType) or not fn.__closure__:
@@ -87,7 +87,7 @@ def hvp_error(prob: P.Problem, dtype: torch.dtype, *, scale: float = 1.0, seed: 
     return float(torch.linalg.vector_norm(hv - ref) / torch.linalg.vector_norm(ref))
 
 
-# ---------------------------------------------------------------- accuracy on tests/problems.py
+# ---------------------------------------------------------------- accuracy on tests/library/problems.py
 # Central differences with ε = ∛eps·(1 + ‖w‖)/‖v‖ have relative error O(eps^{2/3}): 2.4e-5 in float32,
 # 3.7e-11 in float64 (the constants ‖∇³L‖ and ‖∇L‖ of these problems are O(1)). The solvers then
 # amplify an HVP error by up to cond(H)·(their own sensitivity); measured worst cases are 1.4e-4

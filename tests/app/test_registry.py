@@ -3,14 +3,15 @@
 What is checked: ``hypergradients run NAME --set ...`` and the sub-command ``hypergradients NAME
 [flags]`` give the same numbers (the flags are only another spelling of the settings); each run
 writes the one run folder (``config.toml`` that resolves back to the same configuration, the
-result JSON, ``report.md``, figures); ``--smoke`` is the experiment's ``smoke`` overrides and the
-tiny configuration of the old config objects; what the schema cannot judge is refused before any
-file is written; ``--resume`` is refused for experiments without checkpoints, and rerunning them
+result JSON, ``report.md``, figures); the settings objects of explain, compare and bench read their
+defaults from the schema and ``smoke()`` from the ``--smoke`` table; what the schema cannot judge is
+refused before any file is written; ``--resume`` is refused for experiments without checkpoints, and rerunning them
 into the same folder replaces their files; the core does not import the application layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,20 +88,27 @@ def test_bench_run_and_subcommand_resolve_the_same_suite(tmp_path: Path, monkeyp
     assert cli.main(["run", "bench", "--smoke", "--set", "iters=4", "--set", "unrolled.steps=[3,7]",
                      "--threads", "1", "--out", str(tmp_path / "run"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert seen[0] == seen[1] == bench.Suite.quick(iters=4, unrolled_steps=(3, 7), threads=1)
+    assert seen[0] == seen[1] == bench.Suite.smoke(iters=4, unrolled_steps=(3, 7), threads=1)
     assert doc["result"] == alias and {"suite", "results", "ratios"} <= set(alias)
     assert [r["case"] for r in doc["rows"]] == ["plain-cg", "cg"]
 
 
-def test_smoke_is_the_old_tiny_configuration() -> None:
-    # The experiments' smoke overrides resolve to what ExplainConfig.quick() etc. always meant.
-    assert explain_config(resolve(get("explain").schema, smoke=get("explain").smoke)) == ExplainConfig.quick()
-    assert compare_config(resolve(get("compare").schema, smoke=get("compare").smoke)) == CompareConfig.quick()
-    assert bench.suite_of(resolve(bench.SCHEMA, smoke=bench.SMOKE)) == bench.Suite.quick()
-    # ... and the defaults what the config objects' defaults are
-    assert explain_config(resolve(get("explain").schema)) == ExplainConfig()
-    assert compare_config(resolve(get("compare").schema)) == CompareConfig()
-    assert bench.suite_of(resolve(bench.SCHEMA)) == bench.Suite()
+@pytest.mark.parametrize(("name", "cls", "read", "run_only"), [
+    ("explain", ExplainConfig, explain_config, {"threads", "figures"}),
+    ("compare", CompareConfig, compare_config, {"threads", "figures"}),
+    ("bench", bench.Suite, bench.suite_of, set())])
+def test_the_settings_objects_are_read_from_the_schema(name: str, cls: Any, read: Any, run_only: set[str]) -> None:
+    exp = get(name)
+    keys = [k for f in dataclasses.fields(cls) for k in f.metadata["keys"]]
+    # every setting reaches the settings object once, or is the run's own (its threads, its figures)
+    assert sorted(keys) == sorted(set(exp.schema) - run_only)
+    # ... each field from the key of its name (``truncate`` from ``cold.truncate``, ``decay`` from
+    # ``decay.low`` and ``decay.high``)
+    for f in dataclasses.fields(cls):
+        assert all(k.replace(".", "_").endswith(f.name) or k.split(".")[0] == f.name for k in f.metadata["keys"])
+    # the object's defaults and its smoke() are the schema's defaults and its --smoke table
+    assert read(resolve(exp.schema)) == cls()
+    assert read(resolve(exp.schema, smoke=exp.smoke)) == cls.smoke() != cls()
 
 
 @pytest.mark.parametrize(("name", "sets", "files"), [
@@ -175,3 +183,24 @@ def test_the_core_does_not_import_the_application_layer() -> None:
             "m.startswith(('hypergradients.app.experiments', 'hypergradients.app.commands', 'hypergradients.app.cli'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_experiment_imports_another() -> None:
+    # What two experiments share lives in the shared modules (shared, base, problems, optuna_arm, figures),
+    # so that an experiment's module can change without changing another's.
+    import ast
+    import importlib
+
+    from hypergradients.app.experiments import MODULES
+
+    package = importlib.import_module("hypergradients.app.experiments")
+    folder = Path(package.__file__).parent
+    experiments = set(MODULES.values())
+    found = []
+    for module in sorted(experiments):
+        tree = ast.parse((folder / f"{module}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                found += [f"{module} imports {n}" for n in names if n in experiments and n != module]
+    assert found == []

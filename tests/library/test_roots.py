@@ -135,7 +135,7 @@ def test_deq_as_a_root_in_either_sign_and_without_double_backward(deq: tuple[DEQ
 
     for cond in (F, G):
         assert P.rel_err(hg.root_hypergradient(m.outer, cond, z, m.hparams), fd) <= 1e-7
-    # The map through an op whose backward is first-order only (tests/problems.py): GMRES needs
+    # The map through an op whose backward is first-order only (tests/library/problems.py): GMRES needs
     # one VJP of T per product, never a second derivative.
     def T_once(p: Tree, h: Tree) -> Tree:
         return m.T(p, h, act=P.OnceTanh.apply)
@@ -271,7 +271,7 @@ def test_inputs_are_not_modified_and_dtypes_kept(ridge: P.Problem) -> None:
 
 # ---------------------------------------------------------------- docs/implicit-layers.md runs as printed
 def test_implicit_layers_doc_example_runs() -> None:
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "implicit-layers.md"
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "implicit-layers.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "docs/implicit-layers.md has no python example"
     out = io.StringIO()

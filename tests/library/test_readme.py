@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_example_runs_as_printed() -> None:

@@ -3,6 +3,7 @@ the weight-decay notes say what the numbers show either way; the configuration l
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def test_smoke_runs(name: str, tmp_path: Path) -> None:
             if isinstance(r[c], float) and c != "decay":
                 assert math.isfinite(r[c]), (c, r)
     assert resolve(exp.schema, file=read_toml(tmp_path / "config.toml")) == cfg   # the resolved config round-trips
+    # every run ends the same way: its result file (the rows and the notes) beside report.md
+    assert res.result_file is not None and res.result_file.parent == tmp_path and res.result_file in res.files
+    assert json.loads(res.result_file.read_text())["notes"] == res.notes
 
 
 def test_weight_decay_smoke_counts_and_arms(tmp_path: Path) -> None:

@@ -158,7 +158,8 @@ def test_command_prints_table_and_json(small: dict[str, Path], tmp_path: Path, m
 
 def test_command_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--iters", "0"]) == 2
-    assert "must be >= 1" in capsys.readouterr().err
+    assert "hypergradients bench: error: config key 'iters': got 0; expected an integer >= 1" \
+        in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli.main(["bench", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The core needs only torch: importing hypergradients, a hypergradient, a HyperOptimizer step and
 fit (with a checkpoint and a resume) import none of the `cli` extra's packages, and run with them
-made unimportable, numpy included. The console script without the extra says how to install it.
+made unimportable, numpy included.
 
 What torch 2.13 itself imports: numpy, when it is installed (``import torch`` loads it), plus
 sympy and mpmath on first use of some operators. So numpy cannot be forbidden from ``sys.modules``
@@ -15,8 +15,6 @@ import sys
 import textwrap
 
 import pytest
-
-from hypergradients.app import entry as _entry
 
 # The `cli` extra's import names (and two heavy libraries nobody should pull in by accident).
 EXTRA = ("numpy", "matplotlib", "sklearn", "mlxtend", "tqdm", "tomli", "tomli_w", "scipy", "pandas")
@@ -60,17 +58,3 @@ def test_core_imports_nothing_from_the_cli_extra(block: bool) -> None:
     assert [m for m in added if m not in ("-", "numpy")] == [], added
     if block:
         assert added == ["-"]
-
-
-def test_console_script_without_the_extra_prints_one_line_and_exits_2() -> None:
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['mlxtend'] = None\n"
-            "from hypergradients.app.entry import main\nsys.exit(main(['list']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == ("hypergradients: the command line needs the 'cli' extra (missing: matplotlib, "
-                           "mlxtend); install it with: pip install 'hypergradients[cli]'\n")
-
-
-def test_this_environment_has_the_cli_extra() -> None:
-    # `make test` installs '.[dev,cli]': the CLI tests run against the real packages.
-    assert _entry.missing_cli_modules() == []

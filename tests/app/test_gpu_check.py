@@ -17,7 +17,7 @@ from hypergradients.app.experiments import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 METHODS = {"Exact", "CG", "Neumann", "Identity", "Nystrom", "Auto", "Unrolled", "Forward",
            "root_hypergradient GMRES"}
 
