@@ -13,6 +13,7 @@ from hypergradients.app.experiments.optuna_arm import (
     Trial,
     incumbent,
     require_optuna,
+    steps_to_match,
     time_to_match,
     tpe,
 )
@@ -147,3 +148,24 @@ def test_note_calls_a_difference_within_two_standard_errors_noise():
     assert "did NOT reach" in note(row, "IFT", se=0.001)          # 0.003 > 2 · 0.001
     assert "did NOT reach" in note(row, "IFT")                    # no standard error: as measured
     assert "matched" in note({**row, "test_loss": 0.22, "time_to_match_s": 40.0}, "IFT", se=0.001)
+
+
+def test_a_step_budget_gives_the_same_trials_whatever_the_clock() -> None:
+    """budget_steps // steps_per_trial trials, each recording the steps spent, however slow the clock."""
+    space = {"x": Space(1e-3, 1.0)}
+
+    def objective(p: dict[str, float]) -> tuple[float, float]:
+        return (p["x"] - 0.1) ** 2, (p["x"] - 0.2) ** 2
+
+    ticks = iter(range(0, 10_000, 1000))   # a clock that jumps 1000 s per call: a wall budget would stop
+    r = tpe(objective, space, budget_steps=250, steps_per_trial=50, seed=0,
+                       clock=lambda: float(next(ticks)))
+    assert [t.steps for t in r.trials] == [50, 100, 150, 200, 250]
+    assert r.budget_steps == 250 and r.budget_s is None
+    target = min(t.test for t in r.trials)
+    hit = steps_to_match(r.trials, target)
+    assert hit is None or hit in {t.steps for t in r.trials}
+    with pytest.raises(ValueError, match="give one budget"):
+        tpe(objective, space, budget_s=1.0, budget_steps=10, steps_per_trial=5)
+    with pytest.raises(ValueError, match="steps_per_trial"):
+        tpe(objective, space, budget_steps=10)
