@@ -92,7 +92,7 @@ _READABLE_VERSIONS = (2, 3)   # 2: the hyper step's state copied field by field;
 
 __all__ = ["CHECKPOINT", "METRICS", "Callback", "FitKeywords", "NonFiniteError", "SkippedHyperStepsWarning",
            "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit",
-           "save_atomic"]
+           "read_checkpoint", "save_atomic"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
@@ -193,9 +193,19 @@ def _upgrade_v2(st: dict[str, Any]) -> dict[str, Any]:
             "path": st.get("path"), "callbacks": {}}
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+_FIX = "delete it to start this training over from round 0, or restore it from a copy"
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, fix: str = _FIX) -> dict[str, Any]:
+    """The checkpoint :func:`fit` wrote at ``path``, read with ``weights_only=True``, in the current
+    layout (an older readable version is upgraded): ``"round"``, ``"model"`` (the state dict),
+    ``"hyper"`` (:meth:`HyperOptimizer.state_dict`, ``None`` without families), ... . Anything else
+    raises :class:`~hypergradients.UnreadableFileError` naming the file, with ``fix`` as the advice."""
+    return _read_checkpoint(Path(path), fix=fix)
+
+
+def _read_checkpoint(path: Path, *, fix: str = _FIX) -> dict[str, Any]:
     """The checkpoint at ``path`` in the current layout (an older readable version is upgraded)."""
-    fix = "delete it to start this training over from round 0, or restore it from a copy"
     st = load_checkpoint(path, fix=fix)
     found = st.get("version") if isinstance(st, dict) else type(st).__name__
     if found not in _READABLE_VERSIONS:

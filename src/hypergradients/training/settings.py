@@ -7,6 +7,7 @@ setting                                    default                              
 =========================================  ======================================  =========================
 the hyper step's method                    ``Neumann(iters=20, alpha="auto")``     ``HyperOptimizer``, ``fit``
 carry the solver state (``warm_start``)    ``True``                                ``HyperOptimizer``, ``fit``
+the solver's residual (``residual``)       ``False``: not computed                 ``HyperOptimizer``, ``fit``
 the hyperparameters' optimizer             Adam, lr ``1e-2``                       ``HyperOptimizer``, ``fit``
 a solver failure (``on_solver_error``)     ``"damp"``: retry, skip if that fails   ``HyperOptimizer``, ``fit``
 the loss                                   ``hparams.cross_entropy``               ``HyperOptimizer``, ``fit``
@@ -25,6 +26,9 @@ accurate to a tolerance. ``warm_start=True`` carries ``λ_max`` (and CG's last s
 sketch) from one hyper step to the next, so the power iterations run once in ``refresh_every``
 hyper steps instead of at each: with the default method a run of ``fit`` spends fewer HVPs for the
 same hyperparameters (measured in docs/benchmarks.md, ``benchmarks/fit_warm_start.py``).
+``residual=False``: the solver's residual ``‖Hp − v‖/‖v‖`` is a diagnostic the step never uses, and
+for Neumann, Identity and Nyström it costs one more HVP per hyper step (Identity's step would spend
+one instead of none); ``HyperSettings(residual=True)`` reports it.
 
 The groups are plain frozen dataclasses; each of ``fit``'s flat keywords is one field of one group
 (``batch_size=64`` is ``batches=Batches(size=64)``): see :func:`~hypergradients.fit`.
@@ -93,6 +97,10 @@ class HyperSettings:
             that fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
             from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+        residual: also compute the solver's relative residual ``‖Hp − v‖/‖v‖`` at every step
+            (``HyperStep.info.residual``, the ``residual`` metric). Off by default: it is one more
+            HVP for Neumann, Identity and Nyström, and the step does not use it; off, their metric
+            is ``None`` (CG, Auto and Exact have it anyway and report it either way).
     """
 
     method: Method = field(default_factory=default_method)
@@ -100,11 +108,14 @@ class HyperSettings:
     project: Projection | None = None
     on_solver_error: SolverPolicy = "damp"
     warm_start: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.on_solver_error not in ("damp", "skip", "raise"):
             raise ValueError("on_solver_error must be 'damp', 'skip' or 'raise', got "
                              f"{self.on_solver_error!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"residual must be True or False, got {self.residual!r}")
 
 
 @dataclass(frozen=True)
