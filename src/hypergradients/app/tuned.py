@@ -192,14 +192,18 @@ def _overfit_validation(d: Path, cfg: Config, device: torch.device) -> tuple[Dat
         def families(m: nn.Module) -> list[Family]:
             return [WeightDecay(m, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True)]
 
-        lr = cfg["train.lr"]
+        lr: float = cfg["train.lr"]
+
+        def adam(ps: list[Tensor], lr: float = lr) -> torch.optim.Optimizer:
+            return torch.optim.Adam(ps, lr=lr)
+
         arms.append(
             Arm(
                 name,
                 d / name,
                 model,
                 families,
-                lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr),
+                adam,
                 cfg["train.inner_steps"],
                 0,
                 len(ds.y_train),

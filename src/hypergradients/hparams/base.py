@@ -342,15 +342,17 @@ def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue]
     out: dict[str, Tensor] = {}
     for fam in families:
         own = fam.tensors()
-        mine = {}
+        mine: dict[str, Tensor] = {}
         for k in own:
             if k in chosen:
                 v = chosen[k]
-                is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
-                if isinstance(v, bool) or not (is_number or isinstance(v, Tensor)):
+                if isinstance(v, Tensor):
+                    t = v
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    t = torch.tensor(float(v), dtype=torch.float64)
+                else:
                     raise TypeError(f"the value for {k!r} must be a number or a tensor, got "
                                     f"{type(v).__name__}")
-                t = torch.as_tensor(v, dtype=torch.float64) if is_number else v
                 mine[k] = t.expand(own[k].shape) if t.ndim == 0 else t
         if mine:
             out.update(fam.from_natural(mine))

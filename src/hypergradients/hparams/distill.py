@@ -127,8 +127,9 @@ class DistilledData(Family):
         return out
 
     def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
-        """The examples and the step size as given, the label logits ``Z = log p`` of label
-        distributions ``p`` (rows of positive numbers summing to 1, to 1e-4: ``softmax(log p) = p``)."""
+        """The examples and the step size as given (stored as they are; keep the step size positive
+        with :meth:`project`), the label logits ``Z = log p`` of label distributions ``p`` (rows of
+        positive numbers summing to 1, to 1e-4: ``softmax(log p) = p``)."""
         out: dict[str, Tensor] = {}
         for k, v in values.items():
             one = {k: v}
@@ -142,10 +143,7 @@ class DistilledData(Family):
                                      f"{sums.max().item():g}")
                 out.update(unnatural_leaves(self, one, torch.log, valid=lambda a: a > 0,
                                             domain="> 0 (a label probability)"))
-            elif k == f"{self.name}.lr":
-                out.update(unnatural_leaves(self, one, lambda a: a, valid=lambda a: a > 0,
-                                            domain="> 0 (a step size)"))
-            else:
+            else:   # the examples and the step size are stored as they are
                 out.update(unnatural_leaves(self, one, lambda a: a))
         return out
 

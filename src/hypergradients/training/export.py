@@ -94,8 +94,10 @@ class ExportedHparams:
         raise KeyError(f"{self._where()} has no family {name!r}; it has {[f.name for f in self.families]}")
 
     def check(self, families: Sequence[Family]) -> None:
-        """Refuse ``families`` whose names this file has under another kind or other keys (values
-        exported from per-layer decays do not fit per-weight ones), naming both."""
+        """Refuse ``families`` whose names this file has under another kind, other keys or other
+        shapes (values exported from per-layer decays do not fit per-weight ones), naming both. To
+        start finer families from coarser values on purpose, pass ``.values`` (a plain dict, whose
+        numbers broadcast) instead of the file."""
         for fam in families:
             mine = next((f for f in self.families if f.name == fam.name), None)
             if mine is None:
@@ -113,6 +115,13 @@ class ExportedHparams:
                     f"here ({odd!r} is in one and not the other): it was exported for another model "
                     "or granularity"
                 )
+            for k, t in fam.tensors().items():
+                if self.values[k].shape != t.shape:
+                    raise ValueError(
+                        f"{self._where()} holds {k!r} of shape {tuple(self.values[k].shape)}, the family "
+                        f"here has it of shape {tuple(t.shape)}: it was exported for another model or "
+                        "granularity"
+                    )
 
     def _where(self) -> str:
         return f"the exported file {str(self.path)!r}" if self.path is not None else "the exported values"
@@ -313,8 +322,8 @@ def load_hparams(path: str | os.PathLike[str]) -> ExportedHparams:
         families.append(
             ExportedFamily(rec["name"], rec["kind"], rec["parametrisation"], tuple(rec["values"]))
         )
-    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
-    return ExportedHparams(values, families, source, p)
+    source = doc.get("source")
+    return ExportedHparams(values, families, source if isinstance(source, dict) else {}, p)
 
 
 def _read_tensor_file(path: Path, name: Any) -> dict[str, Tensor]:

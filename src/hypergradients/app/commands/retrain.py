@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,7 +32,11 @@ examples:
   hypergradients retrain runs/wd --arm weight --hparams tuned.json   # values from an exported file
 """
 
-ONS = {"train": ("train",), "train+val": ("train+val",), "both": ("train", "train+val")}
+ONS: dict[str, tuple[Literal["train", "train+val"], ...]] = {
+    "train": ("train",),
+    "train+val": ("train+val",),
+    "both": ("train", "train+val"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
                         val,
                         values=given,
                         on=on,
-                        steps=steps,  # type: ignore[arg-type]
+                        steps=steps,
                         optimizer=arm.optimizer,
                         batch_size=arm.batch_size,
                         seed=arm.seed,
