@@ -517,7 +517,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             contract's form that reads only the targets (:mod:`hypergradients.hparams.objective`).
         hyper: the hyper step, a :class:`~hypergradients.HyperSettings`: ``method`` (default
             ``Neumann(iters=20, alpha="auto")``), ``optimizer`` (default Adam, 1e-2), ``project``,
-            ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``): as in
+            ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``), ``residual``
+            (default ``False``: the ``residual`` metric is ``None`` for Neumann, Identity, Nyström): as in
             :class:`~hypergradients.HyperOptimizer`, which ``fit`` builds with them. Why these
             defaults: :mod:`hypergradients.training.settings`.
         batches: a :class:`~hypergradients.Batches`: ``size`` (default 128) for the inner steps and

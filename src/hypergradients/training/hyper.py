@@ -327,7 +327,8 @@ class HyperOptimizer:
         then copied *in place* into the families' tensors, which are :attr:`hparams` and the
         optimizer's own: the next :meth:`step` moves from the values set. The optimizer's state (Adam's
         moment estimates of past hypergradients), the solver state and the counts are kept, as after
-        a :meth:`step`; to start afresh, build a new ``HyperOptimizer`` over the families.
+        a :meth:`step`; to start afresh, build a new ``HyperOptimizer`` over the families. With
+        ``data_parallel=True``, call it on every rank with the same values.
         """
         set_natural(self.families, values, strict=strict)
 
