@@ -97,14 +97,14 @@ def test_a_run_of_another_experiment_is_refused_with_the_supported_ones(
     from hypergradients.app.config import resolve, write_toml
     from hypergradients.app.experiments import get
 
-    write_toml(resolve(get("families").schema), tmp_path / "config.toml")
+    write_toml(resolve(get("data-cleaning").schema), tmp_path / "config.toml")
     for cmd in ("export", "retrain"):
         assert main([cmd, str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert (
-            "is a run of 'families'; export and retrain read runs of weight-decay and overfit-validation"
-            in err
-        )
+            "is a run of 'data-cleaning'; export and retrain read runs of weight-decay, overfit-validation, "
+            "families"
+        ) in err
 
 
 def test_retrain_reports_the_tuned_run_and_both_retrains(
@@ -219,3 +219,29 @@ def test_overfit_validation_runs_export_and_retrain(
     final = json.loads((run / "linear" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows[0]["test_acc"] == pytest.approx(final["test_acc"])
     assert rows[1]["steps"] == 3 * 2
+
+
+def test_a_families_run_exports_its_family_and_retrains_where_it_means_something(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "ew"
+    assert main(["run", "families", "--smoke", "--set", "family=example-weights", "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run)]) == 0
+    tuned = hg.load_hparams(run / "tuned" / "hparams.json")
+    assert [(f.name, f.kind) for f in tuned.families] == [("example_weights", "ExampleWeights")]
+    capsys.readouterr()
+    assert main(["retrain", str(run), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # the run's own test accuracy from its checkpoint (its flipped training labels rebuilt), then one retrain
+    final = json.loads((run / "tuned" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert res["rows"][0]["test_acc"] == pytest.approx(final["test_acc"])
+    from hypergradients.app.tuned import open_run
+    from hypergradients.training.fit import evaluate
+
+    opened = open_run(run)   # the training set the retrain uses is the one the run trained on
+    model, _, _ = opened.arms[0].tuned()
+    assert evaluate(model, {"train": opened.train})["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
+    assert [r["trained"] for r in res["rows"]] == ["tuned run (round 3)", "retrain on train"]
+    assert any(
+        "no retrain on train+val: the example weights 'example_weights' have no weight" in n for n in res["notes"]
+    )

@@ -9,11 +9,13 @@ size and order, the inner steps per round) and where its checkpoint is. Supporte
 
 * ``weight-decay``: the arms ``global``, ``layer`` and ``weight`` (``none`` tunes nothing; the
   ``optuna`` arm keeps no checkpoint: its decay is in ``optuna/decays.pt``);
-* ``overfit-validation``: the models ``linear`` and ``mlp`` (one decay per weight, biases included).
+* ``overfit-validation``: the models ``linear`` and ``mlp`` (one decay per weight, biases included);
+* ``families``: the ``tuned`` arm, whichever family it tunes (dropout, DropConnect, example
+  weights, the reweighting network, the augmentation network, distilled data), on the training
+  labels the run used (with its flipped labels where it flipped them).
 
-The other experiments (``families``, ``data-cleaning``, ``distill``, ``augment``, ``lstm-dropout``)
-are refused with that list: their families are exported from Python with
-:func:`hypergradients.export_hparams`.
+The other experiments (``data-cleaning``, ``distill``, ``augment``, ``lstm-dropout``) are refused
+with that list: their families are exported from Python with :func:`hypergradients.export_hparams`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..training.fit import CHECKPOINT, read_checkpoint
 from .config import Config, ConfigError, read_toml, resolve
 from .datasets import Dataset
 
-SUPPORTED = ("weight-decay", "overfit-validation")
+SUPPORTED = ("weight-decay", "overfit-validation", "families")
 
 __all__ = ["SUPPORTED", "Arm", "TunedRun", "open_run"]
 
@@ -75,15 +77,21 @@ class Arm:
         return model, fams, int(st["round"])
 
 
+Data = tuple[Tensor, Tensor]
+
+
 @dataclass
 class TunedRun:
-    """A run folder: the ``experiment`` that wrote it, its resolved ``config``, its ``data`` (on the
-    device asked for) and its tuned ``arms`` that have a checkpoint (``missing``: the others, with why)."""
+    """A run folder: the ``experiment`` that wrote it, its resolved ``config``, its ``train``, ``val``
+    and ``test`` sets as the run used them (on the device asked for) and its tuned ``arms`` that have
+    a checkpoint (``missing``: the others, with why)."""
 
     experiment: str
     folder: Path
     config: Config
-    data: Dataset
+    train: Data
+    val: Data
+    test: Data
     arms: list[Arm]
     missing: dict[str, str]
 
@@ -115,7 +123,7 @@ def _experiment(folder: Path, cfg_file: dict[str, Any], name: str | None) -> tup
     if found not in SUPPORTED:
         raise ConfigError(
             f"{str(folder)!r} is a run of {found!r}; export and retrain read runs of "
-            f"{' and '.join(SUPPORTED)}. Export another experiment's families from Python with "
+            f"{', '.join(SUPPORTED)}. Export another experiment's families from Python with "
             "hypergradients.export_hparams(families, 'tuned.json')"
         )
     return found, cfg
@@ -134,16 +142,25 @@ def open_run(
         )
     name, cfg = _experiment(d, read_toml(d / "config.toml"), experiment)
     dev = torch.device(device)
-    if name == "weight-decay":
-        ds, arms = _weight_decay(d, cfg, dev)
-    else:
-        ds, arms = _overfit_validation(d, cfg, dev)
+    build = {"weight-decay": _weight_decay, "overfit-validation": _overfit_validation, "families": _families}
+    (train, val, test), arms = build[name](d, cfg, dev)
     present = [a for a in arms if (a.folder / CHECKPOINT).is_file()]
     missing = {a.name: f"{str(a.folder / CHECKPOINT)!r} does not exist" for a in arms if a not in present}
-    return TunedRun(name, d, cfg, ds, present, missing)
+    return TunedRun(name, d, cfg, train, val, test, present, missing)
 
 
-def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[Dataset, list[Arm]]:
+def _splits(ds: Dataset) -> tuple[Data, Data, Data]:
+    return (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)
+
+
+def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    def make(ps: list[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(ps, lr=lr)
+
+    return make
+
+
+def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import weight_decay as wd
 
     ds = wd.check(cfg).to(device)
@@ -174,10 +191,12 @@ def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[Dataset, 
                 cfg["seed"],
             )
         )
-    return ds, arms
+    return _splits(ds), arms
 
 
-def _overfit_validation(d: Path, cfg: Config, device: torch.device) -> tuple[Dataset, list[Arm]]:
+def _overfit_validation(
+    d: Path, cfg: Config, device: torch.device
+) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import overfit_validation as ov
 
     ds = ov.check(cfg).to(device)
@@ -192,22 +211,47 @@ def _overfit_validation(d: Path, cfg: Config, device: torch.device) -> tuple[Dat
         def families(m: nn.Module) -> list[Family]:
             return [WeightDecay(m, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True)]
 
-        lr: float = cfg["train.lr"]
-
-        def adam(ps: list[Tensor], lr: float = lr) -> torch.optim.Optimizer:
-            return torch.optim.Adam(ps, lr=lr)
-
         arms.append(
             Arm(
                 name,
                 d / name,
                 model,
                 families,
-                adam,
+                _adam(cfg["train.lr"]),
                 cfg["train.inner_steps"],
                 0,
                 len(ds.y_train),
                 cfg["seed"],
             )
         )
-    return ds, arms
+    return _splits(ds), arms
+
+
+def _families(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+    from .experiments import families as fx
+
+    ds = fx.check(cfg).to(device)
+    xtr, ytr = fx._images(ds, ds.x_train), ds.y_train
+    if cfg["family"] in fx.NOISY:  # the labels the run trained on: the same flips, from the same seed
+        ytr, _ = fx.flip_labels(ytr, ds.num_classes, cfg["noise.flip"], seed=cfg["seed"])
+    val, test = (fx._images(ds, ds.x_val), ds.y_val), (fx._images(ds, ds.x_test), ds.y_test)
+
+    def model() -> nn.Module:
+        torch.manual_seed(cfg["seed"])
+        return fx.mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device, xtr.dtype)
+
+    def families(m: nn.Module) -> list[Family]:
+        return fx._families(cfg, ds, m, xtr, ytr)
+
+    arm = Arm(
+        "tuned",
+        d / "tuned",
+        model,
+        families,
+        _adam(cfg["train.lr"]),
+        cfg["train.inner_steps"],
+        0,
+        cfg["train.batch_size"],
+        cfg["seed"],
+    )
+    return ((xtr, ytr), val, test), [arm]

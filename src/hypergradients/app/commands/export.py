@@ -18,7 +18,8 @@ most 1024 numbers is written in the JSON; larger ones (one decay per weight) go 
 beside it, a dict of tensors that torch.load(..., weights_only=True) reads. Read them back in Python
 with hypergradients.load_hparams(path); the format is described in docs/user-guide.md.
 
-Runs of weight-decay (arms global, layer, weight) and overfit-validation (models linear, mlp).
+Runs of weight-decay (arms global, layer, weight), overfit-validation (models linear, mlp) and
+families (the tuned arm, any family).
 The values are those of each arm's last checkpoint (the end of the run when it finished).
 
 examples:

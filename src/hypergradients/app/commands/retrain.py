@@ -24,7 +24,9 @@ of inner steps), and compare the test metrics with the tuned run's own:
                  values that generalise, rather than fit the validation set, still help the test
 
 Writes retrain.json and report.md into --out (default RUN_DIR/retrain). Runs of weight-decay
-(arms global, layer, weight) and overfit-validation (models linear, mlp).
+(arms global, layer, weight), overfit-validation (models linear, mlp) and families (the tuned arm;
+no train+val retrain for example weights, which have none for the validation examples, or for
+distilled data, which replaces every training batch).
 
 examples:
   hypergradients retrain runs/wd                        # every tuned arm, on train and on train+val
@@ -131,8 +133,7 @@ def main(args: argparse.Namespace) -> int:
     from ..experiments._common import correct, paired_se, per_example, versus
     from ..experiments.base import threads
 
-    ds = run.data
-    train, val, test = (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)
+    train, val, test = run.train, run.val, run.test
     ce = torch.nn.functional.cross_entropy
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -158,6 +159,10 @@ def main(args: argparse.Namespace) -> int:
                     }
                 )
                 for on in ONS[args.on]:
+                    why = _no_train_val(fams) if on == "train+val" else None
+                    if why is not None:
+                        notes.append(f"{arm.name}: no retrain on train+val: {why}.")
+                        continue
                     if not args.quiet and not args.json:
                         print(f"{arm.name}: retraining on {on} ({steps} steps) ...", file=sys.stderr)
                     res = retrain(
@@ -253,6 +258,19 @@ def main(args: argparse.Namespace) -> int:
             print(f"- {n}")
         print(f"report: {report}")
     return 0
+
+
+def _no_train_val(fams: list[Any]) -> str | None:
+    """Why a retrain on train+val means nothing for these families (``None``: it does)."""
+    from ...hparams import ExampleWeights
+    from ...hparams.distill import DistilledData
+
+    for f in fams:
+        if isinstance(f, ExampleWeights):
+            return f"the example weights {f.name!r} have no weight for the validation examples"
+        if isinstance(f, DistilledData):
+            return f"the distilled data {f.name!r} replaces every training batch: it would be the train run"
+    return None
 
 
 def _note(arm: str, on: str, d: float, se_tuned: float, n: int, paired: str) -> str:
