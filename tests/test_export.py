@@ -122,6 +122,8 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(tmp_path:
         hg.export_hparams(wd, tmp_path / "t.pt")
     with pytest.raises(ValueError, match="inline_max"):
         hg.export_hparams(wd, tmp_path / "t.json", inline_max=-1)
+    with pytest.raises(ValueError, match="is used by two families: give them distinct names"):
+        hg.export_hparams([wd, hg.WeightDecay(model, granularity="weight")], tmp_path / "t.json")
     with pytest.raises(TypeError, match="a HyperOptimizer, a family or a list of families"):
         hg.export_hparams([model], tmp_path / "t.json")  # type: ignore[list-item]
     with torch.no_grad():

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..hparams.base import Family, NaturalValue, unconstrained
+from ..hparams.objective import collect_hparams
 from .files import UnreadableFileError, json_dumps, load_checkpoint, write_atomic
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ def export_hparams(
             f"inline_max must be an integer >= 0 (numbers per tensor kept in the JSON), got {inline_max!r}"
         )
     fams = _families(source)
+    collect_hparams(fams)   # a key that two families use is refused here, as everywhere
     tensor_name = _tensor_file(p).name
     records: list[dict[str, Any]] = []
     big: dict[str, Tensor] = {}
