@@ -543,3 +543,4 @@ def test_the_readme_example_runs_as_printed(ridge: P.Problem) -> None:
     grad = ns["log_wd"].grad
     assert abs(float(grad) - float(ref["l"])) <= 1e-12 * abs(float(ref["l"]))
     assert m.group(1) == f"{float(grad):.6g}" and X.shape == (50, 5)
+    assert f"`{printed.strip()}`" in readme.read_text(encoding="utf-8")   # the README quotes what it prints
