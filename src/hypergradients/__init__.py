@@ -13,13 +13,16 @@ families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSett
 natural units). The tuned values go to a plain file by :func:`export_hparams` and come back by
 :func:`load_hparams` or :func:`set_natural`; :func:`retrain` trains a fresh model with them fixed.
 :func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
-``w = T(w, λ)``, by the same implicit methods. A new solver is one subclass of
-:class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by both.
+``w = T(w, λ)``, by the same implicit methods; :func:`custom_argmin` and :func:`custom_root` make
+a solver's result ``w*(λ)`` a node of autograd (``.backward()`` through it applies the theorem). A
+new solver is one subclass of :class:`ImplicitMethod` (``solve(op, v, state)`` on a
+:class:`LinearOperator`), usable by all of them.
 """
 
 import sys as _sys
 
 from .core import distributed  # data-parallel hypergradients: hg.distributed.data_parallel()
+from .core.autograd import ImplicitSolver, custom_argmin, custom_root
 from .core.errors import (
     HypergradientError,
     IndefiniteHessianWarning,
@@ -88,6 +91,7 @@ __all__ = [
     "HypergradientError",
     "Identity",
     "ImplicitMethod",
+    "ImplicitSolver",
     "IndefiniteHessianWarning",
     "Info",
     "KrylovState",
@@ -120,6 +124,8 @@ __all__ = [
     "UnusedHyperparameterWarning",
     "WeightDecay",
     "__version__",
+    "custom_argmin",
+    "custom_root",
     "distributed",
     "export_hparams",
     "fit",
