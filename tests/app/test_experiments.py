@@ -21,7 +21,8 @@ from hypergradients.app.config import (
     write_toml,
 )
 from hypergradients.app.experiments import REGISTRY, RunContext, get
-from hypergradients.app.experiments.weight_decay import SCHEMA, interpret, paired_se
+from hypergradients.app.experiments.shared import paired_se
+from hypergradients.app.experiments.weight_decay import SCHEMA, interpret
 from hypergradients.app.report import markdown_table, text_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -231,7 +232,7 @@ def test_arm_wall_time_excludes_start_up(tmp_path: Path) -> None:
 def test_cg_report_names_the_method_used_and_counts_hyper_steps(tmp_path: Path) -> None:
     # The default MLP (not the smoke one) away from a minimum: CG meets negative curvature.
     exp = get("weight-decay")
-    base = ['arms=["global"]', "train.rounds=3", "hyper.method=cg", "data.n_train=500", "eval_every=3"]
+    base = ['arms=["global"]', "seeds=1", "retrain=false", "train.rounds=3", "hyper.method=cg", "data.n_train=500", "eval_every=3"]
     cfg = resolve(exp.schema, sets=[*base, "hyper.on_solver_error=skip"])
     # Warnings are errors in the tests: the trainer's SkippedHyperStepsWarning must become a note.
     res = exp.run(RunContext(config=cfg, out=tmp_path / "skip", device=torch.device("cpu"), progress=False))

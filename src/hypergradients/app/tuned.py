@@ -16,6 +16,11 @@ size and order, the inner steps per round) and where its checkpoint is. Supporte
 
 The other experiments (``data-cleaning``, ``distill``, ``augment``, ``lstm-dropout``) are refused
 with that list: their families are exported from Python with :func:`hypergradients.export_hparams`.
+A run of several seeds keeps each seed as a one-seed run in its folder ``seed<N>``: give that folder.
+
+The experiments use the same pieces for their own "freeze and retrain" check:
+:func:`experiment_arms` builds the arms from a configuration and the data already loaded, and
+:meth:`Arm.retrain` trains a fresh model with the tuned values fixed, the way the arm was trained.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from torch import Tensor, nn
 
 from ..hparams import Family, WeightDecay
 from ..training.fit import CHECKPOINT, read_checkpoint
+from ..training.retrain import On, RetrainResult, retrain
 from .config import Config, ConfigError, read_toml, resolve
 from .datasets import Dataset
 from .experiments import shared
 
 SUPPORTED = ("weight-decay", "overfit-validation", "families")
 
-__all__ = ["SUPPORTED", "Arm", "TunedRun", "open_run"]
+__all__ = ["SUPPORTED", "Arm", "TunedRun", "experiment_arms", "open_run"]
 
 
 @dataclass
@@ -76,6 +82,16 @@ class Arm:
         for fam in fams:
             fam.load_tensors(st["hyper"]["hparams"])
         return model, fams, int(st["round"])
+
+    def retrain(self, families: list[Family], rounds: int, train: Data, val: Data | None = None, *,
+                on: On = "train", values: Any = None,
+                eval_sets: dict[str, Data] | None = None) -> RetrainResult:
+        """:func:`~hypergradients.retrain`: a fresh :meth:`model` trained for the inner steps of
+        ``rounds`` rounds of this arm, with its optimizer, batch size and batch order, and the
+        ``families``' values (or ``values``) fixed, on ``train`` or on ``train`` and ``val``."""
+        return retrain(self.model, families, train, val, values=values, on=on, steps=self.steps(rounds),
+                       optimizer=self.optimizer, batch_size=self.batch_size, seed=self.seed,
+                       eval_sets=eval_sets)
 
 
 Data = tuple[Tensor, Tensor]
@@ -142,12 +158,26 @@ def open_run(
             "EXPERIMENT --out DIR` writes one)"
         )
     name, cfg = _experiment(d, read_toml(d / "config.toml"), experiment)
-    dev = torch.device(device)
-    build = {"weight-decay": _weight_decay, "overfit-validation": _overfit_validation, "families": _families}
-    (train, val, test), arms = build[name](d, cfg, dev)
+    if int(cfg.get("seeds", 1)) > 1:
+        folders = ", ".join(str(d / f"seed{int(cfg['seed']) + i}") for i in range(int(cfg["seeds"])))
+        raise ConfigError(f"{str(d)!r} is a run of {cfg['seeds']} seeds, each a one-seed run in its own "
+                          f"folder: give one of {folders}")
+    (train, val, test), arms = experiment_arms(name, d, cfg, None, torch.device(device))
     present = [a for a in arms if (a.folder / CHECKPOINT).is_file()]
     missing = {a.name: f"{str(a.folder / CHECKPOINT)!r} does not exist" for a in arms if a not in present}
     return TunedRun(name, d, cfg, train, val, test, present, missing)
+
+
+def experiment_arms(experiment: str, folder: Path, cfg: Config, ds: Dataset | None,
+                    device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+    """The train, validation and test sets and the tuned arms of a one-seed run of ``experiment``
+    (one of :data:`SUPPORTED`) with the resolved configuration ``cfg`` in ``folder``, from the
+    dataset ``ds`` its ``check`` returned (``None``: loaded here), on ``device``. Every arm the
+    configuration tunes is given, whether its checkpoint exists yet or not."""
+    build = {"weight-decay": _weight_decay, "overfit-validation": _overfit_validation, "families": _families}
+    if experiment not in build:
+        raise ConfigError(f"no tuned arms are built for {experiment!r}; one of {', '.join(SUPPORTED)}")
+    return build[experiment](folder, cfg, ds, device)
 
 
 def _splits(ds: Dataset) -> tuple[Data, Data, Data]:
@@ -161,15 +191,15 @@ def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     return make
 
 
-def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _weight_decay(d: Path, cfg: Config, ds: Dataset | None,
+                  device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import weight_decay as wd
 
-    ds = wd.check(cfg).to(device)
+    data = (ds if ds is not None else wd.check(cfg)).to(device)
     include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
 
     def model() -> nn.Module:
-        torch.manual_seed(cfg["seed"])  # the experiment's initial weights, the same for every arm
-        return shared.mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
+        return wd.build_model(cfg, data, device)  # the experiment's initial weights, the same for every arm
 
     arms = []
     for arm in cfg["arms"]:
@@ -192,26 +222,23 @@ def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Dat
                 cfg["seed"],
             )
         )
-    return _splits(ds), arms
+    return _splits(data), arms
 
 
 def _overfit_validation(
-    d: Path, cfg: Config, device: torch.device
+    d: Path, cfg: Config, ds: Dataset | None, device: torch.device
 ) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import overfit_validation as ov
 
-    ds = ov.check(cfg).to(device)
+    data = (ds if ds is not None else ov.check(cfg)).to(device)
     arms = []
     for name in cfg["models"]:
-        hidden = [cfg["model.hidden"]] if name == "mlp" else []
 
-        def model(hidden: list[int] = hidden) -> nn.Module:
-            torch.manual_seed(cfg["seed"])
-            return shared.mlp(ds.num_features, hidden, ds.num_classes, flatten=True).to(device,
-                                                                             ds.x_train.dtype)
+        def model(name: str = name) -> nn.Module:
+            return ov.build_model(cfg, data, name)  # the run's initial weights, on ds's device
 
         def families(m: nn.Module) -> list[Family]:
-            return [WeightDecay(m, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True)]
+            return [ov.decays(cfg, m)]
 
         arms.append(
             Arm(
@@ -222,17 +249,18 @@ def _overfit_validation(
                 _adam(cfg["train.lr"]),
                 cfg["train.inner_steps"],
                 0,
-                len(ds.y_train),
+                len(data.y_train),
                 cfg["seed"],
             )
         )
-    return _splits(ds), arms
+    return _splits(data), arms
 
 
-def _families(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _families(d: Path, cfg: Config, ds: Dataset | None,
+              device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import families as fx
 
-    ds = fx.check(cfg).to(device)
+    ds = (ds if ds is not None else fx.check(cfg)).to(device)
     xtr, ytr = fx._images(ds, ds.x_train), ds.y_train
     if cfg["family"] in fx.NOISY:  # the labels the run trained on: the same flips, from the same seed
         ytr, _ = fx.flip_labels(ytr, ds.num_classes, cfg["noise.flip"], seed=cfg["seed"])

@@ -40,6 +40,7 @@ from ...core.method import Method
 from ...core.solvers import CG, Auto, Identity, Neumann, Nystrom
 from ...hparams import Family, Noise
 from ...hparams.augment import AugmentNet
+from ...training.callbacks import Callback as FitCallback
 from ...training.files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
 from ...training.fit import (
     METRICS,
@@ -198,8 +199,9 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
 
 def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
               val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
-              callbacks: Sequence[Callback] = (), rounds: int | None = None, batch_size: int | None = None,
-              val_batch_size: int | Literal["config"] | None = "config", hyper_lr: float | None = None,
+              callbacks: Sequence[Callback | FitCallback] = (), rounds: int | None = None,
+              batch_size: int | None = None, val_batch_size: int | Literal["config"] | None = "config",
+              hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
               resume: bool | None = None, restart: str = "arm") -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
