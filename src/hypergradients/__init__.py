@@ -3,10 +3,11 @@
 One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
 at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`, and :class:`MINRES`, :class:`GMRES`, :class:`BiCGStab`,
-:class:`NormalCG`, which also solve an indefinite Hessian) or differentiation through the
-optimization path (:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`,
-forward mode). :func:`fit` runs the paper's Algorithm 1 on an ``nn.Module`` with hyperparameter
-families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSettings`,
+:class:`NormalCG`, which also solve an indefinite Hessian; :class:`Identity` also preconditioned by
+an optimizer's diagonal, :func:`adam_diagonal`), differentiation through the optimization path
+(:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`, forward mode), or
+first-order gradients only (:class:`FirstOrder`, no second derivative). :func:`fit` runs the
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSettings`,
 :class:`Batches`, :class:`Evaluation` and :class:`Checkpoints`, its callbacks subclasses of
 :class:`Callback`); :class:`HyperOptimizer` is its hyper step for a training loop of your own.
 :func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
@@ -27,6 +28,7 @@ from .core.errors import (
     ProblemTooLargeError,
     UnusedHyperparameterWarning,
 )
+from .core.first_order import FirstOrder
 from .core.hypergradient import hypergradient
 from .core.info import Info, RootInfo, Stats
 from .core.method import ImplicitMethod, Method, PathMethod
@@ -47,6 +49,7 @@ from .training.callbacks import Callback
 from .training.files import OutputPathError, UnreadableFileError
 from .training.fit import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 from .training.hyper import HyperOptimizer, HyperStep
+from .training.precondition import adam_diagonal
 from .training.settings import Batches, Checkpoints, Evaluation, HyperSettings
 
 __version__ = "0.1.0"
@@ -74,6 +77,7 @@ __all__ = [
     "Exact",
     "ExampleWeights",
     "Family",
+    "FirstOrder",
     "Forward",
     "HessianOperator",
     "HyperOptimizer",
@@ -113,6 +117,7 @@ __all__ = [
     "UnusedHyperparameterWarning",
     "WeightDecay",
     "__version__",
+    "adam_diagonal",
     "distributed",
     "fit",
     "functional_model",

@@ -596,7 +596,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     batch_loss = on_targets(loss_fn)
     hyper_opt = HyperOptimizer(model, families, settings=hs, loss_fn=batch_loss,
                                before_step=[cb.on_before_hyper_step for cb in cbs],
-                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel) \
+                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel,
+                               inner_optimizer=inner_opt) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(cks.dir) if cks.dir is not None else None
