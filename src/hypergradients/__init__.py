@@ -7,10 +7,10 @@ at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`I
 an optimizer's diagonal, :func:`adam_diagonal`), differentiation through the optimization path
 (:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`, forward mode), or
 first-order gradients only (:class:`FirstOrder`, no second derivative). :func:`fit` runs the
-paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSettings`,
-:class:`Batches`, :class:`Evaluation` and :class:`Checkpoints`, its callbacks subclasses of
-:class:`Callback`); :class:`HyperOptimizer` is its hyper step for a training loop of your own.
-:func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`
+(its settings grouped as :class:`HyperSettings`, :class:`Batches`, :class:`Evaluation` and
+:class:`Checkpoints`, its callbacks subclasses of :class:`Callback`); :class:`HyperOptimizer` is
+its hyper step for a training loop of your own. :func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
 ``w = T(w, λ)``, by the same implicit methods. A new solver is one subclass of
 :class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by both.
 """

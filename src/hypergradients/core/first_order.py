@@ -200,14 +200,15 @@ class FirstOrder(Method):
         for s in signs:
             d = tree.zeros_like(w) if p0 is None else tree.scale(p0, -s / sigma)
             for k in range(self.steps):
+                gT: Tree | None
+                gV: Tree | None
                 if k == 0 and p0 is None:
-                    assert gV_w is not None
                     gT, gV = gT_w, gV_w
                 else:
                     x = tree.add(w, d)
                     _, gT, _ = inner(x, wrt_w=True, wrt_lam=False, on_error=self._diverged(k))
                     _, gV, _ = outer(x, wrt_w=True, wrt_lam=False, on_error=self._diverged(k))
-                    assert gT is not None and gV is not None
+                assert gT is not None and gV is not None
                 step = tree.axpy(s / sigma, gV, gT)
                 if not tree.all_finite(step):
                     raise self._diverged(k)(None)
@@ -235,7 +236,8 @@ class FirstOrder(Method):
         if p0 is not None:
             extra["warm_start"] = 1.0
         grad_norm = float(tree.norm(gT_w))
-        info = Info(name, self.steps, 0, None, None, direct=tree.detach(direct), outer_loss=out_w, extra=extra,
+        info = Info(name, self.steps, 0, None, None, direct=tree.detach(direct), outer_loss=out_w,
+                    extra=extra,
                     state=st.replace(p=tree.detach(p)), grad_norm=grad_norm, condition_norm=grad_norm)
         return g, info
 

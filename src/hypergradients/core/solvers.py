@@ -275,13 +275,13 @@ class Identity(ImplicitMethod):
                 f"hg.adam_diagonal(optimizer, model)), {INNER_OPTIMIZER!r} or None, got {d!r:.80}")
         for k, t in d.items():
             if not isinstance(k, str) or not isinstance(t, Tensor) or not t.is_floating_point():
-                raise HypergradientError(f"Identity.precondition[{k!r}] must be a floating-point tensor keyed "
-                                         f"by a weight's name, got {type(t).__name__}")
+                raise HypergradientError(f"Identity.precondition[{k!r}] must be a floating-point tensor "
+                                         f"keyed by a weight's name, got {type(t).__name__}")
             if not bool((t > 0).all()):   # NaN fails this too
                 bad = t[~(t > 0)].reshape(-1)[0]
                 raise HypergradientError(
-                    f"Identity.precondition[{k!r}] has the entry {float(bad)!r}: the diagonal must be > 0 (it "
-                    "divides v); an optimizer's diagonal is (sqrt(v̂) + eps)/lr, positive when eps > 0")
+                    f"Identity.precondition[{k!r}] has the entry {float(bad)!r}: the diagonal must be > 0 "
+                    "(it divides v); an optimizer's diagonal is (sqrt(v̂) + eps)/lr, positive when eps > 0")
 
     def __repr__(self) -> str:
         d = self.precondition
@@ -316,12 +316,12 @@ def _diagonal_like(d: Mapping[str, Tensor], v: Tree) -> Tree:
     if d.keys() != v.keys():
         missing, extra = sorted(v.keys() - d.keys()), sorted(d.keys() - v.keys())
         raise HypergradientError(
-            f"Identity.precondition has keys {sorted(d)} but the weights have {sorted(v)} (missing {missing}, "
-            f"unexpected {extra}): give one diagonal per weight, keyed like params")
+            f"Identity.precondition has keys {sorted(d)} but the weights have {sorted(v)} (missing "
+            f"{missing}, unexpected {extra}): give one diagonal per weight, keyed like params")
     for k, t in d.items():
         if t.shape != v[k].shape:
-            raise HypergradientError(f"Identity.precondition[{k!r}] has shape {tuple(t.shape)} but the weight "
-                                     f"{k!r} has {tuple(v[k].shape)}")
+            raise HypergradientError(f"Identity.precondition[{k!r}] has shape {tuple(t.shape)} but the "
+                                     f"weight {k!r} has {tuple(v[k].shape)}")
     return {k: d[k].to(dtype=v[k].dtype, device=v[k].device) for k in v}
 
 

@@ -386,8 +386,9 @@ class HyperOptimizer:
             raise ValueError("the method preconditions with the model's optimizer (hg.Identity(precondition="
                              "'inner_optimizer')), but this HyperOptimizer has none: pass "
                              "HyperOptimizer(..., inner_optimizer=opt) with the torch.optim.Adam/AdamW that "
-                             "trains the model (fit passes its own, but with path_hparams the model is trained "
-                             "by hg.optim, which has no such state: pass hg.Identity(scale=...) there)")
+                             "trains the model (fit passes its own, but with path_hparams the model is "
+                             "trained by hg.optim, which has no such state: use hg.Identity(scale=...) "
+                             "there)")
         diagonal, missing = optimizer_diagonal(self.inner_optimizer, self.model)
         fallbacks.append(missing)
         return diagonal

@@ -23,11 +23,15 @@ from torch import Tensor, nn
 __all__ = ["adam_diagonal", "optimizer_diagonal"]
 
 
+_ADAMS = (torch.optim.Adam, torch.optim.AdamW)
+
+
 def _unwrap(optimizer: object) -> object:
-    """The ``torch.optim`` optimizer inside a wrapper (Accelerate's ``AcceleratedOptimizer``)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
+    """The Adam inside a wrapper (Accelerate's ``AcceleratedOptimizer``, itself an ``Optimizer``)."""
+    for _ in range(8):
+        if isinstance(optimizer, _ADAMS) or not hasattr(optimizer, "optimizer"):
+            break
+        optimizer = optimizer.optimizer
     return optimizer
 
 
@@ -39,7 +43,7 @@ def optimizer_diagonal(optimizer: object, params: nn.Module | Mapping[str, Tenso
                        ) -> tuple[dict[str, Tensor], list[str]]:
     """:func:`adam_diagonal`, and the names of the weights that had no state yet (``D = 1/lr``)."""
     opt = _unwrap(optimizer)
-    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+    if not isinstance(opt, _ADAMS):
         raise TypeError(
             f"the inner optimizer is a {type(optimizer).__name__}; the preconditioner is read from "
             "torch.optim.Adam or AdamW (their exp_avg_sq): train with one of them, or pass "
@@ -53,9 +57,9 @@ def optimizer_diagonal(optimizer: object, params: nn.Module | Mapping[str, Tenso
         for k, p in named.items():
             group = group_of.get(id(p))
             if group is None:
-                raise ValueError(f"the weight {k!r} is not trained by the inner optimizer (it is in none of its "
-                                 "param_groups): build the optimizer over the weights being differentiated "
-                                 "(those that require grad)")
+                raise ValueError(f"the weight {k!r} is not trained by the inner optimizer (it is in none of "
+                                 "its param_groups): build the optimizer over the weights being "
+                                 "differentiated (those that require grad)")
             lr, eps = _number(group["lr"]), _number(group["eps"])
             beta2 = _number(group["betas"][1])
             st = opt.state.get(p, {})
