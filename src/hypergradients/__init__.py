@@ -1,7 +1,7 @@
 """hypergradients: gradient-based hyperparameter optimization at scale for PyTorch.
 
-One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
-at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
+One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation at
+the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`, and :class:`MINRES`, :class:`GMRES`, :class:`BiCGStab`,
 :class:`NormalCG`, which also solve an indefinite Hessian; :class:`Identity` also preconditioned by
 an optimizer's diagonal, :func:`adam_diagonal`), differentiation through the optimization path
@@ -10,9 +10,10 @@ first-order gradients only (:class:`FirstOrder`, no second derivative). :func:`f
 paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`
 (its settings grouped as :class:`HyperSettings`, :class:`Batches`, :class:`Evaluation` and
 :class:`Checkpoints`, its callbacks subclasses of :class:`Callback`); :class:`HyperOptimizer` is
-its hyper step for a training loop of your own. :func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
-``w = T(w, λ)``, by the same implicit methods. A new solver is one subclass of
-:class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by both.
+its hyper step for a training loop of your own. :func:`root_hypergradient` differentiates any
+optimality condition ``F(w, λ) = 0`` or fixed point ``w = T(w, λ)``, by the same implicit methods.
+A new solver is one subclass of :class:`ImplicitMethod` (``solve(op, v, state)`` on a
+:class:`LinearOperator`), usable by both.
 """
 
 import sys as _sys
