@@ -41,10 +41,12 @@ exact hypergradient as K grows too, for ``0 < lr < 2/λ_max(H)``. The implied
 
 **Errors.** The bias is ``O(1/σ)`` (forward) or ``O(1/σ²)`` (central), plus the inner error of
 K steps (the Neumann truncation), plus rounding: the difference ``∇_λL_T(x_+) − ∇_λL_T(x_-)`` of
-two gradients at points ``~‖p‖/σ`` apart loses ``σ·eps·‖w‖/‖p‖`` relative, as a finite
-difference does. In float64 ``σ`` up to ``1e6`` is safe; in float32 keep
-``‖p‖/σ`` above ``~1e-3·‖w‖``. Where the given weights are **not** a minimum of the ``L_T`` given
-(a fresh minibatch, weights still training: the gradient ``g = ∇_wL_T(w) ≠ 0``), the forward
+two gradients at points ``~‖p‖/σ`` apart loses about ``σ·eps·‖w‖/‖p‖`` relative (``eps`` the
+dtype's unit roundoff), as a finite difference does. Against the central bias ``~1/σ²`` that
+balances near ``σ ~ eps^(−1/3)``, a few hundred in float32 (``eps ≈ 6e-8``, ``‖p‖ ~ ‖w‖``): the
+default is ``1e3``; in float64 ``σ`` can be far larger (``1e4`` in the tests). Where the given
+weights are **not** a minimum of the ``L_T`` given (a fresh minibatch, weights still training: the
+gradient ``g = ∇_wL_T(w) ≠ 0``), the forward
 estimate's steps drift by ``−lr·K·g`` and its reference is the given ``w``, so the drift enters
 multiplied by ``σ``: an error ``~σ·‖g‖/‖v‖`` times the signal. The central estimate's two runs
 drift alike and the drift cancels in their difference; use it (the default) in training loops
