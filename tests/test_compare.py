@@ -14,8 +14,8 @@ import torch
 
 import hypergradients as hg
 from hypergradients.app.cli import main as cli_main
-from hypergradients.app.experiments import problems as AP
 from hypergradients.app.experiments import compare as compare_mod
+from hypergradients.app.experiments import problems as AP
 from hypergradients.app.experiments.compare import CompareConfig, CompareResult, compare, compare_problem
 from hypergradients.core import tree
 
