@@ -19,8 +19,9 @@ and a first-order difference of ``∇_λL_T`` along that displacement is the imp
 
     g_σ = ∂L_V/∂λ(w_σ, λ) − σ (∇_λL_T(w, λ) − ∇_λL_T(w_σ, λ))  =  dL_V/dλ + O(1/σ),
 
-with ``w`` the given weights taken as ``w*``, as the implicit methods take them. By Danskin's
-theorem ``g_σ`` is exactly ``∇_λ`` of ``(V(1/σ, λ) − V(0, λ))·σ``, a forward difference in ``ε``
+with ``w`` the given weights taken as ``w*``, as the implicit methods take them (F2SA runs a
+second sequence of steps on ``L_T`` alone for ``w*``). With exact minimisers, by Danskin's
+theorem, ``g_σ`` is ``∇_λ`` of ``(V(1/σ, λ) − V(0, λ))·σ``, a forward difference in ``ε``
 of the value function, whose ``ε``-derivative at 0 is ``L_V(w*(λ), λ)``: the estimate is the
 gradient of a surrogate that is ``O(1/σ)`` off the true objective. The **central** estimate
 (``central=True``, the default) is the gradient of the central difference
@@ -44,12 +45,13 @@ K steps (the Neumann truncation), plus rounding: the difference ``∇_λL_T(x_+)
 two gradients at points ``~‖p‖/σ`` apart loses about ``σ·eps·‖w‖/‖p‖`` relative (``eps`` the
 dtype's unit roundoff), as a finite difference does. Against the central bias ``~1/σ²`` that
 balances near ``σ ~ eps^(−1/3)``, a few hundred in float32 (``eps ≈ 6e-8``, ``‖p‖ ~ ‖w‖``): the
-default is ``1e3``; in float64 ``σ`` can be far larger (``1e4`` in the tests). Where the given
-weights are **not** a minimum of the ``L_T`` given (a fresh minibatch, weights still training: the
-gradient ``g = ∇_wL_T(w) ≠ 0``), the forward
-estimate's steps drift by ``−lr·K·g`` and its reference is the given ``w``, so the drift enters
-multiplied by ``σ``: an error ``~σ·‖g‖/‖v‖`` times the signal. The central estimate's two runs
-drift alike and the drift cancels in their difference; use it (the default) in training loops
+default is ``1e3``; in float64 ``σ`` can be far larger (``1e4`` in the tests).
+
+Where the given weights are **not** a minimum of the ``L_T`` given (a fresh minibatch, weights
+still training: the gradient ``g = ∇_wL_T(w) ≠ 0``), the forward estimate's steps drift by
+``−lr·K·g`` while its reference is the given ``w``, so the drift enters multiplied by ``σ``: an
+error of ``~σ·‖g‖/‖v‖`` times the signal. The central estimate's two runs drift alike and the
+drift cancels in their difference; use it (the default) in training loops
 (:class:`~hypergradients.HyperOptimizer`, :func:`~hypergradients.fit`).
 
 **Cost.** No second derivative at all: every product is a plain gradient, so ``L_T`` may contain
@@ -135,7 +137,8 @@ class FirstOrder(Method):
     ``steps`` gradient steps of size ``lr`` on ``L_T ± L_V/σ`` (``sigma``) from the given weights
     approach ``w_{±σ}``, the minimisers of the penalised training losses; the hypergradient is then
     a difference of ``∇_λL_T`` between them (``central=True``, the default, bias ``O(1/σ²)``) or
-    between ``w_σ`` and the given weights (``central=False``, the F2SA form, bias ``O(1/σ)``).
+    between ``w_σ`` and the given weights (``central=False``, F2SA's estimate with the given weights
+    as ``w*``, bias ``O(1/σ)``).
     The derivation, the errors and the cost are in :mod:`hypergradients.core.first_order`; in short:
 
     * forward: ``g = ∂L_V/∂λ(w_σ) − σ(∇_λL_T(w) − ∇_λL_T(w_σ))``, ``2·steps + 2`` gradient evaluations;
