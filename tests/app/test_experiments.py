@@ -161,6 +161,18 @@ def test_notes_follow_the_numbers_for_global_vs_none() -> None:
     assert "beats" not in unknown and "noise of" not in unknown and "no standard error: no noise estimate" in unknown
 
 
+def test_each_comparison_names_its_own_standard_error() -> None:
+    # Per-weight − global and global − none have different standard errors over seeds: each sentence
+    # says where its own came from, not where the other's did.
+    rows = {"none": _row(0.5, 0.5), "global": _row(0.25, 0.24), "weight": _row(0.22, 0.215)}
+    notes = interpret(rows, n_val=1000, se=0.006, se_global=0.026, se_what="SE-OF-WEIGHT-VS-GLOBAL",
+                      se_global_what="SE-OF-GLOBAL-VS-NONE")
+    (pw,) = [n for n in notes if n.startswith("Per-weight decay")][:1]
+    (gl,) = [n for n in notes if n.startswith("A tuned global decay")]
+    assert "± 0.006, SE-OF-WEIGHT-VS-GLOBAL)" in pw and "GLOBAL-VS-NONE" not in pw
+    assert "± 0.026, SE-OF-GLOBAL-VS-NONE)" in gl and "WEIGHT-VS-GLOBAL" not in gl
+
+
 def test_notes_never_say_beats_without_a_noise_estimate() -> None:
     notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000)
     assert "beats" not in notes[0] and notes[0].startswith(

@@ -439,7 +439,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
              for a in arms for b in arms if a != b}
     se = se_global = None
     moved: tuple[float, float] | None = None
-    what = se_words(pairs[next(iter(pairs))]) if pairs else PAIRED
+    what = se_words(pairs[("weight", "global")]) if ("weight", "global") in pairs else PAIRED
+    what_global = se_words(pairs[("global", "none")]) if ("global", "none") in pairs else PAIRED
     if "weight" in arms and "global" in arms:
         se = pairs[("weight", "global")].se
         ratio = torch.cat([(s["decays"]["weight"] / cfg["hyper.init"]).log() for s in per_seed])
@@ -449,7 +450,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
         se_global = pairs[("global", "none")].se
     means = {a: r for a, r in zip(arms, rows, strict=True)}
     notes = interpret(means, n_val=per_seed[0]["n_val"], se=se, moved=moved, se_global=se_global,
-                      se_what=what)
+                      se_what=what, se_global_what=what_global)
     notes += _overfit_notes(per_seed) + _trace_notes(per_seed)
     retrain_rows, retrain_notes = _retrain_report(cfg, per_seed)
     notes += retrain_notes
@@ -735,11 +736,12 @@ def method_settings(cfg: Config) -> str:
 
 def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | None = None,
               moved: tuple[float, float] | None = None, se_global: float | None = None,
-              se_what: str = PAIRED) -> list[str]:
+              se_what: str = PAIRED, se_global_what: str | None = None) -> list[str]:
     """Plain-language notes that say what the table shows, whichever way it came out.
 
     ``se`` is the paired standard error of the per-weight − global test-loss difference (same test
-    examples), ``se_global`` that of global − none (``se_what`` says which standard error they are);
+    examples), ``se_global`` that of global − none (``se_what`` and ``se_global_what``, default
+    ``se_what``, say which standard error each is);
     the words are :func:`.shared.versus`'s (a win or
     a loss only beyond two standard errors, never without one). ``moved``
     holds the fractions of per-weight decays that rose and fell by more than 1% from their initial
@@ -775,7 +777,7 @@ def interpret(results: dict[str, dict[str, Any]], *, n_val: int, se: float | Non
                          "than 1% from their initial value; the rest stayed there (see the histogram).")
     if no and gl:
         v = versus("A tuned global decay", "no weight decay", gl["test_loss"], no["test_loss"], se_global,
-                   metric="test loss", higher_is_better=False, se_what=se_what, no_se=NO_SE)
+                   metric="test loss", higher_is_better=False, se_what=se_global_what or se_what, no_se=NO_SE)
         notes.append(f"{v.text}; without weight decay the train loss is {no['train_loss']:.3g}.")
     for arm, r in results.items():
         planned, skipped = r.get("hyper_steps_planned"), r.get("skipped", 0)
