@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hparams import Family, WeightDecay
-from ..training.fit import CHECKPOINT, read_checkpoint
-from ..training.retrain import On, RetrainResult, retrain
+from ..hparams import Family
+from ..training.fit import CHECKPOINT
+from .arms import Arm, Data
 from .config import Config, ConfigError, read_toml, resolve
 from .datasets import Dataset
 from .experiments import shared
@@ -43,58 +43,6 @@ from .experiments import shared
 SUPPORTED = ("weight-decay", "overfit-validation", "families")
 
 __all__ = ["SUPPORTED", "Arm", "TunedRun", "experiment_arms", "open_run"]
-
-
-@dataclass
-class Arm:
-    """One tuned arm of a run: ``model()`` the fresh model with the run's initial weights,
-    ``families(model)`` its families at their initial values, ``optimizer`` the inner optimizer's
-    factory, ``inner_steps``/``warmup_steps`` per round and before the first, ``batch_size`` and
-    ``seed`` of the training batches, ``folder`` where its checkpoint is."""
-
-    name: str
-    folder: Path
-    model: Callable[[], nn.Module]
-    families: Callable[[nn.Module], list[Family]]
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]
-    inner_steps: int
-    warmup_steps: int
-    batch_size: int
-    seed: int
-
-    def steps(self, rounds: int) -> int:
-        """The inner steps that ``rounds`` rounds of the run took."""
-        return rounds * self.inner_steps + (self.warmup_steps if rounds else 0)
-
-    def tuned(self) -> tuple[nn.Module, list[Family], int]:
-        """The model and families as the arm's checkpoint left them, and the checkpoint's round."""
-        st = read_checkpoint(
-            self.folder / CHECKPOINT, fix="run the experiment again (or --resume it) to write the checkpoint"
-        )
-        model = self.model()
-        model.load_state_dict(st["model"])
-        fams = self.families(model)
-        if st.get("hyper") is None:
-            raise ConfigError(
-                f"the checkpoint {str(self.folder / CHECKPOINT)!r} holds no hyperparameters: the "
-                f"arm {self.name!r} tuned none"
-            )
-        for fam in fams:
-            fam.load_tensors(st["hyper"]["hparams"])
-        return model, fams, int(st["round"])
-
-    def retrain(self, families: list[Family], rounds: int, train: Data, val: Data | None = None, *,
-                on: On = "train", values: Any = None,
-                eval_sets: dict[str, Data] | None = None) -> RetrainResult:
-        """:func:`~hypergradients.retrain`: a fresh :meth:`model` trained for the inner steps of
-        ``rounds`` rounds of this arm, with its optimizer, batch size and batch order, and the
-        ``families``' values (or ``values``) fixed, on ``train`` or on ``train`` and ``val``."""
-        return retrain(self.model, families, train, val, values=values, on=on, steps=self.steps(rounds),
-                       optimizer=self.optimizer, batch_size=self.batch_size, seed=self.seed,
-                       eval_sets=eval_sets)
-
-
-Data = tuple[Tensor, Tensor]
 
 
 @dataclass
@@ -180,10 +128,6 @@ def experiment_arms(experiment: str, folder: Path, cfg: Config, ds: Dataset | No
     return build[experiment](folder, cfg, ds, device)
 
 
-def _splits(ds: Dataset) -> tuple[Data, Data, Data]:
-    return (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)
-
-
 def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     def make(ps: list[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(ps, lr=lr)
@@ -195,34 +139,7 @@ def _weight_decay(d: Path, cfg: Config, ds: Dataset | None,
                   device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import weight_decay as wd
 
-    data = (ds if ds is not None else wd.check(cfg)).to(device)
-    include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
-
-    def model() -> nn.Module:
-        return wd.build_model(cfg, data, device)  # the experiment's initial weights, the same for every arm
-
-    arms = []
-    for arm in cfg["arms"]:
-        if arm in ("none", "optuna"):
-            continue
-
-        def families(m: nn.Module, arm: str = arm) -> list[Family]:
-            return [WeightDecay(m, granularity=arm, init=cfg["hyper.init"], include=include)]  # type: ignore[arg-type]
-
-        arms.append(
-            Arm(
-                arm,
-                d / arm,
-                model,
-                families,
-                shared.optimizer(cfg["train.optimizer"], cfg["train.lr"]),
-                cfg["train.inner_steps"],
-                cfg["train.warmup_steps"],
-                cfg["train.batch_size"],
-                cfg["seed"],
-            )
-        )
-    return _splits(data), arms
+    return wd.tuned_arms(d, cfg, ds, device)
 
 
 def _overfit_validation(
@@ -230,30 +147,7 @@ def _overfit_validation(
 ) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import overfit_validation as ov
 
-    data = (ds if ds is not None else ov.check(cfg)).to(device)
-    arms = []
-    for name in cfg["models"]:
-
-        def model(name: str = name) -> nn.Module:
-            return ov.build_model(cfg, data, name)  # the run's initial weights, on ds's device
-
-        def families(m: nn.Module) -> list[Family]:
-            return [ov.decays(cfg, m)]
-
-        arms.append(
-            Arm(
-                name,
-                d / name,
-                model,
-                families,
-                _adam(cfg["train.lr"]),
-                cfg["train.inner_steps"],
-                0,
-                len(data.y_train),
-                cfg["seed"],
-            )
-        )
-    return _splits(data), arms
+    return ov.tuned_arms(d, cfg, ds, device)
 
 
 def _families(d: Path, cfg: Config, ds: Dataset | None,

@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...hparams import Family, WeightDecay
-from .. import tuned as tuned_runs
+from ..arms import Arm, Data, splits
 from ..config import Config, Option
 from ..datasets import Dataset
 from ..report import markdown_table
@@ -69,6 +70,7 @@ from .shared import (
     hyper_steps,
     load_data,
     mlp,
+    optimizer,
     per_example,
     rounds,
     train_arm,
@@ -261,12 +263,43 @@ def _arm(
     }
 
 
+def tuned_arms(
+    folder: Path, cfg: Config, ds: Dataset | None, device: torch.device
+) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+    """The train, validation and test sets and the tuned arm of every model in ``models`` of a
+    one-seed run with the resolved configuration ``cfg`` in ``folder``, from the dataset ``check``
+    returned (``None``: loaded here), for the "freeze and retrain" check and the
+    ``export``/``retrain`` commands."""
+    data = (ds if ds is not None else check(cfg)).to(device)
+    arms = []
+    for name in cfg["models"]:
+
+        def model(name: str = name) -> nn.Module:
+            return build_model(cfg, data, name)  # the run's initial weights, on the data's device
+
+        def families(m: nn.Module) -> list[Family]:
+            return [decays(cfg, m)]
+
+        arms.append(
+            Arm(
+                name,
+                folder / name,
+                model,
+                families,
+                optimizer("adam", cfg["train.lr"]),
+                cfg["train.inner_steps"],
+                0,
+                len(data.y_train),
+                cfg["seed"],
+            )
+        )
+    return splits(data), arms
+
+
 def _retrain(ctx: RunContext, ds: Dataset) -> dict[tuple[str, str], dict[str, Any]]:
     """Freeze and retrain every model (module docstring), through the run's tuned arms."""
     cfg = ctx.config
-    (train, val, test), arms = tuned_runs.experiment_arms(
-        "overfit-validation", ctx.out, cfg, ds, ds.x_train.device
-    )
+    (train, val, test), arms = tuned_arms(ctx.out, cfg, ds, ds.x_train.device)
     out: dict[tuple[str, str], dict[str, Any]] = {}
     ce = nn.functional.cross_entropy
     for arm in arms:
@@ -615,4 +648,5 @@ __all__ = [
     "hidden",
     "interpret",
     "run",
+    "tuned_arms",
 ]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...hparams import WeightDecay
+from ...hparams import Family, WeightDecay
 from ...training.files import (
     UnreadableFileError,
     json_dumps,
@@ -60,7 +60,7 @@ from ...training.files import (
 )
 from ...training.fit import METRICS, cross_entropy, fit
 from .. import report
-from .. import tuned as tuned_runs
+from ..arms import Arm, Data, splits
 from ..config import Config, ConfigError, Option
 from ..datasets import DATASETS, Dataset
 from ..progress import Progress
@@ -199,6 +199,32 @@ def build_model(cfg: Config, ds: Dataset, device: torch.device | str = "cpu") ->
     """The arms' MLP with the seed's initial weights (the same for every arm and trial)."""
     torch.manual_seed(cfg["seed"])
     return mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
+
+
+def tuned_arms(folder: Path, cfg: Config, ds: Dataset | None,
+               device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+    """The train, validation and test sets and the tuned arms (``global``, ``layer``, ``weight`` in
+    ``arms``) of a one-seed run with the resolved configuration ``cfg`` in ``folder``, from the
+    dataset ``check`` returned (``None``: loaded here), for the "freeze and retrain" check and the
+    ``export``/``retrain`` commands."""
+    data = (ds if ds is not None else check(cfg)).to(device)
+    include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
+
+    def model() -> nn.Module:
+        return build_model(cfg, data, device)  # the experiment's initial weights, the same for every arm
+
+    arms = []
+    for arm in cfg["arms"]:
+        if arm not in TUNED:
+            continue
+
+        def families(m: nn.Module, arm: str = arm) -> list[Family]:
+            return [WeightDecay(m, granularity=arm, init=cfg["hyper.init"], include=include)]  # type: ignore[arg-type]
+
+        inner = optimizer(cfg["train.optimizer"], cfg["train.lr"])
+        arms.append(Arm(arm, folder / arm, model, families, inner, cfg["train.inner_steps"],
+                        cfg["train.warmup_steps"], cfg["train.batch_size"], cfg["seed"]))
+    return splits(data), arms
 
 
 def steps_per_run(cfg: Config) -> int:
@@ -393,7 +419,7 @@ def _retrain(ctx: RunContext, ds: Dataset) -> dict[str, dict[str, Any]]:
         except UnreadableFileError:
             pass
     cfg = ctx.config
-    (train, val, test), arms = tuned_runs.experiment_arms("weight-decay", ctx.out, cfg, ds, ctx.device)
+    (train, val, test), arms = tuned_arms(ctx.out, cfg, ds, ctx.device)
     out: dict[str, dict[str, Any]] = {}
 
     def keep(key: str, res: Any, c0: float) -> None:
@@ -407,7 +433,7 @@ def _retrain(ctx: RunContext, ds: Dataset) -> dict[str, dict[str, Any]]:
             c0 = time.process_time()
             keep(f"{arm.name} on {on}", arm.retrain(fams, rnd, train, val, on=on), c0)
     if arms and "none" in cfg["arms"]:
-        plain = tuned_runs.Arm("none", ctx.out / "none", arms[0].model, lambda m: [], arms[0].optimizer,
+        plain = Arm("none", ctx.out / "none", arms[0].model, lambda m: [], arms[0].optimizer,
                                arms[0].inner_steps, arms[0].warmup_steps, arms[0].batch_size, arms[0].seed)
         c0 = time.process_time()
         keep("none on train+val", plain.retrain([], cfg["train.rounds"], train, val, on="train+val"), c0)
@@ -891,4 +917,4 @@ EXPERIMENT = Experiment(
     schema=SCHEMA, smoke=SMOKE, run=run, check=check, tensorboard=True)
 
 __all__ = ["EXPERIMENT", "SCHEMA", "SMOKE", "build_model", "check", "interpret", "method_settings", "run",
-           "steps_per_run", "title"]
+           "steps_per_run", "title", "tuned_arms"]
