@@ -1,4 +1,4 @@
-"""The ``hypergradients`` command line: ``run | list | explain | compare | bench``.
+"""The ``hypergradients`` command line: ``run | list | explain | compare | bench | export | retrain``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only wires them together, so the modules stay independent.
@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hypergradients.app.commands.bench",
               "time, memory and accuracy of our hypergradient methods against a plain autograd loop "
               "(= run bench)"),
+    "export": ("hypergradients.app.commands.export",
+               "write a run's tuned hyperparameters, in natural units, to a plain file"),
+    "retrain": ("hypergradients.app.commands.retrain",
+                "train a fresh model with a run's tuned values fixed, on train and on train+val"),
 }
 
 
