@@ -240,3 +240,26 @@ def test_full_is_resnet18_on_cifar10():
     # ResNet-18 for CIFAR (3×3 stem): 11,173,962 weights
     assert sum(p.numel() for p in net.parameters()) == 11_173_962
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_the_approximation_is_chosen_by_key() -> None:
+    from hypergradients.app.experiments.augment_mnist import _method
+
+    def pick(*sets: str) -> object:
+        return _method(resolve(SCHEMA, sets=list(sets)))
+
+    # identity: p = α·v with α the inner learning rate (hyper.alpha = 0); Neumann K terms: the
+    # library's iters counts v itself, so K + 1; CG: hyper.iters iterations
+    assert pick() == hg.Identity(scale=0.05)
+    assert pick("hyper.method=neumann", "hyper.iters=1") == hg.Neumann(iters=2, alpha=0.05)
+    assert pick("hyper.method=neumann", "hyper.iters=3", "hyper.alpha=0.01") == hg.Neumann(iters=4, alpha=0.01)
+    assert pick("hyper.method=cg", "hyper.iters=5") == hg.CG(iters=5, tol=1e-6, damping=1e-3)
+
+
+@pytest.mark.parametrize("sets", [["hyper.method=cg", "hyper.iters=2", "hyper.optimizer=adam"],
+                                  ["hyper.method=neumann", "hyper.optimizer=sgd", "augment.network=paper"]])
+def test_the_learned_arm_runs_with_every_approximation(sets: list[str], tmp_path: Path) -> None:
+    cfg = resolve(SCHEMA, smoke=SMOKE, sets=['arms=["augnet"]', *sets])
+    res = EXPERIMENT.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
+    (row,) = res.rows
+    assert row["runs"][0]["hyper_steps"] == 3 and row["runs"][0]["hyper_steps_seen"] == 3
