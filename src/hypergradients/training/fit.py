@@ -490,6 +490,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         rounds: number of rounds (each ``inner_steps`` inner steps then one hyper step).
         inner_steps: inner optimizer steps per round; ``warmup_steps`` more before the first round.
         inner_optimizer: ``factory(list_of_weights) -> torch.optim.Optimizer`` (default Adam, 1e-3).
+            The hyper step reads it (never steps it) for ``hg.Identity(precondition="inner_optimizer")``:
+            Adam's or AdamW's diagonal at each hyper step (:func:`~hypergradients.adam_diagonal`).
         loss_fn: per-example loss ``(predictions, y) -> (B,)`` (default cross-entropy): the loss
             contract's form that reads only the targets (:mod:`hypergradients.hparams.objective`).
         hyper: the hyper step, a :class:`~hypergradients.HyperSettings`: ``method`` (default
@@ -584,7 +586,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     batch_loss = on_targets(loss_fn)
     hyper_opt = HyperOptimizer(model, families, settings=hs, loss_fn=batch_loss,
                                before_step=[cb.on_before_hyper_step for cb in cbs],
-                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel) \
+                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel,
+                               inner_optimizer=inner_opt) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(cks.dir) if cks.dir is not None else None

@@ -69,6 +69,7 @@ from ..core.state import SolverState
 from ..hparams.base import Family, Noise
 from ..hparams.objective import BatchLike, BatchLoss, Objective, as_batch, collect_hparams, cross_entropy
 from .export import Values, set_natural
+from .precondition import optimizer_diagonal
 from .settings import HyperSettings, OptimizerFactory, Projection, SolverPolicy
 
 STATE_VERSION = 1
@@ -212,6 +213,12 @@ class HyperOptimizer:
             default), ``"forward"`` or ``"finite-difference"`` (first-order gradients only: for models
             built from operations without a double backward, such as ``scaled_dot_product_attention``
             on the CPU).
+        inner_optimizer: the model's own optimizer (a ``torch.optim.Adam`` or ``AdamW``, or a wrapper
+            of one), read, never stepped or changed: a method that preconditions with its state,
+            ``hg.Identity(precondition="inner_optimizer")``, gets the diagonal
+            :func:`~hypergradients.adam_diagonal` of the moment at every step. ``None`` (default):
+            such a method raises, naming this argument. Settable later as ``hyper.inner_optimizer``
+            (:mod:`hypergradients.hf` sets it to the Trainer's); :func:`~hypergradients.fit` passes its own.
 
     ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
     ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
@@ -239,7 +246,8 @@ class HyperOptimizer:
                  loss_fn: BatchLoss = cross_entropy,
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None) -> None:
+                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None,
+                 inner_optimizer: Any = None) -> None:
         given: dict[str, Any] = {k: v for k, v in (("method", method), ("optimizer", optimizer),
                                                    ("project", project), ("on_solver_error", on_solver_error),
                                                    ("warm_start", warm_start), ("residual", residual),
@@ -283,6 +291,7 @@ class HyperOptimizer:
         self.skip_reasons: Counter[str] = Counter()
         self.data_parallel = data_parallel
         self.group = group
+        self.inner_optimizer = inner_optimizer
         if data_parallel:
             with distributed.data_parallel(group):   # refuses without an initialised process group
                 pass
@@ -369,6 +378,8 @@ class HyperOptimizer:
         # The carried state holds the own method's quantities (another class would refuse it with a
         # StateMismatchError); a safer retry of the same class (CG's, Neumann's) continues from it.
         state = self.solver_state if type(m) is type(self.method) else None
+        fallbacks: list[list[str]] = []   # read only when the method asks for the optimizer's diagonal
+        m = m.with_inner_optimizer(lambda: self._inner_diagonal(fallbacks))
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
@@ -388,7 +399,23 @@ class HyperOptimizer:
                                  round=self.steps + 1, name=name, checkpoint=None, what=what) from e
         if state is not None:
             self.solver_state = info.state   # states are values: the next step continues from this one
+        if fallbacks:   # weights the optimizer had no state for yet (p = lr·v there)
+            info.extra["precondition_fallbacks"] = float(len(fallbacks[0]))
         return g, info
+
+    def _inner_diagonal(self, fallbacks: list[list[str]]) -> dict[str, Tensor]:
+        """The inner optimizer's diagonal now, keyed like the weights (``fallbacks``: appends the weights
+        without state)."""
+        if self.inner_optimizer is None:
+            raise ValueError("the method preconditions with the model's optimizer (hg.Identity(precondition="
+                             "'inner_optimizer')), but this HyperOptimizer has none: pass "
+                             "HyperOptimizer(..., inner_optimizer=opt) with the torch.optim.Adam/AdamW that "
+                             "trains the model (fit passes its own, but with path_hparams the model is "
+                             "trained by hg.optim, which has no such state: use hg.Identity(scale=...) "
+                             "there)")
+        diagonal, missing = optimizer_diagonal(self.inner_optimizer, self.model)
+        fallbacks.append(missing)
+        return diagonal
 
     def step(self, train_batch: BatchLike, val_batch: BatchLike) -> HyperStep:
         """One hyper step: hooks, ``g`` on the two batches, the optimizer step, the projection, hooks.

@@ -130,8 +130,8 @@ def main(args: argparse.Namespace) -> int:
             given.check(tuned[0][1])
     except (ConfigError, ValueError, KeyError, OutputPathError, UnreadableFileError) as e:
         return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
-    from ..experiments.shared import correct, paired_se, per_example, versus
     from ..experiments.base import threads
+    from ..experiments.shared import correct, paired_se, per_example, versus
 
     train, val, test = run.train, run.val, run.test
     ce = torch.nn.functional.cross_entropy

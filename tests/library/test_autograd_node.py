@@ -27,7 +27,7 @@ from hypergradients.core import tree
 
 DT = torch.float64
 Tree = dict[str, Tensor]
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def leaves(h: Tree) -> Tree:
