@@ -175,6 +175,24 @@ def test_a_collapsed_run_is_reported_not_finished_quietly() -> None:
     assert _collapse("none", 0.95, 10, None, 20) == ""
 
 
+def test_the_paired_difference_without_the_collapsed_seeds_is_reported_beside_the_verdict() -> None:
+    learned = [0.94, 0.95, 0.10, 0.93]
+    none = [0.93, 0.94, 0.92, 0.94]
+    rows = {"augnet": {"arm": "augmentation network (IFT)", "test_acc_mean": sum(learned) / 4,
+                       "runs": [{"seed": s, "test_acc": v, "inner_loss": 0.2,
+                                 "collapsed": "classifier at chance" if v < 0.15 else ""}
+                                for s, v in enumerate(learned)]},
+            "none": {"arm": "no augmentation", "test_acc_mean": sum(none) / 4,
+                     "runs": [{"seed": s, "test_acc": v, "inner_loss": 0.1, "collapsed": ""}
+                              for s, v in enumerate(none)]}}
+    text = " ".join(interpret(rows))
+    # seeds 0, 1, 3: differences +0.01, +0.01, −0.01: mean +0.0033, sd 0.01155, SE 0.0067
+    assert ("Without the collapsed seed(s) 2 (3 seeds left): augmentation network (IFT) − no augmentation on "
+            "test accuracy +0.0033 ± 0.0067") in text
+    rows["augnet"]["runs"][2]["collapsed"] = ""
+    assert "Without the collapsed" not in " ".join(interpret(rows))
+
+
 def test_overfitting_note_reads_the_validation_curve() -> None:
     up = [[{"inner_steps": s, "val_loss": v} for s, v in ((100, 0.30), (200, 0.27), (300, 0.33))]] * 2
     flat = [[{"inner_steps": s, "val_loss": v} for s, v in ((100, 0.30), (200, 0.27), (300, 0.27))]]

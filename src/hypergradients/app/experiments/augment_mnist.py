@@ -920,6 +920,12 @@ def _diffs(a: dict[str, Any], b: dict[str, Any], key: str) -> list[float]:
             if r.get(key) is not None and theirs.get(r["seed"]) is not None]
 
 
+def _paired_seeds(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> list[int]:
+    """The seeds of :func:`_diffs`' differences, in its order."""
+    theirs = {r["seed"]: r.get(key) for r in b["runs"]}
+    return [r["seed"] for r in a["runs"] if r.get(key) is not None and theirs.get(r["seed"]) is not None]
+
+
 def _se(d: list[float]) -> float | None:
     return statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
 
@@ -985,6 +991,32 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
             notes.append(f"COLLAPSED: {len(bad)} of {len(r['runs'])} runs of the {r['arm']} arm: "
                          + "; ".join(f"seed {x['seed']}: {x['collapsed']}" for x in bad)
                          + ". Their numbers are in the means above.")
+    notes += _without_collapsed(rows)
+    return notes
+
+
+def _without_collapsed(rows: Mapping[str, dict[str, Any]]) -> list[str]:
+    """For each pair of :data:`PAIRS` where a run collapsed, the paired difference of test accuracy over
+    the seeds where neither arm collapsed: what the arm does when it trains, beside the means that count
+    a collapse (a collapse is one of the method's outcomes, so those stay the verdict)."""
+    notes = []
+    for a, b in PAIRS:
+        x, y = rows.get(a), rows.get(b)
+        if not x or not y:
+            continue
+        bad = {r["seed"] for r in (*x["runs"], *y["runs"]) if r.get("collapsed")}
+        if not bad:
+            continue
+        d = [v for v, s in zip(_diffs(x, y, "test_acc"), _paired_seeds(x, y, "test_acc"), strict=True)
+             if s not in bad]
+        if not d:
+            continue
+        se = _se(d)
+        seeds = ", ".join(map(str, sorted(bad)))
+        notes.append(f"Without the collapsed seed(s) {seeds} ({len(d)} seeds left): "
+                     f"{ARM_NAMES[a]} − {ARM_NAMES[b]} on test accuracy {statistics.fmean(d):+.4f}"
+                     + (f" ± {se:.4f} (standard error of the mean paired difference)." if se is not None
+                        else " (one seed: no noise estimate)."))
     return notes
 
 
