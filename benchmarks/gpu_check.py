@@ -360,8 +360,10 @@ CASES = (
          ("config=full", "data.root={synthetic}", ONE)),
     # Not config=full with data.dataset=mnist-5k: the preset replaces a key left at its default value
     # (mnist-5k is augment's), so that would still ask for CIFAR-10.
-    Case("augment", "config=full, one round", ("config=full", ONE),
-         ("config=cpu", "model.name=resnet18", ONE), tiny=("train.rounds=1", "model.name=cnn", "seeds=[0]")),
+    # augment counts inner steps (a round is train.inner_steps of them: 9, the smoke's 2)
+    Case("augment", "config=full, one round", ("config=full", "train.steps=9"),
+         ("config=cpu", "model.name=resnet18", "train.steps=9"),
+         tiny=("train.steps=2", "model.name=cnn", "seeds=[0]")),
 )
 
 

@@ -1,10 +1,13 @@
-"""The augmentation-network family: the paper's 6,659-weight U-Net, the identity start, fixed noise
+"""The augmentation-network family: the paper's 6,659-weight U-Net, the default network's identity
+start and the authors' configuration (``x + tanh(u)``, one noise number per image, PyTorch's default
+initialisation; checked against the same network built from ``torch.nn`` modules), fixed noise
 within one hypergradient, its hypergradient against central finite differences of ``L_V(w*(λ))``
 (noise fixed, inner problem re-solved by Newton), and the trainer and the own-loop hyper step
 with resume bit for bit."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,7 @@ def _newton(inner, w0: dict, h: dict, iters: int = 40) -> dict:  # type: ignore[
     return tree.unflatten(x, w0)
 
 
-def test_the_papers_network_has_6659_weights_and_starts_as_the_identity() -> None:
+def test_the_default_network_has_the_papers_6659_weights_and_starts_as_the_identity() -> None:
     # depth 2, wf 3 (8 and 16 filters), RGB + the noise channel: 296+584 + 1168+2320 + 520+1160+584 + 27.
     assert unet_count(3) == 6659
     fam = AugmentNet(3)
@@ -64,6 +67,123 @@ def test_the_papers_network_has_6659_weights_and_starts_as_the_identity() -> Non
         fam.augment(x.reshape(2, -1), fam.tensors(), None)
     with pytest.raises(ValueError, match=r"divisible by 2; got \(7, 7\)"):
         fam.augment(torch.randn(2, 3, 7, 7), fam.tensors(), None)
+
+
+class _TorchUNet(nn.Module):
+    """The authors' network (models/unet.py with padding, no batch norm, transposed convolutions,
+    a noise channel and the tanh identity residual) built from torch.nn modules: an independent
+    statement of the layers that AugmentNet evaluates functionally."""
+
+    def __init__(self, channels: int, depth: int = 2, wf: int = 3) -> None:
+        super().__init__()
+        self.depth = depth
+        prev = channels + 1
+        self.down = nn.ModuleList()
+        for i in range(depth):
+            f = 2 ** (wf + i)
+            self.down.append(nn.Sequential(nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(),
+                                           nn.Conv2d(f, f, 3, padding=1), nn.ReLU()))
+            prev = f
+        self.upconv, self.upblock = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(depth - 1)):
+            f = 2 ** (wf + i)
+            self.upconv.append(nn.ConvTranspose2d(prev, f, 2, stride=2))
+            self.upblock.append(nn.Sequential(nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(),
+                                              nn.Conv2d(f, f, 3, padding=1), nn.ReLU()))
+            prev = f
+        self.last = nn.Conv2d(prev, channels, 1)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        h, skips = torch.cat([x, noise], 1), []
+        for i, block in enumerate(self.down):
+            h = block(h)
+            if i < self.depth - 1:
+                skips.append(h)
+                h = nn.functional.max_pool2d(h, 2)
+        for j, (up, block) in enumerate(zip(self.upconv, self.upblock, strict=True)):
+            h = block(torch.cat([up(h), skips[-j - 1]], 1))
+        return x + torch.tanh(self.last(h))
+
+    def ours(self) -> dict[str, torch.Tensor]:
+        """The module's weights under AugmentNet's keys (without the family's prefix)."""
+        out: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.down):
+            for j, conv in (("conv1", block[0]), ("conv2", block[2])):
+                out[f"down{i}.{j}.weight"], out[f"down{i}.{j}.bias"] = conv.weight, conv.bias
+        for k, (up, block) in enumerate(zip(self.upconv, self.upblock, strict=True)):
+            i = self.depth - 2 - k
+            out[f"up{i}.upconv.weight"], out[f"up{i}.upconv.bias"] = up.weight, up.bias
+            for j, conv in (("conv1", block[0]), ("conv2", block[2])):
+                out[f"up{i}.{j}.weight"], out[f"up{i}.{j}.bias"] = conv.weight, conv.bias
+        out["last.weight"], out["last.bias"] = self.last.weight, self.last.bias
+        return out
+
+
+def test_the_authors_network_is_their_unet_with_6659_weights() -> None:
+    fam = AugmentNet.paper(3, dtype=DT, seed=1)
+    assert (fam.depth, fam.wf, fam.residual, fam.noise_shape, fam.identity_init) == (2, 3, "tanh", "image", False)
+    assert fam.count() == 6659 and AugmentNet.paper(1).count() == 6497
+    torch.manual_seed(0)
+    ref = _TorchUNet(3).to(DT)
+    assert sum(p.numel() for p in ref.parameters()) == 6659
+    mine = {k[len("augment."):]: v for k, v in fam.tensors().items()}
+    assert {k: tuple(v.shape) for k, v in ref.ours().items()} == {k: tuple(v.shape) for k, v in mine.items()}
+    # Load our weights into the torch.nn network: the same output for the same images and noise
+    # (float64; the two evaluate the same operations in the same order, so rounding differs at most
+    # in the last bits of a few sums: 1e-12 absolute on values of order 1).
+    with torch.no_grad():
+        for k, p in ref.ours().items():
+            p.copy_(mine[k])
+    x = torch.rand(4, 3, 8, 8, dtype=DT)
+    eps = fam.draw(x, Noise(3).sampler())
+    assert eps is not None and eps.shape == (4, 1, 8, 8)
+    # one N(0, 1) number per image, the same at every pixel, different between images
+    assert torch.equal(eps, eps[:, :, :1, :1].expand_as(eps)) and len(set(eps[:, 0, 0, 0].tolist())) == 4
+    with torch.no_grad():
+        assert torch.allclose(fam.augment(x, fam.tensors(), eps), ref(x, eps), rtol=0, atol=1e-12)
+        # the default initialisation does not start at the identity; the tanh bounds the change by 1
+        assert float((fam.augment(x, fam.tensors(), eps) - x).abs().max()) > 1e-3
+        big = {k: 100 * v for k, v in fam.tensors().items()}
+        assert float((fam.augment(x, big, eps) - x).abs().max()) <= 1.0
+    # the library's default keeps the identity start, per-pixel noise and the linear residual
+    default = AugmentNet(3)
+    assert (default.residual, default.noise_shape, default.identity_init) == ("linear", "pixel", True)
+    pix = default.draw(x, Noise(3).sampler())
+    assert pix is not None and pix.shape == (4, 1, 8, 8) and len(set(pix[0, 0].flatten().tolist())) == 64
+    with pytest.raises(ValueError, match=r"noise_shape must be 'pixel' or 'image', got 'row'"):
+        AugmentNet(1, noise_shape="row")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"residual must be 'linear' or 'tanh', got 'relu'"):
+        AugmentNet(1, residual="relu")  # type: ignore[arg-type]
+
+
+def test_default_initialisation_is_pytorchs() -> None:
+    # Every layer drawn as PyTorch draws it: U(−b, b) with b = 1/√fan_in, fan_in from the weight's
+    # dim 1 times the kernel (for the transposed convolution: its output channels, 8·2·2 = 32).
+    # With 400+ uniform draws the largest |value| lies within 1% of b (P(miss) < 0.99^400 < 2e-2 per
+    # tensor; the draws are seeded, so the test is deterministic).
+    fam = AugmentNet.paper(1, dtype=DT, seed=0)
+    ref = _TorchUNet(1).to(DT)
+    for k, p in ref.ours().items():
+        t = fam.tensors()[f"augment.{k}"].detach()
+        w = ref.ours()[k[:-len("bias")] + "weight"] if k.endswith("bias") else p
+        b = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0])
+        assert float(t.abs().max()) <= b, k
+        if t.numel() >= 400:
+            assert float(t.abs().max()) >= 0.99 * b, k
+    assert 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(ref.upconv[0].weight)[0]) == 1 / math.sqrt(32)
+
+
+def test_at_the_identity_start_only_the_last_layer_has_a_hypergradient() -> None:
+    # The last 1×1 convolution is zero, so ∂x̃/∂λ vanishes for every other weight: their
+    # hypergradient is exactly 0 (both residuals: tanh'(0) = 1), the last layer's is not.
+    for residual in ("linear", "tanh"):
+        model = _model()
+        fam = AugmentNet(1, wf=1, dtype=DT, residual=residual, noise_shape="image")  # type: ignore[arg-type]
+        hyper = hg.HyperOptimizer(model, [fam], method=hg.Identity())
+        x, y = _data(12, 1)
+        g, _ = hyper.hypergradient((x, y), (x, y))
+        for k, v in g.items():
+            assert (float(v.abs().max()) > 0) == k.startswith("augment.last."), (residual, k)
 
 
 def test_noise_is_fixed_by_the_noise_sample_and_with_original_doubles_the_batch() -> None:
@@ -84,11 +204,14 @@ def test_noise_is_fixed_by_the_noise_sample_and_with_original_doubles_the_batch(
                        plain.batch(batch, plain.tensors(), noise=Noise(2).sampler()).x)
 
 
-@pytest.mark.parametrize("with_original", [False, True])
-def test_hypergradient_with_fixed_noise_matches_finite_differences(with_original: bool) -> None:
+@pytest.mark.parametrize(("with_original", "residual", "noise_shape"),
+                         [(False, "linear", "pixel"), (True, "linear", "pixel"), (False, "tanh", "image")])
+def test_hypergradient_with_fixed_noise_matches_finite_differences(with_original: bool, residual: str,
+                                                                    noise_shape: str) -> None:
     model = _model()
     # wf=1: 2 and 4 filters (206 weights); random start so every weight carries a gradient.
-    fam = AugmentNet(1, wf=1, identity_init=False, with_original=with_original, dtype=DT, seed=2)
+    fam = AugmentNet(1, wf=1, identity_init=False, with_original=with_original, dtype=DT, seed=2,
+                     residual=residual, noise_shape=noise_shape)  # type: ignore[arg-type]
     wd = WeightDecay(model, init=0.1, include=lambda n, p: True)   # a unique minimiser w*
     obj = Objective(model, [fam, wd], cross_entropy)
     x, y = _data(12, 1)

@@ -130,25 +130,42 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
     return path
 
 
-def plot_augmented(fam: AugmentNet, x: Tensor, path: Path) -> Path:
-    """Eight test images (top) and one augmentation of each (bottom), each scaled to its own range."""
-    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+def plot_augmented(fam: AugmentNet, x: Tensor, path: Path, *,
+                   stages: Sequence[tuple[str, Mapping[str, Tensor]]] = ()) -> Path:
+    """Test images (top row), their augmentation by the network's weights (one row per ``(label,
+    weights)`` of ``stages``, e.g. snapshots during training; default: the current weights, one
+    row), and the change ``a(x, ε) − x`` of the last of them (bottom row).
+
+    Every image is drawn on one fixed scale, the originals' range over the batch (for MNIST,
+    [0, 1]; values beyond it clip), never rescaled to its own range, so that a brightness offset
+    shows as one. The change row uses a symmetric
+    colour scale shared by the row, its range in the row's label. One noise draw (``Noise(0)``, in
+    the network's noise shape) serves every row, so rows differ only by the weights."""
+    rows_h = list(stages) or [("augmented", fam.tensors())]
+    eps = fam.draw(x, Noise(0).sampler())
     with torch.no_grad():
-        xa = fam.augment(x, fam.tensors(), eps)
-    fig, axes = plt.subplots(2, len(x), figsize=(1.1 * len(x), 2.6), squeeze=False)
-    for row, imgs in enumerate((x, xa)):
+        augmented = [(label, fam.augment(x, h, eps)) for label, h in rows_h]
+    lo, hi = float(x.min()), float(x.max())
+    hi = hi if hi > lo else lo + 1.0
+    change = (augmented[-1][1] - x).double().cpu()
+    largest = float(change.abs().max())
+    m = largest or 1.0
+    rows = [("original", x), *augmented]
+    fig, axes = plt.subplots(len(rows) + 1, len(x), figsize=(1.1 * len(x), 1.25 * (len(rows) + 1)),
+                             squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
         for j in range(len(x)):
-            img = imgs[j].double().cpu()
+            img = ((imgs[j].double().cpu() - lo) / (hi - lo)).clamp(0, 1)
             img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-            lo, hi = float(img.min()), float(img.max())
-            axes[row][j].imshow(
-                ((img - lo) / (hi - lo) if hi > lo else img * 0).numpy(),
-                cmap="gray" if img.ndim == 2 else None,
-            )
-            axes[row][j].set_xticks([])
-            axes[row][j].set_yticks([])
-        axes[row][0].set_ylabel("original" if row == 0 else "augmented", fontsize=8)
-    fig.tight_layout()
+            axes[r][j].imshow(img.numpy(), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[r][0].set_ylabel(label, fontsize=7)
+    for j in range(len(x)):
+        axes[-1][j].imshow(change[j].mean(0).numpy(), cmap="bwr", vmin=-m, vmax=m)
+    axes[-1][0].set_ylabel(f"a(x) − x\n(±{largest:.2g})", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.1, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.08)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -203,7 +203,10 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
               batch_size: int | None = None, val_batch_size: int | Literal["config"] | None = "config",
               hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-              resume: bool | None = None, restart: str = "arm") -> TrainResult:
+              resume: bool | None = None, restart: str = "arm", warmup_steps: int | None = None,
+              inner_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+              hyper_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+              hyper_method: Method | None = None) -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
     checkpoint), with the run's settings:
 
@@ -212,7 +215,9 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     hyper optimizer ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method`,
     ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.on_solver_error``,
     ``hyper.warm_start``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
-    schema does not have keeps ``fit``'s default. ``--resume`` continues from the checkpoint (``resume``
+    schema does not have keeps ``fit``'s default. ``warmup_steps``, ``inner_optimizer``,
+    ``hyper_optimizer`` (factories) and ``hyper_method`` replace what the keys would give, for an
+    experiment whose schema spells them otherwise. ``--resume`` continues from the checkpoint (``resume``
     overrides it); ``--tensorboard`` logs the rounds to ``<run>/tensorboard/<arm>``. Skipped hyper steps
     are counted in the result, not warned; an unreadable checkpoint names the folder to delete to
     restart that ``restart`` (``arm``, ``run``). Without a ``hyper.warm_start`` key each hyper step
@@ -225,6 +230,8 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
                      ("hyper.warm_start", "warm_start")):
         if key in cfg:
             kwargs[arg] = cfg[key]
+    if warmup_steps is not None:
+        kwargs["warmup_steps"] = warmup_steps
     if val_batch_size == "config":
         val_batch_size = (cfg["hyper.val_batch_size"] or None) if "hyper.val_batch_size" in cfg else None
     if loss_fn is not None:
@@ -239,10 +246,11 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
                 model, fams, train, val,
                 rounds=cfg["train.rounds"] if rounds is None else rounds,
                 inner_steps=cfg["train.inner_steps"],
-                inner_optimizer=optimizer(cfg.get("train.optimizer", "adam"), cfg["train.lr"]),
-                hyper_optimizer=optimizer(cfg.get("hyper.optimizer", "adam"),
-                                          cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
-                method=method(cfg),
+                inner_optimizer=inner_optimizer or optimizer(cfg.get("train.optimizer", "adam"),
+                                                             cfg["train.lr"]),
+                hyper_optimizer=hyper_optimizer or optimizer(
+                    cfg.get("hyper.optimizer", "adam"), cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
+                method=hyper_method or method(cfg),
                 batch_size=cfg["train.batch_size"] if batch_size is None else batch_size,
                 val_batch_size=val_batch_size,
                 seed=cfg["seed"] if seed is None else seed,
@@ -423,8 +431,9 @@ def flipped_auc(weights: Tensor, flipped: Tensor) -> float:
 
 
 def augment_change(fam: AugmentNet, x: Tensor) -> float:
-    """The median over images of ``‖a(x, ε) − x‖ / ‖x‖`` with one noise draw (``Noise(0)``)."""
-    eps = Noise(0).sampler().normal((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    """The median over images of ``‖a(x, ε) − x‖ / ‖x‖`` with one noise draw (``Noise(0)``, in the
+    network's noise shape)."""
+    eps = fam.draw(x, Noise(0).sampler())
     with torch.no_grad():
         d = (fam.augment(x, fam.tensors(), eps) - x).flatten(1).norm(dim=1)
     return float((d / x.flatten(1).norm(dim=1).clamp_min(1e-12)).median())
