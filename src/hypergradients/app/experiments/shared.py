@@ -40,6 +40,7 @@ from ...core.method import Method
 from ...core.solvers import CG, Auto, Identity, Neumann, Nystrom
 from ...hparams import Family, Noise
 from ...hparams.augment import AugmentNet
+from ...training.callbacks import Callback as FitCallback
 from ...training.files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
 from ...training.fit import (
     METRICS,
@@ -198,18 +199,22 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
 
 def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
               val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
-              callbacks: Sequence[Callback] = (), rounds: int | None = None, batch_size: int | None = None,
+              callbacks: Sequence[Callback | FitCallback] = (), rounds: int | None = None,
+              batch_size: int | None = None,
               val_batch_size: int | Literal["config"] | None = "config", hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-              resume: bool | None = None, restart: str = "arm") -> TrainResult:
+              resume: bool | None = None, restart: str = "arm",
+              hyper_method: Method | None = None) -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
     checkpoint), with the run's settings:
 
     ``train.rounds`` (or ``rounds``), ``train.inner_steps``, ``train.warmup_steps``, ``train.batch_size``
     (or ``batch_size``), the inner optimizer ``train.optimizer`` (Adam where absent) at ``train.lr``, the
-    hyper optimizer ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method`,
-    ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.on_solver_error``,
-    ``hyper.warm_start``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
+    hyper optimizer ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method` (or
+    ``hyper_method``), ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.batch_size`` (the
+    hyper step's training batch; default ``train.batch_size``), ``hyper.on_solver_error``,
+    ``hyper.warm_start``, ``hyper.hvp_mode``, ``seed`` (or ``seed``), ``eval_every``,
+    ``checkpoint_every``; a key the
     schema does not have keeps ``fit``'s default. ``--resume`` continues from the checkpoint (``resume``
     overrides it); ``--tensorboard`` logs the rounds to ``<run>/tensorboard/<arm>``. Skipped hyper steps
     are counted in the result, not warned; an unreadable checkpoint names the folder to delete to
@@ -220,7 +225,8 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     cfg = ctx.config
     kwargs: dict[str, Any] = {"warm_start": False}
     for key, arg in (("train.warmup_steps", "warmup_steps"), ("hyper.on_solver_error", "on_solver_error"),
-                     ("hyper.warm_start", "warm_start")):
+                     ("hyper.warm_start", "warm_start"), ("hyper.hvp_mode", "hvp_mode"),
+                     ("hyper.batch_size", "hyper_batch_size")):
         if key in cfg:
             kwargs[arg] = cfg[key]
     if val_batch_size == "config":
@@ -240,7 +246,7 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
                 inner_optimizer=optimizer(cfg.get("train.optimizer", "adam"), cfg["train.lr"]),
                 hyper_optimizer=optimizer(cfg.get("hyper.optimizer", "adam"),
                                           cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
-                method=method(cfg),
+                method=method(cfg) if hyper_method is None else hyper_method,
                 batch_size=cfg["train.batch_size"] if batch_size is None else batch_size,
                 val_batch_size=val_batch_size,
                 seed=cfg["seed"] if seed is None else seed,
