@@ -45,7 +45,7 @@ def hyper_steps(rank: int = 0, world: int = 1) -> dict[str, Any]:
         train = (w[idx, :-1], w[idx, 1:], idx)
         val = (v[rank * m:(rank + 1) * m, :-1], v[rank * m:(rank + 1) * m, 1:])
         out: dict[str, Any] = {}
-        for arm in ("neumann", "cg", "net"):
+        for arm in ("neumann", "cg", "first-order", "net"):
             net = E.model(cfg, 0, torch.device("cpu"))
             fams = E.families(cfg, arm, len(w), torch.device("cpu"))
             method = E.method(cfg, arm)

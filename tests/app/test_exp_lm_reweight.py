@@ -151,13 +151,23 @@ def test_smoke_run_writes_every_arm_and_the_measurements(tmp_path: Path) -> None
     runs = res.result["runs"]
     clean = sum(1 for r in runs["clean-only"] if r["train_sequences"] < n)
     assert clean == 2                                                # the oracle trains on fewer
-    for arm in ("neumann", "cg"):
+    for arm in E.WEIGHTED:
         for r in runs[arm]:
             # every hyper step moves the weights of its batch only: at most rounds × batch of them
             assert 0 < r["moved"] <= cfg["train.rounds"] * cfg["hyper.batch_size"]
             assert set(r["auc"]) == {"all", *E.KINDS} and 0 <= r["auc"]["all"] <= 1
             assert r["hyper_step_s"] > 0 and r["train_step_s"] > 0
     assert len(res.result["loss_auc"]) == 2
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    hyper = [r for r in recs if "hvps" in r]
+    sama = [r for r in hyper if r["arm"] == "sama"]
+    first = [r for r in hyper if r["arm"] == "first-order"]
+    # the SAMA-style step: no product with H, the model's Adam as the preconditioner at every step
+    assert sama and all(r["hvps"] == 0 and r["solver_preconditioned"] == 1 for r in sama)
+    # the first-order step: no product at all, 4K + 2 gradients for K = hyper.iters steps (central)
+    assert first and all(r["hvps"] == 0 and r["solver_gradient_evals"] == 4 * cfg["hyper.iters"] + 2
+                         for r in first)
+    assert all(r["hvps"] > 0 for r in hyper if r["arm"] in ("neumann", "cg", "net"))
     text = (tmp_path / "report.md").read_text()
     assert "AUC" in text and "lm_reweight.png" in text and (tmp_path / "lm_reweight.png").is_file()
     assert json.loads((tmp_path / "lm_reweight.json").read_text())["notes"] == res.notes

@@ -38,13 +38,21 @@ number of training steps (``train.rounds × train.inner_steps``):
   implicit function theorem with a Neumann series of ``hyper.iters`` terms (``α = 1/λ_max``);
 * ``cg``          — the same weights, the hyper step by ``hyper.iters`` damped conjugate-gradient
   iterations;
+* ``sama``        — the same weights, the hyper step SAMA's (Choe et al. 2023): the identity
+  approximation of ``H⁻¹`` preconditioned by the model's Adam, ``p = lr·v/(√v̂ + ε)``
+  (:class:`~hypergradients.Identity` with ``precondition="inner_optimizer"``): no Hessian-vector
+  product, only the mixed product;
+* ``first-order`` — the same weights, the hyper step :class:`~hypergradients.FirstOrder` (the
+  value-function penalty of F2SA and ScaleBiO, central form): ``hyper.iters`` gradient steps of size
+  ``hyper.fo_lr`` on ``L_T ± L_V/σ`` (``σ = hyper.fo_sigma``), no second derivative at all;
 * ``net``         — :class:`~hypergradients.LossReweighting`: a 1-``net.hidden``-1 network from each
   sequence's loss to its weight, its weights the hyperparameters, the hyper step as ``neumann``'s.
 
 The hyper steps use a training batch of ``hyper.batch_size`` sequences for ``L_T`` (and so for
 every Hessian-vector product) and a clean validation batch of ``hyper.val_batch_size`` for ``L_V``.
 Neumann's ``λ_max`` is carried from one hyper step to the next (``hyper.warm_start``: re-estimated
-every 10 steps, or when the series grows); CG starts every solve from zero, because its carried
+every 10 steps, or when the series grows); CG and first-order start every hyper step from zero
+(first-order's carried ``p`` is the same kind of iterate as CG's), because CG's carried
 solution diverged on this model's indefinite Hessian (measured: with the last solution as the start
 and 3 iterations, the hypergradient's norm grew about 1.3× per hyper step, from 0.5 to 1e16 in 170
 steps, until a finite-difference step overflowed).
@@ -77,8 +85,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core.first_order import FirstOrder
 from ...core.method import Method
-from ...core.solvers import CG, Neumann
+from ...core.solvers import CG, Identity, Neumann
 from ...hparams import ExampleWeights, Family, LossReweighting
 from ...training.callbacks import Callback
 from ...training.hyper import _mode
@@ -100,13 +109,16 @@ from .shared import (
 )
 
 KINDS = ("shuffled", "foreign", "random", "boilerplate")
-ARMS = ("plain", "clean-only", "neumann", "cg", "net")
-WEIGHTED = ("neumann", "cg")       # one weight per training sequence
+ARMS = ("plain", "clean-only", "neumann", "cg", "sama", "first-order", "net")
+WEIGHTED = ("neumann", "cg", "sama", "first-order")       # one weight per training sequence
+TUNED = (*WEIGHTED, "net")
 ARM_NAMES = {
     "plain": "plain training",
     "clean-only": "clean-only (oracle)",
     "neumann": "per-sequence weights, IFT Neumann",
     "cg": "per-sequence weights, IFT CG",
+    "sama": "per-sequence weights, Adam-preconditioned identity (SAMA-style)",
+    "first-order": "per-sequence weights, first-order penalty (F2SA-style)",
     "net": "loss-reweighting net, IFT Neumann",
 }
 #: Three web-page footers: the ``boilerplate`` corruption's texts (``corrupt``).
@@ -147,7 +159,7 @@ SCHEMA: dict[str, Option] = {
     "model.layers": Option(2, "transformer blocks", int, low=1),
     "model.heads": Option(4, "attention heads (must divide the width)", int, low=1),
     "model.init": Option("", "a state_dict of this model (torch.save) to start from; empty: random", str),
-    "train.rounds": Option(200, "rounds (each: train.inner_steps training steps, then one hyper step)", int,
+    "train.rounds": Option(100, "rounds (each: train.inner_steps training steps, then one hyper step)", int,
                            low=1),
     "train.inner_steps": Option(4, "training steps per round (between hyper steps)", int, low=1),
     "train.batch_size": Option(32, "sequences per training step", int, low=1),
@@ -157,14 +169,18 @@ SCHEMA: dict[str, Option] = {
                                    low=0),
     "hyper.lr": Option(0.1, "hyper learning rate (Adam on the weights' logits and the net's weights)", float,
                        positive=True),
-    "hyper.iters": Option(2, "Neumann terms / CG iterations", int, low=1),
+    "hyper.iters": Option(2, "Neumann terms / CG iterations / first-order steps", int, low=1),
     "hyper.power_iters": Option(5, "power iterations behind Neumann's α = 1/λ_max", int, low=1),
     "hyper.damping": Option(1e-2, "CG's damping δ (solves (H + δI)p = v)", float, low=0.0),
+    "hyper.fo_lr": Option(1e-2, "first-order's inner step size: below 2/λ_max of the training loss's "
+                          "Hessian (the neumann arm's metrics log λ_max)", float, positive=True),
+    "hyper.fo_sigma": Option(1e3, "first-order's penalty σ (bias O(1/σ²), rounding O(σ·eps))", float,
+                             positive=True),
     "hyper.hvp_mode": Option("finite-difference", "Hessian-vector products: finite-difference (the attention "
                              "kernel has no double backward on the CPU), reverse or forward", str,
                              choices=("finite-difference", "reverse", "forward")),
-    "hyper.warm_start": Option(True, "carry Neumann's λ_max from one hyper step to the next (CG always "
-                               "starts from zero: see the module docstring)", bool),
+    "hyper.warm_start": Option(True, "carry Neumann's λ_max from one hyper step to the next (CG and "
+                               "first-order always start from zero: see the module docstring)", bool),
     "net.hidden": Option(16, "hidden units of the loss-reweighting network", int, low=1),
     "eval_every": Option(25, "rounds between evaluations of the validation and test perplexity", int, low=1),
     "checkpoint_every": Option(50, "rounds between checkpoints", int, low=1),
@@ -422,6 +438,10 @@ def method(cfg: Config, arm: str) -> Method | None:
         return Neumann(iters=cfg["hyper.iters"], alpha="auto", power_iters=cfg["hyper.power_iters"])
     if arm == "cg":
         return CG(iters=cfg["hyper.iters"], tol=1e-6, damping=cfg["hyper.damping"])
+    if arm == "sama":
+        return Identity(precondition="inner_optimizer")
+    if arm == "first-order":
+        return FirstOrder(sigma=cfg["hyper.fo_sigma"], steps=cfg["hyper.iters"], lr=cfg["hyper.fo_lr"])
     return None
 
 
@@ -579,8 +599,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 return {"seed": seed, "test_ppl": _ppl(rec["test_loss"]) if "test_loss" in rec else None}
 
             cpu0 = time.process_time()
-            # CG from zero at every hyper step (module docstring); Neumann carries its λ_max
-            arm_ctx = replace(ctx, config={**cfg, "hyper.warm_start": False}) if arm == "cg" else ctx
+            # CG and first-order from zero at every hyper step (module docstring); Neumann carries its λ_max
+            cold = arm in ("cg", "first-order")
+            arm_ctx = replace(ctx, config={**cfg, "hyper.warm_start": False}) if cold else ctx
             with peak_memory(ctx.device) as mem:
                 res = train_arm(arm_ctx, net, fams, sets["train"], sets["val"], out=out,
                                 evals={"val": sets["val"], "test": sets["test"]}, loss_fn=sequence_loss,
@@ -598,7 +619,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
             weights: Tensor | None = None
             if arm in WEIGHTED:
                 weights = next(iter(fams[0].natural().values())).detach().float().cpu()
-                row["moved"] = int(((weights - 1).abs() > 1e-6).sum())
+                moved = (weights - 1).abs() > 1e-6
+                row["moved"] = int(moved.sum())
+                # among the sequences some hyper step has touched (the others are tied at 1)
+                row["auc_moved"] = flipped_auc(weights[moved], data.kind[moved] != 0)
             elif arm == "net":
                 fam = fams[0]
                 assert isinstance(fam, LossReweighting)
@@ -621,7 +645,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     figure = _figure(ctx.out / "lm_reweight.png", histories, seed_weights,
                      data.kind if seed_weights else None, cfg["noise.kinds"], seeds[0])
     columns = ["arm", "hyperparameters", "seeds", "test_ppl", "test_ppl_sd", "d_test_loss", "auc",
-               "hyper_over_train", "peak_mb", "wall_s", "cpu_s"]
+               "auc_moved", "hyper_over_train", "peak_mb", "wall_s", "cpu_s"]
     result = {"dataset": data.source, "n_train": len(data.train), "corrupted": int((data.kind != 0).sum()),
               "steps": steps, "rows": table, "runs": per, "loss_auc": loss_auc, "notes": notes}
     from ..report import markdown_table
@@ -633,7 +657,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
         f"{cfg['model.layers']}-block transformer, width {cfg['model.width']}, {cfg['model.heads']} heads; "
         f"every arm takes {steps} Adam steps (lr {cfg['train.lr']:g}, batch {cfg['train.batch_size']}); the "
         f"tuned arms a hyper step every {cfg['train.inner_steps']} (Adam lr {cfg['hyper.lr']:g}, "
-        f"{cfg['hyper.iters']} Neumann terms or CG iterations, {cfg['hyper.hvp_mode']} products, "
+        f"{cfg['hyper.iters']} Neumann terms, CG iterations or first-order steps, {cfg['hyper.hvp_mode']} "
+        "products, "
         f"L_T on {cfg['hyper.batch_size']} training sequences, L_V on {cfg['hyper.val_batch_size'] or 'all'} "
         f"validation sequences). Seeds {', '.join(map(str, seeds))}.",
         "",
@@ -642,7 +667,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "test_ppl: clean test perplexity per byte, mean (sd) over the seeds; d_test_loss: the arm's test "
         "loss minus plain training's, mean ± standard error over the seeds (paired: same seed, same "
         "corruption); "
-        "auc: P(weight of a clean sequence > weight of a corrupted one), mean over the seeds; "
+        "auc: P(weight of a clean sequence > weight of a corrupted one), mean over the seeds; auc_moved: the "
+        "same among the sequences whose weight a hyper step moved; "
         "hyper_over_train: wall time of a hyper step over a training step of the same arm; peak_mb: peak "
         "memory of the arm above its start; wall_s, cpu_s: wall and CPU seconds, all seeds.",
         "",
@@ -686,6 +712,7 @@ def summarise(per: Mapping[str, Sequence[Mapping[str, Any]]], arms: Sequence[str
             "d_mean": _mean(diffs) if a != "plain" else float("nan"),
             "d_se": _sd(diffs) / math.sqrt(len(diffs)) if a != "plain" and len(diffs) > 1 else float("nan"),
             "auc": _mean(aucs) if aucs else "-",
+            "auc_moved": _mean([r["auc_moved"] for r in rs]) if "auc_moved" in rs[0] else "-",
             "hyper_over_train": _mean([r["hyper_over_train"] for r in rs]) if a not in ("plain", "clean-only")
             else "-",
             "peak_mb": _mean([r["peak_mb"] for r in rs]),
@@ -713,7 +740,7 @@ def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Map
         notes.append(f"{v.text}: the corruption's cost to the clean perplexity "
                      f"({by['plain']['test_ppl']:.3f} vs {oracle['test_ppl']:.3f}) is the most reweighting "
                      f"could recover in {steps} steps.")
-    for key in ("neumann", "cg", "net"):
+    for key in TUNED:
         r = by.get(key)
         if r is None:
             continue
@@ -735,6 +762,8 @@ def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Map
             if "moved" in runs[0]:
                 s += (f"; {_mean([x['moved'] for x in runs]):,.0f} of {runs[0]['hyperparameters']:,} weights "
                       "moved (the others were never in a hyper step's batch and stay at 1, tied)")
+                if "auc_moved" in runs[0]:
+                    s += f", AUC {_mean([x['auc_moved'] for x in runs]):.3f} among those"
             notes.append(s + ".")
         if isinstance(r["hyper_over_train"], float) and math.isfinite(r["hyper_over_train"]):
             cpu = _mean([x["hyper_over_train_cpu"] for x in runs])
@@ -765,7 +794,7 @@ def _figure(path: Path, histories: Mapping[tuple[str, int], Sequence[Mapping[str
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     if weights and kind is not None:
-        arm = next(a for a in ("neumann", "cg", "net") if a in weights)
+        arm = next(a for a in TUNED if a in weights)
         w = weights[arm]
         groups = [w[kind == 0].numpy()] + [w[kind == j].numpy() for j in range(1, len(kinds) + 1)]
         bx.boxplot(groups, showfliers=False)
