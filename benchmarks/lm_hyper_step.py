@@ -17,14 +17,18 @@ In each case the steps alternate, one warm-up round then ``--repeats`` timed rou
 method's hyper step (:class:`~hypergradients.HyperOptimizer` with finite-difference products, as the
 experiment takes it), so that load drifts on a shared machine hit every method alike. The methods:
 Neumann with ``--iters`` terms (a fixed ``α``: the series alone; the experiment's ``α = 1/λ_max`` adds
-power iterations when it refreshes), CG with ``--iters`` iterations. Reported per case and method: the
-median wall and CPU seconds of a hyper step, their ratio to the training step's median, its
-Hessian-vector products, and the peak memory above the start of the step, measured in a second
-process (the kernel's resident high-water mark reset before each step, ``VmHWM − VmRSS``, with
+power iterations when it refreshes), CG with ``--iters`` iterations, the identity preconditioned by the
+training step's Adam (``Identity(precondition="inner_optimizer")``, SAMA-style: no HVP) and
+:class:`~hypergradients.FirstOrder` with ``--iters`` steps (central, warm-started as
+``HyperOptimizer`` does by default: ``4·iters + 5`` gradients, no HVP).
+Reported per case and method: the median wall and CPU seconds of a hyper step, their ratio to the
+training step's median, its Hessian-vector products (and, for the first-order step, gradient
+evaluations), and the peak memory above the start of the step, measured in a second process (the
+kernel's resident high-water mark reset before each step, ``VmHWM − VmRSS``, with
 ``MALLOC_MMAP_THRESHOLD_=4096`` so that freed buffers leave the process, as
 ``benchmarks/peers/_common.py`` measures; that allocator setting slows every step, so the times come
-from the first process). Writes ``benchmarks/results/lm_hyper_step.json``
-and ``docs/figures/lm_hyper_step.png`` and prints the markdown table of docs/benchmarks.md.
+from the first process). Writes ``benchmarks/results/lm_hyper_step.json`` and
+``docs/figures/lm_hyper_step.png`` and prints the markdown table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -98,15 +102,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
         def batch_at(i: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return data[i, :-1], data[i, 1:], i
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     methods: dict[str, Any] = {
         # a fixed α, small enough for these models' λ_max (≈ 50 at the start): the cost of the series
         # alone (the experiment's α = 1/λ_max adds power iterations at every refresh)
         f"Neumann-{iters}": hg.Neumann(iters=iters, alpha=1e-3),
         f"CG-{iters}": hg.CG(iters=iters, tol=1e-12, damping=1e-2),
+        "Identity-Adam": hg.Identity(precondition="inner_optimizer"),
+        f"FirstOrder-{iters}": hg.FirstOrder(sigma=1e3, steps=iters, lr=1e-3),
     }
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     hypers = {name: hg.HyperOptimizer(net, [hg.ExampleWeights(n_hp)], method=m, hvp_mode="finite-difference",
-                                      loss_fn=loss_fn)
+                                      loss_fn=loss_fn, inner_optimizer=opt)
               for name, m in methods.items()}
     trainer = next(iter(hypers.values()))
     vb = (val[:, :-1], val[:, 1:])
@@ -120,6 +126,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         train_step(torch.randint(0, n_seq, (batch,), generator=g))
     times: dict[str, list[tuple[float, float, float]]] = {"train": [], **{k: [] for k in hypers}}
     hvps: dict[str, int] = {}
+    grads: dict[str, int] = {}
     for rep in range(case["repeats"] + 1):   # round 0 is the warm-up
         i = torch.randint(0, n_seq, (batch,), generator=g)
         t = _measure(lambda i=i: train_step(i))
@@ -132,6 +139,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 times[name].append(t)
                 info = out["step"].info
                 hvps[name] = info.hvps if info is not None else -1
+                grads[name] = int(info.extra.get("gradient_evals", 0)) if info is not None else 0
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), max(x[2] for x in v))
            for k, v in times.items()}
     tw, tc, tm = med["train"]
@@ -139,7 +147,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     for name in hypers:
         w, c, m = med[name]
         rows.append({"method": name, "hyper_s": w, "hyper_cpu_s": c, "ratio": w / tw, "ratio_cpu": c / tc,
-                     "peak_mb": m, "hvps": hvps[name]})
+                     "peak_mb": m, "hvps": hvps[name], "gradients": grads[name]})
     weights = sum(p.numel() for p in net.parameters())
     return {**case, "weights": weights, "hyperparameters": n_hp, "train_s": tw, "train_cpu_s": tc,
             "train_peak_mb": tm, "methods": rows}
@@ -171,15 +179,19 @@ def _child(case: dict[str, Any]) -> dict[str, Any]:
     return timed
 
 
+def _grads(m: dict[str, Any]) -> str:
+    return f" ({m['gradients']})" if m.get("gradients") else ""
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| sweep | weights | hyperparameters | method | train step s | hyper step s | × train (wall) "
-             "| × train (CPU) | HVPs | hyper peak MB | train peak MB |",
+             "| × train (CPU) | HVPs (gradients) | hyper peak MB | train peak MB |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for m in r["methods"]:
             lines.append(f"| {r['sweep']} | {r['weights']:,} | {r['hyperparameters']:,} ({r['kind']}) | "
                          f"{m['method']} | {r['train_s']:.3f} | {m['hyper_s']:.3f} | {m['ratio']:.1f} | "
-                         f"{m['ratio_cpu']:.1f} | {m['hvps']} | {m['peak_mb']:.1f} | "
+                         f"{m['ratio_cpu']:.1f} | {m['hvps']}{_grads(m)} | {m['peak_mb']:.1f} | "
                          f"{r['train_peak_mb']:.1f} |")
     return "\n".join(lines)
 
@@ -223,7 +235,7 @@ def main() -> None:
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="the two smallest cases of each sweep, one repeat")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
-    ap.add_argument("--iters", type=int, default=3, help="Neumann terms / CG iterations")
+    ap.add_argument("--iters", type=int, default=3, help="Neumann terms / CG iterations / FirstOrder steps")
     ap.add_argument("--out", default=str(HERE / "results" / "lm_hyper_step.json"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "lm_hyper_step.png"))
     args = ap.parse_args()
