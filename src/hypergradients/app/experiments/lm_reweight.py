@@ -706,7 +706,8 @@ def summarise(per: Mapping[str, Sequence[Mapping[str, Any]]], arms: Sequence[str
         aucs = [r["auc"]["all"] for r in rs if "auc" in r]
         rows.append({
             "arm": ARM_NAMES[a], "key": a, "hyperparameters": rs[0]["hyperparameters"], "seeds": len(rs),
-            "test_ppl": _mean(ppl), "test_ppl_sd": _sd(ppl), "test_loss": _mean([r["test_loss"] for r in rs]),
+            "test_ppl": _mean(ppl), "test_ppl_sd": _sd(ppl) if len(ppl) > 1 else "-",
+            "test_loss": _mean([r["test_loss"] for r in rs]),
             "d_test_loss": (f"{_mean(diffs):+.4f} ± {_sd(diffs) / math.sqrt(len(diffs)):.4f}"
                             if a != "plain" and len(diffs) > 1 else "-"),
             "d_mean": _mean(diffs) if a != "plain" else float("nan"),
