@@ -191,6 +191,25 @@ def test_notes_follow_the_numbers() -> None:
     assert "per-sequence weights, IFT Neumann is within noise of plain training" in tie
 
 
+def test_ift_against_the_cheaper_steps_is_paired_over_the_seeds() -> None:
+    def runs(losses: list[float], aucs: list[float]) -> list[dict[str, Any]]:
+        return [{"seed": s, "test_loss": x, "auc_moved": y} for s, (x, y) in enumerate(zip(losses, aucs, strict=True))]
+    per = {"neumann": runs([2.0, 2.1, 2.2], [0.70, 0.72, 0.71]), "sama": runs([2.1, 2.2, 2.3], [0.6, 0.6, 0.6]),
+           "first-order": runs([2.01, 2.08, 2.21], [0.70, 0.72, 0.71])}
+    # differences -0.1 on every seed: mean -0.1, standard error 0
+    a, b, d, se = E.paired(per, "neumann", "sama") or (0.0, 0.0, 0.0, 1.0)
+    assert (a, b, d) == (pytest.approx(2.1), pytest.approx(2.2), pytest.approx(-0.1))
+    assert se == pytest.approx(0, abs=1e-12)
+    # differences -0.01, +0.02, -0.01: mean 0, sd √(0.0006/2), se sd/√3 = 0.01
+    assert E.paired(per, "neumann", "first-order")[2:] == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.01))
+    assert E.paired(per, "neumann", "cg") is None
+    notes = " ".join(E.ift_versus_cheaper(per))
+    sama = "IFT Neumann beats per-sequence weights, Adam-preconditioned identity (SAMA-style) on"
+    assert f"{sama} clean test loss" in notes and f"{sama} AUC among the moved weights" in notes
+    assert "IFT Neumann is within noise of per-sequence weights, first-order penalty (F2SA-style) on clean" in notes
+    assert "over 3 seeds" in notes
+
+
 def test_what_the_configuration_cannot_have_names_its_key(tmp_path: Path) -> None:
     exp = get("lm-reweight")
 

@@ -770,10 +770,45 @@ def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Map
             cpu = _mean([x["hyper_over_train_cpu"] for x in runs])
             notes.append(f"{r['arm']}: a hyper step costs {r['hyper_over_train']:.1f} training steps of wall "
                          f"time ({cpu:.1f} of CPU time).")
+    notes += ift_versus_cheaper(per)
     if loss_auc:
         parts = ", ".join(f"{k} {_mean([x[k] for x in loss_auc]):.3f}" for k in kinds)
         notes.append(f"For reference, ranking the sequences by plain training's final loss (no hyper step at "
                      f"all) has AUC {_mean([x['all'] for x in loss_auc]):.3f} ({parts}).")
+    return notes
+
+
+def paired(per: Mapping[str, Sequence[Mapping[str, Any]]], a: str, b: str,
+           key: str = "test_loss") -> tuple[float, float, float, float] | None:
+    """Arm ``a``'s ``key`` against arm ``b``'s over the seeds both ran: their means, and the mean and
+    standard error of the paired difference ``a − b`` (NaN with one seed); ``None`` without a common
+    seed or without the key."""
+    xs = {r["seed"]: r[key] for r in per.get(a, []) if key in r}
+    ys = {r["seed"]: r[key] for r in per.get(b, []) if key in r}
+    common = sorted(set(xs) & set(ys))
+    if not common:
+        return None
+    diffs = [xs[s] - ys[s] for s in common]
+    se = _sd(diffs) / math.sqrt(len(diffs))
+    return _mean([xs[s] for s in common]), _mean([ys[s] for s in common]), _mean(diffs), se
+
+
+def ift_versus_cheaper(per: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """IFT-Neumann's per-sequence weights against the SAMA-style and first-order steps on the same
+    weights, paired over the seeds: clean test loss and the AUC among the moved weights."""
+    notes = []
+    for cheap in ("sama", "first-order"):
+        for key, metric, higher in (("test_loss", "clean test loss", False),
+                                    ("auc_moved", "AUC among the moved weights", True)):
+            got = paired(per, "neumann", cheap, key)
+            if got is None:
+                continue
+            a, b, _, se = got
+            n = len({r["seed"] for r in per["neumann"]} & {r["seed"] for r in per[cheap]})
+            what = f"standard error of the mean paired difference over {n} seeds"
+            v = versus(ARM_NAMES["neumann"], ARM_NAMES[cheap], a, b, se, metric=metric,
+                       higher_is_better=higher, se_what=what, no_se="one seed: no noise estimate")
+            notes.append(v.text + ".")
     return notes
 
 
@@ -823,5 +858,6 @@ EXPERIMENT = Experiment(
 )
 
 __all__ = ["ARMS", "BOILERPLATE", "EXPERIMENT", "FULL", "KINDS", "SCHEMA", "SMOKE", "LMData", "StepTimes",
-           "TransformerLM", "check", "corrupt", "families", "interpret", "kind_aucs", "load", "method",
-           "model", "peak_memory", "read_texts", "sequence_loss", "sequences", "summarise"]
+           "TransformerLM", "check", "corrupt", "families", "ift_versus_cheaper", "interpret", "kind_aucs",
+           "load", "method", "model", "paired", "peak_memory", "read_texts", "sequence_loss", "sequences",
+           "summarise"]
