@@ -831,12 +831,17 @@ def _figure(path: Path, histories: Mapping[tuple[str, int], Sequence[Mapping[str
     ax.legend(fontsize=7)
     if weights and kind is not None:
         arm = next(a for a in TUNED if a in weights)
-        w = weights[arm]
-        groups = [w[kind == 0].numpy()] + [w[kind == j].numpy() for j in range(1, len(kinds) + 1)]
+        w, k = weights[arm], kind
+        title = f"{ARM_NAMES[arm]}, seed {seed}"
+        if arm in WEIGHTED:   # the weights no hyper step touched are tied at 1: they would hide the rest
+            moved = (w - 1).abs() > 1e-6
+            w, k = w[moved], kind[moved]
+            title += f" ({int(moved.sum()):,} weights moved)"
+        groups = [w[k == 0].numpy()] + [w[k == j].numpy() for j in range(1, len(kinds) + 1)]
         bx.boxplot(groups, showfliers=False)
         bx.set_xticks(range(1, len(groups) + 1), ["clean", *kinds], fontsize=8)
         bx.set_ylabel("learned weight ω")
-        bx.set_title(f"{ARM_NAMES[arm]}, seed {seed}", fontsize=9)
+        bx.set_title(title, fontsize=9)
     else:
         bx.set_axis_off()
     fig.tight_layout()
