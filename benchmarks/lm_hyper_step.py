@@ -54,6 +54,13 @@ HPARAMS = [("sequence", 1024), ("sequence", 16384), ("token", 4096), ("token", 3
 SEQ_LEN = 32
 
 
+def _weights(size: tuple[int, int, int]) -> int:
+    """The weights of the experiment's transformer of this (width, blocks, heads) at ``SEQ_LEN``."""
+    width, blocks, _ = size
+    block = 12 * width * width + 13 * width           # qkv, proj, fc, out (+ biases), two layer norms
+    return 256 * width + SEQ_LEN * width + blocks * block + 2 * width + 256 * width + 256
+
+
 def _kb(field: str) -> int:
     m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     return int(m[1]) if m else 0
@@ -236,6 +243,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the two smallest cases of each sweep, one repeat")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     ap.add_argument("--iters", type=int, default=3, help="Neumann terms / CG iterations / FirstOrder steps")
+    ap.add_argument("--max-weights", type=float, default=float("inf"),
+                    help="skip the model sizes above this many weights (the largest take the longest)")
     ap.add_argument("--out", default=str(HERE / "results" / "lm_hyper_step.json"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "lm_hyper_step.png"))
     args = ap.parse_args()
@@ -244,10 +253,11 @@ def main() -> None:
         return
     repeats = 1 if args.quick else args.repeats
     sizes, hps = (SIZES[:2], HPARAMS[:2]) if args.quick else (SIZES, HPARAMS)
-    cases = [{"sweep": "model", "model": list(s), "kind": "sequence", "sequences": 16384, "batch": 16}
-             for s in sizes]
-    cases += [{"sweep": "hparams", "model": list(SIZES[0]), "kind": k, "sequences": n, "batch": 32}
-              for k, n in hps]
+    # the cheap sweep first, then the models from the smallest: each case is written as it ends
+    cases = [{"sweep": "hparams", "model": list(SIZES[0]), "kind": k, "sequences": n, "batch": 32}
+             for k, n in hps]
+    cases += [{"sweep": "model", "model": list(s), "kind": "sequence", "sequences": 16384, "batch": 16}
+              for s in sizes if _weights(s) <= args.max_weights]
     results = []
     t0 = time.perf_counter()
     for case in cases:
@@ -257,12 +267,12 @@ def main() -> None:
               f"{r['train_s']:.3f} s; " + "; ".join(f"{m['method']} ×{m['ratio_cpu']:.1f}"
                                                    for m in r["methods"]),
               file=sys.stderr, flush=True)
-    load = os.getloadavg()[0]
-    out = {"cases": results, "repeats": repeats, "iters": args.iters, "seq_len": SEQ_LEN,
-           "seconds": time.perf_counter() - t0, "load_avg_1min_at_end": load}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    figure(results, Path(args.figure))
+        load = os.getloadavg()[0]
+        out = {"cases": results, "repeats": repeats, "iters": args.iters, "seq_len": SEQ_LEN,
+               "seconds": time.perf_counter() - t0, "load_avg_1min_at_end": load}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        figure(results, Path(args.figure))
     print(table(results))
 
 

@@ -72,6 +72,7 @@ loads weights of this model class saved by ``torch.save(model.state_dict())``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -90,6 +91,7 @@ from ...core.method import Method
 from ...core.solvers import CG, Identity, Neumann
 from ...hparams import ExampleWeights, Family, LossReweighting
 from ...training.callbacks import Callback
+from ...training.files import json_dumps, write_atomic
 from ...training.hyper import _mode
 from ..config import Config, ConfigError, Option
 from ..corpus import kjv_lines
@@ -130,6 +132,7 @@ BOILERPLATE = (
     "Click here to download the free e-book! Copyright (c) 2009-2024. Do not redistribute without "
     "permission. Share on Facebook | Tweet | Pin it\n",
 )
+MEASURED = "measured.json"   # an arm's CPU seconds and peak memory, read back on --resume
 _OFFSETS = 8          # boilerplate windows start at 0, 8, ..., 56 bytes into the footer
 #: Text files of a corpus in ``data.root``: the first triple present is read (train, validation, test).
 CORPUS_FILES = (("train.txt", "valid.txt", "test.txt"),
@@ -607,6 +610,14 @@ def _run(ctx: RunContext) -> ExperimentResult:
                                 evals={"val": sets["val"], "test": sets["test"]}, loss_fn=sequence_loss,
                                 hyper_method=method(cfg, arm), seed=seed,
                                 callbacks=[metrics.callback(tag, out), bar.tick(i, arm, show), timer])
+            measured = {"cpu_s": time.process_time() - cpu0, "peak_mb": mem["peak_mb"]}
+            # a finished arm that --resume reads back costs no time or memory now: its own figures stand
+            stored = out / MEASURED
+            if ctx.resume and stored.is_file():
+                measured = {k: float("nan") if v is None else float(v)
+                            for k, v in json.loads(stored.read_text()).items()}
+            else:
+                write_atomic(stored, json_dumps(measured))
             metrics.finish_arm(tag, res.metrics)
             histories[(arm, seed)] = res.metrics
             row: dict[str, Any] = {"arm": arm, "seed": seed, "hyperparameters": res.hyperparameters,
@@ -614,8 +625,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                                    "train_sequences": len(train_w),
                                    "test_loss": res.final["test_loss"], "val_loss": res.final["val_loss"],
                                    "test_ppl": _ppl(res.final["test_loss"]), "wall_s": res.wall_s,
-                                   "cpu_s": time.process_time() - cpu0,
-                                   "peak_mb": mem["peak_mb"], **timer.summary()}
+                                   **measured, **timer.summary()}
             weights: Tensor | None = None
             if arm in WEIGHTED:
                 weights = next(iter(fams[0].natural().values())).detach().float().cpu()
