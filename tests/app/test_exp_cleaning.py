@@ -58,10 +58,11 @@ def test_smoke_writes_the_run_folder_and_finds_the_corrupted_labels(tmp_path: Pa
     rows = {r["arm"]: r for r in result["rows"]}
     assert list(rows) == ["weighted", "plain", "clean-only"]
     assert rows["weighted"]["train_images"] == rows["plain"]["train_images"] == 200
-    assert rows["clean-only"]["train_images"] == 200 - result["corrupted"]
-    # Three hyper steps already rank clean above corrupted (measured AUC 0.92); without hyper steps
-    # every weight stays 1 and the AUC is exactly 0.5.
-    assert rows["weighted"]["auc"] > 0.8
+    assert rows["clean-only"]["train_images"] == 200 - result["corrupted"][0]
+    # Three cheap hyper steps (the identity, RMSprop at lr 0.01) already rank clean above corrupted
+    # (measured AUC 0.68; about 90 of the 200 corrupted, so the AUC's standard error is about 0.04);
+    # without hyper steps every weight stays 1 and the AUC is exactly 0.5.
+    assert rows["weighted"]["auc"] > 0.6
     assert rows["plain"]["auc"] == "-"
     for name in ("config.toml", "data_cleaning.json", "metrics.jsonl", "report.md", "weights.png",
                  "weighted/checkpoint.pt", "plain/checkpoint.pt", "clean-only/checkpoint.pt"):
@@ -80,7 +81,9 @@ def test_a_cut_run_resumed_ends_as_one_never_stopped(tmp_path: Path) -> None:
     _run(tmp_path / "cut", "train.rounds=2")
     resumed = _run(tmp_path / "cut", resume=True)
     for a, b in zip(full["rows"], resumed["rows"], strict=True):
-        assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
+        # the clocks differ between runs; every other number is the same
+        assert {k: v for k, v in a.items() if k not in ("wall_s", "cpu_s")} == \
+            {k: v for k, v in b.items() if k not in ("wall_s", "cpu_s")}
 
 
 def test_sizes_the_data_lacks_name_the_key(tmp_path: Path) -> None:

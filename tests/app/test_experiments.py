@@ -21,7 +21,8 @@ from hypergradients.app.config import (
     write_toml,
 )
 from hypergradients.app.experiments import REGISTRY, RunContext, get
-from hypergradients.app.experiments.weight_decay import SCHEMA, interpret, paired_se
+from hypergradients.app.experiments.shared import paired_se
+from hypergradients.app.experiments.weight_decay import SCHEMA, interpret
 from hypergradients.app.report import markdown_table, text_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -160,6 +161,18 @@ def test_notes_follow_the_numbers_for_global_vs_none() -> None:
     assert "beats" not in unknown and "noise of" not in unknown and "no standard error: no noise estimate" in unknown
 
 
+def test_each_comparison_names_its_own_standard_error() -> None:
+    # Per-weight − global and global − none have different standard errors over seeds: each sentence
+    # says where its own came from, not where the other's did.
+    rows = {"none": _row(0.5, 0.5), "global": _row(0.25, 0.24), "weight": _row(0.22, 0.215)}
+    notes = interpret(rows, n_val=1000, se=0.006, se_global=0.026, se_what="SE-OF-WEIGHT-VS-GLOBAL",
+                      se_global_what="SE-OF-GLOBAL-VS-NONE")
+    (pw,) = [n for n in notes if n.startswith("Per-weight decay")][:1]
+    (gl,) = [n for n in notes if n.startswith("A tuned global decay")]
+    assert "± 0.006, SE-OF-WEIGHT-VS-GLOBAL)" in pw and "GLOBAL-VS-NONE" not in pw
+    assert "± 0.026, SE-OF-GLOBAL-VS-NONE)" in gl and "WEIGHT-VS-GLOBAL" not in gl
+
+
 def test_notes_never_say_beats_without_a_noise_estimate() -> None:
     notes = interpret({"global": _row(0.25, 0.24), "weight": _row(0.22, 0.215, n=10)}, n_val=1000)
     assert "beats" not in notes[0] and notes[0].startswith(
@@ -231,7 +244,7 @@ def test_arm_wall_time_excludes_start_up(tmp_path: Path) -> None:
 def test_cg_report_names_the_method_used_and_counts_hyper_steps(tmp_path: Path) -> None:
     # The default MLP (not the smoke one) away from a minimum: CG meets negative curvature.
     exp = get("weight-decay")
-    base = ['arms=["global"]', "train.rounds=3", "hyper.method=cg", "data.n_train=500", "eval_every=3"]
+    base = ['arms=["global"]', "seeds=1", "retrain=false", "train.rounds=3", "hyper.method=cg", "data.n_train=500", "eval_every=3"]
     cfg = resolve(exp.schema, sets=[*base, "hyper.on_solver_error=skip"])
     # Warnings are errors in the tests: the trainer's SkippedHyperStepsWarning must become a note.
     res = exp.run(RunContext(config=cfg, out=tmp_path / "skip", device=torch.device("cpu"), progress=False))

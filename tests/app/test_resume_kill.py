@@ -45,7 +45,7 @@ def _run(tmp_path: Path, out: Path, pause: float, *extra: str) -> subprocess.Pop
 
 def _rows(stdout: str) -> list[dict[str, Any]]:
     last = stdout.strip().splitlines()[-1]
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in json.loads(last)["rows"]]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")} for r in json.loads(last)["rows"]]
 
 
 def _top(out: Path) -> list[dict[str, Any]]:

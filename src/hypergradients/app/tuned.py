@@ -16,6 +16,11 @@ size and order, the inner steps per round) and where its checkpoint is. Supporte
 
 The other experiments (``data-cleaning``, ``distill``, ``augment``, ``lstm-dropout``) are refused
 with that list: their families are exported from Python with :func:`hypergradients.export_hparams`.
+A run of several seeds keeps each seed as a one-seed run in its folder ``seed<N>``: give that folder.
+
+The experiments use the same pieces for their own "freeze and retrain" check:
+:func:`experiment_arms` builds the arms from a configuration and the data already loaded, and
+:meth:`Arm.retrain` trains a fresh model with the tuned values fixed, the way the arm was trained.
 """
 
 from __future__ import annotations
@@ -28,57 +33,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hparams import Family, WeightDecay
-from ..training.fit import CHECKPOINT, read_checkpoint
+from ..hparams import Family
+from ..training.fit import CHECKPOINT
+from .arms import Arm, Data
 from .config import Config, ConfigError, read_toml, resolve
 from .datasets import Dataset
 from .experiments import shared
 
 SUPPORTED = ("weight-decay", "overfit-validation", "families")
 
-__all__ = ["SUPPORTED", "Arm", "TunedRun", "open_run"]
-
-
-@dataclass
-class Arm:
-    """One tuned arm of a run: ``model()`` the fresh model with the run's initial weights,
-    ``families(model)`` its families at their initial values, ``optimizer`` the inner optimizer's
-    factory, ``inner_steps``/``warmup_steps`` per round and before the first, ``batch_size`` and
-    ``seed`` of the training batches, ``folder`` where its checkpoint is."""
-
-    name: str
-    folder: Path
-    model: Callable[[], nn.Module]
-    families: Callable[[nn.Module], list[Family]]
-    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]
-    inner_steps: int
-    warmup_steps: int
-    batch_size: int
-    seed: int
-
-    def steps(self, rounds: int) -> int:
-        """The inner steps that ``rounds`` rounds of the run took."""
-        return rounds * self.inner_steps + (self.warmup_steps if rounds else 0)
-
-    def tuned(self) -> tuple[nn.Module, list[Family], int]:
-        """The model and families as the arm's checkpoint left them, and the checkpoint's round."""
-        st = read_checkpoint(
-            self.folder / CHECKPOINT, fix="run the experiment again (or --resume it) to write the checkpoint"
-        )
-        model = self.model()
-        model.load_state_dict(st["model"])
-        fams = self.families(model)
-        if st.get("hyper") is None:
-            raise ConfigError(
-                f"the checkpoint {str(self.folder / CHECKPOINT)!r} holds no hyperparameters: the "
-                f"arm {self.name!r} tuned none"
-            )
-        for fam in fams:
-            fam.load_tensors(st["hyper"]["hparams"])
-        return model, fams, int(st["round"])
-
-
-Data = tuple[Tensor, Tensor]
+__all__ = ["SUPPORTED", "Arm", "TunedRun", "experiment_arms", "open_run"]
 
 
 @dataclass
@@ -142,16 +106,26 @@ def open_run(
             "EXPERIMENT --out DIR` writes one)"
         )
     name, cfg = _experiment(d, read_toml(d / "config.toml"), experiment)
-    dev = torch.device(device)
-    build = {"weight-decay": _weight_decay, "overfit-validation": _overfit_validation, "families": _families}
-    (train, val, test), arms = build[name](d, cfg, dev)
+    if int(cfg.get("seeds", 1)) > 1:
+        folders = ", ".join(str(d / f"seed{int(cfg['seed']) + i}") for i in range(int(cfg["seeds"])))
+        raise ConfigError(f"{str(d)!r} is a run of {cfg['seeds']} seeds, each a one-seed run in its own "
+                          f"folder: give one of {folders}")
+    (train, val, test), arms = experiment_arms(name, d, cfg, None, torch.device(device))
     present = [a for a in arms if (a.folder / CHECKPOINT).is_file()]
     missing = {a.name: f"{str(a.folder / CHECKPOINT)!r} does not exist" for a in arms if a not in present}
     return TunedRun(name, d, cfg, train, val, test, present, missing)
 
 
-def _splits(ds: Dataset) -> tuple[Data, Data, Data]:
-    return (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test)
+def experiment_arms(experiment: str, folder: Path, cfg: Config, ds: Dataset | None,
+                    device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+    """The train, validation and test sets and the tuned arms of a one-seed run of ``experiment``
+    (one of :data:`SUPPORTED`) with the resolved configuration ``cfg`` in ``folder``, from the
+    dataset ``ds`` its ``check`` returned (``None``: loaded here), on ``device``. Every arm the
+    configuration tunes is given, whether its checkpoint exists yet or not."""
+    build = {"weight-decay": _weight_decay, "overfit-validation": _overfit_validation, "families": _families}
+    if experiment not in build:
+        raise ConfigError(f"no tuned arms are built for {experiment!r}; one of {', '.join(SUPPORTED)}")
+    return build[experiment](folder, cfg, ds, device)
 
 
 def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
@@ -161,78 +135,26 @@ def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     return make
 
 
-def _weight_decay(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _weight_decay(d: Path, cfg: Config, ds: Dataset | None,
+                  device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import weight_decay as wd
 
-    ds = wd.check(cfg).to(device)
-    include = (lambda n, p: True) if cfg["hyper.include_biases"] else None
-
-    def model() -> nn.Module:
-        torch.manual_seed(cfg["seed"])  # the experiment's initial weights, the same for every arm
-        return shared.mlp(ds.num_features, cfg["model.hidden"], ds.num_classes).to(device)
-
-    arms = []
-    for arm in cfg["arms"]:
-        if arm in ("none", "optuna"):
-            continue
-
-        def families(m: nn.Module, arm: str = arm) -> list[Family]:
-            return [WeightDecay(m, granularity=arm, init=cfg["hyper.init"], include=include)]  # type: ignore[arg-type]
-
-        arms.append(
-            Arm(
-                arm,
-                d / arm,
-                model,
-                families,
-                shared.optimizer(cfg["train.optimizer"], cfg["train.lr"]),
-                cfg["train.inner_steps"],
-                cfg["train.warmup_steps"],
-                cfg["train.batch_size"],
-                cfg["seed"],
-            )
-        )
-    return _splits(ds), arms
+    return wd.tuned_arms(d, cfg, ds, device)
 
 
 def _overfit_validation(
-    d: Path, cfg: Config, device: torch.device
+    d: Path, cfg: Config, ds: Dataset | None, device: torch.device
 ) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import overfit_validation as ov
 
-    ds = ov.check(cfg).to(device)
-    arms = []
-    for name in cfg["models"]:
-        hidden = [cfg["model.hidden"]] if name == "mlp" else []
-
-        def model(hidden: list[int] = hidden) -> nn.Module:
-            torch.manual_seed(cfg["seed"])
-            return shared.mlp(ds.num_features, hidden, ds.num_classes, flatten=True).to(device,
-                                                                             ds.x_train.dtype)
-
-        def families(m: nn.Module) -> list[Family]:
-            return [WeightDecay(m, granularity="weight", init=cfg["hyper.init"], include=lambda n, p: True)]
-
-        arms.append(
-            Arm(
-                name,
-                d / name,
-                model,
-                families,
-                _adam(cfg["train.lr"]),
-                cfg["train.inner_steps"],
-                0,
-                len(ds.y_train),
-                cfg["seed"],
-            )
-        )
-    return _splits(ds), arms
+    return ov.tuned_arms(d, cfg, ds, device)
 
 
-def _families(d: Path, cfg: Config, device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _families(d: Path, cfg: Config, ds: Dataset | None,
+              device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import families as fx
 
-    ds = fx.check(cfg).to(device)
+    ds = (ds if ds is not None else fx.check(cfg)).to(device)
     xtr, ytr = fx._images(ds, ds.x_train), ds.y_train
     if cfg["family"] in fx.NOISY:  # the labels the run trained on: the same flips, from the same seed
         ytr, _ = fx.flip_labels(ytr, ds.num_classes, cfg["noise.flip"], seed=cfg["seed"])

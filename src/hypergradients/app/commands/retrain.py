@@ -107,7 +107,6 @@ def main(args: argparse.Namespace) -> int:
     from ...training.export import load_hparams
     from ...training.files import OutputPathError, UnreadableFileError, json_dumps, write_atomic
     from ...training.fit import NonFiniteError
-    from ...training.retrain import retrain
     from ..config import ConfigError
     from ..report import markdown_table, text_table
     from ..tuned import open_run
@@ -165,18 +164,7 @@ def main(args: argparse.Namespace) -> int:
                         continue
                     if not args.quiet and not args.json:
                         print(f"{arm.name}: retraining on {on} ({steps} steps) ...", file=sys.stderr)
-                    res = retrain(
-                        arm.model,
-                        fams,
-                        train,
-                        val,
-                        values=given,
-                        on=on,
-                        steps=steps,
-                        optimizer=arm.optimizer,
-                        batch_size=arm.batch_size,
-                        seed=arm.seed,
-                    )
+                    res = arm.retrain(fams, rnd, train, val, on=on, values=given)
                     loss_r = per_example(res.model, *test, lambda o, y: ce(o, y, reduction="none"))
                     acc_r = per_example(res.model, *test, correct)
                     d, se = float(loss_r.mean() - loss_t.mean()), paired_se(loss_r, loss_t)

@@ -200,8 +200,8 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
 def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
               val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
               callbacks: Sequence[Callback | FitCallback] = (), rounds: int | None = None,
-              batch_size: int | None = None,
-              val_batch_size: int | Literal["config"] | None = "config", hyper_lr: float | None = None,
+              batch_size: int | None = None, val_batch_size: int | Literal["config"] | None = "config",
+              hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
               resume: bool | None = None, restart: str = "arm",
               hyper_method: Method | None = None) -> TrainResult:

@@ -30,10 +30,15 @@ MatVec = Callable[[Tree], Tree]
 
 
 def power_iteration(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 20, seed: int = 0) -> float:
-    """Estimate the largest-magnitude eigenvalue of an operator (Rayleigh quotient), ``iters`` products.
+    """Estimate the largest eigenvalue magnitude ``max |λ_i|`` of an operator, ``iters`` products.
 
-    A random start (fixed seed, so results are reproducible and the same on every rank of a
-    data-parallel group). For a symmetric operator the estimate approaches ``max |λ_i|`` from below.
+    Power iteration from a random unit vector (fixed seed, so results are reproducible and the same on
+    every rank of a data-parallel group); the estimate is ``‖M v_k‖`` at the last unit iterate ``v_k``.
+    For a symmetric ``M`` it never exceeds ``max |λ_i|``, never decreases with ``k``
+    (``‖Mv‖² = vᵀM²v ≤ ‖M²v‖`` for a unit ``v``) and is at least the Rayleigh quotient's magnitude
+    ``|vᵀMv|``. The norm, not the Rayleigh quotient, is returned because on an indefinite ``M`` the
+    quotient mixes eigenvalues of both signs and can sit near zero (for ``diag(5, −5)`` from
+    ``(1, 1)/√2`` it is exactly 0 at every step), which would make ``alpha = 1/λ_max`` far too large.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in like.items()}
@@ -42,12 +47,12 @@ def power_iteration(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 
     est = 0.0
     for _ in range(max(1, iters)):
         hv = matvec(v)
-        est = float(tree.dot(v, hv))
         nh = float(tree.norm(hv))
         if nh == 0.0 or not math.isfinite(nh):
             break
+        est = nh
         v = tree.scale(hv, 1.0 / nh)
-    return abs(est)
+    return est
 
 
 def identity(op: LinearOperator, v: Mapping[str, Tensor], *, scale: float = 1.0,
