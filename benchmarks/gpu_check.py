@@ -358,6 +358,9 @@ CASES = (
     Case("data-cleaning", "config=full, one round", ("config=full", ONE), ("config=cpu", ONE)),
     Case("lstm-dropout", "config=full, one round", ("config=full", ONE),
          ("config=full", "data.root={synthetic}", ONE)),
+    # the King James Bible ships with the package: never shrunk; one seed keeps it to 7 arms
+    Case("lm-reweight", "config=full, one seed, one round", ("config=full", "seeds=[0]", ONE),
+         tiny=("train.rounds=1", "seeds=[0]")),
     # Not config=full with data.dataset=mnist-5k: the preset replaces a key left at its default value
     # (mnist-5k is augment's), so that would still ask for CIFAR-10.
     # augment counts inner steps (a round is train.inner_steps of them: 9, the smoke's 2)

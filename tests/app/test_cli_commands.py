@@ -248,7 +248,8 @@ def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFix
     assert "hypergradients run weight-decay --smoke" in text
     assert cli.main(["list", "--json"]) == 0
     items = json.loads(capsys.readouterr().out)
-    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench", "families", "overfit-validation", "distill", "data-cleaning", "lstm-dropout", "augment"]
+    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench", "families", "overfit-validation",
+                                          "distill", "data-cleaning", "lstm-dropout", "augment", "lm-reweight"]
     by = {i["name"]: i for i in items}
     for name in ("explain", "compare", "bench"):
         assert by[name]["kind"] == "experiment" and by[name]["smoke"] == f"hypergradients run {name} --smoke"

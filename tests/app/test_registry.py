@@ -52,7 +52,7 @@ def _numbers(obj: Any) -> Any:
 
 
 def test_the_registry_holds_every_runnable_thing() -> None:
-    assert list(REGISTRY) == ["weight-decay", "explain", "compare", "bench", "families", "overfit-validation", "distill", "data-cleaning", "lstm-dropout", "augment"]
+    assert list(REGISTRY) == ["weight-decay", "explain", "compare", "bench", "families", "overfit-validation", "distill", "data-cleaning", "lstm-dropout", "augment", "lm-reweight"]
     assert [n for n, e in REGISTRY.items() if not e.resumable] == ["explain", "compare", "bench"]
 
 

@@ -114,7 +114,8 @@ FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"]
               "overfit-validation": ["train.rounds=2"], "distill": ["train.rounds=2"],
               "data-cleaning": ["train.rounds=2"],
               "lstm-dropout": ["train.rounds=2", "data.train_tokens=3000", "data.eval_tokens=700"],
-              "augment": ["train.steps=18", "seeds=[0]"]}
+              "augment": ["train.steps=18", "seeds=[0]"],
+              "lm-reweight": ["train.rounds=2", "seeds=[0]", "data.n_train=512", "data.n_test=64"]}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in REGISTRY.items() if e.resumable))

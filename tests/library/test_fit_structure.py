@@ -158,19 +158,49 @@ def test_grouped_settings_are_the_flat_keywords(tmp_path: Path) -> None:
             res = hg.fit(model, fams, train, val, **common,
                          hyper=hg.HyperSettings(method=hg.Neumann(iters=5, alpha="auto"),
                                                 optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-                                                project=lambda hp: None, on_solver_error="skip", warm_start=False),
+                                                project=lambda hp: None, on_solver_error="skip", warm_start=False,
+                                                hvp_mode="forward"),
                          batches=hg.Batches(size=8, val_size=10, hyper_size=12, seed=3),
                          evaluation=hg.Evaluation({"val": val}, every=2),
                          checkpoints=hg.Checkpoints(folder, every=2, resume=True))
         else:
             res = hg.fit(model, fams, train, val, **common, method=hg.Neumann(iters=5, alpha="auto"),
                          hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), project=lambda hp: None,
-                         on_solver_error="skip", warm_start=False, batch_size=8, val_batch_size=10,
+                         on_solver_error="skip", warm_start=False, hvp_mode="forward", batch_size=8, val_batch_size=10,
                          hyper_batch_size=12, seed=3, eval_sets={"val": val}, eval_every=2,
                          checkpoint_dir=folder, checkpoint_every=2, resume=True)
         runs.append(res)
         assert (folder / CHECKPOINT).exists() and "val_loss" in res.metrics[1] and "val_loss" not in res.metrics[0]
     assert _strip(runs[0].metrics) == _strip(runs[1].metrics)
+
+
+class _Attention(nn.Module):
+    """Self-attention through scaled_dot_product_attention, whose fused CPU kernel has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: (B, 5 tokens, 4) -> logits (B, 3)
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(x).split(4, dim=2))   # one head: (B, 1, 5, 4)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean((1, 2)))
+
+
+def test_fit_takes_hvp_mode_for_a_model_without_double_backward() -> None:
+    """fit(hvp_mode="finite-difference") trains a model whose attention kernel has no second derivative;
+    with the default products the hyper step refuses and names that mode."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    for mode in ("reverse", "finite-difference"):
+        torch.manual_seed(0)
+        model = _Attention()
+        fams = [hg.WeightDecay(model, granularity="global")]
+        if mode == "reverse":
+            with pytest.raises(hg.HypergradientError, match="finite-difference"):
+                hg.fit(model, fams, (x, y), (x, y), rounds=1, inner_steps=1, method=hg.CG(iters=2))
+            continue
+        res = hg.fit(model, fams, (x, y), (x, y), rounds=2, inner_steps=1, method=hg.CG(iters=2), hvp_mode=mode)
+        assert res.hyper_steps == 2 and res.metrics[-1]["hvps"] >= 2
 
 
 def test_a_group_and_one_of_its_keywords_are_refused_together() -> None:

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import distributed, tree
+from ..core.derivatives import HvpMode
 from ..core.method import Method
 from ..hparams.base import Batch, Family
 from ..hparams.objective import Objective, TargetLoss, collect_hparams, cross_entropy, on_targets
@@ -430,6 +431,7 @@ class FitKeywords(TypedDict, total=False):
     project: Projection | None
     on_solver_error: SolverPolicy
     warm_start: bool
+    hvp_mode: HvpMode
     batch_size: int
     val_batch_size: int | None
     hyper_batch_size: int | None
@@ -447,6 +449,7 @@ class FitKeywords(TypedDict, total=False):
 _GROUPED: dict[str, tuple[str, str]] = {
     "method": ("hyper", "method"), "hyper_optimizer": ("hyper", "optimizer"), "project": ("hyper", "project"),
     "on_solver_error": ("hyper", "on_solver_error"), "warm_start": ("hyper", "warm_start"),
+    "hvp_mode": ("hyper", "hvp_mode"),
     "batch_size": ("batches", "size"), "val_batch_size": ("batches", "val_size"),
     "hyper_batch_size": ("batches", "hyper_size"), "seed": ("batches", "seed"),
     "eval_sets": ("evaluation", "sets"), "eval_every": ("evaluation", "every"),
@@ -497,7 +500,9 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         hyper: the hyper step, a :class:`~hypergradients.HyperSettings`: ``method`` (default
             ``Neumann(iters=20, alpha="auto")``), ``optimizer`` (default Adam, 1e-2), ``project``,
             ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``), ``residual``
-            (default ``False``: the ``residual`` metric is ``None`` for Neumann, Identity, Nyström): as in
+            (default ``False``: the ``residual`` metric is ``None`` for Neumann, Identity, Nyström),
+            ``hvp_mode`` (default ``"reverse"``; ``"finite-difference"`` for a model without a double
+            backward, such as attention through ``scaled_dot_product_attention`` on the CPU): as in
             :class:`~hypergradients.HyperOptimizer`, which ``fit`` builds with them. Why these
             defaults: :mod:`hypergradients.training.settings`.
         batches: a :class:`~hypergradients.Batches`: ``size`` (default 128) for the inner steps and
@@ -543,7 +548,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             =========================================  =========================================
             ``method``, ``hyper_optimizer``,           ``hyper=HyperSettings(method=...,
             ``project``, ``on_solver_error``,          optimizer=..., project=...,
-            ``warm_start``                             on_solver_error=..., warm_start=...)``
+            ``warm_start``, ``hvp_mode``               on_solver_error=..., warm_start=...,
+                                                       hvp_mode=...)``
             ``batch_size``, ``val_batch_size``,        ``batches=Batches(size=..., val_size=...,
             ``hyper_batch_size``, ``seed``             hyper_size=..., seed=...)``
             ``eval_sets``, ``eval_every``              ``evaluation=Evaluation(sets=..., every=...)``

@@ -17,6 +17,10 @@ overrides, ``run(ctx) -> ExperimentResult``) and is listed in :data:`REGISTRY`:
   by IFT against fixed dropout (and, optionally, Optuna; :mod:`.optuna_arm`).
 * ``augment`` (:mod:`.augment_mnist`) — a learned augmentation network against none and a hand-made
   one (shifts and rotations), a small CNN on MNIST, several seeds.
+* ``lm-reweight`` (:mod:`.lm_reweight`) — learned data weights (one per training sequence, or a
+  loss-reweighting network) for a byte-level transformer language model on partly corrupted text,
+  by IFT with finite-difference products, against plain training, a clean-only oracle and cheaper
+  hyper steps.
 
 No experiment imports another: what they share is in :mod:`.base` (what an experiment is),
 :mod:`.shared` (the start and the end of a run, one arm of training, the models, data loading and the
@@ -38,7 +42,7 @@ MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain",
                            "bench": "bench", "families": "families",
                            "overfit-validation": "overfit_validation", "distill": "distill_mnist",
                            "data-cleaning": "data_cleaning", "lstm-dropout": "lstm_dropout",
-                           "augment": "augment_mnist"}
+                           "augment": "augment_mnist", "lm-reweight": "lm_reweight"}
 _registry: dict[str, Experiment] = {}
 
 

@@ -213,8 +213,9 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     ``train.rounds`` (or ``rounds``), ``train.inner_steps``, ``train.warmup_steps``, ``train.batch_size``
     (or ``batch_size``), the inner optimizer ``train.optimizer`` (Adam where absent) at ``train.lr``, the
     hyper optimizer ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method`,
-    ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.on_solver_error``,
-    ``hyper.warm_start``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
+    ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.batch_size`` (the hyper step's
+    training batch; default ``train.batch_size``), ``hyper.on_solver_error``, ``hyper.warm_start``,
+    ``hyper.hvp_mode``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
     schema does not have keeps ``fit``'s default. ``warmup_steps``, ``inner_optimizer``,
     ``hyper_optimizer`` (factories) and ``hyper_method`` replace what the keys would give, for an
     experiment whose schema spells them otherwise. ``--resume`` continues from the checkpoint (``resume``
@@ -227,7 +228,8 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     cfg = ctx.config
     kwargs: dict[str, Any] = {"warm_start": False}
     for key, arg in (("train.warmup_steps", "warmup_steps"), ("hyper.on_solver_error", "on_solver_error"),
-                     ("hyper.warm_start", "warm_start")):
+                     ("hyper.warm_start", "warm_start"), ("hyper.hvp_mode", "hvp_mode"),
+                     ("hyper.batch_size", "hyper_batch_size")):
         if key in cfg:
             kwargs[arg] = cfg[key]
     if warmup_steps is not None:
