@@ -151,8 +151,9 @@ def dry_run(cfg: Config, ds: Dataset) -> str:
                         init=torch.zeros((C * k, ds.num_features), dtype=ds.x_train.dtype))
     model = mlp(ds.num_features, [], C, flatten=True)
     weights = sum(p.numel() for p in model.parameters())
-    return "\n".join([f"distill ({cfg['config']}): {ds.source}; logistic regression with {weights:,} weights on "
-                      f"the learned images only", "", describe([fam, FixedL2(cfg["inner.l2"])])])
+    head = (f"distill ({cfg['config']}): {ds.source}; logistic regression with {weights:,} weights on the "
+            "learned images only")
+    return "\n".join([head, "", describe([fam, FixedL2(cfg["inner.l2"])])])
 
 
 def train_fresh(ds: Dataset, x: Tensor, y: Tensor, *, seed: int, steps: int, lr: float, l2: float) -> float:

@@ -79,7 +79,7 @@ from ..progress import Progress
 from .base import Experiment, ExperimentResult, RunContext, threads, with_threads
 from .base import with_preset as _with_preset
 from .optuna_arm import Space, Trial, incumbent, require_optuna, steps_to_match, time_to_match, tpe
-from .shared import begin, finish, paired_se, run_units, train_arm, versus, what_it_shows
+from .shared import Verdict, begin, finish, paired_se, run_units, train_arm, versus, what_it_shows
 
 ARMS = ("none", "fixed", "ours", "ours_many", "optuna", "sweep")
 ARM_NAMES = {
@@ -143,6 +143,10 @@ SCHEMA: dict[str, Option] = {
                           positive=True),
     "hyper.power_iters": Option(10, "power iterations behind hyper.alpha=auto", int, low=1),
     "hyper.damping": Option(1e-3, "CG damping δ of H + δI", float, low=0.0),
+    "hyper.hvp_mode": Option("auto", "second derivatives of L_T: reverse (double backward), "
+                             "finite-difference (first-order gradients only), auto (finite-difference on a "
+                             "CUDA device with cuDNN, whose LSTM has no double backward; reverse elsewhere)",
+                             str, choices=("auto", "reverse", "finite-difference")),
     "hyper.warm_start": Option(True, "carry the solver state across hyper steps (Neumann's λ_max, CG's last "
                                "solution)", bool),
     "hyper.optimizer": Option("adam", "optimizer of the keep-probability logits", str,
@@ -346,8 +350,8 @@ class WeightDrop(DropConnect):
         super().__init__(model, list(params), init=init, temperature=temperature, name=name)
         shapes = {tuple(self._frozen[p].shape) for p in self.params}
         if shared and len(shapes) > 1:
-            raise ValueError(f"WeightDrop: one shared keep tensor needs equal shapes, got {sorted(shapes)} for "
-                             f"{self.params}")
+            raise ValueError(f"WeightDrop: one shared keep tensor needs equal shapes, got {sorted(shapes)} "
+                             f"for {self.params}")
         self.shared, self.scalar = shared, scalar
         ref = self._t[f"{name}.{self.params[0]}"]
         shape = (1,) if scalar else tuple(ref.shape)
@@ -419,7 +423,8 @@ def site_names(cfg: Config) -> list[str]:
             *(["wdrop"] if cfg["dropout.dropconnect"] != "none" else [])]
 
 
-def families(cfg: Config, model: nn.Module, arm: str, rates: Mapping[str, float] | None = None) -> list[Family]:
+def families(cfg: Config, model: nn.Module, arm: str,
+             rates: Mapping[str, float] | None = None) -> list[Family]:
     """The regularisers of ``arm`` (none for ``none``): scalar rates for ``ours``, ``fixed`` and
     ``optuna`` (those two not tuned), per unit and per weight for ``ours_many``. ``rates`` gives each
     site's dropout rate (default: ``dropout.rate`` for the fixed arms, ``dropout.init`` for the tuned)."""
@@ -447,8 +452,8 @@ def hyper_method(cfg: Config, spec: str | None = None) -> Method:
     spec = cfg["hyper.method"] if spec is None else spec
     m = METHOD_FORMAT.match(spec)
     if m is None:
-        raise ConfigError(f"config key 'hyper.method': got {spec!r}; expected identity, neumann-K or cg-K with "
-                          "K >= 1 (e.g. neumann-1, cg-5)")
+        raise ConfigError(f"config key 'hyper.method': got {spec!r}; expected identity, neumann-K or cg-K "
+                          "with K >= 1 (e.g. neumann-1, cg-5)")
     if m[2]:
         return Neumann(iters=int(m[2]) + 1, alpha=cfg["hyper.alpha"], power_iters=cfg["hyper.power_iters"])
     if m[3]:
@@ -472,10 +477,11 @@ def check(cfg: Config) -> Corpus:
     cfg = with_preset(cfg)
     for spec in [cfg["hyper.method"], *(cfg["sweep.method"] if "sweep" in cfg["arms"] else [])]:
         hyper_method(cfg, spec)
-    if cfg["model.tie"] and cfg["dropout.dropconnect"] == "shared" and cfg["model.embed"] != cfg["model.hidden"]:
-        raise ConfigError(f"config key 'dropout.dropconnect': 'shared' needs both LSTMs of one size, but with "
-                          f"model.tie the second has model.embed={cfg['model.embed']} units and the first "
-                          f"model.hidden={cfg['model.hidden']}: make them equal, or use 'each'")
+    sizes_differ = cfg["model.embed"] != cfg["model.hidden"]
+    if cfg["model.tie"] and cfg["dropout.dropconnect"] == "shared" and sizes_differ:
+        raise ConfigError(f"config key 'dropout.dropconnect': 'shared' needs both LSTMs of one size, but "
+                          f"with model.tie the second has model.embed={cfg['model.embed']} units and the "
+                          f"first model.hidden={cfg['model.hidden']}: make them equal, or use 'each'")
     if "optuna" in cfg["arms"]:
         try:
             require_optuna()
@@ -497,8 +503,8 @@ def check(cfg: Config) -> Corpus:
     bad = [e for e in everies if ev % e]
     if bad:
         raise ConfigError(f"config key 'eval_every': {ev} inner steps is not a multiple of the hyper-step "
-                          f"frequency {bad[0]} (hyper.every or sweep.every): evaluations fall between rounds; "
-                          "choose a common multiple")
+                          f"frequency {bad[0]} (hyper.every or sweep.every): evaluations fall between "
+                          "rounds; choose a common multiple")
     return corpus
 
 
@@ -635,7 +641,7 @@ class Track(Callback):
         dq = float((q - self._before).abs().max())
         self.max_dq.append(dq)
         self.counts["changed"] += int(dq > 1e-6)
-        theta = torch.cat([f.tensors()[k].detach().reshape(-1).double() for f in self.fams for k in f.tensors()])
+        theta = torch.cat([t.detach().reshape(-1).double() for f in self.fams for t in f.tensors().values()])
         acc = self._acc
         if acc is None:
             acc = self._acc = {"n": 0, "sum": torch.zeros_like(g), "sq": torch.zeros_like(g), "theta0": theta,
@@ -682,7 +688,8 @@ class Track(Callback):
             row: dict[str, Any] = {"step": step}
             for f in self.fams:
                 v = torch.cat([t.reshape(-1).double() for t in f.natural().values()])
-                qs = torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype)) if v.numel() > 1 else v.repeat(5)
+                qs = (torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype)) if v.numel() > 1
+                      else v.repeat(len(QUANTILES)))
                 row[f.name] = {"mean": float(v.mean()), "q": [float(x) for x in qs]}
             self.keep.append(row)
 
@@ -692,7 +699,8 @@ class Track(Callback):
                 "acc": self._acc, "prev": self._prev}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.evals, self.keep, self.windows = list(state["evals"]), list(state["keep"]), list(state["windows"])
+        self.evals, self.keep = list(state["evals"]), list(state["keep"])
+        self.windows = list(state["windows"])
         self.counts, self.max_dq = dict(state["counts"]), list(state["max_dq"])
         self.hyper_cpu, self.cpu_base, self.cpu_start = float(state["hyper_cpu"]), float(state["cpu"]), \
             time.process_time()
@@ -720,8 +728,13 @@ def _fit(unit: Unit, model: nn.Module, fams: list[Family], *, folder: Path | Non
     it stopped early (``train.patience``)."""
     cfg, every = unit.cfg, unit.cfg["hyper.every"]
     ck = max(1, math.ceil(cfg["checkpoint_every"] / every))
+    mode = cfg["hyper.hvp_mode"]
+    if mode == "auto":
+        dev = torch.device(unit.device)
+        cudnn = dev.type == "cuda" and torch.backends.cudnn.enabled
+        mode = "finite-difference" if cudnn else "reverse"
     run_cfg = {**cfg, "seed": unit.seed, "train.inner_steps": every, "eval_every": unit.eval_every // every,
-               "checkpoint_every": ck, "train.rounds": cfg["train.steps"] // every}
+               "checkpoint_every": ck, "train.rounds": cfg["train.steps"] // every, "hyper.hvp_mode": mode}
     ctx = RunContext(config=run_cfg, out=unit.out, device=torch.device(unit.device), resume=resume,
                      progress=False, tensorboard=unit.tensorboard and folder is not None)
     patience = cfg["train.patience"]
@@ -781,7 +794,8 @@ def _optuna_unit(unit: Unit) -> dict[str, Any]:
     return {
         "kind": "optuna", "arm": "optuna", "seed": unit.seed, "folder": unit.folder,
         "trials": [{"params": t.params, "val_loss": t.val, "test_loss": t.test, "elapsed_s": t.elapsed_s,
-                    "steps": t.steps, "cpu_s": c, "val_loss_end": e["val_loss"], "test_loss_end": e["test_loss"]}
+                    "steps": t.steps, "cpu_s": c, "val_loss_end": e["val_loss"],
+                    "test_loss_end": e["test_loss"]}
                    for t, c, e in zip(tr.trials, cpu_at, trial_end, strict=True)],
         "best_params": tr.best.params, "best": {"val_loss": tr.best.val, "test_loss": tr.best.test},
         "wall_s": tr.wall_s, "cpu_s": time.process_time() - cpu0,
@@ -841,8 +855,8 @@ def _run(ctx: RunContext) -> ExperimentResult:
     folders = [ctx.out / u.folder for u in todo]
     corpus: Corpus = begin(ctx, check, arms=folders,
                            resumed=[ctx.out / u.folder for u in todo if u.kind != "optuna"])
-    rounds = {u.folder: (cfg["optuna.trials"] if u.kind == "optuna" else u.cfg["train.steps"] // u.cfg["hyper.every"])
-              for u in todo}
+    rounds = {u.folder: cfg["optuna.trials"] if u.kind == "optuna"
+              else u.cfg["train.steps"] // u.cfg["hyper.every"] for u in todo}
     total = sum(rounds.values())
     cpu0 = time.process_time()
     with Progress(total, desc="lstm-dropout", enabled=ctx.progress, unit="round") as bar:
@@ -916,8 +930,9 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
     seed_rows: list[dict[str, Any]] = []
     for a in train_arms:
         for r in by[a]:
-            seed_rows.append({"arm": ARM_NAMES[a], "seed": r["seed"], "best_val_ppl": _ppl(r["best"]["val_loss"]),
-                              "best_step": r["best"]["step"], "test_ppl_at_best": _ppl(r["best"]["test_loss"]),
+            seed_rows.append({"arm": ARM_NAMES[a], "seed": r["seed"],
+                              "best_val_ppl": _ppl(r["best"]["val_loss"]), "best_step": r["best"]["step"],
+                              "test_ppl_at_best": _ppl(r["best"]["test_loss"]),
                               "val_ppl_end": _ppl(r["last"]["val_loss"]),
                               "test_ppl_end": _ppl(r["last"]["test_loss"]), "cpu_s": r["cpu_s"],
                               "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()) or "-"})
@@ -932,7 +947,8 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
                          "test_ppl_end": _ms([_ppl(r["trials"][[t["val_loss"] for t in r["trials"]].index(
                              r["best"]["val_loss"])]["test_loss_end"]) for r in rs]),
                          "val_ppl_end": "-", "cpu_s": _ms([r["cpu_s"] for r in rs], 0),
-                         "cost_vs_none": _ratio([r["cpu_s"] for r in rs], [none_cpu.get(r["seed"]) for r in rs])})
+                         "cost_vs_none": _ratio([r["cpu_s"] for r in rs],
+                                                [none_cpu.get(r["seed"]) for r in rs])})
             continue
         rows.append({"arm": ARM_NAMES[a], "seeds": len(rs), "hyperparameters": rs[0]["hyperparameters"],
                      "test_ppl_at_best": _ms([_ppl(r["best"]["test_loss"]) for r in rs]),
@@ -944,30 +960,10 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
     columns = ["arm", "seeds", "hyperparameters", "test_ppl_at_best", "best_val_ppl", "test_ppl_end",
                "val_ppl_end", "cpu_s", "cost_vs_none"]
     # -- paired differences over seeds
-    pairs = [(a, b) for a, b in (("ours", "fixed"), ("ours", "none"), ("ours_many", "fixed"), ("ours_many", "none"),
-                                 ("ours_many", "ours"), ("fixed", "none"), ("optuna", "ours"), ("optuna", "fixed"))
-             if a in by and b in by]
-    diffs: list[dict[str, Any]] = []
-    verdicts: dict[tuple[str, str, str], Any] = {}
-    for a, b in pairs:
-        common = sorted({r["seed"] for r in by[a]} & {r["seed"] for r in by[b]})
-        if not common:
-            continue
-        for when in ("at_best", "end"):
-            if when == "end" and "optuna" in (a, b):
-                continue
-            va = torch.tensor([_metric(by[a], s, when) for s in common], dtype=torch.float64)
-            vb = torch.tensor([_metric(by[b], s, when) for s in common], dtype=torch.float64)
-            se = paired_se(va, vb)
-            v = versus(ARM_NAMES[a], ARM_NAMES[b], float(va.mean()), float(vb.mean()), se,
-                       metric="test perplexity " + ("at the best validation evaluation" if when == "at_best"
-                                                     else "at the end of the budget"),
-                       higher_is_better=False, digits=".2f",
-                       se_what=f"paired standard error over {len(common)} seeds",
-                       no_se="one seed: no noise estimate")
-            verdicts[(a, b, when)] = v
-            diffs.append({"a": ARM_NAMES[a], "b": ARM_NAMES[b], "when": when, "seeds": len(common),
-                          "difference": float((va - vb).mean()), "se": se, "verdict": v.kind})
+    verdicts = report_verdicts(by)
+    diffs = [{"a": ARM_NAMES[a], "b": ARM_NAMES[b], "when": when, "seeds": len(_common(by, a, b)),
+              "difference": v.difference, "se": v.se, "verdict": v.kind}
+             for (a, b, when), v in verdicts.items()]
     notes = interpret(cfg, by, verdicts)
     figures = [_val_figure(ctx.out / "val_curves.png", by, train_arms)]
     if any(a in by for a in TUNED):
@@ -983,15 +979,17 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
     wall = time.perf_counter() - t0
     model_txt = (f"{cfg['model.embed']}-dim embedding, 2 LSTMs of {cfg['model.hidden']} units"
                  + (", tied decoder" if cfg["model.tie"] else ""))
-    recipe = (f"{cfg['train.steps']:,} {cfg['train.optimizer'].upper() if cfg['train.optimizer'] == 'sgd' else 'Adam'}"
-              f" steps (lr {cfg['train.lr']:g}, batch {cfg['train.batch_size']} × {cfg['data.seq_len']} tokens"
+    opt = "SGD" if cfg["train.optimizer"] == "sgd" else "Adam"
+    recipe = (f"{cfg['train.steps']:,} {opt} steps (lr {cfg['train.lr']:g}, batch "
+              f"{cfg['train.batch_size']} × {cfg['data.seq_len']} tokens"
               + (f", clip {cfg['train.clip']:g}" if cfg["train.clip"] else "")
               + (f", patience {cfg['train.patience']} evaluations" if cfg["train.patience"] else "") + "); "
               f"tuned arms: a hyper step every {cfg['hyper.every']} steps by {cfg['hyper.method']}, "
               f"{cfg['hyper.optimizer']} at {cfg['hyper.lr']:g} on the keep-probability logits, from dropout "
               f"{cfg['dropout.rate'] if cfg['dropout.init'] == 'auto' else cfg['dropout.init']:g}; "
               f"fixed arm: dropout {cfg['dropout.rate']:g} at every site")
-    title = f"lstm-dropout: {', '.join(ARM_NAMES[a] for a in arms)} ({corpus.name}, {cfg['model.hidden']} units)"
+    title = (f"lstm-dropout: {', '.join(ARM_NAMES[a] for a in arms)} ({corpus.name}, "
+             f"{cfg['model.hidden']} units)")
     body = [
         f"Data: {corpus.source}; vocabulary {corpus.vocab_size:,}; {len(data['train'][0]):,} training, "
         f"{len(data['val'][0]):,} validation and {len(data['test'][0]):,} test sequences of "
@@ -1039,7 +1037,40 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
               "runs": seed_rows, "diagnostics": diag_rows, "sweep": sweep_rows, "optuna": optuna,
               "notes": notes, "cpu_s": total_cpu, "units": list(results)}
     return finish(ctx, t0, title=title, columns=columns, rows=rows, notes=notes, result=result,
-                  result_name="lstm_dropout.json", body=body, figures=figures, also=[ctx.out / "metrics.jsonl"])
+                  result_name="lstm_dropout.json", body=body, figures=figures,
+                  also=[ctx.out / "metrics.jsonl"])
+
+
+PAIRS = (("ours", "fixed"), ("ours", "none"), ("ours_many", "fixed"), ("ours_many", "none"),
+         ("ours_many", "ours"), ("fixed", "none"), ("optuna", "ours"), ("optuna", "fixed"))
+
+
+def _common(by: Mapping[str, list[dict[str, Any]]], a: str, b: str) -> list[int]:
+    return sorted({r["seed"] for r in by[a]} & {r["seed"] for r in by[b]})
+
+
+def report_verdicts(by: Mapping[str, list[dict[str, Any]]]) -> dict[tuple[str, str, str], Verdict]:
+    """Arm ``a`` against arm ``b`` (:data:`PAIRS`, where both ran) on the test perplexity at the best
+    validation evaluation (``at_best``) and at the end (``end``; not for Optuna, whose trials keep only
+    their best): :func:`.shared.versus` with the paired standard error over the seeds both ran."""
+    out: dict[tuple[str, str, str], Verdict] = {}
+    for a, b in PAIRS:
+        if a not in by or b not in by or not _common(by, a, b):
+            continue
+        common = _common(by, a, b)
+        for when in ("at_best", "end"):
+            if when == "end" and "optuna" in (a, b):
+                continue
+            va = torch.tensor([_metric(by[a], s, when) for s in common], dtype=torch.float64)
+            vb = torch.tensor([_metric(by[b], s, when) for s in common], dtype=torch.float64)
+            out[(a, b, when)] = versus(
+                ARM_NAMES[a], ARM_NAMES[b], float(va.mean()), float(vb.mean()), paired_se(va, vb),
+                metric="test perplexity " + ("at the best validation evaluation" if when == "at_best"
+                                              else "at the end of the budget"),
+                higher_is_better=False, digits=".2f",
+                se_what=f"paired standard error over {len(common)} seeds",
+                no_se="one seed: no noise estimate")
+    return out
 
 
 def _metric(rs: list[dict[str, Any]], seed: int, when: str) -> float:
@@ -1065,8 +1096,8 @@ def _diag_row(r: dict[str, Any]) -> dict[str, Any]:
             "coords_snr_gt1": statistics.fmean(x["coords_snr_gt1"] for x in w) if w else None,
             "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
             "cos": statistics.fmean(x["cos"] for x in w) if w else None,
-            "snr_by": ", ".join(f"{k} {statistics.fmean(x['snr_by'][k] for x in w):.2f}" for k in w[0]["snr_by"])
-            if w else "-",
+            "snr_by": ", ".join(f"{k} {statistics.fmean(x['snr_by'][k] for x in w):.2f}"
+                                for k in w[0]["snr_by"]) if w else "-",
             "hyper_cpu_share": f"{r['hyper_cpu_s'] / max(r['cpu_s'], 1e-9):.0%}"}
 
 
@@ -1116,23 +1147,25 @@ def _ours_steps_to(ours: dict[str, Any], target: float) -> int | None:
     return None
 
 
-def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]], verdicts: dict[tuple[str, str, str], Any]
-              ) -> list[str]:
+def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
+              verdicts: Mapping[tuple[str, str, str], Verdict]) -> list[str]:
     """The notes: the untuned arm's overfitting, the verdicts, where the rates went and why."""
     notes: list[str] = []
     if "none" in by:
         rs = by["none"]
         rise = [(_ppl(r["last"]["val_loss"]) / _ppl(r["best"]["val_loss"]) - 1) for r in rs]
+        best_val = _ms([_ppl(r["best"]["val_loss"]) for r in rs])
+        end_val = _ms([_ppl(r["last"]["val_loss"]) for r in rs])
         notes.append(
             f"No dropout overfits: its validation perplexity is lowest at step "
-            f"{_ms([r['best']['step'] for r in rs], 0)} ({_ms([_ppl(r['best']['val_loss']) for r in rs])}) and "
-            f"rises by {_ms([100 * x for x in rise])}% to {_ms([_ppl(r['last']['val_loss']) for r in rs])} at "
-            f"step {rs[0]['last']['step']}." if statistics.fmean(rise) > 0.01 else
-            f"No dropout does NOT overfit within the budget (validation perplexity at the end within 1% of its "
-            f"best): the regulariser has little to do here; train longer (train.steps) or on less data.")
+            f"{_ms([r['best']['step'] for r in rs], 0)} ({best_val}) and rises by "
+            f"{_ms([100 * x for x in rise])}% to {end_val} at step {rs[0]['last']['step']}."
+            if statistics.fmean(rise) > 0.01 else
+            "No dropout does NOT overfit within the budget (validation perplexity at the end within 1% of "
+            "its best): the regulariser has little to do here; train longer (train.steps) or on less data.")
     for key in (("ours", "fixed", "at_best"), ("ours", "fixed", "end"), ("ours", "none", "at_best"),
-                ("ours_many", "fixed", "at_best"), ("ours_many", "fixed", "end"), ("ours_many", "none", "at_best"),
-                ("fixed", "none", "at_best"), ("fixed", "none", "end")):
+                ("ours_many", "fixed", "at_best"), ("ours_many", "fixed", "end"),
+                ("ours_many", "none", "at_best"), ("fixed", "none", "at_best"), ("fixed", "none", "end")):
         if key in verdicts:
             notes.append(verdicts[key].text + ".")
     for arm in TUNED:
@@ -1150,8 +1183,8 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]], verdicts: dict[t
             + ", ".join(f"{k} {_ms(v, 3)}" for k, v in ends.items())
             + f" ({up} of {len(ends)} regularisers toward less dropout); hypergradient window SNR "
             f"{snr:.2f} against {noise:.2f} for pure noise; "
-            f"{statistics.fmean(r['counts']['changed'] / max(r['counts']['steps'], 1) for r in rs):.0%} of the "
-            f"hyper steps changed a keep probability; the hyper steps took "
+            f"{statistics.fmean(r['counts']['changed'] / max(r['counts']['steps'], 1) for r in rs):.0%} of "
+            f"the hyper steps changed a keep probability; the hyper steps took "
             f"{statistics.fmean(r['hyper_cpu_s'] / r['cpu_s'] for r in rs):.0%} of the CPU time.")
     lost = [k for k, v in verdicts.items() if k[0] in TUNED and k[1] == "fixed" and v.kind != "beats"]
     if lost and "ours" in by:
@@ -1166,13 +1199,13 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]], verdicts: dict[t
                 f"({cfg['hyper.lr']:g}), so the arm is its own start, not evidence about the hypergradient.")
         elif moved > 0:
             notes.append(
-                f"Why the tuned rates do not beat the fixed ones: the keep probabilities rose ({moved:+.3f} on "
-                "average, less dropout) although the untuned model overfits. The identity approximation (and "
-                "one Neumann term) measures how the validation loss changes over about one more training "
-                "step, and over one step less dropout always fits better; dropout pays off only over many "
-                "steps, by slowing the memorising that makes the validation loss rise later. The hypergradient "
-                "therefore lowers the dropout rates, also while the validation loss rises: the short-horizon "
-                "bias of greedy hyperparameter adaptation (Wu et al. 2018).")
+                f"Why the tuned rates do not beat the fixed ones: the keep probabilities rose ({moved:+.3f} "
+                "on average, less dropout) although the untuned model overfits. The identity approximation "
+                "(and one Neumann term) measures how the validation loss changes over about one more "
+                "training step, and over one step less dropout always fits better; dropout pays off only "
+                "over many steps, by slowing the memorising that makes the validation loss rise later. The "
+                "hypergradient therefore lowers the dropout rates, also while the validation loss rises: the "
+                "short-horizon bias of greedy hyperparameter adaptation (Wu et al. 2018).")
         else:
             notes.append(
                 f"The tuned rates moved toward more dropout ({moved:+.3f} in mean keep probability) without "
@@ -1196,8 +1229,8 @@ def _val_figure(path: Path, by: dict[str, list[dict[str, Any]]], arms: Sequence[
         m = vals.mean(0)
         ax.plot(steps[:n], m.tolist(), color=COLORS[a], label=f"{ARM_NAMES[a]} ({len(rs)} seeds)")
         if len(rs) > 1:
-            ax.fill_between(steps[:n], vals.min(0).values.tolist(), vals.max(0).values.tolist(), color=COLORS[a],
-                            alpha=0.15)
+            ax.fill_between(steps[:n], vals.min(0).values.tolist(), vals.max(0).values.tolist(),
+                            color=COLORS[a], alpha=0.15)
     ax.set_xlabel("inner training step")
     ax.set_ylabel("validation perplexity (mean; band: min–max over seeds)")
     ax.set_title("validation perplexity over training", fontsize=9)
@@ -1296,8 +1329,8 @@ run = with_threads(_run)
 
 EXPERIMENT = Experiment(
     name="lstm-dropout",
-    summary="2-layer LSTM language model: dropout and DropConnect rates tuned by IFT during training vs fixed "
-    "rates, none and Optuna (perplexity, several seeds)",
+    summary="2-layer LSTM language model: dropout and DropConnect rates tuned by IFT during training vs "
+    "fixed rates, none and Optuna (perplexity, several seeds)",
     schema=SCHEMA,
     smoke=SMOKE,
     run=run,
@@ -1320,6 +1353,7 @@ __all__ = [
     "families",
     "hyper_method",
     "interpret",
+    "report_verdicts",
     "run",
     "run_unit",
     "sequence_loss",

@@ -40,6 +40,7 @@ from ...core.method import Method
 from ...core.solvers import CG, Auto, Identity, Neumann, Nystrom
 from ...hparams import Family, Noise
 from ...hparams.augment import AugmentNet
+from ...training.callbacks import Callback as FitCallback
 from ...training.files import UnreadableFileError, json_dumps, remove_stale_temps, write_atomic
 from ...training.fit import (
     METRICS,
@@ -50,6 +51,7 @@ from ...training.fit import (
     fit,
 )
 from ...training.hyper import _mode
+from ...training.settings import HyperSettings
 from ..config import Config, ConfigError, write_toml
 from ..datasets import DataFormatError, Dataset, DataUnavailableError, load_dataset
 from ..progress import Progress
@@ -216,7 +218,8 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
 
 def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
               val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
-              callbacks: Sequence[Callback] = (), rounds: int | None = None, batch_size: int | None = None,
+              callbacks: Sequence[Callback | FitCallback] = (), rounds: int | None = None,
+              batch_size: int | None = None,
               val_batch_size: int | Literal["config"] | None = "config", hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
               resume: bool | None = None, restart: str = "arm", inner_steps: int | None = None,
@@ -230,13 +233,13 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method` (or ``hyper_method``),
     ``hyper.train_batch_size`` (the hyper step's training batch; 0 or absent: ``train.batch_size``),
     ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.on_solver_error``,
-    ``hyper.warm_start``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
-    schema does not have keeps ``fit``'s default. ``--resume`` continues from the checkpoint (``resume``
-    overrides it); ``--tensorboard`` logs the rounds to ``<run>/tensorboard/<arm>``. Skipped hyper steps
-    are counted in the result, not warned; an unreadable checkpoint names the folder to delete to
-    restart that ``restart`` (``arm``, ``run``). Without a ``hyper.warm_start`` key each hyper step
-    solves from scratch (``warm_start=False``), the setting the experiments' documented figures
-    were measured with.
+    ``hyper.warm_start``, ``hyper.hvp_mode``, ``seed`` (or ``seed``), ``eval_every``,
+    ``checkpoint_every``; a key the schema does not have keeps ``fit``'s default. ``--resume`` continues
+    from the checkpoint (``resume`` overrides it); ``--tensorboard`` logs the rounds to
+    ``<run>/tensorboard/<arm>``. Skipped hyper steps are counted in the result, not warned; an
+    unreadable checkpoint names the folder to delete to restart that ``restart`` (``arm``, ``run``).
+    Without a ``hyper.warm_start`` key each hyper step solves from scratch (``warm_start=False``), the
+    setting the experiments' documented figures were measured with.
     """
     cfg = ctx.config
     kwargs: dict[str, Any] = {"warm_start": False}
@@ -250,6 +253,20 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
         kwargs["hyper_batch_size"] = cfg["hyper.train_batch_size"]
     if loss_fn is not None:
         kwargs["loss_fn"] = loss_fn
+    step: dict[str, Any] = {
+        "method": method(cfg) if hyper_method is None else hyper_method,
+        "hyper_optimizer": optimizer(cfg.get("hyper.optimizer", "adam"),
+                                     cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
+        "warm_start": kwargs.pop("warm_start")}
+    if "on_solver_error" in kwargs:
+        step["on_solver_error"] = kwargs.pop("on_solver_error")
+    if "hyper.hvp_mode" in cfg:   # the one setting without a keyword of fit: the group whole
+        kwargs["hyper"] = HyperSettings(method=step["method"], optimizer=step["hyper_optimizer"],
+                                        warm_start=step["warm_start"], hvp_mode=cfg["hyper.hvp_mode"],
+                                        **({"on_solver_error": step["on_solver_error"]}
+                                           if "on_solver_error" in step else {}))
+    else:
+        kwargs.update(step)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     tb = TensorBoardCallback(ctx.out / "tensorboard" / out.name) if ctx.tensorboard and out else None
@@ -262,9 +279,6 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
                 inner_steps=cfg["train.inner_steps"] if inner_steps is None else inner_steps,
                 inner_optimizer=optimizer(cfg.get("train.optimizer", "adam"), cfg["train.lr"],
                                           clip=cfg.get("train.clip", 0.0)),
-                hyper_optimizer=optimizer(cfg.get("hyper.optimizer", "adam"),
-                                          cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
-                method=method(cfg) if hyper_method is None else hyper_method,
                 batch_size=cfg["train.batch_size"] if batch_size is None else batch_size,
                 val_batch_size=val_batch_size,
                 seed=cfg["seed"] if seed is None else seed,
