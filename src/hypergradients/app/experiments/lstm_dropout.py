@@ -610,6 +610,8 @@ class Track(Callback):
         self.windows: list[dict[str, Any]] = []
         self.counts = {"steps": 0, "applied": 0, "nonzero": 0, "changed": 0, "skipped": 0}
         self.max_dq: list[float] = []
+        self.solver: dict[str, Any] = {"hvps": 0, "retried": 0, "iterations": 0, "lambda_max": [],
+                                       "damping": []}
         self.hyper_cpu = 0.0
         self.cpu_base, self.cpu_start = 0.0, time.process_time()
         self._acc: dict[str, Any] | None = None
@@ -633,6 +635,17 @@ class Track(Callback):
             self.counts["skipped"] += 1
             return
         self.counts["applied"] += 1
+        info = result.info
+        if info is not None:   # the solver's own numbers
+            self.solver["hvps"] += int(info.hvps)
+            self.solver["retried"] += int(bool(result.retry))
+            extra = info.extra
+            if "lambda_max" in extra and extra.get("lambda_max_age", 0.0) == 0.0:   # a fresh estimate
+                self.solver["lambda_max"].append(float(extra["lambda_max"]))
+            if "damping" in extra:
+                self.solver["damping"].append(float(extra["damping"]))
+            if info.iterations is not None:
+                self.solver["iterations"] += int(info.iterations)
         keys = [k for f in self.fams for k in f.tensors()]
         g = torch.cat([result.hypergradient[k].detach().reshape(-1).double() for k in keys])
         self.counts["nonzero"] += int(bool(g.abs().max() > 0))
@@ -695,13 +708,15 @@ class Track(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"evals": self.evals, "keep": self.keep, "windows": self.windows, "counts": dict(self.counts),
-                "max_dq": list(self.max_dq), "hyper_cpu": self.hyper_cpu, "cpu": self.cpu(),
+                "max_dq": list(self.max_dq), "solver": self.solver, "hyper_cpu": self.hyper_cpu,
+                "cpu": self.cpu(),
                 "acc": self._acc, "prev": self._prev}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.evals, self.keep = list(state["evals"]), list(state["keep"])
         self.windows = list(state["windows"])
         self.counts, self.max_dq = dict(state["counts"]), list(state["max_dq"])
+        self.solver = {k: list(v) if isinstance(v, list) else v for k, v in state["solver"].items()}
         self.hyper_cpu, self.cpu_base, self.cpu_start = float(state["hyper_cpu"]), float(state["cpu"]), \
             time.process_time()
         self._acc, self._prev = state["acc"], state["prev"]
@@ -764,7 +779,8 @@ def _train_unit(unit: Unit, tick: Any) -> dict[str, Any]:
         "hyper": {k: cfg[k] for k in ("hyper.lr", "hyper.every", "hyper.method")},
         "hyperparameters": sum(f.count() for f in fams), "stopped_early": stopped,
         "best": best, "last": last, "evals": track.evals, "keep": track.keep, "windows": track.windows,
-        "counts": track.counts, "max_dq_median": statistics.median(track.max_dq) if track.max_dq else None,
+        "counts": track.counts, "solver": track.solver,
+        "max_dq_median": statistics.median(track.max_dq) if track.max_dq else None,
         "cpu_s": track.cpu(), "hyper_cpu_s": track.hyper_cpu, "wall_s": time.perf_counter() - t0,
         "train_wall_s": last["time_s"],
     }
@@ -1098,7 +1114,7 @@ def _diag_row(r: dict[str, Any]) -> dict[str, Any]:
             "cos": statistics.fmean(x["cos"] for x in w) if w else None,
             "snr_by": ", ".join(f"{k} {statistics.fmean(x['snr_by'][k] for x in w):.2f}"
                                 for k in w[0]["snr_by"]) if w else "-",
-            "hyper_cpu_share": f"{r['hyper_cpu_s'] / max(r['cpu_s'], 1e-9):.0%}"}
+            "hyper_cpu_share": f"{r['hyper_cpu_s'] / max(r['cpu_s'], 1e-9):.0%}", "solver": _solver_text(r)}
 
 
 def _sweep_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -1110,7 +1126,23 @@ def _sweep_row(r: dict[str, Any]) -> dict[str, Any]:
             "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()),
             "snr_mean": statistics.fmean(x["snr"] for x in w) if w else None,
             "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
-            "cpu_s": r["cpu_s"]}
+            "solver": _solver_text(r), "cpu_s": r["cpu_s"]}
+
+
+def _solver_text(r: dict[str, Any]) -> str:
+    """The solver's own numbers of a run: products, retries, skips, the power iteration's λ_max estimates,
+    the damping that retries used."""
+    sv, c = r.get("solver") or {}, r["counts"]
+    parts = [f"{sv.get('hvps', 0)} HVPs"]
+    lam = sv.get("lambda_max") or []
+    if lam:
+        parts.append(f"λ_max {statistics.median(lam):.3g} [{min(lam):.3g}, {max(lam):.3g}] ({len(lam)} "
+                     "estimates)")
+    if sv.get("damping"):
+        parts.append(f"damping up to {max(sv['damping']):.3g}")
+    if sv.get("retried") or c.get("skipped"):
+        parts.append(f"{sv.get('retried', 0)} retried, {c.get('skipped', 0)} skipped")
+    return "; ".join(parts)
 
 
 def _optuna_summary(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -1167,7 +1199,8 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
                 ("ours_many", "fixed", "at_best"), ("ours_many", "fixed", "end"),
                 ("ours_many", "none", "at_best"), ("fixed", "none", "at_best"), ("fixed", "none", "end")):
         if key in verdicts:
-            notes.append(verdicts[key].text + ".")
+            text = verdicts[key].text
+            notes.append(text[0].upper() + text[1:] + ".")
     for arm in TUNED:
         if arm not in by:
             continue
@@ -1231,6 +1264,9 @@ def _val_figure(path: Path, by: dict[str, list[dict[str, Any]]], arms: Sequence[
         if len(rs) > 1:
             ax.fill_between(steps[:n], vals.min(0).values.tolist(), vals.max(0).values.tolist(),
                             color=COLORS[a], alpha=0.15)
+    lows = [_ppl(min(e["val_loss"] for e in r["evals"])) for a in arms for r in by[a]]
+    if lows:   # the early, steep part off the top: the rise at the end is what matters
+        ax.set_ylim(min(lows) * 0.97, min(lows) * 1.35)
     ax.set_xlabel("inner training step")
     ax.set_ylabel("validation perplexity (mean; band: min–max over seeds)")
     ax.set_title("validation perplexity over training", fontsize=9)
