@@ -1,22 +1,29 @@
 """hypergradients: gradient-based hyperparameter optimization at scale for PyTorch.
 
-One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation
-at the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
+One call, :func:`hypergradient`, computes ``dL_V/dλ`` by any method: implicit differentiation at
+the trained weights (:class:`Exact`, :class:`CG`, :class:`Neumann`, :class:`Identity`,
 :class:`Nystrom`, :class:`Auto`, and :class:`MINRES`, :class:`GMRES`, :class:`BiCGStab`,
-:class:`NormalCG`, which also solve an indefinite Hessian) or differentiation through the
-optimization path (:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`,
-forward mode). :func:`fit` runs the paper's Algorithm 1 on an ``nn.Module`` with hyperparameter
-families such as :class:`WeightDecay` (its settings grouped as :class:`HyperSettings`,
-:class:`Batches`, :class:`Evaluation` and :class:`Checkpoints`, its callbacks subclasses of
-:class:`Callback`); :class:`HyperOptimizer` is its hyper step for a training loop of your own.
-:func:`root_hypergradient` differentiates any optimality condition ``F(w, λ) = 0`` or fixed point
-``w = T(w, λ)``, by the same implicit methods. A new solver is one subclass of
-:class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by both.
+:class:`NormalCG`, which also solve an indefinite Hessian; :class:`Identity` also preconditioned by
+an optimizer's diagonal, :func:`adam_diagonal`), differentiation through the optimization path
+(:class:`Unrolled`, reverse mode, optionally checkpointed; :class:`Forward`, forward mode), or
+first-order gradients only (:class:`FirstOrder`, no second derivative). :func:`fit` runs the
+paper's Algorithm 1 on an ``nn.Module`` with hyperparameter families such as :class:`WeightDecay`
+(its settings grouped as :class:`HyperSettings`, :class:`Batches`, :class:`Evaluation` and
+:class:`Checkpoints`, its callbacks subclasses of :class:`Callback`); :class:`HyperOptimizer` is its
+hyper step for a training loop of your own (:meth:`HyperOptimizer.natural` and
+:meth:`HyperOptimizer.set_natural` read and set its values in natural units). The tuned values go
+to a plain file by :func:`export_hparams` and come back by :func:`load_hparams` or
+:func:`set_natural`; :func:`retrain` trains a fresh model with them fixed. :func:`root_hypergradient`
+differentiates any optimality condition ``F(w, λ) = 0`` or fixed point ``w = T(w, λ)``, by the same
+implicit methods; :func:`custom_argmin` and :func:`custom_root` make a solver's result ``w*(λ)`` a
+node of autograd (``.backward()`` through it applies the theorem). A new solver is one subclass of
+:class:`ImplicitMethod` (``solve(op, v, state)`` on a :class:`LinearOperator`), usable by all of them.
 """
 
 import sys as _sys
 
 from .core import distributed  # data-parallel hypergradients: hg.distributed.data_parallel()
+from .core.autograd import ImplicitSolver, custom_argmin, custom_root
 from .core.errors import (
     HypergradientError,
     IndefiniteHessianWarning,
@@ -27,6 +34,7 @@ from .core.errors import (
     ProblemTooLargeError,
     UnusedHyperparameterWarning,
 )
+from .core.first_order import FirstOrder
 from .core.hypergradient import hypergradient
 from .core.info import Info, RootInfo, Stats
 from .core.method import ImplicitMethod, Method, PathMethod
@@ -44,9 +52,12 @@ from .paths import (
 from .paths.methods import Forward, Unrolled
 from .paths.tuner import PathHyperparameters
 from .training.callbacks import Callback
+from .training.export import ExportedHparams, export_hparams, load_hparams, set_natural
 from .training.files import OutputPathError, UnreadableFileError
 from .training.fit import NonFiniteError, SkippedHyperStepsWarning, TrainResult, fit
 from .training.hyper import HyperOptimizer, HyperStep
+from .training.precondition import adam_diagonal
+from .training.retrain import RetrainResult, retrain
 from .training.settings import Batches, Checkpoints, Evaluation, HyperSettings
 
 __version__ = "0.1.0"
@@ -73,7 +84,9 @@ __all__ = [
     "Evaluation",
     "Exact",
     "ExampleWeights",
+    "ExportedHparams",
     "Family",
+    "FirstOrder",
     "Forward",
     "HessianOperator",
     "HyperOptimizer",
@@ -82,6 +95,7 @@ __all__ = [
     "HypergradientError",
     "Identity",
     "ImplicitMethod",
+    "ImplicitSolver",
     "IndefiniteHessianWarning",
     "Info",
     "KrylovState",
@@ -102,6 +116,7 @@ __all__ = [
     "PathMethod",
     "PathOnlyHyperparameterError",
     "ProblemTooLargeError",
+    "RetrainResult",
     "RootInfo",
     "SkippedHyperStepsWarning",
     "SolverState",
@@ -113,12 +128,19 @@ __all__ = [
     "UnusedHyperparameterWarning",
     "WeightDecay",
     "__version__",
+    "adam_diagonal",
+    "custom_argmin",
+    "custom_root",
     "distributed",
+    "export_hparams",
     "fit",
     "functional_model",
     "hypergradient",
+    "load_hparams",
     "make_losses",
     "module_params",
     "optim",
+    "retrain",
     "root_hypergradient",
+    "set_natural",
 ]

@@ -14,6 +14,7 @@ import torch
 
 import hypergradients as hg
 from hypergradients.app.cli import main as cli_main
+from hypergradients.app.experiments import compare as compare_mod
 from hypergradients.app.experiments import problems as AP
 from hypergradients.app.experiments.compare import CompareConfig, CompareResult, compare, compare_problem
 from hypergradients.core import tree
@@ -86,6 +87,35 @@ def test_neumann_and_identity_points_match_dense_formulas(result: CompareResult,
         check(point, alpha * p)
 
 
+def test_first_order_and_adam_identity_points_match_their_formulas(result: CompareResult,
+                                                                  diabetes: AP.BilevelProblem) -> None:
+    """FirstOrder(steps=K, lr=α, σ=1e4) at w* is the K-term Neumann series up to O(1/σ²) ≈ 1e-8 (cond(H) ≈
+    220 amplifies that to ~1e-6 at most), placed at the budget h = 2K or 2K+1 with 4K+2 gradients and no
+    HVP; AdamIdentity is −M(v/D) with D = adam_diagonal of the seeded Adam run (dense, 1e-10)."""
+    H, M, v = _pieces(diabetes)
+    exact = tree.flatten(diabetes.exact)
+    pc = next(p for p in result.problems if p.name == "diabetes")
+    alpha = pc.alpha
+
+    def check(point: dict[str, float], p: torch.Tensor, tol: float) -> None:
+        g = -(M.T @ p)
+        assert point["cosine"] == pytest.approx(float(g @ exact / (g.norm() * exact.norm())), abs=tol)
+        assert point["rel_dist"] == pytest.approx(float((g - exact).norm() / exact.norm()), rel=tol)
+
+    assert [p["budget"] for p in pc.curves["FirstOrder"]] == [h for h in CFG.budgets if h >= 2]
+    for point in pc.curves["FirstOrder"]:
+        K = int(point["budget"]) // 2
+        assert point["hvps"] == 0 and point["grad_evals"] == 4 * K + 2
+        p, term = torch.zeros_like(v), v.clone()
+        for _ in range(K):
+            p, term = p + term, term - alpha * (H @ term)
+        check(point, alpha * p, 1e-6)
+    D = compare_mod.adam_preconditioner(diabetes, CFG)
+    (point,) = pc.curves["AdamIdentity"]
+    assert point["hvps"] == 0 and point["budget"] == 0
+    check(point, v / tree.flatten(D), 1e-10)
+
+
 def test_hvp_counts_are_honest(result: CompareResult) -> None:
     for pc in result.problems:
         c = pc.curves
@@ -123,7 +153,7 @@ def test_table_and_json(result: CompareResult) -> None:
     table = result.table()
     for name in ("diabetes", "breast-cancer"):
         assert f"**{name}**" in table
-    for method in ("Identity", "Neumann", "CG", "Nystrom", "Unrolled"):
+    for method in ("Identity", "AdamIdentity", "Neumann", "CG", "Nystrom", "Unrolled", "FirstOrder"):
         assert f"| {method} |" in table
     assert "| 20 HVPs |" in table
     d = json.loads(json.dumps(result.to_json(), allow_nan=False))
@@ -147,7 +177,7 @@ def test_command_writes_table_json_and_png(tmp_path, capsys: pytest.CaptureFixtu
     assert rc == 0 and capsys.readouterr().out == f"{out / 'compare.json'}\n"   # --quiet: the path only
     d = json.loads((out / "compare.json").read_text())
     curves = d["problems"][0]["curves"]
-    assert sorted(curves) == ["CG", "Identity", "Neumann", "Nystrom", "Unrolled"]
+    assert sorted(curves) == ["AdamIdentity", "CG", "FirstOrder", "Identity", "Neumann", "Nystrom", "Unrolled"]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| CG |" in (out / "compare.md").read_text()
     rc = cli_main(["compare", "--problems", "diabetes", "--budgets", "0,2", "--methods", "Neumann,CG",

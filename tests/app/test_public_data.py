@@ -20,7 +20,7 @@ import hypergradients.data as data
 from hypergradients.app.corpus import load_corpus as app_load_corpus
 from hypergradients.app.datasets import load_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_load_gives_the_experiments_tensors() -> None:

@@ -85,6 +85,8 @@ def methods() -> dict[str, tuple[hg.Method, str]]:
         "Unrolled-truncated": (hg.Unrolled(steps=6, lr=0.5, truncate=3), "reverse"),
         "Unrolled-checkpointed": (hg.Unrolled(steps=6, lr=0.5, checkpoint=2), "reverse"),
         "Unrolled-adam": (hg.Unrolled(steps=6, optimizer=hg.optim.adam(lr=0.05)), "reverse"),
+        "FirstOrder": (hg.FirstOrder(sigma=100.0, steps=5, lr=0.5), "reverse"),
+        "FirstOrder-forward": (hg.FirstOrder(sigma=100.0, steps=5, lr=0.5, central=False), "reverse"),
     }
 
 
@@ -130,7 +132,8 @@ def hypergradients(rank: int = 0, world: int = 1) -> dict[str, Any]:
             g, info = hg.hypergradient(outer, inner, params, hparams, method=m, hvp_mode=mode,  # type: ignore[call-overload]
                                        return_info=True)
         out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations, "grad_norm": info.grad_norm,
-                     "all_reduces": c.all_reduces, "bytes": c.all_reduce_bytes}
+                     "all_reduces": c.all_reduces, "bytes": c.all_reduce_bytes,
+                     "gradient_evals": info.extra.get("gradient_evals")}
     return out
 
 

@@ -139,3 +139,38 @@ def test_hyperparameters_on_another_device_than_the_model_are_refused_at_fit_sta
     cb = HyperCallback(hg.HyperOptimizer(net, [elsewhere]), [])
     with pytest.raises(ValueError, match=r"\['weight_decay'\] are on meta but the model trains on cpu: build the model"):
         cb.on_fit_start(None, None)  # type: ignore[arg-type]  # neither is read
+
+
+def test_the_preconditioned_identity_reads_the_trainers_adam() -> None:
+    """configure_optimizers returns an Adam: the callback gives it to the HyperOptimizer, whose hyper
+    steps then precondition with its diagonal, the one hg.adam_diagonal reads (checked at each step)."""
+    train, val = _data()
+    torch.manual_seed(0)
+    net, families = _linear()
+    hyper = hg.HyperOptimizer(net, families, method=hg.Identity(precondition="inner_optimizer"))
+    checked: list[bool] = []
+
+    def after(h: hg.HyperOptimizer, res: hg.HyperStep) -> None:
+        assert isinstance(h.inner_optimizer, torch.optim.Adam) and res.info is not None
+        D = hg.adam_diagonal(h.inner_optimizer, net)
+        st = h.inner_optimizer.state[net.weight]
+        lr, eps = h.inner_optimizer.param_groups[0]["lr"], h.inner_optimizer.param_groups[0]["eps"]
+        b2 = h.inner_optimizer.param_groups[0]["betas"][1]
+        assert torch.equal(D["weight"], (st["exp_avg_sq"].sqrt() / (1 - b2 ** float(st["step"])) ** 0.5 + eps) / lr)
+        assert res.info.extra["preconditioned"] == 1.0 and res.info.extra["precondition_fallbacks"] == 0
+        checked.append(True)
+
+    hyper.after_step.append(after)
+
+    class Lit(_Lit):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.net.parameters(), lr=0.05)
+
+    cb = HyperCallback(hyper, DataLoader(val, batch_size=len(val)), every_n_steps=2)
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[cb], deterministic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Lit(net, hyper), DataLoader(train, batch_size=4))
+    assert hyper.steps == 2 and len(checked) == 2

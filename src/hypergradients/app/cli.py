@@ -1,4 +1,4 @@
-"""The ``hypergradients`` command line: ``run | list | explain | compare | bench``.
+"""The ``hypergradients`` command line: ``run | list | explain | compare | bench | export | retrain``.
 
 Each sub-command lives in its own module, which provides ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only wires them together, so the modules stay independent.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from collections.abc import Sequence
 
 # sub-command -> (module, one-line help)
@@ -25,7 +26,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hypergradients.app.commands.bench",
               "time, memory and accuracy of our hypergradient methods against a plain autograd loop "
               "(= run bench)"),
+    "export": ("hypergradients.app.commands.export",
+               "write a run's tuned hyperparameters, in natural units, to a plain file"),
+    "retrain": ("hypergradients.app.commands.retrain",
+                "train a fresh model with a run's tuned values fixed, on train and on train+val"),
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the flags' help between words only: a default such as ``Identity,Neumann,CG`` is one
+    token a user copies, and argparse's wrapper would cut it in two."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=getattr(mod, "DESCRIPTION", help_text),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=_HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser

@@ -168,6 +168,44 @@ def _once_differentiable_node(outputs: Sequence[Tensor], seen: set[object] | Non
 _ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx: None).__code__
 
 
+def once_differentiable_on_weights(outputs: Sequence[Tensor], weights: Sequence[Tensor]) -> str | None:
+    """Name of a custom ``autograd.Function`` with a ``@once_differentiable`` backward that lies on a
+    path from ``outputs`` (a loss) to ``weights``, or ``None``.
+
+    The ``Error`` node that :func:`_once_differentiable_node` finds in a gradient's graph exists only
+    when the gradient flowing into that backward requires grad. When it does not (the op feeds a
+    plain ``.mean()``, say), the backward runs without a graph, no node is left, and a second
+    derivative through the gradient silently misses the op's curvature. So the loss's own graph is
+    searched: any such Function between the loss and the weights makes the second derivative
+    unavailable. A weight that is not a leaf (an unrolled step's) stops the walk at its ``grad_fn``.
+    """
+    leaf_ids = {id(t) for t in weights if t.grad_fn is None}
+    stops = {t.grad_fn for t in weights if t.grad_fn is not None}
+    seen: set[object] = set()
+    order: list[object] = []
+    stack: list[tuple[object, bool]] = [(t.grad_fn, False) for t in outputs if t.grad_fn is not None]
+    while stack:  # post-order: every node after the nodes it leads to
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        if node not in stops:
+            stack.extend((f, False) for f, _ in node.next_functions if f is not None and f not in seen)  # type: ignore[attr-defined]
+    reaches: dict[object, bool] = {}
+    for node in order:
+        hit = node in stops or id(getattr(node, "variable", None)) in leaf_ids or (
+            node not in stops and any(reaches.get(f, False) for f, _ in node.next_functions if f is not None))  # type: ignore[attr-defined]
+        reaches[node] = hit
+        cls = getattr(node, "_forward_cls", None)
+        if hit and cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+            return str(cls.__name__)
+    return None
+
+
 def once_differentiable_culprits(outputs: Sequence[Tensor], node: str) -> str:
     """What to call the once-differentiable operation(s) of the outputs' graph in a message.
 
@@ -273,6 +311,12 @@ class InnerDerivatives:
                 err=f"the gradient of inner_loss was built through "
                     f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
                     "derivative autograd would silently drop"))
+        # The same backward fed a gradient that needs no graph leaves no Error node: look in L_T itself.
+        fn = once_differentiable_on_weights([self.loss], self._w_in)
+        if fn is not None:
+            raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
+                err=f"inner_loss goes through the custom autograd.Function {fn}, whose backward is "
+                    "@once_differentiable: autograd would silently drop its second derivative"))
 
     def _init_fd(self) -> None:
         # The RNG state before the first call of L_T: every later evaluation replays it.

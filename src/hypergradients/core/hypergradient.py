@@ -37,7 +37,7 @@ from .tree import Tree
 __all__ = ["hypergradient"]
 
 _METHOD_NAMES = ("hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.MINRES, hg.GMRES, "
-                 "hg.BiCGStab, hg.NormalCG, hg.Unrolled, hg.Forward")
+                 "hg.BiCGStab, hg.NormalCG, hg.Unrolled, hg.Forward, hg.FirstOrder")
 
 
 def validate_tree(name: str, t: object) -> dict[str, Tensor]:
@@ -116,7 +116,9 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
             :class:`Identity`, :class:`Nystrom`, :class:`Auto`, :class:`MINRES`, :class:`GMRES`,
             :class:`BiCGStab`, :class:`NormalCG` (implicit; MINRES and GMRES also solve an indefinite
             Hessian, weights at a saddle, without damping), a solver of your own
-            (:class:`ImplicitMethod`), :class:`Unrolled` or :class:`Forward`.
+            (:class:`ImplicitMethod`), :class:`Unrolled`, :class:`Forward`, or :class:`FirstOrder`
+            (first-order gradients only: no HVP, no double backward; ``hvp_mode`` and ``residual``
+            do not apply to it).
         return_info: also return an :class:`Info`.
         residual: whether to report ``‖Hp − v‖/‖v‖`` in ``info.residual`` (implicit methods).
             ``None`` (default): only when ``return_info=True``, since nobody else sees it;

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from torch import Tensor
@@ -118,6 +118,18 @@ class Method(abc.ABC):
         """
         del error
         return None
+
+    def with_inner_optimizer(self, diagonal: Callable[[], Mapping[str, Tensor]]) -> Method:
+        """This method with what it reads from the model's own optimizer filled in, or itself.
+
+        ``diagonal()`` is the diagonal that optimizer's update divides by, keyed like the weights
+        (:func:`~hypergradients.adam_diagonal`). A training loop that has the optimizer
+        (:class:`~hypergradients.HyperOptimizer` given ``inner_optimizer=``, :func:`~hypergradients.fit`)
+        calls this before every hyper step; only a method that asked for it calls ``diagonal``
+        (``hg.Identity(precondition="inner_optimizer")``), so the loop needs no isinstance over methods.
+        """
+        del diagonal
+        return self
 
     @abc.abstractmethod
     def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,

@@ -12,7 +12,7 @@ symmetric positive (semi-)definite operator and MINRES a symmetric one (``requir
 | :class:`CG` | conjugate gradient on ``(M + δI)p = v`` | symmetric positive definite | ``CGState`` |
 | :class:`Auto` | CG to an accuracy it picks, damped where ``M`` is indefinite | symmetric | ``CGState`` |
 | :class:`Neumann` | ``α Σ_{j<K} (I − αM)^j v`` | spectral radius of ``I − αM`` below 1 | ``NeumannState`` |
-| :class:`Identity` | ``p = s·v`` | nothing | none |
+| :class:`Identity` | ``p = s·v``, or ``s·v/D`` with an optimizer's diagonal ``D`` | nothing | none |
 | :class:`Nystrom` | low-rank ``(M̂ + ρI)⁻¹v`` | symmetric positive semi-definite | ``NystromState`` |
 | :class:`MINRES` | minimal residual, Lanczos | symmetric (indefinite allowed) | ``KrylovState`` |
 | :class:`GMRES` | minimal residual, Arnoldi, restarted | non-singular | ``KrylovState`` |
@@ -32,10 +32,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
+from torch import Tensor
 
 from . import tree
 from .errors import (
@@ -236,20 +238,91 @@ class Neumann(ImplicitMethod):
         return dataclasses.replace(self, alpha=min(safe, alpha / 2))
 
 
+INNER_OPTIMIZER = "inner_optimizer"
+Precondition = Mapping[str, Tensor] | Literal["inner_optimizer"] | None
+
+
 @dataclass(frozen=True)
 class Identity(ImplicitMethod):
-    """``p = scale · v``: ``M`` approximated by ``I/scale`` (T1−T2, Luketina et al. 2016). No products."""
+    """``p = scale · v``: ``M`` approximated by ``I/scale`` (T1−T2, Luketina et al. 2016). No products.
+
+    ``precondition``: a diagonal ``D`` (a dict of positive tensors keyed and shaped like the weights)
+    for ``M ≈ diag(D)/scale``, so ``p = scale · v / D`` elementwise. With the diagonal an optimizer's
+    update divides by, ``p`` is that optimizer's own step applied to ``v``: for Adam
+    ``D = (sqrt(v̂) + eps)/lr`` (:func:`~hypergradients.adam_diagonal`) and
+    ``p = lr·v/(sqrt(v̂) + eps)``, SAMA's "algorithmic adaptation" (Choe et al. 2023). Entries may
+    be ``inf`` (a learning rate of 0 gives ``p = 0`` there), not 0 or NaN; they are cast to the
+    dtype and device of ``v``. ``precondition="inner_optimizer"`` asks the training loop for that
+    diagonal at every hyper step: :class:`~hypergradients.HyperOptimizer` (given
+    ``inner_optimizer=``) and :func:`~hypergradients.fit` read the model's ``torch.optim.Adam`` or
+    ``AdamW`` state then (:meth:`~hypergradients.Method.with_inner_optimizer`);
+    :func:`~hypergradients.hypergradient` refuses it, having no optimizer to read. With a diagonal,
+    ``info.extra["preconditioned"]`` is 1. Still no products.
+    """
 
     scale: float = 1.0
+    precondition: Precondition = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise HypergradientError(f"Identity.scale must be a finite number, got {self.scale!r}")
+        d = self.precondition
+        if d is None or (isinstance(d, str) and d == INNER_OPTIMIZER):
+            return
+        if not isinstance(d, Mapping):
+            raise HypergradientError(
+                "Identity.precondition must be a dict of positive tensors keyed like the weights (e.g. "
+                f"hg.adam_diagonal(optimizer, model)), {INNER_OPTIMIZER!r} or None, got {d!r:.80}")
+        for k, t in d.items():
+            if not isinstance(k, str) or not isinstance(t, Tensor) or not t.is_floating_point():
+                raise HypergradientError(f"Identity.precondition[{k!r}] must be a floating-point tensor "
+                                         f"keyed by a weight's name, got {type(t).__name__}")
+            if not bool((t > 0).all()):   # NaN fails this too
+                bad = t[~(t > 0)].reshape(-1)[0]
+                raise HypergradientError(
+                    f"Identity.precondition[{k!r}] has the entry {float(bad)!r}: the diagonal must be > 0 "
+                    "(it divides v); an optimizer's diagonal is (sqrt(v̂) + eps)/lr, positive when eps > 0")
+
+    def __repr__(self) -> str:
+        d = self.precondition
+        if d is None:
+            return f"Identity(scale={self.scale!r})"
+        what = repr(d) if isinstance(d, str) else f"<diagonal of {len(d)} tensors>"
+        return f"Identity(scale={self.scale!r}, precondition={what})"
+
+    def with_inner_optimizer(self, diagonal: Callable[[], Mapping[str, Tensor]]) -> Identity:
+        """With ``precondition="inner_optimizer"``: this method with ``diagonal()`` as its diagonal."""
+        if not isinstance(self.precondition, str):
+            return self
+        return dataclasses.replace(self, precondition=dict(diagonal()))
 
     def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
               residual: bool = False) -> tuple[Tree, SolverState, Stats]:
-        s = series.identity(op, v, scale=self.scale, residual=residual)
+        d = self.precondition
+        if isinstance(d, str):
+            raise HypergradientError(
+                f"hg.Identity(precondition={INNER_OPTIMIZER!r}) reads the model's optimizer, which only a "
+                "training loop has: use it with hg.HyperOptimizer(..., inner_optimizer=opt) or hg.fit. Here "
+                "pass the diagonal itself: hg.Identity(precondition=hg.adam_diagonal(opt, model))")
+        diagonal = None if d is None else _diagonal_like(d, v)
+        s = series.identity(op, v, scale=self.scale, residual=residual, diagonal=diagonal)
+        if diagonal is not None:
+            s.extra["preconditioned"] = 1.0
         return s.p, self.own_state(state), _stats(s)
+
+
+def _diagonal_like(d: Mapping[str, Tensor], v: Tree) -> Tree:
+    """``d`` with the keys and shapes of ``v``, on its dtypes and devices (errors name the key)."""
+    if d.keys() != v.keys():
+        missing, extra = sorted(v.keys() - d.keys()), sorted(d.keys() - v.keys())
+        raise HypergradientError(
+            f"Identity.precondition has keys {sorted(d)} but the weights have {sorted(v)} (missing "
+            f"{missing}, unexpected {extra}): give one diagonal per weight, keyed like params")
+    for k, t in d.items():
+        if t.shape != v[k].shape:
+            raise HypergradientError(f"Identity.precondition[{k!r}] has shape {tuple(t.shape)} but the "
+                                     f"weight {k!r} has {tuple(v[k].shape)}")
+    return {k: d[k].to(dtype=v[k].dtype, device=v[k].device) for k in v}
 
 
 @dataclass(frozen=True)

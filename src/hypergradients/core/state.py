@@ -8,6 +8,7 @@ holding what makes its next solve cheaper:
 * :class:`CGState` (:class:`~hypergradients.CG`, :class:`~hypergradients.Auto`): the last solution
   ``p`` (warm start) and the extreme Ritz values of ``H`` (Auto's curvature estimate);
 * :class:`KrylovState` (GMRES, BiCGStab, NormalCG, MINRES): the last solution ``p`` (warm start);
+  :class:`~hypergradients.FirstOrder` keeps its implied ``p = σ(w − w_σ)`` there too;
 * :class:`NeumannState` (:class:`~hypergradients.Neumann`, ``alpha="auto"``): the power-iteration
   ``λ_max`` and how many calls have used it since it was estimated;
 * :class:`NystromState` (:class:`~hypergradients.Nystrom`): the factored sketch;

@@ -13,7 +13,19 @@ layer or per weight), :class:`Dropout` (per-unit concrete dropout), :class:`Drop
 import warnings as _warnings
 from typing import Any as _Any
 
-from .base import Batch, Description, Family, Hook, ModelForward, Noise, Sampler, check_composable, describe
+from .base import (
+    Batch,
+    Description,
+    Family,
+    Hook,
+    ModelForward,
+    NaturalValue,
+    Noise,
+    Sampler,
+    check_composable,
+    describe,
+    unconstrained,
+)
 from .dropout import DropConnect, Dropout, Site
 from .example_weights import ExampleWeights, LossReweighting
 from .objective import BatchLoss, Objective, as_batch, collect_hparams, cross_entropy, on_targets
@@ -21,9 +33,9 @@ from .weight_decay import GRANULARITIES, WeightDecay, weights_only
 
 __all__ = [
     "GRANULARITIES", "Batch", "BatchLoss", "Description", "DropConnect", "Dropout", "ExampleWeights",
-    "Family", "Hook", "LossReweighting", "ModelForward", "Noise", "Objective", "Sampler", "Site",
-    "WeightDecay", "as_batch", "check_composable", "collect_hparams", "cross_entropy", "describe",
-    "on_targets", "weights_only",
+    "Family", "Hook", "LossReweighting", "ModelForward", "NaturalValue", "Noise", "Objective", "Sampler",
+    "Site", "WeightDecay", "as_batch", "check_composable", "collect_hparams", "cross_entropy", "describe",
+    "on_targets", "unconstrained", "weights_only",
 ]
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.tree import Tree
-from .base import Batch, Description, Family, Noise, Sampler, natural_leaves
+from .base import Batch, Description, Family, Noise, Sampler, natural_leaves, unnatural_leaves
 
 
 def _shapes(channels: int, depth: int, wf: int, noise: bool) -> dict[str, tuple[int, ...]]:
@@ -152,6 +152,10 @@ class AugmentNet(Family):
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The network's weights themselves (unconstrained: nothing to map), detached."""
         return natural_leaves(self._t, hparams)
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The network's weights as given (natural = stored)."""
+        return unnatural_leaves(self, values, lambda t: t)
 
     def summary(self) -> dict[str, float]:
         last = self._t[f"{self.name}.last.weight"].detach().double()

@@ -60,6 +60,13 @@ on ``H``; the spread over noise samples is measured in docs/families.md.
 
 **Counting.** :meth:`Family.describe` gives the count, the parametrisation and a breakdown by
 group, for printing before training; :func:`describe` does it for a list of families.
+
+**Natural values in.** :meth:`Family.from_natural` is the inverse of :meth:`Family.natural`: the
+unconstrained tensors whose natural values are the ones given (a decay's log, a keep
+probability's logit), refusing values outside the natural domain by key. :func:`unconstrained`
+does it for a list of families from a dict keyed by hyperparameter key or by family name (a
+number under a family's name sets every value of that family: ``{"weight_decay": 3e-4}``), which
+is how a tuned value comes in from elsewhere, e.g. a black-box search's best value.
 """
 
 from __future__ import annotations
@@ -162,6 +169,10 @@ class Description:
                 + (f" [{parts}]" if parts else ""))
 
 
+NaturalValue = Tensor | float | int
+"""A natural value: a tensor shaped like the hyperparameter's, or a number (every entry of it)."""
+
+
 def natural_leaves(own: Mapping[str, Tensor], hparams: Mapping[str, Tensor] | None,
                    fn: Callable[[Tensor], Tensor] | None = None) -> Tree:
     """A family's leaves keyed like ``own`` (its stored tensors), read from ``hparams`` (default:
@@ -169,6 +180,34 @@ def natural_leaves(own: Mapping[str, Tensor], hparams: Mapping[str, Tensor] | No
     for the families whose leaves map one by one."""
     src = own if hparams is None else hparams
     return {k: src[k].detach() if fn is None else fn(src[k].detach()) for k in own}
+
+
+def unnatural_leaves(family: Family, values: Mapping[str, Tensor], inverse: Callable[[Tensor], Tensor], *,
+                     valid: Callable[[Tensor], Tensor] | None = None, domain: str = "") -> Tree:
+    """The body of :meth:`Family.from_natural` for the families whose leaves map one by one:
+    ``inverse(v)`` for each ``values[k]`` (checked finite, shaped like ``family.tensors()[k]``, inside
+    the domain where ``valid(v)`` holds, ``domain`` saying it in words), computed in float64 and
+    returned in the tensor's own dtype and device."""
+    own = family.tensors()
+    out: dict[str, Tensor] = {}
+    for k, v in values.items():
+        if k not in own:
+            raise KeyError(f"{type(family).__name__} {family.name!r} has no hyperparameter {k!r}; its keys "
+                           f"are {sorted(own)[:8]}{' ...' if len(own) > 8 else ''}")
+        t = own[k]
+        x = torch.as_tensor(v).detach().to(device=t.device, dtype=torch.float64)
+        if x.shape != t.shape:
+            raise ValueError(f"{k!r}: a value of shape {tuple(x.shape)} for a hyperparameter of shape "
+                             f"{tuple(t.shape)}: give that shape, or one number for all of it")
+        bad = ~torch.isfinite(x) if valid is None else ~(torch.isfinite(x) & valid(x))
+        if bool(bad.any()):
+            i = tuple(int(j) for j in bad.nonzero()[0].tolist())
+            at = f" at index {i}" if i else ""
+            need = f"{domain} and finite" if domain else "finite"
+            raise ValueError(f"{type(family).__name__} {family.name!r}: the value of {k!r}{at} is "
+                             f"{float(x[i] if i else x):g}, but must be {need} ({family.parametrisation})")
+        out[k] = inverse(x).to(t.dtype)
+    return out
 
 
 class Family:
@@ -192,6 +231,15 @@ class Family:
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The user-facing (constrained) values, from ``hparams`` or the family's own tensors."""
         raise NotImplementedError
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The unconstrained values whose :meth:`natural` values are ``values``: the inverse of
+        :meth:`natural`, for some or all of this family's keys, each value shaped like its tensor;
+        returned in the tensors' dtype and device, nothing assigned. A value outside the natural
+        domain (a decay ≤ 0, a probability outside (0, 1)) raises ``ValueError`` naming the key.
+        The default refuses: a new family overrides it to be settable in natural units."""
+        raise NotImplementedError(f"{type(self).__name__} {self.name!r} does not map natural values back to "
+                                  "its tensors: override from_natural, or set its tensors in place")
 
     def penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor | None:
         """A term added to the training loss, or ``None``."""
@@ -254,6 +302,61 @@ class Family:
                 if values[k].shape != t.shape:
                     raise ValueError(f"{k}: saved shape {tuple(values[k].shape)} != {tuple(t.shape)}")
                 t.copy_(values[k])
+
+
+def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue], *,
+                  strict: bool = True) -> dict[str, Tensor]:
+    """The unconstrained tensors that give ``families`` the natural ``values`` (nothing assigned).
+
+    ``values`` is keyed by hyperparameter key (``"weight_decay.0.weight"``) or by family name
+    (``"weight_decay"``, ``"dropout"``); a value is a tensor shaped like the hyperparameter, or a
+    number for every entry of it, and one under a family's name goes to each of that family's
+    hyperparameters (a global value from a black-box search refined per unit later). A key names
+    the hyperparameter itself where it is both (a global decay's key is its family's name); a value
+    under a key beats its family's. Natural units are each family's (:meth:`Family.natural`:
+    decays for :class:`~hypergradients.WeightDecay`, *keep* probabilities for
+    :class:`~hypergradients.Dropout`). Returns the hyperparameters named, by key. ``strict``: a key
+    that is neither raises ``KeyError`` naming the keys and families there are (``False``: ignored).
+    """
+    by_key: dict[str, Family] = {}
+    by_name: dict[str, Family] = {}
+    for fam in families:
+        by_name.setdefault(fam.name, fam)
+        for k in fam.tensors():
+            by_key[k] = fam
+    chosen: dict[str, NaturalValue] = {}
+    for name, v in values.items():   # family names first, so that a value under a key beats them
+        if name not in by_key and name in by_name:
+            chosen.update({k: v for k in by_name[name].tensors()})
+    unknown = []
+    for k, v in values.items():
+        if k in by_key:
+            chosen[k] = v
+        elif k not in by_name:
+            unknown.append(k)
+    if unknown and strict:
+        keys = sorted(by_key)
+        raise KeyError(f"no hyperparameter or family is called {unknown[0]!r}: the families are "
+                       f"{sorted(by_name)}, the keys {keys[:8]}{' ...' if len(keys) > 8 else ''} (pass "
+                       "strict=False to ignore the other entries)")
+    out: dict[str, Tensor] = {}
+    for fam in families:
+        own = fam.tensors()
+        mine: dict[str, Tensor] = {}
+        for k in own:
+            if k in chosen:
+                v = chosen[k]
+                if isinstance(v, Tensor):
+                    t = v
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    t = torch.tensor(float(v), dtype=torch.float64)
+                else:
+                    raise TypeError(f"the value for {k!r} must be a number or a tensor, got "
+                                    f"{type(v).__name__}")
+                mine[k] = t.expand(own[k].shape) if t.ndim == 0 else t
+        if mine:
+            out.update(fam.from_natural(mine))
+    return out
 
 
 def check_composable(families: Sequence[Family]) -> None:

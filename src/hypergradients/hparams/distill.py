@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.tree import Tree
-from .base import Batch, Family
+from .base import Batch, Family, unnatural_leaves
 
 
 class DistilledData(Family):
@@ -124,6 +124,27 @@ class DistilledData(Family):
             out[f"{self.name}.labels"] = src[f"{self.name}.labels"].detach().softmax(-1)
         if f"{self.name}.lr" in self._t:
             out[f"{self.name}.lr"] = src[f"{self.name}.lr"].detach()
+        return out
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The examples and the step size as given (stored as they are; keep the step size positive
+        with :meth:`project`), the label logits ``Z = log p`` of label distributions ``p`` (rows of
+        positive numbers summing to 1, to 1e-4: ``softmax(log p) = p``)."""
+        out: dict[str, Tensor] = {}
+        for k, v in values.items():
+            one = {k: v}
+            if k == f"{self.name}.labels":
+                p = torch.as_tensor(v).detach().double()
+                if p.ndim == 2 and bool(torch.isfinite(p).all()) and bool((p > 0).all()) \
+                        and float((p.sum(-1) - 1).abs().max()) > 1e-4:
+                    sums = p.sum(-1)
+                    raise ValueError(f"DistilledData {self.name!r}: the rows of {k!r} are label "
+                                     f"distributions and must sum to 1; they sum to {sums.min().item():g} .. "
+                                     f"{sums.max().item():g}")
+                out.update(unnatural_leaves(self, one, torch.log, valid=lambda a: a > 0,
+                                            domain="> 0 (a label probability)"))
+            else:   # the examples and the step size are stored as they are
+                out.update(unnatural_leaves(self, one, lambda a: a))
         return out
 
     def summary(self) -> dict[str, float]:

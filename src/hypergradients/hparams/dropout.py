@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tree import Tree
-from .base import Description, Family, Hook, Sampler, natural_leaves
+from .base import Description, Family, Hook, Sampler, natural_leaves, unnatural_leaves
 
 Where = Literal["input", "output"]
 _EPS = 1e-6   # u ∈ [ε, 1−ε]: log u and log(1−u) stay finite (|logit| ≤ 13.8)
@@ -77,6 +77,12 @@ def _check_prob(init: float, what: str) -> None:
 def _check_temperature(t: float) -> None:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a finite number > 0 (0.1 is a common choice), got {t!r}")
+
+
+def _logits(family: Family, values: Mapping[str, Tensor]) -> Tree:
+    """The logits ``θ = log q − log(1 − q)`` of keep probabilities ``q`` in (0, 1)."""
+    return unnatural_leaves(family, values, lambda q: torch.log(q) - torch.log1p(-q),
+                            valid=lambda q: (q > 0) & (q < 1), domain="in (0, 1) (a keep probability)")
 
 
 def relaxed_mask(theta: Tensor, u: Tensor, temperature: float) -> Tensor:
@@ -220,6 +226,10 @@ class Dropout(Family):
         """The keep probabilities ``σ(θ)`` (detached), keyed like :meth:`tensors`."""
         return natural_leaves(self._t, hparams, torch.sigmoid)
 
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The logits ``θ`` of the *keep* probabilities ``q`` given (a drop rate ``p`` is ``q = 1 − p``)."""
+        return _logits(self, values)
+
     def describe(self) -> Description:
         groups = {f"{s.module}:{s.where}": s.units for s in self.sites.values()}
         return Description(self.name, f"Dropout, concrete, τ={self.temperature:g}", self.count(),
@@ -297,6 +307,10 @@ class DropConnect(Family):
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The keep probabilities ``σ(θ)`` (detached), keyed like :meth:`tensors`."""
         return natural_leaves(self._t, hparams, torch.sigmoid)
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The logits ``θ`` of the *keep* probabilities ``q`` given (a drop rate ``p`` is ``q = 1 − p``)."""
+        return _logits(self, values)
 
     def describe(self) -> Description:
         groups = {k: self._t[f"{self.name}.{k}"].numel() for k in self.params}

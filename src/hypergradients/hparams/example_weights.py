@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.tree import Tree
-from .base import Batch, Description, Family, natural_leaves
+from .base import Batch, Description, Family, natural_leaves, unnatural_leaves
 
 Normalise = Literal["mean", "weights"]
 Parametrisation = Literal["sigmoid", "softplus"]
@@ -104,6 +104,16 @@ class ExampleWeights(Family):
         src = self.tensors() if hparams is None else hparams
         return {self.name: self.weight(src[self.name].detach())}
 
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The ``θ`` of the example weights ``ω`` given: ``log(ω/(2 − ω))`` for ``ω`` in (0, 2)
+        (``"sigmoid"``), ``log(exp(ω) − 1)`` for ``ω > 0`` (``"softplus"``)."""
+        if self.kind == "sigmoid":
+            return unnatural_leaves(self, values, lambda w: torch.log(w) - torch.log(2 - w),
+                                    valid=lambda w: (w > 0) & (w < 2), domain="in (0, 2) (an example weight)")
+        # log(expm1(ω)) = ω + log(1 − e^−ω), which neither overflows nor loses a small ω
+        return unnatural_leaves(self, values, lambda w: w + torch.log(-torch.expm1(-w)),
+                                valid=lambda w: w > 0, domain="> 0 (an example weight)")
+
     def describe(self) -> Description:
         return Description(self.name, "ExampleWeights", self.count(), self.parametrisation,
                            {"training examples": self.n})
@@ -168,6 +178,10 @@ class LossReweighting(Family):
 
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         return natural_leaves(self._t, hparams)
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The network's weights as given (natural = stored)."""
+        return unnatural_leaves(self, values, lambda t: t)
 
     def summary(self) -> dict[str, float]:
         """The weight the network gives to losses 0.1, 1 and 3 (the network's weights mean little)."""

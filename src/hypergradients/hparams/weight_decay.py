@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.tree import Tree
-from .base import Description, Family, natural_leaves
+from .base import Description, Family, natural_leaves, unnatural_leaves
 
 Granularity = Literal["global", "layer", "weight"]
 GRANULARITIES: tuple[str, ...] = ("global", "layer", "weight")
@@ -114,6 +114,10 @@ class WeightDecay(Family):
     def natural(self, hparams: Mapping[str, Tensor] | None = None) -> Tree:
         """The decays ``d = exp(λ)`` (detached), keyed like :meth:`tensors`."""
         return natural_leaves(self._t, hparams, torch.exp)
+
+    def from_natural(self, values: Mapping[str, Tensor]) -> Tree:
+        """The log-decays ``λ = log d`` of the decays ``d > 0`` given, keyed like :meth:`tensors`."""
+        return unnatural_leaves(self, values, torch.log, valid=lambda d: d > 0, domain="> 0 (a decay)")
 
     def penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor:
         """``½ Σ_i exp(λ_i) w_i²`` over the covered parameters."""

@@ -63,6 +63,7 @@ from ..core.derivatives import (
     forward_mode_error,
     grad,
     once_differentiable_culprits,
+    once_differentiable_on_weights,
     scalar_loss,
 )
 from ..core.errors import HypergradientError
@@ -124,6 +125,12 @@ def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping
             f"unrolled step {step}: the gradient of inner_loss was built through "
             f"{once_differentiable_culprits([loss, *grads], bad)}, whose second derivative autograd would "
             f"silently drop: the hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
+    fn = once_differentiable_on_weights([loss], list(w.values()))
+    if fn is not None:
+        raise HypergradientError(
+            f"unrolled step {step}: inner_loss goes through the custom autograd.Function {fn}, whose "
+            "backward is @once_differentiable: autograd would silently drop its second derivative and the "
+            f"hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
 
 
 def _missing_derivative(err: RuntimeError) -> bool:

@@ -91,7 +91,8 @@ CHECKPOINT_VERSION = 3
 _READABLE_VERSIONS = (2, 3)   # 2: the hyper step's state copied field by field; upgraded when read
 
 __all__ = ["CHECKPOINT", "METRICS", "Callback", "FitKeywords", "NonFiniteError", "SkippedHyperStepsWarning",
-           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit"]
+           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit",
+           "read_checkpoint"]
 
 
 class SkippedHyperStepsWarning(UserWarning):
@@ -169,9 +170,19 @@ def _upgrade_v2(st: dict[str, Any]) -> dict[str, Any]:
             "path": st.get("path"), "callbacks": {}}
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+_FIX = "delete it to start this training over from round 0, or restore it from a copy"
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, fix: str = _FIX) -> dict[str, Any]:
+    """The checkpoint :func:`fit` wrote at ``path``, read with ``weights_only=True``, in the current
+    layout (an older readable version is upgraded): ``"round"``, ``"model"`` (the state dict),
+    ``"hyper"`` (:meth:`HyperOptimizer.state_dict`, ``None`` without families), ... . Anything else
+    raises :class:`~hypergradients.UnreadableFileError` naming the file, with ``fix`` as the advice."""
+    return _read_checkpoint(Path(path), fix=fix)
+
+
+def _read_checkpoint(path: Path, *, fix: str = _FIX) -> dict[str, Any]:
     """The checkpoint at ``path`` in the current layout (an older readable version is upgraded)."""
-    fix = "delete it to start this training over from round 0, or restore it from a copy"
     st = load_checkpoint(path, fix=fix)
     found = st.get("version") if isinstance(st, dict) else type(st).__name__
     if found not in _READABLE_VERSIONS:
@@ -479,11 +490,14 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         rounds: number of rounds (each ``inner_steps`` inner steps then one hyper step).
         inner_steps: inner optimizer steps per round; ``warmup_steps`` more before the first round.
         inner_optimizer: ``factory(list_of_weights) -> torch.optim.Optimizer`` (default Adam, 1e-3).
+            The hyper step reads it (never steps it) for ``hg.Identity(precondition="inner_optimizer")``:
+            Adam's or AdamW's diagonal at each hyper step (:func:`~hypergradients.adam_diagonal`).
         loss_fn: per-example loss ``(predictions, y) -> (B,)`` (default cross-entropy): the loss
             contract's form that reads only the targets (:mod:`hypergradients.hparams.objective`).
         hyper: the hyper step, a :class:`~hypergradients.HyperSettings`: ``method`` (default
             ``Neumann(iters=20, alpha="auto")``), ``optimizer`` (default Adam, 1e-2), ``project``,
-            ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``): as in
+            ``on_solver_error`` (default ``"damp"``), ``warm_start`` (default ``True``), ``residual``
+            (default ``False``: the ``residual`` metric is ``None`` for Neumann, Identity, Nyström): as in
             :class:`~hypergradients.HyperOptimizer`, which ``fit`` builds with them. Why these
             defaults: :mod:`hypergradients.training.settings`.
         batches: a :class:`~hypergradients.Batches`: ``size`` (default 128) for the inner steps and
@@ -572,7 +586,8 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     batch_loss = on_targets(loss_fn)
     hyper_opt = HyperOptimizer(model, families, settings=hs, loss_fn=batch_loss,
                                before_step=[cb.on_before_hyper_step for cb in cbs],
-                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel) \
+                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel,
+                               inner_optimizer=inner_opt) \
         if collect_hparams(families) else None
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(cks.dir) if cks.dir is not None else None

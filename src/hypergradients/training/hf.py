@@ -13,7 +13,10 @@ hyperparameters fixed)::
 
 The Trainer's model, batches, optimizer and learning-rate schedule are its own: the hyper step
 works on copies of the weights and changes only the hyperparameters (its forwards in training mode
-draw the model's dropout masks from torch's global generator, as the Trainer's do). With a Trainer subclass of
+draw the model's dropout masks from torch's global generator, as the Trainer's do). A
+``HyperOptimizer`` built without ``inner_optimizer=`` is given the Trainer's optimizer, to read
+only, for ``hg.Identity(precondition="inner_optimizer")`` (AdamW's diagonal at the scheduled
+learning rate; :func:`~hypergradients.adam_diagonal`). With a Trainer subclass of
 your own, return ``callback.train_loss(inputs)`` from its ``compute_loss`` in training (what
 :class:`HyperTrainer` does); the callback refuses to step if the Trainer's loss did not go
 through it, since the weights would then be trained on another objective than ``L_T``.
@@ -229,6 +232,8 @@ class HyperCallback(TrainerCallback):
                                "callback.train_loss(inputs) from your Trainer's compute_loss")
         if state.global_step % self.every_n_steps != 0:
             return
+        if self.hyper.inner_optimizer is None:   # for hg.Identity(precondition="inner_optimizer")
+            self.hyper.inner_optimizer = kwargs.get("optimizer")
         device = next(iter(self.hyper.hparams.values())).device
         bv = next(self._val)
         self.val_drawn += 1

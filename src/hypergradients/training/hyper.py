@@ -68,6 +68,8 @@ from ..core.modules import in_mode
 from ..core.state import SolverState
 from ..hparams.base import Family, Noise
 from ..hparams.objective import BatchLike, BatchLoss, Objective, as_batch, collect_hparams, cross_entropy
+from .export import Values, set_natural
+from .precondition import optimizer_diagonal
 from .settings import HyperSettings, OptimizerFactory, Projection, SolverPolicy
 
 STATE_VERSION = 1
@@ -160,14 +162,14 @@ class HyperStep:
 
     def metrics(self) -> dict[str, Any]:
         """Plain numbers for a log: ``hyper_val_loss`` (``L_V`` on the validation batch),
-        ``hypergrad_norm``, ``hvps``, ``residual`` (NaN when not computed), ``solver_*`` facts and
-        the retry; or ``skip_reason``."""
+        ``hypergrad_norm``, ``hvps``, ``residual`` (``None`` when not computed: see
+        ``HyperSettings.residual``), ``solver_*`` facts and the retry; or ``skip_reason``."""
         if not self.applied or self.hypergradient is None or self.info is None:
             return {"skip_reason": self.skip_reason}
         info = self.info
         rec: dict[str, Any] = {"hyper_val_loss": info.outer_loss,
                                "hypergrad_norm": float(tree.norm(self.hypergradient)), "hvps": info.hvps,
-                               "residual": info.residual if info.residual is not None else float("nan")}
+                               "residual": info.residual}
         rec.update({f"solver_{k}": v for k, v in info.extra.items()})
         rec.update(self.retry)
         return rec
@@ -180,7 +182,7 @@ class HyperOptimizer:
         model: the ``nn.Module`` being trained (by any optimizer; this object never touches it).
         families: hyperparameter families (:mod:`hypergradients.hparams`), at least one tensor.
         settings: how the step is taken, as one :class:`~hypergradients.HyperSettings` (its fields
-            are the next five keywords, which give them one by one instead; not both).
+            are the next six keywords, which give them one by one instead; not both).
         method: the hypergradient method (default ``Neumann(iters=20, alpha="auto")``; why:
             :mod:`hypergradients.training.settings`).
         optimizer: ``factory(list_of_hyperparameter_tensors) -> torch.optim.Optimizer`` (default
@@ -194,6 +196,9 @@ class HyperOptimizer:
             ``True``: CG/Auto start from the last ``p``, Neumann keeps its ``λ_max``, Nyström its
             sketch); it belongs to ``method``'s class (:meth:`hypergradient` with another class
             solves from scratch).
+        residual: also compute the solver's residual ``‖Hp − v‖/‖v‖`` (``info.residual``; default
+            ``False``: one HVP saved for Neumann, Identity and Nyström, whose metric is then ``None``;
+            CG, Auto and Exact report theirs either way, at no cost).
         loss_fn: ``loss_fn(outputs, batch)`` → per-example ``(B,)`` or scalar, the contract of
             :mod:`hypergradients.hparams.objective`; default: cross-entropy.
         before_step, after_step: hooks ``f(hyper)`` and ``f(hyper, result)`` run at the start and
@@ -208,11 +213,18 @@ class HyperOptimizer:
             default), ``"forward"`` or ``"finite-difference"`` (first-order gradients only: for models
             built from operations without a double backward, such as ``scaled_dot_product_attention``
             on the CPU).
+        inner_optimizer: the model's own optimizer (a ``torch.optim.Adam`` or ``AdamW``, or a wrapper
+            of one), read, never stepped or changed: a method that preconditions with its state,
+            ``hg.Identity(precondition="inner_optimizer")``, gets the diagonal
+            :func:`~hypergradients.adam_diagonal` of the moment at every step. ``None`` (default):
+            such a method raises, naming this argument. Settable later as ``hyper.inner_optimizer``
+            (:mod:`hypergradients.hf` sets it to the Trainer's); :func:`~hypergradients.fit` passes its own.
 
     ``hparams`` maps each key to the families' own unconstrained tensors (the objects of
     ``family.tensors()``, which the hyper optimizer updates); :meth:`natural` gives the
-    constrained values. Set a hyperparameter by writing its unconstrained value in place, e.g.
-    ``with torch.no_grad(): hyper.hparams["weight_decay"].fill_(math.log(1e-3))``; rebinding a
+    constrained values and :meth:`set_natural` sets them (``hyper.set_natural({"weight_decay":
+    1e-3})``), in place. Writing an unconstrained value in place works too
+    (``with torch.no_grad(): hyper.hparams["weight_decay"].fill_(math.log(1e-3))``); rebinding a
     dict entry reaches neither the families nor the optimizer.
 
     Noise: with a stochastic family (dropout), every fresh noise sample (one per :meth:`train_loss`
@@ -230,13 +242,16 @@ class HyperOptimizer:
                  method: Method | None = None,
                  optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
                  project: Projection | None = None, on_solver_error: SolverPolicy | None = None,
-                 warm_start: bool | None = None, loss_fn: BatchLoss = cross_entropy,
+                 warm_start: bool | None = None, residual: bool | None = None,
+                 loss_fn: BatchLoss = cross_entropy,
                  before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
                  after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None) -> None:
+                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None,
+                 inner_optimizer: Any = None) -> None:
         given: dict[str, Any] = {k: v for k, v in (("method", method), ("optimizer", optimizer),
                                                    ("project", project), ("on_solver_error", on_solver_error),
-                                                   ("warm_start", warm_start), ("hvp_mode", hvp_mode))
+                                                   ("warm_start", warm_start), ("residual", residual),
+                                                   ("hvp_mode", hvp_mode))
                                  if v is not None}
         if settings is not None and given:
             k = next(iter(given))
@@ -276,6 +291,7 @@ class HyperOptimizer:
         self.skip_reasons: Counter[str] = Counter()
         self.data_parallel = data_parallel
         self.group = group
+        self.inner_optimizer = inner_optimizer
         if data_parallel:
             with distributed.data_parallel(group):   # refuses without an initialised process group
                 pass
@@ -301,11 +317,28 @@ class HyperOptimizer:
         return total
 
     def natural(self) -> dict[str, Tensor]:
-        """The families' natural (constrained) values, e.g. the decays ``exp(λ)``."""
+        """The families' natural (constrained) values by key, detached: the decays ``exp(λ)``, the keep
+        probabilities ``σ(θ)``, ... (each family's :attr:`~hypergradients.hparams.Family.parametrisation`)."""
         out: dict[str, Tensor] = {}
         for fam in self.families:
             out.update(fam.natural())
         return out
+
+    def set_natural(self, values: Values, *, strict: bool = True) -> None:
+        """Set hyperparameters in natural units: the inverse of :meth:`natural`.
+
+        ``values`` is keyed by hyperparameter key or by family name (a number under a family's name
+        sets all of its values: ``{"weight_decay": 3e-4}``), or is an exported file
+        (:func:`~hypergradients.load_hparams`, or its path); natural units as :meth:`natural` gives
+        them (*keep* probabilities for dropout). Everything is converted and checked first (a value
+        outside a family's domain, an unknown key with ``strict=True``, raise and change nothing),
+        then copied *in place* into the families' tensors, which are :attr:`hparams` and the
+        optimizer's own: the next :meth:`step` moves from the values set. The optimizer's state (Adam's
+        moment estimates of past hypergradients), the solver state and the counts are kept, as after
+        a :meth:`step`; to start afresh, build a new ``HyperOptimizer`` over the families. With
+        ``data_parallel=True``, call it on every rank with the same values.
+        """
+        set_natural(self.families, values, strict=strict)
 
     # ------------------------------------------------------------------ the step
     def hypergradient(self, train_batch: BatchLike, val_batch: BatchLike, *,
@@ -345,11 +378,13 @@ class HyperOptimizer:
         # The carried state holds the own method's quantities (another class would refuse it with a
         # StateMismatchError); a safer retry of the same class (CG's, Neumann's) continues from it.
         state = self.solver_state if type(m) is type(self.method) else None
+        fallbacks: list[list[str]] = []   # read only when the method asks for the optimizer's diagonal
+        m = m.with_inner_optimizer(lambda: self._inner_diagonal(fallbacks))
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
                 g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state,
-                                        hvp_mode=self.hvp_mode)
+                                        hvp_mode=self.hvp_mode, residual=self.settings.residual)
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -364,7 +399,23 @@ class HyperOptimizer:
                                  round=self.steps + 1, name=name, checkpoint=None, what=what) from e
         if state is not None:
             self.solver_state = info.state   # states are values: the next step continues from this one
+        if fallbacks:   # weights the optimizer had no state for yet (p = lr·v there)
+            info.extra["precondition_fallbacks"] = float(len(fallbacks[0]))
         return g, info
+
+    def _inner_diagonal(self, fallbacks: list[list[str]]) -> dict[str, Tensor]:
+        """The inner optimizer's diagonal now, keyed like the weights (``fallbacks``: appends the weights
+        without state)."""
+        if self.inner_optimizer is None:
+            raise ValueError("the method preconditions with the model's optimizer (hg.Identity(precondition="
+                             "'inner_optimizer')), but this HyperOptimizer has none: pass "
+                             "HyperOptimizer(..., inner_optimizer=opt) with the torch.optim.Adam/AdamW that "
+                             "trains the model (fit passes its own, but with path_hparams the model is "
+                             "trained by hg.optim, which has no such state: use hg.Identity(scale=...) "
+                             "there)")
+        diagonal, missing = optimizer_diagonal(self.inner_optimizer, self.model)
+        fallbacks.append(missing)
+        return diagonal
 
     def step(self, train_batch: BatchLike, val_batch: BatchLike) -> HyperStep:
         """One hyper step: hooks, ``g`` on the two batches, the optimizer step, the projection, hooks.

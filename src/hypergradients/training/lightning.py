@@ -19,7 +19,9 @@ families such as dropout, and the step counts: tensors and plain values only), a
 run with dropout draws the masks an uninterrupted one would (Lightning does not save torch's
 global RNG, which the noise does not come from). The validation iterator's
 position is not saved: after a resume it starts again from the first batch. The hyperparameters
-live where the families created them: build the families on the device the model trains on.
+live where the families created them: build the families on the device the model trains on. A
+``HyperOptimizer`` built without ``inner_optimizer=`` is given the Trainer's optimizer (when it has
+one), to read only, for ``hg.Identity(precondition="inner_optimizer")``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ class HyperCallback(pl.Callback):
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps != 0:
             return
+        if self.hyper.inner_optimizer is None and len(trainer.optimizers) == 1:
+            # read (never stepped) by hg.Identity(precondition="inner_optimizer")
+            self.hyper.inner_optimizer = trainer.optimizers[0]
         bt = next(self._train) if self._train is not None else batch
         bv = next(self._val)
         device = pl_module.device

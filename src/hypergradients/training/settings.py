@@ -7,6 +7,7 @@ setting                                    default                              
 =========================================  ======================================  =========================
 the hyper step's method                    ``Neumann(iters=20, alpha="auto")``     ``HyperOptimizer``, ``fit``
 carry the solver state (``warm_start``)    ``True``                                ``HyperOptimizer``, ``fit``
+the solver's residual (``residual``)       ``False``: not computed                 ``HyperOptimizer``, ``fit``
 the hyperparameters' optimizer             Adam, lr ``1e-2``                       ``HyperOptimizer``, ``fit``
 a solver failure (``on_solver_error``)     ``"damp"``: retry, skip if that fails   ``HyperOptimizer``, ``fit``
 the loss                                   ``hparams.cross_entropy``               ``HyperOptimizer``, ``fit``
@@ -25,6 +26,9 @@ accurate to a tolerance. ``warm_start=True`` carries ``λ_max`` (and CG's last s
 sketch) from one hyper step to the next, so the power iterations run once in ``refresh_every``
 hyper steps instead of at each: with the default method a run of ``fit`` spends fewer HVPs for the
 same hyperparameters (measured in docs/benchmarks.md, ``benchmarks/fit_warm_start.py``).
+``residual=False``: the solver's residual ``‖Hp − v‖/‖v‖`` is a diagnostic the step never uses, and
+for Neumann, Identity and Nyström it costs one more HVP per hyper step (Identity's step would spend
+one instead of none); ``HyperSettings(residual=True)`` reports it.
 
 The groups are plain frozen dataclasses; each of ``fit``'s flat keywords is one field of one group
 (``batch_size=64`` is ``batches=Batches(size=64)``): see :func:`~hypergradients.fit`.
@@ -94,6 +98,10 @@ class HyperSettings:
             that fails too), ``"skip"`` or ``"raise"``.
         warm_start: carry a :class:`~hypergradients.SolverState` from step to step (CG/Auto start
             from the last ``p``, Neumann keeps its ``λ_max``, Nyström its sketch).
+        residual: also compute the solver's relative residual ``‖Hp − v‖/‖v‖`` at every step
+            (``HyperStep.info.residual``, the ``residual`` metric). Off by default: it is one more
+            HVP for Neumann, Identity and Nyström (none for CG, Auto and Exact, whose solvers have
+            it anyway), and the step does not use it; off, the metric is ``None`` for every method.
         hvp_mode: how the Hessian-vector products are computed, as
             :func:`~hypergradients.hypergradient`'s argument: ``"reverse"`` (double backward),
             ``"forward"`` or ``"finite-difference"`` (first-order gradients only, for models with
@@ -105,12 +113,15 @@ class HyperSettings:
     project: Projection | None = None
     on_solver_error: SolverPolicy = "damp"
     warm_start: bool = True
+    residual: bool = False
     hvp_mode: HvpMode = "reverse"
 
     def __post_init__(self) -> None:
         if self.on_solver_error not in ("damp", "skip", "raise"):
             raise ValueError("on_solver_error must be 'damp', 'skip' or 'raise', got "
                              f"{self.on_solver_error!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"residual must be True or False, got {self.residual!r}")
         if self.hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got "
                              f"{self.hvp_mode!r}")

@@ -4,20 +4,32 @@ On linear models with one weight decay per weight (:mod:`.problems`), for a budg
 Hessian-vector products, each method's hypergradient ``g`` is compared with the exact IFT one
 ``g*`` (dense solve) by cosine similarity and relative distance ``‖g − g*‖/‖g*‖``:
 
-=============  =======================================================  ===========================
-method         call                                                     HVPs
-=============  =======================================================  ===========================
-Identity       ``Identity(scale)``: ``p = scale·v``                     0
-Neumann        ``Neumann(iters=h+1, alpha=α)``: ``α Σ_{j≤h}(I−αH)^j v``   h (K terms cost K−1)
-CG             ``CG(iters=h, tol=1e-12)``                               ≤ h (stops when converged)
-Nystrom        ``Nystrom(rank=h)`` (our extra method), ``h ≤ n``        h (one batched sketch)
-Unrolled       ``Unrolled(steps=h, lr=α)`` from ``w₀ = 0``              ≈ h (one backward per step)
-=============  =======================================================  ===========================
+============  ========================================================  ===========================
+method        call                                                      HVPs
+============  ========================================================  ===========================
+Identity      ``Identity(scale)``: ``p = scale·v``                      0
+AdamIdentity  ``Identity(precondition=adam_diagonal(adam, w))``:         0
+              ``p = lr·v/(sqrt(v̂) + eps)`` (SAMA)
+Neumann       ``Neumann(iters=h+1, alpha=α)``: ``α Σ_{j≤h}(I−αH)^j v``    h (K terms cost K−1)
+CG            ``CG(iters=h, tol=1e-12)``                                ≤ h (stops when converged)
+Nystrom       ``Nystrom(rank=h)`` (our extra method), ``h ≤ n``         h (one batched sketch)
+Unrolled      ``Unrolled(steps=h, lr=α)`` from ``w₀ = 0``               ≈ h (one backward per step)
+FirstOrder    ``FirstOrder(sigma, steps=⌊h/2⌋, lr=α)``, ``h ≥ 2``       0; 4⌊h/2⌋ + 2 gradients
+============  ========================================================  ===========================
 
 No residual is requested (``residual=False``), so the counts are the method's own work, read
 from :class:`hypergradients.Info`. ``α = alpha_scale/λ_max(H)``. Unrolling from ``w*`` instead
 would coincide with Neumann exactly (the theorem, see :mod:`.explain`), so the cold start is
 shown: it is what unrolling costs when the weights are not yet trained.
+
+The two methods without HVPs are placed at equal cost in gradient evaluations, counting an HVP as
+two (a backward pass through the gradient's graph costs about two gradient evaluations).
+``FirstOrder`` (central, no second derivative) spends ``4K + 2`` gradients for K steps, so K =
+``⌊h/2⌋`` at the budget ``h`` (``4K + 2 ≤ 2h + 2``; the implicit methods' fixed part, ``v`` and
+the mixed product, is left out on both sides); its points carry ``grad_evals`` and are drawn at
+``grad_evals/2`` HVPs. ``AdamIdentity`` reads the second moments of a ``torch.optim.Adam`` run
+of ``adam_steps`` minibatch steps (batch 32, lr ``adam_lr``) on the training loss from ``w₀ = 0``,
+the state a model trained by Adam has for free, and is evaluated at ``w*`` like the others.
 """
 
 from __future__ import annotations
@@ -28,8 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 import hypergradients as hg
 
+from ...core import tree
 from ..config import Config, Option, resolve, setting, settings
 from ..progress import Progress as ProgressBar
 from .base import Experiment, ExperimentResult, RunContext, check_settings, with_threads
@@ -37,9 +53,11 @@ from .problems import PROBLEMS, BilevelProblem, cosine, load_problem, rel_dist
 from .shared import begin, finish
 
 Progress = Callable[[int], None]
-METHODS = ("Identity", "Neumann", "CG", "Nystrom", "Unrolled")
+METHODS = ("Identity", "AdamIdentity", "Neumann", "CG", "Nystrom", "Unrolled", "FirstOrder")
 LABELS = {"Neumann": "Neumann (= unrolled from $w^*$)", "Unrolled": "Unrolled from $w_0=0$",
-          "Nystrom": "Nyström", "CG": "CG", "Identity": "Identity"}
+          "Nystrom": "Nyström", "CG": "CG", "Identity": "Identity",
+          "AdamIdentity": "Identity, Adam-preconditioned", "FirstOrder": "FirstOrder (2 gradients = 1 HVP)"}
+LEVELS = ("Identity", "AdamIdentity")   # no HVP, one point each
 
 
 # ------------------------------------------------------------------------------- the settings
@@ -55,6 +73,11 @@ SCHEMA: dict[str, Option] = {
                           positive=True),
     "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
     "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
+    "sigma": Option(1e4, "FirstOrder's penalty σ (bias O(1/σ²), rounding O(σ·eps))", float, positive=True),
+    "adam_steps": Option(1000, "Adam steps (batch 32) whose second moments precondition AdamIdentity", int,
+                         low=1),
+    "adam_lr": Option(1e-2, "learning rate of that Adam run (AdamIdentity's p = lr·v/(sqrt(v̂)+eps))", float,
+                      positive=True),
     "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
                       int, low=2, auto=True),
     "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
@@ -78,6 +101,9 @@ class CompareConfig:
     alpha_scale: float = setting(SCHEMA, "alpha_scale")
     identity_scale: float = setting(SCHEMA, "identity_scale")
     cg_tol: float = setting(SCHEMA, "cg_tol")
+    sigma: float = setting(SCHEMA, "sigma")
+    adam_steps: int = setting(SCHEMA, "adam_steps")
+    adam_lr: float = setting(SCHEMA, "adam_lr")
     n_train: int | None = setting(SCHEMA, "n_train")
     decay: tuple[float, float] = setting(SCHEMA, "decay.low", "decay.high")
     seed: int = setting(SCHEMA, "seed")
@@ -104,7 +130,7 @@ class CompareConfig:
 
     def cost(self) -> int:
         """Work units (≈ HVPs) reported to the progress callback, per problem summed."""
-        per = sum(3 * h for h in self.budgets) + 1
+        per = sum(5 * h for h in self.budgets) + 1
         return per * len(self.problems)
 
 
@@ -118,9 +144,9 @@ class ProblemCurves:
     curves: dict[str, list[dict[str, float]]]
 
     def at(self, method: str, budget: int) -> dict[str, float] | None:
-        """The point computed with that budget (Identity: its one point), or None if unavailable."""
+        """The point computed with that budget (Identity, AdamIdentity: its one point), or None."""
         pts = self.curves.get(method, [])
-        if method == "Identity":
+        if method in LEVELS:
             return pts[0] if pts else None
         return next((p for p in pts if p["budget"] == budget), None)
 
@@ -167,8 +193,27 @@ def _point(prob: BilevelProblem, method: hg.Method, budget: int, *, cold: bool =
     w = prob.zeros() if cold else prob.params
     g, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, w, prob.hparams, method=method,
                                residual=False, return_info=True)
-    return {"budget": budget, "hvps": info.hvps, "cosine": cosine(g, prob.exact),
-            "rel_dist": rel_dist(g, prob.exact), "time_s": time.perf_counter() - t0}
+    point = {"budget": budget, "hvps": info.hvps, "cosine": cosine(g, prob.exact),
+             "rel_dist": rel_dist(g, prob.exact), "time_s": time.perf_counter() - t0}
+    if "gradient_evals" in info.extra:   # FirstOrder: its cost is in gradients
+        point["grad_evals"] = info.extra["gradient_evals"]
+    return point
+
+
+def adam_preconditioner(prob: BilevelProblem, cfg: CompareConfig) -> dict[str, Tensor]:
+    """:func:`hypergradients.adam_diagonal` after ``cfg.adam_steps`` steps of ``torch.optim.Adam``
+    (lr ``cfg.adam_lr``) on minibatches of 32 training rows of ``L_T``, from ``w₀ = 0`` (seeded)."""
+    assert prob.batch_loss is not None
+    w = tree.clone_leaves(prob.zeros(), requires_grad=True)
+    opt = torch.optim.Adam(list(w.values()), lr=cfg.adam_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lam = tree.detach(prob.hparams)
+    for _ in range(cfg.adam_steps):
+        idx = torch.randint(0, prob.n_train, (min(32, prob.n_train),), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        prob.batch_loss(w, lam, idx).backward()
+        opt.step()
+    return hg.adam_diagonal(opt, w)
 
 
 def compare_problem(prob: BilevelProblem, cfg: CompareConfig, *,
@@ -179,6 +224,9 @@ def compare_problem(prob: BilevelProblem, cfg: CompareConfig, *,
     curves: dict[str, list[dict[str, float]]] = {m: [] for m in cfg.methods}
     if "Identity" in curves:
         curves["Identity"].append(_point(prob, hg.Identity(scale=cfg.identity_scale), 0))
+    if "AdamIdentity" in curves:
+        diagonal = adam_preconditioner(prob, cfg)
+        curves["AdamIdentity"].append(_point(prob, hg.Identity(precondition=diagonal), 0))
     if progress:
         progress(1)
     for h in sorted(set(cfg.budgets)):
@@ -190,8 +238,11 @@ def compare_problem(prob: BilevelProblem, cfg: CompareConfig, *,
             curves["Nystrom"].append(_point(prob, hg.Nystrom(rank=h, seed=cfg.seed), h))
         if h >= 1 and "Unrolled" in curves:
             curves["Unrolled"].append(_point(prob, hg.Unrolled(steps=h, lr=alpha), h, cold=True))
+        if h >= 2 and "FirstOrder" in curves:   # 4K + 2 gradients ≈ 2K + 1 HVPs: K = ⌊h/2⌋
+            method = hg.FirstOrder(sigma=cfg.sigma, steps=h // 2, lr=alpha)
+            curves["FirstOrder"].append(_point(prob, method, h))
         if progress:
-            progress(3 * h)
+            progress(5 * h)
     return ProblemCurves(prob.name, prob.summary(), alpha, curves)
 
 
@@ -223,7 +274,9 @@ def check(cfg: Config) -> CompareConfig:
 
 HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
           "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
-          "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n")
+          "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n"
+          "AdamIdentity: p = lr·v/(sqrt(v̂)+eps) from an Adam run's state, no HVP. FirstOrder: no HVP,\n"
+          "4K+2 gradients for K = h//2 steps, at an HVP counted as 2 gradients (equal cost).\n")
 
 
 def _run(ctx: RunContext) -> ExperimentResult:
@@ -246,7 +299,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     columns = ["problem", "method", "budget", "hvps", "cosine", "rel_dist"]
     rows = [{"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
             for pr in result.problems for m in pr.curves for h in result.table_budgets()
-            for p in [pr.at(m, h)] if p is not None and (m != "Identity" or h == 0)]
+            for p in [pr.at(m, h)] if p is not None and (m not in LEVELS or h == 0)]
     body = [HEADER.replace("\n", " ").strip(), "", table, *[f"![{f.stem}]({f.name})" for f in figures]]
     return finish(ctx, t0, title="compare: inverse-Hessian approximations against the exact hypergradient, "
                   "per HVP", columns=columns, rows=rows, result=summary, result_name="compare.json",

@@ -160,22 +160,27 @@ def compare_figure(summary: Summary, out_dir: Path, *, labels: Mapping[str, str]
     n = len(problems)
     fig = Figure(figsize=(4.2 * n, 6.0))
     axes = fig.subplots(2, n, squeeze=False)
-    styles = {"Neumann": "o-", "CG": "s-", "Identity": "k--", "Nystrom": "D-", "Unrolled": "^-"}
+    styles = {"Neumann": "o-", "CG": "s-", "Identity": "k--", "Nystrom": "D-", "Unrolled": "^-",
+              "FirstOrder": "v-"}
+    levels = {"Identity": "k", "AdamIdentity": "tab:gray"}
     for j, pr in enumerate(problems):
         top, bottom = axes[0][j], axes[1][j]
         for method, pts in pr["curves"].items():
-            xs = [p["hvps"] for p in pts]
+            # FirstOrder spends gradients, no HVP: drawn at its cost, an HVP counted as two gradients
+            xs = [p["grad_evals"] / 2 if "grad_evals" in p else p["hvps"] for p in pts]
             style = styles.get(method, "-")
-            if method == "Identity":  # zero HVPs: a level, drawn across the budget
-                top.axhline(pts[0]["cosine"], color="k", ls="--", lw=1, label=method)
-                bottom.axhline(pts[0]["rel_dist"], color="k", ls="--", lw=1, label=method)
+            if method in levels and pts:  # zero HVPs: a level, drawn across the budget
+                label = labels.get(method, method)
+                top.axhline(pts[0]["cosine"], color=levels[method], ls="--", lw=1, label=label)
+                bottom.axhline(pts[0]["rel_dist"], color=levels[method], ls="--", lw=1, label=label)
                 continue
             top.plot(xs, [p["cosine"] for p in pts], style, ms=3, label=labels.get(method, method))
             bottom.plot(xs, [max(p["rel_dist"], EPS64) for p in pts], style, ms=3,
                         label=labels.get(method, method))
         top.set(title=f"{pr['name']} ({pr['problem']['n_weights']} weights)", ylabel="cosine to exact",
                 ylim=(-0.05, 1.05))
-        bottom.set(xlabel="Hessian-vector products", ylabel="relative L2 distance", yscale="log")
+        bottom.set(xlabel="Hessian-vector products (or gradients/2)", ylabel="relative L2 distance",
+                   yscale="log")
         for ax in (top, bottom):
             ax.grid(True, alpha=0.3)
         if j == 0:

@@ -5,7 +5,7 @@
   the residual is ``Mp − v = −(I−αM)^K v``: one more product gives it exactly. For a fixed point
   ``w = T(w, λ)``, ``M = I − Jᵀ`` and ``α = 1`` is the classic series ``Σ_j (Jᵀ)^j v``.
 * :func:`identity` — ``p = s·v``, the series' first term with ``α = s`` (T1−T2, Luketina et al.
-  2016): zero products.
+  2016), or ``s·v/D`` with a diagonal ``D`` (an optimizer's preconditioner): zero products.
 * :func:`power_iteration` — the dominant eigenvalue's magnitude, behind ``alpha="auto"``.
 
 Neither needs ``M`` symmetric: the series converges whenever the spectral radius of ``I − αM`` is
@@ -51,9 +51,10 @@ def power_iteration(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 
 
 
 def identity(op: LinearOperator, v: Mapping[str, Tensor], *, scale: float = 1.0,
-             residual: bool = False) -> Solve:
-    """``p = scale · v``: no product; ``residual=True``: one product reports ``‖Mp − v‖/‖v‖``."""
-    p = tree.scale(v, scale)
+             residual: bool = False, diagonal: Mapping[str, Tensor] | None = None) -> Solve:
+    """``p = scale · v``, or ``scale · v / D`` elementwise with a positive ``diagonal`` ``D`` (``M``
+    taken as ``diag(D)/scale``): no product; ``residual=True``: one product reports ``‖Mp − v‖/‖v‖``."""
+    p = tree.scale(v if diagonal is None else {k: v[k] / diagonal[k] for k in v}, scale)
     if not residual:
         return Solve(p, 0, None, None)
     vn = float(tree.norm(v))
