@@ -356,8 +356,10 @@ CASES = (
     Case("distill", "config=full, one round", ("config=full", ONE),
          ("config=full", "data.dataset=mnist-5k", ONE)),
     Case("data-cleaning", "config=full, one round", ("config=full", ONE), ("config=cpu", ONE)),
-    Case("lstm-dropout", "config=full, one training step and a hyper step", ("config=full", "train.steps=1"),
-         ("config=full", "data.root={synthetic}", "train.steps=1"), tiny=("train.steps=1",)),
+    Case("lstm-dropout", "config=full, one training step and a hyper step, then an evaluation",
+         ("config=full", "train.steps=1", "eval_every=1"),
+         ("config=full", "data.root={synthetic}", "train.steps=1", "eval_every=1"),
+         tiny=("train.steps=2", "eval_every=2")),   # --smoke's hyper step comes every 2 steps
     # Not config=full with data.dataset=mnist-5k: the preset replaces a key left at its default value
     # (mnist-5k is augment's), so that would still ask for CIFAR-10.
     Case("augment", "config=full, one round", ("config=full", ONE),

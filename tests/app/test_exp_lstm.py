@@ -258,6 +258,13 @@ def test_evaluations_must_fall_on_hyper_steps(tmp_path: Path) -> None:
         exp.check(cfg) if exp.check else None
 
 
+def test_a_run_shorter_than_one_evaluation_is_refused(tmp_path: Path) -> None:
+    exp = get("lstm-dropout")
+    cfg = resolve(exp.schema, smoke=exp.smoke, sets=[f"data.root='{_ptb(tmp_path)}'", "train.steps=2"])
+    with pytest.raises(ConfigError, match=r"train\.steps.*before the first evaluation"):
+        exp.check(cfg) if exp.check else None
+
+
 def test_early_stop_after_patience_evaluations() -> None:
     stop = EarlyStop(2)
     for v in (3.0, 2.0, 2.5):

@@ -500,6 +500,9 @@ def check(cfg: Config) -> Corpus:
                               f"{e}") from None
     everies = [cfg["hyper.every"], *(cfg["sweep.every"] if "sweep" in cfg["arms"] else [])]
     ev = _eval_every(cfg, corpus)
+    if cfg["train.steps"] < ev:   # the report reads each run's best evaluation: a run needs one
+        raise ConfigError(f"config key 'train.steps': {cfg['train.steps']} inner steps end before the first "
+                          f"evaluation (eval_every={ev}); set eval_every to at most train.steps")
     bad = [e for e in everies if ev % e]
     if bad:
         raise ConfigError(f"config key 'eval_every': {ev} inner steps is not a multiple of the hyper-step "
