@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,16 @@ def test_smoke_runs_every_arm_over_the_seeds(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {(x["arm"], x["seed"]) for x in lines} == {(a, s) for a in ("fixed", "none", "ours", "ours_many")
                                                       for s in (0, 1)}
+
+
+def test_cpu_time_of_units_in_this_process_counts_once(tmp_path: Path) -> None:
+    root = _ptb(tmp_path)
+    c0 = time.process_time()
+    res = _run(tmp_path, root, "arms=['none','ours']", "seeds=1", "jobs=1")
+    spent = time.process_time() - c0
+    units = sum(u["cpu_s"] for u in res.result["units"])
+    # the units ran here: the total is theirs plus this process's overhead, at most what it spent
+    assert units <= res.result["cpu_s"] <= spent
 
 
 def test_results_do_not_depend_on_the_processes(tmp_path: Path) -> None:

@@ -878,6 +878,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
               else u.cfg["train.steps"] // u.cfg["hyper.every"] for u in todo}
     total = sum(rounds.values())
     cpu0 = time.process_time()
+    in_units = [0.0]   # CPU time of the units that ran in this process (their results count it)
     with Progress(total, desc="lstm-dropout", enabled=ctx.progress, unit="round") as bar:
         base = {u.folder: sum(rounds[v.folder] for v in todo[:i]) for i, u in enumerate(todo)}
 
@@ -886,7 +887,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 bar.postfix({"unit": u.folder, "val_ppl": _ppl(rec.get("val_loss")) if "val_loss" in rec
                              else None})
                 bar.set(base[u.folder] + int(rec["round"]))
+            c = time.process_time()
             res = run_unit(u, tick if u.kind != "optuna" else None)
+            in_units[0] += time.process_time() - c
             bar.set(base[u.folder] + rounds[u.folder])
             return res
 
@@ -896,7 +899,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
 
         results = run_units(run_unit, todo, jobs=cfg["jobs"], here=here,
                             on_done=done if cfg["jobs"] > 1 else None)
-    parent_cpu = time.process_time() - cpu0
+    parent_cpu = time.process_time() - cpu0 - in_units[0]   # this process's own work, outside the units
     _write_metrics(ctx.out, todo, results)
     return report(ctx, corpus, data, results, t0=t0, parent_cpu=parent_cpu)
 
