@@ -1238,7 +1238,8 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
                 f"({cfg['hyper.lr']:g}), so the arm is its own start, not evidence about the hypergradient.")
         elif moved > 0:
             notes.append(
-                f"Why the tuned rates do not beat the fixed ones: the keep probabilities rose ({moved:+.3f} "
+                f"Why the tuned rates do not clearly beat the fixed ones (not on every measure): the keep "
+                f"probabilities rose ({moved:+.3f} "
                 "on average, less dropout) although the untuned model overfits. The identity approximation "
                 "(and one Neumann term) measures how the validation loss changes over about one more "
                 "training step, and over one step less dropout always fits better; dropout pays off only "
