@@ -356,8 +356,10 @@ CASES = (
     Case("distill", "config=full, one round", ("config=full", ONE),
          ("config=full", "data.dataset=mnist-5k", ONE)),
     Case("data-cleaning", "config=full, one round", ("config=full", ONE), ("config=cpu", ONE)),
-    Case("lstm-dropout", "config=full, one round", ("config=full", ONE),
-         ("config=full", "data.root={synthetic}", ONE)),
+    Case("lstm-dropout", "config=full, one training step and a hyper step, then an evaluation",
+         ("config=full", "train.steps=1", "eval_every=1"),
+         ("config=full", "data.root={synthetic}", "train.steps=1", "eval_every=1"),
+         tiny=("train.steps=2", "eval_every=2")),   # --smoke's hyper step comes every 2 steps
     # the King James Bible ships with the package: never shrunk; one seed keeps it to 7 arms
     Case("lm-reweight", "config=full, one seed, one round", ("config=full", "seeds=[0]", ONE),
          tiny=("train.rounds=1", "seeds=[0]")),

@@ -93,7 +93,7 @@ def test_build_vocab_refuses_a_vocabulary_without_words():
 # The shipped text (kjv.txt.gz): 31 102 verses, ASCII; its SHA-256 is stated in corpora/README.md.
 KJV_TEXT_SHA256 = "b5c4940bcfeee072c0935b5200d0f9d88a00a0199cb0961d16133458fcdfae5d"
 # What load_corpus() gives (90/5/5 by position): verses and tokens per split (<eos> included), and
-# the SHA-256 of each split's token ids (int64, little-endian) at lstm-dropout's default vocabulary 2000.
+# the SHA-256 of each split's token ids (int64, little-endian) at a vocabulary of 2000.
 KJV_VERSES = (27_991, 1_555, 1_556)
 KJV_TOKENS = (859_618, 40_502, 44_690)
 KJV_IDS_2000 = ("d16f57667839c831", "ae24051263986d07", "773663976ae706dc")

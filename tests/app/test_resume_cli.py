@@ -113,7 +113,8 @@ def test_stale_temp_files_are_removed_at_the_next_start(finished: tuple[Path, li
 FEW_ROUNDS = {"weight-decay": ["train.rounds=2"], "families": ["train.rounds=2"],
               "overfit-validation": ["train.rounds=2"], "distill": ["train.rounds=2"],
               "data-cleaning": ["train.rounds=2"],
-              "lstm-dropout": ["train.rounds=2", "data.train_tokens=3000", "data.eval_tokens=700"],
+              "lstm-dropout": ["train.steps=20", "eval_every=10", "seeds=1", "jobs=1", "data.train_tokens=3000",
+                               "data.eval_tokens=700"],
               "augment": ["train.steps=18", "seeds=[0]"],
               "lm-reweight": ["train.rounds=2", "seeds=[0]", "data.n_train=512", "data.n_test=64"]}
 

@@ -32,6 +32,7 @@ examples:
   hypergradients run weight-decay --smoke --out /tmp/wd
   hypergradients run weight-decay --set train.rounds=50 --set arms='["global","weight"]'
   hypergradients run weight-decay --out runs/wd --resume     # continue a killed run
+  hypergradients run lstm-dropout --set config=full --set data.root=ptb --dry-run   # count only
   hypergradients run explain --set theorem.steps=[1,10,100]
   hypergradients run compare --smoke --set methods='["CG","Neumann"]'
   hypergradients run bench --smoke --json
@@ -54,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="overrides the `threads` setting (torch's CPU threads)")
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration that finishes in seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model and the hyperparameter families of each arm, print each "
+                             "family's count and parametrisation, and stop: nothing is trained or written")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress display and no account: print only the report path (or --json)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -221,10 +225,31 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
         return fail(f"cannot write into --out {str(out)!r}: {e}", 1)
 
 
+def dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: the configuration and its data checked as for a run, then the experiment's own
+    description of its models and families printed; no folder is made and nothing is written."""
+    from ..config import ConfigError
+
+    try:
+        if args.resume:
+            raise ConfigError("--dry-run builds a new configuration; drop --resume")
+        exp, cfg, _ = _prepare(argparse.Namespace(**{**vars(args), "out": None}))
+        if exp.dry_run is None:
+            raise ConfigError(f"experiment {exp.name!r} has no dry run (it describes no hyperparameter "
+                              "families before training); drop --dry-run")
+        data = exp.check(cfg) if exp.check is not None else None
+        print(exp.dry_run(cfg, data))
+    except (ConfigError, KeyError) as e:
+        return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from ...training.files import OutputPathError, check_output_dir
     from ..config import ConfigError
 
+    if getattr(args, "dry_run", False):
+        return dry_run(args)
     try:
         exp, cfg, out = _prepare(args)
         check_output_dir(out)

@@ -74,6 +74,11 @@ class Experiment:
     cannot judge alone, such as a data size larger than the dataset, and returns what ``run`` may
     reuse as :attr:`RunContext.data`.
 
+    ``dry_run(config, data)``, if given, builds the experiment's models and hyperparameter families for
+    ``config`` (``data``: what ``check`` returned) and returns their description (each family's count
+    and parametrisation, :func:`~hypergradients.hparams.describe`) without training or writing anything
+    (``hypergradients run --dry-run``).
+
     ``tensorboard=True`` marks one that logs per-round metrics, which ``--tensorboard`` can mirror
     (the others refuse the option). ``resumable=False`` marks an experiment that keeps no
     checkpoints (it recomputes in seconds or minutes): ``--resume`` is refused with that reason, and
@@ -86,6 +91,7 @@ class Experiment:
     smoke: Mapping[str, Any]
     run: Callable[[RunContext], ExperimentResult]
     check: Callable[[Config], Any] | None = None
+    dry_run: Callable[[Config, Any], str] | None = None
     resumable: bool = True
     tensorboard: bool = False
 

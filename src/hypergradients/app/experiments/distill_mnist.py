@@ -183,6 +183,21 @@ def pick_per_class(y: Tensor, classes: int, k: int, g: torch.Generator | None) -
     return torch.cat(picks)
 
 
+def dry_run(cfg: Config, ds: Dataset) -> str:
+    """The learned images' family for this configuration (:func:`~hypergradients.hparams.describe`) and
+    the model it trains, without training."""
+    from ...hparams import describe
+
+    k, C = cfg["distill.per_class"], ds.num_classes
+    fam = DistilledData((ds.num_features,), C, per_class=k,
+                        init=torch.zeros((C * k, ds.num_features), dtype=ds.x_train.dtype))
+    model = mlp(ds.num_features, [], C, flatten=True)
+    weights = sum(p.numel() for p in model.parameters())
+    head = (f"distill ({cfg['config']}): {ds.source}; logistic regression with {weights:,} weights on the "
+            "learned images only")
+    return "\n".join([head, "", describe([fam, FixedL2(cfg["inner.l2"])])])
+
+
 def train_fresh_batched(
     ds: Dataset, xs: Tensor, ys: Tensor, *, seed: int, steps: int, lr: float, l2: float
 ) -> Tensor:
@@ -460,6 +475,7 @@ EXPERIMENT = Experiment(
     smoke=SMOKE,
     run=run,
     check=check,
+    dry_run=dry_run,
 )
 
 __all__ = [
@@ -468,6 +484,7 @@ __all__ = [
     "SCHEMA",
     "SMOKE",
     "check",
+    "dry_run",
     "pick_per_class",
     "run",
     "train_fresh",

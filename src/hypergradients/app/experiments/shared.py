@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -147,15 +147,33 @@ def method(cfg: Config) -> Method:
                       "identity")
 
 
-def optimizer(name: str, lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
-    """The factory ``fit`` takes: ``adam``, ``rmsprop``, ``sgd`` or ``momentum`` (SGD with momentum 0.9)."""
+def optimizer(name: str, lr: float, *, clip: float = 0.0) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    """The factory ``fit`` takes: ``adam``, ``rmsprop``, ``sgd`` or ``momentum`` (SGD with momentum 0.9);
+    ``clip > 0`` rescales the gradients to a total norm of at most ``clip`` before every step
+    (``torch.nn.utils.clip_grad_norm_``, as AWD-LSTM's training loop does)."""
     def make(ps: list[Tensor]) -> torch.optim.Optimizer:
+        cls: type[torch.optim.Optimizer]
+        kw: dict[str, Any] = {"lr": lr}
         if name == "adam":
-            return torch.optim.Adam(ps, lr=lr)
-        if name == "rmsprop":
-            return torch.optim.RMSprop(ps, lr=lr)
-        return torch.optim.SGD(ps, lr=lr, momentum=0.9 if name == "momentum" else 0.0)
+            cls = torch.optim.Adam
+        elif name == "rmsprop":
+            cls = torch.optim.RMSprop
+        else:
+            cls, kw["momentum"] = torch.optim.SGD, 0.9 if name == "momentum" else 0.0
+        return (clipped(cls, clip) if clip > 0 else cls)(ps, **kw)
     return make
+
+
+def clipped(cls: type[torch.optim.Optimizer], max_norm: float) -> type[torch.optim.Optimizer]:
+    """``cls`` whose ``step`` first rescales the gradients of all its parameters to a total (2-)norm of at
+    most ``max_norm``; its state dict is ``cls``'s (checkpoints and resumes unchanged)."""
+    def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return cls.step(self, closure)
+
+    return type(f"Clipped{cls.__name__}", (cls,), {"step": step})
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -204,26 +222,28 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
               hyper_lr: float | None = None,
               seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
               resume: bool | None = None, restart: str = "arm", warmup_steps: int | None = None,
+              inner_steps: int | None = None,
               inner_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
               hyper_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
               hyper_method: Method | None = None) -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
     checkpoint), with the run's settings:
 
-    ``train.rounds`` (or ``rounds``), ``train.inner_steps``, ``train.warmup_steps``, ``train.batch_size``
-    (or ``batch_size``), the inner optimizer ``train.optimizer`` (Adam where absent) at ``train.lr``, the
-    hyper optimizer ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method`,
-    ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.batch_size`` (the hyper step's
-    training batch; default ``train.batch_size``), ``hyper.on_solver_error``, ``hyper.warm_start``,
-    ``hyper.hvp_mode``, ``seed`` (or ``seed``), ``eval_every``, ``checkpoint_every``; a key the
-    schema does not have keeps ``fit``'s default. ``warmup_steps``, ``inner_optimizer``,
-    ``hyper_optimizer`` (factories) and ``hyper_method`` replace what the keys would give, for an
-    experiment whose schema spells them otherwise. ``--resume`` continues from the checkpoint (``resume``
-    overrides it); ``--tensorboard`` logs the rounds to ``<run>/tensorboard/<arm>``. Skipped hyper steps
-    are counted in the result, not warned; an unreadable checkpoint names the folder to delete to
-    restart that ``restart`` (``arm``, ``run``). Without a ``hyper.warm_start`` key each hyper step
-    solves from scratch (``warm_start=False``), the setting the experiments' documented figures
-    were measured with.
+    ``train.rounds`` (or ``rounds``), ``train.inner_steps`` (or ``inner_steps``), ``train.warmup_steps``,
+    ``train.batch_size`` (or ``batch_size``), the inner optimizer ``train.optimizer`` (Adam where absent)
+    at ``train.lr`` with ``train.clip`` (gradient-norm clipping, where present), the hyper optimizer
+    ``hyper.optimizer`` (Adam) at ``hyper.lr`` (or ``hyper_lr``), :func:`method`,
+    ``hyper.val_batch_size`` (0: all; or ``val_batch_size``), ``hyper.batch_size`` or
+    ``hyper.train_batch_size`` (the hyper step's training batch; 0 or absent: ``train.batch_size``),
+    ``hyper.on_solver_error``, ``hyper.warm_start``, ``hyper.hvp_mode``, ``seed`` (or ``seed``),
+    ``eval_every``, ``checkpoint_every``; a key the schema does not have keeps ``fit``'s default.
+    ``warmup_steps``, ``inner_optimizer``, ``hyper_optimizer`` (factories) and ``hyper_method`` replace
+    what the keys would give, for an experiment whose schema spells them otherwise. ``--resume``
+    continues from the checkpoint (``resume`` overrides it); ``--tensorboard`` logs the rounds to
+    ``<run>/tensorboard/<arm>``. Skipped hyper steps are counted in the result, not warned; an
+    unreadable checkpoint names the folder to delete to restart that ``restart`` (``arm``, ``run``).
+    Without a ``hyper.warm_start`` key each hyper step solves from scratch (``warm_start=False``), the
+    setting the experiments' documented figures were measured with.
     """
     cfg = ctx.config
     kwargs: dict[str, Any] = {"warm_start": False}
@@ -236,6 +256,8 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
         kwargs["warmup_steps"] = warmup_steps
     if val_batch_size == "config":
         val_batch_size = (cfg["hyper.val_batch_size"] or None) if "hyper.val_batch_size" in cfg else None
+    if cfg.get("hyper.train_batch_size"):
+        kwargs["hyper_batch_size"] = cfg["hyper.train_batch_size"]
     if loss_fn is not None:
         kwargs["loss_fn"] = loss_fn
     if out is not None:
@@ -247,9 +269,9 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
             return fit(
                 model, fams, train, val,
                 rounds=cfg["train.rounds"] if rounds is None else rounds,
-                inner_steps=cfg["train.inner_steps"],
-                inner_optimizer=inner_optimizer or optimizer(cfg.get("train.optimizer", "adam"),
-                                                             cfg["train.lr"]),
+                inner_steps=cfg["train.inner_steps"] if inner_steps is None else inner_steps,
+                inner_optimizer=inner_optimizer or optimizer(
+                    cfg.get("train.optimizer", "adam"), cfg["train.lr"], clip=cfg.get("train.clip", 0.0)),
                 hyper_optimizer=hyper_optimizer or optimizer(
                     cfg.get("hyper.optimizer", "adam"), cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
                 method=hyper_method or method(cfg),
@@ -269,6 +291,70 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
         finally:
             if tb is not None:
                 tb.close()
+
+
+U = TypeVar("U")
+R = TypeVar("R")
+
+
+def run_units(fn: Callable[[U], R], units: Sequence[U], *, jobs: int,
+              on_done: Callable[[int, R], None] | None = None,
+              here: Callable[[U], R] | None = None) -> list[R]:
+    """``fn(unit)`` for every unit, the results in the order of ``units``.
+
+    ``jobs == 1`` (or a single unit): one after the other in this process (``here`` instead of ``fn``
+    where given, e.g. ``fn`` with a progress display bound to it). ``jobs > 1``: in ``jobs`` fresh
+    processes (``spawn``: nothing of this process's state is inherited), so ``fn`` must be a
+    module-level function and the units picklable; ``on_done(i, result)`` is called here as each
+    unit finishes. The results do not depend on ``jobs`` as long as every unit seeds whatever it
+    draws from and sets its own thread count (as a fresh process would need anyway). The first
+    failure is raised here (as itself when it can cross the process boundary, else as a
+    ``RuntimeError`` carrying its text) after the other units are cancelled.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    results: list[Any] = [None] * len(units)
+    if jobs == 1 or len(units) <= 1:
+        call = here or fn
+        for i, u in enumerate(units):
+            results[i] = call(u)
+            if on_done is not None:
+                on_done(i, results[i])
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(units)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        index = {pool.submit(_portable, fn, u): i for i, u in enumerate(units)}
+        pending = set(index)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    results[index[f]] = f.result()   # raises the unit's error
+                    if on_done is not None:
+                        on_done(index[f], results[index[f]])
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return results
+
+
+def _portable(fn: Callable[[U], R], unit: U) -> R:
+    """``fn(unit)`` in a worker process, with an error that cannot be pickled (one whose constructor
+    takes keyword arguments) turned into a ``RuntimeError`` that says what it was."""
+    import pickle
+
+    try:
+        return fn(unit)
+    except Exception as e:
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:
+            raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        raise
 
 
 def hyper_steps(res: TrainResult) -> str:
