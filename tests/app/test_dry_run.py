@@ -19,11 +19,28 @@ WORDS = "the cat sat on the mat and the dog ran to the cat while a bird sang in 
 def _ptb(tmp: Path) -> Path:
     """PTB's three files, of random sentences long enough for the full configuration's 70-token sequences."""
     g = torch.Generator().manual_seed(0)
-    root = tmp / "ptb"
+    root = tmp / "data"
     root.mkdir()
     for name in ("train", "valid", "test"):
         lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=g)) for _ in range(20)]
         (root / f"ptb.{name}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _cifar(tmp: Path) -> Path:
+    """CIFAR-10's batch files (torchvision's layout) holding 20 random images each."""
+    import pickle
+
+    import numpy as np
+
+    root = tmp / "data"
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"labels": [int(v) for v in rng.integers(0, 10, size=20)],
+             b"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     return root
 
 
@@ -38,10 +55,8 @@ COUNTS = [
     ("lstm-dropout", ["config=full", "arms=['ours_many']"], 1_691_951),
     # dataset distillation: one 28 × 28 image per MNIST class (the bundled subset has the same images' shape)
     ("distill", ["config=full", "data.dataset='mnist-5k'"], 7_840),
-    # augment: the authors' U-Net (depth 2, wf 3, one noise channel) has 6,659 weights. Its dry run comes
-    # with the augment experiment's authors' network: add
-    #     ("augment", ["config=full", ...], 6_659),
-    # here when `hypergradients run augment --dry-run` exists.
+    # augment: the authors' U-Net (depth 2, wf 3, one noise channel) on CIFAR-10's 3 channels
+    ("augment", ["config=full", "arms=['augnet+hand']"], 6_659),
 ]
 
 
@@ -50,12 +65,13 @@ def test_full_configurations_have_the_papers_counts(name: str, sets: list[str], 
                                                      capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    extra = [f"data.root='{_ptb(tmp_path)}'"] if name == "lstm-dropout" else []
+    extra = ([f"data.root='{_ptb(tmp_path)}'"] if name == "lstm-dropout" else
+             [f"data.root='{_cifar(tmp_path)}'"] if name == "augment" else [])
     args = ["run", name, "--dry-run"] + [a for s in [*sets, *extra] for a in ("--set", s)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert total in _totals(out), out
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["ptb"] if extra else [])   # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if extra else [])   # nothing written
 
 
 def test_lstm_dry_run_describes_every_arm(tmp_path: Path, capsys: pytest.CaptureFixture[str],

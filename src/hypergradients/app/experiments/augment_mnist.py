@@ -405,6 +405,23 @@ def _network(cfg: Config, ds: Dataset, seed: int, device: torch.device) -> Augme
     return AugmentNet(c, depth=cfg["augment.depth"], wf=cfg["augment.wf"], **kw)
 
 
+def dry_run(cfg: Config, data: tuple[Dataset, tuple[Tensor, Tensor] | None]) -> str:
+    """The classifier and each arm's hyperparameters for this configuration
+    (:func:`~hypergradients.hparams.describe`), built on the data's image shape, without training."""
+    cfg = with_preset(cfg)
+    ds, _ = data
+    seed = cfg["seeds"][0]
+    model = _model(cfg, ds, seed, torch.device("cpu"))
+    weights = sum(p.numel() for p in model.parameters())
+    lines = [f"augment ({cfg['config']}): {ds.source}, images {tuple(ds.input_shape)}; classifier "
+             f"{cfg['model.name']} with {weights:,} weights"]
+    for arm in cfg["arms"]:
+        lines += ["", f"{arm} ({ARM_NAMES[arm]}):"]
+        lines.append(describe([_network(cfg, ds, seed, torch.device("cpu"))]) if arm in LEARNED
+                     else "(no hyperparameters)")
+    return "\n".join(lines)
+
+
 def _method(cfg: Config) -> Method:
     """The approximation of ``hyper.method`` (its ``α`` set before each hyper step by :class:`_Schedules`)."""
     name, iters = cfg["hyper.method"], cfg["hyper.iters"]
@@ -1119,6 +1136,7 @@ EXPERIMENT = Experiment(
     smoke=SMOKE,
     run=run,
     check=check,
+    dry_run=dry_run,
 )
 
 __all__ = [
@@ -1131,6 +1149,7 @@ __all__ = [
     "check",
     "cnn",
     "diagnose",
+    "dry_run",
     "interpret",
     "mean_std",
     "overfitting",
