@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test lint format bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -21,12 +21,18 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+
+# The one formatter (configured in pyproject.toml); `make test` checks that it has been applied.
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks
 
 # Optional, not part of `make test`: one venv per peer library (idempotent; a peer that fails to
 # install is recorded in benchmarks/.envs/STATUS and skipped), then the side-by-side tables.

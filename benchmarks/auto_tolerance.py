@@ -35,8 +35,12 @@ import problems as P  # noqa: E402  (the shared problems with known answers live
 KAPPAS = (1e1, 1e2, 1e3, 1e4)
 SEEDS = range(8)
 SIZES = ((60, 150, 100), (200, 500, 300))  # (d, training rows, validation rows)
-RULES = {"residual only (old default)": hg.Auto(error_tol=None), "error_tol=1e-1": hg.Auto(error_tol=1e-1),
-         "error_tol=3e-2 (new default)": hg.Auto(), "error_tol=1e-2": hg.Auto(error_tol=1e-2)}
+RULES = {
+    "residual only (old default)": hg.Auto(error_tol=None),
+    "error_tol=1e-1": hg.Auto(error_tol=1e-1),
+    "error_tol=3e-2 (new default)": hg.Auto(),
+    "error_tol=1e-2": hg.Auto(error_tol=1e-2),
+}
 
 
 def cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -57,18 +61,28 @@ def main() -> None:
                 ev = torch.linalg.eigvalsh(prob.hessian)
                 conds.append(float(ev[-1] / ev[0]))
                 for name, method in RULES.items():
-                    g, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                                               method=method, return_info=True)
+                    g, info = hg.hypergradient(
+                        prob.outer_loss,
+                        prob.inner_loss,
+                        prob.params,
+                        prob.hparams,
+                        method=method,
+                        return_info=True,
+                    )
                     res[name].append((cosine(g, prob.reference), info.hvps, bool(info.converged)))
             row: dict[str, object] = {"d": d, "kappa": kappa, "cond_measured": [min(conds), max(conds)]}
             for name, r in res.items():
-                row[name] = {"min_cos": min(c for c, _, _ in r),
-                             "median_cos": statistics.median(c for c, _, _ in r),
-                             "mean_hvps": statistics.mean(h for _, h, _ in r),
-                             "not_converged": sum(not ok for _, _, ok in r)}
+                row[name] = {
+                    "min_cos": min(c for c, _, _ in r),
+                    "median_cos": statistics.median(c for c, _, _ in r),
+                    "mean_hvps": statistics.mean(h for _, h, _ in r),
+                    "not_converged": sum(not ok for _, _, ok in r),
+                }
             rows.append(row)
-    print(f"{len(SEEDS)} seeds per (d, κ), cold calls, float64. Each cell: smallest cosine with the exact "
-          "hypergradient / mean HVPs\n(* = some calls stopped at max_iters=200 before both rules held)\n")
+    print(
+        f"{len(SEEDS)} seeds per (d, κ), cold calls, float64. Each cell: smallest cosine with the exact "
+        "hypergradient / mean HVPs\n(* = some calls stopped at max_iters=200 before both rules held)\n"
+    )
     print("| d | κ = cond(H) | " + " | ".join(RULES) + " |")
     print("|---:|---:|" + "---:|" * len(RULES))
     for row in rows:
@@ -80,8 +94,13 @@ def main() -> None:
             cells.append(f"{c['min_cos']:.5f} / {c['mean_hvps']:.1f}{star}")
         print(f"| {row['d']} | {row['kappa']:.0e} | " + " | ".join(cells) + " |")
     out = ROOT / "benchmarks" / "results" / "auto_tolerance.json"
-    out.write_text(json.dumps({"sizes": SIZES, "seeds": len(SEEDS), "rows": rows,
-                               "wall_s": time.perf_counter() - t0}, indent=1) + "\n", encoding="utf-8")
+    out.write_text(
+        json.dumps(
+            {"sizes": SIZES, "seeds": len(SEEDS), "rows": rows, "wall_s": time.perf_counter() - t0}, indent=1
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"\n({time.perf_counter() - t0:.0f} s; written {out.relative_to(ROOT)})")
 
 

@@ -42,8 +42,12 @@ FD = "finite-difference"
 def column_errors(prob: P.Problem, dtype: torch.dtype) -> list[float]:
     """``‖H_fd e_i − H e_i‖/‖H e_i‖`` for every unit vector ``e_i`` (H the dense float64 Hessian)."""
     _, inner, w, lam = in_dtype(prob, dtype)
-    D = InnerDerivatives(inner, tree.clone_leaves(w, requires_grad=True),
-                         tree.clone_leaves(lam, requires_grad=True), hvp_mode=FD)
+    D = InnerDerivatives(
+        inner,
+        tree.clone_leaves(w, requires_grad=True),
+        tree.clone_leaves(lam, requires_grad=True),
+        hvp_mode=FD,
+    )
     n = prob.hessian.shape[0]
     eye = torch.eye(n, dtype=dtype)
     errs = []
@@ -68,8 +72,10 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     probs = [P.conditioned_logistic(k) for k in KAPPAS] + [make() for make in P.ALL.values()]
-    print("| problem | cond(H) | dtype | HVP, random v | HVP, unit columns: median | max | Exact, fd | "
-          "Exact, reverse |")
+    print(
+        "| problem | cond(H) | dtype | HVP, random v | HVP, unit columns: median | max | Exact, fd | "
+        "Exact, reverse |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for prob in probs:
         ev = torch.linalg.eigvalsh(prob.hessian)
@@ -78,8 +84,10 @@ def main() -> None:
             rnd = statistics.median(hvp_error(prob, dt, seed=s) for s in range(5))
             cols = column_errors(prob, dt)
             fd, rev = exact_errors(prob, dt)
-            print(f"| {prob.name} | {cond:.3g} | {str(dt)[6:]} | {rnd:.1e} | {statistics.median(cols):.1e} | "
-                  f"{max(cols):.1e} | {fd:.1e} | {rev:.1e} |")
+            print(
+                f"| {prob.name} | {cond:.3g} | {str(dt)[6:]} | {rnd:.1e} | {statistics.median(cols):.1e} | "
+                f"{max(cols):.1e} | {fd:.1e} | {rev:.1e} |"
+            )
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

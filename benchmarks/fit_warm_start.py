@@ -54,15 +54,31 @@ def run(seed: int, method: hg.Method | None, warm: bool) -> dict[str, Any]:
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 2))
     wd = hg.WeightDecay(model, granularity="layer", init=1e-3)
     t0 = time.perf_counter()
-    res = hg.fit(model, [wd], sets["train"], sets["val"], rounds=40, inner_steps=10, batch_size=64,
-                 inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
-                 hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05), method=method, seed=seed,
-                 warm_start=warm, eval_sets={"test": sets["test"]}, eval_every=40)
+    res = hg.fit(
+        model,
+        [wd],
+        sets["train"],
+        sets["val"],
+        rounds=40,
+        inner_steps=10,
+        batch_size=64,
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+        method=method,
+        seed=seed,
+        warm_start=warm,
+        eval_sets={"test": sets["test"]},
+        eval_every=40,
+    )
     wall = time.perf_counter() - t0
-    return {"hvps": sum(int(r.get("hvps", 0)) for r in res.metrics), "wall_s": wall,
-            "test_loss": res.final["test_loss"], "skipped": res.skipped_hyper_steps,
-            "retried": res.retried_hyper_steps,
-            "decays": {k: float(v) for k, v in res.natural.items()}}
+    return {
+        "hvps": sum(int(r.get("hvps", 0)) for r in res.metrics),
+        "wall_s": wall,
+        "test_loss": res.final["test_loss"],
+        "skipped": res.skipped_hyper_steps,
+        "retried": res.retried_hyper_steps,
+        "decays": {k: float(v) for k, v in res.natural.items()},
+    }
 
 
 def main() -> None:
@@ -73,18 +89,25 @@ def main() -> None:
         for seed in SEEDS:
             for arm in ("cold", "warm"):
                 out[name][arm].append(run(seed, method, arm == "warm"))
-    print("| method | HVPs, cold | HVPs, warm | wall s, cold | wall s, warm | test loss, cold | test loss, "
-          "warm | worst rel. difference of the final decays |")
+    print(
+        "| method | HVPs, cold | HVPs, warm | wall s, cold | wall s, warm | test loss, cold | test loss, "
+        "warm | worst rel. difference of the final decays |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, arms in out.items():
         cold, warm = arms["cold"], arms["warm"]
-        diff = max(abs(w["decays"][k] / c["decays"][k] - 1) for c, w in zip(cold, warm, strict=True)
-                   for k in c["decays"])
+        diff = max(
+            abs(w["decays"][k] / c["decays"][k] - 1)
+            for c, w in zip(cold, warm, strict=True)
+            for k in c["decays"]
+        )
         hvps = [statistics.mean(r["hvps"] for r in rows) for rows in (cold, warm)]
         wall = [statistics.mean(r["wall_s"] for r in rows) for rows in (cold, warm)]
         loss = [", ".join(f"{r['test_loss']:.4f}" for r in rows) for rows in (cold, warm)]
-        print(f"| `{name}` | {hvps[0]:.0f} | {hvps[1]:.0f} | {wall[0]:.2f} | {wall[1]:.2f} | {loss[0]} | "
-              f"{loss[1]} | {diff:.2g} |")
+        print(
+            f"| `{name}` | {hvps[0]:.0f} | {hvps[1]:.0f} | {wall[0]:.2f} | {wall[1]:.2f} | {loss[0]} | "
+            f"{loss[1]} | {diff:.2g} |"
+        )
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "results" / "fit_warm_start.json").write_text(json.dumps(out, indent=1))
 

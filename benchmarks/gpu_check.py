@@ -83,10 +83,36 @@ class Size:
     repeats: int
 
 
-SIZES = {"full": Size(n=4000, n_val=1000, d=400, steps=20, iters=50, vocab=200, embed=32, hidden=64, batch=32,
-                      seq=20, smoke=False, repeats=3),
-         "tiny": Size(n=40, n_val=20, d=6, steps=3, iters=4, vocab=12, embed=4, hidden=5, batch=3, seq=4,
-                      smoke=True, repeats=1)}
+SIZES = {
+    "full": Size(
+        n=4000,
+        n_val=1000,
+        d=400,
+        steps=20,
+        iters=50,
+        vocab=200,
+        embed=32,
+        hidden=64,
+        batch=32,
+        seq=20,
+        smoke=False,
+        repeats=3,
+    ),
+    "tiny": Size(
+        n=40,
+        n_val=20,
+        d=6,
+        steps=3,
+        iters=4,
+        vocab=12,
+        embed=4,
+        hidden=5,
+        batch=3,
+        seq=4,
+        smoke=True,
+        repeats=1,
+    ),
+}
 
 
 @dataclass
@@ -95,9 +121,9 @@ class Row:
     case: str
     dtype: str = "-"
     status: str = "ok"
-    error: float | None = None        # relative error against the CPU
+    error: float | None = None  # relative error against the CPU
     tol: float | None = None
-    ms: float | None = None           # per hypergradient (method, lstm) or per run (experiment)
+    ms: float | None = None  # per hypergradient (method, lstm) or per run (experiment)
     peak_mb: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +171,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[An
 
 # ---- part 1: the methods on a logistic regression --------------------------------------------------
 
+
 @dataclass
 class Logistic:
     X: Tensor
@@ -156,8 +183,9 @@ class Logistic:
     lam_max: float
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Logistic:
-        X, y, Xv, yv, w, log_decay = (t.to(device, dtype) for t in (self.X, self.y, self.Xv, self.yv, self.w,
-                                                                     self.log_decay))
+        X, y, Xv, yv, w, log_decay = (
+            t.to(device, dtype) for t in (self.X, self.y, self.Xv, self.yv, self.w, self.log_decay)
+        )
         return Logistic(X, y, Xv, yv, w, log_decay, self.lam_max)
 
 
@@ -189,15 +217,19 @@ def method_cases(size: Size, lam_max: float) -> list[tuple[str, Any]]:
     """Every method with fixed iteration counts (tolerance 0): the device and the CPU iterate alike."""
     import hypergradients as hg
 
-    lr = 1.0 / lam_max   # inside 0 < lr < 2/λ_max: the path converges
+    lr = 1.0 / lam_max  # inside 0 < lr < 2/λ_max: the path converges
     k = size.iters
-    return [("Exact", hg.Exact()), ("CG", hg.CG(iters=k, tol=0.0)),
-            ("Neumann", hg.Neumann(iters=k, alpha="auto", power_iters=k)), ("Identity", hg.Identity()),
-            ("Nystrom", hg.Nystrom(rank=min(20, size.d))),
-            ("Auto", hg.Auto(tol=0.0, max_iters=k, error_tol=None)),
-            ("Unrolled", hg.Unrolled(steps=size.steps, lr=lr)),
-            ("Forward", hg.Forward(steps=size.steps, lr=lr)),
-            ("root_hypergradient GMRES", hg.GMRES(iters=k, tol=0.0, restart=min(30, k)))]
+    return [
+        ("Exact", hg.Exact()),
+        ("CG", hg.CG(iters=k, tol=0.0)),
+        ("Neumann", hg.Neumann(iters=k, alpha="auto", power_iters=k)),
+        ("Identity", hg.Identity()),
+        ("Nystrom", hg.Nystrom(rank=min(20, size.d))),
+        ("Auto", hg.Auto(tol=0.0, max_iters=k, error_tol=None)),
+        ("Unrolled", hg.Unrolled(steps=size.steps, lr=lr)),
+        ("Forward", hg.Forward(steps=size.steps, lr=lr)),
+        ("root_hypergradient GMRES", hg.GMRES(iters=k, tol=0.0, restart=min(30, k))),
+    ]
 
 
 def hypergradient_fn(prob: Logistic, method: Any) -> Callable[[], dict[str, Tensor]]:
@@ -249,13 +281,14 @@ def check_methods(device: torch.device, size: Size) -> list[Row]:
                 got, row.ms, row.peak_mb = timed(hypergradient_fn(dev, method), device, size.repeats)
                 row.error = rel_err(got, want)
                 row.status = "ok" if row.error <= TOL[dtype] else "FAIL"
-            except Exception as e:   # a crash on the device is a finding, not the end of the check
+            except Exception as e:  # a crash on the device is a finding, not the end of the check
                 row.status, row.note = "FAIL", _why(e)
             rows.append(row)
     return rows
 
 
 # ---- part 2: an LSTM through cuDNN ------------------------------------------------------------------
+
 
 class LanguageModel(nn.Module):
     def __init__(self, vocab: int, embed: int, hidden: int) -> None:
@@ -270,8 +303,9 @@ class LanguageModel(nn.Module):
         return out
 
 
-def lstm_problem(size: Size, device: torch.device,
-                 dtype: torch.dtype) -> tuple[Any, Any, dict[str, Tensor], dict[str, Tensor]]:
+def lstm_problem(
+    size: Size, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any, dict[str, Tensor], dict[str, Tensor]]:
     """``(inner, outer, params, hparams)`` of the LSTM: the same weights and tokens on every device."""
     import hypergradients as hg
 
@@ -288,8 +322,10 @@ def lstm_problem(size: Size, device: torch.device,
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def penalty(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
-        return 0.5 * sum((h[k.replace(".", "_")].exp() * (w * w).sum() for k, w in p.items()),
-                         torch.zeros((), dtype=dtype, device=device))
+        return 0.5 * sum(
+            (h[k.replace(".", "_")].exp() * (w * w).sum() for k, w in p.items()),
+            torch.zeros((), dtype=dtype, device=device),
+        )
 
     inner, outer = hg.make_losses(model, loss, train, val, penalty=penalty, modes=("train", "train"))
     params = hg.module_params(model)
@@ -300,30 +336,41 @@ def lstm_problem(size: Size, device: torch.device,
 def check_lstm(device: torch.device, size: Size) -> list[Row]:
     import hypergradients as hg
 
-    method = hg.CG(iters=size.iters, tol=0.0, damping=1.0)   # damped: these weights are not a minimum
+    method = hg.CG(iters=size.iters, tol=0.0, damping=1.0)  # damped: these weights are not a minimum
     inner, outer, params, hparams = lstm_problem(size, torch.device("cpu"), torch.float64)
     want = hg.hypergradient(outer, inner, params, hparams, method=method)
     rows = []
     for dtype in DTYPES:
         # Whether torch's LSTM takes cuDNN's kernels for this device and dtype (else its own, which
         # have a double backward).
-        cudnn = (device.type == "cuda" and torch.backends.cudnn.enabled
-                 and torch.backends.cudnn.is_acceptable(torch.zeros(1, device=device, dtype=dtype)))
+        cudnn = (
+            device.type == "cuda"
+            and torch.backends.cudnn.enabled
+            and torch.backends.cudnn.is_acceptable(torch.zeros(1, device=device, dtype=dtype))
+        )
         problem = lstm_problem(size, device, dtype)
         for mode in ("reverse", "finite-difference"):
-            row = Row("lstm", f"LSTM {'cuDNN' if cudnn else 'native'}, hvp_mode={mode}",
-                      str(dtype).removeprefix("torch."), tol=LSTM_TOL[dtype])
+            row = Row(
+                "lstm",
+                f"LSTM {'cuDNN' if cudnn else 'native'}, hvp_mode={mode}",
+                str(dtype).removeprefix("torch."),
+                tol=LSTM_TOL[dtype],
+            )
 
             def call(mode: Any = mode, problem: Any = problem) -> dict[str, Tensor]:
                 inner, outer, params, hparams = problem
                 return hg.hypergradient(outer, inner, params, hparams, method=method, hvp_mode=mode)
+
             try:
                 got, row.ms, row.peak_mb = timed(call, device, size.repeats)
             except hg.HypergradientError as e:
                 refused = mode == "reverse" and "finite-difference" in str(e)
                 row.status = "refused" if refused else "FAIL"
-                row.note = ("the library's error: no double backward (use hvp_mode='finite-difference')"
-                            if refused else _why(e))
+                row.note = (
+                    "the library's error: no double backward (use hvp_mode='finite-difference')"
+                    if refused
+                    else _why(e)
+                )
             except Exception as e:
                 row.status, row.note = "FAIL", _why(e)
             else:
@@ -335,6 +382,7 @@ def check_lstm(device: torch.device, size: Size) -> list[Row]:
 
 
 # ---- part 3: the command line's experiments ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -353,22 +401,37 @@ CASES = (
     Case("weight-decay", "the main job, default configuration"),
     Case("families", "default configuration (it has no config=full), one round", (ONE,)),
     Case("overfit-validation", "config=full, one round", ("config=full", ONE), ("config=cpu", ONE)),
-    Case("distill", "config=full, one round", ("config=full", ONE),
-         ("config=full", "data.dataset=mnist-5k", ONE)),
+    Case(
+        "distill",
+        "config=full, one round",
+        ("config=full", ONE),
+        ("config=full", "data.dataset=mnist-5k", ONE),
+    ),
     Case("data-cleaning", "config=full, one round", ("config=full", ONE), ("config=cpu", ONE)),
-    Case("lstm-dropout", "config=full, one training step and a hyper step, then an evaluation",
-         ("config=full", "train.steps=1", "eval_every=1"),
-         ("config=full", "data.root={synthetic}", "train.steps=1", "eval_every=1"),
-         tiny=("train.steps=2", "eval_every=2")),   # --smoke's hyper step comes every 2 steps
+    Case(
+        "lstm-dropout",
+        "config=full, one training step and a hyper step, then an evaluation",
+        ("config=full", "train.steps=1", "eval_every=1"),
+        ("config=full", "data.root={synthetic}", "train.steps=1", "eval_every=1"),
+        tiny=("train.steps=2", "eval_every=2"),
+    ),  # --smoke's hyper step comes every 2 steps
     # the King James Bible ships with the package: never shrunk; one seed keeps it to 7 arms
-    Case("lm-reweight", "config=full, one seed, one round", ("config=full", "seeds=[0]", ONE),
-         tiny=("train.rounds=1", "seeds=[0]")),
+    Case(
+        "lm-reweight",
+        "config=full, one seed, one round",
+        ("config=full", "seeds=[0]", ONE),
+        tiny=("train.rounds=1", "seeds=[0]"),
+    ),
     # Not config=full with data.dataset=mnist-5k: the preset replaces a key left at its default value
     # (mnist-5k is augment's), so that would still ask for CIFAR-10.
     # augment counts inner steps (a round is train.inner_steps of them: 9, the smoke's 2)
-    Case("augment", "config=full, one round", ("config=full", "train.steps=9"),
-         ("config=cpu", "model.name=resnet18", "train.steps=9"),
-         tiny=("train.steps=2", "model.name=cnn", "seeds=[0]")),
+    Case(
+        "augment",
+        "config=full, one round",
+        ("config=full", "train.steps=9"),
+        ("config=cpu", "model.name=resnet18", "train.steps=9"),
+        tiny=("train.steps=2", "model.name=cnn", "seeds=[0]"),
+    ),
 )
 
 
@@ -377,10 +440,13 @@ def synthetic_ptb(folder: Path, tokens: int, seed: int = 0) -> Path:
     20 per line: text in PTB's format where PTB is absent, to run the full model on the device."""
     g = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, 10_001, dtype=torch.float64)
-    for name, n in (("ptb.train.txt", tokens), ("ptb.valid.txt", tokens // 10),
-                    ("ptb.test.txt", tokens // 10)):
+    for name, n in (
+        ("ptb.train.txt", tokens),
+        ("ptb.valid.txt", tokens // 10),
+        ("ptb.test.txt", tokens // 10),
+    ):
         ids = torch.multinomial(probs, n, replacement=True, generator=g).tolist()
-        lines = [" ".join(f"w{i}" for i in ids[s:s + 20]) for s in range(0, n, 20)]
+        lines = [" ".join(f"w{i}" for i in ids[s : s + 20]) for s in range(0, n, 20)]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
@@ -429,15 +495,25 @@ def check_experiments(device: torch.device, size: Size, deadline: float) -> list
                 rows.append(row)
                 continue
             out = work / case.name
-            argv = ["run", case.name, "--device", device.type, "--out", str(out), "--json", "--quiet",
-                    *(["--smoke"] if size.smoke else []), *[a for s in sets for a in ("--set", s)]]
+            argv = [
+                "run",
+                case.name,
+                "--device",
+                device.type,
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+                *(["--smoke"] if size.smoke else []),
+                *[a for s in sets for a in ("--set", s)],
+            ]
             stdout, stderr = io.StringIO(), io.StringIO()
             _reset_peak(device)
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 try:
                     code = cli(argv)
-                except Exception:   # the command line should turn every error into a status: say so
+                except Exception:  # the command line should turn every error into a status: say so
                     traceback.print_exc()
                     code = -1
             _sync(device)
@@ -448,8 +524,11 @@ def check_experiments(device: torch.device, size: Size, deadline: float) -> list
                 doc = json.loads(stdout.getvalue())
                 row.extra["rows"] = doc["rows"]
                 rounds = read_toml(out / "config.toml").get("train.rounds")
-                per = [f"{r.get('method', r.get('arm', '?'))} {1e3 * r['wall_s'] / rounds:.0f} ms"
-                       for r in doc["rows"] if isinstance(r.get("wall_s"), float) and isinstance(rounds, int)]
+                per = [
+                    f"{r.get('method', r.get('arm', '?'))} {1e3 * r['wall_s'] / rounds:.0f} ms"
+                    for r in doc["rows"]
+                    if isinstance(r.get("wall_s"), float) and isinstance(rounds, int)
+                ]
                 if per and rounds and rounds > 1:
                     notes.append(f"per round ({rounds} rounds): " + ", ".join(per))
             else:
@@ -465,6 +544,7 @@ def check_experiments(device: torch.device, size: Size, deadline: float) -> list
 
 # ---- the report -------------------------------------------------------------------------------------
 
+
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
 
@@ -478,22 +558,30 @@ def markdown(rows: Sequence[Row]) -> str:
     lines = [head, "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         status = f"**{r.status}**" if r.status != "ok" else r.status
-        lines.append(f"| {r.part} | {r.case} | {r.dtype} | {status} | {_cell(r.error, '.1e')} | "
-                     f"{_cell(r.tol, '.0e')} | {_cell(r.ms, '.1f')} | {_cell(r.peak_mb, '.1f')} | "
-                     f"{r.note.replace('|', '/')} |")
+        lines.append(
+            f"| {r.part} | {r.case} | {r.dtype} | {status} | {_cell(r.error, '.1e')} | "
+            f"{_cell(r.tol, '.0e')} | {_cell(r.ms, '.1f')} | {_cell(r.peak_mb, '.1f')} | "
+            f"{r.note.replace('|', '/')} |"
+        )
     return "\n".join(lines)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     import hypergradients as hg
 
-    env: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
-                           "hypergradients": hg.__version__, "python": platform.python_version()}
+    env: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "hypergradients": hg.__version__,
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
-        env.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(),
-                   tf32={"matmul": torch.backends.cuda.matmul.allow_tf32,
-                         "cudnn": torch.backends.cudnn.allow_tf32})
+        env.update(
+            name=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32={"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        )
     return env
 
 
@@ -501,22 +589,33 @@ def main(argv: list[str] | None = None) -> int:
     from hypergradients.training.files import json_dumps  # JSON without NaN: a failed row may hold one
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="where to run the cases (cpu: a dry run of the same code, for the tests)")
+    ap.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="where to run the cases (cpu: a dry run of the same code, for the tests)",
+    )
     ap.add_argument("--size", choices=tuple(SIZES), default="full", help="tiny: seconds, code paths only")
-    ap.add_argument("--parts", default="method,lstm,experiment",
-                    help="comma-separated parts to run (default: all three)")
+    ap.add_argument(
+        "--parts", default="method,lstm,experiment", help="comma-separated parts to run (default: all three)"
+    )
     ap.add_argument("--json", default="runs/gpu_check.json", metavar="FILE", help="where the JSON goes")
-    ap.add_argument("--budget-s", type=float, default=540.0,
-                    help="experiments not started by then are skipped (default 540: the check < 10 min)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="experiments not started by then are skipped (default 540: the check < 10 min)",
+    )
     args = ap.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"method", "lstm", "experiment"}
     if unknown:
         ap.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from method, lstm, experiment")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: skipped: torch sees no CUDA device here (run it on a machine with one, or "
-              "--device cpu --size tiny for a dry run)")
+        print(
+            "gpu_check: skipped: torch sees no CUDA device here (run it on a machine with one, or "
+            "--device cpu --size tiny for a dry run)"
+        )
         return 0
     device = torch.device(args.device)
     size = SIZES[args.size]
@@ -533,10 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     failed = [r for r in rows if r.status == "FAIL"]
     print(f"\n{len(rows)} rows: {len(rows) - len(failed)} without failure, {len(failed)} FAIL; {wall:.0f} s")
-    doc = {"environment": environment(device), "size": args.size, "wall_s": wall,
-           "tolerances": {"method": {str(k).removeprefix("torch."): v for k, v in TOL.items()},
-                          "lstm": {str(k).removeprefix("torch."): v for k, v in LSTM_TOL.items()}},
-           "rows": [asdict(r) for r in rows], "markdown": table}
+    doc = {
+        "environment": environment(device),
+        "size": args.size,
+        "wall_s": wall,
+        "tolerances": {
+            "method": {str(k).removeprefix("torch."): v for k, v in TOL.items()},
+            "lstm": {str(k).removeprefix("torch."): v for k, v in LSTM_TOL.items()},
+        },
+        "rows": [asdict(r) for r in rows],
+        "markdown": table,
+    }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json_dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")

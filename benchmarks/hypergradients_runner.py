@@ -67,26 +67,40 @@ def main() -> None:
     if args.method == "hyperloop":
         fn, extra = hyperloop(inner, outer, params, hparams, K, alpha, Xt, yt, Xv, yv)
     else:
-        method = {"cg": hg.CG(iters=K, tol=0.0), "neumann": hg.Neumann(iters=K, alpha=alpha),
-                  "unrolled": hg.Unrolled(steps=K, lr=alpha), "auto": hg.Auto()}[args.method]
+        method = {
+            "cg": hg.CG(iters=K, tol=0.0),
+            "neumann": hg.Neumann(iters=K, alpha=alpha),
+            "unrolled": hg.Unrolled(steps=K, lr=alpha),
+            "auto": hg.Auto(),
+        }[args.method]
         info_box: list[hg.Info] = []
 
         def fn() -> np.ndarray:
-            g, info = hg.hypergradient(outer, inner, params, hparams, method=method, return_info=True,
-                                       residual=False)
+            g, info = hg.hypergradient(
+                outer, inner, params, hparams, method=method, return_info=True, residual=False
+            )
             info_box[:] = [info]
             return g["log_lam"].numpy()
 
     h, times, peak, mem_method = _common.measure(fn, args.repeats)
     if args.method != "hyperloop":
         extra["hvps"] = info_box[0].hvps  # type: ignore[possibly-undefined]
-    _common.write_result(args, PEER, version=f"hypergradients {hg.__version__}, torch {torch.__version__}",
-                         hypergradient=h, times=times, peak=peak, mem_method=mem_method,
-                         notes=f"hg.{args.method}", **extra)
+    _common.write_result(
+        args,
+        PEER,
+        version=f"hypergradients {hg.__version__}, torch {torch.__version__}",
+        hypergradient=h,
+        times=times,
+        peak=peak,
+        mem_method=mem_method,
+        notes=f"hg.{args.method}",
+        **extra,
+    )
 
 
-def _dense_exact(w: torch.Tensor, log_lam: torch.Tensor, Xt: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dense_exact(
+    w: torch.Tensor, log_lam: torch.Tensor, Xt: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(exact hypergradient, H, v) at the current (w, λ) by a dense solve (untimed)."""
     s = torch.sigmoid(Xt @ w)
     lam = log_lam.exp()
@@ -128,8 +142,16 @@ def hyperloop(inner, outer, params, hparams, steps, alpha, Xt, yt, Xv, yv):  # t
         g = None
         for _ in range(steps):
             t0 = time.perf_counter()
-            g, info = hg.hypergradient(outer, inner, {"w": w}, {"log_lam": lam}, method=hg.Auto(),
-                                       state=state, return_info=True, residual=False)
+            g, info = hg.hypergradient(
+                outer,
+                inner,
+                {"w": w},
+                {"log_lam": lam},
+                method=hg.Auto(),
+                state=state,
+                return_info=True,
+                residual=False,
+            )
             total += time.perf_counter() - t0
             state = info.state
             hvps.append(info.hvps)

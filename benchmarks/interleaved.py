@@ -49,13 +49,18 @@ def main() -> None:
         return lambda: hg.hypergradient(outer, inner, P, H, method=m, residual=False)
 
     pairs: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
-        "CG-20": (lambda: bench.plain_implicit(inner, outer, P, H, method="cg", iters=20, alpha=alpha),
-                  ours(hg.CG(iters=20, tol=0.0))),
-        "Neumann-20": (lambda: bench.plain_implicit(inner, outer, P, H, method="neumann", iters=20,
-                                                    alpha=alpha),
-                       ours(hg.Neumann(iters=20, alpha=alpha))),
-        "unrolled-100": (lambda: bench.plain_unrolled(inner, outer, P, H, steps=100, alpha=alpha),
-                         ours(hg.Unrolled(steps=100, lr=alpha))),
+        "CG-20": (
+            lambda: bench.plain_implicit(inner, outer, P, H, method="cg", iters=20, alpha=alpha),
+            ours(hg.CG(iters=20, tol=0.0)),
+        ),
+        "Neumann-20": (
+            lambda: bench.plain_implicit(inner, outer, P, H, method="neumann", iters=20, alpha=alpha),
+            ours(hg.Neumann(iters=20, alpha=alpha)),
+        ),
+        "unrolled-100": (
+            lambda: bench.plain_unrolled(inner, outer, P, H, steps=100, alpha=alpha),
+            ours(hg.Unrolled(steps=100, lr=alpha)),
+        ),
     }
     print(f"{'case':14s} {'plain ms':>9s} {'ours ms':>9s} {'ours/plain':>10s}")
     for name, (plain, mine) in pairs.items():

@@ -57,7 +57,7 @@ SEQ_LEN = 32
 def _weights(size: tuple[int, int, int]) -> int:
     """The weights of the experiment's transformer of this (width, blocks, heads) at ``SEQ_LEN``."""
     width, blocks, _ = size
-    block = 12 * width * width + 13 * width           # qkv, proj, fc, out (+ biases), two layer norms
+    block = 12 * width * width + 13 * width  # qkv, proj, fc, out (+ biases), two layer norms
     return 256 * width + SEQ_LEN * width + blocks * block + 2 * width + 256 * width + 256
 
 
@@ -93,11 +93,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, 256, (n_seq, SEQ_LEN + 1), generator=g)
     val = torch.randint(0, 256, (2 * batch, SEQ_LEN + 1), generator=g)
-    if kind == "token":   # one weight per training token: the loss per token, indexed by token
+    if kind == "token":  # one weight per training token: the loss per token, indexed by token
         n_hp = n_seq * SEQ_LEN
 
         def token_loss(out: torch.Tensor, b: Any) -> torch.Tensor:
             return F.cross_entropy(out.transpose(1, 2), b.y, reduction="none").reshape(-1)
+
         loss_fn: Any = token_loss
 
         def batch_at(i: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -109,6 +110,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
         def batch_at(i: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return data[i, :-1], data[i, 1:], i
+
     methods: dict[str, Any] = {
         # a fixed α, small enough for these models' λ_max (≈ 50 at the start): the cost of the series
         # alone (the experiment's α = 1/λ_max adds power iterations at every refresh)
@@ -118,9 +120,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         f"FirstOrder-{iters}": hg.FirstOrder(sigma=1e3, steps=iters, lr=1e-3),
     }
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    hypers = {name: hg.HyperOptimizer(net, [hg.ExampleWeights(n_hp)], method=m, hvp_mode="finite-difference",
-                                      loss_fn=loss_fn, inner_optimizer=opt)
-              for name, m in methods.items()}
+    hypers = {
+        name: hg.HyperOptimizer(
+            net,
+            [hg.ExampleWeights(n_hp)],
+            method=m,
+            hvp_mode="finite-difference",
+            loss_fn=loss_fn,
+            inner_optimizer=opt,
+        )
+        for name, m in methods.items()
+    }
     trainer = next(iter(hypers.values()))
     vb = (val[:, :-1], val[:, 1:])
 
@@ -129,12 +139,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         trainer.train_loss(batch_at(i)).backward()
         opt.step()
 
-    for _ in range(3):   # Adam's moments exist before the first measured step
+    for _ in range(3):  # Adam's moments exist before the first measured step
         train_step(torch.randint(0, n_seq, (batch,), generator=g))
     times: dict[str, list[tuple[float, float, float]]] = {"train": [], **{k: [] for k in hypers}}
     hvps: dict[str, int] = {}
     grads: dict[str, int] = {}
-    for rep in range(case["repeats"] + 1):   # round 0 is the warm-up
+    for rep in range(case["repeats"] + 1):  # round 0 is the warm-up
         i = torch.randint(0, n_seq, (batch,), generator=g)
         t = _measure(lambda i=i: train_step(i))
         if rep:
@@ -147,28 +157,55 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                 info = out["step"].info
                 hvps[name] = info.hvps if info is not None else -1
                 grads[name] = int(info.extra.get("gradient_evals", 0)) if info is not None else 0
-    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), max(x[2] for x in v))
-           for k, v in times.items()}
+    med = {
+        k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), max(x[2] for x in v))
+        for k, v in times.items()
+    }
     tw, tc, tm = med["train"]
     rows = []
     for name in hypers:
         w, c, m = med[name]
-        rows.append({"method": name, "hyper_s": w, "hyper_cpu_s": c, "ratio": w / tw, "ratio_cpu": c / tc,
-                     "peak_mb": m, "hvps": hvps[name], "gradients": grads[name]})
+        rows.append(
+            {
+                "method": name,
+                "hyper_s": w,
+                "hyper_cpu_s": c,
+                "ratio": w / tw,
+                "ratio_cpu": c / tc,
+                "peak_mb": m,
+                "hvps": hvps[name],
+                "gradients": grads[name],
+            }
+        )
     weights = sum(p.numel() for p in net.parameters())
-    return {**case, "weights": weights, "hyperparameters": n_hp, "train_s": tw, "train_cpu_s": tc,
-            "train_peak_mb": tm, "methods": rows}
+    return {
+        **case,
+        "weights": weights,
+        "hyperparameters": n_hp,
+        "train_s": tw,
+        "train_cpu_s": tc,
+        "train_peak_mb": tm,
+        "methods": rows,
+    }
 
 
 def _run_child(case: dict[str, Any], *, memory: bool) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    if memory:   # freed buffers go back to the OS: RSS follows the live tensors (slow: timing pass apart)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
+    if memory:  # freed buffers go back to the OS: RSS follows the live tensors (slow: timing pass apart)
         env["MALLOC_MMAP_THRESHOLD_"] = "4096"
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(case)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if proc.returncode:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,15 +228,19 @@ def _grads(m: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| sweep | weights | hyperparameters | method | train step s | hyper step s | × train (wall) "
-             "| × train (CPU) | HVPs (gradients) | hyper peak MB | train peak MB |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| sweep | weights | hyperparameters | method | train step s | hyper step s | × train (wall) "
+        "| × train (CPU) | HVPs (gradients) | hyper peak MB | train peak MB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         for m in r["methods"]:
-            lines.append(f"| {r['sweep']} | {r['weights']:,} | {r['hyperparameters']:,} ({r['kind']}) | "
-                         f"{m['method']} | {r['train_s']:.3f} | {m['hyper_s']:.3f} | {m['ratio']:.1f} | "
-                         f"{m['ratio_cpu']:.1f} | {m['hvps']}{_grads(m)} | {m['peak_mb']:.1f} | "
-                         f"{r['train_peak_mb']:.1f} |")
+            lines.append(
+                f"| {r['sweep']} | {r['weights']:,} | {r['hyperparameters']:,} ({r['kind']}) | "
+                f"{m['method']} | {r['train_s']:.3f} | {m['hyper_s']:.3f} | {m['ratio']:.1f} | "
+                f"{m['ratio_cpu']:.1f} | {m['hvps']}{_grads(m)} | {m['peak_mb']:.1f} | "
+                f"{r['train_peak_mb']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -210,8 +251,9 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for col, (sweep, xkey, xlabel) in enumerate((("model", "weights", "model weights"),
-                                                 ("hparams", "hyperparameters", "hyperparameters"))):
+    for col, (sweep, xkey, xlabel) in enumerate(
+        (("model", "weights", "model weights"), ("hparams", "hyperparameters", "hyperparameters"))
+    ):
         rs = [r for r in results if r["sweep"] == sweep]
         names = [m["method"] for m in rs[0]["methods"]] if rs else []
         for name in names:
@@ -220,8 +262,13 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
             axes[0][col].plot(xs, [m["ratio_cpu"] for m in ms], marker="o", label=name)
             axes[1][col].plot(xs, [m["peak_mb"] for m in ms], marker="o", label=name)
         if rs:
-            axes[1][col].plot([r[xkey] for r in rs], [r["train_peak_mb"] for r in rs], "k--", marker=".",
-                              label="training step")
+            axes[1][col].plot(
+                [r[xkey] for r in rs],
+                [r["train_peak_mb"] for r in rs],
+                "k--",
+                marker=".",
+                label="training step",
+            )
         for row in (0, 1):
             axes[row][col].set_xscale("log")
             axes[row][col].set_xlabel(xlabel)
@@ -243,8 +290,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the two smallest cases of each sweep, one repeat")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     ap.add_argument("--iters", type=int, default=3, help="Neumann terms / CG iterations / FirstOrder steps")
-    ap.add_argument("--max-weights", type=float, default=float("inf"),
-                    help="skip the model sizes above this many weights (the largest take the longest)")
+    ap.add_argument(
+        "--max-weights",
+        type=float,
+        default=float("inf"),
+        help="skip the model sizes above this many weights (the largest take the longest)",
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "lm_hyper_step.json"))
     ap.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "lm_hyper_step.png"))
     args = ap.parse_args()
@@ -254,22 +305,35 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     sizes, hps = (SIZES[:2], HPARAMS[:2]) if args.quick else (SIZES, HPARAMS)
     # the cheap sweep first, then the models from the smallest: each case is written as it ends
-    cases = [{"sweep": "hparams", "model": list(SIZES[0]), "kind": k, "sequences": n, "batch": 32}
-             for k, n in hps]
-    cases += [{"sweep": "model", "model": list(s), "kind": "sequence", "sequences": 16384, "batch": 16}
-              for s in sizes if _weights(s) <= args.max_weights]
+    cases = [
+        {"sweep": "hparams", "model": list(SIZES[0]), "kind": k, "sequences": n, "batch": 32} for k, n in hps
+    ]
+    cases += [
+        {"sweep": "model", "model": list(s), "kind": "sequence", "sequences": 16384, "batch": 16}
+        for s in sizes
+        if _weights(s) <= args.max_weights
+    ]
     results = []
     t0 = time.perf_counter()
     for case in cases:
         r = _child({**case, "repeats": repeats, "iters": args.iters})
         results.append(r)
-        print(f"{case['sweep']} {r['weights']:,} weights, {r['hyperparameters']:,} hyperparameters: train "
-              f"{r['train_s']:.3f} s; " + "; ".join(f"{m['method']} ×{m['ratio_cpu']:.1f}"
-                                                   for m in r["methods"]),
-              file=sys.stderr, flush=True)
+        print(
+            f"{case['sweep']} {r['weights']:,} weights, {r['hyperparameters']:,} hyperparameters: train "
+            f"{r['train_s']:.3f} s; "
+            + "; ".join(f"{m['method']} ×{m['ratio_cpu']:.1f}" for m in r["methods"]),
+            file=sys.stderr,
+            flush=True,
+        )
         load = os.getloadavg()[0]
-        out = {"cases": results, "repeats": repeats, "iters": args.iters, "seq_len": SEQ_LEN,
-               "seconds": time.perf_counter() - t0, "load_avg_1min_at_end": load}
+        out = {
+            "cases": results,
+            "repeats": repeats,
+            "iters": args.iters,
+            "seq_len": SEQ_LEN,
+            "seconds": time.perf_counter() - t0,
+            "load_avg_1min_at_end": load,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         figure(results, Path(args.figure))

@@ -42,19 +42,29 @@ def _case(mode: str, T: int, threads: int) -> dict[str, object]:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     dt = torch.float64
-    w0 = {"w1": torch.randn(64, 128, generator=g, dtype=dt) / 8, "b1": torch.zeros(128, dtype=dt),
-          "w2": torch.randn(128, 10, generator=g, dtype=dt) / 11, "b2": torch.zeros(10, dtype=dt)}
-    batches = [(torch.randn(64, 64, generator=g, dtype=dt), torch.randint(0, 10, (64,), generator=g))
-               for _ in range(T)]
+    w0 = {
+        "w1": torch.randn(64, 128, generator=g, dtype=dt) / 8,
+        "b1": torch.zeros(128, dtype=dt),
+        "w2": torch.randn(128, 10, generator=g, dtype=dt) / 11,
+        "b2": torch.zeros(10, dtype=dt),
+    }
+    batches = [
+        (torch.randn(64, 64, generator=g, dtype=dt), torch.randint(0, 10, (64,), generator=g))
+        for _ in range(T)
+    ]
     xv, yv = torch.randn(256, 64, generator=g, dtype=dt), torch.randint(0, 10, (256,), generator=g)
-    h = {"lr": torch.tensor(1e-3, dtype=dt), "b1": torch.tensor(0.9, dtype=dt),
-         "logwd": torch.tensor(-6.0, dtype=dt)}
+    h = {
+        "lr": torch.tensor(1e-3, dtype=dt),
+        "b1": torch.tensor(0.9, dtype=dt),
+        "logwd": torch.tensor(-6.0, dtype=dt),
+    }
 
     def net(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ w["w1"] + w["b1"]) @ w["w2"] + w["b2"]
 
-    def inner(w: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
-              ) -> torch.Tensor:
+    def inner(
+        w: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         l2 = w["w1"].pow(2).sum() + w["w2"].pow(2).sum()
         return torch.nn.functional.cross_entropy(net(w, b[0]), b[1]) + 0.5 * torch.exp(hp["logwd"]) * l2
 
@@ -64,9 +74,11 @@ def _case(mode: str, T: int, threads: int) -> dict[str, object]:
     opt = hg.optim.adam(lr="lr", b1="b1")
 
     def make(steps: int) -> hg.Method:
-        return {"reverse": hg.Unrolled(steps=steps, optimizer=opt, batches=batches),
-                "checkpoint": hg.Unrolled(steps=steps, optimizer=opt, batches=batches, checkpoint=True),
-                "forward": hg.Forward(steps=steps, optimizer=opt, batches=batches)}[mode]
+        return {
+            "reverse": hg.Unrolled(steps=steps, optimizer=opt, batches=batches),
+            "checkpoint": hg.Unrolled(steps=steps, optimizer=opt, batches=batches, checkpoint=True),
+            "forward": hg.Forward(steps=steps, optimizer=opt, batches=batches),
+        }[mode]
 
     method = make(T)
     # The peak is the first T-step call's: memory that a T-step warm-up freed would stay in the
@@ -81,8 +93,13 @@ def _case(mode: str, T: int, threads: int) -> dict[str, object]:
     peak = bench._status_kib("VmHWM") * 1024 - base
     t0 = time.perf_counter()
     result = hg.hypergradient(outer, inner, w0, h, method=method)
-    return {"mode": mode, "T": T, "peak_mem_bytes": peak, "time_s": time.perf_counter() - t0,
-            "hypergradient": {k: float(v) for k, v in result.items()}}
+    return {
+        "mode": mode,
+        "T": T,
+        "peak_mem_bytes": peak,
+        "time_s": time.perf_counter() - t0,
+        "hypergradient": {k: float(v) for k, v in result.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,11 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r["T"] == T:
                 num = sum((r["hypergradient"][k] - ref[k]) ** 2 for k in ref) ** 0.5
-                den = sum(v ** 2 for v in ref.values()) ** 0.5
+                den = sum(v**2 for v in ref.values()) ** 0.5
                 r["rel_diff_to_reverse"] = num / den
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"problem": "MLP 64-128-10, float64, Adam(lr, b1), batch 64",
-                                          "threads": args.threads, "rows": rows}, indent=1) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "problem": "MLP 64-128-10, float64, Adam(lr, b1), batch 64",
+                "threads": args.threads,
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -48,8 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(bench.make_logistic(args.d, args.n_train, args.n_train // 3), data)
         for K in args.ks:
             for name, (problem, case) in SERIES.items():
-                spec = {"problem": problem, "case": case, "data": str(data), "repeats": args.repeats,
-                        "threads": args.threads, "steps": K, "iters": K}
+                spec = {
+                    "problem": problem,
+                    "case": case,
+                    "data": str(data),
+                    "repeats": args.repeats,
+                    "threads": args.threads,
+                    "steps": K,
+                    "iters": K,
+                }
                 r = bench.run_isolated(spec)
                 if r.status != "ok":
                     print(f"K={K} {case}: {r.status}: {r.note}", file=sys.stderr)
@@ -59,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"K={K:5d} {case:22s} {mem:>14s} {t:>12s}", flush=True)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"d": args.d, "n_train": args.n_train, "points": points},
-                                                    indent=1))
+    stem.with_suffix(".json").write_text(
+        json.dumps({"d": args.d, "n_train": args.n_train, "points": points}, indent=1)
+    )
     import matplotlib
 
     matplotlib.use("Agg")

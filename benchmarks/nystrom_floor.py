@@ -50,14 +50,17 @@ def spectra() -> dict[str, torch.Tensor]:
     logistic = (X * (s * (1 - s))[:, None]).T @ X / 40 + 2.0 * torch.eye(N, dtype=DT)
     floor = torch.full((N,), 2.0, dtype=DT)
     floor[:20] = torch.logspace(1, 3, 20, dtype=DT)
-    return {"logistic+wd": 0.5 * (logistic + logistic.T),
-            "rank20+floor": with_spectrum(floor, gen),
-            "decaying": with_spectrum(1e3 * torch.arange(1, N + 1, dtype=DT) ** -1.5, gen),
-            "well-cond": with_spectrum(1.0 + 9.0 * torch.rand(N, generator=gen, dtype=DT), gen)}
+    return {
+        "logistic+wd": 0.5 * (logistic + logistic.T),
+        "rank20+floor": with_spectrum(floor, gen),
+        "decaying": with_spectrum(1e3 * torch.arange(1, N + 1, dtype=DT) ** -1.5, gen),
+        "well-cond": with_spectrum(1.0 + 9.0 * torch.rand(N, generator=gen, dtype=DT), gen),
+    }
 
 
-def solve(name: str, H: torch.Tensor, v: dict[str, torch.Tensor], k: int, seed: int,
-          lam: tuple[float, float]) -> dict[str, torch.Tensor]:
+def solve(
+    name: str, H: torch.Tensor, v: dict[str, torch.Tensor], k: int, seed: int, lam: tuple[float, float]
+) -> dict[str, torch.Tensor]:
     def mv(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"w": H @ x["w"]}
 
@@ -91,8 +94,14 @@ def main() -> None:
                 for m in METHODS:
                     p = solve(m, H, {"w": b}, k, rep, lam)["w"]
                     errs[m].append(float((p - exact).norm() / exact.norm()))
-            rows.append({"spectrum": sname, "cond": lam[1] / lam[0], "hvps": k,
-                         **{m: statistics.median(e) for m, e in errs.items()}})
+            rows.append(
+                {
+                    "spectrum": sname,
+                    "cond": lam[1] / lam[0],
+                    "hvps": k,
+                    **{m: statistics.median(e) for m, e in errs.items()},
+                }
+            )
     print("| spectrum | cond(H) | HVPs | " + " | ".join(METHODS) + " |")
     print("|---|---:|---:|" + "---:|" * len(METHODS))
     for r in rows:

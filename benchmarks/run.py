@@ -63,9 +63,22 @@ def kstar(problem: Path, cap: int = 200) -> int:
 
 def run_ours(problem: Path, method: str, iters: int, repeats: int, threads: int) -> dict[str, Any]:
     out = RESULTS / f"{OURS}_{method}_{iters}.json"
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), str(HERE / "hypergradients_runner.py"), "--problem",
-           str(problem), "--method", method, "--iters", str(iters), "--repeats", str(repeats), "--threads",
-           str(threads), "--out", str(out)]
+    cmd = [
+        str(ROOT / ".venv" / "bin" / "python"),
+        str(HERE / "hypergradients_runner.py"),
+        "--problem",
+        str(problem),
+        "--method",
+        method,
+        "--iters",
+        str(iters),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out),
+    ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"})
     res: dict[str, Any] = json.loads(out.read_text())
@@ -78,15 +91,18 @@ def _median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def ratio_table(rows: list[dict[str, Any]], auto: dict[str, Any], loop: dict[str, Any],
-                k: int) -> tuple[str, dict[str, Any]]:
+def ratio_table(
+    rows: list[dict[str, Any]], auto: dict[str, Any], loop: dict[str, Any], k: int
+) -> tuple[str, dict[str, Any]]:
     """Markdown table: each peer's median over ours for the same case, plus time to accuracy."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("median_s")]
     ours = {(r["method"], r["iters"]): r for r in ok if r["peer"] == OURS}
     peers = sorted({r["peer"] for r in ok if r["peer"] != OURS})
     cases = sorted({(r["method"], r["iters"]) for r in ok}, key=lambda c: (c[0], c[1]))
-    lines = ["| case | ours (ms) | " + " | ".join(f"{p} (ms, ×ours)" for p in peers) + " |",
-             "|---|---:|" + "---:|" * len(peers)]
+    lines = [
+        "| case | ours (ms) | " + " | ".join(f"{p} (ms, ×ours)" for p in peers) + " |",
+        "|---|---:|" + "---:|" * len(peers),
+    ]
     summary: dict[str, Any] = {"ratios": {}}
     for c in cases:
         o = ours.get(c)
@@ -104,23 +120,36 @@ def ratio_table(rows: list[dict[str, Any]], auto: dict[str, Any], loop: dict[str
             cells.append(f"{r['median_s'] * 1e3:.1f} ({ratio:.2f}×){flag}")
         lines.append(f"| {c[0]}-{c[1]} | {o['median_s'] * 1e3:.1f} | " + " | ".join(cells) + " |")
     # Time to cosine 0.999: the best correct peer at CG-K* (cold), ours hg.Auto().
-    best = [r for r in ok if r["peer"] != OURS and r["method"] == "cg" and r["iters"] == k
-            and not r.get("wrong") and (r.get("cos_exact") or 0) >= 0.999]
+    best = [
+        r
+        for r in ok
+        if r["peer"] != OURS
+        and r["method"] == "cg"
+        and r["iters"] == k
+        and not r.get("wrong")
+        and (r.get("cos_exact") or 0) >= 0.999
+    ]
     if best:
         b = min(best, key=lambda r: r["median_s"])
         cold = auto["median_s"] / b["median_s"]
         hyper = _median(loop["hyper_times_s"][1:])  # the first entry is the warm-up
         peer20 = b["median_s"] * len(loop["kstar"])  # one cold CG-K* per hyper step
-        lines += ["", f"Time to cosine ≥ 0.999 (K* = {k} CG iterations, in hindsight, for the peers):", "",
-                  "| | ours | best peer | ours / best peer |", "|---|---:|---:|---:|",
-                  f"| one cold hypergradient | {auto['median_s'] * 1e3:.1f} ms "
-                  f"(hg.Auto, {auto.get('hvps')} HVPs) "
-                  f"| {b['median_s'] * 1e3:.1f} ms ({b['peer']} CG-{k}) | {cold:.2f} |",
-                  f"| 20 hyper steps of Algorithm 1 | {hyper * 1e3:.1f} ms (hg.Auto + SolverState, "
-                  f"{sum(loop['hvps_per_step'])} HVPs, min cos {loop['min_cos']:.5f}) "
-                  f"| {peer20 * 1e3:.1f} ms (20 × {b['peer']} CG-{k}) | {hyper / peer20:.2f} |"]
-        summary.update(cold_ratio=cold, loop_ratio=hyper / peer20, best_peer=b["peer"],
-                       kstar_per_step=loop["kstar"])
+        lines += [
+            "",
+            f"Time to cosine ≥ 0.999 (K* = {k} CG iterations, in hindsight, for the peers):",
+            "",
+            "| | ours | best peer | ours / best peer |",
+            "|---|---:|---:|---:|",
+            f"| one cold hypergradient | {auto['median_s'] * 1e3:.1f} ms "
+            f"(hg.Auto, {auto.get('hvps')} HVPs) "
+            f"| {b['median_s'] * 1e3:.1f} ms ({b['peer']} CG-{k}) | {cold:.2f} |",
+            f"| 20 hyper steps of Algorithm 1 | {hyper * 1e3:.1f} ms (hg.Auto + SolverState, "
+            f"{sum(loop['hvps_per_step'])} HVPs, min cos {loop['min_cos']:.5f}) "
+            f"| {peer20 * 1e3:.1f} ms (20 × {b['peer']} CG-{k}) | {hyper / peer20:.2f} |",
+        ]
+        summary.update(
+            cold_ratio=cold, loop_ratio=hyper / peer20, best_peer=b["peer"], kstar_per_step=loop["kstar"]
+        )
     return "\n".join(lines), summary
 
 
@@ -167,22 +196,37 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     problem = RESULTS / "problem.npz"
     if not problem.exists():
-        subprocess.run([sys.executable, str(HERE / "peers" / "make_problem.py"), "--out", str(problem),
-                        *args.make_args.split()], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "peers" / "make_problem.py"),
+                "--out",
+                str(problem),
+                *args.make_args.split(),
+            ],
+            check=True,
+        )
     k = kstar(problem)
     print(f"K* = {k} CG iterations reach cosine 0.999", file=sys.stderr)
     summary_path = RESULTS / "peers.json"
     rows = run_all(problem, args, k)
     slim = [{k_: v for k_, v in r.items() if k_ != "hypergradient"} for r in rows]
-    summary_path.write_text(json.dumps({"problem": str(problem), "repeats": args.repeats,
-                                        "threads": args.threads, "rows": slim}, indent=1))
+    summary_path.write_text(
+        json.dumps(
+            {"problem": str(problem), "repeats": args.repeats, "threads": args.threads, "rows": slim},
+            indent=1,
+        )
+    )
     auto = run_ours(problem, "auto", 1, args.repeats, args.threads)
     loop = run_ours(problem, "hyperloop", 20, max(1, min(args.repeats, 3)), args.threads)
     table, summary = ratio_table(rows, auto, loop, k)
     print("\nRatios (peer median time / ours; > 1 means we are faster), measured in this run:\n")
     print(table)
-    summary.update(kstar=k, auto={k_: v for k_, v in auto.items() if k_ != "hypergradient"},
-                   hyperloop={k_: v for k_, v in loop.items() if k_ != "hypergradient"})
+    summary.update(
+        kstar=k,
+        auto={k_: v for k_, v in auto.items() if k_ != "hypergradient"},
+        hyperloop={k_: v for k_, v in loop.items() if k_ != "hypergradient"},
+    )
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (RESULTS / "ratios.md").write_text(table + "\n")
     print(f"\nwritten: {RESULTS / 'summary.json'}, {RESULTS / 'ratios.md'}", file=sys.stderr)

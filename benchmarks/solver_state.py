@@ -31,10 +31,12 @@ sys.path.insert(0, str(ROOT / "tests" / "library"))
 import problems as P  # noqa: E402  (the shared problems with known answers live with the tests)
 
 STEPS = 20
-METHODS = {"Neumann(iters=20, alpha='auto')": hg.Neumann(iters=20),
-           "Nystrom(rank=20)": hg.Nystrom(rank=20),
-           "Auto()": hg.Auto(),
-           "CG(iters=20, tol=1e-6)": hg.CG(iters=20, tol=1e-6)}
+METHODS = {
+    "Neumann(iters=20, alpha='auto')": hg.Neumann(iters=20),
+    "Nystrom(rank=20)": hg.Nystrom(rank=20),
+    "Auto()": hg.Auto(),
+    "CG(iters=20, tol=1e-6)": hg.CG(iters=20, tol=1e-6),
+}
 
 
 def main() -> None:
@@ -45,14 +47,24 @@ def main() -> None:
     lr = 1.0 / P.lambda_max(prob)
     states: dict[str, hg.SolverState] = {name: m.init(w) for name, m in METHODS.items()}
     rows: dict[str, dict[str, list[float]]] = {
-        name: {k: [] for k in ("cold", "carried", "rel_diff", "err_cold", "err_carried")} for name in METHODS}
+        name: {k: [] for k in ("cold", "carried", "rel_diff", "err_cold", "err_carried")} for name in METHODS
+    }
     for _ in range(STEPS):
         g = hg.hypergradient(prob.outer_loss, prob.inner_loss, w, lam, method=hg.Exact())
         for name, m in METHODS.items():
-            g0, i0 = hg.hypergradient(prob.outer_loss, prob.inner_loss, w, lam, method=m, return_info=True,
-                                      residual=False)
-            g1, i1 = hg.hypergradient(prob.outer_loss, prob.inner_loss, w, lam, method=m, return_info=True,
-                                      residual=False, state=states[name])
+            g0, i0 = hg.hypergradient(
+                prob.outer_loss, prob.inner_loss, w, lam, method=m, return_info=True, residual=False
+            )
+            g1, i1 = hg.hypergradient(
+                prob.outer_loss,
+                prob.inner_loss,
+                w,
+                lam,
+                method=m,
+                return_info=True,
+                residual=False,
+                state=states[name],
+            )
             assert i1.state is not None
             states[name] = i1.state
             rows[name]["cold"].append(i0.hvps)
@@ -66,18 +78,31 @@ def main() -> None:
             wl = tree.clone_leaves(w, requires_grad=True)
             gw = torch.autograd.grad(prob.inner_loss(wl, lam), list(wl.values()))
             w = {k: (wl[k] - lr * gk).detach() for k, gk in zip(wl, gw, strict=True)}
-    out = {"problem": "logistic n=300 d=30 c=5 (155 weights), 20 hyper steps, 10 GD steps between",
-           "seconds": time.perf_counter() - t0, "methods": {}}
-    print(f"{'method':34s} {'HVPs/call cold':>15s} {'carried':>8s} {'saved':>6s} {'max rel diff':>13s} "
-          f"{'max err cold':>13s} {'carried':>9s}")
+    out = {
+        "problem": "logistic n=300 d=30 c=5 (155 weights), 20 hyper steps, 10 GD steps between",
+        "seconds": time.perf_counter() - t0,
+        "methods": {},
+    }
+    print(
+        f"{'method':34s} {'HVPs/call cold':>15s} {'carried':>8s} {'saved':>6s} {'max rel diff':>13s} "
+        f"{'max err cold':>13s} {'carried':>9s}"
+    )
     for name, r in rows.items():
         cold, car = statistics.mean(r["cold"]), statistics.mean(r["carried"])
-        out["methods"][name] = {"hvps_cold": r["cold"], "hvps_carried": r["carried"],  # type: ignore[index]
-                                "mean_cold": cold, "mean_carried": car, "max_rel_diff": max(r["rel_diff"]),
-                                "max_err_cold": max(r["err_cold"]), "max_err_carried": max(r["err_carried"]),
-                                "rel_diff": r["rel_diff"]}
-        print(f"{name:34s} {cold:15.1f} {car:8.1f} {1 - car / cold:6.0%} {max(r['rel_diff']):13.2e} "
-              f"{max(r['err_cold']):13.2e} {max(r['err_carried']):9.2e}")
+        out["methods"][name] = {
+            "hvps_cold": r["cold"],
+            "hvps_carried": r["carried"],  # type: ignore[index]
+            "mean_cold": cold,
+            "mean_carried": car,
+            "max_rel_diff": max(r["rel_diff"]),
+            "max_err_cold": max(r["err_cold"]),
+            "max_err_carried": max(r["err_carried"]),
+            "rel_diff": r["rel_diff"],
+        }
+        print(
+            f"{name:34s} {cold:15.1f} {car:8.1f} {1 - car / cold:6.0%} {max(r['rel_diff']):13.2e} "
+            f"{max(r['err_cold']):13.2e} {max(r['err_carried']):9.2e}"
+        )
     print(f"({out['seconds']:.1f} s)")
     (ROOT / "benchmarks" / "results" / "solver_state.json").write_text(json.dumps(out, indent=1) + "\n")
 

@@ -19,8 +19,15 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # The import names of the `cli` extra (pyproject.toml; tomli only where tomllib is missing). The app's
 # own list (hypergradients.app.entry.CLI_MODULES) is not imported here: the library's tests load
 # nothing from the application layer.
-CLI_EXTRA = ("numpy", "matplotlib", "tqdm", "sklearn", "mlxtend", "tomli_w",
-             *(("tomli",) if sys.version_info < (3, 11) else ()))
+CLI_EXTRA = (
+    "numpy",
+    "matplotlib",
+    "tqdm",
+    "sklearn",
+    "mlxtend",
+    "tomli_w",
+    *(("tomli",) if sys.version_info < (3, 11) else ()),
+)
 MISSING = [m for m in CLI_EXTRA if importlib.util.find_spec(m) is None]
 collect_ignore = ["app"] if MISSING else []
 

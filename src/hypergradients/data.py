@@ -38,15 +38,17 @@ import torch
 def _missing(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):   # a broken or half-removed package counts as missing
+    except (ImportError, ValueError):  # a broken or half-removed package counts as missing
         return True
 
 
 def _need(modules: tuple[str, ...], what: str) -> None:
     missing = [m for m in modules if _missing(m)]
     if missing:
-        raise ImportError(f"{what} needs the 'cli' extra (missing: {', '.join(missing)}); install it with: "
-                          "pip install 'hypergradients[cli]'")
+        raise ImportError(
+            f"{what} needs the 'cli' extra (missing: {', '.join(missing)}); install it with: "
+            "pip install 'hypergradients[cli]'"
+        )
 
 
 _need(("numpy",), "hypergradients.data")
@@ -90,8 +92,9 @@ def load(
     key = name.strip().lower() if isinstance(name, str) else name
     if key in _SHIPS_WITH:
         _need((_SHIPS_WITH[key],), f"the {key!r} dataset")
-    return load_dataset(name, root=root, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-                        flatten=flatten, dtype=dtype)
+    return load_dataset(
+        name, root=root, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, flatten=flatten, dtype=dtype
+    )
 
 
 __all__ = [

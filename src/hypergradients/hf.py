@@ -13,5 +13,11 @@ from .training.hf import (
     sequence_classification_loss,
 )
 
-__all__ = ["STATE_FILE", "HyperCallback", "HyperTrainer", "causal_lm_loss", "model_loss",
-           "sequence_classification_loss"]
+__all__ = [
+    "STATE_FILE",
+    "HyperCallback",
+    "HyperTrainer",
+    "causal_lm_loss",
+    "model_loss",
+    "sequence_classification_loss",
+]

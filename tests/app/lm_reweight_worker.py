@@ -23,9 +23,11 @@ from hypergradients.app.config import resolve
 from hypergradients.app.experiments import lm_reweight as E
 from hypergradients.hparams.objective import on_targets
 
-TEXT = (b"In the beginning God created the heaven and the earth. And the earth was without form, and void; "
-        b"and darkness was upon the face of the deep. ") * 8
-N_TRAIN, N_VAL = 8, 4     # the union's batches; each rank holds half
+TEXT = (
+    b"In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+    b"and darkness was upon the face of the deep. "
+) * 8
+N_TRAIN, N_VAL = 8, 4  # the union's batches; each rank holds half
 
 
 def config() -> dict[str, Any]:
@@ -36,30 +38,39 @@ def hyper_steps(rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Every tuned arm's hyper step on this rank's shard (``world=1``: the whole batches)."""
     cfg = config()
     before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)   # the families' tensors and the model in float64
+    torch.set_default_dtype(torch.float64)  # the families' tensors and the model in float64
     try:
         w, _ = E.corrupt(E.sequences(TEXT, cfg["data.seq_len"], 16), 0.5, E.KINDS, seed=0)
         v = E.sequences(TEXT[500:], cfg["data.seq_len"], N_VAL)
         n, m = N_TRAIN // world, N_VAL // world
         idx = torch.arange(rank * n, (rank + 1) * n)
         train = (w[idx, :-1], w[idx, 1:], idx)
-        val = (v[rank * m:(rank + 1) * m, :-1], v[rank * m:(rank + 1) * m, 1:])
+        val = (v[rank * m : (rank + 1) * m, :-1], v[rank * m : (rank + 1) * m, 1:])
         out: dict[str, Any] = {}
         for arm in ("neumann", "cg", "first-order", "net"):
             net = E.model(cfg, 0, torch.device("cpu"))
             fams = E.families(cfg, arm, len(w), torch.device("cpu"))
             method = E.method(cfg, arm)
             assert method is not None
-            hyper = hg.HyperOptimizer(net, fams, method=method, hvp_mode=cfg["hyper.hvp_mode"],
-                                      loss_fn=on_targets(E.sequence_loss), warm_start=False,
-                                      optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
-                                      data_parallel=world > 1)
+            hyper = hg.HyperOptimizer(
+                net,
+                fams,
+                method=method,
+                hvp_mode=cfg["hyper.hvp_mode"],
+                loss_fn=on_targets(E.sequence_loss),
+                warm_start=False,
+                optimizer=lambda ps: torch.optim.Adam(ps, lr=cfg["hyper.lr"]),
+                data_parallel=world > 1,
+            )
             hyper.step(train, val)
-            st = hyper.step(train, val)   # the second: the net's first layer gets a gradient once a2 ≠ 0
+            st = hyper.step(train, val)  # the second: the net's first layer gets a gradient once a2 ≠ 0
             assert st.applied and st.hypergradient is not None and st.info is not None
-            out[arm] = {"g": {k: t.detach().clone() for k, t in st.hypergradient.items()},
-                        "hparams": {k: t.detach().clone() for k, t in hyper.hparams.items()},
-                        "hvps": st.info.hvps, "iterations": st.info.iterations}
+            out[arm] = {
+                "g": {k: t.detach().clone() for k, t in st.hypergradient.items()},
+                "hparams": {k: t.detach().clone() for k, t in hyper.hparams.items()},
+                "hvps": st.info.hvps,
+                "iterations": st.info.iterations,
+            }
         return out
     finally:
         torch.set_default_dtype(before)

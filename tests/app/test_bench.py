@@ -43,7 +43,9 @@ def test_logistic_problem_is_at_optimum_and_exact_is_exact(small: dict[str, Path
 
 # The MLP is at its random initialisation (H indefinite): CG rightly refuses there, Neumann with a
 # small alpha is what the benchmark times.
-@pytest.mark.parametrize(("problem", "method"), [("logistic", "cg"), ("logistic", "neumann"), ("mlp", "neumann")])
+@pytest.mark.parametrize(
+    ("problem", "method"), [("logistic", "cg"), ("logistic", "neumann"), ("mlp", "neumann")]
+)
 def test_plain_loop_matches_ours(small: dict[str, Path], method: str, problem: str) -> None:
     data = torch.load(small[problem], weights_only=True)
     if problem == "logistic":
@@ -68,13 +70,29 @@ def test_plain_unrolled_matches_ours(small: dict[str, Path]) -> None:
     assert float(tree.norm(tree.sub(plain, ours)) / tree.norm(ours)) < 1e-12
 
 
-@pytest.mark.parametrize(("problem", "case"), [("logistic", "cg"), ("logistic", "auto"),
-                                               ("logistic", "plain-neumann"), ("mlp", "train-step"),
-                                               ("unrolled", "unrolled-checkpoint")])
+@pytest.mark.parametrize(
+    ("problem", "case"),
+    [
+        ("logistic", "cg"),
+        ("logistic", "auto"),
+        ("logistic", "plain-neumann"),
+        ("mlp", "train-step"),
+        ("unrolled", "unrolled-checkpoint"),
+    ],
+)
 def test_run_case_reports_time_memory_accuracy(small: dict[str, Path], problem: str, case: str) -> None:
     data = small["mlp" if problem == "mlp" else "logistic"]
-    r = bench.run_case({"problem": problem, "case": case, "data": str(data), "repeats": 2, "threads": 1,
-                        "iters": 10, "steps": 6})
+    r = bench.run_case(
+        {
+            "problem": problem,
+            "case": case,
+            "data": str(data),
+            "repeats": 2,
+            "threads": 1,
+            "iters": 10,
+            "steps": 6,
+        }
+    )
     assert r.status == "ok" and r.median_s is not None and r.median_s > 0 and len(r.times_s) == 2
     if problem == "logistic":
         assert r.cosine is not None and r.rel_err is not None
@@ -102,13 +120,23 @@ def test_problem_files_load_without_running_code(tmp_path: Path) -> None:
     with pytest.raises(UnreadableFileError, match=r"bench problem file .*logistic\.pt.*refused for safety"):
         bench.run_case({"problem": "logistic", "case": "cg", "data": str(evil), "repeats": 1, "threads": 1})
     assert not marker.exists()
-    r = bench.run_isolated({"problem": "logistic", "case": "cg", "data": str(evil), "repeats": 1, "threads": 1})
+    r = bench.run_isolated(
+        {"problem": "logistic", "case": "cg", "data": str(evil), "repeats": 1, "threads": 1}
+    )
     assert r.status == "error" and "refused for safety" in r.note and not marker.exists()
 
 
 def test_run_isolated_in_a_subprocess(small: dict[str, Path]) -> None:
-    r = bench.run_isolated({"problem": "logistic", "case": "cg", "data": str(small["logistic"]),
-                            "repeats": 1, "threads": 1, "iters": 5})
+    r = bench.run_isolated(
+        {
+            "problem": "logistic",
+            "case": "cg",
+            "data": str(small["logistic"]),
+            "repeats": 1,
+            "threads": 1,
+            "iters": 5,
+        }
+    )
     assert r.status == "ok", r.note
     assert r.hvps == 5 and r.cosine is not None
     bad = bench.run_isolated({"problem": "logistic", "case": "nope", "data": str(small["logistic"])})
@@ -117,11 +145,15 @@ def test_run_isolated_in_a_subprocess(small: dict[str, Path]) -> None:
 
 def test_ratios_pair_ours_with_the_plain_loop() -> None:
     R = bench.Result
-    rs = [R("logistic", "cg", 0.9, peak_mem_bytes=100), R("logistic", "plain-cg", 1.0, peak_mem_bytes=200),
-          R("mlp", "neumann", 3.0, peak_mem_bytes=30), R("mlp", "plain-neumann", 2.0, peak_mem_bytes=20),
-          R("mlp", "train-step", 0.1, peak_mem_bytes=10),
-          R("unrolled", "unrolled-checkpoint", 2.0, peak_mem_bytes=5, params={"steps": 100}),
-          R("unrolled", "plain-unrolled", 1.0, peak_mem_bytes=50, params={"steps": 100})]
+    rs = [
+        R("logistic", "cg", 0.9, peak_mem_bytes=100),
+        R("logistic", "plain-cg", 1.0, peak_mem_bytes=200),
+        R("mlp", "neumann", 3.0, peak_mem_bytes=30),
+        R("mlp", "plain-neumann", 2.0, peak_mem_bytes=20),
+        R("mlp", "train-step", 0.1, peak_mem_bytes=10),
+        R("unrolled", "unrolled-checkpoint", 2.0, peak_mem_bytes=5, params={"steps": 100}),
+        R("unrolled", "plain-unrolled", 1.0, peak_mem_bytes=50, params={"steps": 100}),
+    ]
     got = bench.ratios(rs)
     assert got["time logistic/cg"] == pytest.approx(0.9)
     assert got["mem logistic/cg"] == pytest.approx(0.5)
@@ -131,15 +163,30 @@ def test_ratios_pair_ours_with_the_plain_loop() -> None:
     assert "time logistic/neumann" not in got  # no pair, no ratio
 
 
-def test_command_prints_table_and_json(small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_prints_table_and_json(
+    small: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # The suite itself runs in-process here (subprocess start-up is covered above).
     seen: list[bench.Suite] = []
 
     def fake_suite(suite: bench.Suite, **_: object) -> list[bench.Result]:
         seen.append(suite)
-        return [bench.run_case({"problem": "logistic", "case": c, "data": str(small["logistic"]),
-                                "repeats": 1, "threads": 1, "iters": suite.iters}) for c in ("plain-cg", "cg")]
+        return [
+            bench.run_case(
+                {
+                    "problem": "logistic",
+                    "case": c,
+                    "data": str(small["logistic"]),
+                    "repeats": 1,
+                    "threads": 1,
+                    "iters": suite.iters,
+                }
+            )
+            for c in ("plain-cg", "cg")
+        ]
 
     monkeypatch.setattr(bench, "run_suite", fake_suite)
     assert cli.main(["bench", "--smoke", "--iters", "4", "--out", str(tmp_path)]) == 0
@@ -158,8 +205,10 @@ def test_command_prints_table_and_json(small: dict[str, Path], tmp_path: Path, m
 
 def test_command_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--iters", "0"]) == 2
-    assert "hypergradients bench: error: config key 'iters': got 0; expected an integer >= 1" \
+    assert (
+        "hypergradients bench: error: config key 'iters': got 0; expected an integer >= 1"
         in capsys.readouterr().err
+    )
     if not torch.cuda.is_available():
         assert cli.main(["bench", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err

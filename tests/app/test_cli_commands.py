@@ -27,16 +27,36 @@ explain_mod = importlib.import_module("hypergradients.app.experiments.explain")
 compare_mod = importlib.import_module("hypergradients.app.experiments.compare")
 
 # explain and compare on settings small enough for a test (well under a second of compute)
-EXPLAIN_TINY = ["--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3", "--no-figures",
-                "--momentum-steps", "1,3", "--adam-steps", "1,3", "--noise-orders", "2",
-                "--noise-batch-sizes", "50", "--noise-steps", "2"]
+EXPLAIN_TINY = [
+    "--steps",
+    "1,3",
+    "--cold-steps",
+    "1,3",
+    "--truncate",
+    "2",
+    "--lr-steps",
+    "3",
+    "--no-figures",
+    "--momentum-steps",
+    "1,3",
+    "--adam-steps",
+    "1,3",
+    "--noise-orders",
+    "2",
+    "--noise-batch-sizes",
+    "50",
+    "--noise-steps",
+    "2",
+]
 COMPARE_TINY = ["--problems", "diabetes", "--budgets", "0,1,2", "--no-figures"]
 
 
 def _strict_json(text: str) -> Any:
     """``json.loads`` that fails on NaN/Infinity (which Python's reader accepts, JSON does not)."""
+
     def refuse(c: str) -> None:
         raise AssertionError(f"non-JSON constant {c} in the output")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -48,19 +68,27 @@ def _fake_suite(suite: bench.Suite, *, progress: Any = None, **_: object) -> lis
     """Walks the suite's cases through the command's progress display without running any."""
     cases = suite.cases()
     out = []
-    for problem, case, extra in (progress(cases) if progress else cases):
-        out.append(bench.Result(problem, case, 1e-3, [1e-3], 1024, float("nan") if case == "cg" else None,
-                                params=dict(extra)))
+    for problem, case, extra in progress(cases) if progress else cases:
+        out.append(
+            bench.Result(
+                problem, case, 1e-3, [1e-3], 1024, float("nan") if case == "cg" else None, params=dict(extra)
+            )
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------- --out checks
 @pytest.mark.parametrize("command", ["explain", "compare", "bench"])
-@pytest.mark.parametrize("where", ["/proc/hypergradients-test", "/sys/hypergradients-test", "a file",
-                                   "under a file"])
-def test_unusable_out_is_refused_before_any_work(command: str, where: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "where", ["/proc/hypergradients-test", "/sys/hypergradients-test", "a file", "under a file"]
+)
+def test_unusable_out_is_refused_before_any_work(
+    command: str,
+    where: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setattr(explain_mod, "explain", _no_work)
     monkeypatch.setattr(compare_mod, "compare", _no_work)
     monkeypatch.setattr(bench, "run_suite", _no_work)
@@ -70,13 +98,15 @@ def test_unusable_out_is_refused_before_any_work(command: str, where: str, tmp_p
     assert cli.main([command, "--smoke", "--out", out, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hypergradients {command}: error: --out {out!r}")
-    assert "give" in err   # ... says what to give instead
+    assert "give" in err  # ... says what to give instead
     assert blocker.read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------- flags from the schema
 @pytest.mark.parametrize("command", ["explain", "compare", "bench"])
-def test_each_flag_is_one_setting_described_by_the_schema(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_flag_is_one_setting_described_by_the_schema(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from hypergradients.app.commands._flags import shown
     from hypergradients.app.experiments import get
 
@@ -84,7 +114,7 @@ def test_each_flag_is_one_setting_described_by_the_schema(command: str, capsys: 
     exp = get(command)
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
-    text = " ".join(capsys.readouterr().out.split())   # argparse wraps the help: compare it unwrapped
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help: compare it unwrapped
     for flag, (key, _) in flags.items():
         opt = exp.schema[key]
         name = flag if opt.kind is not bool else f"--no-{flag[2:]}"
@@ -98,17 +128,21 @@ def test_each_flag_is_one_setting_described_by_the_schema(command: str, capsys: 
         if exp.schema[key].kind is not bool:
             continue
         args = parser.parse_args([command, f"--no-{flag[2:]}"])
-        assert {k: getattr(args, k) for _, (k, _) in flags.items() if getattr(args, k) is not None} == {key: False}
+        assert {k: getattr(args, k) for _, (k, _) in flags.items() if getattr(args, k) is not None} == {
+            key: False
+        }
 
 
 # ------------------------------------------------------------------------------- JSON: null, not "nan"
-def test_explain_and_compare_write_null_for_non_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_and_compare_write_null_for_non_finite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for mod, cls_name in ((explain_mod, "ExplainResult"), (compare_mod, "CompareResult")):
         cls = getattr(mod, cls_name)
         real = cls.to_json
-        monkeypatch.setattr(cls, "to_json", lambda self, real=real: {**real(self), "probe": [float("nan"),
-                                                                                          float("inf"), 1.5]})
+        monkeypatch.setattr(
+            cls, "to_json", lambda self, real=real: {**real(self), "probe": [float("nan"), float("inf"), 1.5]}
+        )
     for command, tiny in (("explain", EXPLAIN_TINY), ("compare", COMPARE_TINY)):
         out = tmp_path / command
         assert cli.main([command, *tiny, "--out", str(out), "--json"]) == 0
@@ -117,8 +151,9 @@ def test_explain_and_compare_write_null_for_non_finite(tmp_path: Path, monkeypat
         assert printed["probe"] == on_disk["probe"] == [None, None, 1.5]
 
 
-def test_bench_json_has_null_for_non_finite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_json_has_null_for_non_finite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(bench, "run_suite", _fake_suite)
     assert cli.main(["bench", "--smoke", "--out", str(tmp_path), "--json"]) == 0
     printed = _strict_json(capsys.readouterr().out)
@@ -129,7 +164,9 @@ def test_bench_json_has_null_for_non_finite(tmp_path: Path, monkeypatch: pytest.
 
 # ------------------------------------------------------------------------------ --smoke and --quick
 @pytest.mark.parametrize("command", ["explain", "compare", "bench"])
-def test_smoke_is_documented_and_quick_is_a_hidden_alias(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_smoke_is_documented_and_quick_is_a_hidden_alias(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     text = capsys.readouterr().out
@@ -137,8 +174,9 @@ def test_smoke_is_documented_and_quick_is_a_hidden_alias(command: str, capsys: p
 
 
 @pytest.mark.parametrize("flag", ["--smoke", "--quick"])
-def test_quick_still_selects_the_smoke_settings(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_still_selects_the_smoke_settings(
+    flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     seen: dict[str, Any] = {}
 
     def fake_explain(cfg: ExplainConfig, **_: object) -> None:
@@ -164,28 +202,35 @@ def test_quick_still_selects_the_smoke_settings(flag: str, tmp_path: Path, monke
     assert seen["bench"] == bench.Suite.smoke()
     notes = [ln for ln in err.splitlines() if "deprecated" in ln]
     if flag == "--quick":
-        assert notes == [f"hypergradients {c}: --quick is deprecated; use --smoke (the same settings)"
-                         for c in ("explain", "compare", "bench")]
+        assert notes == [
+            f"hypergradients {c}: --quick is deprecated; use --smoke (the same settings)"
+            for c in ("explain", "compare", "bench")
+        ]
     else:
         assert notes == []
 
 
 # -------------------------------------------------------------------------------------------- --quiet
-def test_quiet_prints_only_the_result_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_quiet_prints_only_the_result_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(bench, "run_suite", _fake_suite)
-    for command, tiny, name in (("explain", EXPLAIN_TINY, "explain.json"), ("compare", COMPARE_TINY, "compare.json"),
-                                ("bench", ["--smoke"], "bench.json")):
+    for command, tiny, name in (
+        ("explain", EXPLAIN_TINY, "explain.json"),
+        ("compare", COMPARE_TINY, "compare.json"),
+        ("bench", ["--smoke"], "bench.json"),
+    ):
         out = tmp_path / command
         assert cli.main([command, *tiny, "--out", str(out), "--quiet"]) == 0
         captured = capsys.readouterr()
         assert captured.out == f"{out / name}\n"
-        assert captured.err == ""   # no progress display either
+        assert captured.err == ""  # no progress display either
         _strict_json((out / name).read_text())
 
 
-def test_bench_writes_bench_json_and_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_writes_bench_json_and_prints_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(bench, "run_suite", _fake_suite)
     assert cli.main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
@@ -196,8 +241,9 @@ def test_bench_writes_bench_json_and_prints_the_table(tmp_path: Path, monkeypatc
 
 # -------------------------------------------------------------------------------------- bench --steps
 @pytest.mark.parametrize(("given", "steps"), [(["5,10"], (5, 10)), (["7"], (7,))])
-def test_bench_steps_take_a_comma_separated_list(given: list[str], steps: tuple[int, ...], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_steps_take_a_comma_separated_list(
+    given: list[str], steps: tuple[int, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[bench.Suite] = []
 
     def fake(suite: bench.Suite, **kw: Any) -> list[bench.Result]:
@@ -217,19 +263,30 @@ def test_bench_steps_reject_a_bad_item(capsys: pytest.CaptureFixture[str]) -> No
 
 # ----------------------------------------------------------------------------------------- progress
 @pytest.mark.parametrize("command", ["explain", "compare", "bench"])
-def test_progress_off_a_terminal_is_a_few_plain_lines(command: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_off_a_terminal_is_a_few_plain_lines(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(bench, "run_suite", _fake_suite)
-    tiny = {"explain": ["--steps", "1,10,100", "--cold-steps", "1,10,100", "--truncate", "5", "--lr-steps", "10",
-                        "--no-figures"],
-            "compare": ["--problems", "diabetes", "--budgets", "0,1,2,5,10,20", "--no-figures"],
-            "bench": ["--smoke"]}[command]
+    tiny = {
+        "explain": [
+            "--steps",
+            "1,10,100",
+            "--cold-steps",
+            "1,10,100",
+            "--truncate",
+            "5",
+            "--lr-steps",
+            "10",
+            "--no-figures",
+        ],
+        "compare": ["--problems", "diabetes", "--budgets", "0,1,2,5,10,20", "--no-figures"],
+        "bench": ["--smoke"],
+    }[command]
     assert cli.main([command, *tiny, "--out", str(tmp_path)]) == 0
-    err = capsys.readouterr().err   # captured: not a terminal
+    err = capsys.readouterr().err  # captured: not a terminal
     assert "\r" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith(f"{command}:")]
-    assert 1 <= len(lines) <= 21   # one per 5 % at most
+    assert 1 <= len(lines) <= 21  # one per 5 % at most
     assert lines[-1].startswith(f"{command}: 100%")
 
 
@@ -242,14 +299,25 @@ def test_list_shows_every_experiment_with_its_tiny_run(capsys: pytest.CaptureFix
     assert text.startswith("weight-decay  ")
     for name in ("explain", "compare", "bench"):
         line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
-        assert len(line.split()) > 3   # says what it does
+        assert len(line.split()) > 3  # says what it does
         assert f"hypergradients run {name} --smoke" in text and f"hypergradients list {name}" in text
         assert f"also hypergradients {name} [flags]" in text
     assert "hypergradients run weight-decay --smoke" in text
     assert cli.main(["list", "--json"]) == 0
     items = json.loads(capsys.readouterr().out)
-    assert [i["name"] for i in items] == ["weight-decay", "explain", "compare", "bench", "families", "overfit-validation",
-                                          "distill", "data-cleaning", "lstm-dropout", "augment", "lm-reweight"]
+    assert [i["name"] for i in items] == [
+        "weight-decay",
+        "explain",
+        "compare",
+        "bench",
+        "families",
+        "overfit-validation",
+        "distill",
+        "data-cleaning",
+        "lstm-dropout",
+        "augment",
+        "lm-reweight",
+    ]
     by = {i["name"]: i for i in items}
     for name in ("explain", "compare", "bench"):
         assert by[name]["kind"] == "experiment" and by[name]["smoke"] == f"hypergradients run {name} --smoke"

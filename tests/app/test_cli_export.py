@@ -225,7 +225,10 @@ def test_a_families_run_exports_its_family_and_retrains_where_it_means_something
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "ew"
-    assert main(["run", "families", "--smoke", "--set", "family=example-weights", "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(["run", "families", "--smoke", "--set", "family=example-weights", "--out", str(run), "--quiet"])
+        == 0
+    )
     assert main(["export", str(run)]) == 0
     tuned = hg.load_hparams(run / "tuned" / "hparams.json")
     assert [(f.name, f.kind) for f in tuned.families] == [("example_weights", "ExampleWeights")]
@@ -238,10 +241,13 @@ def test_a_families_run_exports_its_family_and_retrains_where_it_means_something
     from hypergradients.app.tuned import open_run
     from hypergradients.training.fit import evaluate
 
-    opened = open_run(run)   # the training set the retrain uses is the one the run trained on
+    opened = open_run(run)  # the training set the retrain uses is the one the run trained on
     model, _, _ = opened.arms[0].tuned()
-    assert evaluate(model, {"train": opened.train})["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
+    assert evaluate(model, {"train": opened.train})["train_loss"] == pytest.approx(
+        final["train_loss"], rel=1e-5
+    )
     assert [r["trained"] for r in res["rows"]] == ["tuned run (round 3)", "retrain on train"]
     assert any(
-        "no retrain on train+val: the example weights 'example_weights' have no weight" in n for n in res["notes"]
+        "no retrain on train+val: the example weights 'example_weights' have no weight" in n
+        for n in res["notes"]
     )

@@ -43,7 +43,9 @@ def _pieces(prob: AP.BilevelProblem) -> tuple[torch.Tensor, torch.Tensor, torch.
     v = tree.flatten(tree.as_tree(torch.autograd.grad(prob.outer_loss(w, prob.hparams), list(w.values())), w))
     lam = prob.hparams["log_weight_decay"].reshape(-1)
     M = torch.zeros(prob.n_weights, lam.numel(), dtype=DT)
-    M[torch.arange(lam.numel()), torch.arange(lam.numel())] = torch.exp(lam) * prob.params["weight"].reshape(-1)
+    M[torch.arange(lam.numel()), torch.arange(lam.numel())] = torch.exp(lam) * prob.params["weight"].reshape(
+        -1
+    )
     return prob.hessian, M, v
 
 
@@ -60,12 +62,14 @@ def test_ridge_reference_is_the_closed_form(diabetes: AP.BilevelProblem) -> None
             h["log_weight_decay"][j] += s * eps
             w, _, _ = AP.newton_minimize(diabetes.inner_loss, diabetes.hessian_fn, diabetes.params, h)
             vals.append(float(diabetes.outer_loss(w, h)))
-        assert float(diabetes.exact["log_weight_decay"][j]) == pytest.approx((vals[0] - vals[1]) / (2 * eps),
-                                                                             rel=1e-6)
+        assert float(diabetes.exact["log_weight_decay"][j]) == pytest.approx(
+            (vals[0] - vals[1]) / (2 * eps), rel=1e-6
+        )
 
 
-def test_neumann_and_identity_points_match_dense_formulas(result: CompareResult,
-                                                          diabetes: AP.BilevelProblem) -> None:
+def test_neumann_and_identity_points_match_dense_formulas(
+    result: CompareResult, diabetes: AP.BilevelProblem
+) -> None:
     H, M, v = _pieces(diabetes)
     exact = tree.flatten(diabetes.exact)
     pc = next(p for p in result.problems if p.name == "diabetes")
@@ -87,8 +91,9 @@ def test_neumann_and_identity_points_match_dense_formulas(result: CompareResult,
         check(point, alpha * p)
 
 
-def test_first_order_and_adam_identity_points_match_their_formulas(result: CompareResult,
-                                                                  diabetes: AP.BilevelProblem) -> None:
+def test_first_order_and_adam_identity_points_match_their_formulas(
+    result: CompareResult, diabetes: AP.BilevelProblem
+) -> None:
     """FirstOrder(steps=K, lr=α, σ=1e4) at w* is the K-term Neumann series up to O(1/σ²) ≈ 1e-8 (cond(H) ≈
     220 amplifies that to ~1e-6 at most), placed at the budget h = 2K or 2K+1 with 4K+2 gradients and no
     HVP; AdamIdentity is −M(v/D) with D = adam_diagonal of the seeded Adam run (dense, 1e-10)."""
@@ -173,15 +178,37 @@ def test_method_subset_and_config_errors(diabetes: AP.BilevelProblem) -> None:
 
 def test_command_writes_table_json_and_png(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    rc = cli_main(["compare", "--problems", "diabetes", "--budgets", "0,1,3,11", "--out", str(out), "--quiet"])
-    assert rc == 0 and capsys.readouterr().out == f"{out / 'compare.json'}\n"   # --quiet: the path only
+    rc = cli_main(
+        ["compare", "--problems", "diabetes", "--budgets", "0,1,3,11", "--out", str(out), "--quiet"]
+    )
+    assert rc == 0 and capsys.readouterr().out == f"{out / 'compare.json'}\n"  # --quiet: the path only
     d = json.loads((out / "compare.json").read_text())
     curves = d["problems"][0]["curves"]
-    assert sorted(curves) == ["AdamIdentity", "CG", "FirstOrder", "Identity", "Neumann", "Nystrom", "Unrolled"]
+    assert sorted(curves) == [
+        "AdamIdentity",
+        "CG",
+        "FirstOrder",
+        "Identity",
+        "Neumann",
+        "Nystrom",
+        "Unrolled",
+    ]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| CG |" in (out / "compare.md").read_text()
-    rc = cli_main(["compare", "--problems", "diabetes", "--budgets", "0,2", "--methods", "Neumann,CG",
-                   "--out", str(out), "--no-figures"])
+    rc = cli_main(
+        [
+            "compare",
+            "--problems",
+            "diabetes",
+            "--budgets",
+            "0,2",
+            "--methods",
+            "Neumann,CG",
+            "--out",
+            str(out),
+            "--no-figures",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "| Neumann |" in text and "| Unrolled |" not in text
 
@@ -192,4 +219,7 @@ def test_command_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 2 and "unknown ['LBFGS']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main(["compare", "--problems", "iris"])
-    assert e.value.code == 2 and "unknown ['iris']; choose from breast-cancer, digits, diabetes" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "unknown ['iris']; choose from breast-cancer, digits, diabetes" in capsys.readouterr().err
+    )

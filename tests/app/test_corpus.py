@@ -43,7 +43,20 @@ def _write_ptb(tmp_path, train="a b c a\nb a <unk>\n", valid="a c\n", test="d a\
 
 def test_tokenize_splits_punctuation_and_ends_the_line():
     assert tokenize("And God said, Let there be light: the LORD's.") == [
-        "and", "god", "said", ",", "let", "there", "be", "light", ":", "the", "lord's", ".", EOS]
+        "and",
+        "god",
+        "said",
+        ",",
+        "let",
+        "there",
+        "be",
+        "light",
+        ":",
+        "the",
+        "lord's",
+        ".",
+        EOS,
+    ]
 
 
 def test_ptb_folder_gives_ids_over_the_training_vocabulary(tmp_path):
@@ -53,7 +66,7 @@ def test_ptb_folder_gives_ids_over_the_training_vocabulary(tmp_path):
     assert c.vocab == [UNK, EOS, "a", "b", "c"]
     assert c.train.tolist() == [2, 3, 4, 2, 1, 3, 2, 0, 1]
     assert c.valid.tolist() == [2, 4, 1]
-    assert c.test.tolist() == [0, 2, 1]   # "d" never seen in training: <unk>
+    assert c.test.tolist() == [0, 2, 1]  # "d" never seen in training: <unk>
 
 
 def test_small_vocabulary_maps_rare_words_to_unk(tmp_path):
@@ -70,7 +83,9 @@ def test_partial_ptb_folder_is_refused_naming_the_missing_file(tmp_path):
 
 def test_folder_without_ptb_files_is_refused_not_replaced_by_the_default(tmp_path):
     # a folder the user named holds no PTB: an error naming the files and the default, never the Bible
-    with pytest.raises(DataUnavailableError, match=r"(?s)none of the PTB files.*ptb\.train\.txt.*data\.root=''"):
+    with pytest.raises(
+        DataUnavailableError, match=r"(?s)none of the PTB files.*ptb\.train\.txt.*data\.root=''"
+    ):
         load_corpus(tmp_path)
 
 
@@ -115,15 +130,15 @@ def test_shipped_kjv_is_the_declared_text():
 
 
 def test_default_corpus_is_the_shipped_kjv_without_the_bible_program(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))   # no `bible` (nor anything else) on PATH
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `bible` (nor anything else) on PATH
     assert shutil.which("bible") is None
     c = load_corpus(None, vocab_size=2000)
     assert c.name == "kjv" and c.vocab_size == 2000 and "shipped with hypergradients" in c.source
     splits = (c.train, c.valid, c.test)
     assert tuple(len(s) for s in splits) == KJV_TOKENS
-    assert tuple(int((s == 1).sum()) for s in splits) == KJV_VERSES   # one <eos> per verse
+    assert tuple(int((s == 1).sum()) for s in splits) == KJV_VERSES  # one <eos> per verse
     assert tuple(_sha(s) for s in splits) == KJV_IDS_2000
-    assert c.vocab[:6] == [UNK, EOS, ",", "the", "and", "of"]   # the most frequent tokens of the KJV
+    assert c.vocab[:6] == [UNK, EOS, ",", "the", "and", "of"]  # the most frequent tokens of the KJV
     assert c.train.dtype == torch.int64 and int(c.train.max()) == 1999
     # "" (the command line's empty data.root) is the default too
     assert torch.equal(load_corpus("", vocab_size=2000).test, c.test)
@@ -133,7 +148,7 @@ def test_shipped_kjv_missing_or_corrupt_says_reinstall(monkeypatch):
     monkeypatch.setattr("hypergradients.app.corpus.KJV_FILE", "corpora/no-such-file.txt.gz")
     with pytest.raises(DataUnavailableError, match=r"(?s)missing from this installation.*force-reinstall"):
         load_corpus()
-    monkeypatch.setattr("hypergradients.app.corpus.KJV_FILE", "corpora/README.md")   # not gzip
+    monkeypatch.setattr("hypergradients.app.corpus.KJV_FILE", "corpora/README.md")  # not gzip
     with pytest.raises(DataFormatError, match=r"(?s)corrupt.*force-reinstall"):
         load_corpus()
 

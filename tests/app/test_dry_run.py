@@ -22,7 +22,9 @@ def _ptb(tmp: Path) -> Path:
     root = tmp / "data"
     root.mkdir()
     for name in ("train", "valid", "test"):
-        lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=g)) for _ in range(20)]
+        lines = [
+            " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=g)) for _ in range(20)
+        ]
         (root / f"ptb.{name}.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -38,8 +40,10 @@ def _cifar(tmp: Path) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"labels": [int(v) for v in rng.integers(0, 10, size=20)],
-             b"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)}
+        d = {
+            b"labels": [int(v) for v in rng.integers(0, 10, size=20)],
+            b"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
+        }
         (folder / name).write_bytes(pickle.dumps(d, protocol=2))
     return root
 
@@ -61,25 +65,52 @@ COUNTS = [
 
 
 @pytest.mark.parametrize("name,sets,total", COUNTS, ids=[c[0] for c in COUNTS])
-def test_full_configurations_have_the_papers_counts(name: str, sets: list[str], total: int, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_configurations_have_the_papers_counts(
+    name: str,
+    sets: list[str],
+    total: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
-    extra = ([f"data.root='{_ptb(tmp_path)}'"] if name == "lstm-dropout" else
-             [f"data.root='{_cifar(tmp_path)}'"] if name == "augment" else [])
+    extra = (
+        [f"data.root='{_ptb(tmp_path)}'"]
+        if name == "lstm-dropout"
+        else [f"data.root='{_cifar(tmp_path)}'"]
+        if name == "augment"
+        else []
+    )
     args = ["run", name, "--dry-run"] + [a for s in [*sets, *extra] for a in ("--set", s)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert total in _totals(out), out
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if extra else [])   # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if extra else [])  # nothing written
 
 
-def test_lstm_dry_run_describes_every_arm(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lstm_dry_run_describes_every_arm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     root = _ptb(tmp_path)
-    assert main(["run", "lstm-dropout", "--dry-run", "--set", "config=full", "--set", f"data.root='{root}'",
-                 "--set", "dropout.dropconnect='each'", "--set", "dropout.embedding=false"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "lstm-dropout",
+                "--dry-run",
+                "--set",
+                "config=full",
+                "--set",
+                f"data.root='{root}'",
+                "--set",
+                "dropout.dropconnect='each'",
+                "--set",
+                "dropout.embedding=false",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # none, fixed (0 tuned), ours (5 → 4 scalars without dropoute, one DropConnect rate per layer: 5),
     # ours_many with DropConnect on both layers and no word dropout: 3 × 650 + 2 × 2,600 × 650
@@ -87,8 +118,9 @@ def test_lstm_dry_run_describes_every_arm(tmp_path: Path, capsys: pytest.Capture
     assert "ours_many" in out and "rnn0.weight_hh_l0: 1,690,000, rnn1.weight_hh_l0: 1,690,000" in out
 
 
-def test_dry_run_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["run", "weight-decay", "--dry-run"]) == 2
     assert "has no dry run" in capsys.readouterr().err

@@ -87,21 +87,30 @@ def test_smoke_writes_the_run_folder(tmp_path: Path) -> None:
         assert r["seeds"] == 2 and (r["test_acc_mean"], r["test_acc_std"]) == mean_std(accs)
         # every arm takes the same inner steps: 6 = 3 rounds of 2
         assert all(x["inner_steps"] == 6 and x["cpu_s"] > 0 for x in r["runs"])
-        assert all(x["extra_acc"] is not None for x in r["runs"])   # the 3000 − 64 images left out
+        assert all(x["extra_acc"] is not None for x in r["runs"])  # the 3000 − 64 images left out
     for learned in res.rows[2:]:
         assert learned["hyperparameters"] == 449
         for x in learned["runs"]:
             assert x["hyper_steps"] == 3 and x["hyper_steps_seen"] == 3
             assert 0 <= x["changed_fraction"] <= 1 and 0 <= x["bias_share"] <= 1
-            assert len(x["snr_windows"]) == 1 and x["aug_dist"] >= 0   # one window of 2 hyper steps
+            assert len(x["snr_windows"]) == 1 and x["aug_dist"] >= 0  # one window of 2 hyper steps
     assert all("hyper_steps_seen" not in x for r in res.rows[:2] for x in r["runs"])
-    for name in ("config.toml", "augment.json", "metrics.jsonl", "report.md", "curves.png",
-                 "augmented-augnet.png", "augmented-augnet+hand.png"):
+    for name in (
+        "config.toml",
+        "augment.json",
+        "metrics.jsonl",
+        "report.md",
+        "curves.png",
+        "augmented-augnet.png",
+        "augmented-augnet+hand.png",
+    ):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "augment.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(res.rows))
     assert [p["comparison"] for p in saved["paired"]][:2] == [
-        "augmentation network (IFT) − no augmentation", "augmentation network (IFT) − hand-made"]
+        "augmentation network (IFT) − no augmentation",
+        "augmentation network (IFT) − hand-made",
+    ]
     report = (tmp_path / "report.md").read_text()
     assert "Paired differences" in report and "signal-to-noise ratio over windows" in report
     assert "Validation loss of no augmentation" in report and "Cost of augmentation network" in report
@@ -162,15 +171,26 @@ def test_schedules_follow_the_authors_milestones_and_alpha_is_the_inner_lr() -> 
 
 
 def test_a_collapsed_run_is_reported_not_finished_quietly() -> None:
-    runs = [{"seed": 0, "test_acc": 0.1, "inner_loss": 2.3, "collapsed": "classifier at chance (test accuracy "
-             "0.100)"}, {"seed": 1, "test_acc": 0.9, "inner_loss": 0.1, "collapsed": ""}]
+    runs = [
+        {
+            "seed": 0,
+            "test_acc": 0.1,
+            "inner_loss": 2.3,
+            "collapsed": "classifier at chance (test accuracy 0.100)",
+        },
+        {"seed": 1, "test_acc": 0.9, "inner_loss": 0.1, "collapsed": ""},
+    ]
     rows = {"augnet": {"arm": "augmentation network (IFT)", "test_acc_mean": 0.5, "runs": runs}}
     text = " ".join(interpret(rows))
-    assert "COLLAPSED: 1 of 2 runs of the augmentation network (IFT) arm: seed 0: classifier at chance" in text
+    assert (
+        "COLLAPSED: 1 of 2 runs of the augmentation network (IFT) arm: seed 0: classifier at chance" in text
+    )
     from hypergradients.app.experiments.augment_mnist import _collapse
 
-    assert _collapse("augnet", 0.95, 10, {"zero_run_at_end": 20, "hyper_steps_seen": 88}, 20) == \
-        "hypergradient exactly 0 for the last 20 hyper steps"
+    assert (
+        _collapse("augnet", 0.95, 10, {"zero_run_at_end": 20, "hyper_steps_seen": 88}, 20)
+        == "hypergradient exactly 0 for the last 20 hyper steps"
+    )
     assert _collapse("augnet", 0.95, 10, {"zero_run_at_end": 3, "hyper_steps_seen": 88}, 20) == ""
     assert _collapse("none", 0.95, 10, None, 20) == ""
 
@@ -178,17 +198,34 @@ def test_a_collapsed_run_is_reported_not_finished_quietly() -> None:
 def test_the_paired_difference_without_the_collapsed_seeds_is_reported_beside_the_verdict() -> None:
     learned = [0.94, 0.95, 0.10, 0.93]
     none = [0.93, 0.94, 0.92, 0.94]
-    rows = {"augnet": {"arm": "augmentation network (IFT)", "test_acc_mean": sum(learned) / 4,
-                       "runs": [{"seed": s, "test_acc": v, "inner_loss": 0.2,
-                                 "collapsed": "classifier at chance" if v < 0.15 else ""}
-                                for s, v in enumerate(learned)]},
-            "none": {"arm": "no augmentation", "test_acc_mean": sum(none) / 4,
-                     "runs": [{"seed": s, "test_acc": v, "inner_loss": 0.1, "collapsed": ""}
-                              for s, v in enumerate(none)]}}
+    rows = {
+        "augnet": {
+            "arm": "augmentation network (IFT)",
+            "test_acc_mean": sum(learned) / 4,
+            "runs": [
+                {
+                    "seed": s,
+                    "test_acc": v,
+                    "inner_loss": 0.2,
+                    "collapsed": "classifier at chance" if v < 0.15 else "",
+                }
+                for s, v in enumerate(learned)
+            ],
+        },
+        "none": {
+            "arm": "no augmentation",
+            "test_acc_mean": sum(none) / 4,
+            "runs": [
+                {"seed": s, "test_acc": v, "inner_loss": 0.1, "collapsed": ""} for s, v in enumerate(none)
+            ],
+        },
+    }
     text = " ".join(interpret(rows))
     # seeds 0, 1, 3: differences +0.01, +0.01, −0.01: mean +0.0033, sd 0.01155, SE 0.0067
-    assert ("Without the collapsed seed(s) 2 (3 seeds left): augmentation network (IFT) − no augmentation on "
-            "test accuracy +0.0033 ± 0.0067") in text
+    assert (
+        "Without the collapsed seed(s) 2 (3 seeds left): augmentation network (IFT) − no augmentation on "
+        "test accuracy +0.0033 ± 0.0067"
+    ) in text
     rows["augnet"]["runs"][2]["collapsed"] = ""
     assert "Without the collapsed" not in " ".join(interpret(rows))
 
@@ -197,8 +234,10 @@ def test_overfitting_note_reads_the_validation_curve() -> None:
     up = [[{"inner_steps": s, "val_loss": v} for s, v in ((100, 0.30), (200, 0.27), (300, 0.33))]] * 2
     flat = [[{"inner_steps": s, "val_loss": v} for s, v in ((100, 0.30), (200, 0.27), (300, 0.27))]]
     notes = overfitting({"none": up, "handmade": flat})
-    assert notes[0] == ("Validation loss of no augmentation (mean over seeds) turns up: lowest 0.2700 at step "
-                        "200, 0.3300 at the end (step 300, +22%).")
+    assert notes[0] == (
+        "Validation loss of no augmentation (mean over seeds) turns up: lowest 0.2700 at step "
+        "200, 0.3300 at the end (step 300, +22%)."
+    )
     assert "hand-made (mean over seeds) does not turn up" in notes[1]
 
 
@@ -223,7 +262,7 @@ def test_the_augmented_figure_shows_a_brightness_offset(tmp_path: Path, monkeypa
     original, augmented = fig.axes[0].get_images()[0], fig.axes[len(x)].get_images()[0]
     seen_o = original.norm(original.get_array())
     seen_a = augmented.norm(augmented.get_array())
-    assert float((seen_a - seen_o).mean()) > 0.2   # drawn brighter by about the offset
+    assert float((seen_a - seen_o).mean()) > 0.2  # drawn brighter by about the offset
     plt.close(fig)
 
 
@@ -238,16 +277,25 @@ def test_full_is_resnet18_on_cifar10():
 
     cfg = with_preset(resolve(SCHEMA, sets=["config=full", "seeds=[4]"]))
     assert cfg["model.name"] == "resnet18" and cfg["data.dataset"] == "cifar10" and cfg["seeds"] == [4]
-    assert all(cfg[k] == v for k, v in FULL.items() if k != "seeds")   # the user's seeds stay
+    assert all(cfg[k] == v for k, v in FULL.items() if k != "seeds")  # the user's seeds stay
     assert with_preset(resolve(SCHEMA, sets=["config=full"]))["seeds"] == [0, 1, 2]
     # the authors' recipe: 200 epochs of 352 batches of 128, SGD-Nesterov lr 0.1, a hyper step every 9
     # minibatches by 0 Neumann terms, SGD-Nesterov hyper optimizer at lr 0.1 on α = the inner lr, crop
     # (±4 px) + flip in every arm, their U-Net
-    assert (cfg["train.steps"], cfg["train.batch_size"], cfg["train.lr"], cfg["train.optimizer"]) == \
-        (70_400, 128, 0.1, "nesterov")
+    assert (cfg["train.steps"], cfg["train.batch_size"], cfg["train.lr"], cfg["train.optimizer"]) == (
+        70_400,
+        128,
+        0.1,
+        "nesterov",
+    )
     assert cfg["train.milestones"] == [0.3, 0.6, 0.8] and cfg["hyper.milestones"] == [0.2, 0.5, 0.7]
-    assert (cfg["train.inner_steps"], cfg["hyper.method"], cfg["hyper.optimizer"], cfg["hyper.lr"],
-            cfg["hyper.alpha"]) == (9, "identity", "sgd", 0.1, 0.0)
+    assert (
+        cfg["train.inner_steps"],
+        cfg["hyper.method"],
+        cfg["hyper.optimizer"],
+        cfg["hyper.lr"],
+        cfg["hyper.alpha"],
+    ) == (9, "identity", "sgd", 0.1, 0.0)
     assert cfg["arms"] == ["handmade", "augnet+hand"] and cfg["augment.network"] == "paper"
     assert (cfg["handmade.shift"], cfg["handmade.degrees"], cfg["handmade.flip"]) == (4.0, 0.0, True)
     assert AugmentNet.paper(3).count() == 6659
@@ -270,12 +318,19 @@ def test_the_approximation_is_chosen_by_key() -> None:
     # library's iters counts v itself, so K + 1; CG: hyper.iters iterations
     assert pick() == hg.Identity(scale=0.05)
     assert pick("hyper.method=neumann", "hyper.iters=1") == hg.Neumann(iters=2, alpha=0.05)
-    assert pick("hyper.method=neumann", "hyper.iters=3", "hyper.alpha=0.01") == hg.Neumann(iters=4, alpha=0.01)
+    assert pick("hyper.method=neumann", "hyper.iters=3", "hyper.alpha=0.01") == hg.Neumann(
+        iters=4, alpha=0.01
+    )
     assert pick("hyper.method=cg", "hyper.iters=5") == hg.CG(iters=5, tol=1e-6, damping=1e-3)
 
 
-@pytest.mark.parametrize("sets", [["hyper.method=cg", "hyper.iters=2", "hyper.optimizer=adam"],
-                                  ["hyper.method=neumann", "hyper.optimizer=sgd", "augment.network=paper"]])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["hyper.method=cg", "hyper.iters=2", "hyper.optimizer=adam"],
+        ["hyper.method=neumann", "hyper.optimizer=sgd", "augment.network=paper"],
+    ],
+)
 def test_the_learned_arm_runs_with_every_approximation(sets: list[str], tmp_path: Path) -> None:
     cfg = resolve(SCHEMA, smoke=SMOKE, sets=['arms=["augnet"]', *sets])
     res = EXPERIMENT.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))

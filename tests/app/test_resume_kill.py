@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ARGS = ["weight-decay", "--smoke", "--set", "train.rounds=6", "--set", "checkpoint_every=2", "--json", "--quiet"]
+ARGS = [
+    "weight-decay",
+    "--smoke",
+    "--set",
+    "train.rounds=6",
+    "--set",
+    "checkpoint_every=2",
+    "--json",
+    "--quiet",
+]
 
 _WORKER = textwrap.dedent("""
     import sys, time
@@ -39,8 +48,13 @@ def _run(tmp_path: Path, out: Path, pause: float, *extra: str) -> subprocess.Pop
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(pause), *ARGS, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(pause), *ARGS, "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _rows(stdout: str) -> list[dict[str, Any]]:
@@ -49,8 +63,10 @@ def _rows(stdout: str) -> list[dict[str, Any]]:
 
 
 def _top(out: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(s).items() if k != "time_s"}
-            for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(s).items() if k != "time_s"}
+        for s in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_killed_run_resumes_to_the_same_table_and_metrics(tmp_path: Path) -> None:
@@ -61,7 +77,7 @@ def test_killed_run_resumes_to_the_same_table_and_metrics(tmp_path: Path) -> Non
     killed = _run(tmp_path, run, 0.3)
     assert killed.stdout is not None
     deadline = time.monotonic() + 120
-    for line in killed.stdout:   # kill in the middle of the second arm, after its round-2 checkpoint
+    for line in killed.stdout:  # kill in the middle of the second arm, after its round-2 checkpoint
         arm, rnd = line.split()
         if arm == "global" and int(rnd) >= 3:
             break

@@ -31,7 +31,7 @@ import hypergradients as hg
 from hypergradients import distributed
 
 DT = torch.float64
-N_TRAIN, N_VAL, D, C = 48, 32, 5, 3   # shards must be equal: divisible by the number of ranks
+N_TRAIN, N_VAL, D, C = 48, 32, 5, 3  # shards must be equal: divisible by the number of ranks
 
 
 def data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -44,7 +44,7 @@ def data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def shard(t: Tensor, rank: int, world: int) -> Tensor:
     n = t.shape[0] // world
-    return t[rank * n:(rank + 1) * n]
+    return t[rank * n : (rank + 1) * n]
 
 
 Loss = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
@@ -98,7 +98,10 @@ def root_methods() -> dict[str, tuple[hg.ImplicitMethod, dict[str, Any]]]:
         "NormalCG": (hg.NormalCG(tol=1e-12, iters=300), {}),
         "Neumann": (hg.Neumann(iters=15, alpha=0.5), {}),
         "MINRES-symmetric": (hg.MINRES(tol=1e-12), {"symmetric": True}),
-        "CG-finite-difference": (hg.CG(iters=30, tol=1e-12), {"symmetric": True, "hvp_mode": "finite-difference"}),
+        "CG-finite-difference": (
+            hg.CG(iters=30, tol=1e-12),
+            {"symmetric": True, "hvp_mode": "finite-difference"},
+        ),
         "fixed-point-GMRES": (hg.GMRES(tol=1e-12), {"fixed_point": True}),
     }
 
@@ -109,7 +112,9 @@ def roots(rank: int = 0, world: int = 1) -> dict[str, Any]:
     inner, outer, params, hparams = problem(rank, world)
 
     def F(p: dict[str, Tensor], h: dict[str, Tensor]) -> dict[str, Tensor]:
-        return dict(zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True))
+        return dict(
+            zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True)
+        )
 
     def T(p: dict[str, Tensor], h: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: p[k] - 0.5 * g for k, g in F(p, h).items()}
@@ -117,10 +122,22 @@ def roots(rank: int = 0, world: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, (m, kw) in root_methods().items():
         with distributed.counting() as c:
-            g, info = hg.root_hypergradient(outer, T if kw.get("fixed_point") else F, params, hparams,  # type: ignore[call-overload]
-                                            method=m, return_info=True, **kw)
-        out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations,
-                     "condition_norm": info.condition_norm, "all_reduces": c.all_reduces}
+            g, info = hg.root_hypergradient(
+                outer,
+                T if kw.get("fixed_point") else F,
+                params,
+                hparams,  # type: ignore[call-overload]
+                method=m,
+                return_info=True,
+                **kw,
+            )
+        out[name] = {
+            "g": g,
+            "hvps": info.hvps,
+            "iterations": info.iterations,
+            "condition_norm": info.condition_norm,
+            "all_reduces": c.all_reduces,
+        }
     return out
 
 
@@ -129,11 +146,24 @@ def hypergradients(rank: int = 0, world: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, (m, mode) in methods().items():
         with distributed.counting() as c:
-            g, info = hg.hypergradient(outer, inner, params, hparams, method=m, hvp_mode=mode,  # type: ignore[call-overload]
-                                       return_info=True)
-        out[name] = {"g": g, "hvps": info.hvps, "iterations": info.iterations, "grad_norm": info.grad_norm,
-                     "all_reduces": c.all_reduces, "bytes": c.all_reduce_bytes,
-                     "gradient_evals": info.extra.get("gradient_evals")}
+            g, info = hg.hypergradient(
+                outer,
+                inner,
+                params,
+                hparams,
+                method=m,
+                hvp_mode=mode,  # type: ignore[call-overload]
+                return_info=True,
+            )
+        out[name] = {
+            "g": g,
+            "hvps": info.hvps,
+            "iterations": info.iterations,
+            "grad_norm": info.grad_norm,
+            "all_reduces": c.all_reduces,
+            "bytes": c.all_reduce_bytes,
+            "gradient_evals": info.extra.get("gradient_evals"),
+        }
     return out
 
 
@@ -143,7 +173,7 @@ def train(rank: int = 0, world: int = 1, *, rounds: int = 3, inner_steps: int = 
     xt, yt, xv, yv = (shard(t, rank, world) for t in (xt, yt, xv, yv))
     torch.manual_seed(0)
     model = nn.Linear(D, C).to(DT)
-    if rank != 0:   # a different start on the other ranks: DDP and the broadcast must fix it
+    if rank != 0:  # a different start on the other ranks: DDP and the broadcast must fix it
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
@@ -152,12 +182,17 @@ def train(rank: int = 0, world: int = 1, *, rounds: int = 3, inner_steps: int = 
         if rank != 0:
             with torch.no_grad():
                 for t in wd.tensors().values():
-                    t.add_(3.0)   # must be overwritten by HyperOptimizer's broadcast from rank 0
-        net: nn.Module = nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+                    t.add_(3.0)  # must be overwritten by HyperOptimizer's broadcast from rank 0
+        net: nn.Module = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
     else:
         net = model
-    hyper = hg.HyperOptimizer(model, [wd], method=hg.CG(iters=20, tol=1e-12),
-                              optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), data_parallel=world > 1)
+    hyper = hg.HyperOptimizer(
+        model,
+        [wd],
+        method=hg.CG(iters=20, tol=1e-12),
+        optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        data_parallel=world > 1,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     history = []
     for _ in range(rounds):
@@ -170,8 +205,12 @@ def train(rank: int = 0, world: int = 1, *, rounds: int = 3, inner_steps: int = 
             st = hyper.step((xt, yt), (xv, yv))
         assert st.info is not None
         history.append({k: v.detach().clone() for k, v in hyper.hparams.items()})
-    return {"history": history, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "all_reduces_last_step": c.all_reduces, "hvps_last_step": st.info.hvps}
+    return {
+        "history": history,
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "all_reduces_last_step": c.all_reduces,
+        "hvps_last_step": st.info.hvps,
+    }
 
 
 def fit_runs(out_dir: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
@@ -182,17 +221,29 @@ def fit_runs(out_dir: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for tag, plan in (("a", ((3, False),)), ("b", ((2, False), (3, True)))):
         for rounds, resume in plan:
-            torch.manual_seed(rank)   # different initial weights per rank: fit broadcasts rank 0's
+            torch.manual_seed(rank)  # different initial weights per rank: fit broadcasts rank 0's
             model = nn.Linear(D, C).to(DT)
             wd = hg.WeightDecay(model, granularity="weight", init=0.05)
-            out = hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=rounds, inner_steps=3,
-                         batch_size=len(yt), method=hg.CG(iters=20, tol=1e-12),
-                         inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
-                         checkpoint_dir=os.path.join(out_dir, tag), checkpoint_every=1, resume=resume,
-                         data_parallel=world > 1)
-        res[tag] = {"hparams": {k: v.detach().clone() for k, v in wd.tensors().items()},
-                    "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "resumed_from": out.resumed_from}
+            out = hg.fit(
+                model,
+                [wd],
+                (xt, yt),
+                (xv, yv),
+                rounds=rounds,
+                inner_steps=3,
+                batch_size=len(yt),
+                method=hg.CG(iters=20, tol=1e-12),
+                inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+                checkpoint_dir=os.path.join(out_dir, tag),
+                checkpoint_every=1,
+                resume=resume,
+                data_parallel=world > 1,
+            )
+        res[tag] = {
+            "hparams": {k: v.detach().clone() for k, v in wd.tensors().items()},
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "resumed_from": out.resumed_from,
+        }
     return res
 
 
@@ -218,21 +269,21 @@ def main() -> None:
     elif mode in ("die", "hang"):
         if rank == 1:
             if mode == "hang":
-                time.sleep(60)   # alive but silent (a stuck rank): only the timeout can end the wait
-            os._exit(3)   # dies without a word to the others
+                time.sleep(60)  # alive but silent (a stuck rank): only the timeout can end the wait
+            os._exit(3)  # dies without a word to the others
         t0 = time.monotonic()
         try:
             with distributed.data_parallel():
                 distributed.average([{"x": torch.ones(3)}])
             res = {"error": "", "seconds": time.monotonic() - t0}
-        except hg.HypergradientError as e:   # what the survivor sees: the point of this mode
+        except hg.HypergradientError as e:  # what the survivor sees: the point of this mode
             res = {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - t0}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        os._exit(0)   # the group is broken: no barrier, no destroy
+        os._exit(0)  # the group is broken: no barrier, no destroy
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    distributed.barrier()   # neither rank tears the group down while the other still uses it
+    distributed.barrier()  # neither rank tears the group down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

@@ -20,8 +20,9 @@ from hypergradients.training import hyper
 Tree = dict[str, Tensor]
 
 
-def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: int = 60,
-           tol: float = 1e-12) -> Tree:
+def newton(
+    inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: int = 60, tol: float = 1e-12
+) -> Tree:
     """Damped Newton on a strictly convex inner problem (float64), to ‖∇‖ ≤ tol.
 
     ``torch.autograd.functional.hessian`` (no vmap: the families draw random numbers, which vmap
@@ -32,7 +33,7 @@ def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: i
     def f(v: Tensor) -> Tensor:
         return inner(tree.unflatten(v, w0), hd)
 
-    extra = 2   # Newton converges quadratically: two more steps past tol reach rounding level
+    extra = 2  # Newton converges quadratically: two more steps past tol reach rounding level
     for _ in range(iters):
         g = torch.autograd.functional.jacobian(f, x)
         if float(g.norm()) <= tol:
@@ -51,10 +52,17 @@ def newton(inner: Callable[[Tree, Tree], Tensor], w0: Tree, h: Tree, *, iters: i
     return tree.unflatten(x, w0)
 
 
-def hypergradient_vs_fd(model: nn.Module, families: Sequence[Family], bt: Batch, bv: Batch,
-                        coords: Sequence[tuple[str, tuple[int, ...]]], *, eps: float = 1e-4,
-                        noise: Noise | None = None,
-                        loss_fn: Any = cross_entropy) -> list[tuple[float, float]]:
+def hypergradient_vs_fd(
+    model: nn.Module,
+    families: Sequence[Family],
+    bt: Batch,
+    bv: Batch,
+    coords: Sequence[tuple[str, tuple[int, ...]]],
+    *,
+    eps: float = 1e-4,
+    noise: Noise | None = None,
+    loss_fn: Any = cross_entropy,
+) -> list[tuple[float, float]]:
     """``[(implicit, finite difference)]`` for each ``(key, index)`` in ``coords``.
 
     ``w*`` by Newton from the model's weights (only ``requires_grad`` parameters are trained); the
@@ -90,8 +98,13 @@ def _strip(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in metrics]
 
 
-def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]], train: tuple[Tensor, Tensor],
-                              val: tuple[Tensor, Tensor], tmp_path: Path, **kw: Any) -> hg.TrainResult:
+def fit_resume_is_bit_for_bit(
+    make: Callable[[], tuple[nn.Module, list[Family]]],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    tmp_path: Path,
+    **kw: Any,
+) -> hg.TrainResult:
     """``fit`` for 4 rounds straight, and for 2 rounds then resumed to 4 from the checkpoint (a new
     model and new families, as a new process would build them): the same metrics, weights and
     hyperparameters, bit for bit. Returns the straight run's result."""
@@ -101,10 +114,11 @@ def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]]
     torch.manual_seed(0)
     m2, f2 = make()
     hg.fit(m2, f2, train, val, rounds=2, checkpoint_dir=tmp_path / "run", checkpoint_every=2, **kw)
-    torch.manual_seed(99)     # a resumed run must not depend on the state the process is in
+    torch.manual_seed(99)  # a resumed run must not depend on the state the process is in
     m3, f3 = make()
-    res = hg.fit(m3, f3, train, val, rounds=4, checkpoint_dir=tmp_path / "run", checkpoint_every=2,
-                 resume=True, **kw)
+    res = hg.fit(
+        m3, f3, train, val, rounds=4, checkpoint_dir=tmp_path / "run", checkpoint_every=2, resume=True, **kw
+    )
     assert res.resumed_from == 2
     assert _strip(ref.metrics) == _strip(res.metrics)
     for (k, a), b in zip(model.state_dict().items(), m3.state_dict().values(), strict=True):
@@ -115,14 +129,21 @@ def fit_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]]
     return ref
 
 
-def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Family]]],
-                                   batches: Callable[[int], tuple[Batch, Batch, Batch]], *,
-                                   method: hg.Method, steps: int = 6, every: int = 2, lr: float = 0.05,
-                                   save_rng: bool = True) -> None:
+def own_loop_resume_is_bit_for_bit(
+    make: Callable[[], tuple[nn.Module, list[Family]]],
+    batches: Callable[[int], tuple[Batch, Batch, Batch]],
+    *,
+    method: hg.Method,
+    steps: int = 6,
+    every: int = 2,
+    lr: float = 0.05,
+    save_rng: bool = True,
+) -> None:
     """A plain PyTorch loop with ``HyperOptimizer.step`` every ``every`` steps: run ``steps`` straight,
     and again with everything saved at half-way (model, both optimizers' states via
     ``hyper.state_dict()``, torch's RNG unless ``save_rng=False``: then the resumed half runs from
     another global RNG state) and restored into new objects: bit for bit."""
+
     def run(stop_at: int | None, state: dict[str, Any] | None) -> tuple[nn.Module, hg.HyperOptimizer, Any]:
         torch.manual_seed(0)
         model, fams = make()
@@ -140,12 +161,20 @@ def own_loop_resume_is_bit_for_bit(make: Callable[[], tuple[nn.Module, list[Fami
             start = state["i"]
         for i in range(start, steps):
             if stop_at is not None and i == stop_at:
-                return model, hyper, {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                                      "opt": opt.state_dict(), "hyper": hyper.state_dict(),
-                                      "rng": torch.get_rng_state(), "i": i}
+                return (
+                    model,
+                    hyper,
+                    {
+                        "model": {k: v.clone() for k, v in model.state_dict().items()},
+                        "opt": opt.state_dict(),
+                        "hyper": hyper.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "i": i,
+                    },
+                )
             b, bh, bv = batches(i)
             opt.zero_grad()
-            hyper.train_loss(b).backward()   # L_T with fresh noise from hyper.noise_generator
+            hyper.train_loss(b).backward()  # L_T with fresh noise from hyper.noise_generator
             opt.step()
             if i % every == every - 1:
                 res = hyper.step(bh, bv)

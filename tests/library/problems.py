@@ -36,9 +36,29 @@ DT = torch.float64
 Tree = dict[str, Tensor]
 Loss = Callable[[Tree, Tree], Tensor]
 
-__all__ = ["ALL", "OnceTanh", "OnceTanhJvp", "Problem", "attention", "conditioned_logistic", "cosine", "dense_pieces",
-           "lambda_max", "logistic", "low_rank_plus_floor", "mlp", "mlp_parts", "neumann_reference", "newton_solve",
-           "regression", "regression_point", "rel_dist", "rel_err", "ridge", "spd_quadratic"]
+__all__ = [
+    "ALL",
+    "OnceTanh",
+    "OnceTanhJvp",
+    "Problem",
+    "attention",
+    "conditioned_logistic",
+    "cosine",
+    "dense_pieces",
+    "lambda_max",
+    "logistic",
+    "low_rank_plus_floor",
+    "mlp",
+    "mlp_parts",
+    "neumann_reference",
+    "newton_solve",
+    "regression",
+    "regression_point",
+    "rel_dist",
+    "rel_err",
+    "ridge",
+    "spd_quadratic",
+]
 
 
 @dataclass
@@ -46,13 +66,13 @@ class Problem:
     name: str
     inner_loss: Loss
     outer_loss: Loss
-    params: Tree   # w*
+    params: Tree  # w*
     hparams: Tree
-    reference: Tree   # the exact IFT hypergradient at (w*, λ)
-    hessian: Tensor   # dense H at w*, flattened in params' key order
-    mixed: Tensor     # dense ∂²L_T/∂w∂λᵀ (n_w × n_λ), flattened in key order
-    v: Tensor         # ∂L_V/∂w at w*, flattened
-    direct: Tensor    # ∂L_V/∂λ, flattened
+    reference: Tree  # the exact IFT hypergradient at (w*, λ)
+    hessian: Tensor  # dense H at w*, flattened in params' key order
+    mixed: Tensor  # dense ∂²L_T/∂w∂λᵀ (n_w × n_λ), flattened in key order
+    v: Tensor  # ∂L_V/∂w at w*, flattened
+    direct: Tensor  # ∂L_V/∂λ, flattened
     quadratic: bool
 
 
@@ -63,8 +83,9 @@ def _flat_fn(loss: Loss, params: Tree, hparams: Tree, *, of: str) -> Callable[[T
     return lambda x: loss(params, tree.unflatten(x, hparams))
 
 
-def dense_pieces(inner: Loss, outer: Loss, params: Tree, hparams: Tree) -> tuple[Tensor, Tensor, Tensor,
-                                                                                  Tensor]:
+def dense_pieces(
+    inner: Loss, outer: Loss, params: Tree, hparams: Tree
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(H, M, v, direct)`` densely: ``M = ∂²L_T/∂w∂λᵀ`` by jacobian of the flat gradient."""
     w = tree.flatten(params)
     lam = tree.flatten(hparams)
@@ -86,9 +107,16 @@ class NewtonResult(NamedTuple):
     iters: int
 
 
-def newton(grad: Callable[[Tensor], Tensor], hessian: Callable[[Tensor], Tensor], x0: Tensor, *, tol: float,
-           max_iter: int = 100, f: Callable[[Tensor], Tensor] | None = None,
-           shift_indefinite: bool = False) -> NewtonResult:
+def newton(
+    grad: Callable[[Tensor], Tensor],
+    hessian: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    tol: float,
+    max_iter: int = 100,
+    f: Callable[[Tensor], Tensor] | None = None,
+    shift_indefinite: bool = False,
+) -> NewtonResult:
     """Newton's method on a flat vector: ``x ← x − t·(H + μI)⁻¹∇f(x)`` until ``‖∇f(x)‖ ≤ tol``.
 
     ``t = 1`` without ``f``; with ``f``, ``t`` halves from 1 until the Armijo condition
@@ -133,18 +161,35 @@ def rel_dist(a: Tree, ref: Tree) -> float:
     return float(tree.norm(tree.sub(a, ref))) / float(tree.norm(ref))
 
 
-def newton_solve(inner: Loss, params: Tree, hparams: Tree, *, tol: float = 1e-13, max_iter: int = 200) -> Tree:
+def newton_solve(
+    inner: Loss, params: Tree, hparams: Tree, *, tol: float = 1e-13, max_iter: int = 200
+) -> Tree:
     """Minimise ``inner(·, hparams)`` to ‖∇‖ ≤ tol by :func:`newton` (Armijo backtracking,
     the Hessian shifted where it is indefinite: the MLP's inner problem is not convex)."""
     f = _flat_fn(inner, params, hparams, of="w")
-    res = newton(torch.func.grad(f), torch.func.hessian(f), tree.flatten(params), tol=tol, max_iter=max_iter, f=f,
-                 shift_indefinite=True)
+    res = newton(
+        torch.func.grad(f),
+        torch.func.hessian(f),
+        tree.flatten(params),
+        tol=tol,
+        max_iter=max_iter,
+        f=f,
+        shift_indefinite=True,
+    )
     assert res.grad_norm <= 10 * tol, f"Newton did not converge: ‖∇‖ = {res.grad_norm:.3g}"
     return tree.unflatten(res.x, params)
 
 
-def _finish(name: str, inner: Loss, outer: Loss, params: Tree, hparams: Tree, *, quadratic: bool,
-            reference: Tree | None = None) -> Problem:
+def _finish(
+    name: str,
+    inner: Loss,
+    outer: Loss,
+    params: Tree,
+    hparams: Tree,
+    *,
+    quadratic: bool,
+    reference: Tree | None = None,
+) -> Problem:
     H, M, v, direct = dense_pieces(inner, outer, params, hparams)
     if reference is None:
         reference = tree.unflatten(direct - M.T @ torch.linalg.solve(H, v), hparams)
@@ -202,8 +247,9 @@ def logistic(n: int = 60, d: int = 5, c: int = 3, n_val: int = 40, seed: int = 1
     return _finish("logistic", inner, outer, ws, lam, quadratic=False)
 
 
-def mlp_parts(n: int = 30, d: int = 3, h: int = 4, n_val: int = 20, seed: int = 2) -> tuple[Loss, Loss, Tree,
-                                                                                               Tree]:
+def mlp_parts(
+    n: int = 30, d: int = 3, h: int = 4, n_val: int = 20, seed: int = 2
+) -> tuple[Loss, Loss, Tree, Tree]:
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=gen, dtype=DT)
     y = torch.sin(X.sum(1)) + 0.1 * torch.randn(n, generator=gen, dtype=DT)
@@ -215,15 +261,22 @@ def mlp_parts(n: int = 30, d: int = 3, h: int = 4, n_val: int = 20, seed: int = 
 
     def inner(p: Tree, hp: Tree) -> Tensor:
         r = f(p, X) - y
-        return (0.5 * torch.mean(r ** 2) + 0.5 * torch.exp(hp["log_l2_1"]) * torch.sum(p["W1"] ** 2)
-                + 0.5 * torch.exp(hp["log_l2_2"]) * torch.sum(p["w2"] ** 2)
-                + 0.5e-2 * (torch.sum(p["b1"] ** 2) + p["b2"] ** 2).sum())
+        return (
+            0.5 * torch.mean(r**2)
+            + 0.5 * torch.exp(hp["log_l2_1"]) * torch.sum(p["W1"] ** 2)
+            + 0.5 * torch.exp(hp["log_l2_2"]) * torch.sum(p["w2"] ** 2)
+            + 0.5e-2 * (torch.sum(p["b1"] ** 2) + p["b2"] ** 2).sum()
+        )
 
     def outer(p: Tree, hp: Tree) -> Tensor:
         return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
 
-    start = {"W1": 0.5 * torch.randn(d, h, generator=gen, dtype=DT), "b1": torch.zeros(h, dtype=DT),
-             "w2": 0.5 * torch.randn(h, generator=gen, dtype=DT), "b2": torch.zeros(1, dtype=DT)}
+    start = {
+        "W1": 0.5 * torch.randn(d, h, generator=gen, dtype=DT),
+        "b1": torch.zeros(h, dtype=DT),
+        "w2": 0.5 * torch.randn(h, generator=gen, dtype=DT),
+        "b2": torch.zeros(1, dtype=DT),
+    }
     lam = {"log_l2_1": torch.tensor(-3.0, dtype=DT), "log_l2_2": torch.tensor(-2.5, dtype=DT)}
     return inner, outer, start, lam
 
@@ -309,8 +362,12 @@ def conditioned_logistic(kappa: float, seed: int = 0, d: int = 60, n: int = 150,
     for _ in range(20):
         lam = torch.exp(log_mu + z)
         # Newton from 0: quadratic convergence, ~10 steps
-        w = newton(lambda w, lam=lam: Xt.T @ (torch.sigmoid(Xt @ w) - yt) / n + lam * w,
-                   lambda w, lam=lam: hessian(w, lam), torch.zeros(d, dtype=DT), tol=1e-13).x
+        w = newton(
+            lambda w, lam=lam: Xt.T @ (torch.sigmoid(Xt @ w) - yt) / n + lam * w,
+            lambda w, lam=lam: hessian(w, lam),
+            torch.zeros(d, dtype=DT),
+            tol=1e-13,
+        ).x
         ev = torch.linalg.eigvalsh(hessian(w, lam))
         ratio = float(ev[-1] / ev[0]) / kappa
         if abs(math.log(ratio)) < 0.01:
@@ -393,8 +450,11 @@ def regression(act: Callable[[Tensor], Tensor]) -> tuple[Loss, Loss]:
         return act(x @ p["W1"] + p["b1"]) @ p["w2"]
 
     def inner(p: Tree, h: Tree) -> Tensor:
-        return (0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"][0]) * torch.sum(p["W1"] ** 2)
-                + 0.5 * torch.exp(h["log_l2"][1]) * (torch.sum(p["w2"] ** 2) + torch.sum(p["b1"] ** 2)))
+        return (
+            0.5 * torch.mean((f(p, X) - y) ** 2)
+            + 0.5 * torch.exp(h["log_l2"][0]) * torch.sum(p["W1"] ** 2)
+            + 0.5 * torch.exp(h["log_l2"][1]) * (torch.sum(p["w2"] ** 2) + torch.sum(p["b1"] ** 2))
+        )
 
     def outer(p: Tree, h: Tree) -> Tensor:
         return 0.5 * torch.mean((f(p, Xv) - yv) ** 2)
@@ -418,7 +478,7 @@ def attention(fused: bool) -> tuple[Loss, Loss]:
         return a.mean(1) @ p["wo"]
 
     def inner(p: Tree, h: Tree) -> Tensor:
-        l2 = sum(torch.sum(t ** 2) for t in p.values())
+        l2 = sum(torch.sum(t**2) for t in p.values())
         return 0.5 * torch.mean((f(p, X) - y) ** 2) + 0.5 * torch.exp(h["log_l2"]) * l2
 
     def outer(p: Tree, h: Tree) -> Tensor:
@@ -430,6 +490,9 @@ def attention(fused: bool) -> tuple[Loss, Loss]:
 def regression_point(seed: int = 7) -> tuple[Tree, Tree]:
     """Random weights (not a minimum) and hyperparameters for :func:`regression`."""
     gen = torch.Generator().manual_seed(seed)
-    w = {"W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=DT), "b1": torch.zeros(4, dtype=DT),
-         "w2": 0.5 * torch.randn(4, generator=gen, dtype=DT)}
+    w = {
+        "W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=DT),
+        "b1": torch.zeros(4, dtype=DT),
+        "w2": 0.5 * torch.randn(4, generator=gen, dtype=DT),
+    }
     return w, {"log_l2": torch.tensor([-3.0, -2.5], dtype=DT)}

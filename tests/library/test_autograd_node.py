@@ -68,23 +68,26 @@ def test_argmin_node_equals_hypergradient(problem: P.Problem, name: str) -> None
     lam = leaves(problem.hparams)
     w = node.attach(problem.params, lam)
     assert all(t.grad_fn is not None for t in w.values())
-    problem.outer_loss(w, lam).backward()    # the direct term by autograd, the indirect one by the node
-    ref = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams, method=method)
+    problem.outer_loss(w, lam).backward()  # the direct term by autograd, the indirect one by the node
+    ref = hg.hypergradient(
+        problem.outer_loss, problem.inner_loss, problem.params, problem.hparams, method=method
+    )
     # The same solve on the same v = ∂L_V/∂w and the same mixed product; only the sum direct + (−indirect)
     # happens in autograd's accumulation instead of one subtraction: one rounding (measured: equal).
     assert P.rel_err(grads(lam), ref) <= 1e-12, (problem.name, name, P.rel_err(grads(lam), ref))
-    if name == "cg":   # and the hypergradient itself: the problem's reference (dense IFT or re-solved FD)
+    if name == "cg":  # and the hypergradient itself: the problem's reference (dense IFT or re-solved FD)
         tol = 1e-8 if problem.name == "mlp" else 1e-10
         assert P.rel_err(grads(lam), problem.reference) <= tol
 
 
 def test_argmin_node_runs_the_solver_and_matches_finite_differences_of_the_re_solved_problem(
-        ridge: P.Problem) -> None:
+    ridge: P.Problem,
+) -> None:
     calls = []
 
     @hg.custom_argmin(ridge.inner_loss, method=hg.CG(tol=1e-13), residual=True)
-    def train(init: Tree, h: Tree) -> Tree:   # Newton to ‖∇‖ ≤ 1e-13 (tests/problems.py)
-        calls.append(all(not t.requires_grad for t in h.values()))   # the solver sees detached λ
+    def train(init: Tree, h: Tree) -> Tree:  # Newton to ‖∇‖ ≤ 1e-13 (tests/problems.py)
+        calls.append(all(not t.requires_grad for t in h.values()))  # the solver sees detached λ
         return P.newton_solve(ridge.inner_loss, init, h)
 
     lam = leaves(ridge.hparams)
@@ -93,11 +96,12 @@ def test_argmin_node_runs_the_solver_and_matches_finite_differences_of_the_re_so
     ridge.outer_loss(w, lam).backward()
     # Central differences of λ ↦ L_V(w*(λ)), w* re-solved each time: truncation O(ε²) ~ 1e-10 at ε = 1e-5,
     # rounding ~1e-16/ε ~ 1e-11; so the reference is good to ~1e-9 relative.
-    fd = central_differences(lambda h: ridge.outer_loss(P.newton_solve(ridge.inner_loss, ridge.params, h), h),
-                             ridge.hparams, 1e-5)
+    fd = central_differences(
+        lambda h: ridge.outer_loss(P.newton_solve(ridge.inner_loss, ridge.params, h), h), ridge.hparams, 1e-5
+    )
     assert P.rel_err(grads(lam), fd) <= 1e-8, P.rel_err(grads(lam), fd)
     assert calls == [True]
-    assert w0["w"].grad is None               # w* does not depend on where the solver started
+    assert w0["w"].grad is None  # w* does not depend on where the solver started
     info = train.last_info
     assert isinstance(info, hg.Info) and info.method == "CG" and info.converged
     assert info.residual is not None and info.residual <= 1e-13 and info.grad_norm is not None
@@ -105,8 +109,13 @@ def test_argmin_node_runs_the_solver_and_matches_finite_differences_of_the_re_so
 
 
 def test_argmin_node_with_forward_and_finite_difference_products(logistic: P.Problem) -> None:
-    ref = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, logistic.hparams,
-                           method=hg.CG(iters=200, tol=1e-13))
+    ref = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        logistic.params,
+        logistic.hparams,
+        method=hg.CG(iters=200, tol=1e-13),
+    )
     for mode, tol in (("forward", 1e-12), ("finite-difference", 1e-6)):
         # forward-over-reverse products equal double backward to rounding; central differences of the
         # gradient are good to O(eps^{2/3}) ~ 1e-10 per product, amplified by cond(H) (docs/finite-difference-hvp.md).
@@ -126,19 +135,22 @@ class Layer:
         self.W = 0.4 * W / torch.linalg.matrix_norm(W, 2)
         self.x = torch.randn(3, 4, generator=gen, dtype=DT)
         self.y = 0.5 * torch.randn(3, 6, generator=gen, dtype=DT)
-        self.hparams = {"U": torch.randn(6, 4, generator=gen, dtype=DT) / 2,
-                        "b": torch.randn(6, generator=gen, dtype=DT) / 2, "s": torch.tensor(1.2, dtype=DT)}
+        self.hparams = {
+            "U": torch.randn(6, 4, generator=gen, dtype=DT) / 2,
+            "b": torch.randn(6, generator=gen, dtype=DT) / 2,
+            "s": torch.tensor(1.2, dtype=DT),
+        }
 
     def T(self, p: Tree, h: Tree) -> Tree:
         return {"z": torch.tanh(h["s"] * p["z"] @ self.W.T + self.x @ h["U"].T + h["b"])}
 
     def iterate(self, init: Tree, h: Tree) -> Tree:
         z = init
-        for _ in range(200):   # rate ≤ 0.48 per step: the fixed point to rounding
+        for _ in range(200):  # rate ≤ 0.48 per step: the fixed point to rounding
             z = self.T(z, h)
         return z
 
-    def outer(self, p: Tree, h: Tree) -> Tensor:   # a direct term in b
+    def outer(self, p: Tree, h: Tree) -> Tensor:  # a direct term in b
         return 0.5 * torch.sum((p["z"] - self.y) ** 2) + 0.05 * torch.sum(h["b"] ** 2)
 
 
@@ -146,8 +158,9 @@ class Layer:
 def layer() -> tuple[Layer, Tree]:
     m = Layer()
     # Central differences of the re-solved fixed point: truncation ~1e-10, rounding ~1e-11 at ε = 1e-5.
-    fd = central_differences(lambda h: m.outer(m.iterate({"z": torch.zeros(3, 6, dtype=DT)}, h), h),
-                             m.hparams, 1e-5)
+    fd = central_differences(
+        lambda h: m.outer(m.iterate({"z": torch.zeros(3, 6, dtype=DT)}, h), h), m.hparams, 1e-5
+    )
     return m, fd
 
 
@@ -161,8 +174,9 @@ ROOT_METHODS: dict[str, Any] = {
 
 
 @pytest.mark.parametrize("name", list(ROOT_METHODS))
-def test_fixed_point_node_equals_root_hypergradient_and_finite_differences(layer: tuple[Layer, Tree],
-                                                                           name: str) -> None:
+def test_fixed_point_node_equals_root_hypergradient_and_finite_differences(
+    layer: tuple[Layer, Tree], name: str
+) -> None:
     m, fd = layer
     method = ROOT_METHODS[name]
     solve = hg.custom_root(m.T, fixed_point=True, method=method)(m.iterate)
@@ -170,8 +184,8 @@ def test_fixed_point_node_equals_root_hypergradient_and_finite_differences(layer
     z = solve({"z": torch.zeros(3, 6, dtype=DT)}, lam)
     m.outer(z, lam).backward()
     ref = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=method)
-    assert P.rel_err(grads(lam), ref) <= 1e-12, (name, P.rel_err(grads(lam), ref))   # same products: rounding
-    assert P.rel_err(grads(lam), fd) <= 1e-7, (name, P.rel_err(grads(lam), fd))      # the reference's ~1e-9
+    assert P.rel_err(grads(lam), ref) <= 1e-12, (name, P.rel_err(grads(lam), ref))  # same products: rounding
+    assert P.rel_err(grads(lam), fd) <= 1e-7, (name, P.rel_err(grads(lam), fd))  # the reference's ~1e-9
     info = solve.last_info
     assert isinstance(info, hg.RootInfo) and info.method == type(method).__name__
     assert info.condition_norm is not None and info.condition_norm <= 1e-13
@@ -206,7 +220,7 @@ class DEQ(nn.Module):
 
     def __init__(self, d: int, n: int, *, implicit: bool) -> None:
         super().__init__()
-        self.W = nn.Parameter(torch.randn(n, n, dtype=DT) / n ** 0.5)
+        self.W = nn.Parameter(torch.randn(n, n, dtype=DT) / n**0.5)
         self.cell = nn.Sequential(nn.Linear(d, n), nn.Tanh(), nn.Linear(n, n)).double()
         self.n, self.implicit = n, implicit
         self.solve = hg.custom_root(self.T, fixed_point=True, method=hg.GMRES(tol=1e-12))(self.iterate)
@@ -217,14 +231,14 @@ class DEQ(nn.Module):
         return torch.tanh(z @ W.T + torch.func.functional_call(self.cell, cell, (h["x"],)))
 
     def iterate(self, z: Tensor, h: Tree) -> Tensor:
-        for _ in range(200):   # rate ≤ 1/2: 2^-200, the fixed point to rounding
+        for _ in range(200):  # rate ≤ 1/2: 2^-200, the fixed point to rounding
             z = self.T(z, h)
         return z
 
     def forward(self, x: Tensor) -> Tensor:
         h = {"x": x, **dict(self.named_parameters())}
         z0 = x.new_zeros(len(x), self.n)
-        return self.solve(z0, h) if self.implicit else self.iterate(z0, h)   # unrolled: autograd through all
+        return self.solve(z0, h) if self.implicit else self.iterate(z0, h)  # unrolled: autograd through all
 
 
 def test_a_deq_layer_inside_a_network_trained_by_backward() -> None:
@@ -234,7 +248,9 @@ def test_a_deq_layer_inside_a_network_trained_by_backward() -> None:
     nets = {}
     for implicit in (True, False):
         torch.manual_seed(1)
-        nets[implicit] = nn.Sequential(nn.Linear(3, 5), DEQ(5, 8, implicit=implicit), nn.Linear(8, 1)).double()
+        nets[implicit] = nn.Sequential(
+            nn.Linear(3, 5), DEQ(5, 8, implicit=implicit), nn.Linear(8, 1)
+        ).double()
     for net in nets.values():
         ((net(x) - y) ** 2).mean().backward()
     # Autograd through 200 steps of a contraction by ≤ 1/2 is the exact derivative to rounding; the
@@ -259,7 +275,9 @@ def test_a_deq_layer_inside_a_network_trained_by_backward() -> None:
 
 
 # ---------------------------------------------------------------- iMAML: a meta-gradient through w*(θ)
-def imaml_tasks(n_tasks: int = 4, d: int = 5, seed: int = 0) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+def imaml_tasks(
+    n_tasks: int = 4, d: int = 5, seed: int = 0
+) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
     center = torch.randn(d, generator=gen, dtype=DT)
     out = []
@@ -291,15 +309,15 @@ def test_imaml_meta_gradient_is_the_closed_form_and_a_loop_equals_one_stacked_pr
 
     @hg.custom_argmin(imaml_inner, method=hg.CG(tol=1e-13))
     def adapt(init: Tensor, theta: Tensor, data: tuple[Tensor, Tensor]) -> Tensor:
-        return imaml_closed_form(theta, data)[0]   # any solver: here the closed form
+        return imaml_closed_form(theta, data)[0]  # any solver: here the closed form
 
     theta = theta0.clone().requires_grad_(True)
     meta = sum(0.5 * ((Xv @ adapt(theta, theta, tr) - yv) ** 2).mean() for tr, (Xv, yv) in tasks)
-    meta.backward()   # a loop over tasks: each w*(θ) its own node
+    meta.backward()  # a loop over tasks: each w*(θ) its own node
     ref = torch.zeros(5, dtype=DT)
     for tr, (Xv, yv) in tasks:
         w, J = imaml_closed_form(theta0, tr)
-        ref += J @ (Xv.T @ (Xv @ w - yv) / len(Xv))   # (dw*/dθ)ᵀ ∂L_val/∂w
+        ref += J @ (Xv.T @ (Xv @ w - yv) / len(Xv))  # (dw*/dθ)ᵀ ∂L_val/∂w
     assert theta.grad is not None
     # CG to 1e-13 on A (cond ≤ 3 here): the closed form to ~1e-12.
     assert float(torch.linalg.norm(theta.grad - ref) / torch.linalg.norm(ref)) <= 1e-11
@@ -326,7 +344,8 @@ def test_imaml_meta_gradient_is_the_closed_form_and_a_loop_equals_one_stacked_pr
 # ---------------------------------------------------------------- what torch.func does and does not compose with
 def _ridge_node(ridge: P.Problem) -> hg.ImplicitSolver:
     return hg.custom_argmin(ridge.inner_loss, method=hg.CG(tol=1e-13))(
-        lambda init, h: P.newton_solve(ridge.inner_loss, init, h))
+        lambda init, h: P.newton_solve(ridge.inner_loss, init, h)
+    )
 
 
 def test_torch_func_transforms_over_the_node_are_refused_and_a_loop_works(ridge: P.Problem) -> None:
@@ -336,28 +355,40 @@ def test_torch_func_transforms_over_the_node_are_refused_and_a_loop_works(ridge:
     def val(lam: Tensor) -> Tensor:
         return ridge.outer_loss(train(ridge.params, {"log_l2": lam}), {"log_l2": lam})
 
-    for transform, arg in ((torch.func.vmap(val), lams), (torch.func.grad(val), lams[0]),
-                           (torch.func.vmap(torch.func.grad(val)), lams)):
-        with pytest.raises(hg.HypergradientError, match=r"does not run under torch\.func transforms.*loop over them"):
+    for transform, arg in (
+        (torch.func.vmap(val), lams),
+        (torch.func.grad(val), lams[0]),
+        (torch.func.vmap(torch.func.grad(val)), lams),
+    ):
+        with pytest.raises(
+            hg.HypergradientError, match=r"does not run under torch\.func transforms.*loop over them"
+        ):
             transform(arg)
     # The same per-λ gradients by a loop of .backward(): each against the explicit door.
     for lam0 in lams:
         lam = lam0.clone().requires_grad_(True)
         val(lam).backward()
-        ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss,
-                               P.newton_solve(ridge.inner_loss, ridge.params, {"log_l2": lam0}),
-                               {"log_l2": lam0}, method=hg.CG(tol=1e-13))
+        ref = hg.hypergradient(
+            ridge.outer_loss,
+            ridge.inner_loss,
+            P.newton_solve(ridge.inner_loss, ridge.params, {"log_l2": lam0}),
+            {"log_l2": lam0},
+            method=hg.CG(tol=1e-13),
+        )
         assert lam.grad is not None and P.rel_err({"log_l2": lam.grad}, ref) <= 1e-12
 
 
 def test_torch_func_inside_the_solver_and_the_condition_composes(ridge: P.Problem) -> None:
     """The solver may use torch.func (grad, functional_call) itself: the README's pattern."""
+
     def inner(w: Tensor, lam: Tensor) -> Tensor:
         return ridge.inner_loss({"w": w}, {"log_l2": lam})
 
     @hg.custom_argmin(inner, method=hg.CG(tol=1e-13))
     def gd(w: Tensor, lam: Tensor) -> Tensor:
-        for _ in range(80):   # H's spectrum is in [0.88, 2.72]: step 0.5 contracts by ≤ 0.56, 80 steps to rounding
+        for _ in range(
+            80
+        ):  # H's spectrum is in [0.88, 2.72]: step 0.5 contracts by ≤ 0.56, 80 steps to rounding
             w = w - 0.5 * torch.func.grad(inner)(w, lam)
         return w
 
@@ -371,11 +402,14 @@ def test_create_graph_gives_the_first_derivative_and_refuses_the_second(ridge: P
     train = _ridge_node(ridge)
     lam = leaves(ridge.hparams)
     w = train(ridge.params, lam)
-    (g,) = torch.autograd.grad(ridge.outer_loss(w, lam) + 0.5 * (lam["log_l2"] ** 2).sum(), [lam["log_l2"]],
-                               create_graph=True)
+    (g,) = torch.autograd.grad(
+        ridge.outer_loss(w, lam) + 0.5 * (lam["log_l2"] ** 2).sum(), [lam["log_l2"]], create_graph=True
+    )
     ref = ridge.reference["log_l2"] + ridge.hparams["log_l2"]
     assert g.requires_grad and float(torch.linalg.norm(g.detach() - ref) / torch.linalg.norm(ref)) <= 1e-10
-    with pytest.raises(hg.HypergradientError, match=r"second derivative through hg\.custom_argmin's node.*hg\.CG"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"second derivative through hg\.custom_argmin's node.*hg\.CG"
+    ):
         torch.autograd.grad(g.sum(), [lam["log_l2"]])
     with pytest.raises(hg.HypergradientError, match=r"second derivative"):
         g.sum().backward()
@@ -384,7 +418,7 @@ def test_create_graph_gives_the_first_derivative_and_refuses_the_second(ridge: P
 # ---------------------------------------------------------------- arguments, no-grad, errors
 def test_no_node_without_a_hyperparameter_that_requires_grad(ridge: P.Problem) -> None:
     train = _ridge_node(ridge)
-    w = train(ridge.params, ridge.hparams)   # nothing requires grad: plain tensors, no graph
+    w = train(ridge.params, ridge.hparams)  # nothing requires grad: plain tensors, no graph
     assert not w["w"].requires_grad and w["w"].grad_fn is None
     with torch.no_grad():
         w = train(ridge.params, leaves(ridge.hparams))
@@ -398,7 +432,7 @@ def test_only_the_hyperparameters_that_require_grad_are_differentiated(layer: tu
     before = {k: t.clone() for k, t in m.hparams.items()}
     m.outer(solve({"z": torch.zeros(3, 6, dtype=DT)}, lam), lam).backward()
     assert lam["b"].grad is not None and P.rel_err({"b": lam["b"].grad}, {"b": fd["b"]}) <= 1e-7
-    assert all(torch.equal(before[k], m.hparams[k]) for k in before)   # inputs never modified
+    assert all(torch.equal(before[k], m.hparams[k]) for k in before)  # inputs never modified
 
 
 def test_a_loss_that_ignores_w_star_gets_the_direct_term_only(layer: tuple[Layer, Tree]) -> None:
@@ -406,7 +440,7 @@ def test_a_loss_that_ignores_w_star_gets_the_direct_term_only(layer: tuple[Layer
     solve = hg.custom_root(m.T, fixed_point=True)(m.iterate)
     lam = leaves(m.hparams)
     z = solve({"z": torch.zeros(3, 6, dtype=DT)}, lam)
-    (0.0 * z["z"].sum() + (lam["b"] ** 2).sum()).backward()   # v = 0: no solve, u = 0
+    (0.0 * z["z"].sum() + (lam["b"] ** 2).sum()).backward()  # v = 0: no solve, u = 0
     assert torch.equal(grads(lam)["b"], 2 * m.hparams["b"]) and not bool(grads(lam)["U"].any())
     assert solve.last_info is not None and solve.last_info.iterations == 0 and solve.last_info.hvps == 0
 
@@ -424,10 +458,12 @@ def test_extra_arguments_go_to_solver_and_condition_and_must_not_require_grad() 
     w = adapt(theta, theta, tr, scale=3.0)
     assert torch.equal(w, imaml_closed_form(theta.detach(), tr)[0])
     (0.5 * ((Xv @ w - yv) ** 2).mean()).backward()
-    assert seen and set(seen) == {3.0}   # the condition got the keyword too
+    assert seen and set(seen) == {3.0}  # the condition got the keyword too
     _, J = imaml_closed_form(theta.detach(), tr)
     ref = J @ (Xv.T @ (Xv @ w.detach() - yv) / len(Xv))
-    assert theta.grad is not None and float(torch.linalg.norm(theta.grad - ref) / torch.linalg.norm(ref)) <= 1e-9
+    assert (
+        theta.grad is not None and float(torch.linalg.norm(theta.grad - ref) / torch.linalg.norm(ref)) <= 1e-9
+    )
     bad = (tr[0].clone().requires_grad_(True), tr[1])
     with pytest.raises(hg.HypergradientError, match=r"args\[0\]\[0\] require grad.*put them in hparams"):
         adapt(theta, theta, bad, scale=1.0)
@@ -437,20 +473,34 @@ def test_extra_arguments_go_to_solver_and_condition_and_must_not_require_grad() 
 
 def test_bad_settings_and_results_are_named(layer: tuple[Layer, Tree]) -> None:
     m, _ = layer
-    with pytest.raises(hg.HypergradientError, match=r"hg\.CG needs a symmetric positive-definite Jacobian.*hg\.GMRES"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"hg\.CG needs a symmetric positive-definite Jacobian.*hg\.GMRES"
+    ):
         hg.custom_root(m.T, fixed_point=True, method=hg.CG())
-    hg.custom_root(m.T, symmetric=True, method=hg.CG())   # declared symmetric: admitted
-    with pytest.raises(hg.HypergradientError, match=r"implicit method.*hg\.Unrolled, hg\.Forward\) needs no node"):
+    hg.custom_root(m.T, symmetric=True, method=hg.CG())  # declared symmetric: admitted
+    with pytest.raises(
+        hg.HypergradientError, match=r"implicit method.*hg\.Unrolled, hg\.Forward\) needs no node"
+    ):
         hg.custom_argmin(lambda w, h: w.sum(), method=hg.Unrolled(steps=3, lr=0.1))
     with pytest.raises(hg.HypergradientError, match=r"needs symmetric=True"):
         hg.custom_root(m.T, hvp_mode="finite-difference")
     with pytest.raises(hg.HypergradientError, match=r"hvp_mode must be one of"):
         hg.custom_argmin(lambda w, h: w.sum(), hvp_mode="backward")  # type: ignore[arg-type]
     lam = leaves(m.hparams)
-    with pytest.raises(hg.HypergradientError, match=r"the solver's result must be a dict\[str, Tensor\] or a torch\.Tensor, got list"):
-        hg.custom_root(m.T, fixed_point=True)(lambda init, h: [init["z"]])({"z": torch.zeros(3, 6, dtype=DT)}, lam)
-    with pytest.raises(hg.HypergradientError, match=r"hparams\['n'\] must be a floating-point torch\.Tensor, got dtype torch\.int64"):
-        hg.custom_root(m.T, fixed_point=True)(m.iterate)({"z": torch.zeros(3, 6, dtype=DT)}, {**lam, "n": torch.tensor(3)})
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"the solver's result must be a dict\[str, Tensor\] or a torch\.Tensor, got list",
+    ):
+        hg.custom_root(m.T, fixed_point=True)(lambda init, h: [init["z"]])(
+            {"z": torch.zeros(3, 6, dtype=DT)}, lam
+        )
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"hparams\['n'\] must be a floating-point torch\.Tensor, got dtype torch\.int64",
+    ):
+        hg.custom_root(m.T, fixed_point=True)(m.iterate)(
+            {"z": torch.zeros(3, 6, dtype=DT)}, {**lam, "n": torch.tensor(3)}
+        )
     with pytest.raises(hg.HypergradientError, match=r"decorates a solver function"):
         hg.custom_root(m.T)(3)  # type: ignore[arg-type]
 
@@ -459,7 +509,9 @@ def test_unused_and_path_only_hyperparameters(ridge: P.Problem) -> None:
     train = hg.custom_argmin(ridge.inner_loss)(lambda init, h: P.newton_solve(ridge.inner_loss, init, h))
     lam = {**leaves(ridge.hparams), "lr": torch.tensor(0.1, dtype=DT, requires_grad=True)}
     w = train(ridge.params, lam)
-    with pytest.raises(hg.PathOnlyHyperparameterError, match=r"\['lr'\] require grad.*call the solver undecorated"):
+    with pytest.raises(
+        hg.PathOnlyHyperparameterError, match=r"\['lr'\] require grad.*call the solver undecorated"
+    ):
         ridge.outer_loss(w, lam).backward()
     lam = {**leaves(ridge.hparams), "unused": torch.tensor(0.1, dtype=DT, requires_grad=True)}
     with pytest.warns(hg.UnusedHyperparameterWarning, match=r"\['unused'\] require grad.*gradient through"):
@@ -470,12 +522,18 @@ def test_unused_and_path_only_hyperparameters(ridge: P.Problem) -> None:
 
 def test_a_non_finite_gradient_names_its_key(ridge: P.Problem) -> None:
     """A term ``√a·‖w‖²`` at ``a = 0``: the loss and ∂L_T/∂w are finite, the mixed product ``⟨w, u⟩/√a`` is not."""
+
     def inner(p: Tree, h: Tree) -> Tensor:
-        return ridge.inner_loss(p, {"log_l2": ridge.hparams["log_l2"]}) + torch.sqrt(h["a"]) * (p["w"] ** 2).sum()
+        return (
+            ridge.inner_loss(p, {"log_l2": ridge.hparams["log_l2"]})
+            + torch.sqrt(h["a"]) * (p["w"] ** 2).sum()
+        )
 
     train = hg.custom_argmin(inner, method=hg.Identity())(lambda init, h: init)
     w = train.attach(ridge.params, {"a": torch.tensor(0.0, dtype=DT, requires_grad=True)})
-    with pytest.raises(hg.NonFiniteHypergradientError, match=r"gradient of 'a' through hg\.custom_argmin's node") as e:
+    with pytest.raises(
+        hg.NonFiniteHypergradientError, match=r"gradient of 'a' through hg\.custom_argmin's node"
+    ) as e:
         ridge.outer_loss(w, {}).backward()
     assert e.value.key == "a" and e.value.method == "Identity"
 
@@ -502,7 +560,7 @@ def test_the_imaml_example_of_the_docs_runs_as_printed(one_thread: None) -> None
     m = re.fullmatch(r"meta-loss (\S+) -> (\S+), \|theta - center\| (\S+) \(from (\S+)\)\n", printed)
     assert m is not None, printed
     first, last, dist, start = map(float, m.groups())
-    assert f"`{printed.strip()}`" in doc.read_text(encoding="utf-8")   # the page quotes what it prints
+    assert f"`{printed.strip()}`" in doc.read_text(encoding="utf-8")  # the page quotes what it prints
     assert last < first / 10 and dist < start / 4
     # The meta-gradient the example follows is the closed form's, at the θ it reached.
     theta = ns["theta"].detach().clone().requires_grad_(True)
@@ -523,7 +581,7 @@ def test_the_deq_example_of_the_docs_runs_as_printed(one_thread: None) -> None:
     rows = re.findall(r"step (\d+): loss (\S+), backward GMRES iterations (\d+)\n", printed)
     assert [int(r[0]) for r in rows] == [0, 100, 200], printed
     assert float(rows[-1][1]) < float(rows[0][1]) / 5
-    assert all(int(r[2]) < 30 for r in rows)   # a contraction by 1/2: GMRES needs few products
+    assert all(int(r[2]) < 30 for r in rows)  # a contraction by 1/2: GMRES needs few products
     assert printed.strip().splitlines()[-1] in doc.read_text(encoding="utf-8")
 
 
@@ -536,11 +594,15 @@ def test_the_readme_example_runs_as_printed(ridge: P.Problem) -> None:
     assert m is not None, printed
     X, Xv, yv = ns["X"], ns["Xv"], ns["yv"]
     w0 = {"w": ns["w"].detach()}
-    ref = hg.hypergradient(lambda p, h: ((Xv @ p["w"] - yv) ** 2).mean(),
-                           lambda p, h: ns["inner_loss"](p["w"], h["l"]), w0,
-                           {"l": ns["log_wd"].detach()}, method=hg.CG())
+    ref = hg.hypergradient(
+        lambda p, h: ((Xv @ p["w"] - yv) ** 2).mean(),
+        lambda p, h: ns["inner_loss"](p["w"], h["l"]),
+        w0,
+        {"l": ns["log_wd"].detach()},
+        method=hg.CG(),
+    )
     # What the README says: hg.hypergradient with the same method, to rounding (the same products).
     grad = ns["log_wd"].grad
     assert abs(float(grad) - float(ref["l"])) <= 1e-12 * abs(float(ref["l"]))
     assert m.group(1) == f"{float(grad):.6g}" and X.shape == (50, 5)
-    assert f"`{printed.strip()}`" in readme.read_text(encoding="utf-8")   # the README quotes what it prints
+    assert f"`{printed.strip()}`" in readme.read_text(encoding="utf-8")  # the README quotes what it prints

@@ -30,15 +30,28 @@ def perturbed_start(prob: P.Problem, scale: float = 0.3, seed: int = 0) -> dict[
 @pytest.mark.parametrize("checkpoint", [True, 1, 5, 100])
 @pytest.mark.parametrize("K", [1, 12])
 @pytest.mark.parametrize("name", ["ridge", "logistic", "mlp"])
-def test_checkpointed_equals_plain_reverse(name: str, K: int, checkpoint: bool | int,
-                                           request: pytest.FixtureRequest) -> None:
+def test_checkpointed_equals_plain_reverse(
+    name: str, K: int, checkpoint: bool | int, request: pytest.FixtureRequest
+) -> None:
     prob: P.Problem = request.getfixturevalue(name)
     w0 = perturbed_start(prob)
     alpha = 0.5 / P.lambda_max(prob)
-    plain, ip = hg.hypergradient(prob.outer_loss, prob.inner_loss, w0, prob.hparams,
-                                 method=hg.Unrolled(steps=K, lr=alpha), return_info=True)
-    ck, ic = hg.hypergradient(prob.outer_loss, prob.inner_loss, w0, prob.hparams,
-                              method=hg.Unrolled(steps=K, lr=alpha, checkpoint=checkpoint), return_info=True)
+    plain, ip = hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        w0,
+        prob.hparams,
+        method=hg.Unrolled(steps=K, lr=alpha),
+        return_info=True,
+    )
+    ck, ic = hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        w0,
+        prob.hparams,
+        method=hg.Unrolled(steps=K, lr=alpha, checkpoint=checkpoint),
+        return_info=True,
+    )
     assert tree.norm(plain) > 0
     assert P.rel_err(ck, plain) <= TOL
     assert ic.outer_loss == pytest.approx(ip.outer_loss, rel=1e-14)
@@ -51,11 +64,17 @@ def test_checkpointed_truncated_and_learning_rate(logistic: P.Problem, T: int) -
     # Truncation, a learning-rate hyperparameter and segments that do not divide T evenly.
     w0 = perturbed_start(logistic)
     hp = {**logistic.hparams, "lr": torch.tensor(0.4, dtype=torch.float64)}
-    plain = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, hp,
-                             method=hg.Unrolled(steps=15, lr="lr", truncate=T))
+    plain = hg.hypergradient(
+        logistic.outer_loss, logistic.inner_loss, w0, hp, method=hg.Unrolled(steps=15, lr="lr", truncate=T)
+    )
     for ck in (True, 2, 5):
-        got = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, hp,
-                               method=hg.Unrolled(steps=15, lr="lr", truncate=T, checkpoint=ck))
+        got = hg.hypergradient(
+            logistic.outer_loss,
+            logistic.inner_loss,
+            w0,
+            hp,
+            method=hg.Unrolled(steps=15, lr="lr", truncate=T, checkpoint=ck),
+        )
         assert P.rel_err(got, plain) <= TOL
         assert float(got["lr"]) != 0.0
 
@@ -63,8 +82,13 @@ def test_checkpointed_truncated_and_learning_rate(logistic: P.Problem, T: int) -
 def test_checkpointed_from_optimum_is_neumann(ridge: P.Problem) -> None:
     # The Neumann–SGD theorem holds for the checkpointed path too (see test_unroll.py for the tolerance).
     alpha = 1.0 / P.lambda_max(ridge)
-    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         method=hg.Unrolled(steps=40, lr=alpha, checkpoint=True))
+    g = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        ridge.params,
+        ridge.hparams,
+        method=hg.Unrolled(steps=40, lr=alpha, checkpoint=True),
+    )
     assert P.rel_err(g, P.neumann_reference(ridge, 40, alpha)) <= 1e-10
 
 
@@ -119,7 +143,9 @@ def test_checkpointing_keeps_sqrt_k_graphs_alive(logistic: P.Problem) -> None:
 
 
 def test_checkpoint_validation() -> None:
-    with pytest.raises(hg.HypergradientError, match=r"Unrolled\.checkpoint must be a positive integer, got 0"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"Unrolled\.checkpoint must be a positive integer, got 0"
+    ):
         hg.Unrolled(steps=5, checkpoint=0)
     with pytest.raises(hg.HypergradientError, match=r"Unrolled\.checkpoint must be a positive integer"):
         hg.Unrolled(steps=5, checkpoint=2.5)  # type: ignore[arg-type]

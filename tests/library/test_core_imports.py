@@ -50,8 +50,12 @@ CORE_USE = textwrap.dedent("""
 
 @pytest.mark.parametrize("block", [False, True], ids=["installed", "unimportable"])
 def test_core_imports_nothing_from_the_cli_extra(block: bool) -> None:
-    proc = subprocess.run([sys.executable, "-c", CORE_USE.format(extra=EXTRA, block=block)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CORE_USE.format(extra=EXTRA, block=block)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     added = proc.stdout.split()
     # numpy may appear (torch's own submodule imports of an installed numpy); nothing else may.

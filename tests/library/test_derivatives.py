@@ -16,8 +16,12 @@ Tree = dict[str, Tensor]
 
 
 def derivatives(prob: P.Problem, mode: str) -> InnerDerivatives:
-    return InnerDerivatives(prob.inner_loss, tree.clone_leaves(prob.params, requires_grad=True),
-                            tree.clone_leaves(prob.hparams, requires_grad=True), hvp_mode=mode)  # type: ignore[arg-type]
+    return InnerDerivatives(
+        prob.inner_loss,
+        tree.clone_leaves(prob.params, requires_grad=True),
+        tree.clone_leaves(prob.hparams, requires_grad=True),
+        hvp_mode=mode,
+    )  # type: ignore[arg-type]
 
 
 def test_zero_direction_costs_nothing(ridge: P.Problem) -> None:
@@ -37,7 +41,9 @@ def test_batched_products_are_the_columns_and_the_dense_hessian(ridge: P.Problem
     H = torch.cat([t.reshape(n, -1) for t in op.mv_batched(eye).values()], 1)
     # Ridge is quadratic: central differences have no truncation error, only rounding
     # (eps·‖∇L‖/ε ≈ 1e-16/6e-6 per entry, measured 7e-12 on a random v).
-    assert float(torch.linalg.matrix_norm(H - ridge.hessian) / torch.linalg.matrix_norm(ridge.hessian)) <= 1e-9
+    assert (
+        float(torch.linalg.matrix_norm(H - ridge.hessian) / torch.linalg.matrix_norm(ridge.hessian)) <= 1e-9
+    )
     assert op.hvps == n and D.gradient_evals == 2 * n
 
 
@@ -74,6 +80,9 @@ def test_a_non_finite_loss_at_a_perturbed_point_is_named() -> None:
     lam = {"lam": torch.tensor([16.0], dtype=P.DT)}
     w = {"w": torch.exp(-lam["lam"])}
     # ε‖v‖ = ∛eps·(1 + ‖w‖) ≈ 6e-6 ≫ w*: w − εv < 0, where log is NaN.
-    with pytest.raises(hg.HypergradientError, match=r"returned a non-finite value \(nan\) at a finite-difference "
-                                                    r"point w ± εd"):
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"returned a non-finite value \(nan\) at a finite-difference "
+        r"point w ± εd",
+    ):
         hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode="finite-difference")

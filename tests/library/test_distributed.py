@@ -44,8 +44,20 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _torchrun(mode: str, out: Path) -> list[dict[str, Any]]:
     """The launch of docs/distributed.md (there with the example script), on gloo over loopback."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "dist_worker.py"), mode, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(HERE / "dist_worker.py"),
+        mode,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -71,8 +83,9 @@ def single_hypergradients() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", list(W.methods()))
-def test_each_method_equals_single_process_on_the_union(name: str, dp_hypergradients: list[dict[str, Any]],
-                                                        single_hypergradients: dict[str, Any]) -> None:
+def test_each_method_equals_single_process_on_the_union(
+    name: str, dp_hypergradients: list[dict[str, Any]], single_hypergradients: dict[str, Any]
+) -> None:
     r0, r1 = (r[name] for r in dp_hypergradients)
     ref = single_hypergradients[name]
     # Both ranks hold the same result bit for bit: every vector a solver decides on was all-reduced.
@@ -99,15 +112,18 @@ def test_one_all_reduce_per_hvp(dp_hypergradients: list[dict[str, Any]]) -> None
     n_w, n_l = W.D * W.C + W.C, W.D * W.C
     for name in ("CG", "CG-forward-hvp", "CG-finite-difference", "Neumann", "Neumann-auto", "Auto"):
         assert r[name]["all_reduces"] == r[name]["hvps"] + 2, name
-    assert r["Exact"]["all_reduces"] == 3          # v, direct & ∇L_T, the batched dense build, mixed
-    assert r["Nystrom"]["all_reduces"] == 4        # v, direct & ∇L_T, the sketch (batched), residual, mixed
+    assert r["Exact"]["all_reduces"] == 3  # v, direct & ∇L_T, the batched dense build, mixed
+    assert r["Nystrom"]["all_reduces"] == 4  # v, direct & ∇L_T, the sketch (batched), residual, mixed
     assert r["Unrolled"]["all_reduces"] == 2 * 6 + 1
     assert r["Unrolled-truncated"]["all_reduces"] == 3 + 2 * 3 + 1
-    assert r["Unrolled-checkpointed"]["all_reduces"] == 6 + 2 * 6 + 1   # sweep, recompute, backward
+    assert r["Unrolled-checkpointed"]["all_reduces"] == 6 + 2 * 6 + 1  # sweep, recompute, backward
     # FirstOrder: one all-reduce per gradient evaluation (∇_w, ∇_λ or both of one loss at one point)
     for name in ("FirstOrder", "FirstOrder-forward"):
         assert r[name]["all_reduces"] == r[name]["gradient_evals"] and r[name]["hvps"] == 0, name
-    assert r["FirstOrder"]["gradient_evals"] == 4 * 5 + 2 and r["FirstOrder-forward"]["gradient_evals"] == 2 * 5 + 2
+    assert (
+        r["FirstOrder"]["gradient_evals"] == 4 * 5 + 2
+        and r["FirstOrder-forward"]["gradient_evals"] == 2 * 5 + 2
+    )
     # Bytes: float64, (2·n_w + n_l) once, n_w per HVP, n_l for the mixed product.
     assert r["CG"]["bytes"] == 8 * ((2 * n_w + n_l) + n_w * r["CG"]["hvps"] + n_l)
 
@@ -118,8 +134,9 @@ def test_forward_mode_is_refused_inside_data_parallel(dp_hypergradients: list[di
 
 
 @pytest.mark.parametrize("name", list(W.root_methods()))
-def test_each_root_method_equals_single_process_on_the_union(name: str, dp_hypergradients: list[dict[str, Any]]
-                                                             ) -> None:
+def test_each_root_method_equals_single_process_on_the_union(
+    name: str, dp_hypergradients: list[dict[str, Any]]
+) -> None:
     """root_hypergradient inside data_parallel: every product of the condition is the group mean, so
     both ranks agree bit for bit and equal one process on the union, with the same decisions; the
     collectives are those of hypergradient: v, direct and F in one, one per product (a batch in
@@ -154,8 +171,9 @@ def test_training_under_torchrun_matches_one_process(train_runs: list[dict[str, 
     assert r0["all_reduces_last_step"] == r0["hvps_last_step"] + 2
 
 
-def test_fit_under_torchrun_resumes_and_matches_one_process(train_runs: list[dict[str, Any]],
-                                                           tmp_path: Path) -> None:
+def test_fit_under_torchrun_resumes_and_matches_one_process(
+    train_runs: list[dict[str, Any]], tmp_path: Path
+) -> None:
     """``hg.fit(data_parallel=True)``: both ranks end with the same weights and hyperparameters
     (rank 1 started from other weights), only rank 0 wrote the run folder (one metrics line per
     round, not two), 2 rounds + a resume to 3 equal 3 rounds bit for bit, and the run equals one
@@ -167,9 +185,9 @@ def test_fit_under_torchrun_resumes_and_matches_one_process(train_runs: list[dic
     for k in f0["a"]["hparams"]:
         a = f0["a"]["hparams"][k]
         assert torch.equal(a, f1["a"]["hparams"][k])
-        assert torch.equal(a, f0["b"]["hparams"][k])             # resumed with the same N: bit for bit
+        assert torch.equal(a, f0["b"]["hparams"][k])  # resumed with the same N: bit for bit
         c = ref["hparams"][k]
-        assert float((a - c).norm() / c.norm()) <= 1e-10          # summation order only, as above
+        assert float((a - c).norm() / c.norm()) <= 1e-10  # summation order only, as above
     for k in f0["a"]["weights"]:
         assert torch.equal(f0["a"]["weights"][k], f1["a"]["weights"][k])
         assert torch.equal(f0["a"]["weights"][k], f0["b"]["weights"][k])
@@ -195,7 +213,7 @@ def test_the_docs_single_machine_command_runs_as_printed(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = proc.stdout.strip()
     assert printed.startswith("2 ranks, backend gloo")
-    for line in printed.splitlines()[2:]:   # the doc's table holds these lines, as measured
+    for line in printed.splitlines()[2:]:  # the doc's table holds these lines, as measured
         assert line in doc, line
     assert len(printed.splitlines()) == 2 + 9
 
@@ -207,16 +225,29 @@ def test_a_dead_rank_ends_the_other_with_an_error_within_the_timeout(mode: str, 
     only the timeout helps); rank 0 waits in an all-reduce and must raise, not hang, within its 5 s
     timeout."""
     port = str(_free_port())
-    logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(2)]   # closed in the finally below
-    procs = [subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), mode, str(tmp_path)],
-                              env=_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                        "HG_TEST_TIMEOUT": "5"}),
-                              stdout=logs[r], stderr=subprocess.STDOUT) for r in range(2)]
+    logs = [open(tmp_path / f"log{r}.txt", "w") for r in range(2)]  # closed in the finally below
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "dist_worker.py"), mode, str(tmp_path)],
+            env=_env(
+                {
+                    "RANK": str(r),
+                    "LOCAL_RANK": str(r),
+                    "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                    "HG_TEST_TIMEOUT": "5",
+                }
+            ),
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     t0 = time.monotonic()
     try:
         procs[0].wait(timeout=60)
-        procs[1].kill()   # the silent rank would sleep on
+        procs[1].kill()  # the silent rank would sleep on
     finally:
         for p in procs:
             if p.poll() is None:
@@ -227,9 +258,11 @@ def test_a_dead_rank_ends_the_other_with_an_error_within_the_timeout(mode: str, 
     assert time.monotonic() - t0 < 60
     res = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert res["error"], "rank 0's all-reduce returned although rank 1 was gone"
-    assert res["error"].startswith("HypergradientError: rank 0: a data-parallel all-reduce of 3 values failed")
+    assert res["error"].startswith(
+        "HypergradientError: rank 0: a data-parallel all-reduce of 3 values failed"
+    )
     assert "timeout_s" in res["error"] and "resume=True" in res["error"]
-    assert res["seconds"] < 5 + 10    # the timeout, plus slack for a busy machine
+    assert res["seconds"] < 5 + 10  # the timeout, plus slack for a busy machine
     if mode == "hang":
         assert res["seconds"] >= 4.5 and "timed out" in res["error"].lower(), res
 
@@ -258,4 +291,6 @@ def test_hyperoptimizer_and_fit_refuse_data_parallel_without_a_process_group() -
         hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=1, inner_steps=1, data_parallel=True)
     path = hg.PathHyperparameters({"lr": torch.tensor(0.1, dtype=W.DT)}, hg.optim.sgd(lr="lr"), steps=1)
     with pytest.raises(ValueError, match="path_hparams"):
-        hg.fit(model, [wd], (xt, yt), (xv, yv), rounds=1, inner_steps=1, data_parallel=True, path_hparams=path)
+        hg.fit(
+            model, [wd], (xt, yt), (xv, yv), rounds=1, inner_steps=1, data_parallel=True, path_hparams=path
+        )

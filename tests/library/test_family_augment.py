@@ -57,12 +57,18 @@ def test_the_default_network_has_the_papers_6659_weights_and_starts_as_the_ident
     # depth 2, wf 3 (8 and 16 filters), RGB + the noise channel: 296+584 + 1168+2320 + 520+1160+584 + 27.
     assert unet_count(3) == 6659
     fam = AugmentNet(3)
-    assert fam.count() == 6659 and fam.describe().groups == {"down0": 880, "down1": 3488, "up0": 2264, "last": 27}
-    assert unet_count(3, noise=False) == 6659 - 8 * 9   # the noise channel is one input plane of conv1
+    assert fam.count() == 6659 and fam.describe().groups == {
+        "down0": 880,
+        "down1": 3488,
+        "up0": 2264,
+        "last": 27,
+    }
+    assert unet_count(3, noise=False) == 6659 - 8 * 9  # the noise channel is one input plane of conv1
     x = torch.randn(2, 3, 8, 8)
-    b = fam.batch(Batch(x, torch.zeros(2, dtype=torch.long), torch.arange(2)), fam.tensors(),
-                  noise=Noise(1).sampler())
-    assert torch.equal(b.x, x)                         # the last convolution starts at zero
+    b = fam.batch(
+        Batch(x, torch.zeros(2, dtype=torch.long), torch.arange(2)), fam.tensors(), noise=Noise(1).sampler()
+    )
+    assert torch.equal(b.x, x)  # the last convolution starts at zero
     with pytest.raises(ValueError, match=r"images of shape \(B, 3, H, W\); got \(2, 192\)"):
         fam.augment(x.reshape(2, -1), fam.tensors(), None)
     with pytest.raises(ValueError, match=r"divisible by 2; got \(7, 7\)"):
@@ -81,15 +87,21 @@ class _TorchUNet(nn.Module):
         self.down = nn.ModuleList()
         for i in range(depth):
             f = 2 ** (wf + i)
-            self.down.append(nn.Sequential(nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(),
-                                           nn.Conv2d(f, f, 3, padding=1), nn.ReLU()))
+            self.down.append(
+                nn.Sequential(
+                    nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(), nn.Conv2d(f, f, 3, padding=1), nn.ReLU()
+                )
+            )
             prev = f
         self.upconv, self.upblock = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(depth - 1)):
             f = 2 ** (wf + i)
             self.upconv.append(nn.ConvTranspose2d(prev, f, 2, stride=2))
-            self.upblock.append(nn.Sequential(nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(),
-                                              nn.Conv2d(f, f, 3, padding=1), nn.ReLU()))
+            self.upblock.append(
+                nn.Sequential(
+                    nn.Conv2d(prev, f, 3, padding=1), nn.ReLU(), nn.Conv2d(f, f, 3, padding=1), nn.ReLU()
+                )
+            )
             prev = f
         self.last = nn.Conv2d(prev, channels, 1)
 
@@ -121,12 +133,18 @@ class _TorchUNet(nn.Module):
 
 def test_the_authors_network_is_their_unet_with_6659_weights() -> None:
     fam = AugmentNet.paper(3, dtype=DT, seed=1)
-    assert (fam.depth, fam.wf, fam.residual, fam.noise_shape, fam.identity_init) == (2, 3, "tanh", "image", False)
+    assert (fam.depth, fam.wf, fam.residual, fam.noise_shape, fam.identity_init) == (
+        2,
+        3,
+        "tanh",
+        "image",
+        False,
+    )
     assert fam.count() == 6659 and AugmentNet.paper(1).count() == 6497
     torch.manual_seed(0)
     ref = _TorchUNet(3).to(DT)
     assert sum(p.numel() for p in ref.parameters()) == 6659
-    mine = {k[len("augment."):]: v for k, v in fam.tensors().items()}
+    mine = {k[len("augment.") :]: v for k, v in fam.tensors().items()}
     assert {k: tuple(v.shape) for k, v in ref.ours().items()} == {k: tuple(v.shape) for k, v in mine.items()}
     # Load our weights into the torch.nn network: the same output for the same images and noise
     # (float64; the two evaluate the same operations in the same order, so rounding differs at most
@@ -165,7 +183,7 @@ def test_default_initialisation_is_pytorchs() -> None:
     ref = _TorchUNet(1).to(DT)
     for k, p in ref.ours().items():
         t = fam.tensors()[f"augment.{k}"].detach()
-        w = ref.ours()[k[:-len("bias")] + "weight"] if k.endswith("bias") else p
+        w = ref.ours()[k[: -len("bias")] + "weight"] if k.endswith("bias") else p
         b = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0])
         assert float(t.abs().max()) <= b, k
         if t.numel() >= 400:
@@ -200,19 +218,32 @@ def test_noise_is_fixed_by_the_noise_sample_and_with_original_doubles_the_batch(
     assert b.x.shape == (12, 1, 4, 4) and torch.equal(b.x[:6], x) and b.y.tolist() == y.tolist() * 2
     # without the noise channel the draw does not matter
     plain = AugmentNet(1, wf=1, noise=False, identity_init=False, dtype=DT)
-    assert torch.equal(plain.batch(batch, plain.tensors(), noise=Noise(1).sampler()).x,
-                       plain.batch(batch, plain.tensors(), noise=Noise(2).sampler()).x)
+    assert torch.equal(
+        plain.batch(batch, plain.tensors(), noise=Noise(1).sampler()).x,
+        plain.batch(batch, plain.tensors(), noise=Noise(2).sampler()).x,
+    )
 
 
-@pytest.mark.parametrize(("with_original", "residual", "noise_shape"),
-                         [(False, "linear", "pixel"), (True, "linear", "pixel"), (False, "tanh", "image")])
-def test_hypergradient_with_fixed_noise_matches_finite_differences(with_original: bool, residual: str,
-                                                                    noise_shape: str) -> None:
+@pytest.mark.parametrize(
+    ("with_original", "residual", "noise_shape"),
+    [(False, "linear", "pixel"), (True, "linear", "pixel"), (False, "tanh", "image")],
+)
+def test_hypergradient_with_fixed_noise_matches_finite_differences(
+    with_original: bool, residual: str, noise_shape: str
+) -> None:
     model = _model()
     # wf=1: 2 and 4 filters (206 weights); random start so every weight carries a gradient.
-    fam = AugmentNet(1, wf=1, identity_init=False, with_original=with_original, dtype=DT, seed=2,
-                     residual=residual, noise_shape=noise_shape)  # type: ignore[arg-type]
-    wd = WeightDecay(model, init=0.1, include=lambda n, p: True)   # a unique minimiser w*
+    fam = AugmentNet(
+        1,
+        wf=1,
+        identity_init=False,
+        with_original=with_original,
+        dtype=DT,
+        seed=2,
+        residual=residual,
+        noise_shape=noise_shape,
+    )  # type: ignore[arg-type]
+    wd = WeightDecay(model, init=0.1, include=lambda n, p: True)  # a unique minimiser w*
     obj = Objective(model, [fam, wd], cross_entropy)
     x, y = _data(12, 1)
     xv, yv = _data(20, 2)
@@ -230,8 +261,12 @@ def test_hypergradient_with_fixed_noise_matches_finite_differences(with_original
     g = hg.hypergradient(outer, inner, w, h, method=hg.Exact())
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
-        u = {k: torch.randn(v.shape, generator=gen, dtype=DT) if k.startswith("augment") else torch.zeros_like(v)
-             for k, v in h.items()}
+        u = {
+            k: torch.randn(v.shape, generator=gen, dtype=DT)
+            if k.startswith("augment")
+            else torch.zeros_like(v)
+            for k, v in h.items()
+        }
         eps = 1e-6
 
         def val_at(t: float, u: dict = u) -> float:
@@ -250,17 +285,30 @@ def _fit(tmp: Path, rounds: int, resume: bool) -> tuple[dict, dict]:
     model = _model()
     fam = AugmentNet(1, wf=1, dtype=DT, seed=3)
     x, y = _data(48, 4)
-    hg.fit(model, [fam], (x[:32], y[:32]), (x[32:], y[32:]), rounds=rounds, inner_steps=2, batch_size=8,
-           method=hg.Neumann(iters=3, alpha=0.1), checkpoint_dir=tmp, checkpoint_every=2, resume=resume)
-    return ({k: v.detach().clone() for k, v in fam.tensors().items()},
-            {k: p.detach().clone() for k, p in model.named_parameters()})
+    hg.fit(
+        model,
+        [fam],
+        (x[:32], y[:32]),
+        (x[32:], y[32:]),
+        rounds=rounds,
+        inner_steps=2,
+        batch_size=8,
+        method=hg.Neumann(iters=3, alpha=0.1),
+        checkpoint_dir=tmp,
+        checkpoint_every=2,
+        resume=resume,
+    )
+    return (
+        {k: v.detach().clone() for k, v in fam.tensors().items()},
+        {k: p.detach().clone() for k, p in model.named_parameters()},
+    )
 
 
 def test_fit_moves_the_network_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     full_h, full_w = _fit(tmp_path / "full", 4, False)
     _fit(tmp_path / "cut", 2, False)
     res_h, res_w = _fit(tmp_path / "cut", 4, True)
-    assert float(full_h["augment.last.weight"].abs().sum()) > 0    # moved off the identity
+    assert float(full_h["augment.last.weight"].abs().sum()) > 0  # moved off the identity
     assert all(torch.equal(full_h[k], res_h[k]) for k in full_h)
     assert all(torch.equal(full_w[k], res_w[k]) for k in full_w)
 
@@ -279,12 +327,17 @@ def test_own_loop_hyper_optimizer_resumes_bit_for_bit() -> None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             hyper.load_state_dict(state["hyper"])
-            torch.set_rng_state(state["rng"])   # (the noise itself comes back with hyper's state)
+            torch.set_rng_state(state["rng"])  # (the noise itself comes back with hyper's state)
             first = state["i"]
         for i in range(first, 5):
             if stop is not None and i == stop:
-                return {}, {"model": model.state_dict(), "opt": opt.state_dict(), "hyper": hyper.state_dict(),
-                            "rng": torch.get_rng_state(), "i": i}
+                return {}, {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "hyper": hyper.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "i": i,
+                }
             sl = slice(4 * i, 4 * i + 4)
             opt.zero_grad()
             hyper.train_loss((x[sl], y[sl])).backward()

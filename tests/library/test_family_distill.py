@@ -38,7 +38,7 @@ def _val(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _losses(model: nn.Module, fams: list, val: tuple[torch.Tensor, torch.Tensor]):  # type: ignore[no-untyped-def]
     obj = Objective(model, fams, cross_entropy)
-    dummy = Batch(val[0][:1], val[1][:1], torch.arange(1))   # replaced by the distilled set
+    dummy = Batch(val[0][:1], val[1][:1], torch.arange(1))  # replaced by the distilled set
     vb = Batch(val[0], val[1], torch.arange(len(val[1])))
 
     def inner(w: dict, h: dict) -> torch.Tensor:
@@ -65,7 +65,9 @@ def _newton(inner, w0: dict, h: dict, iters: int = 40) -> dict:  # type: ignore[
 def test_batch_is_the_distilled_set_with_class_order_labels() -> None:
     fam = DistilledData((1, 4, 4), 3, per_class=2, dtype=DT)
     h = fam.tensors()
-    b = fam.batch(Batch(torch.zeros(5, 1, 4, 4, dtype=DT), torch.zeros(5, dtype=torch.long), torch.arange(5)), h)
+    b = fam.batch(
+        Batch(torch.zeros(5, 1, 4, 4, dtype=DT), torch.zeros(5, dtype=torch.long), torch.arange(5)), h
+    )
     assert b.x is h["distill.x"] and b.y.tolist() == [0, 0, 1, 1, 2, 2] and b.index.tolist() == list(range(6))
     assert fam.count() == 6 * 16
     soft = DistilledData((16,), 3, per_class=1, soft_labels=True, lr=0.1, dtype=DT)
@@ -122,8 +124,10 @@ def test_step_size_through_unrolled_matches_finite_differences_and_implicit_refu
         w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
         for _ in range(steps):
             gr = torch.autograd.grad(inner(w, hh), list(w.values()))
-            w = {k: (v - hh["distill.lr"] * gk).detach().requires_grad_(True)
-                 for (k, v), gk in zip(w.items(), gr, strict=True)}
+            w = {
+                k: (v - hh["distill.lr"] * gk).detach().requires_grad_(True)
+                for (k, v), gk in zip(w.items(), gr, strict=True)
+            }
         return float(outer(w, hh).detach())
 
     g = hg.hypergradient(outer, inner, w0, h, method=hg.Unrolled(steps=steps, lr=fam.lr_key))
@@ -148,10 +152,23 @@ def _fit(tmp: Path, rounds: int, resume: bool) -> tuple[dict, dict]:
     fam = DistilledData((1, 4, 4), 3, per_class=2, soft_labels=True, dtype=DT, seed=5)
     wd = WeightDecay(model, init=0.1, include=lambda n, p: True)
     x, y = _val(60, seed=2)
-    hg.fit(model, [fam, wd], (x[:36], y[:36]), (x[36:], y[36:]), rounds=rounds, inner_steps=3, batch_size=8,
-           method=hg.CG(iters=10), checkpoint_dir=tmp, checkpoint_every=2, resume=resume)
-    return ({k: v.detach().clone() for k, v in {**fam.tensors(), **wd.tensors()}.items()},
-            {k: p.detach().clone() for k, p in model.named_parameters()})
+    hg.fit(
+        model,
+        [fam, wd],
+        (x[:36], y[:36]),
+        (x[36:], y[36:]),
+        rounds=rounds,
+        inner_steps=3,
+        batch_size=8,
+        method=hg.CG(iters=10),
+        checkpoint_dir=tmp,
+        checkpoint_every=2,
+        resume=resume,
+    )
+    return (
+        {k: v.detach().clone() for k, v in {**fam.tensors(), **wd.tensors()}.items()},
+        {k: p.detach().clone() for k, p in model.named_parameters()},
+    )
 
 
 def test_fit_moves_the_examples_and_resumes_bit_for_bit(tmp_path: Path) -> None:
@@ -170,8 +187,13 @@ def test_own_loop_hyper_optimizer_with_the_step_size_and_state_dict_resume() -> 
     def run(stop: int | None, state: dict | None) -> tuple[dict, dict]:
         model = _model()
         fam = DistilledData((1, 4, 4), 3, per_class=1, soft_labels=True, lr=0.2, dtype=DT, seed=6)
-        hyper = hg.HyperOptimizer(model, [fam], method=hg.Unrolled(steps=4, lr=fam.lr_key),
-                                  optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05), project=fam.project)
+        hyper = hg.HyperOptimizer(
+            model,
+            [fam],
+            method=hg.Unrolled(steps=4, lr=fam.lr_key),
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05),
+            project=fam.project,
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         first = 0
         if state is not None:
@@ -181,10 +203,14 @@ def test_own_loop_hyper_optimizer_with_the_step_size_and_state_dict_resume() -> 
             first = state["i"]
         for i in range(first, 6):
             if stop is not None and i == stop:
-                return {}, {"model": model.state_dict(), "opt": opt.state_dict(), "hyper": hyper.state_dict(),
-                            "i": i}
+                return {}, {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "hyper": hyper.state_dict(),
+                    "i": i,
+                }
             opt.zero_grad()
-            hyper.train_loss((x[:4], y[:4])).backward()   # the distilled set replaces this batch
+            hyper.train_loss((x[:4], y[:4])).backward()  # the distilled set replaces this batch
             opt.step()
             res = hyper.step((x[:4], y[:4]), (x[4:], y[4:]))
             assert res.applied and res.hypergradient is not None
@@ -199,12 +225,14 @@ def test_own_loop_hyper_optimizer_with_the_step_size_and_state_dict_resume() -> 
 
 
 def test_figure_is_written_and_the_family_does_not_import_matplotlib(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")   # the figure needs it; the family does not
+    pytest.importorskip("matplotlib")  # the figure needs it; the family does not
     fam = DistilledData((1, 4, 4), 3, per_class=2, soft_labels=True, dtype=DT)
     out = save_distilled_figure(fam, tmp_path / "distilled.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match=r"image_shape \(3, 3\) cannot show"):
         save_distilled_figure(fam, tmp_path / "x.png", image_shape=(3, 3))
-    code = ("import sys, hypergradients.hparams.distill as d; d.DistilledData((4,), 2); "
-            "sys.exit(1 if 'matplotlib' in sys.modules else 0)")
+    code = (
+        "import sys, hypergradients.hparams.distill as d; d.DistilledData((4,), 2); "
+        "sys.exit(1 if 'matplotlib' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.
 
 def _batch(n: int, d: int, c: int, seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, c, (n,), generator=g), torch.arange(n))
+    return Batch(
+        torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, c, (n,), generator=g), torch.arange(n)
+    )
 
 
 def _ratio(model: nn.Module, fam: Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +41,13 @@ def _ratio(model: nn.Module, fam: Dropout, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(out.shape[0], dtype=out.dtype)
 
     obj = Objective(model, [fam], record)
-    obj.train(tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors()),
-              Batch(x, torch.zeros(len(x), dtype=torch.long), torch.arange(len(x))), forward=obj.copy_buffers,
-              noise=Noise(5))
+    obj.train(
+        tree.detach(dict(model.named_parameters())),
+        tree.detach(fam.tensors()),
+        Batch(x, torch.zeros(len(x), dtype=torch.long), torch.arange(len(x))),
+        forward=obj.copy_buffers,
+        noise=Noise(5),
+    )
     with torch.no_grad():
         plain = model(x)
     return seen[0] / plain
@@ -52,7 +58,7 @@ def test_relaxed_mask_tends_to_a_bernoulli_draw_of_the_keep_probability() -> Non
     u = torch.rand(200_000, generator=g, dtype=DT).clamp(1e-6, 1 - 1e-6)
     q = 0.7
     theta = torch.tensor(math.log(q / (1 - q)), dtype=DT)
-    hard = relaxed_mask(theta, u, 1e-4) * q   # z itself
+    hard = relaxed_mask(theta, u, 1e-4) * q  # z itself
     # τ → 0: z is 0 or 1, with P(z = 1) = q. z ∈ (0.01, 0.99) needs |logit| < 4.6τ: probability
     # ≈ q(1−q)·9.2τ ≈ 2e-4. 200k draws: the std of the mean is sqrt(q(1−q)/n) ≈ 1e-3, 5e-3 is 5σ.
     assert float(((hard > 0.01) & (hard < 0.99)).double().mean()) < 1e-3
@@ -65,9 +71,9 @@ def test_the_mask_is_the_documented_function_of_the_noise_seed() -> None:
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(3, 1000)).to(DT)
     fam = Dropout(lin, ["0"], init=0.7, temperature=0.4)
-    r = _ratio(lin, fam, torch.randn(1000, 3, dtype=DT))        # the hook's mask, noise = Noise(5)
+    r = _ratio(lin, fam, torch.randn(1000, 3, dtype=DT))  # the hook's mask, noise = Noise(5)
     raw = torch.rand((1000, 1000), generator=torch.Generator().manual_seed(5), dtype=DT)
-    assert int((raw < 1e-6).sum()) == 1   # this seed draws one u below ε: the clamp shows
+    assert int((raw < 1e-6).sum()) == 1  # this seed draws one u below ε: the clamp shows
     theta = fam.tensors()["dropout.0.output"].detach()
 
     def mask(u: torch.Tensor) -> torch.Tensor:
@@ -75,7 +81,7 @@ def test_the_mask_is_the_documented_function_of_the_noise_seed() -> None:
 
     # r = (x·m)/x: a few roundings in float64, relative
     torch.testing.assert_close(r, mask(raw.clamp(1e-6, 1 - 1e-6)), rtol=1e-13, atol=0)
-    assert not torch.allclose(r, mask(raw), rtol=1e-3, atol=0)   # unclamped: that entry differs
+    assert not torch.allclose(r, mask(raw), rtol=1e-3, atol=0)  # unclamped: that entry differs
 
 
 def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_shape() -> None:
@@ -109,12 +115,17 @@ def test_mlp_hidden_units_conv_channels_and_lstm_units_get_masks_of_the_right_sh
         Dropout(mlp, ["1"])
     with pytest.raises(ValueError, match=r"no submodule 'fc'"):
         Dropout(mlp, ["fc"])
-    with pytest.raises(ValueError, match=r"init \(the initial keep probability\) must be a number in \(0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"init \(the initial keep probability\) must be a number in \(0, 1\)"
+    ):
         Dropout(mlp, ["0"], init=1.0)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         Dropout(mlp, ["0"], temperature=0)
-    with pytest.raises(ValueError, match=r"no parameter 'rnn.weight_hh_l1'; its recurrent weights are "
-                                         r"\['rnn.weight_hh_l0'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"no parameter 'rnn.weight_hh_l1'; its recurrent weights are "
+        r"\['rnn.weight_hh_l0'\]",
+    ):
         DropConnect(_LSTMHead(nn.LSTM(3, 4)), ["rnn.weight_hh_l1"])
 
 
@@ -137,13 +148,15 @@ def test_embedding_and_linear_masks_are_per_example_in_both_sequence_layouts(bat
     # nn.LSTM's default layout, and the family follows the model's recurrent layers.
     torch.manual_seed(0)
     model = _EmbedBeside(batch_first).to(DT)
-    ids = torch.randint(0, 10, (3, 7) if batch_first else (7, 3))   # B = 3 examples, T = 7 steps
+    ids = torch.randint(0, 10, (3, 7) if batch_first else (7, 3))  # B = 3 examples, T = 7 steps
     t_axis = 1 if batch_first else 0
-    for fam in (Dropout(model, ["embed"], init=0.5, temperature=0.5),
-                Dropout(model, ["embed"], init=0.5, temperature=0.5, batch_first=batch_first)):
+    for fam in (
+        Dropout(model, ["embed"], init=0.5, temperature=0.5),
+        Dropout(model, ["embed"], init=0.5, temperature=0.5, batch_first=batch_first),
+    ):
         r = _ratio(model, fam, ids)
         torch.testing.assert_close(r, r.narrow(t_axis, 0, 1).expand_as(r), rtol=1e-12, atol=0)
-        assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 12   # 3 examples × 4 units
+        assert len(set(r.narrow(t_axis, 0, 1).reshape(-1).tolist())) == 12  # 3 examples × 4 units
     # a Linear applied per time step (a decoder): the same rule; a 2-D (B, F) keeps one mask per row
     lin = nn.Sequential(nn.Linear(4, 5)).to(DT)
     fam = Dropout(lin, ["0"], init=0.5, temperature=0.5, batch_first=batch_first)
@@ -163,10 +176,13 @@ def test_a_model_whose_recurrent_layers_disagree_on_the_layout_must_say_it() -> 
             self.a, self.b = nn.LSTM(4, 4, batch_first=True), nn.LSTM(4, 4)
 
     model = Two()
-    with pytest.raises(ValueError, match=r"disagree on batch_first \(\{'a': True, 'b': False\}\).*pass "
-                                         r"batch_first=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"disagree on batch_first \(\{'a': True, 'b': False\}\).*pass "
+        r"batch_first=True",
+    ):
         Dropout(model, ["embed"])
-    assert Dropout(model, ["a:output", "b:input"]).count() == 8   # recurrent sites know their own layout
+    assert Dropout(model, ["a:output", "b:input"]).count() == 8  # recurrent sites know their own layout
     assert Dropout(model, ["embed"], batch_first=False).sites["dropout.embed.output"].batch_axis == -2
     with pytest.raises(ValueError, match="batch_first must be True, False or None"):
         Dropout(model, ["embed"], batch_first=1)  # type: ignore[arg-type]
@@ -196,37 +212,47 @@ def test_dropout_hypergradient_matches_finite_differences_on_hidden_and_input_un
     drop = Dropout(model, ["0:input", "0:output"], init=0.7, temperature=0.5)
     wd = WeightDecay(model, init=1e-2, include=lambda n, p: n.startswith("2."))
     bt, bv = _batch(40, 4, 3, 1), _batch(30, 4, 3, 2)
-    coords = [("dropout.0.input", (0,)), ("dropout.0.input", (3,)), ("dropout.0.output", (1,)),
-              ("dropout.0.output", (5,))]
+    coords = [
+        ("dropout.0.input", (0,)),
+        ("dropout.0.input", (3,)),
+        ("dropout.0.output", (1,)),
+        ("dropout.0.output", (5,)),
+    ]
     pairs = hypergradient_vs_fd(model, [drop, wd], bt, bv, coords)
     # Central differences with ε = 1e-4: the truncation error ε²·f'''/6 measured 4e-7 relative at
     # ε = 1e-3, so ~4e-9 here; Newton leaves ‖∇‖ ~ 1e-16 (rounding). Measured: ≤ 5e-9 relative.
     for (key, idx), (g, fd) in zip(coords, pairs, strict=True):
-        assert abs(g) > 1e-3, (key, idx, g)      # a non-trivial check
+        assert abs(g) > 1e-3, (key, idx, g)  # a non-trivial check
         assert g == pytest.approx(fd, rel=5e-8, abs=0), (key, idx)
 
 
 def test_dropconnect_on_lstm_recurrent_weights_matches_finite_differences() -> None:
     torch.manual_seed(0)
     model = _LSTMHead(nn.LSTM(3, 4, batch_first=True), classes=2).to(DT)
-    model.rnn.requires_grad_(False)      # trained: the head (convex); dropped: weight_hh_l0
+    model.rnn.requires_grad_(False)  # trained: the head (convex); dropped: weight_hh_l0
     dc = DropConnect(model, ["rnn.weight_hh_l0"], init=0.8, temperature=0.5)
     assert dc.count() == 16 * 4
     wd = WeightDecay(model, init=1e-2, include=lambda n, p: n.startswith("head."))
     g = torch.Generator().manual_seed(3)
 
     def seq(n: int) -> Batch:
-        return Batch(torch.randn(n, 5, 3, generator=g, dtype=DT), torch.randint(0, 2, (n,), generator=g),
-                     torch.arange(n))
+        return Batch(
+            torch.randn(n, 5, 3, generator=g, dtype=DT),
+            torch.randint(0, 2, (n,), generator=g),
+            torch.arange(n),
+        )
 
     bt, bv = seq(30), seq(20)
-    coords = [("dropconnect.rnn.weight_hh_l0", (0, 0)), ("dropconnect.rnn.weight_hh_l0", (7, 2)),
-              ("dropconnect.rnn.weight_hh_l0", (13, 3))]
+    coords = [
+        ("dropconnect.rnn.weight_hh_l0", (0, 0)),
+        ("dropconnect.rnn.weight_hh_l0", (7, 2)),
+        ("dropconnect.rnn.weight_hh_l0", (13, 3)),
+    ]
     pairs = hypergradient_vs_fd(model, [dc, wd], bt, bv, coords)
     # As in the dropout test, plus rounding: L_V ≈ 0.7 carries ~1e-16 absolute error, divided by
     # 2ε = 2e-4 that is ~5e-13 in the difference quotient; these entries are 1.5e-7 to 4.4e-6.
     for (key, idx), (gi, fd) in zip(coords, pairs, strict=True):
-        assert abs(gi) > 1e-7, (key, idx, gi)   # ≥ 5e4 × that rounding level
+        assert abs(gi) > 1e-7, (key, idx, gi)  # ≥ 5e4 × that rounding level
         assert gi == pytest.approx(fd, rel=5e-8, abs=2e-12), (key, idx)
 
 
@@ -268,39 +294,64 @@ def _mlp_problem() -> tuple:
 
 def _make_mlp() -> tuple[nn.Module, list]:
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
-    return model, [Dropout(model, ["0:output", "2:input"], init=0.8, temperature=0.3),
-                   WeightDecay(model, init=1e-3)]
+    return model, [
+        Dropout(model, ["0:output", "2:input"], init=0.8, temperature=0.3),
+        WeightDecay(model, init=1e-3),
+    ]
 
 
 def test_dropout_through_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
     train, val = _mlp_problem()
-    res = fit_resume_is_bit_for_bit(_make_mlp, train, val, tmp_path, inner_steps=5, batch_size=16,
-                                    inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
-                                    hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
-                                    method=hg.CG(iters=5), on_solver_error="damp")
-    assert res.final["dropout.mean"] != pytest.approx(0.8, abs=1e-6)   # the keep probabilities moved
+    res = fit_resume_is_bit_for_bit(
+        _make_mlp,
+        train,
+        val,
+        tmp_path,
+        inner_steps=5,
+        batch_size=16,
+        inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+        method=hg.CG(iters=5),
+        on_solver_error="damp",
+    )
+    assert res.final["dropout.mean"] != pytest.approx(0.8, abs=1e-6)  # the keep probabilities moved
 
 
 def test_dropconnect_lstm_through_own_loop_resumes_bit_for_bit() -> None:
     g = torch.Generator().manual_seed(4)
-    data = [Batch(torch.randn(8, 4, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g),
-                  torch.arange(8)) for _ in range(18)]
+    data = [
+        Batch(
+            torch.randn(8, 4, 3, generator=g, dtype=DT),
+            torch.randint(0, 2, (8,), generator=g),
+            torch.arange(8),
+        )
+        for _ in range(18)
+    ]
 
     def make() -> tuple[nn.Module, list]:
         model = _LSTMHead(nn.LSTM(3, 4, batch_first=True), classes=2).to(DT)
-        return model, [DropConnect(model, ["rnn.weight_hh_l0"], temperature=0.3),
-                       Dropout(model, ["rnn:input", "rnn:output"], temperature=0.3)]
+        return model, [
+            DropConnect(model, ["rnn.weight_hh_l0"], temperature=0.3),
+            Dropout(model, ["rnn:input", "rnn:output"], temperature=0.3),
+        ]
 
-    own_loop_resume_is_bit_for_bit(make, lambda i: (data[3 * i % 18], data[(3 * i + 1) % 18], data[(3 * i + 2) % 18]),
-                                   method=hg.CG(iters=5, damping=1e-2))
+    own_loop_resume_is_bit_for_bit(
+        make,
+        lambda i: (data[3 * i % 18], data[(3 * i + 1) % 18], data[(3 * i + 2) % 18]),
+        method=hg.CG(iters=5, damping=1e-2),
+    )
 
 
 def test_dropout_own_loop_resumes_bit_for_bit_from_the_hyper_state_alone() -> None:
     # hyper.state_dict() carries the noise generator: an own loop that saves no RNG state resumes
     # with the masks of the uninterrupted run (its data here is indexed, so nothing else is random)
     data = [_batch(16, 5, 2, 100 + i) for i in range(6)]
-    own_loop_resume_is_bit_for_bit(_make_mlp, lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
-                                   method=hg.CG(iters=5, damping=1e-2), save_rng=False)
+    own_loop_resume_is_bit_for_bit(
+        _make_mlp,
+        lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
+        method=hg.CG(iters=5, damping=1e-2),
+        save_rng=False,
+    )
 
 
 def test_hypergradient_spread_over_noise_samples() -> None:
@@ -314,12 +365,15 @@ def test_hypergradient_spread_over_noise_samples() -> None:
     for tau in (0.1, 0.3, 1.0):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
-        fams = [Dropout(model, ["0:output", "2:input"], init=0.8, temperature=tau), WeightDecay(model, init=1e-3)]
+        fams = [
+            Dropout(model, ["0:output", "2:input"], init=0.8, temperature=tau),
+            WeightDecay(model, init=1e-3),
+        ]
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         # damping 0.1: at weights trained with other noise samples, one sample's Hessian is indefinite
         # (with damping 0.01 CG meets negative curvature, about −1e-3, on these samples)
         hyper = hg.HyperOptimizer(model, fams, method=hg.CG(iters=20, damping=0.1))
-        for _ in range(300):   # near a minimum of L_T (each step with its own noise, as training does)
+        for _ in range(300):  # near a minimum of L_T (each step with its own noise, as training does)
             opt.zero_grad()
             hyper.train_loss(bt).backward()
             opt.step()
@@ -333,11 +387,14 @@ def test_hypergradient_spread_over_noise_samples() -> None:
         U = G / G.norm(dim=1, keepdim=True)
         C = U @ U.T
         pair = float((C.sum() - C.diagonal().sum()) / (20 * 19))
-        loo = torch.stack([torch.nn.functional.cosine_similarity(G[i], (G.sum(0) - G[i]) / 19, dim=0)
-                           for i in range(20)])
-        print(f"  {tau:<4g} {rel_std:>13.2f}   {pair:>20.3f}   {float(loo.median()):>25.3f}, {float(loo.min()):.3f}")
+        loo = torch.stack(
+            [torch.nn.functional.cosine_similarity(G[i], (G.sum(0) - G[i]) / 19, dim=0) for i in range(20)]
+        )
+        print(
+            f"  {tau:<4g} {rel_std:>13.2f}   {pair:>20.3f}   {float(loo.median()):>25.3f}, {float(loo.min()):.3f}"
+        )
         assert torch.isfinite(G).all() and float(mean.norm()) > 0
-        assert rel_std > 0.05   # the noise matters: this is why it must be fixed within one hypergradient
+        assert rel_std > 0.05  # the noise matters: this is why it must be fixed within one hypergradient
 
 
 def test_a_small_lstm_language_model_with_every_site_tunes_all_its_keep_probabilities() -> None:
@@ -351,15 +408,17 @@ def test_a_small_lstm_language_model_with_every_site_tunes_all_its_keep_probabil
             self.lstm2 = nn.LSTM(6, 6)
             self.decoder = nn.Linear(6, 12)
 
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:   # (T, B) -> (T·B, vocab)
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (T, B) -> (T·B, vocab)
             h, _ = self.lstm1(self.embed(tokens))
             h, _ = self.lstm2(h)
             return self.decoder(h).reshape(-1, 12)
 
     torch.manual_seed(0)
     lm = LM().to(DT)
-    fams = [Dropout(lm, ["embed:output", "lstm1:input", "lstm1:output", "lstm2:output"], temperature=0.3),
-            DropConnect(lm, ["lstm1.weight_hh_l0", "lstm2.weight_hh_l0"], temperature=0.3)]
+    fams = [
+        Dropout(lm, ["embed:output", "lstm1:input", "lstm1:output", "lstm2:output"], temperature=0.3),
+        DropConnect(lm, ["lstm1.weight_hh_l0", "lstm2.weight_hh_l0"], temperature=0.3),
+    ]
     assert [f.count() for f in fams] == [5 + 5 + 6 + 6, 2 * 24 * 6]
 
     def next_token_loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -371,9 +430,9 @@ def test_a_small_lstm_language_model_with_every_site_tunes_all_its_keep_probabil
     hyper = hg.HyperOptimizer(lm, fams, method=hg.CG(iters=5, damping=1.0), loss_fn=next_token_loss)
     res = hyper.step(bt, bt)
     assert res.applied and res.hypergradient is not None
-    for k, v in res.hypergradient.items():   # every site is reached: every key gets a gradient
+    for k, v in res.hypergradient.items():  # every site is reached: every key gets a gradient
         assert torch.isfinite(v).all() and float(v.abs().max()) > 0, k
     with pytest.raises(ValueError, match=r"an nn.Embedding's input is token ids; drop its 'output' units"):
         Dropout(lm, ["embed:input"])
-    explicit = Dropout(lm, [Site("decoder", "output", 12)])   # a Site given by hand
+    explicit = Dropout(lm, [Site("decoder", "output", 12)])  # a Site given by hand
     assert explicit.count() == 12

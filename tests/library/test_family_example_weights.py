@@ -35,24 +35,32 @@ def test_reduce_weights_the_batch_by_index_with_each_normalisation_and_parametri
         om = f(theta[[4, 0, 2]])
         mean = ExampleWeights(5, parametrisation=kind, dtype=DT)  # type: ignore[arg-type]
         norm = ExampleWeights(5, parametrisation=kind, normalise="weights", dtype=DT)  # type: ignore[arg-type]
-        torch.testing.assert_close(mean.reduce(losses, b, {"example_weights": theta}), (om * losses).sum() / 3)
-        torch.testing.assert_close(norm.reduce(losses, b, {"example_weights": theta}),
-                                   (om * losses).sum() / om.sum())
+        torch.testing.assert_close(
+            mean.reduce(losses, b, {"example_weights": theta}), (om * losses).sum() / 3
+        )
+        torch.testing.assert_close(
+            norm.reduce(losses, b, {"example_weights": theta}), (om * losses).sum() / om.sum()
+        )
         # init is the natural weight: 1 by default under both parametrisations
         torch.testing.assert_close(mean.natural()["example_weights"], torch.ones(5, dtype=DT))
     assert float(ExampleWeights(2, init=0.25).natural()["example_weights"][0]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match=r"batch index 7 is out of range for 5 examples"):
-        ExampleWeights(5).reduce(losses.float(), Batch(b.x, b.y, torch.tensor([7, 0, 1])),
-                                 {"example_weights": torch.zeros(5)})
-    with pytest.raises(ValueError, match=r"init \(the initial example weight\) must be in \(0, 2\) for the sigmoid"):
+        ExampleWeights(5).reduce(
+            losses.float(), Batch(b.x, b.y, torch.tensor([7, 0, 1])), {"example_weights": torch.zeros(5)}
+        )
+    with pytest.raises(
+        ValueError, match=r"init \(the initial example weight\) must be in \(0, 2\) for the sigmoid"
+    ):
         ExampleWeights(5, init=2.0)
     with pytest.raises(ValueError, match="normalise must be 'mean'"):
         ExampleWeights(5, normalise="sum")  # type: ignore[arg-type]
     net = LossReweighting(4, dtype=DT)
-    assert net.count() == 3 * 4 + 1 and net.summary()["loss_reweighting.w(1)"] == 1.0   # starts plain
+    assert net.count() == 3 * 4 + 1 and net.summary()["loss_reweighting.w(1)"] == 1.0  # starts plain
     # the network's weight of each loss, by hand
-    hp = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1), dtype=DT) for k, t in
-          net.tensors().items()}
+    hp = {
+        k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+        for k, t in net.tensors().items()
+    }
     a1, b1, a2, b2 = (hp[f"loss_reweighting.{k}"] for k in ("a1", "b1", "a2", "b2"))
     om = torch.stack([2 * torch.sigmoid(torch.relu(v * a1 + b1) @ a2 + b2) for v in losses])
     torch.testing.assert_close(net.reduce(losses, b, hp), (om * losses).mean())
@@ -60,11 +68,15 @@ def test_reduce_weights_the_batch_by_index_with_each_normalisation_and_parametri
 
 def test_two_reducing_families_are_refused() -> None:
     model = nn.Linear(4, 3)
-    with pytest.raises(ValueError, match=r"the families \['example_weights', 'loss_reweighting'\] all weight"):
+    with pytest.raises(
+        ValueError, match=r"the families \['example_weights', 'loss_reweighting'\] all weight"
+    ):
         Objective(model, [ExampleWeights(10), LossReweighting()], cross_entropy)
 
 
-@pytest.mark.parametrize(("normalise", "kind"), [("mean", "sigmoid"), ("weights", "sigmoid"), ("mean", "softplus")])
+@pytest.mark.parametrize(
+    ("normalise", "kind"), [("mean", "sigmoid"), ("weights", "sigmoid"), ("mean", "softplus")]
+)
 def test_example_weights_hypergradient_matches_finite_differences(normalise: str, kind: str) -> None:
     # Softmax regression + a fixed small L2: strictly convex for every positive weighting, Newton
     # solves w*(θ) to rounding level, so the implicit hypergradient is exact up to the FD error.
@@ -72,9 +84,9 @@ def test_example_weights_hypergradient_matches_finite_differences(normalise: str
     model = nn.Linear(4, 3).to(DT)
     n = 30
     ew = ExampleWeights(n, normalise=normalise, parametrisation=kind, dtype=DT)  # type: ignore[arg-type]
-    with torch.no_grad():   # not all weights equal (the "weights" normalisation is scale-invariant)
+    with torch.no_grad():  # not all weights equal (the "weights" normalisation is scale-invariant)
         ew.tensors()["example_weights"].copy_(torch.linspace(-1, 1, n, dtype=DT))
-    wd = WeightDecay(model, init=1e-2, include=lambda n, p: True)   # biases too: softmax has a flat direction
+    wd = WeightDecay(model, init=1e-2, include=lambda n, p: True)  # biases too: softmax has a flat direction
     X, y = _data(n, 1)
     Xv, yv = _data(25, 2)
     bt, bv = Batch(X, y, torch.arange(n)), Batch(Xv, yv, torch.arange(25))
@@ -102,11 +114,16 @@ def test_loss_reweighting_hypergradient_matches_finite_differences() -> None:
     wd = WeightDecay(model, init=1e-1, include=lambda n, p: True)
     X, y = _data(30, 3)
     Xv, yv = _data(25, 4)
-    coords = [("loss_reweighting.a1", (0,)), ("loss_reweighting.b1", (1,)), ("loss_reweighting.a2", (2,)),
-              ("loss_reweighting.b2", ())]
-    pairs = hypergradient_vs_fd(model, [net, wd], Batch(X, y, torch.arange(30)), Batch(Xv, yv, torch.arange(25)),
-                                coords)
-    for (key, idx), (g, fd) in zip(coords, pairs, strict=True):   # as above; measured ≤ 6e-10 relative
+    coords = [
+        ("loss_reweighting.a1", (0,)),
+        ("loss_reweighting.b1", (1,)),
+        ("loss_reweighting.a2", (2,)),
+        ("loss_reweighting.b2", ()),
+    ]
+    pairs = hypergradient_vs_fd(
+        model, [net, wd], Batch(X, y, torch.arange(30)), Batch(Xv, yv, torch.arange(25)), coords
+    )
+    for (key, idx), (g, fd) in zip(coords, pairs, strict=True):  # as above; measured ≤ 6e-10 relative
         assert abs(g) > 1e-5, (key, idx, g)
         assert g == pytest.approx(fd, rel=1e-6, abs=1e-12), (key, idx)
 
@@ -118,10 +135,18 @@ def test_example_weights_through_fit_resume_bit_for_bit(tmp_path: Path) -> None:
         model = nn.Linear(4, 3).to(DT)
         return model, [ExampleWeights(48, dtype=DT), WeightDecay(model, init=1e-3)]
 
-    res = fit_resume_is_bit_for_bit(make, train, val, tmp_path, inner_steps=5, batch_size=16, hyper_batch_size=24,
-                                    inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.3),
-                                    hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-                                    method=hg.CG(iters=10, damping=1e-3))
+    res = fit_resume_is_bit_for_bit(
+        make,
+        train,
+        val,
+        tmp_path,
+        inner_steps=5,
+        batch_size=16,
+        hyper_batch_size=24,
+        inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.3),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        method=hg.CG(iters=10, damping=1e-3),
+    )
     assert res.final["example_weights.min"] < 1 < res.final["example_weights.max"]
 
 
@@ -132,5 +157,9 @@ def test_loss_reweighting_through_own_loop_resume_bit_for_bit() -> None:
         model = nn.Linear(4, 3).to(DT)
         return model, [LossReweighting(4, dtype=DT), WeightDecay(model, init=1e-3)]
 
-    own_loop_resume_is_bit_for_bit(make, lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
-                                   method=hg.CG(iters=10, damping=1e-3), lr=0.3)
+    own_loop_resume_is_bit_for_bit(
+        make,
+        lambda i: (data[i % 6], data[(i + 1) % 6], data[(i + 2) % 6]),
+        method=hg.CG(iters=10, damping=1e-3),
+        lr=0.3,
+    )

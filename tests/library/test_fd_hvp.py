@@ -46,8 +46,9 @@ def _recast(fn: Any, dtype: torch.dtype) -> Any:
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, tuple(cells))
 
 
-def in_dtype(prob: P.Problem, dtype: torch.dtype) -> tuple[Callable[..., Tensor], Callable[..., Tensor],
-                                                            Tree, Tree]:
+def in_dtype(
+    prob: P.Problem, dtype: torch.dtype
+) -> tuple[Callable[..., Tensor], Callable[..., Tensor], Tree, Tree]:
     cast = {k: t.to(dtype) for k, t in prob.params.items()}, {k: t.to(dtype) for k, t in prob.hparams.items()}
     return _recast(prob.outer_loss, dtype), _recast(prob.inner_loss, dtype), *cast
 
@@ -77,8 +78,12 @@ def hvp_error(prob: P.Problem, dtype: torch.dtype, *, scale: float = 1.0, seed: 
     _, inner, w, lam = in_dtype(prob, dtype)
     gen = torch.Generator().manual_seed(seed)
     v = {k: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype) for k, t in w.items()}
-    D = InnerDerivatives(inner, tree.clone_leaves(w, requires_grad=True),
-                         tree.clone_leaves(lam, requires_grad=True), hvp_mode=FD)
+    D = InnerDerivatives(
+        inner,
+        tree.clone_leaves(w, requires_grad=True),
+        tree.clone_leaves(lam, requires_grad=True),
+        hvp_mode=FD,
+    )
     eps = scale * fd_step(w, v)
     plus = D._fd_grad(tree.axpy(eps, v, w), of="w")
     minus = D._fd_grad(tree.axpy(-eps, v, w), of="w")
@@ -97,8 +102,9 @@ BOUND = {torch.float32: 1e-3, torch.float64: 1e-9}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_implicit_method_matches_double_backward(problem: P.Problem, name: str, dtype: torch.dtype,
-                                                       one_thread: None) -> None:
+def test_every_implicit_method_matches_double_backward(
+    problem: P.Problem, name: str, dtype: torch.dtype, one_thread: None
+) -> None:
     err, _ = fd_vs_exact(problem, METHODS[name], dtype)
     assert err <= BOUND[dtype], (problem.name, name, dtype, err)
 
@@ -109,8 +115,12 @@ def test_hvp_and_mixed_product_match_the_dense_matrices(problem: P.Problem, dtyp
     hvp_bound = {torch.float32: 2e-4, torch.float64: 3e-10}[dtype]
     assert hvp_error(problem, dtype) <= hvp_bound
     _, inner, w, lam = in_dtype(problem, dtype)
-    D = InnerDerivatives(inner, tree.clone_leaves(w, requires_grad=True),
-                         tree.clone_leaves(lam, requires_grad=True), hvp_mode=FD)
+    D = InnerDerivatives(
+        inner,
+        tree.clone_leaves(w, requires_grad=True),
+        tree.clone_leaves(lam, requires_grad=True),
+        hvp_mode=FD,
+    )
     p = tree.unflatten(problem.v.to(dtype), w)
     got, used = D.mixed_vjp(p)
     ref = problem.mixed.T @ problem.v
@@ -122,8 +132,9 @@ def test_hvp_and_mixed_product_match_the_dense_matrices(problem: P.Problem, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["logistic", "mlp"])
-def test_the_step_is_the_best_of_a_decade_sweep(name: str, dtype: torch.dtype,
-                                                request: pytest.FixtureRequest) -> None:
+def test_the_step_is_the_best_of_a_decade_sweep(
+    name: str, dtype: torch.dtype, request: pytest.FixtureRequest
+) -> None:
     """ε balances truncation O(ε²) against rounding O(eps/ε): ten times smaller or larger is worse.
 
     (On the quadratic ridge problem there is no truncation error and larger is always better, so
@@ -150,8 +161,11 @@ def test_no_double_backward_refused_by_default_and_finite_differences_match_the_
     gen = torch.Generator().manual_seed(7)
     if case == "once_differentiable":
         (inner, outer), (inner_twin, outer_twin) = P.regression(P.OnceTanh.apply), P.regression(torch.tanh)
-        start = {"W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=P.DT), "b1": torch.zeros(4, dtype=P.DT),
-                 "w2": 0.5 * torch.randn(4, generator=gen, dtype=P.DT)}
+        start = {
+            "W1": 0.5 * torch.randn(3, 4, generator=gen, dtype=P.DT),
+            "b1": torch.zeros(4, dtype=P.DT),
+            "w2": 0.5 * torch.randn(4, generator=gen, dtype=P.DT),
+        }
         lam = {"log_l2": torch.tensor([-3.0, -2.5], dtype=P.DT)}
     else:
         (inner, outer), (inner_twin, outer_twin) = P.attention(True), P.attention(False)
@@ -176,7 +190,9 @@ def test_forward_hvp_mode_refuses_a_once_differentiable_backward(fn: type[torch.
     (inner, outer), (inner_twin, _) = P.regression(fn.apply), P.regression(torch.tanh)
     w0, lam = P.regression_point()
     w = P.newton_solve(inner_twin, w0, lam)
-    with pytest.raises(hg.HypergradientError, match=fn.__name__ + r".*once_differentiable.*finite-difference"):
+    with pytest.raises(
+        hg.HypergradientError, match=fn.__name__ + r".*once_differentiable.*finite-difference"
+    ):
         hg.hypergradient(outer, inner, w, lam, method=hg.Exact(), hvp_mode="forward")
 
 
@@ -209,8 +225,7 @@ def test_dropout_sees_one_mask_and_the_rng_advances_as_in_reverse_mode() -> None
 
 def test_unknown_hvp_mode_lists_the_modes(ridge: P.Problem) -> None:
     with pytest.raises(hg.HypergradientError, match=r"'finite-difference'.*got 'central'"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         hvp_mode="central")  # type: ignore[arg-type]
+        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, hvp_mode="central")  # type: ignore[arg-type]
 
 
 def seconds_per_hvp(mode: str, *, reps: int = 10) -> float:
@@ -220,16 +235,26 @@ def seconds_per_hvp(mode: str, *, reps: int = 10) -> float:
 
     gen = torch.Generator().manual_seed(0)
     X, y = torch.randn(1024, 784, generator=gen), torch.randint(0, 10, (1024,), generator=gen)
-    w = {"W1": torch.randn(784, 256, generator=gen) / 28, "b1": torch.zeros(256),
-         "W2": torch.randn(256, 10, generator=gen) / 16, "b2": torch.zeros(10)}
+    w = {
+        "W1": torch.randn(784, 256, generator=gen) / 28,
+        "b1": torch.zeros(256),
+        "W2": torch.randn(256, 10, generator=gen) / 16,
+        "b2": torch.zeros(10),
+    }
     lam = {"log_l2": torch.tensor(-4.0)}
 
     def inner(p: Tree, h: Tree) -> Tensor:
         logits = torch.tanh(X @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
-        return F.cross_entropy(logits, y) + 0.5 * torch.exp(h["log_l2"]) * sum(torch.sum(t ** 2) for t in p.values())
+        return F.cross_entropy(logits, y) + 0.5 * torch.exp(h["log_l2"]) * sum(
+            torch.sum(t**2) for t in p.values()
+        )
 
-    D = InnerDerivatives(inner, tree.clone_leaves(w, requires_grad=True), tree.clone_leaves(lam, requires_grad=True),
-                         hvp_mode=mode)  # type: ignore[arg-type]
+    D = InnerDerivatives(
+        inner,
+        tree.clone_leaves(w, requires_grad=True),
+        tree.clone_leaves(lam, requires_grad=True),
+        hvp_mode=mode,
+    )  # type: ignore[arg-type]
     v = {k: torch.randn(t.shape, generator=gen) for k, t in w.items()}
     D.hvp(v)  # warm-up
     t0 = time.perf_counter()
@@ -268,6 +293,7 @@ def test_a_once_differentiable_op_fed_a_constant_gradient_is_refused_not_dropped
 
         def outer(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
             return ((X[:10] @ p["w"] - y[:10]) ** 2).mean()
+
         return inner, outer
 
     w = {"w": 0.1 * torch.randn(4, dtype=torch.float64)}

@@ -36,8 +36,9 @@ def test_save_and_load_checkpoint_round_trip(tmp_path: Path) -> None:
     obj = {"t": torch.arange(3), "n": 1, "x": 0.5, "s": "a", "l": [1, (2, 3)], "none": None}
     save_atomic(obj, tmp_path / "c.pt")
     got = load_checkpoint(tmp_path / "c.pt")
-    assert torch.equal(got["t"], obj["t"]) and {k: v for k, v in got.items() if k != "t"} == \
-        {k: v for k, v in obj.items() if k != "t"}
+    assert torch.equal(got["t"], obj["t"]) and {k: v for k, v in got.items() if k != "t"} == {
+        k: v for k, v in obj.items() if k != "t"
+    }
 
 
 class _Evil:
@@ -54,18 +55,21 @@ def test_crafted_file_is_refused_without_running_code(tmp_path: Path) -> None:
     with pytest.raises(UnreadableFileError, match=r"refused for safety \(.*Unsupported global") as ei:
         load_checkpoint(tmp_path / "c.pt")
     assert not marker.exists() and ei.value.path == tmp_path / "c.pt"
-    assert "weights_only` set to `False" not in str(ei.value)   # never the advice to run the file's code
+    assert "weights_only` set to `False" not in str(ei.value)  # never the advice to run the file's code
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 30, None])
 def test_unreadable_files_are_named_with_the_fix(content: bytes | None, tmp_path: Path) -> None:
     p = tmp_path / "c.pt"
-    if content is None:   # cut in the middle, as a non-atomic write killed half-way leaves it
+    if content is None:  # cut in the middle, as a non-atomic write killed half-way leaves it
         save_atomic({"t": torch.zeros(1000)}, p)
         content = p.read_bytes()[:2000]
     p.write_bytes(content)
-    with pytest.raises(UnreadableFileError, match=rf"cannot read the decays '{p}': it is truncated, empty or not "
-                                                  r"a checkpoint .*To continue: recompute it\.") as ei:
+    with pytest.raises(
+        UnreadableFileError,
+        match=rf"cannot read the decays '{p}': it is truncated, empty or not "
+        r"a checkpoint .*To continue: recompute it\.",
+    ) as ei:
         load_checkpoint(p, what="decays", fix="recompute it")
     assert ei.value.why.startswith("it is truncated") and p.read_bytes() == content
 
@@ -83,8 +87,11 @@ def test_remove_stale_temps_only_removes_temp_files(tmp_path: Path) -> None:
 
 def test_json_without_nan() -> None:
     s = json_dumps({"a": float("nan"), "b": [1.0, float("inf"), (float("-inf"), 2)], "c": "x"})
-    assert json.loads(s, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None, [None, 2]],
-                                                                      "c": "x"}
+    assert json.loads(s, parse_constant=lambda c: pytest.fail(c)) == {
+        "a": None,
+        "b": [1.0, None, [None, 2]],
+        "c": "x",
+    }
 
 
 def test_read_json_treats_torn_files_as_absent(tmp_path: Path) -> None:
@@ -102,7 +109,7 @@ def test_path_checks(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("x")
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]   # nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing left behind
     with pytest.raises(OutputPathError, match=r"--out '.*f' is a file, not a folder"):
         check_output_dir(f)
     with pytest.raises(OutputPathError, match="is a file, so no folder can be made under it"):

@@ -31,8 +31,15 @@ def _alpha(prob: P.Problem) -> float:
 
 
 def _g(prob: P.Problem, method: hg.Method, params: Tree | None = None, **kw: object) -> tuple[Tree, hg.Info]:
-    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params if params is None else params,  # type: ignore[call-overload,no-any-return]
-                            prob.hparams, method=method, return_info=True, **kw)
+    return hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        prob.params if params is None else params,  # type: ignore[call-overload,no-any-return]
+        prob.hparams,
+        method=method,
+        return_info=True,
+        **kw,
+    )
 
 
 def _grad(fn: Callable[[Tree, Tree], Tensor], w: Tree, lam: Tree, *, of: str) -> Tree:
@@ -42,14 +49,15 @@ def _grad(fn: Callable[[Tree, Tree], Tensor], w: Tree, lam: Tree, *, of: str) ->
     return dict(torch.func.grad(lambda h: fn(w, h))(lam))
 
 
-def _by_hand(prob: P.Problem, sigma: float, steps: int, lr: float, *, central: bool,
-             start: Tree | None = None) -> tuple[Tree, Tree]:
+def _by_hand(
+    prob: P.Problem, sigma: float, steps: int, lr: float, *, central: bool, start: Tree | None = None
+) -> tuple[Tree, Tree]:
     """The definition: ``steps`` steps x ← x − lr(∇_wL_T ± ∇_wL_V/σ) from w (or from w ∓ start/σ), then
     forward  g = ∇_λL_V(x₊) − σ(∇_λL_T(w) − ∇_λL_T(x₊)),
     central  g = ½(∇_λL_V(x₊) + ∇_λL_V(x₋)) + (σ/2)(∇_λL_T(x₊) − ∇_λL_T(x₋)); and the implied p."""
     w, lam = prob.params, prob.hparams
     ends = []
-    for s in ((1.0, -1.0) if central else (1.0,)):
+    for s in (1.0, -1.0) if central else (1.0,):
         x = dict(w) if start is None else {k: w[k] - s * start[k] / sigma for k in w}
         for _ in range(steps):
             gT, gV = _grad(prob.inner_loss, x, lam, of="w"), _grad(prob.outer_loss, x, lam, of="w")
@@ -59,7 +67,7 @@ def _by_hand(prob: P.Problem, sigma: float, steps: int, lr: float, *, central: b
         (xp, tp, vp), (xm, tm, vm) = ends
         g = {k: 0.5 * (vp[k] + vm[k]) + sigma / 2 * (tp[k] - tm[k]) for k in lam}
         return g, {k: sigma / 2 * (xm[k] - xp[k]) for k in w}
-    (xp, tp, vp), = ends
+    ((xp, tp, vp),) = ends
     t0 = _grad(prob.inner_loss, w, lam, of="l")
     return {k: vp[k] - sigma * (t0[k] - tp[k]) for k in lam}, {k: sigma * (w[k] - xp[k]) for k in w}
 
@@ -105,20 +113,24 @@ def test_rates_in_sigma_and_convergence_to_the_exact_hypergradient(ridge: P.Prob
     for K in (5, 50):
         neumann, _ = _g(ridge, hg.Neumann(iters=K, alpha=a))
         for central, ratio in ((False, 10.0), (True, 100.0)):
-            errs = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=K, lr=a, central=central))[0], neumann)
-                    for s in (1e1, 1e2, 1e3)]
+            errs = [
+                P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=K, lr=a, central=central))[0], neumann)
+                for s in (1e1, 1e2, 1e3)
+            ]
             # measured ratios 9.1-10.0 (forward), 100-102 (central): the next order's share
             assert 0.85 * ratio < errs[0] / errs[1] < 1.15 * ratio, errs
             assert 0.85 * ratio < errs[1] / errs[2] < 1.15 * ratio, errs
     exact = ridge.reference
-    fwd = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=500, lr=a, central=False))[0], exact)
-           for s in (1e2, 1e3, 1e4)]
+    fwd = [
+        P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=500, lr=a, central=False))[0], exact)
+        for s in (1e2, 1e3, 1e4)
+    ]
     cen = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=500, lr=a))[0], exact) for s in (1e2, 1e3, 1e4)]
-    assert fwd[0] > fwd[1] > fwd[2] and fwd[2] < 1e-4 < fwd[0]     # measured 8.4e-3, 8.5e-4, 8.5e-5
-    assert cen[0] > cen[1] > cen[2] and cen[2] < 1e-7               # measured 1.1e-4, 1.1e-6, 1.1e-8
+    assert fwd[0] > fwd[1] > fwd[2] and fwd[2] < 1e-4 < fwd[0]  # measured 8.4e-3, 8.5e-4, 8.5e-5
+    assert cen[0] > cen[1] > cen[2] and cen[2] < 1e-7  # measured 1.1e-4, 1.1e-6, 1.1e-8
     # and in the steps, at a fixed σ: the Neumann truncation shrinks to the σ floor
     by_k = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=1e4, steps=K, lr=a))[0], exact) for K in (1, 5, 20, 500)]
-    assert by_k[0] > by_k[1] > by_k[2] > 1e-6 > 1e-7 > by_k[3]    # measured 0.43, 5.2e-2, 1.3e-4, 1.1e-8
+    assert by_k[0] > by_k[1] > by_k[2] > 1e-6 > 1e-7 > by_k[3]  # measured 0.43, 5.2e-2, 1.3e-4, 1.1e-8
 
 
 def test_away_from_a_minimum_only_the_central_form_holds(ridge: P.Problem) -> None:
@@ -128,12 +140,16 @@ def test_away_from_a_minimum_only_the_central_form_holds(ridge: P.Problem) -> No
     a = _alpha(ridge)
     gen = torch.Generator().manual_seed(0)
     w = {"w": ridge.params["w"] + 0.05 * torch.randn(6, generator=gen, dtype=DT)}
-    fwd = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=50, lr=a, central=False), w)[0], ridge.reference)
-           for s in (1e1, 1e2, 1e3)]
-    cen = [P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=50, lr=a), w)[0], ridge.reference)
-           for s in (1e1, 1e2, 1e3)]
-    assert fwd[0] > 1 and fwd[1] > 9 * fwd[0] and fwd[2] > 9 * fwd[1]     # measured 2.9, 30, 297
-    assert cen[2] < 1e-5 and cen[0] > cen[1] > cen[2]                     # measured 1e-2, 1e-4, 1e-6
+    fwd = [
+        P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=50, lr=a, central=False), w)[0], ridge.reference)
+        for s in (1e1, 1e2, 1e3)
+    ]
+    cen = [
+        P.rel_err(_g(ridge, hg.FirstOrder(sigma=s, steps=50, lr=a), w)[0], ridge.reference)
+        for s in (1e1, 1e2, 1e3)
+    ]
+    assert fwd[0] > 1 and fwd[1] > 9 * fwd[0] and fwd[2] > 9 * fwd[1]  # measured 2.9, 30, 297
+    assert cen[2] < 1e-5 and cen[0] > cen[1] > cen[2]  # measured 1e-2, 1e-4, 1e-6
 
 
 def test_no_second_derivative_through_a_once_differentiable_op() -> None:
@@ -177,15 +193,17 @@ def test_cost_in_gradient_evaluations_is_reported(ridge: P.Problem, central: boo
     assert (info.extra["inner_gradients"], info.extra["outer_gradients"]) == (calls["inner"], calls["outer"])
     assert info.extra["gradient_evals"] == (4 * K + 2 if central else 2 * K + 2)
     calls.update(inner=0, outer=0)
-    _, info2 = hg.hypergradient(outer, inner, ridge.params, ridge.hparams, method=method, return_info=True,
-                                state=info.state)
+    _, info2 = hg.hypergradient(
+        outer, inner, ridge.params, ridge.hparams, method=method, return_info=True, state=info.state
+    )
     assert info2.extra["inner_gradients"] == calls["inner"]
-    assert info2.extra["outer_gradients"] == calls["outer"] - 1   # the forward pass for outer_loss
+    assert info2.extra["outer_gradients"] == calls["outer"] - 1  # the forward pass for outer_loss
     assert info2.extra["gradient_evals"] == (4 * K + 5 if central else 2 * K + 3)
     assert info.hvps == info2.hvps == 0
     assert info.outer_loss == pytest.approx(float(ridge.outer_loss(ridge.params, ridge.hparams)), rel=1e-15)
-    assert info.grad_norm == pytest.approx(float(tree.norm(_grad(ridge.inner_loss, ridge.params,
-                                                                 ridge.hparams, of="w"))), rel=1e-12, abs=1e-15)
+    assert info.grad_norm == pytest.approx(
+        float(tree.norm(_grad(ridge.inner_loss, ridge.params, ridge.hparams, of="w"))), rel=1e-12, abs=1e-15
+    )
 
 
 def test_warm_start_state_is_a_value_that_round_trips(ridge: P.Problem) -> None:
@@ -196,7 +214,7 @@ def test_warm_start_state_is_a_value_that_round_trips(ridge: P.Problem) -> None:
     st = info.state
     assert isinstance(st, hg.KrylovState) and st.method == "FirstOrder" and st.calls == 1
     p_exact = torch.linalg.solve(ridge.hessian, ridge.v)
-    assert P.rel_err({"w": st.p["w"]}, {"w": p_exact}) < 1e-7    # type: ignore[index]
+    assert P.rel_err({"w": st.p["w"]}, {"w": p_exact}) < 1e-7  # type: ignore[index]
     back = hg.SolverState.from_state_dict(st.state_dict())
     assert isinstance(back, hg.KrylovState) and torch.equal(back.p["w"], st.p["w"])  # type: ignore[index]
     one = hg.FirstOrder(sigma=1e4, steps=1, lr=a)
@@ -217,16 +235,21 @@ def test_options_are_checked_and_path_hyperparameters_refused(ridge: P.Problem) 
     hp = {**ridge.hparams, "lr": torch.tensor(0.1, dtype=DT)}
     with pytest.raises(hg.PathOnlyHyperparameterError, match="Unrolled"):
         hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=hg.FirstOrder())
-    with pytest.raises(hg.HypergradientError, match="lower lr"):   # lr far above 2/λ_max: the steps overflow
+    with pytest.raises(hg.HypergradientError, match="lower lr"):  # lr far above 2/λ_max: the steps overflow
         _g(ridge, hg.FirstOrder(lr=1e200, steps=5))
 
 
 # ------------------------------------------------------------------ HyperOptimizer and fit
-def _data(seed: int = 0, n: int = 20, nv: int = 15, d: int = 6) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def _data(
+    seed: int = 0, n: int = 20, nv: int = 15, d: int = 6
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=g, dtype=DT)
     X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(nv, d, generator=g, dtype=DT)
-    return (X, X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT)), (Xv, Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT))
+    return (X, X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT)), (
+        Xv,
+        Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT),
+    )
 
 
 def _squared_error(out: Tensor, batch: Batch) -> Tensor:
@@ -247,8 +270,13 @@ def test_hyper_optimizer_step_reaches_the_closed_form_and_carries_the_state() ->
     with torch.no_grad():
         model.weight.copy_(w[None])
     method = hg.FirstOrder(sigma=1e4, steps=300, lr=1.0 / float(torch.linalg.eigvalsh(H)[-1]))
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=method, loss_fn=_squared_error,
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-9))
+    hyper = hg.HyperOptimizer(
+        model,
+        [hg.WeightDecay(model, init=0.3)],
+        method=method,
+        loss_fn=_squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-9),
+    )
     res = hyper.step(train, val)
     assert res.applied and res.hypergradient is not None and res.info is not None
     assert float(res.hypergradient["weight_decay"]) == pytest.approx(g_exact, rel=1e-7)
@@ -281,9 +309,19 @@ def test_fit_runs_with_first_order_through_a_once_differentiable_model() -> None
     torch.manual_seed(0)
     model = Net()
     fam = hg.WeightDecay(model, init=1e-3)
-    res = hg.fit(model, [fam], (X, y), (Xv, yv), rounds=3, inner_steps=5, batch_size=32,
-                 method=hg.FirstOrder(sigma=100.0, steps=3, lr=0.1))
+    res = hg.fit(
+        model,
+        [fam],
+        (X, y),
+        (Xv, yv),
+        rounds=3,
+        inner_steps=5,
+        batch_size=32,
+        method=hg.FirstOrder(sigma=100.0, steps=3, lr=0.1),
+    )
     assert res.hyper_steps == 3 and res.skipped_hyper_steps == 0
-    assert all(r["hvps"] == 0 and r["solver_gradient_evals"] == (4 * 3 + 2 if i == 0 else 4 * 3 + 5)
-               for i, r in enumerate(res.metrics))
+    assert all(
+        r["hvps"] == 0 and r["solver_gradient_evals"] == (4 * 3 + 2 if i == 0 else 4 * 3 + 5)
+        for i, r in enumerate(res.metrics)
+    )
     assert all(math.isfinite(r["hypergrad_norm"]) and r["hypergrad_norm"] > 0 for r in res.metrics)

@@ -29,10 +29,22 @@ def test_forward_equals_reverse(name: str, K: int, request: pytest.FixtureReques
     prob: P.Problem = request.getfixturevalue(name)
     w0 = perturbed_start(prob)
     alpha = 0.5 / P.lambda_max(prob)
-    rev, ir = hg.hypergradient(prob.outer_loss, prob.inner_loss, w0, prob.hparams,
-                               method=hg.Unrolled(steps=K, lr=alpha), return_info=True)
-    fwd, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, w0, prob.hparams,
-                                 method=hg.Forward(steps=K, lr=alpha), return_info=True)
+    rev, ir = hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        w0,
+        prob.hparams,
+        method=hg.Unrolled(steps=K, lr=alpha),
+        return_info=True,
+    )
+    fwd, info = hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        w0,
+        prob.hparams,
+        method=hg.Forward(steps=K, lr=alpha),
+        return_info=True,
+    )
     assert tree.norm(rev) > 0
     assert P.rel_err(fwd, rev) <= TOL
     assert info.method == "Forward" and info.iterations == K
@@ -47,8 +59,9 @@ def test_forward_from_optimum_is_neumann(name: str, request: pytest.FixtureReque
     # Theorem 2: from w*, K forward-differentiated GD steps give α Σ_{j<K}(I − αH)^j exactly.
     prob: P.Problem = request.getfixturevalue(name)
     alpha = 1.0 / P.lambda_max(prob)
-    g = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                         method=hg.Forward(steps=20, lr=alpha))
+    g = hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=hg.Forward(steps=20, lr=alpha)
+    )
     assert P.rel_err(g, P.neumann_reference(prob, 20, alpha)) <= 1e-10
 
 
@@ -56,8 +69,13 @@ def test_forward_long_path_reaches_ift(ridge: P.Problem) -> None:
     # From w0 = 0 the path converges to w* and the forward hypergradient to the closed form:
     # cond(H) ≈ 3.1, α = 1/λ_max, so after 80 steps the error is ~(1 − 1/3.1)^80 ≈ 3e-14.
     alpha = 1.0 / P.lambda_max(ridge)
-    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, tree.zeros_like(ridge.params), ridge.hparams,
-                         method=hg.Forward(steps=80, lr=alpha))
+    g = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        tree.zeros_like(ridge.params),
+        ridge.hparams,
+        method=hg.Forward(steps=80, lr=alpha),
+    )
     assert P.rel_err(g, ridge.reference) <= 1e-10
 
 
@@ -65,10 +83,12 @@ def test_forward_learning_rate_and_truncation(logistic: P.Problem) -> None:
     w0 = perturbed_start(logistic)
     hp = {**logistic.hparams, "lr": torch.tensor(0.4, dtype=torch.float64)}
     for T in (None, 3):
-        rev = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, hp,
-                               method=hg.Unrolled(steps=6, lr="lr", truncate=T))
-        fwd = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, hp,
-                               method=hg.Forward(steps=6, lr="lr", truncate=T))
+        rev = hg.hypergradient(
+            logistic.outer_loss, logistic.inner_loss, w0, hp, method=hg.Unrolled(steps=6, lr="lr", truncate=T)
+        )
+        fwd = hg.hypergradient(
+            logistic.outer_loss, logistic.inner_loss, w0, hp, method=hg.Forward(steps=6, lr="lr", truncate=T)
+        )
         assert float(fwd["lr"]) != 0.0
         assert P.rel_err(fwd, rev) <= TOL
 
@@ -83,7 +103,10 @@ def test_forward_learning_rate_against_finite_differences(ridge: P.Problem) -> N
         w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
         for _ in range(K):
             gr = torch.autograd.grad(ridge.inner_loss(w, ridge.hparams), list(w.values()))
-            w = {k: (v - lr * gk).detach().requires_grad_(True) for (k, v), gk in zip(w.items(), gr, strict=True)}
+            w = {
+                k: (v - lr * gk).detach().requires_grad_(True)
+                for (k, v), gk in zip(w.items(), gr, strict=True)
+            }
         return float(ridge.outer_loss(w, ridge.hparams).detach())
 
     # log_l2 stays a hyperparameter too (it is used): both get a derivative, checked is lr.
@@ -96,10 +119,20 @@ def test_forward_learning_rate_against_finite_differences(ridge: P.Problem) -> N
 
 def test_forward_chunking_does_not_change_the_result(logistic: P.Problem) -> None:
     w0 = perturbed_start(logistic)
-    a = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, logistic.hparams,
-                         method=hg.Forward(steps=4, lr=0.3, chunk=None))
-    b = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, w0, logistic.hparams,
-                         method=hg.Forward(steps=4, lr=0.3, chunk=4))
+    a = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        w0,
+        logistic.hparams,
+        method=hg.Forward(steps=4, lr=0.3, chunk=None),
+    )
+    b = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        w0,
+        logistic.hparams,
+        method=hg.Forward(steps=4, lr=0.3, chunk=4),
+    )
     assert P.rel_err(a, b) <= TOL
 
 
@@ -107,7 +140,9 @@ def test_forward_does_not_mutate_inputs(ridge: P.Problem) -> None:
     w0 = perturbed_start(ridge)
     before_w = {k: v.clone() for k, v in w0.items()}
     before_h = {k: v.clone() for k, v in ridge.hparams.items()}
-    hg.hypergradient(ridge.outer_loss, ridge.inner_loss, w0, ridge.hparams, method=hg.Forward(steps=3, lr=0.1))
+    hg.hypergradient(
+        ridge.outer_loss, ridge.inner_loss, w0, ridge.hparams, method=hg.Forward(steps=3, lr=0.1)
+    )
     assert all(torch.equal(w0[k], before_w[k]) for k in w0)
     assert all(torch.equal(ridge.hparams[k], before_h[k]) for k in before_h)
 
@@ -115,8 +150,9 @@ def test_forward_does_not_mutate_inputs(ridge: P.Problem) -> None:
 def test_forward_unused_hyperparameter_warns(ridge: P.Problem) -> None:
     hp = {**ridge.hparams, "ghost": torch.tensor(1.0, dtype=torch.float64)}
     with pytest.warns(hg.UnusedHyperparameterWarning, match=r"\['ghost'\]"):
-        g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp,
-                             method=hg.Forward(steps=2, lr=0.1))
+        g = hg.hypergradient(
+            ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=hg.Forward(steps=2, lr=0.1)
+        )
     assert float(g["ghost"]) == 0.0
 
 
@@ -130,12 +166,18 @@ def test_forward_validation(ridge: P.Problem) -> None:
     with pytest.raises(hg.HypergradientError, match=r"Forward\.chunk must be a positive integer"):
         hg.Forward(steps=3, chunk=0)
     with pytest.raises(hg.HypergradientError, match=r"names a hyperparameter that is not in hparams"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         method=hg.Forward(steps=2, lr="eta"))
+        hg.hypergradient(
+            ridge.outer_loss,
+            ridge.inner_loss,
+            ridge.params,
+            ridge.hparams,
+            method=hg.Forward(steps=2, lr="eta"),
+        )
 
 
-def test_forward_with_optimizer_state_keeps_no_state_per_step(ridge: P.Problem,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forward_with_optimizer_state_keeps_no_state_per_step(
+    ridge: P.Problem, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Memory independent of K: of the optimizer states met on the primal path, forward mode keeps
     # only the step counts (each tensor replaced by one shared empty marker), not K copies of
     # Adam's moments. Every state template it builds must hold nothing but empty tensors.
@@ -151,14 +193,24 @@ def test_forward_with_optimizer_state_keeps_no_state_per_step(ridge: P.Problem,
 
     monkeypatch.setattr(unroll, "with_tensors", spy)
     K = 6
-    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, perturbed_start(ridge), ridge.hparams,
-                         method=hg.Forward(steps=K, optimizer=hg.optim.adam(lr=0.01)))
+    g = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        perturbed_start(ridge),
+        ridge.hparams,
+        method=hg.Forward(steps=K, optimizer=hg.optim.adam(lr=0.01)),
+    )
     templates = [t for t in built if all(x.numel() == 0 for x in unroll.tensors_of(t))]
     assert len(templates) == K and all(unroll.tensors_of(t) for t in templates)
     steps = sorted(t.steps for t in templates if isinstance(t, hg.optim.AdamState))
     assert steps == list(range(K))
-    ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, perturbed_start(ridge), ridge.hparams,
-                           method=hg.Unrolled(steps=K, optimizer=hg.optim.adam(lr=0.01)))
+    ref = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        perturbed_start(ridge),
+        ridge.hparams,
+        method=hg.Unrolled(steps=K, optimizer=hg.optim.adam(lr=0.01)),
+    )
     assert P.rel_err(g, ref) <= TOL
 
 
@@ -177,7 +229,12 @@ def _mse_problem(written_out: bool) -> tuple[P.Loss, P.Loss, P.Tree, P.Tree]:
     def outer(p: P.Tree, h: P.Tree) -> torch.Tensor:
         return mse(torch.tanh(Xv @ p["w"]), yv)
 
-    return inner, outer, {"w": torch.randn(3, generator=gen, dtype=P.DT)}, {"l": torch.tensor(-1.0, dtype=P.DT)}
+    return (
+        inner,
+        outer,
+        {"w": torch.randn(3, generator=gen, dtype=P.DT)},
+        {"l": torch.tensor(-1.0, dtype=P.DT)},
+    )
 
 
 @pytest.mark.parametrize("route", ["Forward", "hvp_mode=forward"])
@@ -185,11 +242,17 @@ def test_mse_loss_forward_mode_bug_is_named_with_its_workaround(route: str) -> N
     """F.mse_loss with reduction="mean" makes torch's forward-over-reverse raise "ZeroTensors are
     immutable" (a PyTorch bug): the error says so and gives the written-out loss, which works and,
     in the same arithmetic, gives reverse mode's answer (1e-12 as in the rest of this file)."""
-    kw: dict = ({"method": hg.Forward(steps=3, lr=0.1)} if route == "Forward"
-                else {"method": hg.CG(tol=1e-14), "hvp_mode": "forward"})
+    kw: dict = (
+        {"method": hg.Forward(steps=3, lr=0.1)}
+        if route == "Forward"
+        else {"method": hg.CG(tol=1e-14), "hvp_mode": "forward"}
+    )
     inner, outer, w, lam = _mse_problem(written_out=False)
-    with pytest.raises(hg.HypergradientError, match=r"ZeroTensors are immutable.*known PyTorch bug.*F\.mse_loss"
-                                                     r".*\(\(a - b\) \*\* 2\)\.mean\(\)"):
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"ZeroTensors are immutable.*known PyTorch bug.*F\.mse_loss"
+        r".*\(\(a - b\) \*\* 2\)\.mean\(\)",
+    ):
         hg.hypergradient(outer, inner, w, lam, **kw)
     inner2, outer2, _, _ = _mse_problem(written_out=True)
     got = hg.hypergradient(outer2, inner2, w, lam, **kw)

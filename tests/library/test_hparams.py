@@ -34,8 +34,12 @@ def _setup(granularity: str, include_biases: bool) -> tuple:
     # Binary logistic regression: strictly convex in (weight, bias) on non-separable data even
     # when the bias is not decayed (a softmax bias would have a flat direction).
     model = nn.Linear(4, 1).to(DT)
-    fam = WeightDecay(model, granularity=granularity, init=0.05,  # type: ignore[arg-type]
-                      include=(lambda n, p: True) if include_biases else None)
+    fam = WeightDecay(
+        model,
+        granularity=granularity,
+        init=0.05,  # type: ignore[arg-type]
+        include=(lambda n, p: True) if include_biases else None,
+    )
     X, y, Xv, yv = _data()
     apply = hg.functional_model(model)
     bce = nn.functional.binary_cross_entropy_with_logits
@@ -61,8 +65,10 @@ def _newton(inner, w0: dict, h: dict, iters: int = 30) -> dict:
     return tree.unflatten(x, w0)
 
 
-@pytest.mark.parametrize("granularity,include_biases,n_h",
-                         [("global", False, 1), ("layer", True, 2), ("weight", False, 4), ("weight", True, 5)])
+@pytest.mark.parametrize(
+    "granularity,include_biases,n_h",
+    [("global", False, 1), ("layer", True, 2), ("weight", False, 4), ("weight", True, 5)],
+)
 def test_hypergradient_matches_finite_differences(granularity: str, include_biases: bool, n_h: int) -> None:
     model, fam, inner, outer = _setup(granularity, include_biases)
     lam = tree.detach(fam.tensors())
@@ -84,7 +90,7 @@ def test_hypergradient_matches_finite_differences(granularity: str, include_bias
             vals.append(outer(_newton(inner, w_star, hp), hp))
         fd[i] = (vals[0] - vals[1]) / (2 * eps)
     torch.testing.assert_close(tree.flatten(g), fd, rtol=1e-6, atol=1e-9)
-    assert float(fd.abs().max()) > 1e-4   # the reference is not trivially zero
+    assert float(fd.abs().max()) > 1e-4  # the reference is not trivially zero
 
 
 def test_granularities_agree_when_decays_are_equal() -> None:
@@ -97,8 +103,9 @@ def test_granularities_agree_when_decays_are_equal() -> None:
         grads[gran] = hg.hypergradient(outer, inner, w, lam, method=hg.Exact())
     per_w = grads["weight"]
     # Same weights (same seed, same decays), so the only difference is summation: float64 round-off.
-    torch.testing.assert_close(grads["global"]["weight_decay"], sum(t.sum() for t in per_w.values()),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        grads["global"]["weight_decay"], sum(t.sum() for t in per_w.values()), rtol=1e-10, atol=1e-14
+    )
     for k, t in per_w.items():
         torch.testing.assert_close(grads["layer"][k], t.sum(), rtol=1e-10, atol=1e-14)
 
@@ -107,12 +114,12 @@ def test_penalty_parametrisation_and_keys() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT)
     params = dict(model.named_parameters())
     fam = WeightDecay(model, granularity="weight", init=0.1)
-    assert fam.covered == ["0.weight", "2.weight"]   # biases excluded by default
+    assert fam.covered == ["0.weight", "2.weight"]  # biases excluded by default
     assert set(fam.tensors()) == {"weight_decay.0.weight", "weight_decay.2.weight"}
     assert fam.tensors()["weight_decay.0.weight"].shape == (4, 3)
     assert all(t.requires_grad and t.is_leaf for t in fam.tensors().values())
     for v in fam.natural().values():
-        torch.testing.assert_close(v, torch.full_like(v, 0.1))   # stored as log, reported natural
+        torch.testing.assert_close(v, torch.full_like(v, 0.1))  # stored as log, reported natural
     h = {k: torch.randn_like(t) for k, t in fam.tensors().items()}
     expect = 0.5 * sum((h[f"weight_decay.{k}"].exp() * params[k] ** 2).sum() for k in fam.covered)
     torch.testing.assert_close(fam.penalty(params, h), expect)
@@ -179,6 +186,7 @@ class _GaussNoise(hg.hparams.Family):
         def post(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             eps = noise.normal(out.shape, dtype=out.dtype, device=out.device)
             return out * (1 + hparams[self.name].exp() * eps)
+
         return [hg.hparams.Hook(self.module, post, "post")]
 
 
@@ -204,6 +212,7 @@ class _Tag(hg.hparams.Family):
             out = forward(p, x)
             self.log.append(f"leave {self.name}")
             return out
+
         return f
 
 
@@ -232,7 +241,9 @@ def _objective(model: nn.Module, families: list) -> Objective:
 
 def _cls_batch(n: int = 12, seed: int = 1) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g), torch.arange(n))
+    return Batch(
+        torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g), torch.arange(n)
+    )
 
 
 def test_submodule_hooks_reach_hidden_units_only_during_the_training_forward() -> None:
@@ -242,13 +253,14 @@ def test_submodule_hooks_reach_hidden_units_only_during_the_training_forward() -
     w, lam, b = tree.detach(dict(model.named_parameters())), tree.detach(fam.tensors()), _cls_batch()
     noisy = obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(3))
     plain = _objective(model, []).train(w, {}, b, forward=obj.copy_buffers)
-    assert not torch.equal(noisy, plain)          # the hook changed the hidden layer
-    assert not model._forward_hooks and not model[0]._forward_hooks   # and is gone afterwards
+    assert not torch.equal(noisy, plain)  # the hook changed the hidden layer
+    assert not model._forward_hooks and not model[0]._forward_hooks  # and is gone afterwards
     assert torch.equal(obj.val(w, b), _objective(model, []).val(w, b))  # L_V: no hook
     # with scale exp(λ) → 0 the hook is the identity: it acts on hidden unit values, nothing else
     lam0 = {"gauss": torch.tensor(-80.0, dtype=DT)}
-    assert torch.allclose(obj.train(w, lam0, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(3)), plain,
-                          rtol=0, atol=1e-15)
+    assert torch.allclose(
+        obj.train(w, lam0, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(3)), plain, rtol=0, atol=1e-15
+    )
 
 
 def test_hooks_are_removed_when_the_forward_raises_and_a_bad_module_name_is_named() -> None:
@@ -260,8 +272,11 @@ def test_hooks_are_removed_when_the_forward_raises_and_a_bad_module_name_is_name
         obj.train(w, {"gauss": torch.tensor(0.0, dtype=DT)}, bad, forward=obj.copy_buffers)
     assert not model[0]._forward_hooks
     obj2 = _objective(model, [_GaussNoise("fc9")])
-    with pytest.raises(ValueError, match=r"hooks the submodule 'fc9', which the model lacks; its submodules "
-                                         r"are \['0', '1', '2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"hooks the submodule 'fc9', which the model lacks; its submodules "
+        r"are \['0', '1', '2'\]",
+    ):
         obj2.train(w, {"gauss": torch.tensor(0.0, dtype=DT)}, _cls_batch(), forward=obj.copy_buffers)
 
 
@@ -277,8 +292,10 @@ def test_one_noise_gives_the_same_draws_at_every_evaluation_and_none_draws_a_fre
     torch.manual_seed(5)
     seed = hg.hparams.Noise.draw().seed
     torch.manual_seed(5)
-    assert torch.equal(obj.train(w, lam, b, forward=obj.copy_buffers),
-                       obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(seed)))
+    assert torch.equal(
+        obj.train(w, lam, b, forward=obj.copy_buffers),
+        obj.train(w, lam, b, forward=obj.copy_buffers, noise=hg.hparams.Noise(seed)),
+    )
     # a deterministic setup draws nothing from the global generator
     det = _objective(model, [WeightDecay(model)])
     torch.manual_seed(5)
@@ -319,8 +336,8 @@ def test_fixed_noise_makes_forward_and_reverse_mode_hypergradients_agree(mode: s
 
     try:
         g_bad = hg.hypergradient(outer, inner_fresh, w, lam, method=m, hvp_mode=mode)  # type: ignore[arg-type]
-    except hg.HypergradientError:   # finite differences of gradients of two different functions:
-        return                      # the "Hessian" is garbage and the Neumann series diverges
+    except hg.HypergradientError:  # finite differences of gradients of two different functions:
+        return  # the "Hessian" is garbage and the Neumann series diverges
     assert not torch.allclose(g_bad["gauss"], g_rev["gauss"], rtol=1e-3, atol=0)
 
 
@@ -350,13 +367,16 @@ def test_hyper_step_uses_one_noise_sample_from_the_hyper_optimizers_own_generato
     model = _mlp()
     fam = _GaussNoise("0")
     torch.manual_seed(9)
-    hyper = hg.HyperOptimizer(model, [fam], method=hg.Neumann(iters=3, alpha=0.1),
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    hyper = hg.HyperOptimizer(
+        model, [fam], method=hg.Neumann(iters=3, alpha=0.1), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0)
+    )
     assert hyper.noise_generator is not None
     # seeded once from the global generator when built: torch.manual_seed before building fixes it
     torch.manual_seed(9)
-    assert torch.equal(hyper.noise_generator.get_state(),
-                       torch.Generator().manual_seed(hg.hparams.Noise.draw().seed).get_state())
+    assert torch.equal(
+        hyper.noise_generator.get_state(),
+        torch.Generator().manual_seed(hg.hparams.Noise.draw().seed).get_state(),
+    )
     bt, bv = _cls_batch(), _cls_batch(seed=2)
     twin = torch.Generator()
     twin.set_state(hyper.noise_generator.get_state())
@@ -385,16 +405,17 @@ def test_composition_batch_hooks_chain_forwards_nest_and_two_reducers_are_refuse
     b = _cls_batch()
     loss = obj.train(w, {}, b, forward=obj.copy_buffers)
     assert log == ["batch a", "batch b", "enter b", "enter a", "leave a", "leave b"]
-    shifted = Batch(b.x + 2, b.y, b.index)   # each batch hook added 1: they chained
-    torch.testing.assert_close(loss, _objective(model, []).train(w, {}, shifted, forward=obj.copy_buffers),
-                               rtol=0, atol=0)
+    shifted = Batch(b.x + 2, b.y, b.index)  # each batch hook added 1: they chained
+    torch.testing.assert_close(
+        loss, _objective(model, []).train(w, {}, shifted, forward=obj.copy_buffers), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match=r"the families \['r1', 'r2'\] all weight the examples"):
         _objective(model, [_Reducer("r1"), WeightDecay(model), _Reducer("r2")])
     one = _objective(model, [_Reducer("r1"), WeightDecay(model)])
     lam = {"weight_decay": torch.tensor(-2.0, dtype=DT)}
     pen = WeightDecay(model).penalty(w, lam)
     ce = nn.functional.cross_entropy(model(b.x), b.y, reduction="sum")
-    torch.testing.assert_close(one.train(w, lam, b, forward=one.copy_buffers), ce + pen)   # penalties add
+    torch.testing.assert_close(one.train(w, lam, b, forward=one.copy_buffers), ce + pen)  # penalties add
 
 
 def test_describe_counts_and_states_the_parametrisation() -> None:
@@ -413,7 +434,7 @@ def test_which_families_follow_the_models_dtype() -> None:
     # take their dtypes; the others take their own dtype= (defaults as documented in docs/families.md).
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     default = torch.get_default_dtype()
-    assert default != DT   # otherwise this test could not tell the two apart
+    assert default != DT  # otherwise this test could not tell the two apart
 
     def dtypes(fam: Family) -> set[torch.dtype]:
         return {t.dtype for t in fam.tensors().values()}
@@ -436,13 +457,14 @@ def test_hyperparameters_are_read_and_set_in_place_through_hyper_hparams() -> No
     # updates): setting one in place sets the hyperparameter everywhere it is read.
     model = _mlp()
     fam = WeightDecay(model, granularity="layer", init=1e-3)
-    hyper = hg.HyperOptimizer(model, [fam], method=hg.CG(iters=3, damping=0.1),
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    hyper = hg.HyperOptimizer(
+        model, [fam], method=hg.CG(iters=3, damping=0.1), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5)
+    )
     key = "weight_decay.2.weight"
     assert hyper.hparams[key] is fam.tensors()[key]
     assert any(hyper.hparams[key] is p for p in hyper.optimizer.param_groups[0]["params"])
     with torch.no_grad():
-        hyper.hparams[key].fill_(math.log(0.25))   # stored: log d
+        hyper.hparams[key].fill_(math.log(0.25))  # stored: log d
     assert float(hyper.natural()[key]) == pytest.approx(0.25, rel=1e-12)
     w = dict(model.named_parameters())
     # the penalty the training loss adds uses it: ½ (0.25 ‖W₂‖² + 1e-3 ‖W₀‖²)
@@ -452,5 +474,6 @@ def test_hyperparameters_are_read_and_set_in_place_through_hyper_hparams() -> No
     b = _cls_batch()
     res = hyper.step(b, _cls_batch(seed=2))
     assert res.hypergradient is not None
-    torch.testing.assert_close(hyper.hparams[key].detach(), math.log(0.25) - 0.5 * res.hypergradient[key],
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        hyper.hparams[key].detach(), math.log(0.25) - 0.5 * res.hypergradient[key], rtol=1e-12, atol=1e-15
+    )

@@ -24,11 +24,16 @@ DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
-def _data(seed: int = 0, n: int = 20, nv: int = 15, d: int = 6) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def _data(
+    seed: int = 0, n: int = 20, nv: int = 15, d: int = 6
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=g, dtype=DT)
     X, Xv = torch.randn(n, d, generator=g, dtype=DT), torch.randn(nv, d, generator=g, dtype=DT)
-    return (X, X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT)), (Xv, Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT))
+    return (X, X @ w + 0.5 * torch.randn(n, generator=g, dtype=DT)), (
+        Xv,
+        Xv @ w + 0.5 * torch.randn(nv, generator=g, dtype=DT),
+    )
 
 
 def squared_error(out: Tensor, batch: Batch) -> Tensor:
@@ -62,8 +67,13 @@ def test_step_gives_the_closed_form_hypergradient_and_applies_it() -> None:
     w_star, g_exact = _ridge(train, val, lam0)
     model = _model_at(w_star)
     fam = hg.WeightDecay(model, init=0.3)
-    hyper = hg.HyperOptimizer(model, [fam], method=hg.Exact(), loss_fn=squared_error,
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    hyper = hg.HyperOptimizer(
+        model,
+        [fam],
+        method=hg.Exact(),
+        loss_fn=squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+    )
     w_before = model.weight.detach().clone()
     res = hyper.step(train, val)
     assert res.applied and res.hypergradient is not None and res.info is not None
@@ -71,7 +81,7 @@ def test_step_gives_the_closed_form_hypergradient_and_applies_it() -> None:
     # 1e-10 leaves room for BLAS differences and still catches any missing term (O(1e-1)).
     assert float(res.hypergradient["weight_decay"]) == pytest.approx(g_exact, rel=1e-10, abs=1e-12)
     assert float(fam.tensors()["weight_decay"].detach()) == pytest.approx(lam0 - 0.5 * g_exact, rel=1e-12)
-    assert torch.equal(model.weight, w_before)   # the step never touches the weights
+    assert torch.equal(model.weight, w_before)  # the step never touches the weights
     assert res.metrics()["hyper_val_loss"] == pytest.approx(float(((val[0] @ w_star - val[1]) ** 2).mean()))
     assert hyper.steps == 1 and hyper.skipped == 0
 
@@ -88,32 +98,45 @@ def test_finite_differences_agree_with_the_step_at_the_trained_weights() -> None
 
     fd = (lv(lam0 + eps) - lv(lam0 - eps)) / (2 * eps)
     model = _model_at(_ridge(train, val, lam0)[0])
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.1)], method=hg.CG(iters=50, tol=1e-14),
-                              loss_fn=squared_error)
+    hyper = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=0.1)], method=hg.CG(iters=50, tol=1e-14), loss_fn=squared_error
+    )
     g, _ = hyper.hypergradient(train, val)
     assert float(g["weight_decay"]) == pytest.approx(fd, rel=1e-7)
 
 
 def test_own_loop_with_any_model_optimizer_tunes_and_leaves_that_optimizer_alone() -> None:
     train, val = _data(2, n=12, d=10)
-    for make in (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=0.05)):
+    for make in (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=0.05),
+    ):
         torch.manual_seed(0)
         model = nn.Linear(10, 1, bias=False).to(DT)
         fam = hg.WeightDecay(model, init=1e-3)
         opt = make(list(model.parameters()))
-        hyper = hg.HyperOptimizer(model, [fam], method=hg.CG(iters=20), loss_fn=squared_error,
-                                  optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2))
+        hyper = hg.HyperOptimizer(
+            model,
+            [fam],
+            method=hg.CG(iters=20),
+            loss_fn=squared_error,
+            optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2),
+        )
         for i in range(200):
             opt.zero_grad()
             hyper.train_loss(train).backward()
             opt.step()
             if i % 20 == 19:
-                before = {k: v.clone() if isinstance(v, Tensor) else v
-                          for k, v in opt.state_dict()["state"][0].items()}
+                before = {
+                    k: v.clone() if isinstance(v, Tensor) else v
+                    for k, v in opt.state_dict()["state"][0].items()
+                }
                 hyper.step(train, val)
                 after = opt.state_dict()["state"][0]
-                assert all(torch.equal(before[k], after[k]) if isinstance(v, Tensor) else before[k] == after[k]
-                           for k, v in after.items())
+                assert all(
+                    torch.equal(before[k], after[k]) if isinstance(v, Tensor) else before[k] == after[k]
+                    for k, v in after.items()
+                )
         # 12 noisy examples, 10 features: the validation loss asks for a larger decay. Observed from
         # 1e-3 after 10 hyper steps: 6.7e-3 (SGD with momentum), 3.0e-3 (Adam); deterministic in float64.
         assert float(hyper.natural()["weight_decay"]) > 2e-3
@@ -127,11 +150,13 @@ def test_train_loss_is_the_data_loss_plus_the_penalty_with_lambda_fixed() -> Non
     hyper = hg.HyperOptimizer(model, [fam], loss_fn=squared_error)
     loss = hyper.train_loss(train)
     w = model.weight[0]
-    expected = ((train[0] @ w - train[1]) ** 2).mean() + 0.5 * 0.2 * (w ** 2).sum()
+    expected = ((train[0] @ w - train[1]) ** 2).mean() + 0.5 * 0.2 * (w**2).sum()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-13)
-    assert float(hyper.penalty().detach()) == pytest.approx(float(0.5 * 0.2 * (w.detach() ** 2).sum()), rel=1e-13)
+    assert float(hyper.penalty().detach()) == pytest.approx(
+        float(0.5 * 0.2 * (w.detach() ** 2).sum()), rel=1e-13
+    )
     loss.backward()
-    assert fam.tensors()["weight_decay"].grad is None   # λ is fixed in the inner loss
+    assert fam.tensors()["weight_decay"].grad is None  # λ is fixed in the inner loss
 
 
 def test_project_clamps_or_replaces_and_hooks_run_around_the_step() -> None:
@@ -141,7 +166,7 @@ def test_project_clamps_or_replaces_and_hooks_run_around_the_step() -> None:
     calls: list[str] = []
     w_star = _ridge(train, val, math.log(0.05))[0]
 
-    def reinit(h: hg.HyperOptimizer) -> None:   # before: the weights the hypergradient sees
+    def reinit(h: hg.HyperOptimizer) -> None:  # before: the weights the hypergradient sees
         calls.append("before")
         with torch.no_grad():
             h.model.weight.copy_(w_star[None])
@@ -150,18 +175,26 @@ def test_project_clamps_or_replaces_and_hooks_run_around_the_step() -> None:
         calls.append(f"after {res.applied}")
 
     bound = math.log(0.3) - 1e-3
-    hyper = hg.HyperOptimizer(model, [fam], method=hg.Exact(), loss_fn=squared_error,
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=100.0),
-                              project=lambda hp: {"weight_decay": hp["weight_decay"].clamp(max=bound)},
-                              before_step=[reinit], after_step=[after])
+    hyper = hg.HyperOptimizer(
+        model,
+        [fam],
+        method=hg.Exact(),
+        loss_fn=squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=100.0),
+        project=lambda hp: {"weight_decay": hp["weight_decay"].clamp(max=bound)},
+        before_step=[reinit],
+        after_step=[after],
+    )
     # Set the decay to that of w_star so the before hook puts the weights at w*(λ): closed form applies.
     fam.load_tensors({"weight_decay": torch.tensor(math.log(0.05), dtype=DT)})
     res = hyper.step(train, val)
     assert calls == ["before", "after True"]
-    assert float(res.hypergradient["weight_decay"]) == pytest.approx(_ridge(train, val, math.log(0.05))[1],
-                                                                     rel=1e-10)
+    assert float(res.hypergradient["weight_decay"]) == pytest.approx(
+        _ridge(train, val, math.log(0.05))[1], rel=1e-10
+    )
     lam = float(fam.tensors()["weight_decay"].detach())
-    assert lam <= bound   # lr 100 moves it by |100 g| > 1: the clamp holds it
+    assert lam <= bound  # lr 100 moves it by |100 g| > 1: the clamp holds it
+
     # In place works too.
     def in_place(hp: dict[str, Tensor]) -> None:
         hp["weight_decay"].clamp_(min=-1.0, max=-1.0)
@@ -169,8 +202,10 @@ def test_project_clamps_or_replaces_and_hooks_run_around_the_step() -> None:
     hyper.project = in_place
     hyper.step(train, val)
     assert float(fam.tensors()["weight_decay"].detach()) == -1.0
-    hyper.project = lambda hp: hp["weight_decay"].clamp_(max=0.0)   # returns a tensor: refused
-    with pytest.raises(TypeError, match=r"project must return None .* or a dict of new values by key, got Tensor"):
+    hyper.project = lambda hp: hp["weight_decay"].clamp_(max=0.0)  # returns a tensor: refused
+    with pytest.raises(
+        TypeError, match=r"project must return None .* or a dict of new values by key, got Tensor"
+    ):
         hyper.step(train, val)
     hyper.project = lambda hp: {"nope": hp["weight_decay"]}
     with pytest.raises(KeyError, match="'nope', which is no hyperparameter"):
@@ -180,11 +215,14 @@ def test_project_clamps_or_replaces_and_hooks_run_around_the_step() -> None:
 def test_nonfinite_losses_and_hyperparameters_raise_typed_errors() -> None:
     train, (xv, yv) = _data()
     model = _model_at(_ridge(train, (xv, yv), 0.0)[0])
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], method=hg.CG(iters=5),
-                              loss_fn=squared_error)
+    hyper = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=1.0)], method=hg.CG(iters=5), loss_fn=squared_error
+    )
     bad_val = (xv.clone(), yv)
     bad_val[0][2, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"hyper step 1: on the hyper step's batch, the loss 'val_loss'") as ei:
+    with pytest.raises(
+        NonFiniteError, match=r"hyper step 1: on the hyper step's batch, the loss 'val_loss'"
+    ) as ei:
         hyper.step(train, bad_val)
     assert (ei.value.name, ei.value.round) == ("val_loss", 1)
     bad_train = (train[0], train[1].clone())
@@ -192,8 +230,13 @@ def test_nonfinite_losses_and_hyperparameters_raise_typed_errors() -> None:
     with pytest.raises(NonFiniteError) as ei:
         hyper.step(bad_train, (xv, yv))
     assert ei.value.name == "inner_loss" and ei.value.what == "on the hyper step's batch, the loss"
-    exploding = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], method=hg.CG(iters=5),
-                                  loss_fn=squared_error, optimizer=lambda ps: torch.optim.SGD(ps, lr=float("inf")))
+    exploding = hg.HyperOptimizer(
+        model,
+        [hg.WeightDecay(model, init=1.0)],
+        method=hg.CG(iters=5),
+        loss_fn=squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=float("inf")),
+    )
     with pytest.raises(NonFiniteError, match="the hyperparameter 'weight_decay' is not finite") as ei:
         exploding.step(train, (xv, yv))
     assert ei.value.name == "weight_decay"
@@ -205,15 +248,23 @@ def test_solver_failure_is_damped_skipped_or_raised() -> None:
 
     def make(policy: str) -> hg.HyperOptimizer:
         # α = 10 ≫ 2/λ_max(H) (λ_max ~ 5 here): the Neumann series diverges.
-        return hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error,
-                                 method=hg.Neumann(iters=30, alpha=10.0), on_solver_error=policy)  # type: ignore[arg-type]
+        return hg.HyperOptimizer(
+            model,
+            [hg.WeightDecay(model, init=1.0)],
+            loss_fn=squared_error,
+            method=hg.Neumann(iters=30, alpha=10.0),
+            on_solver_error=policy,
+        )  # type: ignore[arg-type]
 
     skip = make("skip")
     res = skip.step(train, val)
     assert not res.applied and res.skip_reason == "Neumann series diverged"
     assert isinstance(res.error, hg.NeumannDivergenceError)
-    assert float(skip.hparams["weight_decay"].detach()) == 0.0 and skip.skipped == 1 and res.metrics() == {
-        "skip_reason": "Neumann series diverged"}
+    assert (
+        float(skip.hparams["weight_decay"].detach()) == 0.0
+        and skip.skipped == 1
+        and res.metrics() == {"skip_reason": "Neumann series diverged"}
+    )
     damp = make("damp")
     res = damp.step(train, val)
     assert res.applied and res.retry["solver_retry"] == "alpha" and res.retry["solver_alpha"] < 2 / 5
@@ -230,8 +281,13 @@ def test_state_dict_round_trips_with_weights_only_and_restores_the_next_step() -
 
     def build() -> tuple[nn.Module, hg.HyperOptimizer]:
         model = _model_at(_ridge(train, val, math.log(0.2))[0])
-        return model, hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.2)], method=hg.CG(iters=3),
-                                        loss_fn=squared_error, optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1))
+        return model, hg.HyperOptimizer(
+            model,
+            [hg.WeightDecay(model, init=0.2)],
+            method=hg.CG(iters=3),
+            loss_fn=squared_error,
+            optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        )
 
     _, a = build()
     a.step(train, val)
@@ -277,14 +333,24 @@ class _ExampleWeights(Family):
 def test_scalar_losses_work_unless_a_family_weights_examples() -> None:
     train, val = _data()
     model = _model_at(_ridge(train, val, 0.0)[0])
-    per_ex = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], method=hg.Exact(), loss_fn=squared_error)
-    scalar = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], method=hg.Exact(),
-                               loss_fn=lambda out, b: squared_error(out, b).mean())
+    per_ex = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=1.0)], method=hg.Exact(), loss_fn=squared_error
+    )
+    scalar = hg.HyperOptimizer(
+        model,
+        [hg.WeightDecay(model, init=1.0)],
+        method=hg.Exact(),
+        loss_fn=lambda out, b: squared_error(out, b).mean(),
+    )
     g1, _ = per_ex.hypergradient(train, val)
     g2, _ = scalar.hypergradient(train, val)
     assert float(g1["weight_decay"]) == pytest.approx(float(g2["weight_decay"]), rel=1e-12)
-    weighted = hg.HyperOptimizer(model, [_ExampleWeights(len(train[1]))], method=hg.Exact(),
-                                 loss_fn=lambda out, b: squared_error(out, b).sum())
+    weighted = hg.HyperOptimizer(
+        model,
+        [_ExampleWeights(len(train[1]))],
+        method=hg.Exact(),
+        loss_fn=lambda out, b: squared_error(out, b).sum(),
+    )
     with pytest.raises(ValueError, match=r"loss_fn returned a scalar, but the families \['ex'\] weight"):
         weighted.hypergradient(train, val)
 
@@ -298,7 +364,9 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
         hg.HyperOptimizer(model, [fam], optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     ok = hg.HyperOptimizer(model, [fam], optimizer=torch.optim.SGD(list(fam.tensors().values()), lr=1.0))
     assert ok.optimizer.param_groups[0]["lr"] == 1.0
-    with pytest.raises(TypeError, match=r"a batch must be \(x, y\), \(x, y, index\) .* got tuple of length 1"):
+    with pytest.raises(
+        TypeError, match=r"a batch must be \(x, y\), \(x, y, index\) .* got tuple of length 1"
+    ):
         as_batch((torch.zeros(2),))
     b = as_batch((torch.zeros(4, 3), torch.zeros(4)))
     assert torch.equal(b.index, torch.arange(4))
@@ -317,15 +385,18 @@ def test_nonfinite_hypergradient_with_finite_losses_names_its_key() -> None:
         calls[0] += 1
         return squared_error(out, batch)
 
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1e10)], method=hg.Identity(scale=1e308),
-                              loss_fn=counted)
+    hyper = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=1e10)], method=hg.Identity(scale=1e308), loss_fn=counted
+    )
     before = hyper.hparams["weight_decay"].detach().clone()
-    with pytest.raises(NonFiniteError, match=r"hyper step 1: the hypergradient of 'weight_decay' is not finite") as ei:
+    with pytest.raises(
+        NonFiniteError, match=r"hyper step 1: the hypergradient of 'weight_decay' is not finite"
+    ) as ei:
         hyper.step(train, val)
     assert (ei.value.name, ei.value.what) == ("weight_decay", "the hypergradient of")
     assert isinstance(ei.value.__cause__, hg.NonFiniteHypergradientError)
     assert ei.value.__cause__.key == "weight_decay" and ei.value.__cause__.method == "Identity"
-    assert calls[0] == 2   # L_V once, L_T once: one hypergradient
+    assert calls[0] == 2  # L_V once, L_T once: one hypergradient
     assert torch.equal(hyper.hparams["weight_decay"].detach(), before)
 
 
@@ -349,8 +420,9 @@ class _Fragile(hg.ImplicitMethod):
 
     scale: float = 1.0
 
-    def solve(self, op: hg.LinearOperator, v: dict, state: hg.SolverState | None, *,
-              residual: bool = False) -> tuple[dict, hg.SolverState, hg.Stats]:
+    def solve(
+        self, op: hg.LinearOperator, v: dict, state: hg.SolverState | None, *, residual: bool = False
+    ) -> tuple[dict, hg.SolverState, hg.Stats]:
         if self.scale > 0.5:
             raise hg.NegativeCurvatureError("too large a scale", curvature=-1.0, iteration=1)
         return {k: self.scale * t for k, t in v.items()}, self.own_state(state), hg.Stats(0, None, None)
@@ -362,14 +434,18 @@ class _Fragile(hg.ImplicitMethod):
 def test_the_hyper_step_retries_with_any_methods_own_safer_variant() -> None:
     train, val = _data()
     model = _model_at(_ridge(train, val, 0.0)[0])
-    ref, _ = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error,
-                               method=hg.Identity(scale=0.5)).hypergradient(train, val)
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error,
-                              method=_Fragile(scale=2.0))
+    ref, _ = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error, method=hg.Identity(scale=0.5)
+    ).hypergradient(train, val)
+    hyper = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=1.0)], loss_fn=squared_error, method=_Fragile(scale=2.0)
+    )
     res = hyper.step(train, val)
     # Scale 2 fails; its safer variant, scale 0.5, is p = 0.5·v (Identity's); the retry names what changed.
     assert res.applied and res.retry == {"solver_retry": "scale", "solver_scale": 0.5} and hyper.retried == 1
-    assert res.hypergradient is not None and torch.equal(res.hypergradient["weight_decay"], ref["weight_decay"])
+    assert res.hypergradient is not None and torch.equal(
+        res.hypergradient["weight_decay"], ref["weight_decay"]
+    )
 
 
 def test_every_submodule_keeps_its_own_mode_after_train_loss_step_and_hypergradient() -> None:
@@ -405,7 +481,9 @@ def test_frozen_layers_are_constants_and_weight_decay_leaves_them_out() -> None:
     g = torch.Generator().manual_seed(1)
     bt = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
     bv = (torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 2, (10,), generator=g))
-    hyper = hg.HyperOptimizer(model, [fam], method=hg.Exact(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    hyper = hg.HyperOptimizer(
+        model, [fam], method=hg.Exact(), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0)
+    )
     res = hyper.step(bt, bv)
     assert res.applied and res.hypergradient is not None and fam.covered == ["2.weight"]
     head = nn.Sequential(nn.Linear(4, 2)).to(DT)
@@ -415,25 +493,37 @@ def test_frozen_layers_are_constants_and_weight_decay_leaves_them_out() -> None:
     ref = hg.HyperOptimizer(head, [hg.WeightDecay(head, granularity="layer", init=0.1)], method=hg.Exact())
     g_ref, _ = ref.hypergradient(*feats)
     # the same computation on the same numbers, up to the order of float64 operations
-    torch.testing.assert_close(res.hypergradient["weight_decay.2.weight"], g_ref["weight_decay.0.weight"],
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        res.hypergradient["weight_decay.2.weight"], g_ref["weight_decay.0.weight"], rtol=1e-12, atol=1e-15
+    )
     # frozen after the family was built: refused by name, with the fix
     model[2].weight.requires_grad_(False)
     model[2].bias.requires_grad_(True)
-    with pytest.raises(ValueError, match=r"decays '2.weight', which is not among the weights given .* Build the "
-                                         r"family after freezing"):
+    with pytest.raises(
+        ValueError,
+        match=r"decays '2.weight', which is not among the weights given .* Build the "
+        r"family after freezing",
+    ):
         hyper.step(bt, bv)
-    with pytest.raises(ValueError, match=r"covers no parameter .* \(frozen, left out: \['0.bias', '0.weight', '2.weight'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"covers no parameter .* \(frozen, left out: \['0.bias', '0.weight', '2.weight'\]\)"
+    ):
         hg.WeightDecay(model)
 
 
-def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_keeps_the_carried_state() -> None:
+def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_keeps_the_carried_state() -> (
+    None
+):
     train, val = _data(4)
     lam = math.log(0.3)
     w, exact = _ridge(train, val, lam)
     model = _model_at(w)
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], loss_fn=squared_error,
-                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))   # default Neumann, warm
+    hyper = hg.HyperOptimizer(
+        model,
+        [hg.WeightDecay(model, init=0.3)],
+        loss_fn=squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+    )  # default Neumann, warm
     hyper.step(train, val)
     carried = hyper.state_dict()["solver"]
     assert carried["method"] == "Neumann"
@@ -442,14 +532,19 @@ def test_a_one_off_hypergradient_with_another_method_solves_from_scratch_and_kee
     # the closed form's rounding
     assert float(g["weight_decay"]) == pytest.approx(exact, rel=1e-9)
     assert info.state is not None and info.state.method == "CG" and "warm_start" not in info.extra
-    after = hyper.state_dict()["solver"]   # the Neumann state is untouched ...
+    after = hyper.state_dict()["solver"]  # the Neumann state is untouched ...
     assert after["method"] == "Neumann" and after["calls"] == carried["calls"]
     assert after["lambda_max"] == carried["lambda_max"]
-    hyper.step(train, val)                 # ... and the next step uses it
+    hyper.step(train, val)  # ... and the next step uses it
     assert hyper.state_dict()["solver"]["calls"] == carried["calls"] + 1
     # a method of the own class reads and updates the carried state
-    cg = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.CG(iters=3),
-                           loss_fn=squared_error, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    cg = hg.HyperOptimizer(
+        model,
+        [hg.WeightDecay(model, init=0.3)],
+        method=hg.CG(iters=3),
+        loss_fn=squared_error,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+    )
     cg.step(train, val)
     _, info = cg.hypergradient(train, val, method=hg.CG(iters=50, tol=1e-12))
     assert info.extra.get("warm_start") == 1.0 and cg.state_dict()["solver"]["calls"] == 2
@@ -474,8 +569,10 @@ def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None
     b = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
 
     def build() -> hg.HyperOptimizer:
-        fams = [hg.WeightDecay(model, granularity="weight", init=0.1),
-                hg.Dropout(model, ["0"], init=0.8, temperature=0.3)]
+        fams = [
+            hg.WeightDecay(model, granularity="weight", init=0.1),
+            hg.Dropout(model, ["0"], init=0.8, temperature=0.3),
+        ]
         return hg.HyperOptimizer(model, fams, method=hg.CG(iters=3, damping=0.1))
 
     src, dst = build(), build()
@@ -486,7 +583,10 @@ def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None
     before = dst.state_dict()
     foreign = {
         # the second hyperparameter's shape is another model's (the first one fits)
-        "shape": {**good, "hparams": {**good["hparams"], "weight_decay.2.weight": torch.zeros(3, 4, dtype=DT)}},
+        "shape": {
+            **good,
+            "hparams": {**good["hparams"], "weight_decay.2.weight": torch.zeros(3, 4, dtype=DT)},
+        },
         # every hyperparameter fits, the optimizer has another number of groups
         "optimizer": {**good, "optimizer": {"state": {}, "param_groups": []}},
         # a solver state that is not one
@@ -498,7 +598,7 @@ def test_load_state_dict_of_a_foreign_state_raises_and_changes_nothing() -> None
         with pytest.raises((ValueError, KeyError, hg.HypergradientError)):
             dst.load_state_dict(st)
         assert _same(dst.state_dict(), before), what
-    dst.load_state_dict(good)   # and the real one loads whole
+    dst.load_state_dict(good)  # and the real one loads whole
     assert _same(dst.state_dict(), good)
 
 
@@ -526,13 +626,15 @@ def test_dict_batches_call_the_model_with_keywords_and_carry_the_index() -> None
     def as_dict(b: tuple[Tensor, Tensor], **extra: Tensor) -> dict[str, Tensor]:
         return {"features": b[0], "labels": b[1], **extra}
 
-    hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(), loss_fn=per_example)
+    hyper = hg.HyperOptimizer(
+        model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(), loss_fn=per_example
+    )
     # "index" is the examples' positions, never a model input (this forward would refuse it)
     g, _ = hyper.hypergradient(as_dict(train, index=torch.arange(20)), as_dict(val))
     # the closed form of the tuple-batch test, to the same 1e-10
     assert float(g["weight_decay"]) == pytest.approx(g_exact, rel=1e-10, abs=1e-12)
     b = as_batch(as_dict(train, index=torch.arange(20, 40)))
-    assert sorted(b.x) == ["features", "labels"] and torch.equal(b.index, torch.arange(20, 40))   # type: ignore[call-overload]
+    assert sorted(b.x) == ["features", "labels"] and torch.equal(b.index, torch.arange(20, 40))  # type: ignore[call-overload]
     assert torch.equal(as_batch(as_dict(train)).index, torch.arange(20))
 
     # per-example weights read the dict's "index": only the named examples' weights get a hypergradient
@@ -542,7 +644,7 @@ def test_dict_batches_call_the_model_with_keywords_and_carry_the_index() -> None
     assert bool((g["example_weights"][:20] == 0).all()) and bool((g["example_weights"][20:] != 0).all())
 
     def model_loss(out: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        return out["loss"]   # the model's own scalar loss, from the "labels" it was given
+        return out["loss"]  # the model's own scalar loss, from the "labels" it was given
 
     hyper = hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(), loss_fn=model_loss)
     g, _ = hyper.hypergradient(as_dict(train), as_dict(val))
@@ -572,13 +674,23 @@ def test_hvp_mode_reaches_the_hypergradient() -> None:
         return (_Same.apply(out.squeeze(-1)) - batch.y) ** 2  # type: ignore[no-any-return]
 
     def hyper(**kw: Any) -> hg.HyperOptimizer:
-        return hg.HyperOptimizer(model, [hg.WeightDecay(model, init=0.3)], method=hg.Exact(),
-                                 loss_fn=once_differentiable_error, **kw)
+        return hg.HyperOptimizer(
+            model,
+            [hg.WeightDecay(model, init=0.3)],
+            method=hg.Exact(),
+            loss_fn=once_differentiable_error,
+            **kw,
+        )
 
-    with pytest.raises(hg.HypergradientError, match=r'hvp_mode="finite-difference" to hg\.hypergradient or hg\.HyperOptimizer'):
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r'hvp_mode="finite-difference" to hg\.hypergradient or hg\.HyperOptimizer',
+    ):
         hyper().hypergradient(train, val)
     g, _ = hyper(hvp_mode="finite-difference").hypergradient(train, val)
     # a quadratic L_T: central differences are exact up to rounding (eps/ε ~ 1e-11 relative)
     assert float(g["weight_decay"]) == pytest.approx(g_exact, rel=1e-8)
-    with pytest.raises(ValueError, match="hvp_mode must be one of 'reverse', 'forward', 'finite-difference', got 'fd'"):
+    with pytest.raises(
+        ValueError, match="hvp_mode must be one of 'reverse', 'forward', 'finite-difference', got 'fd'"
+    ):
         hg.HyperOptimizer(model, [hg.WeightDecay(model)], hvp_mode="fd")  # type: ignore[arg-type]

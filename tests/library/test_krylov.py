@@ -32,7 +32,7 @@ def system(seed: int, *, shift: float = 2.0, dtype: torch.dtype = DT) -> tuple[T
     """A non-symmetric, non-normal ``A = shift·I + G/√n + upper-triangular skew`` and a random b."""
     gen = torch.Generator().manual_seed(seed)
     n = tree.numel(LIKE)
-    A = shift * torch.eye(n, dtype=DT) + torch.randn(n, n, generator=gen, dtype=DT) / n ** 0.5
+    A = shift * torch.eye(n, dtype=DT) + torch.randn(n, n, generator=gen, dtype=DT) / n**0.5
     A = A + torch.triu(torch.randn(n, n, generator=gen, dtype=DT), 1) * 0.5
     b = tree.unflatten(torch.randn(n, generator=gen, dtype=DT), LIKE)
     return A.to(dtype), {k: t.to(dtype) for k, t in b.items()}
@@ -79,8 +79,10 @@ def test_products_are_counted_by_the_operator_and_the_budget_respected() -> None
     A, b = system(4)
     # GMRES(restart=3), 4 iterations: 4 products and the true residual after each of its 2 cycles;
     # BiCGStab: 2 per iteration and the final true residual.
-    for fn, products in ((lambda op: krylov.gmres(op, b, iters=4, restart=3), 4 + 2),
-                         (lambda op: krylov.bicgstab(op, b, iters=4), 2 * 4 + 1)):
+    for fn, products in (
+        (lambda op: krylov.gmres(op, b, iters=4, restart=3), 4 + 2),
+        (lambda op: krylov.bicgstab(op, b, iters=4), 2 * 4 + 1),
+    ):
         op = operator(A)
         res = fn(op)
         assert op.products == products and op.transposed == 0
@@ -120,7 +122,10 @@ def test_float32_trees() -> None:
         res = SOLVERS[name](operator(A), b, iters=200, tol=1e-5)
         # float32 rounding (1.2e-7) times cond(A) ≈ 10 is far below the 1e-5 asked for.
         assert res.converged and res.p["a"].dtype == torch.float32
-        assert rel({k: t.double() for k, t in res.p.items()}, A.double(), {k: t.double() for k, t in b.items()}) <= 1e-4
+        assert (
+            rel({k: t.double() for k, t in res.p.items()}, A.double(), {k: t.double() for k, t in b.items()})
+            <= 1e-4
+        )
 
 
 def test_bad_arguments_are_named() -> None:

@@ -120,7 +120,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_the_package_has_no_import_cycle() -> None:
     edges, _ = _graph()
-    assert len(edges) > 50   # the whole package was read
+    assert len(edges) > 50  # the whole package was read
     assert _cycles(edges) == []
 
 
@@ -130,7 +130,7 @@ def test_layers_import_only_downward() -> None:
     upward = []
     for m, targets in edges.items():
         here = _layer(m)
-        if here is None:   # the public face and the entry points sit above every layer
+        if here is None:  # the public face and the entry points sit above every layer
             continue
         for t in sorted(targets):
             there = _layer(t)
@@ -151,8 +151,11 @@ def test_only_the_public_faces_re_export() -> None:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found += [f"{_module_name(path)}: {a.name} as {a.asname}" for a in node.names
-                          if a.asname is not None and a.asname == a.name.split(".")[-1]]
+                found += [
+                    f"{_module_name(path)}: {a.name} as {a.asname}"
+                    for a in node.names
+                    if a.asname is not None and a.asname == a.name.split(".")[-1]
+                ]
     assert found == []
 
 
@@ -169,12 +172,17 @@ def _application_imports(source: str, forbidden: set[str]) -> list[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if "hypergradients.app" in node.value:
                 found.append(f"{node.lineno}: {node.value[:60]!r}")
-        elif isinstance(node, (ast.List, ast.Tuple)):   # [..., "-m", "hypergradients", ...]: the console script
+        elif isinstance(
+            node, (ast.List, ast.Tuple)
+        ):  # [..., "-m", "hypergradients", ...]: the console script
             words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
             if any(a == "-m" and b == "hypergradients" for a, b in itertools.pairwise(words)):
                 found.append(f"{node.lineno}: python -m hypergradients")
-        found += [f"{node.lineno}: import {n}" for n in names
-                  if n.split(".")[0] in forbidden or any(n == f or n.startswith(f + ".") for f in forbidden)]
+        found += [
+            f"{node.lineno}: import {n}"
+            for n in names
+            if n.split(".")[0] in forbidden or any(n == f or n.startswith(f + ".") for f in forbidden)
+        ]
     return found
 
 
@@ -183,15 +191,26 @@ def test_library_tests_import_nothing_from_the_application_layer(cli_extra: tupl
     files = [*sorted(p for p in here.parent.glob("*.py") if p != here), ROOT / "tests" / "conftest.py"]
     assert len(files) > 30
     forbidden = {"hypergradients.app", *cli_extra}
-    found = {p.name: hits for p in files if (hits := _application_imports(p.read_text(encoding="utf-8"), forbidden))}
+    found = {
+        p.name: hits
+        for p in files
+        if (hits := _application_imports(p.read_text(encoding="utf-8"), forbidden))
+    }
     assert found == {}
 
 
-@pytest.mark.parametrize("source", ["import numpy as np", "def f():\n    import matplotlib.pyplot as plt",
-                                    "from hypergradients.app.config import resolve",
-                                    "from hypergradients.app import cli", "import hypergradients.app.cli",
-                                    "code = 'import hypergradients.app.entry'",
-                                    "subprocess.run([sys.executable, '-m', 'hypergradients', 'list'])"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import numpy as np",
+        "def f():\n    import matplotlib.pyplot as plt",
+        "from hypergradients.app.config import resolve",
+        "from hypergradients.app import cli",
+        "import hypergradients.app.cli",
+        "code = 'import hypergradients.app.entry'",
+        "subprocess.run([sys.executable, '-m', 'hypergradients', 'list'])",
+    ],
+)
 def test_the_check_sees_an_application_import(source: str) -> None:
     assert _application_imports(source, {"hypergradients.app", "numpy", "matplotlib"})
     clean = "import torch\nfrom hypergradients.core import tree\nimport hypergradients as hg\nmode = 'hypergradients'"

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hypergradients as hg
 
-lightning = pytest.importorskip("lightning")   # a guard only: the dev extra installs it
+lightning = pytest.importorskip("lightning")  # a guard only: the dev extra installs it
 from hypergradients.lightning import HyperCallback  # noqa: E402
 
 DT = torch.float64
@@ -29,7 +29,9 @@ def _data() -> tuple[TensorDataset, TensorDataset]:
 
     def draw(n: int) -> TensorDataset:
         X = torch.randn(n, 12, generator=g, dtype=DT)
-        return TensorDataset(X, (X @ w / math.sqrt(12) + 0.8 * torch.randn(n, generator=g, dtype=DT) > 0).long())
+        return TensorDataset(
+            X, (X @ w / math.sqrt(12) + 0.8 * torch.randn(n, generator=g, dtype=DT) > 0).long()
+        )
 
     return draw(16), draw(64)
 
@@ -41,7 +43,7 @@ class _Lit(lightning.LightningModule):
         self.hyper = hyper
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.hyper.train_loss(batch)   # L_T: cross-entropy plus the weight-decay penalty, λ fixed
+        return self.hyper.train_loss(batch)  # L_T: cross-entropy plus the weight-decay penalty, λ fixed
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.net.parameters(), lr=0.5, momentum=0.5)
@@ -52,16 +54,33 @@ def _linear() -> tuple[nn.Module, list[hg.hparams.Family]]:
     return net, [hg.WeightDecay(net, init=1e-3)]
 
 
-def _run(train: TensorDataset, val: TensorDataset, epochs: int, *, ckpt: Path | None = None,
-         save: Path | None = None, make: Any = _linear, seed: int = 0) -> tuple[hg.HyperOptimizer, HyperCallback]:
+def _run(
+    train: TensorDataset,
+    val: TensorDataset,
+    epochs: int,
+    *,
+    ckpt: Path | None = None,
+    save: Path | None = None,
+    make: Any = _linear,
+    seed: int = 0,
+) -> tuple[hg.HyperOptimizer, HyperCallback]:
     torch.manual_seed(seed)
     net, families = make()
-    hyper = hg.HyperOptimizer(net, families, method=hg.CG(iters=4),
-                              optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2))
+    hyper = hg.HyperOptimizer(
+        net, families, method=hg.CG(iters=4), optimizer=lambda ps: torch.optim.Adam(ps, lr=0.2)
+    )
     cb = HyperCallback(hyper, DataLoader(val, batch_size=len(val)), every_n_steps=2)
-    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=[cb], deterministic=True)
+    trainer = lightning.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        deterministic=True,
+    )
     with warnings.catch_warnings():
         # Lightning's advice for real runs (more DataLoader workers, a logger for self.log) is noise here.
         warnings.simplefilter("ignore")
@@ -73,14 +92,14 @@ def _run(train: TensorDataset, val: TensorDataset, epochs: int, *, ckpt: Path | 
 
 def test_callback_tunes_and_lightning_resume_restores_the_hyperparameters(tmp_path: Path) -> None:
     train, val = _data()
-    straight, cb = _run(train, val, epochs=6)   # 4 batches per epoch: 24 steps, 12 hyper steps
+    straight, cb = _run(train, val, epochs=6)  # 4 batches per epoch: 24 steps, 12 hyper steps
     assert straight.steps == 12 and cb.last is not None and cb.last.applied
     # The hyperparameter moves: 12 Adam steps of lr 0.2 on log d, from 1e-3 to 2.6e-4 (observed; after
     # only 24 SGD steps the weights are far from fitting these 16 examples, and less decay helps L_V).
     assert abs(math.log(float(straight.natural()["weight_decay"]) / 1e-3)) > 1.0
 
     _run(train, val, epochs=3, save=tmp_path / "a.ckpt")
-    st = torch.load(tmp_path / "a.ckpt", weights_only=True)   # tensors and plain values only
+    st = torch.load(tmp_path / "a.ckpt", weights_only=True)  # tensors and plain values only
     saved = next(v for k, v in st["callbacks"].items() if k.startswith("HyperCallback"))
     assert saved["steps"] == 6 and saved["solver"]["p"] is not None
     resumed, _ = _run(train, val, epochs=6, ckpt=tmp_path / "a.ckpt")
@@ -107,16 +126,18 @@ def test_lightning_resume_with_dropout_is_bit_for_bit(tmp_path: Path) -> None:
     assert resumed.steps == straight.steps == 12
     for k, t in straight.hparams.items():
         assert torch.equal(resumed.hparams[k], t), k
-    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+    for (k, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), k
     moved = float(straight.natural()["dropout.0.output"].mean())
-    assert moved != pytest.approx(0.8, abs=1e-6)   # the keep probabilities moved: the check has teeth
+    assert moved != pytest.approx(0.8, abs=1e-6)  # the keep probabilities moved: the check has teeth
 
 
 def test_callback_load_of_another_setups_state_raises_and_changes_nothing() -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     hyper = hg.HyperOptimizer(net, [hg.WeightDecay(net, granularity="weight")])
-    other = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)   # another head
+    other = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)  # another head
     foreign = hg.HyperOptimizer(other, [hg.WeightDecay(other, granularity="weight", init=0.5)]).state_dict()
     cb = HyperCallback(hyper, [])
     before = {k: t.clone() for k, t in hyper.hparams.items()}
@@ -135,9 +156,13 @@ def test_callback_arguments_are_checked() -> None:
 
 def test_hyperparameters_on_another_device_than_the_model_are_refused_at_fit_start() -> None:
     net = nn.Linear(3, 2)
-    elsewhere = hg.WeightDecay(nn.Linear(3, 2, device="meta"))   # its tensors are on 'meta', the net's on the CPU
+    elsewhere = hg.WeightDecay(
+        nn.Linear(3, 2, device="meta")
+    )  # its tensors are on 'meta', the net's on the CPU
     cb = HyperCallback(hg.HyperOptimizer(net, [elsewhere]), [])
-    with pytest.raises(ValueError, match=r"\['weight_decay'\] are on meta but the model trains on cpu: build the model"):
+    with pytest.raises(
+        ValueError, match=r"\['weight_decay'\] are on meta but the model trains on cpu: build the model"
+    ):
         cb.on_fit_start(None, None)  # type: ignore[arg-type]  # neither is read
 
 
@@ -156,7 +181,9 @@ def test_the_preconditioned_identity_reads_the_trainers_adam() -> None:
         st = h.inner_optimizer.state[net.weight]
         lr, eps = h.inner_optimizer.param_groups[0]["lr"], h.inner_optimizer.param_groups[0]["eps"]
         b2 = h.inner_optimizer.param_groups[0]["betas"][1]
-        assert torch.equal(D["weight"], (st["exp_avg_sq"].sqrt() / (1 - b2 ** float(st["step"])) ** 0.5 + eps) / lr)
+        assert torch.equal(
+            D["weight"], (st["exp_avg_sq"].sqrt() / (1 - b2 ** float(st["step"])) ** 0.5 + eps) / lr
+        )
         assert res.info.extra["preconditioned"] == 1.0 and res.info.extra["precondition_fallbacks"] == 0
         checked.append(True)
 
@@ -167,9 +194,17 @@ def test_the_preconditioned_identity_reads_the_trainers_adam() -> None:
             return torch.optim.Adam(self.net.parameters(), lr=0.05)
 
     cb = HyperCallback(hyper, DataLoader(val, batch_size=len(val)), every_n_steps=2)
-    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=[cb], deterministic=True)
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        deterministic=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Lit(net, hyper), DataLoader(train, batch_size=4))

@@ -19,8 +19,9 @@ from hypergradients.core.derivatives import InnerDerivatives
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
-    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method,
-                            return_info=True, **kw)  # type: ignore[call-overload,no-any-return]
+    return hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method, return_info=True, **kw
+    )  # type: ignore[call-overload,no-any-return]
 
 
 def test_ridge_reference_is_the_closed_form(ridge: P.Problem) -> None:
@@ -71,15 +72,18 @@ def test_neumann_is_exactly_k_terms(problem: P.Problem, K: int) -> None:
     assert info.hvps == K  # K−1 for the series, one for the residual
     # The residual is exactly ‖(I − αH)^K v‖ / ‖v‖.
     n = problem.hessian.shape[0]
-    expected = torch.linalg.matrix_power(torch.eye(n, dtype=torch.float64) - alpha * problem.hessian, K) \
-        @ problem.v
+    expected = (
+        torch.linalg.matrix_power(torch.eye(n, dtype=torch.float64) - alpha * problem.hessian, K) @ problem.v
+    )
     assert info.residual == pytest.approx(float(expected.norm() / problem.v.norm()), rel=1e-8)
 
 
 def test_neumann_converges_to_ift(problem: P.Problem) -> None:
     alpha = 1.0 / P.lambda_max(problem)
-    errs = [P.rel_err(hg_of(problem, hg.Neumann(iters=K, alpha=alpha))[0], problem.reference)
-            for K in (5, 50, 2000)]
+    errs = [
+        P.rel_err(hg_of(problem, hg.Neumann(iters=K, alpha=alpha))[0], problem.reference)
+        for K in (5, 50, 2000)
+    ]
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 1e-8
 
@@ -137,8 +141,14 @@ def test_nystrom_beats_neumann_on_low_rank_plus_damping_spectra() -> None:
     # right-hand sides, see benchmarks/.)
     prob = P.ridge(n=8, d=60, n_val=20, seed=4)
     flat = {"log_l2": torch.full((60,), -6.0, dtype=torch.float64)}
-    prob = P._finish("ridge-overparam", prob.inner_loss, prob.outer_loss,
-                     {"w": prob.w_star_fn(flat["log_l2"])}, flat, quadratic=True)  # type: ignore[attr-defined]
+    prob = P._finish(
+        "ridge-overparam",
+        prob.inner_loss,
+        prob.outer_loss,
+        {"w": prob.w_star_fn(flat["log_l2"])},
+        flat,
+        quadratic=True,
+    )  # type: ignore[attr-defined]
     k = 10
     gn, info = hg_of(prob, hg.Nystrom(rank=k))
     gneu, _ = hg_of(prob, hg.Neumann(iters=k + 1, alpha=1.0 / P.lambda_max(prob)))
@@ -155,8 +165,13 @@ def test_direct_only_hyperparameter_gets_exactly_its_partial(ridge: P.Problem) -
         return ridge.outer_loss(p, h) + torch.exp(h["c"]) * p["w"].sum()
 
     hp = {**ridge.hparams, "c": torch.tensor(0.3, dtype=torch.float64)}
-    for method in (hg.Exact(), hg.CG(), hg.Neumann(iters=5, alpha=0.1), hg.Identity(),
-                   hg.Unrolled(steps=3, lr=0.1)):
+    for method in (
+        hg.Exact(),
+        hg.CG(),
+        hg.Neumann(iters=5, alpha=0.1),
+        hg.Identity(),
+        hg.Unrolled(steps=3, lr=0.1),
+    ):
         g = hg.hypergradient(outer, ridge.inner_loss, ridge.params, hp, method=method)
         expected = torch.exp(hp["c"]) * ridge.params["w"].sum()
         assert torch.allclose(g["c"], expected, rtol=1e-14, atol=0), type(method).__name__
@@ -180,8 +195,13 @@ def test_float32_inputs_give_float32_results(logistic: P.Problem) -> None:
     def cast(f):  # the losses close over float64 data: run them in float64, return float32
         return lambda p, h: f({k: v.double() for k, v in p.items()}, {k: v.double() for k, v in h.items()})
 
-    g = hg.hypergradient(cast(logistic.outer_loss), cast(logistic.inner_loss), params, hparams,
-                         method=hg.CG(iters=100, tol=1e-6))
+    g = hg.hypergradient(
+        cast(logistic.outer_loss),
+        cast(logistic.inner_loss),
+        params,
+        hparams,
+        method=hg.CG(iters=100, tol=1e-6),
+    )
     assert g["log_l2"].dtype == torch.float32
     assert P.rel_err({k: v.double() for k, v in g.items()}, logistic.reference) < 1e-4
 
@@ -225,19 +245,29 @@ def hvp_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
-@pytest.mark.parametrize(("method", "plain", "with_residual"), [
-    (hg.Identity(), 0, 1),
-    (hg.Neumann(iters=20, alpha=0.1), 19, 20),
-    (hg.Nystrom(rank=4), 4, 5),
-    (hg.CG(iters=5, tol=0.0), 5, 5),  # CG's residual is a by-product: never an extra HVP
-], ids=["identity", "neumann", "nystrom", "cg"])
-def test_residual_costs_an_hvp_only_when_someone_sees_it(logistic: P.Problem, hvp_counter: list[int],
-                                                         method: hg.Method, plain: int,
-                                                         with_residual: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "plain", "with_residual"),
+    [
+        (hg.Identity(), 0, 1),
+        (hg.Neumann(iters=20, alpha=0.1), 19, 20),
+        (hg.Nystrom(rank=4), 4, 5),
+        (hg.CG(iters=5, tol=0.0), 5, 5),  # CG's residual is a by-product: never an extra HVP
+    ],
+    ids=["identity", "neumann", "nystrom", "cg"],
+)
+def test_residual_costs_an_hvp_only_when_someone_sees_it(
+    logistic: P.Problem, hvp_counter: list[int], method: hg.Method, plain: int, with_residual: int
+) -> None:
     def run(**kw: object) -> object:
         hvp_counter[0] = 0
-        return hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params,  # type: ignore[call-overload]
-                                logistic.hparams, method=method, **kw)
+        return hg.hypergradient(
+            logistic.outer_loss,
+            logistic.inner_loss,
+            logistic.params,  # type: ignore[call-overload]
+            logistic.hparams,
+            method=method,
+            **kw,
+        )
 
     run()  # return_info=False: the residual would be thrown away, so it is not computed
     assert hvp_counter[0] == plain
@@ -285,10 +315,23 @@ def test_solver_state_warm_starts_consecutive_calls(logistic: P.Problem) -> None
     # A nearby λ (one small hyper step): warm-started Auto needs fewer HVPs than a cold one and
     # gives the same answer to its tolerance.
     near = {k: v + 0.05 for k, v in logistic.hparams.items()}
-    cold, ic = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, near,
-                                method=hg.Auto(tol=1e-8), return_info=True)
-    warm, iw = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, near,
-                                method=hg.Auto(tol=1e-8), return_info=True, state=state)
+    cold, ic = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        logistic.params,
+        near,
+        method=hg.Auto(tol=1e-8),
+        return_info=True,
+    )
+    warm, iw = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        logistic.params,
+        near,
+        method=hg.Auto(tol=1e-8),
+        return_info=True,
+        state=state,
+    )
     assert iw.hvps < ic.hvps
     assert P.rel_err(warm, cold) <= 1e-6
 
@@ -298,7 +341,9 @@ def test_solver_state_refuses_a_mismatched_solution(ridge: P.Problem) -> None:
     # not a silent cold start.
     n = ridge.params["w"].numel()
     state = hg.CGState(p={"w": torch.zeros(n + 1, dtype=torch.float64)})
-    with pytest.raises(hg.StateMismatchError, match=rf"p\['w'\] has shape \({n + 1},\).*weight 'w' has shape \({n},\)"):
+    with pytest.raises(
+        hg.StateMismatchError, match=rf"p\['w'\] has shape \({n + 1},\).*weight 'w' has shape \({n},\)"
+    ):
         hg_of(ridge, hg.CG(), state=state)
     with pytest.raises(hg.HypergradientError, match=r"state must be a hg\.SolverState.*got dict"):
         hg_of(ridge, hg.CG(), state={})  # type: ignore[arg-type]
@@ -309,8 +354,9 @@ def test_auto_damps_negative_curvature_instead_of_failing() -> None:
     # it on H + δI, δ > 0.5, and says so in info.extra, while plain CG raises.
     A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
     B = torch.eye(3, dtype=torch.float64)
-    prob = P.spd_quadratic(A, B, torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.2],
-                                                                                dtype=torch.float64))
+    prob = P.spd_quadratic(
+        A, B, torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    )
     with pytest.raises(hg.NegativeCurvatureError):
         hg_of(prob, hg.CG())
     g, info = hg_of(prob, hg.Auto())
@@ -339,8 +385,11 @@ def test_info_reports_the_gradient_norm_and_exact_an_indefinite_hessian(mlp: P.P
     H, _, _, _ = P.dense_pieces(inner, outer, start, lam)
     ev = torch.linalg.eigvalsh(H)
     assert float(ev[0]) < -0.1  # a saddle, well beyond rounding
-    gnorm = float(torch.linalg.vector_norm(torch.func.grad(lambda x: inner(tree.unflatten(x, start), lam))(
-        tree.flatten(start))))
+    gnorm = float(
+        torch.linalg.vector_norm(
+            torch.func.grad(lambda x: inner(tree.unflatten(x, start), lam))(tree.flatten(start))
+        )
+    )
     assert gnorm > 0.1
     with pytest.warns(hg.IndefiniteHessianWarning, match=r"not positive definite.*not a minimum.*damping"):
         _, info = hg.hypergradient(outer, inner, start, lam, method=hg.Exact(), return_info=True)
@@ -348,14 +397,29 @@ def test_info_reports_the_gradient_norm_and_exact_an_indefinite_hessian(mlp: P.P
     assert abs(info.extra["lambda_min"] - float(ev[0])) <= 1e-10 * float(ev.abs().max())
     assert info.grad_norm == pytest.approx(gnorm, rel=1e-12)
     # Damped past −λ_min, H + δI is positive definite: Cholesky succeeds, no warning.
-    _, info = hg.hypergradient(outer, inner, start, lam, method=hg.Exact(damping=0.1 - float(ev[0])),
-                               return_info=True)
-    assert info.converged is True and info.extra["positive_definite"] == 1.0 and "lambda_min" not in info.extra
-    for method, mode in [(hg.Identity(), "reverse"), (hg.Identity(), "finite-difference"),
-                         (hg.Neumann(iters=3, alpha=0.01), "forward"), (hg.Unrolled(steps=2, lr=0.01), "reverse"),
-                         (hg.Unrolled(steps=3, lr=0.01, truncate=1), "reverse"), (hg.Forward(steps=2, lr=0.01), "reverse")]:
-        _, info = hg.hypergradient(outer, inner, start, lam, method=method, hvp_mode=mode,  # type: ignore[arg-type]
-                                   return_info=True)
+    _, info = hg.hypergradient(
+        outer, inner, start, lam, method=hg.Exact(damping=0.1 - float(ev[0])), return_info=True
+    )
+    assert (
+        info.converged is True and info.extra["positive_definite"] == 1.0 and "lambda_min" not in info.extra
+    )
+    for method, mode in [
+        (hg.Identity(), "reverse"),
+        (hg.Identity(), "finite-difference"),
+        (hg.Neumann(iters=3, alpha=0.01), "forward"),
+        (hg.Unrolled(steps=2, lr=0.01), "reverse"),
+        (hg.Unrolled(steps=3, lr=0.01, truncate=1), "reverse"),
+        (hg.Forward(steps=2, lr=0.01), "reverse"),
+    ]:
+        _, info = hg.hypergradient(
+            outer,
+            inner,
+            start,
+            lam,
+            method=method,
+            hvp_mode=mode,  # type: ignore[arg-type]
+            return_info=True,
+        )
         assert info.grad_norm == pytest.approx(gnorm, rel=1e-12), (method, mode)
     # At w* (Newton to ‖∇L_T‖ ~1e-13) Exact finds H positive definite and the gradient norm is tiny.
     _, info = hg_of(mlp, hg.Exact())
@@ -385,13 +449,17 @@ def test_gmres_and_minres_solve_an_indefinite_hessian_as_the_dense_solve() -> No
         assert P.rel_err(g, ref) <= 1e-8, (method, P.rel_err(g, ref))
     with pytest.warns(hg.IndefiniteHessianWarning):
         g_exact = hg.hypergradient(outer, inner, start, lam, method=hg.Exact())
-    assert P.rel_err(g_exact, ref) <= 1e-10   # the same LU solve of the same dense H, to rounding
+    assert P.rel_err(g_exact, ref) <= 1e-10  # the same LU solve of the same dense H, to rounding
     with pytest.raises(hg.NegativeCurvatureError):
         hg.hypergradient(outer, inner, start, lam, method=hg.CG(iters=200))
     # A saddle of a quadratic (eigenvalues 2, 1, −0.5): MINRES is exact in 3 iterations.
     A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
-    prob = P.spd_quadratic(A, torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
-                           torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+    prob = P.spd_quadratic(
+        A,
+        torch.eye(3, dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64),
+        torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64),
+    )
     g, info = hg_of(prob, hg.MINRES(tol=1e-14))
     assert P.rel_err(g, prob.reference) <= 1e-13 and info.iterations <= 3
 
@@ -412,7 +480,8 @@ def test_an_outer_loss_without_the_weights_needs_no_solve(ridge: P.Problem) -> N
         return torch.sum(h["log_l2"] ** 2)
 
     for method in (hg.Neumann(iters=5), hg.Exact(), hg.Nystrom(rank=3), hg.GMRES(), hg.CG()):
-        g, info = hg.hypergradient(outer, ridge.inner_loss, ridge.params, ridge.hparams, method=method,
-                                   return_info=True)
+        g, info = hg.hypergradient(
+            outer, ridge.inner_loss, ridge.params, ridge.hparams, method=method, return_info=True
+        )
         assert info.hvps == 0 and info.iterations == 0 and info.residual == 0.0, method
         assert torch.equal(g["log_l2"], 2 * ridge.hparams["log_l2"])

@@ -61,18 +61,20 @@ def test_batchnorm_buffers_are_used_but_never_modified() -> None:
     hp = {"log_wd": torch.tensor(-2.0, dtype=DT)}
 
     def penalty(w: dict, h: dict) -> torch.Tensor:
-        return 0.5 * torch.exp(h["log_wd"]) * sum(torch.sum(v ** 2) for v in w.values())  # type: ignore[return-value]
+        return 0.5 * torch.exp(h["log_wd"]) * sum(torch.sum(v**2) for v in w.values())  # type: ignore[return-value]
 
     inner, outer = hg.make_losses(model, nn.functional.cross_entropy, train, val, penalty=penalty)
-    g, info = hg.hypergradient(outer, inner, params, hp, method=hg.Neumann(iters=5, alpha=0.05),
-                               return_info=True)
+    g, info = hg.hypergradient(
+        outer, inner, params, hp, method=hg.Neumann(iters=5, alpha=0.05), return_info=True
+    )
     assert torch.isfinite(g["log_wd"]) and float(g["log_wd"]) != 0.0
     for k, b in model.named_buffers():
         assert torch.equal(b, before[k]), k
     # Batch statistics, not running ones, enter the training loss: the same loss in eval mode
     # gives a different hypergradient.
-    inner_e, outer_e = hg.make_losses(model, nn.functional.cross_entropy, train, val, penalty=penalty,
-                                      modes=("eval", "eval"))
+    inner_e, outer_e = hg.make_losses(
+        model, nn.functional.cross_entropy, train, val, penalty=penalty, modes=("eval", "eval")
+    )
     ge = hg.hypergradient(outer_e, inner_e, params, hp, method=hg.Neumann(iters=5, alpha=0.05))
     assert not torch.allclose(ge["log_wd"], g["log_wd"])
     assert info.hvps == 5
@@ -88,8 +90,9 @@ def test_functional_model_uses_given_weights() -> None:
 
 def _dropout_bn_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5),
-                         nn.Linear(6, 2)).to(DT)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2)).to(
+        DT
+    )
 
 
 def _loss_in_mode(model: nn.Module, training: bool, params: dict, batch: tuple) -> torch.Tensor:
@@ -146,5 +149,7 @@ def test_make_losses_current_mode_and_per_submodule_flags() -> None:
     inner3(params, {})
     outer3(params, {})
     assert model.training and model[3].training and not model[1].training
-    with pytest.raises(hg.HypergradientError, match=r"modes must be 'train', 'eval' or 'current'.*got 'test'"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"modes must be 'train', 'eval' or 'current'.*got 'test'"
+    ):
         hg.make_losses(model, nn.functional.cross_entropy, train, val, modes="test")  # type: ignore[arg-type]

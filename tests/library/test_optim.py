@@ -30,12 +30,20 @@ DT = torch.float64
 Tree = dict[str, Tensor]
 
 
-def _mlp_problem(seed: int = 0, steps: int = 8) -> tuple[Tree, list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
+def _mlp_problem(
+    seed: int = 0, steps: int = 8
+) -> tuple[Tree, list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    w0 = {"w1": torch.randn(4, 6, generator=g, dtype=DT) * 0.5, "b1": torch.randn(6, generator=g, dtype=DT) * 0.1,
-          "w2": torch.randn(6, 3, generator=g, dtype=DT) * 0.5, "b2": torch.randn(3, generator=g, dtype=DT) * 0.1}
-    batches = [(torch.randn(5, 4, generator=g, dtype=DT), torch.randint(0, 3, (5,), generator=g))
-               for _ in range(steps)]
+    w0 = {
+        "w1": torch.randn(4, 6, generator=g, dtype=DT) * 0.5,
+        "b1": torch.randn(6, generator=g, dtype=DT) * 0.1,
+        "w2": torch.randn(6, 3, generator=g, dtype=DT) * 0.5,
+        "b2": torch.randn(3, generator=g, dtype=DT) * 0.1,
+    }
+    batches = [
+        (torch.randn(5, 4, generator=g, dtype=DT), torch.randint(0, 3, (5,), generator=g))
+        for _ in range(steps)
+    ]
     val = (torch.randn(7, 4, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g))
     return w0, batches, val
 
@@ -52,20 +60,34 @@ TORCH_CASES: list[tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer], op
     ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.3), optim.sgd(0.3)),
     ("sgd-wd", lambda ps: torch.optim.SGD(ps, lr=0.3, weight_decay=0.05), optim.sgd(0.3, weight_decay=0.05)),
     ("heavy-ball", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9), optim.heavy_ball(0.2, 0.9)),
-    ("heavy-ball-wd", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.8, weight_decay=0.01),
-     optim.heavy_ball(0.2, 0.8, weight_decay=0.01)),
-    ("nesterov", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01),
-     optim.nesterov(0.2, 0.9, weight_decay=0.01)),
+    (
+        "heavy-ball-wd",
+        lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.8, weight_decay=0.01),
+        optim.heavy_ball(0.2, 0.8, weight_decay=0.01),
+    ),
+    (
+        "nesterov",
+        lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01),
+        optim.nesterov(0.2, 0.9, weight_decay=0.01),
+    ),
     ("adam", lambda ps: torch.optim.Adam(ps, lr=0.05), optim.adam(0.05)),
-    ("adam-wd", lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
-     optim.adam(0.05, 0.8, 0.99, 1e-6, weight_decay=0.1)),
-    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1), optim.adamw(0.05, weight_decay=0.1)),
+    (
+        "adam-wd",
+        lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+        optim.adam(0.05, 0.8, 0.99, 1e-6, weight_decay=0.1),
+    ),
+    (
+        "adamw",
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+        optim.adamw(0.05, weight_decay=0.1),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "make_torch", "ours"), TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
-def test_trajectory_equals_torch_optim(name: str, make_torch: Callable[[list[Tensor]], torch.optim.Optimizer],
-                                       ours: optim.Optimizer) -> None:
+def test_trajectory_equals_torch_optim(
+    name: str, make_torch: Callable[[list[Tensor]], torch.optim.Optimizer], ours: optim.Optimizer
+) -> None:
     w0, batches, _ = _mlp_problem()
     tw = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
     topt = make_torch(list(tw.values()))
@@ -104,8 +126,15 @@ def test_plain_sgd_is_bit_for_bit() -> None:
         assert torch.equal(w[n], tw[n].detach())
 
 
-def _unrolled_val(opt: optim.Optimizer, hp: Tree, w0: Tree, batches: list[tuple[Tensor, Tensor]],
-                  val: tuple[Tensor, Tensor], *, create_graph: bool) -> Tensor:
+def _unrolled_val(
+    opt: optim.Optimizer,
+    hp: Tree,
+    w0: Tree,
+    batches: list[tuple[Tensor, Tensor]],
+    val: tuple[Tensor, Tensor],
+    *,
+    create_graph: bool,
+) -> Tensor:
     w = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
     state = opt.init(w)
     for b in batches:
@@ -119,20 +148,31 @@ def _unrolled_val(opt: optim.Optimizer, hp: Tree, w0: Tree, batches: list[tuple[
 
 FD_CASES: list[tuple[str, optim.Optimizer, dict[str, float | list[float]]]] = [
     ("sgd-lr-wd", optim.sgd("lr", weight_decay="wd"), {"lr": 0.3, "wd": 0.05}),
-    ("heavy-ball-lr-momentum", optim.heavy_ball("lr", "mom", weight_decay="wd"), {"lr": 0.2, "mom": 0.8, "wd": 0.02}),
+    (
+        "heavy-ball-lr-momentum",
+        optim.heavy_ball("lr", "mom", weight_decay="wd"),
+        {"lr": 0.2, "mom": 0.8, "wd": 0.02},
+    ),
     ("nesterov-momentum", optim.nesterov("lr", "mom"), {"lr": 0.2, "mom": 0.7}),
     ("sgd-lr-schedule", optim.sgd("lr_schedule"), {"lr_schedule": [0.4, 0.3, 0.3, 0.2, 0.2, 0.1]}),
-    ("adam-all", optim.adam("lr", "b1", "b2", "eps", weight_decay="wd"),
-     {"lr": 0.05, "b1": 0.85, "b2": 0.99, "eps": 1e-2, "wd": 0.1}),
-    ("adamw-all", optim.adamw("lr", "b1", "b2", "eps", weight_decay="wd"),
-     {"lr": 0.05, "b1": 0.85, "b2": 0.99, "eps": 1e-2, "wd": 0.1}),
+    (
+        "adam-all",
+        optim.adam("lr", "b1", "b2", "eps", weight_decay="wd"),
+        {"lr": 0.05, "b1": 0.85, "b2": 0.99, "eps": 1e-2, "wd": 0.1},
+    ),
+    (
+        "adamw-all",
+        optim.adamw("lr", "b1", "b2", "eps", weight_decay="wd"),
+        {"lr": 0.05, "b1": 0.85, "b2": 0.99, "eps": 1e-2, "wd": 0.1},
+    ),
     ("adam-lr-schedule", optim.adam("lr_schedule"), {"lr_schedule": [0.05, 0.04, 0.03, 0.03, 0.02, 0.01]}),
 ]
 
 
 @pytest.mark.parametrize(("name", "opt", "values"), FD_CASES, ids=[c[0] for c in FD_CASES])
-def test_every_hyperparameter_against_finite_differences(name: str, opt: optim.Optimizer,
-                                                          values: dict[str, float | list[float]]) -> None:
+def test_every_hyperparameter_against_finite_differences(
+    name: str, opt: optim.Optimizer, values: dict[str, float | list[float]]
+) -> None:
     w0, batches, val = _mlp_problem(steps=6)
     hp = {k: torch.tensor(v, dtype=DT, requires_grad=True) for k, v in values.items()}
     assert set(opt.hparam_keys) == set(hp)
@@ -148,8 +188,10 @@ def test_every_hyperparameter_against_finite_differences(name: str, opt: optim.O
             minus = {n: v.detach().clone() for n, v in hp.items()}
             plus[k].reshape(-1)[i] += e
             minus[k].reshape(-1)[i] -= e
-            fd = float(_unrolled_val(opt, plus, w0, batches, val, create_graph=False).detach()
-                       - _unrolled_val(opt, minus, w0, batches, val, create_graph=False).detach()) / (2 * e)
+            fd = float(
+                _unrolled_val(opt, plus, w0, batches, val, create_graph=False).detach()
+                - _unrolled_val(opt, minus, w0, batches, val, create_graph=False).detach()
+            ) / (2 * e)
             ad = float(gk.reshape(-1)[i])
             assert abs(ad - fd) <= 1e-6 * max(abs(fd), 1e-4), (name, k, i, ad, fd)
         assert float(gk.abs().max()) > 0, (name, k)  # each hyperparameter matters on this problem
@@ -165,7 +207,9 @@ def test_schedule_entry_per_step_and_errors() -> None:
     w2, st = opt.update(g, st, w1, hp)
     assert torch.equal(w1["x"], torch.full((2,), 0.5, dtype=DT))
     assert torch.equal(w2["x"], torch.full((2,), 0.25, dtype=DT))
-    with pytest.raises(hg.HypergradientError, match=r"schedule 's' has 2 entries, one per step, and has run out at step 2"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"schedule 's' has 2 entries, one per step, and has run out at step 2"
+    ):
         opt.update(g, st, w2, hp)
     with pytest.raises(hg.HypergradientError, match=r"'nope'.*not in hparams"):
         optim.adam("nope").update(g, optim.adam("nope").init(w), w, hp)
@@ -201,12 +245,17 @@ def test_adam_zero_input_feature_keeps_hypergradient_finite(make: Callable[..., 
     opt = make("lr")
     hp = {"lr": torch.tensor(0.05, dtype=DT, requires_grad=True)}
     a = torch.autograd.grad(_unrolled_val(opt, hp, w0, batches, val, create_graph=True), hp["lr"])[0]
-    b = torch.autograd.grad(_unrolled_val(opt, hp, small, [drop(x) for x in batches], drop(val),
-                                          create_graph=True), hp["lr"])[0]
+    b = torch.autograd.grad(
+        _unrolled_val(opt, hp, small, [drop(x) for x in batches], drop(val), create_graph=True), hp["lr"]
+    )[0]
     assert bool(torch.isfinite(a)) and abs(float(a) - float(b)) <= 1e-12 * abs(float(b))
-    fwd = hg.hypergradient(lambda w, h: _loss(w, val), lambda w, h, bt: _loss(w, bt), w0,
-                           {"lr": torch.tensor(0.05, dtype=DT)},
-                           method=hg.Forward(steps=4, optimizer=opt, batches=batches))
+    fwd = hg.hypergradient(
+        lambda w, h: _loss(w, val),
+        lambda w, h, bt: _loss(w, bt),
+        w0,
+        {"lr": torch.tensor(0.05, dtype=DT)},
+        method=hg.Forward(steps=4, optimizer=opt, batches=batches),
+    )
     assert abs(float(fwd["lr"]) - float(b)) <= 1e-10 * abs(float(b))
 
 
@@ -218,8 +267,11 @@ def test_a_one_element_hyperparameter_is_a_scalar_for_unrolled_and_optim(ridge: 
     outs = []
     for shape in [(), (1,)]:
         hp = {**ridge.hparams, "lr": torch.full(shape, 0.3, dtype=DT)}
-        for method in (hg.Unrolled(steps=6, lr="lr"), hg.Unrolled(steps=6, optimizer=optim.sgd(lr="lr")),
-                       hg.Unrolled(steps=6, optimizer=optim.gd(lr="lr"))):
+        for method in (
+            hg.Unrolled(steps=6, lr="lr"),
+            hg.Unrolled(steps=6, optimizer=optim.sgd(lr="lr")),
+            hg.Unrolled(steps=6, optimizer=optim.gd(lr="lr")),
+        ):
             g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=method)
             assert g["lr"].shape == shape
             outs.append(tree.flatten(g))
@@ -229,13 +281,25 @@ def test_a_one_element_hyperparameter_is_a_scalar_for_unrolled_and_optim(ridge: 
 
 def test_a_short_schedule_is_refused_naming_the_steps_needed(ridge: P.Problem) -> None:
     hp = {**ridge.hparams, "s": torch.full((3,), 0.3, dtype=DT)}
-    for method in (hg.Unrolled(steps=5, optimizer=optim.sgd(lr="s")), hg.Forward(steps=5, optimizer=optim.adam(lr="s")),
-                   hg.Unrolled(steps=5, truncate=2, optimizer=optim.gd(lr="s"))):
-        with pytest.raises(hg.HypergradientError, match=r"hparams\['s'\].*3 entries.*K = 5 steps.*shape \(5,\)"):
+    for method in (
+        hg.Unrolled(steps=5, optimizer=optim.sgd(lr="s")),
+        hg.Forward(steps=5, optimizer=optim.adam(lr="s")),
+        hg.Unrolled(steps=5, truncate=2, optimizer=optim.gd(lr="s")),
+    ):
+        with pytest.raises(
+            hg.HypergradientError, match=r"hparams\['s'\].*3 entries.*K = 5 steps.*shape \(5,\)"
+        ):
             hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=method)
     # Unrolled(lr=) takes a scalar only; a schedule is hg.optim.gd's, with the same steps.
     with pytest.raises(hg.HypergradientError, match=r"one element.*optimizer=hg\.optim\.gd\(lr='s'\)"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=hg.Unrolled(steps=3, lr="s"))
-    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, hp,
-                         method=hg.Unrolled(steps=3, optimizer=optim.gd(lr="s")))
+        hg.hypergradient(
+            ridge.outer_loss, ridge.inner_loss, ridge.params, hp, method=hg.Unrolled(steps=3, lr="s")
+        )
+    g = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        ridge.params,
+        hp,
+        method=hg.Unrolled(steps=3, optimizer=optim.gd(lr="s")),
+    )
     assert g["s"].shape == (3,) and bool((g["s"] != 0).all())

@@ -53,11 +53,15 @@ def test_tuner_load_state_dict_of_another_setup_raises_and_changes_nothing() -> 
     model = _model()
 
     def tuner(opt: optim.Optimizer, values: dict[str, Tensor]) -> PathTuner:
-        t = PathTuner(PathHyperparameters(values, opt, steps=2), dict(model.named_parameters()), hyper_optimizer=_ADAM)
+        t = PathTuner(
+            PathHyperparameters(values, opt, steps=2), dict(model.named_parameters()), hyper_optimizer=_ADAM
+        )
         t.begin_round(2)
         for i in range(2):
-            t.step(dict(model.named_parameters()), lambda w, replay, i=i: _ce(model, w, (Xt[8 * i:8 * i + 8],
-                                                                                      yt[8 * i:8 * i + 8])))
+            t.step(
+                dict(model.named_parameters()),
+                lambda w, replay, i=i: _ce(model, w, (Xt[8 * i : 8 * i + 8], yt[8 * i : 8 * i + 8])),
+            )
         g, _ = t.hypergradient(lambda w: _ce(model, w, (Xt, yt)))
         t.apply(g)
         return t
@@ -73,27 +77,31 @@ def test_tuner_load_state_dict_of_another_setup_raises_and_changes_nothing() -> 
     before = snapshot(dst)
     adam = tuner(optim.adam("lr"), {"lr": torch.tensor(0.01, dtype=DT)}).state_dict()
     foreign = {
-        "opt_state": {**good, "opt_state": adam["opt_state"]},                # Adam's moments for heavy ball
-        "hyper_opt": {**good, "hyper_opt": adam["hyper_opt"]},                 # one value's optimizer for two
-        "values": {**good, "values": {"lr": torch.tensor(5.0, dtype=DT)}},   # 'mom' missing
+        "opt_state": {**good, "opt_state": adam["opt_state"]},  # Adam's moments for heavy ball
+        "hyper_opt": {**good, "hyper_opt": adam["hyper_opt"]},  # one value's optimizer for two
+        "values": {**good, "values": {"lr": torch.tensor(5.0, dtype=DT)}},  # 'mom' missing
     }
     for what, st in foreign.items():
         with pytest.raises((ValueError, KeyError)):
             dst.load_state_dict(st)
         after = snapshot(dst)
-        assert all(torch.equal(after[0][k], v) for k, v in before[0].items()) and after[1:] == before[1:], what
-    dst.load_state_dict(good)   # and the real one loads whole
+        assert all(torch.equal(after[0][k], v) for k, v in before[0].items()) and after[1:] == before[1:], (
+            what
+        )
+    dst.load_state_dict(good)  # and the real one loads whole
     assert all(torch.equal(dst.values[k], v) for k, v in good["values"].items())
 
 
 def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_differences() -> None:
     (Xt, yt), (Xv, yv) = _data()
     model = _model()
-    batches = [(Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8]) for i in range(8)]
+    batches = [(Xt[8 * i : 8 * i + 8], yt[8 * i : 8 * i + 8]) for i in range(8)]
     T, n = 5, 8
     opt = optim.heavy_ball("lr", "mom")
     values = {"lr": torch.tensor(0.2, dtype=DT), "mom": torch.tensor(0.7, dtype=DT)}
-    tuner = PathTuner(PathHyperparameters(values, opt, steps=T), dict(model.named_parameters()), hyper_optimizer=_ADAM)
+    tuner = PathTuner(
+        PathHyperparameters(values, opt, steps=T), dict(model.named_parameters()), hyper_optimizer=_ADAM
+    )
     w_init = {k: v.detach().clone() for k, v in model.named_parameters()}  # the model changes in place
     tuner.begin_round(n)
     for b in batches:
@@ -103,7 +111,7 @@ def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_difference
     # The reference: the first n−T steps plainly (weights and momentum buffer are constants),
     # then Unrolled over the last T batches from there.
     w, s = dict(w_init), opt.init(w_init)
-    for b in batches[:n - T]:
+    for b in batches[: n - T]:
         wl = {k: v.clone().requires_grad_(True) for k, v in w.items()}
         gr = torch.autograd.grad(_ce(model, wl, b), list(wl.values()))
         w, s = opt.update(dict(zip(wl, gr, strict=True)), s, tree.detach(wl), tree.detach(values))
@@ -116,12 +124,26 @@ def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_difference
         return _ce(model, ww, (Xv, yv))
 
     hp = tree.detach(values)
-    ref, info = hg.hypergradient(outer, inner, w, hp, return_info=True,
-                                 method=hg.Unrolled(steps=T, optimizer=opt, batches=batches[n - T:]))
+    ref, info = hg.hypergradient(
+        outer,
+        inner,
+        w,
+        hp,
+        return_info=True,
+        method=hg.Unrolled(steps=T, optimizer=opt, batches=batches[n - T :]),
+    )
     # hg.Unrolled starts from a zero momentum buffer, the tuner from the one training left: the
     # reference is the same reverse pass started from that state.
-    ref_s, _, out_s, w_end = reverse(outer, inner, w, {k: v.clone().requires_grad_(True) for k, v in hp.items()},
-                                     steps=T, optimizer=opt, batches=batches[n - T:], opt_state=s)
+    ref_s, _, out_s, w_end = reverse(
+        outer,
+        inner,
+        w,
+        {k: v.clone().requires_grad_(True) for k, v in hp.items()},
+        steps=T,
+        optimizer=opt,
+        batches=batches[n - T :],
+        opt_state=s,
+    )
     num = tree.norm(tree.sub(g, ref_s)) / tree.norm(ref_s)
     assert float(num) <= 1e-10
     assert float(tree.norm(tree.sub(g, ref))) > 1e-6  # the carried momentum matters
@@ -134,7 +156,7 @@ def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_difference
     # Central finite differences of the replayed validation loss.
     def replay(h: dict[str, Tensor]) -> float:
         ww, ss = dict(w), s
-        for b in batches[n - T:]:
+        for b in batches[n - T :]:
             wl = {k: v.clone().requires_grad_(True) for k, v in ww.items()}
             gr = torch.autograd.grad(_ce(model, wl, b), list(wl.values()))
             ww, ss = opt.update(dict(zip(wl, gr, strict=True)), ss, tree.detach(wl), h)
@@ -148,18 +170,35 @@ def test_tuner_hypergradient_is_truncated_unrolled_and_matches_finite_difference
         assert abs(float(g[k]) - fd) <= 1e-6 * abs(fd), (k, float(g[k]), fd)
 
 
-def _fit(tmp: Path | None, rounds: int, *, resume: bool = False) -> tuple[hg.TrainResult, nn.Module,
-                                                                            dict[str, Tensor], WeightDecay]:
+def _fit(
+    tmp: Path | None, rounds: int, *, resume: bool = False
+) -> tuple[hg.TrainResult, nn.Module, dict[str, Tensor], WeightDecay]:
     train, val = _data()
     model = _model()
     fam = WeightDecay(model, granularity="global", init=1e-3)
     values = {"lr": torch.tensor(0.1, dtype=DT), "mom": torch.tensor(0.5, dtype=DT)}
-    ph = PathHyperparameters(values, optim.heavy_ball("lr", "mom"), steps=4,
-                             hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.02),
-                             project=lambda v: (v["lr"].clamp_(min=1e-3), v["mom"].clamp_(0.0, 0.99)))
-    res = hg.fit(model, [fam], train, val, rounds=rounds, inner_steps=6, batch_size=16,
-                 method=hg.CG(iters=10), path_hparams=ph, checkpoint_dir=tmp, checkpoint_every=2, resume=resume,
-                 hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05))
+    ph = PathHyperparameters(
+        values,
+        optim.heavy_ball("lr", "mom"),
+        steps=4,
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.02),
+        project=lambda v: (v["lr"].clamp_(min=1e-3), v["mom"].clamp_(0.0, 0.99)),
+    )
+    res = hg.fit(
+        model,
+        [fam],
+        train,
+        val,
+        rounds=rounds,
+        inner_steps=6,
+        batch_size=16,
+        method=hg.CG(iters=10),
+        path_hparams=ph,
+        checkpoint_dir=tmp,
+        checkpoint_every=2,
+        resume=resume,
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+    )
     return res, model, values, fam
 
 
@@ -173,9 +212,15 @@ def test_fit_tunes_path_and_implicit_hyperparameters_together() -> None:
     assert res.hyper_steps == 4  # the implicit hyper step ran too, and moved the decay
     assert all(float(t.detach()) != float(torch.tensor(1e-3, dtype=DT).log()) for t in fam.tensors().values())
     with pytest.raises(ValueError, match="inner_optimizer or path_hparams, not both"):
-        hg.fit(model, [fam], *_data(), rounds=1, inner_steps=1, path_hparams=PathHyperparameters(
-            {"lr": torch.tensor(0.1, dtype=DT)}, optim.sgd("lr")),
-            inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        hg.fit(
+            model,
+            [fam],
+            *_data(),
+            rounds=1,
+            inner_steps=1,
+            path_hparams=PathHyperparameters({"lr": torch.tensor(0.1, dtype=DT)}, optim.sgd("lr")),
+            inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        )
     with pytest.raises(hg.HypergradientError, match=r"the optimizer reads \['lr', 'mom'\]"):
         PathHyperparameters({"lr": torch.tensor(0.1)}, optim.heavy_ball("lr", "mom"))
 
@@ -185,8 +230,9 @@ def test_fit_schedule_only_last_T_entries_move() -> None:
     model = _model()
     K = 2 * 6
     values = {"sched": torch.full((K,), 0.1, dtype=DT)}
-    ph = PathHyperparameters(values, optim.sgd("sched"), steps=3,
-                             hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01))
+    ph = PathHyperparameters(
+        values, optim.sgd("sched"), steps=3, hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01)
+    )
     hg.fit(model, [], train, val, rounds=2, inner_steps=6, batch_size=16, path_hparams=ph)
     moved = (values["sched"].detach() != 0.1).nonzero().flatten().tolist()
     # Round 1 differentiates global steps 3..5, round 2 steps 9..11: the schedule is indexed by
@@ -221,11 +267,14 @@ def test_tuner_refuses_an_op_without_second_derivative() -> None:
     (Xt, yt), (Xv, yv) = _data()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), _OnceTanh(), nn.Linear(8, 3)).to(DT)
-    tuner = PathTuner(PathHyperparameters({"lr": torch.tensor(0.2, dtype=DT)}, optim.sgd("lr"), steps=2),
-                      dict(model.named_parameters()), hyper_optimizer=_ADAM)
+    tuner = PathTuner(
+        PathHyperparameters({"lr": torch.tensor(0.2, dtype=DT)}, optim.sgd("lr"), steps=2),
+        dict(model.named_parameters()),
+        hyper_optimizer=_ADAM,
+    )
     tuner.begin_round(3)
     for i in range(3):
-        b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])
+        b = (Xt[8 * i : 8 * i + 8], yt[8 * i : 8 * i + 8])
         tuner.step(dict(model.named_parameters()), lambda w, replay, b=b: _ce(model, w, b))
     with pytest.raises(hg.HypergradientError, match=r"OnceTanh.*once_differentiable.*fit\(path_hparams="):
         tuner.hypergradient(lambda w: _ce(model, w, (Xv, yv)))
@@ -236,11 +285,14 @@ def test_tuner_refuses_a_schedule_shorter_than_the_steps_it_will_take() -> None:
     4-entry schedule is refused when it begins, naming K = 5, not midway at its first missing step."""
     (Xt, yt), _ = _data()
     model = _model()
-    tuner = PathTuner(PathHyperparameters({"lr": torch.full((4,), 0.1, dtype=DT)}, optim.sgd("lr"), steps=2),
-                      dict(model.named_parameters()), hyper_optimizer=_ADAM)
+    tuner = PathTuner(
+        PathHyperparameters({"lr": torch.full((4,), 0.1, dtype=DT)}, optim.sgd("lr"), steps=2),
+        dict(model.named_parameters()),
+        hyper_optimizer=_ADAM,
+    )
     tuner.begin_round(3)  # steps 0..2
     for i in range(3):
-        b = (Xt[8 * i:8 * i + 8], yt[8 * i:8 * i + 8])
+        b = (Xt[8 * i : 8 * i + 8], yt[8 * i : 8 * i + 8])
         tuner.step(dict(model.named_parameters()), lambda w, replay, b=b: _ce(model, w, b))
     tuner.begin_round(1)  # step 3: the last entry
     with pytest.raises(hg.HypergradientError, match=r"'lr'.*4 entries.*K = 5 steps.*shape \(5,\)"):

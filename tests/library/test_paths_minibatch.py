@@ -30,9 +30,15 @@ K = 12
 
 def _data(seed: int = 0) -> tuple[Tree, list[Batch], Batch]:
     g = torch.Generator().manual_seed(seed)
-    w0 = {"w1": torch.randn(4, 5, generator=g, dtype=DT) * 0.5, "b1": torch.randn(5, generator=g, dtype=DT) * 0.1,
-          "w2": torch.randn(5, 3, generator=g, dtype=DT) * 0.5, "b2": torch.randn(3, generator=g, dtype=DT) * 0.1}
-    batches = [(torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)) for _ in range(K)]
+    w0 = {
+        "w1": torch.randn(4, 5, generator=g, dtype=DT) * 0.5,
+        "b1": torch.randn(5, generator=g, dtype=DT) * 0.1,
+        "w2": torch.randn(5, 3, generator=g, dtype=DT) * 0.5,
+        "b2": torch.randn(3, generator=g, dtype=DT) * 0.1,
+    }
+    batches = [
+        (torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)) for _ in range(K)
+    ]
     val = (torch.randn(9, 4, generator=g, dtype=DT), torch.randint(0, 3, (9,), generator=g))
     return w0, batches, val
 
@@ -84,10 +90,13 @@ def _rel(a: Tree, b: Tree) -> float:
 
 
 @pytest.mark.parametrize(("name", "opt", "values"), CASES, ids=IDS)
-def test_unrolled_minibatch_against_finite_differences(name: str, opt: optim.Optimizer,
-                                                        values: dict[str, float | list[float]]) -> None:
+def test_unrolled_minibatch_against_finite_differences(
+    name: str, opt: optim.Optimizer, values: dict[str, float | list[float]]
+) -> None:
     h = _hp(values)
-    g = hg.hypergradient(outer_loss, inner_loss, W0, h, method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES))
+    g = hg.hypergradient(
+        outer_loss, inner_loss, W0, h, method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES)
+    )
     for key in h:
         flat = h[key].reshape(-1)
         # A schedule: check the first, a middle and the last entry (each is one step's rate).
@@ -105,15 +114,24 @@ def test_unrolled_minibatch_against_finite_differences(name: str, opt: optim.Opt
 
 
 @pytest.mark.parametrize(("name", "opt", "values"), CASES, ids=IDS)
-def test_checkpointed_and_forward_equal_reverse(name: str, opt: optim.Optimizer,
-                                                values: dict[str, float | list[float]]) -> None:
+def test_checkpointed_and_forward_equal_reverse(
+    name: str, opt: optim.Optimizer, values: dict[str, float | list[float]]
+) -> None:
     h = _hp(values)
-    ref, info = hg.hypergradient(outer_loss, inner_loss, W0, h, return_info=True,
-                                 method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES))
-    for method in (hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES, checkpoint=True),
-                   hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES, checkpoint=5),
-                   hg.Forward(steps=K, optimizer=opt, batches=BATCHES),
-                   hg.Forward(steps=K, optimizer=opt, batches=BATCHES, chunk=2)):
+    ref, info = hg.hypergradient(
+        outer_loss,
+        inner_loss,
+        W0,
+        h,
+        return_info=True,
+        method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES),
+    )
+    for method in (
+        hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES, checkpoint=True),
+        hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES, checkpoint=5),
+        hg.Forward(steps=K, optimizer=opt, batches=BATCHES),
+        hg.Forward(steps=K, optimizer=opt, batches=BATCHES, chunk=2),
+    ):
         g, inf2 = hg.hypergradient(outer_loss, inner_loss, W0, h, method=method, return_info=True)
         assert _rel(g, ref) <= 1e-10, (name, method)
         assert _rel(inf2.final_params, info.final_params) <= 1e-12
@@ -121,41 +139,52 @@ def test_checkpointed_and_forward_equal_reverse(name: str, opt: optim.Optimizer,
 
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize(("name", "opt", "values"), CASES[1:4], ids=IDS[1:4])
-def test_truncation_is_the_last_T_steps(name: str, opt: optim.Optimizer, values: dict[str, float | list[float]],
-                                        T: int) -> None:
+def test_truncation_is_the_last_T_steps(
+    name: str, opt: optim.Optimizer, values: dict[str, float | list[float]], T: int
+) -> None:
     h = _hp(values)
     # The definition: K−T steps with no graph (weights AND optimizer state constant), then T steps
     # differentiated by hand with the optimizer's own update.
     w, s = dict(W0), opt.init(W0)
-    for b in BATCHES[:K - T]:
+    for b in BATCHES[: K - T]:
         wl = {k: v.detach().requires_grad_(True) for k, v in w.items()}
         g = torch.autograd.grad(inner_loss(wl, h, b), list(wl.values()))
         with torch.no_grad():
             w, s = opt.update(dict(zip(wl, g, strict=True)), s, wl, h)
     hl = {k: v.clone().requires_grad_(True) for k, v in h.items()}
     w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
-    for b in BATCHES[K - T:]:
+    for b in BATCHES[K - T :]:
         g = torch.autograd.grad(inner_loss(w, hl, b), list(w.values()), create_graph=True)
         w, s = opt.update(dict(zip(w, g, strict=True)), s, w, hl)
-    ref = dict(zip(hl, torch.autograd.grad(outer_loss(w, hl), list(hl.values()), allow_unused=True), strict=True))
+    ref = dict(
+        zip(hl, torch.autograd.grad(outer_loss(w, hl), list(hl.values()), allow_unused=True), strict=True)
+    )
     ref = {k: torch.zeros_like(hl[k]) if v is None else v for k, v in ref.items()}
-    for method in (hg.Unrolled(steps=K, truncate=T, optimizer=opt, batches=BATCHES),
-                   hg.Unrolled(steps=K, truncate=T, optimizer=opt, batches=BATCHES, checkpoint=2),
-                   hg.Forward(steps=K, truncate=T, optimizer=opt, batches=BATCHES)):
+    for method in (
+        hg.Unrolled(steps=K, truncate=T, optimizer=opt, batches=BATCHES),
+        hg.Unrolled(steps=K, truncate=T, optimizer=opt, batches=BATCHES, checkpoint=2),
+        hg.Forward(steps=K, truncate=T, optimizer=opt, batches=BATCHES),
+    ):
         got = hg.hypergradient(outer_loss, inner_loss, W0, h, method=method)
         assert _rel(got, ref) <= 1e-10, (name, T, method)
-    full = hg.hypergradient(outer_loss, inner_loss, W0, h,
-                            method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES))
+    full = hg.hypergradient(
+        outer_loss, inner_loss, W0, h, method=hg.Unrolled(steps=K, optimizer=opt, batches=BATCHES)
+    )
     assert _rel(full, ref) > 1e-3  # truncation changes the answer here
 
 
 def test_schedule_truncated_entries_are_zero() -> None:
     # With truncate=T a schedule's first K−T entries drive constant steps: zero hypergradient.
     h = _hp(CASES[0][2])
-    g = hg.hypergradient(outer_loss, inner_loss, W0, h,
-                         method=hg.Unrolled(steps=K, truncate=4, optimizer=optim.sgd("lr"), batches=BATCHES))
-    assert torch.count_nonzero(g["lr"][:K - 4]) == 0
-    assert torch.count_nonzero(g["lr"][K - 4:]) == 4
+    g = hg.hypergradient(
+        outer_loss,
+        inner_loss,
+        W0,
+        h,
+        method=hg.Unrolled(steps=K, truncate=4, optimizer=optim.sgd("lr"), batches=BATCHES),
+    )
+    assert torch.count_nonzero(g["lr"][: K - 4]) == 0
+    assert torch.count_nonzero(g["lr"][K - 4 :]) == 4
 
 
 def test_plain_gd_unchanged_and_equal_to_optim_sgd() -> None:
@@ -169,8 +198,9 @@ def test_plain_gd_unchanged_and_equal_to_optim_sgd() -> None:
     h = {"logwd": torch.tensor(-3.0, dtype=DT)}
     a = hg.hypergradient(outer_loss, inner2, W0, h, method=hg.Unrolled(steps=K, lr=0.3))
     b = hg.hypergradient(outer_loss, inner2, W0, h, method=hg.Unrolled(steps=K, optimizer=optim.sgd(0.3)))
-    c = hg.hypergradient(outer_loss, inner_loss, W0, h,
-                         method=hg.Unrolled(steps=K, optimizer=optim.sgd(0.3), batches=[b0] * K))
+    c = hg.hypergradient(
+        outer_loss, inner_loss, W0, h, method=hg.Unrolled(steps=K, optimizer=optim.sgd(0.3), batches=[b0] * K)
+    )
     assert torch.equal(a["logwd"], b["logwd"]) and torch.equal(a["logwd"], c["logwd"])
     assert hg.Unrolled().lr == 0.1 and hg.Forward().lr == 0.1
 
@@ -186,10 +216,20 @@ def test_iterator_batches_advance_between_calls() -> None:
     m = hg.Unrolled(steps=K // 2, optimizer=opt, batches=it)
     g1 = hg.hypergradient(outer_loss, inner_loss, W0, h, method=m)
     g2 = hg.hypergradient(outer_loss, inner_loss, W0, h, method=m)
-    r1 = hg.hypergradient(outer_loss, inner_loss, W0, h,
-                          method=hg.Unrolled(steps=K // 2, optimizer=opt, batches=BATCHES[:K // 2]))
-    r2 = hg.hypergradient(outer_loss, inner_loss, W0, h,
-                          method=hg.Unrolled(steps=K // 2, optimizer=opt, batches=BATCHES[K // 2:]))
+    r1 = hg.hypergradient(
+        outer_loss,
+        inner_loss,
+        W0,
+        h,
+        method=hg.Unrolled(steps=K // 2, optimizer=opt, batches=BATCHES[: K // 2]),
+    )
+    r2 = hg.hypergradient(
+        outer_loss,
+        inner_loss,
+        W0,
+        h,
+        method=hg.Unrolled(steps=K // 2, optimizer=opt, batches=BATCHES[K // 2 :]),
+    )
     assert _rel(g1, r1) == 0 and _rel(g2, r2) == 0 and _rel(g1, g2) > 1e-3
     with pytest.raises(hg.HypergradientError, match=r"steps=6 needs 6 batches, the batches gave only 0"):
         hg.hypergradient(outer_loss, inner_loss, W0, h, method=m)
@@ -201,5 +241,10 @@ def test_errors_name_the_fix() -> None:
     with pytest.raises(hg.HypergradientError, match=r"optimizer must be an optimizer of hg.optim"):
         hg.Forward(steps=3, optimizer=torch.optim.SGD)  # type: ignore[arg-type]
     with pytest.raises(hg.HypergradientError, match=r"'lr'.*not in hparams"):
-        hg.hypergradient(outer_loss, inner_loss, W0, {"logwd": torch.tensor(-3.0, dtype=DT)},
-                         method=hg.Unrolled(steps=2, optimizer=optim.adam("lr"), batches=BATCHES))
+        hg.hypergradient(
+            outer_loss,
+            inner_loss,
+            W0,
+            {"logwd": torch.tensor(-3.0, dtype=DT)},
+            method=hg.Unrolled(steps=2, optimizer=optim.adam("lr"), batches=BATCHES),
+        )

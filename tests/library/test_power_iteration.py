@@ -24,7 +24,9 @@ def test_an_indefinite_pair_of_equal_magnitude_gives_that_magnitude() -> None:
     # ‖Mv‖ = 5 exactly for every unit v: one product suffices. 1e-12: a few roundings of O(1) numbers.
     d = torch.tensor([5.0, -5.0], dtype=DT)
     for iters in (1, 2, 20):
-        assert power_iteration(_diag(d), {"w": torch.zeros(2, dtype=DT)}, iters=iters) == pytest.approx(5.0, rel=1e-12)
+        assert power_iteration(_diag(d), {"w": torch.zeros(2, dtype=DT)}, iters=iters) == pytest.approx(
+            5.0, rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -36,9 +38,9 @@ def test_the_estimate_is_a_lower_bound_that_grows_and_converges(seed: int) -> No
     like = {"w": torch.zeros_like(d)}
     est = [power_iteration(_diag(d), like, iters=k, seed=seed) for k in (1, 2, 4, 8, 200)]
     rayleigh_1 = abs(_rayleigh(d, seed))
-    assert est[0] >= rayleigh_1 - 1e-12                          # never below the quotient's magnitude
-    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(est))   # ‖Mv_k‖ never decreases
-    assert all(e <= 10.0 + 1e-12 for e in est)                    # never above max |λ|
+    assert est[0] >= rayleigh_1 - 1e-12  # never below the quotient's magnitude
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(est))  # ‖Mv_k‖ never decreases
+    assert all(e <= 10.0 + 1e-12 for e in est)  # never above max |λ|
     # After 200 products the −9.5 component has shrunk by (9.5/10)^200 ≈ 3.5e-5 relative to the +10
     # one, so the estimate is within about that of 10.
     assert est[-1] == pytest.approx(10.0, rel=1e-4)

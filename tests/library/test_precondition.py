@@ -34,7 +34,11 @@ def _pieces(prob: P.Problem) -> tuple[Tree, Tree, InnerDerivatives]:
     lam = tree.clone_leaves(prob.hparams, requires_grad=True)
     out = prob.outer_loss(w, lam)
     raw = torch.autograd.grad(out, list(w.values()) + list(lam.values()), allow_unused=True)
-    return tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam), InnerDerivatives(prob.inner_loss, w, lam)
+    return (
+        tree.as_tree(raw[: len(w)], w),
+        tree.as_tree(raw[len(w) :], lam),
+        InnerDerivatives(prob.inner_loss, w, lam),
+    )
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.3])
@@ -45,51 +49,96 @@ def test_p_is_scale_v_over_the_diagonal_exactly(problem: P.Problem, scale: float
     p, _, stats = method.solve(HessianOperator.of(der), v, None)
     assert all(torch.equal(p[k], scale * (v[k] / D[k])) for k in v)
     assert stats.extra["preconditioned"] == 1.0
-    g, info = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams,
-                               method=method, return_info=True)
+    g, info = hg.hypergradient(
+        problem.outer_loss,
+        problem.inner_loss,
+        problem.params,
+        problem.hparams,
+        method=method,
+        return_info=True,
+    )
     indirect, _ = der.mixed_vjp(p)
     assert all(torch.equal(g[k], direct[k] - indirect[k]) for k in g)
     # and against the dense formula direct − M·(s·v/D) (another order of summation: 1e-12)
     dense = problem.direct - problem.mixed.T @ (scale * problem.v / tree.flatten(D))
     assert P.rel_err(g, tree.unflatten(dense, problem.hparams)) < 1e-12
-    assert info.hvps == 1 and info.iterations == 0 and info.extra["preconditioned"] == 1.0  # the residual's HVP
-    _, info0 = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams,
-                                method=method, return_info=True, residual=False)
+    assert (
+        info.hvps == 1 and info.iterations == 0 and info.extra["preconditioned"] == 1.0
+    )  # the residual's HVP
+    _, info0 = hg.hypergradient(
+        problem.outer_loss,
+        problem.inner_loss,
+        problem.params,
+        problem.hparams,
+        method=method,
+        return_info=True,
+        residual=False,
+    )
     assert info0.hvps == 0
     # a diagonal of ones is the plain identity
     ones = {k: torch.ones_like(t) for k, t in problem.params.items()}
-    g1 = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams,
-                          method=hg.Identity(scale=scale, precondition=ones))
-    g0 = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams,
-                          method=hg.Identity(scale=scale))
+    g1 = hg.hypergradient(
+        problem.outer_loss,
+        problem.inner_loss,
+        problem.params,
+        problem.hparams,
+        method=hg.Identity(scale=scale, precondition=ones),
+    )
+    g0 = hg.hypergradient(
+        problem.outer_loss,
+        problem.inner_loss,
+        problem.params,
+        problem.hparams,
+        method=hg.Identity(scale=scale),
+    )
     assert all(torch.equal(g1[k], g0[k]) for k in g0)
 
 
 def test_bad_diagonals_are_refused_with_the_key(ridge: P.Problem) -> None:
     D = _diagonal(ridge.params)
-    for bad, match in [({"w": torch.zeros(6, dtype=DT)}, r"precondition\['w'\] has the entry 0.0"),
-                       ({"w": torch.full((6,), math.nan, dtype=DT)}, "nan"),
-                       ({"w": torch.ones(6, dtype=torch.int64)}, "floating-point"),
-                       ("adam", "inner_optimizer"), (3.0, "dict of positive tensors")]:
+    for bad, match in [
+        ({"w": torch.zeros(6, dtype=DT)}, r"precondition\['w'\] has the entry 0.0"),
+        ({"w": torch.full((6,), math.nan, dtype=DT)}, "nan"),
+        ({"w": torch.ones(6, dtype=torch.int64)}, "floating-point"),
+        ("adam", "inner_optimizer"),
+        (3.0, "dict of positive tensors"),
+    ]:
         with pytest.raises(hg.HypergradientError, match=match):
             hg.Identity(precondition=bad)  # type: ignore[arg-type]
     for bad, match in [({"x": D["w"]}, r"missing \['w'\]"), ({"w": torch.ones(5, dtype=DT)}, "shape")]:
         with pytest.raises(hg.HypergradientError, match=match):
-            hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                             method=hg.Identity(precondition=bad))
+            hg.hypergradient(
+                ridge.outer_loss,
+                ridge.inner_loss,
+                ridge.params,
+                ridge.hparams,
+                method=hg.Identity(precondition=bad),
+            )
     with pytest.raises(hg.HypergradientError, match="inner_optimizer=opt"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         method=hg.Identity(precondition="inner_optimizer"))
+        hg.hypergradient(
+            ridge.outer_loss,
+            ridge.inner_loss,
+            ridge.params,
+            ridge.hparams,
+            method=hg.Identity(precondition="inner_optimizer"),
+        )
     # inf is a learning rate of 0: p = 0 there, g the direct term (0 for ridge); float32 is cast
-    g = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         method=hg.Identity(precondition={"w": torch.full((6,), math.inf)}))
+    g = hg.hypergradient(
+        ridge.outer_loss,
+        ridge.inner_loss,
+        ridge.params,
+        ridge.hparams,
+        method=hg.Identity(precondition={"w": torch.full((6,), math.inf)}),
+    )
     assert torch.equal(g["log_l2"], torch.zeros(6, dtype=DT))
     assert "precondition=<diagonal of 1 tensors>" in repr(hg.Identity(precondition=D))
-    assert hg.Identity(precondition=D) == hg.Identity()   # the diagonal is data, not an option
+    assert hg.Identity(precondition=D) == hg.Identity()  # the diagonal is data, not an option
 
 
 # ------------------------------------------------------------------ the optimizer's diagonal
-def _trained(opt_cls: type[torch.optim.Optimizer], steps: int, **kw: object) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _trained(
+    opt_cls: type[torch.optim.Optimizer], steps: int, **kw: object
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
     groups = [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.03}]
@@ -102,10 +151,18 @@ def _trained(opt_cls: type[torch.optim.Optimizer], steps: int, **kw: object) -> 
     return model, opt
 
 
-@pytest.mark.parametrize("opt_cls,kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {"weight_decay": 0.1}),
-                                        (torch.optim.Adam, {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6})],
-                         ids=["adam", "adamw", "amsgrad"])
-def test_adam_diagonal_is_the_denominator_of_adams_step(opt_cls: type[torch.optim.Optimizer], kw: dict) -> None:
+@pytest.mark.parametrize(
+    "opt_cls,kw",
+    [
+        (torch.optim.Adam, {}),
+        (torch.optim.AdamW, {"weight_decay": 0.1}),
+        (torch.optim.Adam, {"amsgrad": True, "betas": (0.8, 0.99), "eps": 1e-6}),
+    ],
+    ids=["adam", "adamw", "amsgrad"],
+)
+def test_adam_diagonal_is_the_denominator_of_adams_step(
+    opt_cls: type[torch.optim.Optimizer], kw: dict
+) -> None:
     model, opt = _trained(opt_cls, 5, **kw)
     D = hg.adam_diagonal(opt, model)
     assert list(D) == [k for k, _ in model.named_parameters()]
@@ -121,7 +178,7 @@ def test_adam_diagonal_is_the_denominator_of_adams_step(opt_cls: type[torch.opti
     opt.zero_grad()
     (model(X).squeeze(-1) - X.sum(1)).pow(2).mean().backward()
     opt.step()
-    D = hg.adam_diagonal(opt, model)   # after the step: the moments this step used
+    D = hg.adam_diagonal(opt, model)  # after the step: the moments this step used
     for (k, p), lr in zip(model.named_parameters(), (0.01, 0.01, 0.03, 0.03), strict=True):
         st, b1 = opt.state[p], opt.param_groups[0]["betas"][0]
         m_hat = st["exp_avg"] / (1 - b1 ** float(st["step"]))
@@ -137,7 +194,7 @@ def test_before_the_first_step_the_diagonal_is_one_over_lr() -> None:
     assert missing == [k for k, _ in model.named_parameters()]
     assert torch.equal(D["0.weight"], torch.full((4, 3), 1 / 0.01, dtype=DT))
     assert torch.equal(D["2.bias"], torch.full((1,), 1 / 0.03, dtype=DT))
-    opt.param_groups[1]["lr"] = 0.0   # a schedule at zero: D = inf, p = 0
+    opt.param_groups[1]["lr"] = 0.0  # a schedule at zero: D = inf, p = 0
     assert torch.isinf(hg.adam_diagonal(opt, model)["2.weight"]).all()
 
 
@@ -149,8 +206,9 @@ def test_the_optimizer_and_its_weights_are_checked() -> None:
     with pytest.raises(ValueError, match=r"'extra\.weight' is not trained by the inner optimizer"):
         hg.adam_diagonal(opt, {"extra.weight": extra.weight})
 
-    class Wrapped:   # Accelerate's AcceleratedOptimizer keeps the optimizer as .optimizer
+    class Wrapped:  # Accelerate's AcceleratedOptimizer keeps the optimizer as .optimizer
         optimizer = opt
+
     D = hg.adam_diagonal(Wrapped(), model)
     assert all(torch.equal(D[k], d) for k, d in hg.adam_diagonal(opt, model).items())
 
@@ -210,14 +268,24 @@ def test_fit_preconditions_with_its_own_adam() -> None:
         assert res.info.extra["precondition_fallbacks"] == 0
         checked.append(True)
 
-    res = hg.fit(model, [hg.WeightDecay(model, init=1e-2)], train, val, rounds=3, inner_steps=4, batch_size=40,
-                 method=hg.Identity(precondition="inner_optimizer"), before_hyper_step=[before],
-                 after_hyper_step=[after])
+    res = hg.fit(
+        model,
+        [hg.WeightDecay(model, init=1e-2)],
+        train,
+        val,
+        rounds=3,
+        inner_steps=4,
+        batch_size=40,
+        method=hg.Identity(precondition="inner_optimizer"),
+        before_hyper_step=[before],
+        after_hyper_step=[after],
+    )
     assert res.hyper_steps == 3 and len(checked) == 3
     # The diagonals differ from step to step (Adam's moments move) and are D = (sqrt(v̂) + eps)/lr.
     assert not torch.equal(seen[0][0]["weight"], seen[-1][0]["weight"])
     opt = seen[-1][1].inner_optimizer
     st = opt.state[model.weight]
     eps, b2 = opt.param_groups[0]["eps"], opt.param_groups[0]["betas"][1]
-    assert torch.equal(seen[-1][0]["weight"],
-                       (st["exp_avg_sq"].sqrt() / (1 - b2 ** float(st["step"])) ** 0.5 + eps) / 1e-3)
+    assert torch.equal(
+        seen[-1][0]["weight"], (st["exp_avg_sq"].sqrt() / (1 - b2 ** float(st["step"])) ** 0.5 + eps) / 1e-3
+    )

@@ -71,5 +71,7 @@ def test_full_rank_nystrom_solves_random_quadratics(prob: P.Problem) -> None:
     # ‖g‖ ≈ 2e-3·‖M‖‖p‖), it is the scale the tolerance applies to.
     g = _hg(prob, hg.Nystrom(rank=n, rho=1e-9))
     p = torch.linalg.solve(prob.hessian, prob.v)
-    scale = max(float(prob.reference["lam"].norm()), float(torch.linalg.matrix_norm(prob.mixed, 2) * p.norm()))
+    scale = max(
+        float(prob.reference["lam"].norm()), float(torch.linalg.matrix_norm(prob.mixed, 2) * p.norm())
+    )
     assert float((g["lam"] - prob.reference["lam"]).norm()) <= 1e-4 * scale

@@ -40,21 +40,25 @@ def test_own_loop_example_runs_as_printed() -> None:
     assert float(m.group(1)) > 5e-4
 
 
-def test_hugging_face_example_runs_as_printed(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hugging_face_example_runs_as_printed(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The '## Hugging Face transformers' example, with nothing fetched from a hub; it prints what the
     README says it prints."""
-    pytest.importorskip("transformers")   # a guard only: the dev extra installs it
+    pytest.importorskip("transformers")  # a guard only: the dev extra installs it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)           # the Trainer's output folder "out"
-    section = README.read_text(encoding="utf-8").split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the Trainer's output folder "out"
+    section = (
+        README.read_text(encoding="utf-8").split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    )
     block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the Trainer's advice for real runs (pinned memory, workers)
+        warnings.simplefilter("ignore")  # the Trainer's advice for real runs (pinned memory, workers)
         exec(compile(block, "README.md", "exec"), {})
-    last = out.getvalue().strip().splitlines()[-1]   # the Trainer prints its own summary first
+    last = out.getvalue().strip().splitlines()[-1]  # the Trainer prints its own summary first
     m = re.fullmatch(r"6 decays from (\S+) to (\S+) after 6 hyper steps", last)
     assert m is not None, out.getvalue()
-    if not torch.cuda.is_available():   # the Trainer trains on a GPU where there is one: other rounding
-        assert f"`{last}`" in section   # the README quotes the line it prints on the CPU
-    assert float(m.group(1)) < 1e-4 < float(m.group(2))   # the decays moved both ways from 1e-4
+    if not torch.cuda.is_available():  # the Trainer trains on a GPU where there is one: other rounding
+        assert f"`{last}`" in section  # the README quotes the line it prints on the CPU
+    assert float(m.group(1)) < 1e-4 < float(m.group(2))  # the decays moved both ways from 1e-4

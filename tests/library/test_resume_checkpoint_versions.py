@@ -43,11 +43,19 @@ def setup() -> tuple[nn.Module, list[hg.Family], Data, Data, dict[str, Any]]:
     y, yv = (X[:, 0] - X[:, 1] > 0).long(), (Xv[:, 0] - Xv[:, 1] > 0).long()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
-    fams: list[hg.Family] = [hg.WeightDecay(model, granularity="layer", init=1e-2),
-                             hg.Dropout(model, ["0"], init=0.8, temperature=0.5)]
-    kw: dict[str, Any] = dict(inner_steps=2, batch_size=8, val_batch_size=12, method=hg.CG(iters=3, damping=0.1),
-                              warm_start=True, inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-                              hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05))
+    fams: list[hg.Family] = [
+        hg.WeightDecay(model, granularity="layer", init=1e-2),
+        hg.Dropout(model, ["0"], init=0.8, temperature=0.5),
+    ]
+    kw: dict[str, Any] = dict(
+        inner_steps=2,
+        batch_size=8,
+        val_batch_size=12,
+        method=hg.CG(iters=3, damping=0.1),
+        warm_start=True,
+        inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+    )
     return model, fams, (X, y), (Xv, yv), kw
 
 
@@ -55,9 +63,16 @@ def as_version_2(st: dict[str, Any]) -> dict[str, Any]:
     """A version-3 checkpoint in version 2's layout: the hyper state's parts at the top level."""
     hyper = st["hyper"]
     out = {k: v for k, v in st.items() if k not in ("hyper", "callbacks")}
-    out.update(version=2, skipped=hyper["skipped"], retried=hyper["retried"], skip_reasons=hyper["skip_reasons"],
-               hparams=hyper["hparams"], hyper_opt=hyper["optimizer"], solver=hyper["solver"],
-               noise=hyper["noise"])
+    out.update(
+        version=2,
+        skipped=hyper["skipped"],
+        retried=hyper["retried"],
+        skip_reasons=hyper["skip_reasons"],
+        hparams=hyper["hparams"],
+        hyper_opt=hyper["optimizer"],
+        solver=hyper["solver"],
+        noise=hyper["noise"],
+    )
     return out
 
 
@@ -68,16 +83,24 @@ def _strip(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_checkpoint_nests_the_hyper_optimizers_state(tmp_path: Path) -> None:
     model, fams, train, val, kw = setup()
     hyper_state: list[dict[str, Any]] = []
-    res = hg.fit(model, fams, train, val, rounds=2, checkpoint_dir=tmp_path, **kw,
-                 after_hyper_step=[lambda h, r: hyper_state.append(h.state_dict())])
+    res = hg.fit(
+        model,
+        fams,
+        train,
+        val,
+        rounds=2,
+        checkpoint_dir=tmp_path,
+        **kw,
+        after_hyper_step=[lambda h, r: hyper_state.append(h.state_dict())],
+    )
     st = load_checkpoint(tmp_path / CHECKPOINT)
     assert st["version"] == CHECKPOINT_VERSION == 3 and res.rounds == 2
-    assert set(st["hyper"]) == set(hyper_state[-1])   # HyperOptimizer.state_dict(), as it is
+    assert set(st["hyper"]) == set(hyper_state[-1])  # HyperOptimizer.state_dict(), as it is
     for k, t in hyper_state[-1]["hparams"].items():
         assert torch.equal(st["hyper"]["hparams"][k], t)
     assert st["hyper"]["solver"] is not None and st["hyper"]["noise"] is not None
     assert st["hyper"]["steps"] == 2
-    assert not {"hparams", "hyper_opt", "solver", "noise", "skipped"} & set(st)   # no copies beside it
+    assert not {"hparams", "hyper_opt", "solver", "noise", "skipped"} & set(st)  # no copies beside it
 
 
 def test_the_real_version_2_file_has_the_layout_the_tests_write(tmp_path: Path) -> None:
@@ -89,7 +112,9 @@ def test_the_real_version_2_file_has_the_layout_the_tests_write(tmp_path: Path) 
     assert set(real["hparams"]) == set(ours["hparams"]) and set(real["solver"]) == set(ours["solver"])
 
 
-def test_a_version_2_checkpoint_resumes_what_it_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_version_2_checkpoint_resumes_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The file's own values come back: the model, the hyperparameters and their optimizer, the
     solver state, the noise generator, the counts, the inner optimizer and the metrics."""
     shutil.copy(V2, tmp_path / CHECKPOINT)
@@ -107,8 +132,9 @@ def test_a_version_2_checkpoint_resumes_what_it_holds(tmp_path: Path, monkeypatc
     made: list[torch.optim.Optimizer] = []
     kw["inner_optimizer"] = lambda ps: made.append(torch.optim.SGD(ps, lr=0.1, momentum=0.9)) or made[-1]
     seen: list[dict[str, Any]] = []
-    res = hg.fit(model, fams, train, val, rounds=2, checkpoint_dir=tmp_path, resume=True, **kw,
-                 callbacks=[seen.append])
+    res = hg.fit(
+        model, fams, train, val, rounds=2, checkpoint_dir=tmp_path, resume=True, **kw, callbacks=[seen.append]
+    )
     assert res.resumed_from == 2 and seen == [] and _strip(res.metrics) == _strip(real["metrics"])
     for k, t in real["model"].items():
         assert torch.equal(model.state_dict()[k], t), k
@@ -124,8 +150,10 @@ def test_a_version_2_checkpoint_resumes_what_it_holds(tmp_path: Path, monkeypatc
     assert all(torch.equal(hyper["solver"]["p"][k], v) for k, v in real["solver"]["p"].items())
     assert (hyper["steps"], hyper["skipped"], hyper["retried"]) == (2, real["skipped"], real["retried"])
     inner = made[0].state_dict()["state"]
-    assert all(torch.equal(inner[i]["momentum_buffer"], s["momentum_buffer"])
-               for i, s in real["inner_opt"]["state"].items())
+    assert all(
+        torch.equal(inner[i]["momentum_buffer"], s["momentum_buffer"])
+        for i, s in real["inner_opt"]["state"].items()
+    )
 
 
 def test_a_version_2_checkpoint_resumes_bit_for_bit(tmp_path: Path) -> None:
@@ -138,7 +166,7 @@ def test_a_version_2_checkpoint_resumes_bit_for_bit(tmp_path: Path) -> None:
     model, fams, train, val, kw = setup()
     res = hg.fit(model, fams, train, val, rounds=4, checkpoint_dir=tmp_path, resume=True, **kw)
     assert res.resumed_from == 2
-    assert _strip(res.metrics) == _strip(full.metrics)   # exact float equality, every round
+    assert _strip(res.metrics) == _strip(full.metrics)  # exact float equality, every round
     assert all(torch.equal(model.state_dict()[k], v) for k, v in end.items())
 
 
@@ -152,8 +180,11 @@ def test_other_versions_are_refused_with_the_fix(version: int | None, tmp_path: 
     save_atomic(st, tmp_path / CHECKPOINT)
     model, fams, train, val, kw = setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnreadableFileError, match=rf"it is not a checkpoint of hypergradients\.fit of version 2 "
-                                                  rf"or 3 \(version {version}\).*delete it to start this "
-                                                  "training over from round 0"):
+    with pytest.raises(
+        UnreadableFileError,
+        match=rf"it is not a checkpoint of hypergradients\.fit of version 2 "
+        rf"or 3 \(version {version}\).*delete it to start this "
+        "training over from round 0",
+    ):
         hg.fit(model, fams, train, val, rounds=3, checkpoint_dir=tmp_path, resume=True, **kw)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

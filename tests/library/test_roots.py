@@ -52,6 +52,7 @@ def gradient_condition(inner: Callable[[Tree, Tree], Tensor]) -> Callable[[Tree,
     def F(p: Tree, h: Tree) -> Tree:
         g = torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True)
         return dict(zip(p, g, strict=True))
+
     return F
 
 
@@ -87,9 +88,11 @@ class DEQ:
         self.W = 0.4 * W / torch.linalg.matrix_norm(W, 2)
         self.x = torch.randn(3, 4, generator=gen, dtype=DT)
         self.y = 0.5 * torch.randn(3, 6, generator=gen, dtype=DT)
-        self.hparams = {"U": torch.randn(6, 4, generator=gen, dtype=DT) / 2, "b": torch.randn(6, generator=gen,
-                                                                                              dtype=DT) / 2,
-                        "s": torch.tensor(1.2, dtype=DT)}
+        self.hparams = {
+            "U": torch.randn(6, 4, generator=gen, dtype=DT) / 2,
+            "b": torch.randn(6, generator=gen, dtype=DT) / 2,
+            "s": torch.tensor(1.2, dtype=DT),
+        }
 
     def T(self, p: Tree, h: Tree, act: Callable[[Tensor], Tensor] = torch.tanh) -> Tree:
         return {"z": act(h["s"] * p["z"] @ self.W.T + self.x @ h["U"].T + h["b"])}
@@ -117,8 +120,9 @@ def deq() -> tuple[DEQ, Tree, Tree]:
 def test_deq_fixed_point_matches_finite_differences(deq: tuple[DEQ, Tree, Tree], name: str) -> None:
     m, z, fd = deq
     method = hg.Neumann(iters=60, alpha=1.0) if name == "neumann" else ALL_METHODS[name]
-    g, info = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=method,
-                                    return_info=True)
+    g, info = hg.root_hypergradient(
+        m.outer, m.T, z, m.hparams, fixed_point=True, method=method, return_info=True
+    )
     assert P.rel_err(g, fd) <= 1e-7, (name, P.rel_err(g, fd))  # the reference's ~1e-9, with margin
     assert info.condition_norm <= 1e-13 and info.residual is not None and info.residual <= 1e-12
     assert info.vjps >= info.iterations and (info.jvps > 0) == (name == "normal_cg")
@@ -135,6 +139,7 @@ def test_deq_as_a_root_in_either_sign_and_without_double_backward(deq: tuple[DEQ
 
     for cond in (F, G):
         assert P.rel_err(hg.root_hypergradient(m.outer, cond, z, m.hparams), fd) <= 1e-7
+
     # The map through an op whose backward is first-order only (tests/library/problems.py): GMRES needs
     # one VJP of T per product, never a second derivative.
     def T_once(p: Tree, h: Tree) -> Tree:
@@ -214,8 +219,13 @@ def linear_fixed_point(norm: float) -> tuple[Callable[..., Tree], Callable[..., 
     A = torch.eye(10, dtype=DT) - W
     ws = torch.linalg.solve(A, B @ lam["lam"])
     ref = {"lam": B.T @ torch.linalg.solve(A.T, ws - t)}
-    return (lambda p, h: {"w": W @ p["w"] + B @ h["lam"]}), (lambda p, h: 0.5 * torch.sum((p["w"] - t) ** 2)), \
-        {"w": ws}, lam, ref
+    return (
+        (lambda p, h: {"w": W @ p["w"] + B @ h["lam"]}),
+        (lambda p, h: 0.5 * torch.sum((p["w"] - t) ** 2)),
+        {"w": ws},
+        lam,
+        ref,
+    )
 
 
 def test_neumann_detects_a_map_that_is_not_a_contraction_where_gmres_works() -> None:
@@ -232,8 +242,9 @@ def test_neumann_detects_a_map_that_is_not_a_contraction_where_gmres_works() -> 
             continue
         assert P.rel_err(g, ref) <= 1e-10, name  # a 10×10 system, cond(I − W) ≈ 30, residual 1e-13
     T, outer, w, lam, ref = linear_fixed_point(norm=0.5)
-    g, info = hg.root_hypergradient(outer, T, w, lam, fixed_point=True, method=hg.Neumann(iters=80),
-                                    return_info=True)
+    g, info = hg.root_hypergradient(
+        outer, T, w, lam, fixed_point=True, method=hg.Neumann(iters=80), return_info=True
+    )
     # α = 1 for a fixed point (auto); the tail of the series is ρ^80 = 0.5^80 ≈ 1e-24 (times the
     # non-normality of W): rounding only.
     assert info.extra["alpha"] == 1.0 and P.rel_err(g, ref) <= 1e-12
@@ -247,13 +258,16 @@ def test_bad_inputs_are_named(ridge: P.Problem) -> None:
         hg.root_hypergradient(*args, method=hg.CG())  # type: ignore[arg-type]
     with pytest.raises(hg.HypergradientError, match=r"must return a dict with the keys of params \['w'\]"):
         hg.root_hypergradient(ridge.outer_loss, lambda p, h: {"v": p["w"]}, ridge.params, ridge.hparams)
-    with pytest.raises(hg.HypergradientError, match=r"\['w'\] must have the shape of params\['w'\], \(6,\); got \(\)"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"\['w'\] must have the shape of params\['w'\], \(6,\); got \(\)"
+    ):
         hg.root_hypergradient(ridge.outer_loss, lambda p, h: {"w": p["w"].sum()}, ridge.params, ridge.hparams)
     with pytest.raises(hg.HypergradientError, match=r"GMRES\.restart must be a positive integer, got 0"):
         hg.GMRES(restart=0)
     with pytest.warns(hg.UnusedHyperparameterWarning, match=r"\['unused'\]"):
-        g = hg.root_hypergradient(ridge.outer_loss, F, ridge.params,
-                                  {**ridge.hparams, "unused": torch.ones(2, dtype=DT)})
+        g = hg.root_hypergradient(
+            ridge.outer_loss, F, ridge.params, {**ridge.hparams, "unused": torch.ones(2, dtype=DT)}
+        )
     assert torch.all(g["unused"] == 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -262,11 +276,14 @@ def test_bad_inputs_are_named(ridge: P.Problem) -> None:
 
 def test_inputs_are_not_modified_and_dtypes_kept(ridge: P.Problem) -> None:
     before = {k: t.clone() for k, t in ridge.params.items()}
-    g, info = hg.root_hypergradient(ridge.outer_loss, gradient_condition(ridge.inner_loss), ridge.params,
-                                    ridge.hparams, return_info=True)
+    g, info = hg.root_hypergradient(
+        ridge.outer_loss, gradient_condition(ridge.inner_loss), ridge.params, ridge.hparams, return_info=True
+    )
     assert all(torch.equal(before[k], ridge.params[k]) for k in before)
     assert g["log_l2"].dtype == DT and not g["log_l2"].requires_grad
-    assert info.method == "GMRES" and info.converged and info.vjps == info.iterations + 1  # + the final residual
+    assert (
+        info.method == "GMRES" and info.converged and info.vjps == info.iterations + 1
+    )  # + the final residual
 
 
 # ---------------------------------------------------------------- docs/implicit-layers.md runs as printed
@@ -285,8 +302,12 @@ def test_implicit_layers_doc_example_runs() -> None:
 # ---------------------------------------------------------------- operations without a second derivative
 def _gradient_condition(inner: P.Loss) -> Callable[[Tree, Tree], Tree]:
     """``F = ∂L_T/∂w`` built with ``create_graph=True``, the way users write a stationarity condition."""
+
     def F(p: Tree, h: Tree) -> Tree:
-        return dict(zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True))
+        return dict(
+            zip(p, torch.autograd.grad(inner(p, h), list(p.values()), create_graph=True), strict=True)
+        )
+
     return F
 
 
@@ -300,8 +321,15 @@ def test_a_gradient_condition_through_a_once_differentiable_op_is_refused(name: 
     w = P.newton_solve(inner_twin, w0, lam)
     method = hg.Neumann(iters=60) if name == "neumann" else ALL_METHODS[name]
     ref = hg.hypergradient(outer_twin, inner_twin, w, lam, method=hg.Exact())
-    assert P.rel_err(hg.root_hypergradient(outer_twin, _gradient_condition(inner_twin), w, lam,
-                                           method=hg.GMRES(tol=1e-13)), ref) <= 1e-8   # the twin is fine
+    assert (
+        P.rel_err(
+            hg.root_hypergradient(
+                outer_twin, _gradient_condition(inner_twin), w, lam, method=hg.GMRES(tol=1e-13)
+            ),
+            ref,
+        )
+        <= 1e-8
+    )  # the twin is fine
     with pytest.raises(hg.HypergradientError, match=r"OnceTanh.*once_differentiable.*finite-difference"):
         hg.root_hypergradient(outer, _gradient_condition(inner), w, lam, method=method)
 
@@ -315,7 +343,9 @@ def test_normal_cg_routes_around_forward_mode_failures_by_a_vjp_of_a_vjp() -> No
     Xv, yv = torch.randn(20, 4, generator=gen, dtype=DT), torch.randn(20, generator=gen, dtype=DT)
 
     def inner(p: Tree, h: Tree) -> Tensor:
-        return torch.nn.functional.mse_loss(torch.tanh(X @ p["w"]), y) + torch.sum(torch.exp(h["l"]) * p["w"] ** 2)
+        return torch.nn.functional.mse_loss(torch.tanh(X @ p["w"]), y) + torch.sum(
+            torch.exp(h["l"]) * p["w"] ** 2
+        )
 
     def outer(p: Tree, h: Tree) -> Tensor:
         return torch.nn.functional.mse_loss(torch.tanh(Xv @ p["w"]), yv)
@@ -324,7 +354,9 @@ def test_normal_cg_routes_around_forward_mode_failures_by_a_vjp_of_a_vjp() -> No
     w = P.newton_solve(inner, {"w": torch.zeros(4, dtype=DT)}, lam)
     F = _gradient_condition(inner)
     ref = hg.root_hypergradient(outer, F, w, lam, method=hg.GMRES(tol=1e-13))
-    g, info = hg.root_hypergradient(outer, F, w, lam, method=hg.NormalCG(tol=1e-13, iters=500), return_info=True)
+    g, info = hg.root_hypergradient(
+        outer, F, w, lam, method=hg.NormalCG(tol=1e-13, iters=500), return_info=True
+    )
     assert info.extra["double_vjp"] == 1.0 and info.jvps > 0
     assert P.rel_err(g, ref) <= 1e-8, P.rel_err(g, ref)
 
@@ -342,8 +374,9 @@ def test_normal_cg_names_both_failures_when_neither_product_works(deq: tuple[DEQ
 
 
 # ---------------------------------------------------------------- what stationarity has, for roots too
-def test_every_implicit_method_serves_the_root_door_and_symmetric_ones_need_the_declaration(ridge: P.Problem
-                                                                                           ) -> None:
+def test_every_implicit_method_serves_the_root_door_and_symmetric_ones_need_the_declaration(
+    ridge: P.Problem,
+) -> None:
     """F = ∂L_T/∂w is symmetric: declared so, MINRES, CG, Auto and Nyström are admitted and agree with
     hypergradient's (each the same solver on the same matrix, built by VJPs of F instead of HVPs:
     rounding only, cond(H) ≤ 1e3; 1e-10). Undeclared, they are refused with the fix; Identity needs
@@ -353,13 +386,17 @@ def test_every_implicit_method_serves_the_root_door_and_symmetric_ones_need_the_
     for method in (hg.MINRES(tol=1e-13), hg.CG(tol=1e-13), hg.Auto(tol=1e-13), hg.Nystrom(rank=6, rho=1e-3)):
         ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=method)
         assert P.rel_err(hg.root_hypergradient(*args, symmetric=True, method=method), ref) <= 1e-10, method
-        with pytest.raises(hg.HypergradientError, match=rf"hg\.{type(method).__name__} needs a symmetric.*"
-                                                        r"hg\.GMRES.*symmetric=True"):
+        with pytest.raises(
+            hg.HypergradientError,
+            match=rf"hg\.{type(method).__name__} needs a symmetric.*"
+            r"hg\.GMRES.*symmetric=True",
+        ):
             hg.root_hypergradient(*args, method=method)
     g, info = hg.root_hypergradient(*args, method=hg.Identity(scale=0.5), return_info=True)
-    ref = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                           method=hg.Identity(scale=0.5))
-    assert P.rel_err(g, ref) <= 1e-12 and info.vjps == 1   # the residual only
+    ref = hg.hypergradient(
+        ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=hg.Identity(scale=0.5)
+    )
+    assert P.rel_err(g, ref) <= 1e-12 and info.vjps == 1  # the residual only
     with pytest.raises(hg.HypergradientError, match=r"method must be an implicit method.*got Unrolled"):
         hg.root_hypergradient(*args, method=hg.Unrolled(steps=2))  # type: ignore[arg-type]
 
@@ -368,20 +405,52 @@ def test_root_warm_start_carries_the_solution(deq: tuple[DEQ, Tree, Tree]) -> No
     """state= as for hypergradient: GMRES's next solve starts from the last u (one VJP for the initial
     residual at the same point), Neumann keeps its λ_max; the state passed is not changed."""
     m, z, _ = deq
-    g1, i1 = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=hg.GMRES(tol=1e-12),
-                                   return_info=True, state=hg.SolverState())
+    g1, i1 = hg.root_hypergradient(
+        m.outer,
+        m.T,
+        z,
+        m.hparams,
+        fixed_point=True,
+        method=hg.GMRES(tol=1e-12),
+        return_info=True,
+        state=hg.SolverState(),
+    )
     assert isinstance(i1.state, hg.KrylovState) and i1.state.p is not None and i1.state.calls == 1
-    g2, i2 = hg.root_hypergradient(m.outer, m.T, z, m.hparams, fixed_point=True, method=hg.GMRES(tol=1e-12),
-                                   return_info=True, state=i1.state)
+    g2, i2 = hg.root_hypergradient(
+        m.outer,
+        m.T,
+        z,
+        m.hparams,
+        fixed_point=True,
+        method=hg.GMRES(tol=1e-12),
+        return_info=True,
+        state=i1.state,
+    )
     assert i2.extra["warm_start"] == 1.0 and i2.vjps == 1 and i1.vjps > 10
     assert P.rel_err(g2, g1) <= 1e-11 and i1.state.calls == 1 and i2.state is not None and i2.state.calls == 2
     # A root (not a fixed point) with alpha="auto": λ_max estimated once, then reused.
     F = gradient_condition(P.ridge().inner_loss)
     r = P.ridge()
-    _, j1 = hg.root_hypergradient(r.outer_loss, F, r.params, r.hparams, method=hg.Neumann(iters=10),
-                                  return_info=True, state=hg.SolverState(), residual=False)
-    _, j2 = hg.root_hypergradient(r.outer_loss, F, r.params, r.hparams, method=hg.Neumann(iters=10),
-                                  return_info=True, state=j1.state, residual=False)
+    _, j1 = hg.root_hypergradient(
+        r.outer_loss,
+        F,
+        r.params,
+        r.hparams,
+        method=hg.Neumann(iters=10),
+        return_info=True,
+        state=hg.SolverState(),
+        residual=False,
+    )
+    _, j2 = hg.root_hypergradient(
+        r.outer_loss,
+        F,
+        r.params,
+        r.hparams,
+        method=hg.Neumann(iters=10),
+        return_info=True,
+        state=j1.state,
+        residual=False,
+    )
     assert j1.vjps == 20 + 9 and j2.vjps == 9 and j2.extra["lambda_max_age"] == 1
 
 
@@ -399,16 +468,22 @@ def test_a_symmetric_condition_without_a_second_derivative_by_finite_differences
     ref = hg.hypergradient(outer_twin, inner_twin, w, lam, method=hg.Exact())
     F = _gradient_condition(inner)
     for method in (hg.GMRES(tol=1e-9), hg.CG(iters=100, tol=1e-9), hg.MINRES(tol=1e-9), hg.Exact()):
-        g, info = hg.root_hypergradient(outer, F, w, lam, symmetric=True, hvp_mode="finite-difference",
-                                        method=method, return_info=True)
+        g, info = hg.root_hypergradient(
+            outer, F, w, lam, symmetric=True, hvp_mode="finite-difference", method=method, return_info=True
+        )
         assert P.rel_err(g, ref) <= 1e-7, (method, P.rel_err(g, ref))
         n_lam = 2
         assert info.extra["condition_evals"] == 1 + 2 * info.vjps + 2 * n_lam, method
     # Without the declaration: refused, saying why and what to do.
-    with pytest.raises(hg.HypergradientError, match=r"finite-difference.*needs symmetric=True.*\(∂F/∂w\)x.*"
-                                                    r"transpose.*hvp_mode='reverse'"):
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"finite-difference.*needs symmetric=True.*\(∂F/∂w\)x.*"
+        r"transpose.*hvp_mode='reverse'",
+    ):
         hg.root_hypergradient(outer, F, w, lam, hvp_mode="finite-difference")
-    with pytest.raises(hg.HypergradientError, match=r"hvp_mode for a root condition must be 'reverse'.*'forward'"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"hvp_mode for a root condition must be 'reverse'.*'forward'"
+    ):
         hg.root_hypergradient(outer, F, w, lam, symmetric=True, hvp_mode="forward")  # type: ignore[arg-type]
 
 

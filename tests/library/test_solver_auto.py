@@ -20,8 +20,9 @@ from hypergradients.core.operators import HessianOperator
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
-    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method,
-                            return_info=True, **kw)  # type: ignore[call-overload,no-any-return]
+    return hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method, return_info=True, **kw
+    )  # type: ignore[call-overload,no-any-return]
 
 
 def cosine(a: dict, b: dict) -> float:
@@ -99,10 +100,12 @@ def test_warm_started_auto_reuses_the_curvature_estimate(cond1e3: P.Problem) -> 
         # w* moves with λ: re-solve it so that the dense reference is the IFT one.
         ws = P.newton_solve(cond1e3.inner_loss, cond1e3.params, hp)
         ref = P._finish("step", cond1e3.inner_loss, cond1e3.outer_loss, ws, hp, quadratic=False).reference
-        cold, ic = hg.hypergradient(cond1e3.outer_loss, cond1e3.inner_loss, ws, hp, method=hg.Auto(),
-                                    return_info=True)
-        warm, iw = hg.hypergradient(cond1e3.outer_loss, cond1e3.inner_loss, ws, hp, method=hg.Auto(),
-                                    return_info=True, state=state)
+        cold, ic = hg.hypergradient(
+            cond1e3.outer_loss, cond1e3.inner_loss, ws, hp, method=hg.Auto(), return_info=True
+        )
+        warm, iw = hg.hypergradient(
+            cond1e3.outer_loss, cond1e3.inner_loss, ws, hp, method=hg.Auto(), return_info=True, state=state
+        )
         state = iw.state
         assert iw.extra["warm_start"] == 1.0 and iw.hvps < ic.hvps
         assert cosine(warm, ref) >= 0.999 and cosine(cold, ref) >= 0.999
@@ -112,8 +115,12 @@ def test_a_damped_solve_leaves_no_unusable_curvature_estimate() -> None:
     # A saddle (eigenvalues 2, 1, −0.5): Auto damps; θ_min − δ ≤ 0 must not be stored, or every
     # later warm call would fail the error rule and run to max_iters.
     A = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=torch.float64))
-    prob = P.spd_quadratic(A, torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
-                           torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64))
+    prob = P.spd_quadratic(
+        A,
+        torch.eye(3, dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64),
+        torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64),
+    )
     _, info = hg_of(prob, hg.Auto(), state=hg.CGState(lambda_min=0.5, lambda_max=2.0))
     state = info.state
     assert info.extra["damping"] > 0.5 and info.converged
@@ -122,6 +129,7 @@ def test_a_damped_solve_leaves_no_unusable_curvature_estimate() -> None:
     assert info2.hvps < 200
     # A non-positive hint is ignored by CG itself too.
     op = HessianOperator(lambda x: {"x": 2.0 * x["x"]})
-    s = krylov.cg(op, {"x": torch.ones(3, dtype=torch.float64)}, iters=10, tol=1e-2, error_tol=1e-2,
-                  lambda_min=-1.0)
+    s = krylov.cg(
+        op, {"x": torch.ones(3, dtype=torch.float64)}, iters=10, tol=1e-2, error_tol=1e-2, lambda_min=-1.0
+    )
     assert s.converged and op.hvps == 1

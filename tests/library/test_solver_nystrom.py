@@ -23,8 +23,14 @@ def lowrank() -> P.Problem:
 
 
 def hg_of(prob: P.Problem, method: hg.Method) -> tuple[dict, hg.Info]:
-    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,  # type: ignore[no-any-return]
-                            method=method, return_info=True)
+    return hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        prob.params,
+        prob.hparams,  # type: ignore[no-any-return]
+        method=method,
+        return_info=True,
+    )
 
 
 def test_the_problem_is_rank_r_plus_the_floor(lowrank: P.Problem) -> None:
@@ -79,9 +85,12 @@ def test_floor_auto_without_a_floor_is_the_plain_method() -> None:
     gen = torch.Generator().manual_seed(5)
     Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))
     H = (Q * torch.linspace(1.0, 10.0, 40, dtype=torch.float64)) @ Q.T
-    prob = P.spd_quadratic(0.5 * (H + H.T), torch.randn(40, 3, generator=gen, dtype=torch.float64),
-                           torch.randn(40, generator=gen, dtype=torch.float64),
-                           torch.randn(3, generator=gen, dtype=torch.float64))
+    prob = P.spd_quadratic(
+        0.5 * (H + H.T),
+        torch.randn(40, 3, generator=gen, dtype=torch.float64),
+        torch.randn(40, generator=gen, dtype=torch.float64),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    )
     for rank in (4, 12):
         g, info = hg_of(prob, hg.Nystrom(rank=rank, floor="auto"))
         g0, _ = hg_of(prob, hg.Nystrom(rank=rank))
@@ -89,10 +98,16 @@ def test_floor_auto_without_a_floor_is_the_plain_method() -> None:
         assert torch.equal(g["lam"], g0["lam"])
 
 
-@pytest.mark.parametrize(("floor", "pattern"), [
-    (0.0, r"Nystrom\.floor must be a finite number > 0, 'auto' or None, got 0\.0"),
-    (-1.0, r"got -1\.0"), (float("inf"), r"got inf"), ("min", r"got 'min'"), (True, r"got True"),
-])
+@pytest.mark.parametrize(
+    ("floor", "pattern"),
+    [
+        (0.0, r"Nystrom\.floor must be a finite number > 0, 'auto' or None, got 0\.0"),
+        (-1.0, r"got -1\.0"),
+        (float("inf"), r"got inf"),
+        ("min", r"got 'min'"),
+        (True, r"got True"),
+    ],
+)
 def test_floor_validation(floor: object, pattern: str) -> None:
     with pytest.raises(hg.HypergradientError, match=pattern):
         hg.Nystrom(floor=floor)  # type: ignore[arg-type]

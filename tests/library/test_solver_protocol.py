@@ -27,10 +27,21 @@ DT = torch.float64
 
 
 def solvers(n: int) -> list[ImplicitMethod]:
-    return [hg.Exact(), hg.Exact(damping=0.1), hg.CG(iters=200, tol=1e-13), hg.CG(iters=3, tol=0.0),
-            hg.CG(damping=0.3), hg.Neumann(iters=7, alpha=0.01), hg.Neumann(iters=30), hg.Identity(scale=0.3),
-            hg.Nystrom(rank=min(4, n)), hg.Nystrom(rank=min(6, n), floor="auto"), hg.Nystrom(rank=3, rho=0.05),
-            hg.Auto(), hg.Auto(tol=1e-12)]
+    return [
+        hg.Exact(),
+        hg.Exact(damping=0.1),
+        hg.CG(iters=200, tol=1e-13),
+        hg.CG(iters=3, tol=0.0),
+        hg.CG(damping=0.3),
+        hg.Neumann(iters=7, alpha=0.01),
+        hg.Neumann(iters=30),
+        hg.Identity(scale=0.3),
+        hg.Nystrom(rank=min(4, n)),
+        hg.Nystrom(rank=min(6, n), floor="auto"),
+        hg.Nystrom(rank=3, rho=0.05),
+        hg.Auto(),
+        hg.Auto(tol=1e-12),
+    ]
 
 
 def test_every_solver_through_the_protocol_gives_the_hypergradient(problem: P.Problem) -> None:
@@ -44,8 +55,14 @@ def test_every_solver_through_the_protocol_gives_the_hypergradient(problem: P.Pr
         assert isinstance(stats, Stats) and isinstance(state, hg.SolverState)
         assert set(p) == set(problem.params)
         g_protocol = problem.direct - problem.mixed.T @ tree.flatten(p)
-        g, info = hg.hypergradient(problem.outer_loss, problem.inner_loss, problem.params, problem.hparams,
-                                   method=method, return_info=True)
+        g, info = hg.hypergradient(
+            problem.outer_loss,
+            problem.inner_loss,
+            problem.params,
+            problem.hparams,
+            method=method,
+            return_info=True,
+        )
         assert P.rel_err(g, tree.unflatten(g_protocol, problem.hparams)) <= 1e-12, method
         assert info.hvps == op.hvps and info.iterations == stats.iterations, method
         assert info.residual == stats.residual and info.extra == stats.extra, method
@@ -84,8 +101,14 @@ def test_damping_as_an_operator_transform_is_the_damped_solve(logistic: P.Proble
     p = torch.linalg.solve(logistic.hessian + d * torch.eye(n, dtype=DT), logistic.v)
     expected = tree.unflatten(logistic.direct - logistic.mixed.T @ p, logistic.hparams)
     for method in (hg.CG(iters=200, tol=1e-13, damping=d), hg.Exact(damping=d)):
-        g, info = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, logistic.hparams,
-                                   method=method, return_info=True)
+        g, info = hg.hypergradient(
+            logistic.outer_loss,
+            logistic.inner_loss,
+            logistic.params,
+            logistic.hparams,
+            method=method,
+            return_info=True,
+        )
         assert P.rel_err(g, expected) <= 1e-9 and info.extra["damping"] == d
 
 
@@ -95,8 +118,9 @@ class DenseEig(ImplicitMethod):
 
     damping: float = 0.0
 
-    def solve(self, op: HessianOperator, v: dict, state: hg.SolverState | None, *,
-              residual: bool = False) -> tuple[dict, hg.SolverState, Stats]:
+    def solve(
+        self, op: HessianOperator, v: dict, state: hg.SolverState | None, *, residual: bool = False
+    ) -> tuple[dict, hg.SolverState, Stats]:
         from hypergradients.core.kernels.dense import dense_matrix
         from hypergradients.core.kernels.solve import relative_residual
 
@@ -109,8 +133,9 @@ class DenseEig(ImplicitMethod):
 
 
 def test_a_new_solver_is_one_class(ridge: P.Problem) -> None:
-    g, info = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                               method=DenseEig(), return_info=True)
+    g, info = hg.hypergradient(
+        ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=DenseEig(), return_info=True
+    )
     # cond(H) ≤ 1e3: the eigendecomposition solve agrees with the closed form to ~1e-13.
     assert P.rel_err(g, ridge.reference) <= 1e-10
     n = ridge.hessian.shape[0]
@@ -118,14 +143,14 @@ def test_a_new_solver_is_one_class(ridge: P.Problem) -> None:
     assert info.state is not None and info.state.method == "DenseEig"
     # Its state is its own: another method's is refused, by name.
     with pytest.raises(hg.StateMismatchError, match=r"made by hg\.DenseEig, and hg\.CG cannot use it"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=hg.CG(),
-                         state=info.state)
+        hg.hypergradient(
+            ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=hg.CG(), state=info.state
+        )
 
 
 def test_a_method_that_is_not_one_is_refused(ridge: P.Problem) -> None:
     with pytest.raises(hg.HypergradientError, match=r"method must be one of hg\.Auto.*got 'cg'"):
-        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                         method="cg")  # type: ignore[arg-type]
+        hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method="cg")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -133,8 +158,9 @@ class DenseLU(ImplicitMethod):
     """A solver written outside the library for both doors: ``p = M⁻¹v`` by a dense LU solve of the
     operator's matrix, whatever the operator (a Hessian, or a condition's non-symmetric ``(∂F/∂w)ᵀ``)."""
 
-    def solve(self, op: hg.LinearOperator, v: dict, state: hg.SolverState | None, *,
-              residual: bool = False) -> tuple[dict, hg.SolverState, Stats]:
+    def solve(
+        self, op: hg.LinearOperator, v: dict, state: hg.SolverState | None, *, residual: bool = False
+    ) -> tuple[dict, hg.SolverState, Stats]:
         from hypergradients.core.kernels.dense import dense_matrix
         from hypergradients.core.kernels.solve import relative_residual
 
@@ -144,8 +170,9 @@ class DenseLU(ImplicitMethod):
 
 def test_a_new_solver_is_one_class_for_both_doors(ridge: P.Problem) -> None:
     # hypergradient: the Hessian of the ridge problem, against its closed form (cond ≤ 1e3: ~1e-13).
-    g, info = hg.hypergradient(ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams,
-                               method=DenseLU(), return_info=True)
+    g, info = hg.hypergradient(
+        ridge.outer_loss, ridge.inner_loss, ridge.params, ridge.hparams, method=DenseLU(), return_info=True
+    )
     assert P.rel_err(g, ridge.reference) <= 1e-10 and info.method == "DenseLU" and info.hvps == 6 + 1
     # root_hypergradient: a non-symmetric fixed point, w = W w + Bλ (spectral radius 0.5), against its
     # closed form Bᵀ(I − W)⁻ᵀ(w* − t) (a 10×10 solve with cond ≈ 3: ~1e-15).
@@ -157,9 +184,15 @@ def test_a_new_solver_is_one_class_for_both_doors(ridge: P.Problem) -> None:
     A = torch.eye(10, dtype=DT) - W
     ws = torch.linalg.solve(A, B @ lam["lam"])
     ref = {"lam": B.T @ torch.linalg.solve(A.T, ws - t)}
-    g, rinfo = hg.root_hypergradient(lambda p, h: 0.5 * torch.sum((p["w"] - t) ** 2),
-                                     lambda p, h: {"w": W @ p["w"] + B @ h["lam"]}, {"w": ws}, lam,
-                                     fixed_point=True, method=DenseLU(), return_info=True)
+    g, rinfo = hg.root_hypergradient(
+        lambda p, h: 0.5 * torch.sum((p["w"] - t) ** 2),
+        lambda p, h: {"w": W @ p["w"] + B @ h["lam"]},
+        {"w": ws},
+        lam,
+        fixed_point=True,
+        method=DenseLU(),
+        return_info=True,
+    )
     assert P.rel_err(g, ref) <= 1e-12 and isinstance(rinfo, hg.RootInfo) and isinstance(rinfo, hg.Info)
     assert rinfo.method == "DenseLU" and rinfo.vjps == 10 + 1 and rinfo.jvps == 0
     assert rinfo.residual is not None and rinfo.residual <= 1e-14

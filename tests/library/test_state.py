@@ -15,8 +15,9 @@ import problems as P
 
 
 def hg_of(prob: P.Problem, method: hg.Method, **kw: object) -> tuple[dict, hg.Info]:
-    return hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method,
-                            return_info=True, **kw)  # type: ignore[call-overload,no-any-return]
+    return hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.params, prob.hparams, method=method, return_info=True, **kw
+    )  # type: ignore[call-overload,no-any-return]
 
 
 def roundtrip(d: dict) -> dict:
@@ -44,14 +45,26 @@ def test_info_state_is_the_next_value_and_the_state_passed_is_not_changed(logist
     assert j2.state is not None and j2.state.calls == 2 and j1.state.calls == 1
 
 
-@pytest.mark.parametrize(("method", "kind"), [
-    (hg.CG(tol=1e-8), hg.CGState), (hg.Auto(), hg.CGState), (hg.Neumann(iters=5), hg.NeumannState),
-    (hg.Nystrom(rank=4), hg.NystromState), (hg.GMRES(tol=1e-8), hg.KrylovState),
-    (hg.MINRES(tol=1e-8), hg.KrylovState), (hg.BiCGStab(tol=1e-8), hg.KrylovState),
-    (hg.NormalCG(tol=1e-8), hg.KrylovState), (hg.Exact(), hg.SolverState), (hg.Identity(), hg.SolverState),
-    (hg.Unrolled(steps=2, lr=0.1), hg.SolverState)], ids=lambda m: type(m).__name__)
-def test_each_method_keeps_its_own_state_type(logistic: P.Problem, method: hg.Method,
-                                              kind: type[hg.SolverState]) -> None:
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        (hg.CG(tol=1e-8), hg.CGState),
+        (hg.Auto(), hg.CGState),
+        (hg.Neumann(iters=5), hg.NeumannState),
+        (hg.Nystrom(rank=4), hg.NystromState),
+        (hg.GMRES(tol=1e-8), hg.KrylovState),
+        (hg.MINRES(tol=1e-8), hg.KrylovState),
+        (hg.BiCGStab(tol=1e-8), hg.KrylovState),
+        (hg.NormalCG(tol=1e-8), hg.KrylovState),
+        (hg.Exact(), hg.SolverState),
+        (hg.Identity(), hg.SolverState),
+        (hg.Unrolled(steps=2, lr=0.1), hg.SolverState),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_each_method_keeps_its_own_state_type(
+    logistic: P.Problem, method: hg.Method, kind: type[hg.SolverState]
+) -> None:
     assert type(method.init(logistic.params)) is kind
     _, info = hg_of(logistic, method, state=hg.SolverState())
     assert type(info.state) is kind and info.state.method == type(method).__name__
@@ -65,15 +78,27 @@ def test_each_method_keeps_its_own_state_type(logistic: P.Problem, method: hg.Me
 FIELDS = ("p", "lambda_min", "lambda_max", "lambda_max_age", "sketch")
 
 
-@pytest.mark.parametrize("method", [hg.CG(tol=1e-10), hg.Auto(), hg.Neumann(iters=5), hg.Nystrom(rank=4),
-                                    hg.GMRES(), hg.Exact(), hg.Identity(), hg.Unrolled(steps=2, lr=0.1)],
-                         ids=lambda m: type(m).__name__)
-def test_state_dict_round_trips_through_torch_save_weights_only(logistic: P.Problem,
-                                                                method: hg.Method) -> None:
+@pytest.mark.parametrize(
+    "method",
+    [
+        hg.CG(tol=1e-10),
+        hg.Auto(),
+        hg.Neumann(iters=5),
+        hg.Nystrom(rank=4),
+        hg.GMRES(),
+        hg.Exact(),
+        hg.Identity(),
+        hg.Unrolled(steps=2, lr=0.1),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_state_dict_round_trips_through_torch_save_weights_only(
+    logistic: P.Problem, method: hg.Method
+) -> None:
     _, info = hg_of(logistic, method, state=hg.SolverState())
     assert info.state is not None
     d = info.state.state_dict()
-    assert set(d) == {"version", "method", "calls", *FIELDS}   # one flat layout for every type
+    assert set(d) == {"version", "method", "calls", *FIELDS}  # one flat layout for every type
     back = hg.SolverState.from_state_dict(roundtrip(d))
     assert type(back) is type(info.state)
     assert back.method == info.state.method == type(method).__name__ and back.calls == 1
@@ -94,12 +119,22 @@ def test_state_dicts_written_before_the_types_were_split_load(logistic: P.Proble
     # What HyperOptimizer.state_dict()["solver"] held when every method shared one SolverState:
     # the same flat layout, the unused entries at their defaults. Each loads as its method's type.
     n = {k: torch.zeros_like(t) for k, t in logistic.params.items()}
-    base = {"version": 1, "calls": 3, "p": None, "lambda_min": None, "lambda_max": None,
-            "lambda_max_age": 0, "sketch": None}
-    cg = hg.SolverState.from_state_dict({**base, "method": "Auto", "p": n, "lambda_min": 0.5,
-                                         "lambda_max": 9.0})
+    base = {
+        "version": 1,
+        "calls": 3,
+        "p": None,
+        "lambda_min": None,
+        "lambda_max": None,
+        "lambda_max_age": 0,
+        "sketch": None,
+    }
+    cg = hg.SolverState.from_state_dict(
+        {**base, "method": "Auto", "p": n, "lambda_min": 0.5, "lambda_max": 9.0}
+    )
     assert type(cg) is hg.CGState and cg.lambda_min == 0.5 and cg.calls == 3 and cg.p is not None
-    neu = hg.SolverState.from_state_dict({**base, "method": "Neumann", "lambda_max": 4.0, "lambda_max_age": 2})
+    neu = hg.SolverState.from_state_dict(
+        {**base, "method": "Neumann", "lambda_max": 4.0, "lambda_max_age": 2}
+    )
     assert type(neu) is hg.NeumannState and neu.lambda_max == 4.0 and neu.lambda_max_age == 2
     ex = hg.SolverState.from_state_dict({**base, "method": "Exact"})
     assert type(ex) is hg.SolverState and ex.method == "Exact"
@@ -121,7 +156,9 @@ def test_from_state_dict_names_a_bad_entry() -> None:
     with pytest.raises(hg.HypergradientError, match=r"'p' must be a dict of tensors or None"):
         hg.SolverState.from_state_dict({**d, "p": [1, 2]})
     # An entry the method's state type does not hold, set to something: not that method's state.
-    with pytest.raises(hg.HypergradientError, match=r"'sketch' must be None in a state of hg\.CG \(a CGState\)"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"'sketch' must be None in a state of hg\.CG \(a CGState\)"
+    ):
         hg.SolverState.from_state_dict({**d, "method": "CG", "sketch": {"U": torch.ones(2)}})
 
 
@@ -136,7 +173,9 @@ def test_another_methods_state_is_refused(logistic: P.Problem) -> None:
     _, i2 = hg_of(logistic, hg.Auto(), state=info.state)
     assert i2.extra["warm_start"] == 1.0
     # A state of another type, even one no method has stamped yet, is refused by its type.
-    with pytest.raises(hg.StateMismatchError, match=r"state is a hg\.NeumannState, and hg\.CG keeps a hg\.CGState"):
+    with pytest.raises(
+        hg.StateMismatchError, match=r"state is a hg\.NeumannState, and hg\.CG keeps a hg\.CGState"
+    ):
         hg_of(logistic, hg.CG(), state=hg.NeumannState(lambda_max=3.0))
 
 
@@ -145,8 +184,11 @@ def test_a_state_of_other_weights_is_refused(logistic: P.Problem) -> None:
     assert info.state is not None and info.state.p is not None
     k = next(iter(logistic.params))
     p32 = {**info.state.p, k: info.state.p[k].float()}
-    with pytest.raises(hg.StateMismatchError, match=rf"p\['{k}'\] has shape .*torch\.float32.*but the "
-                                                    rf"weight '{k}' has .*torch\.float64"):
+    with pytest.raises(
+        hg.StateMismatchError,
+        match=rf"p\['{k}'\] has shape .*torch\.float32.*but the "
+        rf"weight '{k}' has .*torch\.float64",
+    ):
         hg_of(logistic, hg.CG(), state=info.state.replace(p=p32))
     renamed = {"other": next(iter(info.state.p.values()))}
     with pytest.raises(hg.StateMismatchError, match=r"missing \[.*\], unexpected \['other'\]"):
@@ -179,7 +221,9 @@ def test_neumann_refreshes_lambda_max_every_n_calls(logistic: P.Problem) -> None
         state = info.state
     assert ages == [0, 1, 2, 0, 1, 2, 0]
     assert hvps == [24, 4, 4, 24, 4, 4, 24]
-    with pytest.raises(hg.HypergradientError, match=r"Neumann\.refresh_every must be a positive integer, got 0"):
+    with pytest.raises(
+        hg.HypergradientError, match=r"Neumann\.refresh_every must be a positive integer, got 0"
+    ):
         hg.Neumann(refresh_every=0)
 
 
@@ -213,8 +257,15 @@ def test_nystrom_reuses_its_sketch_while_it_stays_accurate(logistic: P.Problem) 
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     # A far point (λ moved by 3 in log space: H changes a lot): the check fails, it re-sketches.
     far = {k: v + 3.0 for k, v in logistic.hparams.items()}
-    _, i3 = hg.hypergradient(logistic.outer_loss, logistic.inner_loss, logistic.params, far, method=m,
-                             return_info=True, state=i2.state)
+    _, i3 = hg.hypergradient(
+        logistic.outer_loss,
+        logistic.inner_loss,
+        logistic.params,
+        far,
+        method=m,
+        return_info=True,
+        state=i2.state,
+    )
     assert "sketch_reused" not in i3.extra and i3.hvps == 1 + 6 + 1
     # reuse=None: a sketch at every call; other options: a new sketch, not an error.
     _, i4 = hg_of(logistic, hg.Nystrom(rank=6, reuse=None), state=i1.state, residual=False)

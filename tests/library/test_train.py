@@ -36,7 +36,9 @@ DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
-def _overfit_problem(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _overfit_problem(
+    seed: int = 0,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Few noisy examples, many features: weight decay clearly helps (the validation loss says how much)."""
     g = torch.Generator().manual_seed(seed)
     d = 40
@@ -57,14 +59,23 @@ def test_trainer_tunes_weight_decay_and_improves_validation_loss() -> None:
         torch.manual_seed(0)
         model = nn.Linear(40, 2).to(DT)
         fams = [WeightDecay(model, granularity="global", init=1e-4)] if tuned else []
-        runs[tuned] = fit(model, fams, train, val, rounds=20, inner_steps=20,
-                          inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
-                          hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3),
-                          method=hg.CG(iters=30, tol=1e-8), batch_size=30, eval_sets={"val": val})
+        runs[tuned] = fit(
+            model,
+            fams,
+            train,
+            val,
+            rounds=20,
+            inner_steps=20,
+            inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+            hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3),
+            method=hg.CG(iters=30, tol=1e-8),
+            batch_size=30,
+            eval_sets={"val": val},
+        )
     plain, tuned_run = runs[False], runs[True]
     assert plain.hyperparameters == 0 and tuned_run.hyperparameters == 1
     decay = float(tuned_run.natural["weight_decay"])
-    assert decay > 5e-3, decay   # pushed up > 50x from 1e-4 (observed: 1.2e-2)
+    assert decay > 5e-3, decay  # pushed up > 50x from 1e-4 (observed: 1.2e-2)
     # Deterministic run; observed 1.09 vs 1.90 nats, so a 0.3 margin leaves room for BLAS differences.
     assert tuned_run.final["val_loss"] < plain.final["val_loss"] - 0.3, (tuned_run.final, plain.final)
     assert len(tuned_run.metrics) == 20 and all(r["hypergrad_norm"] >= 0 for r in tuned_run.metrics)
@@ -83,10 +94,19 @@ def test_hypergradient_leaves_batch_norm_statistics_alone() -> None:
         model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
         before = model[1].running_mean.clone()
         fam = WeightDecay(model, granularity="layer", init=1e-2)
-        res = fit(model, [fam], (X, y), (Xv, yv), rounds=4, inner_steps=3, batch_size=16,
-                  hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
-                  method=hg.Neumann(iters=iters, alpha=0.05), on_solver_error="raise")
-        assert not torch.equal(model[1].running_mean, before)   # inner steps do update them
+        res = fit(
+            model,
+            [fam],
+            (X, y),
+            (Xv, yv),
+            rounds=4,
+            inner_steps=3,
+            batch_size=16,
+            hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+            method=hg.Neumann(iters=iters, alpha=0.05),
+            on_solver_error="raise",
+        )
+        assert not torch.equal(model[1].running_mean, before)  # inner steps do update them
         assert all(r["hypergrad_norm"] > 0 for r in res.metrics)
         states.append(model.state_dict())
     for k in states[0]:
@@ -109,10 +129,23 @@ def test_nonfinite_loss_stops_with_round_name_and_keeps_last_good_checkpoint(tmp
     train, val = _overfit_problem()
     torch.manual_seed(0)
     model = nn.Linear(40, 2).to(DT)
-    with pytest.raises(NonFiniteError, match=r"round 4: the training loss 'inner_loss' is not finite .*"
-                                             r"the last good checkpoint is .*checkpoint\.pt") as ei:
-        fit(model, [WeightDecay(model)], train, val, rounds=10, inner_steps=2, checkpoint_dir=tmp_path,
-            checkpoint_every=2, callbacks=[_Corrupt(model, 3)], method=hg.CG(iters=5))
+    with pytest.raises(
+        NonFiniteError,
+        match=r"round 4: the training loss 'inner_loss' is not finite .*"
+        r"the last good checkpoint is .*checkpoint\.pt",
+    ) as ei:
+        fit(
+            model,
+            [WeightDecay(model)],
+            train,
+            val,
+            rounds=10,
+            inner_steps=2,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            callbacks=[_Corrupt(model, 3)],
+            method=hg.CG(iters=5),
+        )
     assert ei.value.round == 4 and ei.value.name == "inner_loss"
     assert ei.value.checkpoint == tmp_path / CHECKPOINT
     st = load_checkpoint(tmp_path / CHECKPOINT)
@@ -127,8 +160,17 @@ def test_nonfinite_weight_is_never_checkpointed(tmp_path: Path) -> None:
     good = load_checkpoint(tmp_path / CHECKPOINT)["model"]
     model2 = nn.Linear(40, 2).to(DT)
     with pytest.raises(NonFiniteError, match=r"round 2: 'weight' is not finite; not saving over"):
-        fit(model2, [], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path, checkpoint_every=2,
-            callbacks=[_Corrupt(model2, 2)])
+        fit(
+            model2,
+            [],
+            train,
+            val,
+            rounds=2,
+            inner_steps=1,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            callbacks=[_Corrupt(model2, 2)],
+        )
     kept = load_checkpoint(tmp_path / CHECKPOINT)["model"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
     # A fresh (not resumed) run in the same folder starts a fresh metrics file: 2 lines, not 2 + 2.
@@ -140,8 +182,11 @@ def test_nonfinite_validation_loss_in_the_hyper_step_stops_the_run() -> None:
     xv = xv.clone()
     xv[3, 0] = float("nan")
     model = nn.Linear(40, 2).to(DT)
-    with pytest.raises(NonFiniteError, match=r"round 1: on the hyper step's batch, the loss 'val_loss' is "
-                                             "not finite") as ei:
+    with pytest.raises(
+        NonFiniteError,
+        match=r"round 1: on the hyper step's batch, the loss 'val_loss' is "
+        "not finite",
+    ) as ei:
         fit(model, [WeightDecay(model)], train, (xv, yv), rounds=2, inner_steps=1, method=hg.CG(iters=5))
     assert ei.value.name == "val_loss" and ei.value.checkpoint is None
 
@@ -149,10 +194,21 @@ def test_nonfinite_validation_loss_in_the_hyper_step_stops_the_run() -> None:
 def test_nonfinite_hyperparameter_stops_the_run() -> None:
     train, val = _overfit_problem()
     model = nn.Linear(40, 2).to(DT)
-    with pytest.raises(NonFiniteError, match=r"round 1: the hyperparameter 'weight_decay' is not finite.*"
-                                             "no checkpoint was written"):
-        fit(model, [WeightDecay(model)], train, val, rounds=3, inner_steps=2, method=hg.CG(iters=5),
-            hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=float("inf")))
+    with pytest.raises(
+        NonFiniteError,
+        match=r"round 1: the hyperparameter 'weight_decay' is not finite.*"
+        "no checkpoint was written",
+    ):
+        fit(
+            model,
+            [WeightDecay(model)],
+            train,
+            val,
+            rounds=3,
+            inner_steps=2,
+            method=hg.CG(iters=5),
+            hyper_optimizer=lambda ps: torch.optim.SGD(ps, lr=float("inf")),
+        )
 
 
 def test_solver_failure_is_damped_skipped_with_a_warning_or_raised() -> None:
@@ -163,22 +219,41 @@ def test_solver_failure_is_damped_skipped_with_a_warning_or_raised() -> None:
     model = nn.Linear(40, 2).to(DT)
     fam = WeightDecay(model, init=1e-3)
     before = fam.tensors()["weight_decay"].detach().clone()
-    with pytest.warns(SkippedHyperStepsWarning, match=r"2 of 2 hyper steps were skipped.*Neumann series "
-                                                      r"diverged: 2"):
-        res = fit(model, [fam], train, val, rounds=2, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4),
-                  on_solver_error="skip")
+    with pytest.warns(
+        SkippedHyperStepsWarning,
+        match=r"2 of 2 hyper steps were skipped.*Neumann series "
+        r"diverged: 2",
+    ):
+        res = fit(
+            model,
+            [fam],
+            train,
+            val,
+            rounds=2,
+            inner_steps=1,
+            method=hg.Neumann(iters=10, alpha=1e4),
+            on_solver_error="skip",
+        )
     assert res.skipped_hyper_steps == 2 and res.hyper_steps == 0
     assert "Neumann series diverged" in res.metrics[0]["skip_reason"]
     assert res.skip_reasons == {"Neumann series diverged": 2}
-    assert torch.equal(fam.tensors()["weight_decay"].detach(), before)   # λ untouched by a skipped step
+    assert torch.equal(fam.tensors()["weight_decay"].detach(), before)  # λ untouched by a skipped step
     res = fit(model, [fam], train, val, rounds=2, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4))
     assert res.skipped_hyper_steps == 0 and res.hyper_steps == 2 and res.retried_hyper_steps == 2
     for r in res.metrics:
         assert r["solver_retry"] == "alpha" and 0 < r["solver_alpha"] < 1.0 and "skip_reason" not in r
     assert not torch.equal(fam.tensors()["weight_decay"].detach(), before)
     with pytest.raises(hg.NeumannDivergenceError, match="Neumann series diverged"):
-        fit(model, [fam], train, val, rounds=1, inner_steps=1, method=hg.Neumann(iters=10, alpha=1e4),
-            on_solver_error="raise")
+        fit(
+            model,
+            [fam],
+            train,
+            val,
+            rounds=1,
+            inner_steps=1,
+            method=hg.Neumann(iters=10, alpha=1e4),
+            on_solver_error="raise",
+        )
 
 
 def _nonconvex() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -213,8 +288,17 @@ def test_neumann_with_negative_curvature_is_retried_with_a_smaller_alpha() -> No
     model, train, val = _nonconvex()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.warns(SkippedHyperStepsWarning, match=r"3 of 3 hyper steps were skipped \(Neumann series "):
-        fit(model, [WeightDecay(model)], train, val, rounds=3, inner_steps=1, method=method, batch_size=30,
-            on_solver_error="skip")
+        fit(
+            model,
+            [WeightDecay(model)],
+            train,
+            val,
+            rounds=3,
+            inner_steps=1,
+            method=method,
+            batch_size=30,
+            on_solver_error="skip",
+        )
     model.load_state_dict(state)
     res = fit(model, [WeightDecay(model)], train, val, rounds=3, inner_steps=1, method=method, batch_size=30)
     assert res.hyper_steps == 3 and res.retried_hyper_steps == 3
@@ -225,13 +309,21 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
     """Every checkpoint loads with weights_only=True (no code can run), RNG states included."""
     import random
 
-    np = pytest.importorskip("numpy")   # the trainer saves numpy's generator where numpy is loaded
+    np = pytest.importorskip("numpy")  # the trainer saves numpy's generator where numpy is loaded
     train, val = _overfit_problem()
     model = nn.Linear(40, 2).to(DT)
     random.random()
-    np.random.rand()   # the legacy global state is what the trainer saves
-    fit(model, [WeightDecay(model)], train, val, rounds=2, inner_steps=1, checkpoint_dir=tmp_path,
-        method=hg.CG(iters=5))
+    np.random.rand()  # the legacy global state is what the trainer saves
+    fit(
+        model,
+        [WeightDecay(model)],
+        train,
+        val,
+        rounds=2,
+        inner_steps=1,
+        checkpoint_dir=tmp_path,
+        method=hg.CG(iters=5),
+    )
     st = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert st["round"] == 2 and st["version"] == 3
     py, npy = random.getstate(), np.random.get_state()
@@ -239,7 +331,7 @@ def test_checkpoint_holds_only_tensors_and_plain_values(tmp_path: Path) -> None:
     np.random.rand()
     from hypergradients.training.fit import _set_rng_state
 
-    _set_rng_state(st["rng"])   # the states saved at the end are the ones after the run
+    _set_rng_state(st["rng"])  # the states saved at the end are the ones after the run
     assert random.getstate() == py
     got = np.random.get_state()
     assert got[0] == npy[0] and np.array_equal(got[1], npy[1]) and got[2:] == npy[2:]
@@ -253,8 +345,11 @@ def test_unreadable_checkpoint_names_the_file_and_deletes_nothing(damage: str, t
     ck = tmp_path / CHECKPOINT
     raw = ck.read_bytes()
     ck.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "garbage": b"\x00garbage" * 50}[damage])
-    with pytest.raises(UnreadableFileError, match=rf"cannot read the checkpoint '{ck}': it is truncated, empty "
-                                                  r"or not a checkpoint .*delete it") as ei:
+    with pytest.raises(
+        UnreadableFileError,
+        match=rf"cannot read the checkpoint '{ck}': it is truncated, empty "
+        r"or not a checkpoint .*delete it",
+    ) as ei:
         fit(model, [], train, val, rounds=3, inner_steps=1, checkpoint_dir=tmp_path, resume=True)
     assert ei.value.path == ck and ck.exists()
 
@@ -290,7 +385,7 @@ def test_evaluate_and_atomic_save(tmp_path: Path) -> None:
     assert out["s_loss"] == pytest.approx((math.log(1 + math.e) + 3 * math.log(1 + math.exp(-1))) / 4)
     assert out["s_acc"] == 0.75
     save_atomic({"a": torch.ones(2)}, tmp_path / "c.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]   # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
     assert torch.equal(torch.load(tmp_path / "c.pt")["a"], torch.ones(2))
 
 
@@ -341,15 +436,21 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _worker(tmp_path: Path, out: Path, resume: bool, pause: float, *, watch: bool = False) -> subprocess.Popen:
+def _worker(
+    tmp_path: Path, out: Path, resume: bool, pause: float, *, watch: bool = False
+) -> subprocess.Popen:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     err = open(tmp_path / f"{out.name}-{int(resume)}.err", "w")
-    proc = subprocess.Popen([sys.executable, str(script), str(out), "1" if resume else "0", str(pause)],
-                            stdout=subprocess.PIPE if watch else subprocess.DEVNULL, stderr=err, text=True,
-                            env=env)
-    err.close()   # the child holds its own descriptor
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), "1" if resume else "0", str(pause)],
+        stdout=subprocess.PIPE if watch else subprocess.DEVNULL,
+        stderr=err,
+        text=True,
+        env=env,
+    )
+    err.close()  # the child holds its own descriptor
     return proc
 
 
@@ -368,7 +469,7 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path: Path) -> None:
     assert killed.stdout is not None
     deadline = time.monotonic() + 120
     with killed.stdout:
-        for line in killed.stdout:   # wait until the round-4 checkpoint exists, then kill mid-run
+        for line in killed.stdout:  # wait until the round-4 checkpoint exists, then kill mid-run
             if int(line) >= 5 and (run_dir / CHECKPOINT).exists():
                 break
             assert time.monotonic() < deadline, "worker too slow"
@@ -380,13 +481,15 @@ def test_kill_and_resume_is_bit_for_bit(tmp_path: Path) -> None:
     a = torch.load(ref_dir / "final.pt", weights_only=True)
     b = torch.load(run_dir / "final.pt", weights_only=True)
     assert a["resumed_from"] is None and b["resumed_from"] >= 4
-    assert _strip(a["metrics"]) == _strip(b["metrics"])   # exact float equality, every round
+    assert _strip(a["metrics"]) == _strip(b["metrics"])  # exact float equality, every round
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["hp"]:
         assert torch.equal(a["hp"][k], b["hp"][k]), k
     lines = [json.loads(s) for s in (run_dir / METRICS).read_text().splitlines()]
-    assert [r["round"] for r in lines] == list(range(1, 13))   # rows after the checkpoint rewritten, not doubled
+    assert [r["round"] for r in lines] == list(
+        range(1, 13)
+    )  # rows after the checkpoint rewritten, not doubled
 
 
 def test_fit_projects_hyperparameters_and_runs_hooks_around_each_hyper_step() -> None:
@@ -401,12 +504,21 @@ def test_fit_projects_hyperparameters_and_runs_hooks_around_each_hyper_step() ->
     def clamp(hp: dict[str, torch.Tensor]) -> None:
         hp["weight_decay"].clamp_(max=cap)
 
-    res = fit(model, [WeightDecay(model, granularity="global", init=1e-4)], train, val, rounds=20, inner_steps=20,
-              inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
-              hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3), method=hg.CG(iters=30, tol=1e-8),
-              batch_size=30, project=clamp,
-              before_hyper_step=[lambda h: seen.append(("before", h.steps))],
-              after_hyper_step=[lambda h, r: seen.append(("after", h.steps))])
+    res = fit(
+        model,
+        [WeightDecay(model, granularity="global", init=1e-4)],
+        train,
+        val,
+        rounds=20,
+        inner_steps=20,
+        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.3),
+        method=hg.CG(iters=30, tol=1e-8),
+        batch_size=30,
+        project=clamp,
+        before_hyper_step=[lambda h: seen.append(("before", h.steps))],
+        after_hyper_step=[lambda h, r: seen.append(("after", h.steps))],
+    )
     assert float(res.natural["weight_decay"]) == pytest.approx(1e-3, rel=1e-12)
     assert max(r["weight_decay"] for r in res.metrics) <= 1e-3 * (1 + 1e-12)
     assert seen == [(w, i + (w == "after")) for i in range(20) for w in ("before", "after")]
@@ -416,10 +528,21 @@ def test_nonfinite_hypergradient_stops_the_run_naming_the_key() -> None:
     """Finite losses, an overflowing hypergradient (decay 1e10, Identity(scale=1e308))."""
     train, val = _overfit_problem()
     model = nn.Linear(40, 2).to(DT)
-    with pytest.raises(NonFiniteError, match=r"round 1: the hypergradient of 'weight_decay' is not finite \(NaN "
-                                             "or inf\\); no checkpoint was written") as ei:
-        fit(model, [WeightDecay(model, init=1e10)], train, val, rounds=2, inner_steps=1,
-            method=hg.Identity(scale=1e308), inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    with pytest.raises(
+        NonFiniteError,
+        match=r"round 1: the hypergradient of 'weight_decay' is not finite \(NaN "
+        "or inf\\); no checkpoint was written",
+    ) as ei:
+        fit(
+            model,
+            [WeightDecay(model, init=1e10)],
+            train,
+            val,
+            rounds=2,
+            inner_steps=1,
+            method=hg.Identity(scale=1e308),
+            inner_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0),
+        )
     assert ei.value.name == "weight_decay" and ei.value.round == 1
 
 
@@ -430,22 +553,50 @@ def test_fit_with_a_frozen_layer_tunes_the_decay_of_the_others_and_leaves_it_alo
     model[0].requires_grad_(False)
     frozen = model[0].weight.clone()
     fam = WeightDecay(model, granularity="layer", init=1e-2)
-    res = fit(model, [fam], (X, y), (Xv, yv), rounds=3, inner_steps=5, batch_size=16,
-              hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), method=hg.CG(iters=5))
+    res = fit(
+        model,
+        [fam],
+        (X, y),
+        (Xv, yv),
+        rounds=3,
+        inner_steps=5,
+        batch_size=16,
+        hyper_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        method=hg.CG(iters=5),
+    )
     assert res.hyper_steps == 3 and torch.equal(model[0].weight, frozen) and fam.covered == ["2.weight"]
-    assert float(res.natural["weight_decay.2.weight"]) != pytest.approx(1e-2, rel=1e-6)   # it moved
+    assert float(res.natural["weight_decay.2.weight"]) != pytest.approx(1e-2, rel=1e-6)  # it moved
 
 
 def test_resume_from_another_setups_checkpoint_raises_before_touching_the_model(tmp_path: Path) -> None:
     (X, y), (Xv, yv) = _overfit_problem()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(X.shape[1], 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
-    fit(model, [WeightDecay(model, init=1e-2)], (X, y), (Xv, yv), rounds=1, inner_steps=2, batch_size=16,
-        checkpoint_dir=tmp_path, method=hg.CG(iters=2))
+    fit(
+        model,
+        [WeightDecay(model, init=1e-2)],
+        (X, y),
+        (Xv, yv),
+        rounds=1,
+        inner_steps=2,
+        batch_size=16,
+        checkpoint_dir=tmp_path,
+        method=hg.CG(iters=2),
+    )
     torch.manual_seed(1)
     fresh = nn.Sequential(nn.Linear(X.shape[1], 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(KeyError, match="has no hyperparameter 'l2'"):
-        fit(fresh, [WeightDecay(fresh, name="l2")], (X, y), (Xv, yv), rounds=2, inner_steps=2, batch_size=16,
-            checkpoint_dir=tmp_path, resume=True, method=hg.CG(iters=2))
+        fit(
+            fresh,
+            [WeightDecay(fresh, name="l2")],
+            (X, y),
+            (Xv, yv),
+            rounds=2,
+            inner_steps=2,
+            batch_size=16,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            method=hg.CG(iters=2),
+        )
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())

@@ -10,13 +10,21 @@ from hypergradients.core import tree
 
 def test_algebra_matches_flat_vectors() -> None:
     g = torch.Generator().manual_seed(0)
-    a = {"x": torch.randn(3, 2, generator=g, dtype=torch.float64), "y": torch.randn(4, generator=g, dtype=torch.float64)}
-    b = {"x": torch.randn(3, 2, generator=g, dtype=torch.float64), "y": torch.randn(4, generator=g, dtype=torch.float64)}
+    a = {
+        "x": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "y": torch.randn(4, generator=g, dtype=torch.float64),
+    }
+    b = {
+        "x": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "y": torch.randn(4, generator=g, dtype=torch.float64),
+    }
     fa, fb = tree.flatten(a), tree.flatten(b)
     assert float(tree.dot(a, b)) == pytest.approx(float(fa @ fb), rel=1e-14)
     assert float(tree.norm(a)) == pytest.approx(float(fa.norm()), rel=1e-14)
     assert torch.allclose(tree.flatten(tree.axpy(0.5, a, b)), 0.5 * fa + fb)
-    assert torch.allclose(tree.flatten(tree.axpy(torch.tensor(0.5, dtype=torch.float64), a, b)), 0.5 * fa + fb)
+    assert torch.allclose(
+        tree.flatten(tree.axpy(torch.tensor(0.5, dtype=torch.float64), a, b)), 0.5 * fa + fb
+    )
     assert torch.allclose(tree.flatten(tree.sub(a, b)), fa - fb)
     assert torch.allclose(tree.flatten(tree.add(a, b)), fa + fb)
     assert torch.allclose(tree.flatten(tree.scale(a, 3.0)), 3 * fa)

@@ -67,13 +67,30 @@ class Arm:
             fam.load_tensors(st["hyper"]["hparams"])
         return model, fams, int(st["round"])
 
-    def retrain(self, families: list[Family], rounds: int, train: Data, val: Data | None = None, *,
-                on: On = "train", values: Any = None,
-                eval_sets: dict[str, Data] | None = None) -> RetrainResult:
+    def retrain(
+        self,
+        families: list[Family],
+        rounds: int,
+        train: Data,
+        val: Data | None = None,
+        *,
+        on: On = "train",
+        values: Any = None,
+        eval_sets: dict[str, Data] | None = None,
+    ) -> RetrainResult:
         """:func:`~hypergradients.retrain`: a fresh :meth:`model` trained for the inner steps of
         ``rounds`` rounds of this arm, with its optimizer, batch size and batch order, and the
         ``families``' values (or ``values``) fixed, on ``train`` or on ``train`` and ``val``."""
-        return retrain(self.model, families, train, val, values=values, on=on, steps=self.steps(rounds),
-                       optimizer=self.optimizer, batch_size=self.batch_size, seed=self.seed,
-                       eval_sets=eval_sets)
-
+        return retrain(
+            self.model,
+            families,
+            train,
+            val,
+            values=values,
+            on=on,
+            steps=self.steps(rounds),
+            optimizer=self.optimizer,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            eval_sets=eval_sets,
+        )

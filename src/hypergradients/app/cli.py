@@ -18,18 +18,26 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("hypergradients.app.commands.run", "run a registered experiment and write its run folder"),
     "list": ("hypergradients.app.commands.list", "list the registered experiments and their settings"),
-    "explain": ("hypergradients.app.commands.explain",
-                "show, with numbers, how the optimization path fits into the implicit derivation "
-                "(= run explain)"),
-    "compare": ("hypergradients.app.commands.compare",
-                "compare inverse-Hessian approximations against the exact hypergradient (= run compare)"),
-    "bench": ("hypergradients.app.commands.bench",
-              "time, memory and accuracy of our hypergradient methods against a plain autograd loop "
-              "(= run bench)"),
-    "export": ("hypergradients.app.commands.export",
-               "write a run's tuned hyperparameters, in natural units, to a plain file"),
-    "retrain": ("hypergradients.app.commands.retrain",
-                "train a fresh model with a run's tuned values fixed, on train and on train+val"),
+    "explain": (
+        "hypergradients.app.commands.explain",
+        "show, with numbers, how the optimization path fits into the implicit derivation (= run explain)",
+    ),
+    "compare": (
+        "hypergradients.app.commands.compare",
+        "compare inverse-Hessian approximations against the exact hypergradient (= run compare)",
+    ),
+    "bench": (
+        "hypergradients.app.commands.bench",
+        "time, memory and accuracy of our hypergradient methods against a plain autograd loop (= run bench)",
+    ),
+    "export": (
+        "hypergradients.app.commands.export",
+        "write a run's tuned hyperparameters, in natural units, to a plain file",
+    ),
+    "retrain": (
+        "hypergradients.app.commands.retrain",
+        "train a fresh model with a run's tuned values fixed, on train and on train+val",
+    ),
 }
 
 
@@ -47,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hypergradients",
         description="Gradient-based hyperparameter optimization at scale (implicit and unrolled "
-                    "hypergradients for PyTorch).")
+        "hypergradients for PyTorch).",
+    )
     parser.add_argument("--version", action="version", version=f"hypergradients {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=getattr(mod, "DESCRIPTION", help_text),
-                           formatter_class=_HelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=getattr(mod, "DESCRIPTION", help_text),
+            formatter_class=_HelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)
     return parser

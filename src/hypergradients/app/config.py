@@ -80,6 +80,7 @@ class Option:
 
     def check(self, key: str, value: Any) -> Any:
         """The validated value (ints accepted for floats), or :class:`ConfigError`."""
+
         def bad(why: str = "") -> ConfigError:
             return ConfigError(f"config key {key!r}: got {value!r}{why}; expected {self.describe()}")
 
@@ -92,8 +93,11 @@ class Option:
                 raise bad(" (empty)")
             for v in value:
                 wrong = isinstance(v, bool) or not isinstance(v, self.item)
-                if wrong or (self.choices and v not in self.choices) or \
-                        (isinstance(v, int) and self.low is not None and v < self.low):
+                if (
+                    wrong
+                    or (self.choices and v not in self.choices)
+                    or (isinstance(v, int) and self.low is not None and v < self.low)
+                ):
                     raise bad(f" (item {v!r})")
             if self.unique and len(set(map(repr, value))) != len(value):
                 raise bad(" (repeated items)")
@@ -170,7 +174,7 @@ def parse_set(pair: str, schema: Schema) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw   # a bare word: a string such as `adam` or `auto`
+        value = raw  # a bare word: a string such as `adam` or `auto`
     if schema[key].kind is str and not isinstance(value, str):
         value = raw
     return key, value
@@ -188,8 +192,14 @@ def read_toml(path: str | Path) -> Config:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
 
 
-def resolve(schema: Schema, *, smoke: Mapping[str, Any] | None = None, file: Mapping[str, Any] | None = None,
-            sets: Sequence[str] = (), extra: Mapping[str, Any] | None = None) -> Config:
+def resolve(
+    schema: Schema,
+    *,
+    smoke: Mapping[str, Any] | None = None,
+    file: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> Config:
     """Defaults ← smoke overrides ← TOML file ← ``--set`` ← ``extra`` (e.g. ``--seed``); all validated."""
     cfg = defaults(schema)
     layers: list[tuple[str, Mapping[str, Any]]] = [("--smoke", smoke or {}), ("config file", file or {})]
@@ -214,11 +224,13 @@ def write_toml(cfg: Mapping[str, Any], path: str | Path) -> None:
 def _value(schema: Schema, keys: tuple[str, ...], cfg: Mapping[str, Any]) -> Any:
     """The field value of ``keys`` in ``cfg``: a list as a tuple, ``'auto'`` as ``None``; several keys
     give the tuple of their values (e.g. an interval)."""
+
     def one(key: str) -> Any:
         v = cfg[key]
         if isinstance(v, list):
             return tuple(v)
         return None if schema[key].auto and v == "auto" else v
+
     return one(keys[0]) if len(keys) == 1 else tuple(one(k) for k in keys)
 
 
@@ -233,6 +245,9 @@ def setting(schema: Schema, *keys: str) -> Any:
 def settings(cls: type[T], schema: Schema, cfg: Mapping[str, Any], **overrides: Any) -> T:
     r"""The dataclass ``cls``, whose fields are :func:`setting`\ s of ``schema``, of the resolved ``cfg``
     (with ``overrides`` by field name)."""
-    values = {f.name: _value(schema, f.metadata["keys"], cfg) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-              if "keys" in f.metadata}
+    values = {
+        f.name: _value(schema, f.metadata["keys"], cfg)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if "keys" in f.metadata
+    }
     return cls(**{**values, **overrides})

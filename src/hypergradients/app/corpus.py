@@ -43,8 +43,17 @@ from torch import Tensor
 
 from .datasets import DataFormatError, DataUnavailableError
 
-__all__ = ["KJV_FILE", "KJV_VERSES", "PTB_FILES", "Corpus", "batchify", "build_vocab", "kjv_lines",
-           "load_corpus", "tokenize"]
+__all__ = [
+    "KJV_FILE",
+    "KJV_VERSES",
+    "PTB_FILES",
+    "Corpus",
+    "batchify",
+    "build_vocab",
+    "kjv_lines",
+    "load_corpus",
+    "tokenize",
+]
 
 PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 EOS, UNK = "<eos>", "<unk>"
@@ -107,17 +116,27 @@ def kjv_lines(program: str | None = None) -> list[str]:
         return _shipped_kjv()
     exe = shutil.which(program)
     if exe is None:
-        raise DataUnavailableError(f"no program {program!r} found: the `bible` program comes with Debian's "
-                                   "bible-kjv package (apt-get install bible-kjv); without bible_program, "
-                                   "the King James Bible shipped with hypergradients is read")
+        raise DataUnavailableError(
+            f"no program {program!r} found: the `bible` program comes with Debian's "
+            "bible-kjv package (apt-get install bible-kjv); without bible_program, "
+            "the King James Bible shipped with hypergradients is read"
+        )
     # A fixed installed program with fixed arguments; nothing of the user's runs here.
-    done = subprocess.run([exe, "-f", BIBLE_RANGE], stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [exe, "-f", BIBLE_RANGE],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     lines = [_VERSE_REF.sub("", ln) for ln in done.stdout.splitlines() if ln.strip()]
     if done.returncode != 0 or len(lines) < 1000:
-        raise DataFormatError(f"`{exe} -f {BIBLE_RANGE}` exited with {done.returncode} and printed "
-                              f"{len(lines)} lines (expected {KJV_VERSES:,} verses): "
-                              f"{done.stderr.strip()[:200]}")
+        raise DataFormatError(
+            f"`{exe} -f {BIBLE_RANGE}` exited with {done.returncode} and printed "
+            f"{len(lines)} lines (expected {KJV_VERSES:,} verses): "
+            f"{done.stderr.strip()[:200]}"
+        )
     return lines
 
 
@@ -129,21 +148,27 @@ def _shipped_kjv() -> list[str]:
         raise DataUnavailableError(
             f"the King James Bible shipped with hypergradients ({where}) is missing from this installation: "
             "reinstall the package (pip install --force-reinstall hypergradients), or give PTB files in a "
-            "folder (data.root on the command line)") from None
+            "folder (data.root on the command line)"
+        ) from None
     try:
         text = gzip.decompress(raw).decode("ascii")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{where}: corrupt ({type(e).__name__}: {e}); reinstall the package "
-                              "(pip install --force-reinstall hypergradients)") from e
+        raise DataFormatError(
+            f"{where}: corrupt ({type(e).__name__}: {e}); reinstall the package "
+            "(pip install --force-reinstall hypergradients)"
+        ) from e
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) != KJV_VERSES:
-        raise DataFormatError(f"{where}: {len(lines):,} verses, expected {KJV_VERSES:,}; reinstall the "
-                              "package (pip install --force-reinstall hypergradients)")
+        raise DataFormatError(
+            f"{where}: {len(lines):,} verses, expected {KJV_VERSES:,}; reinstall the "
+            "package (pip install --force-reinstall hypergradients)"
+        )
     return lines
 
 
-def load_corpus(root: str | Path | None = None, *, vocab_size: int = 10_000,
-                bible_program: str | None = None) -> Corpus:
+def load_corpus(
+    root: str | Path | None = None, *, vocab_size: int = 10_000, bible_program: str | None = None
+) -> Corpus:
     """The PTB files in ``root`` when ``root`` is given, else the King James Bible (see the module).
 
     Args:
@@ -163,8 +188,10 @@ def load_corpus(root: str | Path | None = None, *, vocab_size: int = 10_000,
         folder = Path(root)
         have = [f for f in PTB_FILES if (folder / f).is_file()]
         if len(have) == len(PTB_FILES):
-            splits = [[tokenize(ln) for ln in (folder / f).read_text(encoding="utf-8").splitlines()
-                       if ln.strip()] for f in PTB_FILES]
+            splits = [
+                [tokenize(ln) for ln in (folder / f).read_text(encoding="utf-8").splitlines() if ln.strip()]
+                for f in PTB_FILES
+            ]
             if not splits[0] or not splits[1] or not splits[2]:
                 raise DataFormatError(f"a PTB file in {str(folder)!r} is empty")
             return _corpus("ptb", splits, vocab_size, f"Penn Treebank ({folder})")
@@ -173,13 +200,18 @@ def load_corpus(root: str | Path | None = None, *, vocab_size: int = 10_000,
         raise DataUnavailableError(
             f"{str(folder)!r} has {', '.join(have) if have else 'none of the PTB files'} but not "
             f"{', '.join(missing)}: put all three PTB files there, or give no folder (data.root='' on "
-            "the command line) for the King James Bible shipped with hypergradients")
+            "the command line) for the King James Bible shipped with hypergradients"
+        )
     verses = kjv_lines(bible_program)
     lines = [tokenize(v) for v in verses]
     a, b = int(0.9 * len(lines)), int(0.95 * len(lines))
     where = "shipped with hypergradients" if bible_program is None else "Debian bible-kjv"
-    return _corpus("kjv", [lines[:a], lines[a:b], lines[b:]], vocab_size,
-                   f"King James Bible ({where}, {len(lines):,} verses; 90/5/5 by position)")
+    return _corpus(
+        "kjv",
+        [lines[:a], lines[a:b], lines[b:]],
+        vocab_size,
+        f"King James Bible ({where}, {len(lines):,} verses; 90/5/5 by position)",
+    )
 
 
 def _corpus(name: str, splits: list[list[list[str]]], vocab_size: int, source: str) -> Corpus:
@@ -196,10 +228,10 @@ def batchify(ids: Tensor, seq_len: int, *, max_tokens: int = 0) -> tuple[Tensor,
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if max_tokens:
-        ids = ids[:max_tokens + 1]
+        ids = ids[: max_tokens + 1]
     n = (len(ids) - 1) // seq_len
     if n < 1:
         raise ValueError(f"{len(ids)} tokens make no sequence of {seq_len} (+1 target): lower seq_len")
-    x = ids[:n * seq_len].reshape(n, seq_len)
-    y = ids[1:n * seq_len + 1].reshape(n, seq_len)
+    x = ids[: n * seq_len].reshape(n, seq_len)
+    y = ids[1 : n * seq_len + 1].reshape(n, seq_len)
     return x, y

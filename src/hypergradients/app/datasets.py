@@ -101,8 +101,7 @@ _MNIST_HOWTO = (
     "  * or give the folder DIR: load_dataset(..., root=DIR) in Python, or the config key\n"
     "    data.root=DIR on the command line (hypergradients run NAME --set data.root=DIR), where\n"
     "    DIR/MNIST/raw/ (torchvision layout; DIR/raw/ or DIR/ itself also work) holds the four\n"
-    "    IDX files, each plain or gzipped (.gz):\n"
-    + "".join(f"        {f}\n" for f in MNIST_FILES)
+    "    IDX files, each plain or gzipped (.gz):\n" + "".join(f"        {f}\n" for f in MNIST_FILES)
 )
 
 _CIFAR_HOWTO = (
@@ -272,8 +271,10 @@ def _refuse_objects(dtype: np.dtype[Any]) -> np.dtype[Any]:
     # Object arrays hold Python objects rather than numbers; data files never need them, and
     # refusing them keeps anything callable out of what the loaders hand on.
     if dtype.hasobject:
-        raise pickle.UnpicklingError(f"refusing a numpy object array (dtype {dtype}) in a data pickle; "
-                                     "data files hold numeric arrays only")
+        raise pickle.UnpicklingError(
+            f"refusing a numpy object array (dtype {dtype}) in a data pickle; "
+            "data files hold numeric arrays only"
+        )
     return dtype
 
 
@@ -294,8 +295,10 @@ def _latin1(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes
     # Python 3 pickles bytes for protocol 2 as codecs.encode(str, "latin1"); that is the only use
     # allowed, so no other codec (zlib, bz2, ...) can be reached from a file.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) in a "
-                                     "data pickle; only latin1 text (pickled bytes) is expected")
+        raise pickle.UnpicklingError(
+            f"refusing _codecs.encode({type(text).__name__}, {encoding!r}) in a "
+            "data pickle; only latin1 text (pickled bytes) is expected"
+        )
     return text.encode("latin1")
 
 
@@ -328,7 +331,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _check_no_objects(obj: Any) -> None:
     todo = [obj]
-    while todo:   # iterative: a deeply nested pickle must not hit the recursion limit
+    while todo:  # iterative: a deeply nested pickle must not hit the recursion limit
         x = todo.pop()
         if isinstance(x, np.ndarray):
             _refuse_objects(x.dtype)
@@ -545,8 +548,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_cifar10(root: Path | None) -> _Raw:
     if root is None:
-        raise DataUnavailableError("cifar10 needs root=... (the config key data.root; it is never "
-                                   "downloaded). " + _CIFAR_HOWTO)
+        raise DataUnavailableError(
+            "cifar10 needs root=... (the config key data.root; it is never downloaded). " + _CIFAR_HOWTO
+        )
     folder = root / "cifar-10-batches-py"
     if not folder.is_dir() and (root / "data_batch_1").is_file():
         folder = root  # root is the batches folder itself

@@ -12,8 +12,15 @@ import sys
 from collections.abc import Sequence
 
 # The import names of the `cli` extra in pyproject.toml (tomli only where tomllib is missing).
-CLI_MODULES: tuple[str, ...] = ("numpy", "matplotlib", "tqdm", "sklearn", "mlxtend", "tomli_w",
-                                *(("tomli",) if sys.version_info < (3, 11) else ()))
+CLI_MODULES: tuple[str, ...] = (
+    "numpy",
+    "matplotlib",
+    "tqdm",
+    "sklearn",
+    "mlxtend",
+    "tomli_w",
+    *(("tomli",) if sys.version_info < (3, 11) else ()),
+)
 
 
 def missing_cli_modules() -> list[str]:
@@ -22,7 +29,7 @@ def missing_cli_modules() -> list[str]:
     for name in CLI_MODULES:
         try:
             found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):   # a broken or half-removed package counts as missing
+        except (ImportError, ValueError):  # a broken or half-removed package counts as missing
             found = False
         if not found:
             missing.append(name)
@@ -32,8 +39,11 @@ def missing_cli_modules() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     missing = missing_cli_modules()
     if missing:
-        print(f"hypergradients: the command line needs the 'cli' extra (missing: {', '.join(missing)}); "
-              "install it with: pip install 'hypergradients[cli]'", file=sys.stderr)
+        print(
+            f"hypergradients: the command line needs the 'cli' extra (missing: {', '.join(missing)}); "
+            "install it with: pip install 'hypergradients[cli]'",
+            file=sys.stderr,
+        )
         return 2
     from .cli import main as cli_main
 

@@ -21,8 +21,16 @@ class Progress:
     as a context manager).
     """
 
-    def __init__(self, total: int, *, desc: str, enabled: bool = True, unit: str = "step",
-                 stream: IO[str] | None = None, every: float = 0.05) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str,
+        enabled: bool = True,
+        unit: str = "step",
+        stream: IO[str] | None = None,
+        every: float = 0.05,
+    ) -> None:
         self.total = max(int(total), 0)
         self.desc = desc
         self.n = 0
@@ -37,8 +45,9 @@ class Progress:
         if enabled and _isatty(self._stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=self._stream, leave=False,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total, desc=desc, unit=unit, file=self._stream, leave=False, dynamic_ncols=True
+            )
 
     def update(self, n: int = 1) -> None:
         """Add ``n`` units done."""
@@ -70,8 +79,11 @@ class Progress:
         pct = 100.0 * self.n / self.total if self.total else 100.0
         post = "".join(f" {k}={v}" for k, v in self._fmt_post().items())
         took = time.perf_counter() - self._t0
-        print(f"{self.desc}: {pct:3.0f}% ({self.n}/{self.total}) {took:.1f} s{post}", file=self._stream,
-              flush=True)
+        print(
+            f"{self.desc}: {pct:3.0f}% ({self.n}/{self.total}) {took:.1f} s{post}",
+            file=self._stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         """End the display."""

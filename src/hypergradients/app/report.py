@@ -12,7 +12,7 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")   # headless: figures go to PNG files only
+matplotlib.use("Agg")  # headless: figures go to PNG files only
 import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
@@ -55,9 +55,15 @@ def text_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str
     return "\n".join(out)
 
 
-def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *,
-                keys: Sequence[str] = ("val_loss", "test_loss"), x: str = "inner_steps",
-                title: str = "", colors: Mapping[str, Any] | None = None) -> Path:
+def plot_curves(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: Path,
+    *,
+    keys: Sequence[str] = ("val_loss", "test_loss"),
+    x: str = "inner_steps",
+    title: str = "",
+    colors: Mapping[str, Any] | None = None,
+) -> Path:
     """One panel per metric in ``keys``, one line per run, against ``x`` (records lacking a key skipped).
 
     ``colors[name]`` fixes a run's colour (any matplotlib colour), so that it is the same in every
@@ -82,9 +88,14 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
     return path
 
 
-def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None = None,
-                trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None,
-                colors: Mapping[str, Any] | None = None) -> Path:
+def plot_decays(
+    values: Mapping[str, Tensor],
+    path: Path,
+    *,
+    init: float | None = None,
+    trajectories: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    colors: Mapping[str, Any] | None = None,
+) -> Path:
     """Histogram of learned decays (log10), one per run; optionally their trajectories beside it.
 
     ``values[name]`` holds all the learned decays of a run (one for a global decay, one per
@@ -101,11 +112,21 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
     for name, v in values.items():
         logv = torch.log10(v.detach().double().reshape(-1).clamp_min(1e-30))
         if logv.numel() == 1:
-            ax.axvline(float(logv[0]), ls="--", lw=1.8, label=f"{name} ({float(v.reshape(-1)[0]):.3g})",
-                       color=colors[name])
+            ax.axvline(
+                float(logv[0]),
+                ls="--",
+                lw=1.8,
+                label=f"{name} ({float(v.reshape(-1)[0]):.3g})",
+                color=colors[name],
+            )
         else:
-            ax.hist(logv.numpy(), bins=80, alpha=0.75, label=f"{name} ({logv.numel():,} values)",
-                    color=colors[name])
+            ax.hist(
+                logv.numpy(),
+                bins=80,
+                alpha=0.75,
+                label=f"{name} ({logv.numel():,} values)",
+                color=colors[name],
+            )
     if init is not None:
         ax.axvline(math.log10(init), color="k", lw=1, ls=":", label=f"initial ({init:g})")
     ax.set_xlabel("log10 weight decay")
@@ -130,8 +151,9 @@ def plot_decays(values: Mapping[str, Tensor], path: Path, *, init: float | None 
     return path
 
 
-def plot_augmented(fam: AugmentNet, x: Tensor, path: Path, *,
-                   stages: Sequence[tuple[str, Mapping[str, Tensor]]] = ()) -> Path:
+def plot_augmented(
+    fam: AugmentNet, x: Tensor, path: Path, *, stages: Sequence[tuple[str, Mapping[str, Tensor]]] = ()
+) -> Path:
     """Test images (top row), their augmentation by the network's weights (one row per ``(label,
     weights)`` of ``stages``, e.g. snapshots during training; default: the current weights, one
     row), and the change ``a(x, ε) − x`` of the last of them (bottom row).
@@ -151,8 +173,9 @@ def plot_augmented(fam: AugmentNet, x: Tensor, path: Path, *,
     largest = float(change.abs().max())
     m = largest or 1.0
     rows = [("original", x), *augmented]
-    fig, axes = plt.subplots(len(rows) + 1, len(x), figsize=(1.1 * len(x), 1.25 * (len(rows) + 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows) + 1, len(x), figsize=(1.1 * len(x), 1.25 * (len(rows) + 1)), squeeze=False
+    )
     for r, (label, imgs) in enumerate(rows):
         for j in range(len(x)):
             img = ((imgs[j].double().cpu() - lo) / (hi - lo)).clamp(0, 1)

@@ -108,16 +108,19 @@ def open_run(
     name, cfg = _experiment(d, read_toml(d / "config.toml"), experiment)
     if int(cfg.get("seeds", 1)) > 1:
         folders = ", ".join(str(d / f"seed{int(cfg['seed']) + i}") for i in range(int(cfg["seeds"])))
-        raise ConfigError(f"{str(d)!r} is a run of {cfg['seeds']} seeds, each a one-seed run in its own "
-                          f"folder: give one of {folders}")
+        raise ConfigError(
+            f"{str(d)!r} is a run of {cfg['seeds']} seeds, each a one-seed run in its own "
+            f"folder: give one of {folders}"
+        )
     (train, val, test), arms = experiment_arms(name, d, cfg, None, torch.device(device))
     present = [a for a in arms if (a.folder / CHECKPOINT).is_file()]
     missing = {a.name: f"{str(a.folder / CHECKPOINT)!r} does not exist" for a in arms if a not in present}
     return TunedRun(name, d, cfg, train, val, test, present, missing)
 
 
-def experiment_arms(experiment: str, folder: Path, cfg: Config, ds: Dataset | None,
-                    device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def experiment_arms(
+    experiment: str, folder: Path, cfg: Config, ds: Dataset | None, device: torch.device
+) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     """The train, validation and test sets and the tuned arms of a one-seed run of ``experiment``
     (one of :data:`SUPPORTED`) with the resolved configuration ``cfg`` in ``folder``, from the
     dataset ``ds`` its ``check`` returned (``None``: loaded here), on ``device``. Every arm the
@@ -135,8 +138,9 @@ def _adam(lr: float) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     return make
 
 
-def _weight_decay(d: Path, cfg: Config, ds: Dataset | None,
-                  device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _weight_decay(
+    d: Path, cfg: Config, ds: Dataset | None, device: torch.device
+) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import weight_decay as wd
 
     return wd.tuned_arms(d, cfg, ds, device)
@@ -150,8 +154,9 @@ def _overfit_validation(
     return ov.tuned_arms(d, cfg, ds, device)
 
 
-def _families(d: Path, cfg: Config, ds: Dataset | None,
-              device: torch.device) -> tuple[tuple[Data, Data, Data], list[Arm]]:
+def _families(
+    d: Path, cfg: Config, ds: Dataset | None, device: torch.device
+) -> tuple[tuple[Data, Data, Data], list[Arm]]:
     from .experiments import families as fx
 
     ds = (ds if ds is not None else fx.check(cfg)).to(device)
@@ -163,7 +168,8 @@ def _families(d: Path, cfg: Config, ds: Dataset | None,
     def model() -> nn.Module:
         torch.manual_seed(cfg["seed"])
         return shared.mlp(ds.num_features, cfg["model.hidden"], ds.num_classes, flatten=True).to(
-            device, xtr.dtype)
+            device, xtr.dtype
+        )
 
     def families(m: nn.Module) -> list[Family]:
         return fx._families(cfg, ds, m, xtr, ytr)

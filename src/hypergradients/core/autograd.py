@@ -61,7 +61,8 @@ _SECOND_ORDER = (
     "(∂F/∂w)ᵀu = v with {method}, whose iterations are not differentiated, so the gradient it returned "
     "has no derivative. The first derivative is exact under create_graph=True; for a second one "
     "(a Hessian-vector product of the outer loss, a gradient penalty through w*), differentiate through "
-    "the solver itself (call it undecorated, autograd through its iterations) or use hg.Unrolled")
+    "the solver itself (call it undecorated, autograd through its iterations) or use hg.Unrolled"
+)
 
 _TRANSFORMS = (
     "hg.{deco}'s node does not run under torch.func transforms (vmap, grad, jacrev, jvp, ...): its "
@@ -71,7 +72,8 @@ _TRANSFORMS = (
     "transform and "
     "differentiate with .backward() or torch.autograd.grad: for a batch of tasks, loop over them, or "
     "solve them as one problem whose weights and hyperparameters have a leading task dimension (the "
-    "conditions of independent tasks make a block-diagonal Jacobian: one solve serves all)")
+    "conditions of independent tasks make a block-diagonal Jacobian: one solve serves all)"
+)
 
 
 # ---------------------------------------------------------------------------------- dicts or tensors
@@ -93,8 +95,9 @@ def _as_tree(name: str, x: object, key: str) -> tuple[Tree, _Shape]:
     elif isinstance(x, Mapping):
         shape = _Shape(None)
     else:
-        raise HypergradientError(f"{name} must be a dict[str, Tensor] or a torch.Tensor, got "
-                                 f"{type(x).__name__}")
+        raise HypergradientError(
+            f"{name} must be a dict[str, Tensor] or a torch.Tensor, got {type(x).__name__}"
+        )
     if not x:
         raise HypergradientError(f"{name} is empty")
     for k, t in x.items():
@@ -173,6 +176,7 @@ class _Call:
             return self.lam_shape.pack({k: ll[k] if k in ll else const[k] for k in self.lam_keys})
 
         if p.kind == "argmin":
+
             def inner_loss(ww: Tree, ll: Tree) -> Tensor:
                 return p.fn(self.w_shape.pack(ww), full(ll), *self.args, **self.kwargs)
 
@@ -184,11 +188,11 @@ class _Call:
                 return {self.w_shape.key: out}
             return out
 
-        return Root(F, w, lam, fixed_point=p.fixed_point, symmetric=p.symmetric,
-                    hvp_mode=p.hvp_mode)  # type: ignore[arg-type]
+        return Root(F, w, lam, fixed_point=p.fixed_point, symmetric=p.symmetric, hvp_mode=p.hvp_mode)  # type: ignore[arg-type]
 
-    def gradient(self, w_star: list[Tensor], lam_vals: list[Tensor], cotangent: list[Tensor | None],
-                 needs: list[bool]) -> tuple[Tree, Info]:
+    def gradient(
+        self, w_star: list[Tensor], lam_vals: list[Tensor], cotangent: list[Tensor | None], needs: list[bool]
+    ) -> tuple[Tree, Info]:
         """``−(∂F/∂λ)ᵀu`` with ``(∂F/∂w)ᵀu = v`` for the hparams in ``needs``, and the :class:`Info`."""
         p = self.problem
         w = tree.clone_leaves(dict(zip(self.w_keys, w_star, strict=True)), requires_grad=True)
@@ -196,12 +200,14 @@ class _Call:
         wanted = [k for k, n in zip(self.lam_keys, needs, strict=True) if n]
         lam = tree.clone_leaves({k: lam_all[k] for k in wanted}, requires_grad=True)
         const = {k: t.detach() for k, t in lam_all.items() if k not in lam}
-        v = {k: torch.zeros_like(w[k]) if c is None else c.detach()
-             for k, c in zip(self.w_keys, cotangent, strict=True)}
+        v = {
+            k: torch.zeros_like(w[k]) if c is None else c.detach()
+            for k, c in zip(self.w_keys, cotangent, strict=True)
+        }
         cond = self.condition(w, lam, const)
         p.method.check_condition(cond)
         op = cond.operator()
-        if float(tree.norm(v)) == 0.0:   # the loss does not depend on w*: u = 0 whatever the operator
+        if float(tree.norm(v)) == 0.0:  # the loss does not depend on w*: u = 0 whatever the operator
             u, state, stats = tree.zeros_like(v), p.method.own_state(None), Stats(0, 0.0, True)
         else:
             u, state, stats = p.method.solve(op, v, None, residual=p.residual)
@@ -214,11 +220,23 @@ class _Call:
             raise NonFiniteHypergradientError(
                 f"the gradient of {bad!r} through hg.{p.decorator}'s node is not finite ({name}): check that "
                 "the solver returned a solution of the condition, that its Jacobian ∂F/∂w is non-singular "
-                "there, or the method's settings", key=bad, method=name)
+                "there, or the method's settings",
+                key=bad,
+                method=name,
+            )
         info_type = RootInfo if p.kind == "root" else Info
-        info = info_type(name, stats.iterations, op.products, stats.residual if p.residual else None,
-                         stats.converged, direct={}, extra={**stats.extra, **cond.facts()},
-                         state=state, condition_norm=float(tree.norm(cond.value())), transposed=op.transposed)
+        info = info_type(
+            name,
+            stats.iterations,
+            op.products,
+            stats.residual if p.residual else None,
+            stats.converged,
+            direct={},
+            extra={**stats.extra, **cond.facts()},
+            state=state,
+            condition_norm=float(tree.norm(cond.value())),
+            transposed=op.transposed,
+        )
         if p.kind == "argmin":
             info.grad_norm = info.condition_norm
         return g, info
@@ -236,10 +254,14 @@ class _Call:
                 "minimiser itself does not depend on them, so hg.custom_argmin's node would give them a "
                 "silent zero. To differentiate through the path, call the solver undecorated (autograd "
                 "through its steps) or use hg.Unrolled; to use them without a gradient, pass them detached "
-                "(or as an extra argument after hparams).")
-        warn_user(f"hparams {unused} require grad, but {what} does not depend on them: their gradient "
-                  f"through hg.{p.decorator}'s node is zero (pass them detached, or as an extra argument "
-                  "after hparams, to say so)", UnusedHyperparameterWarning)
+                "(or as an extra argument after hparams)."
+            )
+        warn_user(
+            f"hparams {unused} require grad, but {what} does not depend on them: their gradient "
+            f"through hg.{p.decorator}'s node is zero (pass them detached, or as an extra argument "
+            "after hparams, to say so)",
+            UnusedHyperparameterWarning,
+        )
 
 
 class _SecondOrderRefused(torch.autograd.Function):
@@ -272,7 +294,7 @@ class ImplicitSolution(torch.autograd.Function):
         lam_vals, w_star = list(saved[:n]), list(saved[n:])
         needs = list(ctx.needs_input_grad[2:])
         create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():   # the condition's own graph, whatever mode the backward runs in
+        with torch.enable_grad():  # the condition's own graph, whatever mode the backward runs in
             g, info = call.gradient(w_star, lam_vals, list(cotangent), needs)
         call.owner.last_info = info
         out: list[Tensor | None] = [g.get(k) for k in call.lam_keys]
@@ -304,8 +326,10 @@ class ImplicitSolver:
 
     def __init__(self, solver: Callable[..., Any], problem: _Problem) -> None:
         if not callable(solver):
-            raise HypergradientError(f"hg.{problem.decorator}(...) decorates a solver function "
-                                     f"solver(init, hparams, ...); got {type(solver).__name__}")
+            raise HypergradientError(
+                f"hg.{problem.decorator}(...) decorates a solver function "
+                f"solver(init, hparams, ...); got {type(solver).__name__}"
+            )
         self.solver = solver
         self.problem = problem
         self.last_info: Info | None = None
@@ -318,12 +342,17 @@ class ImplicitSolver:
         depend on it.
         """
         lam, lam_shape = self._check(hparams, args, kwargs)
-        with torch.enable_grad():   # a solver may use autograd (gradient steps, torch.optim)
+        with torch.enable_grad():  # a solver may use autograd (gradient steps, torch.optim)
             out = self.solver(_detached(init), lam_shape.pack(tree.detach(lam)), *args, **kwargs)
         return self._node(out, lam, lam_shape, args, kwargs, name="the solver's result")
 
-    def attach(self, params: Mapping[str, Tensor] | Tensor, hparams: Mapping[str, Tensor] | Tensor,
-               *args: Any, **kwargs: Any) -> Any:
+    def attach(
+        self,
+        params: Mapping[str, Tensor] | Tensor,
+        hparams: Mapping[str, Tensor] | Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         """``params``, already a solution at ``hparams`` (trained by your own loop), as ``w*(λ)``: the same
         values, differentiable w.r.t. ``hparams`` through the implicit function theorem."""
         lam, lam_shape = self._check(hparams, args, kwargs)
@@ -339,11 +368,20 @@ class ImplicitSolver:
             raise HypergradientError(
                 f"{', '.join(live)} require grad, but the arguments after hparams are not differentiated by "
                 f"hg.{deco}'s node, so their gradient would be silently lost: put them in hparams (a DEQ "
-                "layer's input x, say), or detach them")
+                "layer's input x, say), or detach them"
+            )
         return lam, shape
 
-    def _node(self, out: object, lam: Tree, lam_shape: _Shape, args: tuple[Any, ...], kwargs: dict[str, Any],
-              *, name: str) -> Any:
+    def _node(
+        self,
+        out: object,
+        lam: Tree,
+        lam_shape: _Shape,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        name: str,
+    ) -> Any:
         w, w_shape = _as_tree(name, out, "params")
         w_star = [t.detach() for t in w.values()]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in lam.values()):
@@ -365,13 +403,20 @@ def _check_method(method: Method | None, default: ImplicitMethod, deco: str) -> 
             f"hg.{deco}'s method must be an implicit method (hg.CG, hg.GMRES, hg.Exact, hg.Neumann, "
             f"hg.MINRES, ..., or a subclass of hg.ImplicitMethod), got {method!r}. Differentiating through "
             "the solver's path (hg.Unrolled, hg.Forward) needs no node: call the solver undecorated and let "
-            "autograd follow its steps")
+            "autograd follow its steps"
+        )
     return method
 
 
-def custom_root(condition: Callable[..., Any], *, method: Method | None = None, fixed_point: bool = False,
-                symmetric: bool = False, hvp_mode: Literal["reverse", "finite-difference"] = "reverse",
-                residual: bool = False) -> Callable[[Callable[..., Any]], ImplicitSolver]:
+def custom_root(
+    condition: Callable[..., Any],
+    *,
+    method: Method | None = None,
+    fixed_point: bool = False,
+    symmetric: bool = False,
+    hvp_mode: Literal["reverse", "finite-difference"] = "reverse",
+    residual: bool = False,
+) -> Callable[[Callable[..., Any]], ImplicitSolver]:
     r"""Decorate a solver of ``F(w, λ) = 0`` (or of a fixed point ``w = T(w, λ)``) so that autograd
     differentiates its result by the implicit function theorem.
 
@@ -404,11 +449,15 @@ def custom_root(condition: Callable[..., Any], *, method: Method | None = None, 
         differentiated (a tensor among them that requires grad is refused: put it in ``hparams``).
     """
     if not callable(condition):
-        raise HypergradientError(f"hg.custom_root's condition must be a callable (params, hparams) -> F, "
-                                 f"got {type(condition).__name__}")
+        raise HypergradientError(
+            f"hg.custom_root's condition must be a callable (params, hparams) -> F, "
+            f"got {type(condition).__name__}"
+        )
     if hvp_mode not in ("reverse", "finite-difference"):
-        raise HypergradientError(f"hg.custom_root's hvp_mode must be 'reverse' (VJPs of F) or "
-                                 f"'finite-difference' (symmetric conditions only), got {hvp_mode!r}")
+        raise HypergradientError(
+            f"hg.custom_root's hvp_mode must be 'reverse' (VJPs of F) or "
+            f"'finite-difference' (symmetric conditions only), got {hvp_mode!r}"
+        )
     if hvp_mode == "finite-difference" and not symmetric:
         raise HypergradientError(_FD_NEEDS_SYMMETRY)
     m = _check_method(method, GMRES(), "custom_root")
@@ -416,14 +465,19 @@ def custom_root(condition: Callable[..., Any], *, method: Method | None = None, 
         raise HypergradientError(
             f"hg.{type(m).__name__} needs a {m.requires} Jacobian; hg.custom_root's condition need not be "
             "symmetric: use hg.GMRES (the default) or hg.BiCGStab; pass symmetric=True if ∂F/∂w is "
-            "symmetric (F the gradient of a loss), or use hg.custom_argmin(inner_loss) for F = ∂L_T/∂w")
+            "symmetric (F the gradient of a loss), or use hg.custom_argmin(inner_loss) for F = ∂L_T/∂w"
+        )
     problem = _Problem("root", condition, m, bool(fixed_point), bool(symmetric), hvp_mode, bool(residual))
     return functools.partial(ImplicitSolver, problem=problem)
 
 
-def custom_argmin(inner_loss: Callable[..., Tensor], *, method: Method | None = None,
-                  hvp_mode: HvpMode = "reverse",
-                  residual: bool = False) -> Callable[[Callable[..., Any]], ImplicitSolver]:
+def custom_argmin(
+    inner_loss: Callable[..., Tensor],
+    *,
+    method: Method | None = None,
+    hvp_mode: HvpMode = "reverse",
+    residual: bool = False,
+) -> Callable[[Callable[..., Any]], ImplicitSolver]:
     r"""Decorate a minimiser of ``inner_loss(params, hparams)`` so that autograd differentiates its result
     by the implicit function theorem (the condition ``∂L_T/∂w = 0``).
 
@@ -457,11 +511,14 @@ def custom_argmin(inner_loss: Callable[..., Tensor], *, method: Method | None = 
         :class:`~hypergradients.PathOnlyHyperparameterError`.
     """
     if not callable(inner_loss):
-        raise HypergradientError(f"hg.custom_argmin's inner_loss must be a callable (params, hparams) -> "
-                                 f"scalar, got {type(inner_loss).__name__}")
+        raise HypergradientError(
+            f"hg.custom_argmin's inner_loss must be a callable (params, hparams) -> "
+            f"scalar, got {type(inner_loss).__name__}"
+        )
     if hvp_mode not in HVP_MODES:
-        raise HypergradientError(f"hg.custom_argmin's hvp_mode must be one of "
-                                 f"{', '.join(map(repr, HVP_MODES))}, got {hvp_mode!r}")
+        raise HypergradientError(
+            f"hg.custom_argmin's hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got {hvp_mode!r}"
+        )
     m = _check_method(method, CG(), "custom_argmin")
     problem = _Problem("argmin", inner_loss, m, False, True, hvp_mode, bool(residual))
     return functools.partial(ImplicitSolver, problem=problem)

@@ -102,20 +102,24 @@ class Stationarity:
         return {}
 
 
-def call_condition(condition: ConditionFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], *,
-                   fixed_point: bool) -> Tree:
+def call_condition(
+    condition: ConditionFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], *, fixed_point: bool
+) -> Tree:
     """``F(w, λ)``, or ``w − T(w, λ)`` for a fixed point, checked to be shaped like ``w``."""
     name = "the fixed-point map T" if fixed_point else "condition"
     out = condition(dict(w), dict(lam))
     if not isinstance(out, Mapping) or out.keys() != w.keys():
         got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-        raise HypergradientError(f"{name}(params, hparams) must return a dict with the keys of params "
-                                 f"{sorted(w)}, got {got}")
+        raise HypergradientError(
+            f"{name}(params, hparams) must return a dict with the keys of params {sorted(w)}, got {got}"
+        )
     for k, t in out.items():
         if not isinstance(t, Tensor) or t.shape != w[k].shape:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise HypergradientError(f"{name}(params, hparams)[{k!r}] must have the shape of params[{k!r}], "
-                                     f"{tuple(w[k].shape)}; got {shape}")
+            raise HypergradientError(
+                f"{name}(params, hparams)[{k!r}] must have the shape of params[{k!r}], "
+                f"{tuple(w[k].shape)}; got {shape}"
+            )
     return {k: w[k] - out[k] for k in w} if fixed_point else dict(out)
 
 
@@ -124,7 +128,8 @@ _FD_NEEDS_SYMMETRY = (
     "give (∂F/∂w)x, while the transpose solve needs (∂F/∂w)ᵀx, and the two agree only when ∂F/∂w is "
     "symmetric (F the gradient of some loss). Pass symmetric=True if it is; otherwise use "
     "hvp_mode='reverse' (vector-Jacobian products of F, which need its first derivative), or, for "
-    "F = ∂L_T/∂w with L_T at hand, hg.hypergradient(..., hvp_mode='finite-difference')")
+    "F = ∂L_T/∂w with L_T at hand, hg.hypergradient(..., hvp_mode='finite-difference')"
+)
 
 
 class Root:
@@ -156,32 +161,43 @@ class Root:
 
     name = "the condition"
 
-    def __init__(self, condition: ConditionFn, w: Tree, lam: Tree, *, fixed_point: bool = False,
-                 symmetric: bool = False, hvp_mode: RootMode = "reverse") -> None:
+    def __init__(
+        self,
+        condition: ConditionFn,
+        w: Tree,
+        lam: Tree,
+        *,
+        fixed_point: bool = False,
+        symmetric: bool = False,
+        hvp_mode: RootMode = "reverse",
+    ) -> None:
         if hvp_mode not in ("reverse", "finite-difference"):
             raise HypergradientError(
                 "hvp_mode for a root condition must be 'reverse' (vector-Jacobian products of F) or "
                 "'finite-difference' (central differences of F, symmetric conditions only), got "
-                f"{hvp_mode!r}")
+                f"{hvp_mode!r}"
+            )
         if hvp_mode == "finite-difference" and not symmetric:
             raise HypergradientError(_FD_NEEDS_SYMMETRY)
         self.condition, self.w, self.lam = condition, w, lam
         self.fixed_point, self.symmetric, self.hvp_mode = bool(fixed_point), bool(symmetric), hvp_mode
         self.evaluations = 0
         if hvp_mode == "finite-difference":
-            self._rng = _RngReplay(list(w.values()))   # before F's first evaluation: replayed by the others
+            self._rng = _RngReplay(list(w.values()))  # before F's first evaluation: replayed by the others
         self.F = call_condition(condition, w, lam, fixed_point=fixed_point)
         self.evaluations += 1
         if not tree.all_finite(self.F):
-            raise HypergradientError(f"the condition is not finite at these weights (leaf "
-                                     f"{tree.first_nonfinite(self.F)!r}); pass the root or fixed point")
+            raise HypergradientError(
+                f"the condition is not finite at these weights (leaf "
+                f"{tree.first_nonfinite(self.F)!r}); pass the root or fixed point"
+            )
         self.live = [k for k, t in self.F.items() if t.requires_grad]
         if hvp_mode == "reverse":
             self._refuse_once_differentiable()
-        self.double_vjp = False   # (∂F/∂w)x by a VJP of a VJP (forward mode failed)
+        self.double_vjp = False  # (∂F/∂w)x by a VJP of a VJP (forward mode failed)
         self._fwd_error: RuntimeError | None = None
         self._u: Tree = {}
-        self._Atu: list[tuple[str, Tensor]] | None = None   # (key, ((∂F/∂w)ᵀu)_key), built at the first use
+        self._Atu: list[tuple[str, Tensor]] | None = None  # (key, ((∂F/∂w)ᵀu)_key), built at the first use
 
     def _refuse_once_differentiable(self) -> None:
         bad = _once_differentiable_node([self.F[k] for k in self.live])
@@ -196,7 +212,8 @@ class Root:
             "needs first-order gradients only, or root_hypergradient(..., symmetric=True, "
             'hvp_mode="finite-difference"), which needs no derivative of F; otherwise write the condition '
             "with operations that have a derivative (a custom autograd.Function whose backward is itself "
-            "differentiable, plain torch ops)")
+            "differentiable, plain torch ops)"
+        )
 
     # ------------------------------------------------------------------ the Condition protocol
     def value(self) -> Tree:
@@ -204,10 +221,21 @@ class Root:
 
     def operator(self) -> LinearOperator:
         if self.hvp_mode == "finite-difference":
-            return LinearOperator(self._fd_jvp, batched=self._fd_jvp_batched, symmetric=True,
-                                  name="(∂F/∂w)ᵀ", fixed_point=self.fixed_point)
-        return LinearOperator(self._vjp_w, rmatvec=self._jvp, batched=self._vjp_w_batched,
-                              symmetric=self.symmetric, name="(∂F/∂w)ᵀ", fixed_point=self.fixed_point)
+            return LinearOperator(
+                self._fd_jvp,
+                batched=self._fd_jvp_batched,
+                symmetric=True,
+                name="(∂F/∂w)ᵀ",
+                fixed_point=self.fixed_point,
+            )
+        return LinearOperator(
+            self._vjp_w,
+            rmatvec=self._jvp,
+            batched=self._vjp_w_batched,
+            symmetric=self.symmetric,
+            name="(∂F/∂w)ᵀ",
+            fixed_point=self.fixed_point,
+        )
 
     def mixed_vjp(self, u: Tree) -> tuple[Tree, set[str]]:
         if self.hvp_mode == "finite-difference":
@@ -228,9 +256,13 @@ class Root:
         """``(∂F/∂inputs)ᵀ x`` (this rank's) and the keys of ``inputs`` that ``F`` depends on."""
         if not self.live:
             return tree.zeros_like(inputs), set()
-        out = torch.autograd.grad([self.F[k] for k in self.live], list(inputs.values()),
-                                  grad_outputs=[x[k] for k in self.live], retain_graph=True,
-                                  allow_unused=True)
+        out = torch.autograd.grad(
+            [self.F[k] for k in self.live],
+            list(inputs.values()),
+            grad_outputs=[x[k] for k in self.live],
+            retain_graph=True,
+            allow_unused=True,
+        )
         return tree.as_tree(out, inputs), {k for k, g in zip(inputs, out, strict=True) if g is not None}
 
     def _vjp_w(self, x: Tree) -> Tree:
@@ -245,17 +277,24 @@ class Root:
             local = {k: torch.zeros((m, *t.shape), dtype=t.dtype, device=t.device) for k, t in self.w.items()}
         else:
             try:
-                out = torch.autograd.grad([self.F[k] for k in self.live], list(self.w.values()),
-                                          grad_outputs=[xs[k] for k in self.live], retain_graph=True,
-                                          allow_unused=True, is_grads_batched=True)
-                local = {k: (torch.zeros((m, *t.shape), dtype=t.dtype, device=t.device) if g is None else g)
-                         for (k, t), g in zip(self.w.items(), out, strict=True)}
+                out = torch.autograd.grad(
+                    [self.F[k] for k in self.live],
+                    list(self.w.values()),
+                    grad_outputs=[xs[k] for k in self.live],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+                local = {
+                    k: (torch.zeros((m, *t.shape), dtype=t.dtype, device=t.device) if g is None else g)
+                    for (k, t), g in zip(self.w.items(), out, strict=True)
+                }
             except RuntimeError:  # an operation without a batching rule: one VJP per row below
                 local = None
         if local is None:
             rows = [self._vjp({k: t[i] for k, t in xs.items()}, self.w)[0] for i in range(m)]
             local = {k: torch.stack([r[k] for r in rows]) for k in self.w}
-        return distributed.average([local])[0]   # the whole batch in one all-reduce
+        return distributed.average([local])[0]  # the whole batch in one all-reduce
 
     def _jvp(self, x: Tree) -> Tree:
         """``(∂F/∂w) x``, one forward-mode JVP of the condition (or a VJP of a VJP, where forward mode
@@ -288,9 +327,13 @@ class Root:
         if not self._Atu:
             return zeros
         try:
-            back = torch.autograd.grad([t for _, t in self._Atu], [self._u[k] for k in self.live],
-                                       grad_outputs=[x[k] for k, _ in self._Atu], retain_graph=True,
-                                       allow_unused=True)
+            back = torch.autograd.grad(
+                [t for _, t in self._Atu],
+                [self._u[k] for k in self.live],
+                grad_outputs=[x[k] for k, _ in self._Atu],
+                retain_graph=True,
+                allow_unused=True,
+            )
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:
@@ -301,9 +344,14 @@ class Root:
         """``(∂F/∂w)ᵀu`` with its graph to ``u`` (leaves, zero), the pieces that depend on ``u``."""
         self._u = {k: torch.zeros_like(self.F[k], requires_grad=True) for k in self.live}
         try:
-            Atu = torch.autograd.grad([self.F[k] for k in self.live], list(self.w.values()),
-                                      grad_outputs=[self._u[k] for k in self.live], retain_graph=True,
-                                      create_graph=True, allow_unused=True)
+            Atu = torch.autograd.grad(
+                [self.F[k] for k in self.live],
+                list(self.w.values()),
+                grad_outputs=[self._u[k] for k in self.live],
+                retain_graph=True,
+                create_graph=True,
+                allow_unused=True,
+            )
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:
@@ -312,25 +360,37 @@ class Root:
         bad = _once_differentiable_node([t for _, t in pieces])
         if bad is not None:
             what = once_differentiable_culprits(list(self.F.values()), bad)
-            raise self._no_jvp(RuntimeError(f"the VJP of the condition runs through {what}, whose "
-                                            "derivative autograd would silently drop"))
+            raise self._no_jvp(
+                RuntimeError(
+                    f"the VJP of the condition runs through {what}, whose "
+                    "derivative autograd would silently drop"
+                )
+            )
         return pieces
 
     def _no_jvp(self, err: RuntimeError) -> HypergradientError:
         assert self._fwd_error is not None
-        fwd = forward_mode_error(self._fwd_error, what="NormalCG's product (∂F/∂w)x",
-                                 fix="The reverse-mode alternative, a VJP of a VJP, needs a second "
-                                     f"derivative of the condition and failed too: {err}")
-        return HypergradientError(f"{fwd}. Use hg.GMRES or hg.BiCGStab, which need only VJPs of the "
-                                  "condition")
+        fwd = forward_mode_error(
+            self._fwd_error,
+            what="NormalCG's product (∂F/∂w)x",
+            fix="The reverse-mode alternative, a VJP of a VJP, needs a second "
+            f"derivative of the condition and failed too: {err}",
+        )
+        return HypergradientError(
+            f"{fwd}. Use hg.GMRES or hg.BiCGStab, which need only VJPs of the condition"
+        )
 
     # ------------------------------------------------------------------ finite differences
     def _evaluate(self, w: Mapping[str, Tensor], lam: Mapping[str, Tensor]) -> Tree:
         """``F`` at another point, detached, with the random-number state of the first evaluation."""
         self.evaluations += 1
         with self._rng.replay(), torch.enable_grad():
-            out = call_condition(self.condition, tree.clone_leaves(w, requires_grad=True),
-                                 tree.clone_leaves(lam, requires_grad=False), fixed_point=self.fixed_point)
+            out = call_condition(
+                self.condition,
+                tree.clone_leaves(w, requires_grad=True),
+                tree.clone_leaves(lam, requires_grad=False),
+                fixed_point=self.fixed_point,
+            )
             return tree.detach(out)
 
     def _fd_jvp_local(self, x: Mapping[str, Tensor]) -> Tree:
@@ -372,9 +432,13 @@ class Root:
         if not self.live:
             return set()
         try:
-            out = torch.autograd.grad([self.F[k] for k in self.live], list(self.lam.values()),
-                                      grad_outputs=[torch.ones_like(self.F[k]) for k in self.live],
-                                      retain_graph=True, allow_unused=True)
+            out = torch.autograd.grad(
+                [self.F[k] for k in self.live],
+                list(self.lam.values()),
+                grad_outputs=[torch.ones_like(self.F[k]) for k in self.live],
+                retain_graph=True,
+                allow_unused=True,
+            )
         except RuntimeError:
             return set()
         return {k for k, g in zip(self.lam, out, strict=True) if g is not None}

@@ -60,7 +60,8 @@ _NO_DOUBLE_BACKWARD = (
     "double backward (fused attention kernels such as scaled_dot_product_attention, custom "
     "autograd.Functions with a @once_differentiable backward, many custom CUDA ops): pass "
     'hvp_mode="finite-difference" to hg.hypergradient or hg.HyperOptimizer, which needs first-order '
-    'gradients only.')
+    "gradients only."
+)
 
 
 def forward_mode_error(err: BaseException, *, what: str, fix: str) -> HypergradientError:
@@ -73,14 +74,18 @@ def forward_mode_error(err: BaseException, *, what: str, fix: str) -> Hypergradi
     """
     msg = str(err).rstrip(". ")
     if "ZeroTensors are immutable" in msg:
-        cause = ("This is a known PyTorch bug in forward-mode AD, not an error in the losses: the "
-                 "forward-mode derivative of some backward formulas writes into an immutable zero tensor "
-                 "(F.mse_loss with reduction='mean' is one; write it out as ((a - b) ** 2).mean(), which "
-                 "computes the same loss without that formula)")
+        cause = (
+            "This is a known PyTorch bug in forward-mode AD, not an error in the losses: the "
+            "forward-mode derivative of some backward formulas writes into an immutable zero tensor "
+            "(F.mse_loss with reduction='mean' is one; write it out as ((a - b) ** 2).mean(), which "
+            "computes the same loss without that formula)"
+        )
     else:
-        cause = ("The usual cause: an operation without a forward-mode derivative (fused kernels such as "
-                 "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom "
-                 "autograd.Functions without setup_context and jvp)")
+        cause = (
+            "The usual cause: an operation without a forward-mode derivative (fused kernels such as "
+            "scaled_dot_product_attention on CPU, the backward of F.huber_loss, custom "
+            "autograd.Functions without setup_context and jvp)"
+        )
     return HypergradientError(f"{what} failed in forward-mode AD: {msg}. {cause}. {fix}")
 
 
@@ -100,13 +105,17 @@ def fd_step(x: Mapping[str, Tensor], direction: Mapping[str, Tensor]) -> float:
     dn = float(_detached_norm(direction)) if direction else 0.0
     if dn == 0.0:
         return 0.0
-    eps = max((torch.finfo(t.dtype).eps for t in x.values() if t.is_floating_point()),
-              default=torch.finfo(torch.float64).eps)
+    eps = max(
+        (torch.finfo(t.dtype).eps for t in x.values() if t.is_floating_point()),
+        default=torch.finfo(torch.float64).eps,
+    )
     xn = float(_detached_norm(x)) if x else 0.0
     step = eps ** (1.0 / 3.0) * (1.0 + xn) / dn
     if not (step > 0 and math.isfinite(step)):
-        raise HypergradientError(f"finite-difference step is {step!r} (‖x‖ = {xn:g}, ‖d‖ = {dn:g}); the "
-                                 "weights or the direction are not finite")
+        raise HypergradientError(
+            f"finite-difference step is {step!r} (‖x‖ = {xn:g}, ‖d‖ = {dn:g}); the "
+            "weights or the direction are not finite"
+        )
     return step
 
 
@@ -123,8 +132,13 @@ class _RngReplay:
     """
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.devices = sorted({torch.cuda.current_device() if t.device.index is None else t.device.index
-                               for t in tensors if t.device.type == "cuda"})
+        self.devices = sorted(
+            {
+                torch.cuda.current_device() if t.device.index is None else t.device.index
+                for t in tensors
+                if t.device.type == "cuda"
+            }
+        )
         self.cpu = torch.get_rng_state()
         self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
 
@@ -197,8 +211,18 @@ def once_differentiable_on_weights(outputs: Sequence[Tensor], weights: Sequence[
             stack.extend((f, False) for f, _ in node.next_functions if f is not None and f not in seen)  # type: ignore[attr-defined]
     reaches: dict[object, bool] = {}
     for node in order:
-        hit = node in stops or id(getattr(node, "variable", None)) in leaf_ids or (
-            node not in stops and any(reaches.get(f, False) for f, _ in node.next_functions if f is not None))  # type: ignore[attr-defined]
+        hit = (
+            node in stops
+            or id(getattr(node, "variable", None)) in leaf_ids
+            or (
+                node not in stops
+                and any(
+                    reaches.get(f, False)
+                    for f, _ in node.next_functions  # type: ignore[attr-defined]
+                    if f is not None
+                )
+            )
+        )
         reaches[node] = hit
         cls = getattr(node, "_forward_cls", None)
         if hit and cls is not None and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
@@ -214,49 +238,69 @@ def once_differentiable_culprits(outputs: Sequence[Tensor], node: str) -> str:
     loss, or the tensors a gradient's graph saved), by their backward's code object. ``node``:
     the name of the ``Error`` node, for the message when no such Function is found.
     """
-    names = sorted({cls.__name__ for node in _graph(outputs)
-                    if (cls := getattr(node, "_forward_cls", None)) is not None
-                    and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE})
+    names = sorted(
+        {
+            cls.__name__
+            for node in _graph(outputs)
+            if (cls := getattr(node, "_forward_cls", None)) is not None
+            and getattr(cls.backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+        }
+    )
     if names:
         return f"the custom autograd.Function {', '.join(names)} (its backward is @once_differentiable)"
-    return (f"an operation whose backward is once-differentiable ({node} in the gradient's graph: a custom "
-            "autograd.Function with a @once_differentiable backward, or an extension op's)")
+    return (
+        f"an operation whose backward is once-differentiable ({node} in the gradient's graph: a custom "
+        "autograd.Function with a @once_differentiable backward, or an extension op's)"
+    )
 
 
-def _double_backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
-                     ) -> tuple[Tensor | None, ...]:
+def _double_backward(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` through a gradient's graph; a missing double backward names the fix."""
     try:
-        return torch.autograd.grad(list(outputs), list(inputs), grad_outputs=list(grad_outputs),
-                                   retain_graph=True, allow_unused=True)
+        return torch.autograd.grad(
+            list(outputs), list(inputs), grad_outputs=list(grad_outputs), retain_graph=True, allow_unused=True
+        )
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as e:
         raise HypergradientError(_NO_DOUBLE_BACKWARD.format(err=e)) from e
 
 
-def scalar_loss(loss_fn: LossFn, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                *, name: str) -> Tensor:
+def scalar_loss(
+    loss_fn: LossFn, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], *, name: str
+) -> Tensor:
     """Call a loss and check that it returned a finite scalar tensor (errors name the loss)."""
     out = loss_fn(dict(params), dict(hparams))
     if not isinstance(out, Tensor):
         raise HypergradientError(
-            f"{name}(params, hparams) must return a torch.Tensor, got {type(out).__name__}")
+            f"{name}(params, hparams) must return a torch.Tensor, got {type(out).__name__}"
+        )
     if out.numel() != 1:
         raise HypergradientError(
             f"{name}(params, hparams) must return a scalar, got a tensor of shape {tuple(out.shape)}; "
-            "reduce it (e.g. .mean()) inside the loss")
+            "reduce it (e.g. .mean()) inside the loss"
+        )
     out = out.reshape(())
     if not bool(torch.isfinite(out)):
         raise HypergradientError(f"{name}(params, hparams) returned a non-finite value ({out.item()})")
     return out
 
 
-def grad(loss: Tensor, inputs: Mapping[str, Tensor], *, create_graph: bool = False,
-         retain_graph: bool | None = None) -> Tree:
+def grad(
+    loss: Tensor,
+    inputs: Mapping[str, Tensor],
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> Tree:
     """``∂loss/∂inputs`` as a tree; inputs the loss does not use get zeros."""
-    vals = torch.autograd.grad(loss, list(inputs.values()), create_graph=create_graph,
-                               retain_graph=retain_graph, allow_unused=True)
+    vals = torch.autograd.grad(
+        loss, list(inputs.values()), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return tree.as_tree(vals, inputs)
 
 
@@ -279,11 +323,13 @@ class InnerDerivatives:
     gradient.
     """
 
-    def __init__(self, inner_loss: LossFn, params: Tree, hparams: Tree, *,
-                 hvp_mode: HvpMode = "reverse") -> None:
+    def __init__(
+        self, inner_loss: LossFn, params: Tree, hparams: Tree, *, hvp_mode: HvpMode = "reverse"
+    ) -> None:
         if hvp_mode not in HVP_MODES:
-            raise HypergradientError(f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, "
-                                     f"got {hvp_mode!r}")
+            raise HypergradientError(
+                f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got {hvp_mode!r}"
+            )
         self.inner_loss = inner_loss
         self.params = params
         self.hparams = hparams
@@ -307,30 +353,41 @@ class InnerDerivatives:
         # its second derivative silently, so both modes refuse.
         bad = _once_differentiable_node(self._outs)
         if bad is not None:
-            raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
-                err=f"the gradient of inner_loss was built through "
+            raise HypergradientError(
+                _NO_DOUBLE_BACKWARD.format(
+                    err=f"the gradient of inner_loss was built through "
                     f"{once_differentiable_culprits([self.loss, *self._outs], bad)}, whose second "
-                    "derivative autograd would silently drop"))
+                    "derivative autograd would silently drop"
+                )
+            )
         # The same backward fed a gradient that needs no graph leaves no Error node: look in L_T itself.
         fn = once_differentiable_on_weights([self.loss], self._w_in)
         if fn is not None:
-            raise HypergradientError(_NO_DOUBLE_BACKWARD.format(
-                err=f"inner_loss goes through the custom autograd.Function {fn}, whose backward is "
-                    "@once_differentiable: autograd would silently drop its second derivative"))
+            raise HypergradientError(
+                _NO_DOUBLE_BACKWARD.format(
+                    err=f"inner_loss goes through the custom autograd.Function {fn}, whose backward is "
+                    "@once_differentiable: autograd would silently drop its second derivative"
+                )
+            )
 
     def _init_fd(self) -> None:
         # The RNG state before the first call of L_T: every later evaluation replays it.
         self._rng = _RngReplay(self._w_in)
         self.loss = scalar_loss(self.inner_loss, self.params, self.hparams, name="inner_loss")
         both = self._w_in + list(self.hparams.values())
-        raw = torch.autograd.grad(self.loss, both, allow_unused=True) if self.loss.requires_grad \
+        raw = (
+            torch.autograd.grad(self.loss, both, allow_unused=True)
+            if self.loss.requires_grad
             else (None,) * len(both)
-        self.grad = tree.as_tree(raw[:len(self._w_in)], self.params)
+        )
+        self.grad = tree.as_tree(raw[: len(self._w_in)], self.params)
         self._live = []
         self._outs = []
         # Without a graph of ∂L_T/∂w the mixed VJP cannot see which λ it depends on: it reports
         # those that L_T uses at all (a λ in L_T that does not touch w gets an exact zero).
-        self._fd_used = {k for k, g in zip(self.hparams, raw[len(self._w_in):], strict=True) if g is not None}
+        self._fd_used = {
+            k for k, g in zip(self.hparams, raw[len(self._w_in) :], strict=True) if g is not None
+        }
 
     def _fd_grad(self, w: Mapping[str, Tensor], *, of: Literal["w", "lam"]) -> Tree:
         """``∇_w L_T`` or ``∇_λ L_T`` at ``(w, λ)``, first order, with the replayed RNG state."""
@@ -345,7 +402,8 @@ class InnerDerivatives:
                 raise HypergradientError(
                     f"{e} at a finite-difference point w ± εd (‖εd‖ = ∛eps·(1 + ‖w‖), see fd_step): the loss "
                     "must be defined around the weights; use hvp_mode='reverse' or move away from the "
-                    "boundary of its domain") from e
+                    "boundary of its domain"
+                ) from e
             return grad(loss, wrt) if loss.requires_grad else tree.zeros_like(wrt)
 
     def _fd_central(self, d: Mapping[str, Tensor], *, of: Literal["w", "lam"]) -> Tree | None:
@@ -374,8 +432,10 @@ class InnerDerivatives:
         if not self._live:
             return tree.zeros_like(self.params)
         out = _double_backward(self._outs, self._w_in, [v[k] for k in self._live])
-        return {k: (torch.zeros_like(ref) if g is None else g)
-                for k, ref, g in zip(self._keys, self._w_in, out, strict=True)}
+        return {
+            k: (torch.zeros_like(ref) if g is None else g)
+            for k, ref, g in zip(self._keys, self._w_in, out, strict=True)
+        }
 
     def hvp_batched(self, vs: Mapping[str, Tensor]) -> Tree:
         """``H v_i`` for a batch: every leaf of ``vs`` has a leading batch dimension ``m``.
@@ -386,10 +446,22 @@ class InnerDerivatives:
         m = next(iter(vs.values())).shape[0]
         if self.hvp_mode == "reverse" and self._live:
             try:
-                out = torch.autograd.grad(self._outs, self._w_in, grad_outputs=[vs[k] for k in self._live],
-                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
-                return distributed.average([{k: (torch.zeros_like(vs[k]) if g is None else g)
-                                             for k, g in zip(self.params, out, strict=True)}])[0]
+                out = torch.autograd.grad(
+                    self._outs,
+                    self._w_in,
+                    grad_outputs=[vs[k] for k in self._live],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+                return distributed.average(
+                    [
+                        {
+                            k: (torch.zeros_like(vs[k]) if g is None else g)
+                            for k, g in zip(self.params, out, strict=True)
+                        }
+                    ]
+                )[0]
             except RuntimeError:
                 pass  # an op without a vmap rule: do it column by column below
         cols = [self._hvp_local({k: vs[k][i] for k in vs}) for i in range(m)]
@@ -425,7 +497,9 @@ class InnerDerivatives:
             raise
         except RuntimeError as e:  # NotImplementedError included
             raise forward_mode_error(
-                e, what='a Hessian-vector product of inner_loss with hvp_mode="forward"',
+                e,
+                what='a Hessian-vector product of inner_loss with hvp_mode="forward"',
                 fix='Use hvp_mode="reverse" (the default, double backward), or "finite-difference" for '
-                    "operations without a double backward") from e
+                "operations without a double backward",
+            ) from e
         return dict(out[1])

@@ -46,9 +46,21 @@ from torch import Tensor
 from .errors import HypergradientError
 from .tree import Tree
 
-__all__ = ["CommCount", "DataParallel", "average", "average_differentiable", "barrier", "broadcast",
-           "counting",
-           "current", "data_parallel", "init_process_group", "is_main", "rank", "world_size"]
+__all__ = [
+    "CommCount",
+    "DataParallel",
+    "average",
+    "average_differentiable",
+    "barrier",
+    "broadcast",
+    "counting",
+    "current",
+    "data_parallel",
+    "init_process_group",
+    "is_main",
+    "rank",
+    "world_size",
+]
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,9 @@ class DataParallel:
     size: int
 
 
-_CURRENT: contextvars.ContextVar[DataParallel | None] = contextvars.ContextVar("hg_data_parallel",
-                                                                               default=None)
+_CURRENT: contextvars.ContextVar[DataParallel | None] = contextvars.ContextVar(
+    "hg_data_parallel", default=None
+)
 
 
 @dataclass
@@ -119,7 +132,8 @@ def data_parallel(group: Any = None) -> Iterator[DataParallel]:
         raise HypergradientError(
             "hg.distributed.data_parallel needs an initialised torch.distributed process group: call "
             "hg.distributed.init_process_group() (or torch.distributed.init_process_group) first, under "
-            "torchrun --nproc-per-node N")
+            "torchrun --nproc-per-node N"
+        )
     dp = DataParallel(group, dist.get_world_size(group))
     token = _CURRENT.set(dp)
     try:
@@ -173,12 +187,13 @@ def _all_reduce_mean(tensors: Sequence[Tensor], dp: DataParallel) -> list[Tensor
         _count("all_reduce", buf.numel() * buf.element_size())
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=dp.group)
-        except RuntimeError as e:   # gloo/NCCL report a lost peer or a timeout as RuntimeError
+        except RuntimeError as e:  # gloo/NCCL report a lost peer or a timeout as RuntimeError
             raise HypergradientError(
                 f"rank {dist.get_rank()}: a data-parallel all-reduce of {buf.numel()} values failed, so "
                 "another rank died or stopped answering (its log says why; a silent rank is detected "
                 "after init_process_group's timeout_s). The run cannot go on with a rank missing: "
-                f"restart it (resume=True continues from the last checkpoint). The error: {e}") from e
+                f"restart it (resume=True continues from the last checkpoint). The error: {e}"
+            ) from e
         buf = buf / dp.size
         for i, piece in zip(idx, torch.split(buf, [p.numel() for p in parts]), strict=True):
             out[i] = piece.view(tensors[i].shape)

@@ -99,9 +99,14 @@ class _Gradients:
         self.count = 0
         self.used: set[str] = set()
 
-    def __call__(self, x: Mapping[str, Tensor], *, wrt_w: bool, wrt_lam: bool,
-                 on_error: Callable[[HypergradientError], HypergradientError] | None = None,
-                 ) -> tuple[float, Tree | None, Tree | None]:
+    def __call__(
+        self,
+        x: Mapping[str, Tensor],
+        *,
+        wrt_w: bool,
+        wrt_lam: bool,
+        on_error: Callable[[HypergradientError], HypergradientError] | None = None,
+    ) -> tuple[float, Tree | None, Tree | None]:
         """``(loss, ∇_w, ∇_λ)`` at ``(x, λ)``, the gradients asked for (group means)."""
         with self.rng.replay(), torch.enable_grad():
             w = tree.clone_leaves(x, requires_grad=wrt_w)
@@ -114,8 +119,11 @@ class _Gradients:
             if not inputs:
                 return float(loss.detach()), None, None
             self.count += 1
-            raw = (torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
-                   else (None,) * len(inputs))
+            raw = (
+                torch.autograd.grad(loss, inputs, allow_unused=True)
+                if loss.requires_grad
+                else (None,) * len(inputs)
+            )
         n = len(w) if wrt_w else 0
         out: list[Tree] = []
         if wrt_w:
@@ -178,9 +186,18 @@ class FirstOrder(Method):
         if not isinstance(self.central, bool):
             raise HypergradientError(f"FirstOrder.central must be True or False, got {self.central!r}")
 
-    def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
-                state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
-        del residual, hvp_mode   # no products, no linear system
+    def compute(
+        self,
+        outer_loss: LossFn,
+        inner_loss: LossFn,
+        params: Mapping[str, Tensor],
+        lam: Tree,
+        *,
+        state: SolverState | None,
+        residual: bool,
+        hvp_mode: HvpMode,
+    ) -> tuple[Tree, Info]:
+        del residual, hvp_mode  # no products, no linear system
         st = self.own_state(state)
         assert isinstance(st, KrylovState)
         name = type(self).__name__
@@ -201,7 +218,7 @@ class FirstOrder(Method):
         else:
             out_w, gV_w, _ = outer(w, wrt_w=False, wrt_lam=False)
 
-        ends: list[tuple[Tree, Tree, Tree]] = []   # per run: displacement, ∇_λL_T, ∇_λL_V at its end
+        ends: list[tuple[Tree, Tree, Tree]] = []  # per run: displacement, ∇_λL_T, ∇_λL_V at its end
         for s in signs:
             d = tree.zeros_like(w) if p0 is None else tree.scale(p0, -s / sigma)
             for k in range(self.steps):
@@ -230,20 +247,34 @@ class FirstOrder(Method):
             g = {k: direct[k] + (0.5 * sigma) * (lT_p[k] - lT_m[k]) for k in lam}
             p = {k: (0.5 * sigma) * (d_m[k] - d_p[k]) for k in w}
         else:
-            (d_p, lT_p, lV_p), = ends
+            ((d_p, lT_p, lV_p),) = ends
             assert gT_lam is not None
             direct = lV_p
             g = {k: direct[k] - sigma * (gT_lam[k] - lT_p[k]) for k in lam}
             p = {k: -sigma * d_p[k] for k in w}
         report_unused(lam, inner.used | outer.used, method=name, implicit_minimum=True, condition="L_T")
-        extra = {"sigma": sigma, "inner_gradients": float(inner.count), "outer_gradients": float(outer.count),
-                 "gradient_evals": float(inner.count + outer.count)}
+        extra = {
+            "sigma": sigma,
+            "inner_gradients": float(inner.count),
+            "outer_gradients": float(outer.count),
+            "gradient_evals": float(inner.count + outer.count),
+        }
         if p0 is not None:
             extra["warm_start"] = 1.0
         grad_norm = float(tree.norm(gT_w))
-        info = Info(name, self.steps, 0, None, None, direct=tree.detach(direct), outer_loss=out_w,
-                    extra=extra,
-                    state=st.replace(p=tree.detach(p)), grad_norm=grad_norm, condition_norm=grad_norm)
+        info = Info(
+            name,
+            self.steps,
+            0,
+            None,
+            None,
+            direct=tree.detach(direct),
+            outer_loss=out_w,
+            extra=extra,
+            state=st.replace(p=tree.detach(p)),
+            grad_norm=grad_norm,
+            condition_norm=grad_norm,
+        )
         return g, info
 
     def _diverged(self, k: int) -> Callable[[HypergradientError | None], HypergradientError]:
@@ -251,5 +282,7 @@ class FirstOrder(Method):
             why = "" if cause is None else f" ({cause})"
             return HypergradientError(
                 f"hg.FirstOrder: the gradient steps on L_T ± L_V/σ became non-finite at step {k}{why}: "
-                f"lr={self.lr:g} is too large for this loss (the steps need lr < 2/λ_max(H)); lower lr")
+                f"lr={self.lr:g} is too large for this loss (the steps need lr < 2/λ_max(H)); lower lr"
+            )
+
         return error

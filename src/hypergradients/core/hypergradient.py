@@ -36,15 +36,19 @@ from .tree import Tree
 
 __all__ = ["hypergradient"]
 
-_METHOD_NAMES = ("hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.MINRES, hg.GMRES, "
-                 "hg.BiCGStab, hg.NormalCG, hg.Unrolled, hg.Forward, hg.FirstOrder")
+_METHOD_NAMES = (
+    "hg.Auto, hg.Exact, hg.CG, hg.Neumann, hg.Identity, hg.Nystrom, hg.MINRES, hg.GMRES, "
+    "hg.BiCGStab, hg.NormalCG, hg.Unrolled, hg.Forward, hg.FirstOrder"
+)
 
 
 def validate_tree(name: str, t: object) -> dict[str, Tensor]:
     """``t`` as a dict of floating-point tensors under string keys; the error names the bad entry."""
     if not isinstance(t, Mapping):
-        raise HypergradientError(f"{name} must be a dict[str, Tensor] (e.g. "
-                                 f"dict(model.named_parameters())), got {type(t).__name__}")
+        raise HypergradientError(
+            f"{name} must be a dict[str, Tensor] (e.g. "
+            f"dict(model.named_parameters())), got {type(t).__name__}"
+        )
     if not t:
         raise HypergradientError(f"{name} is empty")
     for k, v in t.items():
@@ -53,8 +57,9 @@ def validate_tree(name: str, t: object) -> dict[str, Tensor]:
         if not isinstance(v, Tensor):
             raise HypergradientError(f"{name}[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
         if not v.is_floating_point():
-            raise HypergradientError(f"{name}[{k!r}] must be a floating-point tensor to be differentiated, "
-                                     f"got dtype {v.dtype}")
+            raise HypergradientError(
+                f"{name}[{k!r}] must be a floating-point tensor to be differentiated, got dtype {v.dtype}"
+            )
     return dict(t)
 
 
@@ -68,8 +73,16 @@ def check_state(method: Method, state: object) -> SolverState | None:
     return state
 
 
-def finish(g: Tree, info: Info, hparams: Mapping[str, Tensor], method: Method, state: SolverState | None,
-           t0: float, *, hint: str) -> tuple[Tree, Info]:
+def finish(
+    g: Tree,
+    info: Info,
+    hparams: Mapping[str, Tensor],
+    method: Method,
+    state: SolverState | None,
+    t0: float,
+    *,
+    hint: str,
+) -> tuple[Tree, Info]:
     """The result with the keys, dtypes and devices of ``hparams``; a non-finite entry raises
     :class:`~hypergradients.NonFiniteHypergradientError` naming its key (``hint``: what to check);
     ``info.state`` stamped with the method's name and the number of calls."""
@@ -77,8 +90,9 @@ def finish(g: Tree, info: Info, hparams: Mapping[str, Tensor], method: Method, s
     result = {k: g[k].detach().to(dtype=hparams[k].dtype, device=hparams[k].device) for k in hparams}
     bad = tree.first_nonfinite(result)
     if bad is not None:
-        raise NonFiniteHypergradientError(f"the hypergradient of {bad!r} is not finite ({name}); {hint}",
-                                          key=bad, method=name)
+        raise NonFiniteHypergradientError(
+            f"the hypergradient of {bad!r} is not finite ({name}); {hint}", key=bad, method=name
+        )
     calls = 0 if state is None else state.calls
     info.state = (info.state or SolverState()).replace(method=name, calls=calls + 1)
     info.time_s = time.perf_counter() - t0
@@ -86,24 +100,47 @@ def finish(g: Tree, info: Info, hparams: Mapping[str, Tensor], method: Method, s
 
 
 @overload
-def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
-                  hparams: Mapping[str, Tensor], *, method: Method | None = ...,
-                  return_info: Literal[False] = ..., residual: bool | None = ...,
-                  hvp_mode: HvpMode = ..., state: SolverState | None = ...) -> Tree: ...
+def hypergradient(
+    outer_loss: LossFn,
+    inner_loss: LossFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    method: Method | None = ...,
+    return_info: Literal[False] = ...,
+    residual: bool | None = ...,
+    hvp_mode: HvpMode = ...,
+    state: SolverState | None = ...,
+) -> Tree: ...
 
 
 @overload
-def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
-                  hparams: Mapping[str, Tensor], *, method: Method | None = ...,
-                  return_info: Literal[True], residual: bool | None = ...,
-                  hvp_mode: HvpMode = ..., state: SolverState | None = ...) -> tuple[Tree, Info]: ...
+def hypergradient(
+    outer_loss: LossFn,
+    inner_loss: LossFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    method: Method | None = ...,
+    return_info: Literal[True],
+    residual: bool | None = ...,
+    hvp_mode: HvpMode = ...,
+    state: SolverState | None = ...,
+) -> tuple[Tree, Info]: ...
 
 
-def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor],
-                  hparams: Mapping[str, Tensor], *, method: Method | None = None,
-                  return_info: bool = False, residual: bool | None = None,
-                  hvp_mode: HvpMode = "reverse",
-                  state: SolverState | None = None) -> Tree | tuple[Tree, Info]:
+def hypergradient(
+    outer_loss: LossFn,
+    inner_loss: LossFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    method: Method | None = None,
+    return_info: bool = False,
+    residual: bool | None = None,
+    hvp_mode: HvpMode = "reverse",
+    state: SolverState | None = None,
+) -> Tree | tuple[Tree, Info]:
     """The hypergradient ``dL_V/dλ`` at weights ``params`` and hyperparameters ``hparams``.
 
     Args:
@@ -155,8 +192,22 @@ def hypergradient(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, T
     if not callable(outer_loss) or not callable(inner_loss):
         raise HypergradientError("outer_loss and inner_loss must be callables (params, hparams) -> scalar")
     lam = tree.clone_leaves(hparams, requires_grad=True)
-    g, info = method.compute(outer_loss, inner_loss, params, lam, state=state,
-                             residual=return_info if residual is None else bool(residual), hvp_mode=hvp_mode)
-    result, info = finish(g, info, hparams, method, state, t0,
-                          hint="check the losses at these weights, or the method's settings")
+    g, info = method.compute(
+        outer_loss,
+        inner_loss,
+        params,
+        lam,
+        state=state,
+        residual=return_info if residual is None else bool(residual),
+        hvp_mode=hvp_mode,
+    )
+    result, info = finish(
+        g,
+        info,
+        hparams,
+        method,
+        state,
+        t0,
+        hint="check the losses at these weights, or the method's settings",
+    )
     return (result, info) if return_info else result

@@ -40,8 +40,9 @@ class Solver(Protocol):
 
     def own_state(self, state: SolverState | None) -> SolverState: ...
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]: ...
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]: ...
 
 
 def partials(outer: Tensor, w: Tree, lam: Tree, value: Tree) -> tuple[Tree, Tree, set[str], Tree]:
@@ -50,9 +51,10 @@ def partials(outer: Tensor, w: Tree, lam: Tree, value: Tree) -> tuple[Tree, Tree
     all-reduce."""
     both = list(w.values()) + list(lam.values())
     raw = torch.autograd.grad(outer, both, allow_unused=True) if outer.requires_grad else (None,) * len(both)
-    used = {k for k, gk in zip(lam, raw[len(w):], strict=True) if gk is not None}
-    v, direct, F = distributed.average([tree.as_tree(raw[:len(w)], w), tree.as_tree(raw[len(w):], lam),
-                                        tree.detach(value)])
+    used = {k for k, gk in zip(lam, raw[len(w) :], strict=True) if gk is not None}
+    v, direct, F = distributed.average(
+        [tree.as_tree(raw[: len(w)], w), tree.as_tree(raw[len(w) :], lam), tree.detach(value)]
+    )
     return v, direct, used, F
 
 
@@ -65,8 +67,14 @@ def _looks_path_only(key: str) -> bool:
     return last in _PATH_NAMES or last.endswith("_lr") or last.endswith("_learning_rate")
 
 
-def report_unused(hparams: Mapping[str, Tensor], used: set[str], *, method: str, implicit_minimum: bool,
-                  condition: str = "∂L_T/∂w") -> None:
+def report_unused(
+    hparams: Mapping[str, Tensor],
+    used: set[str],
+    *,
+    method: str,
+    implicit_minimum: bool,
+    condition: str = "∂L_T/∂w",
+) -> None:
     """Warn about hyperparameters neither ``condition`` nor ``L_V`` uses.
 
     ``implicit_minimum``: the method differentiates a minimum of the training loss implicitly, so a
@@ -83,15 +91,33 @@ def report_unused(hparams: Mapping[str, Tensor], used: set[str], *, method: str,
             "step sizes or momenta, which only change the optimisation path. Implicit methods "
             f"({method}) differentiate the optimum, which does not depend on them, so their "
             "hypergradient would be a silent zero. Use hg.Unrolled(steps=..., lr=<key>) to differentiate "
-            "through the training path instead.")
-    hint = (" If it only changes the optimisation path (a step size, momentum), implicit methods cannot "
-            "see it: use hg.Unrolled.") if implicit_minimum else ""
-    warn_user(f"hyperparameter(s) {unused} affect neither {condition} nor L_V: their hypergradient is "
-              f"zero.{hint}", UnusedHyperparameterWarning)
+            "through the training path instead."
+        )
+    hint = (
+        (
+            " If it only changes the optimisation path (a step size, momentum), implicit methods cannot "
+            "see it: use hg.Unrolled."
+        )
+        if implicit_minimum
+        else ""
+    )
+    warn_user(
+        f"hyperparameter(s) {unused} affect neither {condition} nor L_V: their hypergradient is zero.{hint}",
+        UnusedHyperparameterWarning,
+    )
 
 
-def implicit(outer: Tensor, cond: Condition, w: Tree, lam: Tree, method: Solver,
-             state: SolverState | None, *, residual: bool, info_type: type[Info] = Info) -> tuple[Tree, Info]:
+def implicit(
+    outer: Tensor,
+    cond: Condition,
+    w: Tree,
+    lam: Tree,
+    method: Solver,
+    state: SolverState | None,
+    *,
+    residual: bool,
+    info_type: type[Info] = Info,
+) -> tuple[Tree, Info]:
     """``dL_V/dλ`` at ``(w, λ)``, a solution of ``cond``, and its :class:`Info` (``info.state``: the next
     state).
 
@@ -108,10 +134,24 @@ def implicit(outer: Tensor, cond: Condition, w: Tree, lam: Tree, method: Solver,
         p, next_state, stats = method.solve(op, v, state, residual=residual)
     indirect, used_by_condition = cond.mixed_vjp(p)
     name = type(method).__name__
-    report_unused(lam, used | used_by_condition, method=name, implicit_minimum=isinstance(cond, Stationarity),
-                  condition=cond.name)
-    info = info_type(name, stats.iterations, op.products, stats.residual if residual else None,
-                     stats.converged, direct=tree.detach(direct), outer_loss=float(outer.detach()),
-                     extra={**stats.extra, **cond.facts()}, state=next_state,
-                     condition_norm=float(tree.norm(F)), transposed=op.transposed)
+    report_unused(
+        lam,
+        used | used_by_condition,
+        method=name,
+        implicit_minimum=isinstance(cond, Stationarity),
+        condition=cond.name,
+    )
+    info = info_type(
+        name,
+        stats.iterations,
+        op.products,
+        stats.residual if residual else None,
+        stats.converged,
+        direct=tree.detach(direct),
+        outer_loss=float(outer.detach()),
+        extra={**stats.extra, **cond.facts()},
+        state=next_state,
+        condition_norm=float(tree.norm(F)),
+        transposed=op.transposed,
+    )
     return tree.sub(direct, indirect), info

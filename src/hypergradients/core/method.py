@@ -45,8 +45,18 @@ from .operators import LinearOperator
 from .state import SolverState, StateMismatchError, register
 from .tree import Tree
 
-__all__ = ["ImplicitMethod", "IndefiniteHessianWarning", "Info", "Method", "PathMethod", "Stats",
-           "UnusedHyperparameterWarning", "nonneg_float", "positive_int", "report_unused"]
+__all__ = [
+    "ImplicitMethod",
+    "IndefiniteHessianWarning",
+    "Info",
+    "Method",
+    "PathMethod",
+    "Stats",
+    "UnusedHyperparameterWarning",
+    "nonneg_float",
+    "positive_int",
+    "report_unused",
+]
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -56,15 +66,19 @@ def positive_int(name: str, value: object) -> None:
 
 
 def nonneg_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and
-                                                                          math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value >= 0 and math.isfinite(value))
+    ):
         raise HypergradientError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def report_unused(hparams: Mapping[str, Tensor], used: set[str], method: Method) -> None:
     """Warn about hyperparameters no loss uses; refuse path-only ones for implicit methods."""
-    _report_unused(hparams, used, method=type(method).__name__,
-                   implicit_minimum=isinstance(method, ImplicitMethod))
+    _report_unused(
+        hparams, used, method=type(method).__name__, implicit_minimum=isinstance(method, ImplicitMethod)
+    )
 
 
 # ---------------------------------------------------------------------------------- the protocol
@@ -81,7 +95,7 @@ class Method(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        register(cls.__name__, cls.state_type)   # from_state_dict rebuilds this method's own type
+        register(cls.__name__, cls.state_type)  # from_state_dict rebuilds this method's own type
 
     def init(self, params: Mapping[str, Tensor]) -> SolverState:
         """The empty state for this method (optax's ``init``); ``SolverState()`` works as well."""
@@ -93,8 +107,9 @@ class Method(abc.ABC):
         ``None`` and for ``SolverState()`` ("no previous call")."""
         if isinstance(state, self.state_type):
             return state
-        return self.state_type(method=None if state is None else state.method,
-                               calls=0 if state is None else state.calls)
+        return self.state_type(
+            method=None if state is None else state.method, calls=0 if state is None else state.calls
+        )
 
     def check_state(self, state: SolverState) -> None:
         """Refuse another method's state, or one of another type (``StateMismatchError``)."""
@@ -103,11 +118,13 @@ class Method(abc.ABC):
             raise StateMismatchError(
                 f"state was made by hg.{state.method}, and hg.{name} cannot use it (it holds another "
                 f"method's quantities). Keep one state per method: pass hg.SolverState() (or "
-                f"method.init(params)) for hg.{name}.")
+                f"method.init(params)) for hg.{name}."
+            )
         if type(state) is not SolverState and not isinstance(state, self.state_type):
             raise StateMismatchError(
                 f"state is a hg.{type(state).__name__}, and hg.{name} keeps a hg.{self.state_type.__name__}: "
-                f"pass hg.SolverState() (or method.init(params)) for hg.{name}.")
+                f"pass hg.SolverState() (or method.init(params)) for hg.{name}."
+            )
 
     def safer(self, error: HypergradientError) -> Method | None:
         """A variant of this method that may succeed where this one failed with ``error``, or ``None``.
@@ -132,8 +149,17 @@ class Method(abc.ABC):
         return self
 
     @abc.abstractmethod
-    def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
-                state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
+    def compute(
+        self,
+        outer_loss: LossFn,
+        inner_loss: LossFn,
+        params: Mapping[str, Tensor],
+        lam: Tree,
+        *,
+        state: SolverState | None,
+        residual: bool,
+        hvp_mode: HvpMode,
+    ) -> tuple[Tree, Info]:
         """The hypergradient w.r.t. ``lam`` (leaf tensors requiring grad) and its :class:`Info`,
         whose ``state`` is the next state (before :func:`hypergradient` stamps it)."""
 
@@ -155,8 +181,9 @@ class ImplicitMethod(Method):
     requires: ClassVar[str | None] = None
 
     @abc.abstractmethod
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         """``p ≈ op⁻¹ v``, the next state, and :class:`Stats`.
 
         ``residual``: also report ``‖op·p − v‖/‖v‖`` (a product, where the solver does not have it).
@@ -171,13 +198,23 @@ class ImplicitMethod(Method):
             raise HypergradientError(
                 f"hg.{name} needs a {self.requires} Jacobian; the condition's need not be symmetric: use "
                 "hg.GMRES (any non-singular Jacobian) or hg.BiCGStab; pass symmetric=True if ∂F/∂w is "
-                "symmetric (F the gradient of a loss); or use hg.hypergradient for F = ∂L_T/∂w.")
+                "symmetric (F the gradient of a loss); or use hg.hypergradient for F = ∂L_T/∂w."
+            )
 
-    def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
-                state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
+    def compute(
+        self,
+        outer_loss: LossFn,
+        inner_loss: LossFn,
+        params: Mapping[str, Tensor],
+        lam: Tree,
+        *,
+        state: SolverState | None,
+        residual: bool,
+        hvp_mode: HvpMode,
+    ) -> tuple[Tree, Info]:
         w = tree.clone_leaves(params, requires_grad=True)
         outer = scalar_loss(outer_loss, w, lam, name="outer_loss")
-        cond = Stationarity(inner_loss, w, lam, hvp_mode=hvp_mode)   # F = ∂L_T/∂w: the minimum
+        cond = Stationarity(inner_loss, w, lam, hvp_mode=hvp_mode)  # F = ∂L_T/∂w: the minimum
         g, info = implicit(outer, cond, w, lam, self, state, residual=residual)
         info.grad_norm = info.condition_norm
         return g, info

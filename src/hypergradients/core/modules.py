@@ -18,14 +18,15 @@ from torch import Tensor, nn
 from .errors import HypergradientError
 from .tree import Tree
 
-XY = tuple[Tensor, Tensor]   # (inputs, targets)
+XY = tuple[Tensor, Tensor]  # (inputs, targets)
 Penalty = Callable[[Tree, Tree], Tensor]
 
 
 def module_params(module: nn.Module, *, trainable_only: bool = True) -> Tree:
     """Detached copies of ``module.named_parameters()`` (only those with ``requires_grad`` by default)."""
-    return {k: p.detach().clone() for k, p in module.named_parameters()
-            if p.requires_grad or not trainable_only}
+    return {
+        k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad or not trainable_only
+    }
 
 
 def functional_model(module: nn.Module) -> Callable[..., Tensor]:
@@ -77,10 +78,15 @@ def _in_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
         yield
 
 
-def make_losses(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], train: XY, val: XY,
-                *, penalty: Penalty | None = None,
-                modes: tuple[Mode, Mode] | Literal["current"] = ("train", "eval"),
-                ) -> tuple[Callable[[Tree, Tree], Tensor], Callable[[Tree, Tree], Tensor]]:
+def make_losses(
+    module: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    train: XY,
+    val: XY,
+    *,
+    penalty: Penalty | None = None,
+    modes: tuple[Mode, Mode] | Literal["current"] = ("train", "eval"),
+) -> tuple[Callable[[Tree, Tree], Tensor], Callable[[Tree, Tree], Tensor]]:
     """``(inner_loss, outer_loss)`` for a module and a batch each of training and validation data.
 
     ``inner_loss(w, λ) = loss_fn(module_w(x_train), y_train) + penalty(w, λ)`` and
@@ -100,10 +106,13 @@ def make_losses(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], 
     call it again, each with a new mask).
     """
     pair: tuple[Mode, Mode] = ("current", "current") if modes == "current" else modes
-    if not (isinstance(pair, tuple) and len(pair) == 2
-            and all(m in ("train", "eval", "current") for m in pair)):
-        raise HypergradientError(f"make_losses modes must be 'train', 'eval' or 'current' (each, or "
-                                 f"modes='current'), got {modes!r}")
+    if not (
+        isinstance(pair, tuple) and len(pair) == 2 and all(m in ("train", "eval", "current") for m in pair)
+    ):
+        raise HypergradientError(
+            f"make_losses modes must be 'train', 'eval' or 'current' (each, or "
+            f"modes='current'), got {modes!r}"
+        )
     inner_mode, outer_mode = pair
     apply = functional_model(module)
     x_tr, y_tr = train

@@ -66,9 +66,18 @@ class LinearOperator:
     Calling the operator, ``op(x)``, is ``op.mv(x)``: it is a ``matvec`` wherever one is expected.
     """
 
-    def __init__(self, matvec: MatVec, *, rmatvec: MatVec | None = None, batched: MatVec | None = None,
-                 symmetric: bool = False, name: str = "M", fixed_point: bool = False, shift: float = 0.0,
-                 _counter: _Counter | None = None) -> None:
+    def __init__(
+        self,
+        matvec: MatVec,
+        *,
+        rmatvec: MatVec | None = None,
+        batched: MatVec | None = None,
+        symmetric: bool = False,
+        name: str = "M",
+        fixed_point: bool = False,
+        shift: float = 0.0,
+        _counter: _Counter | None = None,
+    ) -> None:
         if not math.isfinite(shift):
             raise HypergradientError(f"the operator's shift must be finite, got {shift!r}")
         self._matvec = matvec
@@ -121,15 +130,17 @@ class LinearOperator:
         if self.symmetric:
             return self.mv(x)
         if self._rmatvec is None:
-            raise HypergradientError(f"this operator {self.name} has no transpose product: use a solver "
-                                     "that needs M x only (hg.GMRES, hg.BiCGStab)")
+            raise HypergradientError(
+                f"this operator {self.name} has no transpose product: use a solver "
+                "that needs M x only (hg.GMRES, hg.BiCGStab)"
+            )
         self._counter.products += 1
         self._counter.transposed += 1
         return self._shift(x, self._rmatvec(dict(x)))
 
     def shifted(self, mu: float) -> LinearOperator:
         """``M + (σ + μ)I``: the same products, shifted by ``μ`` (any sign)."""
-        out = copy.copy(self)   # shares the products and their counter
+        out = copy.copy(self)  # shares the products and their counter
         shift = self.shift + float(mu)
         if not math.isfinite(shift):
             raise HypergradientError(f"the operator's shift must be finite, got {shift!r}")
@@ -139,8 +150,11 @@ class LinearOperator:
     def damped(self, delta: float) -> LinearOperator:
         """``M + (σ + δ)I`` with ``δ ≥ 0``: Levenberg damping, which makes a symmetric ``M + δI``
         positive definite once ``δ > −λ_min(M)``."""
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (
-                delta >= 0 and math.isfinite(delta)):
+        if (
+            isinstance(delta, bool)
+            or not isinstance(delta, (int, float))
+            or not (delta >= 0 and math.isfinite(delta))
+        ):
             raise HypergradientError(f"damping must be a finite number >= 0, got {delta!r}")
         return self if delta == 0 else self.shifted(delta)
 
@@ -157,10 +171,17 @@ class HessianOperator(LinearOperator):
     ``hvps`` (``products``) counts the Hessian-vector products spent so far.
     """
 
-    def __init__(self, matvec: MatVec, batched_matvec: MatVec | None = None, *, shift: float = 0.0,
-                 _counter: _Counter | None = None) -> None:
-        super().__init__(matvec, batched=batched_matvec, symmetric=True, name="H", shift=shift,
-                         _counter=_counter)
+    def __init__(
+        self,
+        matvec: MatVec,
+        batched_matvec: MatVec | None = None,
+        *,
+        shift: float = 0.0,
+        _counter: _Counter | None = None,
+    ) -> None:
+        super().__init__(
+            matvec, batched=batched_matvec, symmetric=True, name="H", shift=shift, _counter=_counter
+        )
 
     @classmethod
     def of(cls, derivatives: InnerDerivatives) -> HessianOperator:

@@ -47,32 +47,61 @@ from .tree import Tree
 
 __all__ = ["RootInfo", "root_hypergradient"]
 
-_METHOD_NAMES = ("an implicit method: hg.GMRES (default), hg.BiCGStab, hg.NormalCG, hg.Exact, hg.Neumann, "
-                 "hg.Identity, or, for a condition declared symmetric=True, hg.MINRES, hg.CG, hg.Auto, "
-                 "hg.Nystrom; or a solver of your own (hg.ImplicitMethod)")
+_METHOD_NAMES = (
+    "an implicit method: hg.GMRES (default), hg.BiCGStab, hg.NormalCG, hg.Exact, hg.Neumann, "
+    "hg.Identity, or, for a condition declared symmetric=True, hg.MINRES, hg.CG, hg.Auto, "
+    "hg.Nystrom; or a solver of your own (hg.ImplicitMethod)"
+)
 
 
 @overload
-def root_hypergradient(outer_loss: LossFn, condition: ConditionFn, params: Mapping[str, Tensor],
-                       hparams: Mapping[str, Tensor], *, fixed_point: bool = ..., symmetric: bool = ...,
-                       method: ImplicitMethod | None = ..., return_info: Literal[False] = ...,
-                       residual: bool | None = ..., hvp_mode: RootMode = ...,
-                       state: SolverState | None = ...) -> Tree: ...
+def root_hypergradient(
+    outer_loss: LossFn,
+    condition: ConditionFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    fixed_point: bool = ...,
+    symmetric: bool = ...,
+    method: ImplicitMethod | None = ...,
+    return_info: Literal[False] = ...,
+    residual: bool | None = ...,
+    hvp_mode: RootMode = ...,
+    state: SolverState | None = ...,
+) -> Tree: ...
 
 
 @overload
-def root_hypergradient(outer_loss: LossFn, condition: ConditionFn, params: Mapping[str, Tensor],
-                       hparams: Mapping[str, Tensor], *, fixed_point: bool = ..., symmetric: bool = ...,
-                       method: ImplicitMethod | None = ..., return_info: Literal[True],
-                       residual: bool | None = ..., hvp_mode: RootMode = ...,
-                       state: SolverState | None = ...) -> tuple[Tree, RootInfo]: ...
+def root_hypergradient(
+    outer_loss: LossFn,
+    condition: ConditionFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    fixed_point: bool = ...,
+    symmetric: bool = ...,
+    method: ImplicitMethod | None = ...,
+    return_info: Literal[True],
+    residual: bool | None = ...,
+    hvp_mode: RootMode = ...,
+    state: SolverState | None = ...,
+) -> tuple[Tree, RootInfo]: ...
 
 
-def root_hypergradient(outer_loss: LossFn, condition: ConditionFn, params: Mapping[str, Tensor],
-                       hparams: Mapping[str, Tensor], *, fixed_point: bool = False, symmetric: bool = False,
-                       method: ImplicitMethod | None = None, return_info: bool = False,
-                       residual: bool | None = None, hvp_mode: RootMode = "reverse",
-                       state: SolverState | None = None) -> Tree | tuple[Tree, RootInfo]:
+def root_hypergradient(
+    outer_loss: LossFn,
+    condition: ConditionFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    fixed_point: bool = False,
+    symmetric: bool = False,
+    method: ImplicitMethod | None = None,
+    return_info: bool = False,
+    residual: bool | None = None,
+    hvp_mode: RootMode = "reverse",
+    state: SolverState | None = None,
+) -> Tree | tuple[Tree, RootInfo]:
     """``dL_V/dλ`` at a root ``F(w, λ) = 0`` (or a fixed point ``w = T(w, λ)``) of any optimality condition.
 
     ``dL_V/dλ = ∂L_V/∂λ − (∂F/∂λ)ᵀ u`` with ``(∂F/∂w)ᵀ u = ∂L_V/∂w``, all at the given weights,
@@ -124,8 +153,23 @@ def root_hypergradient(outer_loss: LossFn, condition: ConditionFn, params: Mappi
     lam = tree.clone_leaves(hparams, requires_grad=True)
     outer = scalar_loss(outer_loss, w, lam, name="outer_loss")
     cond = Root(condition, w, lam, fixed_point=fixed_point, symmetric=symmetric, hvp_mode=hvp_mode)
-    g, info = implicit(outer, cond, w, lam, method, state,
-                       residual=return_info if residual is None else bool(residual), info_type=RootInfo)
-    result, info = finish(g, info, hparams, method, state, t0,
-                          hint="the Jacobian ∂F/∂w may be singular here, or the solver diverged")
+    g, info = implicit(
+        outer,
+        cond,
+        w,
+        lam,
+        method,
+        state,
+        residual=return_info if residual is None else bool(residual),
+        info_type=RootInfo,
+    )
+    result, info = finish(
+        g,
+        info,
+        hparams,
+        method,
+        state,
+        t0,
+        hint="the Jacobian ∂F/∂w may be singular here, or the solver diverged",
+    )
     return (result, info) if return_info else result  # type: ignore[return-value]

@@ -81,8 +81,9 @@ class Exact(ImplicitMethod):
         nonneg_float("Exact.damping", self.damping)
         positive_int("Exact.max_size", self.max_size)
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         s = dense.exact(op.damped(self.damping), v, max_size=self.max_size)
         if s.converged is False:
             lo = s.extra["lambda_min"]
@@ -91,7 +92,9 @@ class Exact(ImplicitMethod):
                 f"(smallest eigenvalue {lo:.3g}): they are not a minimum of inner_loss, which the implicit "
                 "hypergradient assumes (info.grad_norm is ‖∂L_T/∂w‖ there; info.converged is False). Train "
                 f"the inner problem further, or damp: hg.Exact(damping=...) above "
-                f"{max(0.0, self.damping - lo):.3g}.", IndefiniteHessianWarning)
+                f"{max(0.0, self.damping - lo):.3g}.",
+                IndefiniteHessianWarning,
+            )
         return s.p, self.own_state(state), _stats(s)
 
 
@@ -122,8 +125,9 @@ class CG(ImplicitMethod):
         nonneg_float("CG.tol", self.tol)
         nonneg_float("CG.damping", self.damping)
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         st = self.own_state(state)
         assert isinstance(st, CGState)
         x0 = st.warm_start(v, method="CG")
@@ -180,10 +184,14 @@ class Neumann(ImplicitMethod):
         positive_int("Neumann.power_iters", self.power_iters)
         positive_int("Neumann.refresh_every", self.refresh_every)
         if self.alpha != "auto":
-            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
-                    not (self.alpha > 0 and math.isfinite(self.alpha)):
-                raise HypergradientError(f"Neumann.alpha must be a finite number > 0 or 'auto', "
-                                         f"got {self.alpha!r}")
+            if (
+                isinstance(self.alpha, bool)
+                or not isinstance(self.alpha, (int, float))
+                or not (self.alpha > 0 and math.isfinite(self.alpha))
+            ):
+                raise HypergradientError(
+                    f"Neumann.alpha must be a finite number > 0 or 'auto', got {self.alpha!r}"
+                )
         if not self.max_growth > 1:
             raise HypergradientError(f"Neumann.max_growth must be > 1, got {self.max_growth!r}")
 
@@ -191,36 +199,58 @@ class Neumann(ImplicitMethod):
         lam_max = series.power_iteration(op, v, iters=self.power_iters)
         if not lam_max > 0:
             if op.symmetric:
-                raise HypergradientError(f"Neumann(alpha='auto'): the estimated λ_max({op.name}) is "
-                                         f"{lam_max:g}; the Hessian is zero or not positive here. "
-                                         "Pass an explicit alpha or use hg.CG.")
-            raise HypergradientError("Neumann(alpha='auto'): the dominant eigenvalue of ∂F/∂w is estimated "
-                                     f"as {lam_max:g}; pass an explicit alpha or use hg.GMRES")
+                raise HypergradientError(
+                    f"Neumann(alpha='auto'): the estimated λ_max({op.name}) is "
+                    f"{lam_max:g}; the Hessian is zero or not positive here. "
+                    "Pass an explicit alpha or use hg.CG."
+                )
+            raise HypergradientError(
+                "Neumann(alpha='auto'): the dominant eigenvalue of ∂F/∂w is estimated "
+                f"as {lam_max:g}; pass an explicit alpha or use hg.GMRES"
+            )
         return lam_max
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         st = self.own_state(state)
         assert isinstance(st, NeumannState)
         if self.alpha != "auto" or op.fixed_point:
             alpha = 1.0 if self.alpha == "auto" else float(self.alpha)
-            s = series.neumann(op, v, iters=self.iters, alpha=alpha, residual=residual,
-                               max_growth=self.max_growth)
+            s = series.neumann(
+                op, v, iters=self.iters, alpha=alpha, residual=residual, max_growth=self.max_growth
+            )
             return s.p, st, _stats(s)
-        cached = st.lambda_max if (state is not None and st.lambda_max is not None and st.lambda_max > 0
-                                   and st.lambda_max_age + 1 < self.refresh_every) else None
+        cached = (
+            st.lambda_max
+            if (
+                state is not None
+                and st.lambda_max is not None
+                and st.lambda_max > 0
+                and st.lambda_max_age + 1 < self.refresh_every
+            )
+            else None
+        )
         extra: dict[str, float] = {}
         if cached is not None:
             try:
-                s = series.neumann(op, v, iters=self.iters, alpha=1.0 / cached, residual=residual,
-                                   max_growth=self.max_growth, stale_growth=1.0)
+                s = series.neumann(
+                    op,
+                    v,
+                    iters=self.iters,
+                    alpha=1.0 / cached,
+                    residual=residual,
+                    max_growth=self.max_growth,
+                    stale_growth=1.0,
+                )
                 s.extra.update({"lambda_max": cached, "lambda_max_age": float(st.lambda_max_age + 1)})
                 return s.p, st.replace(lambda_max_age=st.lambda_max_age + 1), _stats(s)
             except series.SeriesGrewError:
                 extra["refreshed_on_growth"] = 1.0
         lam_max = self._estimate(op, v)
-        s = series.neumann(op, v, iters=self.iters, alpha=1.0 / lam_max, residual=residual,
-                           max_growth=self.max_growth)
+        s = series.neumann(
+            op, v, iters=self.iters, alpha=1.0 / lam_max, residual=residual, max_growth=self.max_growth
+        )
         s.extra.update({"lambda_max": lam_max, "lambda_max_age": 0.0, **extra})
         return s.p, st.replace(lambda_max=lam_max, lambda_max_age=0), _stats(s)
 
@@ -228,12 +258,15 @@ class Neumann(ImplicitMethod):
         """The same series with half the ``α`` (the estimated safe ``1/λ_max`` at most), after a
         divergence; ``None`` once ``α`` is far below the safe one (the operator is indefinite and no
         ``α`` makes the series converge) or for other failures."""
-        if not (isinstance(error, NeumannDivergenceError) and math.isfinite(error.safe_alpha)
-                and error.safe_alpha > 0):
+        if not (
+            isinstance(error, NeumannDivergenceError)
+            and math.isfinite(error.safe_alpha)
+            and error.safe_alpha > 0
+        ):
             return None
         safe = error.safe_alpha
         alpha = safe if self.alpha == "auto" else float(self.alpha)
-        if alpha <= safe / 2 ** 8:
+        if alpha <= safe / 2**8:
             return None
         return dataclasses.replace(self, alpha=min(safe, alpha / 2))
 
@@ -272,16 +305,20 @@ class Identity(ImplicitMethod):
         if not isinstance(d, Mapping):
             raise HypergradientError(
                 "Identity.precondition must be a dict of positive tensors keyed like the weights (e.g. "
-                f"hg.adam_diagonal(optimizer, model)), {INNER_OPTIMIZER!r} or None, got {d!r:.80}")
+                f"hg.adam_diagonal(optimizer, model)), {INNER_OPTIMIZER!r} or None, got {d!r:.80}"
+            )
         for k, t in d.items():
             if not isinstance(k, str) or not isinstance(t, Tensor) or not t.is_floating_point():
-                raise HypergradientError(f"Identity.precondition[{k!r}] must be a floating-point tensor "
-                                         f"keyed by a weight's name, got {type(t).__name__}")
-            if not bool((t > 0).all()):   # NaN fails this too
+                raise HypergradientError(
+                    f"Identity.precondition[{k!r}] must be a floating-point tensor "
+                    f"keyed by a weight's name, got {type(t).__name__}"
+                )
+            if not bool((t > 0).all()):  # NaN fails this too
                 bad = t[~(t > 0)].reshape(-1)[0]
                 raise HypergradientError(
                     f"Identity.precondition[{k!r}] has the entry {float(bad)!r}: the diagonal must be > 0 "
-                    "(it divides v); an optimizer's diagonal is (sqrt(v̂) + eps)/lr, positive when eps > 0")
+                    "(it divides v); an optimizer's diagonal is (sqrt(v̂) + eps)/lr, positive when eps > 0"
+                )
 
     def __repr__(self) -> str:
         d = self.precondition
@@ -296,14 +333,16 @@ class Identity(ImplicitMethod):
             return self
         return dataclasses.replace(self, precondition=dict(diagonal()))
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         d = self.precondition
         if isinstance(d, str):
             raise HypergradientError(
                 f"hg.Identity(precondition={INNER_OPTIMIZER!r}) reads the model's optimizer, which only a "
                 "training loop has: use it with hg.HyperOptimizer(..., inner_optimizer=opt) or hg.fit. Here "
-                "pass the diagonal itself: hg.Identity(precondition=hg.adam_diagonal(opt, model))")
+                "pass the diagonal itself: hg.Identity(precondition=hg.adam_diagonal(opt, model))"
+            )
         diagonal = None if d is None else _diagonal_like(d, v)
         s = series.identity(op, v, scale=self.scale, residual=residual, diagonal=diagonal)
         if diagonal is not None:
@@ -317,11 +356,14 @@ def _diagonal_like(d: Mapping[str, Tensor], v: Tree) -> Tree:
         missing, extra = sorted(v.keys() - d.keys()), sorted(d.keys() - v.keys())
         raise HypergradientError(
             f"Identity.precondition has keys {sorted(d)} but the weights have {sorted(v)} (missing "
-            f"{missing}, unexpected {extra}): give one diagonal per weight, keyed like params")
+            f"{missing}, unexpected {extra}): give one diagonal per weight, keyed like params"
+        )
     for k, t in d.items():
         if t.shape != v[k].shape:
-            raise HypergradientError(f"Identity.precondition[{k!r}] has shape {tuple(t.shape)} but the "
-                                     f"weight {k!r} has {tuple(v[k].shape)}")
+            raise HypergradientError(
+                f"Identity.precondition[{k!r}] has shape {tuple(t.shape)} but the "
+                f"weight {k!r} has {tuple(v[k].shape)}"
+            )
     return {k: d[k].to(dtype=v[k].dtype, device=v[k].device) for k in v}
 
 
@@ -368,38 +410,59 @@ class Nystrom(ImplicitMethod):
         positive_int("Nystrom.rank", self.rank)
         if self.rho is not None and not (isinstance(self.rho, (int, float)) and self.rho > 0):
             raise HypergradientError(f"Nystrom.rho must be > 0 or None (automatic), got {self.rho!r}")
-        if self.floor is not None and self.floor != "auto" and (
-                isinstance(self.floor, bool) or not isinstance(self.floor, (int, float))
-                or not (self.floor > 0 and math.isfinite(self.floor))):
-            raise HypergradientError(f"Nystrom.floor must be a finite number > 0, 'auto' or None, "
-                                     f"got {self.floor!r}")
-        if self.reuse is not None and (isinstance(self.reuse, bool) or not isinstance(
-                self.reuse, (int, float)) or not (self.reuse >= 1 and math.isfinite(self.reuse))):
-            raise HypergradientError(f"Nystrom.reuse must be a finite number >= 1 or None (never reuse), "
-                                     f"got {self.reuse!r}")
+        if (
+            self.floor is not None
+            and self.floor != "auto"
+            and (
+                isinstance(self.floor, bool)
+                or not isinstance(self.floor, (int, float))
+                or not (self.floor > 0 and math.isfinite(self.floor))
+            )
+        ):
+            raise HypergradientError(
+                f"Nystrom.floor must be a finite number > 0, 'auto' or None, got {self.floor!r}"
+            )
+        if self.reuse is not None and (
+            isinstance(self.reuse, bool)
+            or not isinstance(self.reuse, (int, float))
+            or not (self.reuse >= 1 and math.isfinite(self.reuse))
+        ):
+            raise HypergradientError(
+                f"Nystrom.reuse must be a finite number >= 1 or None (never reuse), got {self.reuse!r}"
+            )
 
     def _config(self) -> list[object]:
         return [self.rank, self.rho, self.seed, self.floor]
 
     def _reusable(self, st: NystromState, v: Tree) -> nystrom.NystromFactor | None:
         sk = st.sketch
-        if self.reuse is None or sk is None or sk.get("config") != self._config() \
-                or sk.get("residual") is None:
+        if (
+            self.reuse is None
+            or sk is None
+            or sk.get("config") != self._config()
+            or sk.get("residual") is None
+        ):
             return None  # nothing to reuse, or a sketch made with other options: sketch afresh
         U, like = sk["U"], tree.flatten(v)
         if not isinstance(U, torch.Tensor) or U.shape != (like.numel(), self.rank) or U.dtype != like.dtype:
-            got = (f"{tuple(U.shape)}, {U.dtype}, {U.device}" if isinstance(U, torch.Tensor)
-                   else type(U).__name__)
+            got = (
+                f"{tuple(U.shape)}, {U.dtype}, {U.device}"
+                if isinstance(U, torch.Tensor)
+                else type(U).__name__
+            )
             raise StateMismatchError(
                 f"hg.Nystrom: the state's sketch U has {got}, but these weights need "
                 f"({like.numel()}, {self.rank}), {like.dtype}: it belongs to other weights. "
-                "Pass a fresh hg.SolverState() for these weights.")
+                "Pass a fresh hg.SolverState() for these weights."
+            )
         # A state loaded on another device (CPU checkpoint, GPU weights): moved, not refused.
-        return nystrom.NystromFactor(U.to(like.device), sk["d"].to(like.device), float(sk["c"]),
-                                     dict(sk["extra"]))
+        return nystrom.NystromFactor(
+            U.to(like.device), sk["d"].to(like.device), float(sk["c"]), dict(sk["extra"])
+        )
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         st = self.own_state(state)
         assert isinstance(st, NystromState)
         old = self._reusable(st, v) if state is not None else None
@@ -414,10 +477,19 @@ class Nystrom(ImplicitMethod):
         if residual or (state is not None and self.reuse is not None):
             # A carried state needs the fresh residual as the yardstick of later reuse.
             res_fresh = relative_residual(op, p, v)
-        sketch = {"U": f.U, "d": f.d, "c": f.c, "extra": dict(f.extra), "config": self._config(),
-                  "residual": res_fresh}
-        return p, st.replace(sketch=sketch), Stats(self.rank, res_fresh if residual else None, None,
-                                                   dict(f.extra))
+        sketch = {
+            "U": f.U,
+            "d": f.d,
+            "c": f.c,
+            "extra": dict(f.extra),
+            "config": self._config(),
+            "residual": res_fresh,
+        }
+        return (
+            p,
+            st.replace(sketch=sketch),
+            Stats(self.rank, res_fresh if residual else None, None, dict(f.extra)),
+        )
 
 
 @dataclass(frozen=True)
@@ -461,16 +533,27 @@ class Auto(ImplicitMethod):
     def __post_init__(self) -> None:
         nonneg_float("Auto.tol", self.tol)
         positive_int("Auto.max_iters", self.max_iters)
-        if self.error_tol is not None and (isinstance(self.error_tol, bool) or not isinstance(
-                self.error_tol, (int, float)) or not (self.error_tol > 0 and math.isfinite(self.error_tol))):
-            raise HypergradientError(f"Auto.error_tol must be a finite number > 0 or None, "
-                                     f"got {self.error_tol!r}")
+        if self.error_tol is not None and (
+            isinstance(self.error_tol, bool)
+            or not isinstance(self.error_tol, (int, float))
+            or not (self.error_tol > 0 and math.isfinite(self.error_tol))
+        ):
+            raise HypergradientError(
+                f"Auto.error_tol must be a finite number > 0 or None, got {self.error_tol!r}"
+            )
 
     def _cg(self, op: LinearOperator, v: Tree, x0: Tree | None, lambda_min: float | None) -> Solve:
         def run(damping: float, start: Tree | None) -> Solve:
             hint = None if lambda_min is None else lambda_min + damping
-            return krylov.cg(op.damped(damping), v, iters=self.max_iters, tol=self.tol, x0=start,
-                             error_tol=self.error_tol, lambda_min=hint)
+            return krylov.cg(
+                op.damped(damping),
+                v,
+                iters=self.max_iters,
+                tol=self.tol,
+                x0=start,
+                error_tol=self.error_tol,
+                lambda_min=hint,
+            )
 
         try:
             return run(0.0, x0)
@@ -486,11 +569,14 @@ class Auto(ImplicitMethod):
                 continue
             s.extra["damping"] = damping
             return s
-        raise HypergradientError(f"hg.Auto: the Hessian stays indefinite after damping {damping:.3g}; the "
-                                 "weights are far from a minimum: train the inner problem further")
+        raise HypergradientError(
+            f"hg.Auto: the Hessian stays indefinite after damping {damping:.3g}; the "
+            "weights are far from a minimum: train the inner problem further"
+        )
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         st = self.own_state(state)
         assert isinstance(st, CGState)
         x0 = st.warm_start(v, method="Auto")
@@ -525,8 +611,9 @@ class _Krylov(ImplicitMethod):
     def _kernel(self, op: LinearOperator, v: Tree, x0: Tree | None) -> Solve:
         """The kernel's solve of ``op p = v`` from ``x0`` (``None``: from zero)."""
 
-    def solve(self, op: LinearOperator, v: Tree, state: SolverState | None, *,
-              residual: bool = False) -> tuple[Tree, SolverState, Stats]:
+    def solve(
+        self, op: LinearOperator, v: Tree, state: SolverState | None, *, residual: bool = False
+    ) -> tuple[Tree, SolverState, Stats]:
         st = self.own_state(state)
         assert isinstance(st, KrylovState)
         x0 = st.warm_start(v, method=type(self).__name__)

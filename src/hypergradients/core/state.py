@@ -61,20 +61,27 @@ def check_tree(what: str, tree: Mapping[str, Tensor], like: Mapping[str, Tensor]
         raise StateMismatchError(
             f"hg.{method}: the state's {what} has keys {sorted(tree)} but the weights have {sorted(like)} "
             f"(missing {missing}, unexpected {extra}): it belongs to another model. Pass a fresh "
-            "hg.SolverState() for these weights.")
+            "hg.SolverState() for these weights."
+        )
     for k, ref in like.items():
         t = tree[k]
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise StateMismatchError(
                 f"hg.{method}: the state's {what}[{k!r}] has {_describe(t)} but the weight {k!r} has "
                 f"{_describe(ref)}: it belongs to other weights. Pass a fresh hg.SolverState() for these "
-                "weights.")
+                "weights."
+            )
     return {k: t if t.device == like[k].device else t.to(like[k].device) for k, t in tree.items()}
 
 
 # The flat layout of state_dict: every type writes these, filling in its own fields.
-_LAYOUT: dict[str, Any] = {"p": None, "lambda_min": None, "lambda_max": None, "lambda_max_age": 0,
-                           "sketch": None}
+_LAYOUT: dict[str, Any] = {
+    "p": None,
+    "lambda_min": None,
+    "lambda_max": None,
+    "lambda_max_age": 0,
+    "sketch": None,
+}
 # Method name -> the state type it keeps (filled in by the method classes as they are defined).
 _TYPES: dict[str, type[SolverState]] = {}
 
@@ -110,15 +117,20 @@ class SolverState:
 
         So it round-trips through ``torch.save`` and ``torch.load(weights_only=True)``.
         """
-        d: dict[str, Any] = {"version": STATE_DICT_VERSION, "method": self.method, "calls": int(self.calls),
-                             **_LAYOUT}
+        d: dict[str, Any] = {
+            "version": STATE_DICT_VERSION,
+            "method": self.method,
+            "calls": int(self.calls),
+            **_LAYOUT,
+        }
         for f in dataclasses.fields(self):
             if f.name in ("method", "calls"):
                 continue
             if f.name not in _LAYOUT:
                 raise HypergradientError(
                     f"{type(self).__name__}.state_dict: the field {f.name!r} has no place in the state dict "
-                    f"(its entries are {sorted(_LAYOUT)}): override state_dict and from_state_dict")
+                    f"(its entries are {sorted(_LAYOUT)}): override state_dict and from_state_dict"
+                )
             d[f.name] = _plain(getattr(self, f.name))
         return d
 
@@ -126,10 +138,13 @@ class SolverState:
     def from_state_dict(cls, d: Mapping[str, Any]) -> SolverState:
         """The state :meth:`state_dict` wrote, of the type its method keeps; a malformed dict names the
         bad entry."""
+
         def bad(key: str, want: str) -> HypergradientError:
             got = d.get(key, "<missing>") if isinstance(d, Mapping) else d
-            return HypergradientError(f"SolverState.from_state_dict: {key!r} must be {want}, got "
-                                      f"{got!r:.80}; pass the dict that SolverState.state_dict() returned")
+            return HypergradientError(
+                f"SolverState.from_state_dict: {key!r} must be {want}, got "
+                f"{got!r:.80}; pass the dict that SolverState.state_dict() returned"
+            )
 
         if not isinstance(d, Mapping):
             raise bad("state", "a dict")
@@ -137,8 +152,10 @@ class SolverState:
             raise bad("version", str(STATE_DICT_VERSION))
         known = {"version", "method", "calls", *_LAYOUT}
         if set(d) != known:
-            raise HypergradientError(f"SolverState.from_state_dict: keys {sorted(set(d) ^ known)} are "
-                                     f"missing or unknown; expected exactly {sorted(known)}")
+            raise HypergradientError(
+                f"SolverState.from_state_dict: keys {sorted(set(d) ^ known)} are "
+                f"missing or unknown; expected exactly {sorted(known)}"
+            )
 
         def opt_float(key: str) -> float | None:
             x = d[key]
@@ -158,16 +175,22 @@ class SolverState:
         if method is not None and not isinstance(method, str):
             raise bad("method", "a method name or None")
         p = d["p"]
-        if p is not None and not (isinstance(p, Mapping) and all(
-                isinstance(k, str) and isinstance(v, Tensor) for k, v in p.items())):
+        if p is not None and not (
+            isinstance(p, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in p.items())
+        ):
             raise bad("p", "a dict of tensors or None")
         sketch = d["sketch"]
-        if sketch is not None and not (isinstance(sketch, Mapping) and all(isinstance(k, str)
-                                                                             for k in sketch)):
+        if sketch is not None and not (
+            isinstance(sketch, Mapping) and all(isinstance(k, str) for k in sketch)
+        ):
             raise bad("sketch", "a dict or None")
-        values = {"p": None if p is None else dict(p), "lambda_min": opt_float("lambda_min"),
-                  "lambda_max": opt_float("lambda_max"), "lambda_max_age": count("lambda_max_age"),
-                  "sketch": None if sketch is None else dict(sketch)}
+        values = {
+            "p": None if p is None else dict(p),
+            "lambda_min": opt_float("lambda_min"),
+            "lambda_max": opt_float("lambda_max"),
+            "lambda_max_age": count("lambda_max_age"),
+            "sketch": None if sketch is None else dict(sketch),
+        }
         kind = _TYPES.get(method, SolverState) if method is not None else SolverState
         own = {f.name for f in dataclasses.fields(kind)}
         for key, value in values.items():

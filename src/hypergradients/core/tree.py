@@ -86,7 +86,7 @@ def unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Tree:
     i = 0
     for k, v in like.items():
         n = v.numel()
-        out[k] = vec[i:i + n].reshape(v.shape)
+        out[k] = vec[i : i + n].reshape(v.shape)
         i += n
     if i != vec.numel():
         raise ValueError(f"vector of length {vec.numel()} does not match a tree of {i} elements")
@@ -102,7 +102,7 @@ def unflatten_rows(rows: Tensor, like: Mapping[str, Tensor]) -> Tree:
     i = 0
     m = rows.shape[0]
     for k, v in like.items():
-        out[k] = rows[:, i:i + v.numel()].reshape((m, *v.shape))
+        out[k] = rows[:, i : i + v.numel()].reshape((m, *v.shape))
         i += v.numel()
     if i != rows.shape[1]:
         raise ValueError(f"rows of length {rows.shape[1]} do not match a tree of {i} elements")

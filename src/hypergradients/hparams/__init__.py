@@ -32,10 +32,31 @@ from .objective import BatchLoss, Objective, as_batch, collect_hparams, cross_en
 from .weight_decay import GRANULARITIES, WeightDecay, weights_only
 
 __all__ = [
-    "GRANULARITIES", "Batch", "BatchLoss", "Description", "DropConnect", "Dropout", "ExampleWeights",
-    "Family", "Hook", "LossReweighting", "ModelForward", "NaturalValue", "Noise", "Objective", "Sampler",
-    "Site", "WeightDecay", "as_batch", "check_composable", "collect_hparams", "cross_entropy", "describe",
-    "on_targets", "unconstrained", "weights_only",
+    "GRANULARITIES",
+    "Batch",
+    "BatchLoss",
+    "Description",
+    "DropConnect",
+    "Dropout",
+    "ExampleWeights",
+    "Family",
+    "Hook",
+    "LossReweighting",
+    "ModelForward",
+    "NaturalValue",
+    "Noise",
+    "Objective",
+    "Sampler",
+    "Site",
+    "WeightDecay",
+    "as_batch",
+    "check_composable",
+    "collect_hparams",
+    "cross_entropy",
+    "describe",
+    "on_targets",
+    "unconstrained",
+    "weights_only",
 ]
 
 
@@ -43,8 +64,11 @@ def __getattr__(name: str) -> _Any:
     # ``hg.Forward`` is the forward-mode path method, so the model-forward type is ``ModelForward``;
     # families annotated with ``hparams.Forward`` keep importing, with a warning that names it.
     if name == "Forward":
-        _warnings.warn("hypergradients.hparams.Forward is now hypergradients.hparams.ModelForward (the type "
-                       "of forward(params, x)); hg.Forward is the forward-mode path method",
-                       DeprecationWarning, stacklevel=2)
+        _warnings.warn(
+            "hypergradients.hparams.Forward is now hypergradients.hparams.ModelForward (the type "
+            "of forward(params, x)); hg.Forward is the forward-mode path method",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ModelForward
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -62,8 +62,10 @@ from .base import Batch, Description, Family, Noise, Sampler, natural_leaves, un
 def _shapes(channels: int, depth: int, wf: int, noise: bool) -> dict[str, tuple[int, ...]]:
     """Every weight of the U-Net, in a fixed order: name -> shape."""
     if depth < 1 or wf < 0 or channels < 1:
-        raise ValueError(f"U-Net needs depth >= 1, wf >= 0 and channels >= 1; got depth={depth}, wf={wf}, "
-                         f"channels={channels}")
+        raise ValueError(
+            f"U-Net needs depth >= 1, wf >= 0 and channels >= 1; got depth={depth}, wf={wf}, "
+            f"channels={channels}"
+        )
     out: dict[str, tuple[int, ...]] = {}
     prev = channels + (1 if noise else 0)
     for i in range(depth):
@@ -91,8 +93,14 @@ Residual = Literal["linear", "tanh"]
 NoiseShape = Literal["pixel", "image"]
 
 
-def unet(weights: Mapping[str, Tensor], x: Tensor, noise: Tensor | None, *, depth: int,
-         residual: Residual = "linear") -> Tensor:
+def unet(
+    weights: Mapping[str, Tensor],
+    x: Tensor,
+    noise: Tensor | None,
+    *,
+    depth: int,
+    residual: Residual = "linear",
+) -> Tensor:
     """``x + u(concat(x, noise))`` (``residual="linear"``) or ``x + tanh(u(concat(x, noise)))``
     (``"tanh"``): the U-Net with identity residual, called functionally.
 
@@ -143,11 +151,22 @@ class AugmentNet(Family):
         name: key prefix (keys ``"<name>.down0.conv1.weight"``, ...).
     """
 
-    def __init__(self, channels: int, *, depth: int = 2, wf: int = 3, noise: bool = True,
-                 noise_shape: NoiseShape = "pixel", residual: Residual = "linear",
-                 with_original: bool = False, identity_init: bool = True, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 name: str = "augment") -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        depth: int = 2,
+        wf: int = 3,
+        noise: bool = True,
+        noise_shape: NoiseShape = "pixel",
+        residual: Residual = "linear",
+        with_original: bool = False,
+        identity_init: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        name: str = "augment",
+    ) -> None:
         if noise_shape not in ("pixel", "image"):
             raise ValueError(f"AugmentNet noise_shape must be 'pixel' or 'image', got {noise_shape!r}")
         if residual not in ("linear", "tanh"):
@@ -160,7 +179,7 @@ class AugmentNet(Family):
             # U(−1/√fan_in, 1/√fan_in), the bias with its weight's fan-in; PyTorch takes the fan-in
             # from the weight's dim 1 times the kernel for both, which for the transposed
             # convolution's (in, out, kH, kW) weight is its *output* channels.
-            ws = s if k.endswith(".weight") else shapes[k[:-len(".bias")] + ".weight"]
+            ws = s if k.endswith(".weight") else shapes[k[: -len(".bias")] + ".weight"]
             fan_in = ws[1] * ws[2] * ws[3]
             bound = 1.0 / math.sqrt(fan_in)
             t = (torch.rand(s, generator=g, dtype=torch.float64) * 2 - 1) * bound
@@ -179,24 +198,44 @@ class AugmentNet(Family):
         self.seed = seed
 
     @classmethod
-    def paper(cls, channels: int, *, with_original: bool = False, seed: int = 0,
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-              name: str = "augment") -> AugmentNet:
+    def paper(
+        cls,
+        channels: int,
+        *,
+        with_original: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        name: str = "augment",
+    ) -> AugmentNet:
         """The authors' network (``models/unet.py`` as ``train_augment_net2.py`` builds it):
         ``depth=2, wf=3``, the noise channel with one number per image, ``x + tanh(u)``, PyTorch's
         default initialisation of every layer (6,659 weights on RGB images, 6,497 on grey ones)."""
-        return cls(channels, depth=2, wf=3, noise=True, noise_shape="image", residual="tanh",
-                   identity_init=False, with_original=with_original, seed=seed, dtype=dtype,
-                   device=device, name=name)
+        return cls(
+            channels,
+            depth=2,
+            wf=3,
+            noise=True,
+            noise_shape="image",
+            residual="tanh",
+            identity_init=False,
+            with_original=with_original,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            name=name,
+        )
 
     stochastic = True
     parametrisation = "the U-Net's weights themselves (unconstrained)"
 
     def __repr__(self) -> str:
-        return (f"AugmentNet(name={self.name!r}, channels={self.channels}, depth={self.depth}, "
-                f"wf={self.wf}, noise={self.use_noise}, noise_shape={self.noise_shape!r}, "
-                f"residual={self.residual!r}, identity_init={self.identity_init}, "
-                f"with_original={self.with_original}, {self.count()} hyperparameters)")
+        return (
+            f"AugmentNet(name={self.name!r}, channels={self.channels}, depth={self.depth}, "
+            f"wf={self.wf}, noise={self.use_noise}, noise_shape={self.noise_shape!r}, "
+            f"residual={self.residual!r}, identity_init={self.identity_init}, "
+            f"with_original={self.with_original}, {self.count()} hyperparameters)"
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         return dict(self._t)
@@ -233,15 +272,24 @@ class AugmentNet(Family):
     def augment(self, x: Tensor, hparams: Mapping[str, Tensor], noise: Tensor | None) -> Tensor:
         """``x + u_λ(x, ε)`` (or ``x + tanh(u_λ(x, ε))``) for images ``x`` of shape ``(B, C, H, W)``."""
         if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"AugmentNet {self.name!r} augments images of shape (B, {self.channels}, H, "
-                             f"W); got {tuple(x.shape)}: reshape flat inputs to images (and flatten in "
-                             "the model)")
+            raise ValueError(
+                f"AugmentNet {self.name!r} augments images of shape (B, {self.channels}, H, "
+                f"W); got {tuple(x.shape)}: reshape flat inputs to images (and flatten in "
+                "the model)"
+            )
         side = 2 ** (self.depth - 1)
         if x.shape[2] % side or x.shape[3] % side:
-            raise ValueError(f"AugmentNet {self.name!r} with depth={self.depth} needs image sides "
-                             f"divisible by {side}; got {tuple(x.shape[2:])}: pad the images or lower depth")
-        return unet(self.net_weights(hparams), x, noise if self.use_noise else None, depth=self.depth,
-                    residual=self.residual)
+            raise ValueError(
+                f"AugmentNet {self.name!r} with depth={self.depth} needs image sides "
+                f"divisible by {side}; got {tuple(x.shape[2:])}: pad the images or lower depth"
+            )
+        return unet(
+            self.net_weights(hparams),
+            x,
+            noise if self.use_noise else None,
+            depth=self.depth,
+            residual=self.residual,
+        )
 
     def batch(self, batch: Batch, hparams: Mapping[str, Tensor], *, noise: Sampler | None = None) -> Batch:
         """The augmented batch ``a_λ(x, ε)`` (after the original one if ``with_original``), ``ε`` drawn
@@ -257,6 +305,6 @@ class AugmentNet(Family):
         """The count by U-Net stage (down levels, up levels, the last 1×1 convolution)."""
         groups: dict[str, int] = {}
         for k, t in self._t.items():
-            stage = k[len(self.name) + 1:].split(".")[0]
+            stage = k[len(self.name) + 1 :].split(".")[0]
             groups[stage] = groups.get(stage, 0) + t.numel()
         return Description(self.name, type(self).__name__, self.count(), self.parametrisation, groups)

@@ -84,7 +84,7 @@ ModelForward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 """``forward(params, x) -> outputs``: the model called functionally with the weights ``params`` (what
 :meth:`Family.forward` wraps; not the path method :class:`hypergradients.Forward`)."""
 
-_SEED_RANGE = 2 ** 62
+_SEED_RANGE = 2**62
 
 
 @dataclass
@@ -114,8 +114,9 @@ class Sampler:
             self._gens[key] = torch.Generator(device=key).manual_seed(self.seed)
         return self._gens[key]
 
-    def uniform(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str,
-                eps: float = 0.0) -> Tensor:
+    def uniform(
+        self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str, eps: float = 0.0
+    ) -> Tensor:
         """Uniform draws on ``[eps, 1 − eps]`` (``eps > 0`` keeps ``log u`` and ``log(1 − u)`` finite)."""
         u = torch.rand(tuple(shape), generator=self.generator(device), dtype=dtype, device=device)
         return u.clamp(eps, 1 - eps) if eps > 0 else u
@@ -165,16 +166,20 @@ class Description:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k}: {v:,}" for k, v in self.groups.items())
-        return (f"{self.name} ({self.kind}): {self.count:,} hyperparameters; {self.parametrisation}"
-                + (f" [{parts}]" if parts else ""))
+        return f"{self.name} ({self.kind}): {self.count:,} hyperparameters; {self.parametrisation}" + (
+            f" [{parts}]" if parts else ""
+        )
 
 
 NaturalValue = Tensor | float | int
 """A natural value: a tensor shaped like the hyperparameter's, or a number (every entry of it)."""
 
 
-def natural_leaves(own: Mapping[str, Tensor], hparams: Mapping[str, Tensor] | None,
-                   fn: Callable[[Tensor], Tensor] | None = None) -> Tree:
+def natural_leaves(
+    own: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor] | None,
+    fn: Callable[[Tensor], Tensor] | None = None,
+) -> Tree:
     """A family's leaves keyed like ``own`` (its stored tensors), read from ``hparams`` (default:
     ``own``), detached and mapped by ``fn`` (default: unchanged): the body of :meth:`Family.natural`
     for the families whose leaves map one by one."""
@@ -182,8 +187,14 @@ def natural_leaves(own: Mapping[str, Tensor], hparams: Mapping[str, Tensor] | No
     return {k: src[k].detach() if fn is None else fn(src[k].detach()) for k in own}
 
 
-def unnatural_leaves(family: Family, values: Mapping[str, Tensor], inverse: Callable[[Tensor], Tensor], *,
-                     valid: Callable[[Tensor], Tensor] | None = None, domain: str = "") -> Tree:
+def unnatural_leaves(
+    family: Family,
+    values: Mapping[str, Tensor],
+    inverse: Callable[[Tensor], Tensor],
+    *,
+    valid: Callable[[Tensor], Tensor] | None = None,
+    domain: str = "",
+) -> Tree:
     """The body of :meth:`Family.from_natural` for the families whose leaves map one by one:
     ``inverse(v)`` for each ``values[k]`` (checked finite, shaped like ``family.tensors()[k]``, inside
     the domain where ``valid(v)`` holds, ``domain`` saying it in words), computed in float64 and
@@ -192,20 +203,26 @@ def unnatural_leaves(family: Family, values: Mapping[str, Tensor], inverse: Call
     out: dict[str, Tensor] = {}
     for k, v in values.items():
         if k not in own:
-            raise KeyError(f"{type(family).__name__} {family.name!r} has no hyperparameter {k!r}; its keys "
-                           f"are {sorted(own)[:8]}{' ...' if len(own) > 8 else ''}")
+            raise KeyError(
+                f"{type(family).__name__} {family.name!r} has no hyperparameter {k!r}; its keys "
+                f"are {sorted(own)[:8]}{' ...' if len(own) > 8 else ''}"
+            )
         t = own[k]
         x = torch.as_tensor(v).detach().to(device=t.device, dtype=torch.float64)
         if x.shape != t.shape:
-            raise ValueError(f"{k!r}: a value of shape {tuple(x.shape)} for a hyperparameter of shape "
-                             f"{tuple(t.shape)}: give that shape, or one number for all of it")
+            raise ValueError(
+                f"{k!r}: a value of shape {tuple(x.shape)} for a hyperparameter of shape "
+                f"{tuple(t.shape)}: give that shape, or one number for all of it"
+            )
         bad = ~torch.isfinite(x) if valid is None else ~(torch.isfinite(x) & valid(x))
         if bool(bad.any()):
             i = tuple(int(j) for j in bad.nonzero()[0].tolist())
             at = f" at index {i}" if i else ""
             need = f"{domain} and finite" if domain else "finite"
-            raise ValueError(f"{type(family).__name__} {family.name!r}: the value of {k!r}{at} is "
-                             f"{float(x[i] if i else x):g}, but must be {need} ({family.parametrisation})")
+            raise ValueError(
+                f"{type(family).__name__} {family.name!r}: the value of {k!r}{at} is "
+                f"{float(x[i] if i else x):g}, but must be {need} ({family.parametrisation})"
+            )
         out[k] = inverse(x).to(t.dtype)
     return out
 
@@ -238,8 +255,10 @@ class Family:
         returned in the tensors' dtype and device, nothing assigned. A value outside the natural
         domain (a decay ≤ 0, a probability outside (0, 1)) raises ``ValueError`` naming the key.
         The default refuses: a new family overrides it to be settable in natural units."""
-        raise NotImplementedError(f"{type(self).__name__} {self.name!r} does not map natural values back to "
-                                  "its tensors: override from_natural, or set its tensors in place")
+        raise NotImplementedError(
+            f"{type(self).__name__} {self.name!r} does not map natural values back to "
+            "its tensors: override from_natural, or set its tensors in place"
+        )
 
     def penalty(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor]) -> Tensor | None:
         """A term added to the training loss, or ``None``."""
@@ -249,8 +268,9 @@ class Family:
         """The training batch the model sees (default: unchanged)."""
         return batch
 
-    def model_weights(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                      noise: Sampler) -> Mapping[str, Tensor]:
+    def model_weights(
+        self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], noise: Sampler
+    ) -> Mapping[str, Tensor]:
         """The weights the model is called with on training batches (default: ``params``)."""
         return params
 
@@ -288,8 +308,11 @@ class Family:
             return {}
         if flat.numel() == 1:
             return {f"{self.name}": float(flat[0])}
-        return {f"{self.name}.mean": float(flat.mean()), f"{self.name}.min": float(flat.min()),
-                f"{self.name}.max": float(flat.max())}
+        return {
+            f"{self.name}.mean": float(flat.mean()),
+            f"{self.name}.min": float(flat.min()),
+            f"{self.name}.max": float(flat.max()),
+        }
 
     def load_tensors(self, values: Mapping[str, Tensor]) -> None:
         """Copy saved unconstrained values into :meth:`tensors` in place (used on resume)."""
@@ -304,8 +327,9 @@ class Family:
                 t.copy_(values[k])
 
 
-def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue], *,
-                  strict: bool = True) -> dict[str, Tensor]:
+def unconstrained(
+    families: Sequence[Family], values: Mapping[str, NaturalValue], *, strict: bool = True
+) -> dict[str, Tensor]:
     """The unconstrained tensors that give ``families`` the natural ``values`` (nothing assigned).
 
     ``values`` is keyed by hyperparameter key (``"weight_decay.0.weight"``) or by family name
@@ -325,7 +349,7 @@ def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue]
         for k in fam.tensors():
             by_key[k] = fam
     chosen: dict[str, NaturalValue] = {}
-    for name, v in values.items():   # family names first, so that a value under a key beats them
+    for name, v in values.items():  # family names first, so that a value under a key beats them
         if name not in by_key and name in by_name:
             chosen.update({k: v for k in by_name[name].tensors()})
     unknown = []
@@ -336,9 +360,11 @@ def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue]
             unknown.append(k)
     if unknown and strict:
         keys = sorted(by_key)
-        raise KeyError(f"no hyperparameter or family is called {unknown[0]!r}: the families are "
-                       f"{sorted(by_name)}, the keys {keys[:8]}{' ...' if len(keys) > 8 else ''} (pass "
-                       "strict=False to ignore the other entries)")
+        raise KeyError(
+            f"no hyperparameter or family is called {unknown[0]!r}: the families are "
+            f"{sorted(by_name)}, the keys {keys[:8]}{' ...' if len(keys) > 8 else ''} (pass "
+            "strict=False to ignore the other entries)"
+        )
     out: dict[str, Tensor] = {}
     for fam in families:
         own = fam.tensors()
@@ -351,8 +377,9 @@ def unconstrained(families: Sequence[Family], values: Mapping[str, NaturalValue]
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
                     t = torch.tensor(float(v), dtype=torch.float64)
                 else:
-                    raise TypeError(f"the value for {k!r} must be a number or a tensor, got "
-                                    f"{type(v).__name__}")
+                    raise TypeError(
+                        f"the value for {k!r} must be a number or a tensor, got {type(v).__name__}"
+                    )
                 mine[k] = t.expand(own[k].shape) if t.ndim == 0 else t
         if mine:
             out.update(fam.from_natural(mine))
@@ -363,14 +390,17 @@ def check_composable(families: Sequence[Family]) -> None:
     """Refuse a setup whose families cannot compose: two that reduce."""
     reducing = [f.name for f in families if f.reduces]
     if len(reducing) > 1:
-        raise ValueError(f"the families {reducing} all weight the examples (override reduce); at most one "
-                         "may: keep one, or write one family whose weights are the product of both")
+        raise ValueError(
+            f"the families {reducing} all weight the examples (override reduce); at most one "
+            "may: keep one, or write one family whose weights are the product of both"
+        )
 
 
 def describe(families: Sequence[Family]) -> str:
     """One line per family (count, parametrisation, groups) and the total: print it before training."""
     lines = [str(f.describe()) for f in families]
     total = sum(f.count() for f in families)
-    lines.append(f"total: {total:,} hyperparameters in {len(families)} "
-                 f"famil{'y' if len(families) == 1 else 'ies'}")
+    lines.append(
+        f"total: {total:,} hyperparameters in {len(families)} famil{'y' if len(families) == 1 else 'ies'}"
+    )
     return "\n".join(lines)

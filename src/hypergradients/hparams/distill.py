@@ -57,32 +57,48 @@ class DistilledData(Family):
         name: key prefix.
     """
 
-    def __init__(self, shape: Sequence[int], classes: int, *, per_class: int = 1, init: Tensor | None = None,
-                 init_std: float = 1.0, seed: int = 0, soft_labels: bool = False, label_init: float = 3.0,
-                 lr: float | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, name: str = "distill") -> None:
+    def __init__(
+        self,
+        shape: Sequence[int],
+        classes: int,
+        *,
+        per_class: int = 1,
+        init: Tensor | None = None,
+        init_std: float = 1.0,
+        seed: int = 0,
+        soft_labels: bool = False,
+        label_init: float = 3.0,
+        lr: float | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "distill",
+    ) -> None:
         shape = tuple(int(s) for s in shape)
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
             raise ValueError(f"classes must be an int >= 2, got {classes!r}")
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"per_class (examples per class) must be an int >= 1, got {per_class!r}")
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr (the initial inner step size) must be a finite number > 0 or None, "
-                             f"got {lr!r}")
+            raise ValueError(
+                f"lr (the initial inner step size) must be a finite number > 0 or None, got {lr!r}"
+            )
         n = classes * per_class
         if init is not None:
             if tuple(init.shape) != (n, *shape):
-                raise ValueError(f"init has shape {tuple(init.shape)}; expected (classes·per_class, *shape) "
-                                 f"= {(n, *shape)}, examples in class order (k of class 0, then k of "
-                                 "class 1, ...)")
+                raise ValueError(
+                    f"init has shape {tuple(init.shape)}; expected (classes·per_class, *shape) "
+                    f"= {(n, *shape)}, examples in class order (k of class 0, then k of "
+                    "class 1, ...)"
+                )
             dtype = dtype or init.dtype
             device = device or init.device
             x0 = init.detach().to(dtype=dtype, device=device).clone()
         else:
             dtype = dtype or torch.float32
             g = torch.Generator().manual_seed(seed)
-            x0 = (init_std * torch.randn((n, *shape), generator=g, dtype=torch.float64)).to(dtype=dtype,
-                                                                                              device=device)
+            x0 = (init_std * torch.randn((n, *shape), generator=g, dtype=torch.float64)).to(
+                dtype=dtype, device=device
+            )
         self.name = name
         self.shape = shape
         self.classes = classes
@@ -97,13 +113,17 @@ class DistilledData(Family):
             self._t[f"{name}.lr"] = torch.tensor(float(lr), dtype=dtype, device=x0.device, requires_grad=True)
 
     #: how the stored values map to the natural ones (read by ``Family.describe``).
-    parametrisation = ("the examples themselves; labels as logits Z, natural softmax(Z); the step size as "
-                       "itself (read by hg.Unrolled(lr=key))")
+    parametrisation = (
+        "the examples themselves; labels as logits Z, natural softmax(Z); the step size as "
+        "itself (read by hg.Unrolled(lr=key))"
+    )
 
     def __repr__(self) -> str:
-        return (f"DistilledData(name={self.name!r}, shape={self.shape}, classes={self.classes}, "
-                f"per_class={self.per_class}, soft_labels={self.soft_labels}, "
-                f"{self.count()} hyperparameters)")
+        return (
+            f"DistilledData(name={self.name!r}, shape={self.shape}, classes={self.classes}, "
+            f"per_class={self.per_class}, soft_labels={self.soft_labels}, "
+            f"{self.count()} hyperparameters)"
+        )
 
     @property
     def lr_key(self) -> str:
@@ -135,15 +155,24 @@ class DistilledData(Family):
             one = {k: v}
             if k == f"{self.name}.labels":
                 p = torch.as_tensor(v).detach().double()
-                if p.ndim == 2 and bool(torch.isfinite(p).all()) and bool((p > 0).all()) \
-                        and float((p.sum(-1) - 1).abs().max()) > 1e-4:
+                if (
+                    p.ndim == 2
+                    and bool(torch.isfinite(p).all())
+                    and bool((p > 0).all())
+                    and float((p.sum(-1) - 1).abs().max()) > 1e-4
+                ):
                     sums = p.sum(-1)
-                    raise ValueError(f"DistilledData {self.name!r}: the rows of {k!r} are label "
-                                     f"distributions and must sum to 1; they sum to {sums.min().item():g} .. "
-                                     f"{sums.max().item():g}")
-                out.update(unnatural_leaves(self, one, torch.log, valid=lambda a: a > 0,
-                                            domain="> 0 (a label probability)"))
-            else:   # the examples and the step size are stored as they are
+                    raise ValueError(
+                        f"DistilledData {self.name!r}: the rows of {k!r} are label "
+                        f"distributions and must sum to 1; they sum to {sums.min().item():g} .. "
+                        f"{sums.max().item():g}"
+                    )
+                out.update(
+                    unnatural_leaves(
+                        self, one, torch.log, valid=lambda a: a > 0, domain="> 0 (a label probability)"
+                    )
+                )
+            else:  # the examples and the step size are stored as they are
                 out.update(unnatural_leaves(self, one, lambda a: a))
         return out
 
@@ -181,9 +210,14 @@ class DistilledData(Family):
                 hparams[key].clamp_(min=min_lr)
 
 
-def save_distilled_figure(family: DistilledData, path: str | os.PathLike[str], *,
-                          image_shape: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
-                          title: str | None = None) -> Path:
+def save_distilled_figure(
+    family: DistilledData,
+    path: str | os.PathLike[str],
+    *,
+    image_shape: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """A PNG of the learned examples: one column per class, ``k`` rows (matplotlib, imported here only).
 
     ``image_shape``: ``(H, W)`` or ``(C, H, W)`` to view each example as (default: the family's
@@ -199,15 +233,17 @@ def save_distilled_figure(family: DistilledData, path: str | os.PathLike[str], *
     x = nat[f"{family.name}.x"].double().cpu()
     shape = tuple(image_shape) if image_shape is not None else family.shape
     if math.prod(shape) != math.prod(family.shape) or len(shape) not in (2, 3):
-        raise ValueError(f"image_shape {shape} cannot show examples of shape {family.shape}: give (H, W) or "
-                         "(C, H, W) with the same number of values")
+        raise ValueError(
+            f"image_shape {shape} cannot show examples of shape {family.shape}: give (H, W) or "
+            "(C, H, W) with the same number of values"
+        )
     k, c = family.per_class, family.classes
     fig, axes = plt.subplots(k, c, figsize=(1.1 * c, 1.2 * k + 0.4), squeeze=False)
     probs = nat.get(f"{family.name}.labels")
     for j in range(k * c):
         ax = axes[j % k][j // k]
         img = x[j].reshape(shape)
-        if img.ndim == 3:   # (C, H, W) -> (H, W, C), or the single channel
+        if img.ndim == 3:  # (C, H, W) -> (H, W, C), or the single channel
             img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         lo, hi = float(img.min()), float(img.max())
         img = (img - lo) / (hi - lo) if hi > lo else img * 0

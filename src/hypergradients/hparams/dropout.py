@@ -66,7 +66,7 @@ from ..core.tree import Tree
 from .base import Description, Family, Hook, Sampler, natural_leaves, unnatural_leaves
 
 Where = Literal["input", "output"]
-_EPS = 1e-6   # u ∈ [ε, 1−ε]: log u and log(1−u) stay finite (|logit| ≤ 13.8)
+_EPS = 1e-6  # u ∈ [ε, 1−ε]: log u and log(1−u) stay finite (|logit| ≤ 13.8)
 
 
 def _check_prob(init: float, what: str) -> None:
@@ -81,8 +81,13 @@ def _check_temperature(t: float) -> None:
 
 def _logits(family: Family, values: Mapping[str, Tensor]) -> Tree:
     """The logits ``θ = log q − log(1 − q)`` of keep probabilities ``q`` in (0, 1)."""
-    return unnatural_leaves(family, values, lambda q: torch.log(q) - torch.log1p(-q),
-                            valid=lambda q: (q > 0) & (q < 1), domain="in (0, 1) (a keep probability)")
+    return unnatural_leaves(
+        family,
+        values,
+        lambda q: torch.log(q) - torch.log1p(-q),
+        valid=lambda q: (q > 0) & (q < 1),
+        domain="in (0, 1) (a keep probability)",
+    )
 
 
 def relaxed_mask(theta: Tensor, u: Tensor, temperature: float) -> Tensor:
@@ -109,15 +114,19 @@ def _batch_first(model: nn.Module, batch_first: bool | None) -> bool:
     """The layout of the Linear and Embedding sites: ``batch_first``, or the recurrent layers' own."""
     if batch_first is not None:
         if not isinstance(batch_first, bool):
-            raise ValueError(f"batch_first must be True, False or None (follow the model's recurrent "
-                             f"layers), got {batch_first!r}")
+            raise ValueError(
+                f"batch_first must be True, False or None (follow the model's recurrent "
+                f"layers), got {batch_first!r}"
+            )
         return batch_first
     rnns = {n: m.batch_first for n, m in model.named_modules() if isinstance(m, nn.RNNBase)}
     if len(set(rnns.values())) > 1:
-        raise ValueError(f"Dropout: the model's recurrent layers disagree on batch_first ({rnns}), so the "
-                         "examples' axis of its Linear and Embedding sites is not known: pass "
-                         "batch_first=True (B, T, ...) or batch_first=False (T, B, ...)")
-    return all(rnns.values())   # no recurrent layer: batch first
+        raise ValueError(
+            f"Dropout: the model's recurrent layers disagree on batch_first ({rnns}), so the "
+            "examples' axis of its Linear and Embedding sites is not known: pass "
+            "batch_first=True (B, T, ...) or batch_first=False (T, B, ...)"
+        )
+    return all(rnns.values())  # no recurrent layer: batch first
 
 
 def _infer(model: nn.Module, module: str, where: Where, batch_first: bool | None = None) -> Site:
@@ -131,31 +140,49 @@ def _infer(model: nn.Module, module: str, where: Where, batch_first: bool | None
     # Time first: the examples are on the axis before the units, (T, B, units), and a 2-D
     # (B, units) keeps one mask per row; batch first: on axis 0.
     if isinstance(sub, nn.Linear):
-        return Site(module, where, sub.in_features if where == "input" else sub.out_features,
-                    batch_axis=0 if _batch_first(model, batch_first) else -2)
+        return Site(
+            module,
+            where,
+            sub.in_features if where == "input" else sub.out_features,
+            batch_axis=0 if _batch_first(model, batch_first) else -2,
+        )
     if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Site(module, where, sub.in_channels if where == "input" else sub.out_channels, 1, 0,
-                    len(sub.kernel_size) + 2)
+        return Site(
+            module,
+            where,
+            sub.in_channels if where == "input" else sub.out_channels,
+            1,
+            0,
+            len(sub.kernel_size) + 2,
+        )
     if isinstance(sub, nn.Embedding):
         if where == "input":
-            raise ValueError(f"Dropout site {module!r}: an nn.Embedding's input is token ids; drop its "
-                             "'output' units instead")
-        return Site(module, where, sub.embedding_dim,
-                    batch_axis=0 if _batch_first(model, batch_first) else -2)
+            raise ValueError(
+                f"Dropout site {module!r}: an nn.Embedding's input is token ids; drop its "
+                "'output' units instead"
+            )
+        return Site(
+            module, where, sub.embedding_dim, batch_axis=0 if _batch_first(model, batch_first) else -2
+        )
     if isinstance(sub, nn.RNNBase):
         out = (sub.proj_size or sub.hidden_size) * (2 if sub.bidirectional else 1)
-        return Site(module, where, sub.input_size if where == "input" else out, -1,
-                    0 if sub.batch_first else 1, 3)
-    raise ValueError(f"Dropout site {module!r}: cannot infer the units of a {type(sub).__name__}; drop "
-                     "the input or output of an nn.Linear, nn.ConvNd, nn.Embedding or nn.LSTM/GRU/RNN, "
-                     "or pass a Site(module, where, units, unit_axis, batch_axis)")
+        return Site(
+            module, where, sub.input_size if where == "input" else out, -1, 0 if sub.batch_first else 1, 3
+        )
+    raise ValueError(
+        f"Dropout site {module!r}: cannot infer the units of a {type(sub).__name__}; drop "
+        "the input or output of an nn.Linear, nn.ConvNd, nn.Embedding or nn.LSTM/GRU/RNN, "
+        "or pass a Site(module, where, units, unit_axis, batch_axis)"
+    )
 
 
 def _mask_shape(x: Tensor, site: Site) -> list[int]:
     ua = site.unit_axis % x.ndim
     if x.shape[ua] != site.units:
-        raise ValueError(f"Dropout at {site.module!r} ({site.where}): expected {site.units} units along axis "
-                         f"{site.unit_axis}, got a tensor of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"Dropout at {site.module!r} ({site.where}): expected {site.units} units along axis "
+            f"{site.unit_axis}, got a tensor of shape {tuple(x.shape)}"
+        )
     shape = [1] * x.ndim
     shape[ua] = site.units
     # An unbatched input (e.g. an LSTM's (T, F)) has one axis fewer: then one mask for all of it.
@@ -188,14 +215,23 @@ class Dropout(Family):
     stochastic = True
     parametrisation = "keep probability q = σ(θ) per unit (logit θ stored); relaxed Bernoulli mask z/q"
 
-    def __init__(self, model: nn.Module, sites: Sequence[str | Site], *, init: float = 0.9,
-                 temperature: float = 0.1, name: str = "dropout", dtype: torch.dtype | None = None,
-                 batch_first: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[str | Site],
+        *,
+        init: float = 0.9,
+        temperature: float = 0.1,
+        name: str = "dropout",
+        dtype: torch.dtype | None = None,
+        batch_first: bool | None = None,
+    ) -> None:
         _check_prob(init, "init")
         _check_temperature(temperature)
         if isinstance(sites, str) or not sites:
-            raise ValueError(f"sites must be a non-empty list of submodule names or Site objects, "
-                             f"got {sites!r}")
+            raise ValueError(
+                f"sites must be a non-empty list of submodule names or Site objects, got {sites!r}"
+            )
         ref = next(iter(model.parameters()), None)
         floating = ref is not None and ref.is_floating_point()
         dtype = dtype or (ref.dtype if ref is not None and floating else torch.get_default_dtype())
@@ -211,13 +247,17 @@ class Dropout(Family):
                 raise ValueError(f"Dropout {name!r}: the site {s.module}:{s.where} is listed twice")
             self.sites[key] = s
         logit = math.log(init) - math.log1p(-init)
-        self._t = {k: torch.full((s.units,), logit, dtype=dtype, device=device, requires_grad=True)
-                   for k, s in self.sites.items()}
+        self._t = {
+            k: torch.full((s.units,), logit, dtype=dtype, device=device, requires_grad=True)
+            for k, s in self.sites.items()
+        }
 
     def __repr__(self) -> str:
         where = [f"{s.module}:{s.where}" for s in self.sites.values()]
-        return (f"Dropout(name={self.name!r}, sites={where}, "
-                f"init={self.init:g}, temperature={self.temperature:g}, {self.count()} hyperparameters)")
+        return (
+            f"Dropout(name={self.name!r}, sites={where}, "
+            f"init={self.init:g}, temperature={self.temperature:g}, {self.count()} hyperparameters)"
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         return dict(self._t)
@@ -232,8 +272,13 @@ class Dropout(Family):
 
     def describe(self) -> Description:
         groups = {f"{s.module}:{s.where}": s.units for s in self.sites.values()}
-        return Description(self.name, f"Dropout, concrete, τ={self.temperature:g}", self.count(),
-                           self.parametrisation, groups)
+        return Description(
+            self.name,
+            f"Dropout, concrete, τ={self.temperature:g}",
+            self.count(),
+            self.parametrisation,
+            groups,
+        )
 
     def hooks(self, hparams: Mapping[str, Tensor], noise: Sampler) -> list[Hook]:
         out: list[Hook] = []
@@ -248,14 +293,18 @@ class Dropout(Family):
                 return x * relaxed_mask(theta.to(x.dtype).reshape(view), u, self.temperature)
 
             if site.where == "input":
+
                 def pre(mod: nn.Module, args: tuple[Any, ...], drop: Any = drop) -> tuple[Any, ...]:
                     return (drop(args[0]), *args[1:])
+
                 out.append(Hook(site.module, pre, "pre"))
             else:
+
                 def post(mod: nn.Module, args: tuple[Any, ...], output: Any, drop: Any = drop) -> Any:
-                    if isinstance(output, tuple):   # an RNN's (output, state): drop the output sequence
+                    if isinstance(output, tuple):  # an RNN's (output, state): drop the output sequence
                         return (drop(output[0]), *output[1:])
                     return drop(output)
+
                 out.append(Hook(site.module, post, "post"))
         return out
 
@@ -276,8 +325,15 @@ class DropConnect(Family):
     stochastic = True
     parametrisation = "keep probability q = σ(θ) per weight (logit θ stored); relaxed Bernoulli mask z/q"
 
-    def __init__(self, model: nn.Module, params: Sequence[str], *, init: float = 0.9,
-                 temperature: float = 0.1, name: str = "dropconnect") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[str],
+        *,
+        init: float = 0.9,
+        temperature: float = 0.1,
+        name: str = "dropconnect",
+    ) -> None:
         _check_prob(init, "init")
         _check_temperature(temperature)
         named = dict(model.named_parameters())
@@ -286,20 +342,26 @@ class DropConnect(Family):
         unknown = [p for p in params if p not in named]
         if unknown:
             hh = [k for k in named if "weight_hh" in k]
-            raise ValueError(f"DropConnect: the model has no parameter {unknown[0]!r}"
-                             + (f"; its recurrent weights are {hh}" if hh
-                                else f"; it has {sorted(named)[:20]}"))
+            raise ValueError(
+                f"DropConnect: the model has no parameter {unknown[0]!r}"
+                + (f"; its recurrent weights are {hh}" if hh else f"; it has {sorted(named)[:20]}")
+            )
         self.name, self.init, self.temperature = name, float(init), float(temperature)
         self.params = list(params)
         self._frozen = {k: named[k].detach() for k in self.params}
         logit = math.log(init) - math.log1p(-init)
-        self._t = {f"{name}.{k}": torch.full(named[k].shape, logit, dtype=named[k].dtype,
-                                              device=named[k].device, requires_grad=True)
-                   for k in self.params}
+        self._t = {
+            f"{name}.{k}": torch.full(
+                named[k].shape, logit, dtype=named[k].dtype, device=named[k].device, requires_grad=True
+            )
+            for k in self.params
+        }
 
     def __repr__(self) -> str:
-        return (f"DropConnect(name={self.name!r}, params={self.params}, init={self.init:g}, "
-                f"temperature={self.temperature:g}, {self.count()} hyperparameters)")
+        return (
+            f"DropConnect(name={self.name!r}, params={self.params}, init={self.init:g}, "
+            f"temperature={self.temperature:g}, {self.count()} hyperparameters)"
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         return dict(self._t)
@@ -314,11 +376,17 @@ class DropConnect(Family):
 
     def describe(self) -> Description:
         groups = {k: self._t[f"{self.name}.{k}"].numel() for k in self.params}
-        return Description(self.name, f"DropConnect, concrete, τ={self.temperature:g}", self.count(),
-                           self.parametrisation, groups)
+        return Description(
+            self.name,
+            f"DropConnect, concrete, τ={self.temperature:g}",
+            self.count(),
+            self.parametrisation,
+            groups,
+        )
 
-    def model_weights(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                      noise: Sampler) -> Mapping[str, Tensor]:
+    def model_weights(
+        self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], noise: Sampler
+    ) -> Mapping[str, Tensor]:
         out = dict(params)
         for k in self.params:
             w = out[k] if k in out else self._frozen[k]

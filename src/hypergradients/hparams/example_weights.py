@@ -45,8 +45,9 @@ Parametrisation = Literal["sigmoid", "softplus"]
 
 def _check_normalise(normalise: str) -> None:
     if normalise not in ("mean", "weights"):
-        raise ValueError(f"normalise must be 'mean' (Σ ω ℓ / |B|) or 'weights' (Σ ω ℓ / Σ ω), "
-                         f"got {normalise!r}")
+        raise ValueError(
+            f"normalise must be 'mean' (Σ ω ℓ / |B|) or 'weights' (Σ ω ℓ / Σ ω), got {normalise!r}"
+        )
 
 
 def _weighted(losses: Tensor, omega: Tensor, normalise: str) -> Tensor:
@@ -66,9 +67,17 @@ class ExampleWeights(Family):
         name: the key of the ``(n,)`` tensor of logits.
     """
 
-    def __init__(self, n: int, *, init: float = 1.0, parametrisation: Parametrisation = "sigmoid",
-                 normalise: Normalise = "mean", name: str = "example_weights",
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        init: float = 1.0,
+        parametrisation: Parametrisation = "sigmoid",
+        normalise: Normalise = "mean",
+        name: str = "example_weights",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n (the number of training examples) must be an integer >= 1, got {n!r}")
         if parametrisation not in ("sigmoid", "softplus"):
@@ -76,21 +85,25 @@ class ExampleWeights(Family):
         _check_normalise(normalise)
         hi = 2.0 if parametrisation == "sigmoid" else math.inf
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < hi:
-            raise ValueError(f"init (the initial example weight) must be in (0, {hi:g}) for the "
-                             f"{parametrisation} parametrisation, got {init!r}")
+            raise ValueError(
+                f"init (the initial example weight) must be in (0, {hi:g}) for the "
+                f"{parametrisation} parametrisation, got {init!r}"
+            )
         self.n, self.name, self.init = n, name, float(init)
         self.kind: Parametrisation = parametrisation
         self.normalise: Normalise = normalise
         form = "ω = 2σ(θ) ∈ (0, 2)" if parametrisation == "sigmoid" else "ω = softplus(θ) > 0"
         self.parametrisation = f"example weight {form} (θ stored); normalise={normalise}"
-        theta0 = (math.log(init / (2 - init)) if parametrisation == "sigmoid"
-                  else math.log(math.expm1(init)))
-        self._t = torch.full((n,), theta0, dtype=dtype or torch.get_default_dtype(), device=device,
-                             requires_grad=True)
+        theta0 = math.log(init / (2 - init)) if parametrisation == "sigmoid" else math.log(math.expm1(init))
+        self._t = torch.full(
+            (n,), theta0, dtype=dtype or torch.get_default_dtype(), device=device, requires_grad=True
+        )
 
     def __repr__(self) -> str:
-        return (f"ExampleWeights(n={self.n}, init={self.init:g}, parametrisation={self.kind!r}, "
-                f"normalise={self.normalise!r}, name={self.name!r})")
+        return (
+            f"ExampleWeights(n={self.n}, init={self.init:g}, parametrisation={self.kind!r}, "
+            f"normalise={self.normalise!r}, name={self.name!r})"
+        )
 
     def weight(self, theta: Tensor) -> Tensor:
         """``ω(θ)``: ``2σ(θ)`` or ``softplus(θ)``."""
@@ -108,27 +121,42 @@ class ExampleWeights(Family):
         """The ``θ`` of the example weights ``ω`` given: ``log(ω/(2 − ω))`` for ``ω`` in (0, 2)
         (``"sigmoid"``), ``log(exp(ω) − 1)`` for ``ω > 0`` (``"softplus"``)."""
         if self.kind == "sigmoid":
-            return unnatural_leaves(self, values, lambda w: torch.log(w) - torch.log(2 - w),
-                                    valid=lambda w: (w > 0) & (w < 2), domain="in (0, 2) (an example weight)")
+            return unnatural_leaves(
+                self,
+                values,
+                lambda w: torch.log(w) - torch.log(2 - w),
+                valid=lambda w: (w > 0) & (w < 2),
+                domain="in (0, 2) (an example weight)",
+            )
         # log(expm1(ω)) = ω + log(1 − e^−ω), which neither overflows nor loses a small ω
-        return unnatural_leaves(self, values, lambda w: w + torch.log(-torch.expm1(-w)),
-                                valid=lambda w: w > 0, domain="> 0 (an example weight)")
+        return unnatural_leaves(
+            self,
+            values,
+            lambda w: w + torch.log(-torch.expm1(-w)),
+            valid=lambda w: w > 0,
+            domain="> 0 (an example weight)",
+        )
 
     def describe(self) -> Description:
-        return Description(self.name, "ExampleWeights", self.count(), self.parametrisation,
-                           {"training examples": self.n})
+        return Description(
+            self.name, "ExampleWeights", self.count(), self.parametrisation, {"training examples": self.n}
+        )
 
     def reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor]) -> Tensor:
         """``Σ ω_i ℓ_i / |B|`` or ``/ Σ ω_i`` over the batch, ``ω_i`` of example ``batch.index[i]``."""
         theta = hparams[self.name]
         idx = batch.index.to(theta.device)
         if idx.numel() != losses.numel():
-            raise ValueError(f"ExampleWeights {self.name!r}: the batch has {losses.numel()} losses but "
-                             f"{idx.numel()} indices; pass batches with their dataset indices (x, y, index)")
+            raise ValueError(
+                f"ExampleWeights {self.name!r}: the batch has {losses.numel()} losses but "
+                f"{idx.numel()} indices; pass batches with their dataset indices (x, y, index)"
+            )
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
-            raise ValueError(f"ExampleWeights {self.name!r}: batch index {bad} is out of range for "
-                             f"{self.n} examples; build it with n = the size of the training set")
+            raise ValueError(
+                f"ExampleWeights {self.name!r}: batch index {bad} is out of range for "
+                f"{self.n} examples; build it with n = the size of the training set"
+            )
         omega = self.weight(theta[idx]).to(losses.dtype)
         return _weighted(losses, omega, self.normalise)
 
@@ -147,9 +175,17 @@ class LossReweighting(Family):
 
     parametrisation = "MLP weights (unconstrained, natural = stored); ω(ℓ) = 2σ(MLP(ℓ)) ∈ (0, 2)"
 
-    def __init__(self, hidden: int = 16, *, normalise: Normalise = "mean", init_scale: float = 1.0,
-                 seed: int = 0, name: str = "loss_reweighting", dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int = 16,
+        *,
+        normalise: Normalise = "mean",
+        init_scale: float = 1.0,
+        seed: int = 0,
+        name: str = "loss_reweighting",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden (the MLP's width) must be an integer >= 1, got {hidden!r}")
         _check_normalise(normalise)
@@ -158,9 +194,12 @@ class LossReweighting(Family):
         dt = dtype or torch.get_default_dtype()
         g = torch.Generator().manual_seed(seed)
         a1 = init_scale * torch.randn(hidden, generator=g, dtype=dt)
-        self._t = {f"{name}.a1": a1.to(device), f"{name}.b1": torch.zeros(hidden, dtype=dt, device=device),
-                   f"{name}.a2": torch.zeros(hidden, dtype=dt, device=device),
-                   f"{name}.b2": torch.zeros((), dtype=dt, device=device)}
+        self._t = {
+            f"{name}.a1": a1.to(device),
+            f"{name}.b1": torch.zeros(hidden, dtype=dt, device=device),
+            f"{name}.a2": torch.zeros(hidden, dtype=dt, device=device),
+            f"{name}.b2": torch.zeros((), dtype=dt, device=device),
+        }
         for t in self._t.values():
             t.requires_grad_(True)
 
@@ -188,13 +227,21 @@ class LossReweighting(Family):
         with torch.no_grad():
             ls = torch.tensor([0.1, 1.0, 3.0], dtype=self._t[f"{self.name}.a1"].dtype)
             w = self.weight(ls, self._t)
-        return {f"{self.name}.w(0.1)": float(w[0]), f"{self.name}.w(1)": float(w[1]),
-                f"{self.name}.w(3)": float(w[2])}
+        return {
+            f"{self.name}.w(0.1)": float(w[0]),
+            f"{self.name}.w(1)": float(w[1]),
+            f"{self.name}.w(3)": float(w[2]),
+        }
 
     def describe(self) -> Description:
         h = self.hidden
-        return Description(self.name, f"LossReweighting, 1-{h}-1 MLP", self.count(), self.parametrisation,
-                           {"a1": h, "b1": h, "a2": h, "b2": 1})
+        return Description(
+            self.name,
+            f"LossReweighting, 1-{h}-1 MLP",
+            self.count(),
+            self.parametrisation,
+            {"a1": h, "b1": h, "a2": h, "b2": 1},
+        )
 
     def reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor]) -> Tensor:
         """``Σ ω(ℓ_i) ℓ_i / |B|`` or ``/ Σ ω(ℓ_i)``."""

@@ -33,8 +33,16 @@ TargetLoss = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(predictions, y) -> (B,)``: a loss that reads only the targets (``fit``'s ``loss_fn``)."""
 BatchLike = Batch | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
-__all__ = ["BatchLike", "BatchLoss", "Objective", "TargetLoss", "as_batch", "collect_hparams",
-           "cross_entropy", "on_targets"]
+__all__ = [
+    "BatchLike",
+    "BatchLoss",
+    "Objective",
+    "TargetLoss",
+    "as_batch",
+    "collect_hparams",
+    "cross_entropy",
+    "on_targets",
+]
 
 
 def cross_entropy(outputs: Tensor, batch: Batch | Tensor) -> Tensor:
@@ -68,8 +76,10 @@ def as_batch(batch: BatchLike) -> Batch:
     if isinstance(batch, Mapping):
         inputs = {k: v for k, v in batch.items() if k != "index"}
         if "labels" not in inputs:
-            raise ValueError(f"a dict batch must hold the targets under 'labels' (the key a Hugging Face "
-                             f"model's loss reads); it has {sorted(batch)}")
+            raise ValueError(
+                f"a dict batch must hold the targets under 'labels' (the key a Hugging Face "
+                f"model's loss reads); it has {sorted(batch)}"
+            )
         y = inputs["labels"]
         index = batch.get("index")
         if index is None:
@@ -83,9 +93,11 @@ def as_batch(batch: BatchLike) -> Batch:
         n = len(y) if isinstance(y, Tensor) and y.ndim > 0 else 1
         return Batch(x, y, torch.arange(n))
     size = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-    raise TypeError(f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch (or a dict of "
-                    f"keyword inputs with 'labels'), got "
-                    f"{type(batch).__name__}{size}")
+    raise TypeError(
+        f"a batch must be (x, y), (x, y, index) or a hypergradients.hparams.Batch (or a dict of "
+        f"keyword inputs with 'labels'), got "
+        f"{type(batch).__name__}{size}"
+    )
 
 
 def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
@@ -94,8 +106,9 @@ def collect_hparams(families: Sequence[Family]) -> dict[str, Tensor]:
     for fam in families:
         for k, t in fam.tensors().items():
             if k in hp:
-                raise ValueError(f"hyperparameter key {k!r} is used by two families: "
-                                 "give them distinct names")
+                raise ValueError(
+                    f"hyperparameter key {k!r} is used by two families: give them distinct names"
+                )
             hp[k] = t
     return hp
 
@@ -122,8 +135,14 @@ class Objective:
     Raises ``ValueError`` when more than one family reduces.
     """
 
-    def __init__(self, model: nn.Module, families: Sequence[Family], loss_fn: BatchLoss = cross_entropy, *,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        families: Sequence[Family],
+        loss_fn: BatchLoss = cross_entropy,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
         check_composable(families)
         self.generator = generator
         self.model = model
@@ -149,20 +168,34 @@ class Objective:
         """A fresh :class:`Noise` if a family is stochastic, else ``None`` (nothing drawn)."""
         return Noise.draw(self.generator) if self.stochastic else None
 
-    def _reduce(self, losses: Tensor, batch: Batch, hparams: Mapping[str, Tensor],
-                kw: Callable[[Family, str], dict[str, Any]]) -> Tensor:
+    def _reduce(
+        self,
+        losses: Tensor,
+        batch: Batch,
+        hparams: Mapping[str, Tensor],
+        kw: Callable[[Family, str], dict[str, Any]],
+    ) -> Tensor:
         reducing = [f for f in self.families if f.reduces]
         if losses.ndim == 0:
             if reducing:
-                raise ValueError(f"loss_fn returned a scalar, but the families {[f.name for f in reducing]} "
-                                 "weight the examples: return per-example losses of shape (B,) "
-                                 "(e.g. reduction='none')")
+                raise ValueError(
+                    f"loss_fn returned a scalar, but the families {[f.name for f in reducing]} "
+                    "weight the examples: return per-example losses of shape (B,) "
+                    "(e.g. reduction='none')"
+                )
             return losses
         loss = reducing[0].reduce(losses, batch, hparams, **kw(reducing[0], "reduce")) if reducing else None
         return losses.mean() if loss is None else loss
 
-    def train(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], batch: Batch, *,
-              forward: ModelForward, noise: Noise | None = None) -> Tensor:
+    def train(
+        self,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+        batch: Batch,
+        *,
+        forward: ModelForward,
+        noise: Noise | None = None,
+    ) -> Tensor:
         if noise is None:
             noise = self.draw_noise()
         sampler = (noise or Noise(0)).sampler()
@@ -205,8 +238,10 @@ def _hooked(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
                 sub = model.get_submodule(h.module)
             except AttributeError as e:
                 names = [n for n, _ in model.named_modules() if n]
-                raise ValueError(f"a family hooks the submodule {h.module!r}, which the model lacks; its "
-                                 f"submodules are {names[:20]}") from e
+                raise ValueError(
+                    f"a family hooks the submodule {h.module!r}, which the model lacks; its "
+                    f"submodules are {names[:20]}"
+                ) from e
             if h.kind == "pre":
                 handles.append(sub.register_forward_pre_hook(h.fn))
             else:

@@ -60,13 +60,22 @@ class WeightDecay(Family):
 
     parametrisation = "decay d = exp(λ) > 0 (λ stored, d reported)"
 
-    def __init__(self, params: nn.Module | Mapping[str, Tensor], *, granularity: Granularity = "global",
-                 init: float = 1e-4, include: Callable[[str, Tensor], bool] | None = None,
-                 name: str = "weight_decay") -> None:
+    def __init__(
+        self,
+        params: nn.Module | Mapping[str, Tensor],
+        *,
+        granularity: Granularity = "global",
+        init: float = 1e-4,
+        include: Callable[[str, Tensor], bool] | None = None,
+        name: str = "weight_decay",
+    ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or \
-                not (init > 0 and math.isfinite(init)):
+        if (
+            isinstance(init, bool)
+            or not isinstance(init, (int, float))
+            or not (init > 0 and math.isfinite(init))
+        ):
             raise ValueError(f"init (the initial decay) must be a finite number > 0, got {init!r}")
         named = dict(params.named_parameters()) if isinstance(params, nn.Module) else dict(params)
         pick = include or weights_only
@@ -76,8 +85,10 @@ class WeightDecay(Family):
         self.covered = [k for k, p in named.items() if k not in frozen and pick(k, p)]
         if not self.covered:
             why = f" (frozen, left out: {sorted(frozen)})" if frozen else ""
-            raise ValueError(f"WeightDecay {name!r} covers no parameter of {sorted(named)}{why}: check "
-                             "`include`, or unfreeze the weights to decay")
+            raise ValueError(
+                f"WeightDecay {name!r} covers no parameter of {sorted(named)}{why}: check "
+                "`include`, or unfreeze the weights to decay"
+            )
         self.name = name
         self.granularity = granularity
         self.init = float(init)
@@ -90,19 +101,26 @@ class WeightDecay(Family):
             for k in self.covered:
                 p = named[k]
                 shape = () if granularity == "layer" else tuple(p.shape)
-                self._t[f"{name}.{k}"] = torch.full(shape, log_d, dtype=p.dtype, device=p.device,
-                                                    requires_grad=True)
+                self._t[f"{name}.{k}"] = torch.full(
+                    shape, log_d, dtype=p.dtype, device=p.device, requires_grad=True
+                )
 
     def __repr__(self) -> str:
-        return (f"WeightDecay(name={self.name!r}, granularity={self.granularity!r}, init={self.init:g}, "
-                f"covers={len(self.covered)} tensors, {self.count()} hyperparameters)")
+        return (
+            f"WeightDecay(name={self.name!r}, granularity={self.granularity!r}, init={self.init:g}, "
+            f"covers={len(self.covered)} tensors, {self.count()} hyperparameters)"
+        )
 
     def describe(self) -> Description:
         """The count per covered parameter tensor (granularity ``weight``/``layer``) or in one group."""
-        groups = ({"all covered weights": 1} if self.granularity == "global"
-                  else {k: self._t[self.key_for(k)].numel() for k in self.covered})
-        return Description(self.name, f"WeightDecay, {self.granularity}", self.count(), self.parametrisation,
-                           groups)
+        groups = (
+            {"all covered weights": 1}
+            if self.granularity == "global"
+            else {k: self._t[self.key_for(k)].numel() for k in self.covered}
+        )
+        return Description(
+            self.name, f"WeightDecay, {self.granularity}", self.count(), self.parametrisation, groups
+        )
 
     def key_for(self, param: str) -> str:
         """The hyperparameter key that governs parameter ``param``."""
@@ -127,7 +145,8 @@ class WeightDecay(Family):
                 f"WeightDecay {self.name!r} decays {missing[0]!r}, which is not among the weights given "
                 f"({len(params)} of them): a parameter frozen (requires_grad=False) after the family was "
                 "built is not differentiated. Build the family after freezing (frozen parameters are left "
-                f"out), or leave {missing[0]!r} out with include=...")
+                f"out), or leave {missing[0]!r} out with include=..."
+            )
         if self.granularity == "global":
             sq = params[self.covered[0]].pow(2).sum()
             for k in self.covered[1:]:

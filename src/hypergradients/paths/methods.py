@@ -36,11 +36,15 @@ def _validate_path(name: str, steps: object, lr: object, truncate: object, optim
     positive_int(f"{name}.steps", steps)
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
-            raise HypergradientError(f"{name}.optimizer must be an optimizer of hg.optim (e.g. "
-                                     f"hg.optim.adam(lr=1e-3)), got {optimizer!r}")
+            raise HypergradientError(
+                f"{name}.optimizer must be an optimizer of hg.optim (e.g. "
+                f"hg.optim.adam(lr=1e-3)), got {optimizer!r}"
+            )
         if lr is not None:
-            raise HypergradientError(f"{name}: give the learning rate to the optimizer "
-                                     f"(hg.optim.{optimizer.name}(lr={lr!r}, ...)), not lr={lr!r} beside it")
+            raise HypergradientError(
+                f"{name}: give the learning rate to the optimizer "
+                f"(hg.optim.{optimizer.name}(lr={lr!r}, ...)), not lr={lr!r} beside it"
+            )
     elif isinstance(lr, bool) or not isinstance(lr, (int, float, str)):
         raise HypergradientError(f"{name}.lr must be a number or a key of hparams, got {lr!r}")
     elif not isinstance(lr, str) and not (lr > 0 and math.isfinite(lr)):
@@ -97,22 +101,51 @@ class Unrolled(PathMethod):
         if self.checkpoint is not None and not isinstance(self.checkpoint, bool):
             positive_int("Unrolled.checkpoint", self.checkpoint)
 
-    def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
-                state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
+    def compute(
+        self,
+        outer_loss: LossFn,
+        inner_loss: LossFn,
+        params: Mapping[str, Tensor],
+        lam: Tree,
+        *,
+        state: SolverState | None,
+        residual: bool,
+        hvp_mode: HvpMode,
+    ) -> tuple[Tree, Info]:
         batches = _batches(self, "Unrolled")
         _check_schedules(self, lam, "Unrolled")
         stats: dict[str, float] = {}
-        g, used, out, w_final = reverse_path(outer_loss, inner_loss, params, lam, steps=self.steps,
-                                             lr=self.lr, truncate=self.truncate, checkpoint=self.checkpoint,
-                                             optimizer=self.optimizer, batches=batches, stats=stats)
+        g, used, out, w_final = reverse_path(
+            outer_loss,
+            inner_loss,
+            params,
+            lam,
+            steps=self.steps,
+            lr=self.lr,
+            truncate=self.truncate,
+            checkpoint=self.checkpoint,
+            optimizer=self.optimizer,
+            batches=batches,
+            stats=stats,
+        )
         report_unused(lam, used, self)
         extra = {"truncate": float(self.truncate or self.steps)}
         if self.checkpoint:
             every = checkpoint_interval(self.truncate or self.steps, self.checkpoint)
             extra["checkpoint"] = float(every or 0)
-        return g, Info(type(self).__name__, self.steps, self.steps, None, None, direct=tree.zeros_like(lam),
-                       final_params=tree.detach(w_final), outer_loss=float(out), extra=extra,
-                       state=SolverState() if state is None else state, grad_norm=stats.get("grad_norm"))
+        return g, Info(
+            type(self).__name__,
+            self.steps,
+            self.steps,
+            None,
+            None,
+            direct=tree.zeros_like(lam),
+            final_params=tree.detach(w_final),
+            outer_loss=float(out),
+            extra=extra,
+            state=SolverState() if state is None else state,
+            grad_norm=stats.get("grad_norm"),
+        )
 
 
 def _default_lr(method: Unrolled | Forward) -> None:
@@ -130,9 +163,15 @@ def _batches(method: Unrolled | Forward, who: str) -> Sequence[object] | None:
     return None if method.batches is None else take_batches(method.batches, method.steps, who=who)
 
 
-def _path_used(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree,
-               lr: float | str | None, optimizer: Optimizer | None = None,
-               batches: Sequence[object] | None = None) -> set[str]:
+def _path_used(
+    outer_loss: LossFn,
+    inner_loss: LossFn,
+    params: Mapping[str, Tensor],
+    lam: Tree,
+    lr: float | str | None,
+    optimizer: Optimizer | None = None,
+    batches: Sequence[object] | None = None,
+) -> set[str]:
     """Hyperparameters the path can depend on: those in ``∂L_T/∂w`` (on the first batch) or ``L_V``
     (by autograd's graph, not by value), the step size when it is one, and the optimizer's.
 
@@ -144,7 +183,8 @@ def _path_used(outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tens
     gw = grad(inner, w, create_graph=True)
     refuse_once_differentiable(inner, [t for t in gw.values() if t.requires_grad], w, step=0)
     probe = scalar_loss(outer_loss, w, lam, name="outer_loss") + sum(
-        (gk.sum() for gk in gw.values() if gk.requires_grad), torch.zeros((), dtype=inner.dtype))
+        (gk.sum() for gk in gw.values() if gk.requires_grad), torch.zeros((), dtype=inner.dtype)
+    )
     used = used_keys(probe, lam)
     if isinstance(lr, str):
         used.add(lr)
@@ -183,17 +223,45 @@ class Forward(PathMethod):
         if self.chunk is not None:
             positive_int("Forward.chunk", self.chunk)
 
-    def compute(self, outer_loss: LossFn, inner_loss: LossFn, params: Mapping[str, Tensor], lam: Tree, *,
-                state: SolverState | None, residual: bool, hvp_mode: HvpMode) -> tuple[Tree, Info]:
+    def compute(
+        self,
+        outer_loss: LossFn,
+        inner_loss: LossFn,
+        params: Mapping[str, Tensor],
+        lam: Tree,
+        *,
+        state: SolverState | None,
+        residual: bool,
+        hvp_mode: HvpMode,
+    ) -> tuple[Tree, Info]:
         batches = _batches(self, "Forward")
         _check_schedules(self, lam, "Forward")
         used = _path_used(outer_loss, inner_loss, params, lam, self.lr, self.optimizer, batches)
         report_unused(lam, used, self)
         stats: dict[str, float] = {}
-        g, out_f, w_final, jvps = forward_path(outer_loss, inner_loss, params, lam, steps=self.steps,
-                                               lr=self.lr, truncate=self.truncate, chunk=self.chunk,
-                                               optimizer=self.optimizer, batches=batches, stats=stats)
-        return g, Info(type(self).__name__, self.steps, jvps, None, None, direct=tree.zeros_like(lam),
-                       final_params=tree.detach(w_final), outer_loss=out_f,
-                       extra={"truncate": float(self.truncate or self.steps), "jvps": float(jvps)},
-                       state=SolverState() if state is None else state, grad_norm=stats.get("grad_norm"))
+        g, out_f, w_final, jvps = forward_path(
+            outer_loss,
+            inner_loss,
+            params,
+            lam,
+            steps=self.steps,
+            lr=self.lr,
+            truncate=self.truncate,
+            chunk=self.chunk,
+            optimizer=self.optimizer,
+            batches=batches,
+            stats=stats,
+        )
+        return g, Info(
+            type(self).__name__,
+            self.steps,
+            jvps,
+            None,
+            None,
+            direct=tree.zeros_like(lam),
+            final_params=tree.detach(w_final),
+            outer_loss=out_f,
+            extra={"truncate": float(self.truncate or self.steps), "jvps": float(jvps)},
+            state=SolverState() if state is None else state,
+            grad_norm=stats.get("grad_norm"),
+        )

@@ -63,8 +63,9 @@ class Optimizer(NamedTuple):
     -> (params, state)``; ``hparam_keys`` are the keys of ``hparams`` it reads; ``name`` is for messages."""
 
     init: Callable[[Mapping[str, Tensor]], Any]
-    update: Callable[[Mapping[str, Tensor], Any, Mapping[str, Tensor], Mapping[str, Tensor]],
-                     tuple[Tree, Any]]
+    update: Callable[
+        [Mapping[str, Tensor], Any, Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tree, Any]
+    ]
     hparam_keys: tuple[str, ...]
     name: str
 
@@ -91,20 +92,25 @@ def value(h: Hyper, hparams: Mapping[str, Tensor], count: int, *, what: str) -> 
     if not isinstance(h, str):
         return float(h)
     if h not in hparams:
-        raise HypergradientError(f"the optimizer's {what}={h!r} names a hyperparameter that is not in "
-                                 f"hparams (keys: {sorted(hparams)}); pass a number or one of those keys")
+        raise HypergradientError(
+            f"the optimizer's {what}={h!r} names a hyperparameter that is not in "
+            f"hparams (keys: {sorted(hparams)}); pass a number or one of those keys"
+        )
     t = hparams[h]
     if t.numel() == 1:
         return t.reshape(())
     if t.dim() != 1:
-        raise HypergradientError(f"the optimizer's {what} hyperparameter {h!r} must be a scalar or a "
-                                 "per-step schedule of shape (K,) (a tensor with one element is a scalar), "
-                                 f"got shape {tuple(t.shape)}")
+        raise HypergradientError(
+            f"the optimizer's {what} hyperparameter {h!r} must be a scalar or a "
+            "per-step schedule of shape (K,) (a tensor with one element is a scalar), "
+            f"got shape {tuple(t.shape)}"
+        )
     if count >= t.shape[0]:
         raise HypergradientError(
             f"the {what} schedule {h!r} has {t.shape[0]} entries, one per step, and has run out at step "
             f"{count} (0-based, counted from the optimizer's init): K steps need a (K,) schedule, here at "
-            f"least ({count + 1},); or give a one-element tensor for a constant {what}")
+            f"least ({count + 1},); or give a one-element tensor for a constant {what}"
+        )
     return t[count]
 
 
@@ -117,7 +123,8 @@ def check_schedules(opt: Optimizer, hparams: Mapping[str, Tensor], steps: int, *
             raise HypergradientError(
                 f"{who}: hparams[{k!r}] is a per-step schedule of hg.optim.{opt.name} with {t.shape[0]} "
                 f"entries, but the path takes K = {steps} steps: give one entry per step, shape ({steps},), "
-                "or a one-element tensor for a constant value")
+                "or a one-element tensor for a constant value"
+            )
 
 
 def _keys(*hs: Hyper) -> tuple[str, ...]:
@@ -172,8 +179,12 @@ def sgd(lr: Hyper, momentum: Hyper = 0.0, *, nesterov: bool = False, weight_deca
         buf = {k: torch.zeros_like(v) for k, v in params.items()} if use_momentum else {}
         return SgdState(0, buf)
 
-    def update(grads: Mapping[str, Tensor], state: SgdState, params: Mapping[str, Tensor],
-               hparams: Mapping[str, Tensor]) -> tuple[Tree, SgdState]:
+    def update(
+        grads: Mapping[str, Tensor],
+        state: SgdState,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+    ) -> tuple[Tree, SgdState]:
         n = state.steps
         a = value(lr, hparams, n, what="lr")
         g = dict(grads)
@@ -205,17 +216,25 @@ def nesterov(lr: Hyper, momentum: Hyper = 0.9, *, weight_decay: Hyper = 0.0) -> 
     return sgd(lr, momentum, nesterov=True, weight_decay=weight_decay)
 
 
-def _adam(name: str, lr: Hyper, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: Hyper,
-          decoupled: bool) -> Optimizer:
+def _adam(
+    name: str, lr: Hyper, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: Hyper, decoupled: bool
+) -> Optimizer:
     _check(name, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     use_wd = isinstance(weight_decay, str) or weight_decay != 0.0
 
     def init(params: Mapping[str, Tensor]) -> AdamState:
-        return AdamState(0, {k: torch.zeros_like(v) for k, v in params.items()},
-                         {k: torch.zeros_like(v) for k, v in params.items()})
+        return AdamState(
+            0,
+            {k: torch.zeros_like(v) for k, v in params.items()},
+            {k: torch.zeros_like(v) for k, v in params.items()},
+        )
 
-    def update(grads: Mapping[str, Tensor], state: AdamState, params: Mapping[str, Tensor],
-               hparams: Mapping[str, Tensor]) -> tuple[Tree, AdamState]:
+    def update(
+        grads: Mapping[str, Tensor],
+        state: AdamState,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+    ) -> tuple[Tree, AdamState]:
         n = state.steps
         t = n + 1
         a = value(lr, hparams, n, what="lr")
@@ -232,19 +251,20 @@ def _adam(name: str, lr: Hyper, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: 
                 g = {k: _axpy(g[k], w[k], wd) for k in g}
         mu = {k: state.mu[k] * beta1 + g[k] * (1 - beta1) for k in g}
         nu = {k: state.nu[k] * beta2 + g[k] * g[k] * (1 - beta2) for k in g}
-        bc1 = 1 - beta1 ** t
-        bc2 = 1 - beta2 ** t
+        bc1 = 1 - beta1**t
+        bc2 = 1 - beta2**t
         # torch.optim.Adam's arithmetic order: w − (lr/bc1)·m / (√v/√bc2 + eps).
         step = a / bc1
-        sq = bc2 ** 0.5
+        sq = bc2**0.5
         new = {k: w[k] - step * mu[k] / (_sqrt(nu[k]) / sq + e) for k in w}
         return new, AdamState(t, mu, nu)
 
     return Optimizer(init, update, _keys(lr, b1, b2, eps, weight_decay), name)
 
 
-def adam(lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, *,
-         weight_decay: Hyper = 0.0) -> Optimizer:
+def adam(
+    lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, *, weight_decay: Hyper = 0.0
+) -> Optimizer:
     """Adam (Kingma & Ba 2015), ``torch.optim.Adam``'s update (L2 ``weight_decay`` added to the gradient):
 
         g ← g + wd·w;  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
@@ -256,8 +276,9 @@ def adam(lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8
     return _adam("adam", lr, b1, b2, eps, weight_decay, decoupled=False)
 
 
-def adamw(lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, *,
-          weight_decay: Hyper = 1e-2) -> Optimizer:
+def adamw(
+    lr: Hyper = 1e-3, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8, *, weight_decay: Hyper = 1e-2
+) -> Optimizer:
     """AdamW (Loshchilov & Hutter 2019), ``torch.optim.AdamW``'s update: decoupled weight decay
     ``w ← w·(1 − lr·wd)`` first, then the :func:`adam` step on the undecayed gradient."""
     return _adam("adamw", lr, b1, b2, eps, weight_decay, decoupled=True)
@@ -274,5 +295,17 @@ def gd(lr: Hyper) -> Optimizer:
     return sgd(lr)
 
 
-__all__ = ["AdamState", "Hyper", "Optimizer", "SgdState", "adam", "adamw", "check_schedules", "gd",
-           "heavy_ball", "nesterov", "sgd", "value"]
+__all__ = [
+    "AdamState",
+    "Hyper",
+    "Optimizer",
+    "SgdState",
+    "adam",
+    "adamw",
+    "check_schedules",
+    "gd",
+    "heavy_ball",
+    "nesterov",
+    "sgd",
+    "value",
+]

@@ -69,15 +69,17 @@ class PathHyperparameters:
     def __post_init__(self) -> None:
         positive_int("PathHyperparameters.steps", self.steps)
         if not isinstance(self.optimizer, Optimizer):
-            raise HypergradientError(f"PathHyperparameters.optimizer must be an optimizer of hg.optim, "
-                                     f"got {self.optimizer!r}")
+            raise HypergradientError(
+                f"PathHyperparameters.optimizer must be an optimizer of hg.optim, got {self.optimizer!r}"
+            )
         missing = [k for k in self.optimizer.hparam_keys if k not in self.values]
         unused = [k for k in self.values if k not in self.optimizer.hparam_keys]
         if missing or unused or not self.values:
             raise HypergradientError(
                 f"PathHyperparameters: the optimizer reads {list(self.optimizer.hparam_keys)}, the values "
                 f"have {sorted(self.values)}; give one tensor for each key the optimizer names "
-                "(e.g. hg.optim.sgd(lr='lr') with values={'lr': torch.tensor(0.1)})")
+                "(e.g. hg.optim.sgd(lr='lr') with values={'lr': torch.tensor(0.1)})"
+            )
 
 
 class PathTuner:
@@ -91,13 +93,16 @@ class PathTuner:
     (tensors and plain values only).
     """
 
-    def __init__(self, spec: PathHyperparameters, params: Mapping[str, Tensor], *,
-                 hyper_optimizer: OptimizerFactory) -> None:
+    def __init__(
+        self, spec: PathHyperparameters, params: Mapping[str, Tensor], *, hyper_optimizer: OptimizerFactory
+    ) -> None:
         self.spec = spec
         for k, v in spec.values.items():
             if not v.is_leaf:
-                raise HypergradientError(f"PathHyperparameters.values[{k!r}] must be a leaf tensor "
-                                         "(create it with torch.tensor(...)), not a computed one")
+                raise HypergradientError(
+                    f"PathHyperparameters.values[{k!r}] must be a leaf tensor "
+                    "(create it with torch.tensor(...)), not a computed one"
+                )
             v.requires_grad_(True)
         self.values = spec.values
         self.opt_state: Any = spec.optimizer.init(tree.detach(params))
@@ -110,9 +115,12 @@ class PathTuner:
     def begin_round(self, n_steps: int) -> None:
         # A schedule is indexed by the global inner step: this round ends at step K = done + n_steps.
         done = getattr(self.opt_state, "steps", 0)
-        check_schedules(self.spec.optimizer, self.values, int(done) + n_steps,
-                        who="PathHyperparameters (a schedule is indexed by the global inner step, warm-up "
-                            "included)")
+        check_schedules(
+            self.spec.optimizer,
+            self.values,
+            int(done) + n_steps,
+            who="PathHyperparameters (a schedule is indexed by the global inner step, warm-up included)",
+        )
         self._n, self._i, self._start, self._window = n_steps, 0, None, []
 
     def step(self, params: Mapping[str, Tensor], loss: StepLoss) -> Tensor:
@@ -127,8 +135,9 @@ class PathTuner:
         val = loss(w, False)
         g = tree.as_tree(torch.autograd.grad(val, list(w.values()), allow_unused=True), w)
         with torch.no_grad():
-            new, self.opt_state = self.spec.optimizer.update(g, self.opt_state, tree.detach(w),
-                                                             tree.detach(self.values))
+            new, self.opt_state = self.spec.optimizer.update(
+                g, self.opt_state, tree.detach(w), tree.detach(self.values)
+            )
             for k, p in params.items():
                 p.copy_(new[k])
         return val.detach()
@@ -143,8 +152,16 @@ class PathTuner:
         def inner(w: Mapping[str, Tensor], lam: Mapping[str, Tensor], step_loss: StepLoss) -> Tensor:
             return step_loss(w, True)
 
-        g, _, out, _ = reverse_path(lambda w, lam: outer(w), inner, w0, self.values, steps=len(window),
-                                    optimizer=self.spec.optimizer, batches=window, opt_state=s0)
+        g, _, out, _ = reverse_path(
+            lambda w, lam: outer(w),
+            inner,
+            w0,
+            self.values,
+            steps=len(window),
+            optimizer=self.spec.optimizer,
+            batches=window,
+            opt_state=s0,
+        )
         return g, float(out)
 
     def apply(self, g: Mapping[str, Tensor]) -> None:
@@ -165,9 +182,11 @@ class PathTuner:
 
     def state_dict(self) -> dict[str, Any]:
         st = self.opt_state
-        return {"values": {k: v.detach().clone() for k, v in self.values.items()},
-                "hyper_opt": self.hyper_opt.state_dict(),
-                "opt_state": {f: (dict(x) if isinstance(x, Mapping) else x) for f, x in st._asdict().items()}}
+        return {
+            "values": {k: v.detach().clone() for k, v in self.values.items()},
+            "hyper_opt": self.hyper_opt.state_dict(),
+            "opt_state": {f: (dict(x) if isinstance(x, Mapping) else x) for f, x in st._asdict().items()},
+        }
 
     def load_state_dict(self, st: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, all or nothing: the values' keys and shapes, the inner
@@ -176,26 +195,35 @@ class PathTuner:
         fix = "another setup wrote it; pass the dict that PathTuner.state_dict() returned"
         if not isinstance(st, Mapping) or any(k not in st for k in ("values", "hyper_opt", "opt_state")):
             has = sorted(st) if isinstance(st, Mapping) else type(st).__name__
-            raise ValueError(f"not a PathTuner state (it has {has}, expected 'values', 'hyper_opt' and "
-                             f"'opt_state'): {fix}")
+            raise ValueError(
+                f"not a PathTuner state (it has {has}, expected 'values', 'hyper_opt' and 'opt_state'): {fix}"
+            )
         values = st["values"]
         for k, v in self.values.items():
             if k not in values:
                 raise KeyError(f"checkpoint has no path hyperparameter {k!r}: another setup wrote it")
             if not isinstance(values[k], Tensor) or values[k].shape != v.shape:
-                got = (f"shape {tuple(values[k].shape)}" if isinstance(values[k], Tensor)
-                       else type(values[k]).__name__)
+                got = (
+                    f"shape {tuple(values[k].shape)}"
+                    if isinstance(values[k], Tensor)
+                    else type(values[k]).__name__
+                )
                 raise ValueError(f"path hyperparameter {k!r}: saved {got}, this one {tuple(v.shape)}: {fix}")
         saved, own = st["opt_state"], self.opt_state._asdict()
         if not isinstance(saved, Mapping) or set(saved) != set(own):
             fields = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-            raise ValueError(f"the inner optimizer state has the fields {fields}, this optimizer's "
-                             f"{self.spec.optimizer.name} has {sorted(own)}: {fix}")
+            raise ValueError(
+                f"the inner optimizer state has the fields {fields}, this optimizer's "
+                f"{self.spec.optimizer.name} has {sorted(own)}: {fix}"
+            )
         for f, mine in own.items():
             x = saved[f]
             if isinstance(mine, Mapping):
-                ok = isinstance(x, Mapping) and set(x) == set(mine) and all(
-                    isinstance(x[k], Tensor) and x[k].shape == t.shape for k, t in mine.items())
+                ok = (
+                    isinstance(x, Mapping)
+                    and set(x) == set(mine)
+                    and all(isinstance(x[k], Tensor) and x[k].shape == t.shape for k, t in mine.items())
+                )
             else:
                 ok = isinstance(x, type(mine))
             if not ok:

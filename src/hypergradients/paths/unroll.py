@@ -78,13 +78,15 @@ def step_size(lr: float | str, hparams: Mapping[str, Tensor]) -> Tensor | float:
         if lr not in hparams:
             raise HypergradientError(
                 f"Unrolled(lr={lr!r}) names a hyperparameter that is not in hparams "
-                f"(keys: {sorted(hparams)}); pass a number or one of those keys")
+                f"(keys: {sorted(hparams)}); pass a number or one of those keys"
+            )
         a = hparams[lr]
         if a.numel() != 1:
             raise HypergradientError(
                 f"the step-size hyperparameter {lr!r} must have one element (a scalar), got shape "
                 f"{tuple(a.shape)}; for a per-step schedule of shape (K,) use "
-                f"optimizer=hg.optim.gd(lr={lr!r}) instead of lr={lr!r}")
+                f"optimizer=hg.optim.gd(lr={lr!r}) instead of lr={lr!r}"
+            )
         return a.reshape(())
     return float(lr)
 
@@ -94,8 +96,10 @@ def take_batches(batches: Iterable[object], steps: int, *, who: str) -> list[obj
     next ones (so successive calls see successive batches), a fresh ``iter()`` of any other iterable."""
     taken = list(itertools.islice(iter(batches), steps))
     if len(taken) < steps:
-        raise HypergradientError(f"{who}: steps={steps} needs {steps} batches, the batches gave only "
-                                 f"{len(taken)}; pass more batches or fewer steps")
+        raise HypergradientError(
+            f"{who}: steps={steps} needs {steps} batches, the batches gave only "
+            f"{len(taken)}; pass more batches or fewer steps"
+        )
     return taken
 
 
@@ -104,12 +108,14 @@ _NEEDS_SECOND_DERIVATIVE = (
     "every operation of inner_loss needs a second derivative. Write that operation with one (plain torch "
     "ops such as torch.tanh; a custom autograd.Function whose backward is itself differentiable; attention "
     "under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), or, for hyperparameters of the losses (not "
-    "the optimizer's), use an implicit method with hvp_mode=\"finite-difference\", which needs "
-    "first-order gradients only")
+    'the optimizer\'s), use an implicit method with hvp_mode="finite-difference", which needs '
+    "first-order gradients only"
+)
 
 
-def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping[str, Tensor], *,
-                               step: int) -> None:
+def refuse_once_differentiable(
+    loss: Tensor, grads: Sequence[Tensor], w: Mapping[str, Tensor], *, step: int
+) -> None:
     """Raise if a step's gradient ``grads`` of ``loss`` at ``w`` was built through a ``@once_differentiable``
     backward.
 
@@ -124,13 +130,15 @@ def refuse_once_differentiable(loss: Tensor, grads: Sequence[Tensor], w: Mapping
         raise HypergradientError(
             f"unrolled step {step}: the gradient of inner_loss was built through "
             f"{once_differentiable_culprits([loss, *grads], bad)}, whose second derivative autograd would "
-            f"silently drop: the hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
+            f"silently drop: the hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}."
+        )
     fn = once_differentiable_on_weights([loss], list(w.values()))
     if fn is not None:
         raise HypergradientError(
             f"unrolled step {step}: inner_loss goes through the custom autograd.Function {fn}, whose "
             "backward is @once_differentiable: autograd would silently drop its second derivative and the "
-            f"hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}.")
+            f"hypergradient would be wrong. {_NEEDS_SECOND_DERIVATIVE}."
+        )
 
 
 def _missing_derivative(err: RuntimeError) -> bool:
@@ -164,9 +172,16 @@ class Path:
     def init(self, params: Mapping[str, Tensor]) -> Any:
         return None if self.optimizer is None else self.optimizer.init(params)
 
-    def apply(self, g: Mapping[str, Tensor], s: Any, w: Mapping[str, Tensor],
-              lam: Mapping[str, Tensor], *, fused: bool = True,
-              alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
+    def apply(
+        self,
+        g: Mapping[str, Tensor],
+        s: Any,
+        w: Mapping[str, Tensor],
+        lam: Mapping[str, Tensor],
+        *,
+        fused: bool = True,
+        alpha: Tensor | float | None = None,
+    ) -> tuple[Tree, Any]:
         """The update from gradient ``g``: ``O.update``, or ``w − α g`` for plain gradient descent
         (``fused=False``: as a product and a difference, the form forward mode uses: it keeps no graph,
         so the one-node form would save it nothing)."""
@@ -184,8 +199,16 @@ class Path:
         (autograd then sums the steps' contributions to ``∂/∂α`` in one place)."""
         return step_size(self.lr, lam) if self.optimizer is None and self.lr is not None else None
 
-    def step(self, w: Tree, s: Any, lam: Mapping[str, Tensor], k: int, *,
-             create_graph: bool, alpha: Tensor | float | None = None) -> tuple[Tree, Any]:
+    def step(
+        self,
+        w: Tree,
+        s: Any,
+        lam: Mapping[str, Tensor],
+        k: int,
+        *,
+        create_graph: bool,
+        alpha: Tensor | float | None = None,
+    ) -> tuple[Tree, Any]:
         """``Φ_k``; without ``create_graph`` nothing of the result keeps a graph.
 
         With ``create_graph`` the gradient's graph is checked for once-differentiable nodes
@@ -207,8 +230,9 @@ class Path:
         with torch.set_grad_enabled(create_graph):
             return self.apply(g, s, w, lam, alpha=alpha)
 
-    def free_steps(self, w: Tree, s: Any, lam: Mapping[str, Tensor], start: int,
-                   stop: int) -> tuple[Tree, Any]:
+    def free_steps(
+        self, w: Tree, s: Any, lam: Mapping[str, Tensor], start: int, stop: int
+    ) -> tuple[Tree, Any]:
         """Steps ``start..stop-1`` without a graph to ``λ`` (constants in the derivative)."""
         lam_const = tree.detach(lam)
         for k in range(start, stop):
@@ -232,8 +256,9 @@ def _detach_state(s: Any) -> Any:
     return with_tensors(s, [t.detach() for t in tensors_of(s)])
 
 
-def _start(path: Path, params: Mapping[str, Tensor], lam: Mapping[str, Tensor],
-           first: int, opt_state: Any = None) -> tuple[Tree, Any]:
+def _start(
+    path: Path, params: Mapping[str, Tensor], lam: Mapping[str, Tensor], first: int, opt_state: Any = None
+) -> tuple[Tree, Any]:
     """``(w, s)`` after the first ``first`` steps, without a graph (``s_0 = opt_state`` when given)."""
     w = tree.clone_leaves(params, requires_grad=False)
     s0 = path.init(w) if opt_state is None else _detach_state(opt_state)
@@ -247,28 +272,52 @@ def _outer(outer_loss: LossFn, w: Tree, lam: Mapping[str, Tensor], steps: int) -
         raise HypergradientError(f"after {steps} unrolled steps: {e}") from e
 
 
-def _path(inner_loss: Callable[..., Tensor], lr: float | str | None, optimizer: Optimizer | None,
-          batches: Sequence[object] | None, stats: dict[str, float] | None = None) -> Path:
+def _path(
+    inner_loss: Callable[..., Tensor],
+    lr: float | str | None,
+    optimizer: Optimizer | None,
+    batches: Sequence[object] | None,
+    stats: dict[str, float] | None = None,
+) -> Path:
     return Path(inner_loss, lr=lr, optimizer=optimizer, batches=batches, stats=stats)
 
 
-def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor] | None = None,
-          ) -> tuple[Tensor | None, ...]:
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None = None,
+) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` back through unrolled steps; a missing double backward names the fix."""
     try:
-        return torch.autograd.grad(list(outputs), list(inputs), allow_unused=True,
-                                   grad_outputs=None if grad_outputs is None else list(grad_outputs))
+        return torch.autograd.grad(
+            list(outputs),
+            list(inputs),
+            allow_unused=True,
+            grad_outputs=None if grad_outputs is None else list(grad_outputs),
+        )
     except RuntimeError as e:
         if not _missing_derivative(e):
             raise
-        raise HypergradientError(f"differentiating through the unrolled steps failed: {str(e).rstrip('. ')}. "
-                                 f"{_NEEDS_SECOND_DERIVATIVE}.") from e
+        raise HypergradientError(
+            f"differentiating through the unrolled steps failed: {str(e).rstrip('. ')}. "
+            f"{_NEEDS_SECOND_DERIVATIVE}."
+        ) from e
 
 
-def unroll(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
-           steps: int, lr: float | str | None = None, truncate: int | None = None,
-           optimizer: Optimizer | None = None, batches: Sequence[object] | None = None,
-           opt_state: Any = None, stats: dict[str, float] | None = None) -> tuple[Tensor, Tree]:
+def unroll(
+    outer_loss: LossFn,
+    inner_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    lam: Tree,
+    *,
+    steps: int,
+    lr: float | str | None = None,
+    truncate: int | None = None,
+    optimizer: Optimizer | None = None,
+    batches: Sequence[object] | None = None,
+    opt_state: Any = None,
+    stats: dict[str, float] | None = None,
+) -> tuple[Tensor, Tree]:
     """Run the K steps and return ``(L_V(w_K, λ), w_K)`` with the graph to ``λ`` kept.
 
     ``lam`` must be leaves that require grad; ``params`` are copied, never modified. ``opt_state``:
@@ -295,11 +344,21 @@ def checkpoint_interval(steps: int, checkpoint: bool | int | None) -> int | None
     return int(checkpoint)
 
 
-def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor], lam: Tree, *,
-            steps: int, lr: float | str | None = None, truncate: int | None = None,
-            checkpoint: bool | int | None = None, optimizer: Optimizer | None = None,
-            batches: Sequence[object] | None = None, opt_state: Any = None,
-            stats: dict[str, float] | None = None) -> tuple[Tree, set[str], Tensor, Tree]:
+def reverse(
+    outer_loss: LossFn,
+    inner_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    lam: Tree,
+    *,
+    steps: int,
+    lr: float | str | None = None,
+    truncate: int | None = None,
+    checkpoint: bool | int | None = None,
+    optimizer: Optimizer | None = None,
+    batches: Sequence[object] | None = None,
+    opt_state: Any = None,
+    stats: dict[str, float] | None = None,
+) -> tuple[Tree, set[str], Tensor, Tree]:
     """Reverse-mode ``dL_V(w_K, λ)/dλ``; returns ``(gradient, used keys, L_V, w_K)``.
 
     ``checkpoint=None``: the whole differentiated path is one graph. ``checkpoint=s`` (or
@@ -320,8 +379,19 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     s_len = checkpoint_interval(n_diff, checkpoint)
     keys = list(lam)
     if s_len is None:
-        out, w = unroll(outer_loss, inner_loss, params, lam, steps=steps, lr=lr, truncate=truncate,
-                        optimizer=optimizer, batches=batches, opt_state=opt_state, stats=stats)
+        out, w = unroll(
+            outer_loss,
+            inner_loss,
+            params,
+            lam,
+            steps=steps,
+            lr=lr,
+            truncate=truncate,
+            optimizer=optimizer,
+            batches=batches,
+            opt_state=opt_state,
+            stats=stats,
+        )
         raw = _grad([out], [lam[k] for k in keys])
         used = {k for k, g in zip(keys, raw, strict=True) if g is not None}
         # data-parallel: the rank-local adjoints average to the single-process one (module docstring
@@ -341,10 +411,10 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     wK = tree.clone_leaves(w, requires_grad=True)
     out = _outer(outer_loss, wK, lam, steps)
     raw = torch.autograd.grad(out, list(wK.values()) + [lam[k] for k in keys], allow_unused=True)
-    adj_w = tree.as_tree(raw[:len(wK)], wK)
+    adj_w = tree.as_tree(raw[: len(wK)], wK)
     adj: list[Tensor] = list(adj_w.values()) + [torch.zeros_like(t) for t in tensors_of(st)]
-    used = {k for k, g in zip(keys, raw[len(wK):], strict=True) if g is not None}
-    acc = tree.as_tree(raw[len(wK):], lam)
+    used = {k for k, g in zip(keys, raw[len(wK) :], strict=True) if g is not None}
+    acc = tree.as_tree(raw[len(wK) :], lam)
     # Backward sweep: one segment's graph at a time.
     alpha = path.step_size(lam)
     for a, (w_a, s_a) in zip(reversed(starts), reversed(stored), strict=True):
@@ -360,20 +430,29 @@ def reverse(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
             adj = [torch.zeros_like(t) for t in adj]
             continue
         back = _grad([e for e, _ in pairs], ins + [lam[k] for k in keys], [g for _, g in pairs])
-        adj = [torch.zeros_like(x) if b is None else b for x, b in zip(ins, back[:len(ins)], strict=True)]
-        for k, g in zip(keys, back[len(ins):], strict=True):
+        adj = [torch.zeros_like(x) if b is None else b for x, b in zip(ins, back[: len(ins)], strict=True)]
+        for k, g in zip(keys, back[len(ins) :], strict=True):
             if g is not None:
                 acc[k] = acc[k] + g
                 used.add(k)
         del wk, sk, ends, pairs, back
-    return distributed.average([acc])[0], used, out.detach(), w   # group mean, as above
+    return distributed.average([acc])[0], used, out.detach(), w  # group mean, as above
 
 
-def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mapping[str, Tensor],
-            lam: Mapping[str, Tensor], *, steps: int, lr: float | str | None = None,
-            truncate: int | None = None, chunk: int | None = 64, optimizer: Optimizer | None = None,
-            batches: Sequence[object] | None = None,
-            stats: dict[str, float] | None = None) -> tuple[Tree, float, Tree, int]:
+def forward(
+    outer_loss: LossFn,
+    inner_loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    lam: Mapping[str, Tensor],
+    *,
+    steps: int,
+    lr: float | str | None = None,
+    truncate: int | None = None,
+    chunk: int | None = 64,
+    optimizer: Optimizer | None = None,
+    batches: Sequence[object] | None = None,
+    stats: dict[str, float] | None = None,
+) -> tuple[Tree, float, Tree, int]:
     """Forward-mode ``dL_V(w_K, λ)/dλ``; returns ``(gradient, L_V, w_K, jvps)``.
 
     For each unit direction ``e_i`` of the flattened hyperparameters the tangent
@@ -392,7 +471,8 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
         raise HypergradientError(
             "forward-mode path hypergradients (hg.Forward) cannot run inside hg.distributed.data_parallel: "
             "their tangents go through torch.func transforms, where a collective cannot run. Use "
-            "hg.Unrolled (reverse mode), which averages each step's gradient over the group")
+            "hg.Unrolled (reverse mode), which averages each step's gradient over the group"
+        )
     path = _path(inner_loss, lr, optimizer, batches, stats)
     n_diff = steps if truncate is None else truncate
     first = steps - n_diff
@@ -438,8 +518,9 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
             for j in range(n_diff):
                 k = first + j
 
-                def phi_s(x: Tree, sx: list[Tensor], ll: Tree, k: int = k,
-                          j: int = j) -> tuple[Tree, list[Tensor]]:
+                def phi_s(
+                    x: Tree, sx: list[Tensor], ll: Tree, k: int = k, j: int = j
+                ) -> tuple[Tree, list[Tensor]]:
                     w2, s2 = path.apply(grad_at(k, x, ll), with_tensors(templates[j], sx), x, ll)
                     return w2, tensors_of(s2)
 
@@ -453,7 +534,7 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
     dirs_all = torch.eye(n, dtype=flat.dtype, device=flat.device)
     vals: list[Tensor] = []
     for start in range(0, n, size):
-        rows = dirs_all[start:start + size]
+        rows = dirs_all[start : start + size]
         batch = tree.unflatten_rows(rows, lam0)
         try:
             dout = torch.func.vmap(run_path)(batch)
@@ -465,9 +546,11 @@ def forward(outer_loss: LossFn, inner_loss: Callable[..., Tensor], params: Mappi
                 raise
             except RuntimeError as e:  # NotImplementedError included
                 raise forward_mode_error(
-                    e, what="hg.Forward's tangent pass through the unrolled steps",
+                    e,
+                    what="hg.Forward's tangent pass through the unrolled steps",
                     fix="hg.Unrolled computes the same derivative in reverse mode (every operation then "
-                        "needs a double backward instead)") from e
+                    "needs a double backward instead)",
+                ) from e
         vals.append(dout.reshape(-1))
     g = tree.unflatten(torch.cat(vals), lam0)
     return g, float(out), w_check, n * n_diff

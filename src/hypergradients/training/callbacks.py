@@ -92,8 +92,11 @@ class _OnRoundEnd(Callback):
 class _AroundHyperStep(Callback):
     """``fit``'s ``before_hyper_step`` and ``after_hyper_step`` functions."""
 
-    def __init__(self, before: Sequence[Callable[[HyperOptimizer], None]],
-                 after: Sequence[Callable[[HyperOptimizer, HyperStep], None]]) -> None:
+    def __init__(
+        self,
+        before: Sequence[Callable[[HyperOptimizer], None]],
+        after: Sequence[Callable[[HyperOptimizer, HyperStep], None]],
+    ) -> None:
         self.before, self.after = list(before), list(after)
 
     def on_before_hyper_step(self, hyper: HyperOptimizer) -> None:
@@ -110,8 +113,9 @@ def as_callback(cb: Callback | Callable[[dict[str, Any]], None]) -> Callback:
     if isinstance(cb, Callback):
         return cb
     if not callable(cb):
-        raise TypeError(f"a callback must be a hypergradients.Callback or a function f(record), got "
-                        f"{type(cb).__name__}")
+        raise TypeError(
+            f"a callback must be a hypergradients.Callback or a function f(record), got {type(cb).__name__}"
+        )
     return _OnRoundEnd(cb)
 
 
@@ -144,8 +148,10 @@ class TensorBoardCallback(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is an optional extra
-            raise ImportError("TensorBoard logging needs the tensorboard package: "
-                              "pip install 'hypergradients[tensorboard]' (or drop --tensorboard)") from e
+            raise ImportError(
+                "TensorBoard logging needs the tensorboard package: "
+                "pip install 'hypergradients[tensorboard]' (or drop --tensorboard)"
+            ) from e
         self.writer = SummaryWriter(str(logdir))
         self.prefix = prefix
 

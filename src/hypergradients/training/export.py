@@ -187,7 +187,7 @@ def export_hparams(
             f"inline_max must be an integer >= 0 (numbers per tensor kept in the JSON), got {inline_max!r}"
         )
     fams = _families(source)
-    collect_hparams(fams)   # a key that two families use is refused here, as everywhere
+    collect_hparams(fams)  # a key that two families use is refused here, as everywhere
     tensor_name = _tensor_file(p).name
     records: list[dict[str, Any]] = []
     big: dict[str, Tensor] = {}

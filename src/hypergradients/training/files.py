@@ -66,7 +66,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; these are ordinary output files
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary output files
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -98,8 +98,12 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return gone
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint",
-                    fix: str = "delete it to start over, or restore it from a copy") -> Any:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "checkpoint",
+    fix: str = "delete it to start over, or restore it from a copy",
+) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, or :class:`UnreadableFileError`.
 
     ``weights_only=True`` refuses any pickled object other than tensors and plain Python values, so
@@ -115,12 +119,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint",
         return torch.load(p, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         why = "it does not exist"
-    except pickle.UnpicklingError as e:   # weights_only refused a global: a crafted or foreign file
+    except pickle.UnpicklingError as e:  # weights_only refused a global: a crafted or foreign file
         why = f"it holds objects other than tensors and plain values, refused for safety ({_refused(e)})"
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         why = f"it is truncated, empty or not a checkpoint ({type(e).__name__}: {_first_line(e)})"
-    raise UnreadableFileError(f"cannot read the {what} {str(p)!r}: {why}. To continue: {fix}.", path=p,
-                              why=why)
+    raise UnreadableFileError(
+        f"cannot read the {what} {str(p)!r}: {why}. To continue: {fix}.", path=p, why=why
+    )
 
 
 def _refused(e: BaseException) -> str:
@@ -173,15 +178,18 @@ def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> 
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise OutputPathError(f"{option} {str(p)!r}: {str(probe)!r} is a file, so no folder can be made "
-                              "under it; give another path")
-    try:   # the real test: make (and remove) an entry where the first new folder would go
+        raise OutputPathError(
+            f"{option} {str(p)!r}: {str(probe)!r} is a file, so no folder can be made "
+            "under it; give another path"
+        )
+    try:  # the real test: make (and remove) an entry where the first new folder would go
         tempfile.TemporaryDirectory(dir=probe, prefix=".hypergradients-probe-").cleanup()
     except OSError as e:
         # /proc and /sys answer "no such file" to a new entry: say what it means for the user.
         why = "not writable" if e.errno == errno.ENOENT else (e.strerror or str(e))
-        raise OutputPathError(f"{option} {str(p)!r}: cannot create anything in {str(probe)!r} "
-                              f"({why}); give a writable folder") from None
+        raise OutputPathError(
+            f"{option} {str(p)!r}: cannot create anything in {str(probe)!r} ({why}); give a writable folder"
+        ) from None
     return p
 
 
@@ -197,5 +205,15 @@ def check_input_file(path: str | os.PathLike[str], *, option: str) -> Path:
     return p
 
 
-__all__ = ["OutputPathError", "UnreadableFileError", "check_input_file", "check_output_dir", "json_dumps",
-           "load_checkpoint", "read_json", "remove_stale_temps", "save_atomic", "write_atomic"]
+__all__ = [
+    "OutputPathError",
+    "UnreadableFileError",
+    "check_input_file",
+    "check_output_dir",
+    "json_dumps",
+    "load_checkpoint",
+    "read_json",
+    "remove_stale_temps",
+    "save_atomic",
+    "write_atomic",
+]

@@ -89,29 +89,46 @@ PerExampleLoss = TargetLoss
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CHECKPOINT_VERSION = 3
-_READABLE_VERSIONS = (2, 3)   # 2: the hyper step's state copied field by field; upgraded when read
+_READABLE_VERSIONS = (2, 3)  # 2: the hyper step's state copied field by field; upgraded when read
 
-__all__ = ["CHECKPOINT", "METRICS", "Callback", "FitKeywords", "NonFiniteError", "SkippedHyperStepsWarning",
-           "TensorBoardCallback", "TrainResult", "check_checkpoint", "cross_entropy", "evaluate", "fit",
-           "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT",
+    "METRICS",
+    "Callback",
+    "FitKeywords",
+    "NonFiniteError",
+    "SkippedHyperStepsWarning",
+    "TensorBoardCallback",
+    "TrainResult",
+    "check_checkpoint",
+    "cross_entropy",
+    "evaluate",
+    "fit",
+    "read_checkpoint",
+]
 
 
 class SkippedHyperStepsWarning(UserWarning):
     """Some hyper steps of :func:`fit` were skipped (the hyperparameters did not move in those rounds)."""
 
 
-def evaluate(model: nn.Module, sets: Mapping[str, tuple[Tensor, Tensor]], *,
-             loss_fn: TargetLoss = cross_entropy, batch_size: int = 4096) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    sets: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    loss_fn: TargetLoss = cross_entropy,
+    batch_size: int = 4096,
+) -> dict[str, float]:
     """``{<set>_loss, <set>_acc}`` of the model in evaluation mode on each named ``(x, y)``."""
     out: dict[str, float] = {}
     with _mode(model, False), torch.no_grad():
         for name, (x, y) in sets.items():
             total, correct = 0.0, 0
             for s in range(0, len(y), batch_size):
-                logits = model(x[s:s + batch_size])
-                total += float(loss_fn(logits, y[s:s + batch_size]).sum())
+                logits = model(x[s : s + batch_size])
+                total += float(loss_fn(logits, y[s : s + batch_size]).sum())
                 if logits.ndim == 2 and y.dtype == torch.int64:
-                    correct += int((logits.argmax(1) == y[s:s + batch_size]).sum())
+                    correct += int((logits.argmax(1) == y[s : s + batch_size]).sum())
             out[f"{name}_loss"] = total / len(y)
             out[f"{name}_acc"] = correct / len(y)
     return out
@@ -126,12 +143,18 @@ def _rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     st: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+    }
     np = sys.modules.get("numpy")
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        st["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        st["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -144,31 +167,62 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
     if "numpy" in st:
         try:
             import numpy as np
-        except ImportError:   # saved where numpy was installed: here nothing can draw from it
+        except ImportError:  # saved where numpy was installed: here nothing can draw from it
             pass
         else:
             npy = st["numpy"]
-            np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],  # noqa: NPY002
-                                 npy["has_gauss"], npy["cached_gaussian"]))
+            np.random.set_state(  # noqa: NPY002
+                (
+                    npy["kind"],
+                    npy["keys"].numpy().astype(np.uint32),
+                    npy["pos"],
+                    npy["has_gauss"],
+                    npy["cached_gaussian"],
+                )
+            )
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-_KEYS = {2: ("round", "skipped", "model", "hparams", "inner_opt", "hyper_opt", "streams", "rng", "metrics",
-             "elapsed_s"),
-         3: ("round", "model", "inner_opt", "hyper", "streams", "rng", "metrics", "elapsed_s")}
+_KEYS = {
+    2: (
+        "round",
+        "skipped",
+        "model",
+        "hparams",
+        "inner_opt",
+        "hyper_opt",
+        "streams",
+        "rng",
+        "metrics",
+        "elapsed_s",
+    ),
+    3: ("round", "model", "inner_opt", "hyper", "streams", "rng", "metrics", "elapsed_s"),
+}
 
 
 def _upgrade_v2(st: dict[str, Any]) -> dict[str, Any]:
     """A version-2 checkpoint in version 3's layout: its hyper-step fields as one HyperOptimizer state."""
     hyper = None
     if st["hyper_opt"] is not None:
-        hyper = {"version": HYPER_STATE_VERSION, "hparams": st["hparams"], "optimizer": st["hyper_opt"],
-                 "solver": st.get("solver"), "noise": st.get("noise"), "steps": int(st["round"]),
-                 "skipped": int(st["skipped"]), "retried": int(st.get("retried", 0)),
-                 "skip_reasons": st.get("skip_reasons", {})}
-    return {**{k: st[k] for k in _KEYS[3] if k != "hyper"}, "version": CHECKPOINT_VERSION, "hyper": hyper,
-            "path": st.get("path"), "callbacks": {}}
+        hyper = {
+            "version": HYPER_STATE_VERSION,
+            "hparams": st["hparams"],
+            "optimizer": st["hyper_opt"],
+            "solver": st.get("solver"),
+            "noise": st.get("noise"),
+            "steps": int(st["round"]),
+            "skipped": int(st["skipped"]),
+            "retried": int(st.get("retried", 0)),
+            "skip_reasons": st.get("skip_reasons", {}),
+        }
+    return {
+        **{k: st[k] for k in _KEYS[3] if k != "hyper"},
+        "version": CHECKPOINT_VERSION,
+        "hyper": hyper,
+        "path": st.get("path"),
+        "callbacks": {},
+    }
 
 
 _FIX = "delete it to start this training over from round 0, or restore it from a copy"
@@ -195,8 +249,9 @@ def _read_checkpoint(path: Path, *, fix: str = _FIX) -> dict[str, Any]:
         if not lacks:
             return _upgrade_v2(st) if found == 2 else st
         why = f"it lacks {lacks}, which a version-{found} checkpoint of hypergradients.fit has"
-    raise UnreadableFileError(f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.",
-                              path=path, why=why)
+    raise UnreadableFileError(
+        f"cannot read the checkpoint {str(path)!r}: {why}. To continue: {fix}.", path=path, why=why
+    )
 
 
 def check_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> None:
@@ -239,7 +294,7 @@ class _Run:
 
     model: nn.Module
     objective: Objective
-    inner_opt: torch.optim.Optimizer | None   # None: the path tuner's differentiable optimizer trains
+    inner_opt: torch.optim.Optimizer | None  # None: the path tuner's differentiable optimizer trains
     hyper: HyperOptimizer | None
     streams: dict[str, BatchStream]
     ck_path: Path | None
@@ -250,9 +305,9 @@ class _Run:
     last_good: Path | None = None
     elapsed0: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
-    path: PathTuner | None = None   # fit(path_hparams=): optimizer hyperparameters tuned through the path
-    data_parallel: bool = False     # fit(data_parallel=True): average the inner gradients over the ranks
-    writes: bool = True             # False on the ranks other than 0 under data_parallel
+    path: PathTuner | None = None  # fit(path_hparams=): optimizer hyperparameters tuned through the path
+    data_parallel: bool = False  # fit(data_parallel=True): average the inner gradients over the ranks
+    writes: bool = True  # False on the ranks other than 0 under data_parallel
 
     @property
     def hparams(self) -> dict[str, Tensor]:
@@ -275,8 +330,10 @@ class _Run:
         for cb in self.callbacks:
             if has_state(cb):
                 if cb.state_key in out:
-                    raise ValueError(f"two callbacks with state have the key {cb.state_key!r}: give one of "
-                                     "them its own state_key (override the property)")
+                    raise ValueError(
+                        f"two callbacks with state have the key {cb.state_key!r}: give one of "
+                        "them its own state_key (override the property)"
+                    )
                 out[cb.state_key] = cb
         return out
 
@@ -287,8 +344,9 @@ class _Run:
         saved_hp = st["hyper"]["hparams"] if st["hyper"] is not None else {}
         for k in self.hparams:
             if k not in saved_hp:
-                raise KeyError(f"checkpoint {path} has no hyperparameter {k!r}: "
-                               "it was written by another setup")
+                raise KeyError(
+                    f"checkpoint {path} has no hyperparameter {k!r}: it was written by another setup"
+                )
         if self.path is not None and st.get("path") is None:
             raise KeyError(f"checkpoint {path} has no path hyperparameters: another setup wrote it")
         self.model.load_state_dict(st["model"])
@@ -303,7 +361,7 @@ class _Run:
         _set_rng_state(st["rng"])
         saved_cb = st.get("callbacks") or {}
         for key, cb in self.stateful().items():
-            if key in saved_cb:   # a callback the checkpoint does not know keeps the state it was built with
+            if key in saved_cb:  # a callback the checkpoint does not know keeps the state it was built with
                 cb.load_state_dict(saved_cb[key])
         self.history, self.start_round = list(st["metrics"]), int(st["round"])
         self.elapsed0, self.resumed_from, self.last_good = float(st["elapsed_s"]), self.start_round, path
@@ -311,29 +369,47 @@ class _Run:
     def save(self, r: int) -> bool:
         """Checkpoint after round ``r``, atomically, never over a good one with a non-finite state;
         ``False`` when this run writes none."""
-        if self.ck_path is None or not self.writes:   # data-parallel: rank 0 writes, the others agree
+        if self.ck_path is None or not self.writes:  # data-parallel: rank 0 writes, the others agree
             return False
         hp = self.hparams
         bad = _first_nonfinite_param(self.model) or (tree.first_nonfinite(tree.detach(hp)) if hp else None)
-        if bad is not None:   # defensive: the checks of each round should have stopped the run already
-            raise NonFiniteError(f"round {r}: {bad!r} is not finite; not saving over {self.ck_path}",
-                                 round=r, name=bad, checkpoint=self.last_good)
-        save_atomic({"version": CHECKPOINT_VERSION, "round": r, "model": self.model.state_dict(),
-                     "inner_opt": self.inner_opt.state_dict() if self.inner_opt is not None else None,
-                     "path": self.path.state_dict() if self.path is not None else None,
-                     "hyper": self.hyper.state_dict() if self.hyper is not None else None,
-                     "streams": {k: s.state_dict() for k, s in self.streams.items()}, "rng": _rng_state(),
-                     "callbacks": {k: cb.state_dict() for k, cb in self.stateful().items()},
-                     "metrics": self.history, "elapsed_s": self.elapsed()}, self.ck_path)
+        if bad is not None:  # defensive: the checks of each round should have stopped the run already
+            raise NonFiniteError(
+                f"round {r}: {bad!r} is not finite; not saving over {self.ck_path}",
+                round=r,
+                name=bad,
+                checkpoint=self.last_good,
+            )
+        save_atomic(
+            {
+                "version": CHECKPOINT_VERSION,
+                "round": r,
+                "model": self.model.state_dict(),
+                "inner_opt": self.inner_opt.state_dict() if self.inner_opt is not None else None,
+                "path": self.path.state_dict() if self.path is not None else None,
+                "hyper": self.hyper.state_dict() if self.hyper is not None else None,
+                "streams": {k: s.state_dict() for k, s in self.streams.items()},
+                "rng": _rng_state(),
+                "callbacks": {k: cb.state_dict() for k, cb in self.stateful().items()},
+                "metrics": self.history,
+                "elapsed_s": self.elapsed(),
+            },
+            self.ck_path,
+        )
         self.last_good = self.ck_path
         return True
 
     def stop(self, r: int, name: str, what: str) -> NonFiniteError:
         last = self.last_good
         where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written"
-        return NonFiniteError(f"round {r}: {what} {name!r} is not finite (NaN or inf){where}. Lower the "
-                              "learning rates or the hyper learning rate, or check the data.",
-                              round=r, name=name, checkpoint=last, what=what)
+        return NonFiniteError(
+            f"round {r}: {what} {name!r} is not finite (NaN or inf){where}. Lower the "
+            "learning rates or the hyper learning rate, or check the data.",
+            round=r,
+            name=name,
+            checkpoint=last,
+            what=what,
+        )
 
 
 def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) -> float:
@@ -344,7 +420,7 @@ def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) 
         run.path.begin_round(n_steps)
     for _ in range(n_steps):
         b = _batch(run.streams["train"], *train)
-        if run.path is not None:   # the differentiable optimizer; the step's loss kept for the replay
+        if run.path is not None:  # the differentiable optimizer; the step's loss kept for the replay
             loss = run.path.step(dict(run.model.named_parameters()), _step_loss(run, lam_fixed, b))
             if not bool(torch.isfinite(loss)):
                 raise run.stop(r, "inner_loss", "the training loss")
@@ -352,12 +428,13 @@ def _inner_steps(run: _Run, train: tuple[Tensor, Tensor], n_steps: int, r: int) 
             continue
         assert run.inner_opt is not None
         run.inner_opt.zero_grad(set_to_none=True)
-        loss = run.objective.train(dict(run.model.named_parameters()), lam_fixed, b,
-                                   forward=run.objective.live)
+        loss = run.objective.train(
+            dict(run.model.named_parameters()), lam_fixed, b, forward=run.objective.live
+        )
         if not bool(torch.isfinite(loss)):
             raise run.stop(r, "inner_loss", "the training loss")
         loss.backward()
-        if run.data_parallel:   # DDP's gradient average: all the weights' gradients in one all-reduce
+        if run.data_parallel:  # DDP's gradient average: all the weights' gradients in one all-reduce
             ps = {k: p for k, p in run.model.named_parameters() if p.grad is not None}
             grads = {k: p.grad for k, p in ps.items() if p.grad is not None}
             with distributed.data_parallel():
@@ -379,6 +456,7 @@ def _step_loss(run: _Run, lam: dict[str, Tensor], b: Batch) -> Callable[[Mapping
 
     def loss(w: Mapping[str, Tensor], replay: bool) -> Tensor:
         return obj.train(w, lam, b, forward=obj.copy_buffers if replay else obj.live, noise=noise)
+
     return loss
 
 
@@ -396,8 +474,9 @@ def _path_step(run: _Run, tuner: PathTuner, val: tuple[Tensor, Tensor], r: int) 
     return tuner.metrics(g, out)
 
 
-def _hyper_step(run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor],
-                val: tuple[Tensor, Tensor], r: int) -> HyperStep:
+def _hyper_step(
+    run: _Run, hyper: HyperOptimizer, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], r: int
+) -> HyperStep:
     """One hyper step on a fresh training batch (``L_T``) and a validation batch (``L_V``)."""
     bt, bv = _batch(run.streams["hyper"], *train), _batch(run.streams["val"], *val)
     try:
@@ -410,11 +489,15 @@ def _warn_skipped(run: _Run, planned: int, policy: SolverPolicy) -> None:
     if not run.skipped or run.hyper is None:
         return
     why = ", ".join(f"{k}: {v}" for k, v in sorted(run.hyper.skip_reasons.items()))
-    warnings.warn(f"{run.skipped} of {planned} hyper steps were skipped ({why}); the hyperparameters did not "
-                  "change in those rounds. The model is far from a minimum of the training loss there "
-                  "(indefinite Hessian): train longer between hyper steps (inner_steps, warmup_steps)"
-                  + ("" if policy == "damp" else ", or use on_solver_error='damp'") + ".",
-                  SkippedHyperStepsWarning, stacklevel=3)
+    warnings.warn(
+        f"{run.skipped} of {planned} hyper steps were skipped ({why}); the hyperparameters did not "
+        "change in those rounds. The model is far from a minimum of the training loss there "
+        "(indefinite Hessian): train longer between hyper steps (inner_steps, warmup_steps)"
+        + ("" if policy == "damp" else ", or use on_solver_error='damp'")
+        + ".",
+        SkippedHyperStepsWarning,
+        stacklevel=3,
+    )
 
 
 def _check_args(**ints_with_min: tuple[int, int]) -> None:
@@ -447,16 +530,28 @@ class FitKeywords(TypedDict, total=False):
 
 # keyword -> (the group's argument of fit, its field)
 _GROUPED: dict[str, tuple[str, str]] = {
-    "method": ("hyper", "method"), "hyper_optimizer": ("hyper", "optimizer"), "project": ("hyper", "project"),
-    "on_solver_error": ("hyper", "on_solver_error"), "warm_start": ("hyper", "warm_start"),
+    "method": ("hyper", "method"),
+    "hyper_optimizer": ("hyper", "optimizer"),
+    "project": ("hyper", "project"),
+    "on_solver_error": ("hyper", "on_solver_error"),
+    "warm_start": ("hyper", "warm_start"),
     "hvp_mode": ("hyper", "hvp_mode"),
-    "batch_size": ("batches", "size"), "val_batch_size": ("batches", "val_size"),
-    "hyper_batch_size": ("batches", "hyper_size"), "seed": ("batches", "seed"),
-    "eval_sets": ("evaluation", "sets"), "eval_every": ("evaluation", "every"),
-    "checkpoint_dir": ("checkpoints", "dir"), "checkpoint_every": ("checkpoints", "every"),
-    "resume": ("checkpoints", "resume")}
-_GROUP_TYPES: dict[str, type] = {"hyper": HyperSettings, "batches": Batches, "evaluation": Evaluation,
-                                 "checkpoints": Checkpoints}
+    "batch_size": ("batches", "size"),
+    "val_batch_size": ("batches", "val_size"),
+    "hyper_batch_size": ("batches", "hyper_size"),
+    "seed": ("batches", "seed"),
+    "eval_sets": ("evaluation", "sets"),
+    "eval_every": ("evaluation", "every"),
+    "checkpoint_dir": ("checkpoints", "dir"),
+    "checkpoint_every": ("checkpoints", "every"),
+    "resume": ("checkpoints", "resume"),
+}
+_GROUP_TYPES: dict[str, type] = {
+    "hyper": HyperSettings,
+    "batches": Batches,
+    "evaluation": Evaluation,
+    "checkpoints": Checkpoints,
+}
 
 
 def _grouped(keywords: Mapping[str, Any], groups: Mapping[str, Any]) -> dict[str, Any]:
@@ -466,24 +561,37 @@ def _grouped(keywords: Mapping[str, Any], groups: Mapping[str, Any]) -> dict[str
         raise TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
     fields: dict[str, dict[str, Any]] = {g: {} for g in groups}
     for kw, v in keywords.items():
-        if kw not in _GROUPED or v is None:   # None: that field's default, as it always was
+        if kw not in _GROUPED or v is None:  # None: that field's default, as it always was
             continue
         g, f = _GROUPED[kw]
         if groups[g] is not None:
-            raise ValueError(f"give {kw} inside {g}=hg.{_GROUP_TYPES[g].__name__}(..., {f}=...) or as "
-                             f"{kw}=, not both")
+            raise ValueError(
+                f"give {kw} inside {g}=hg.{_GROUP_TYPES[g].__name__}(..., {f}=...) or as {kw}=, not both"
+            )
         fields[g][f] = v
     return {g: given if given is not None else _GROUP_TYPES[g](**fields[g]) for g, given in groups.items()}
 
 
-def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tensor],
-        val: tuple[Tensor, Tensor], *, rounds: int, inner_steps: int, warmup_steps: int = 0,
-        inner_optimizer: OptimizerFactory | None = None, loss_fn: TargetLoss = cross_entropy,
-        hyper: HyperSettings | None = None, batches: Batches | None = None,
-        evaluation: Evaluation | None = None, checkpoints: Checkpoints | None = None,
-        callbacks: Sequence[Callback | Callable[[dict[str, Any]], None]] = (),
-        path_hparams: PathHyperparameters | None = None, data_parallel: bool = False,
-        **keywords: Unpack[FitKeywords]) -> TrainResult:
+def fit(
+    model: nn.Module,
+    families: Sequence[Family],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    *,
+    rounds: int,
+    inner_steps: int,
+    warmup_steps: int = 0,
+    inner_optimizer: OptimizerFactory | None = None,
+    loss_fn: TargetLoss = cross_entropy,
+    hyper: HyperSettings | None = None,
+    batches: Batches | None = None,
+    evaluation: Evaluation | None = None,
+    checkpoints: Checkpoints | None = None,
+    callbacks: Sequence[Callback | Callable[[dict[str, Any]], None]] = (),
+    path_hparams: PathHyperparameters | None = None,
+    data_parallel: bool = False,
+    **keywords: Unpack[FitKeywords],
+) -> TrainResult:
     """Train ``model`` and tune the ``families``' hyperparameters by Algorithm 1.
 
     Args:
@@ -566,8 +674,9 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         UnreadableFileError: ``resume=True`` and the checkpoint cannot be read (names it; nothing deleted).
     """
     _check_args(rounds=(rounds, 0), inner_steps=(inner_steps, 1), warmup_steps=(warmup_steps, 0))
-    g = _grouped(keywords, {"hyper": hyper, "batches": batches, "evaluation": evaluation,
-                            "checkpoints": checkpoints})
+    g = _grouped(
+        keywords, {"hyper": hyper, "batches": batches, "evaluation": evaluation, "checkpoints": checkpoints}
+    )
     hs: HyperSettings = g["hyper"]
     bs: Batches = g["batches"]
     ev: Evaluation = g["evaluation"]
@@ -578,53 +687,83 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
         cbs.append(_AroundHyperStep(before, after))
     t_start = time.perf_counter()
     if path_hparams is not None and inner_optimizer is not None:
-        raise ValueError("give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
-                         "(hg.optim) trains the model, so the path that is differentiated is the one trained")
+        raise ValueError(
+            "give inner_optimizer or path_hparams, not both: with path_hparams its optimizer "
+            "(hg.optim) trains the model, so the path that is differentiated is the one trained"
+        )
     if data_parallel and path_hparams is not None:
-        raise ValueError("fit(data_parallel=True) does not support path_hparams yet (the replayed path would "
-                         "need the averaged step gradients): tune them in one process, or drop data_parallel")
-    if data_parallel:   # every rank starts from rank 0's weights (as DDP does)
-        with distributed.data_parallel():   # refuses without an initialised process group
+        raise ValueError(
+            "fit(data_parallel=True) does not support path_hparams yet (the replayed path would "
+            "need the averaged step gradients): tune them in one process, or drop data_parallel"
+        )
+    if data_parallel:  # every rank starts from rank 0's weights (as DDP does)
+        with distributed.data_parallel():  # refuses without an initialised process group
             pass
         distributed.broadcast({k: t for k, t in model.state_dict().items() if t.is_floating_point()})
-    inner_opt = (inner_optimizer or INNER_OPTIMIZER)(
-        [p for p in model.parameters() if p.requires_grad]) if path_hparams is None else None
+    inner_opt = (
+        (inner_optimizer or INNER_OPTIMIZER)([p for p in model.parameters() if p.requires_grad])
+        if path_hparams is None
+        else None
+    )
     batch_loss = on_targets(loss_fn)
-    hyper_opt = HyperOptimizer(model, families, settings=hs, loss_fn=batch_loss,
-                               before_step=[cb.on_before_hyper_step for cb in cbs],
-                               after_step=[cb.on_hyper_step for cb in cbs], data_parallel=data_parallel,
-                               inner_optimizer=inner_opt) \
-        if collect_hparams(families) else None
+    hyper_opt = (
+        HyperOptimizer(
+            model,
+            families,
+            settings=hs,
+            loss_fn=batch_loss,
+            before_step=[cb.on_before_hyper_step for cb in cbs],
+            after_step=[cb.on_hyper_step for cb in cbs],
+            data_parallel=data_parallel,
+            inner_optimizer=inner_opt,
+        )
+        if collect_hparams(families)
+        else None
+    )
     n_train, n_val = len(train[1]), len(val[1])
     ckdir = Path(cks.dir) if cks.dir is not None else None
     writes = not data_parallel or distributed.is_main()
     if ckdir is not None and writes:
-        cbs.insert(0, MetricsWriter(ckdir / METRICS))   # the file is written before the others see a round
+        cbs.insert(0, MetricsWriter(ckdir / METRICS))  # the file is written before the others see a round
     objective = hyper_opt.objective if hyper_opt is not None else Objective(model, families, batch_loss)
-    run = _Run(model, objective, inner_opt, hyper_opt,
-               {"train": _stream(n_train, bs.size, bs.seed),
-                "hyper": _stream(n_train, bs.hyper_size or bs.size, bs.seed + 1),
-                "val": _stream(n_val, bs.val_size or n_val, bs.seed + 2)},
-               ckdir / CHECKPOINT if ckdir is not None else None, callbacks=cbs, t_start=t_start,
-               data_parallel=data_parallel, writes=writes)
-    run.stateful()   # two callbacks with state under one key are refused before anything is written
+    run = _Run(
+        model,
+        objective,
+        inner_opt,
+        hyper_opt,
+        {
+            "train": _stream(n_train, bs.size, bs.seed),
+            "hyper": _stream(n_train, bs.hyper_size or bs.size, bs.seed + 1),
+            "val": _stream(n_val, bs.val_size or n_val, bs.seed + 2),
+        },
+        ckdir / CHECKPOINT if ckdir is not None else None,
+        callbacks=cbs,
+        t_start=t_start,
+        data_parallel=data_parallel,
+        writes=writes,
+    )
+    run.stateful()  # two callbacks with state under one key are refused before anything is written
     if path_hparams is not None:
-        run.path = PathTuner(path_hparams, dict(model.named_parameters()),
-                             hyper_optimizer=PATH_HYPER_OPTIMIZER)
+        run.path = PathTuner(
+            path_hparams, dict(model.named_parameters()), hyper_optimizer=PATH_HYPER_OPTIMIZER
+        )
         run.streams["path"] = _stream(n_val, bs.val_size or n_val, bs.seed + 3)
     if ckdir is not None:
         if run.writes:
             ckdir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(ckdir)   # a kill during a checkpoint write leaves its temp file behind
+            remove_stale_temps(ckdir)  # a kill during a checkpoint write leaves its temp file behind
         if cks.resume and (ckdir / CHECKPOINT).exists():
             run.restore(ckdir / CHECKPOINT)
     for cb in cbs:
         cb.on_fit_start(run.history)
-    for r in range(run.start_round + 1, rounds + 1):   # r: this round, counted from 1
+    for r in range(run.start_round + 1, rounds + 1):  # r: this round, counted from 1
         n_steps = inner_steps + (warmup_steps if r == 1 else 0)
-        rec: dict[str, Any] = {"round": r, "inner_loss": _inner_steps(run, train, n_steps, r),
-                               "inner_steps": r * inner_steps + warmup_steps}
-        if run.path is not None:   # first: its replay uses the families' λ of these inner steps
+        rec: dict[str, Any] = {
+            "round": r,
+            "inner_loss": _inner_steps(run, train, n_steps, r),
+            "inner_steps": r * inner_steps + warmup_steps,
+        }
+        if run.path is not None:  # first: its replay uses the families' λ of these inner steps
             rec.update(_path_step(run, run.path, val, r))
         if hyper_opt is not None:
             rec.update(_hyper_step(run, hyper_opt, train, val, r).metrics())
@@ -640,7 +779,7 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
             assert run.ck_path is not None
             for cb in cbs:
                 cb.on_checkpoint(run.ck_path, r)
-    if data_parallel:   # no rank returns before rank 0's last checkpoint is on disk (a resume reads it)
+    if data_parallel:  # no rank returns before rank 0's last checkpoint is on disk (a resume reads it)
         distributed.barrier()
     planned = len(run.history) if hyper_opt is not None else 0
     _warn_skipped(run, planned, hs.on_solver_error)
@@ -648,12 +787,20 @@ def fit(model: nn.Module, families: Sequence[Family], train: tuple[Tensor, Tenso
     for fam in families:
         nat.update(fam.natural())
     ck = run.ck_path
-    result = TrainResult(metrics=run.history, final=dict(run.history[-1]) if run.history else {},
-                         rounds=rounds, hyperparameters=sum(t.numel() for t in run.hparams.values()),
-                         skipped_hyper_steps=run.skipped, wall_s=run.elapsed(), resumed_from=run.resumed_from,
-                         checkpoint=ck if ck is not None and ck.exists() else None, natural=nat,
-                         hyper_steps=planned - run.skipped, retried_hyper_steps=run.retried,
-                         skip_reasons=dict(hyper_opt.skip_reasons) if hyper_opt is not None else {})
+    result = TrainResult(
+        metrics=run.history,
+        final=dict(run.history[-1]) if run.history else {},
+        rounds=rounds,
+        hyperparameters=sum(t.numel() for t in run.hparams.values()),
+        skipped_hyper_steps=run.skipped,
+        wall_s=run.elapsed(),
+        resumed_from=run.resumed_from,
+        checkpoint=ck if ck is not None and ck.exists() else None,
+        natural=nat,
+        hyper_steps=planned - run.skipped,
+        retried_hyper_steps=run.retried,
+        skip_reasons=dict(hyper_opt.skip_reasons) if hyper_opt is not None else {},
+    )
     for cb in cbs:
         cb.on_fit_end(result)
     return result

@@ -72,16 +72,23 @@ try:
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # an optional extra
-    raise ImportError("hypergradients.hf needs Hugging Face transformers: "
-                      "pip install 'hypergradients[hf]'") from e
+    raise ImportError(
+        "hypergradients.hf needs Hugging Face transformers: pip install 'hypergradients[hf]'"
+    ) from e
 
 from ..hparams.base import Batch
 from ..hparams.example_weights import ExampleWeights
 from .files import load_checkpoint, save_atomic
 from .hyper import HyperOptimizer, HyperStep, classification_loss
 
-__all__ = ["STATE_FILE", "HyperCallback", "HyperTrainer", "causal_lm_loss", "model_loss",
-           "sequence_classification_loss"]
+__all__ = [
+    "STATE_FILE",
+    "HyperCallback",
+    "HyperTrainer",
+    "causal_lm_loss",
+    "model_loss",
+    "sequence_classification_loss",
+]
 
 STATE_FILE = "hypergradients.pt"
 _VERSION = 1
@@ -93,9 +100,11 @@ def model_loss(outputs: Any, batch: Batch) -> Tensor:
     that only add a penalty (weight decay); a family that weights examples needs per-example losses."""
     loss = getattr(outputs, "loss", None)
     if not isinstance(loss, Tensor):
-        raise ValueError("the model returned no loss (outputs.loss is None): the batch needs 'labels', and "
-                         "the model must compute a loss from them (a ...ForCausalLM or "
-                         "...ForSequenceClassification head)")
+        raise ValueError(
+            "the model returned no loss (outputs.loss is None): the batch needs 'labels', and "
+            "the model must compute a loss from them (a ...ForCausalLM or "
+            "...ForSequenceClassification head)"
+        )
     return loss
 
 
@@ -103,8 +112,10 @@ def _logits(outputs: Any) -> Tensor:
     """``outputs.logits``, half precision (float16, bfloat16) upcast to float32 for the softmax."""
     logits = getattr(outputs, "logits", None)
     if not isinstance(logits, Tensor):
-        raise ValueError(f"the model's output ({type(outputs).__name__}) has no tensor 'logits': pass "
-                         "loss_fn=hypergradients.hf.model_loss to use the model's own loss")
+        raise ValueError(
+            f"the model's output ({type(outputs).__name__}) has no tensor 'logits': pass "
+            "loss_fn=hypergradients.hf.model_loss to use the model's own loss"
+        )
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
@@ -116,8 +127,9 @@ def causal_lm_loss(outputs: Any, batch: Batch) -> Tensor:
     batch mean equals ``outputs.loss``. A sequence with no labelled token gets 0.
     """
     logits, labels = _logits(outputs)[:, :-1], batch.y[:, 1:]
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=-100, reduction="none").view(labels.shape)
+    tok = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
     count = (labels != -100).sum(dim=1).clamp(min=1)
     return tok.sum(dim=1) / count
 
@@ -171,16 +183,18 @@ class HyperCallback(TrainerCallback):
         if not isinstance(hyper, HyperOptimizer):
             raise TypeError(f"hyper must be a hypergradients.HyperOptimizer, got {type(hyper).__name__}")
         if hyper.objective.loss_fn is classification_loss:
-            raise ValueError("the HyperOptimizer's loss_fn is the default cross-entropy of a logits tensor, "
-                             "but a transformers model returns a ModelOutput: build it with loss_fn="
-                             "hypergradients.hf.causal_lm_loss, sequence_classification_loss or model_loss")
+            raise ValueError(
+                "the HyperOptimizer's loss_fn is the default cross-entropy of a logits tensor, "
+                "but a transformers model returns a ModelOutput: build it with loss_fn="
+                "hypergradients.hf.causal_lm_loss, sequence_classification_loss or model_loss"
+            )
         self.hyper = hyper
         self.every_n_steps = every_n_steps
         self._val_batches = val_batches
         self._val = _cycle(val_batches)
         self.val_drawn = 0
         self.last: HyperStep | None = None
-        self._batch: Any = None       # the training batch of the current optimizer step
+        self._batch: Any = None  # the training batch of the current optimizer step
         self._resume: str | None = None
         self._needs_index = [f.name for f in hyper.families if isinstance(f, ExampleWeights)]
 
@@ -189,33 +203,41 @@ class HyperCallback(TrainerCallback):
         """``L_T`` on the Trainer's batch with the live weights and the hyperparameters fixed (what the
         Trainer should minimise); the batch is also the hyper step's training batch for this step."""
         if self._needs_index and isinstance(batch, Mapping) and "index" not in batch:
-            raise ValueError(f"the family {self._needs_index[0]!r} weights examples by batch['index'], which "
-                             f"this batch lacks (it has {sorted(batch)}): give the training set an 'index' "
-                             "column (each example's position) and set TrainingArguments("
-                             "remove_unused_columns=False), which keeps it")
+            raise ValueError(
+                f"the family {self._needs_index[0]!r} weights examples by batch['index'], which "
+                f"this batch lacks (it has {sorted(batch)}): give the training set an 'index' "
+                "column (each example's position) and set TrainingArguments("
+                "remove_unused_columns=False), which keeps it"
+            )
         self._batch = batch
         return self.hyper.train_loss(batch)
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if getattr(args, "world_size", 1) > 1 or getattr(args, "n_gpu", 1) > 1:
-            raise ValueError(f"HyperCallback runs in one process on one device (world_size "
-                             f"{args.world_size}, n_gpu {args.n_gpu}): the Trainer wraps the model "
-                             "for data parallelism, which the hyper step's forward would bypass; train on "
-                             "one device (CUDA_VISIBLE_DEVICES=0, no torchrun)")
+            raise ValueError(
+                f"HyperCallback runs in one process on one device (world_size "
+                f"{args.world_size}, n_gpu {args.n_gpu}): the Trainer wraps the model "
+                "for data parallelism, which the hyper step's forward would bypass; train on "
+                "one device (CUDA_VISIBLE_DEVICES=0, no torchrun)"
+            )
         weights = list(self.hyper.model.parameters())
         if weights:
             device = weights[0].device
             wrong = [k for k, t in self.hyper.hparams.items() if t.device != device]
             if wrong:
-                raise ValueError(f"the hyperparameters {wrong} are on {self.hyper.hparams[wrong[0]].device} "
-                                 f"but the Trainer put the model on {device}: move the model there first "
-                                 "(model.to(args.device)), then build the families")
+                raise ValueError(
+                    f"the hyperparameters {wrong} are on {self.hyper.hparams[wrong[0]].device} "
+                    f"but the Trainer put the model on {device}: move the model there first "
+                    "(model.to(args.device)), then build the families"
+                )
         folder, self._resume = self._resume, None
         if state.global_step == 0:
             if folder is not None:
-                raise ValueError(f"resume_from({folder!r}) was called, but the Trainer starts from step 0: "
-                                 "pass the same folder to trainer.train(resume_from_checkpoint=...)")
+                raise ValueError(
+                    f"resume_from({folder!r}) was called, but the Trainer starts from step 0: "
+                    "pass the same folder to trainer.train(resume_from_checkpoint=...)"
+                )
             return
         if folder is None:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -226,13 +248,15 @@ class HyperCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._batch is None:
-            raise RuntimeError(f"step {state.global_step}: the Trainer's loss did not go through "
-                               "HyperCallback.train_loss, so the weights are not trained on L_T (the loss "
-                               "plus the families' terms): use hypergradients.hf.HyperTrainer, or return "
-                               "callback.train_loss(inputs) from your Trainer's compute_loss")
+            raise RuntimeError(
+                f"step {state.global_step}: the Trainer's loss did not go through "
+                "HyperCallback.train_loss, so the weights are not trained on L_T (the loss "
+                "plus the families' terms): use hypergradients.hf.HyperTrainer, or return "
+                "callback.train_loss(inputs) from your Trainer's compute_loss"
+            )
         if state.global_step % self.every_n_steps != 0:
             return
-        if self.hyper.inner_optimizer is None:   # for hg.Identity(precondition="inner_optimizer")
+        if self.hyper.inner_optimizer is None:  # for hg.Identity(precondition="inner_optimizer")
             self.hyper.inner_optimizer = kwargs.get("optimizer")
         device = next(iter(self.hyper.hparams.values())).device
         bv = next(self._val)
@@ -242,11 +266,14 @@ class HyperCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"the Trainer's checkpoint folder {folder} does not exist (a "
-                                    "hyperparameter search saves elsewhere, which HyperCallback does not "
-                                    "support)")
-        save_atomic({**self.state_dict(), "global_step": int(state.global_step)},
-                    os.path.join(folder, STATE_FILE))
+            raise FileNotFoundError(
+                f"the Trainer's checkpoint folder {folder} does not exist (a "
+                "hyperparameter search saves elsewhere, which HyperCallback does not "
+                "support)"
+            )
+        save_atomic(
+            {**self.state_dict(), "global_step": int(state.global_step)}, os.path.join(folder, STATE_FILE)
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -258,17 +285,22 @@ class HyperCallback(TrainerCallback):
         <hypergradients.HyperOptimizer.load_state_dict>`); the validation batches continue after the
         ``val_drawn`` already used (read again from the start of ``val_batches`` and dropped)."""
         if not isinstance(state, Mapping) or state.get("version") != _VERSION or "hyper" not in state:
-            found = (f"version {state.get('version')!r}, keys {sorted(map(str, state))}"
-                     if isinstance(state, Mapping) else f"a {type(state).__name__}")
-            raise ValueError(f"not a HyperCallback state ({found}; expected version {_VERSION} with 'hyper' "
-                             "and 'val_drawn'): pass the dict that HyperCallback.state_dict() returned (a "
-                             "HyperOptimizer's own state goes to hyper.load_state_dict)")
+            found = (
+                f"version {state.get('version')!r}, keys {sorted(map(str, state))}"
+                if isinstance(state, Mapping)
+                else f"a {type(state).__name__}"
+            )
+            raise ValueError(
+                f"not a HyperCallback state ({found}; expected version {_VERSION} with 'hyper' "
+                "and 'val_drawn'): pass the dict that HyperCallback.state_dict() returned (a "
+                "HyperOptimizer's own state goes to hyper.load_state_dict)"
+            )
         drawn = state.get("val_drawn")
         if isinstance(drawn, bool) or not isinstance(drawn, int) or drawn < 0:
             raise ValueError(f"the HyperCallback state's val_drawn is {drawn!r}, not a count")
         before = self.hyper.state_dict()
         with torch.no_grad():
-            self.hyper.load_state_dict(state["hyper"])   # all or nothing by itself
+            self.hyper.load_state_dict(state["hyper"])  # all or nothing by itself
         val = _cycle(self._val_batches)
         try:
             for _ in range(drawn):
@@ -288,16 +320,23 @@ class HyperCallback(TrainerCallback):
     def _load_folder(self, folder: str, global_step: int) -> None:
         path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"the Trainer resumes at step {global_step}, but {path} does not exist: "
-                                    "resume from a checkpoint that a run with HyperCallback saved; for a "
-                                    "folder outside output_dir, use hypergradients.hf.HyperTrainer or call "
-                                    "callback.resume_from(folder) first")
-        state = load_checkpoint(path, what="HyperCallback state",
-                                fix="resume from an intact checkpoint that a run with HyperCallback saved")
+            raise FileNotFoundError(
+                f"the Trainer resumes at step {global_step}, but {path} does not exist: "
+                "resume from a checkpoint that a run with HyperCallback saved; for a "
+                "folder outside output_dir, use hypergradients.hf.HyperTrainer or call "
+                "callback.resume_from(folder) first"
+            )
+        state = load_checkpoint(
+            path,
+            what="HyperCallback state",
+            fix="resume from an intact checkpoint that a run with HyperCallback saved",
+        )
         saved = state.get("global_step") if isinstance(state, Mapping) else None
         if saved != global_step:
-            raise ValueError(f"{path} was written at step {saved!r}, but the Trainer resumes at step "
-                             f"{global_step}: it belongs to another checkpoint")
+            raise ValueError(
+                f"{path} was written at step {saved!r}, but the Trainer resumes at step "
+                f"{global_step}: it belongs to another checkpoint"
+            )
         # read onto the CPU; the warm-start vector belongs beside the weights (the optimizer's state is
         # placed by torch.optim, the noise generator's stays on the CPU)
         hyper = state.get("hyper")
@@ -325,25 +364,31 @@ class HyperTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         found = [c for c in self.callback_handler.callbacks if isinstance(c, HyperCallback)]
         if len(found) != 1:
-            raise ValueError(f"HyperTrainer needs exactly one hypergradients.hf.HyperCallback in "
-                             f"callbacks=[...], got {len(found)}")
+            raise ValueError(
+                f"HyperTrainer needs exactly one hypergradients.hf.HyperCallback in "
+                f"callbacks=[...], got {len(found)}"
+            )
         self.hyper_callback: HyperCallback = found[0]
         if self.hyper_callback.hyper.model is not self.model:
-            raise ValueError("the HyperCallback's HyperOptimizer was built on another model than the "
-                             "Trainer's model=: build both on the same module")
+            raise ValueError(
+                "the HyperCallback's HyperOptimizer was built on another model than the "
+                "Trainer's model=: build both on the same module"
+            )
 
-    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         if model.training and not return_outputs:
             return self.hyper_callback.train_loss(inputs)
         inputs = {k: v for k, v in inputs.items() if k != "index"}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         folder = resume_from_checkpoint
         if folder is True:
-            folder = get_last_checkpoint(self.args.output_dir)   # as the Trainer resolves it
+            folder = get_last_checkpoint(self.args.output_dir)  # as the Trainer resolves it
         if isinstance(folder, (str, os.PathLike)):
             self.hyper_callback.resume_from(folder)
         return super().train(resume_from_checkpoint, *args, **kwargs)

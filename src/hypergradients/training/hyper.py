@@ -73,7 +73,7 @@ from .precondition import optimizer_diagonal
 from .settings import HyperSettings, OptimizerFactory, Projection, SolverPolicy
 
 STATE_VERSION = 1
-_MAX_RETRIES = 30        # safer variants tried per hyper step (each damped CG at least doubles δ)
+_MAX_RETRIES = 30  # safer variants tried per hyper step (each damped CG at least doubles δ)
 
 
 class NonFiniteError(RuntimeError):
@@ -85,15 +85,14 @@ class NonFiniteError(RuntimeError):
     checkpoint (``None`` if none).
     """
 
-    def __init__(self, message: str, *, round: int, name: str, checkpoint: Path | None,
-                 what: str = "") -> None:
+    def __init__(
+        self, message: str, *, round: int, name: str, checkpoint: Path | None, what: str = ""
+    ) -> None:
         super().__init__(message)
         self.round = round
         self.name = name
         self.checkpoint = checkpoint
         self.what = what
-
-
 
 
 def _skip_reason(e: HypergradientError, method: Method) -> str:
@@ -103,8 +102,9 @@ def _skip_reason(e: HypergradientError, method: Method) -> str:
     return f"{type(method).__name__} met negative curvature"
 
 
-def solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]], method: Method,
-                       policy: SolverPolicy) -> tuple[dict[str, Tensor], Info, dict[str, Any]]:
+def solve_with_retries(
+    call: Callable[[Method], tuple[dict[str, Tensor], Info]], method: Method, policy: SolverPolicy
+) -> tuple[dict[str, Tensor], Info, dict[str, Any]]:
     """``call(method)``; on a solver failure with ``policy="damp"``, retries with the method's own safer
     variant (:meth:`~hypergradients.Method.safer`: CG damped, Neumann with a smaller α), asking the
     variant again when it fails too, at most ``_MAX_RETRIES`` times.
@@ -123,10 +123,12 @@ def solve_with_retries(call: Callable[[Method], tuple[dict[str, Tensor], Info]],
     for _ in range(_MAX_RETRIES):
         retry = current.safer(err)
         if retry is None:
-            raise err   # no safer variant of this method: the caller skips the step
+            raise err  # no safer variant of this method: the caller skips the step
         changed = _changed_options(method, retry)
-        used: dict[str, Any] = {"solver_retry": "+".join(changed),
-                                **{f"solver_{k}": v for k, v in changed.items()}}
+        used: dict[str, Any] = {
+            "solver_retry": "+".join(changed),
+            **{f"solver_{k}": v for k, v in changed.items()},
+        }
         try:
             return (*call(retry), used)
         except (NeumannDivergenceError, NegativeCurvatureError) as e:
@@ -138,8 +140,11 @@ def _changed_options(method: Method, retry: Method) -> dict[str, Any]:
     """The options of ``retry`` that differ from ``method``'s (both dataclasses), by name."""
     if not (dataclasses.is_dataclass(method) and dataclasses.is_dataclass(retry)):
         return {"method": repr(retry)}
-    return {f.name: getattr(retry, f.name) for f in dataclasses.fields(retry)
-            if getattr(retry, f.name) != getattr(method, f.name, None)}
+    return {
+        f.name: getattr(retry, f.name)
+        for f in dataclasses.fields(retry)
+        if getattr(retry, f.name) != getattr(method, f.name, None)
+    }
 
 
 @dataclass
@@ -167,9 +172,12 @@ class HyperStep:
         if not self.applied or self.hypergradient is None or self.info is None:
             return {"skip_reason": self.skip_reason}
         info = self.info
-        rec: dict[str, Any] = {"hyper_val_loss": info.outer_loss,
-                               "hypergrad_norm": float(tree.norm(self.hypergradient)), "hvps": info.hvps,
-                               "residual": info.residual}
+        rec: dict[str, Any] = {
+            "hyper_val_loss": info.outer_loss,
+            "hypergrad_norm": float(tree.norm(self.hypergradient)),
+            "hvps": info.hvps,
+            "residual": info.residual,
+        }
         rec.update({f"solver_{k}": v for k, v in info.extra.items()})
         rec.update(self.retry)
         return rec
@@ -238,21 +246,39 @@ class HyperOptimizer:
     and the step counts.
     """
 
-    def __init__(self, model: nn.Module, families: Sequence[Family], *, settings: HyperSettings | None = None,
-                 method: Method | None = None,
-                 optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
-                 project: Projection | None = None, on_solver_error: SolverPolicy | None = None,
-                 warm_start: bool | None = None, residual: bool | None = None,
-                 loss_fn: BatchLoss = cross_entropy,
-                 before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
-                 after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
-                 data_parallel: bool = False, group: Any = None, hvp_mode: HvpMode | None = None,
-                 inner_optimizer: Any = None) -> None:
-        given: dict[str, Any] = {k: v for k, v in (("method", method), ("optimizer", optimizer),
-                                                   ("project", project), ("on_solver_error", on_solver_error),
-                                                   ("warm_start", warm_start), ("residual", residual),
-                                                   ("hvp_mode", hvp_mode))
-                                 if v is not None}
+    def __init__(
+        self,
+        model: nn.Module,
+        families: Sequence[Family],
+        *,
+        settings: HyperSettings | None = None,
+        method: Method | None = None,
+        optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
+        project: Projection | None = None,
+        on_solver_error: SolverPolicy | None = None,
+        warm_start: bool | None = None,
+        residual: bool | None = None,
+        loss_fn: BatchLoss = cross_entropy,
+        before_step: Sequence[Callable[[HyperOptimizer], None]] = (),
+        after_step: Sequence[Callable[[HyperOptimizer, HyperStep], None]] = (),
+        data_parallel: bool = False,
+        group: Any = None,
+        hvp_mode: HvpMode | None = None,
+        inner_optimizer: Any = None,
+    ) -> None:
+        given: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("method", method),
+                ("optimizer", optimizer),
+                ("project", project),
+                ("on_solver_error", on_solver_error),
+                ("warm_start", warm_start),
+                ("residual", residual),
+                ("hvp_mode", hvp_mode),
+            )
+            if v is not None
+        }
         if settings is not None and given:
             k = next(iter(given))
             raise ValueError(f"give {k} inside settings=hg.HyperSettings(..., {k}=...) or as {k}=, not both")
@@ -261,16 +287,20 @@ class HyperOptimizer:
         self.families = list(families)
         self.hparams = collect_hparams(self.families)
         if not self.hparams:
-            raise ValueError("HyperOptimizer needs at least one hyperparameter: pass a family such as "
-                             "hg.WeightDecay(model)")
+            raise ValueError(
+                "HyperOptimizer needs at least one hyperparameter: pass a family such as "
+                "hg.WeightDecay(model)"
+            )
         self.method: Method = self.settings.method
         self.hvp_mode: HvpMode = self.settings.hvp_mode
         optimizer = self.settings.optimizer
         if isinstance(optimizer, torch.optim.Optimizer):
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if owned != {id(t) for t in self.hparams.values()}:
-                raise ValueError("the optimizer must be built over exactly the families' tensors "
-                                 "(list(hyper.hparams.values())); pass a factory lambda ps: ... instead")
+                raise ValueError(
+                    "the optimizer must be built over exactly the families' tensors "
+                    "(list(hyper.hparams.values())); pass a factory lambda ps: ... instead"
+                )
             self.optimizer = optimizer
         else:
             self.optimizer = optimizer(list(self.hparams.values()))
@@ -285,15 +315,15 @@ class HyperOptimizer:
         self.after_step = list(after_step)
         self.on_solver_error: SolverPolicy = self.settings.on_solver_error
         self.solver_state: SolverState | None = SolverState() if self.settings.warm_start else None
-        self.steps = 0           # hyper steps attempted
-        self.skipped = 0         # ... of which skipped (solver failures)
-        self.retried = 0         # ... of which applied after a damped retry
+        self.steps = 0  # hyper steps attempted
+        self.skipped = 0  # ... of which skipped (solver failures)
+        self.retried = 0  # ... of which applied after a damped retry
         self.skip_reasons: Counter[str] = Counter()
         self.data_parallel = data_parallel
         self.group = group
         self.inner_optimizer = inner_optimizer
         if data_parallel:
-            with distributed.data_parallel(group):   # refuses without an initialised process group
+            with distributed.data_parallel(group):  # refuses without an initialised process group
                 pass
             distributed.broadcast(self.hparams, src=0, group=group)
 
@@ -301,8 +331,12 @@ class HyperOptimizer:
     def train_loss(self, batch: BatchLike) -> Tensor:
         """``L_T(w, λ)`` on ``batch`` with the model's live weights and ``λ`` fixed (detached): what the
         inner optimizer should minimise (the loss plus the families' terms)."""
-        return self.objective.train(dict(self.model.named_parameters()), tree.detach(self.hparams),
-                                    as_batch(batch), forward=self.objective.live)
+        return self.objective.train(
+            dict(self.model.named_parameters()),
+            tree.detach(self.hparams),
+            as_batch(batch),
+            forward=self.objective.live,
+        )
 
     def penalty(self) -> Tensor:
         """``Σ_families penalty(w, λ)`` at the live weights, ``λ`` fixed: for a loop that computes its own
@@ -341,9 +375,14 @@ class HyperOptimizer:
         set_natural(self.families, values, strict=strict)
 
     # ------------------------------------------------------------------ the step
-    def hypergradient(self, train_batch: BatchLike, val_batch: BatchLike, *,
-                      method: Method | None = None,
-                      noise: Noise | None = None) -> tuple[dict[str, Tensor], Info]:
+    def hypergradient(
+        self,
+        train_batch: BatchLike,
+        val_batch: BatchLike,
+        *,
+        method: Method | None = None,
+        noise: Noise | None = None,
+    ) -> tuple[dict[str, Tensor], Info]:
         """``g = dL_V/dλ`` and its Info at the current weights (no retry, nothing updated but the solver
         state). A non-finite loss raises :class:`NonFiniteError` naming ``"inner_loss"`` or ``"val_loss"``,
         a non-finite hypergradient one naming its key. ``noise`` fixes the stochastic families' random
@@ -360,7 +399,7 @@ class HyperOptimizer:
             noise = obj.draw_noise()
         w = tree.detach({k: p for k, p in self.model.named_parameters() if p.requires_grad})
         lam = tree.detach(self.hparams)
-        bad: list[str] = []   # the non-finite loss, seen from the values themselves (not the message)
+        bad: list[str] = []  # the non-finite loss, seen from the values themselves (not the message)
 
         def outer(p: dict[str, Tensor], h: dict[str, Tensor]) -> Tensor:
             out = obj.val(p, bv)
@@ -378,13 +417,22 @@ class HyperOptimizer:
         # The carried state holds the own method's quantities (another class would refuse it with a
         # StateMismatchError); a safer retry of the same class (CG's, Neumann's) continues from it.
         state = self.solver_state if type(m) is type(self.method) else None
-        fallbacks: list[list[str]] = []   # read only when the method asks for the optimizer's diagonal
+        fallbacks: list[list[str]] = []  # read only when the method asks for the optimizer's diagonal
         m = m.with_inner_optimizer(lambda: self._inner_diagonal(fallbacks))
         dp = distributed.data_parallel(self.group) if self.data_parallel else contextlib.nullcontext()
         try:
             with dp:
-                g, info = hypergradient(outer, inner, w, lam, method=m, return_info=True, state=state,
-                                        hvp_mode=self.hvp_mode, residual=self.settings.residual)
+                g, info = hypergradient(
+                    outer,
+                    inner,
+                    w,
+                    lam,
+                    method=m,
+                    return_info=True,
+                    state=state,
+                    hvp_mode=self.hvp_mode,
+                    residual=self.settings.residual,
+                )
         except (NeumannDivergenceError, NegativeCurvatureError):
             raise
         except HypergradientError as e:
@@ -394,12 +442,17 @@ class HyperOptimizer:
                 what, name = "the hypergradient of", e.key
             else:
                 raise
-            raise NonFiniteError(f"hyper step {self.steps + 1}: {what} {name!r} is not finite (NaN or inf): "
-                                 "check the data, the weights and the method's settings",
-                                 round=self.steps + 1, name=name, checkpoint=None, what=what) from e
+            raise NonFiniteError(
+                f"hyper step {self.steps + 1}: {what} {name!r} is not finite (NaN or inf): "
+                "check the data, the weights and the method's settings",
+                round=self.steps + 1,
+                name=name,
+                checkpoint=None,
+                what=what,
+            ) from e
         if state is not None:
-            self.solver_state = info.state   # states are values: the next step continues from this one
-        if fallbacks:   # weights the optimizer had no state for yet (p = lr·v there)
+            self.solver_state = info.state  # states are values: the next step continues from this one
+        if fallbacks:  # weights the optimizer had no state for yet (p = lr·v there)
             info.extra["precondition_fallbacks"] = float(len(fallbacks[0]))
         return g, info
 
@@ -407,12 +460,14 @@ class HyperOptimizer:
         """The inner optimizer's diagonal now, keyed like the weights (``fallbacks``: appends the weights
         without state)."""
         if self.inner_optimizer is None:
-            raise ValueError("the method preconditions with the model's optimizer (hg.Identity(precondition="
-                             "'inner_optimizer')), but this HyperOptimizer has none: pass "
-                             "HyperOptimizer(..., inner_optimizer=opt) with the torch.optim.Adam/AdamW that "
-                             "trains the model (fit passes its own, but with path_hparams the model is "
-                             "trained by hg.optim, which has no such state: use hg.Identity(scale=...) "
-                             "there)")
+            raise ValueError(
+                "the method preconditions with the model's optimizer (hg.Identity(precondition="
+                "'inner_optimizer')), but this HyperOptimizer has none: pass "
+                "HyperOptimizer(..., inner_optimizer=opt) with the torch.optim.Adam/AdamW that "
+                "trains the model (fit passes its own, but with path_hparams the model is "
+                "trained by hg.optim, which has no such state: use hg.Identity(scale=...) "
+                "there)"
+            )
         diagonal, missing = optimizer_diagonal(self.inner_optimizer, self.model)
         fallbacks.append(missing)
         return diagonal
@@ -428,11 +483,13 @@ class HyperOptimizer:
         """
         for hook in self.before_step:
             hook(self)
-        noise = self.objective.draw_noise()   # one noise sample for this step, retries included
+        noise = self.objective.draw_noise()  # one noise sample for this step, retries included
         try:
             g, info, used = solve_with_retries(
-                lambda m: self.hypergradient(train_batch, val_batch, method=m, noise=noise), self.method,
-                self.on_solver_error)
+                lambda m: self.hypergradient(train_batch, val_batch, method=m, noise=noise),
+                self.method,
+                self.on_solver_error,
+            )
         except (NeumannDivergenceError, NegativeCurvatureError) as e:
             if self.on_solver_error == "raise":
                 self.steps += 1
@@ -450,21 +507,30 @@ class HyperOptimizer:
                 with torch.no_grad():
                     new = self.project(dict(self.hparams))
                     if new is not None and not isinstance(new, Mapping):
-                        raise TypeError("project must return None (after changing the tensors in place) or a "
-                                        f"dict of new values by key, got {type(new).__name__}")
+                        raise TypeError(
+                            "project must return None (after changing the tensors in place) or a "
+                            f"dict of new values by key, got {type(new).__name__}"
+                        )
                     if new is not None:
                         for k, v in new.items():
                             if k not in self.hparams:
-                                raise KeyError(f"project returned the key {k!r}, which is no hyperparameter; "
-                                               f"the keys are {sorted(self.hparams)}")
+                                raise KeyError(
+                                    f"project returned the key {k!r}, which is no hyperparameter; "
+                                    f"the keys are {sorted(self.hparams)}"
+                                )
                             self.hparams[k].copy_(v)
             bad = tree.first_nonfinite(tree.detach(self.hparams))
             if bad is not None:
                 self.steps += 1
                 what = "the hyperparameter"
-                raise NonFiniteError(f"hyper step {self.steps}: {what} {bad!r} is not finite (NaN or inf): "
-                                     "lower the hyper learning rate", round=self.steps, name=bad,
-                                     checkpoint=None, what=what)
+                raise NonFiniteError(
+                    f"hyper step {self.steps}: {what} {bad!r} is not finite (NaN or inf): "
+                    "lower the hyper learning rate",
+                    round=self.steps,
+                    name=bad,
+                    checkpoint=None,
+                    what=what,
+                )
             if used:
                 self.retried += 1
             result = HyperStep(applied=True, hypergradient=g, info=info, retry=used)
@@ -477,13 +543,17 @@ class HyperOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, optimizer state, solver state, noise generator state and counts, as tensors
         and plain values (``"noise"``: ``None`` without a stochastic family)."""
-        return {"version": STATE_VERSION,
-                "hparams": {k: t.detach().clone() for k, t in self.hparams.items()},
-                "optimizer": self.optimizer.state_dict(),
-                "solver": self.solver_state.state_dict() if self.solver_state is not None else None,
-                "noise": self.noise_generator.get_state() if self.noise_generator is not None else None,
-                "steps": self.steps, "skipped": self.skipped, "retried": self.retried,
-                "skip_reasons": dict(self.skip_reasons)}
+        return {
+            "version": STATE_VERSION,
+            "hparams": {k: t.detach().clone() for k, t in self.hparams.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "solver": self.solver_state.state_dict() if self.solver_state is not None else None,
+            "noise": self.noise_generator.get_state() if self.noise_generator is not None else None,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "retried": self.retried,
+            "skip_reasons": dict(self.skip_reasons),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (the hyperparameters are copied into the families' tensors).
@@ -497,26 +567,36 @@ class HyperOptimizer:
         fix = "pass the dict that HyperOptimizer.state_dict() returned"
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"not a HyperOptimizer state (version {found!r}, expected {STATE_VERSION}): "
-                             f"{fix}")
-        lacks = [k for k in ("hparams", "optimizer", "steps", "skipped", "retried", "skip_reasons")
-                 if k not in state]
+            raise ValueError(
+                f"not a HyperOptimizer state (version {found!r}, expected {STATE_VERSION}): {fix}"
+            )
+        lacks = [
+            k
+            for k in ("hparams", "optimizer", "steps", "skipped", "retried", "skip_reasons")
+            if k not in state
+        ]
         if lacks:
             raise ValueError(f"the HyperOptimizer state lacks {lacks}: {fix}")
         saved = state["hparams"]
         if not isinstance(saved, Mapping):
-            raise ValueError(f"the HyperOptimizer state's 'hparams' is a {type(saved).__name__}, not a "
-                             f"dict of tensors: {fix}")
+            raise ValueError(
+                f"the HyperOptimizer state's 'hparams' is a {type(saved).__name__}, not a "
+                f"dict of tensors: {fix}"
+            )
         missing = sorted(set(self.hparams) - set(saved))
         if missing:
-            raise KeyError(f"the saved state has no hyperparameter {missing[0]!r} (it has {sorted(saved)}): "
-                           "it was written for other families")
+            raise KeyError(
+                f"the saved state has no hyperparameter {missing[0]!r} (it has {sorted(saved)}): "
+                "it was written for other families"
+            )
         for k, t in self.hparams.items():
             v = saved[k]
             if not isinstance(v, Tensor) or v.shape != t.shape:
                 got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
-                raise ValueError(f"hyperparameter {k!r}: saved {got}, this one {tuple(t.shape)}: it was "
-                                 "written for another model")
+                raise ValueError(
+                    f"hyperparameter {k!r}: saved {got}, this one {tuple(t.shape)}: it was "
+                    "written for another model"
+                )
         solver = None
         if self.solver_state is not None and state.get("solver") is not None:
             solver = SolverState.from_state_dict(state["solver"])
@@ -524,10 +604,15 @@ class HyperOptimizer:
         if noise is not None and self.noise_generator is not None:
             own = self.noise_generator.get_state()
             if not isinstance(noise, Tensor) or noise.dtype != own.dtype or noise.shape != own.shape:
-                got = (f"{noise.dtype} of shape {tuple(noise.shape)}" if isinstance(noise, Tensor)
-                       else type(noise).__name__)
-                raise ValueError(f"the saved noise generator state is {got}, not a CPU generator's "
-                                 f"({own.dtype} of shape {tuple(own.shape)}): {fix}")
+                got = (
+                    f"{noise.dtype} of shape {tuple(noise.shape)}"
+                    if isinstance(noise, Tensor)
+                    else type(noise).__name__
+                )
+                raise ValueError(
+                    f"the saved noise generator state is {got}, not a CPU generator's "
+                    f"({own.dtype} of shape {tuple(own.shape)}): {fix}"
+                )
         try:
             counts = [int(state[k]) for k in ("steps", "skipped", "retried")]
             reasons = Counter({str(k): int(v) for k, v in state["skip_reasons"].items()})
@@ -553,8 +638,16 @@ class HyperOptimizer:
         self.skip_reasons = reasons
 
 
-__all__ = ["HyperOptimizer", "HyperStep", "NonFiniteError", "Objective", "as_batch", "classification_loss",
-           "collect_hparams", "solve_with_retries"]
+__all__ = [
+    "HyperOptimizer",
+    "HyperStep",
+    "NonFiniteError",
+    "Objective",
+    "as_batch",
+    "classification_loss",
+    "collect_hparams",
+    "solve_with_retries",
+]
 
 # Kept importable from here: the application's experiments import these names from this module.
 classification_loss = cross_entropy

@@ -35,8 +35,9 @@ try:
     import lightning.pytorch as pl
     from lightning.fabric.utilities.apply_func import move_data_to_device
 except ImportError as e:  # an optional extra
-    raise ImportError("hypergradients.lightning needs PyTorch Lightning: "
-                      "pip install 'hypergradients[lightning]'") from e
+    raise ImportError(
+        "hypergradients.lightning needs PyTorch Lightning: pip install 'hypergradients[lightning]'"
+    ) from e
 
 from .hyper import HyperOptimizer, HyperStep
 
@@ -69,8 +70,15 @@ class HyperCallback(pl.Callback):
     ``last`` is the last :class:`~hypergradients.HyperStep`.
     """
 
-    def __init__(self, hyper: HyperOptimizer, val_batches: Iterable[Any], *, every_n_steps: int = 10,
-                 train_batches: Iterable[Any] | None = None, log: bool = True) -> None:
+    def __init__(
+        self,
+        hyper: HyperOptimizer,
+        val_batches: Iterable[Any],
+        *,
+        every_n_steps: int = 10,
+        train_batches: Iterable[Any] | None = None,
+        log: bool = True,
+    ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.hyper = hyper
@@ -87,12 +95,15 @@ class HyperCallback(pl.Callback):
             wrong = [k for k, t in self.hyper.hparams.items() if t.device != device]
             if wrong:
                 where = self.hyper.hparams[wrong[0]].device
-                raise ValueError(f"the hyperparameters {wrong} are on {where} but the model trains on "
-                                 f"{device}: build the model on that device before the families "
-                                 "(hg.WeightDecay(model) creates its tensors beside the weights)")
+                raise ValueError(
+                    f"the hyperparameters {wrong} are on {where} but the model trains on "
+                    f"{device}: build the model on that device before the families "
+                    "(hg.WeightDecay(model) creates its tensors beside the weights)"
+                )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps != 0:
             return
@@ -104,8 +115,11 @@ class HyperCallback(pl.Callback):
         device = pl_module.device
         self.last = self.hyper.step(move_data_to_device(bt, device), move_data_to_device(bv, device))
         if self.log:
-            numbers = {f"hyper/{k}": float(v) for k, v in self.last.metrics().items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numbers = {
+                f"hyper/{k}": float(v)
+                for k, v in self.last.metrics().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             for name, value in self.hyper.natural().items():
                 if value.numel() == 1:
                     numbers[f"hyper/{name}"] = float(value)

@@ -39,17 +39,22 @@ def _number(x: object) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
 
 
-def optimizer_diagonal(optimizer: object, params: nn.Module | Mapping[str, Tensor]
-                       ) -> tuple[dict[str, Tensor], list[str]]:
+def optimizer_diagonal(
+    optimizer: object, params: nn.Module | Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str]]:
     """:func:`adam_diagonal`, and the names of the weights that had no state yet (``D = 1/lr``)."""
     opt = _unwrap(optimizer)
     if not isinstance(opt, _ADAMS):
         raise TypeError(
             f"the inner optimizer is a {type(optimizer).__name__}; the preconditioner is read from "
             "torch.optim.Adam or AdamW (their exp_avg_sq): train with one of them, or pass "
-            "hg.Identity(precondition=<your diagonal>) or hg.Identity(scale=...)")
-    named = ({k: p for k, p in params.named_parameters() if p.requires_grad} if isinstance(params, nn.Module)
-             else dict(params))
+            "hg.Identity(precondition=<your diagonal>) or hg.Identity(scale=...)"
+        )
+    named = (
+        {k: p for k, p in params.named_parameters() if p.requires_grad}
+        if isinstance(params, nn.Module)
+        else dict(params)
+    )
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     out: dict[str, Tensor] = {}
     fallback: list[str] = []
@@ -57,20 +62,22 @@ def optimizer_diagonal(optimizer: object, params: nn.Module | Mapping[str, Tenso
         for k, p in named.items():
             group = group_of.get(id(p))
             if group is None:
-                raise ValueError(f"the weight {k!r} is not trained by the inner optimizer (it is in none of "
-                                 "its param_groups): build the optimizer over the weights being "
-                                 "differentiated (those that require grad)")
+                raise ValueError(
+                    f"the weight {k!r} is not trained by the inner optimizer (it is in none of "
+                    "its param_groups): build the optimizer over the weights being "
+                    "differentiated (those that require grad)"
+                )
             lr, eps = _number(group["lr"]), _number(group["eps"])
             beta2 = _number(group["betas"][1])
             st = opt.state.get(p, {})
             sq = st.get("max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq")
             step = _number(st["step"]) if "step" in st else 0.0
-            if sq is None or step <= 0:   # before the optimizer's first step: the plain identity times lr
+            if sq is None or step <= 0:  # before the optimizer's first step: the plain identity times lr
                 out[k] = torch.full_like(p, 1.0 / lr if lr > 0 else math.inf)
                 fallback.append(k)
                 continue
             # torch's own denominator, in its order of operations (single-tensor Adam)
-            denom = sq.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
+            denom = sq.sqrt() / (1 - beta2**step) ** 0.5 + eps
             out[k] = denom / lr if lr > 0 else torch.full_like(denom, math.inf)
     return out, fallback
 

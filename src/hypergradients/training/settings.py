@@ -54,8 +54,17 @@ Projection = Callable[[dict[str, Tensor]], Mapping[str, Tensor] | None]
 """``project(hparams)`` after every applied hyper step: change the tensors in place and return ``None``,
 or return a dict of new values by key."""
 
-__all__ = ["AdamFactory", "Batches", "Checkpoints", "Evaluation", "HyperSettings", "OptimizerFactory",
-           "Projection", "SolverPolicy", "default_method"]
+__all__ = [
+    "AdamFactory",
+    "Batches",
+    "Checkpoints",
+    "Evaluation",
+    "HyperSettings",
+    "OptimizerFactory",
+    "Projection",
+    "SolverPolicy",
+    "default_method",
+]
 
 
 @dataclass(frozen=True)
@@ -118,13 +127,15 @@ class HyperSettings:
 
     def __post_init__(self) -> None:
         if self.on_solver_error not in ("damp", "skip", "raise"):
-            raise ValueError("on_solver_error must be 'damp', 'skip' or 'raise', got "
-                             f"{self.on_solver_error!r}")
+            raise ValueError(
+                f"on_solver_error must be 'damp', 'skip' or 'raise', got {self.on_solver_error!r}"
+            )
         if not isinstance(self.residual, bool):
             raise ValueError(f"residual must be True or False, got {self.residual!r}")
         if self.hvp_mode not in HVP_MODES:
-            raise ValueError(f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got "
-                             f"{self.hvp_mode!r}")
+            raise ValueError(
+                f"hvp_mode must be one of {', '.join(map(repr, HVP_MODES))}, got {self.hvp_mode!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ def int_list(text: str) -> tuple[int, ...]:
         values = tuple(int(t) for t in items)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers (e.g. 1,10,100)") from None
+            f"{text!r} is not a comma-separated list of integers (e.g. 1,10,100)"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("the list is empty; give comma-separated integers, e.g. 1,10,100")
     return values
@@ -41,6 +42,7 @@ def str_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         if bad or not items:
             raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
         return items
+
     return parse
 
 
@@ -70,9 +72,14 @@ def add_settings(parser: argparse.ArgumentParser, experiment: str, flags: Flags)
         if opt.kind is bool:
             if opt.default is not True:
                 raise ValueError(f"{flag}: only a setting that is true by default becomes a --no- flag")
-            parser.add_argument(f"--no-{flag.removeprefix('--')}", action="store_const", const=False,
-                                help=f"sets {key} to false ({key}: {opt.help}; default true)", dest=key,
-                                default=None)
+            parser.add_argument(
+                f"--no-{flag.removeprefix('--')}",
+                action="store_const",
+                const=False,
+                help=f"sets {key} to false ({key}: {opt.help}; default true)",
+                dest=key,
+                default=None,
+            )
             continue
         if opt.kind is list:
             kw["type"] = int_list if opt.item is int else str_list(tuple(opt.choices or ()))
@@ -100,26 +107,38 @@ class _DeprecatedSmoke(argparse.Action):
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=False, help=argparse.SUPPRESS, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"{parser.prog}: {option_string} is deprecated; use --smoke (the same settings)",
-              file=sys.stderr)
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: {option_string} is deprecated; use --smoke (the same settings)", file=sys.stderr
+        )
         setattr(namespace, self.dest, True)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, *, name: str, result: str, smoke: str) -> None:
     """The flags every alias has: ``--out`` (``runs/<name>-<UTC timestamp>`` by default), ``--smoke``
     (help ``smoke``; ``--quick`` its hidden old name), ``--json`` and ``--quiet``."""
-    parser.add_argument("--out", metavar="DIR",
-                        help=f"run folder for config.toml, {result} and report.md (default: runs/{name}-<UTC "
-                             "timestamp>; written again if it holds an earlier run of it, refused if it "
-                             "holds another run or a report.md/metrics.jsonl of your own); checked before "
-                             "any work")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"run folder for config.toml, {result} and report.md (default: runs/{name}-<UTC "
+        "timestamp>; written again if it holds an earlier run of it, refused if it "
+        "holds another run or a report.md/metrics.jsonl of your own); checked before "
+        "any work",
+    )
     parser.add_argument("--smoke", action="store_true", help=smoke)
     parser.add_argument("--quick", dest="smoke", action=_DeprecatedSmoke)
     parser.add_argument("--json", action="store_true", help=f"print {result}'s content on stdout")
-    parser.add_argument("--quiet", action="store_true",
-                        help=f"no progress display and no account: stdout gets only the path of {result}")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help=f"no progress display and no account: stdout gets only the path of {result}",
+    )
 
 
 def check_out(command: str, out: str) -> Path | None:

@@ -27,15 +27,24 @@ examples:
   hypergradients bench --device cuda --json > bench.json
 """
 
-FLAGS = {"--device": ("device", "DEVICE"), "--threads": ("threads", "N"), "--repeats": ("repeats", "N"),
-         "--iters": ("iters", "K"), "--steps": ("unrolled.steps", "K")}
+FLAGS = {
+    "--device": ("device", "DEVICE"),
+    "--threads": ("threads", "N"),
+    "--repeats": ("repeats", "N"),
+    "--iters": ("iters", "K"),
+    "--steps": ("unrolled.steps", "K"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ._flags import add_run_flags, add_settings
 
-    add_run_flags(parser, name="bench", result="bench.json",
-                  smoke="tiny problems: a test of the set-up (mostly interpreter start-up)")
+    add_run_flags(
+        parser,
+        name="bench",
+        result="bench.json",
+        smoke="tiny problems: a test of the set-up (mostly interpreter start-up)",
+    )
     add_settings(parser, "bench", FLAGS)
 
 

@@ -21,15 +21,22 @@ into --out. The same as `hypergradients run compare` (settings: `hypergradients 
 --budgets 0,1,2 is --set budgets=[0,1,2].
 """
 
-FLAGS = {"--problems": ("problems", "P"), "--budgets": ("budgets", "H"), "--methods": ("methods", "M"),
-         "--figures": ("figures", ""), "--seed": ("seed", "S"), "--threads": ("threads", "N")}
+FLAGS = {
+    "--problems": ("problems", "P"),
+    "--budgets": ("budgets", "H"),
+    "--methods": ("methods", "M"),
+    "--figures": ("figures", ""),
+    "--seed": ("seed", "S"),
+    "--threads": ("threads", "N"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ._flags import add_run_flags, add_settings
 
-    add_run_flags(parser, name="compare", result="compare.json",
-                  smoke="small settings (seconds; what the tests run)")
+    add_run_flags(
+        parser, name="compare", result="compare.json", smoke="small settings (seconds; what the tests run)"
+    )
     add_settings(parser, "compare", FLAGS)
 
 

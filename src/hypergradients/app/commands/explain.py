@@ -32,21 +32,32 @@ flag below sets one setting, e.g. --steps 1,10,100 is --set theorem.steps=[1,10,
 The derivation, step by step: docs/optimization-path.md.
 """
 
-FLAGS = {"--problem": ("problem", "NAME"), "--steps": ("theorem.steps", "K"),
-         "--cold-steps": ("cold.steps", "K"), "--truncate": ("cold.truncate", "T"),
-         "--lr-steps": ("lr.steps", "K"),
-         "--alpha-scale": ("alpha_scale", "S"), "--momentum-beta": ("momentum.beta", "B"),
-         "--momentum-steps": ("momentum.steps", "K"), "--adam-lr": ("adam.lr", "LR"),
-         "--adam-steps": ("adam.steps", "K"), "--noise-orders": ("noise.orders", "N"),
-         "--noise-batch-sizes": ("noise.batch_sizes", "B"), "--noise-steps": ("noise.steps", "K"),
-         "--figures": ("figures", ""), "--seed": ("seed", "S"), "--threads": ("threads", "N")}
+FLAGS = {
+    "--problem": ("problem", "NAME"),
+    "--steps": ("theorem.steps", "K"),
+    "--cold-steps": ("cold.steps", "K"),
+    "--truncate": ("cold.truncate", "T"),
+    "--lr-steps": ("lr.steps", "K"),
+    "--alpha-scale": ("alpha_scale", "S"),
+    "--momentum-beta": ("momentum.beta", "B"),
+    "--momentum-steps": ("momentum.steps", "K"),
+    "--adam-lr": ("adam.lr", "LR"),
+    "--adam-steps": ("adam.steps", "K"),
+    "--noise-orders": ("noise.orders", "N"),
+    "--noise-batch-sizes": ("noise.batch_sizes", "B"),
+    "--noise-steps": ("noise.steps", "K"),
+    "--figures": ("figures", ""),
+    "--seed": ("seed", "S"),
+    "--threads": ("threads", "N"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ._flags import add_run_flags, add_settings
 
-    add_run_flags(parser, name="explain", result="explain.json",
-                  smoke="small settings (seconds; what the tests run)")
+    add_run_flags(
+        parser, name="explain", result="explain.json", smoke="small settings (seconds; what the tests run)"
+    )
     add_settings(parser, "explain", FLAGS)
 
 

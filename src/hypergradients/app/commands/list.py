@@ -25,9 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _item(exp: Any) -> dict[str, Any]:
-    item = {"name": exp.name, "kind": "experiment", "summary": exp.summary,
-            "run": f"hypergradients run {exp.name}", "smoke": f"hypergradients run {exp.name} --smoke",
-            "resumable": exp.resumable}
+    item = {
+        "name": exp.name,
+        "kind": "experiment",
+        "summary": exp.summary,
+        "run": f"hypergradients run {exp.name}",
+        "smoke": f"hypergradients run {exp.name} --smoke",
+        "resumable": exp.resumable,
+    }
     if exp.name in ALIASES:
         item["command"] = f"hypergradients {exp.name}"
     return item
@@ -44,19 +49,37 @@ def main(args: argparse.Namespace) -> int:
         width = max(len(i["name"]) for i in items)
         for i in items:
             also = f"; also {i['command']} [flags]" if "command" in i else ""
-            print(f"{i['name'].ljust(width)}  {i['summary']}\n{' ' * width}  {i['smoke']}   "
-                  f"(tiny; settings: hypergradients list {i['name']}{also})")
+            print(
+                f"{i['name'].ljust(width)}  {i['summary']}\n{' ' * width}  {i['smoke']}   "
+                f"(tiny; settings: hypergradients list {i['name']}{also})"
+            )
         return 0
     exp = REGISTRY.get(args.name)
     if exp is None:
-        print(f"hypergradients list: error: unknown experiment {args.name!r}; registered: "
-              f"{', '.join(REGISTRY)}", file=sys.stderr)
+        print(
+            f"hypergradients list: error: unknown experiment {args.name!r}; registered: "
+            f"{', '.join(REGISTRY)}",
+            file=sys.stderr,
+        )
         return 2
     if args.json:
-        print(json.dumps({**_item(exp), "settings": [
-            {"key": k, "default": o.default, "accepts": o.describe(), "help": o.help,
-             "smoke": exp.smoke.get(k)}
-            for k, o in exp.schema.items()]}))
+        print(
+            json.dumps(
+                {
+                    **_item(exp),
+                    "settings": [
+                        {
+                            "key": k,
+                            "default": o.default,
+                            "accepts": o.describe(),
+                            "help": o.help,
+                            "smoke": exp.smoke.get(k),
+                        }
+                        for k, o in exp.schema.items()
+                    ],
+                }
+            )
+        )
         return 0
     print(f"{exp.name}: {exp.summary}\n")
     width = max(len(k) for k in exp.schema)
@@ -67,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
     if exp.name in ALIASES:
         print(f"  or:   hypergradients {exp.name} [flags]   (flags: hypergradients {exp.name} --help)")
     if not exp.resumable:
-        print("  keeps no checkpoints: --resume is refused; running again into the same --out replaces "
-              "its files")
+        print(
+            "  keeps no checkpoints: --resume is refused; running again into the same --out replaces "
+            "its files"
+        )
     return 0

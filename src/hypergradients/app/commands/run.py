@@ -41,28 +41,52 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="registered experiment name (see `hypergradients list`)")
-    parser.add_argument("--config", metavar="FILE.toml",
-                        help="TOML file of settings (nested tables or dotted keys)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting (repeatable)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="run folder (default: runs/<experiment>-<UTC timestamp>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoints, bit-for-bit")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        help="where to compute (default cpu; bench: overrides its `device` setting)")
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="TOML file of settings (nested tables or dotted keys)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder (default: runs/<experiment>-<UTC timestamp>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoints, bit-for-bit",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where to compute (default cpu; bench: overrides its `device` setting)",
+    )
     parser.add_argument("--seed", type=int, help="overrides the `seed` setting")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="overrides the `threads` setting (torch's CPU threads)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="overrides the `threads` setting (torch's CPU threads)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration that finishes in seconds")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="build the model and the hyperparameter families of each arm, print each "
-                             "family's count and parametrisation, and stop: nothing is trained or written")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress display and no account: print only the report path (or --json)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model and the hyperparameter families of each arm, print each "
+        "family's count and parametrisation, and stop: nothing is trained or written",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress display and no account: print only the report path (or --json)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also log metrics to <out>/tensorboard (needs hypergradients[tensorboard])")
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log metrics to <out>/tensorboard (needs hypergradients[tensorboard])",
+    )
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -84,40 +108,53 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
         if k not in exp.schema:
             raise ConfigError(f"experiment {exp.name!r} has no {k} setting; drop --{k}")
     user_file = read_toml(check_input_file(args.config, option="--config")) if args.config else {}
-    requested = resolve(exp.schema, smoke=exp.smoke if args.smoke else None, file=user_file, sets=args.sets,
-                        extra=extra)
+    requested = resolve(
+        exp.schema, smoke=exp.smoke if args.smoke else None, file=user_file, sets=args.sets, extra=extra
+    )
     if args.tensorboard and not exp.tensorboard:
-        raise ConfigError(f"experiment {exp.name!r} logs no per-round metrics for TensorBoard; "
-                          "drop --tensorboard")
+        raise ConfigError(
+            f"experiment {exp.name!r} logs no per-round metrics for TensorBoard; drop --tensorboard"
+        )
     if args.resume and not exp.resumable:
-        raise ConfigError(f"experiment {exp.name!r} keeps no checkpoints to resume (it recomputes everything "
-                          "in one go); drop --resume and run it again")
+        raise ConfigError(
+            f"experiment {exp.name!r} keeps no checkpoints to resume (it recomputes everything "
+            "in one go); drop --resume and run it again"
+        )
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
         out = Path(args.out)
         saved_path = out / "config.toml"
         if not saved_path.is_file():
-            raise ConfigError(f"--resume: {str(saved_path)!r} does not exist, so {str(out)!r} holds no run "
-                              "to continue; drop --resume to start one there")
+            raise ConfigError(
+                f"--resume: {str(saved_path)!r} does not exist, so {str(out)!r} holds no run "
+                "to continue; drop --resume to start one there"
+            )
         saved = resolve(exp.schema, file=read_toml(saved_path))
         changed = bool(args.smoke or user_file or args.sets or extra)
         if changed:
             # Only what was given explicitly must agree with the saved run.
-            again = resolve(exp.schema, file={**saved, **(exp.smoke if args.smoke else {}), **user_file},
-                            sets=args.sets, extra=extra)
+            again = resolve(
+                exp.schema,
+                file={**saved, **(exp.smoke if args.smoke else {}), **user_file},
+                sets=args.sets,
+                extra=extra,
+            )
             diff = sorted(k for k in saved if again[k] != saved[k])
             if diff:
-                raise ConfigError("a resumed run keeps its configuration, but these settings differ from "
-                                  f"{str(saved_path)!r}: " + ", ".join(f"{k} ({saved[k]!r} -> {again[k]!r})"
-                                                                       for k in diff)
-                                  + "; drop them, or start a new run with another --out")
+                raise ConfigError(
+                    "a resumed run keeps its configuration, but these settings differ from "
+                    f"{str(saved_path)!r}: "
+                    + ", ".join(f"{k} ({saved[k]!r} -> {again[k]!r})" for k in diff)
+                    + "; drop them, or start a new run with another --out"
+                )
         return exp, saved, out
     out = Path(args.out) if args.out else default_out(exp.name, smoke=args.smoke)
     # A run that keeps no checkpoints is recomputed in full, so running it again replaces its files.
     if exp.resumable and out.exists() and (out / "config.toml").exists():
-        raise ConfigError(f"{str(out)!r} already holds a run; continue it with --resume or choose "
-                          "another --out")
+        raise ConfigError(
+            f"{str(out)!r} already holds a run; continue it with --resume or choose another --out"
+        )
     return exp, requested, out
 
 
@@ -140,16 +177,20 @@ def check_out_folder(exp: Any, out: Path) -> None:
     if not saved.exists():
         theirs = [out / n for n in RUN_FILES if (out / n).exists()]
         if theirs:
-            raise ConfigError(f"--out {str(out)!r} holds {str(theirs[0])!r} but no config.toml, so it is not "
-                              f"the folder of a run, and this run would overwrite that file: move the file "
-                              "away, or give another --out (a new folder)")
+            raise ConfigError(
+                f"--out {str(out)!r} holds {str(theirs[0])!r} but no config.toml, so it is not "
+                f"the folder of a run, and this run would overwrite that file: move the file "
+                "away, or give another --out (a new folder)"
+            )
         return
     try:
         resolve(exp.schema, file=read_toml(saved))
     except ConfigError as e:
-        raise ConfigError(f"--out {str(out)!r} holds a config.toml that is not a configuration of "
-                          f"{exp.name!r} ({e}), so this run would overwrite another run's or your own files "
-                          "there: give another --out") from None
+        raise ConfigError(
+            f"--out {str(out)!r} holds a config.toml that is not a configuration of "
+            f"{exp.name!r} ({e}), so this run would overwrite another run's or your own files "
+            "there: give another --out"
+        ) from None
 
 
 def default_out(name: str, *, smoke: bool = False) -> Path:
@@ -166,9 +207,18 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
     return shlex.join(cmd)
 
 
-def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool = False,
-            progress: bool = True, device: str | None = None, tensorboard: bool = False,
-            resume_hint: str | None = None) -> Any:
+def execute(
+    exp: Any,
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    prog: str,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    tensorboard: bool = False,
+    resume_hint: str | None = None,
+) -> Any:
     """Run ``exp`` with the resolved ``cfg`` into ``out``: the shared path of ``run`` and its aliases.
 
     Checks ``out`` (:func:`check_out_folder`, for a new run) and the world (``exp.check``: data,
@@ -191,8 +241,9 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
         try:
             import torch.utils.tensorboard
         except ImportError:
-            return fail("--tensorboard needs the tensorboard package: "
-                        "pip install 'hypergradients[tensorboard]'")
+            return fail(
+                "--tensorboard needs the tensorboard package: pip install 'hypergradients[tensorboard]'"
+            )
     from ...core.errors import HypergradientError
     from ...training.files import UnreadableFileError
     from ...training.fit import NonFiniteError
@@ -200,28 +251,36 @@ def execute(exp: Any, cfg: dict[str, Any], out: Path, *, prog: str, resume: bool
     from ..experiments import RunContext
 
     try:
-        if not resume:   # a resume continues the run in out, checked by the caller
+        if not resume:  # a resume continues the run in out, checked by the caller
             check_out_folder(exp, out)
         # What the configuration asks of the world (the data and its sizes), still before any file.
         data = exp.check(cfg) if exp.check is not None else None
     except ConfigError as e:
         return fail(str(e))
-    ctx = RunContext(config=cfg, out=out, device=torch.device(device or "cpu"), resume=resume,
-                     progress=progress, tensorboard=tensorboard, data=data)
+    ctx = RunContext(
+        config=cfg,
+        out=out,
+        device=torch.device(device or "cpu"),
+        resume=resume,
+        progress=progress,
+        tensorboard=tensorboard,
+        data=data,
+    )
     try:
         out.mkdir(parents=True, exist_ok=True)
         return exp.run(ctx)
     except KeyboardInterrupt:
-        print("interrupted" + (f"; to continue this run: {resume_hint}" if resume_hint else ""),
-              file=sys.stderr)
+        print(
+            "interrupted" + (f"; to continue this run: {resume_hint}" if resume_hint else ""), file=sys.stderr
+        )
         return 130
-    except UnreadableFileError as e:   # nothing is deleted: the message gives the choices
+    except UnreadableFileError as e:  # nothing is deleted: the message gives the choices
         return fail(str(e), 2)
     except (NonFiniteError, HypergradientError) as e:
         return fail(str(e), 1)
     except (DataUnavailableError, DataFormatError) as e:
         return fail(str(e), 1)
-    except OSError as e:   # --out was checked before the work, but a disk can fill up or a folder vanish
+    except OSError as e:  # --out was checked before the work, but a disk can fill up or a folder vanish
         return fail(f"cannot write into --out {str(out)!r}: {e}", 1)
 
 
@@ -235,8 +294,10 @@ def dry_run(args: argparse.Namespace) -> int:
             raise ConfigError("--dry-run builds a new configuration; drop --resume")
         exp, cfg, _ = _prepare(argparse.Namespace(**{**vars(args), "out": None}))
         if exp.dry_run is None:
-            raise ConfigError(f"experiment {exp.name!r} has no dry run (it describes no hyperparameter "
-                              "families before training); drop --dry-run")
+            raise ConfigError(
+                f"experiment {exp.name!r} has no dry run (it describes no hyperparameter "
+                "families before training); drop --dry-run"
+            )
         data = exp.check(cfg) if exp.check is not None else None
         print(exp.dry_run(cfg, data))
     except (ConfigError, KeyError) as e:
@@ -255,18 +316,34 @@ def main(args: argparse.Namespace) -> int:
         check_output_dir(out)
     except (ConfigError, KeyError, OutputPathError) as e:
         return _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
-    res = execute(exp, cfg, out, prog="hypergradients run", resume=args.resume, progress=not args.quiet,
-                  device=args.device, tensorboard=args.tensorboard,
-                  resume_hint=resume_command(args, out) if exp.resumable else None)
+    res = execute(
+        exp,
+        cfg,
+        out,
+        prog="hypergradients run",
+        resume=args.resume,
+        progress=not args.quiet,
+        device=args.device,
+        tensorboard=args.tensorboard,
+        resume_hint=resume_command(args, out) if exp.resumable else None,
+    )
     if isinstance(res, int):
         return res
     from ...training.files import json_dumps
     from ..report import text_table
 
     if args.json:
-        doc = {"experiment": exp.name, "title": res.title, "out": str(res.out), "report": str(res.report),
-               "columns": res.columns, "rows": res.rows, "notes": res.notes, "wall_s": res.wall_s}
-        if res.result is not None:   # explain, compare, bench: the result file's content too
+        doc = {
+            "experiment": exp.name,
+            "title": res.title,
+            "out": str(res.out),
+            "report": str(res.report),
+            "columns": res.columns,
+            "rows": res.rows,
+            "notes": res.notes,
+            "wall_s": res.wall_s,
+        }
+        if res.result is not None:  # explain, compare, bench: the result file's content too
             doc.update(result_file=str(res.result_file), result=res.result)
         print(json_dumps(doc))
     elif args.quiet:

@@ -38,11 +38,19 @@ from typing import Any
 from .base import Experiment, ExperimentResult, RunContext
 
 # name -> module defining EXPERIMENT, in the order `hypergradients list` shows them
-MODULES: dict[str, str] = {"weight-decay": "weight_decay", "explain": "explain", "compare": "compare",
-                           "bench": "bench", "families": "families",
-                           "overfit-validation": "overfit_validation", "distill": "distill_mnist",
-                           "data-cleaning": "data_cleaning", "lstm-dropout": "lstm_dropout",
-                           "augment": "augment_mnist", "lm-reweight": "lm_reweight"}
+MODULES: dict[str, str] = {
+    "weight-decay": "weight_decay",
+    "explain": "explain",
+    "compare": "compare",
+    "bench": "bench",
+    "families": "families",
+    "overfit-validation": "overfit_validation",
+    "distill": "distill_mnist",
+    "data-cleaning": "data_cleaning",
+    "lstm-dropout": "lstm_dropout",
+    "augment": "augment_mnist",
+    "lm-reweight": "lm_reweight",
+}
 _registry: dict[str, Experiment] = {}
 
 
@@ -56,7 +64,7 @@ def registry() -> dict[str, Experiment]:
     return _registry
 
 
-def __getattr__(name: str) -> Any:   # REGISTRY, built on first access
+def __getattr__(name: str) -> Any:  # REGISTRY, built on first access
     if name == "REGISTRY":
         return registry()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -67,8 +75,9 @@ def get(name: str) -> Experiment:
     try:
         return registry()[name]
     except KeyError:
-        raise KeyError(f"unknown experiment {name!r}; registered: {', '.join(MODULES)} "
-                       "(see `hypergradients list`)") from None
+        raise KeyError(
+            f"unknown experiment {name!r}; registered: {', '.join(MODULES)} (see `hypergradients list`)"
+        ) from None
 
 
 __all__ = ["MODULES", "REGISTRY", "Experiment", "ExperimentResult", "RunContext", "get", "registry"]

@@ -78,7 +78,7 @@ ARM_NAMES = {
     "augnet": "augmentation network (IFT)",
     "augnet+hand": "augmentation network on hand-made (IFT)",
 }
-GAMMA = 0.2   # the authors' MultiStepLR factor, for both learning rates
+GAMMA = 0.2  # the authors' MultiStepLR factor, for both learning rates
 
 SCHEMA: dict[str, Option] = {
     "seeds": Option(
@@ -126,14 +126,18 @@ SCHEMA: dict[str, Option] = {
     ),
     "train.batch_size": Option(64, "training batch size", int, low=1),
     "train.optimizer": Option(
-        "nesterov", "inner optimizer: SGD with Nesterov momentum 0.9 (the authors'), or Adam", str,
+        "nesterov",
+        "inner optimizer: SGD with Nesterov momentum 0.9 (the authors'), or Adam",
+        str,
         choices=("nesterov", "adam"),
     ),
     "train.lr": Option(0.05, "inner learning rate", float, positive=True),
     "train.weight_decay": Option(5e-4, "inner optimizer's weight decay", float, low=0.0),
     "train.milestones": Option(
-        [0.3, 0.6, 0.8], "fractions of train.steps where the inner learning rate is multiplied by 0.2",
-        list, item=float,
+        [0.3, 0.6, 0.8],
+        "fractions of train.steps where the inner learning rate is multiplied by 0.2",
+        list,
+        item=float,
     ),
     "hyper.method": Option(
         "identity",
@@ -143,21 +147,31 @@ SCHEMA: dict[str, Option] = {
         choices=("identity", "neumann", "cg"),
     ),
     "hyper.iters": Option(
-        1, "neumann: Neumann terms K (K Hessian-vector products; 0 terms is hyper.method=identity); "
-        "cg: iterations", int, low=1,
+        1,
+        "neumann: Neumann terms K (K Hessian-vector products; 0 terms is hyper.method=identity); "
+        "cg: iterations",
+        int,
+        low=1,
     ),
     "hyper.alpha": Option(
-        0.0, "α of identity (p = α·v) and neumann (α Σ (I − αH)^j v); 0: the current inner learning "
-        "rate, as in the authors' code", float, low=0.0,
+        0.0,
+        "α of identity (p = α·v) and neumann (α Σ (I − αH)^j v); 0: the current inner learning "
+        "rate, as in the authors' code",
+        float,
+        low=0.0,
     ),
     "hyper.optimizer": Option(
-        "rmsprop", "hyper optimizer: RMSprop, Adam, or SGD with Nesterov momentum 0.9 (the authors' "
-        "CIFAR run)", str, choices=("rmsprop", "adam", "sgd"),
+        "rmsprop",
+        "hyper optimizer: RMSprop, Adam, or SGD with Nesterov momentum 0.9 (the authors' CIFAR run)",
+        str,
+        choices=("rmsprop", "adam", "sgd"),
     ),
     "hyper.lr": Option(1e-3, "hyper learning rate", float, positive=True),
     "hyper.milestones": Option(
-        [0.2, 0.5, 0.7], "fractions of the hyper steps where the hyper learning rate is multiplied by 0.2",
-        list, item=float,
+        [0.2, 0.5, 0.7],
+        "fractions of the hyper steps where the hyper learning rate is multiplied by 0.2",
+        list,
+        item=float,
     ),
     "hyper.val_batch_size": Option(64, "validation examples per ∂L_V/∂w (0: all)", int, low=0),
     "hyper.window": Option(20, "hyper steps per window of the signal-to-noise ratio", int, low=2),
@@ -289,8 +303,17 @@ class HandMade(Family):
         n, _, h, w = x.shape
         u = sampler.uniform((4, n), dtype=x.dtype, device=x.device) * 2 - 1
         mirror = u[3] < 0 if self.flip else None
-        return Batch(_warp(x, u[0] * math.radians(self.degrees), u[1] * (2 * self.shift / w),
-                           u[2] * (2 * self.shift / h), mirror), batch.y, batch.index)
+        return Batch(
+            _warp(
+                x,
+                u[0] * math.radians(self.degrees),
+                u[1] * (2 * self.shift / w),
+                u[2] * (2 * self.shift / h),
+                mirror,
+            ),
+            batch.y,
+            batch.index,
+        )
 
     def describe_in_words(self) -> str:
         parts = [f"shift ±{self.shift:g} px"] if self.shift else []
@@ -352,8 +375,10 @@ def _stratified_subset(y: Tensor, n: int, classes: int) -> tuple[Tensor, Tensor]
         idx = idx[torch.randperm(len(idx), generator=g)]
         k = n // classes + (1 if c < n % classes else 0)
         if k > len(idx):
-            raise ConfigError(f"config key 'data.n_train': got {n}, but class {c} has only {len(idx)} "
-                              f"training examples ({n // classes} or more per class needed): lower it")
+            raise ConfigError(
+                f"config key 'data.n_train': got {n}, but class {c} has only {len(idx)} "
+                f"training examples ({n // classes} or more per class needed): lower it"
+            )
         keep.append(idx[:k])
         rest.append(idx[k:])
     return torch.cat(keep).sort().values, torch.cat(rest).sort().values
@@ -364,8 +389,15 @@ def check(cfg: Config) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
     ``extra`` test set) and check the U-Net depth against the image size."""
     cfg = with_preset(cfg)
     # one split for every seed: the seeds vary the weights, the data order and the noise
-    ds = load_data(cfg, cfg["data.dataset"], seed=0, flatten=False, n_train=None,
-                   n_val=cfg["data.n_val"] or None, n_test=cfg["data.n_test"] or None)
+    ds = load_data(
+        cfg,
+        cfg["data.dataset"],
+        seed=0,
+        flatten=False,
+        n_train=None,
+        n_val=cfg["data.n_val"] or None,
+        n_test=cfg["data.n_test"] or None,
+    )
     extra = None
     n = cfg["data.n_train"]
     if n and n < len(ds.y_train):
@@ -374,8 +406,10 @@ def check(cfg: Config) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
             extra = (ds.x_train[rest], ds.y_train[rest])
         ds = replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
     elif n > len(ds.y_train):
-        raise ConfigError(f"config key 'data.n_train': got {n}; expected at most {len(ds.y_train)} (0: all "
-                          f"of them): {cfg['data.dataset']} has {len(ds.y_train)} training examples")
+        raise ConfigError(
+            f"config key 'data.n_train': got {n}; expected at most {len(ds.y_train)} (0: all "
+            f"of them): {cfg['data.dataset']} has {len(ds.y_train)} training examples"
+        )
     side = 2 ** (cfg["augment.depth"] - 1)
     if any(a in cfg["arms"] for a in LEARNED) and any(s % side for s in ds.input_shape[1:]):
         raise ConfigError(
@@ -400,8 +434,15 @@ def _network(cfg: Config, ds: Dataset, seed: int, device: torch.device) -> Augme
     kw: dict[str, Any] = {"seed": seed, "dtype": ds.x_train.dtype, "device": device}
     c = ds.input_shape[0]
     if cfg["augment.network"] == "paper":
-        return AugmentNet(c, depth=cfg["augment.depth"], wf=cfg["augment.wf"], noise_shape="image",
-                          residual="tanh", identity_init=False, **kw)
+        return AugmentNet(
+            c,
+            depth=cfg["augment.depth"],
+            wf=cfg["augment.wf"],
+            noise_shape="image",
+            residual="tanh",
+            identity_init=False,
+            **kw,
+        )
     return AugmentNet(c, depth=cfg["augment.depth"], wf=cfg["augment.wf"], **kw)
 
 
@@ -413,12 +454,17 @@ def dry_run(cfg: Config, data: tuple[Dataset, tuple[Tensor, Tensor] | None]) -> 
     seed = cfg["seeds"][0]
     model = _model(cfg, ds, seed, torch.device("cpu"))
     weights = sum(p.numel() for p in model.parameters())
-    lines = [f"augment ({cfg['config']}): {ds.source}, images {tuple(ds.input_shape)}; classifier "
-             f"{cfg['model.name']} with {weights:,} weights"]
+    lines = [
+        f"augment ({cfg['config']}): {ds.source}, images {tuple(ds.input_shape)}; classifier "
+        f"{cfg['model.name']} with {weights:,} weights"
+    ]
     for arm in cfg["arms"]:
         lines += ["", f"{arm} ({ARM_NAMES[arm]}):"]
-        lines.append(describe([_network(cfg, ds, seed, torch.device("cpu"))]) if arm in LEARNED
-                     else "(no hyperparameters)")
+        lines.append(
+            describe([_network(cfg, ds, seed, torch.device("cpu"))])
+            if arm in LEARNED
+            else "(no hyperparameters)"
+        )
     return "\n".join(lines)
 
 
@@ -428,7 +474,7 @@ def _method(cfg: Config) -> Method:
     alpha = cfg["hyper.alpha"] or cfg["train.lr"]
     if name == "identity":
         return Identity(scale=alpha)
-    if name == "neumann":   # K terms: the library's iters counts the first term, v, too
+    if name == "neumann":  # K terms: the library's iters counts the first term, v, too
         return Neumann(iters=iters + 1, alpha=alpha)
     return CG(iters=iters, tol=1e-6, damping=1e-3)
 
@@ -467,8 +513,9 @@ class _Schedules(Callback):
         if cfg["train.optimizer"] == "adam":
             self.inner = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg["train.weight_decay"])
         else:
-            self.inner = torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True,
-                                         weight_decay=cfg["train.weight_decay"])
+            self.inner = torch.optim.SGD(
+                params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=cfg["train.weight_decay"]
+            )
         return self.inner
 
     def make_hyper(self, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -552,17 +599,24 @@ class _Diagnostics(Callback):
 
     Its state is saved in the arm's checkpoints."""
 
-    def __init__(self, fam: AugmentNet, x: Tensor, *, window: int, snapshots: Sequence[int],
-                 probe: _Alignment | None = None) -> None:
+    def __init__(
+        self,
+        fam: AugmentNet,
+        x: Tensor,
+        *,
+        window: int,
+        snapshots: Sequence[int],
+        probe: _Alignment | None = None,
+    ) -> None:
         self.fam, self.x, self.window, self.probe = fam, x, window, probe
-        self.cpu_s = 0.0        # process CPU time spent here (not part of the arm's cost)
+        self.cpu_s = 0.0  # process CPU time spent here (not part of the arm's cost)
         self.snapshot_rounds = sorted(set(snapshots))
         self.bias_key = f"{fam.name}.last.bias"
-        self.n = 0              # hyper steps seen
-        self.changed = 0        # ... that moved any weight
-        self.zero = 0           # ... whose hypergradient was exactly 0
-        self.zero_run = 0       # consecutive zero hypergradients up to the last step
-        self.bias_share = 0.0   # sum over steps of ‖g_bias‖²/‖g‖²
+        self.n = 0  # hyper steps seen
+        self.changed = 0  # ... that moved any weight
+        self.zero = 0  # ... whose hypergradient was exactly 0
+        self.zero_run = 0  # consecutive zero hypergradients up to the last step
+        self.bias_share = 0.0  # sum over steps of ‖g_bias‖²/‖g‖²
         self.acc_sum: Tensor | None = None
         self.acc_sq: Tensor | None = None
         self.acc_n = 0
@@ -615,8 +669,13 @@ class _Diagnostics(Callback):
             mean = self.acc_sum / n
             var = ((self.acc_sq - n * mean * mean) / (n - 1)).clamp_min(0)
             sd = float(var.sum().sqrt())
-            self.windows.append({"from_hyper_step": self.n - n, "snr": float(mean.norm()) / sd if sd > 0
-                                 else float("nan"), "cos_consecutive": self.acc_cos / (n - 1)})
+            self.windows.append(
+                {
+                    "from_hyper_step": self.n - n,
+                    "snr": float(mean.norm()) / sd if sd > 0 else float("nan"),
+                    "cos_consecutive": self.acc_cos / (n - 1),
+                }
+            )
             self.acc_sum = self.acc_sq = None
             self.acc_n, self.acc_cos = 0, 0.0
 
@@ -631,12 +690,15 @@ class _Diagnostics(Callback):
         d = a1 - x
         offset = d.mean(dim=(2, 3), keepdim=True).expand_as(d)
         dn = d.flatten(1).square().sum(1)
-        share = torch.where(dn > 0, offset.flatten(1).square().sum(1) / dn.clamp_min(1e-30),
-                            torch.zeros_like(dn))
-        return {"aug_dist": float((d.flatten(1).norm(dim=1) / nx).median()),
-                "aug_noise_sens": float(((a1 - a2).flatten(1).norm(dim=1) / nx).median()),
-                "aug_offset_share": float(share.median()),
-                "aug_offset": float(offset[:, :, 0, 0].mean())}
+        share = torch.where(
+            dn > 0, offset.flatten(1).square().sum(1) / dn.clamp_min(1e-30), torch.zeros_like(dn)
+        )
+        return {
+            "aug_dist": float((d.flatten(1).norm(dim=1) / nx).median()),
+            "aug_noise_sens": float(((a1 - a2).flatten(1).norm(dim=1) / nx).median()),
+            "aug_offset_share": float(share.median()),
+            "aug_offset": float(offset[:, :, 0, 0].mean()),
+        }
 
     def on_round_end(self, record: dict[str, Any]) -> None:
         c0 = time.process_time()
@@ -650,19 +712,32 @@ class _Diagnostics(Callback):
         self.cpu_s += time.process_time() - c0
 
     def summary(self) -> dict[str, Any]:
-        return {"hyper_steps_seen": self.n,
-                "changed_fraction": self.changed / self.n if self.n else float("nan"),
-                "zero_hypergradients": self.zero, "zero_run_at_end": self.zero_run,
-                "bias_share": self.bias_share / max(self.n - self.zero, 1), "snr_windows": list(self.windows),
-                "snr_null": 1 / math.sqrt(self.window)}
+        return {
+            "hyper_steps_seen": self.n,
+            "changed_fraction": self.changed / self.n if self.n else float("nan"),
+            "zero_hypergradients": self.zero,
+            "zero_run_at_end": self.zero_run,
+            "bias_share": self.bias_share / max(self.n - self.zero, 1),
+            "snr_windows": list(self.windows),
+            "snr_null": 1 / math.sqrt(self.window),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "changed": self.changed, "zero": self.zero, "zero_run": self.zero_run,
-                "bias_share": self.bias_share, "cpu_s": self.cpu_s, "acc_sum": self.acc_sum,
-                "acc_sq": self.acc_sq,
-                "acc_n": self.acc_n, "acc_cos": self.acc_cos, "prev": self.prev,
-                "windows": [dict(w) for w in self.windows],
-                "snaps": {str(r): dict(s) for r, s in self.snaps.items()}}
+        return {
+            "n": self.n,
+            "changed": self.changed,
+            "zero": self.zero,
+            "zero_run": self.zero_run,
+            "bias_share": self.bias_share,
+            "cpu_s": self.cpu_s,
+            "acc_sum": self.acc_sum,
+            "acc_sq": self.acc_sq,
+            "acc_n": self.acc_n,
+            "acc_cos": self.acc_cos,
+            "prev": self.prev,
+            "windows": [dict(w) for w in self.windows],
+            "snaps": {str(r): dict(s) for r, s in self.snaps.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n, self.changed, self.zero = int(state["n"]), int(state["changed"]), int(state["zero"])
@@ -682,8 +757,16 @@ class _Alignment:
     augmentation before it stays), ``L_V`` on up to 512 validation images. Training mode for
     ``L_T`` with copies of the buffers, evaluation mode for ``L_V``."""
 
-    def __init__(self, model: nn.Module, fams: Sequence[Family], net: AugmentNet,
-                 train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], *, batch: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        fams: Sequence[Family],
+        net: AugmentNet,
+        train: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor],
+        *,
+        batch: int,
+    ) -> None:
         from ...hparams.objective import Objective, cross_entropy, on_targets
 
         self.model, self.net, self.train, self.batch = model, net, train, batch
@@ -696,15 +779,16 @@ class _Alignment:
     def __call__(self) -> dict[str, float]:
         params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
         gv = torch.autograd.grad(self.obj.val(params, self.val), list(params.values()))
-        idx = torch.randperm(len(self.train[1]), generator=self.gen)[:self.batch]
+        idx = torch.randperm(len(self.train[1]), generator=self.gen)[: self.batch]
         bt = Batch(self.train[0][idx], self.train[1][idx], idx)
         lam = {k: v.detach() for k, v in self.net.tensors().items()}
         last = f"{self.net.name}.last."
         ident = {k: torch.zeros_like(v) if k.startswith(last) else v for k, v in lam.items()}
         out = {}
         for name, h in (("aug", lam), ("identity", ident)):
-            loss = self.obj.train(params, h, bt, forward=self.obj.copy_buffers,
-                                  noise=Noise(1000 + self.calls))
+            loss = self.obj.train(
+                params, h, bt, forward=self.obj.copy_buffers, noise=Noise(1000 + self.calls)
+            )
             gt = torch.autograd.grad(loss, list(params.values()))
             out[f"align_dot_{name}"] = sum(float((a * c).sum()) for a, c in zip(gt, gv, strict=True))
             out[f"align_norm_{name}"] = math.sqrt(sum(float(a.square().sum()) for a in gt))
@@ -720,8 +804,11 @@ def _collapse(arm: str, test_acc: float, classes: int, diag: dict[str, Any] | No
     why = []
     if test_acc < 1.5 / classes:
         why.append(f"classifier at chance (test accuracy {test_acc:.3f})")
-    if diag is not None and diag["zero_run_at_end"] >= min(window, max(diag["hyper_steps_seen"], 1)) \
-            and diag["zero_run_at_end"] > 0:
+    if (
+        diag is not None
+        and diag["zero_run_at_end"] >= min(window, max(diag["hyper_steps_seen"], 1))
+        and diag["zero_run_at_end"] > 0
+    ):
         why.append(f"hypergradient exactly 0 for the last {diag['zero_run_at_end']} hyper steps")
     return "; ".join(why)
 
@@ -733,19 +820,22 @@ def _alignment_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float]
     if not pts:
         return {"dot_ratio": float("nan"), "norm_ratio": float("nan")}
     den = sum(r["align_dot_identity"] for r in pts)
-    return {"dot_ratio": sum(r["align_dot_aug"] for r in pts) / den if den else float("nan"),
-            "norm_ratio": statistics.fmean(r["align_norm_aug"] / r["align_norm_identity"] for r in pts
-                                           if r["align_norm_identity"] > 0)}
+    return {
+        "dot_ratio": sum(r["align_dot_aug"] for r in pts) / den if den else float("nan"),
+        "norm_ratio": statistics.fmean(
+            r["align_norm_aug"] / r["align_norm_identity"] for r in pts if r["align_norm_identity"] > 0
+        ),
+    }
 
 
 def _run(ctx: RunContext) -> ExperimentResult:
     """Train every arm for every seed; write config.toml, augment.json, metrics.jsonl, figures and report."""
-    ctx = replace(ctx, config=with_preset(ctx.config))   # what the run uses, and its config.toml
+    ctx = replace(ctx, config=with_preset(ctx.config))  # what the run uses, and its config.toml
     cfg, t0 = ctx.config, time.perf_counter()
     arms, seeds = list(cfg["arms"]), list(cfg["seeds"])
     every = cfg["train.inner_steps"]
     rounds = max(1, cfg["train.steps"] // every)
-    warmup = max(0, cfg["train.steps"] - rounds * every)   # extra inner steps before the first round
+    warmup = max(0, cfg["train.steps"] - rounds * every)  # extra inner steps before the first round
     runs = [(a, s) for s in seeds for a in arms]
     ds, extra = begin(ctx, check, arms=[ctx.out / f"{a}-seed{s}" for a, s in runs], restart="run")
     ds = ds.to(ctx.device)
@@ -761,8 +851,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
     curves: dict[str, list[list[dict[str, Any]]]] = {a: [] for a in arms}
     last: dict[str, tuple[AugmentNet, _Diagnostics]] = {}
     count = 0
-    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
-            ArmsProgress(ctx, "augment", len(runs), rounds) as bar:
+    with (
+        RunMetrics(ctx.out / "metrics.jsonl") as metrics,
+        ArmsProgress(ctx, "augment", len(runs), rounds) as bar,
+    ):
         for i, (arm, seed) in enumerate(runs):
             out = ctx.out / f"{arm}-seed{seed}"
             model = _model(cfg, ds, seed, ctx.device)
@@ -772,20 +864,42 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 net = _network(cfg, ds, seed, ctx.device)
                 fams.append(net)
                 count = net.count()
-                probe = _Alignment(model, fams, net, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val),
-                                   batch=cfg["train.batch_size"])
+                probe = _Alignment(
+                    model,
+                    fams,
+                    net,
+                    (ds.x_train, ds.y_train),
+                    (ds.x_val, ds.y_val),
+                    batch=cfg["train.batch_size"],
+                )
                 diag = _Diagnostics(net, xfix, window=cfg["hyper.window"], snapshots=snap_rounds, probe=probe)
                 last[arm] = (net, diag)
             sched = _Schedules(cfg, rounds)
             tag = {"arm": arm, "seed": seed}
             clock = _CpuClock()
-            res = train_arm(ctx, model, fams, (ds.x_train, ds.y_train), (ds.x_val, ds.y_val), out=out,
-                            evals={"val": (ds.x_val, ds.y_val)}, seed=seed, rounds=rounds, restart="run",
-                            warmup_steps=warmup,
-                            inner_optimizer=sched.make_inner, hyper_optimizer=sched.make_hyper,
-                            hyper_method=_method(cfg),
-                            callbacks=[sched, *([diag] if diag else []), metrics.callback(tag, out),
-                                       bar.tick(i, arm), clock])
+            res = train_arm(
+                ctx,
+                model,
+                fams,
+                (ds.x_train, ds.y_train),
+                (ds.x_val, ds.y_val),
+                out=out,
+                evals={"val": (ds.x_val, ds.y_val)},
+                seed=seed,
+                rounds=rounds,
+                restart="run",
+                warmup_steps=warmup,
+                inner_optimizer=sched.make_inner,
+                hyper_optimizer=sched.make_hyper,
+                hyper_method=_method(cfg),
+                callbacks=[
+                    sched,
+                    *([diag] if diag else []),
+                    metrics.callback(tag, out),
+                    bar.tick(i, arm),
+                    clock,
+                ],
+            )
             final = evaluate(model, tests)
             # CPU time of the arm's rounds (its validation evaluations included), less the diagnostics
             cpu = clock.total - (diag.cpu_s if diag else 0.0)
@@ -804,16 +918,25 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 "inner_steps": res.final["inner_steps"],
                 "cpu_s": cpu,
             }
-            wall[arm] += res.wall_s   # not per seed: a resumed run's rows equal the first's
+            wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
             if diag is not None and d is not None:
-                row.update({k: res.final.get(k) for k in ("aug_dist", "aug_noise_sens", "aug_offset_share",
-                                                           "aug_offset")})
+                row.update(
+                    {
+                        k: res.final.get(k)
+                        for k in ("aug_dist", "aug_noise_sens", "aug_offset_share", "aug_offset")
+                    }
+                )
                 row.update(d)
                 row.update(_alignment_summary(res.metrics))
             row["collapsed"] = _collapse(arm, row["test_acc"], ds.num_classes, d, cfg["hyper.window"])
             per[arm].append(row)
-            curves[arm].append([{k: r[k] for k in ("inner_steps", "val_loss", "aug_dist", "aug_offset")
-                                 if k in r} for r in res.metrics if "val_loss" in r])
+            curves[arm].append(
+                [
+                    {k: r[k] for k in ("inner_steps", "val_loss", "aug_dist", "aug_offset") if k in r}
+                    for r in res.metrics
+                    if "val_loss" in r
+                ]
+            )
             bar.done(i)
     rows = [{**_row(a, per[a], count if a in LEARNED else 0), "wall_s": wall[a]} for a in arms]
     by_arm = {a: r for a, r in zip(arms, rows, strict=True)}
@@ -841,23 +964,53 @@ def _run(ctx: RunContext) -> ExperimentResult:
         f"augment: {' vs '.join(ARM_NAMES[a] for a in arms)} ({cfg['model.name']} on {cfg['data.dataset']}, "
         f"{len(seeds)} seeds)"
     )
-    columns = ["arm", "hyperparameters", "seeds", "test_acc", "extra_acc", "test_loss", "collapsed",
-               "cpu_s_per_seed"]
-    diag_cols = ["arm", "seed", "test_acc", "aug_dist", "aug_noise_sens", "aug_offset_share",
-                 "changed_fraction", "zero_hypergradients", "bias_share", "snr", "dot_ratio", "norm_ratio",
-                 "cpu_s"]
-    diag_rows = [{**r, "arm": ARM_NAMES[a], "snr": " ".join(f"{w['snr']:.2f}" for w in r["snr_windows"])}
-                 for a in arms if a in LEARNED for r in per[a]]
+    columns = [
+        "arm",
+        "hyperparameters",
+        "seeds",
+        "test_acc",
+        "extra_acc",
+        "test_loss",
+        "collapsed",
+        "cpu_s_per_seed",
+    ]
+    diag_cols = [
+        "arm",
+        "seed",
+        "test_acc",
+        "aug_dist",
+        "aug_noise_sens",
+        "aug_offset_share",
+        "changed_fraction",
+        "zero_hypergradients",
+        "bias_share",
+        "snr",
+        "dot_ratio",
+        "norm_ratio",
+        "cpu_s",
+    ]
+    diag_rows = [
+        {**r, "arm": ARM_NAMES[a], "snr": " ".join(f"{w['snr']:.2f}" for w in r["snr_windows"])}
+        for a in arms
+        if a in LEARNED
+        for r in per[a]
+    ]
     opt = {"nesterov": "SGD (Nesterov 0.9)", "adam": "Adam"}[cfg["train.optimizer"]]
     hopt = {"rmsprop": "RMSprop", "adam": "Adam", "sgd": "SGD (Nesterov 0.9)"}[cfg["hyper.optimizer"]]
-    approx = {"identity": "the identity approximation (0 Neumann terms)",
-              "neumann": f"{cfg['hyper.iters']} Neumann term(s)",
-              "cg": f"CG, {cfg['hyper.iters']} iterations"}[cfg["hyper.method"]]
+    approx = {
+        "identity": "the identity approximation (0 Neumann terms)",
+        "neumann": f"{cfg['hyper.iters']} Neumann term(s)",
+        "cg": f"CG, {cfg['hyper.iters']} iterations",
+    }[cfg["hyper.method"]]
     alpha = "the current inner learning rate" if cfg["hyper.alpha"] == 0 else f"{cfg['hyper.alpha']:g}"
     body = [
         f"Data: {ds.source}; {len(ds.y_train)} training, {len(ds.y_val)} validation, {len(ds.y_test)} test"
-        + (f" and {len(extra[1])} extra test images (the training images left out)" if extra is not None
-           else "") + ". "
+        + (
+            f" and {len(extra[1])} extra test images (the training images left out)"
+            if extra is not None
+            else ""
+        )
+        + ". "
         f"Every arm of a seed starts from the same weights and takes {warmup + rounds * every} {opt} steps "
         f"(lr {cfg['train.lr']:g} ×0.2 at {', '.join(f'{m:g}' for m in cfg['train.milestones'])} of the run, "
         f"weight decay {cfg['train.weight_decay']:g}, batch {cfg['train.batch_size']}). A learned arm takes "
@@ -877,12 +1030,21 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "",
         markdown_table(["comparison", "test_acc_diff", "extra_acc_diff", "per_seed"], paired),
         "",
-        *(["Learned arms, per seed (`aug_*` at the end, on 256 validation images; `snr`: "
-           "‖mean g‖/‖std g‖ per window of "
-           f"{cfg['hyper.window']} hyper steps, pure noise ≈ {1 / math.sqrt(cfg['hyper.window']):.2f}; "
-           "`dot_ratio`: Σ⟨∇L_T, ∇L_V⟩ with the learned augmentation over the same with the network at "
-           "the identity, summed over the evaluations during training; `norm_ratio`: ‖∇L_T‖ likewise, "
-           "mean of the ratios):", "", markdown_table(diag_cols, diag_rows), ""] if diag_rows else []),
+        *(
+            [
+                "Learned arms, per seed (`aug_*` at the end, on 256 validation images; `snr`: "
+                "‖mean g‖/‖std g‖ per window of "
+                f"{cfg['hyper.window']} hyper steps, pure noise ≈ {1 / math.sqrt(cfg['hyper.window']):.2f}; "
+                "`dot_ratio`: Σ⟨∇L_T, ∇L_V⟩ with the learned augmentation over the same with the network at "
+                "the identity, summed over the evaluations during training; `norm_ratio`: ‖∇L_T‖ likewise, "
+                "mean of the ratios):",
+                "",
+                markdown_table(diag_cols, diag_rows),
+                "",
+            ]
+            if diag_rows
+            else []
+        ),
         *what_it_shows(notes),
         *[f"![{p.stem}]({p.name})" for p in files],
     ]
@@ -927,14 +1089,22 @@ def _row(arm: str, runs: list[dict[str, Any]], count: int) -> dict[str, Any]:
     }
 
 
-PAIRS = (("augnet", "none"), ("augnet", "handmade"), ("augnet+hand", "handmade"), ("handmade", "none"),
-         ("augnet+hand", "none"))
+PAIRS = (
+    ("augnet", "none"),
+    ("augnet", "handmade"),
+    ("augnet+hand", "handmade"),
+    ("handmade", "none"),
+    ("augnet+hand", "none"),
+)
 
 
 def _diffs(a: dict[str, Any], b: dict[str, Any], key: str) -> list[float]:
     theirs = {r["seed"]: r.get(key) for r in b["runs"]}
-    return [r[key] - theirs[r["seed"]] for r in a["runs"]
-            if r.get(key) is not None and theirs.get(r["seed"]) is not None]
+    return [
+        r[key] - theirs[r["seed"]]
+        for r in a["runs"]
+        if r.get(key) is not None and theirs.get(r["seed"]) is not None
+    ]
 
 
 def _paired_seeds(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> list[int]:
@@ -957,11 +1127,23 @@ def paired_table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("test_acc", "extra_acc"):
             d = _diffs(rows[a], rows[b], key)
             se = _se(d)
-            cell[key] = (f"{statistics.fmean(d):+.4f} ± {se:.4f}" if se is not None
-                         else f"{statistics.fmean(d):+.4f} (one seed)") if d else "n/a"
-        out.append({"comparison": f"{ARM_NAMES[a]} − {ARM_NAMES[b]}", "test_acc_diff": cell["test_acc"],
-                    "extra_acc_diff": cell["extra_acc"],
-                    "per_seed": " ".join(f"{v:+.4f}" for v in _diffs(rows[a], rows[b], "test_acc"))})
+            cell[key] = (
+                (
+                    f"{statistics.fmean(d):+.4f} ± {se:.4f}"
+                    if se is not None
+                    else f"{statistics.fmean(d):+.4f} (one seed)"
+                )
+                if d
+                else "n/a"
+            )
+        out.append(
+            {
+                "comparison": f"{ARM_NAMES[a]} − {ARM_NAMES[b]}",
+                "test_acc_diff": cell["test_acc"],
+                "extra_acc_diff": cell["extra_acc"],
+                "per_seed": " ".join(f"{v:+.4f}" for v in _diffs(rows[a], rows[b], "test_acc")),
+            }
+        )
     return out
 
 
@@ -972,17 +1154,28 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
     its start (its augmentation's distance from the identity, else its classifier's last training
     loss beside the unaugmented arm's), and the collapsed runs."""
     notes: list[str] = []
-    labels = {"augnet": "The learned augmentation", "augnet+hand": "The learned augmentation on hand-made",
-              "handmade": "The hand-made augmentation"}
+    labels = {
+        "augnet": "The learned augmentation",
+        "augnet+hand": "The learned augmentation on hand-made",
+        "handmade": "The hand-made augmentation",
+    }
     for a, b in PAIRS:
         net, o = rows.get(a), rows.get(b)
         if not net or not o:
             continue
         diffs = _diffs(net, o, "test_acc")
-        v = versus(labels[a], o["arm"], net["test_acc_mean"], o["test_acc_mean"], _se(diffs),
-                   metric="test accuracy", higher_is_better=True,
-                   se_what=f"standard error of the mean paired difference over {len(diffs)} seeds",
-                   no_se="one seed: no noise estimate", digits=".4f")
+        v = versus(
+            labels[a],
+            o["arm"],
+            net["test_acc_mean"],
+            o["test_acc_mean"],
+            _se(diffs),
+            metric="test accuracy",
+            higher_is_better=True,
+            se_what=f"standard error of the mean paired difference over {len(diffs)} seeds",
+            no_se="one seed: no noise estimate",
+            digits=".4f",
+        )
         notes.append(f"{v.text}.")
     for arm in LEARNED:
         net = rows.get(arm)
@@ -990,24 +1183,31 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
             continue
         dists = [r["aug_dist"] for r in net["runs"] if r.get("aug_dist") is not None]
         if dists and max(dists) < 0.01:
-            notes.append(f"The {ARM_NAMES[arm]} stayed near the identity: it changes a validation image "
-                         f"by at most {max(dists):.4f} of its norm (median over images, per seed), so this "
-                         "run shows no learned augmentation.")
+            notes.append(
+                f"The {ARM_NAMES[arm]} stayed near the identity: it changes a validation image "
+                f"by at most {max(dists):.4f} of its norm (median over images, per seed), so this "
+                "run shows no learned augmentation."
+            )
         elif not dists and arm == "augnet" and rows.get("none"):
             # without the distance, the same seed's last training loss with and without the network
             pairs = zip(net["runs"], rows["none"]["runs"], strict=True)
-            rel = max(abs(x["inner_loss"] - y["inner_loss"]) / max(abs(y["inner_loss"]), 1e-12)
-                      for x, y in pairs)
+            rel = max(
+                abs(x["inner_loss"] - y["inner_loss"]) / max(abs(y["inner_loss"]), 1e-12) for x, y in pairs
+            )
             if rel < 0.01:
-                notes.append(f"The augmentation network stayed near the identity: the classifier's last "
-                             f"training loss differs from the unaugmented arm's by at most {rel:.1%} per "
-                             "seed.")
+                notes.append(
+                    f"The augmentation network stayed near the identity: the classifier's last "
+                    f"training loss differs from the unaugmented arm's by at most {rel:.1%} per "
+                    "seed."
+                )
     for r in rows.values():
         bad = [x for x in r["runs"] if x.get("collapsed")]
         if bad:
-            notes.append(f"COLLAPSED: {len(bad)} of {len(r['runs'])} runs of the {r['arm']} arm: "
-                         + "; ".join(f"seed {x['seed']}: {x['collapsed']}" for x in bad)
-                         + ". Their numbers are in the means above.")
+            notes.append(
+                f"COLLAPSED: {len(bad)} of {len(r['runs'])} runs of the {r['arm']} arm: "
+                + "; ".join(f"seed {x['seed']}: {x['collapsed']}" for x in bad)
+                + ". Their numbers are in the means above."
+            )
     notes += _without_collapsed(rows)
     return notes
 
@@ -1024,16 +1224,24 @@ def _without_collapsed(rows: Mapping[str, dict[str, Any]]) -> list[str]:
         bad = {r["seed"] for r in (*x["runs"], *y["runs"]) if r.get("collapsed")}
         if not bad:
             continue
-        d = [v for v, s in zip(_diffs(x, y, "test_acc"), _paired_seeds(x, y, "test_acc"), strict=True)
-             if s not in bad]
+        d = [
+            v
+            for v, s in zip(_diffs(x, y, "test_acc"), _paired_seeds(x, y, "test_acc"), strict=True)
+            if s not in bad
+        ]
         if not d:
             continue
         se = _se(d)
         seeds = ", ".join(map(str, sorted(bad)))
-        notes.append(f"Without the collapsed seed(s) {seeds} ({len(d)} seeds left): "
-                     f"{ARM_NAMES[a]} − {ARM_NAMES[b]} on test accuracy {statistics.fmean(d):+.4f}"
-                     + (f" ± {se:.4f} (standard error of the mean paired difference)." if se is not None
-                        else " (one seed: no noise estimate)."))
+        notes.append(
+            f"Without the collapsed seed(s) {seeds} ({len(d)} seeds left): "
+            f"{ARM_NAMES[a]} − {ARM_NAMES[b]} on test accuracy {statistics.fmean(d):+.4f}"
+            + (
+                f" ± {se:.4f} (standard error of the mean paired difference)."
+                if se is not None
+                else " (one seed: no noise estimate)."
+            )
+        )
     return notes
 
 
@@ -1049,8 +1257,10 @@ def overfitting(curves: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]) -> 
         j = min(range(len(mean)), key=mean.__getitem__)
         rise = mean[-1] / mean[j] - 1 if mean[j] > 0 else 0.0
         verb = "turns up" if rise > 0.02 and j < len(mean) - 1 else "does not turn up"
-        notes.append(f"Validation loss of {ARM_NAMES[arm]} (mean over seeds) {verb}: lowest {mean[j]:.4f} at "
-                     f"step {steps[j]}, {mean[-1]:.4f} at the end (step {steps[-1]}, {rise:+.0%}).")
+        notes.append(
+            f"Validation loss of {ARM_NAMES[arm]} (mean over seeds) {verb}: lowest {mean[j]:.4f} at "
+            f"step {steps[j]}, {mean[-1]:.4f} at the end (step {steps[-1]}, {rise:+.0%})."
+        )
     return notes
 
 
@@ -1074,8 +1284,11 @@ def diagnose(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
         snr = [w["snr"] for x in runs for w in x["snr_windows"] if math.isfinite(w["snr"])]
         null = runs[0]["snr_null"]
         offset = m("aug_offset_share")
-        kind = "mostly a brightness offset (a constant per image)" if offset > 0.5 else \
-            "not mainly a constant offset"
+        kind = (
+            "mostly a brightness offset (a constant per image)"
+            if offset > 0.5
+            else "not mainly a constant offset"
+        )
         nan = float("nan")
         zeros = sum(x["zero_hypergradients"] for x in runs)
         notes.append(
@@ -1088,12 +1301,15 @@ def diagnose(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"(range {min(snr, default=nan):.2f}–{max(snr, default=nan):.2f}; pure noise ≈ {null:.2f}). "
             f"During training the learned augmentation made ⟨∇L_T, ∇L_V⟩ — what the identity "
             f"approximation's hyper step ascends — {m('dot_ratio'):.2f} times and ‖∇L_T‖ "
-            f"{m('norm_ratio'):.2f} times what the network at the identity gives (same weights and batches).")
+            f"{m('norm_ratio'):.2f} times what the network at the identity gives (same weights and batches)."
+        )
         if none:
             ratio = r["cpu_s_per_seed"] / none["cpu_s_per_seed"] if none["cpu_s_per_seed"] else float("nan")
-            notes.append(f"Cost of {ARM_NAMES[arm]} at equal inner steps: {r['cpu_s_per_seed']:.1f} CPU s "
-                         f"per seed against {none['cpu_s_per_seed']:.1f} without augmentation "
-                         f"({ratio:.1f}×).")
+            notes.append(
+                f"Cost of {ARM_NAMES[arm]} at equal inner steps: {r['cpu_s_per_seed']:.1f} CPU s "
+                f"per seed against {none['cpu_s_per_seed']:.1f} without augmentation "
+                f"({ratio:.1f}×)."
+            )
     return notes
 
 

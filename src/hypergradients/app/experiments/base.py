@@ -135,8 +135,10 @@ def check_settings(cfg: Config, make: Callable[[Config], Any]) -> Any:
     from ..config import ConfigError
 
     if cfg["decay.low"] > cfg["decay.high"]:
-        raise ConfigError(f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
-                          f"({cfg['decay.high']:g}): low must not exceed high; swap them")
+        raise ConfigError(
+            f"config keys 'decay.low' ({cfg['decay.low']:g}) and 'decay.high' "
+            f"({cfg['decay.high']:g}): low must not exceed high; swap them"
+        )
     settings = make(cfg)
     try:
         settings.validate()

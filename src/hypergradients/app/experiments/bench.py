@@ -58,8 +58,9 @@ from .problems import cosine, newton, rel_dist
 
 
 # ---------------------------------------------------------------------------------------- problems
-def make_logistic(d: int = 1000, n_train: int = 3000, n_val: int = 1000, seed: int = 0,
-                  dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+def make_logistic(
+    d: int = 1000, n_train: int = 3000, n_val: int = 1000, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> dict[str, Tensor]:
     """The logistic problem's data, ``w*`` (Newton) and the exact hypergradient (dense solve)."""
     gen = torch.Generator().manual_seed(seed)
     n = n_train + n_val
@@ -78,14 +79,29 @@ def make_logistic(d: int = 1000, n_train: int = 3000, n_val: int = 1000, seed: i
         return (Xt * (s * (1 - s))[:, None]).T @ Xt / n_train + torch.diag(lam)
 
     # Newton: quadratic convergence from 0 in ~10 steps on this problem
-    w = newton(lambda w: Xt.T @ (torch.sigmoid(Xt @ w) - yt) / n_train + lam * w, hessian,
-               torch.zeros(d, dtype=torch.float64), tol=1e-10, max_iter=50).x
+    w = newton(
+        lambda w: Xt.T @ (torch.sigmoid(Xt @ w) - yt) / n_train + lam * w,
+        hessian,
+        torch.zeros(d, dtype=torch.float64),
+        tol=1e-10,
+        max_iter=50,
+    ).x
     H = hessian(w)
     v = Xv.T @ (torch.sigmoid(Xv @ w) - yv) / n_val
     exact = -(lam * w) * torch.linalg.solve(H, v)
     evals = torch.linalg.eigvalsh(H)
-    out = {"X_train": Xt, "y_train": yt, "X_val": Xv, "y_val": yv, "w_star": w, "log_lam": log_lam,
-           "exact": exact, "alpha": 1.0 / evals[-1], "lambda_min": evals[0], "lambda_max": evals[-1]}
+    out = {
+        "X_train": Xt,
+        "y_train": yt,
+        "X_val": Xv,
+        "y_val": yv,
+        "w_star": w,
+        "log_lam": log_lam,
+        "exact": exact,
+        "alpha": 1.0 / evals[-1],
+        "lambda_min": evals[0],
+        "lambda_max": evals[-1],
+    }
     return {k: t.to(dtype) for k, t in out.items()}
 
 
@@ -93,8 +109,9 @@ def logistic_losses(p: dict[str, Tensor]) -> tuple[LossFn, LossFn]:
     Xt, yt, Xv, yv = p["X_train"], p["y_train"], p["X_val"], p["y_val"]
 
     def inner(w: Tree, h: Tree) -> Tensor:
-        return F.binary_cross_entropy_with_logits(Xt @ w["w"], yt) + 0.5 * torch.sum(h["log_lam"].exp()
-                                                                                         * w["w"] ** 2)
+        return F.binary_cross_entropy_with_logits(Xt @ w["w"], yt) + 0.5 * torch.sum(
+            h["log_lam"].exp() * w["w"] ** 2
+        )
 
     def outer(w: Tree, h: Tree) -> Tensor:
         return F.binary_cross_entropy_with_logits(Xv @ w["w"], yv)
@@ -102,8 +119,12 @@ def logistic_losses(p: dict[str, Tensor]) -> tuple[LossFn, LossFn]:
     return inner, outer
 
 
-def make_mlp(sizes: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, seed: int = 0,
-             dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+def make_mlp(
+    sizes: tuple[int, ...] = (784, 1024, 1024, 10),
+    batch: int = 256,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Any]:
     """Weights (He init), per-weight log decays and a training and a validation batch (random data)."""
     gen = torch.Generator().manual_seed(seed)
     params: Tree = {}
@@ -113,8 +134,15 @@ def make_mlp(sizes: tuple[int, ...] = (784, 1024, 1024, 10), batch: int = 256, s
     hparams = {f"log_wd.{k}": torch.full_like(v, math.log(1e-4)) for k, v in params.items()}
     x = torch.randn(2 * batch, sizes[0], generator=gen, dtype=dtype)
     y = torch.randint(0, sizes[-1], (2 * batch,), generator=gen)
-    return {"params": params, "hparams": hparams, "x": x[:batch], "y": y[:batch], "xv": x[batch:],
-            "yv": y[batch:], "n_layers": len(sizes) - 1}
+    return {
+        "params": params,
+        "hparams": hparams,
+        "x": x[:batch],
+        "y": y[:batch],
+        "xv": x[batch:],
+        "yv": y[batch:],
+        "n_layers": len(sizes) - 1,
+    }
 
 
 def mlp_losses(m: dict[str, Any]) -> tuple[LossFn, LossFn]:
@@ -128,8 +156,10 @@ def mlp_losses(m: dict[str, Any]) -> tuple[LossFn, LossFn]:
         return x
 
     def inner(w: Tree, h: Tree) -> Tensor:
-        decay = sum((torch.sum(h[f"log_wd.{k}"].exp() * v * v) for k, v in w.items()),
-                    torch.zeros((), dtype=m["x"].dtype))
+        decay = sum(
+            (torch.sum(h[f"log_wd.{k}"].exp() * v * v) for k, v in w.items()),
+            torch.zeros((), dtype=m["x"].dtype),
+        )
         return F.cross_entropy(f(w, m["x"]), m["y"]) + 0.5 * decay
 
     def outer(w: Tree, h: Tree) -> Tensor:
@@ -139,8 +169,9 @@ def mlp_losses(m: dict[str, Any]) -> tuple[LossFn, LossFn]:
 
 
 # ------------------------------------------------------------------------------- plain baselines
-def plain_implicit(inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *,
-                   method: str, iters: int, alpha: float) -> Tree:
+def plain_implicit(
+    inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *, method: str, iters: int, alpha: float
+) -> Tree:
     """The reference loop: ``∂L_T/∂w`` graph built once, textbook CG (``iters`` HVPs, no early stop) or
     Neumann (``iters`` terms, ``iters − 1`` HVPs), one mixed VJP. No checks, no bookkeeping."""
     w = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -154,8 +185,10 @@ def plain_implicit(inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *,
         return torch.autograd.grad(g, wl, u, retain_graph=True)
 
     def dot(a: Iterable[Tensor], b: Iterable[Tensor]) -> Tensor:
-        return sum((torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)),
-                   torch.zeros((), dtype=wl[0].dtype))
+        return sum(
+            (torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)),
+            torch.zeros((), dtype=wl[0].dtype),
+        )
 
     with torch.no_grad():
         if method == "cg":
@@ -182,12 +215,14 @@ def plain_implicit(inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *,
                     a_.add_(t)
             p = [alpha * a_ for a_ in acc]
     mixed = torch.autograd.grad(g, ll, p, allow_unused=True)
-    return {k: (torch.zeros_like(x) if m is None else -m)
-            for (k, x), m in zip(lam.items(), mixed, strict=True)}
+    return {
+        k: (torch.zeros_like(x) if m is None else -m) for (k, x), m in zip(lam.items(), mixed, strict=True)
+    }
 
 
-def plain_unrolled(inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *,
-                   steps: int, alpha: float) -> Tree:
+def plain_unrolled(
+    inner: LossFn, outer: LossFn, params: Tree, hparams: Tree, *, steps: int, alpha: float
+) -> Tree:
     lam = {k: v.detach().clone().requires_grad_(True) for k, v in hparams.items()}
     w = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     for _ in range(steps):
@@ -267,8 +302,11 @@ def run_case(spec: dict[str, Any]) -> Result:
     repeats = int(spec.get("repeats", 5))
     problem, case = spec["problem"], spec["case"]
     # weights_only: a problem file holds tensors and plain values only, so loading it runs no code
-    data: dict[str, Any] = load_checkpoint(spec["data"], what="bench problem file",
-                                           fix="write it again with make_logistic / make_mlp and torch.save")
+    data: dict[str, Any] = load_checkpoint(
+        spec["data"],
+        what="bench problem file",
+        fix="write it again with make_logistic / make_mlp and torch.save",
+    )
     hvps: int | None = None
 
     def to_dev(t: Tree) -> Tree:
@@ -297,17 +335,21 @@ def run_case(spec: dict[str, Any]) -> Result:
     def ours(method: hg.Method, **kw: Any) -> Callable[[], Tree]:
         def call() -> Tree:
             nonlocal hvps
-            g, info = hg.hypergradient(outer, inner, start, hparams, method=method, return_info=True,
-                                            residual=False, **kw)
+            g, info = hg.hypergradient(
+                outer, inner, start, hparams, method=method, return_info=True, residual=False, **kw
+            )
             hvps = info.hvps
             return g
+
         return call
 
     fns: dict[str, Callable[[], Tree]] = {
-        "plain-cg": lambda: plain_implicit(inner, outer, params, hparams, method="cg", iters=iters,
-                                           alpha=alpha),
-        "plain-neumann": lambda: plain_implicit(inner, outer, params, hparams, method="neumann", iters=iters,
-                                                alpha=alpha),
+        "plain-cg": lambda: plain_implicit(
+            inner, outer, params, hparams, method="cg", iters=iters, alpha=alpha
+        ),
+        "plain-neumann": lambda: plain_implicit(
+            inner, outer, params, hparams, method="neumann", iters=iters, alpha=alpha
+        ),
         "cg": ours(hg.CG(iters=iters, tol=0.0)),
         "neumann": ours(hg.Neumann(iters=iters, alpha=alpha)),
         "auto": ours(hg.Auto()),
@@ -322,8 +364,17 @@ def run_case(spec: dict[str, Any]) -> Result:
     cos = err = None
     if exact is not None and case != "train-step" and problem == "logistic":
         cos, err = cosine(g, exact), rel_dist(g, exact)
-    return Result(problem, case, statistics.median(times), times, peak, cos, err, hvps,
-                  params={k: v for k, v in spec.items() if k not in ("data",)})
+    return Result(
+        problem,
+        case,
+        statistics.median(times),
+        times,
+        peak,
+        cos,
+        err,
+        hvps,
+        params={k: v for k, v in spec.items() if k not in ("data",)},
+    )
 
 
 def run_isolated(spec: dict[str, Any], *, timeout: float = 1800.0) -> Result:
@@ -331,11 +382,18 @@ def run_isolated(spec: dict[str, Any], *, timeout: float = 1800.0) -> Result:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096", "OMP_NUM_THREADS": str(spec.get("threads", 2))}
     module = "hypergradients.app.experiments.bench"
     try:
-        proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        return Result(spec["problem"], spec["case"], None, status="timeout", note=f"over {timeout:.0f} s",
-                      params=spec)
+        return Result(
+            spec["problem"], spec["case"], None, status="timeout", note=f"over {timeout:.0f} s", params=spec
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -350,8 +408,12 @@ SCHEMA: dict[str, Option] = {
     "logistic.n_val": Option(1000, "logistic problem: validation examples", int, low=1),
     "mlp.sizes": Option([784, 1024, 1024, 10], "MLP layer sizes, input to output", list, item=int, low=1),
     "mlp.batch": Option(256, "MLP batch (training and validation)", int, low=1),
-    "mlp.dtype": Option("float32", "MLP dtype (float64 doubles time and memory; the ratios do not depend on "
-                        "it)", str, choices=("float32", "float64")),
+    "mlp.dtype": Option(
+        "float32",
+        "MLP dtype (float64 doubles time and memory; the ratios do not depend on it)",
+        str,
+        choices=("float32", "float64"),
+    ),
     "iters": Option(20, "CG iterations / Neumann terms", int, low=1),
     "unrolled.steps": Option([100], "unrolled steps K (one case each)", list, item=int, low=1, nonempty=True),
     "repeats": Option(5, "timed runs per case (after one warm-up)", int, low=1),
@@ -359,9 +421,16 @@ SCHEMA: dict[str, Option] = {
     "device": Option("cpu", "torch device: cpu, cuda, cuda:1, ...", str),
 }
 # Tiny problems: a test of the set-up, mostly interpreter start-up (--smoke; Suite.smoke()).
-SMOKE: dict[str, Any] = {"logistic.d": 50, "logistic.n_train": 200, "logistic.n_val": 100,
-                         "mlp.sizes": [20, 32, 32, 3], "mlp.batch": 32, "iters": 5, "unrolled.steps": [10],
-                         "repeats": 2}
+SMOKE: dict[str, Any] = {
+    "logistic.d": 50,
+    "logistic.n_train": 200,
+    "logistic.n_val": 100,
+    "mlp.sizes": [20, 32, 32, 3],
+    "mlp.batch": 32,
+    "iters": 5,
+    "unrolled.steps": [10],
+    "repeats": 2,
+}
 
 
 @dataclass
@@ -398,8 +467,12 @@ class Suite:
         return out
 
 
-def run_suite(suite: Suite, *, workdir: str | None = None,
-              progress: Callable[[Sequence[Any]], Iterable[Any]] | None = None) -> list[Result]:
+def run_suite(
+    suite: Suite,
+    *,
+    workdir: str | None = None,
+    progress: Callable[[Sequence[Any]], Iterable[Any]] | None = None,
+) -> list[Result]:
     """Build the problems once, then every case of ``suite`` in its own subprocess."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         lp = Path(tmp) / "logistic.pt"
@@ -410,8 +483,15 @@ def run_suite(suite: Suite, *, workdir: str | None = None,
         it: Iterable[Any] = progress(cases) if progress else cases
         results = []
         for problem, case, extra in it:
-            spec = {"problem": problem, "case": case, "data": str(mp if problem == "mlp" else lp),
-                    "repeats": suite.repeats, "threads": suite.threads, "device": suite.device, **extra}
+            spec = {
+                "problem": problem,
+                "case": case,
+                "data": str(mp if problem == "mlp" else lp),
+                "repeats": suite.repeats,
+                "threads": suite.threads,
+                "device": suite.device,
+                **extra,
+            }
             results.append(run_isolated(spec))
     return results
 
@@ -420,10 +500,17 @@ def ratios(results: list[Result]) -> dict[str, float]:
     """Our time (and memory) over the plain loop's, per comparable pair, from one run."""
     by = {(r.problem, r.case, r.params.get("steps")): r for r in results}
     out: dict[str, float] = {}
-    pairs = [("logistic", "cg", "plain-cg", None), ("logistic", "neumann", "plain-neumann", None),
-             ("mlp", "neumann", "plain-neumann", None)]
-    pairs += [("unrolled", c, "plain-unrolled", r.params.get("steps")) for r in results
-              if r.problem == "unrolled" and r.case in ("unrolled", "unrolled-checkpoint") for c in [r.case]]
+    pairs = [
+        ("logistic", "cg", "plain-cg", None),
+        ("logistic", "neumann", "plain-neumann", None),
+        ("mlp", "neumann", "plain-neumann", None),
+    ]
+    pairs += [
+        ("unrolled", c, "plain-unrolled", r.params.get("steps"))
+        for r in results
+        if r.problem == "unrolled" and r.case in ("unrolled", "unrolled-checkpoint")
+        for c in [r.case]
+    ]
     for problem, ours_c, base_c, steps in pairs:
         a, b = by.get((problem, ours_c, steps)), by.get((problem, base_c, steps))
         if a and b and a.median_s and b.median_s:
@@ -450,16 +537,20 @@ def suite_of(cfg: Config) -> Suite:
 def check(cfg: Config) -> Suite:
     """The device exists and the MLP has layers, before any work."""
     if len(cfg["mlp.sizes"]) < 2:
-        raise ConfigError(f"config key 'mlp.sizes': got {cfg['mlp.sizes']!r}; give at least an input and an "
-                          "output size, e.g. [784, 1024, 1024, 10]")
+        raise ConfigError(
+            f"config key 'mlp.sizes': got {cfg['mlp.sizes']!r}; give at least an input and an "
+            "output size, e.g. [784, 1024, 1024, 10]"
+        )
     try:
         dev = torch.device(cfg["device"])
     except RuntimeError:
-        raise ConfigError(f"config key 'device': got {cfg['device']!r}; expected a torch device such as "
-                          "cpu, cuda or cuda:1") from None
+        raise ConfigError(
+            f"config key 'device': got {cfg['device']!r}; expected a torch device such as cpu, cuda or cuda:1"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg['device']!r} asked for, but torch sees no CUDA device; "
-                          "use device cpu")
+        raise ConfigError(
+            f"device {cfg['device']!r} asked for, but torch sees no CUDA device; use device cpu"
+        )
     return suite_of(cfg)
 
 
@@ -475,8 +566,10 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def _table(results: list[Any]) -> str:
-    head = (f"{'problem':9s} {'case':20s} {'K':>5s} {'median ms':>10s} {'peak mem':>10s} {'cosine':>9s} "
-            f"{'HVPs':>5s}")
+    head = (
+        f"{'problem':9s} {'case':20s} {'K':>5s} {'median ms':>10s} {'peak mem':>10s} {'cosine':>9s} "
+        f"{'HVPs':>5s}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         # Auto chooses its own iterations; a training step has none.
@@ -486,8 +579,10 @@ def _table(results: list[Any]) -> str:
             continue
         cos = "-" if r.cosine is None else f"{r.cosine:.6f}"
         hv = "-" if r.hvps is None else str(r.hvps)
-        lines.append(f"{r.problem:9s} {r.case:20s} {k!s:>5s} {r.median_s * 1e3:10.2f} "
-                     f"{_fmt_bytes(r.peak_mem_bytes):>10s} {cos:>9s} {hv:>5s}")
+        lines.append(
+            f"{r.problem:9s} {r.case:20s} {k!s:>5s} {r.median_s * 1e3:10.2f} "
+            f"{_fmt_bytes(r.peak_mem_bytes):>10s} {cos:>9s} {hv:>5s}"
+        )
     return "\n".join(lines)
 
 
@@ -511,25 +606,44 @@ def run(ctx: RunContext) -> ExperimentResult:
     text = _table(results)
     if found:
         text += "\n\nratios from this run (ours / plain autograd loop; < 1 is better):\n" + "\n".join(
-            f"  {k:45s} {v:6.3f}" for k, v in found.items())
+            f"  {k:45s} {v:6.3f}" for k, v in found.items()
+        )
     failed = [f"{r.problem}/{r.case}: {r.status} ({r.note})" for r in results if r.status != "ok"]
     columns = ["problem", "case", "median_s", "peak_mem_bytes", "cosine", "hvps", "status"]
-    body = [f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
-            "extra memory of one call; cosine to the exact hypergradient. All numbers in `bench.json`.", "",
-            "```", text, "```"]
+    body = [
+        f"Median of {suite.repeats} timed runs after a warm-up, each case in its own subprocess; peak "
+        "extra memory of one call; cosine to the exact hypergradient. All numbers in `bench.json`.",
+        "",
+        "```",
+        text,
+        "```",
+    ]
     rows = [{c: getattr(r, c) for c in columns} for r in results]
-    return finish(ctx, t0, title=f"bench: what a hypergradient costs on {suite.device} ({suite.threads} "
-                  "threads per case)", columns=columns, rows=rows,
-                  notes=[f"failed: {f}" for f in failed],
-                  result={"suite": asdict(suite), "results": as_json(results), "ratios": found},
-                  result_name="bench.json", body=body, text=text, exit_code=1 if failed else 0)
+    return finish(
+        ctx,
+        t0,
+        title=f"bench: what a hypergradient costs on {suite.device} ({suite.threads} threads per case)",
+        columns=columns,
+        rows=rows,
+        notes=[f"failed: {f}" for f in failed],
+        result={"suite": asdict(suite), "results": as_json(results), "ratios": found},
+        result_name="bench.json",
+        body=body,
+        text=text,
+        exit_code=1 if failed else 0,
+    )
 
 
 EXPERIMENT = Experiment(
     name="bench",
     summary="time, memory and accuracy of our hypergradient methods against a plain autograd loop (each "
     "case in its own subprocess)",
-    schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
+    schema=SCHEMA,
+    smoke=SMOKE,
+    run=run,
+    check=check,
+    resumable=False,
+)
 
 
 if __name__ == "__main__":  # the subprocess entry point of run_isolated

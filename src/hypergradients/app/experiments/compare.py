@@ -54,34 +54,67 @@ from .shared import begin, finish
 
 Progress = Callable[[int], None]
 METHODS = ("Identity", "AdamIdentity", "Neumann", "CG", "Nystrom", "Unrolled", "FirstOrder")
-LABELS = {"Neumann": "Neumann (= unrolled from $w^*$)", "Unrolled": "Unrolled from $w_0=0$",
-          "Nystrom": "Nyström", "CG": "CG", "Identity": "Identity",
-          "AdamIdentity": "Identity, Adam-preconditioned", "FirstOrder": "FirstOrder (2 gradients = 1 HVP)"}
-LEVELS = ("Identity", "AdamIdentity")   # no HVP, one point each
+LABELS = {
+    "Neumann": "Neumann (= unrolled from $w^*$)",
+    "Unrolled": "Unrolled from $w_0=0$",
+    "Nystrom": "Nyström",
+    "CG": "CG",
+    "Identity": "Identity",
+    "AdamIdentity": "Identity, Adam-preconditioned",
+    "FirstOrder": "FirstOrder (2 gradients = 1 HVP)",
+}
+LEVELS = ("Identity", "AdamIdentity")  # no HVP, one point each
 
 
 # ------------------------------------------------------------------------------- the settings
 SCHEMA: dict[str, Option] = {
-    "problems": Option(["diabetes", "digits"], "bundled problems (diabetes: ridge regression; breast-cancer: "
-                       "binary logistic; digits: softmax regression)", list, choices=PROBLEMS, nonempty=True,
-                       unique=True),
-    "budgets": Option([0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100], "HVP budgets h", list,
-                      item=int, low=0, nonempty=True),
-    "methods": Option(list(METHODS), "methods compared with the exact hypergradient", list, choices=METHODS,
-                      nonempty=True, unique=True),
-    "alpha_scale": Option(1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float,
-                          positive=True),
+    "problems": Option(
+        ["diabetes", "digits"],
+        "bundled problems (diabetes: ridge regression; breast-cancer: "
+        "binary logistic; digits: softmax regression)",
+        list,
+        choices=PROBLEMS,
+        nonempty=True,
+        unique=True,
+    ),
+    "budgets": Option(
+        [0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100],
+        "HVP budgets h",
+        list,
+        item=int,
+        low=0,
+        nonempty=True,
+    ),
+    "methods": Option(
+        list(METHODS),
+        "methods compared with the exact hypergradient",
+        list,
+        choices=METHODS,
+        nonempty=True,
+        unique=True,
+    ),
+    "alpha_scale": Option(
+        1.0, "Neumann and unrolling step α = alpha_scale/λ_max(H), in (0, 2)", float, positive=True
+    ),
     "identity_scale": Option(1.0, "Identity's p = scale·v", float, positive=True),
     "cg_tol": Option(1e-12, "CG's relative residual at which it stops early", float, low=0.0),
     "sigma": Option(1e4, "FirstOrder's penalty σ (bias O(1/σ²), rounding O(σ·eps))", float, positive=True),
-    "adam_steps": Option(1000, "Adam steps (batch 32) whose second moments precondition AdamIdentity", int,
-                         low=1),
-    "adam_lr": Option(1e-2, "learning rate of that Adam run (AdamIdentity's p = lr·v/(sqrt(v̂)+eps))", float,
-                      positive=True),
-    "n_train": Option("auto", "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
-                      int, low=2, auto=True),
-    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
-                        positive=True),
+    "adam_steps": Option(
+        1000, "Adam steps (batch 32) whose second moments precondition AdamIdentity", int, low=1
+    ),
+    "adam_lr": Option(
+        1e-2, "learning rate of that Adam run (AdamIdentity's p = lr·v/(sqrt(v̂)+eps))", float, positive=True
+    ),
+    "n_train": Option(
+        "auto",
+        "training examples ('auto': 300 for the sklearn sets, all of digits' split)",
+        int,
+        low=2,
+        auto=True,
+    ),
+    "decay.low": Option(
+        1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float, positive=True
+    ),
     "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
     "seed": Option(0, "data split, weight-decay draw and Nyström sketch", int),
     "threads": Option(1, "torch's CPU threads (these problems are too small to gain from more)", int, low=1),
@@ -119,14 +152,17 @@ class CompareConfig:
             raise hg.HypergradientError(f"budgets must be a non-empty list of integers >= 0, got {hs!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise hg.HypergradientError(f"unknown method(s) {unknown or list(self.methods)}; "
-                                        f"choose from {', '.join(METHODS)}")
+            raise hg.HypergradientError(
+                f"unknown method(s) {unknown or list(self.methods)}; choose from {', '.join(METHODS)}"
+            )
         if not self.problems:
             raise hg.HypergradientError("problems is empty; choose from diabetes, breast-cancer, digits")
         if not 0 < self.alpha_scale < 2:
-            raise hg.HypergradientError(f"alpha_scale={self.alpha_scale} must be in (0, 2): α = "
-                                        "alpha_scale/λ_max outside (0, 2/λ_max) makes Neumann and gradient "
-                                        "descent diverge")
+            raise hg.HypergradientError(
+                f"alpha_scale={self.alpha_scale} must be in (0, 2): α = "
+                "alpha_scale/λ_max outside (0, 2/λ_max) makes Neumann and gradient "
+                "descent diverge"
+            )
 
     def cost(self) -> int:
         """Work units (≈ HVPs) reported to the progress callback, per problem summed."""
@@ -166,9 +202,11 @@ class CompareResult:
         hs = self.table_budgets()
         lines = []
         for pr in self.problems:
-            lines.append(f"**{pr.name}** ({pr.summary['n_weights']} weights, {pr.summary['n_hparams']} "
-                         f"hyperparameters, cond(H) = {pr.summary['condition_number']:.0f}): "
-                         "cosine / relative distance")
+            lines.append(
+                f"**{pr.name}** ({pr.summary['n_weights']} weights, {pr.summary['n_hparams']} "
+                f"hyperparameters, cond(H) = {pr.summary['condition_number']:.0f}): "
+                "cosine / relative distance"
+            )
             lines.append("")
             lines.append("| method | " + " | ".join(f"{h} HVPs" for h in hs) + " |")
             lines.append("|---|" + "---|" * len(hs))
@@ -182,20 +220,30 @@ class CompareResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": asdict(self.config),
-                "problems": [{"name": p.name, "problem": p.summary, "alpha": p.alpha, "curves": p.curves}
-                             for p in self.problems],
-                "timings_s": self.timings}
+        return {
+            "config": asdict(self.config),
+            "problems": [
+                {"name": p.name, "problem": p.summary, "alpha": p.alpha, "curves": p.curves}
+                for p in self.problems
+            ],
+            "timings_s": self.timings,
+        }
 
 
 def _point(prob: BilevelProblem, method: hg.Method, budget: int, *, cold: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
     w = prob.zeros() if cold else prob.params
-    g, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, w, prob.hparams, method=method,
-                               residual=False, return_info=True)
-    point = {"budget": budget, "hvps": info.hvps, "cosine": cosine(g, prob.exact),
-             "rel_dist": rel_dist(g, prob.exact), "time_s": time.perf_counter() - t0}
-    if "gradient_evals" in info.extra:   # FirstOrder: its cost is in gradients
+    g, info = hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, w, prob.hparams, method=method, residual=False, return_info=True
+    )
+    point = {
+        "budget": budget,
+        "hvps": info.hvps,
+        "cosine": cosine(g, prob.exact),
+        "rel_dist": rel_dist(g, prob.exact),
+        "time_s": time.perf_counter() - t0,
+    }
+    if "gradient_evals" in info.extra:  # FirstOrder: its cost is in gradients
         point["grad_evals"] = info.extra["gradient_evals"]
     return point
 
@@ -216,8 +264,9 @@ def adam_preconditioner(prob: BilevelProblem, cfg: CompareConfig) -> dict[str, T
     return hg.adam_diagonal(opt, w)
 
 
-def compare_problem(prob: BilevelProblem, cfg: CompareConfig, *,
-                    progress: Progress | None = None) -> ProblemCurves:
+def compare_problem(
+    prob: BilevelProblem, cfg: CompareConfig, *, progress: Progress | None = None
+) -> ProblemCurves:
     """Every method of ``cfg.methods`` at every budget on one solved problem."""
     alpha = cfg.alpha_scale / prob.lambda_max
     n = prob.n_weights
@@ -238,7 +287,7 @@ def compare_problem(prob: BilevelProblem, cfg: CompareConfig, *,
             curves["Nystrom"].append(_point(prob, hg.Nystrom(rank=h, seed=cfg.seed), h))
         if h >= 1 and "Unrolled" in curves:
             curves["Unrolled"].append(_point(prob, hg.Unrolled(steps=h, lr=alpha), h, cold=True))
-        if h >= 2 and "FirstOrder" in curves:   # 4K + 2 gradients ≈ 2K + 1 HVPs: K = ⌊h/2⌋
+        if h >= 2 and "FirstOrder" in curves:  # 4K + 2 gradients ≈ 2K + 1 HVPs: K = ⌊h/2⌋
             method = hg.FirstOrder(sigma=cfg.sigma, steps=h // 2, lr=alpha)
             curves["FirstOrder"].append(_point(prob, method, h))
         if progress:
@@ -272,11 +321,13 @@ def check(cfg: Config) -> CompareConfig:
     return settings
 
 
-HEADER = ("Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
-          "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
-          "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n"
-          "AdamIdentity: p = lr·v/(sqrt(v̂)+eps) from an Adam run's state, no HVP. FirstOrder: no HVP,\n"
-          "4K+2 gradients for K = h//2 steps, at an HVP counted as 2 gradients (equal cost).\n")
+HEADER = (
+    "Cosine similarity / relative L2 distance to the exact hypergradient, per HVP budget.\n"
+    "Neumann with h HVPs is unrolling h+1 steps from w* (the theorem: `hypergradients explain`);\n"
+    "Unrolled starts from w0 = 0. Nystrom stops at rank = number of weights (exact there).\n"
+    "AdamIdentity: p = lr·v/(sqrt(v̂)+eps) from an Adam run's state, no HVP. FirstOrder: no HVP,\n"
+    "4K+2 gradients for K = h//2 steps, at an HVP counted as 2 gradients (equal cost).\n"
+)
 
 
 def _run(ctx: RunContext) -> ExperimentResult:
@@ -297,13 +348,28 @@ def _run(ctx: RunContext) -> ExperimentResult:
     summary["figures"] = [f.name for f in figures]
     md = write_atomic(ctx.out / "compare.md", table + "\n")
     columns = ["problem", "method", "budget", "hvps", "cosine", "rel_dist"]
-    rows = [{"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
-            for pr in result.problems for m in pr.curves for h in result.table_budgets()
-            for p in [pr.at(m, h)] if p is not None and (m not in LEVELS or h == 0)]
+    rows = [
+        {"problem": pr.name, "method": m, **{k: p[k] for k in columns[2:]}}
+        for pr in result.problems
+        for m in pr.curves
+        for h in result.table_budgets()
+        for p in [pr.at(m, h)]
+        if p is not None and (m not in LEVELS or h == 0)
+    ]
     body = [HEADER.replace("\n", " ").strip(), "", table, *[f"![{f.stem}]({f.name})" for f in figures]]
-    return finish(ctx, t0, title="compare: inverse-Hessian approximations against the exact hypergradient, "
-                  "per HVP", columns=columns, rows=rows, result=summary, result_name="compare.json",
-                  body=body, figures=figures, also=[md], text=HEADER + "\n" + table)
+    return finish(
+        ctx,
+        t0,
+        title="compare: inverse-Hessian approximations against the exact hypergradient, per HVP",
+        columns=columns,
+        rows=rows,
+        result=summary,
+        result_name="compare.json",
+        body=body,
+        figures=figures,
+        also=[md],
+        text=HEADER + "\n" + table,
+    )
 
 
 run = with_threads(_run)
@@ -311,4 +377,9 @@ run = with_threads(_run)
 EXPERIMENT = Experiment(
     name="compare",
     summary="compare inverse-Hessian approximations against the exact hypergradient",
-    schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
+    schema=SCHEMA,
+    smoke=SMOKE,
+    run=run,
+    check=check,
+    resumable=False,
+)

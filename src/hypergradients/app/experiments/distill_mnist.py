@@ -189,12 +189,15 @@ def dry_run(cfg: Config, ds: Dataset) -> str:
     from ...hparams import describe
 
     k, C = cfg["distill.per_class"], ds.num_classes
-    fam = DistilledData((ds.num_features,), C, per_class=k,
-                        init=torch.zeros((C * k, ds.num_features), dtype=ds.x_train.dtype))
+    fam = DistilledData(
+        (ds.num_features,), C, per_class=k, init=torch.zeros((C * k, ds.num_features), dtype=ds.x_train.dtype)
+    )
     model = mlp(ds.num_features, [], C, flatten=True)
     weights = sum(p.numel() for p in model.parameters())
-    head = (f"distill ({cfg['config']}): {ds.source}; logistic regression with {weights:,} weights on the "
-            "learned images only")
+    head = (
+        f"distill ({cfg['config']}): {ds.source}; logistic regression with {weights:,} weights on the "
+        "learned images only"
+    )
     return "\n".join([head, "", describe([fam, FixedL2(cfg["inner.l2"])])])
 
 

@@ -56,49 +56,104 @@ Progress = Callable[[int], None]
 # ------------------------------------------------------------------------------- the settings
 STEPS = [1, 3, 10, 30, 100, 300, 1000]
 SCHEMA: dict[str, Option] = {
-    "problem": Option("breast-cancer", "bundled dataset (breast-cancer: 30 features, binary; digits: 64 "
-                      "features, 10 classes, softmax)", str, choices=("breast-cancer", "digits")),
-    "n_train": Option("auto", "training examples ('auto': 300 for breast-cancer, all of digits' split)", int,
-                      low=2, auto=True),
-    "decay.low": Option(1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float,
-                        positive=True),
+    "problem": Option(
+        "breast-cancer",
+        "bundled dataset (breast-cancer: 30 features, binary; digits: 64 features, 10 classes, softmax)",
+        str,
+        choices=("breast-cancer", "digits"),
+    ),
+    "n_train": Option(
+        "auto",
+        "training examples ('auto': 300 for breast-cancer, all of digits' split)",
+        int,
+        low=2,
+        auto=True,
+    ),
+    "decay.low": Option(
+        1e-3, "smallest per-weight decay drawn (log-uniform in [low, high])", float, positive=True
+    ),
     "decay.high": Option(1e-1, "largest per-weight decay drawn", float, positive=True),
     "seed": Option(0, "data split and weight-decay draw", int),
     "threads": Option(1, "torch's CPU threads (these problems are too small to gain from more)", int, low=1),
-    "figures": Option(True, "write explain_cosine.png, explain_theorem.png, explain_optimizers.png and "
-                      "explain_noise.png", bool),
+    "figures": Option(
+        True,
+        "write explain_cosine.png, explain_theorem.png, explain_optimizers.png and explain_noise.png",
+        bool,
+    ),
     "alpha_scale": Option(1.0, "step size α = alpha_scale/λ_max(H), in (0, 2)", float, positive=True),
-    "theorem.steps": Option(STEPS, "K for the theorem check: unrolled from w* against K-term Neumann", list,
-                            item=int, low=1, nonempty=True),
-    "cold.steps": Option(STEPS, "K for cold-start, truncated and mistaken unrolling from w_0 = 0", list,
-                         item=int, low=1, nonempty=True),
+    "theorem.steps": Option(
+        STEPS,
+        "K for the theorem check: unrolled from w* against K-term Neumann",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+    ),
+    "cold.steps": Option(
+        STEPS,
+        "K for cold-start, truncated and mistaken unrolling from w_0 = 0",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+    ),
     "cold.truncate": Option(10, "T: the steps differentiated by truncated unrolling", int, low=1),
     "lr.steps": Option(100, "unrolled steps for the learning-rate hypergradient", int, low=1),
-    "momentum.beta": Option(0.9, "heavy-ball momentum β (with α = alpha_scale/λ_max), in [0, 1)", float,
-                            low=0.0),
-    "momentum.steps": Option([1, 5, 10, 50, 100, 300, 1000], "K for heavy-ball unrolled from w* against its "
-                             "polynomial", list, item=int, low=1, nonempty=True),
-    "adam.lr": Option(0.1, "Adam's learning rate (the warm-up run and the unrolled steps from w*)", float,
-                      positive=True),
+    "momentum.beta": Option(
+        0.9, "heavy-ball momentum β (with α = alpha_scale/λ_max), in [0, 1)", float, low=0.0
+    ),
+    "momentum.steps": Option(
+        [1, 5, 10, 50, 100, 300, 1000],
+        "K for heavy-ball unrolled from w* against its polynomial",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+    ),
+    "adam.lr": Option(
+        0.1, "Adam's learning rate (the warm-up run and the unrolled steps from w*)", float, positive=True
+    ),
     "adam.b1": Option(0.9, "Adam's β₁, in [0, 1)", float, low=0.0),
     "adam.b2": Option(0.999, "Adam's β₂, in [0, 1)", float, low=0.0),
     "adam.eps": Option(1e-8, "Adam's ε", float, positive=True),
-    "adam.warm_steps": Option(1000, "full-batch Adam steps from w_0 = 0 whose second moment v is kept", int,
-                              low=1),
-    "adam.steps": Option([1, 10, 100, 300, 1000], "K for Adam unrolled from w* with the warm v", list,
-                         item=int, low=1, nonempty=True),
-    "adam.zero_steps": Option([1, 2, 3, 5, 10], "K for Adam unrolled from w* with v = 0 (a fresh state)",
-                              list, item=int, low=1, nonempty=True),
+    "adam.warm_steps": Option(
+        1000, "full-batch Adam steps from w_0 = 0 whose second moment v is kept", int, low=1
+    ),
+    "adam.steps": Option(
+        [1, 10, 100, 300, 1000],
+        "K for Adam unrolled from w* with the warm v",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+    ),
+    "adam.zero_steps": Option(
+        [1, 2, 3, 5, 10],
+        "K for Adam unrolled from w* with v = 0 (a fresh state)",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+    ),
     "noise.orders": Option(20, "random minibatch orders per batch size", int, low=2),
-    "noise.batch_sizes": Option([10, 30, 100], "minibatch sizes for SGD from w*", list, item=int, low=1,
-                                nonempty=True),
+    "noise.batch_sizes": Option(
+        [10, 30, 100], "minibatch sizes for SGD from w*", list, item=int, low=1, nonempty=True
+    ),
     "noise.steps": Option([10, 30, 100], "K for minibatch SGD from w*", list, item=int, low=1, nonempty=True),
 }
 # Every part, in a few seconds (--smoke; ExplainConfig.smoke()).
-SMOKE: dict[str, Any] = {"theorem.steps": [1, 10, 100], "cold.steps": [1, 10, 100, 300],
-                         "lr.steps": 20, "momentum.steps": [1, 5, 50], "adam.warm_steps": 300,
-                         "adam.steps": [1, 10, 100], "adam.zero_steps": [1, 2, 3], "noise.orders": 5,
-                         "noise.batch_sizes": [10, 100], "noise.steps": [10, 30]}
+SMOKE: dict[str, Any] = {
+    "theorem.steps": [1, 10, 100],
+    "cold.steps": [1, 10, 100, 300],
+    "lr.steps": 20,
+    "momentum.steps": [1, 5, 50],
+    "adam.warm_steps": 300,
+    "adam.steps": [1, 10, 100],
+    "adam.zero_steps": [1, 2, 3],
+    "noise.orders": 5,
+    "noise.batch_sizes": [10, 100],
+    "noise.steps": [10, 30],
+}
 
 
 @dataclass(frozen=True)
@@ -138,12 +193,20 @@ class ExplainConfig:
         return settings(cls, SCHEMA, resolve(SCHEMA, smoke=SMOKE), **overrides)
 
     def validate(self) -> None:
-        for name in ("theorem_steps", "cold_steps", "momentum_steps", "adam_steps", "adam_zero_steps",
-                     "noise_steps", "noise_batch_sizes"):
+        for name in (
+            "theorem_steps",
+            "cold_steps",
+            "momentum_steps",
+            "adam_steps",
+            "adam_zero_steps",
+            "noise_steps",
+            "noise_batch_sizes",
+        ):
             ks = getattr(self, name)
             if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-                raise hg.HypergradientError(f"{name} must be a non-empty list of positive integers, "
-                                            f"got {ks!r}")
+                raise hg.HypergradientError(
+                    f"{name} must be a non-empty list of positive integers, got {ks!r}"
+                )
         for name in ("truncate", "lr_steps", "adam_warm_steps"):
             k = getattr(self, name)
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -151,21 +214,24 @@ class ExplainConfig:
         if not 0 < self.alpha_scale < 2:
             raise hg.HypergradientError(
                 f"alpha_scale={self.alpha_scale} puts α = alpha_scale/λ_max outside (0, 2/λ_max), where "
-                "gradient descent and the Neumann series diverge; use a value in (0, 2), e.g. 1")
+                "gradient descent and the Neumann series diverge; use a value in (0, 2), e.g. 1"
+            )
         for name in ("momentum_beta", "adam_b1", "adam_b2"):
             b = getattr(self, name)
             if not 0 <= b < 1:
                 raise hg.HypergradientError(
                     f"{name}={b} must be in [0, 1): a momentum or moment decay of 1 or more never forgets "
-                    "and the recurrence does not converge; use e.g. 0.9")
+                    "and the recurrence does not converge; use e.g. 0.9"
+                )
         for name in ("adam_lr", "adam_eps"):
             x = getattr(self, name)
             if not (x > 0 and math.isfinite(x)):
                 raise hg.HypergradientError(f"{name}={x} must be a finite number > 0")
         orders = self.noise_orders
         if isinstance(orders, bool) or not isinstance(orders, int) or orders < 2:
-            raise hg.HypergradientError(f"noise_orders must be an integer >= 2 (a spread needs two orders), "
-                                        f"got {self.noise_orders!r}")
+            raise hg.HypergradientError(
+                f"noise_orders must be an integer >= 2 (a spread needs two orders), got {self.noise_orders!r}"
+            )
 
     def cost(self) -> int:
         """Work units (unrolled steps or HVPs) :func:`explain` reports to its progress callback."""
@@ -173,8 +239,13 @@ class ExplainConfig:
         cold = 2 * sum(self.cold_steps) + sum(k for k in self.cold_steps if k >= self.truncate)
         per_order = max(self.noise_steps) + sum(self.noise_steps)
         noise = self.noise_orders * len(self.noise_batch_sizes) * per_order
-        beyond = (3 * sum(self.momentum_steps) + 2 * sum(self.adam_zero_steps) + self.adam_warm_steps // 4
-                  + 2 * max(self.adam_steps) + noise)
+        beyond = (
+            3 * sum(self.momentum_steps)
+            + 2 * sum(self.adam_zero_steps)
+            + self.adam_warm_steps // 4
+            + 2 * max(self.adam_steps)
+            + noise
+        )
         return theorem + cold + 5 * self.lr_steps + beyond
 
 
@@ -241,43 +312,84 @@ def run_gd(prob: BilevelProblem, w0: Tree, hparams: Tree, *, lr: float, steps: i
     return w
 
 
-def theorem_check(prob: BilevelProblem, alpha: float, steps: tuple[int, ...], *,
-                  progress: Progress | None = None) -> list[dict[str, float]]:
+def theorem_check(
+    prob: BilevelProblem, alpha: float, steps: tuple[int, ...], *, progress: Progress | None = None
+) -> list[dict[str, float]]:
     """Part 1: ``Unrolled(K, α)`` from ``w*`` vs ``Neumann(K, α)``, and both vs the exact ``g*``."""
     rows = []
     for K in steps:
         t0 = time.perf_counter()
-        gu, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                                    method=hg.Unrolled(steps=K, lr=alpha), return_info=True)
+        gu, info = hg.hypergradient(
+            prob.outer_loss,
+            prob.inner_loss,
+            prob.params,
+            prob.hparams,
+            method=hg.Unrolled(steps=K, lr=alpha),
+            return_info=True,
+        )
         t1 = time.perf_counter()
-        gn, ninfo = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                                     method=hg.Neumann(iters=K, alpha=alpha), residual=False,
-                                     return_info=True)
+        gn, ninfo = hg.hypergradient(
+            prob.outer_loss,
+            prob.inner_loss,
+            prob.params,
+            prob.hparams,
+            method=hg.Neumann(iters=K, alpha=alpha),
+            residual=False,
+            return_info=True,
+        )
         t2 = time.perf_counter()
         assert info.final_params is not None
-        rows.append({"K": K, "rel_diff": rel_dist(gu, gn), "cosine": cosine(gn, prob.exact),
-                     "rel_dist": rel_dist(gn, prob.exact), "unrolled_cosine": cosine(gu, prob.exact),
-                     "weight_drift": rel_dist(info.final_params, prob.params),
-                     "neumann_hvps": ninfo.hvps, "unrolled_s": t1 - t0, "neumann_s": t2 - t1})
+        rows.append(
+            {
+                "K": K,
+                "rel_diff": rel_dist(gu, gn),
+                "cosine": cosine(gn, prob.exact),
+                "rel_dist": rel_dist(gn, prob.exact),
+                "unrolled_cosine": cosine(gu, prob.exact),
+                "weight_drift": rel_dist(info.final_params, prob.params),
+                "neumann_hvps": ninfo.hvps,
+                "unrolled_s": t1 - t0,
+                "neumann_s": t2 - t1,
+            }
+        )
         if progress:
             progress(2 * K)
     return rows
 
 
-def cold_start(prob: BilevelProblem, alpha: float, steps: tuple[int, ...], *, truncate: int | None = None,
-               progress: Progress | None = None) -> list[dict[str, float]]:
+def cold_start(
+    prob: BilevelProblem,
+    alpha: float,
+    steps: tuple[int, ...],
+    *,
+    truncate: int | None = None,
+    progress: Progress | None = None,
+) -> list[dict[str, float]]:
     """Parts 2–3: ``Unrolled(K, α, truncate)`` from ``w₀ = 0`` against ``g*`` (K < T skipped)."""
     rows = []
     for K in steps:
         if truncate is not None and K < truncate:
             continue
         t0 = time.perf_counter()
-        g, info = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.zeros(), prob.hparams,
-                                   method=hg.Unrolled(steps=K, lr=alpha, truncate=truncate), return_info=True)
+        g, info = hg.hypergradient(
+            prob.outer_loss,
+            prob.inner_loss,
+            prob.zeros(),
+            prob.hparams,
+            method=hg.Unrolled(steps=K, lr=alpha, truncate=truncate),
+            return_info=True,
+        )
         assert info.final_params is not None
-        rows.append({"K": K, "cosine": cosine(g, prob.exact), "rel_dist": rel_dist(g, prob.exact),
-                     "weight_rel_err": rel_dist(info.final_params, prob.params),
-                     "grad_norm": _grad_norm(prob, info.final_params), "time_s": time.perf_counter() - t0})
+        rows.append(
+            {
+                "K": K,
+                "cosine": cosine(g, prob.exact),
+                "rel_dist": rel_dist(g, prob.exact),
+                "weight_rel_err": rel_dist(info.final_params, prob.params),
+                "grad_norm": _grad_norm(prob, info.final_params),
+                "time_s": time.perf_counter() - t0,
+            }
+        )
         if progress:
             progress(K)
     return rows
@@ -297,19 +409,19 @@ def mistaken_hypergradient(prob: BilevelProblem, w0: Tree, alpha: float, steps: 
     wK = tree.clone_leaves(path[-1], requires_grad=True)
     out = prob.outer_loss(wK, lam)
     raw = torch.autograd.grad(out, list(wK.values()) + list(lam.values()), allow_unused=True)
-    v = tree.as_tree(raw[:len(wK)], wK)
-    g = tree.as_tree(raw[len(wK):], lam)  # the direct term (zero for these problems)
+    v = tree.as_tree(raw[: len(wK)], wK)
+    g = tree.as_tree(raw[len(wK) :], lam)  # the direct term (zero for these problems)
     for wk in path[:-1]:
         w = tree.clone_leaves(wk, requires_grad=True)
         gw = torch.autograd.grad(prob.inner_loss(w, lam), list(w.values()), create_graph=True)
-        mixed = torch.autograd.grad(gw, list(lam.values()), grad_outputs=[v[k] for k in w],
-                                    allow_unused=True)
+        mixed = torch.autograd.grad(gw, list(lam.values()), grad_outputs=[v[k] for k in w], allow_unused=True)
         g = tree.axpy(-alpha, tree.as_tree(mixed, lam), g)
     return tree.detach(g)
 
 
-def learning_rate_section(prob: BilevelProblem, alpha: float, steps: int, *,
-                          progress: Progress | None = None) -> dict[str, Any]:
+def learning_rate_section(
+    prob: BilevelProblem, alpha: float, steps: int, *, progress: Progress | None = None
+) -> dict[str, Any]:
     """Part 4: the step size as a hyperparameter ``"lr"``.
 
     The finite-difference check is central, ``(f(α+ε) − f(α−ε))/2ε`` of ``f(α) = L_V(w_K(α))``
@@ -326,10 +438,12 @@ def learning_rate_section(prob: BilevelProblem, alpha: float, steps: int, *,
             refused[type(m).__name__] = str(e)
         else:  # pragma: no cover - would be a bug in the core
             raise AssertionError(f"{type(m).__name__} accepted a path-only hyperparameter")
-    g_cold = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.zeros(), hp,
-                              method=hg.Unrolled(steps=steps, lr="lr"))
-    g_opt = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, hp,
-                             method=hg.Unrolled(steps=steps, lr="lr"))
+    g_cold = hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.zeros(), hp, method=hg.Unrolled(steps=steps, lr="lr")
+    )
+    g_opt = hg.hypergradient(
+        prob.outer_loss, prob.inner_loss, prob.params, hp, method=hg.Unrolled(steps=steps, lr="lr")
+    )
     if progress:
         progress(2 * steps)
     eps = 1e-5 * alpha
@@ -345,20 +459,34 @@ def learning_rate_section(prob: BilevelProblem, alpha: float, steps: int, *,
     if progress:
         progress(steps)
     lr_cold = float(g_cold["lr"])
-    return {"lr": alpha, "steps": steps, "refused_by": refused,
-            "unrolled_cold_start": lr_cold, "finite_difference": fd, "fd_eps": eps,
-            "fd_rel_err": abs(lr_cold - fd) / max(abs(fd), 1e-300),
-            "outer_loss_after_K": val_cold,
-            "outer_loss_at_w_star": float(prob.outer_loss(prob.params, prob.hparams)),
-            "unrolled_from_optimum": float(g_opt["lr"]),
-            "log_weight_decay_cosine_cold_start": cosine(
-                {"log_weight_decay": g_cold["log_weight_decay"]}, prob.exact)}
+    return {
+        "lr": alpha,
+        "steps": steps,
+        "refused_by": refused,
+        "unrolled_cold_start": lr_cold,
+        "finite_difference": fd,
+        "fd_eps": eps,
+        "fd_rel_err": abs(lr_cold - fd) / max(abs(fd), 1e-300),
+        "outer_loss_after_K": val_cold,
+        "outer_loss_at_w_star": float(prob.outer_loss(prob.params, prob.hparams)),
+        "unrolled_from_optimum": float(g_opt["lr"]),
+        "log_weight_decay_cosine_cold_start": cosine(
+            {"log_weight_decay": g_cold["log_weight_decay"]}, prob.exact
+        ),
+    }
 
 
 # ------------------------------------------------------------------ beyond plain gradient descent
-def unroll_optimizer(prob: BilevelProblem, opt: optim.Optimizer, state: Any, w0: Tree, steps: int, *,
-                     batches: list[Tensor] | None = None, record: tuple[int, ...] | None = None,
-                     ) -> tuple[dict[int, Tree], Tree]:
+def unroll_optimizer(
+    prob: BilevelProblem,
+    opt: optim.Optimizer,
+    state: Any,
+    w0: Tree,
+    steps: int,
+    *,
+    batches: list[Tensor] | None = None,
+    record: tuple[int, ...] | None = None,
+) -> tuple[dict[int, Tree], Tree]:
     """Reverse mode through ``steps`` steps of the library optimizer ``opt`` (``hg.optim``) from ``w0``.
 
     ``w0`` and the optimizer ``state`` are constants w.r.t. λ (as for :class:`hypergradients.Unrolled`);
@@ -384,13 +512,20 @@ def unroll_optimizer(prob: BilevelProblem, opt: optim.Optimizer, state: Any, w0:
     return out, tree.detach(w)
 
 
-def library_unrolled(prob: BilevelProblem, opt: optim.Optimizer, steps: int, *,
-                     batches: list[Tensor] | None = None) -> tuple[Tree, Tree]:
+def library_unrolled(
+    prob: BilevelProblem, opt: optim.Optimizer, steps: int, *, batches: list[Tensor] | None = None
+) -> tuple[Tree, Tree]:
     """``hg.hypergradient`` with ``hg.Unrolled(steps, optimizer=opt, batches=batches)`` from ``w*``:
     ``(hypergradient, w_K)``. With ``batches`` the inner loss is ``prob.batch_loss(w, λ, rows)``."""
     inner: Any = prob.inner_loss if batches is None else prob.batch_loss
-    g, info = hg.hypergradient(prob.outer_loss, inner, prob.params, prob.hparams, return_info=True,
-                               method=hg.Unrolled(steps=steps, optimizer=opt, batches=batches))
+    g, info = hg.hypergradient(
+        prob.outer_loss,
+        inner,
+        prob.params,
+        prob.hparams,
+        return_info=True,
+        method=hg.Unrolled(steps=steps, optimizer=opt, batches=batches),
+    )
     assert info.final_params is not None
     return g, info.final_params
 
@@ -403,7 +538,7 @@ def lucas_u(r1: Tensor, r2: Tensor, n: int) -> Tensor:
     """
     if n == 0:
         return torch.zeros_like(r1)
-    p1 = torch.cumprod(torch.stack([torch.ones_like(r1)] + [r1] * (n - 1)), dim=0)   # r1^0 … r1^{n−1}
+    p1 = torch.cumprod(torch.stack([torch.ones_like(r1)] + [r1] * (n - 1)), dim=0)  # r1^0 … r1^{n−1}
     p2 = torch.cumprod(torch.stack([torch.ones_like(r2)] + [r2] * (n - 1)), dim=0)
     return (p1 * p2.flip(0)).sum(dim=0)
 
@@ -476,15 +611,24 @@ def _at_optimum(prob: BilevelProblem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = tree.clone_leaves(prob.params, requires_grad=True)
     v = _flat_grad(prob.outer_loss(w, prob.hparams), w)
     lam = tree.clone_leaves(prob.hparams, requires_grad=True)
-    gw = tree.flatten(tree.as_tree(torch.autograd.grad(prob.inner_loss(w, lam), list(w.values()),
-                                                       create_graph=True), w))
-    rows = [tree.flatten(tree.as_tree(torch.autograd.grad(gw[i], list(lam.values()), retain_graph=True), lam))
-            for i in range(gw.numel())]
+    gw = tree.flatten(
+        tree.as_tree(torch.autograd.grad(prob.inner_loss(w, lam), list(w.values()), create_graph=True), w)
+    )
+    rows = [
+        tree.flatten(tree.as_tree(torch.autograd.grad(gw[i], list(lam.values()), retain_graph=True), lam))
+        for i in range(gw.numel())
+    ]
     return ev, Q, v, torch.stack(rows)
 
 
-def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tuple[int, ...], *,
-                     progress: Progress | None = None) -> dict[str, Any]:
+def momentum_section(
+    prob: BilevelProblem,
+    alpha: float,
+    beta: float,
+    steps: tuple[int, ...],
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Part 6: heavy-ball momentum from ``w*`` with zero velocity, against its polynomial and ``g*``.
 
     Library: ``hg.Unrolled(optimizer=hg.optim.heavy_ball(lr=α, momentum=β))`` (:func:`library_unrolled`),
@@ -504,14 +648,16 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
     def dist(g: Tensor) -> float:
         return float((g - exact).norm() / exact.norm())
 
-    b_nes = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)   # Nesterov's pair for α = 1/L
+    b_nes = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)  # Nesterov's pair for α = 1/L
 
     def nes(K: int) -> Tensor:
         return -(M.T @ (Q @ (nesterov_polynomial(ev, K, 1 / L, b_nes) * (Q.T @ v))))
 
-    cases = (("", optim.heavy_ball(lr=alpha, momentum=beta), lambda K: poly(K, alpha, beta)),
-             ("optimal_", optim.heavy_ball(lr=a_opt, momentum=b_opt), lambda K: poly(K, a_opt, b_opt)),
-             ("nesterov_", optim.nesterov(lr=1 / L, momentum=b_nes), nes))
+    cases = (
+        ("", optim.heavy_ball(lr=alpha, momentum=beta), lambda K: poly(K, alpha, beta)),
+        ("optimal_", optim.heavy_ball(lr=a_opt, momentum=b_opt), lambda K: poly(K, a_opt, b_opt)),
+        ("nesterov_", optim.nesterov(lr=1 / L, momentum=b_nes), nes),
+    )
     rows: list[dict[str, float]] = [{"K": K} for K in steps]
     for name, opt, closed in cases:
         for row, K in zip(rows, steps, strict=True):
@@ -526,28 +672,38 @@ def momentum_section(prob: BilevelProblem, alpha: float, beta: float, steps: tup
     decades = math.ceil(math.log10(max(steps)))
     grid = sorted({max(1, round(10 ** (e / 10))) for e in range(0, 10 * decades + 1)} | set(steps))
     grid = [K for K in grid if K <= max(steps)]
-    curves = {"K": grid,
-              "neumann": [dist(poly(K, alpha, 0.0)) for K in grid],
-              "heavy_ball": [dist(poly(K, alpha, beta)) for K in grid],
-              "heavy_ball_optimal": [dist(poly(K, a_opt, b_opt)) for K in grid],
-              "nesterov": [dist(nes(K)) for K in grid]}
-    return {"alpha": alpha, "beta": beta, "alpha_opt": a_opt, "beta_opt": b_opt, "kappa": kappa,
-            "rate_neumann": heavy_ball_rate(ev, alpha, 0.0),
-            "rate_heavy_ball": heavy_ball_rate(ev, alpha, beta),
-            "rate_optimal": heavy_ball_rate(ev, a_opt, b_opt),
-            "rate_optimal_theory": (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1),
-            "nesterov_alpha": 1 / L, "nesterov_beta": b_nes,
-            "rate_nesterov": heavy_ball_rate(ev, 1 / L, b_nes, nesterov=True),
-            "rate_nesterov_theory": 1 - 1 / math.sqrt(kappa),
-            "rate_neumann_theory": 1 - 1 / kappa,
-            "stable": bool(0 <= beta < 1 and alpha * L < 2 * (1 + beta)),
-            "max_rel_diff": max(max(r["rel_diff"], r["optimal_rel_diff"], r["nesterov_rel_diff"])
-                                for r in rows),
-            "rows": rows, "curves": curves}
+    curves = {
+        "K": grid,
+        "neumann": [dist(poly(K, alpha, 0.0)) for K in grid],
+        "heavy_ball": [dist(poly(K, alpha, beta)) for K in grid],
+        "heavy_ball_optimal": [dist(poly(K, a_opt, b_opt)) for K in grid],
+        "nesterov": [dist(nes(K)) for K in grid],
+    }
+    return {
+        "alpha": alpha,
+        "beta": beta,
+        "alpha_opt": a_opt,
+        "beta_opt": b_opt,
+        "kappa": kappa,
+        "rate_neumann": heavy_ball_rate(ev, alpha, 0.0),
+        "rate_heavy_ball": heavy_ball_rate(ev, alpha, beta),
+        "rate_optimal": heavy_ball_rate(ev, a_opt, b_opt),
+        "rate_optimal_theory": (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1),
+        "nesterov_alpha": 1 / L,
+        "nesterov_beta": b_nes,
+        "rate_nesterov": heavy_ball_rate(ev, 1 / L, b_nes, nesterov=True),
+        "rate_nesterov_theory": 1 - 1 / math.sqrt(kappa),
+        "rate_neumann_theory": 1 - 1 / kappa,
+        "stable": bool(0 <= beta < 1 and alpha * L < 2 * (1 + beta)),
+        "max_rel_diff": max(max(r["rel_diff"], r["optimal_rel_diff"], r["nesterov_rel_diff"]) for r in rows),
+        "rows": rows,
+        "curves": curves,
+    }
 
 
-def adam_reference(prob: BilevelProblem, state: Any, steps: tuple[int, ...], *, lr: float, b1: float,
-                   b2: float, eps: float) -> dict[int, Tensor]:
+def adam_reference(
+    prob: BilevelProblem, state: Any, steps: tuple[int, ...], *, lr: float, b1: float, b2: float, eps: float
+) -> dict[int, Tensor]:
     """Unrolled Adam from ``w*`` by its tangent recurrence, densely (``∂L_T/∂w(w*) = 0`` taken as exact).
 
     With a zero gradient ``m`` stays 0 and ``v_{k+1} = β₂ v_k`` (and ``dv = 2(1 − β₂) g dg = 0``);
@@ -568,8 +724,8 @@ def adam_reference(prob: BilevelProblem, state: Any, steps: tuple[int, ...], *, 
         t += 1
         nu = b2 * nu
         dm = b1 * dm + (1 - b1) * (H @ J + M)
-        D = 1.0 / (torch.sqrt(nu) / math.sqrt(1 - b2 ** t) + eps)
-        J = J - (lr / (1 - b1 ** t)) * D[:, None] * dm
+        D = 1.0 / (torch.sqrt(nu) / math.sqrt(1 - b2**t) + eps)
+        J = J - (lr / (1 - b1**t)) * D[:, None] * dm
         if k in steps:
             out[k] = J.T @ v
     return out
@@ -589,8 +745,9 @@ def adam_warm_state(prob: BilevelProblem, opt: optim.Optimizer, steps: int) -> t
     return state._replace(mu=tree.zeros_like(state.mu)), rel_dist(w, prob.params)
 
 
-def adam_section(prob: BilevelProblem, cfg: ExplainConfig, *,
-                 progress: Progress | None = None) -> dict[str, Any]:
+def adam_section(
+    prob: BilevelProblem, cfg: ExplainConfig, *, progress: Progress | None = None
+) -> dict[str, Any]:
     """Part 7: Adam started at ``w*`` (``hg.optim.adam``, unrolled), with ``v = 0`` and with a trained ``v``.
 
     Near ``w*`` the gradient is zero, so Adam's derivative recurrence is heavy-ball with step
@@ -613,14 +770,20 @@ def adam_section(prob: BilevelProblem, cfg: ExplainConfig, *,
         error = None
         try:
             library_unrolled(prob, opt, K)
-        except hg.HypergradientError as e:   # the public call refuses a non-finite hypergradient
+        except hg.HypergradientError as e:  # the public call refuses a non-finite hypergradient
             error = str(e)
         # Non-finite where a gradient entry at w* is exactly 0.0 (autograd's d√v at v = 0 is 0·∞),
         # astronomically large otherwise; JSON gets null for the former.
-        zero.append({"K": K, "reference_norm_ratio": float(ref0[K].norm()) / gnorm,
-                     "library_norm_ratio": float(g.norm()) / gnorm if finite else None,
-                     "library_finite": finite, "hypergradient_error": error,
-                     "weight_drift": rel_dist(wK, prob.params)})
+        zero.append(
+            {
+                "K": K,
+                "reference_norm_ratio": float(ref0[K].norm()) / gnorm,
+                "library_norm_ratio": float(g.norm()) / gnorm if finite else None,
+                "library_finite": finite,
+                "hypergradient_error": error,
+                "weight_drift": rel_dist(wK, prob.params),
+            }
+        )
     if progress:
         progress(2 * sum(cfg.adam_zero_steps))
     lr_max_zero = 2 * (1 + b1) * eps / ((1 - b1) * prob.lambda_max)
@@ -637,23 +800,46 @@ def adam_section(prob: BilevelProblem, cfg: ExplainConfig, *,
     rows = []
     for K in steps:
         g = tree.flatten(gs[K])
-        rows.append({"K": K, "rel_diff": float((g - ref[K]).norm() / ref[K].norm()),
-                     "rel_dist": float((g - exact).norm()) / gnorm, "cosine": cosine({"g": g}, {"g": exact})})
+        rows.append(
+            {
+                "K": K,
+                "rel_diff": float((g - ref[K]).norm() / ref[K].norm()),
+                "rel_dist": float((g - exact).norm()) / gnorm,
+                "cosine": cosine({"g": g}, {"g": exact}),
+            }
+        )
     if progress:
         progress(2 * max(steps))
-    return {"lr": lr, "b1": b1, "b2": b2, "eps": eps,
-            "zero_state": {"rows": zero, "rate": heavy_ball_rate(ev, lr * (1 - b1) / eps, b1),
-                           "step_over_eps": lr / eps, "lr_max_stable": lr_max_zero,
-                           "stable": bool(lr * (1 - b1) * prob.lambda_max / eps < 2 * (1 + b1))},
-            "warm_state": {"warm_steps": cfg.adam_warm_steps, "warm_weight_rel_err": warm_dist,
-                           "t0": t0, "D_min": float(D0.min()), "D_max": float(D0.max()),
-                           "eta_min": float(eta[0]), "eta_max": float(eta[-1]),
-                           "preconditioned_condition": float(eta[-1] / eta[0]),
-                           "step_eta_max": lr * (1 - b1) * float(eta[-1]), "stable_below": 2 * (1 + b1),
-                           "rate": heavy_ball_rate(eta, lr * (1 - b1), b1),
-                           "v_decay_over_K": b2 ** max(steps),
-                           "weight_drift": rel_dist(wK, prob.params),
-                           "max_rel_diff": max(r["rel_diff"] for r in rows), "rows": rows}}
+    return {
+        "lr": lr,
+        "b1": b1,
+        "b2": b2,
+        "eps": eps,
+        "zero_state": {
+            "rows": zero,
+            "rate": heavy_ball_rate(ev, lr * (1 - b1) / eps, b1),
+            "step_over_eps": lr / eps,
+            "lr_max_stable": lr_max_zero,
+            "stable": bool(lr * (1 - b1) * prob.lambda_max / eps < 2 * (1 + b1)),
+        },
+        "warm_state": {
+            "warm_steps": cfg.adam_warm_steps,
+            "warm_weight_rel_err": warm_dist,
+            "t0": t0,
+            "D_min": float(D0.min()),
+            "D_max": float(D0.max()),
+            "eta_min": float(eta[0]),
+            "eta_max": float(eta[-1]),
+            "preconditioned_condition": float(eta[-1] / eta[0]),
+            "step_eta_max": lr * (1 - b1) * float(eta[-1]),
+            "stable_below": 2 * (1 + b1),
+            "rate": heavy_ball_rate(eta, lr * (1 - b1), b1),
+            "v_decay_over_K": b2 ** max(steps),
+            "weight_drift": rel_dist(wK, prob.params),
+            "max_rel_diff": max(r["rel_diff"] for r in rows),
+            "rows": rows,
+        },
+    }
 
 
 def batch_order(n: int, batch_size: int, steps: int, gen: torch.Generator) -> list[Tensor]:
@@ -663,12 +849,13 @@ def batch_order(n: int, batch_size: int, steps: int, gen: torch.Generator) -> li
     out: list[Tensor] = []
     while len(out) < steps:
         perm = torch.randperm(n, generator=gen)
-        out += [perm[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
+        out += [perm[i * batch_size : (i + 1) * batch_size] for i in range(per_epoch)]
     return out[:steps]
 
 
-def noise_section(prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *,
-                  progress: Progress | None = None) -> dict[str, Any]:
+def noise_section(
+    prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *, progress: Progress | None = None
+) -> dict[str, Any]:
     """Part 8: minibatch SGD from ``w*`` (``hg.Unrolled(optimizer=hg.optim.sgd(lr=α), batches=...)``), over
     ``noise_orders`` random orders.
 
@@ -678,8 +865,10 @@ def noise_section(prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *,
     """
     too_big = [b for b in cfg.noise_batch_sizes if b > prob.n_train]
     if too_big:
-        raise hg.HypergradientError(f"noise batch sizes {too_big} exceed the {prob.n_train} training "
-                                    f"examples; use sizes up to {prob.n_train}")
+        raise hg.HypergradientError(
+            f"noise batch sizes {too_big} exceed the {prob.n_train} training "
+            f"examples; use sizes up to {prob.n_train}"
+        )
     opt = optim.sgd(alpha)
     exact = tree.flatten(prob.exact)
     ev, Q, v, M = _at_optimum(prob)
@@ -704,16 +893,26 @@ def noise_section(prob: BilevelProblem, alpha: float, cfg: ExplainConfig, *,
             dist = [float((g - exact).norm() / exact.norm()) for g in G]
             mean = G.mean(dim=0)
             neumann = -(M.T @ (Q @ (heavy_ball_polynomial(ev, K, alpha, 0.0) * (Q.T @ v))))
-            out.append({"batch_size": bs, "K": K, "cosines": cos, "rel_dists": dist,
-                        "cosine_mean": sum(cos) / len(cos), "cosine_std": _std(cos),
-                        "cosine_min": min(cos), "cosine_max": max(cos),
-                        "rel_dist_mean": sum(dist) / len(dist), "rel_dist_std": _std(dist),
-                        "mean_rel_dist": float((mean - exact).norm() / exact.norm()),
-                        "spread": float(((G - mean) ** 2).sum(dim=1).mean().sqrt() / exact.norm()),
-                        "mean_vs_neumann": float((mean - neumann).norm() / neumann.norm()),
-                        "neumann_rel_dist": float((neumann - exact).norm() / exact.norm()),
-                        "neumann_cosine": cosine({"g": neumann}, {"g": exact}),
-                        "weight_drift_at_max_K": sum(drift) / len(drift)})
+            out.append(
+                {
+                    "batch_size": bs,
+                    "K": K,
+                    "cosines": cos,
+                    "rel_dists": dist,
+                    "cosine_mean": sum(cos) / len(cos),
+                    "cosine_std": _std(cos),
+                    "cosine_min": min(cos),
+                    "cosine_max": max(cos),
+                    "rel_dist_mean": sum(dist) / len(dist),
+                    "rel_dist_std": _std(dist),
+                    "mean_rel_dist": float((mean - exact).norm() / exact.norm()),
+                    "spread": float(((G - mean) ** 2).sum(dim=1).mean().sqrt() / exact.norm()),
+                    "mean_vs_neumann": float((mean - neumann).norm() / neumann.norm()),
+                    "neumann_rel_dist": float((neumann - exact).norm() / exact.norm()),
+                    "neumann_cosine": cosine({"g": neumann}, {"g": exact}),
+                    "weight_drift_at_max_K": sum(drift) / len(drift),
+                }
+            )
     return {"lr": alpha, "orders": cfg.noise_orders, "n_train": prob.n_train, "rows": out}
 
 
@@ -740,8 +939,14 @@ def explain(config: ExplainConfig | None = None, *, progress: Progress | None = 
     timings["cold_start"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     trunc = cold_start(prob, alpha, cfg.cold_steps, truncate=cfg.truncate, progress=progress)
-    g_T = hg.hypergradient(prob.outer_loss, prob.inner_loss, prob.params, prob.hparams,
-                           method=hg.Neumann(iters=cfg.truncate, alpha=alpha), residual=False)
+    g_T = hg.hypergradient(
+        prob.outer_loss,
+        prob.inner_loss,
+        prob.params,
+        prob.hparams,
+        method=hg.Neumann(iters=cfg.truncate, alpha=alpha),
+        residual=False,
+    )
     timings["truncated"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mistaken = []
@@ -765,8 +970,21 @@ def explain(config: ExplainConfig | None = None, *, progress: Progress | None = 
     timings["noise"] = time.perf_counter() - t0
     if not math.isfinite(max(r["rel_diff"] for r in theorem)):
         raise hg.HypergradientError("the theorem check produced a non-finite difference; see `theorem` rows")
-    return ExplainResult(cfg, prob.summary(), alpha, theorem, cold, trunc, mistaken, cosine(g_T, prob.exact),
-                         lr, timings, momentum, adam, noise)
+    return ExplainResult(
+        cfg,
+        prob.summary(),
+        alpha,
+        theorem,
+        cold,
+        trunc,
+        mistaken,
+        cosine(g_T, prob.exact),
+        lr,
+        timings,
+        momentum,
+        adam,
+        noise,
+    )
 
 
 def explain_config(cfg: Config) -> ExplainConfig:
@@ -796,8 +1014,9 @@ def account(summary: dict[str, Any]) -> str:
         "       K   |unrolled - Neumann|/|Neumann|   cosine to exact IFT   |g - g*|/|g*|",
     ]
     for r in summary["theorem"]:
-        lines.append(f"   {r['K']:>5}   {r['rel_diff']:>26.2e}   {r['cosine']:>19.6f}   "
-                     f"{r['rel_dist']:>13.2e}")
+        lines.append(
+            f"   {r['K']:>5}   {r['rel_diff']:>26.2e}   {r['cosine']:>19.6f}   {r['rel_dist']:>13.2e}"
+        )
     lines += [
         f"   theorem_max_rel_diff = {summary['theorem_max_rel_diff']:.2e} (float64 eps = 2.2e-16): equal to "
         "rounding, for every K.",
@@ -809,8 +1028,9 @@ def account(summary: dict[str, Any]) -> str:
         "       K   cosine to exact IFT   |g - g*|/|g*|   |w_K - w*|/|w*|",
     ]
     for r in summary["cold_start"]:
-        lines.append(f"   {r['K']:>5}   {r['cosine']:>19.6f}   {r['rel_dist']:>13.2e}   "
-                     f"{r['weight_rel_err']:>15.2e}")
+        lines.append(
+            f"   {r['K']:>5}   {r['cosine']:>19.6f}   {r['rel_dist']:>13.2e}   {r['weight_rel_err']:>15.2e}"
+        )
     lines += [
         "",
         f"3. Truncated unrolling (only the last T = {T} steps differentiated), from w_0 = 0:",
@@ -869,9 +1089,11 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
     ]
     for r in m["rows"]:
         diff = max(r["rel_diff"], r["optimal_rel_diff"], r["nesterov_rel_diff"])
-        lines.append(f"   {r['K']:>5}   {diff:>20.2e}   {r['neumann_rel_dist']:>22.2e}   "
-                     f"{r['rel_dist']:>10.2e}   {r['optimal_rel_dist']:>15.2e}   "
-                     f"{r['nesterov_rel_dist']:>8.2e}")
+        lines.append(
+            f"   {r['K']:>5}   {diff:>20.2e}   {r['neumann_rel_dist']:>22.2e}   "
+            f"{r['rel_dist']:>10.2e}   {r['optimal_rel_dist']:>15.2e}   "
+            f"{r['nesterov_rel_dist']:>8.2e}"
+        )
     lines += [
         f"   Error per step (largest root modulus): Neumann {m['rate_neumann']:.4f} (= 1 - 1/kappa, "
         f"kappa = {m['kappa']:.1f}),",
@@ -893,8 +1115,9 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
     ]
     for r in z["rows"]:
         lib = "non-finite" if r["library_norm_ratio"] is None else f"{r['library_norm_ratio']:.2e}"
-        lines.append(f"   {r['K']:>5}   {r['reference_norm_ratio']:>27.2e}   {lib:>32}   "
-                     f"{r['weight_drift']:>15.2e}")
+        lines.append(
+            f"   {r['K']:>5}   {r['reference_norm_ratio']:>27.2e}   {lib:>32}   {r['weight_drift']:>15.2e}"
+        )
     lines += [
         "   The derivative explodes; the library's is non-finite where a gradient entry at w* is exactly 0",
         "   (the derivative of sqrt(v) at v = 0 is infinite), and rounding-level gradients are amplified as",
@@ -906,8 +1129,9 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
         "       K   |library - recurrence|/|recurrence|   cosine to g*   |g - g*|/|g*|",
     ]
     for r in w["rows"]:
-        lines.append(f"   {r['K']:>5}   {r['rel_diff']:>35.2e}   {r['cosine']:>12.6f}   "
-                     f"{r['rel_dist']:>13.2e}")
+        lines.append(
+            f"   {r['K']:>5}   {r['rel_diff']:>35.2e}   {r['cosine']:>12.6f}   {r['rel_dist']:>13.2e}"
+        )
     lines += [
         "",
         f"8. Minibatch SGD from w* (lr = alpha, {nz['orders']} random batch orders per batch size, "
@@ -918,10 +1142,12 @@ def _account_beyond(summary: dict[str, Any]) -> list[str]:
         "full batch (Neumann)",
     ]
     for r in nz["rows"]:
-        lines.append(f"   {r['batch_size']:>5} {r['K']:>5}   {r['cosine_mean']:>10.3f} +- "
-                     f"{r['cosine_std']:.3f}   "
-                     f"{r['rel_dist_mean']:>18.3g}   {r['mean_rel_dist']:>18.3g}   {r['spread']:>6.3g}   "
-                     f"{r['neumann_rel_dist']:>20.3g}")
+        lines.append(
+            f"   {r['batch_size']:>5} {r['K']:>5}   {r['cosine_mean']:>10.3f} +- "
+            f"{r['cosine_std']:.3f}   "
+            f"{r['rel_dist_mean']:>18.3g}   {r['mean_rel_dist']:>18.3g}   {r['spread']:>6.3g}   "
+            f"{r['neumann_rel_dist']:>20.3g}"
+        )
     lines.append("   (spread: root mean square of |g - mean g| over the orders, over |g*|.)")
     return lines
 
@@ -942,16 +1168,33 @@ def _run(ctx: RunContext) -> ExperimentResult:
     text = account(summary) + "\n\nThe derivation, step by step: docs/optimization-path.md"
     p = summary["problem"]
     columns = ["K", "rel_diff", "cosine", "rel_dist"]
-    notes = [f"theorem_max_rel_diff = {summary['theorem_max_rel_diff']:.2e}: K unrolled steps from w* equal "
-             "the K-term Neumann hypergradient to float64 rounding (rel_diff); cosine and rel_dist compare "
-             "them with the exact IFT hypergradient."]
-    return finish(ctx, t0, title=f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
-                                 f"{p['n_hparams']} hyperparameters)",
-                  columns=columns, rows=[{c: r[c] for c in columns} for r in summary["theorem"]], notes=notes,
-                  result=summary, result_name="explain.json",
-                  body=["Numbers of this run (all of them in `explain.json`):", "", "```", text, "```", "",
-                        *[f"![{f.stem}]({f.name})" for f in figures]],
-                  figures=figures, text=text)
+    notes = [
+        f"theorem_max_rel_diff = {summary['theorem_max_rel_diff']:.2e}: K unrolled steps from w* equal "
+        "the K-term Neumann hypergradient to float64 rounding (rel_diff); cosine and rel_dist compare "
+        "them with the exact IFT hypergradient."
+    ]
+    return finish(
+        ctx,
+        t0,
+        title=f"explain: the optimization path inside the IFT hypergradient ({p['name']}, "
+        f"{p['n_hparams']} hyperparameters)",
+        columns=columns,
+        rows=[{c: r[c] for c in columns} for r in summary["theorem"]],
+        notes=notes,
+        result=summary,
+        result_name="explain.json",
+        body=[
+            "Numbers of this run (all of them in `explain.json`):",
+            "",
+            "```",
+            text,
+            "```",
+            "",
+            *[f"![{f.stem}]({f.name})" for f in figures],
+        ],
+        figures=figures,
+        text=text,
+    )
 
 
 run = with_threads(_run)
@@ -959,4 +1202,9 @@ run = with_threads(_run)
 EXPERIMENT = Experiment(
     name="explain",
     summary="show, with numbers, how the optimization path fits into the implicit derivation",
-    schema=SCHEMA, smoke=SMOKE, run=run, check=check, resumable=False)
+    schema=SCHEMA,
+    smoke=SMOKE,
+    run=run,
+    check=check,
+    resumable=False,
+)

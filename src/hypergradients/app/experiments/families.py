@@ -70,11 +70,22 @@ from .shared import (
     what_it_shows,
 )
 
-FAMILIES: tuple[str, ...] = ("dropout", "dropconnect", "augment", "distill", "example-weights",
-                             "reweight-net")
-FAMILY_NAMES = {"dropout": "per-unit dropout", "dropconnect": "per-weight DropConnect",
-                "augment": "augmentation network", "distill": "distilled data",
-                "example-weights": "per-example loss weights", "reweight-net": "loss-reweighting network"}
+FAMILIES: tuple[str, ...] = (
+    "dropout",
+    "dropconnect",
+    "augment",
+    "distill",
+    "example-weights",
+    "reweight-net",
+)
+FAMILY_NAMES = {
+    "dropout": "per-unit dropout",
+    "dropconnect": "per-weight DropConnect",
+    "augment": "augmentation network",
+    "distill": "distilled data",
+    "example-weights": "per-example loss weights",
+    "reweight-net": "loss-reweighting network",
+}
 # Families that clean labels: their runs flip `noise.flip` of the training labels (both arms).
 NOISY = ("example-weights", "reweight-net")
 SCHEMA: dict[str, Option] = {
@@ -119,19 +130,32 @@ SCHEMA: dict[str, Option] = {
     "augment.wf": Option(3, "U-Net filters at the first level: 2^wf (the paper: 3, i.e. 8)", int, low=0),
     # Off by default: beside the originals the network drifts to a label-blind pattern that the
     # hypergradient does not correct; alone it learns a mild augmentation (docs/families.md).
-    "augment.with_original": Option(False, "train on the original and the augmented batch together (default: "
-                                    "the augmented batch only)", bool),
+    "augment.with_original": Option(
+        False,
+        "train on the original and the augmented batch together (default: the augmented batch only)",
+        bool,
+    ),
     "distill.per_class": Option(1, "learnable examples per class", int, low=1),
     "distill.soft_labels": Option(False, "learn soft labels too", bool),
-    "dropout.init": Option(0.9, "initial keep probability (dropout, dropconnect)", float, low=0.01,
-                           high=0.99),
+    "dropout.init": Option(
+        0.9, "initial keep probability (dropout, dropconnect)", float, low=0.01, high=0.99
+    ),
     "reweight.hidden": Option(16, "hidden width of the loss-reweighting network", int, low=1),
-    "weights.normalise": Option("auto", "example-weights and reweight-net: mean (Σ ω ℓ / |B|: the weights' "
-                                "scale matters) or weights (Σ ω ℓ / Σ ω: only relative weights); auto: mean "
-                                "for example-weights, weights for reweight-net", str,
-                                choices=("auto", "mean", "weights")),
-    "noise.flip": Option(0.2, "fraction of training labels flipped for example-weights and reweight-net",
-                         float, low=0.0, high=0.9),
+    "weights.normalise": Option(
+        "auto",
+        "example-weights and reweight-net: mean (Σ ω ℓ / |B|: the weights' "
+        "scale matters) or weights (Σ ω ℓ / Σ ω: only relative weights); auto: mean "
+        "for example-weights, weights for reweight-net",
+        str,
+        choices=("auto", "mean", "weights"),
+    ),
+    "noise.flip": Option(
+        0.2,
+        "fraction of training labels flipped for example-weights and reweight-net",
+        float,
+        low=0.0,
+        high=0.9,
+    ),
     "eval_every": Option(10, "rounds between evaluations of train, validation and test loss", int, low=1),
     "checkpoint_every": Option(20, "rounds between checkpoints", int, low=1),
 }
@@ -173,8 +197,13 @@ def check(cfg: Config) -> Dataset:
     """Load the data (about a second) and check the family's settings against it, before any file
     is written: a size the data lacks, a U-Net too deep for the images or more distilled examples
     per class than the training set has raise :class:`ConfigError` naming the key."""
-    ds = load_data(cfg, cfg["data.dataset"], n_train=cfg["data.n_train"] or None,
-                   n_val=cfg["data.n_val"] or None, n_test=cfg["data.n_test"] or None)
+    ds = load_data(
+        cfg,
+        cfg["data.dataset"],
+        n_train=cfg["data.n_train"] or None,
+        n_val=cfg["data.n_val"] or None,
+        n_test=cfg["data.n_test"] or None,
+    )
     if cfg["family"] == "augment":
         side = 2 ** (cfg["augment.depth"] - 1)
         if any(s % side for s in ds.input_shape[1:]):
@@ -183,8 +212,10 @@ def check(cfg: Config) -> Dataset:
                 f"by {side}; {cfg['data.dataset']} images are {ds.input_shape[1:]}: lower it"
             )
     if cfg["family"] == "dropout" and not cfg["model.hidden"]:
-        raise ConfigError("config key 'model.hidden': family=dropout drops hidden units, and [] gives the "
-                          "model none: give at least one hidden layer")
+        raise ConfigError(
+            "config key 'model.hidden': family=dropout drops hidden units, and [] gives the "
+            "model none: give at least one hidden layer"
+        )
     if cfg["family"] == "distill":
         _first_per_class(ds.x_train, ds.y_train, ds.num_classes, cfg["distill.per_class"])
     return ds
@@ -222,7 +253,7 @@ def _families(cfg: Config, ds: Dataset, model: nn.Module, xtr: Tensor, ytr: Tens
                 device=xtr.device,
             )
         ]
-    if fam == "dropout":   # the hidden units: the inputs of every Linear after the first (after a ReLU)
+    if fam == "dropout":  # the hidden units: the inputs of every Linear after the first (after a ReLU)
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return [Dropout(model, [f"{n}:input" for n in linears[1:]], init=cfg["dropout.init"])]
     if fam == "dropconnect":
@@ -231,8 +262,15 @@ def _families(cfg: Config, ds: Dataset, model: nn.Module, xtr: Tensor, ytr: Tens
     if fam == "example-weights":
         return [ExampleWeights(len(ytr), normalise=_normalise(cfg), dtype=dtype, device=xtr.device)]
     if fam == "reweight-net":
-        return [LossReweighting(cfg["reweight.hidden"], normalise=_normalise(cfg), seed=cfg["seed"],
-                                dtype=dtype, device=xtr.device)]
+        return [
+            LossReweighting(
+                cfg["reweight.hidden"],
+                normalise=_normalise(cfg),
+                seed=cfg["seed"],
+                dtype=dtype,
+                device=xtr.device,
+            )
+        ]
     if fam == "distill":
         k = cfg["distill.per_class"]
         return [
@@ -265,15 +303,18 @@ def _run(ctx: RunContext) -> ExperimentResult:
     rounds = cfg["train.rounds"]
     results: dict[str, dict[str, Any]] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
-    test_correct: dict[str, Tensor] = {}   # per test example, for the paired standard errors of the notes
+    test_correct: dict[str, Tensor] = {}  # per test example, for the paired standard errors of the notes
     tuned_fams: list[Family] = []
     count = 0
-    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
-            ArmsProgress(ctx, f"families: {family}", len(arms), rounds) as bar:
+    with (
+        RunMetrics(ctx.out / "metrics.jsonl") as metrics,
+        ArmsProgress(ctx, f"families: {family}", len(arms), rounds) as bar,
+    ):
         for i, arm in enumerate(arms):
             torch.manual_seed(cfg["seed"])  # the same initial weights for every arm
-            model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes, flatten=True).to(ctx.device,
-                                                                                                xtr.dtype)
+            model = mlp(ds.num_features, cfg["model.hidden"], ds.num_classes, flatten=True).to(
+                ctx.device, xtr.dtype
+            )
             fams: list[Family] = []
             train, batch_size = (xtr, ytr), cfg["train.batch_size"]
             if arm == "tuned":
@@ -288,9 +329,18 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 train = (xk, torch.arange(ds.num_classes, device=xk.device).repeat_interleave(k))
                 batch_size = len(xk)  # the distilled arm also sees its whole set at every step
             tag, out = {"arm": arm}, ctx.out / arm
-            res = train_arm(ctx, model, fams, train, evals["val"], out=out, evals=evals,
-                            batch_size=batch_size, hyper_lr=_hyper_lr(cfg),
-                            callbacks=[metrics.callback(tag, out), bar.tick(i, arm)])
+            res = train_arm(
+                ctx,
+                model,
+                fams,
+                train,
+                evals["val"],
+                out=out,
+                evals=evals,
+                batch_size=batch_size,
+                hyper_lr=_hyper_lr(cfg),
+                callbacks=[metrics.callback(tag, out), bar.tick(i, arm)],
+            )
             metrics.finish_arm(tag, res.metrics)
             histories[arm] = res.metrics
             test_correct[arm] = per_example(model, *evals["test"], correct)
@@ -306,7 +356,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 "wall_s": res.wall_s,
             }
             if family in NOISY:
-                results[arm]["flipped_auc"] = "-"   # set below for the tuned arm
+                results[arm]["flipped_auc"] = "-"  # set below for the tuned arm
             if arm == "tuned" and family in NOISY:
                 results[arm]["flipped_auc"] = flipped_auc(_example_weights(fams[0], model, xtr, ytr), flipped)
             bar.done(i)
@@ -326,8 +376,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
     for fam in tuned_fams:
         if isinstance(fam, AugmentNet):
             change = augment_change(fam, evals["test"][0])
-            notes.append(f"The learned augmentation changes a test image by {change:.2f} of its norm (median "
-                         "‖a(x, ε) − x‖/‖x‖, one noise draw); the figure scales each image to its own range.")
+            notes.append(
+                f"The learned augmentation changes a test image by {change:.2f} of its norm (median "
+                "‖a(x, ε) − x‖/‖x‖, one noise draw); the figure scales each image to its own range."
+            )
     figures = _figures(ctx.out, tuned_fams, histories, evals)
     result = {
         "family": family,
@@ -378,34 +430,64 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return markdown_table(columns, rows)
 
 
-def _notes(family: str, results: dict[str, dict[str, Any]], n_flipped: int, *,
-           se: dict[str, float] | None = None, n_test: int = 0) -> list[str]:
+def _notes(
+    family: str,
+    results: dict[str, dict[str, Any]],
+    n_flipped: int,
+    *,
+    se: dict[str, float] | None = None,
+    n_test: int = 0,
+) -> list[str]:
     """The report's notes. ``se[arm]``: the paired standard error (over the same test examples) of the
     tuned arm's test accuracy minus ``arm``'s; the verdicts are :func:`.shared.versus`'s."""
     se = se or {}
     t, b = results["tuned"], results["baseline"]
     paired = f"paired standard error over the {n_test:,} test examples, one training seed"
     no_se = "no standard error: no noise estimate"
-    v = versus(f"The model with the tuned {FAMILY_NAMES[family]}", "the one without it", t["test_acc"],
-               b["test_acc"], se.get("baseline"), metric="test accuracy", higher_is_better=True,
-               se_what=paired, no_se=no_se, digits=".3f")
+    v = versus(
+        f"The model with the tuned {FAMILY_NAMES[family]}",
+        "the one without it",
+        t["test_acc"],
+        b["test_acc"],
+        se.get("baseline"),
+        metric="test accuracy",
+        higher_is_better=True,
+        se_what=paired,
+        no_se=no_se,
+        digits=".3f",
+    )
     notes = [f"{v.text}."]
     if family == "distill":
         r = results["real-k"]
-        v = versus("Training on the distilled examples", "training on the real examples they started from",
-                   t["test_acc"], r["test_acc"], se.get("real-k"), metric="test accuracy",
-                   higher_is_better=True, se_what=paired, no_se=no_se, digits=".3f")
-        notes.append(f"The tuned arm trains on the distilled examples only, the baseline on the whole "
-                     f"training set. {v.text}.")
+        v = versus(
+            "Training on the distilled examples",
+            "training on the real examples they started from",
+            t["test_acc"],
+            r["test_acc"],
+            se.get("real-k"),
+            metric="test accuracy",
+            higher_is_better=True,
+            se_what=paired,
+            no_se=no_se,
+            digits=".3f",
+        )
+        notes.append(
+            f"The tuned arm trains on the distilled examples only, the baseline on the whole "
+            f"training set. {v.text}."
+        )
     if family in NOISY:
         auc = t["flipped_auc"]
         notes.append(
             f"{n_flipped} training labels were flipped (both arms train on them). The learned weights rank "
             f"a clean example above a flipped one with probability {auc:.3f} (the AUC; 0.5 is chance, 1 "
             "is a perfect separation)"
-            + (": the weights find the flipped labels." if auc > 0.6 else
-               ": the weights rank them the wrong way round, the flipped examples weighted MORE." if auc < 0.4
-               else ": the weights barely tell them apart in this run.")
+            + (
+                ": the weights find the flipped labels."
+                if auc > 0.6
+                else ": the weights rank them the wrong way round, the flipped examples weighted MORE."
+                if auc < 0.4
+                else ": the weights barely tell them apart in this run."
+            )
         )
     return notes
 
@@ -470,6 +552,10 @@ EXPERIMENT = Experiment(
     name="families",
     summary="one hyperparameter family (" + "|".join(FAMILIES) + ") tuned by IFT on digits/mnist-5k vs the "
     "same model without it",
-    schema=SCHEMA, smoke=SMOKE, run=run, check=check)
+    schema=SCHEMA,
+    smoke=SMOKE,
+    run=run,
+    check=check,
+)
 
 __all__ = ["EXPERIMENT", "FAMILIES", "SCHEMA", "SMOKE", "check", "flip_labels", "run"]

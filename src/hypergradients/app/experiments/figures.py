@@ -25,7 +25,7 @@ def _save(fig: Figure, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, buf.getvalue())   # an interrupted run leaves no half PNG
+    return write_atomic(path, buf.getvalue())  # an interrupted run leaves no half PNG
 
 
 def explain_figures(summary: Summary, out_dir: Path) -> list[Path]:
@@ -46,10 +46,20 @@ def explain_figures(summary: Summary, out_dir: Path) -> list[Path]:
         ax1.plot(ks, [r["cosine"] for r in rows], style, color=color, label=label, ms=4)
         ax2.plot(ks, [max(r["rel_dist"], EPS64) for r in rows], style, color=color, label=label, ms=4)
     ax1.axhline(summary["neumann_T_cosine"], color="C2", ls=":", lw=1, label=f"Neumann($T={T}$)")
-    ax1.set(xscale="log", xlabel="steps $K$", ylabel="cosine to exact IFT hypergradient",
-            title=f"{name}: path vs implicit", ylim=(-0.05, 1.05))
-    ax2.set(xscale="log", yscale="log", xlabel="steps $K$", ylabel=r"$\|g - g^*\| / \|g^*\|$",
-            title=r"relative distance to $g^*$")
+    ax1.set(
+        xscale="log",
+        xlabel="steps $K$",
+        ylabel="cosine to exact IFT hypergradient",
+        title=f"{name}: path vs implicit",
+        ylim=(-0.05, 1.05),
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps $K$",
+        ylabel=r"$\|g - g^*\| / \|g^*\|$",
+        title=r"relative distance to $g^*$",
+    )
     for ax in (ax1, ax2):
         ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax1.get_legend_handles_labels()
@@ -61,13 +71,28 @@ def explain_figures(summary: Summary, out_dir: Path) -> list[Path]:
     ax = fig.subplots()
     theorem = summary["theorem"]
     ks = [r["K"] for r in theorem]
-    ax.plot(ks, [max(r["rel_diff"], EPS64 / 10) for r in theorem], "o-", color="C0",
-            label="unrolled from $w^*$ vs Neumann($K$)")
-    ax.plot(ks, [max(r["rel_dist"], EPS64 / 10) for r in theorem], "s--", color="C3",
-            label="Neumann($K$) vs exact IFT")
+    ax.plot(
+        ks,
+        [max(r["rel_diff"], EPS64 / 10) for r in theorem],
+        "o-",
+        color="C0",
+        label="unrolled from $w^*$ vs Neumann($K$)",
+    )
+    ax.plot(
+        ks,
+        [max(r["rel_dist"], EPS64 / 10) for r in theorem],
+        "s--",
+        color="C3",
+        label="Neumann($K$) vs exact IFT",
+    )
     ax.axhline(EPS64, color="k", lw=0.8, ls=":", label="float64 eps")
-    ax.set(xscale="log", yscale="log", xlabel="steps / terms $K$", ylabel="relative difference",
-           title="the Neumann–SGD theorem in float64")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps / terms $K$",
+        ylabel="relative difference",
+        title="the Neumann–SGD theorem in float64",
+    )
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -87,30 +112,81 @@ def _optimizers_figure(summary: Summary, out_dir: Path) -> Path:
     fig = Figure(figsize=(6.0, 3.8))
     ax = fig.subplots()
     ks = c["K"]
-    ax.plot(ks, [max(x, EPS64) for x in c["neumann"]], "-", color="C0",
-            label=rf"GD = Neumann, $\alpha={m['alpha']:.3g}$")
-    ax.plot(ks, [max(x, EPS64) for x in c["heavy_ball"]], "-", color="C1",
-            label=rf"heavy-ball $\alpha={m['alpha']:.3g}, \beta={m['beta']:g}$")
-    ax.plot(ks, [max(x, EPS64) for x in c["heavy_ball_optimal"]], "-", color="C2",
-            label=rf"heavy-ball $\alpha^*={m['alpha_opt']:.3g}, \beta^*={m['beta_opt']:.3f}$")
-    ax.plot(ks, [max(x, EPS64) for x in c["nesterov"]], "-", color="C3",
-            label=rf"Nesterov $\alpha={m['nesterov_alpha']:.3g}, \beta={m['nesterov_beta']:.3f}$")
+    ax.plot(
+        ks,
+        [max(x, EPS64) for x in c["neumann"]],
+        "-",
+        color="C0",
+        label=rf"GD = Neumann, $\alpha={m['alpha']:.3g}$",
+    )
+    ax.plot(
+        ks,
+        [max(x, EPS64) for x in c["heavy_ball"]],
+        "-",
+        color="C1",
+        label=rf"heavy-ball $\alpha={m['alpha']:.3g}, \beta={m['beta']:g}$",
+    )
+    ax.plot(
+        ks,
+        [max(x, EPS64) for x in c["heavy_ball_optimal"]],
+        "-",
+        color="C2",
+        label=rf"heavy-ball $\alpha^*={m['alpha_opt']:.3g}, \beta^*={m['beta_opt']:.3f}$",
+    )
+    ax.plot(
+        ks,
+        [max(x, EPS64) for x in c["nesterov"]],
+        "-",
+        color="C3",
+        label=rf"Nesterov $\alpha={m['nesterov_alpha']:.3g}, \beta={m['nesterov_beta']:.3f}$",
+    )
     rows = m["rows"]
-    ax.plot([r["K"] for r in rows], [max(r["rel_dist"], EPS64) for r in rows], "o", color="C1", ms=4,
-            label="unrolled hg.optim.heavy_ball")
-    ax.plot([r["K"] for r in rows], [max(r["optimal_rel_dist"], EPS64) for r in rows], "s", color="C2", ms=4,
-            mfc="none", label="unrolled, optimal pair")
-    ax.plot([r["K"] for r in rows], [max(r["nesterov_rel_dist"], EPS64) for r in rows], "^", color="C3", ms=4,
-            mfc="none", label="unrolled hg.optim.nesterov")
-    ax.plot([r["K"] for r in a["rows"]], [max(r["rel_dist"], EPS64) for r in a["rows"]], "D--", color="C4",
-            ms=4, label=f"unrolled hg.optim.adam, trained $v$ (lr={summary['adam']['lr']:g})")
+    ax.plot(
+        [r["K"] for r in rows],
+        [max(r["rel_dist"], EPS64) for r in rows],
+        "o",
+        color="C1",
+        ms=4,
+        label="unrolled hg.optim.heavy_ball",
+    )
+    ax.plot(
+        [r["K"] for r in rows],
+        [max(r["optimal_rel_dist"], EPS64) for r in rows],
+        "s",
+        color="C2",
+        ms=4,
+        mfc="none",
+        label="unrolled, optimal pair",
+    )
+    ax.plot(
+        [r["K"] for r in rows],
+        [max(r["nesterov_rel_dist"], EPS64) for r in rows],
+        "^",
+        color="C3",
+        ms=4,
+        mfc="none",
+        label="unrolled hg.optim.nesterov",
+    )
+    ax.plot(
+        [r["K"] for r in a["rows"]],
+        [max(r["rel_dist"], EPS64) for r in a["rows"]],
+        "D--",
+        color="C4",
+        ms=4,
+        label=f"unrolled hg.optim.adam, trained $v$ (lr={summary['adam']['lr']:g})",
+    )
     for rate, color in ((m["rate_neumann_theory"], "C0"), (m["rate_optimal_theory"], "C2")):
-        ax.plot(ks, [max(rate ** k, EPS64) for k in ks], ":", color=color, lw=1)
+        ax.plot(ks, [max(rate**k, EPS64) for k in ks], ":", color=color, lw=1)
     ax.axhline(EPS64, color="k", lw=0.8, ls=":")
-    ax.set(xscale="log", yscale="log", xlabel="steps $K$ from $w^*$ (one HVP each)",
-           ylabel=r"$\|g_K - g^*\| / \|g^*\|$", ylim=(1e-16, 3),
-           title=rf"beyond plain GD ($\kappa={m['kappa']:.0f}$; dotted: $(1-1/\kappa)^K$, "
-                 r"$((\sqrt{\kappa}-1)/(\sqrt{\kappa}+1))^K$)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps $K$ from $w^*$ (one HVP each)",
+        ylabel=r"$\|g_K - g^*\| / \|g^*\|$",
+        ylim=(1e-16, 3),
+        title=rf"beyond plain GD ($\kappa={m['kappa']:.0f}$; dotted: $(1-1/\kappa)^K$, "
+        r"$((\sqrt{\kappa}-1)/(\sqrt{\kappa}+1))^K$)",
+    )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, alpha=0.3)
@@ -129,23 +205,44 @@ def _noise_figure(summary: Summary, out_dir: Path) -> Path:
         rs = sorted((r for r in rows if r["batch_size"] == b), key=lambda r: r["K"])
         ks = [r["K"] for r in rs]
         color = f"C{i + 1}"
-        shift = 1.0 + 0.06 * (i - (len(sizes) - 1) / 2)   # side by side, not on top of each other
+        shift = 1.0 + 0.06 * (i - (len(sizes) - 1) / 2)  # side by side, not on top of each other
         for r in rs:
             xs = [r["K"] * shift] * len(r["cosines"])
             ax1.plot(xs, r["cosines"], ".", color=color, alpha=0.35, ms=3)
             ax2.plot(xs, r["rel_dists"], ".", color=color, alpha=0.35, ms=3)
         ax1.plot(ks, [r["cosine_mean"] for r in rs], "-", color=color, label=f"batch {b}: mean over orders")
-        ax2.plot(ks, [r["mean_rel_dist"] for r in rs], "-", color=color,
-                 label=f"batch {b}: mean hypergradient")
+        ax2.plot(
+            ks, [r["mean_rel_dist"] for r in rs], "-", color=color, label=f"batch {b}: mean hypergradient"
+        )
     full = sorted((r for r in rows if r["batch_size"] == sizes[0]), key=lambda r: r["K"])
-    ax1.plot([r["K"] for r in full], [r["neumann_cosine"] for r in full], "k--", lw=1,
-             label="full batch = Neumann($K$)")
-    ax2.plot([r["K"] for r in full], [r["neumann_rel_dist"] for r in full], "k--", lw=1,
-             label="full batch = Neumann($K$)")
-    ax1.set(xscale="log", xlabel="SGD steps $K$ from $w^*$", ylabel="cosine to exact IFT hypergradient",
-            title=f"minibatch SGD, {summary['noise']['orders']} orders each", ylim=(-1.05, 1.05))
-    ax2.set(xscale="log", yscale="log", xlabel="SGD steps $K$ from $w^*$", ylabel=r"$\|g - g^*\| / \|g^*\|$",
-            title="each order (dots), the mean (line)")
+    ax1.plot(
+        [r["K"] for r in full],
+        [r["neumann_cosine"] for r in full],
+        "k--",
+        lw=1,
+        label="full batch = Neumann($K$)",
+    )
+    ax2.plot(
+        [r["K"] for r in full],
+        [r["neumann_rel_dist"] for r in full],
+        "k--",
+        lw=1,
+        label="full batch = Neumann($K$)",
+    )
+    ax1.set(
+        xscale="log",
+        xlabel="SGD steps $K$ from $w^*$",
+        ylabel="cosine to exact IFT hypergradient",
+        title=f"minibatch SGD, {summary['noise']['orders']} orders each",
+        ylim=(-1.05, 1.05),
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="SGD steps $K$ from $w^*$",
+        ylabel=r"$\|g - g^*\| / \|g^*\|$",
+        title="each order (dots), the mean (line)",
+    )
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
@@ -160,8 +257,14 @@ def compare_figure(summary: Summary, out_dir: Path, *, labels: Mapping[str, str]
     n = len(problems)
     fig = Figure(figsize=(4.2 * n, 6.0))
     axes = fig.subplots(2, n, squeeze=False)
-    styles = {"Neumann": "o-", "CG": "s-", "Identity": "k--", "Nystrom": "D-", "Unrolled": "^-",
-              "FirstOrder": "v-"}
+    styles = {
+        "Neumann": "o-",
+        "CG": "s-",
+        "Identity": "k--",
+        "Nystrom": "D-",
+        "Unrolled": "^-",
+        "FirstOrder": "v-",
+    }
     levels = {"Identity": "k", "AdamIdentity": "tab:gray"}
     for j, pr in enumerate(problems):
         top, bottom = axes[0][j], axes[1][j]
@@ -175,12 +278,17 @@ def compare_figure(summary: Summary, out_dir: Path, *, labels: Mapping[str, str]
                 bottom.axhline(pts[0]["rel_dist"], color=levels[method], ls="--", lw=1, label=label)
                 continue
             top.plot(xs, [p["cosine"] for p in pts], style, ms=3, label=labels.get(method, method))
-            bottom.plot(xs, [max(p["rel_dist"], EPS64) for p in pts], style, ms=3,
-                        label=labels.get(method, method))
-        top.set(title=f"{pr['name']} ({pr['problem']['n_weights']} weights)", ylabel="cosine to exact",
-                ylim=(-0.05, 1.05))
-        bottom.set(xlabel="Hessian-vector products (or gradients/2)", ylabel="relative L2 distance",
-                   yscale="log")
+            bottom.plot(
+                xs, [max(p["rel_dist"], EPS64) for p in pts], style, ms=3, label=labels.get(method, method)
+            )
+        top.set(
+            title=f"{pr['name']} ({pr['problem']['n_weights']} weights)",
+            ylabel="cosine to exact",
+            ylim=(-0.05, 1.05),
+        )
+        bottom.set(
+            xlabel="Hessian-vector products (or gradients/2)", ylabel="relative L2 distance", yscale="log"
+        )
         for ax in (top, bottom):
             ax.grid(True, alpha=0.3)
         if j == 0:

@@ -112,7 +112,7 @@ from .shared import (
 
 KINDS = ("shuffled", "foreign", "random", "boilerplate")
 ARMS = ("plain", "clean-only", "neumann", "cg", "sama", "first-order", "net")
-WEIGHTED = ("neumann", "cg", "sama", "first-order")       # one weight per training sequence
+WEIGHTED = ("neumann", "cg", "sama", "first-order")  # one weight per training sequence
 TUNED = (*WEIGHTED, "net")
 ARM_NAMES = {
     "plain": "plain training",
@@ -132,58 +132,96 @@ BOILERPLATE = (
     "Click here to download the free e-book! Copyright (c) 2009-2024. Do not redistribute without "
     "permission. Share on Facebook | Tweet | Pin it\n",
 )
-MEASURED = "measured.json"   # an arm's CPU seconds and peak memory, read back on --resume
-_OFFSETS = 8          # boilerplate windows start at 0, 8, ..., 56 bytes into the footer
+MEASURED = "measured.json"  # an arm's CPU seconds and peak memory, read back on --resume
+_OFFSETS = 8  # boilerplate windows start at 0, 8, ..., 56 bytes into the footer
 #: Text files of a corpus in ``data.root``: the first triple present is read (train, validation, test).
-CORPUS_FILES = (("train.txt", "valid.txt", "test.txt"),
-                ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"),
-                ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"))
+CORPUS_FILES = (
+    ("train.txt", "valid.txt", "test.txt"),
+    ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"),
+    ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),
+)
 
 SCHEMA: dict[str, Option] = {
-    "seeds": Option([0, 1, 2], "seeds (corruption, initial weights, data order); the table averages over "
-                    "them", list, item=int, low=0, nonempty=True, unique=True),
+    "seeds": Option(
+        [0, 1, 2],
+        "seeds (corruption, initial weights, data order); the table averages over them",
+        list,
+        item=int,
+        low=0,
+        nonempty=True,
+        unique=True,
+    ),
     "threads": Option(1, "torch's CPU threads", int, low=1),
-    "config": Option("cpu", "cpu: the defaults below; full: a GPT-2-small-sized model for a GPU (the keys "
-                     "of FULL still at their defaults)", str, choices=("cpu", "full")),
+    "config": Option(
+        "cpu",
+        "cpu: the defaults below; full: a GPT-2-small-sized model for a GPU (the keys "
+        "of FULL still at their defaults)",
+        str,
+        choices=("cpu", "full"),
+    ),
     "arms": Option(list(ARMS), "which arms to train", list, choices=ARMS, nonempty=True, unique=True),
-    "data.root": Option("", "folder with a corpus as text files (train.txt/valid.txt/test.txt, WikiText's "
-                        "wiki.*.raw or PTB's ptb.*.txt); empty: the King James Bible shipped with the "
-                        "package", str),
-    "data.seq_len": Option(32, "bytes per training sequence (inputs; the targets are shifted by one)", int,
-                           low=2),
-    "data.n_train": Option(16384, "training sequences, one weight each (0: all of the training text)", int,
-                           low=0),
+    "data.root": Option(
+        "",
+        "folder with a corpus as text files (train.txt/valid.txt/test.txt, WikiText's "
+        "wiki.*.raw or PTB's ptb.*.txt); empty: the King James Bible shipped with the "
+        "package",
+        str,
+    ),
+    "data.seq_len": Option(
+        32, "bytes per training sequence (inputs; the targets are shifted by one)", int, low=2
+    ),
+    "data.n_train": Option(
+        16384, "training sequences, one weight each (0: all of the training text)", int, low=0
+    ),
     "data.n_val": Option(256, "clean validation sequences (the hyper steps' L_V)", int, low=1),
     "data.n_test": Option(1024, "clean test sequences (only evaluated)", int, low=1),
     "noise.p": Option(0.5, "fraction of the training sequences corrupted", float, low=0.0, high=0.95),
-    "noise.kinds": Option(list(KINDS), "the corruptions, in equal shares", list, choices=KINDS, nonempty=True,
-                          unique=True),
+    "noise.kinds": Option(
+        list(KINDS), "the corruptions, in equal shares", list, choices=KINDS, nonempty=True, unique=True
+    ),
     "model.width": Option(64, "transformer width", int, low=1),
     "model.layers": Option(2, "transformer blocks", int, low=1),
     "model.heads": Option(4, "attention heads (must divide the width)", int, low=1),
     "model.init": Option("", "a state_dict of this model (torch.save) to start from; empty: random", str),
-    "train.rounds": Option(100, "rounds (each: train.inner_steps training steps, then one hyper step)", int,
-                           low=1),
+    "train.rounds": Option(
+        100, "rounds (each: train.inner_steps training steps, then one hyper step)", int, low=1
+    ),
     "train.inner_steps": Option(4, "training steps per round (between hyper steps)", int, low=1),
     "train.batch_size": Option(32, "sequences per training step", int, low=1),
     "train.lr": Option(3e-3, "Adam learning rate of the model", float, positive=True),
     "hyper.batch_size": Option(32, "training sequences in a hyper step's L_T (and its HVPs)", int, low=1),
-    "hyper.val_batch_size": Option(32, "clean validation sequences in a hyper step's L_V (0: all)", int,
-                                   low=0),
-    "hyper.lr": Option(0.1, "hyper learning rate (Adam on the weights' logits and the net's weights)", float,
-                       positive=True),
+    "hyper.val_batch_size": Option(
+        32, "clean validation sequences in a hyper step's L_V (0: all)", int, low=0
+    ),
+    "hyper.lr": Option(
+        0.1, "hyper learning rate (Adam on the weights' logits and the net's weights)", float, positive=True
+    ),
     "hyper.iters": Option(2, "Neumann terms / CG iterations / first-order steps", int, low=1),
     "hyper.power_iters": Option(5, "power iterations behind Neumann's α = 1/λ_max", int, low=1),
     "hyper.damping": Option(1e-2, "CG's damping δ (solves (H + δI)p = v)", float, low=0.0),
-    "hyper.fo_lr": Option(1e-2, "first-order's inner step size: below 2/λ_max of the training loss's "
-                          "Hessian (the neumann arm's metrics log λ_max)", float, positive=True),
-    "hyper.fo_sigma": Option(1e3, "first-order's penalty σ (bias O(1/σ²), rounding O(σ·eps))", float,
-                             positive=True),
-    "hyper.hvp_mode": Option("finite-difference", "Hessian-vector products: finite-difference (the attention "
-                             "kernel has no double backward on the CPU), reverse or forward", str,
-                             choices=("finite-difference", "reverse", "forward")),
-    "hyper.warm_start": Option(True, "carry Neumann's λ_max from one hyper step to the next (CG and "
-                               "first-order always start from zero: see the module docstring)", bool),
+    "hyper.fo_lr": Option(
+        1e-2,
+        "first-order's inner step size: below 2/λ_max of the training loss's "
+        "Hessian (the neumann arm's metrics log λ_max)",
+        float,
+        positive=True,
+    ),
+    "hyper.fo_sigma": Option(
+        1e3, "first-order's penalty σ (bias O(1/σ²), rounding O(σ·eps))", float, positive=True
+    ),
+    "hyper.hvp_mode": Option(
+        "finite-difference",
+        "Hessian-vector products: finite-difference (the attention "
+        "kernel has no double backward on the CPU), reverse or forward",
+        str,
+        choices=("finite-difference", "reverse", "forward"),
+    ),
+    "hyper.warm_start": Option(
+        True,
+        "carry Neumann's λ_max from one hyper step to the next (CG and "
+        "first-order always start from zero: see the module docstring)",
+        bool,
+    ),
     "net.hidden": Option(16, "hidden units of the loss-reweighting network", int, low=1),
     "eval_every": Option(25, "rounds between evaluations of the validation and test perplexity", int, low=1),
     "checkpoint_every": Option(50, "rounds between checkpoints", int, low=1),
@@ -252,8 +290,10 @@ def read_texts(root: str) -> tuple[bytes, bytes, bytes, str]:
             texts = [(folder / n).read_bytes() for n in names]
             return texts[0], texts[1], texts[2], f"{', '.join(names)} in {folder}"
     expected = "; ".join("/".join(n) for n in CORPUS_FILES)
-    raise DataUnavailableError(f"{str(folder)!r} has none of the corpus file triples ({expected}): put the "
-                               "training, validation and test text there under one of these names")
+    raise DataUnavailableError(
+        f"{str(folder)!r} has none of the corpus file triples ({expected}): put the "
+        "training, validation and test text there under one of these names"
+    )
 
 
 def sequences(text: bytes, seq_len: int, n: int = 0) -> Tensor:
@@ -266,8 +306,10 @@ def sequences(text: bytes, seq_len: int, n: int = 0) -> Tensor:
     m = (len(ids) - 1) // seq_len
     if n:
         if n > m:
-            raise ValueError(f"the text has {len(ids):,} bytes: {m:,} sequences of {seq_len} (+1) bytes, "
-                             f"fewer than the {n:,} asked for")
+            raise ValueError(
+                f"the text has {len(ids):,} bytes: {m:,} sequences of {seq_len} (+1) bytes, "
+                f"fewer than the {n:,} asked for"
+            )
         m = n
     if m < 1:
         raise ValueError(f"{len(ids)} bytes make no sequence of {seq_len} (+1) bytes")
@@ -303,8 +345,8 @@ def corrupt(w: Tensor, p: float, kinds: Sequence[str], *, seed: int) -> tuple[Te
             which = torch.randint(len(texts), (len(rows),), generator=g).tolist()
             offset = (torch.randint(_OFFSETS, (len(rows),), generator=g) * 8).tolist()
             for r, t, o in zip(rows.tolist(), which, offset, strict=True):
-                out[r] = torch.tensor(list(texts[t][o:o + length]))
-        else:   # shuffled: the words (split at spaces) in a random order; the length is kept
+                out[r] = torch.tensor(list(texts[t][o : o + length]))
+        else:  # shuffled: the words (split at spaces) in a random order; the length is kept
             for r in rows.tolist():
                 words = bytes(w[r].tolist()).split(b" ")
                 order = torch.randperm(len(words), generator=g).tolist()
@@ -329,19 +371,24 @@ def load(cfg: Config, texts: tuple[bytes, bytes, bytes, str], seed: int) -> LMDa
     seq = cfg["data.seq_len"]
     w = sequences(tr, seq, cfg["data.n_train"])
     bad, kind = corrupt(w, cfg["noise.p"], cfg["noise.kinds"], seed=seed)
-    return LMData(bad, kind, sequences(va, seq, cfg["data.n_val"]), sequences(te, seq, cfg["data.n_test"]),
-                  source)
+    return LMData(
+        bad, kind, sequences(va, seq, cfg["data.n_val"]), sequences(te, seq, cfg["data.n_test"]), source
+    )
 
 
 def check(cfg: Config) -> tuple[bytes, bytes, bytes, str]:
     """Read the text and check every size before any file is written (errors name the key)."""
     cfg = with_preset(cfg)
     if cfg["model.width"] % cfg["model.heads"]:
-        raise ConfigError(f"config key 'model.heads': {cfg['model.heads']} does not divide model.width "
-                          f"{cfg['model.width']}; pick a divisor")
+        raise ConfigError(
+            f"config key 'model.heads': {cfg['model.heads']} does not divide model.width "
+            f"{cfg['model.width']}; pick a divisor"
+        )
     if cfg["model.init"] and not Path(cfg["model.init"]).is_file():
-        raise ConfigError(f"config key 'model.init': no file {cfg['model.init']!r}; give a state_dict saved "
-                          "by torch.save(model.state_dict()), or '' for random initial weights")
+        raise ConfigError(
+            f"config key 'model.init': no file {cfg['model.init']!r}; give a state_dict saved "
+            "by torch.save(model.state_dict()), or '' for random initial weights"
+        )
     try:
         texts = read_texts(cfg["data.root"])
     except (DataUnavailableError, DataFormatError) as e:
@@ -350,8 +397,9 @@ def check(cfg: Config) -> tuple[bytes, bytes, bytes, str]:
         try:
             sequences(text, cfg["data.seq_len"], cfg[key])
         except ValueError as e:
-            raise ConfigError(f"config key {key!r}: got {cfg[key]} with data.seq_len={cfg['data.seq_len']}: "
-                              f"{e}; lower it") from None
+            raise ConfigError(
+                f"config key {key!r}: got {cfg[key]} with data.seq_len={cfg['data.seq_len']}: {e}; lower it"
+            ) from None
     return texts
 
 
@@ -369,8 +417,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for z in self.qkv(self.ln1(x)).split(d, dim=2))
+        q, k, v = (
+            z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for z in self.qkv(self.ln1(x)).split(d, dim=2)
+        )
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
@@ -415,14 +465,20 @@ def sequence_loss(logits: Tensor, y: Tensor) -> Tensor:
 def model(cfg: Config, seed: int, device: torch.device) -> TransformerLM:
     """The seed's initial model (the same for every arm of a seed), or ``model.init``'s weights."""
     torch.manual_seed(seed)
-    net = TransformerLM(seq_len=cfg["data.seq_len"], width=cfg["model.width"], layers=cfg["model.layers"],
-                        heads=cfg["model.heads"])
+    net = TransformerLM(
+        seq_len=cfg["data.seq_len"],
+        width=cfg["model.width"],
+        layers=cfg["model.layers"],
+        heads=cfg["model.heads"],
+    )
     if cfg["model.init"]:
         try:
             net.load_state_dict(torch.load(cfg["model.init"], map_location="cpu", weights_only=True))
         except (RuntimeError, OSError) as e:
-            raise ConfigError(f"config key 'model.init': {cfg['model.init']!r} is not a state_dict of this "
-                              f"model (model.width/layers/heads, data.seq_len): {e}") from None
+            raise ConfigError(
+                f"config key 'model.init': {cfg['model.init']!r} is not a state_dict of this "
+                f"model (model.width/layers/heads, data.seq_len): {e}"
+            ) from None
     return net.to(device)
 
 
@@ -456,8 +512,14 @@ class StepTimes(Callback):
 
     def __init__(self, inner_steps: int) -> None:
         self.inner_steps = inner_steps
-        self.totals = {"inner_s": 0.0, "inner_cpu_s": 0.0, "hyper_s": 0.0, "hyper_cpu_s": 0.0,
-                       "inner": 0.0, "hyper": 0.0}
+        self.totals = {
+            "inner_s": 0.0,
+            "inner_cpu_s": 0.0,
+            "hyper_s": 0.0,
+            "hyper_cpu_s": 0.0,
+            "inner": 0.0,
+            "hyper": 0.0,
+        }
         self._mark = self._now()
         self._hyper = self._mark
 
@@ -500,14 +562,17 @@ class StepTimes(Callback):
     def summary(self) -> dict[str, float]:
         """Seconds per training step and per hyper step (wall and CPU) and their ratios (NaN without)."""
         t, nan = self.totals, float("nan")
-        out = {"train_step_s": t["inner_s"] / t["inner"] if t["inner"] else nan,
-               "train_step_cpu_s": t["inner_cpu_s"] / t["inner"] if t["inner"] else nan,
-               "hyper_step_s": t["hyper_s"] / t["hyper"] if t["hyper"] else nan,
-               "hyper_step_cpu_s": t["hyper_cpu_s"] / t["hyper"] if t["hyper"] else nan}
+        out = {
+            "train_step_s": t["inner_s"] / t["inner"] if t["inner"] else nan,
+            "train_step_cpu_s": t["inner_cpu_s"] / t["inner"] if t["inner"] else nan,
+            "hyper_step_s": t["hyper_s"] / t["hyper"] if t["hyper"] else nan,
+            "hyper_step_cpu_s": t["hyper_cpu_s"] / t["hyper"] if t["hyper"] else nan,
+        }
         both = t["inner"] and t["hyper"]
         out["hyper_over_train"] = out["hyper_step_s"] / out["train_step_s"] if both else nan
-        out["hyper_over_train_cpu"] = (out["hyper_step_cpu_s"] / out["train_step_cpu_s"]
-                                       if both and out["train_step_cpu_s"] > 0 else nan)
+        out["hyper_over_train_cpu"] = (
+            out["hyper_step_cpu_s"] / out["train_step_cpu_s"] if both and out["train_step_cpu_s"] > 0 else nan
+        )
         return out
 
 
@@ -560,7 +625,7 @@ def per_sequence_loss(net: nn.Module, x: Tensor, *, batch_size: int = 512) -> Te
     parts = []
     with _mode(net, False), torch.no_grad():
         for s in range(0, len(x), batch_size):
-            w = x[s:s + batch_size]
+            w = x[s : s + batch_size]
             parts.append(sequence_loss(net(w[:, :-1]), w[:, 1:]).float().cpu())
     return torch.cat(parts)
 
@@ -584,8 +649,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
     loss_auc: list[dict[str, float]] = []
     seed_weights: dict[str, Tensor] = {}
     data = load(cfg, texts, seeds[0])
-    with RunMetrics(ctx.out / "metrics.jsonl") as metrics, \
-            ArmsProgress(ctx, "lm-reweight", len(runs), rounds) as bar:
+    with (
+        RunMetrics(ctx.out / "metrics.jsonl") as metrics,
+        ArmsProgress(ctx, "lm-reweight", len(runs), rounds) as bar,
+    ):
         for i, (arm, seed) in enumerate(runs):
             if i == 0 or runs[i - 1][1] != seed:
                 data = load(cfg, texts, seed)
@@ -594,8 +661,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
             fams = families(cfg, arm, len(train_w), ctx.device)
             out, tag = ctx.out / f"{arm}-seed{seed}", {"arm": arm, "seed": seed}
             timer = StepTimes(cfg["train.inner_steps"])
-            dev = {k: v.to(ctx.device)
-                   for k, v in (("train", train_w), ("val", data.val), ("test", data.test))}
+            dev = {
+                k: v.to(ctx.device) for k, v in (("train", train_w), ("val", data.val), ("test", data.test))
+            }
             sets = {k: (v[:, :-1], v[:, 1:]) for k, v in dev.items()}
 
             def show(rec: dict[str, Any], seed: int = seed) -> dict[str, Any]:
@@ -606,26 +674,44 @@ def _run(ctx: RunContext) -> ExperimentResult:
             cold = arm in ("cg", "first-order")
             arm_ctx = replace(ctx, config={**cfg, "hyper.warm_start": False}) if cold else ctx
             with peak_memory(ctx.device) as mem:
-                res = train_arm(arm_ctx, net, fams, sets["train"], sets["val"], out=out,
-                                evals={"val": sets["val"], "test": sets["test"]}, loss_fn=sequence_loss,
-                                hyper_method=method(cfg, arm), seed=seed,
-                                callbacks=[metrics.callback(tag, out), bar.tick(i, arm, show), timer])
+                res = train_arm(
+                    arm_ctx,
+                    net,
+                    fams,
+                    sets["train"],
+                    sets["val"],
+                    out=out,
+                    evals={"val": sets["val"], "test": sets["test"]},
+                    loss_fn=sequence_loss,
+                    hyper_method=method(cfg, arm),
+                    seed=seed,
+                    callbacks=[metrics.callback(tag, out), bar.tick(i, arm, show), timer],
+                )
             measured = {"cpu_s": time.process_time() - cpu0, "peak_mb": mem["peak_mb"]}
             # a finished arm that --resume reads back costs no time or memory now: its own figures stand
             stored = out / MEASURED
             if ctx.resume and stored.is_file():
-                measured = {k: float("nan") if v is None else float(v)
-                            for k, v in json.loads(stored.read_text()).items()}
+                measured = {
+                    k: float("nan") if v is None else float(v)
+                    for k, v in json.loads(stored.read_text()).items()
+                }
             else:
                 write_atomic(stored, json_dumps(measured))
             metrics.finish_arm(tag, res.metrics)
             histories[(arm, seed)] = res.metrics
-            row: dict[str, Any] = {"arm": arm, "seed": seed, "hyperparameters": res.hyperparameters,
-                                   "hyper_steps": hyper_steps(res) if fams else "-",
-                                   "train_sequences": len(train_w),
-                                   "test_loss": res.final["test_loss"], "val_loss": res.final["val_loss"],
-                                   "test_ppl": _ppl(res.final["test_loss"]), "wall_s": res.wall_s,
-                                   **measured, **timer.summary()}
+            row: dict[str, Any] = {
+                "arm": arm,
+                "seed": seed,
+                "hyperparameters": res.hyperparameters,
+                "hyper_steps": hyper_steps(res) if fams else "-",
+                "train_sequences": len(train_w),
+                "test_loss": res.final["test_loss"],
+                "val_loss": res.final["val_loss"],
+                "test_ppl": _ppl(res.final["test_loss"]),
+                "wall_s": res.wall_s,
+                **measured,
+                **timer.summary(),
+            }
             weights: Tensor | None = None
             if arm in WEIGHTED:
                 weights = next(iter(fams[0].natural().values())).detach().float().cpu()
@@ -642,8 +728,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 row.update(fam.summary())
             elif arm == "plain":
                 # the free detector: a high final training loss means corrupted
-                loss_auc.append(kind_aucs(-per_sequence_loss(net, dev["train"]), data.kind,
-                                          cfg["noise.kinds"]))
+                loss_auc.append(
+                    kind_aucs(-per_sequence_loss(net, dev["train"]), data.kind, cfg["noise.kinds"])
+                )
             if weights is not None:
                 row["auc"] = kind_aucs(weights, data.kind, cfg["noise.kinds"])
                 if seed == seeds[0]:
@@ -652,12 +739,38 @@ def _run(ctx: RunContext) -> ExperimentResult:
             bar.done(i)
     table = summarise(per, arms)
     notes = interpret(table, per, loss_auc=loss_auc, kinds=cfg["noise.kinds"], steps=steps)
-    figure = _figure(ctx.out / "lm_reweight.png", histories, seed_weights,
-                     data.kind if seed_weights else None, cfg["noise.kinds"], seeds[0])
-    columns = ["arm", "hyperparameters", "seeds", "test_ppl", "test_ppl_sd", "d_test_loss", "auc",
-               "auc_moved", "hyper_over_train", "peak_mb", "wall_s", "cpu_s"]
-    result = {"dataset": data.source, "n_train": len(data.train), "corrupted": int((data.kind != 0).sum()),
-              "steps": steps, "rows": table, "runs": per, "loss_auc": loss_auc, "notes": notes}
+    figure = _figure(
+        ctx.out / "lm_reweight.png",
+        histories,
+        seed_weights,
+        data.kind if seed_weights else None,
+        cfg["noise.kinds"],
+        seeds[0],
+    )
+    columns = [
+        "arm",
+        "hyperparameters",
+        "seeds",
+        "test_ppl",
+        "test_ppl_sd",
+        "d_test_loss",
+        "auc",
+        "auc_moved",
+        "hyper_over_train",
+        "peak_mb",
+        "wall_s",
+        "cpu_s",
+    ]
+    result = {
+        "dataset": data.source,
+        "n_train": len(data.train),
+        "corrupted": int((data.kind != 0).sum()),
+        "steps": steps,
+        "rows": table,
+        "runs": per,
+        "loss_auc": loss_auc,
+        "notes": notes,
+    }
     from ..report import markdown_table
 
     body = [
@@ -689,9 +802,19 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "",
     ]
     title = f"lm-reweight: data weights for a byte-level transformer, {len(seeds)} seed(s)"
-    return finish(ctx, t0, title=title, columns=columns, rows=table, notes=notes, result=result,
-                  result_name="lm_reweight.json", body=body, figures=[figure],
-                  also=[ctx.out / "metrics.jsonl"])
+    return finish(
+        ctx,
+        t0,
+        title=title,
+        columns=columns,
+        rows=table,
+        notes=notes,
+        result=result,
+        result_name="lm_reweight.json",
+        body=body,
+        figures=[figure],
+        also=[ctx.out / "metrics.jsonl"],
+    )
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -714,27 +837,45 @@ def summarise(per: Mapping[str, Sequence[Mapping[str, Any]]], arms: Sequence[str
         ppl = [r["test_ppl"] for r in rs]
         diffs = [r["test_loss"] - plain[r["seed"]] for r in rs if r["seed"] in plain]
         aucs = [r["auc"]["all"] for r in rs if "auc" in r]
-        rows.append({
-            "arm": ARM_NAMES[a], "key": a, "hyperparameters": rs[0]["hyperparameters"], "seeds": len(rs),
-            "test_ppl": _mean(ppl), "test_ppl_sd": _sd(ppl) if len(ppl) > 1 else "-",
-            "test_loss": _mean([r["test_loss"] for r in rs]),
-            "d_test_loss": (f"{_mean(diffs):+.4f} ± {_sd(diffs) / math.sqrt(len(diffs)):.4f}"
-                            if a != "plain" and len(diffs) > 1 else "-"),
-            "d_mean": _mean(diffs) if a != "plain" else float("nan"),
-            "d_se": _sd(diffs) / math.sqrt(len(diffs)) if a != "plain" and len(diffs) > 1 else float("nan"),
-            "auc": _mean(aucs) if aucs else "-",
-            "auc_moved": _mean([r["auc_moved"] for r in rs]) if "auc_moved" in rs[0] else "-",
-            "hyper_over_train": _mean([r["hyper_over_train"] for r in rs]) if a not in ("plain", "clean-only")
-            else "-",
-            "peak_mb": _mean([r["peak_mb"] for r in rs]),
-            "wall_s": sum(r["wall_s"] for r in rs),
-            "cpu_s": sum(r["cpu_s"] for r in rs),
-        })
+        rows.append(
+            {
+                "arm": ARM_NAMES[a],
+                "key": a,
+                "hyperparameters": rs[0]["hyperparameters"],
+                "seeds": len(rs),
+                "test_ppl": _mean(ppl),
+                "test_ppl_sd": _sd(ppl) if len(ppl) > 1 else "-",
+                "test_loss": _mean([r["test_loss"] for r in rs]),
+                "d_test_loss": (
+                    f"{_mean(diffs):+.4f} ± {_sd(diffs) / math.sqrt(len(diffs)):.4f}"
+                    if a != "plain" and len(diffs) > 1
+                    else "-"
+                ),
+                "d_mean": _mean(diffs) if a != "plain" else float("nan"),
+                "d_se": _sd(diffs) / math.sqrt(len(diffs))
+                if a != "plain" and len(diffs) > 1
+                else float("nan"),
+                "auc": _mean(aucs) if aucs else "-",
+                "auc_moved": _mean([r["auc_moved"] for r in rs]) if "auc_moved" in rs[0] else "-",
+                "hyper_over_train": _mean([r["hyper_over_train"] for r in rs])
+                if a not in ("plain", "clean-only")
+                else "-",
+                "peak_mb": _mean([r["peak_mb"] for r in rs]),
+                "wall_s": sum(r["wall_s"] for r in rs),
+                "cpu_s": sum(r["cpu_s"] for r in rs),
+            }
+        )
     return rows
 
 
-def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Mapping[str, Any]]], *,
-              loss_auc: Sequence[Mapping[str, float]], kinds: Sequence[str], steps: int) -> list[str]:
+def interpret(
+    table: Sequence[Mapping[str, Any]],
+    per: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    loss_auc: Sequence[Mapping[str, float]],
+    kinds: Sequence[str],
+    steps: int,
+) -> list[str]:
     """Plain-language notes on the table, whichever way it came out: each tuned arm against plain
     training and the oracle (paired over the seeds, :func:`~.shared.versus`), what its weights find
     (AUC per kind against the free loss detector) and what its hyper step costs."""
@@ -744,21 +885,38 @@ def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Map
     se_what = f"standard error of the mean paired difference over {n} seeds"
     oracle = by.get("clean-only")
     if "plain" in by and oracle is not None:
-        v = versus("Clean-only training (the oracle)", "plain training", oracle["test_loss"],
-                   by["plain"]["test_loss"], oracle["d_se"], metric="clean test loss", higher_is_better=False,
-                   se_what=se_what,
-                   no_se="one seed: no noise estimate")
-        notes.append(f"{v.text}: the corruption's cost to the clean perplexity "
-                     f"({by['plain']['test_ppl']:.3f} vs {oracle['test_ppl']:.3f}) is the most reweighting "
-                     f"could recover in {steps} steps.")
+        v = versus(
+            "Clean-only training (the oracle)",
+            "plain training",
+            oracle["test_loss"],
+            by["plain"]["test_loss"],
+            oracle["d_se"],
+            metric="clean test loss",
+            higher_is_better=False,
+            se_what=se_what,
+            no_se="one seed: no noise estimate",
+        )
+        notes.append(
+            f"{v.text}: the corruption's cost to the clean perplexity "
+            f"({by['plain']['test_ppl']:.3f} vs {oracle['test_ppl']:.3f}) is the most reweighting "
+            f"could recover in {steps} steps."
+        )
     for key in TUNED:
         r = by.get(key)
         if r is None:
             continue
         if "plain" in by:
-            v = versus(r["arm"], "plain training", r["test_loss"], by["plain"]["test_loss"], r["d_se"],
-                       metric="clean test loss", higher_is_better=False, se_what=se_what,
-                       no_se="one seed: no noise estimate")
+            v = versus(
+                r["arm"],
+                "plain training",
+                r["test_loss"],
+                by["plain"]["test_loss"],
+                r["d_se"],
+                metric="clean test loss",
+                higher_is_better=False,
+                se_what=se_what,
+                no_se="one seed: no noise estimate",
+            )
             s = v.text
             if oracle is not None and "plain" in by:
                 gap = by["plain"]["test_loss"] - oracle["test_loss"]
@@ -771,25 +929,32 @@ def interpret(table: Sequence[Mapping[str, Any]], per: Mapping[str, Sequence[Map
             parts = ", ".join(f"{k} {_mean([x['auc'][k] for x in runs]):.3f}" for k in kinds)
             s = f"{r['arm']}: AUC {_mean([x['auc']['all'] for x in runs]):.3f} overall ({parts})"
             if "moved" in runs[0]:
-                s += (f"; {_mean([x['moved'] for x in runs]):,.0f} of {runs[0]['hyperparameters']:,} weights "
-                      "moved (the others were never in a hyper step's batch and stay at 1, tied)")
+                s += (
+                    f"; {_mean([x['moved'] for x in runs]):,.0f} of {runs[0]['hyperparameters']:,} weights "
+                    "moved (the others were never in a hyper step's batch and stay at 1, tied)"
+                )
                 if "auc_moved" in runs[0]:
                     s += f", AUC {_mean([x['auc_moved'] for x in runs]):.3f} among those"
             notes.append(s + ".")
         if isinstance(r["hyper_over_train"], float) and math.isfinite(r["hyper_over_train"]):
             cpu = _mean([x["hyper_over_train_cpu"] for x in runs])
-            notes.append(f"{r['arm']}: a hyper step costs {r['hyper_over_train']:.1f} training steps of wall "
-                         f"time ({cpu:.1f} of CPU time).")
+            notes.append(
+                f"{r['arm']}: a hyper step costs {r['hyper_over_train']:.1f} training steps of wall "
+                f"time ({cpu:.1f} of CPU time)."
+            )
     notes += ift_versus_cheaper(per)
     if loss_auc:
         parts = ", ".join(f"{k} {_mean([x[k] for x in loss_auc]):.3f}" for k in kinds)
-        notes.append(f"For reference, ranking the sequences by plain training's final loss (no hyper step at "
-                     f"all) has AUC {_mean([x['all'] for x in loss_auc]):.3f} ({parts}).")
+        notes.append(
+            f"For reference, ranking the sequences by plain training's final loss (no hyper step at "
+            f"all) has AUC {_mean([x['all'] for x in loss_auc]):.3f} ({parts})."
+        )
     return notes
 
 
-def paired(per: Mapping[str, Sequence[Mapping[str, Any]]], a: str, b: str,
-           key: str = "test_loss") -> tuple[float, float, float, float] | None:
+def paired(
+    per: Mapping[str, Sequence[Mapping[str, Any]]], a: str, b: str, key: str = "test_loss"
+) -> tuple[float, float, float, float] | None:
     """Arm ``a``'s ``key`` against arm ``b``'s over the seeds both ran: their means, and the mean and
     standard error of the paired difference ``a − b`` (NaN with one seed); ``None`` without a common
     seed or without the key."""
@@ -808,22 +973,39 @@ def ift_versus_cheaper(per: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
     weights, paired over the seeds: clean test loss and the AUC among the moved weights."""
     notes = []
     for cheap in ("sama", "first-order"):
-        for key, metric, higher in (("test_loss", "clean test loss", False),
-                                    ("auc_moved", "AUC among the moved weights", True)):
+        for key, metric, higher in (
+            ("test_loss", "clean test loss", False),
+            ("auc_moved", "AUC among the moved weights", True),
+        ):
             got = paired(per, "neumann", cheap, key)
             if got is None:
                 continue
             a, b, _, se = got
             n = len({r["seed"] for r in per["neumann"]} & {r["seed"] for r in per[cheap]})
             what = f"standard error of the mean paired difference over {n} seeds"
-            v = versus(ARM_NAMES["neumann"], ARM_NAMES[cheap], a, b, se, metric=metric,
-                       higher_is_better=higher, se_what=what, no_se="one seed: no noise estimate")
+            v = versus(
+                ARM_NAMES["neumann"],
+                ARM_NAMES[cheap],
+                a,
+                b,
+                se,
+                metric=metric,
+                higher_is_better=higher,
+                se_what=what,
+                no_se="one seed: no noise estimate",
+            )
             notes.append(v.text + ".")
     return notes
 
 
-def _figure(path: Path, histories: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
-            weights: Mapping[str, Tensor], kind: Tensor | None, kinds: Sequence[str], seed: int) -> Path:
+def _figure(
+    path: Path,
+    histories: Mapping[tuple[str, int], Sequence[Mapping[str, Any]]],
+    weights: Mapping[str, Tensor],
+    kind: Tensor | None,
+    kinds: Sequence[str],
+    seed: int,
+) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -843,7 +1025,7 @@ def _figure(path: Path, histories: Mapping[tuple[str, int], Sequence[Mapping[str
         arm = next(a for a in TUNED if a in weights)
         w, k = weights[arm], kind
         title = f"{ARM_NAMES[arm]}, seed {seed}"
-        if arm in WEIGHTED:   # the weights no hyper step touched are tied at 1: they would hide the rest
+        if arm in WEIGHTED:  # the weights no hyper step touched are tied at 1: they would hide the rest
             moved = (w - 1).abs() > 1e-6
             w, k = w[moved], kind[moved]
             title += f" ({int(moved.sum()):,} weights moved)"
@@ -872,7 +1054,30 @@ EXPERIMENT = Experiment(
     check=check,
 )
 
-__all__ = ["ARMS", "BOILERPLATE", "EXPERIMENT", "FULL", "KINDS", "SCHEMA", "SMOKE", "LMData", "StepTimes",
-           "TransformerLM", "check", "corrupt", "families", "ift_versus_cheaper", "interpret", "kind_aucs",
-           "load", "method", "model", "paired", "peak_memory", "read_texts", "sequence_loss", "sequences",
-           "summarise"]
+__all__ = [
+    "ARMS",
+    "BOILERPLATE",
+    "EXPERIMENT",
+    "FULL",
+    "KINDS",
+    "SCHEMA",
+    "SMOKE",
+    "LMData",
+    "StepTimes",
+    "TransformerLM",
+    "check",
+    "corrupt",
+    "families",
+    "ift_versus_cheaper",
+    "interpret",
+    "kind_aucs",
+    "load",
+    "method",
+    "model",
+    "paired",
+    "peak_memory",
+    "read_texts",
+    "sequence_loss",
+    "sequences",
+    "summarise",
+]

@@ -95,14 +95,15 @@ TUNED = ("ours", "ours_many")
 UNIT_SITES = {"dropouto": "decoder:input", "dropouth": "rnn1:input", "dropouti": "rnn0:input"}
 HIDDEN_TO_HIDDEN = ("rnn0.weight_hh_l0", "rnn1.weight_hh_l0")
 METHOD_FORMAT = re.compile(r"^(identity|neumann-([1-9][0-9]*)|cg-([1-9][0-9]*))$")
-_EPS = 1e-6   # u ∈ [ε, 1−ε], as hparams.Dropout draws it: log u and log(1−u) stay finite
+_EPS = 1e-6  # u ∈ [ε, 1−ε], as hparams.Dropout draws it: log u and log(1−u) stay finite
 
 SCHEMA: dict[str, Option] = {
     "seed": Option(0, "first seed (initial weights, data order, dropout masks, TPE)", int, low=0),
     "seeds": Option(3, "seeds per arm: seed, seed+1, ... (the sweep runs seed only)", int, low=1),
     "threads": Option(1, "CPU threads of torch in each process", int, low=1),
-    "jobs": Option(2, "processes that run the (arm, seed) units side by side (1: all in this one)", int,
-                   low=1),
+    "jobs": Option(
+        2, "processes that run the (arm, seed) units side by side (1: all in this one)", int, low=1
+    ),
     "config": Option(
         "cpu",
         "cpu: the defaults below; full: the authors' recipe (2 × 650 units, PTB from data.root; a GPU) for "
@@ -110,9 +111,14 @@ SCHEMA: dict[str, Option] = {
         str,
         choices=("cpu", "full"),
     ),
-    "arms": Option(["none", "fixed", "ours", "ours_many"],
-                   "which units to run (optuna needs the optuna extra; sweep: the sweep.* grid, one seed)",
-                   list, choices=ARMS, nonempty=True, unique=True),
+    "arms": Option(
+        ["none", "fixed", "ours", "ours_many"],
+        "which units to run (optuna needs the optuna extra; sweep: the sweep.* grid, one seed)",
+        list,
+        choices=ARMS,
+        nonempty=True,
+        unique=True,
+    ),
     "data.root": Option(
         "",
         "folder with ptb.train.txt/ptb.valid.txt/ptb.test.txt (empty: the King James Bible shipped with "
@@ -125,63 +131,118 @@ SCHEMA: dict[str, Option] = {
     "data.eval_tokens": Option(10_000, "validation and test tokens used (0: all)", int, low=0),
     "model.embed": Option(128, "embedding width", int, low=1),
     "model.hidden": Option(128, "units of the first LSTM (and of the second unless tied)", int, low=1),
-    "model.tie": Option(False, "tie the decoder's weights to the embedding (the second LSTM then has "
-                        "model.embed units)", bool),
+    "model.tie": Option(
+        False, "tie the decoder's weights to the embedding (the second LSTM then has model.embed units)", bool
+    ),
     "train.steps": Option(1000, "inner training steps of every run", int, low=1),
     "train.batch_size": Option(32, "sequences per training batch", int, low=1),
     "train.optimizer": Option("adam", "inner optimizer", str, choices=("adam", "sgd")),
     "train.lr": Option(3e-3, "inner learning rate", float, positive=True),
     "train.clip": Option(0.0, "gradient-norm clipping of the inner steps (0: none)", float, low=0.0),
-    "train.patience": Option(0, "evaluations without a lower validation loss before a run stops (0: never)",
-                             int, low=0),
-    "hyper.every": Option(10, "inner steps per hyper step (1: a hyper step at every training step, the "
-                          "paper's)", int, low=1),
-    "hyper.method": Option("identity", "hypergradient approximation: identity (the paper's 0 Neumann terms), "
-                           "neumann-K (K Neumann terms after the first, α = hyper.alpha), cg-K (K conjugate-"
-                           "gradient steps, damped by hyper.damping)", str),
-    "hyper.alpha": Option("auto", "Neumann step α (auto: 1/λ_max by power iteration)", float, auto=True,
-                          positive=True),
+    "train.patience": Option(
+        0, "evaluations without a lower validation loss before a run stops (0: never)", int, low=0
+    ),
+    "hyper.every": Option(
+        10, "inner steps per hyper step (1: a hyper step at every training step, the paper's)", int, low=1
+    ),
+    "hyper.method": Option(
+        "identity",
+        "hypergradient approximation: identity (the paper's 0 Neumann terms), "
+        "neumann-K (K Neumann terms after the first, α = hyper.alpha), cg-K (K conjugate-"
+        "gradient steps, damped by hyper.damping)",
+        str,
+    ),
+    "hyper.alpha": Option(
+        "auto", "Neumann step α (auto: 1/λ_max by power iteration)", float, auto=True, positive=True
+    ),
     "hyper.power_iters": Option(10, "power iterations behind hyper.alpha=auto", int, low=1),
     "hyper.damping": Option(1e-3, "CG damping δ of H + δI", float, low=0.0),
-    "hyper.hvp_mode": Option("auto", "second derivatives of L_T: reverse (double backward), "
-                             "finite-difference (first-order gradients only), auto (finite-difference on a "
-                             "CUDA device with cuDNN, whose LSTM has no double backward; reverse elsewhere)",
-                             str, choices=("auto", "reverse", "finite-difference")),
-    "hyper.warm_start": Option(True, "carry the solver state across hyper steps (Neumann's λ_max, CG's last "
-                               "solution)", bool),
-    "hyper.optimizer": Option("adam", "optimizer of the keep-probability logits", str,
-                              choices=("adam", "sgd", "rmsprop")),
-    "hyper.lr": Option(1e-2, "hyper learning rate (a step in keep-probability logit; the paper's 1e-3 at a "
-                       "hyper step per training step moves the rates as far per training step as 1e-2 every "
-                       "10)", float, positive=True),
-    "hyper.train_batch_size": Option(16, "training sequences of the hyper step's L_T (0: train.batch_size)",
-                                     int, low=0),
+    "hyper.hvp_mode": Option(
+        "auto",
+        "second derivatives of L_T: reverse (double backward), "
+        "finite-difference (first-order gradients only), auto (finite-difference on a "
+        "CUDA device with cuDNN, whose LSTM has no double backward; reverse elsewhere)",
+        str,
+        choices=("auto", "reverse", "finite-difference"),
+    ),
+    "hyper.warm_start": Option(
+        True, "carry the solver state across hyper steps (Neumann's λ_max, CG's last solution)", bool
+    ),
+    "hyper.optimizer": Option(
+        "adam", "optimizer of the keep-probability logits", str, choices=("adam", "sgd", "rmsprop")
+    ),
+    "hyper.lr": Option(
+        1e-2,
+        "hyper learning rate (a step in keep-probability logit; the paper's 1e-3 at a "
+        "hyper step per training step moves the rates as far per training step as 1e-2 every "
+        "10)",
+        float,
+        positive=True,
+    ),
+    "hyper.train_batch_size": Option(
+        16, "training sequences of the hyper step's L_T (0: train.batch_size)", int, low=0
+    ),
     "hyper.val_batch_size": Option(16, "validation sequences of the hyper step's L_V (0: all)", int, low=0),
     "dropout.rate": Option(0.3, "dropout rate of the fixed arm at every site", float, low=0.0, high=0.95),
-    "dropout.init": Option("auto", "initial dropout rate of the tuned arms (auto: dropout.rate)", float,
-                           auto=True, low=1e-6, high=0.99),
+    "dropout.init": Option(
+        "auto",
+        "initial dropout rate of the tuned arms (auto: dropout.rate)",
+        float,
+        auto=True,
+        low=1e-6,
+        high=0.99,
+    ),
     "dropout.temperature": Option(0.1, "temperature τ of the relaxed Bernoulli masks", float, positive=True),
     "dropout.embedding": Option(True, "drop whole words from the embedding (dropoute, one rate)", bool),
-    "dropout.dropconnect": Option("shared", "DropConnect on the hidden-to-hidden matrices: shared (one keep "
-                                  "tensor for both layers, the authors' code), first (the first layer's), "
-                                  "each (one tensor per layer), none", str,
-                                  choices=("shared", "first", "each", "none")),
-    "optuna.trials": Option(8, "training runs of the optuna arm per seed (its budget: trials × train.steps "
-                            "inner steps)", int, low=1),
-    "optuna.max_dropout": Option(0.7, "upper end of each rate's search interval [0, max]", float,
-                                 low=0.01, high=0.95),
+    "dropout.dropconnect": Option(
+        "shared",
+        "DropConnect on the hidden-to-hidden matrices: shared (one keep "
+        "tensor for both layers, the authors' code), first (the first layer's), "
+        "each (one tensor per layer), none",
+        str,
+        choices=("shared", "first", "each", "none"),
+    ),
+    "optuna.trials": Option(
+        8,
+        "training runs of the optuna arm per seed (its budget: trials × train.steps inner steps)",
+        int,
+        low=1,
+    ),
+    "optuna.max_dropout": Option(
+        0.7, "upper end of each rate's search interval [0, max]", float, low=0.01, high=0.95
+    ),
     "sweep.arm": Option("ours", "the arm the sweep tunes", str, choices=TUNED),
-    "sweep.lr": Option([1e-3, 1e-2], "hyper learning rates of the sweep", list, item=float, nonempty=True,
-                       unique=True),
-    "sweep.every": Option([1, 10], "hyper-step frequencies (inner steps per hyper step) of the sweep", list,
-                          item=int, low=1, nonempty=True, unique=True),
-    "sweep.method": Option(["identity", "neumann-1"], "approximations of the sweep (as hyper.method)", list,
-                           nonempty=True, unique=True),
+    "sweep.lr": Option(
+        [1e-3, 1e-2], "hyper learning rates of the sweep", list, item=float, nonempty=True, unique=True
+    ),
+    "sweep.every": Option(
+        [1, 10],
+        "hyper-step frequencies (inner steps per hyper step) of the sweep",
+        list,
+        item=int,
+        low=1,
+        nonempty=True,
+        unique=True,
+    ),
+    "sweep.method": Option(
+        ["identity", "neumann-1"],
+        "approximations of the sweep (as hyper.method)",
+        list,
+        nonempty=True,
+        unique=True,
+    ),
     "diag.window": Option(20, "hyper steps per window of the signal-to-noise diagnostics", int, low=2),
-    "eval_every": Option("auto", "inner steps between evaluations (auto: 50 for cpu, one pass over the "
-                         "training sequences for full); a multiple of hyper.every", int, auto=True, low=1),
-    "checkpoint_every": Option(200, "inner steps between checkpoints (rounded up to a hyper step)", int,
-                               low=1),
+    "eval_every": Option(
+        "auto",
+        "inner steps between evaluations (auto: 50 for cpu, one pass over the "
+        "training sequences for full); a multiple of hyper.every",
+        int,
+        auto=True,
+        low=1,
+    ),
+    "checkpoint_every": Option(
+        200, "inner steps between checkpoints (rounded up to a hyper step)", int, low=1
+    ),
 }
 
 SMOKE: dict[str, Any] = {
@@ -223,7 +284,7 @@ FULL: dict[str, Any] = {
     "model.embed": 650,
     "model.hidden": 650,
     "model.tie": True,
-    "train.steps": 10_000 * 332,   # 10,000 epochs of PTB's 929,589 training tokens in 40 × 70 batches
+    "train.steps": 10_000 * 332,  # 10,000 epochs of PTB's 929,589 training tokens in 40 × 70 batches
     "train.batch_size": 40,
     "train.optimizer": "sgd",
     "train.lr": 30.0,
@@ -280,14 +341,17 @@ class UnitDropout(Dropout):
     """:class:`~hypergradients.hparams.Dropout` at one site, with one keep probability per unit, or
     (``scalar``) one for the whole site (then the stored logit has shape ``(1,)``)."""
 
-    def __init__(self, model: nn.Module, site: str, *, name: str, scalar: bool, init: float,
-                 temperature: float) -> None:
+    def __init__(
+        self, model: nn.Module, site: str, *, name: str, scalar: bool, init: float, temperature: float
+    ) -> None:
         super().__init__(model, [site], init=init, temperature=temperature, name=name)
         self.scalar = scalar
         if scalar:
             self._t = {k: t.detach()[:1].clone().requires_grad_(True) for k, t in self._t.items()}
-            self.parametrisation = ("keep probability q = σ(θ), one for all units of the site (logit θ "
-                                    "stored); relaxed Bernoulli mask z/q shared over time")
+            self.parametrisation = (
+                "keep probability q = σ(θ), one for all units of the site (logit θ "
+                "stored); relaxed Bernoulli mask z/q shared over time"
+            )
 
     def hooks(self, hparams: Mapping[str, Tensor], noise: Sampler) -> list[Hook]:
         own = {k: hparams[k].expand(s.units) if self.scalar else hparams[k] for k, s in self.sites.items()}
@@ -308,8 +372,15 @@ class WordDropout(Family):
     stochastic = True
     parametrisation = "keep probability q = σ(θ) of every word (logit θ stored); relaxed Bernoulli mask z/q"
 
-    def __init__(self, model: nn.Module, module: str = "embed", *, init: float, temperature: float,
-                 name: str = "dropoute") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        module: str = "embed",
+        *,
+        init: float,
+        temperature: float,
+        name: str = "dropoute",
+    ) -> None:
         emb = model.get_submodule(module)
         if not isinstance(emb, nn.Embedding):
             raise ValueError(f"WordDropout: {module!r} is a {type(emb).__name__}, not an nn.Embedding")
@@ -326,8 +397,13 @@ class WordDropout(Family):
         return {k: torch.sigmoid(src[k].detach()) for k in self._t}
 
     def describe(self) -> Description:
-        return Description(self.name, f"word dropout, concrete, τ={self.temperature:g}", 1,
-                           self.parametrisation, {f"{self.module} ({self.vocab:,} words)": 1})
+        return Description(
+            self.name,
+            f"word dropout, concrete, τ={self.temperature:g}",
+            1,
+            self.parametrisation,
+            {f"{self.module} ({self.vocab:,} words)": 1},
+        )
 
     def hooks(self, hparams: Mapping[str, Tensor], noise: Sampler) -> list[Hook]:
         theta = hparams[self.name]
@@ -345,23 +421,38 @@ class WeightDrop(DropConnect):
     (``shared``: the same shape required; each draws its own mask) or one each, and one keep
     probability per weight or (``scalar``) one per tensor."""
 
-    def __init__(self, model: nn.Module, params: Sequence[str], *, shared: bool, scalar: bool, init: float,
-                 temperature: float, name: str = "wdrop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[str],
+        *,
+        shared: bool,
+        scalar: bool,
+        init: float,
+        temperature: float,
+        name: str = "wdrop",
+    ) -> None:
         super().__init__(model, list(params), init=init, temperature=temperature, name=name)
         shapes = {tuple(self._frozen[p].shape) for p in self.params}
         if shared and len(shapes) > 1:
-            raise ValueError(f"WeightDrop: one shared keep tensor needs equal shapes, got {sorted(shapes)} "
-                             f"for {self.params}")
+            raise ValueError(
+                f"WeightDrop: one shared keep tensor needs equal shapes, got {sorted(shapes)} "
+                f"for {self.params}"
+            )
         self.shared, self.scalar = shared, scalar
         ref = self._t[f"{name}.{self.params[0]}"]
         shape = (1,) if scalar else tuple(ref.shape)
         keys = [name] if shared else [f"{name}.{p}" for p in self.params]
-        self._t = {k: torch.full(shape, _logit(init), dtype=ref.dtype, device=ref.device, requires_grad=True)
-                   for k in keys}
+        self._t = {
+            k: torch.full(shape, _logit(init), dtype=ref.dtype, device=ref.device, requires_grad=True)
+            for k in keys
+        }
         one = "one for the whole matrix" if scalar else "one per weight"
-        self.parametrisation = (f"keep probability q = σ(θ), {one}"
-                                + (", the same θ for every listed matrix" if shared and len(self.params) > 1
-                                   else "") + " (logit θ stored); relaxed Bernoulli mask z/q per minibatch")
+        self.parametrisation = (
+            f"keep probability q = σ(θ), {one}"
+            + (", the same θ for every listed matrix" if shared and len(self.params) > 1 else "")
+            + " (logit θ stored); relaxed Bernoulli mask z/q per minibatch"
+        )
 
     def _key(self, param: str) -> str:
         return self.name if self.shared else f"{self.name}.{param}"
@@ -369,13 +460,20 @@ class WeightDrop(DropConnect):
     def describe(self) -> Description:
         kind = f"DropConnect, concrete, τ={self.temperature:g}"
         if self.shared:
-            return Description(self.name, kind, self.count(), self.parametrisation,
-                               {" = ".join(self.params): self.count()})
-        return Description(self.name, kind, self.count(), self.parametrisation,
-                           {p: self._t[self._key(p)].numel() for p in self.params})
+            return Description(
+                self.name, kind, self.count(), self.parametrisation, {" = ".join(self.params): self.count()}
+            )
+        return Description(
+            self.name,
+            kind,
+            self.count(),
+            self.parametrisation,
+            {p: self._t[self._key(p)].numel() for p in self.params},
+        )
 
-    def model_weights(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                      noise: Sampler) -> Mapping[str, Tensor]:
+    def model_weights(
+        self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], noise: Sampler
+    ) -> Mapping[str, Tensor]:
         out = dict(params)
         for p in self.params:
             w = out[p] if p in out else self._frozen[p]
@@ -406,11 +504,13 @@ class Fixed(Family):
     def describe(self) -> Description:
         d = self.inner.describe()
         rates = torch.cat([v.reshape(-1) for v in self.inner.natural().values()])
-        return Description(d.name, f"{d.kind}, fixed at dropout {1 - float(rates.mean()):.3g}", 0,
-                           self.parametrisation, {})
+        return Description(
+            d.name, f"{d.kind}, fixed at dropout {1 - float(rates.mean()):.3g}", 0, self.parametrisation, {}
+        )
 
-    def model_weights(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor],
-                      noise: Sampler) -> Mapping[str, Tensor]:
+    def model_weights(
+        self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], noise: Sampler
+    ) -> Mapping[str, Tensor]:
         return self.inner.model_weights(params, self._own(), noise)
 
     def hooks(self, hparams: Mapping[str, Tensor], noise: Sampler) -> Sequence[Hook]:
@@ -419,12 +519,16 @@ class Fixed(Family):
 
 def site_names(cfg: Config) -> list[str]:
     """The regulariser names of this configuration, in the order of the families."""
-    return [*UNIT_SITES, *(["dropoute"] if cfg["dropout.embedding"] else []),
-            *(["wdrop"] if cfg["dropout.dropconnect"] != "none" else [])]
+    return [
+        *UNIT_SITES,
+        *(["dropoute"] if cfg["dropout.embedding"] else []),
+        *(["wdrop"] if cfg["dropout.dropconnect"] != "none" else []),
+    ]
 
 
-def families(cfg: Config, model: nn.Module, arm: str,
-             rates: Mapping[str, float] | None = None) -> list[Family]:
+def families(
+    cfg: Config, model: nn.Module, arm: str, rates: Mapping[str, float] | None = None
+) -> list[Family]:
     """The regularisers of ``arm`` (none for ``none``): scalar rates for ``ours``, ``fixed`` and
     ``optuna`` (those two not tuned), per unit and per weight for ``ours_many``. ``rates`` gives each
     site's dropout rate (default: ``dropout.rate`` for the fixed arms, ``dropout.init`` for the tuned)."""
@@ -433,16 +537,26 @@ def families(cfg: Config, model: nn.Module, arm: str,
     tuned = arm in TUNED
     init = cfg["dropout.rate"] if cfg["dropout.init"] == "auto" or not tuned else cfg["dropout.init"]
     drop = {n: float(init) for n in site_names(cfg)} | dict(rates or {})
-    keep = {n: min(max(1.0 - p, 1e-6), 1 - 1e-6) for n, p in drop.items()}   # a logit needs 0 < q < 1
+    keep = {n: min(max(1.0 - p, 1e-6), 1 - 1e-6) for n, p in drop.items()}  # a logit needs 0 < q < 1
     scalar, tau = arm != "ours_many", cfg["dropout.temperature"]
-    fams: list[Family] = [UnitDropout(model, site, name=n, scalar=scalar, init=keep[n], temperature=tau)
-                          for n, site in UNIT_SITES.items()]
+    fams: list[Family] = [
+        UnitDropout(model, site, name=n, scalar=scalar, init=keep[n], temperature=tau)
+        for n, site in UNIT_SITES.items()
+    ]
     if cfg["dropout.embedding"]:
         fams.append(WordDropout(model, init=keep["dropoute"], temperature=tau))
     dc = cfg["dropout.dropconnect"]
     if dc != "none":
-        fams.append(WeightDrop(model, HIDDEN_TO_HIDDEN[:1] if dc == "first" else HIDDEN_TO_HIDDEN,
-                               shared=dc == "shared", scalar=scalar, init=keep["wdrop"], temperature=tau))
+        fams.append(
+            WeightDrop(
+                model,
+                HIDDEN_TO_HIDDEN[:1] if dc == "first" else HIDDEN_TO_HIDDEN,
+                shared=dc == "shared",
+                scalar=scalar,
+                init=keep["wdrop"],
+                temperature=tau,
+            )
+        )
     return fams if tuned else [Fixed(f) for f in fams]
 
 
@@ -452,8 +566,10 @@ def hyper_method(cfg: Config, spec: str | None = None) -> Method:
     spec = cfg["hyper.method"] if spec is None else spec
     m = METHOD_FORMAT.match(spec)
     if m is None:
-        raise ConfigError(f"config key 'hyper.method': got {spec!r}; expected identity, neumann-K or cg-K "
-                          "with K >= 1 (e.g. neumann-1, cg-5)")
+        raise ConfigError(
+            f"config key 'hyper.method': got {spec!r}; expected identity, neumann-K or cg-K "
+            "with K >= 1 (e.g. neumann-1, cg-5)"
+        )
     if m[2]:
         return Neumann(iters=int(m[2]) + 1, alpha=cfg["hyper.alpha"], power_iters=cfg["hyper.power_iters"])
     if m[3]:
@@ -462,7 +578,7 @@ def hyper_method(cfg: Config, spec: str | None = None) -> Method:
 
 
 def _model(cfg: Config, vocab: int, seed: int, device: torch.device | str) -> LSTMLanguageModel:
-    torch.manual_seed(seed)   # the same initial weights for every arm of a seed
+    torch.manual_seed(seed)  # the same initial weights for every arm of a seed
     return LSTMLanguageModel(vocab, cfg["model.embed"], cfg["model.hidden"], tie=cfg["model.tie"]).to(device)
 
 
@@ -479,9 +595,11 @@ def check(cfg: Config) -> Corpus:
         hyper_method(cfg, spec)
     sizes_differ = cfg["model.embed"] != cfg["model.hidden"]
     if cfg["model.tie"] and cfg["dropout.dropconnect"] == "shared" and sizes_differ:
-        raise ConfigError(f"config key 'dropout.dropconnect': 'shared' needs both LSTMs of one size, but "
-                          f"with model.tie the second has model.embed={cfg['model.embed']} units and the "
-                          f"first model.hidden={cfg['model.hidden']}: make them equal, or use 'each'")
+        raise ConfigError(
+            f"config key 'dropout.dropconnect': 'shared' needs both LSTMs of one size, but "
+            f"with model.tie the second has model.embed={cfg['model.embed']} units and the "
+            f"first model.hidden={cfg['model.hidden']}: make them equal, or use 'each'"
+        )
     if "optuna" in cfg["arms"]:
         try:
             require_optuna()
@@ -491,23 +609,31 @@ def check(cfg: Config) -> Corpus:
         corpus = load_corpus(cfg["data.root"] or None, vocab_size=cfg["data.vocab"])
     except (DataUnavailableError, DataFormatError) as e:
         raise ConfigError(f"config key 'data.root': got {cfg['data.root']!r}. {e}") from None
-    for key, ids in (("data.train_tokens", corpus.train), ("data.eval_tokens", corpus.valid),
-                     ("data.eval_tokens", corpus.test)):
+    for key, ids in (
+        ("data.train_tokens", corpus.train),
+        ("data.eval_tokens", corpus.valid),
+        ("data.eval_tokens", corpus.test),
+    ):
         try:
             batchify(ids, cfg["data.seq_len"], max_tokens=cfg[key])
         except ValueError as e:
-            raise ConfigError(f"config key 'data.seq_len': {cfg['data.seq_len']} with {key}={cfg[key]}: "
-                              f"{e}") from None
+            raise ConfigError(
+                f"config key 'data.seq_len': {cfg['data.seq_len']} with {key}={cfg[key]}: {e}"
+            ) from None
     everies = [cfg["hyper.every"], *(cfg["sweep.every"] if "sweep" in cfg["arms"] else [])]
     ev = _eval_every(cfg, corpus)
-    if cfg["train.steps"] < ev:   # the report reads each run's best evaluation: a run needs one
-        raise ConfigError(f"config key 'train.steps': {cfg['train.steps']} inner steps end before the first "
-                          f"evaluation (eval_every={ev}); set eval_every to at most train.steps")
+    if cfg["train.steps"] < ev:  # the report reads each run's best evaluation: a run needs one
+        raise ConfigError(
+            f"config key 'train.steps': {cfg['train.steps']} inner steps end before the first "
+            f"evaluation (eval_every={ev}); set eval_every to at most train.steps"
+        )
     bad = [e for e in everies if ev % e]
     if bad:
-        raise ConfigError(f"config key 'eval_every': {ev} inner steps is not a multiple of the hyper-step "
-                          f"frequency {bad[0]} (hyper.every or sweep.every): evaluations fall between "
-                          "rounds; choose a common multiple")
+        raise ConfigError(
+            f"config key 'eval_every': {ev} inner steps is not a multiple of the hyper-step "
+            f"frequency {bad[0]} (hyper.every or sweep.every): evaluations fall between "
+            "rounds; choose a common multiple"
+        )
     return corpus
 
 
@@ -518,7 +644,7 @@ def _eval_every(cfg: Config, corpus: Corpus) -> int:
     if cfg["config"] != "full":
         return 50
     n = len(batchify(corpus.train, cfg["data.seq_len"], max_tokens=cfg["data.train_tokens"])[1])
-    return max(1, round(n / cfg["train.batch_size"]))   # one pass over the training sequences
+    return max(1, round(n / cfg["train.batch_size"]))  # one pass over the training sequences
 
 
 def dry_run(cfg: Config, corpus: Corpus) -> str:
@@ -527,9 +653,12 @@ def dry_run(cfg: Config, corpus: Corpus) -> str:
     cfg = with_preset(cfg)
     model = _model(cfg, corpus.vocab_size, cfg["seed"], "cpu")
     weights = sum(p.numel() for p in model.parameters())
-    lines = [f"lstm-dropout ({cfg['config']}): {corpus.source}; vocabulary {corpus.vocab_size:,}; model "
-             f"{cfg['model.embed']}-dim embedding, 2 LSTMs of {cfg['model.hidden']} units"
-             + (" (tied decoder)" if cfg["model.tie"] else "") + f", {weights:,} weights"]
+    lines = [
+        f"lstm-dropout ({cfg['config']}): {corpus.source}; vocabulary {corpus.vocab_size:,}; model "
+        f"{cfg['model.embed']}-dim embedding, 2 LSTMs of {cfg['model.hidden']} units"
+        + (" (tied decoder)" if cfg["model.tie"] else "")
+        + f", {weights:,} weights"
+    ]
     arms = [a for a in cfg["arms"] if a not in ("optuna", "sweep")]
     arms += ["fixed"] if "optuna" in cfg["arms"] and "fixed" not in arms else []
     arms += [cfg["sweep.arm"]] if "sweep" in cfg["arms"] and cfg["sweep.arm"] not in arms else []
@@ -613,8 +742,13 @@ class Track(Callback):
         self.windows: list[dict[str, Any]] = []
         self.counts = {"steps": 0, "applied": 0, "nonzero": 0, "changed": 0, "skipped": 0}
         self.max_dq: list[float] = []
-        self.solver: dict[str, Any] = {"hvps": 0, "retried": 0, "iterations": 0, "lambda_max": [],
-                                       "damping": []}
+        self.solver: dict[str, Any] = {
+            "hvps": 0,
+            "retried": 0,
+            "iterations": 0,
+            "lambda_max": [],
+            "damping": [],
+        }
         self.hyper_cpu = 0.0
         self.cpu_base, self.cpu_start = 0.0, time.process_time()
         self._acc: dict[str, Any] | None = None
@@ -639,11 +773,11 @@ class Track(Callback):
             return
         self.counts["applied"] += 1
         info = result.info
-        if info is not None:   # the solver's own numbers
+        if info is not None:  # the solver's own numbers
             self.solver["hvps"] += int(info.hvps)
             self.solver["retried"] += int(bool(result.retry))
             extra = info.extra
-            if "lambda_max" in extra and extra.get("lambda_max_age", 0.0) == 0.0:   # a fresh estimate
+            if "lambda_max" in extra and extra.get("lambda_max_age", 0.0) == 0.0:  # a fresh estimate
                 self.solver["lambda_max"].append(float(extra["lambda_max"]))
             if "damping" in extra:
                 self.solver["damping"].append(float(extra["damping"]))
@@ -660,8 +794,16 @@ class Track(Callback):
         theta = torch.cat([t.detach().reshape(-1).double() for f in self.fams for t in f.tensors().values()])
         acc = self._acc
         if acc is None:
-            acc = self._acc = {"n": 0, "sum": torch.zeros_like(g), "sq": torch.zeros_like(g), "theta0": theta,
-                               "path": 0.0, "last": theta, "cos": 0.0, "start": self.counts["steps"]}
+            acc = self._acc = {
+                "n": 0,
+                "sum": torch.zeros_like(g),
+                "sq": torch.zeros_like(g),
+                "theta0": theta,
+                "path": 0.0,
+                "last": theta,
+                "cos": 0.0,
+                "start": self.counts["steps"],
+            }
         acc["n"] += 1
         acc["sum"] += g
         acc["sq"] += g * g
@@ -683,45 +825,71 @@ class Track(Callback):
         at = 0
         for f in self.fams:
             size = sum(t.numel() for t in f.tensors().values())
-            m, s = mean[at:at + size], std[at:at + size]
+            m, s = mean[at : at + size], std[at : at + size]
             per[f.name] = float(m.norm() / s.norm()) if float(s.norm()) > 0 else math.inf
             at += size
         drift = float((acc["last"] - acc["theta0"]).norm())
-        return {"first_step": acc["start"], "last_step": self.counts["steps"], "n": n,
-                "snr": float(mean.norm() / std.norm()) if float(std.norm()) > 0 else math.inf,
-                "noise_snr": 1 / math.sqrt(n), "snr_by": per,
-                "coords_snr_gt1": float((mean.abs() > std).double().mean()),
-                "persistence": drift / acc["path"] if acc["path"] > 0 else 0.0,
-                "cos": acc["cos"] / max(n - 1, 1)}
+        return {
+            "first_step": acc["start"],
+            "last_step": self.counts["steps"],
+            "n": n,
+            "snr": float(mean.norm() / std.norm()) if float(std.norm()) > 0 else math.inf,
+            "noise_snr": 1 / math.sqrt(n),
+            "snr_by": per,
+            "coords_snr_gt1": float((mean.abs() > std).double().mean()),
+            "persistence": drift / acc["path"] if acc["path"] > 0 else 0.0,
+            "cos": acc["cos"] / max(n - 1, 1),
+        }
 
     def on_round_end(self, record: dict[str, Any]) -> None:
         if "val_loss" not in record:
             return
         step = int(record["inner_steps"])
-        self.evals.append({"step": step, "val_loss": record["val_loss"], "test_loss": record["test_loss"],
-                           "time_s": record["time_s"], "cpu_s": self.cpu()})
+        self.evals.append(
+            {
+                "step": step,
+                "val_loss": record["val_loss"],
+                "test_loss": record["test_loss"],
+                "time_s": record["time_s"],
+                "cpu_s": self.cpu(),
+            }
+        )
         if self.fams:
             row: dict[str, Any] = {"step": step}
             for f in self.fams:
                 v = torch.cat([t.reshape(-1).double() for t in f.natural().values()])
-                qs = (torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype)) if v.numel() > 1
-                      else v.repeat(len(QUANTILES)))
+                qs = (
+                    torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype))
+                    if v.numel() > 1
+                    else v.repeat(len(QUANTILES))
+                )
                 row[f.name] = {"mean": float(v.mean()), "q": [float(x) for x in qs]}
             self.keep.append(row)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"evals": self.evals, "keep": self.keep, "windows": self.windows, "counts": dict(self.counts),
-                "max_dq": list(self.max_dq), "solver": self.solver, "hyper_cpu": self.hyper_cpu,
-                "cpu": self.cpu(),
-                "acc": self._acc, "prev": self._prev}
+        return {
+            "evals": self.evals,
+            "keep": self.keep,
+            "windows": self.windows,
+            "counts": dict(self.counts),
+            "max_dq": list(self.max_dq),
+            "solver": self.solver,
+            "hyper_cpu": self.hyper_cpu,
+            "cpu": self.cpu(),
+            "acc": self._acc,
+            "prev": self._prev,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.evals, self.keep = list(state["evals"]), list(state["keep"])
         self.windows = list(state["windows"])
         self.counts, self.max_dq = dict(state["counts"]), list(state["max_dq"])
         self.solver = {k: list(v) if isinstance(v, list) else v for k, v in state["solver"].items()}
-        self.hyper_cpu, self.cpu_base, self.cpu_start = float(state["hyper_cpu"]), float(state["cpu"]), \
-            time.process_time()
+        self.hyper_cpu, self.cpu_base, self.cpu_start = (
+            float(state["hyper_cpu"]),
+            float(state["cpu"]),
+            time.process_time(),
+        )
         self._acc, self._prev = state["acc"], state["prev"]
 
 
@@ -740,8 +908,15 @@ def run_unit(unit: Unit, tick: Any = None) -> dict[str, Any]:
         return res
 
 
-def _fit(unit: Unit, model: nn.Module, fams: list[Family], *, folder: Path | None, callbacks: list[Any],
-         resume: bool) -> bool:
+def _fit(
+    unit: Unit,
+    model: nn.Module,
+    fams: list[Family],
+    *,
+    folder: Path | None,
+    callbacks: list[Any],
+    resume: bool,
+) -> bool:
     """Train ``model`` with ``fams`` for ``train.steps`` inner steps (checkpointed in ``folder``); whether
     it stopped early (``train.patience``)."""
     cfg, every = unit.cfg, unit.cfg["hyper.every"]
@@ -751,16 +926,39 @@ def _fit(unit: Unit, model: nn.Module, fams: list[Family], *, folder: Path | Non
         dev = torch.device(unit.device)
         cudnn = dev.type == "cuda" and torch.backends.cudnn.enabled
         mode = "finite-difference" if cudnn else "reverse"
-    run_cfg = {**cfg, "seed": unit.seed, "train.inner_steps": every, "eval_every": unit.eval_every // every,
-               "checkpoint_every": ck, "train.rounds": cfg["train.steps"] // every, "hyper.hvp_mode": mode}
-    ctx = RunContext(config=run_cfg, out=unit.out, device=torch.device(unit.device), resume=resume,
-                     progress=False, tensorboard=unit.tensorboard and folder is not None)
+    run_cfg = {
+        **cfg,
+        "seed": unit.seed,
+        "train.inner_steps": every,
+        "eval_every": unit.eval_every // every,
+        "checkpoint_every": ck,
+        "train.rounds": cfg["train.steps"] // every,
+        "hyper.hvp_mode": mode,
+    }
+    ctx = RunContext(
+        config=run_cfg,
+        out=unit.out,
+        device=torch.device(unit.device),
+        resume=resume,
+        progress=False,
+        tensorboard=unit.tensorboard and folder is not None,
+    )
     patience = cfg["train.patience"]
     stop = [EarlyStop(patience)] if patience else []
     try:
-        train_arm(ctx, model, fams, unit.data["train"], unit.data["val"], out=folder,
-                  evals={"val": unit.data["val"], "test": unit.data["test"]}, loss_fn=sequence_loss,
-                  callbacks=[*callbacks, *stop], hyper_method=hyper_method(cfg), resume=resume)
+        train_arm(
+            ctx,
+            model,
+            fams,
+            unit.data["train"],
+            unit.data["val"],
+            out=folder,
+            evals={"val": unit.data["val"], "test": unit.data["test"]},
+            loss_fn=sequence_loss,
+            callbacks=[*callbacks, *stop],
+            hyper_method=hyper_method(cfg),
+            resume=resume,
+        )
     except Stopped:
         return True
     return False
@@ -773,18 +971,35 @@ def _train_unit(unit: Unit, tick: Any) -> dict[str, Any]:
     fams = families(cfg, model, unit.arm)
     tuned = [f for f in fams if f.tensors()]
     track = Track(tuned, cfg["diag.window"])
-    stopped = _fit(unit, model, fams, folder=unit.out / unit.folder,
-                   callbacks=[track, *([tick] if tick else [])], resume=unit.resume)
+    stopped = _fit(
+        unit,
+        model,
+        fams,
+        folder=unit.out / unit.folder,
+        callbacks=[track, *([tick] if tick else [])],
+        resume=unit.resume,
+    )
     best = min(track.evals, key=lambda e: e["val_loss"])
     last = track.evals[-1]
     return {
-        "kind": unit.kind, "arm": unit.arm, "seed": unit.seed, "folder": unit.folder,
+        "kind": unit.kind,
+        "arm": unit.arm,
+        "seed": unit.seed,
+        "folder": unit.folder,
         "hyper": {k: cfg[k] for k in ("hyper.lr", "hyper.every", "hyper.method")},
-        "hyperparameters": sum(f.count() for f in fams), "stopped_early": stopped,
-        "best": best, "last": last, "evals": track.evals, "keep": track.keep, "windows": track.windows,
-        "counts": track.counts, "solver": track.solver,
+        "hyperparameters": sum(f.count() for f in fams),
+        "stopped_early": stopped,
+        "best": best,
+        "last": last,
+        "evals": track.evals,
+        "keep": track.keep,
+        "windows": track.windows,
+        "counts": track.counts,
+        "solver": track.solver,
         "max_dq_median": statistics.median(track.max_dq) if track.max_dq else None,
-        "cpu_s": track.cpu(), "hyper_cpu_s": track.hyper_cpu, "wall_s": time.perf_counter() - t0,
+        "cpu_s": track.cpu(),
+        "hyper_cpu_s": track.hyper_cpu,
+        "wall_s": time.perf_counter() - t0,
         "train_wall_s": last["time_s"],
     }
 
@@ -808,22 +1023,43 @@ def _optuna_unit(unit: Unit) -> dict[str, Any]:
         return best["val_loss"], best["test_loss"]
 
     trial_end: list[dict[str, Any]] = []
-    tr = tpe(objective, {n: Space(0.0, cfg["optuna.max_dropout"], log=False) for n in names},
-             budget_steps=cfg["optuna.trials"] * steps, steps_per_trial=steps, seed=unit.seed)
+    tr = tpe(
+        objective,
+        {n: Space(0.0, cfg["optuna.max_dropout"], log=False) for n in names},
+        budget_steps=cfg["optuna.trials"] * steps,
+        steps_per_trial=steps,
+        seed=unit.seed,
+    )
     return {
-        "kind": "optuna", "arm": "optuna", "seed": unit.seed, "folder": unit.folder,
-        "trials": [{"params": t.params, "val_loss": t.val, "test_loss": t.test, "elapsed_s": t.elapsed_s,
-                    "steps": t.steps, "cpu_s": c, "val_loss_end": e["val_loss"],
-                    "test_loss_end": e["test_loss"]}
-                   for t, c, e in zip(tr.trials, cpu_at, trial_end, strict=True)],
-        "best_params": tr.best.params, "best": {"val_loss": tr.best.val, "test_loss": tr.best.test},
-        "wall_s": tr.wall_s, "cpu_s": time.process_time() - cpu0,
+        "kind": "optuna",
+        "arm": "optuna",
+        "seed": unit.seed,
+        "folder": unit.folder,
+        "trials": [
+            {
+                "params": t.params,
+                "val_loss": t.val,
+                "test_loss": t.test,
+                "elapsed_s": t.elapsed_s,
+                "steps": t.steps,
+                "cpu_s": c,
+                "val_loss_end": e["val_loss"],
+                "test_loss_end": e["test_loss"],
+            }
+            for t, c, e in zip(tr.trials, cpu_at, trial_end, strict=True)
+        ],
+        "best_params": tr.best.params,
+        "best": {"val_loss": tr.best.val, "test_loss": tr.best.test},
+        "wall_s": tr.wall_s,
+        "cpu_s": time.process_time() - cpu0,
     }
 
 
 def _trials(res: dict[str, Any]) -> list[Trial]:
-    return [Trial(i, t["params"], t["val_loss"], t["test_loss"], t["elapsed_s"], t["steps"])
-            for i, t in enumerate(res["trials"])]
+    return [
+        Trial(i, t["params"], t["val_loss"], t["test_loss"], t["elapsed_s"], t["steps"])
+        for i, t in enumerate(res["trials"])
+    ]
 
 
 # --------------------------------------------------------------------------------- the run
@@ -832,8 +1068,12 @@ def _sweep_units(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     for lr in cfg["sweep.lr"]:
         for every in cfg["sweep.every"]:
             for m in cfg["sweep.method"]:
-                out.append((f"sweep-lr{lr:g}-every{every}-{m}", {"hyper.lr": lr, "hyper.every": every,
-                                                                 "hyper.method": m}))
+                out.append(
+                    (
+                        f"sweep-lr{lr:g}-every{every}-{m}",
+                        {"hyper.lr": lr, "hyper.every": every, "hyper.method": m},
+                    )
+                )
     return out
 
 
@@ -843,11 +1083,26 @@ def units(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor]
     ev = _eval_every(cfg, corpus)
 
     def make(kind: str, seed: int, folder: str, over: Mapping[str, Any] = ()) -> Unit:  # type: ignore[assignment]
-        return Unit(kind, seed, folder, {**cfg, **dict(over)}, ctx.out, str(ctx.device), ctx.resume,
-                    ctx.tensorboard, data, corpus.vocab_size, ev)
+        return Unit(
+            kind,
+            seed,
+            folder,
+            {**cfg, **dict(over)},
+            ctx.out,
+            str(ctx.device),
+            ctx.resume,
+            ctx.tensorboard,
+            data,
+            corpus.vocab_size,
+            ev,
+        )
 
-    out = [make(arm, s, f"{arm}-s{s}") for s in range(cfg["seed"], cfg["seed"] + cfg["seeds"])
-           for arm in cfg["arms"] if arm != "sweep"]
+    out = [
+        make(arm, s, f"{arm}-s{s}")
+        for s in range(cfg["seed"], cfg["seed"] + cfg["seeds"])
+        for arm in cfg["arms"]
+        if arm != "sweep"
+    ]
     if "sweep" in cfg["arms"]:
         out += [make("sweep", cfg["seed"], name, over) for name, over in _sweep_units(cfg)]
 
@@ -855,12 +1110,13 @@ def units(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor]
         if u.kind == "optuna":
             return float(cfg["optuna.trials"])
         return 1.0 + (6.0 / u.cfg["hyper.every"] if u.arm in TUNED else 0.0)
+
     return sorted(out, key=cost, reverse=True)
 
 
 def _run(ctx: RunContext) -> ExperimentResult:
     """Run the units; write config.toml, lstm_dropout.json, metrics.jsonl, the figures and the report."""
-    ctx = replace(ctx, config=with_preset(ctx.config))   # what the run uses, and its config.toml
+    ctx = replace(ctx, config=with_preset(ctx.config))  # what the run uses, and its config.toml
     cfg, t0 = ctx.config, time.perf_counter()
     corpus0: Corpus = ctx.data if ctx.data is not None else check(cfg)
     seq = cfg["data.seq_len"]
@@ -872,21 +1128,26 @@ def _run(ctx: RunContext) -> ExperimentResult:
     data = {k: (x.to(ctx.device), y.to(ctx.device)) for k, (x, y) in data.items()}
     todo = units(ctx, corpus0, data)
     folders = [ctx.out / u.folder for u in todo]
-    corpus: Corpus = begin(ctx, check, arms=folders,
-                           resumed=[ctx.out / u.folder for u in todo if u.kind != "optuna"])
-    rounds = {u.folder: cfg["optuna.trials"] if u.kind == "optuna"
-              else u.cfg["train.steps"] // u.cfg["hyper.every"] for u in todo}
+    corpus: Corpus = begin(
+        ctx, check, arms=folders, resumed=[ctx.out / u.folder for u in todo if u.kind != "optuna"]
+    )
+    rounds = {
+        u.folder: cfg["optuna.trials"] if u.kind == "optuna" else u.cfg["train.steps"] // u.cfg["hyper.every"]
+        for u in todo
+    }
     total = sum(rounds.values())
     cpu0 = time.process_time()
-    in_units = [0.0]   # CPU time of the units that ran in this process (their results count it)
+    in_units = [0.0]  # CPU time of the units that ran in this process (their results count it)
     with Progress(total, desc="lstm-dropout", enabled=ctx.progress, unit="round") as bar:
         base = {u.folder: sum(rounds[v.folder] for v in todo[:i]) for i, u in enumerate(todo)}
 
         def here(u: Unit) -> dict[str, Any]:
             def tick(rec: dict[str, Any]) -> None:
-                bar.postfix({"unit": u.folder, "val_ppl": _ppl(rec.get("val_loss")) if "val_loss" in rec
-                             else None})
+                bar.postfix(
+                    {"unit": u.folder, "val_ppl": _ppl(rec.get("val_loss")) if "val_loss" in rec else None}
+                )
                 bar.set(base[u.folder] + int(rec["round"]))
+
             c = time.process_time()
             res = run_unit(u, tick if u.kind != "optuna" else None)
             in_units[0] += time.process_time() - c
@@ -897,9 +1158,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
             bar.update(rounds[todo[i].folder])
             bar.postfix({"done": todo[i].folder})
 
-        results = run_units(run_unit, todo, jobs=cfg["jobs"], here=here,
-                            on_done=done if cfg["jobs"] > 1 else None)
-    parent_cpu = time.process_time() - cpu0 - in_units[0]   # this process's own work, outside the units
+        results = run_units(
+            run_unit, todo, jobs=cfg["jobs"], here=here, on_done=done if cfg["jobs"] > 1 else None
+        )
+    parent_cpu = time.process_time() - cpu0 - in_units[0]  # this process's own work, outside the units
     _write_metrics(ctx.out, todo, results)
     return report(ctx, corpus, data, results, t0=t0, parent_cpu=parent_cpu)
 
@@ -933,8 +1195,15 @@ def _keep_end(r: dict[str, Any]) -> dict[str, float]:
     return {k: v["mean"] for k, v in r["keep"][-1].items() if k != "step"} if r.get("keep") else {}
 
 
-def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor]],
-           results: Sequence[dict[str, Any]], *, t0: float, parent_cpu: float) -> ExperimentResult:
+def report(
+    ctx: RunContext,
+    corpus: Corpus,
+    data: dict[str, tuple[Tensor, Tensor]],
+    results: Sequence[dict[str, Any]],
+    *,
+    t0: float,
+    parent_cpu: float,
+) -> ExperimentResult:
     """Tables, figures, notes and the files of the run."""
     from ..report import markdown_table
 
@@ -952,40 +1221,85 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
     seed_rows: list[dict[str, Any]] = []
     for a in train_arms:
         for r in by[a]:
-            seed_rows.append({"arm": ARM_NAMES[a], "seed": r["seed"],
-                              "best_val_ppl": _ppl(r["best"]["val_loss"]), "best_step": r["best"]["step"],
-                              "test_ppl_at_best": _ppl(r["best"]["test_loss"]),
-                              "val_ppl_end": _ppl(r["last"]["val_loss"]),
-                              "test_ppl_end": _ppl(r["last"]["test_loss"]), "cpu_s": r["cpu_s"],
-                              "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()) or "-"})
+            seed_rows.append(
+                {
+                    "arm": ARM_NAMES[a],
+                    "seed": r["seed"],
+                    "best_val_ppl": _ppl(r["best"]["val_loss"]),
+                    "best_step": r["best"]["step"],
+                    "test_ppl_at_best": _ppl(r["best"]["test_loss"]),
+                    "val_ppl_end": _ppl(r["last"]["val_loss"]),
+                    "test_ppl_end": _ppl(r["last"]["test_loss"]),
+                    "cpu_s": r["cpu_s"],
+                    "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()) or "-",
+                }
+            )
     rows: list[dict[str, Any]] = []
     none_cpu = {r["seed"]: r["cpu_s"] for r in by.get("none", [])}
     for a in arms:
         rs = by[a]
         if a == "optuna":
-            rows.append({"arm": ARM_NAMES[a], "seeds": len(rs), "hyperparameters": len(site_names(cfg)),
-                         "test_ppl_at_best": _ms([_ppl(r["best"]["test_loss"]) for r in rs]),
-                         "best_val_ppl": _ms([_ppl(r["best"]["val_loss"]) for r in rs]),
-                         "test_ppl_end": _ms([_ppl(r["trials"][[t["val_loss"] for t in r["trials"]].index(
-                             r["best"]["val_loss"])]["test_loss_end"]) for r in rs]),
-                         "val_ppl_end": "-", "cpu_s": _ms([r["cpu_s"] for r in rs], 0),
-                         "cost_vs_none": _ratio([r["cpu_s"] for r in rs],
-                                                [none_cpu.get(r["seed"]) for r in rs])})
+            rows.append(
+                {
+                    "arm": ARM_NAMES[a],
+                    "seeds": len(rs),
+                    "hyperparameters": len(site_names(cfg)),
+                    "test_ppl_at_best": _ms([_ppl(r["best"]["test_loss"]) for r in rs]),
+                    "best_val_ppl": _ms([_ppl(r["best"]["val_loss"]) for r in rs]),
+                    "test_ppl_end": _ms(
+                        [
+                            _ppl(
+                                r["trials"][
+                                    [t["val_loss"] for t in r["trials"]].index(r["best"]["val_loss"])
+                                ]["test_loss_end"]
+                            )
+                            for r in rs
+                        ]
+                    ),
+                    "val_ppl_end": "-",
+                    "cpu_s": _ms([r["cpu_s"] for r in rs], 0),
+                    "cost_vs_none": _ratio([r["cpu_s"] for r in rs], [none_cpu.get(r["seed"]) for r in rs]),
+                }
+            )
             continue
-        rows.append({"arm": ARM_NAMES[a], "seeds": len(rs), "hyperparameters": rs[0]["hyperparameters"],
-                     "test_ppl_at_best": _ms([_ppl(r["best"]["test_loss"]) for r in rs]),
-                     "best_val_ppl": _ms([_ppl(r["best"]["val_loss"]) for r in rs]),
-                     "test_ppl_end": _ms([_ppl(r["last"]["test_loss"]) for r in rs]),
-                     "val_ppl_end": _ms([_ppl(r["last"]["val_loss"]) for r in rs]),
-                     "cpu_s": _ms([r["cpu_s"] for r in rs], 0),
-                     "cost_vs_none": _ratio([r["cpu_s"] for r in rs], [none_cpu.get(r["seed"]) for r in rs])})
-    columns = ["arm", "seeds", "hyperparameters", "test_ppl_at_best", "best_val_ppl", "test_ppl_end",
-               "val_ppl_end", "cpu_s", "cost_vs_none"]
+        rows.append(
+            {
+                "arm": ARM_NAMES[a],
+                "seeds": len(rs),
+                "hyperparameters": rs[0]["hyperparameters"],
+                "test_ppl_at_best": _ms([_ppl(r["best"]["test_loss"]) for r in rs]),
+                "best_val_ppl": _ms([_ppl(r["best"]["val_loss"]) for r in rs]),
+                "test_ppl_end": _ms([_ppl(r["last"]["test_loss"]) for r in rs]),
+                "val_ppl_end": _ms([_ppl(r["last"]["val_loss"]) for r in rs]),
+                "cpu_s": _ms([r["cpu_s"] for r in rs], 0),
+                "cost_vs_none": _ratio([r["cpu_s"] for r in rs], [none_cpu.get(r["seed"]) for r in rs]),
+            }
+        )
+    columns = [
+        "arm",
+        "seeds",
+        "hyperparameters",
+        "test_ppl_at_best",
+        "best_val_ppl",
+        "test_ppl_end",
+        "val_ppl_end",
+        "cpu_s",
+        "cost_vs_none",
+    ]
     # -- paired differences over seeds
     verdicts = report_verdicts(by)
-    diffs = [{"a": ARM_NAMES[a], "b": ARM_NAMES[b], "when": when, "seeds": len(_common(by, a, b)),
-              "difference": v.difference, "se": v.se, "verdict": v.kind}
-             for (a, b, when), v in verdicts.items()]
+    diffs = [
+        {
+            "a": ARM_NAMES[a],
+            "b": ARM_NAMES[b],
+            "when": when,
+            "seeds": len(_common(by, a, b)),
+            "difference": v.difference,
+            "se": v.se,
+            "verdict": v.kind,
+        }
+        for (a, b, when), v in verdicts.items()
+    ]
     notes = interpret(cfg, by, verdicts)
     figures = [_val_figure(ctx.out / "val_curves.png", by, train_arms)]
     if any(a in by for a in TUNED):
@@ -999,19 +1313,24 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
     diag_rows = [_diag_row(r) for a in TUNED for r in by.get(a, [])]
     total_cpu = parent_cpu + sum(r["cpu_s"] for r in results)
     wall = time.perf_counter() - t0
-    model_txt = (f"{cfg['model.embed']}-dim embedding, 2 LSTMs of {cfg['model.hidden']} units"
-                 + (", tied decoder" if cfg["model.tie"] else ""))
+    model_txt = f"{cfg['model.embed']}-dim embedding, 2 LSTMs of {cfg['model.hidden']} units" + (
+        ", tied decoder" if cfg["model.tie"] else ""
+    )
     opt = "SGD" if cfg["train.optimizer"] == "sgd" else "Adam"
-    recipe = (f"{cfg['train.steps']:,} {opt} steps (lr {cfg['train.lr']:g}, batch "
-              f"{cfg['train.batch_size']} × {cfg['data.seq_len']} tokens"
-              + (f", clip {cfg['train.clip']:g}" if cfg["train.clip"] else "")
-              + (f", patience {cfg['train.patience']} evaluations" if cfg["train.patience"] else "") + "); "
-              f"tuned arms: a hyper step every {cfg['hyper.every']} steps by {cfg['hyper.method']}, "
-              f"{cfg['hyper.optimizer']} at {cfg['hyper.lr']:g} on the keep-probability logits, from dropout "
-              f"{cfg['dropout.rate'] if cfg['dropout.init'] == 'auto' else cfg['dropout.init']:g}; "
-              f"fixed arm: dropout {cfg['dropout.rate']:g} at every site")
-    title = (f"lstm-dropout: {', '.join(ARM_NAMES[a] for a in arms)} ({corpus.name}, "
-             f"{cfg['model.hidden']} units)")
+    recipe = (
+        f"{cfg['train.steps']:,} {opt} steps (lr {cfg['train.lr']:g}, batch "
+        f"{cfg['train.batch_size']} × {cfg['data.seq_len']} tokens"
+        + (f", clip {cfg['train.clip']:g}" if cfg["train.clip"] else "")
+        + (f", patience {cfg['train.patience']} evaluations" if cfg["train.patience"] else "")
+        + "); "
+        f"tuned arms: a hyper step every {cfg['hyper.every']} steps by {cfg['hyper.method']}, "
+        f"{cfg['hyper.optimizer']} at {cfg['hyper.lr']:g} on the keep-probability logits, from dropout "
+        f"{cfg['dropout.rate'] if cfg['dropout.init'] == 'auto' else cfg['dropout.init']:g}; "
+        f"fixed arm: dropout {cfg['dropout.rate']:g} at every site"
+    )
+    title = (
+        f"lstm-dropout: {', '.join(ARM_NAMES[a] for a in arms)} ({corpus.name}, {cfg['model.hidden']} units)"
+    )
     body = [
         f"Data: {corpus.source}; vocabulary {corpus.vocab_size:,}; {len(data['train'][0]):,} training, "
         f"{len(data['val'][0]):,} validation and {len(data['test'][0]):,} test sequences of "
@@ -1020,8 +1339,9 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
         f"CPU time of the whole run: {total_cpu:.0f} s in {cfg['jobs']} process(es) (wall {wall:.0f} s).",
         "",
         "```",
-        dry_run({**cfg, "arms": [a for a in arms if a in ("fixed", "ours", "ours_many")] or ["none"]},
-                corpus),
+        dry_run(
+            {**cfg, "arms": [a for a in arms if a in ("fixed", "ours", "ours_many")] or ["none"]}, corpus
+        ),
         "```",
         "",
         "## Perplexity (mean ± std over seeds)",
@@ -1038,33 +1358,82 @@ def report(ctx: RunContext, corpus: Corpus, data: dict[str, tuple[Tensor, Tensor
         "",
         "## Every run",
         "",
-        markdown_table(["arm", "seed", "best_val_ppl", "best_step", "test_ppl_at_best", "val_ppl_end",
-                        "test_ppl_end", "cpu_s", "keep_end"], seed_rows),
+        markdown_table(
+            [
+                "arm",
+                "seed",
+                "best_val_ppl",
+                "best_step",
+                "test_ppl_at_best",
+                "val_ppl_end",
+                "test_ppl_end",
+                "cpu_s",
+                "keep_end",
+            ],
+            seed_rows,
+        ),
         "",
     ]
     if diag_rows:
-        body += ["## The hypergradient (windows of " f"{cfg['diag.window']} hyper steps)", "",
-                 "`snr` = ‖mean g‖/‖std g‖ over a window (pure noise: about 1/√window = "
-                 f"{1 / math.sqrt(cfg['diag.window']):.2f}); `persistence` = ‖Σ Δθ‖/Σ ‖Δθ‖ (a random walk: "
-                 "about the same 1/√window); `changed`: hyper steps that moved some keep probability by "
-                 "more than 1e-6.", "",
-                 markdown_table(list(diag_rows[0]), diag_rows), ""]
+        body += [
+            f"## The hypergradient (windows of {cfg['diag.window']} hyper steps)",
+            "",
+            "`snr` = ‖mean g‖/‖std g‖ over a window (pure noise: about 1/√window = "
+            f"{1 / math.sqrt(cfg['diag.window']):.2f}); `persistence` = ‖Σ Δθ‖/Σ ‖Δθ‖ (a random walk: "
+            "about the same 1/√window); `changed`: hyper steps that moved some keep probability by "
+            "more than 1e-6.",
+            "",
+            markdown_table(list(diag_rows[0]), diag_rows),
+            "",
+        ]
     if sweep_rows:
-        body += ["## Sweep (seed " f"{cfg['seed']}, {ARM_NAMES[cfg['sweep.arm']]})", "",
-                 markdown_table(list(sweep_rows[0]), sweep_rows), ""]
+        body += [
+            f"## Sweep (seed {cfg['seed']}, {ARM_NAMES[cfg['sweep.arm']]})",
+            "",
+            markdown_table(list(sweep_rows[0]), sweep_rows),
+            "",
+        ]
     if optuna is not None:
         body += ["## Optuna", "", markdown_table(list(optuna["rows"][0]), optuna["rows"]), ""]
     body += [*what_it_shows(notes), "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]
-    result = {"dataset": corpus.source, "vocab": corpus.vocab_size, "rows": rows, "differences": diffs,
-              "runs": seed_rows, "diagnostics": diag_rows, "sweep": sweep_rows, "optuna": optuna,
-              "notes": notes, "cpu_s": total_cpu, "units": list(results)}
-    return finish(ctx, t0, title=title, columns=columns, rows=rows, notes=notes, result=result,
-                  result_name="lstm_dropout.json", body=body, figures=figures,
-                  also=[ctx.out / "metrics.jsonl"])
+    result = {
+        "dataset": corpus.source,
+        "vocab": corpus.vocab_size,
+        "rows": rows,
+        "differences": diffs,
+        "runs": seed_rows,
+        "diagnostics": diag_rows,
+        "sweep": sweep_rows,
+        "optuna": optuna,
+        "notes": notes,
+        "cpu_s": total_cpu,
+        "units": list(results),
+    }
+    return finish(
+        ctx,
+        t0,
+        title=title,
+        columns=columns,
+        rows=rows,
+        notes=notes,
+        result=result,
+        result_name="lstm_dropout.json",
+        body=body,
+        figures=figures,
+        also=[ctx.out / "metrics.jsonl"],
+    )
 
 
-PAIRS = (("ours", "fixed"), ("ours", "none"), ("ours_many", "fixed"), ("ours_many", "none"),
-         ("ours_many", "ours"), ("fixed", "none"), ("optuna", "ours"), ("optuna", "fixed"))
+PAIRS = (
+    ("ours", "fixed"),
+    ("ours", "none"),
+    ("ours_many", "fixed"),
+    ("ours_many", "none"),
+    ("ours_many", "ours"),
+    ("fixed", "none"),
+    ("optuna", "ours"),
+    ("optuna", "fixed"),
+)
 
 
 def _common(by: Mapping[str, list[dict[str, Any]]], a: str, b: str) -> list[int]:
@@ -1086,12 +1455,18 @@ def report_verdicts(by: Mapping[str, list[dict[str, Any]]]) -> dict[tuple[str, s
             va = torch.tensor([_metric(by[a], s, when) for s in common], dtype=torch.float64)
             vb = torch.tensor([_metric(by[b], s, when) for s in common], dtype=torch.float64)
             out[(a, b, when)] = versus(
-                ARM_NAMES[a], ARM_NAMES[b], float(va.mean()), float(vb.mean()), paired_se(va, vb),
-                metric="test perplexity " + ("at the best validation evaluation" if when == "at_best"
-                                              else "at the end of the budget"),
-                higher_is_better=False, digits=".2f",
+                ARM_NAMES[a],
+                ARM_NAMES[b],
+                float(va.mean()),
+                float(vb.mean()),
+                paired_se(va, vb),
+                metric="test perplexity "
+                + ("at the best validation evaluation" if when == "at_best" else "at the end of the budget"),
+                higher_is_better=False,
+                digits=".2f",
                 se_what=f"paired standard error over {len(common)} seeds",
-                no_se="one seed: no noise estimate")
+                no_se="one seed: no noise estimate",
+            )
     return out
 
 
@@ -1110,29 +1485,43 @@ def _ratio(xs: Sequence[float], base: Sequence[float | None]) -> str:
 def _diag_row(r: dict[str, Any]) -> dict[str, Any]:
     w = r["windows"]
     c = r["counts"]
-    return {"arm": ARM_NAMES[r["arm"]], "seed": r["seed"], "hyper_steps": c["steps"],
-            "applied": c["applied"], "changed": f"{c['changed'] / max(c['steps'], 1):.0%}",
-            "snr_first": w[0]["snr"] if w else None, "snr_last": w[-1]["snr"] if w else None,
-            "snr_mean": statistics.fmean(x["snr"] for x in w) if w else None,
-            "noise_snr": w[0]["noise_snr"] if w else None,
-            "coords_snr_gt1": statistics.fmean(x["coords_snr_gt1"] for x in w) if w else None,
-            "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
-            "cos": statistics.fmean(x["cos"] for x in w) if w else None,
-            "snr_by": ", ".join(f"{k} {statistics.fmean(x['snr_by'][k] for x in w):.2f}"
-                                for k in w[0]["snr_by"]) if w else "-",
-            "hyper_cpu_share": f"{r['hyper_cpu_s'] / max(r['cpu_s'], 1e-9):.0%}", "solver": _solver_text(r)}
+    return {
+        "arm": ARM_NAMES[r["arm"]],
+        "seed": r["seed"],
+        "hyper_steps": c["steps"],
+        "applied": c["applied"],
+        "changed": f"{c['changed'] / max(c['steps'], 1):.0%}",
+        "snr_first": w[0]["snr"] if w else None,
+        "snr_last": w[-1]["snr"] if w else None,
+        "snr_mean": statistics.fmean(x["snr"] for x in w) if w else None,
+        "noise_snr": w[0]["noise_snr"] if w else None,
+        "coords_snr_gt1": statistics.fmean(x["coords_snr_gt1"] for x in w) if w else None,
+        "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
+        "cos": statistics.fmean(x["cos"] for x in w) if w else None,
+        "snr_by": ", ".join(f"{k} {statistics.fmean(x['snr_by'][k] for x in w):.2f}" for k in w[0]["snr_by"])
+        if w
+        else "-",
+        "hyper_cpu_share": f"{r['hyper_cpu_s'] / max(r['cpu_s'], 1e-9):.0%}",
+        "solver": _solver_text(r),
+    }
 
 
 def _sweep_row(r: dict[str, Any]) -> dict[str, Any]:
     w = r["windows"]
-    return {"hyper_lr": r["hyper"]["hyper.lr"], "every": r["hyper"]["hyper.every"],
-            "method": r["hyper"]["hyper.method"], "hyper_steps": r["counts"]["steps"],
-            "skipped": r["counts"]["skipped"],
-            "test_ppl_at_best": _ppl(r["best"]["test_loss"]), "test_ppl_end": _ppl(r["last"]["test_loss"]),
-            "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()),
-            "snr_mean": statistics.fmean(x["snr"] for x in w) if w else None,
-            "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
-            "solver": _solver_text(r), "cpu_s": r["cpu_s"]}
+    return {
+        "hyper_lr": r["hyper"]["hyper.lr"],
+        "every": r["hyper"]["hyper.every"],
+        "method": r["hyper"]["hyper.method"],
+        "hyper_steps": r["counts"]["steps"],
+        "skipped": r["counts"]["skipped"],
+        "test_ppl_at_best": _ppl(r["best"]["test_loss"]),
+        "test_ppl_end": _ppl(r["last"]["test_loss"]),
+        "keep_end": ", ".join(f"{k} {v:.3f}" for k, v in _keep_end(r).items()),
+        "snr_mean": statistics.fmean(x["snr"] for x in w) if w else None,
+        "persistence": statistics.fmean(x["persistence"] for x in w) if w else None,
+        "solver": _solver_text(r),
+        "cpu_s": r["cpu_s"],
+    }
 
 
 def _solver_text(r: dict[str, Any]) -> str:
@@ -1142,8 +1531,9 @@ def _solver_text(r: dict[str, Any]) -> str:
     parts = [f"{sv.get('hvps', 0)} HVPs"]
     lam = sv.get("lambda_max") or []
     if lam:
-        parts.append(f"λ_max {statistics.median(lam):.3g} [{min(lam):.3g}, {max(lam):.3g}] ({len(lam)} "
-                     "estimates)")
+        parts.append(
+            f"λ_max {statistics.median(lam):.3g} [{min(lam):.3g}, {max(lam):.3g}] ({len(lam)} estimates)"
+        )
     if sv.get("damping"):
         parts.append(f"damping up to {max(sv['damping']):.3g}")
     if sv.get("retried") or c.get("skipped"):
@@ -1157,18 +1547,28 @@ def _optuna_summary(by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         trials = _trials(r)
         ours = next((o for o in by.get("ours", []) if o["seed"] == r["seed"]), None)
         target = ours["best"]["test_loss"] if ours else None
-        row: dict[str, Any] = {"seed": r["seed"], "trials": len(trials),
-                               "steps": trials[-1].steps if trials else 0,
-                               "test_ppl_best_trial": _ppl(r["best"]["test_loss"]),
-                               "rates": ", ".join(f"{k} {v:.2f}" for k, v in r["best_params"].items()),
-                               "cpu_s": r["cpu_s"], "wall_s": r["wall_s"]}
+        row: dict[str, Any] = {
+            "seed": r["seed"],
+            "trials": len(trials),
+            "steps": trials[-1].steps if trials else 0,
+            "test_ppl_best_trial": _ppl(r["best"]["test_loss"]),
+            "rates": ", ".join(f"{k} {v:.2f}" for k, v in r["best_params"].items()),
+            "cpu_s": r["cpu_s"],
+            "wall_s": r["wall_s"],
+        }
         if ours is not None:
             s = steps_to_match(trials, target) if target is not None else None
             t = time_to_match(trials, target) if target is not None else None
-            row.update({"ours_test_ppl": _ppl(target), "tpe_steps_to_match_ours": s,
-                        "tpe_wall_s_to_match_ours": t,
-                        "ours_steps_to_match_tpe": _ours_steps_to(ours, r["best"]["test_loss"]),
-                        "ours_wall_s": ours["train_wall_s"], "ours_cpu_s": ours["cpu_s"]})
+            row.update(
+                {
+                    "ours_test_ppl": _ppl(target),
+                    "tpe_steps_to_match_ours": s,
+                    "tpe_wall_s_to_match_ours": t,
+                    "ours_steps_to_match_tpe": _ours_steps_to(ours, r["best"]["test_loss"]),
+                    "ours_wall_s": ours["train_wall_s"],
+                    "ours_cpu_s": ours["cpu_s"],
+                }
+            )
         rows.append(row)
     return {"rows": rows, "incumbents": {r["seed"]: incumbent(_trials(r)) for r in by["optuna"]}}
 
@@ -1185,8 +1585,9 @@ def _ours_steps_to(ours: dict[str, Any], target: float) -> int | None:
     return None
 
 
-def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
-              verdicts: Mapping[tuple[str, str, str], Verdict]) -> list[str]:
+def interpret(
+    cfg: Config, by: dict[str, list[dict[str, Any]]], verdicts: Mapping[tuple[str, str, str], Verdict]
+) -> list[str]:
     """The notes: the untuned arm's overfitting, the verdicts, where the rates went and why."""
     notes: list[str] = []
     if "none" in by:
@@ -1198,12 +1599,20 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
             f"No dropout overfits: its validation perplexity is lowest at step "
             f"{_ms([r['best']['step'] for r in rs], 0)} ({best_val}) and rises by "
             f"{_ms([100 * x for x in rise])}% to {end_val} at step {rs[0]['last']['step']}."
-            if statistics.fmean(rise) > 0.01 else
-            "No dropout does NOT overfit within the budget (validation perplexity at the end within 1% of "
-            "its best): the regulariser has little to do here; train longer (train.steps) or on less data.")
-    for key in (("ours", "fixed", "at_best"), ("ours", "fixed", "end"), ("ours", "none", "at_best"),
-                ("ours_many", "fixed", "at_best"), ("ours_many", "fixed", "end"),
-                ("ours_many", "none", "at_best"), ("fixed", "none", "at_best"), ("fixed", "none", "end")):
+            if statistics.fmean(rise) > 0.01
+            else "No dropout does NOT overfit within the budget (validation perplexity at the end within 1% "
+            "of its best): the regulariser has little to do here; train longer (train.steps) or on less data."
+        )
+    for key in (
+        ("ours", "fixed", "at_best"),
+        ("ours", "fixed", "end"),
+        ("ours", "none", "at_best"),
+        ("ours_many", "fixed", "at_best"),
+        ("ours_many", "fixed", "end"),
+        ("ours_many", "none", "at_best"),
+        ("fixed", "none", "at_best"),
+        ("fixed", "none", "end"),
+    ):
         if key in verdicts:
             text = verdicts[key].text
             notes.append(text[0].upper() + text[1:] + ".")
@@ -1224,18 +1633,20 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
             f"{snr:.2f} against {noise:.2f} for pure noise; "
             f"{statistics.fmean(r['counts']['changed'] / max(r['counts']['steps'], 1) for r in rs):.0%} of "
             f"the hyper steps changed a keep probability; the hyper steps took "
-            f"{statistics.fmean(r['hyper_cpu_s'] / r['cpu_s'] for r in rs):.0%} of the CPU time.")
+            f"{statistics.fmean(r['hyper_cpu_s'] / r['cpu_s'] for r in rs):.0%} of the CPU time."
+        )
     lost = [k for k, v in verdicts.items() if k[0] in TUNED and k[1] == "fixed" and v.kind != "beats"]
     if lost and "ours" in by:
         rs = by["ours"]
         start = 1 - (cfg["dropout.rate"] if cfg["dropout.init"] == "auto" else cfg["dropout.init"])
         moved = statistics.fmean(statistics.fmean(_keep_end(r).values()) for r in rs) - start
         steps = statistics.fmean(r["counts"]["applied"] for r in rs)
-        if abs(moved) < 0.005:   # under half a percentage point of keep probability: not tuned
+        if abs(moved) < 0.005:  # under half a percentage point of keep probability: not tuned
             notes.append(
                 f"The tuned rates barely moved (mean keep probability {moved:+.4f} after {steps:.0f} hyper "
                 f"steps): with Adam each hyper step moves a logit by at most about hyper.lr "
-                f"({cfg['hyper.lr']:g}), so the arm is its own start, not evidence about the hypergradient.")
+                f"({cfg['hyper.lr']:g}), so the arm is its own start, not evidence about the hypergradient."
+            )
         elif moved > 0:
             notes.append(
                 f"Why the tuned rates do not clearly beat the fixed ones (not on every measure): the keep "
@@ -1245,11 +1656,13 @@ def interpret(cfg: Config, by: dict[str, list[dict[str, Any]]],
                 "training step, and over one step less dropout always fits better; dropout pays off only "
                 "over many steps, by slowing the memorising that makes the validation loss rise later. The "
                 "hypergradient therefore lowers the dropout rates, also while the validation loss rises: the "
-                "short-horizon bias of greedy hyperparameter adaptation (Wu et al. 2018).")
+                "short-horizon bias of greedy hyperparameter adaptation (Wu et al. 2018)."
+            )
         else:
             notes.append(
                 f"The tuned rates moved toward more dropout ({moved:+.3f} in mean keep probability) without "
-                "beating the fixed rates.")
+                "beating the fixed rates."
+            )
     return notes
 
 
@@ -1269,10 +1682,15 @@ def _val_figure(path: Path, by: dict[str, list[dict[str, Any]]], arms: Sequence[
         m = vals.mean(0)
         ax.plot(steps[:n], m.tolist(), color=COLORS[a], label=f"{ARM_NAMES[a]} ({len(rs)} seeds)")
         if len(rs) > 1:
-            ax.fill_between(steps[:n], vals.min(0).values.tolist(), vals.max(0).values.tolist(),
-                            color=COLORS[a], alpha=0.15)
+            ax.fill_between(
+                steps[:n],
+                vals.min(0).values.tolist(),
+                vals.max(0).values.tolist(),
+                color=COLORS[a],
+                alpha=0.15,
+            )
     lows = [_ppl(min(e["val_loss"] for e in r["evals"])) for a in arms for r in by[a]]
-    if lows:   # the early, steep part off the top: the rise at the end is what matters
+    if lows:  # the early, steep part off the top: the rise at the end is what matters
         ax.set_ylim(min(lows) * 0.97, min(lows) * 1.35)
     ax.set_xlabel("inner training step")
     ax.set_ylabel("validation perplexity (mean; band: min–max over seeds)")
@@ -1295,11 +1713,22 @@ def _keep_figure(path: Path, by: dict[str, list[dict[str, Any]]], cfg: Config) -
                 steps = [k["step"] for k in r["keep"]]
                 q = [k[name]["q"] for k in r["keep"]]
                 if a == "ours" or j > 0:
-                    ax.plot(steps, [k[name]["mean"] for k in r["keep"]], color=COLORS[a], lw=0.8,
-                            label=ARM_NAMES[a] + " (mean, each seed)" if j == 0 else None)
-                else:   # the many rates of one seed: their spread
-                    ax.fill_between(steps, [x[0] for x in q], [x[4] for x in q], color=COLORS[a], alpha=0.15,
-                                    label=ARM_NAMES[a] + f" 5–95% (seed {r['seed']})")
+                    ax.plot(
+                        steps,
+                        [k[name]["mean"] for k in r["keep"]],
+                        color=COLORS[a],
+                        lw=0.8,
+                        label=ARM_NAMES[a] + " (mean, each seed)" if j == 0 else None,
+                    )
+                else:  # the many rates of one seed: their spread
+                    ax.fill_between(
+                        steps,
+                        [x[0] for x in q],
+                        [x[4] for x in q],
+                        color=COLORS[a],
+                        alpha=0.15,
+                        label=ARM_NAMES[a] + f" 5–95% (seed {r['seed']})",
+                    )
                     ax.fill_between(steps, [x[1] for x in q], [x[3] for x in q], color=COLORS[a], alpha=0.3)
                     ax.plot(steps, [x[2] for x in q], color=COLORS[a], lw=0.8)
         ax.set_title(name, fontsize=9)
@@ -1319,10 +1748,21 @@ def _snr_figure(path: Path, by: dict[str, list[dict[str, Any]]], cfg: Config) ->
     for a in TUNED:
         for j, r in enumerate(by.get(a, [])):
             w = r["windows"]
-            ax.plot([x["last_step"] for x in w], [x["snr"] for x in w], color=COLORS[a], lw=0.8, marker=".",
-                    label=ARM_NAMES[a] if j == 0 else None)
-    ax.axhline(1 / math.sqrt(cfg["diag.window"]), color="k", ls="--", lw=0.8,
-               label=f"pure noise (1/√{cfg['diag.window']})")
+            ax.plot(
+                [x["last_step"] for x in w],
+                [x["snr"] for x in w],
+                color=COLORS[a],
+                lw=0.8,
+                marker=".",
+                label=ARM_NAMES[a] if j == 0 else None,
+            )
+    ax.axhline(
+        1 / math.sqrt(cfg["diag.window"]),
+        color="k",
+        ls="--",
+        lw=0.8,
+        label=f"pure noise (1/√{cfg['diag.window']})",
+    )
     ax.set_xlabel("hyper step")
     ax.set_ylabel("‖mean g‖ / ‖std g‖ over a window")
     ax.set_yscale("log")
@@ -1353,8 +1793,15 @@ def _optuna_figure(path: Path, by: dict[str, list[dict[str, Any]]]) -> Path:
         inc = incumbent(_trials(r))
         steps = [t["steps"] for t in r["trials"]]
         for ax, x in zip(axes, (steps, [e for e, _, _ in inc]), strict=True):
-            ax.step(x, [_ppl(t) for _, _, t in inc], where="post", marker="o", ms=3, color=COLORS["optuna"],
-                    label=ARM_NAMES["optuna"] + " (best-validation trial so far)" if j == 0 else None)
+            ax.step(
+                x,
+                [_ppl(t) for _, _, t in inc],
+                where="post",
+                marker="o",
+                ms=3,
+                color=COLORS["optuna"],
+                label=ARM_NAMES["optuna"] + " (best-validation trial so far)" if j == 0 else None,
+            )
     axes[0].set_xlabel("inner training steps spent")
     axes[1].set_xlabel("wall time (s)")
     for ax in axes:

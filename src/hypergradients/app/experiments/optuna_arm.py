@@ -31,8 +31,17 @@ from typing import Any
 
 from .shared import versus
 
-__all__ = ["Space", "Trial", "TunerResult", "incumbent", "note", "require_optuna", "steps_to_match",
-           "time_to_match", "tpe"]
+__all__ = [
+    "Space",
+    "Trial",
+    "TunerResult",
+    "incumbent",
+    "note",
+    "require_optuna",
+    "steps_to_match",
+    "time_to_match",
+    "tpe",
+]
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,26 @@ def require_optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise ImportError("the optuna arm needs Optuna, an optional extra: pip install "
-                          "'hypergradients[optuna]' (or leave 'optuna' out of arms)") from None
+        raise ImportError(
+            "the optuna arm needs Optuna, an optional extra: pip install "
+            "'hypergradients[optuna]' (or leave 'optuna' out of arms)"
+        ) from None
     return optuna
 
 
-def tpe(objective: Callable[[dict[str, float]], tuple[float, float]], space: Mapping[str, Space], *,
-        budget_s: float | None = None, budget_steps: int | None = None, steps_per_trial: int | None = None,
-        seed: int = 0, min_trials: int = 1, max_trials: int = 1000,
-        on_trial: Callable[[Trial], None] | None = None,
-        clock: Callable[[], float] = time.perf_counter) -> TunerResult:
+def tpe(
+    objective: Callable[[dict[str, float]], tuple[float, float]],
+    space: Mapping[str, Space],
+    *,
+    budget_s: float | None = None,
+    budget_steps: int | None = None,
+    steps_per_trial: int | None = None,
+    seed: int = 0,
+    min_trials: int = 1,
+    max_trials: int = 1000,
+    on_trial: Callable[[Trial], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TunerResult:
     """Minimise ``objective(params) -> (val, test)`` over ``space`` with Optuna's TPE sampler (seeded).
 
     Give one budget: ``budget_steps`` with ``steps_per_trial`` (the inner steps each call of
@@ -96,15 +115,19 @@ def tpe(objective: Callable[[dict[str, float]], tuple[float, float]], space: Map
         raise ValueError("space must name at least one hyperparameter")
     for k, s in space.items():
         if not s.low < s.high or (s.log and s.low <= 0):
-            raise ValueError(f"search interval of {k!r}: [{s.low:g}, {s.high:g}] must have low < high "
-                             "(and low > 0 on a log scale)")
+            raise ValueError(
+                f"search interval of {k!r}: [{s.low:g}, {s.high:g}] must have low < high "
+                "(and low > 0 on a log scale)"
+            )
     if min_trials < 1 or max_trials < min_trials:
         raise ValueError(f"need 1 <= min_trials <= max_trials, got {min_trials} and {max_trials}")
     if (budget_s is None) == (budget_steps is None):
         raise ValueError("give one budget: budget_steps (with steps_per_trial) or budget_s")
     if budget_steps is not None and (steps_per_trial is None or steps_per_trial < 1 or budget_steps < 0):
-        raise ValueError(f"budget_steps needs steps_per_trial >= 1 and a budget >= 0, got "
-                         f"{steps_per_trial!r} and {budget_steps!r}")
+        raise ValueError(
+            f"budget_steps needs steps_per_trial >= 1 and a budget >= 0, got "
+            f"{steps_per_trial!r} and {budget_steps!r}"
+        )
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -128,8 +151,9 @@ def tpe(objective: Callable[[dict[str, float]], tuple[float, float]], space: Map
         if on_trial is not None:
             on_trial(trials[-1])
     best = min(trials, key=lambda t: t.val)
-    return TunerResult(trials, best, clock() - t0, None if budget_s is None else float(budget_s),
-                       budget_steps)
+    return TunerResult(
+        trials, best, clock() - t0, None if budget_s is None else float(budget_s), budget_steps
+    )
 
 
 def incumbent(trials: list[Trial]) -> list[tuple[float, float, float]]:
@@ -170,23 +194,36 @@ def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
     ``se`` is the paired standard error of the test-loss difference (same test examples); the verdict
     is :func:`.shared.versus`'s: a tie within two of them, a win for either side only beyond them,
     and none without a standard error."""
-    s = (f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
-         f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
-         f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}.")
+    s = (
+        f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
+        f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
+        f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}."
+    )
     if row.get("target_test_loss") is None:
         return s
     t = row["time_to_match_s"]
-    v = versus("Its best trial", f"the {what} arm", row["test_loss"], row["target_test_loss"], se,
-               metric="test loss", higher_is_better=False,
-               se_what="paired standard error over the test examples",
-               no_se="no standard error: no noise estimate")
+    v = versus(
+        "Its best trial",
+        f"the {what} arm",
+        row["test_loss"],
+        row["target_test_loss"],
+        se,
+        metric="test loss",
+        higher_is_better=False,
+        se_what="paired standard error over the test examples",
+        no_se="no standard error: no noise estimate",
+    )
     s += f" {v.text}"
     if v.kind in ("within noise", "negligible"):
-        return s + (": at equal wall time the two tie here"
-                    + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else "."))
+        return s + (
+            ": at equal wall time the two tie here"
+            + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else ".")
+        )
     target = f"the {what} arm's test loss {row['target_test_loss']:.4g}"
     if t is not None:
         competitive = ": on one hyperparameter a black-box search is competitive."
         return s + f". It matched {target} after {t:.0f} s" + (competitive if v.kind != "worse" else ".")
-    return s + (f". It did NOT reach {target} within the budget"
-                + (": at equal wall time the hypergradient arm wins here." if v.kind == "worse" else "."))
+    return s + (
+        f". It did NOT reach {target} within the budget"
+        + (": at equal wall time the hypergradient arm wins here." if v.kind == "worse" else ".")
+    )

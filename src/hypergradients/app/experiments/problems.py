@@ -92,13 +92,23 @@ class BilevelProblem:
 
     def summary(self) -> dict[str, object]:
         """JSON-ready facts about the problem."""
-        return {"name": self.name, "source": self.source, "n_train": self.n_train, "n_val": self.n_val,
-                "n_weights": self.n_weights, "n_hparams": self.n_hparams,
-                "lambda_max": self.lambda_max, "lambda_min": self.lambda_min,
-                "condition_number": self.condition_number, "grad_norm_at_w_star": self.grad_norm,
-                "newton_iters": self.newton_iters,
-                "weight_decay_range": [float(torch.exp(self.hparams["log_weight_decay"]).min()),
-                                       float(torch.exp(self.hparams["log_weight_decay"]).max())]}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_weights": self.n_weights,
+            "n_hparams": self.n_hparams,
+            "lambda_max": self.lambda_max,
+            "lambda_min": self.lambda_min,
+            "condition_number": self.condition_number,
+            "grad_norm_at_w_star": self.grad_norm,
+            "newton_iters": self.newton_iters,
+            "weight_decay_range": [
+                float(torch.exp(self.hparams["log_weight_decay"]).min()),
+                float(torch.exp(self.hparams["log_weight_decay"]).max()),
+            ],
+        }
 
 
 def _standardize(x: Tensor, *others: Tensor) -> list[Tensor]:
@@ -137,9 +147,17 @@ class NewtonResult(NamedTuple):
     converged: bool
 
 
-def newton(grad: Callable[[Tensor], Tensor], hessian: Callable[[Tensor], Tensor], x0: Tensor, *,
-           tol: float, max_iter: int = 100, f: Callable[[Tensor], Tensor] | None = None,
-           shift_indefinite: bool = False, polish: int = 0) -> NewtonResult:
+def newton(
+    grad: Callable[[Tensor], Tensor],
+    hessian: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    *,
+    tol: float,
+    max_iter: int = 100,
+    f: Callable[[Tensor], Tensor] | None = None,
+    shift_indefinite: bool = False,
+    polish: int = 0,
+) -> NewtonResult:
     """Newton's method on a flat vector: ``x ← x − t·(H + μI)⁻¹∇f(x)`` until ``‖∇f(x)‖ ≤ tol``.
 
     The one Newton solve behind every problem with a known answer (here, in the benchmark and in
@@ -182,8 +200,9 @@ def newton(grad: Callable[[Tensor], Tensor], hessian: Callable[[Tensor], Tensor]
     return NewtonResult(x, gn, it, gn <= tol)
 
 
-def newton_minimize(loss: Loss, hessian: HessianFn, params: Tree, hparams: Tree, *, tol: float = 1e-12,
-                    max_iter: int = 100) -> tuple[Tree, float, int]:
+def newton_minimize(
+    loss: Loss, hessian: HessianFn, params: Tree, hparams: Tree, *, tol: float = 1e-12, max_iter: int = 100
+) -> tuple[Tree, float, int]:
     """Minimise ``loss(·, hparams)`` by :func:`newton` with Armijo backtracking; ``(w*, ‖∇‖, iters)``.
 
     ``hessian(w, λ)`` is the problem's closed-form dense Hessian (any positive definite matrix
@@ -201,16 +220,36 @@ def newton_minimize(loss: Loss, hessian: HessianFn, params: Tree, hparams: Tree,
         xr = x.clone().requires_grad_(True)
         return torch.autograd.grad(f(xr), xr)[0]
 
-    res = newton(gradient, lambda x: hessian(tree.unflatten(x, params), lam), tree.flatten(params), tol=tol,
-                 max_iter=max_iter, f=f, polish=3)
+    res = newton(
+        gradient,
+        lambda x: hessian(tree.unflatten(x, params), lam),
+        tree.flatten(params),
+        tol=tol,
+        max_iter=max_iter,
+        f=f,
+        polish=3,
+    )
     if not res.converged:
-        raise hg.HypergradientError(f"Newton did not reach ‖∇L_T‖ <= {tol:g} in {max_iter} iterations (last "
-                                    f"{res.grad_norm:.3g}); lower the tolerance or raise the weight decays")
+        raise hg.HypergradientError(
+            f"Newton did not reach ‖∇L_T‖ <= {tol:g} in {max_iter} iterations (last "
+            f"{res.grad_norm:.3g}); lower the tolerance or raise the weight decays"
+        )
     return tree.unflatten(res.x, params), res.grad_norm, res.iters
 
 
-def _finish(name: str, inner: Loss, outer: Loss, hessian: HessianFn, params0: Tree, hparams: Tree, *,
-            n_train: int, n_val: int, source: str, batch_loss: BatchLoss | None = None) -> BilevelProblem:
+def _finish(
+    name: str,
+    inner: Loss,
+    outer: Loss,
+    hessian: HessianFn,
+    params0: Tree,
+    hparams: Tree,
+    *,
+    n_train: int,
+    n_val: int,
+    source: str,
+    batch_loss: BatchLoss | None = None,
+) -> BilevelProblem:
     """Solve for ``w*`` and the exact hypergradient in closed form.
 
     With the mixed partial ``∂²L_T/∂W∂λ = diag(e^λ ⊙ W*)`` (and zero for the bias), the IFT gives
@@ -223,8 +262,24 @@ def _finish(name: str, inner: Loss, outer: Loss, hessian: HessianFn, params0: Tr
     v = tree.flatten(tree.as_tree(torch.autograd.grad(outer(w, hparams), list(w.values())), w))
     p = tree.unflatten(torch.linalg.solve(H, v), w_star)
     exact = {"log_weight_decay": -torch.exp(hparams["log_weight_decay"]) * w_star["weight"] * p["weight"]}
-    return BilevelProblem(name, inner, outer, w_star, hparams, n_train, n_val, source, hessian, H,
-                          float(ev[-1]), float(ev[0]), exact, gn, iters, batch_loss)
+    return BilevelProblem(
+        name,
+        inner,
+        outer,
+        w_star,
+        hparams,
+        n_train,
+        n_val,
+        source,
+        hessian,
+        H,
+        float(ev[-1]),
+        float(ev[0]),
+        exact,
+        gn,
+        iters,
+        batch_loss,
+    )
 
 
 def _augment(X: Tensor) -> Tensor:
@@ -232,8 +287,9 @@ def _augment(X: Tensor) -> Tensor:
     return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
 
 
-def diabetes_ridge(*, n_train: int = 300, decay: tuple[float, float] = (1e-3, 1e-1),
-                   seed: int = 0) -> BilevelProblem:
+def diabetes_ridge(
+    *, n_train: int = 300, decay: tuple[float, float] = (1e-3, 1e-1), seed: int = 0
+) -> BilevelProblem:
     """Ridge regression on sklearn's diabetes data (442 × 10), target standardised too."""
     from sklearn.datasets import load_diabetes
 
@@ -265,12 +321,23 @@ def diabetes_ridge(*, n_train: int = 300, decay: tuple[float, float] = (1e-3, 1e
 
     def hessian(w: Tree, h: Tree) -> Tensor:
         """``X̃ᵀX̃/n + diag(e^λ, 0)``, constant in w."""
-        return Xa.T @ Xa / len(yt) + torch.diag(torch.cat([torch.exp(h["log_weight_decay"].detach()),
-                                                           torch.zeros(1, dtype=DT)]))
+        return Xa.T @ Xa / len(yt) + torch.diag(
+            torch.cat([torch.exp(h["log_weight_decay"].detach()), torch.zeros(1, dtype=DT)])
+        )
 
     params0 = {"weight": torch.zeros(d, dtype=DT), "bias": torch.zeros((), dtype=DT)}
-    return _finish("diabetes", inner, outer, hessian, params0, hparams, n_train=len(tr), n_val=len(va),
-                   source="sklearn.datasets.load_diabetes (ridge regression)", batch_loss=batch)
+    return _finish(
+        "diabetes",
+        inner,
+        outer,
+        hessian,
+        params0,
+        hparams,
+        n_train=len(tr),
+        n_val=len(va),
+        source="sklearn.datasets.load_diabetes (ridge regression)",
+        batch_loss=batch,
+    )
 
 
 def _breast_cancer(n_train: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int, str]:
@@ -289,12 +356,23 @@ def _digits(n_train: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, in
     from ..datasets import load_dataset
 
     ds = load_dataset("digits", seed=seed, n_train=n_train, dtype=DT)
-    return ds.x_train, ds.y_train, ds.x_val, ds.y_val, ds.num_classes, \
-        "hypergradients.app.datasets.load_dataset('digits') (softmax regression)"
+    return (
+        ds.x_train,
+        ds.y_train,
+        ds.x_val,
+        ds.y_val,
+        ds.num_classes,
+        "hypergradients.app.datasets.load_dataset('digits') (softmax regression)",
+    )
 
 
-def logistic_problem(name: str = "breast-cancer", *, n_train: int = 300,
-                     decay: tuple[float, float] = (1e-3, 1e-1), seed: int = 0) -> BilevelProblem:
+def logistic_problem(
+    name: str = "breast-cancer",
+    *,
+    n_train: int = 300,
+    decay: tuple[float, float] = (1e-3, 1e-1),
+    seed: int = 0,
+) -> BilevelProblem:
     """Logistic regression with one weight decay per weight on ``"breast-cancer"`` or ``"digits"``.
 
     Two classes use one logit ``z = xᵀW + b`` and ``ℓ = softplus(−ỹz)``, ``ỹ = ±1``; more use
@@ -322,8 +400,11 @@ def logistic_problem(name: str = "breast-cancer", *, n_train: int = 300,
     bias_decay = 0.0 if c == 2 else BIAS_DECAY
 
     def inner(p: Tree, h: Tree) -> Tensor:
-        return (data_loss(p, Xt, yt) + 0.5 * torch.sum(torch.exp(h["log_weight_decay"]) * p["weight"] ** 2)
-                + 0.5 * bias_decay * torch.sum(p["bias"] ** 2))
+        return (
+            data_loss(p, Xt, yt)
+            + 0.5 * torch.sum(torch.exp(h["log_weight_decay"]) * p["weight"] ** 2)
+            + 0.5 * bias_decay * torch.sum(p["bias"] ** 2)
+        )
 
     def outer(p: Tree, h: Tree) -> Tensor:
         return data_loss(p, Xv, yv)
@@ -333,14 +414,27 @@ def logistic_problem(name: str = "breast-cancer", *, n_train: int = 300,
         return data_loss(p, Xt[idx], yt[idx]) + penalty + 0.5 * bias_decay * torch.sum(p["bias"] ** 2)
 
     def hessian(w: Tree, h: Tree) -> Tensor:
-        decay = torch.cat([torch.exp(h["log_weight_decay"]).reshape(-1),
-                           torch.full((1 if c == 2 else c,), bias_decay, dtype=DT)])
+        decay = torch.cat(
+            [
+                torch.exp(h["log_weight_decay"]).reshape(-1),
+                torch.full((1 if c == 2 else c,), bias_decay, dtype=DT),
+            ]
+        )
         return logistic_hessian(Xt, w["weight"], w["bias"], decay)
 
-    params0 = {"weight": torch.zeros(shape, dtype=DT),
-               "bias": torch.zeros(() if c == 2 else (c,), dtype=DT)}
-    return _finish(name, inner, outer, hessian, params0, hparams, n_train=len(yt), n_val=len(yv),
-                   source=source, batch_loss=batch)
+    params0 = {"weight": torch.zeros(shape, dtype=DT), "bias": torch.zeros(() if c == 2 else (c,), dtype=DT)}
+    return _finish(
+        name,
+        inner,
+        outer,
+        hessian,
+        params0,
+        hparams,
+        n_train=len(yt),
+        n_val=len(yv),
+        source=source,
+        batch_loss=batch,
+    )
 
 
 def logistic_hessian(X: Tensor, weight: Tensor, bias: Tensor, decay: Tensor) -> Tensor:
@@ -361,17 +455,18 @@ def logistic_hessian(X: Tensor, weight: Tensor, bias: Tensor, decay: Tensor) -> 
             return Xa.T @ (Xa * (s * (1 - s))[:, None]) / n + torch.diag(decay)
         c = weight.shape[1]
         pi = torch.softmax(z, dim=1)
-        first = torch.einsum("ni,na,nj->iaj", Xa, pi, Xa) / n   # Σ x̃_i x̃_j π_a: block-diagonal in a
+        first = torch.einsum("ni,na,nj->iaj", Xa, pi, Xa) / n  # Σ x̃_i x̃_j π_a: block-diagonal in a
         m = Xa.shape[1]
         Hd = torch.zeros(m, c, m, c, dtype=X.dtype)
         idx = torch.arange(c)
         Hd[:, idx, :, idx] = first.permute(1, 0, 2)
-        Q = (Xa[:, :, None] * pi[:, None, :]).reshape(n, m * c)   # rows x̃_i ⊗ π_i
+        Q = (Xa[:, :, None] * pi[:, None, :]).reshape(n, m * c)  # rows x̃_i ⊗ π_i
         return Hd.reshape(m * c, m * c) - Q.T @ Q / n + torch.diag(decay)
 
 
-def load_problem(name: str, *, n_train: int | None = None, decay: tuple[float, float] = (1e-3, 1e-1),
-                 seed: int = 0) -> BilevelProblem:
+def load_problem(
+    name: str, *, n_train: int | None = None, decay: tuple[float, float] = (1e-3, 1e-1), seed: int = 0
+) -> BilevelProblem:
     """One of :data:`PROBLEMS` by name (``n_train=None``: 300 for the sklearn sets, all of digits)."""
     if name == "diabetes":
         return diabetes_ridge(n_train=300 if n_train is None else n_train, decay=decay, seed=seed)

@@ -93,24 +93,41 @@ class FixedL2(Family):
 
 
 # ------------------------------------------------------------------------------------------- data
-def load_data(cfg: Config, name: str, *, n_train: int | None, n_val: int | None = None,
-              n_test: int | None = None, flatten: bool = True, seed: int | None = None) -> Dataset:
+def load_data(
+    cfg: Config,
+    name: str,
+    *,
+    n_train: int | None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    flatten: bool = True,
+    seed: int | None = None,
+) -> Dataset:
     """:func:`~hypergradients.app.datasets.load_dataset` with ``data.root`` (where the schema has it) and
     the seed (``seed``, else the ``seed`` setting); a failure is a :class:`ConfigError` naming the key to
     change: ``data.root`` for missing or unreadable files (``data.dataset`` where the data is bundled
     and there is no root), ``data.n_*`` for a size the split does not have."""
     root = cfg.get("data.root", "")
     try:
-        return load_dataset(name, root=root or None, seed=cfg["seed"] if seed is None else seed,
-                            n_train=n_train, n_val=n_val, n_test=n_test, flatten=flatten)
+        return load_dataset(
+            name,
+            root=root or None,
+            seed=cfg["seed"] if seed is None else seed,
+            n_train=n_train,
+            n_val=n_val,
+            n_test=n_test,
+            flatten=flatten,
+        )
     except (DataUnavailableError, DataFormatError) as e:
-        if "data.root" not in cfg:   # bundled data: only a broken install
+        if "data.root" not in cfg:  # bundled data: only a broken install
             raise ConfigError(f"config key 'data.dataset': {name!r} cannot be loaded: {e}") from None
         if isinstance(e, DataFormatError):
-            raise ConfigError(f"config key 'data.root': the {name!r} files in {root!r} cannot be read: "
-                              f"{e}") from None
-        raise ConfigError(f"config key 'data.root': got {root!r}, but the dataset {name!r} needs its files "
-                          f"there. {e}") from None
+            raise ConfigError(
+                f"config key 'data.root': the {name!r} files in {root!r} cannot be read: {e}"
+            ) from None
+        raise ConfigError(
+            f"config key 'data.root': got {root!r}, but the dataset {name!r} needs its files there. {e}"
+        ) from None
     except ValueError as e:
         msg = str(e)
         key = next((f"data.{k}" for k in ("n_train", "n_val", "n_test") if k in msg), "data.dataset")
@@ -143,14 +160,16 @@ def method(cfg: Config) -> Method:
         return Nystrom(rank=iters)
     if name == "identity":
         return Identity()
-    raise ConfigError(f"config key 'hyper.method': unknown {name!r}; one of neumann, cg, auto, nystrom, "
-                      "identity")
+    raise ConfigError(
+        f"config key 'hyper.method': unknown {name!r}; one of neumann, cg, auto, nystrom, identity"
+    )
 
 
 def optimizer(name: str, lr: float, *, clip: float = 0.0) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
     """The factory ``fit`` takes: ``adam``, ``rmsprop``, ``sgd`` or ``momentum`` (SGD with momentum 0.9);
     ``clip > 0`` rescales the gradients to a total norm of at most ``clip`` before every step
     (``torch.nn.utils.clip_grad_norm_``, as AWD-LSTM's training loop does)."""
+
     def make(ps: list[Tensor]) -> torch.optim.Optimizer:
         cls: type[torch.optim.Optimizer]
         kw: dict[str, Any] = {"lr": lr}
@@ -161,12 +180,14 @@ def optimizer(name: str, lr: float, *, clip: float = 0.0) -> Callable[[list[Tens
         else:
             cls, kw["momentum"] = torch.optim.SGD, 0.9 if name == "momentum" else 0.0
         return (clipped(cls, clip) if clip > 0 else cls)(ps, **kw)
+
     return make
 
 
 def clipped(cls: type[torch.optim.Optimizer], max_norm: float) -> type[torch.optim.Optimizer]:
     """``cls`` whose ``step`` first rescales the gradients of all its parameters to a total (2-)norm of at
     most ``max_norm``; its state dict is ``cls``'s (checkpoints and resumes unchanged)."""
+
     def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if params:
@@ -177,8 +198,14 @@ def clipped(cls: type[torch.optim.Optimizer], max_norm: float) -> type[torch.opt
 
 
 # ------------------------------------------------------------------------------------ the run
-def begin(ctx: RunContext, check: Callable[[Config], Any], *, arms: Sequence[Path] = (),
-          resumed: Sequence[Path] | None = None, restart: str = "arm") -> Any:
+def begin(
+    ctx: RunContext,
+    check: Callable[[Config], Any],
+    *,
+    arms: Sequence[Path] = (),
+    resumed: Sequence[Path] | None = None,
+    restart: str = "arm",
+) -> Any:
     """The start of a run, before its first arm: on ``--resume`` the checkpoint in each folder of
     ``resumed`` (default: every folder of ``arms``) reads back (:func:`check_checkpoints`: a refused
     resume changes no file); then the run folder and its ``arms``' folders lose the temp files a killed
@@ -198,7 +225,9 @@ def unreadable(e: UnreadableFileError, folder: Path | None, what: str) -> Unread
     return UnreadableFileError(
         f"cannot read the checkpoint {str(e.path)!r}: {e.why}. To continue: delete the folder "
         f"{str(folder)!r} to restart {what} (the rest of the run is kept), or restore it from a copy.",
-        path=e.path, why=e.why)
+        path=e.path,
+        why=e.why,
+    )
 
 
 def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "arm") -> None:
@@ -215,17 +244,30 @@ def check_checkpoints(ctx: RunContext, dirs: Iterable[Path], *, restart: str = "
             raise unreadable(e, d, f"the {restart} {d.name!r}") from None
 
 
-def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: tuple[Tensor, Tensor],
-              val: tuple[Tensor, Tensor], *, out: Path | None, evals: Mapping[str, tuple[Tensor, Tensor]],
-              callbacks: Sequence[Callback | FitCallback] = (), rounds: int | None = None,
-              batch_size: int | None = None, val_batch_size: int | Literal["config"] | None = "config",
-              hyper_lr: float | None = None,
-              seed: int | None = None, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-              resume: bool | None = None, restart: str = "arm", warmup_steps: int | None = None,
-              inner_steps: int | None = None,
-              inner_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
-              hyper_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
-              hyper_method: Method | None = None) -> TrainResult:
+def train_arm(
+    ctx: RunContext,
+    model: nn.Module,
+    fams: Sequence[Family],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    *,
+    out: Path | None,
+    evals: Mapping[str, tuple[Tensor, Tensor]],
+    callbacks: Sequence[Callback | FitCallback] = (),
+    rounds: int | None = None,
+    batch_size: int | None = None,
+    val_batch_size: int | Literal["config"] | None = "config",
+    hyper_lr: float | None = None,
+    seed: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    resume: bool | None = None,
+    restart: str = "arm",
+    warmup_steps: int | None = None,
+    inner_steps: int | None = None,
+    inner_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+    hyper_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+    hyper_method: Method | None = None,
+) -> TrainResult:
     """One arm of Algorithm 1 (:func:`~hypergradients.fit`), checkpointed in ``out`` (``None``: no
     checkpoint), with the run's settings:
 
@@ -247,9 +289,13 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
     """
     cfg = ctx.config
     kwargs: dict[str, Any] = {"warm_start": False}
-    for key, arg in (("train.warmup_steps", "warmup_steps"), ("hyper.on_solver_error", "on_solver_error"),
-                     ("hyper.warm_start", "warm_start"), ("hyper.hvp_mode", "hvp_mode"),
-                     ("hyper.batch_size", "hyper_batch_size")):
+    for key, arg in (
+        ("train.warmup_steps", "warmup_steps"),
+        ("hyper.on_solver_error", "on_solver_error"),
+        ("hyper.warm_start", "warm_start"),
+        ("hyper.hvp_mode", "hvp_mode"),
+        ("hyper.batch_size", "hyper_batch_size"),
+    ):
         if key in cfg:
             kwargs[arg] = cfg[key]
     if warmup_steps is not None:
@@ -267,13 +313,20 @@ def train_arm(ctx: RunContext, model: nn.Module, fams: Sequence[Family], train: 
         warnings.filterwarnings("ignore", category=SkippedHyperStepsWarning)  # counted in the table
         try:
             return fit(
-                model, fams, train, val,
+                model,
+                fams,
+                train,
+                val,
                 rounds=cfg["train.rounds"] if rounds is None else rounds,
                 inner_steps=cfg["train.inner_steps"] if inner_steps is None else inner_steps,
-                inner_optimizer=inner_optimizer or optimizer(
-                    cfg.get("train.optimizer", "adam"), cfg["train.lr"], clip=cfg.get("train.clip", 0.0)),
-                hyper_optimizer=hyper_optimizer or optimizer(
-                    cfg.get("hyper.optimizer", "adam"), cfg["hyper.lr"] if hyper_lr is None else hyper_lr),
+                inner_optimizer=inner_optimizer
+                or optimizer(
+                    cfg.get("train.optimizer", "adam"), cfg["train.lr"], clip=cfg.get("train.clip", 0.0)
+                ),
+                hyper_optimizer=hyper_optimizer
+                or optimizer(
+                    cfg.get("hyper.optimizer", "adam"), cfg["hyper.lr"] if hyper_lr is None else hyper_lr
+                ),
                 method=hyper_method or method(cfg),
                 batch_size=cfg["train.batch_size"] if batch_size is None else batch_size,
                 val_batch_size=val_batch_size,
@@ -297,9 +350,14 @@ U = TypeVar("U")
 R = TypeVar("R")
 
 
-def run_units(fn: Callable[[U], R], units: Sequence[U], *, jobs: int,
-              on_done: Callable[[int, R], None] | None = None,
-              here: Callable[[U], R] | None = None) -> list[R]:
+def run_units(
+    fn: Callable[[U], R],
+    units: Sequence[U],
+    *,
+    jobs: int,
+    on_done: Callable[[int, R], None] | None = None,
+    here: Callable[[U], R] | None = None,
+) -> list[R]:
     """``fn(unit)`` for every unit, the results in the order of ``units``.
 
     ``jobs == 1`` (or a single unit): one after the other in this process (``here`` instead of ``fn``
@@ -324,15 +382,16 @@ def run_units(fn: Callable[[U], R], units: Sequence[U], *, jobs: int,
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(units)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(units)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         index = {pool.submit(_portable, fn, u): i for i, u in enumerate(units)}
         pending = set(index)
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in done:
-                    results[index[f]] = f.result()   # raises the unit's error
+                    results[index[f]] = f.result()  # raises the unit's error
                     if on_done is not None:
                         on_done(index[f], results[index[f]])
         except BaseException:
@@ -369,14 +428,17 @@ class ArmsProgress:
         self.rounds = rounds
         self.bar = Progress(rounds * arms, desc=desc, enabled=ctx.progress, unit="round")
 
-    def tick(self, i: int, arm: str,
-             show: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> Callback:
+    def tick(
+        self, i: int, arm: str, show: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    ) -> Callback:
         """The callback of arm ``i`` (called ``arm``): its round, and beside the bar the arm and
         ``show(record)`` (default: the validation loss)."""
+
         def tick(rec: dict[str, Any]) -> None:
             shown = show(rec) if show else {"val": rec.get("hyper_val_loss", rec.get("val_loss"))}
             self.bar.postfix({"arm": arm, **shown})
             self.bar.set(i * self.rounds + int(rec["round"]))
+
         return tick
 
     def done(self, i: int) -> None:
@@ -414,17 +476,19 @@ class RunMetrics:
 
     def callback(self, tag: Mapping[str, Any], arm_dir: Path | None) -> Callback:
         """The trainer's callback for the arm ``tag`` checkpointed in ``arm_dir``."""
+
         def tee(rec: dict[str, Any]) -> None:
             done = self.written.get(json.dumps(tag), 0)
-            if done < int(rec["round"]) - 1 and arm_dir is not None:   # a resumed arm: its earlier rounds
+            if done < int(rec["round"]) - 1 and arm_dir is not None:  # a resumed arm: its earlier rounds
                 now = int(rec["round"])
                 lines = (arm_dir / METRICS).read_text().splitlines()
                 self.add(tag, [r for r in map(json.loads, lines) if done < int(r["round"]) < now])
             self.add(tag, [rec])
+
         return tee
 
     def finish_arm(self, tag: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> None:
-        self.add(tag, records[self.written.get(json.dumps(tag), 0):])
+        self.add(tag, records[self.written.get(json.dumps(tag), 0) :])
 
     def close(self) -> None:
         self._f.close()
@@ -482,15 +546,16 @@ def finish(
 
 
 # -------------------------------------------------------------------- statistics and their words
-def per_example(model: nn.Module, x: Tensor, y: Tensor, fn: Callable[[Tensor, Tensor], Tensor], *,
-                batch_size: int = 4096) -> Tensor:
+def per_example(
+    model: nn.Module, x: Tensor, y: Tensor, fn: Callable[[Tensor, Tensor], Tensor], *, batch_size: int = 4096
+) -> Tensor:
     """``fn(model(x), y)`` per example (``(N,)``, on the CPU, float64), the model in evaluation mode and
     no graph: the paired data behind a standard error of the difference between two arms evaluated
     on the same examples (:func:`paired_se`)."""
     parts = []
     with _mode(model, False), torch.no_grad():
         for s in range(0, len(y), batch_size):
-            parts.append(fn(model(x[s:s + batch_size]), y[s:s + batch_size]).detach().double().cpu())
+            parts.append(fn(model(x[s : s + batch_size]), y[s : s + batch_size]).detach().double().cpu())
     return torch.cat(parts)
 
 
@@ -547,8 +612,19 @@ class Verdict:
     se: float | None
 
 
-def versus(a: str, b: str, value_a: float, value_b: float, se: float | None, *, metric: str,
-           higher_is_better: bool, se_what: str, no_se: str, digits: str = ".4g") -> Verdict:
+def versus(
+    a: str,
+    b: str,
+    value_a: float,
+    value_b: float,
+    se: float | None,
+    *,
+    metric: str,
+    higher_is_better: bool,
+    se_what: str,
+    no_se: str,
+    digits: str = ".4g",
+) -> Verdict:
     """Arm ``a`` against arm ``b`` on ``metric``, in words that follow the numbers.
 
     ``d = value_a − value_b`` with standard error ``se`` (``se_what`` says which: paired over the
@@ -562,17 +638,27 @@ def versus(a: str, b: str, value_a: float, value_b: float, se: float | None, *, 
     d = value_a - value_b
     vals = f"{value_a:{digits}} vs {value_b:{digits}}"
     if se is None or not math.isfinite(se):
-        return Verdict("unmeasured", f"{a} vs {b} on {metric}: {vals} (difference {d:+.3g}; {no_se})", d,
-                       None)
+        return Verdict(
+            "unmeasured", f"{a} vs {b} on {metric}: {vals} (difference {d:+.3g}; {no_se})", d, None
+        )
     if d == 0 and se == 0:
-        return Verdict("within noise", f"{a} ties with {b} on {metric}: {vals} (no difference on any pair, "
-                       f"{se_what})", d, se)
+        return Verdict(
+            "within noise",
+            f"{a} ties with {b} on {metric}: {vals} (no difference on any pair, {se_what})",
+            d,
+            se,
+        )
     diff = f"difference {d:+.3g} ± {se:.2g}, {se_what}"
     if abs(d) <= 2 * se:
         return Verdict("within noise", f"{a} is within noise of {b} on {metric}: {vals} ({diff})", d, se)
     if abs(d) < NEGLIGIBLE * max(abs(value_a), abs(value_b)):
-        return Verdict("negligible", f"{a} does not differ materially from {b} on {metric}: {vals} ({diff}: "
-                       f"beyond two standard errors, but under {NEGLIGIBLE:.1%} of the values)", d, se)
+        return Verdict(
+            "negligible",
+            f"{a} does not differ materially from {b} on {metric}: {vals} ({diff}: "
+            f"beyond two standard errors, but under {NEGLIGIBLE:.1%} of the values)",
+            d,
+            se,
+        )
     if (d > 0) == higher_is_better:
         return Verdict("beats", f"{a} beats {b} on {metric}: {vals} ({diff})", d, se)
     return Verdict("worse", f"{a} is worse than {b} on {metric}: {vals} ({diff})", d, se)

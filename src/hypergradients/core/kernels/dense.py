@@ -21,7 +21,8 @@ def check_dense_size(op: LinearOperator, n: int, max_size: int, what: str) -> No
         raise ProblemTooLargeError(
             f"{what} would materialise a {n}×{n} {kind} ({n * n * 8 / 2**30:.2f} GiB in float64), above "
             f"its max_size={max_size} weights. Use {instead} (matrix-free), or raise max_size if you have "
-            "the memory.")
+            "the memory."
+        )
 
 
 def dense_matrix(op: LinearOperator, like: Mapping[str, Tensor], *, chunk: int = 256) -> Tensor:
@@ -66,11 +67,14 @@ def exact(op: LinearOperator, v: Mapping[str, Tensor], *, max_size: int = 5000) 
         except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
             raise HypergradientError(
                 f"hg.Exact: ∂F/∂w is singular at these weights ({e}): the condition does not determine the "
-                "weights locally. Add damping (hg.Exact(damping=...)) or check the condition") from e
+                "weights locally. Add damping (hg.Exact(damping=...)) or check the condition"
+            ) from e
         res = ratio(torch.linalg.vector_norm(A @ x - b), float(torch.linalg.vector_norm(b)))
         if not math.isfinite(res):
-            raise HypergradientError("hg.Exact: the dense solve produced non-finite values; ∂F/∂w is "
-                                     "singular or ill-conditioned here: add damping (hg.Exact(damping=...)).")
+            raise HypergradientError(
+                "hg.Exact: the dense solve produced non-finite values; ∂F/∂w is "
+                "singular or ill-conditioned here: add damping (hg.Exact(damping=...))."
+            )
         return Solve(tree.unflatten(x, v), 1, res, True, extra)
     H = (0.5 * (A.T + A)).contiguous()  # autograd's H is symmetric up to rounding; row-major for the BLAS
     L, info = torch.linalg.cholesky_ex(H)
@@ -81,11 +85,14 @@ def exact(op: LinearOperator, v: Mapping[str, Tensor], *, max_size: int = 5000) 
         raise HypergradientError(
             f"hg.Exact: the Hessian is singular at these weights ({e}). A weight the inner loss does not "
             "depend on, or an unregularised flat direction, makes H singular: add damping "
-            "(hg.Exact(damping=...)) or regularise the inner loss.") from e
+            "(hg.Exact(damping=...)) or regularise the inner loss."
+        ) from e
     res = ratio(torch.linalg.vector_norm(H @ x - b), float(torch.linalg.vector_norm(b)))
     if not math.isfinite(res):
-        raise HypergradientError("hg.Exact: the dense solve produced non-finite values; H is singular or "
-                                 "ill-conditioned here: add damping (hg.Exact(damping=...)).")
+        raise HypergradientError(
+            "hg.Exact: the dense solve produced non-finite values; H is singular or "
+            "ill-conditioned here: add damping (hg.Exact(damping=...))."
+        )
     extra["positive_definite"] = float(pd)
     indefinite = False
     if not pd:

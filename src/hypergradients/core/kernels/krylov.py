@@ -81,9 +81,16 @@ def ritz_extremes(alphas: Sequence[float], betas: Sequence[float]) -> tuple[floa
     return float(th[0]), float(th[-1])
 
 
-def cg(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int, tol: float = 1e-10,
-       x0: Mapping[str, Tensor] | None = None, error_tol: float | None = None,
-       lambda_min: float | None = None) -> Solve:
+def cg(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int,
+    tol: float = 1e-10,
+    x0: Mapping[str, Tensor] | None = None,
+    error_tol: float | None = None,
+    lambda_min: float | None = None,
+) -> Solve:
     """Conjugate gradient on ``A p = v``, ``A = op`` (``H + δI`` for ``op.damped(δ)``): ≤ ``iters`` products.
 
     Stops when ``‖r‖ ≤ tol·‖v‖`` (the recursively updated residual, so the check is free) and,
@@ -152,7 +159,9 @@ def cg(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int, tol: float = 
                 "inner loss). Train the inner problem closer to a minimum, add damping "
                 "(hg.CG(damping=...) larger than that magnitude), or use hg.MINRES, which solves a symmetric "
                 "indefinite system (the derivative of the stationary point itself).",
-                curvature=curv / dd if dd > 0 else curv, iteration=it + 1)
+                curvature=curv / dd if dd > 0 else curv,
+                iteration=it + 1,
+            )
         a = rs / curv
         for k in x:
             x[k].add_(d[k], alpha=a)
@@ -172,8 +181,14 @@ def cg(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int, tol: float = 
     return Solve(x, it, res, met, extra)
 
 
-def minres(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 200, tol: float = 1e-10,
-           x0: Mapping[str, Tensor] | None = None) -> Solve:
+def minres(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int = 200,
+    tol: float = 1e-10,
+    x0: Mapping[str, Tensor] | None = None,
+) -> Solve:
     """MINRES for a symmetric ``M p = v``, definite or not: at most ``iters`` products (plus one per pass
     for the true residual).
 
@@ -235,8 +250,15 @@ def minres(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 200, tol
                 break
 
 
-def gmres(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 200, tol: float = 1e-10,
-          restart: int = 30, x0: Mapping[str, Tensor] | None = None) -> Solve:
+def gmres(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int = 200,
+    tol: float = 1e-10,
+    restart: int = 30,
+    x0: Mapping[str, Tensor] | None = None,
+) -> Solve:
     """Restarted GMRES(``restart``) for ``M p = v``: at most ``iters`` Arnoldi iterations in total.
 
     Each cycle builds an orthonormal basis ``V`` of ``K_m(M, r) = span{r, Mr, …, M^{m−1}r}`` by
@@ -303,14 +325,21 @@ def gmres(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 200, tol:
             R = Hm[:k, :k]
         if k == 0:
             return Solve(x, total, beta / bn, False)
-        y = torch.linalg.solve_triangular(R, torch.tensor(g[:k], dtype=torch.float64)[:, None],
-                                          upper=True)[:, 0]
+        y = torch.linalg.solve_triangular(R, torch.tensor(g[:k], dtype=torch.float64)[:, None], upper=True)[
+            :, 0
+        ]
         for i in range(k):
             x = tree.axpy(float(y[i]), V[i], x)
 
 
-def bicgstab(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 100, tol: float = 1e-10,
-             x0: Mapping[str, Tensor] | None = None) -> Solve:
+def bicgstab(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int = 100,
+    tol: float = 1e-10,
+    x0: Mapping[str, Tensor] | None = None,
+) -> Solve:
     """BiCGStab for ``M p = v``: at most ``iters`` iterations of two products each.
 
     van der Vorst's recurrences with the shadow residual ``r̂ = r₀``: a BiCG step
@@ -336,7 +365,7 @@ def bicgstab(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 100, t
         shadow = r
         sn = rn
         rho = alpha = omega = 1.0
-        md = tree.zeros_like(v)   # M d
+        md = tree.zeros_like(v)  # M d
         d = tree.zeros_like(v)
         progressed = False
         while it < iters:
@@ -370,8 +399,14 @@ def bicgstab(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 100, t
             return Solve(x, it, rn / bn, rn <= tol * bn)
 
 
-def cgls(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int = 200, tol: float = 1e-10,
-         x0: Mapping[str, Tensor] | None = None) -> Solve:
+def cgls(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int = 200,
+    tol: float = 1e-10,
+    x0: Mapping[str, Tensor] | None = None,
+) -> Solve:
     """CGLS: conjugate gradient on the normal equations ``MᵀM p = Mᵀv`` for ``M p = v``.
 
     One product with ``M`` (``op``) and one with ``Mᵀ`` (``op.rmv``) per iteration (``iters`` bounds

@@ -43,8 +43,16 @@ class NystromFactor:
         return tree.unflatten(self.U @ (utb / self.d) + (b - self.U @ utb) / self.c, v)
 
 
-def nystrom(op: LinearOperator, v: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
-            seed: int = 0, floor: float | Literal["auto"] | None = None, residual: bool = False) -> Solve:
+def nystrom(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    rank: int,
+    rho: float | None = None,
+    seed: int = 0,
+    floor: float | Literal["auto"] | None = None,
+    residual: bool = False,
+) -> Solve:
     """``p ≈ H⁻¹ v`` from ``Ĥ = U diag(Λ) Uᵀ``, the rank-``k`` randomized Nyström approximation of ``H``.
 
     One batched sketch ``Y = HΩ`` with ``Ω`` an orthonormalised ``n×k`` Gaussian (k HVPs), then
@@ -83,8 +91,15 @@ def nystrom(op: LinearOperator, v: Mapping[str, Tensor], *, rank: int, rho: floa
     return Solve(p, rank, res, None, dict(factor.extra))
 
 
-def nystrom_factor(op: LinearOperator, like: Mapping[str, Tensor], *, rank: int, rho: float | None = None,
-                   seed: int = 0, floor: float | Literal["auto"] | None = None) -> NystromFactor:
+def nystrom_factor(
+    op: LinearOperator,
+    like: Mapping[str, Tensor],
+    *,
+    rank: int,
+    rho: float | None = None,
+    seed: int = 0,
+    floor: float | Literal["auto"] | None = None,
+) -> NystromFactor:
     """The :class:`NystromFactor` of :func:`nystrom` (``rank`` HVPs in one batch), for ``like``'s shapes."""
     v = like
     n = tree.numel(v)
@@ -98,8 +113,10 @@ def nystrom_factor(op: LinearOperator, like: Mapping[str, Tensor], *, rank: int,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, rank, generator=gen, dtype=b.dtype).to(b.device)
     omega, _ = torch.linalg.qr(omega)
-    Y = torch.cat([t.reshape(rank, -1) for t in op.mv_batched(tree.unflatten_rows(omega.T.contiguous(), v))
-                   .values()], dim=1).T  # n×k
+    Y = torch.cat(
+        [t.reshape(rank, -1) for t in op.mv_batched(tree.unflatten_rows(omega.T.contiguous(), v)).values()],
+        dim=1,
+    ).T  # n×k
     mu = 0.0
     auto = floor == "auto"
     if floor == "auto":
@@ -110,8 +127,10 @@ def nystrom_factor(op: LinearOperator, like: Mapping[str, Tensor], *, rank: int,
             raise NegativeCurvatureError(
                 f"hg.Nystrom(floor='auto'): the smallest curvature on the sketch, λ_min(ΩᵀHΩ) = "
                 f"{theta:.3g}, is not positive: H is not positive definite at these weights (they may "
-                "not be a minimum). Train the inner problem closer to a minimum.", curvature=theta,
-                iteration=0)
+                "not be a minimum). Train the inner problem closer to a minimum.",
+                curvature=theta,
+                iteration=0,
+            )
         # The Ritz pair (θ, Ωe) has residual HΩe − θΩe = Ye − θΩe (no HVP), and some eigenvalue of
         # H lies within its norm of θ (Krylov–Bogoliubov). A flat floor makes it vanish; a nearly
         # flat one leaves it small, and μ = θ − ‖·‖ keeps Ωᵀ(H − μI)Ω clear of singular, so the
@@ -134,20 +153,25 @@ def nystrom_factor(op: LinearOperator, like: Mapping[str, Tensor], *, rank: int,
         C = torch.linalg.cholesky(core)
     except RuntimeError as e:
         if floor is not None and floor != "auto":
-            what = (f"ΩᵀHΩ − {mu:g}·I is not positive definite: the floor exceeds the smallest curvature "
-                    "on the sketch. Pass a floor below λ_min(H), or floor='auto'")
+            what = (
+                f"ΩᵀHΩ − {mu:g}·I is not positive definite: the floor exceeds the smallest curvature "
+                "on the sketch. Pass a floor below λ_min(H), or floor='auto'"
+            )
         else:
-            what = ("the sketched Hessian ΩᵀHΩ is not positive definite, so H has negative curvature at "
-                    "these weights (they may not be a minimum). Train the inner problem closer to a "
-                    "minimum or use a damped method (hg.CG(damping=...))")
+            what = (
+                "the sketched Hessian ΩᵀHΩ is not positive definite, so H has negative curvature at "
+                "these weights (they may not be a minimum). Train the inner problem closer to a "
+                "minimum or use a damped method (hg.CG(damping=...))"
+            )
         raise NegativeCurvatureError(f"hg.Nystrom: {what}.", curvature=float("nan"), iteration=0) from e
     B = torch.linalg.solve_triangular(C, Ynu.T, upper=False).T  # Ynu C⁻ᵀ
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
     lam = torch.clamp(S * S - nu, min=0.0)
     if floor is not None:
         shift = mu + (rho or 0.0)
-        return NystromFactor(U, lam + shift, shift,
-                             {"rho": rho or 0.0, "floor": mu, "lambda_max": float(lam.max()) + mu})
+        return NystromFactor(
+            U, lam + shift, shift, {"rho": rho or 0.0, "floor": mu, "lambda_max": float(lam.max()) + mu}
+        )
     if rho is None:
         low = max(float(lam.min()), float(lam.max()) * eps * n, torch.finfo(b.dtype).tiny)
         extra = {"rho": low, "lambda_max": float(lam.max())}

@@ -55,8 +55,14 @@ def power_iteration(matvec: MatVec, like: Mapping[str, Tensor], *, iters: int = 
     return est
 
 
-def identity(op: LinearOperator, v: Mapping[str, Tensor], *, scale: float = 1.0,
-             residual: bool = False, diagonal: Mapping[str, Tensor] | None = None) -> Solve:
+def identity(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    scale: float = 1.0,
+    residual: bool = False,
+    diagonal: Mapping[str, Tensor] | None = None,
+) -> Solve:
     """``p = scale · v``, or ``scale · v / D`` elementwise with a positive ``diagonal`` ``D`` (``M``
     taken as ``diag(D)/scale``): no product; ``residual=True``: one product reports ``‖Mp − v‖/‖v‖``."""
     p = tree.scale(v if diagonal is None else {k: v[k] / diagonal[k] for k in v}, scale)
@@ -82,31 +88,52 @@ class SeriesGrewError(HypergradientError):
 _CHECK_EVERY = 4
 
 
-def _diverged(op: LinearOperator, v: Mapping[str, Tensor], j: int, tn: float, vn: float,
-              alpha: float) -> NeumannDivergenceError:
+def _diverged(
+    op: LinearOperator, v: Mapping[str, Tensor], j: int, tn: float, vn: float, alpha: float
+) -> NeumannDivergenceError:
     lam = power_iteration(op, v)
     safe = 1.0 / lam if lam > 0 else float("nan")
     if op.symmetric:
-        hint = ("" if alpha * lam < 2.0 else
-                f"; alpha·λ_max ≈ {alpha * lam:.3g} ≥ 2, so the series cannot converge")
+        hint = (
+            ""
+            if alpha * lam < 2.0
+            else f"; alpha·λ_max ≈ {alpha * lam:.3g} ≥ 2, so the series cannot converge"
+        )
         return NeumannDivergenceError(
             f"Neumann series diverged at term {j}: ‖(I − α{op.name})^{j} v‖ = {tn:.3g} vs ‖v‖ = {vn:.3g} "
             f"with alpha={alpha:g}. Estimated λ_max({op.name}) ≈ {lam:.4g}{hint}. Use alpha < 2/λ_max ≈ "
             f"{2 * safe:.3g}, e.g. alpha={safe:.3g} or alpha='auto'. If alpha is already below that, "
             f"{op.name} has negative curvature here (the weights are not at a minimum): train the inner "
             "problem longer, use a damped method such as hg.CG(damping=...), or hg.MINRES, which solves the "
-            "indefinite system.", lambda_max=lam, safe_alpha=safe)
-    what = ("the fixed-point map is not a contraction here: the series Σ (∂T/∂w)ᵀʲ v needs the "
-            "eigenvalues of ∂T/∂w inside the unit disc" if op.fixed_point else
-            "the series needs the eigenvalues of I − α·∂F/∂w inside the unit disc")
+            "indefinite system.",
+            lambda_max=lam,
+            safe_alpha=safe,
+        )
+    what = (
+        "the fixed-point map is not a contraction here: the series Σ (∂T/∂w)ᵀʲ v needs the "
+        "eigenvalues of ∂T/∂w inside the unit disc"
+        if op.fixed_point
+        else "the series needs the eigenvalues of I − α·∂F/∂w inside the unit disc"
+    )
     return NeumannDivergenceError(
         f"Neumann series diverged at term {j}: ‖term‖ = {tn:.3g} vs ‖v‖ = {vn:.3g} with alpha={alpha:g}; "
         f"{what}. The dominant eigenvalue of ∂F/∂w is estimated as {lam:.4g}: try alpha={safe:.3g} (a "
-        "damped series), or hg.GMRES, which needs no contraction.", lambda_max=lam, safe_alpha=safe)
+        "damped series), or hg.GMRES, which needs no contraction.",
+        lambda_max=lam,
+        safe_alpha=safe,
+    )
 
 
-def neumann(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int, alpha: float,
-            residual: bool = True, max_growth: float = 10.0, stale_growth: float | None = None) -> Solve:
+def neumann(
+    op: LinearOperator,
+    v: Mapping[str, Tensor],
+    *,
+    iters: int,
+    alpha: float,
+    residual: bool = True,
+    max_growth: float = 10.0,
+    stale_growth: float | None = None,
+) -> Solve:
     """``p = α Σ_{j=0}^{K−1} (I − αM)^j v`` with ``K = iters`` (``K−1`` products, one more for the residual).
 
     For a symmetric positive definite ``M`` the series converges iff ``0 < α < 2/λ_max(M)``; then
@@ -130,8 +157,9 @@ def neumann(op: LinearOperator, v: Mapping[str, Tensor], *, iters: int, alpha: f
     def check(t: Tree, j: int) -> None:
         tn = float(tree.norm(t))
         if stale_growth is not None and not (tn <= stale_growth * max(vn, 1e-300)):
-            raise SeriesGrewError(f"Neumann term {j} grew to {tn:.3g} vs ‖v‖ = {vn:.3g} with alpha={alpha:g}",
-                                  term=j)
+            raise SeriesGrewError(
+                f"Neumann term {j} grew to {tn:.3g} vs ‖v‖ = {vn:.3g} with alpha={alpha:g}", term=j
+            )
         if not (math.isfinite(tn) and tn <= max_growth * max(vn, 1e-300)):
             raise _diverged(op, v, j, tn, vn, alpha)
 
