@@ -113,3 +113,13 @@ def test_more_images_per_class_than_a_class_has_names_the_key() -> None:
     exp = get("distill")
     with pytest.raises(ConfigError, match=r"'distill\.per_class'"):
         check(resolve(exp.schema, smoke=exp.smoke, sets=["data.n_train=20", "distill.per_class=5"]))
+
+
+def test_the_ceiling_on_every_training_image_is_trained_only_when_asked(tmp_path: Path) -> None:
+    # Off by default: the ceiling's full-batch steps on every training image cost more than the rest
+    # of the default run together; the smoke configuration turns it on.
+    assert get("distill").schema["eval.ceiling"].default is False
+    result = _run(tmp_path, "eval.ceiling=false")
+    assert [r["arm"] for r in result["rows"]] == ["distilled", "co-trained", "real-1"]
+    assert result["per_seed"][0]["all"] is None
+    assert "eval.ceiling=true" in result["notes"][0]
