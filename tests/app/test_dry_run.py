@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cifar_folder import write_cifar_folder
 
 from hypergradients.app.cli import main
 
@@ -31,20 +32,8 @@ def _ptb(tmp: Path) -> Path:
 
 def _cifar(tmp: Path) -> Path:
     """CIFAR-10's batch files (torchvision's layout) holding 20 random images each."""
-    import pickle
-
-    import numpy as np
-
     root = tmp / "data"
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {
-            b"labels": [int(v) for v in rng.integers(0, 10, size=20)],
-            b"data": rng.integers(0, 256, size=(20, 3072), dtype=np.uint8),
-        }
-        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    write_cifar_folder(root, per_batch=20)
     return root
 
 
