@@ -20,7 +20,13 @@ of the hyper steps (their epochs 40/100/140). Arms:
   network), its weights tuned by the hypergradient of the validation loss; the CNN trains on the
   augmented batches;
 * ``augnet+hand`` — the network applied after the hand-made augmentation, as in the authors' code,
-  where crop and flip stay on under the U-Net.
+  where crop and flip stay on under the U-Net;
+* ``optuna``      — (off by default; the ``optuna`` extra) what a practitioner tunes without
+  hypergradients: Optuna's TPE over the hand-made augmentation's two magnitudes (largest shift in
+  ``[0, optuna.max_shift]`` pixels, largest rotation in ``[0, optuna.max_degrees]`` degrees),
+  ``optuna.trials`` training runs of ``train.steps`` inner steps each (a budget of training steps,
+  which the machine's load cannot change), scored by the final validation loss; the test accuracy of
+  its best-validation trial is the arm's.
 
 The report gives test accuracy as mean ± standard deviation over ``seeds``, the paired differences
 between arms with their standard errors, whether a run collapsed (a classifier at chance, or a
@@ -59,6 +65,7 @@ from ..config import Config, ConfigError, Option
 from ..datasets import Dataset
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .base import with_preset as _with_preset
+from .optuna_arm import Space, Trial, require_optuna, steps_to_match, time_to_match, tpe
 from .shared import (
     ArmsProgress,
     RunMetrics,
@@ -70,13 +77,15 @@ from .shared import (
     what_it_shows,
 )
 
-ARMS = ("none", "handmade", "augnet", "augnet+hand")
+ARMS = ("none", "handmade", "augnet", "augnet+hand", "optuna")
+DEFAULT_ARMS = ("none", "handmade", "augnet", "augnet+hand")
 LEARNED = ("augnet", "augnet+hand")
 ARM_NAMES = {
     "none": "no augmentation",
     "handmade": "hand-made",
     "augnet": "augmentation network (IFT)",
     "augnet+hand": "augmentation network on hand-made (IFT)",
+    "optuna": "hand-made tuned by Optuna",
 }
 GAMMA = 0.2  # the authors' MultiStepLR factor, for both learning rates
 
@@ -99,7 +108,12 @@ SCHEMA: dict[str, Option] = {
         choices=("cpu", "full"),
     ),
     "arms": Option(
-        list(ARMS), "which runs to train side by side", list, choices=ARMS, nonempty=True, unique=True
+        list(DEFAULT_ARMS),
+        "which runs to train side by side (optuna: the optuna extra, TPE over the hand-made magnitudes)",
+        list,
+        choices=ARMS,
+        nonempty=True,
+        unique=True,
     ),
     "data.dataset": Option(
         "mnist-5k",
@@ -189,6 +203,18 @@ SCHEMA: dict[str, Option] = {
         10.0, "largest rotation of the hand-made augmentation (degrees)", float, low=0.0
     ),
     "handmade.flip": Option(False, "the hand-made augmentation mirrors half the images left-right", bool),
+    "optuna.trials": Option(
+        8,
+        "training runs of the optuna arm per seed (its budget: trials × train.steps inner steps)",
+        int,
+        low=1,
+    ),
+    "optuna.max_shift": Option(
+        4.0, "upper end of the optuna arm's shift interval [0, max] (pixels)", float, positive=True
+    ),
+    "optuna.max_degrees": Option(
+        30.0, "upper end of the optuna arm's rotation interval [0, max] (degrees)", float, positive=True
+    ),
     "eval_every": Option(4, "rounds (hyper-step intervals) between evaluations", int, low=1),
     "checkpoint_every": Option(20, "rounds between checkpoints", int, low=1),
 }
@@ -205,6 +231,7 @@ SMOKE: dict[str, Any] = {
     "hyper.val_batch_size": 0,
     "hyper.window": 2,
     "augment.wf": 1,
+    "optuna.trials": 2,
     "eval_every": 1,
     "checkpoint_every": 1,
 }
@@ -386,8 +413,14 @@ def _stratified_subset(y: Tensor, n: int, classes: int) -> tuple[Tensor, Tensor]
 
 def check(cfg: Config) -> tuple[Dataset, tuple[Tensor, Tensor] | None]:
     """Load the data (mnist-5k: about a second), take ``data.n_train`` training images (the rest: the
-    ``extra`` test set) and check the U-Net depth against the image size."""
+    ``extra`` test set) and check the U-Net depth against the image size (and, for the optuna arm,
+    that Optuna is installed)."""
     cfg = with_preset(cfg)
+    if "optuna" in cfg["arms"]:
+        try:
+            require_optuna()
+        except ImportError as e:
+            raise ConfigError(f"config key 'arms': {e}") from None
     # one split for every seed: the seeds vary the weights, the data order and the noise
     ds = load_data(
         cfg,
@@ -460,11 +493,16 @@ def dry_run(cfg: Config, data: tuple[Dataset, tuple[Tensor, Tensor] | None]) -> 
     ]
     for arm in cfg["arms"]:
         lines += ["", f"{arm} ({ARM_NAMES[arm]}):"]
-        lines.append(
-            describe([_network(cfg, ds, seed, torch.device("cpu"))])
-            if arm in LEARNED
-            else "(no hyperparameters)"
-        )
+        if arm in LEARNED:
+            lines.append(describe([_network(cfg, ds, seed, torch.device("cpu"))]))
+        elif arm == "optuna":
+            lines.append(
+                f"2 searched by TPE, not by hypergradient: the hand-made shift in [0, "
+                f"{cfg['optuna.max_shift']:g}] px and rotation in [0, {cfg['optuna.max_degrees']:g}]°, "
+                f"{cfg['optuna.trials']} training runs of {cfg['train.steps']:,} steps"
+            )
+        else:
+            lines.append("(no hyperparameters)")
     return "\n".join(lines)
 
 
@@ -796,6 +834,188 @@ class _Alignment:
         return out
 
 
+# ------------------------------------------------------------------------------ the optuna arm
+SEARCH = "search.json"
+
+
+def _optuna_search(
+    ctx: RunContext,
+    ds: Dataset,
+    tests: Mapping[str, tuple[Tensor, Tensor]],
+    seed: int,
+    schedule: tuple[int, int],
+    out: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The optuna arm of one seed: TPE (seeded by ``seed``) over the hand-made augmentation's largest
+    shift and rotation, each trial the ``handmade`` arm's training (the seed's initial weights and
+    batches, ``train.steps`` inner steps, the same schedule) with the proposed magnitudes, scored by
+    the final validation loss on the whole validation set; the test sets are evaluated after each
+    trial and never shown to the sampler. Returns the arm's row for the seed (the best-validation
+    trial's numbers, with ``cpu_s`` and ``wall_s`` those of the whole search, and every trial) and the
+    best trial's validation curve. The finished search is written to ``out/search.json`` and read back
+    by ``--resume``; a search cut short is run again from its first trial (a trial has no checkpoint)."""
+    from ...training.files import json_dumps, read_json, write_atomic
+
+    cfg = ctx.config
+    rounds, warmup = schedule
+    if ctx.resume:
+        done = read_json(out / SEARCH)
+        if isinstance(done, dict) and "row" in done and "curve" in done:
+            return done["row"], done["curve"]
+    out.mkdir(parents=True, exist_ok=True)
+    c0 = time.process_time()
+    kept: list[dict[str, Any]] = []
+
+    def objective(p: dict[str, float]) -> tuple[float, float]:
+        model = _model(cfg, ds, seed, ctx.device)
+        sched = _Schedules(cfg, rounds)
+        res = train_arm(
+            ctx,
+            model,
+            [HandMade(p["shift"], p["degrees"], cfg["handmade.flip"])],
+            (ds.x_train, ds.y_train),
+            (ds.x_val, ds.y_val),
+            out=None,
+            evals={"val": (ds.x_val, ds.y_val)},
+            seed=seed,
+            rounds=rounds,
+            resume=False,
+            restart="run",
+            warmup_steps=warmup,
+            inner_optimizer=sched.make_inner,
+            hyper_optimizer=sched.make_hyper,
+            hyper_method=_method(cfg),
+            callbacks=[sched],
+        )
+        final = evaluate(model, tests)
+        kept.append(
+            {
+                "final": final,
+                "train": res.final,
+                "curve": [
+                    {"inner_steps": r["inner_steps"], "val_loss": r["val_loss"]}
+                    for r in res.metrics
+                    if "val_loss" in r
+                ],
+                "cpu_s": time.process_time() - c0,
+            }
+        )
+        return float(res.final["val_loss"]), 1.0 - float(final["test_acc"])
+
+    tr = tpe(
+        objective,
+        {
+            "shift": Space(0.0, cfg["optuna.max_shift"], log=False),
+            "degrees": Space(0.0, cfg["optuna.max_degrees"], log=False),
+        },
+        budget_steps=cfg["optuna.trials"] * cfg["train.steps"],
+        steps_per_trial=cfg["train.steps"],
+        seed=seed,
+    )
+    best = kept[tr.best.number]
+    row: dict[str, Any] = {
+        "seed": seed,
+        "test_acc": best["final"]["test_acc"],
+        "test_loss": best["final"]["test_loss"],
+        "val_acc": best["train"]["val_acc"],
+        "val_loss": best["train"]["val_loss"],
+        "extra_acc": best["final"].get("extra_acc"),
+        "hyper_steps": 0,
+        "skipped": 0,
+        "inner_loss": best["train"]["inner_loss"],
+        "inner_steps": best["train"]["inner_steps"],
+        "cpu_s": time.process_time() - c0,
+        "wall_s": tr.wall_s,
+        "shift": tr.best.params["shift"],
+        "degrees": tr.best.params["degrees"],
+        "trials": [
+            {
+                "number": t.number,
+                **t.params,
+                "val": t.val,
+                "test": t.test,
+                "extra_acc": k["final"].get("extra_acc"),
+                "elapsed_s": t.elapsed_s,
+                "steps": t.steps,
+                "cpu_s": k["cpu_s"],
+            }
+            for t, k in zip(tr.trials, kept, strict=True)
+        ],
+    }
+    row["collapsed"] = _collapse("optuna", row["test_acc"], ds.num_classes, None, cfg["hyper.window"])
+    write_atomic(out / SEARCH, json_dumps({"row": row, "curve": best["curve"]}))
+    return row, best["curve"]
+
+
+def _tuner_trials(row: Mapping[str, Any]) -> list[Trial]:
+    return [Trial(t["number"], {}, t["val"], t["test"], t["elapsed_s"], t["steps"]) for t in row["trials"]]
+
+
+def optuna_notes(rows: Mapping[str, Mapping[str, Any]], steps: int) -> list[str]:
+    """The optuna arm against each learned arm (and the default hand-made one), seed by seed: Optuna's
+    picks, the inner steps and wall time its incumbent (the best-validation trial so far) needed to
+    reach the other arm's test accuracy, whether the other arm reached Optuna's, and both arms' wall
+    time. The paired differences and their verdicts are :func:`interpret`'s."""
+    opt = rows.get("optuna")
+    if not opt:
+        return []
+    runs = opt["runs"]
+    picks = "; ".join(
+        f"seed {r['seed']}: shift {r['shift']:.2f} px, rotation {r['degrees']:.1f}°" for r in runs
+    )
+    notes = [
+        f"Optuna (TPE over the hand-made shift and rotation, {len(runs[0]['trials'])} trials of {steps:,} "
+        f"inner steps per seed, {len(runs[0]['trials']) * steps:,} steps in all) picked {picks}; wall "
+        f"time {statistics.fmean(r['wall_s'] for r in runs):.0f} s per seed."
+    ]
+
+    def fmt(xs: Sequence[float | None], unit: str) -> str:
+        return "/".join("never" if v is None else f"{v:,.0f}{unit}" for v in xs)
+
+    for arm in (*LEARNED, "handmade"):
+        other = rows.get(arm)
+        if not other:
+            continue
+        theirs = {r["seed"]: r for r in other["runs"]}
+        pairs = [(r, theirs[r["seed"]]) for r in runs if r["seed"] in theirs]
+        if not pairs:
+            continue
+        to_steps = [steps_to_match(_tuner_trials(o), 1.0 - t["test_acc"]) for o, t in pairs]
+        to_time = [time_to_match(_tuner_trials(o), 1.0 - t["test_acc"]) for o, t in pairs]
+        reached = sum(t["test_acc"] >= o["test_acc"] for o, t in pairs)
+        notes.append(
+            f"Optuna's incumbent reached the test accuracy of {ARM_NAMES[arm]} after "
+            f"{fmt(to_steps, ' steps')} ({fmt(to_time, ' s')}) per seed; {ARM_NAMES[arm]} reached Optuna's "
+            f"in {reached} of {len(pairs)} seeds, with its {steps:,} steps in "
+            f"{statistics.fmean(t.get('wall_s', float('nan')) for _, t in pairs):.0f} s (optuna_vs_ift.png)."
+        )
+    return notes
+
+
+def _plot_optuna(rows: Mapping[str, Mapping[str, Any]], steps: int, path: Path) -> Path:
+    """Test error of the learned and hand-made arms (one point per seed: they are tested once, at the
+    end) and Optuna's incumbent, against inner steps and wall time."""
+    from .multiseed import plot_against_tuner
+
+    curves = {
+        ARM_NAMES[a]: [
+            [(float(steps), float(r.get("wall_s", float("nan"))), 1.0 - r["test_acc"])]
+            for r in rows[a]["runs"]
+        ]
+        for a in (*LEARNED, "handmade")
+        if a in rows
+    }
+    colors = {ARM_NAMES[a]: f"C{ARMS.index(a)}" for a in ARMS}
+    return plot_against_tuner(
+        path,
+        curves,
+        [r["trials"] for r in rows["optuna"]["runs"]],
+        metric="test error",
+        title="augment: learned (IFT) and hand-made augmentation vs Optuna over the hand-made magnitudes",
+        colors=colors,
+    )
+
+
 # ------------------------------------------------------------------------------------- the run
 def _collapse(arm: str, test_acc: float, classes: int, diag: dict[str, Any] | None, window: int) -> str:
     """Why a run collapsed, or ``""``: a classifier at chance (test accuracy under 1.5/classes), or a
@@ -857,6 +1077,13 @@ def _run(ctx: RunContext) -> ExperimentResult:
     ):
         for i, (arm, seed) in enumerate(runs):
             out = ctx.out / f"{arm}-seed{seed}"
+            if arm == "optuna":
+                orow, ocurve = _optuna_search(ctx, ds, tests, seed, (rounds, warmup), out)
+                per[arm].append(orow)
+                curves[arm].append(ocurve)
+                wall[arm] += orow["wall_s"]
+                bar.done(i)
+                continue
             model = _model(cfg, ds, seed, ctx.device)
             fams: list[Family] = [hand] if arm in ("handmade", "augnet+hand") else []
             diag = None
@@ -917,6 +1144,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 "inner_loss": res.final["inner_loss"],
                 "inner_steps": res.final["inner_steps"],
                 "cpu_s": cpu,
+                "wall_s": res.wall_s,
             }
             wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
             if diag is not None and d is not None:
@@ -938,14 +1166,18 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 ]
             )
             bar.done(i)
-    rows = [{**_row(a, per[a], count if a in LEARNED else 0), "wall_s": wall[a]} for a in arms]
+    tuned = {a: count for a in LEARNED} | {"optuna": 2}  # optuna: the shift and the rotation
+    rows = [{**_row(a, per[a], tuned.get(a, 0)), "wall_s": wall[a]} for a in arms]
     by_arm = {a: r for a, r in zip(arms, rows, strict=True)}
     notes = interpret(by_arm)
     notes += overfitting(curves)
     notes += diagnose(by_arm)
     from ..report import markdown_table, plot_augmented
 
+    notes += optuna_notes(by_arm, cfg["train.steps"])
     files = [_plot_curves(curves, ctx.out / "curves.png")]
+    if "optuna" in by_arm and any(a in by_arm for a in (*LEARNED, "handmade")):
+        files.append(_plot_optuna(by_arm, cfg["train.steps"], ctx.out / "optuna_vs_ift.png"))
     for arm, (net, diag) in last.items():
         stages = [(f"step {warmup + r * every}", diag.snaps[r]) for r in sorted(diag.snaps)]
         files.append(plot_augmented(net, ds.x_test[:8], ctx.out / f"augmented-{arm}.png", stages=stages))
@@ -1095,6 +1327,10 @@ PAIRS = (
     ("augnet+hand", "handmade"),
     ("handmade", "none"),
     ("augnet+hand", "none"),
+    ("augnet", "optuna"),
+    ("augnet+hand", "optuna"),
+    ("optuna", "handmade"),
+    ("optuna", "none"),
 )
 
 
@@ -1158,6 +1394,7 @@ def interpret(rows: dict[str, dict[str, Any]]) -> list[str]:
         "augnet": "The learned augmentation",
         "augnet+hand": "The learned augmentation on hand-made",
         "handmade": "The hand-made augmentation",
+        "optuna": "The hand-made augmentation tuned by Optuna",
     }
     for a, b in PAIRS:
         net, o = rows.get(a), rows.get(b)

@@ -235,7 +235,8 @@ def plot_against_tuner(
     """The test metric of hypergradient arms and of a black-box tuner, against inner steps (left) and
     wall time (right), one line per seed.
 
-    ``curves[name]``: per seed the arm's ``(inner steps, seconds, metric)`` at its evaluations;
+    ``curves[name]``: per seed the arm's ``(inner steps, seconds, metric)`` at its evaluations (a
+    single one is drawn as a marker);
     ``tuner``: per seed its trials in order, each with ``steps`` (all trials' inner steps so far),
     ``elapsed_s``, ``val`` (what it selects on, lower is better) and ``test`` (the metric): drawn is
     the incumbent, the test metric of the best-validation trial so far."""
@@ -250,12 +251,13 @@ def plot_against_tuner(
         for i, (name, seeds) in enumerate(curves.items()):
             c = colors.get(name, f"C{i}")
             for j, pts in enumerate(seeds):
-                if pts:
+                if pts:  # an arm tested once (at its end) is a point per seed
                     ax.plot(
                         [p[col] for p in pts],
                         [p[2] for p in pts],
                         color=c,
                         lw=1.2,
+                        marker="s" if len(pts) == 1 else None,
                         label=name if j == 0 else None,
                     )
         c = colors.get(tuner_name, "C4")
