@@ -336,3 +336,82 @@ def test_the_learned_arm_runs_with_every_approximation(sets: list[str], tmp_path
     res = EXPERIMENT.run(RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False))
     (row,) = res.rows
     assert row["runs"][0]["hyper_steps"] == 3 and row["runs"][0]["hyper_steps_seen"] == 3
+
+
+def test_an_optuna_trial_is_the_hand_made_arm_with_the_proposed_magnitudes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # A tuner that proposes the default magnitudes (2 px, 10°) once: the trial must train exactly the
+    # hand-made arm (same initial weights, batches and warps), so its test accuracy and loss equal
+    # that arm's to the bit, and the arm's row, search.json and figure follow from that one trial.
+    from hypergradients.app.experiments import augment_mnist
+    from hypergradients.app.experiments.optuna_arm import Trial, TunerResult
+
+    proposed: list[dict[str, float]] = []
+
+    def one_trial(objective, space, *, budget_steps, steps_per_trial, seed):
+        assert set(space) == {"shift", "degrees"} and budget_steps == 2 * steps_per_trial == 12
+        p = {"shift": 2.0, "degrees": 10.0}
+        proposed.append(p)
+        val, test = objective(p)
+        t = Trial(0, p, val, test, 0.5, steps_per_trial)
+        return TunerResult([t], t, 0.5, None, budget_steps)
+
+    monkeypatch.setattr(augment_mnist, "tpe", one_trial)
+    monkeypatch.setattr(augment_mnist, "require_optuna", lambda: None)
+    cfg = resolve(SCHEMA, smoke=SMOKE, sets=["arms=['handmade','augnet','optuna']"])
+    res = EXPERIMENT.run(
+        RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False, data=None)
+    )
+    by = {r["key"]: r for r in res.rows}
+    hand, opt = by["handmade"]["runs"][0], by["optuna"]["runs"][0]
+    assert proposed == [{"shift": 2.0, "degrees": 10.0}]
+    assert (opt["test_acc"], opt["test_loss"], opt["extra_acc"]) == (
+        hand["test_acc"],
+        hand["test_loss"],
+        hand["extra_acc"],
+    )
+    assert opt["trials"][0]["test"] == pytest.approx(1 - hand["test_acc"], abs=1e-15)
+    assert by["optuna"]["hyperparameters"] == 2 and (opt["shift"], opt["degrees"]) == (2.0, 10.0)
+    assert (tmp_path / "optuna-seed0" / "search.json").is_file()
+    assert (tmp_path / "optuna_vs_ift.png").is_file()
+    report = (tmp_path / "report.md").read_text()
+    assert "hand-made tuned by Optuna − hand-made" in report
+    assert "Optuna's incumbent reached the test accuracy of augmentation network (IFT)" in report
+
+    # --resume reads the finished search back instead of searching again
+    def no_search(*a, **k):
+        raise AssertionError("a finished search was run again on --resume")
+
+    monkeypatch.setattr(augment_mnist, "tpe", no_search)
+    again = EXPERIMENT.run(
+        RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False, resume=True)
+    )
+    assert {r["key"]: r for r in again.rows}["optuna"]["runs"][0]["test_acc"] == opt["test_acc"]
+
+
+def test_the_optuna_arm_with_optuna(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    cfg = resolve(SCHEMA, smoke=SMOKE, sets=["arms=['none','optuna']"])
+    res = EXPERIMENT.run(
+        RunContext(config=cfg, out=tmp_path, device=torch.device("cpu"), progress=False, data=None)
+    )
+    opt = {r["key"]: r for r in res.rows}["optuna"]["runs"][0]
+    # 2 trials of the 6 smoke steps each, within the search intervals; the arm's numbers are those
+    # of the trial with the lowest validation loss
+    assert [t["steps"] for t in opt["trials"]] == [6, 12]
+    assert all(0 <= t["shift"] <= 4 and 0 <= t["degrees"] <= 30 for t in opt["trials"])
+    best = min(opt["trials"], key=lambda t: t["val"])
+    assert opt["test_acc"] == pytest.approx(1 - best["test"], abs=1e-15) and opt["val_loss"] == best["val"]
+
+
+def test_the_optuna_arm_without_optuna_names_the_extra(monkeypatch) -> None:
+    from hypergradients.app.experiments import augment_mnist
+
+    def missing():
+        raise ImportError("the optuna arm needs Optuna, an optional extra")
+
+    monkeypatch.setattr(augment_mnist, "require_optuna", missing)
+    cfg = resolve(SCHEMA, smoke=SMOKE, sets=["arms=['optuna']"])
+    with pytest.raises(ConfigError, match=r"'arms'.*optional extra"):
+        EXPERIMENT.check(cfg)
