@@ -148,24 +148,6 @@ def test_weight_decay_optuna_refusals(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_note_calls_a_difference_within_two_standard_errors_noise():
-    from hypergradients.app.experiments.optuna_arm import note
-
-    row = {
-        "trials": 5,
-        "wall_s": 57.0,
-        "budget_s": 53.0,
-        "decay": 4e-3,
-        "test_loss": 0.2295,
-        "target_test_loss": 0.2265,
-        "time_to_match_s": None,
-    }
-    assert "within noise" in note(row, "IFT", se=0.01)  # 0.003 <= 2 · 0.01
-    assert "did NOT reach" in note(row, "IFT", se=0.001)  # 0.003 > 2 · 0.001
-    assert "did NOT reach" in note(row, "IFT")  # no standard error: as measured
-    assert "matched" in note({**row, "test_loss": 0.22, "time_to_match_s": 40.0}, "IFT", se=0.001)
-
-
 def test_a_step_budget_gives_the_same_trials_whatever_the_clock() -> None:
     """budget_steps // steps_per_trial trials, each recording the steps spent, however slow the clock."""
     space = {"x": Space(1e-3, 1.0)}

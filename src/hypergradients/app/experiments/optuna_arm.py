@@ -1,11 +1,11 @@
 """A black-box tuner to compare the hypergradient arms with: Optuna's TPE sampler under a budget of
 training steps (or of wall-clock time).
 
-The experiments that offer an ``optuna`` arm (``weight-decay``, ``lstm-dropout``) give it the same
-model, data and number of inner steps per training run as their hypergradient arm, and the
-hypergradient arm's wall time as its budget. Each *trial* trains the model from scratch with
-hyperparameters the sampler proposes (held fixed during training) and reports the validation
-metric, which TPE minimises; the test metric is recorded but never shown to the sampler.
+The experiments that offer an ``optuna`` arm (``weight-decay``, ``lstm-dropout``, ``data-cleaning``,
+``augment``) give it the same model, data and number of inner steps per training run as their
+hypergradient arm, and a budget of ``optuna.trials`` such runs. Each *trial* trains the model from
+scratch with hyperparameters the sampler proposes (held fixed during training) and reports the
+validation metric, which TPE minimises; the test metric is recorded but never shown to the sampler.
 
 What comes out (:class:`TunerResult`): every trial with the wall time at its end, the
 *incumbent* curve (after each trial: the test metric of the trial with the best validation metric
@@ -29,14 +29,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .shared import versus
-
 __all__ = [
     "Space",
     "Trial",
     "TunerResult",
     "incumbent",
-    "note",
     "require_optuna",
     "steps_to_match",
     "time_to_match",
@@ -186,44 +183,3 @@ def time_to_match(trials: list[Trial], target: float) -> float | None:
         if test <= target:
             return elapsed
     return None
-
-
-def note(row: Mapping[str, Any], what: str, *, se: float | None = None) -> str:
-    """The report's sentence on the Optuna arm against the hypergradient arm (``what`` names it).
-
-    ``se`` is the paired standard error of the test-loss difference (same test examples); the verdict
-    is :func:`.shared.versus`'s: a tie within two of them, a win for either side only beyond them,
-    and none without a standard error."""
-    s = (
-        f"Optuna (TPE, {row['trials']} trials, each a full training run with the decay fixed) used "
-        f"{row['wall_s']:.0f} s of a {row['budget_s']:.0f} s budget (the {what} arm's wall time); its "
-        f"best-validation trial (decay {row['decay']:.3g}) has test loss {row['test_loss']:.4g}."
-    )
-    if row.get("target_test_loss") is None:
-        return s
-    t = row["time_to_match_s"]
-    v = versus(
-        "Its best trial",
-        f"the {what} arm",
-        row["test_loss"],
-        row["target_test_loss"],
-        se,
-        metric="test loss",
-        higher_is_better=False,
-        se_what="paired standard error over the test examples",
-        no_se="no standard error: no noise estimate",
-    )
-    s += f" {v.text}"
-    if v.kind in ("within noise", "negligible"):
-        return s + (
-            ": at equal wall time the two tie here"
-            + (f"; the incumbent first reached it after {t:.0f} s." if t is not None else ".")
-        )
-    target = f"the {what} arm's test loss {row['target_test_loss']:.4g}"
-    if t is not None:
-        competitive = ": on one hyperparameter a black-box search is competitive."
-        return s + f". It matched {target} after {t:.0f} s" + (competitive if v.kind != "worse" else ".")
-    return s + (
-        f". It did NOT reach {target} within the budget"
-        + (": at equal wall time the hypergradient arm wins here." if v.kind == "worse" else ".")
-    )
