@@ -994,24 +994,28 @@ def optuna_notes(rows: Mapping[str, Mapping[str, Any]], steps: int) -> list[str]
 
 def _plot_optuna(rows: Mapping[str, Mapping[str, Any]], steps: int, path: Path) -> Path:
     """Test error of the learned and hand-made arms (one point per seed: they are tested once, at the
-    end) and Optuna's incumbent, against inner steps and wall time."""
+    end) and Optuna's incumbent, against inner steps and wall time. A collapsed run (at chance) is left
+    out, so that the scale shows the differences between the others; the title says how many."""
     from .multiseed import plot_against_tuner
 
+    arms = [a for a in (*LEARNED, "handmade") if a in rows]
     curves = {
         ARM_NAMES[a]: [
             [(float(steps), float(r.get("wall_s", float("nan"))), 1.0 - r["test_acc"])]
             for r in rows[a]["runs"]
+            if not r.get("collapsed")
         ]
-        for a in (*LEARNED, "handmade")
-        if a in rows
+        for a in arms
     }
+    left = sum(bool(r.get("collapsed")) for a in arms for r in rows[a]["runs"])
     colors = {ARM_NAMES[a]: f"C{ARMS.index(a)}" for a in ARMS}
     return plot_against_tuner(
         path,
         curves,
         [r["trials"] for r in rows["optuna"]["runs"]],
         metric="test error",
-        title="augment: learned (IFT) and hand-made augmentation vs Optuna over the hand-made magnitudes",
+        title="augment: learned (IFT) and hand-made augmentation vs Optuna over the hand-made magnitudes"
+        + (f" ({left} collapsed run{'s' if left > 1 else ''} left out)" if left else ""),
         colors=colors,
     )
 
