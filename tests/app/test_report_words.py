@@ -15,7 +15,6 @@ from hypergradients.app.experiments import RunContext, get
 from hypergradients.app.experiments.augment_mnist import interpret as augment_notes
 from hypergradients.app.experiments.families import _notes as families_notes
 from hypergradients.app.experiments.lstm_dropout import interpret as lstm_notes
-from hypergradients.app.experiments.optuna_arm import note as optuna_note
 from hypergradients.app.experiments.shared import NEGLIGIBLE, paired_se, versus
 from hypergradients.app.experiments.weight_decay import interpret as weight_decay_notes
 from hypergradients.app.report import fmt
@@ -88,22 +87,6 @@ def test_weight_decay_notes_do_not_say_beats_for_three_millionths() -> None:
     assert "beats" not in notes[0] and notes[0].startswith(
         "Per-weight decay does not differ materially from the tuned global decay on test loss"
     )
-
-
-def test_optuna_note_names_no_winner_without_a_standard_error() -> None:
-    row = {
-        "trials": 5,
-        "wall_s": 57.0,
-        "budget_s": 53.0,
-        "decay": 4e-3,
-        "test_loss": 0.2295,
-        "target_test_loss": 0.2265,
-        "time_to_match_s": None,
-    }
-    unmeasured = optuna_note(row, "IFT")
-    assert "did NOT reach" in unmeasured and "wins" not in unmeasured and "no noise estimate" in unmeasured
-    assert "the hypergradient arm wins here" in optuna_note(row, "IFT", se=0.001)  # 0.003 > 2 · 0.001
-    assert "tie here" in optuna_note(row, "IFT", se=0.01)
 
 
 def _fam_row(acc: float) -> dict[str, float]:
