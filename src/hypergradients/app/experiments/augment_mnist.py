@@ -44,7 +44,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from ...hparams.base import Batch, Sampler
 from ...training.callbacks import Callback
 from ...training.fit import evaluate
 from ...training.hyper import HyperOptimizer, HyperStep
+from ...training.result import TrainResult
 from ..config import Config, ConfigError, Option
 from ..datasets import Dataset
 from .base import Experiment, ExperimentResult, RunContext, with_threads
@@ -834,6 +835,45 @@ class _Alignment:
         return out
 
 
+def _train(
+    ctx: RunContext,
+    model: nn.Module,
+    fams: Sequence[Family],
+    ds: Dataset,
+    seed: int,
+    schedule: tuple[int, int],
+    *,
+    out: Path | None,
+    callbacks: Sequence[Callback | Callable[[dict[str, Any]], None]] = (),
+    resume: bool | None = None,
+) -> TrainResult:
+    """One arm's training, the same for every arm and every Optuna trial: ``schedule`` = (rounds,
+    warm-up steps), the authors' schedules (:class:`_Schedules`, first among the callbacks), the
+    approximation of ``hyper.method``, the validation loss at each evaluation; checkpointed in ``out``
+    (``None``: not)."""
+    cfg = ctx.config
+    rounds, warmup = schedule
+    sched = _Schedules(cfg, rounds)
+    return train_arm(
+        ctx,
+        model,
+        fams,
+        (ds.x_train, ds.y_train),
+        (ds.x_val, ds.y_val),
+        out=out,
+        evals={"val": (ds.x_val, ds.y_val)},
+        seed=seed,
+        rounds=rounds,
+        resume=resume,
+        restart="run",
+        warmup_steps=warmup,
+        inner_optimizer=sched.make_inner,
+        hyper_optimizer=sched.make_hyper,
+        hyper_method=_method(cfg),
+        callbacks=[sched, *callbacks],
+    )
+
+
 # ------------------------------------------------------------------------------ the optuna arm
 SEARCH = "search.json"
 
@@ -857,7 +897,6 @@ def _optuna_search(
     from ...training.files import json_dumps, read_json, write_atomic
 
     cfg = ctx.config
-    rounds, warmup = schedule
     if ctx.resume:
         done = read_json(out / SEARCH)
         if isinstance(done, dict) and "row" in done and "curve" in done:
@@ -868,25 +907,8 @@ def _optuna_search(
 
     def objective(p: dict[str, float]) -> tuple[float, float]:
         model = _model(cfg, ds, seed, ctx.device)
-        sched = _Schedules(cfg, rounds)
-        res = train_arm(
-            ctx,
-            model,
-            [HandMade(p["shift"], p["degrees"], cfg["handmade.flip"])],
-            (ds.x_train, ds.y_train),
-            (ds.x_val, ds.y_val),
-            out=None,
-            evals={"val": (ds.x_val, ds.y_val)},
-            seed=seed,
-            rounds=rounds,
-            resume=False,
-            restart="run",
-            warmup_steps=warmup,
-            inner_optimizer=sched.make_inner,
-            hyper_optimizer=sched.make_hyper,
-            hyper_method=_method(cfg),
-            callbacks=[sched],
-        )
+        hand = HandMade(p["shift"], p["degrees"], cfg["handmade.flip"])
+        res = _train(ctx, model, [hand], ds, seed, schedule, out=None, resume=False)
         final = evaluate(model, tests)
         kept.append(
             {
@@ -1105,26 +1127,17 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 )
                 diag = _Diagnostics(net, xfix, window=cfg["hyper.window"], snapshots=snap_rounds, probe=probe)
                 last[arm] = (net, diag)
-            sched = _Schedules(cfg, rounds)
             tag = {"arm": arm, "seed": seed}
             clock = _CpuClock()
-            res = train_arm(
+            res = _train(
                 ctx,
                 model,
                 fams,
-                (ds.x_train, ds.y_train),
-                (ds.x_val, ds.y_val),
+                ds,
+                seed,
+                (rounds, warmup),
                 out=out,
-                evals={"val": (ds.x_val, ds.y_val)},
-                seed=seed,
-                rounds=rounds,
-                restart="run",
-                warmup_steps=warmup,
-                inner_optimizer=sched.make_inner,
-                hyper_optimizer=sched.make_hyper,
-                hyper_method=_method(cfg),
                 callbacks=[
-                    sched,
                     *([diag] if diag else []),
                     metrics.callback(tag, out),
                     bar.tick(i, arm),
