@@ -973,7 +973,9 @@ def _tuner_trials(row: Mapping[str, Any]) -> list[Trial]:
     return [Trial(t["number"], {}, t["val"], t["test"], t["elapsed_s"], t["steps"]) for t in row["trials"]]
 
 
-def optuna_notes(rows: Mapping[str, Mapping[str, Any]], steps: int) -> list[str]:
+def optuna_notes(
+    rows: Mapping[str, Mapping[str, Any]], steps: int, walls: Mapping[tuple[str, int], float]
+) -> list[str]:
     """The optuna arm against each learned arm (and the default hand-made one), seed by seed: Optuna's
     picks, the inner steps and wall time its incumbent (the best-validation trial so far) needed to
     reach the other arm's test accuracy, whether the other arm reached Optuna's, and both arms' wall
@@ -1009,12 +1011,15 @@ def optuna_notes(rows: Mapping[str, Mapping[str, Any]], steps: int) -> list[str]
             f"Optuna's incumbent reached the test accuracy of {ARM_NAMES[arm]} after "
             f"{fmt(to_steps, ' steps')} ({fmt(to_time, ' s')}) per seed; {ARM_NAMES[arm]} reached Optuna's "
             f"in {reached} of {len(pairs)} seeds, with its {steps:,} steps in "
-            f"{statistics.fmean(t.get('wall_s', float('nan')) for _, t in pairs):.0f} s (optuna_vs_ift.png)."
+            f"{statistics.fmean(walls.get((arm, t['seed']), math.nan) for _, t in pairs):.0f} s "
+            "(optuna_vs_ift.png)."
         )
     return notes
 
 
-def _plot_optuna(rows: Mapping[str, Mapping[str, Any]], steps: int, path: Path) -> Path:
+def _plot_optuna(
+    rows: Mapping[str, Mapping[str, Any]], steps: int, walls: Mapping[tuple[str, int], float], path: Path
+) -> Path:
     """Test error of the learned and hand-made arms (one point per seed: they are tested once, at the
     end) and Optuna's incumbent, against inner steps and wall time. A collapsed run (at chance) is left
     out, so that the scale shows the differences between the others; the title says how many."""
@@ -1023,7 +1028,7 @@ def _plot_optuna(rows: Mapping[str, Mapping[str, Any]], steps: int, path: Path) 
     arms = [a for a in (*LEARNED, "handmade") if a in rows]
     curves = {
         ARM_NAMES[a]: [
-            [(float(steps), float(r.get("wall_s", float("nan"))), 1.0 - r["test_acc"])]
+            [(float(steps), walls.get((a, r["seed"]), math.nan), 1.0 - r["test_acc"])]
             for r in rows[a]["runs"]
             if not r.get("collapsed")
         ]
@@ -1094,6 +1099,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     snap_rounds = sorted({0, rounds // 4, rounds // 2, rounds})
     per: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     wall = dict.fromkeys(arms, 0.0)
+    arm_wall: dict[tuple[str, int], float] = {}
     curves: dict[str, list[list[dict[str, Any]]]] = {a: [] for a in arms}
     last: dict[str, tuple[AugmentNet, _Diagnostics]] = {}
     count = 0
@@ -1161,9 +1167,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
                 "inner_loss": res.final["inner_loss"],
                 "inner_steps": res.final["inner_steps"],
                 "cpu_s": cpu,
-                "wall_s": res.wall_s,
             }
             wall[arm] += res.wall_s  # not per seed: a resumed run's rows equal the first's
+            arm_wall[(arm, seed)] = res.wall_s  # for the Optuna note and figure only
             if diag is not None and d is not None:
                 row.update(
                     {
@@ -1191,10 +1197,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
     notes += diagnose(by_arm)
     from ..report import markdown_table, plot_augmented
 
-    notes += optuna_notes(by_arm, cfg["train.steps"])
+    notes += optuna_notes(by_arm, cfg["train.steps"], arm_wall)
     files = [_plot_curves(curves, ctx.out / "curves.png")]
     if "optuna" in by_arm and any(a in by_arm for a in (*LEARNED, "handmade")):
-        files.append(_plot_optuna(by_arm, cfg["train.steps"], ctx.out / "optuna_vs_ift.png"))
+        files.append(_plot_optuna(by_arm, cfg["train.steps"], arm_wall, ctx.out / "optuna_vs_ift.png"))
     for arm, (net, diag) in last.items():
         stages = [(f"step {warmup + r * every}", diag.snaps[r]) for r in sorted(diag.snaps)]
         files.append(plot_augmented(net, ds.x_test[:8], ctx.out / f"augmented-{arm}.png", stages=stages))
