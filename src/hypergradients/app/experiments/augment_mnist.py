@@ -66,7 +66,7 @@ from ..config import Config, ConfigError, Option
 from ..datasets import Dataset
 from .base import Experiment, ExperimentResult, RunContext, with_threads
 from .base import with_preset as _with_preset
-from .optuna_arm import Space, Trial, require_optuna, steps_to_match, time_to_match, tpe
+from .optuna_arm import Space, Trial, by_seed, require_optuna, steps_to_match, time_to_match, tpe
 from .shared import (
     ArmsProgress,
     RunMetrics,
@@ -951,16 +951,7 @@ def _optuna_search(
         "shift": tr.best.params["shift"],
         "degrees": tr.best.params["degrees"],
         "trials": [
-            {
-                "number": t.number,
-                **t.params,
-                "val": t.val,
-                "test": t.test,
-                "extra_acc": k["final"].get("extra_acc"),
-                "elapsed_s": t.elapsed_s,
-                "steps": t.steps,
-                "cpu_s": k["cpu_s"],
-            }
+            {**t.record(), "extra_acc": k["final"].get("extra_acc"), "cpu_s": k["cpu_s"]}
             for t, k in zip(tr.trials, kept, strict=True)
         ],
     }
@@ -970,7 +961,7 @@ def _optuna_search(
 
 
 def _tuner_trials(row: Mapping[str, Any]) -> list[Trial]:
-    return [Trial(t["number"], {}, t["val"], t["test"], t["elapsed_s"], t["steps"]) for t in row["trials"]]
+    return [Trial.from_record(t) for t in row["trials"]]
 
 
 def optuna_notes(
@@ -993,9 +984,6 @@ def optuna_notes(
         f"time {statistics.fmean(r['wall_s'] for r in runs):.0f} s per seed."
     ]
 
-    def fmt(xs: Sequence[float | None], unit: str) -> str:
-        return "/".join("never" if v is None else f"{v:,.0f}{unit}" for v in xs)
-
     for arm in (*LEARNED, "handmade"):
         other = rows.get(arm)
         if not other:
@@ -1009,8 +997,8 @@ def optuna_notes(
         reached = sum(t["test_acc"] >= o["test_acc"] for o, t in pairs)
         notes.append(
             f"Optuna's incumbent reached the test accuracy of {ARM_NAMES[arm]} after "
-            f"{fmt(to_steps, ' steps')} ({fmt(to_time, ' s')}) per seed; {ARM_NAMES[arm]} reached Optuna's "
-            f"in {reached} of {len(pairs)} seeds, with its {steps:,} steps in "
+            f"{by_seed(to_steps, ' steps')} ({by_seed(to_time, ' s')}) per seed; {ARM_NAMES[arm]} "
+            f"reached Optuna's in {reached} of {len(pairs)} seeds, with its {steps:,} steps in "
             f"{statistics.fmean(walls.get((arm, t['seed']), math.nan) for _, t in pairs):.0f} s "
             "(optuna_vs_ift.png)."
         )

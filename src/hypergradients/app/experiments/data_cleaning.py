@@ -64,7 +64,7 @@ from .multiseed import (
     turning,
     versus_across,
 )
-from .optuna_arm import Space, Trial, require_optuna, steps_to_match, time_to_match, tpe
+from .optuna_arm import Space, Trial, by_seed, require_optuna, steps_to_match, time_to_match, tpe
 from .shared import (
     ArmsProgress,
     FixedL2,
@@ -280,17 +280,7 @@ def _optuna(
         "wall_s": tr.wall_s,
         "cpu_s": time.process_time() - c0,
         "steps_per_trial": per,
-        "trials": [
-            {
-                "number": t.number,
-                **t.params,
-                "val": t.val,
-                "test": t.test,
-                "elapsed_s": t.elapsed_s,
-                "steps": t.steps,
-            }
-            for t in tr.trials
-        ],
+        "trials": [t.record() for t in tr.trials],
     }
 
 
@@ -422,18 +412,13 @@ def _optuna_notes(per: Sequence[dict[str, Any]]) -> list[str]:
     per_trial = opt[0]["steps_per_trial"]
     match, tmatch, ift = [], [], []
     for s, o in zip(per, opt, strict=True):
-        trials = [
-            Trial(t["number"], {}, t["val"], t["test"], t["elapsed_s"], t["steps"]) for t in o["trials"]
-        ]
+        trials = [Trial.from_record(t) for t in o["trials"]]
         target = float(s["rows"]["weighted"]["test_error"])
         match.append(steps_to_match(trials, target))
         tmatch.append(time_to_match(trials, target))
         goal = float(1.0 - o["correct"].mean())
         hit = next((p for p in _error_curve(s["histories"]["weighted"]) if p[2] <= goal), None)
         ift.append(hit)
-
-    def fmt(xs: list[Any], unit: str) -> str:
-        return "/".join("never" if v is None else f"{v:,.0f}{unit}" for v in xs)
 
     best = "; ".join(
         f"seed {s['seed']}: γ {o['best']['l2']:.3g}, smoothing {o['best']['smoothing']:.2f}"
@@ -444,10 +429,10 @@ def _optuna_notes(per: Sequence[dict[str, Any]]) -> list[str]:
         f"smoothing, {len(opt[0]['trials'])} trials of {per_trial:,} inner steps, on a budget of training "
         "steps): "
         f"{v.text}. Optuna's picks: {best}. Its incumbent matched the weighted arm's test error after "
-        f"{fmt(match, ' steps')} ({fmt(tmatch, ' s')}); the weighted arm reached Optuna's final test error "
-        "after "
-        f"{fmt([h[0] if h else None for h in ift], ' steps')} "
-        f"({fmt([h[1] if h else None for h in ift], ' s')}) "
+        f"{by_seed(match, ' steps')} ({by_seed(tmatch, ' s')}); the weighted arm reached Optuna's final "
+        "test error after "
+        f"{by_seed([h[0] if h else None for h in ift], ' steps')} "
+        f"({by_seed([h[1] if h else None for h in ift], ' s')}) "
         f"(per seed; optuna_vs_ift.png). Wall time: Optuna {pm([o['wall_s'] for o in opt], '.0f')} s, the "
         f"weighted arm {pm([s['rows']['weighted']['wall_s'] for s in per], '.0f')} s.",
     ]

@@ -25,7 +25,7 @@ optional extra (``pip install 'hypergradients[optuna]'``); :func:`require_optuna
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "Space",
     "Trial",
     "TunerResult",
+    "by_seed",
     "incumbent",
     "require_optuna",
     "steps_to_match",
@@ -62,6 +63,24 @@ class Trial:
     test: float
     elapsed_s: float
     steps: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """The trial as a JSON-ready record: ``number``, the proposed values, ``val``, ``test``,
+        ``elapsed_s``, ``steps`` (a run's result file keeps these)."""
+        return {
+            "number": self.number,
+            **self.params,
+            "val": self.val,
+            "test": self.test,
+            "elapsed_s": self.elapsed_s,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Trial:
+        """The trial of a :meth:`record`, without its proposed values (what :func:`steps_to_match`,
+        :func:`time_to_match` and :func:`incumbent` read)."""
+        return cls(r["number"], {}, r["val"], r["test"], r["elapsed_s"], r["steps"])
 
 
 @dataclass
@@ -183,3 +202,8 @@ def time_to_match(trials: list[Trial], target: float) -> float | None:
         if test <= target:
             return elapsed
     return None
+
+
+def by_seed(xs: Sequence[float | None], unit: str) -> str:
+    """Steps or seconds to match, one per seed, ``/``-separated; ``None`` (never matched) as ``never``."""
+    return "/".join("never" if v is None else f"{v:,.0f}{unit}" for v in xs)

@@ -79,7 +79,7 @@ from .multiseed import (
     turning,
     versus_across,
 )
-from .optuna_arm import Space, Trial, require_optuna, steps_to_match, time_to_match, tpe
+from .optuna_arm import Space, Trial, by_seed, require_optuna, steps_to_match, time_to_match, tpe
 from .shared import (
     ArmsProgress,
     RunMetrics,
@@ -983,18 +983,15 @@ def _optuna_report(cfg: Config, per_seed: Sequence[dict[str, Any]]) -> dict[str,
     wall_opt = mean_std([r["wall_s"] for r in rows])[0]
     wall_ift = mean_std([s["rows"]["global"]["wall_s"] for s in per_seed])[0]
 
-    def fmt(xs: list[Any], unit: str) -> str:
-        return "/".join("never" if x is None else f"{x:,.0f}{unit}" for x in xs)
-
     notes.append(
         f"Against Optuna on a budget of training steps: {v.text}. Optuna spent {wall_opt:.0f} s of wall time "
         "on "
         f"its trials against the IFT arm's {wall_ift:.1f} s. At equal inner steps ({per:,}: TPE's first "
         "trial, "
         f"a random decay) Optuna's test loss minus IFT's is {'/'.join(f'{d:+.3g}' for d in one)} per seed. "
-        f"Optuna's incumbent matched the IFT arm's test loss after {fmt(match_steps, ' steps')} "
-        f"({fmt(match_time, ' s')}); the IFT arm reached Optuna's final test loss after "
-        f"{fmt(ift_steps, ' steps')} ({fmt(ift_time, ' s')}) (per seed; optuna_vs_ift.png)."
+        f"Optuna's incumbent matched the IFT arm's test loss after {by_seed(match_steps, ' steps')} "
+        f"({by_seed(match_time, ' s')}); the IFT arm reached Optuna's final test loss after "
+        f"{by_seed(ift_steps, ' steps')} ({by_seed(ift_time, ' s')}) (per seed; optuna_vs_ift.png)."
     )
     summary.update(
         match_steps=match_steps,
